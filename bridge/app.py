@@ -1,0 +1,219 @@
+"""`Bridge`: where handlers register, jobs are enqueued and the daemon starts.
+
+Nothing connects at import: a Bridge only records handlers until it is first used, and then it
+opens one transport per event loop (the sync API runs coroutines on a private loop thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
+
+from bridge import codec
+from bridge.config import Settings
+from bridge.envelope import Envelope, now_ms, uuid7
+from bridge.errors import ConfigError
+from bridge.jobs import Handler, JobSpec
+from bridge.registry import ENVELOPE, Registry, open_registry
+from bridge.transports import Outgoing, Transport, open_transport
+from bridge.transports.memory import MemoryTransport
+from bridge.worker import Stats, Worker
+
+DEFAULT_QUEUE = "default"
+H = TypeVar("H", bound=Handler)
+T = TypeVar("T")
+
+
+class Bridge:
+    """A job application: handlers by job type, and the broker and registry they use."""
+
+    def __init__(
+        self, broker: str | None = None, registry: str | None = None, **settings: Any
+    ) -> None:
+        self._overrides: dict[str, Any] = {"broker": broker, "registry": registry, **settings}
+        self._settings: Settings | None = None
+        self._registry: Registry | None = None
+        self.jobs: dict[str, JobSpec] = {}
+        self._transports: dict[asyncio.AbstractEventLoop, Transport] = {}
+        self._connecting = threading.Lock()
+        self._memory: MemoryTransport | None = None
+        self._portal: _Portal | None = None
+
+    # -- configuration -----------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        """Settings, resolved on first use from arguments, environment and bridge.toml."""
+        if self._settings is None:
+            self._settings = Settings.load(self._overrides)
+        return self._settings
+
+    def configure(self, **overrides: Any) -> None:
+        """Override settings (the CLI's flags) before the app is first used."""
+        if self._transports:
+            raise ConfigError("configure() must come before the first enqueue or consume")
+        self._overrides.update({k: v for k, v in overrides.items() if v is not None})
+        self._settings = self._registry = None
+
+    @property
+    def registry(self) -> Registry:
+        """The schema registry, opened on first use."""
+        if self._registry is None:
+            self._registry = open_registry(self.settings.registry)
+        return self._registry
+
+    def job(self, type: str, *, queue: str | None = None) -> Callable[[H], H]:
+        """Register the decorated `(payload, ctx)` function, sync or async, as `type`'s handler."""
+
+        def register(func: H) -> H:
+            if type in self.jobs:
+                raise ConfigError(f"job type {type!r} already has a handler")
+            is_async = inspect.iscoroutinefunction(func)
+            self.jobs[type] = JobSpec(type, queue or DEFAULT_QUEUE, func, is_async)
+            return func
+
+        return register
+
+    def queues(self) -> list[str]:
+        """The queues this app's handlers run on."""
+        return sorted({spec.queue for spec in self.jobs.values()})
+
+    # -- enqueue ---------------------------------------------------------------------------
+
+    async def enqueue_async(
+        self,
+        type: str,
+        payload: Mapping[str, Any],
+        *,
+        queue: str | None = None,
+        key: str | None = None,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_attempts: int | None = None,
+    ) -> str:
+        """Validate and publish a job; return its id once the broker acknowledged it."""
+        envelope = self.build_envelope(
+            type, payload, queue=queue, key=key, idempotency_key=idempotency_key,
+            headers=headers, max_attempts=max_attempts,
+        )
+        body = codec.encode(self.registry.schema(ENVELOPE), envelope.to_avro())
+        transport = await self.transport()
+        await transport.publish(Outgoing(envelope.queue, body, envelope.key))
+        return envelope.id
+
+    def enqueue(self, type: str, payload: Mapping[str, Any], **options: Any) -> str:
+        """`enqueue_async` for sync code: blocks until the broker acknowledged the job."""
+        return self._run_sync(self.enqueue_async(type, payload, **options))
+
+    def build_envelope(
+        self,
+        type: str,
+        payload: Mapping[str, Any],
+        *,
+        queue: str | None = None,
+        key: str | None = None,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_attempts: int | None = None,
+    ) -> Envelope:
+        """A new job's envelope, its payload validated against the type's schema."""
+        schema = self.registry.schema(type)
+        body = codec.encode_validated(schema, dict(payload))
+        spec = self.jobs.get(type)
+        created = now_ms()
+        return Envelope(
+            id=uuid7(created), type=type, payload=body,
+            queue=queue or (spec.queue if spec else DEFAULT_QUEUE), created_at=created,
+            key=key, idempotency_key=idempotency_key, max_attempts=max_attempts,
+            headers=dict(headers or {}), origin=self.settings.origin,
+        )  # fmt: skip
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def consume(
+        self,
+        queues: Sequence[str] | None = None,
+        *,
+        concurrency: int | None = None,
+        burst: bool = False,
+        stop: asyncio.Event | None = None,
+    ) -> Stats:
+        """Run this app's handlers until `stop` is set (or, with `burst`, the queues drain)."""
+
+        settings = self.settings if concurrency is None else replace(self.settings, concurrency=concurrency)
+        worker = Worker(self, await self.transport(), settings)
+        await worker.run(list(queues or self.queues()), stop or asyncio.Event(), burst=burst)
+        return worker.stats
+
+    async def apply_topology(
+        self, queues: Sequence[str] | None = None, *, dry_run: bool = False
+    ) -> list[str]:
+        """Create the queues of this app (or `queues`) and their dead-letter queues."""
+        names = list(queues or self.queues())
+        if not names:
+            raise ConfigError("no queues: register handlers with @app.job or pass --queues")
+        return await (await self.transport()).apply_topology(names, dry_run=dry_run)
+
+    async def transport(self) -> Transport:
+        """This event loop's transport, connected on first use."""
+        loop = asyncio.get_running_loop()
+        transport = self._transports.get(loop)
+        if transport is None:
+            transport = self._new_transport()
+            await transport.connect()
+            self._transports[loop] = transport
+        return transport
+
+    def _new_transport(self) -> Transport:
+        if self.settings.require_broker().startswith("memory://"):
+            with self._connecting:  # one shared in-memory broker per app, whatever the loop
+                self._memory = self._memory or MemoryTransport()
+            return self._memory
+        return open_transport(self.settings)
+
+    async def __aenter__(self) -> Bridge:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close this loop's transport."""
+        transport = self._transports.pop(asyncio.get_running_loop(), None)
+        if transport is not None:
+            await transport.close()
+
+    def close(self) -> None:
+        """Close the sync API's transport and its loop thread."""
+        if self._portal is not None:
+            self._portal.run(self.aclose())
+            self._portal.stop()
+            self._portal = None
+
+    def _run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        with self._connecting:
+            self._portal = self._portal or _Portal()
+        return self._portal.run(coro)
+
+
+class _Portal:
+    """An event loop on a daemon thread, so sync code can call the async API."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="bridge-sync", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
+

@@ -1,0 +1,213 @@
+"""The `bridge` command: enqueue, consume, topology apply, dev up|down|status.
+
+Every failure a user can fix prints one line on stderr and exits non-zero; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bridge.app import Bridge
+from bridge.errors import BridgeError, ConfigError
+
+log = logging.getLogger("bridge.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `bridge` console script."""
+    args = _parser().parse_args(argv)
+    _configure_logging(args.log_level, daemon=args.run is _consume)
+    try:
+        code = args.run(args)
+    except BridgeError as exc:
+        print(f"bridge: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _configure_logging(level: str | None, *, daemon: bool) -> None:
+    logging.basicConfig(
+        level=getattr(logging, (level or ("info" if daemon else "warning")).upper()),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    if not daemon and level != "debug":
+        # A one-shot command reports a failure in one line; the clients' own logs would repeat it.
+        for name in ("aiormq", "aio_pika"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--broker", help="kafka://host:port or amqp://user:pass@host:port/vhost (BRIDGE_BROKER)")
+    common.add_argument("--registry", help="directory of .avsc schemas (BRIDGE_REGISTRY)")
+    common.add_argument("--prefix", help="topology name prefix (BRIDGE_PREFIX, default bridge)")
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    parser = argparse.ArgumentParser(prog="bridge", description=__doc__, parents=[common])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    enqueue = commands.add_parser("enqueue", parents=[common], help="validate and publish one job")
+    enqueue.add_argument("type", help="job type, e.g. billing.ChargeCard")
+    enqueue.add_argument("payload", help="the payload as a JSON object")
+    where = enqueue.add_mutually_exclusive_group()
+    where.add_argument("--queue", help="queue to publish to (default: the handler's, else 'default')")
+    where.add_argument("--app", help="MODULE:ATTR of a Bridge whose handler names the queue")
+    enqueue.add_argument("--key", help="ordering and partition key")
+    enqueue.add_argument("--idempotency-key", help="jobs sharing it have their effect once")
+    enqueue.set_defaults(run=_enqueue)
+
+    consume = commands.add_parser("consume", parents=[common], help="run an app's handlers")
+    consume.add_argument("--app", required=True, help="MODULE:ATTR of a Bridge")
+    consume.add_argument("--queues", type=_names, help="comma-separated queues (default: the app's)")
+    consume.add_argument("--concurrency", type=_positive, help="jobs running at once (default 16)")
+    consume.add_argument("--group", help="Kafka consumer group (BRIDGE_GROUP, default bridge)")
+    consume.add_argument("--grace", type=float, help="seconds in-flight jobs get on SIGTERM (default 30)")
+    consume.add_argument("--burst", action="store_true", help="exit 0 once the queues are drained")
+    consume.set_defaults(run=_consume)
+
+    topology = commands.add_parser("topology", parents=[common], help="broker topology")
+    topology_commands = topology.add_subparsers(required=True, metavar="ACTION")
+    apply = topology_commands.add_parser("apply", parents=[common], help="create queues idempotently")
+    apply.add_argument("--app", help="MODULE:ATTR of a Bridge whose queues to create")
+    apply.add_argument("--queues", type=_names, help="comma-separated queues")
+    apply.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    apply.set_defaults(run=_topology_apply)
+
+    dev = commands.add_parser("dev", parents=[common], help="local Kafka and RabbitMQ for development")
+    dev.add_argument("action", choices=["up", "down", "status"])
+    dev.add_argument("services", nargs="*", help="kafka, rabbitmq (default: both)")
+    dev.set_defaults(run=_dev)
+    return parser
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name, e.g. --queues billing,emails")
+    return names
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def _enqueue(args: argparse.Namespace) -> int:
+    app = _app(args)
+    try:
+        payload = json.loads(args.payload)
+    except ValueError as exc:
+        raise ConfigError(f"payload is not valid JSON ({exc}); quote it, e.g. '{{\"id\": 1}}'") from None
+    options = {"queue": args.queue, "key": args.key, "idempotency_key": args.idempotency_key}
+    job_id = asyncio.run(_closing(app, app.enqueue_async(args.type, payload, **options)))
+    print(job_id)
+    return 0
+
+
+def _consume(args: argparse.Namespace) -> int:
+    app = _app(args, group=args.group, concurrency=args.concurrency, grace_s=args.grace)
+    queues = args.queues or app.queues()
+    if not queues:
+        raise ConfigError(f"{args.app} registers no handlers: decorate functions with @app.job(...)")
+    asyncio.run(_run_until_signalled(app, queues, burst=args.burst))
+    return 0
+
+
+async def _run_until_signalled(app: Bridge, queues: list[str], *, burst: bool) -> None:
+    stop = asyncio.Event()
+    _on_signals(stop.set)
+    stats = await _closing(app, app.consume(queues, burst=burst, stop=stop))
+    print(f"bridge consume: {stats.summary()}", flush=True)
+
+
+def _on_signals(first: Callable[[], None]) -> None:
+    """First SIGTERM or SIGINT: stop gracefully. Second: exit at once (jobs are redelivered)."""
+    loop = asyncio.get_running_loop()
+
+    def handle(signum: int) -> None:
+        if getattr(handle, "seen", False):
+            log.warning("second signal: exiting now; unfinished jobs will be delivered again")
+            os._exit(128 + signum)
+        handle.seen = True  # type: ignore[attr-defined]
+        log.info("stopping: no new jobs; waiting for in-flight ones (signal again to exit now)")
+        first()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, handle, signum)
+
+
+def _topology_apply(args: argparse.Namespace) -> int:
+    app = _app(args)
+    for line in asyncio.run(_closing(app, app.apply_topology(args.queues, dry_run=args.dry_run))):
+        print(line)
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from bridge import dev  # provisioning code is only needed here
+
+    services = args.services or ["kafka", "rabbitmq"]
+    if args.action == "up":
+        statuses = dev.up(services)
+    elif args.action == "down":
+        statuses = dev.down(services)
+    else:
+        statuses = dev.status(services)
+    for status in statuses:
+        print(f"{status.name:9} {'up' if status.running else 'down':5} {status.url}  ({status.detail})")
+    if args.action == "up":
+        kafka = next((s.url for s in statuses if s.name == "kafka"), None)
+        rabbit = next((s.url for s in statuses if s.name == "rabbitmq"), None)
+        for url in (kafka, rabbit):
+            if url:
+                print(f"export BRIDGE_BROKER={url}")
+    return 0 if args.action != "status" or all(s.running for s in statuses) else 1
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _app(args: argparse.Namespace, **settings: Any) -> Bridge:
+    """The app named by --app (or an empty one), configured from the common flags."""
+    app = load_app(args.app) if getattr(args, "app", None) else Bridge()
+    app.configure(broker=args.broker, registry=args.registry, prefix=args.prefix, **settings)
+    app.settings  # noqa: B018 -- resolve and validate settings now, before any connection
+    return app
+
+
+def load_app(spec: str) -> Bridge:
+    """Import `module:attr` (from the current directory too) and check it is a Bridge."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"--app {spec!r}: write MODULE:ATTR, e.g. consumers.billing:app")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--app {spec!r}: cannot import {module_name} ({exc})") from None
+    app = getattr(module, attr, None)
+    if not isinstance(app, Bridge):
+        raise ConfigError(f"--app {spec!r}: {module_name}.{attr} is not a bridge.Bridge")
+    return app
+
+
+async def _closing(app: Bridge, work: Any) -> Any:
+    try:
+        return await work
+    finally:
+        await app.aclose()

@@ -1,0 +1,336 @@
+"""Avro binary in the two framings of DESIGN.md, decoded strictly and within bounds.
+
+Framings, both accepted on read:
+- Avro single-object encoding: ``C3 01`` + 8-byte little-endian CRC-64-AVRO fingerprint + body;
+- Confluent wire format: ``00`` + 4-byte big-endian schema id + body.
+
+fastavro trusts the lengths and counts it reads. Three rules keep a hostile message from costing
+more than its own size: a size cap before anything is read; schemas whose arrays could hold
+zero-byte items, or that recurse, or that nest too deep, are refused when loaded (`check_schema`),
+so every item read consumes at least one byte and a count larger than the bytes present runs
+out of input at once; and the body must end exactly where the bytes end.
+
+Pure: no I/O. Schemas come from a registry through the `SchemaLookup` protocol.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.validation import ValidationError, validate
+
+from bridge.errors import DecodeError, SchemaError
+
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+CONFLUENT_MAGIC = b"\x00"
+MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_SCHEMA_DEPTH = 32
+
+PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+
+
+def _crc64_table() -> tuple[int, ...]:
+    table = []
+    for i in range(256):
+        fp = i
+        for _ in range(8):
+            fp = (fp >> 1) ^ (CRC64_EMPTY & -(fp & 1))
+        table.append(fp)
+    return tuple(table)
+
+
+CRC64_EMPTY = 0xC15D213AA4D7A795
+_CRC64_TABLE = _crc64_table()
+
+
+def crc64_avro(data: bytes) -> int:
+    """The CRC-64-AVRO fingerprint of `data` (the Avro specification's Rabin fingerprint)."""
+    fp = CRC64_EMPTY
+    for byte in data:
+        fp = (fp >> 8) ^ _CRC64_TABLE[(fp ^ byte) & 0xFF]
+    return fp
+
+
+@dataclass(frozen=True, eq=False)
+class Schema:
+    """A parsed record schema with its identity on the wire."""
+
+    name: str
+    definition: dict[str, Any]  # expanded JSON: every named type defined inline once
+    parsed: Any  # fastavro's parsed form
+    canonical: str
+    fingerprint: int
+    schema_id: int | None = None
+    header: bytes = field(default=b"")
+
+    @classmethod
+    def from_definition(
+        cls, definition: dict[str, Any], *, schema_id: int | None = None, logical_types: bool = True
+    ) -> Schema:
+        """Check `definition` (self-contained JSON) and parse it for reading and writing."""
+        check_schema(definition)
+        canonical = parsing_canonical_form(definition)
+        fingerprint = crc64_avro(canonical.encode())
+        parsed = parse_schema(definition if logical_types else strip_logical_types(definition))
+        if schema_id is None:
+            header = SINGLE_OBJECT_MAGIC + fingerprint.to_bytes(8, "little")
+        else:
+            header = CONFLUENT_MAGIC + schema_id.to_bytes(4, "big")
+        return cls(definition["name"], definition, parsed, canonical, fingerprint, schema_id, header)
+
+
+class SchemaLookup(Protocol):
+    """Finds the writer schema named by a frame."""
+
+    def by_fingerprint(self, fingerprint: int) -> Schema | None: ...
+
+    def by_id(self, schema_id: int) -> Schema | None: ...
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+
+def encode(schema: Schema, datum: Any) -> bytes:
+    """Frame and encode `datum`; it must already be valid for `schema`."""
+    out = io.BytesIO()
+    out.write(schema.header)
+    schemaless_writer(out, schema.parsed, datum)
+    return out.getvalue()
+
+
+def encode_validated(schema: Schema, datum: Any) -> bytes:
+    """Validate `datum` against `schema`, naming the offending field, then encode it."""
+    problems = validation_problems(schema, datum)
+    if problems:
+        raise SchemaError(f"payload does not match {schema.name}: " + "; ".join(problems))
+    return encode(schema, datum)
+
+
+def validation_problems(schema: Schema, datum: Any) -> list[str]:
+    """Every way `datum` fails `schema`, each naming its field."""
+    if not isinstance(datum, dict):
+        return [f"expected an object (record {schema.name}), got {type(datum).__name__}"]
+    known = {f["name"] for f in schema.definition["fields"]}
+    problems = [f"{schema.name}.{name}: no such field" for name in datum if name not in known]
+    try:
+        validate(datum, schema.parsed, raise_errors=True)
+    except ValidationError as exc:
+        problems += [_describe(error) for error in exc.errors]
+    return problems
+
+
+def _describe(error: Any) -> str:
+    if error.datum is None and error.field:
+        return f"{error.field}: missing (expected {_type_name(error.schema)})"
+    return f"{error.field}: expected {_type_name(error.schema)}, got {error.datum!r}"
+
+
+def _type_name(schema: Any) -> str:
+    if isinstance(schema, str):
+        return schema
+    if isinstance(schema, list):
+        return " or ".join(_type_name(s) for s in schema)
+    if isinstance(schema, dict):
+        return str(schema.get("logicalType") or schema.get("name") or schema.get("type"))
+    return repr(schema)
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+
+def read_frame(data: bytes, lookup: SchemaLookup) -> tuple[Schema, int]:
+    """The writer schema named by `data`'s frame and where its body starts."""
+    if data[:2] == SINGLE_OBJECT_MAGIC:
+        if len(data) < 10:
+            raise DecodeError(f"truncated single-object header ({len(data)} bytes)", data)
+        fingerprint = int.from_bytes(data[2:10], "little")
+        schema = lookup.by_fingerprint(fingerprint)
+        if schema is None:
+            raise DecodeError(f"unknown schema fingerprint {fingerprint:016x}", data)
+        return schema, 10
+    if data[:1] == CONFLUENT_MAGIC:
+        if len(data) < 5:
+            raise DecodeError(f"truncated Confluent header ({len(data)} bytes)", data)
+        (schema_id,) = struct.unpack(">I", data[1:5])
+        found = lookup.by_id(schema_id)
+        if found is None:
+            raise DecodeError(f"unknown schema id {schema_id}", data)
+        return found, 5
+    raise DecodeError(f"not a framed Avro message (first bytes {data[:2].hex() or 'empty'})", data)
+
+
+def decode(
+    data: bytes,
+    lookup: SchemaLookup,
+    reader: Schema | None = None,
+    *,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> tuple[Schema, Any]:
+    """Decode framed `data` exactly; return the writer schema and the datum.
+
+    With `reader`, the datum is resolved to the reader's schema (Avro schema evolution).
+    Any failure raises DecodeError carrying the raw bytes.
+    """
+    if len(data) > max_bytes:
+        raise DecodeError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte cap", data)
+    writer, start = read_frame(data, lookup)
+    if reader is not None and reader.fingerprint == writer.fingerprint:
+        reader = None
+    stream = io.BytesIO(data)
+    stream.seek(start)
+    try:
+        datum = schemaless_reader(stream, writer.parsed, reader.parsed if reader else None)
+    except Exception as exc:  # fastavro raises EOFError, IndexError, UnicodeDecodeError, ...
+        raise DecodeError(f"body does not decode as {writer.name}: {exc!r}", data) from exc
+    if stream.tell() != len(data):
+        extra = len(data) - stream.tell()
+        raise DecodeError(f"{extra} trailing bytes after a {writer.name}", data)
+    return writer, datum
+
+
+# -- schema checks and transforms ------------------------------------------------------------
+
+
+def parsing_canonical_form(definition: Any) -> str:
+    """Avro's Parsing Canonical Form of a self-contained schema (the input to fingerprints)."""
+    return json.dumps(_canonical(definition, None), separators=(",", ":"))
+
+
+_CANONICAL_KEYS = ("name", "type", "fields", "symbols", "items", "values", "size")
+
+
+def _canonical(schema: Any, namespace: str | None) -> Any:
+    if isinstance(schema, list):
+        return [_canonical(s, namespace) for s in schema]
+    if isinstance(schema, str):
+        return _full_name(schema, namespace) if schema not in PRIMITIVES else schema
+    kind = schema["type"]
+    if not isinstance(kind, str) or kind in PRIMITIVES:
+        return _canonical(kind, namespace)
+    out: dict[str, Any] = {}
+    if "name" in schema:
+        full = _full_name(schema["name"], schema.get("namespace", namespace))
+        out["name"] = full
+        namespace = full.rpartition(".")[0] or None
+    out["type"] = kind
+    if "fields" in schema:
+        out["fields"] = [
+            {"name": f["name"], "type": _canonical(f["type"], namespace)} for f in schema["fields"]
+        ]
+    if "symbols" in schema:
+        out["symbols"] = schema["symbols"]
+    if "items" in schema:
+        out["items"] = _canonical(schema["items"], namespace)
+    if "values" in schema:
+        out["values"] = _canonical(schema["values"], namespace)
+    if "size" in schema:
+        out["size"] = schema["size"]
+    return out
+
+
+def _full_name(name: str, namespace: str | None) -> str:
+    return name if "." in name or not namespace else f"{namespace}.{name}"
+
+
+def inline_named_types(schema: Any, defined: dict[str, Any]) -> dict[str, Any]:
+    """Make `schema` self-contained: each referenced named type from `defined` inlined once.
+
+    Raises SchemaError naming a reference that nothing defines.
+    """
+    seen: set[str] = set()
+
+    def walk(node: Any, namespace: str | None) -> Any:
+        if isinstance(node, list):
+            return [walk(s, namespace) for s in node]
+        if isinstance(node, str):
+            if node in PRIMITIVES:
+                return node
+            full = _full_name(node, namespace)
+            if full in seen:
+                return full
+            if full not in defined:
+                raise SchemaError(f"unknown type {full!r} (no {full}.avsc in the schema directory)")
+            return walk(defined[full], full.rpartition(".")[0] or None)
+        if not isinstance(node.get("type"), str):
+            return {**node, "type": walk(node["type"], namespace)}
+        out = dict(node)
+        if "name" in node and node["type"] in ("record", "error", "enum", "fixed"):
+            full = _full_name(node["name"], node.get("namespace", namespace))
+            seen.add(full)
+            out["name"], namespace = full, full.rpartition(".")[0] or None
+            out.pop("namespace", None)
+        if "fields" in node:
+            out["fields"] = [{**f, "type": walk(f["type"], namespace)} for f in node["fields"]]
+        for key in ("items", "values"):
+            if key in node:
+                out[key] = walk(node[key], namespace)
+        return out
+
+    result = walk(schema, None)
+    if not isinstance(result, dict) or result.get("type") not in ("record", "error"):
+        raise SchemaError("a job type must be an Avro record schema")
+    return result
+
+
+def strip_logical_types(schema: Any) -> Any:
+    """The same schema without logicalType annotations, so timestamps stay integers."""
+    if isinstance(schema, list):
+        return [strip_logical_types(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strip_logical_types(v) for k, v in schema.items() if k != "logicalType"}
+    if "fields" in schema:
+        out["fields"] = [{**f, "type": strip_logical_types(f["type"])} for f in schema["fields"]]
+    return out
+
+
+def check_schema(schema: dict[str, Any]) -> None:
+    """Refuse schemas that would let a small message cost unbounded time, memory or stack.
+
+    A self-reference makes nesting depth depend on the message (fastavro recursed until the
+    interpreter crashed); an array of zero-byte items lets five bytes claim billions of items.
+    """
+    _min_size(schema, None, [], {})
+
+
+def _min_size(node: Any, namespace: str | None, stack: list[str], sizes: dict[str, int]) -> int:
+    if len(stack) > MAX_SCHEMA_DEPTH:
+        raise SchemaError(f"{stack[0]} nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    if isinstance(node, list):
+        for branch in node:
+            _min_size(branch, namespace, stack, sizes)
+        return 1
+    if isinstance(node, str):
+        if node in PRIMITIVES:
+            return {"null": 0, "float": 4, "double": 8}.get(node, 1)
+        full = _full_name(node, namespace)
+        if full in stack:
+            raise SchemaError(f"{stack[0]} is recursive through {full}; recursive schemas are refused")
+        return sizes.get(full, 1)
+    kind = node["type"]
+    if not isinstance(kind, str) or kind in PRIMITIVES:
+        return _min_size(kind, namespace, stack, sizes)
+    if kind in ("record", "error"):
+        full = _full_name(node["name"], node.get("namespace", namespace))
+        inner = full.rpartition(".")[0] or None
+        stack.append(full)
+        size = sum(_min_size(f["type"], inner, stack, sizes) for f in node["fields"])
+        stack.pop()
+        sizes[full] = size
+        return size
+    if kind == "array":
+        if _min_size(node["items"], namespace, stack + ["[]"], sizes) == 0:
+            where = stack[-1] if stack else "schema"
+            raise SchemaError(f"an array in {where} has items that encode to zero bytes; refused")
+        return 1
+    if kind == "map":
+        _min_size(node["values"], namespace, stack + ["{}"], sizes)
+        return 1
+    if kind == "fixed":
+        return int(node["size"])
+    return 1  # enum

@@ -1,0 +1,108 @@
+"""Settings: explicit arguments, then `BRIDGE_*` environment variables, then bridge.toml.
+
+Frozen and validated at start, with every problem reported at once.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from bridge.errors import ConfigError
+
+BROKER_SCHEMES = ("kafka", "kafka+ssl", "amqp", "amqps", "memory")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a Bridge needs to reach its broker and registry and to run jobs."""
+
+    broker: str | None = None
+    registry: str | None = None
+    prefix: str = "bridge"
+    group: str = "bridge"  # Kafka consumer group; the consuming service's name on RabbitMQ
+    concurrency: int = 16
+    grace_s: float = 30.0
+    partitions: int = 3
+    max_message_bytes: int = 1024 * 1024
+    origin: str | None = None
+
+    @classmethod
+    def load(
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        toml_path: str | Path = "bridge.toml",
+    ) -> Settings:
+        """Settings from arguments, then BRIDGE_* variables, then bridge.toml; validated."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = _read_toml(Path(toml_path))
+        for f in fields(cls):
+            if f"BRIDGE_{f.name.upper()}" in environ:
+                values[f.name] = environ[f"BRIDGE_{f.name.upper()}"]
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls._validated(values)
+
+    @classmethod
+    def _validated(cls, values: dict[str, Any]) -> Settings:
+        problems = [f"unknown setting {k!r}" for k in values if k not in _FIELDS]
+        converted: dict[str, Any] = {}
+        for name, value in values.items():
+            if name in _FIELDS:
+                try:
+                    converted[name] = _convert(name, value)
+                except ValueError as exc:
+                    problems.append(str(exc))
+        settings = cls(**converted) if not problems else cls()
+        problems += settings._problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return settings
+
+    def _problems(self) -> list[str]:
+        problems = []
+        if self.broker is not None and self.broker.partition("://")[0] not in BROKER_SCHEMES:
+            problems.append(
+                f"broker {self.broker!r}: use kafka://host:port or amqp://user:pass@host:port/vhost"
+            )
+        for name in ("concurrency", "partitions", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.grace_s < 0:
+            problems.append("grace_s must not be negative")
+        if not self.prefix or not self.group:
+            problems.append("prefix and group must not be empty")
+        return problems
+
+    def require_broker(self) -> str:
+        """The broker URL, or one line saying how to give one."""
+        if not self.broker:
+            raise ConfigError("no broker: pass --broker, set BRIDGE_BROKER or broker in bridge.toml")
+        return self.broker
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+_TYPES = {"concurrency": int, "partitions": int, "max_message_bytes": int, "grace_s": float}
+
+
+def _convert(name: str, value: Any) -> Any:
+    kind = _TYPES.get(name, str)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return dict(data.get("bridge", data))

@@ -1,0 +1,83 @@
+"""The Docker path of `bridge dev`: `docker compose` with the repository's docker-compose.yml.
+
+Used only when a Docker engine answers; the brokers are then the `kafka` and `rabbitmq`
+services of docker-compose.yml, published on the same loopback ports as the native path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final
+
+from bridge.dev import kafka, rabbitmq
+from bridge.dev._common import ServiceStatus
+from bridge.dev._proc import Log, last_line, run
+from bridge.errors import DevError
+
+_STATUS: Final[dict[str, Callable[[], ServiceStatus]]] = {
+    "kafka": kafka.status,
+    "rabbitmq": rabbitmq.status,
+}
+
+
+def engine_available() -> bool:
+    """True when a Docker engine answers `docker info` within 3 seconds."""
+    docker = shutil.which("docker")
+    if docker is None:
+        return False
+    try:
+        return run([docker, "info"], timeout_s=3).returncode == 0
+    except DevError:
+        return False
+
+
+def compose_file() -> Path:
+    """docker-compose.yml of the current folder, else of the bridge checkout."""
+    for folder in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        candidate = folder / "docker-compose.yml"
+        if candidate.is_file():
+            return candidate
+    raise DevError("docker-compose.yml not found: run `bridge dev` from the bridge checkout")
+
+
+def up(names: Sequence[str], log: Log) -> list[ServiceStatus]:
+    """Start the named services that do not answer yet and wait for their healthchecks."""
+    before = {name: _STATUS[name]() for name in names}
+    todo = [name for name in names if not before[name].running]
+    if not todo:
+        return [dataclasses.replace(before[name], detail="already up") for name in names]
+    log(f"docker compose: starting {', '.join(todo)}")
+    started = time.monotonic()
+    _compose(["up", "-d", "--wait", *todo], log)
+    detail = f"started with docker compose in {time.monotonic() - started:.1f}s"
+    return [
+        dataclasses.replace(_STATUS[name](), detail=detail if name in todo else "already up")
+        for name in names
+    ]
+
+
+def down(names: Sequence[str], log: Log) -> list[ServiceStatus]:
+    """Stop and remove the named services' containers."""
+    if set(names) >= set(_STATUS):
+        _compose(["down"], log)
+    else:
+        _compose(["rm", "--stop", "--force", *names], log)
+    return [_stopped(_STATUS[name]()) for name in names]
+
+
+def _stopped(now: ServiceStatus) -> ServiceStatus:
+    detail = "still answering: not a container of docker-compose.yml" if now.running else "stopped"
+    return dataclasses.replace(now, detail=detail)
+
+
+def _compose(args: Sequence[str], log: Log) -> None:
+    argv = ["docker", "compose", "-f", str(compose_file()), *args]
+    log("$ " + " ".join(argv))
+    # Generous: the first `up` pulls the images.
+    result = run(argv, timeout_s=900)
+    if result.returncode != 0:
+        raise DevError(f"`{' '.join(argv)}` failed: {last_line(result)}")

@@ -1,0 +1,104 @@
+"""The job envelope and the dead letter, as typed records (schemas/bridge.*.avsc).
+
+Pure: times are integers in milliseconds since the epoch, as on the wire, and `now_ms` is
+passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REASONS = (
+    "exhausted",
+    "permanent",
+    "expired",
+    "undecodable",
+    "unknown_type",
+    "schema_mismatch",
+    "unknown_schema",
+)
+
+
+def uuid7(now_ms: int | None = None) -> str:
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then random bits; sorts by time."""
+    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & (2**48 - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64
+    value |= 0b10 << 62 | rand & (2**62 - 1)
+    return str(uuid.UUID(int=value))
+
+
+def now_ms() -> int:
+    """Wall-clock time in epoch milliseconds (the edges call this; the core takes it as input)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class JobError:
+    """One failed attempt."""
+
+    attempt: int
+    at: int
+    type: str
+    message: str
+    traceback: str | None = None
+
+
+@dataclass(slots=True)
+class Envelope:
+    """A job: its identity, payload bytes and everything bridge needs to run it."""
+
+    id: str
+    type: str
+    payload: bytes
+    queue: str
+    created_at: int
+    key: str | None = None
+    idempotency_key: str | None = None
+    attempt: int = 1
+    max_attempts: int | None = None
+    run_at: int | None = None
+    expires_at: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    origin: str | None = None
+    errors: list[JobError] = field(default_factory=list)
+    replays: int = 0
+
+    def to_avro(self) -> dict[str, Any]:
+        """The record as fastavro writes it."""
+        return asdict(self)
+
+    @classmethod
+    def from_avro(cls, record: dict[str, Any]) -> Envelope:
+        """The envelope from a decoded record."""
+        errors = [JobError(**e) for e in record["errors"]]
+        return cls(**{**record, "errors": errors})
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """Why a job stopped, where it came from, and the job or its raw bytes."""
+
+    reason: str
+    detail: str
+    queue: str
+    at: int
+    partition: int | None = None
+    offset: int | None = None
+    consumer_group: str | None = None
+    envelope: Envelope | None = None
+    raw: bytes | None = None
+
+    def to_avro(self) -> dict[str, Any]:
+        """The record as fastavro writes it."""
+        return asdict(self)
+
+    @classmethod
+    def from_avro(cls, record: dict[str, Any]) -> DeadLetter:
+        """The dead letter from a decoded record."""
+        envelope = record["envelope"]
+        return cls(**{**record, "envelope": Envelope.from_avro(envelope) if envelope else None})

@@ -1,0 +1,74 @@
+"""The one error tree of bridge.
+
+    BridgeError
+    ├── ConfigError          bad settings, flags or environment (one line says what to fix)
+    ├── SchemaError          a schema that cannot be loaded, or a payload that does not fit its schema
+    ├── UnknownJobType       a job type with no schema or no handler
+    ├── DecodeError          bytes that are not a valid framed Avro message (keeps the raw bytes)
+    ├── TransportError       a broker refused, could not be reached, or did not confirm
+    │   └── PublishError     a publish was not acknowledged (unroutable, nacked, timed out)
+    └── DevError             `bridge dev` could not provision or start a local broker
+
+Handlers steer retries with `Retry` and `Permanent`, which are not errors of bridge itself.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of every error bridge raises on purpose."""
+
+
+class ConfigError(BridgeError):
+    """Settings, flags or environment that cannot work; the message says what to fix."""
+
+
+class SchemaError(BridgeError):
+    """A schema that cannot be used, or a payload that does not match its schema."""
+
+
+class UnknownJobType(BridgeError):
+    """A job type that has no schema in the registry or no handler in the app."""
+
+
+class DecodeError(BridgeError):
+    """Bytes that do not decode exactly as a framed Avro message.
+
+    The raw bytes are kept so that a dead letter can carry them unchanged.
+    """
+
+    def __init__(self, message: str, raw: bytes = b"") -> None:
+        super().__init__(message)
+        self.raw = raw
+
+
+class TransportError(BridgeError):
+    """A broker operation failed; `retriable` says whether trying again may help."""
+
+    def __init__(self, message: str, *, retriable: bool = True) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class PublishError(TransportError):
+    """A publish that the broker did not acknowledge."""
+
+
+class DevError(BridgeError):
+    """A local development broker could not be provisioned or started."""
+
+
+class Retry(Exception):
+    """Raised by a handler to ask for another attempt after `delay_s` seconds."""
+
+    def __init__(self, delay_s: float | None = None, reason: str = "") -> None:
+        super().__init__(reason or f"retry requested (delay_s={delay_s})")
+        self.delay_s = delay_s
+
+
+class Permanent(Exception):
+    """Raised by a handler when retrying cannot help; the job is dead-lettered at once."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

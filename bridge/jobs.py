@@ -1,0 +1,35 @@
+"""What a handler is and what it is told about its job."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class JobContext:
+    """What a handler knows about the job it runs."""
+
+    job_id: str
+    type: str
+    queue: str
+    attempt: int
+    headers: Mapping[str, str]
+    key: str | None
+    idempotency_key: str | None
+    created_at: datetime
+
+
+Handler = Callable[[Any, "JobContext"], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A handler bound to a job type and the queue its jobs run on."""
+
+    type: str
+    queue: str
+    func: Handler
+    is_async: bool

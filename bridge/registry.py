@@ -1,0 +1,115 @@
+"""Where schemas come from: job types are the full names of Avro record schemas.
+
+`SchemaDirectory` is the embedded default: every `<full name>.avsc` under a directory, plus the
+envelope schemas that ship inside the package. Payloads framed by it use Avro single-object
+encoding, so a message names its schema by CRC-64-AVRO fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+from bridge.codec import Schema, SchemaLookup, inline_named_types
+from bridge.errors import ConfigError, SchemaError, UnknownJobType
+
+BUILTIN_SCHEMAS = Path(__file__).parent / "schemas"
+ENVELOPE = "bridge.JobEnvelope"
+DEAD_LETTER = "bridge.DeadLetter"
+
+
+class Registry(SchemaLookup, Protocol):
+    """A source of schemas by name, fingerprint or id."""
+
+    def schema(self, name: str) -> Schema: ...
+
+    def job_types(self) -> list[str]: ...
+
+
+class SchemaDirectory:
+    """Schemas read once from a directory of `.avsc` files named after their full names."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        definitions = _read_definitions(self.path) if self.path else {}
+        definitions.update(_read_definitions(BUILTIN_SCHEMAS))  # bridge.* always means ours
+        self._schemas = _build(definitions)
+        self._by_fingerprint = {s.fingerprint: s for s in self._schemas.values()}
+
+    def schema(self, name: str) -> Schema:
+        """The schema of job type (or bridge record) `name`."""
+        try:
+            return self._schemas[name]
+        except KeyError:
+            where = f" in {self.path}" if self.path else ""
+            raise UnknownJobType(f"unknown job type {name!r}: no {name}.avsc{where}") from None
+
+    def job_types(self) -> list[str]:
+        """Every job type: the records that are not bridge's own."""
+        return sorted(n for n in self._schemas if not n.startswith("bridge."))
+
+    def by_fingerprint(self, fingerprint: int) -> Schema | None:
+        return self._by_fingerprint.get(fingerprint)
+
+    def by_id(self, schema_id: int) -> Schema | None:
+        return None  # a directory has no ids; Confluent-framed input needs a registry server
+
+
+def open_registry(url: str | None) -> Registry:
+    """The registry for a `--registry` value: a directory path (http(s) registries come later)."""
+    if not url:
+        return SchemaDirectory(None)
+    if url.startswith(("http://", "https://")):
+        raise ConfigError(f"registry {url}: HTTP schema registries are not supported yet; use a directory")
+    path = Path(url.removeprefix("file://"))
+    if not path.is_dir():
+        raise ConfigError(f"registry {url}: not a directory of .avsc files (set --registry or BRIDGE_REGISTRY)")
+    return SchemaDirectory(path)
+
+
+def _read_definitions(directory: Path) -> dict[str, Any]:
+    definitions: dict[str, Any] = {}
+    problems = []
+    for file in sorted(directory.rglob("*.avsc")):
+        try:
+            definition = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            problems.append(f"{file}: not JSON ({exc})")
+            continue
+        name = _full_name_of(definition)
+        if name != file.stem:
+            problems.append(f"{file}: defines {name!r}; name the file {name}.avsc")
+            continue
+        definitions[name] = definition
+    if problems:
+        raise SchemaError("; ".join(problems))
+    return definitions
+
+
+def _full_name_of(definition: Any) -> str | None:
+    if not isinstance(definition, dict) or "name" not in definition:
+        return None
+    name = str(definition["name"])
+    namespace = definition.get("namespace")
+    return name if "." in name or not namespace else f"{namespace}.{name}"
+
+
+def _build(definitions: dict[str, Any]) -> dict[str, Schema]:
+    schemas: dict[str, Schema] = {}
+    problems = []
+    for name, definition in definitions.items():
+        if definition.get("type") not in ("record", "error"):
+            continue  # enums and fixed types are only referenced from records
+        try:
+            expanded = inline_named_types(definition, definitions)
+            # Our own records keep timestamps as integers: faster, and the same on every wire.
+            own = name.startswith("bridge.")
+            schemas[name] = Schema.from_definition(expanded, logical_types=not own)
+        except SchemaError as exc:
+            problems.append(f"{name}: {exc}")
+        except Exception as exc:  # fastavro's SchemaParseException and friends
+            problems.append(f"{name}: not a valid Avro schema ({exc})")
+    if problems:
+        raise SchemaError("; ".join(problems))
+    return schemas

@@ -1,0 +1,308 @@
+"""Kafka through confluent-kafka (librdkafka); the only module that imports it.
+
+Producing: an idempotent producer (acks=all); a publish returns when its delivery report
+arrives. A daemon thread serves delivery reports so a publish never waits on the consumer loop.
+
+Consuming: records are fetched without blocking the event loop (`consume(timeout=0)` with a
+short back-off when idle) so rebalance callbacks run on the loop's thread and need no locks.
+Offsets are stored by hand (`enable.auto.offset.store=false`) and only for the lowest record of a
+partition not yet settled (`OffsetTracker`); librdkafka commits stored offsets every second, on
+revoke (we commit synchronously there) and on close. On a lost partition nothing is committed.
+When every slot is busy the assigned partitions are paused and polling goes on, so a long job
+never pushes the consumer past `max.poll.interval.ms`.
+
+Per-key ordering (later) fits between fetch and `InFlight.start`: records of one key wait in a
+lane while an earlier one of the same key runs; offsets need no change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from bridge.config import Settings
+from bridge.errors import PublishError, TransportError
+from bridge.transports.base import Delivery, InFlight, Outgoing, Process, dlq_name
+from bridge.transports.offsets import OffsetTracker
+
+log = logging.getLogger("bridge.kafka")
+FETCH_BATCH = 500
+IDLE_SLEEP_MAX_S = 0.02
+METADATA_TIMEOUT_S = 10.0
+
+
+class KafkaTransport:
+    """A producer for publishing and, while consuming, one group consumer."""
+
+    name = "kafka"
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        self.url = url
+        self.settings = settings
+        scheme, _, rest = url.partition("://")
+        self._common: dict[str, Any] = {"bootstrap.servers": rest.rstrip("/")}
+        if scheme == "kafka+ssl":
+            self._common["security.protocol"] = "SSL"
+        self._producer: Producer | None = None
+        self._topics: set[str] = set()
+        self._closing = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._consumer: Consumer | None = None
+        self._offsets = OffsetTracker()
+
+    # -- connection ------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        self._producer = Producer(
+            {
+                **self._common,
+                "enable.idempotence": True,  # off by default in librdkafka; acks=all comes with it
+                "acks": "all",
+                "linger.ms": 2,
+                "message.timeout.ms": 30000,
+            }
+        )
+        await self._topic_names()  # fails fast, with a clear line, when nothing answers
+        self._poller = threading.Thread(target=self._serve_reports, name="bridge-kafka", daemon=True)
+        self._poller.start()
+
+    def _serve_reports(self) -> None:
+        assert self._producer is not None
+        while not self._closing.is_set():
+            self._producer.poll(0.05)
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await asyncio.to_thread(self._producer.flush, 10)
+        self._closing.set()
+        if self._poller is not None:
+            self._poller.join(timeout=1)
+        self._producer = self._poller = None
+
+    async def _topic_names(self) -> set[str]:
+        with _mapped(f"cannot reach Kafka at {self.url}; is it running? (`bridge dev up` starts one)"):
+            assert self._producer is not None
+            metadata = await asyncio.to_thread(self._producer.list_topics, timeout=METADATA_TIMEOUT_S)
+        return set(metadata.topics)
+
+    async def _require_topics(self, topics: Sequence[str]) -> None:
+        missing = [t for t in topics if t not in self._topics]
+        if missing:
+            self._topics = await self._topic_names()
+            missing = [t for t in missing if t not in self._topics]
+        if missing:
+            raise TransportError(
+                f"Kafka topic {', '.join(missing)} does not exist: run `bridge topology apply`",
+                retriable=False,
+            )
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish(self, message: Outgoing) -> None:
+        await self._require_topics([message.queue])
+        loop = asyncio.get_running_loop()
+        delivered: asyncio.Future[None] = loop.create_future()
+
+        def report(err: KafkaError | None, _: Message) -> None:
+            loop.call_soon_threadsafe(_resolve, delivered, err, message.queue)
+
+        assert self._producer is not None, "publish() before connect()"
+        while True:
+            try:
+                self._producer.produce(message.queue, message.body, message.key, on_delivery=report)
+                break
+            except BufferError:  # librdkafka's local queue is full: let deliveries drain
+                await asyncio.sleep(0.005)
+        await delivered
+
+    async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
+        for message in publish:
+            await self.publish(message)
+        assert delivery.partition is not None and delivery.offset is not None
+        tp = (delivery.queue, delivery.partition)
+        committable = self._offsets.done(tp, delivery.offset, delivery.handle)
+        if committable is not None and self._consumer is not None:
+            try:
+                self._consumer.store_offsets(offsets=[TopicPartition(*tp, committable)])
+            except KafkaException as exc:  # revoked meanwhile: its next owner runs it again
+                log.debug("offset %s of %s not stored: %s", committable, tp, exc)
+
+    # -- consuming -------------------------------------------------------------------------
+
+    async def consume(
+        self,
+        queues: Sequence[str],
+        process: Process,
+        *,
+        concurrency: int,
+        stop: asyncio.Event,
+        burst: bool = False,
+        grace_s: float = 30.0,
+    ) -> None:
+        await self._require_topics(queues)
+        consumer = Consumer(
+            {
+                **self._common,
+                "group.id": self.settings.group,
+                "enable.auto.commit": True,
+                "auto.commit.interval.ms": 1000,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                "enable.partition.eof": False,
+            }
+        )
+        self._consumer = consumer
+        consumer.subscribe(
+            list(queues), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        inflight = InFlight(process, concurrency)
+        try:
+            await self._fetch(consumer, inflight, concurrency, stop, burst)
+        finally:
+            late = await inflight.finish(grace_s)
+            if late:
+                log.warning("%d jobs did not finish within %ss; they will run again", late, grace_s)
+            self._commit(consumer)
+            await asyncio.to_thread(consumer.close)
+            self._consumer = None
+
+    async def _fetch(
+        self, consumer: Consumer, inflight: InFlight, concurrency: int, stop: asyncio.Event, burst: bool
+    ) -> None:
+        backlog: deque[Message] = deque()
+        paused = False
+        idle_s = 0.001
+        while not stop.is_set():
+            room = concurrency - len(inflight)
+            if room <= 0:
+                paused = paused or self._pause(consumer, True)
+                backlog.extend(consumer.consume(1, 0))  # keeps the group membership alive
+                await asyncio.sleep(0.005)
+                continue
+            if paused:
+                paused = self._pause(consumer, False)
+            records = [backlog.popleft() for _ in range(min(room, len(backlog)))]
+            if len(records) < room:
+                records += consumer.consume(min(room - len(records), FETCH_BATCH), 0)
+            for record in records:
+                await self._start(record, inflight)
+            if records:
+                idle_s = 0.001
+                continue
+            if burst and not inflight and await self._drained(consumer):
+                return
+            await asyncio.sleep(idle_s)
+            idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
+
+    async def _start(self, record: Message, inflight: InFlight) -> None:
+        error = record.error()
+        if error is not None:
+            log.warning("Kafka consumer: %s", error)
+            return
+        topic, partition, offset = record.topic(), record.partition(), record.offset()
+        generation = self._offsets.started((topic, partition), offset)
+        key = record.key()
+        await inflight.start(
+            Delivery(
+                record.value() or b"", topic, key.decode("utf-8", "replace") if key else None,
+                partition, offset, handle=generation,
+            )  # fmt: skip
+        )
+
+    def _pause(self, consumer: Consumer, pause: bool) -> bool:
+        assignment = consumer.assignment()
+        if assignment:
+            (consumer.pause if pause else consumer.resume)(assignment)
+        return pause
+
+    async def _drained(self, consumer: Consumer) -> bool:
+        """Whether every assigned partition has been read to its end."""
+        assignment = consumer.assignment()
+        if not assignment or self._offsets.in_flight():
+            return False
+        positions = consumer.position(assignment)
+        committed = await asyncio.to_thread(consumer.committed, assignment, METADATA_TIMEOUT_S)
+        for position, stored in zip(positions, committed, strict=True):
+            low, high = await asyncio.to_thread(
+                consumer.get_watermark_offsets, position, METADATA_TIMEOUT_S
+            )
+            at = max(position.offset, stored.offset, low)
+            if at < high:
+                return False
+        return True
+
+    # Rebalance callbacks run inside consumer.consume(), on the event loop's thread.
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._offsets.assign((tp.topic, tp.partition))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._commit(consumer)
+        for tp in partitions:
+            self._offsets.revoke((tp.topic, tp.partition))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:  # another member may own them already: commit nothing
+            self._offsets.revoke((tp.topic, tp.partition))
+
+    def _commit(self, consumer: Consumer) -> None:
+        try:
+            consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("offset commit failed: %s", exc)
+
+    # -- topology --------------------------------------------------------------------------
+
+    async def apply_topology(self, queues: Sequence[str], *, dry_run: bool = False) -> list[str]:
+        existing = await self._topic_names()
+        wanted = [name for queue in queues for name in (queue, dlq_name(queue))]
+        new = [t for t in wanted if t not in existing]
+        plan = [f"kafka: topic {t} exists" for t in wanted if t in existing]
+        plan += [f"kafka: create topic {t} ({self.settings.partitions} partitions)" for t in new]
+        if new and not dry_run:
+            await self._create_topics(new)
+        return plan
+
+    async def _create_topics(self, topics: list[str]) -> None:
+        admin = AdminClient(self._common)
+        futures = admin.create_topics([NewTopic(t, self.settings.partitions) for t in topics])
+        for topic, future in futures.items():
+            with _mapped(f"could not create Kafka topic {topic}"):
+                try:
+                    await asyncio.wrap_future(future)
+                except KafkaException as exc:
+                    if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                        raise
+        self._topics.update(topics)
+
+
+def _resolve(future: asyncio.Future[None], err: KafkaError | None, topic: str) -> None:
+    if future.done():
+        return
+    if err is None:
+        future.set_result(None)
+    else:
+        future.set_exception(PublishError(f"Kafka did not acknowledge a publish to {topic}: {err.str()}"))
+
+
+@contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    """Translate librdkafka's errors into TransportError at one place."""
+    try:
+        yield
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else None
+        detail = error.str() if isinstance(error, KafkaError) else str(exc)
+        retriable = bool(isinstance(error, KafkaError) and error.retriable())
+        raise TransportError(f"{what}: {detail}", retriable=retriable) from exc

@@ -1,0 +1,120 @@
+"""An in-process transport for users' unit tests and fast checks; never the proof of a broker.
+
+Queues are deques shared by every event loop of the process (the sync API runs on its own loop
+thread), so access goes through one lock and consumers are woken thread-safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Sequence
+
+from bridge.transports.base import Delivery, InFlight, Outgoing, Process, dlq_name
+
+
+class MemoryTransport:
+    """Queues in memory with at-least-once settling: unsettled deliveries go back on stop."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._queues: dict[str, deque[Outgoing]] = {}
+        self._lock = threading.Lock()
+        self._wakeups: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._unsettled: dict[int, Delivery] = {}
+
+    async def connect(self) -> None:
+        """Nothing to reach."""
+
+    async def close(self) -> None:
+        """Nothing to release; the queues stay for inspection."""
+
+    def messages(self, queue: str) -> list[bytes]:
+        """The bodies waiting in `queue`, oldest first."""
+        with self._lock:
+            return [m.body for m in self._queues.get(queue, ())]
+
+    async def publish(self, message: Outgoing) -> None:
+        with self._lock:
+            self._queues.setdefault(message.queue, deque()).append(message)
+            wakeups = list(self._wakeups)
+        for loop, event in wakeups:
+            loop.call_soon_threadsafe(event.set)
+
+    async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
+        for message in publish:
+            await self.publish(message)
+        with self._lock:
+            self._unsettled.pop(id(delivery), None)
+
+    async def consume(
+        self,
+        queues: Sequence[str],
+        process: Process,
+        *,
+        concurrency: int,
+        stop: asyncio.Event,
+        burst: bool = False,
+        grace_s: float = 30.0,
+    ) -> None:
+        inflight = InFlight(process, concurrency)
+        wakeup = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            self._wakeups.append(wakeup)
+        try:
+            await self._feed(queues, inflight, wakeup[1], stop, burst)
+        finally:
+            with self._lock:
+                self._wakeups.remove(wakeup)
+            await inflight.finish(grace_s)
+            self._return_unsettled()
+
+    def _return_unsettled(self) -> None:
+        # Like a broker: what was delivered but never settled is delivered again.
+        with self._lock:
+            for delivery in self._unsettled.values():
+                self._queues[delivery.queue].appendleft(delivery.handle)
+            self._unsettled.clear()
+
+    async def _feed(
+        self,
+        queues: Sequence[str],
+        inflight: InFlight,
+        wakeup: asyncio.Event,
+        stop: asyncio.Event,
+        burst: bool,
+    ) -> None:
+        while not stop.is_set():
+            delivery = self._pop(queues)
+            if delivery is not None:
+                await inflight.start(delivery)
+                continue
+            if burst and not inflight:
+                return
+            wakeup.clear()
+            waiters = [asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stop.wait())]
+            # In burst mode a settle may publish nothing, so look again soon to notice the end.
+            await asyncio.wait(waiters, timeout=0.01 if burst else None, return_when="FIRST_COMPLETED")
+            for waiter in waiters:
+                waiter.cancel()
+
+    def _pop(self, queues: Sequence[str]) -> Delivery | None:
+        with self._lock:
+            for queue in queues:
+                pending = self._queues.get(queue)
+                if pending:
+                    message = pending.popleft()
+                    delivery = Delivery(message.body, queue, message.key, handle=message)
+                    self._unsettled[id(delivery)] = delivery
+                    return delivery
+        return None
+
+    async def apply_topology(self, queues: Sequence[str], *, dry_run: bool = False) -> list[str]:
+        names = [name for queue in queues for name in (queue, dlq_name(queue))]
+        if not dry_run:
+            with self._lock:
+                for name in names:
+                    self._queues.setdefault(name, deque())
+        return [f"memory: queue {name}" for name in names]

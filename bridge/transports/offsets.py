@@ -1,0 +1,69 @@
+"""Which Kafka offset may be committed when jobs of one partition finish out of order.
+
+Pure bookkeeping: a partition's committable offset is one past the highest offset below which
+every delivered record is settled. Each assignment of a partition gets a new generation, so a
+job that finishes after its partition was revoked (and maybe assigned back) cannot move the
+new assignment's offset.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+TopicPartition = tuple[str, int]
+
+
+class _Partition:
+    """One assignment of a partition: its records in delivery order, and which are settled."""
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.order: deque[list[Any]] = deque()  # [offset, settled] in delivery order
+        self.by_offset: dict[int, list[Any]] = {}
+
+
+class OffsetTracker:
+    """In-flight offsets per assigned partition, in delivery order."""
+
+    def __init__(self) -> None:
+        self._partitions: dict[TopicPartition, _Partition] = {}
+        self._generations: dict[TopicPartition, int] = {}
+
+    def assign(self, tp: TopicPartition) -> None:
+        """Start tracking `tp` afresh."""
+        self._generations[tp] = self._generations.get(tp, 0) + 1
+        self._partitions[tp] = _Partition(self._generations[tp])
+
+    def revoke(self, tp: TopicPartition) -> None:
+        """Forget `tp`: its unsettled records will be delivered again to its next owner."""
+        self._partitions.pop(tp, None)
+
+    def started(self, tp: TopicPartition, offset: int) -> int:
+        """Record that `offset` was handed out; return the generation to settle it with."""
+        partition = self._partitions.get(tp)
+        if partition is None:  # records can arrive before the assignment callback has run
+            self.assign(tp)
+            partition = self._partitions[tp]
+        entry = [offset, False]
+        partition.order.append(entry)
+        partition.by_offset[offset] = entry
+        return partition.generation
+
+    def done(self, tp: TopicPartition, offset: int, generation: int) -> int | None:
+        """Mark `offset` settled; return the new committable offset if it moved."""
+        partition = self._partitions.get(tp)
+        if partition is None or partition.generation != generation:
+            return None
+        entry = partition.by_offset.pop(offset, None)
+        if entry is None:
+            return None
+        entry[1] = True
+        committable = None
+        while partition.order and partition.order[0][1]:
+            committable = partition.order.popleft()[0] + 1
+        return committable
+
+    def in_flight(self) -> int:
+        """How many handed-out records are not settled yet."""
+        return sum(len(p.by_offset) for p in self._partitions.values())

@@ -1,0 +1,239 @@
+"""RabbitMQ through aio-pika; the only module that imports it.
+
+Topology: a durable direct exchange `<prefix>.jobs`; each queue is a quorum queue bound to it
+by its own name, and so is its dead-letter queue `<queue>.dlq`.
+
+Publishing: one channel with publisher confirms; every publish is mandatory, so a message that
+no queue takes comes back and raises instead of being confirmed into the void. Many publishes
+may be in flight at once; each returns when its own confirm arrives.
+
+Consuming: a channel whose prefetch equals the concurrency, manual ack only after the outcome
+(and anything it publishes) is confirmed. The connection is robust: after a drop it reconnects
+and restores the consumers; deliveries of the dead channel are redelivered by the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from bridge.config import Settings
+from bridge.errors import PublishError, TransportError
+from bridge.transports.base import Delivery, InFlight, Outgoing, Process, dlq_name
+
+log = logging.getLogger("bridge.rabbitmq")
+QUORUM = {"x-queue-type": "quorum"}
+CONNECT_TIMEOUT_S = 10.0
+DRAIN_CHECK_S = 0.1
+
+
+class RabbitTransport:
+    """A robust connection with a confirming publish channel and, while consuming, a consume channel."""
+
+    name = "rabbitmq"
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        self.url = url
+        self.settings = settings
+        self.exchange_name = f"{settings.prefix}.jobs"
+        self._connection: AbstractRobustConnection | None = None
+        self._exchange: AbstractExchange | None = None
+
+    async def connect(self) -> None:
+        with _mapped(f"cannot reach RabbitMQ at {_safe(self.url)}; is it running? (`bridge dev up` starts one)"):
+            self._connection = await aio_pika.connect_robust(self.url, timeout=CONNECT_TIMEOUT_S)
+            channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._exchange = await self._declare_exchange(channel)
+
+    async def _declare_exchange(self, channel: AbstractChannel) -> AbstractExchange:
+        return await channel.declare_exchange(
+            self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = self._exchange = None
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish(self, message: Outgoing) -> None:
+        assert self._exchange is not None, "publish() before connect()"
+        outgoing = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        try:
+            await self._exchange.publish(outgoing, routing_key=message.queue, mandatory=True)
+        except aiormq.exceptions.DeliveryError as exc:
+            returned = exc.message is not None
+            why = (
+                f"no queue {message.queue!r} is bound to {self.exchange_name}: run `bridge topology apply`"
+                if returned
+                else f"RabbitMQ refused the publish to {message.queue}: {exc.frame}"
+            )
+            raise PublishError(why, retriable=not returned) from exc
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            raise PublishError(f"publish to {message.queue} not confirmed: {exc!r}") from exc
+
+    async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
+        for message in publish:
+            await self.publish(message)  # confirmed before the original is acked
+        incoming: AbstractIncomingMessage = delivery.handle
+        try:
+            await incoming.ack()
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            # The channel it came on is gone: the broker delivers it again (at least once).
+            log.warning("ack lost for a delivery from %s (%r); it will be redelivered", delivery.queue, exc)
+
+    # -- consuming -------------------------------------------------------------------------
+
+    async def consume(
+        self,
+        queues: Sequence[str],
+        process: Process,
+        *,
+        concurrency: int,
+        stop: asyncio.Event,
+        burst: bool = False,
+        grace_s: float = 30.0,
+    ) -> None:
+        assert self._connection is not None, "consume() before connect()"
+        channel = await self._connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=concurrency)
+        inflight = InFlight(process, concurrency)
+        arrivals = [0]
+
+        def on_message_from(name: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                arrivals[0] += 1
+                redelivered = bool(message.redelivered)
+                await inflight.start(Delivery(message.body, name, redelivered=redelivered, handle=message))
+
+            return on_message
+
+        subscriptions = []
+        try:
+            for name in queues:
+                queue = await self._existing_queue(channel, name)
+                subscriptions.append((queue, await queue.consume(on_message_from(name))))
+            await self._wait(channel, queues, inflight, lambda: arrivals[0], stop, burst)
+        finally:
+            for queue, tag in subscriptions:
+                with _ignored():
+                    await queue.cancel(tag)
+            late = await inflight.finish(grace_s)
+            if late:
+                log.warning("%d jobs did not finish within %ss; they will run again", late, grace_s)
+            with _ignored():
+                await channel.close()
+
+    async def _existing_queue(self, channel: AbstractChannel, name: str) -> AbstractQueue:
+        with _mapped(f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False):
+            return await channel.declare_queue(name, passive=True)
+
+    async def _wait(
+        self,
+        channel: AbstractChannel,
+        queues: Sequence[str],
+        inflight: InFlight,
+        arrivals: Callable[[], int],
+        stop: asyncio.Event,
+        burst: bool,
+    ) -> None:
+        if not burst:
+            await stop.wait()
+            return
+        seen = -1
+        while not stop.is_set():
+            # Drained when nothing is ready, nothing runs, and nothing arrived since the last look:
+            # a delivery already on the wire reaches us within one check.
+            now_seen = arrivals()
+            if not inflight and now_seen == seen and await self._ready(channel, queues) == 0:
+                return
+            seen = now_seen
+            try:
+                await asyncio.wait_for(stop.wait(), DRAIN_CHECK_S)
+            except TimeoutError:
+                pass
+
+    async def _ready(self, channel: AbstractChannel, queues: Sequence[str]) -> int:
+        # Straight to aiormq: aio-pika's robust channel answers a repeated passive declare from
+        # its cache, with the count of the first one.
+        underlay = await channel.get_underlay_channel()
+        total = 0
+        for name in queues:
+            declared = await underlay.queue_declare(name, passive=True)
+            total += declared.message_count or 0
+        return total
+
+    # -- topology --------------------------------------------------------------------------
+
+    async def apply_topology(self, queues: Sequence[str], *, dry_run: bool = False) -> list[str]:
+        assert self._connection is not None, "apply_topology() before connect()"
+        names = [name for queue in queues for name in (queue, dlq_name(queue))]
+        plan = [f"rabbitmq: exchange {self.exchange_name} (direct, durable)"]
+        for name in names:
+            exists = await self._queue_exists(name)
+            plan.append(f"rabbitmq: quorum queue {name} {'exists' if exists else 'create'}, bound by {name!r}")
+        if not dry_run:
+            with _mapped("could not apply the RabbitMQ topology", retriable=False):
+                await self._declare(names)
+        return plan
+
+    async def _queue_exists(self, name: str) -> bool:
+        assert self._connection is not None
+        channel = await self._connection.channel()  # a failed passive declare closes its channel
+        try:
+            await channel.declare_queue(name, passive=True)
+            return True
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            with _ignored():
+                await channel.close()
+
+    async def _declare(self, names: Sequence[str]) -> None:
+        assert self._connection is not None
+        async with self._connection.channel() as channel:
+            exchange = await self._declare_exchange(channel)
+            for name in names:
+                queue = await channel.declare_queue(name, durable=True, arguments=QUORUM)
+                await queue.bind(exchange, routing_key=name)
+
+
+def _safe(url: str) -> str:
+    """`url` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@contextmanager
+def _mapped(what: str, *, retriable: bool = True) -> Iterator[None]:
+    """Translate aio-pika's and the socket's errors into TransportError at one place."""
+    try:
+        yield
+    except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
+        raise TransportError(f"{what} ({exc!r})", retriable=retriable) from exc
+
+
+@contextmanager
+def _ignored() -> Iterator[None]:
+    """For best-effort cleanup on a channel that may already be gone."""
+    try:
+        yield
+    except (TimeoutError, aiormq.exceptions.AMQPError, OSError, RuntimeError):
+        pass

@@ -1,0 +1,173 @@
+"""The steps that run one delivery: decode, find the handler, run it, decide, settle.
+
+A delivery always ends settled with what it must leave behind (nothing, or a dead letter), or
+not settled at all when settling itself failed, in which case the broker delivers it again.
+Nothing a message contains can crash this loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from bridge import codec
+from bridge.codec import Schema
+from bridge.config import Settings
+from bridge.envelope import DeadLetter, Envelope, JobError, now_ms
+from bridge.errors import DecodeError, UnknownJobType
+from bridge.jobs import JobContext, JobSpec
+from bridge.registry import DEAD_LETTER, ENVELOPE
+from bridge.transports.base import Delivery, Outgoing, Transport, dlq_name
+
+if TYPE_CHECKING:
+    from bridge.app import Bridge
+
+log = logging.getLogger("bridge.worker")
+TRACEBACK_CHARS = 2000
+
+
+@dataclass
+class Stats:
+    """What one `consume` did: deliveries settled, dead letters, and when work began and ended."""
+
+    processed: int = 0
+    dead_lettered: int = 0
+    first_s: float = 0.0  # time.monotonic() of the first delivery
+    last_s: float = 0.0  # ... and of the last settle
+
+    def summary(self) -> str:
+        """One line for people: how many, and how fast once work began."""
+        busy = self.last_s - self.first_s
+        rate = f", {self.processed / busy:,.0f} jobs/s" if busy > 0 else ""
+        return f"{self.processed} settled ({self.dead_lettered} dead-lettered) in {busy:.2f} s{rate}"
+
+
+class Worker:
+    """Runs an app's handlers for deliveries from one transport."""
+
+    def __init__(self, app: Bridge, transport: Transport, settings: Settings) -> None:
+        self.app = app
+        self.transport = transport
+        self.settings = settings
+        registry = app.registry
+        self._envelope = registry.schema(ENVELOPE)
+        self._dead_letter = registry.schema(DEAD_LETTER)
+        self._jobs = _resolve(app, registry.schema)
+        self._threads = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="bridge-job")
+        self.stats = Stats()
+
+    async def run(self, queues: Sequence[str], stop: asyncio.Event, *, burst: bool) -> None:
+        """Consume `queues` until `stop` is set or, with `burst`, until they drain."""
+        log.info("consuming %s on %s", ",".join(queues), self.transport.name)
+        try:
+            await self.transport.consume(
+                queues, self.process, concurrency=self.settings.concurrency, stop=stop,
+                burst=burst, grace_s=self.settings.grace_s,
+            )  # fmt: skip
+        finally:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def process(self, delivery: Delivery) -> None:
+        """Run one delivery to its outcome and settle it; never raises."""
+        try:
+            self.stats.first_s = self.stats.first_s or time.monotonic()
+            publish = await self._outcome(delivery)
+            await self.transport.settle(delivery, publish)
+            self.stats.processed += 1
+            self.stats.dead_lettered += len(publish)
+            self.stats.last_s = time.monotonic()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Settling failed (the broker went away): the delivery stays unsettled and comes back.
+            log.exception("could not settle a delivery from %s", delivery.queue)
+
+    async def _outcome(self, delivery: Delivery) -> Sequence[Outgoing]:
+        try:
+            writer, record = codec.decode(
+                delivery.body, self.app.registry, max_bytes=self.settings.max_message_bytes
+            )
+            envelope = Envelope.from_avro(record) if writer is self._envelope else None
+        except DecodeError as exc:
+            return [self._dead(delivery, "undecodable", str(exc), raw=delivery.body)]
+        if envelope is None:
+            return [self._dead(delivery, "undecodable", f"not a {ENVELOPE}", raw=delivery.body)]
+        job = self._jobs.get(envelope.type)
+        if job is None:
+            detail = f"no handler for job type {envelope.type!r} in this app"
+            return [self._dead(delivery, "unknown_type", detail, envelope=envelope)]
+        spec, schema = job
+        try:
+            writer, payload = codec.decode(envelope.payload, self.app.registry, schema)
+        except DecodeError as exc:
+            return [self._dead(delivery, "undecodable", f"payload: {exc}", envelope=envelope)]
+        if writer.name != envelope.type:
+            detail = f"payload is a {writer.name}, envelope says {envelope.type}"
+            return [self._dead(delivery, "schema_mismatch", detail, envelope=envelope)]
+        return await self._run(spec, payload, envelope, delivery)
+
+    async def _run(
+        self, spec: JobSpec, payload: Any, envelope: Envelope, delivery: Delivery
+    ) -> Sequence[Outgoing]:
+        ctx = JobContext(
+            job_id=envelope.id, type=envelope.type, queue=envelope.queue,
+            attempt=envelope.attempt, headers=envelope.headers, key=envelope.key,
+            idempotency_key=envelope.idempotency_key,
+            created_at=datetime.fromtimestamp(envelope.created_at / 1000, UTC),
+        )  # fmt: skip
+        try:
+            if spec.is_async:
+                await spec.func(payload, ctx)
+            else:
+                await asyncio.get_running_loop().run_in_executor(self._threads, spec.func, payload, ctx)
+        except Exception as exc:
+            # Until retry policies land every failure is final: dead-lettered with its error.
+            log.warning("job %s (%s on %s) failed: %r", envelope.id, envelope.type, envelope.queue, exc)
+            envelope.errors.append(_job_error(envelope.attempt, exc))
+            return [self._dead(delivery, "exhausted", f"{type(exc).__name__}: {exc}", envelope=envelope)]
+        return ()
+
+    def _dead(
+        self,
+        delivery: Delivery,
+        reason: str,
+        detail: str,
+        *,
+        envelope: Envelope | None = None,
+        raw: bytes | None = None,
+    ) -> Outgoing:
+        job = f"job {envelope.id} ({envelope.type})" if envelope else "a message"
+        log.warning("dead-lettering %s from %s: %s: %s", job, delivery.queue, reason, detail)
+        letter = DeadLetter(
+            reason=reason, detail=detail, queue=delivery.queue, at=now_ms(),
+            partition=delivery.partition, offset=delivery.offset,
+            consumer_group=self.settings.group, envelope=envelope, raw=raw,
+        )  # fmt: skip
+        body = codec.encode(self._dead_letter, letter.to_avro())
+        return Outgoing(dlq_name(delivery.queue), body, delivery.key)
+
+
+def _job_error(attempt: int, exc: BaseException) -> JobError:
+    trace = "".join(traceback.format_exception(exc, limit=-8))[-TRACEBACK_CHARS:]
+    return JobError(attempt, now_ms(), type(exc).__qualname__, str(exc)[:TRACEBACK_CHARS], trace)
+
+
+def _resolve(app: Bridge, schema_of: Any) -> dict[str, tuple[JobSpec, Schema]]:
+    """Each handler with its job type's schema; every missing type reported at once."""
+    jobs: dict[str, tuple[JobSpec, Schema]] = {}
+    missing = []
+    for name, spec in app.jobs.items():
+        try:
+            jobs[name] = (spec, schema_of(name))
+        except UnknownJobType:
+            missing.append(name)
+    if missing:
+        raise UnknownJobType(f"no schema for {', '.join(missing)} in the registry ({app.settings.registry})")
+    return jobs

@@ -1,0 +1,1 @@
+"""Example consumers: the handlers `make demo` and docker-compose.yml run."""

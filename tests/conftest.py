@@ -1,0 +1,72 @@
+"""Fixtures: real brokers for the session (the same code as `bridge dev up`), apps, queues.
+
+With CI set, a broker that cannot be started fails the run; elsewhere its tests are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from bridge import Bridge
+from bridge.errors import BridgeError
+
+TESTS = Path(__file__).resolve().parent
+SCHEMAS = TESTS / "schemas"
+REPO = TESTS.parent
+BROKERS = ["memory", "kafka", "rabbitmq"]
+T = TypeVar("T")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+@pytest.fixture(scope="session")
+def brokers() -> dict[str, str]:
+    """URLs of the real Kafka and RabbitMQ, started if they are not running."""
+    from bridge import dev
+
+    try:
+        statuses = dev.up(log=lambda _: None)
+    except BridgeError as exc:
+        if in_ci():
+            pytest.fail(f"the real brokers are required under CI: {exc}")
+        pytest.skip(f"real brokers unavailable: {exc}")
+    return {s.name: s.url for s in statuses}
+
+
+@pytest.fixture(params=BROKERS)
+def broker(request: pytest.FixtureRequest) -> str:
+    """Each broker in turn: memory, then the real Kafka and RabbitMQ."""
+    if request.param == "memory":
+        return "memory://"
+    return request.getfixturevalue("brokers")[request.param]
+
+
+@pytest.fixture
+def queue() -> str:
+    """A queue name no other test uses."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_app(broker: str) -> Callable[..., Bridge]:
+    """Apps on the current broker, each in its own consumer group."""
+
+    def make(**settings: Any) -> Bridge:
+        settings.setdefault("group", f"g-{uuid.uuid4().hex[:12]}")
+        return Bridge(broker=broker, registry=str(SCHEMAS), **settings)
+
+    return make
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+    """Run `coro` to completion on a new event loop, within `timeout` seconds."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))

@@ -1,0 +1,169 @@
+"""The contract every transport keeps: memory, then the real Kafka and RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from bridge import Bridge, JobContext
+from bridge.errors import PublishError, TransportError
+from tests.brokerio import dead_letters
+from tests.conftest import run
+
+
+async def apply_topology(app: Bridge) -> None:
+    async with app:
+        await app.apply_topology()
+
+
+async def consume(app: Bridge) -> None:
+    async with app:
+        await app.consume(burst=True)
+
+
+def test_enqueued_job_runs_once_with_its_payload(make_app: Callable[..., Bridge], queue: str) -> None:
+    # Given an async handler, When five jobs are enqueued and consumed in burst mode,
+    # Then each runs exactly once with its decoded payload and its own id.
+    app = make_app()
+    seen: list[tuple[str, dict[str, Any], JobContext]] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        seen.append((ctx.job_id, payload, ctx))
+
+    async def scenario() -> list[str]:
+        await app.apply_topology()
+        ids = [await app.enqueue_async("test.Echo", {"n": n, "text": f"#{n}"}) for n in range(5)]
+        await app.consume(burst=True)
+        await app.aclose()
+        return ids
+
+    ids = run(scenario())
+    assert sorted(job_id for job_id, _, _ in seen) == sorted(ids)
+    assert sorted(p["n"] for _, p, _ in seen) == [0, 1, 2, 3, 4]
+    assert all(p == {"n": p["n"], "text": f"#{p['n']}", "sleep_ms": 0} for _, p, _ in seen)
+    assert all(ctx.attempt == 1 and ctx.queue == queue and ctx.type == "test.Echo" for _, _, ctx in seen)
+
+
+def test_sync_handler_runs_off_the_event_loop(make_app: Callable[..., Bridge], queue: str) -> None:
+    # Given a plain `def` handler enqueued through the sync API,
+    # When consumed, Then it runs in a worker thread, not on the loop's thread.
+    app = make_app()
+    threads: list[str] = []
+
+    @app.job("test.Echo", queue=queue)
+    def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        threads.append(threading.current_thread().name)
+
+    run(apply_topology(app))
+    job_ids = [app.enqueue("test.Echo", {"n": n}) for n in range(3)]
+    app.close()
+    run(consume(app))
+    assert len(job_ids) == len(set(job_ids)) == 3
+    assert len(threads) == 3 and all(name.startswith("bridge-job") for name in threads)
+
+
+def test_concurrency_bound_holds(make_app: Callable[..., Bridge], queue: str) -> None:
+    # Given concurrency 4 and 16 jobs of 150 ms each,
+    # When consumed, Then never more than 4 run at once, and 4 do run together.
+    app = make_app(concurrency=4)
+    running = 0
+    peak = 0
+
+    @app.job("test.Echo", queue=queue)
+    async def slow(payload: dict[str, Any], ctx: JobContext) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(payload["sleep_ms"] / 1000)
+        running -= 1
+
+    async def scenario() -> None:
+        await app.apply_topology()
+        await asyncio.gather(*(app.enqueue_async("test.Echo", {"n": n, "sleep_ms": 150}) for n in range(16)))
+        await app.consume(burst=True)
+        await app.aclose()
+
+    started = time.monotonic()
+    run(scenario())
+    assert peak == 4
+    assert time.monotonic() - started >= 16 / 4 * 0.15
+
+
+def test_unknown_type_is_dead_lettered_and_jobs_behind_it_run(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given a job whose type has a schema but no handler here, followed by three good jobs
+    # on the same queue (one Kafka partition, so they really are behind it),
+    # When consumed, Then it lands in <queue>.dlq as unknown_type and the three still run.
+    app = make_app(partitions=1)
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+
+    async def scenario() -> str:
+        await app.apply_topology()
+        stray = await app.enqueue_async("test.Unhandled", {"n": 99}, queue=queue)
+        for n in range(3):
+            await app.enqueue_async("test.Echo", {"n": n})
+        await app.consume(burst=True)
+        await app.aclose()
+        return stray
+
+    stray = run(scenario())
+    assert sorted(ran) == [0, 1, 2]
+    [letter] = dead_letters(app, queue)
+    assert letter.reason == "unknown_type"
+    assert letter.envelope is not None and letter.envelope.id == stray
+    assert letter.queue == queue and "test.Unhandled" in letter.detail
+
+
+def test_failing_handler_is_dead_lettered_with_its_error(make_app: Callable[..., Bridge], queue: str) -> None:
+    # Given a handler that raises (retry policies come later: one attempt for now),
+    # When consumed, Then the job is dead-lettered with the exception in its error history.
+    app = make_app()
+
+    @app.job("test.Echo", queue=queue)
+    async def broken(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise ValueError(f"bad n {payload['n']}")
+
+    async def scenario() -> str:
+        await app.apply_topology()
+        job_id = await app.enqueue_async("test.Echo", {"n": 7})
+        await app.consume(burst=True)
+        await app.aclose()
+        return job_id
+
+    job_id = run(scenario())
+    [letter] = dead_letters(app, queue)
+    assert letter.reason == "exhausted" and letter.envelope is not None
+    assert letter.envelope.id == job_id
+    [error] = letter.envelope.errors
+    assert (error.attempt, error.type, error.message) == (1, "ValueError", "bad n 7")
+    assert error.traceback is not None and "broken" in error.traceback
+
+
+def test_publish_to_a_missing_queue_is_refused(
+    make_app: Callable[..., Bridge], queue: str, broker: str
+) -> None:
+    # Given a queue whose topology was never applied,
+    # When a job is enqueued to it, Then the publish fails with a message naming the fix.
+    if broker.startswith("memory"):
+        pytest.skip("the in-memory broker creates queues on first use")
+    app = make_app()
+
+    async def scenario() -> None:
+        try:
+            await app.enqueue_async("test.Echo", {"n": 1}, queue=queue)
+        finally:
+            await app.aclose()
+
+    with pytest.raises((PublishError, TransportError), match="topology apply"):
+        run(scenario())
