@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 REASONS = (
@@ -70,13 +70,18 @@ class Envelope:
 
     def to_avro(self) -> dict[str, Any]:
         """The record as fastavro writes it."""
-        return asdict(self)
+        record = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}  # asdict() deep-copies
+        record["errors"] = [asdict(error) for error in self.errors]
+        return record
 
     @classmethod
     def from_avro(cls, record: dict[str, Any]) -> Envelope:
         """The envelope from a decoded record."""
         errors = [JobError(**e) for e in record["errors"]]
         return cls(**{**record, "errors": errors})
+
+
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 
 
 @dataclass(slots=True)

@@ -97,6 +97,15 @@ class InFlight:
         """Whether a delivery could start now without waiting."""
         return not self._slots.locked()
 
+    async def wait_for_room(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for a free slot; return whether there is one."""
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout_s)
+        except TimeoutError:
+            return False
+        self._slots.release()
+        return True
+
     async def start(self, delivery: Delivery) -> None:
         """Wait for a free slot, then process `delivery` in its own task."""
         await self._slots.acquire()
@@ -108,6 +117,18 @@ class InFlight:
         try:
             await self._process(delivery)
         finally:
+            self._slots.release()
+
+    async def run(self, delivery: Delivery) -> None:
+        """Wait for a free slot, then process `delivery` in the calling task."""
+        await self._slots.acquire()
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._process(delivery)
+        finally:
+            self._tasks.discard(task)
             self._slots.release()
 
     async def finish(self, grace_s: float) -> int:

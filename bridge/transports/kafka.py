@@ -36,6 +36,7 @@ from bridge.transports.offsets import OffsetTracker
 log = logging.getLogger("bridge.kafka")
 FETCH_BATCH = 500
 IDLE_SLEEP_MAX_S = 0.02
+PAUSE_AFTER_S = 1.0
 METADATA_TIMEOUT_S = 10.0
 
 
@@ -158,6 +159,8 @@ class KafkaTransport:
                 "auto.offset.reset": "earliest",
                 "partition.assignment.strategy": "cooperative-sticky",
                 "enable.partition.eof": False,
+                # A member that died is noticed within 10 s (librdkafka's default is 45 s).
+                "session.timeout.ms": 10000,
             }
         )
         self._consumer = consumer
@@ -166,7 +169,7 @@ class KafkaTransport:
         )
         inflight = InFlight(process, concurrency)
         try:
-            await self._fetch(consumer, inflight, concurrency, stop, burst)
+            await self._fetch(consumer, queues, inflight, concurrency, stop, burst)
         finally:
             late = await inflight.finish(grace_s)
             if late:
@@ -176,7 +179,13 @@ class KafkaTransport:
             self._consumer = None
 
     async def _fetch(
-        self, consumer: Consumer, inflight: InFlight, concurrency: int, stop: asyncio.Event, burst: bool
+        self,
+        consumer: Consumer,
+        queues: Sequence[str],
+        inflight: InFlight,
+        concurrency: int,
+        stop: asyncio.Event,
+        burst: bool,
     ) -> None:
         backlog: deque[Message] = deque()
         paused = False
@@ -184,9 +193,12 @@ class KafkaTransport:
         while not stop.is_set():
             room = concurrency - len(inflight)
             if room <= 0:
+                if await inflight.wait_for_room(PAUSE_AFTER_S):
+                    continue
+                # Every slot has been busy for a while: stop fetching but keep polling, so the
+                # group does not evict this consumer for exceeding max.poll.interval.ms.
                 paused = paused or self._pause(consumer, True)
-                backlog.extend(consumer.consume(1, 0))  # keeps the group membership alive
-                await asyncio.sleep(0.005)
+                backlog.extend(consumer.consume(1, 0))
                 continue
             if paused:
                 paused = self._pause(consumer, False)
@@ -198,7 +210,7 @@ class KafkaTransport:
             if records:
                 idle_s = 0.001
                 continue
-            if burst and not inflight and await self._drained(consumer):
+            if burst and not inflight and await self._drained(consumer, queues):
                 return
             await asyncio.sleep(idle_s)
             idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
@@ -224,19 +236,21 @@ class KafkaTransport:
             (consumer.pause if pause else consumer.resume)(assignment)
         return pause
 
-    async def _drained(self, consumer: Consumer) -> bool:
-        """Whether every assigned partition has been read to its end."""
-        assignment = consumer.assignment()
-        if not assignment or self._offsets.in_flight():
+    async def _drained(self, consumer: Consumer, queues: Sequence[str]) -> bool:
+        """Whether the group has read every partition of `queues` to its end.
+
+        Partitions owned by other members (or by a member that died and whose session has
+        not expired yet) count too: a burst run must not stop while they hold jobs.
+        """
+        if self._offsets.in_flight():
             return False
-        positions = consumer.position(assignment)
-        committed = await asyncio.to_thread(consumer.committed, assignment, METADATA_TIMEOUT_S)
-        for position, stored in zip(positions, committed, strict=True):
-            low, high = await asyncio.to_thread(
-                consumer.get_watermark_offsets, position, METADATA_TIMEOUT_S
-            )
-            at = max(position.offset, stored.offset, low)
-            if at < high:
+        metadata = await asyncio.to_thread(consumer.list_topics, timeout=METADATA_TIMEOUT_S)
+        partitions = [TopicPartition(t, p) for t in queues for p in metadata.topics[t].partitions]
+        committed = await asyncio.to_thread(consumer.committed, partitions, METADATA_TIMEOUT_S)
+        positions = {(tp.topic, tp.partition): tp.offset for tp in consumer.position(consumer.assignment())}
+        for tp in committed:
+            low, high = await asyncio.to_thread(consumer.get_watermark_offsets, tp, METADATA_TIMEOUT_S)
+            if max(tp.offset, positions.get((tp.topic, tp.partition), -1), low) < high:
                 return False
         return True
 

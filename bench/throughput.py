@@ -1,0 +1,210 @@
+"""`python -m bench.throughput` (`make bench`): bridge against the raw clients it is built on.
+
+Bridge adds job semantics (an Avro envelope, decoding, dispatch, dead letters, offsets settled
+only after the outcome) on top of aio-pika and confluent-kafka. This measures what that costs:
+in one invocation, on each broker, N no-op jobs go through bridge and through a raw baseline
+that moves the same bytes, each on a fresh queue or topic made by bridge's own topology
+(RabbitMQ: a quorum queue bound to `bridge.jobs`; Kafka: a topic with 3 partitions). It prints
+the rates and their ratio, next to the targets of the issue.
+
+consume: jobs settled per second, timed from the first delivery to the last settle, so that
+    connecting and Kafka's group join are not counted. The queue already holds N jobs.
+    - RabbitMQ raw: an aio-pika consumer, prefetch 100, acking each message (no decoding).
+    - Kafka raw: confluent-kafka `consume(500)` batches; each envelope decoded with fastavro,
+      a no-op call, `store_offsets` per record; librdkafka commits the stored offsets.
+    - bridge: `await app.consume(burst=True)` with an `async def` no-op handler at
+      --concurrency; the rate comes from the returned Stats.
+publish: confirmed publishes per second, from the first publish to the last acknowledgement.
+    - RabbitMQ raw: aio-pika with publisher confirms, each confirm awaited in turn, then 1000 in
+      flight (windows of 1000 awaited together); persistent and mandatory, as bridge publishes.
+    - Kafka raw: an idempotent confluent-kafka producer (acks=all), `flush()` at the end.
+    - bridge: `enqueue_async` (validate, build and encode the envelope, publish) 1000 in flight.
+
+The publish measurements fill the queues that the consume measurements then drain. Each
+measurement runs in its own `asyncio.run`. The RabbitMQ queues and Kafka topics are deleted at
+the end. Numbers on a small machine are noisy: compare rows of the same run, not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from importlib.metadata import version
+
+from bench import kafka, rabbitmq
+from bench.common import (
+    IN_FLIGHT,
+    BenchError,
+    Timing,
+    bridge_consume,
+    bridge_publish,
+    envelope_bodies,
+    fresh,
+)
+from bridge import dev
+
+DEFAULT_JOBS = 20_000
+DEFAULT_CONCURRENCY = 64
+BROKERS = ("rabbitmq", "kafka")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measurement, with the baseline and target it is judged against, if any."""
+
+    broker: str
+    kind: str  # "consume" or "publish"
+    label: str
+    timing: Timing
+    baseline: Timing | None = None
+    min_ratio: float | None = None
+    min_rate: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline is None or self.baseline.rate == 0:
+            return None
+        return self.timing.rate / self.baseline.rate
+
+    def verdict(self) -> str:
+        """`(target >= X)`, with `MISSED` when the measurement falls short of it."""
+        if self.min_ratio is not None and self.ratio is not None:
+            met, target = self.ratio >= self.min_ratio, f"{self.min_ratio:.2f}"
+        elif self.min_rate is not None:
+            met, target = self.timing.rate >= self.min_rate, f"{self.min_rate:,.0f} jobs/s"
+        else:
+            return ""
+        return f"(target >= {target}{'' if met else ': MISSED'})"
+
+
+Report = Callable[[Row], None]
+
+
+def run_rabbitmq(url: str, jobs: int, concurrency: int, report: Report) -> list[Row]:
+    """The RabbitMQ rows: three publishes (each onto its own fresh queue), then two consumes."""
+    one_by_one, raw, ours = fresh("rabbitmq-raw1"), fresh("rabbitmq-raw"), fresh("rabbitmq-bridge")
+    asyncio.run(rabbitmq.create_queues(url, [one_by_one, raw]))
+    try:
+        bodies = envelope_bodies(url, raw, jobs)
+        return _measure(report, [
+            lambda: Row("rabbitmq", "publish", "raw aio-pika, confirm each in turn",
+                        asyncio.run(rabbitmq.raw_publish(url, one_by_one, bodies, 1))),
+            lambda: Row("rabbitmq", "publish", f"raw aio-pika, {IN_FLIGHT} in flight",
+                        asyncio.run(rabbitmq.raw_publish(url, raw, bodies, IN_FLIGHT))),
+            lambda: Row("rabbitmq", "publish", f"bridge enqueue_async, {IN_FLIGHT} in flight",
+                        asyncio.run(bridge_publish(url, ours, jobs)), min_rate=5000),
+            lambda: Row("rabbitmq", "consume", f"raw aio-pika (prefetch {rabbitmq.PREFETCH}, ack each)",
+                        asyncio.run(rabbitmq.raw_consume(url, raw, jobs))),
+            lambda: Row("rabbitmq", "consume", f"bridge consume (concurrency {concurrency})",
+                        asyncio.run(bridge_consume(url, ours, jobs, concurrency)), min_ratio=0.70),
+        ])  # fmt: skip
+    finally:
+        asyncio.run(rabbitmq.delete_queues(url, [one_by_one, raw, ours]))
+
+
+def run_kafka(url: str, jobs: int, concurrency: int, report: Report) -> list[Row]:
+    """The Kafka rows: two publishes (each onto its own fresh topic), then two consumes."""
+    raw, ours = fresh("kafka-raw"), fresh("kafka-bridge")
+    asyncio.run(kafka.create_topics(url, [raw]))
+    try:
+        bodies = envelope_bodies(url, raw, jobs)
+        return _measure(report, [
+            lambda: Row("kafka", "publish", "raw confluent-kafka, flush at the end",
+                        kafka.raw_publish(url, raw, bodies)),
+            lambda: Row("kafka", "publish", f"bridge enqueue_async, {IN_FLIGHT} in flight",
+                        asyncio.run(bridge_publish(url, ours, jobs))),
+            lambda: Row("kafka", "consume", f"raw confluent-kafka batch loop ({kafka.BATCH})",
+                        kafka.raw_consume(url, raw, jobs)),
+            lambda: Row("kafka", "consume", f"bridge consume (concurrency {concurrency})",
+                        asyncio.run(bridge_consume(url, ours, jobs, concurrency)), min_ratio=0.50),
+        ])  # fmt: skip
+    finally:
+        kafka.delete_topics(url, [raw, ours])
+
+
+def _measure(report: Report, steps: Sequence[Callable[[], Row]]) -> list[Row]:
+    """Run `steps` in order; each bridge row is judged against the raw row of its kind before it."""
+    rows: list[Row] = []
+    for step in steps:
+        row = step()
+        raw = [r for r in rows if r.kind == row.kind and r.label.startswith("raw")]
+        if not row.label.startswith("raw") and raw:
+            row = replace(row, baseline=raw[-1].timing)
+        report(row)
+        rows.append(row)
+    return rows
+
+
+def render(rows: Sequence[Row]) -> list[str]:
+    """The table: one line per row, consumes first, each broker's raw baseline above bridge's."""
+    ordered = sorted(rows, key=lambda r: r.kind != "consume")  # stable: keeps the run's order
+    width = max(len(r.label) for r in ordered)
+    lines = []
+    for row in ordered:
+        line = f"{row.broker:<8} {row.kind:<8} {row.label:<{width}}  {row.timing.rate:>8,.0f} jobs/s"
+        if row.ratio is not None:
+            line += f"   ratio {row.ratio:.2f}"
+        if row.verdict():
+            line += f"  {row.verdict()}"
+        lines.append(line)
+    return lines
+
+
+def broker_urls(wanted: Sequence[str]) -> dict[str, str]:
+    """The URLs of the local brokers in `wanted`; exits saying what to do when one is down."""
+    found = {s.name: s.url for s in dev.status(wanted) if s.running}
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        sys.exit(f"bench: {', '.join(missing)} not running; `bridge dev up` (or `make brokers`) starts it")
+    return found
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=_positive, default=DEFAULT_JOBS, help="jobs per measurement")
+    parser.add_argument("--broker", choices=[*BROKERS, "all"], default="all")
+    parser.add_argument(
+        "--concurrency", type=_positive, default=DEFAULT_CONCURRENCY, help="bridge consume's concurrency"
+    )
+    return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    wanted = list(BROKERS) if args.broker == "all" else [args.broker]
+    urls = broker_urls(wanted)
+    print(
+        f"bench: {args.n:,} no-op jobs per measurement, bridge concurrency {args.concurrency}; "
+        f"bridge {version('bridge-jobs')}, aio-pika {version('aio-pika')}, "
+        f"confluent-kafka {version('confluent-kafka')}, Python {platform.python_version()}",
+        flush=True,
+    )
+
+    def progress(row: Row) -> None:
+        print(f"  ... {row.broker} {row.kind} {row.label}: {row.timing.rate:,.0f} jobs/s", file=sys.stderr)
+
+    runners = {"rabbitmq": run_rabbitmq, "kafka": run_kafka}
+    rows: list[Row] = []
+    try:
+        for name in wanted:
+            rows += runners[name](urls[name], args.n, args.concurrency, progress)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(render(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Run `bridge consume` as a real process on the ledger app, and read its ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from bridge import Bridge
+from tests.conftest import REPO, SCHEMAS
+
+
+def consumer(broker: str, queue: str, ledger: Path, group: str, *flags: str) -> subprocess.Popen[str]:
+    """Start `python -m bridge consume` on the ledger app; the caller must wait for it.
+
+    Its output goes to `<ledger>.log` (see `output`), so a test can watch it while it runs.
+    """
+    env = {
+        **os.environ, "BRIDGE_BROKER": broker, "BRIDGE_GROUP": group,
+        "LEDGER_FILE": str(ledger), "LEDGER_QUEUE": queue,
+    }  # fmt: skip
+    command = [sys.executable, "-m", "bridge", "consume", "--app", "tests.apps.ledger:app", *flags]
+    with log_of(ledger).open("a") as log:
+        return subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def log_of(ledger: Path) -> Path:
+    """Where the consumers of `ledger` write their output."""
+    return ledger.with_suffix(".log")
+
+
+def output(ledger: Path) -> str:
+    """Everything the consumers of `ledger` printed so far."""
+    path = log_of(ledger)
+    return path.read_text() if path.exists() else ""
+
+
+def finish(process: subprocess.Popen[str], ledger: Path, timeout: float = 120) -> tuple[int, str]:
+    """Wait for `process` (killing it past `timeout`); return its exit code and the output."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return process.returncode, output(ledger)
+
+
+def ledger_counts(ledger: Path, event: str) -> Counter[str]:
+    """How many times each job id logged `event` (start or done)."""
+    if not ledger.exists():
+        return Counter()
+    lines = ledger.read_text().splitlines()
+    return Counter(line.split()[1] for line in lines if line.startswith(f"{event} "))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `condition` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+async def publish(broker: str, queue: str, count: int, sleep_ms: int = 0) -> list[str]:
+    """Create `queue` and enqueue `count` test.Echo jobs on it; return their ids."""
+    app = Bridge(broker=broker, registry=str(SCHEMAS))
+    async with app:
+        await app.apply_topology([queue])
+        ids = []
+        for start in range(0, count, 500):
+            batch = [
+                app.enqueue_async("test.Echo", {"n": n, "sleep_ms": sleep_ms}, queue=queue)
+                for n in range(start, min(start + 500, count))
+            ]
+            ids += await asyncio.gather(*batch)
+        return ids

@@ -1,0 +1,88 @@
+"""`bridge consume` as a real process: SIGKILL mid-run loses nothing; SIGTERM is graceful."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run
+from tests.processes import consumer, finish, ledger_counts, output, publish, wait_until
+
+
+@pytest.fixture(params=["kafka", "rabbitmq"])
+def real_broker(request: pytest.FixtureRequest, brokers: dict[str, str]) -> str:
+    return brokers[request.param]
+
+
+@pytest.fixture
+def group() -> str:
+    return f"g-{uuid.uuid4().hex[:12]}"
+
+
+def test_sigkill_mid_run_loses_no_job(real_broker: str, queue: str, group: str, tmp_path: Path) -> None:
+    # Given 2,000 jobs and a consumer that is killed with SIGKILL part-way through,
+    # When a second consumer drains the queue,
+    # Then every job id appears in the ledger as done at least once.
+    ledger = tmp_path / "ledger"
+    ids = run(publish(real_broker, queue, 2000, sleep_ms=2))
+    first = consumer(real_broker, queue, ledger, group, "--concurrency", "32")
+    try:
+        wait_until(lambda: len(ledger_counts(ledger, "done")) >= 400, 60, "400 jobs done")
+    finally:
+        first.kill()
+        finish(first, ledger)
+    done_before_restart = ledger_counts(ledger, "done")
+    assert len(done_before_restart) < len(ids), "the kill came too late to test anything"
+
+    code, log = finish(consumer(real_broker, queue, ledger, group, "--burst"), ledger)
+    assert code == 0, log
+    done = ledger_counts(ledger, "done")
+    assert set(ids) <= set(done), f"{len(set(ids) - set(done))} jobs lost"
+    assert set(done) <= set(ids)
+
+
+def test_sigterm_lets_in_flight_jobs_finish(real_broker: str, queue: str, group: str, tmp_path: Path) -> None:
+    # Given six 1.5 s jobs and a consumer running three at a time,
+    # When it gets SIGTERM while the first three run,
+    # Then those three finish, no other starts, the process exits 0,
+    # and a second consumer runs only the other three.
+    ledger = tmp_path / "ledger"
+    ids = run(publish(real_broker, queue, 6, sleep_ms=1500))
+    process = consumer(real_broker, queue, ledger, group, "--concurrency", "3", "--grace", "20")
+    wait_until(lambda: len(ledger_counts(ledger, "start")) == 3, 60, "three jobs started")
+    process.send_signal(signal.SIGTERM)
+    code, log = finish(process, ledger, timeout=30)
+    assert code == 0, log
+    started, done = ledger_counts(ledger, "start"), ledger_counts(ledger, "done")
+    assert len(started) == 3 and set(done) == set(started)
+
+    code, log = finish(consumer(real_broker, queue, ledger, group, "--burst"), ledger)
+    assert code == 0, log
+    assert ledger_counts(ledger, "done") == {job_id: 1 for job_id in ids}
+
+
+def test_second_signal_exits_at_once_and_jobs_come_back(
+    real_broker: str, queue: str, group: str, tmp_path: Path
+) -> None:
+    # Given two 30 s jobs running, When SIGTERM arrives twice,
+    # Then the process exits at once with 128 + SIGTERM, and both jobs run again later.
+    ledger = tmp_path / "ledger"
+    slow = run(publish(real_broker, queue, 2, sleep_ms=30_000))
+    process = consumer(real_broker, queue, ledger, group, "--concurrency", "2")
+    wait_until(lambda: len(ledger_counts(ledger, "start")) == 2, 60, "two jobs started")
+    process.send_signal(signal.SIGTERM)
+    wait_until(lambda: "stopping" in output(ledger), 10, "the first signal to be handled")
+    process.send_signal(signal.SIGTERM)
+    code, _ = finish(process, ledger, timeout=5)
+    assert code == 128 + signal.SIGTERM
+    assert not ledger_counts(ledger, "done")
+
+    restarted = consumer(real_broker, queue, ledger, group, "--concurrency", "2")
+    try:
+        wait_until(lambda: ledger_counts(ledger, "start") == {job_id: 2 for job_id in slow}, 60, "both again")
+    finally:
+        restarted.kill()
+        finish(restarted, ledger)
