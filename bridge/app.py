@@ -31,9 +31,7 @@ T = TypeVar("T")
 class Bridge:
     """A job application: handlers by job type, and the broker and registry they use."""
 
-    def __init__(
-        self, broker: str | None = None, registry: str | None = None, **settings: Any
-    ) -> None:
+    def __init__(self, broker: str | None = None, registry: str | None = None, **settings: Any) -> None:
         self._overrides: dict[str, Any] = {"broker": broker, "registry": registry, **settings}
         self._settings: Settings | None = None
         self._registry: Registry | None = None
@@ -97,8 +95,13 @@ class Bridge:
     ) -> str:
         """Validate and publish a job; return its id once the broker acknowledged it."""
         envelope = self.build_envelope(
-            type, payload, queue=queue, key=key, idempotency_key=idempotency_key,
-            headers=headers, max_attempts=max_attempts,
+            type,
+            payload,
+            queue=queue,
+            key=key,
+            idempotency_key=idempotency_key,
+            headers=headers,
+            max_attempts=max_attempts,
         )
         body = codec.encode(self.registry.schema(ENVELOPE), envelope.to_avro())
         transport = await self.transport()
@@ -122,7 +125,8 @@ class Bridge:
     ) -> Envelope:
         """A new job's envelope, its payload validated against the type's schema."""
         schema = self.registry.schema(type)
-        body = codec.encode_validated(schema, dict(payload))
+        record = dict(payload) if isinstance(payload, Mapping) else payload  # else: refused below
+        body = codec.encode_validated(schema, record)
         spec = self.jobs.get(type)
         created = now_ms()
         return Envelope(
@@ -216,4 +220,3 @@ class _Portal:
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self.loop.close()
-

@@ -43,13 +43,15 @@ def _configure_logging(level: str | None, *, daemon: bool) -> None:
     )
     if not daemon and level != "debug":
         # A one-shot command reports a failure in one line; the clients' own logs would repeat it.
-        for name in ("aiormq", "aio_pika"):
+        for name in ("aiormq", "aio_pika", "bridge.kafka.client"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--broker", help="kafka://host:port or amqp://user:pass@host:port/vhost (BRIDGE_BROKER)")
+    common.add_argument(
+        "--broker", help="kafka://host:port or amqp://user:pass@host:port/vhost (BRIDGE_BROKER)"
+    )
     common.add_argument("--registry", help="directory of .avsc schemas (BRIDGE_REGISTRY)")
     common.add_argument("--prefix", help="topology name prefix (BRIDGE_PREFIX, default bridge)")
     common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

@@ -324,12 +324,12 @@ def _min_size(node: Any, namespace: str | None, stack: list[str], sizes: dict[st
         sizes[full] = size
         return size
     if kind == "array":
-        if _min_size(node["items"], namespace, stack + ["[]"], sizes) == 0:
+        if _min_size(node["items"], namespace, [*stack, "[]"], sizes) == 0:
             where = stack[-1] if stack else "schema"
             raise SchemaError(f"an array in {where} has items that encode to zero bytes; refused")
         return 1
     if kind == "map":
-        _min_size(node["values"], namespace, stack + ["{}"], sizes)
+        _min_size(node["values"], namespace, [*stack, "{}"], sizes)
         return 1
     if kind == "fixed":
         return int(node["size"])

@@ -64,7 +64,9 @@ def open_registry(url: str | None) -> Registry:
         raise ConfigError(f"registry {url}: HTTP schema registries are not supported yet; use a directory")
     path = Path(url.removeprefix("file://"))
     if not path.is_dir():
-        raise ConfigError(f"registry {url}: not a directory of .avsc files (set --registry or BRIDGE_REGISTRY)")
+        raise ConfigError(
+            f"registry {url}: not a directory of .avsc files (set --registry or BRIDGE_REGISTRY)"
+        )
     return SchemaDirectory(path)
 
 

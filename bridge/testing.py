@@ -1,9 +1,9 @@
 """Helpers for users' own unit tests: run handlers in-process on the in-memory transport.
 
-    app = Bridge(broker="memory://", registry="schemas")
-    await app.enqueue_async("billing.ChargeCard", {...})
-    await app.consume(burst=True)          # runs every job enqueued, then returns
-    assert dead_letters(app, "billing") == []
+app = Bridge(broker="memory://", registry="schemas")
+await app.enqueue_async("billing.ChargeCard", {...})
+await app.consume(burst=True)          # runs every job enqueued, then returns
+assert dead_letters(app, "billing") == []
 """
 
 from __future__ import annotations

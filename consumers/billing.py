@@ -1,9 +1,9 @@
 """Billing jobs: charge a customer's card for an invoice.
 
-    bridge topology apply --app consumers.billing:app
-    bridge enqueue billing.ChargeCard '{"invoice_id": "inv-1", "customer_id": "cus-1",
-        "amount_cents": 1999, "card_token": "tok_visa"}' --app consumers.billing:app
-    bridge consume --app consumers.billing:app
+bridge topology apply --app consumers.billing:app
+bridge enqueue billing.ChargeCard '{"invoice_id": "inv-1", "customer_id": "cus-1",
+    "amount_cents": 1999, "card_token": "tok_visa"}' --app consumers.billing:app
+bridge consume --app consumers.billing:app
 """
 
 from __future__ import annotations

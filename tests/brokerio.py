@@ -36,11 +36,17 @@ def dead_letters(app: Bridge, queue: str) -> list[DeadLetter]:
 
 def _read_topic(bootstrap: str, topic: str) -> list[bytes]:
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}", "enable.auto.commit": False}
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+        }
     )
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions
+        }
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         bodies: list[tuple[int, int, bytes]] = []
         remaining = {p for p, end in ends.items() if end > 0}
@@ -49,9 +55,11 @@ def _read_topic(bootstrap: str, topic: str) -> list[bytes]:
             assert record is not None, f"timed out reading {topic}"
             if record.error():
                 continue
-            bodies.append((record.timestamp()[1], record.offset(), record.value() or b""))
-            if record.offset() + 1 >= ends[record.partition()]:
-                remaining.discard(record.partition())
+            partition, offset = record.partition(), record.offset()
+            assert partition is not None and offset is not None
+            bodies.append((record.timestamp()[1], offset, record.value() or b""))
+            if offset + 1 >= ends[partition]:
+                remaining.discard(partition)
         return [body for _, _, body in sorted(bodies)]
     finally:
         consumer.close()

@@ -47,7 +47,8 @@ def broker(request: pytest.FixtureRequest) -> str:
     """Each broker in turn: memory, then the real Kafka and RabbitMQ."""
     if request.param == "memory":
         return "memory://"
-    return request.getfixturevalue("brokers")[request.param]
+    urls: dict[str, str] = request.getfixturevalue("brokers")
+    return urls[request.param]
 
 
 @pytest.fixture

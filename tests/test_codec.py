@@ -201,6 +201,8 @@ def test_validation_names_the_offending_field() -> None:
 
 
 def test_schema_directory_checks_file_names(tmp_path: Path) -> None:
-    (tmp_path / "wrong.avsc").write_text(json.dumps({"type": "record", "name": "A", "namespace": "x", "fields": []}))
+    (tmp_path / "wrong.avsc").write_text(
+        json.dumps({"type": "record", "name": "A", "namespace": "x", "fields": []})
+    )
     with pytest.raises(SchemaError, match=r"name the file x\.A\.avsc"):
         SchemaDirectory(tmp_path)

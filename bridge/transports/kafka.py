@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # not in its __all__
 
 from bridge.config import Settings
 from bridge.errors import PublishError, TransportError
@@ -34,10 +34,11 @@ from bridge.transports.base import Delivery, InFlight, Outgoing, Process, dlq_na
 from bridge.transports.offsets import OffsetTracker
 
 log = logging.getLogger("bridge.kafka")
+client_log = logging.getLogger("bridge.kafka.client")
 FETCH_BATCH = 500
 IDLE_SLEEP_MAX_S = 0.02
 PAUSE_AFTER_S = 1.0
-METADATA_TIMEOUT_S = 10.0
+METADATA_TIMEOUT_S = 5.0
 
 
 class KafkaTransport:
@@ -49,7 +50,11 @@ class KafkaTransport:
         self.url = url
         self.settings = settings
         scheme, _, rest = url.partition("://")
-        self._common: dict[str, Any] = {"bootstrap.servers": rest.rstrip("/")}
+        self._common: dict[str, Any] = {
+            "bootstrap.servers": rest.rstrip("/"),
+            "logger": client_log,  # librdkafka would otherwise write straight to stderr
+            "log.connection.close": False,
+        }
         if scheme == "kafka+ssl":
             self._common["security.protocol"] = "SSL"
         self._producer: Producer | None = None
@@ -221,14 +226,12 @@ class KafkaTransport:
             log.warning("Kafka consumer: %s", error)
             return
         topic, partition, offset = record.topic(), record.partition(), record.offset()
+        assert topic is not None and partition is not None and offset is not None  # set unless error()
         generation = self._offsets.started((topic, partition), offset)
         key = record.key()
-        await inflight.start(
-            Delivery(
-                record.value() or b"", topic, key.decode("utf-8", "replace") if key else None,
-                partition, offset, handle=generation,
-            )  # fmt: skip
-        )
+        text_key = key.decode("utf-8", "replace") if key else None
+        delivery = Delivery(record.value() or b"", topic, text_key, partition, offset, handle=generation)
+        await inflight.start(delivery)
 
     def _pause(self, consumer: Consumer, pause: bool) -> bool:
         assignment = consumer.assignment()
@@ -244,10 +247,18 @@ class KafkaTransport:
         """
         if self._offsets.in_flight():
             return False
+        try:
+            return await self._read_to_end(consumer, queues)
+        except KafkaException as exc:  # e.g. offsets unavailable while the group rebalances
+            log.debug("cannot tell yet whether %s are drained: %s", ",".join(queues), exc)
+            return False
+
+    async def _read_to_end(self, consumer: Consumer, queues: Sequence[str]) -> bool:
         metadata = await asyncio.to_thread(consumer.list_topics, timeout=METADATA_TIMEOUT_S)
         partitions = [TopicPartition(t, p) for t in queues for p in metadata.topics[t].partitions]
         committed = await asyncio.to_thread(consumer.committed, partitions, METADATA_TIMEOUT_S)
-        positions = {(tp.topic, tp.partition): tp.offset for tp in consumer.position(consumer.assignment())}
+        assigned = consumer.position(consumer.assignment())
+        positions = {(tp.topic, tp.partition): tp.offset for tp in assigned}
         for tp in committed:
             low, high = await asyncio.to_thread(consumer.get_watermark_offsets, tp, METADATA_TIMEOUT_S)
             if max(tp.offset, positions.get((tp.topic, tp.partition), -1), low) < high:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -55,15 +55,15 @@ class RabbitTransport:
         self._exchange: AbstractExchange | None = None
 
     async def connect(self) -> None:
-        with _mapped(f"cannot reach RabbitMQ at {_safe(self.url)}; is it running? (`bridge dev up` starts one)"):
+        with _mapped(
+            f"cannot reach RabbitMQ at {_safe(self.url)}; is it running? (`bridge dev up` starts one)"
+        ):
             self._connection = await aio_pika.connect_robust(self.url, timeout=CONNECT_TIMEOUT_S)
             self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._exchange = await self._declare_exchange(self._channel)
 
     async def _declare_exchange(self, channel: AbstractChannel) -> AbstractExchange:
-        return await channel.declare_exchange(
-            self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
-        )
+        return await channel.declare_exchange(self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True)
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -173,10 +173,8 @@ class RabbitTransport:
             if not inflight and now_seen == seen and await self._ready(channel, queues) == 0:
                 return
             seen = now_seen
-            try:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), DRAIN_CHECK_S)
-            except TimeoutError:
-                pass
 
     async def _ready(self, channel: AbstractChannel, queues: Sequence[str]) -> int:
         # Straight to aiormq: aio-pika's robust channel answers a repeated passive declare from
@@ -196,7 +194,9 @@ class RabbitTransport:
         plan = [f"rabbitmq: exchange {self.exchange_name} (direct, durable)"]
         for name in names:
             exists = await self._queue_exists(name)
-            plan.append(f"rabbitmq: quorum queue {name} {'exists' if exists else 'create'}, bound by {name!r}")
+            plan.append(
+                f"rabbitmq: quorum queue {name} {'exists' if exists else 'create'}, bound by {name!r}"
+            )
         if not dry_run:
             with _mapped("could not apply the RabbitMQ topology", retriable=False):
                 await self._declare(names)
@@ -244,7 +244,5 @@ def _mapped(what: str, *, retriable: bool = True) -> Iterator[None]:
 @contextmanager
 def _ignored() -> Iterator[None]:
     """For best-effort cleanup on a channel that may already be gone."""
-    try:
+    with suppress(TimeoutError, aiormq.exceptions.AMQPError, OSError, RuntimeError):
         yield
-    except (TimeoutError, aiormq.exceptions.AMQPError, OSError, RuntimeError):
-        pass

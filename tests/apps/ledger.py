@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge import Bridge, JobContext
+
 app = Bridge(registry=str(Path(__file__).resolve().parent.parent / "schemas"))
 LEDGER = os.environ.get("LEDGER_FILE", os.devnull)
 

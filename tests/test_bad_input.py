@@ -1,0 +1,86 @@
+"""Bad bytes from independent clients (kcat, amqp-publish) end in `<queue>.dlq`, never in a crash."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bridge import Bridge, codec
+from bridge.registry import ENVELOPE
+from tests.brokerio import dead_letters
+from tests.conftest import SCHEMAS, run
+from tests.processes import consumer, finish, ledger_counts, publish
+
+
+@pytest.fixture(scope="module")
+def tools() -> None:
+    """kcat and amqp-tools, installed from Debian when missing (the same code as `bridge dev`)."""
+    from bridge import dev
+
+    dev.ensure_tools(log=lambda _: None)
+
+
+def bad_inputs() -> dict[str, bytes]:
+    """Four kinds of bytes that are not a job, by name."""
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    envelope = app.build_envelope("test.Echo", {"n": 1}, queue="q")
+    good = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
+    return {
+        "random": b"\x7f" + os.urandom(63),
+        "truncated": good[: len(good) // 2],
+        "wrong magic": b"\xc3\x02" + good[2:],
+        "unknown fingerprint": b"\xc3\x01" + b"\x5a" * 8 + good[10:],
+    }
+
+
+def send_with_kcat(bootstrap: str, topic: str, bodies: list[bytes], folder: Path) -> None:
+    files = []
+    for n, body in enumerate(bodies):
+        files.append(folder / f"message-{n}")
+        files[-1].write_bytes(body)
+    # With file arguments kcat sends each file as one message; -p 0 keeps them in order.
+    subprocess.run(["kcat", "-P", "-b", bootstrap, "-t", topic, "-p", "0", *map(str, files)], check=True)
+
+
+def send_with_amqp_publish(url: str, queue: str, bodies: list[bytes]) -> None:
+    # amqp-tools read the empty path of `amqp://host:port/` as vhost "", not the default "/".
+    url = url.rstrip("/")
+    for body in bodies:
+        command = ["amqp-publish", f"--url={url}", "-e", "bridge.jobs", "-r", queue, "-p"]
+        subprocess.run(command, input=body, check=True)
+
+
+@pytest.mark.parametrize("broker_name", ["kafka", "rabbitmq"])
+@pytest.mark.usefixtures("tools")
+def test_bad_bytes_are_dead_lettered_with_reason_and_original_bytes(
+    broker_name: str, brokers: dict[str, str], queue: str, tmp_path: Path
+) -> None:
+    # Given four malformed messages from an independent client, then one good job,
+    # When `bridge consume --burst` runs,
+    # Then each malformed message is in <queue>.dlq as `undecodable` with its exact bytes,
+    # the good job behind them runs, and the daemon exits 0.
+    broker = brokers[broker_name]
+    ledger = tmp_path / "ledger"
+    run(publish(broker, queue, 0))  # creates the queue and its dead-letter queue
+    bad = bad_inputs()
+    if broker_name == "kafka":
+        send_with_kcat(broker.partition("://")[2], queue, list(bad.values()), tmp_path)
+    else:
+        send_with_amqp_publish(broker, queue, list(bad.values()))
+    [good] = run(publish(broker, queue, 1))
+
+    code, log = finish(consumer(broker, queue, ledger, f"g-{uuid.uuid4().hex[:8]}", "--burst"), ledger)
+
+    assert code == 0, log
+    assert ledger_counts(ledger, "done") == {good: 1}
+    letters = dead_letters(Bridge(broker=broker, registry=str(SCHEMAS)), queue)
+    assert sorted(letter.raw or b"" for letter in letters) == sorted(bad.values())
+    assert {letter.reason for letter in letters} == {"undecodable"}
+    assert all(letter.queue == queue and letter.envelope is None and letter.detail for letter in letters)
+    details = " | ".join(letter.detail for letter in letters)
+    for expected in ("not a framed Avro message", "unknown schema fingerprint", "does not decode"):
+        assert expected in details

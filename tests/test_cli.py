@@ -1,0 +1,116 @@
+"""The `bridge` command as a user runs it: one clear line for every mistake, no traceback."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, SCHEMAS
+
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+CHARGE = '{"invoice_id": "inv-1", "customer_id": "cus-1", "amount_cents": 1999, "card_token": "tok"}'
+
+
+def bridge(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m bridge` from the repository, as a user would."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args], cwd=REPO, env={**environ, **env},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("bridge: ") and "Traceback" not in done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["billing.Nope", "{}"], ["unknown job type 'billing.Nope'"]),
+        (["billing.ChargeCard", "{not json"], ["payload is not valid JSON"]),
+        (
+            ["billing.ChargeCard", '{"invoice_id": 5}'],
+            ["billing.ChargeCard.invoice_id: expected string, got 5"],
+        ),
+        (["billing.ChargeCard", "[1]"], ["expected an object"]),
+    ],
+)
+def test_enqueue_mistakes_get_one_line(args: list[str], fragments: list[str]) -> None:
+    done = bridge("enqueue", *args, "--app", "consumers.billing:app", "--broker", "memory://")
+    assert_one_line_error(done, *fragments)
+
+
+@pytest.mark.parametrize("scheme", ["kafka", "amqp"])
+def test_unreachable_broker_gets_one_line(scheme: str) -> None:
+    url = (
+        f"kafka://127.0.0.1:{closed_port()}"
+        if scheme == "kafka"
+        else f"amqp://guest:secret@127.0.0.1:{closed_port()}/"
+    )
+    done = bridge("enqueue", "billing.ChargeCard", CHARGE, "--app", "consumers.billing:app", "--broker", url)
+    assert_one_line_error(done, "cannot reach", "bridge dev up")
+    assert "secret" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "env, fragments",
+    [
+        ({"BRIDGE_CONCURRENCY": "lots"}, ["concurrency must be a int, got 'lots'"]),
+        ({"BRIDGE_BROKER": "redis://x"}, ["broker 'redis://x'", "kafka://host:port"]),
+        ({"BRIDGE_CONCURRENCY": "0", "BRIDGE_GRACE_S": "-1"}, ["concurrency must be at least 1", "grace_s"]),
+    ],
+)
+def test_bad_settings_are_reported_at_once(env: dict[str, str], fragments: list[str]) -> None:
+    done = bridge("enqueue", "billing.ChargeCard", CHARGE, "--registry", "schemas", **env)
+    assert_one_line_error(done, *fragments)
+
+
+def test_bad_app_and_missing_broker() -> None:
+    assert_one_line_error(bridge("consume", "--app", "nowhere"), "write MODULE:ATTR")
+    assert_one_line_error(bridge("consume", "--app", "no.such.module:app"), "cannot import no.such.module")
+    assert_one_line_error(bridge("consume", "--app", "consumers.billing:log"), "is not a bridge.Bridge")
+    assert_one_line_error(bridge("consume", "--app", "consumers.billing:app"), "no broker", "BRIDGE_BROKER")
+
+
+@pytest.mark.parametrize("broker_name", ["kafka", "rabbitmq"])
+def test_topology_apply_and_enqueue_on_a_real_broker(
+    broker_name: str, brokers: dict[str, str], queue: str
+) -> None:
+    # Given a fresh queue, When the plan is printed, applied twice and a job enqueued,
+    # Then the dry run creates nothing, the second apply finds everything, and a UUIDv7 comes back.
+    env = {"BRIDGE_BROKER": brokers[broker_name], "BRIDGE_REGISTRY": str(SCHEMAS)}
+    plan = bridge("topology", "apply", "--queues", queue, "--dry-run", **env)
+    assert plan.returncode == 0, plan.stderr
+    assert "exists" not in plan.stdout.replace("exchange", "") and queue in plan.stdout
+    refused = bridge("enqueue", "test.Echo", '{"n": 1}', "--queue", queue, **env)
+    assert_one_line_error(refused, "topology apply")
+
+    assert bridge("topology", "apply", "--queues", queue, **env).returncode == 0
+    again = bridge("topology", "apply", "--queues", queue, **env)
+    assert again.stdout.count("exists") == 2, again.stdout
+
+    done = bridge("enqueue", "test.Echo", '{"n": 1}', "--queue", queue, "--key", "k1", **env)
+    assert done.returncode == 0, done.stderr
+    assert UUID.match(done.stdout.strip())
+
+
+def test_python_dash_m_bridge_shows_help() -> None:
+    done = bridge("--help")
+    assert done.returncode == 0 and "enqueue" in done.stdout and "consume" in done.stdout
