@@ -45,7 +45,7 @@ from bench.common import (
     envelope_bodies,
     fresh,
 )
-from bridge import dev
+from bridge import BridgeError, dev
 
 DEFAULT_JOBS = 20_000
 DEFAULT_CONCURRENCY = 64
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name in wanted:
             rows += runners[name](urls[name], args.n, args.concurrency, progress)
-    except BenchError as exc:
+    except (BenchError, BridgeError) as exc:  # a broker went away mid-run, or jobs were lost
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     print("\n".join(render(rows)))

@@ -39,6 +39,7 @@ QUORUM = {"x-queue-type": "quorum"}
 PERSISTENT = aiormq.spec.Basic.Properties(delivery_mode=2)
 CONNECT_TIMEOUT_S = 10.0
 DRAIN_CHECK_S = 0.1
+RECONNECT_INTERVAL_S = 1.0
 
 
 class RabbitTransport:
@@ -58,7 +59,9 @@ class RabbitTransport:
         with _mapped(
             f"cannot reach RabbitMQ at {_safe(self.url)}; is it running? (`bridge dev up` starts one)"
         ):
-            self._connection = await aio_pika.connect_robust(self.url, timeout=CONNECT_TIMEOUT_S)
+            self._connection = await aio_pika.connect_robust(
+                self.url, timeout=CONNECT_TIMEOUT_S, reconnect_interval=RECONNECT_INTERVAL_S
+            )
             self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._exchange = await self._declare_exchange(self._channel)
 
@@ -176,15 +179,17 @@ class RabbitTransport:
             with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), DRAIN_CHECK_S)
 
-    async def _ready(self, channel: AbstractChannel, queues: Sequence[str]) -> int:
+    async def _ready(self, channel: AbstractChannel, queues: Sequence[str]) -> int | None:
+        """Messages ready in `queues`, or None while the connection is being restored."""
         # Straight to aiormq: aio-pika's robust channel answers a repeated passive declare from
         # its cache, with the count of the first one.
-        underlay = await channel.get_underlay_channel()
-        total = 0
-        for name in queues:
-            declared = await underlay.queue_declare(name, passive=True)
-            total += declared.message_count or 0
-        return total
+        try:
+            underlay = await channel.get_underlay_channel()
+            counts = [await underlay.queue_declare(name, passive=True) for name in queues]
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            log.debug("cannot count ready messages yet: %r", exc)
+            return None
+        return sum(declared.message_count or 0 for declared in counts)
 
     # -- topology --------------------------------------------------------------------------
 

@@ -1,0 +1,48 @@
+"""Kafka-specific behaviour: a second member joining mid-run takes partitions over cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from typing import Any
+
+from bridge import Bridge, JobContext
+from tests.conftest import SCHEMAS, run
+from tests.processes import publish
+
+
+def test_a_member_joining_mid_run_shares_the_partitions(brokers: dict[str, str], queue: str) -> None:
+    # Given 600 jobs of 25 ms on 3 partitions and one consumer at work (two at a time),
+    # When a second consumer of the same group joins (a cooperative rebalance: the first
+    # commits what it finished for the partitions it gives up),
+    # Then both run jobs, every job runs, and few run twice.
+    ids = run(publish(brokers["kafka"], queue, 600, sleep_ms=25))
+    group = f"g-{uuid.uuid4().hex[:12]}"
+    runs: Counter[str] = Counter()
+    by_member: Counter[str] = Counter()
+
+    def member(name: str) -> Bridge:
+        app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=group, concurrency=2)
+
+        @app.job("test.Echo", queue=queue)
+        async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+            await asyncio.sleep(payload["sleep_ms"] / 1000)
+            runs[ctx.job_id] += 1
+            by_member[name] += 1
+
+        return app
+
+    async def scenario() -> None:
+        first, second = member("first"), member("second")
+        async with first, second:
+            running = asyncio.create_task(first.consume(burst=True))
+            while len(runs) < 60:
+                await asyncio.sleep(0.05)
+            await second.consume(burst=True)
+            await running
+
+    run(scenario(), timeout=120)
+    assert set(ids) == set(runs)
+    assert by_member["first"] > 0 and by_member["second"] > 0
+    assert sum(runs.values()) - len(ids) <= 2 * 2  # at most what was in flight at the handover
