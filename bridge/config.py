@@ -58,11 +58,10 @@ class Settings:
                     converted[name] = _convert(name, value)
                 except ValueError as exc:
                     problems.append(str(exc))
-        settings = cls(**converted) if not problems else cls()
-        problems += settings._problems()
+        problems += cls(**converted)._problems()
         if problems:
             raise ConfigError("; ".join(problems))
-        return settings
+        return cls(**converted)
 
     def _problems(self) -> list[str]:
         problems = []
@@ -95,7 +94,8 @@ def _convert(name: str, value: Any) -> Any:
     try:
         return kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+        what = {int: "a whole number", float: "a number"}.get(kind, "text")
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def test_unreachable_broker_gets_one_line(scheme: str) -> None:
 @pytest.mark.parametrize(
     "env, fragments",
     [
-        ({"BRIDGE_CONCURRENCY": "lots"}, ["concurrency must be a int, got 'lots'"]),
+        ({"BRIDGE_CONCURRENCY": "lots"}, ["concurrency must be a whole number, got 'lots'"]),
         ({"BRIDGE_BROKER": "redis://x"}, ["broker 'redis://x'", "kafka://host:port"]),
         ({"BRIDGE_CONCURRENCY": "0", "BRIDGE_GRACE_S": "-1"}, ["concurrency must be at least 1", "grace_s"]),
     ],

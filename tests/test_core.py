@@ -1,0 +1,77 @@
+"""The pure core: offset bookkeeping, settings, ids."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bridge.config import Settings
+from bridge.envelope import uuid7
+from bridge.errors import ConfigError
+from bridge.transports.offsets import OffsetTracker
+
+TP = ("jobs", 0)
+
+
+def test_commits_only_up_to_the_lowest_unfinished_offset() -> None:
+    # Given offsets 5..8 in flight, When they finish out of order,
+    # Then the committable offset only ever moves past a contiguous finished prefix.
+    tracker = OffsetTracker()
+    tracker.assign(TP)
+    generation = tracker.started(TP, 5)
+    for offset in (6, 7, 8):
+        tracker.started(TP, offset)
+    assert tracker.done(TP, 7, generation) is None
+    assert tracker.done(TP, 5, generation) == 6
+    assert tracker.done(TP, 6, generation) == 8
+    assert tracker.done(TP, 8, generation) == 9
+    assert tracker.in_flight() == 0
+
+
+def test_gaps_in_offsets_do_not_stall_commits() -> None:
+    # Transaction markers and compaction leave gaps: the next delivered offset is what counts.
+    tracker = OffsetTracker()
+    generation = tracker.started(TP, 10)
+    tracker.started(TP, 13)
+    assert tracker.done(TP, 13, generation) is None
+    assert tracker.done(TP, 10, generation) == 14
+
+
+def test_a_job_finishing_after_its_partition_was_revoked_moves_nothing() -> None:
+    tracker = OffsetTracker()
+    tracker.assign(TP)
+    old = tracker.started(TP, 1)
+    tracker.revoke(TP)
+    tracker.assign(TP)
+    new = tracker.started(TP, 1)
+    assert tracker.done(TP, 1, old) is None
+    assert tracker.in_flight() == 1
+    assert tracker.done(TP, 1, new) == 2
+
+
+def test_settings_come_from_arguments_then_environment_then_toml(tmp_path: Path) -> None:
+    toml = tmp_path / "bridge.toml"
+    toml.write_text('[bridge]\nbroker = "kafka://toml:9092"\nconcurrency = 4\ngroup = "from-toml"\n')
+    environ = {"BRIDGE_CONCURRENCY": "8", "BRIDGE_GROUP": "from-env"}
+    settings = Settings.load({"group": "from-arg"}, environ=environ, toml_path=toml)
+    assert (settings.broker, settings.concurrency, settings.group) == ("kafka://toml:9092", 8, "from-arg")
+
+
+def test_every_settings_problem_is_reported_at_once(tmp_path: Path) -> None:
+    environ = {"BRIDGE_CONCURRENCY": "0", "BRIDGE_PARTITIONS": "many", "BRIDGE_BROKER": "nats://x"}
+    with pytest.raises(ConfigError) as caught:
+        Settings.load({"colour": "blue"}, environ=environ, toml_path=tmp_path / "none.toml")
+    message = str(caught.value)
+    assert "unknown setting 'colour'" in message and "partitions must be a whole number" in message
+    assert "concurrency must be at least 1" in message
+    with pytest.raises(ConfigError, match=r"nats.*concurrency must be at least 1"):
+        Settings.load(environ={"BRIDGE_CONCURRENCY": "0", "BRIDGE_BROKER": "nats://x"})
+
+
+def test_uuid7_is_version_7_and_sorts_by_time() -> None:
+    ids = [uuid7(now_ms=ms) for ms in (1_700_000_000_000, 1_700_000_000_001, 1_800_000_000_000)]
+    assert ids == sorted(ids)
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    assert len({uuid7(now_ms=1) for _ in range(1000)}) == 1000
