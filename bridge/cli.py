@@ -173,11 +173,8 @@ def _dev(args: argparse.Namespace) -> int:
     for status in statuses:
         print(f"{status.name:9} {'up' if status.running else 'down':5} {status.url}  ({status.detail})")
     if args.action == "up":
-        kafka = next((s.url for s in statuses if s.name == "kafka"), None)
-        rabbit = next((s.url for s in statuses if s.name == "rabbitmq"), None)
-        for url in (kafka, rabbit):
-            if url:
-                print(f"export BRIDGE_BROKER={url}")
+        for status in statuses:
+            print(f"# to use {status.name}: export BRIDGE_BROKER={status.url}")
     return 0 if args.action != "status" or all(s.running for s in statuses) else 1
 
 

@@ -76,7 +76,7 @@ class KafkaTransport:
                 "message.timeout.ms": 30000,
             }
         )
-        await self._topic_names()  # fails fast, with a clear line, when nothing answers
+        self._topics = await self._topic_names()  # fails fast, with a clear line, if nothing answers
         self._poller = threading.Thread(target=self._serve_reports, name="bridge-kafka", daemon=True)
         self._poller.start()
 
