@@ -11,6 +11,7 @@ import inspect
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from bridge import codec
@@ -18,6 +19,7 @@ from bridge.config import Settings
 from bridge.envelope import Envelope, now_ms, uuid7
 from bridge.errors import ConfigError
 from bridge.jobs import Handler, JobSpec
+from bridge.policy import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, Backoff, RetryPolicy
 from bridge.registry import ENVELOPE, Registry, open_registry
 from bridge.transports import Outgoing, Transport, open_transport
 from bridge.transports.memory import MemoryTransport
@@ -39,6 +41,7 @@ class Bridge:
         self._transports: dict[asyncio.AbstractEventLoop, Transport] = {}
         self._connecting = threading.Lock()
         self._memory: MemoryTransport | None = None
+        self.clock: Callable[[], int] = now_ms  # epoch ms; tests may replace it
         self._portal: _Portal | None = None
 
     # -- configuration -----------------------------------------------------------------
@@ -64,14 +67,30 @@ class Bridge:
             self._registry = open_registry(self.settings.registry)
         return self._registry
 
-    def job(self, type: str, *, queue: str | None = None) -> Callable[[H], H]:
-        """Register the decorated `(payload, ctx)` function, sync or async, as `type`'s handler."""
+    def job(
+        self,
+        type: str,
+        *,
+        queue: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        give_up_on: tuple[type[BaseException], ...] = (),
+    ) -> Callable[[H], H]:
+        """Register the decorated `(payload, ctx)` function, sync or async, as `type`'s handler.
+
+        A failing job runs again up to `max_attempts` times in all, `backoff` apart (a tenacity
+        wait, or a function of the attempt returning seconds), if its exception is one of
+        `retry_on` and none of `give_up_on`; the handler may also raise `Retry(delay_s=...)` or
+        `Permanent(reason)`. Problems with these settings are reported together at start.
+        """
 
         def register(func: H) -> H:
             if type in self.jobs:
                 raise ConfigError(f"job type {type!r} already has a handler")
+            policy = RetryPolicy(max_attempts, backoff, tuple(retry_on), tuple(give_up_on))
             is_async = inspect.iscoroutinefunction(func)
-            self.jobs[type] = JobSpec(type, queue or DEFAULT_QUEUE, func, is_async)
+            self.jobs[type] = JobSpec(type, queue or DEFAULT_QUEUE, func, is_async, policy)
             return func
 
         return register
@@ -92,8 +111,18 @@ class Bridge:
         idempotency_key: str | None = None,
         headers: Mapping[str, str] | None = None,
         max_attempts: int | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        ttl: float | timedelta | None = None,
+        expires_at: datetime | None = None,
     ) -> str:
-        """Validate and publish a job; return its id once the broker acknowledged it."""
+        """Validate and publish a job; return its id once the broker acknowledged it.
+
+        `delay` (seconds or a timedelta) or `at` (an aware datetime) hold the job in the
+        broker's delay tiers until then; `ttl` or `expires_at` dead-letter it as `expired` if
+        it has not started by then.
+        """
+        now = self.clock()
         envelope = self.build_envelope(
             type,
             payload,
@@ -102,10 +131,13 @@ class Bridge:
             idempotency_key=idempotency_key,
             headers=headers,
             max_attempts=max_attempts,
+            run_at=_moment(delay, at, now, "delay", "at"),
+            expires_at=_moment(ttl, expires_at, now, "ttl", "expires_at"),
         )
         body = codec.encode(self.registry.schema(ENVELOPE), envelope.to_avro())
+        delay_s = (envelope.run_at - now) / 1000 if envelope.run_at and envelope.run_at > now else None
         transport = await self.transport()
-        await transport.publish(Outgoing(envelope.queue, body, envelope.key))
+        await transport.publish(Outgoing(envelope.queue, body, envelope.key, delay_s))
         return envelope.id
 
     def enqueue(self, type: str, payload: Mapping[str, Any], **options: Any) -> str:
@@ -122,18 +154,21 @@ class Bridge:
         idempotency_key: str | None = None,
         headers: Mapping[str, str] | None = None,
         max_attempts: int | None = None,
+        run_at: int | None = None,
+        expires_at: int | None = None,
     ) -> Envelope:
         """A new job's envelope, its payload validated against the type's schema."""
         schema = self.registry.schema(type)
         record = dict(payload) if isinstance(payload, Mapping) else payload  # else: refused below
         body = codec.encode_validated(schema, record)
         spec = self.jobs.get(type)
-        created = now_ms()
+        created = self.clock()
         return Envelope(
             id=uuid7(created), type=type, payload=body,
             queue=queue or (spec.queue if spec else DEFAULT_QUEUE), created_at=created,
             key=key, idempotency_key=idempotency_key, max_attempts=max_attempts,
             headers=dict(headers or {}), origin=self.settings.origin,
+            run_at=run_at, expires_at=expires_at,
         )  # fmt: skip
 
     # -- running ---------------------------------------------------------------------------
@@ -175,7 +210,7 @@ class Bridge:
     def _new_transport(self) -> Transport:
         if self.settings.require_broker().startswith("memory://"):
             with self._connecting:  # one shared in-memory broker per app, whatever the loop
-                self._memory = self._memory or MemoryTransport()
+                self._memory = self._memory or MemoryTransport(lambda: self.clock())
             return self._memory
         return open_transport(self.settings)
 
@@ -220,3 +255,20 @@ class _Portal:
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+def _moment(
+    after: float | timedelta | None, at: datetime | None, now: int, after_name: str, at_name: str
+) -> int | None:
+    """`after` (seconds or timedelta from now) or `at` (aware datetime) as epoch ms."""
+    if after is not None and at is not None:
+        raise ConfigError(f"give {after_name}= or {at_name}=, not both")
+    if isinstance(after, timedelta):
+        after = after.total_seconds()
+    if after is not None:
+        return now + int(after * 1000)
+    if at is None:
+        return None
+    if at.tzinfo is None:
+        raise ConfigError(f"{at_name}= needs a timezone-aware datetime, e.g. datetime.now(UTC)")
+    return int(at.timestamp() * 1000)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.errors import ConfigError
+from bridge.policy import DEFAULT_TIERS_S, parse_duration
 
 BROKER_SCHEMES = ("kafka", "kafka+ssl", "amqp", "amqps", "memory")
 
@@ -28,6 +29,7 @@ class Settings:
     concurrency: int = 16
     grace_s: float = 30.0
     partitions: int = 3
+    delay_tiers: tuple[float, ...] = DEFAULT_TIERS_S  # seconds; `1s,5s,30s,2m,10m,1h,6h` in text
     max_message_bytes: int = 1024 * 1024
     origin: str | None = None
 
@@ -86,11 +88,32 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in fields(Settings)}
-_TYPES = {"concurrency": int, "partitions": int, "max_message_bytes": int, "grace_s": float}
+
+
+def _tiers(value: Any) -> tuple[float, ...]:
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    tiers = tuple(sorted({parse_duration(part) for part in parts}))
+    if not tiers or tiers[0] <= 0:
+        raise ValueError("delay_tiers must be durations above zero, e.g. 1s,5s,30s,2m,10m,1h,6h")
+    return tiers
+
+
+_TYPES: dict[str, Any] = {
+    "concurrency": int,
+    "partitions": int,
+    "max_message_bytes": int,
+    "grace_s": float,
+    "delay_tiers": _tiers,
+}
 
 
 def _convert(name: str, value: Any) -> Any:
     kind = _TYPES.get(name, str)
+    if kind is _tiers:
+        try:
+            return _tiers(value)
+        except ConfigError as exc:
+            raise ValueError(f"delay_tiers: {exc}") from None
     try:
         return kind(value)
     except (TypeError, ValueError):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from bridge.envelope import JobError
+from bridge.policy import RetryPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +23,7 @@ class JobContext:
     key: str | None
     idempotency_key: str | None
     created_at: datetime
+    errors: Sequence[JobError] = ()  # one per earlier failed attempt (capped)
 
 
 Handler = Callable[[Any, "JobContext"], Any]
@@ -33,3 +37,4 @@ class JobSpec:
     queue: str
     func: Handler
     is_async: bool
+    policy: RetryPolicy

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 from bridge import codec
 from bridge.codec import Schema
 from bridge.config import Settings
-from bridge.envelope import DeadLetter, Envelope, JobError, now_ms
-from bridge.errors import DecodeError, UnknownJobType
+from bridge.envelope import DeadLetter, Envelope, JobError
+from bridge.errors import ConfigError, DecodeError, UnknownJobType
 from bridge.jobs import JobContext, JobSpec
+from bridge.policy import GiveUp, decide, keep_recent
 from bridge.registry import DEAD_LETTER, ENVELOPE
 from bridge.transports.base import Delivery, Outgoing, Transport, dlq_name
 
@@ -38,6 +39,8 @@ class Stats:
     """What one `consume` did: deliveries settled, dead letters, and when work began and ended."""
 
     processed: int = 0
+    retried: int = 0
+    delayed: int = 0  # arrived early and went back to a delay tier
     dead_lettered: int = 0
     first_s: float = 0.0  # time.monotonic() of the first delivery
     last_s: float = 0.0  # ... and of the last settle
@@ -46,7 +49,8 @@ class Stats:
         """One line for people: how many, and how fast once work began."""
         busy = self.last_s - self.first_s
         rate = f", {self.processed / busy:,.0f} jobs/s" if busy > 0 else ""
-        return f"{self.processed} settled ({self.dead_lettered} dead-lettered) in {busy:.2f} s{rate}"
+        outcomes = f"{self.retried} retried, {self.dead_lettered} dead-lettered"
+        return f"{self.processed} settled ({outcomes}) in {busy:.2f} s{rate}"
 
 
 class Worker:
@@ -60,6 +64,7 @@ class Worker:
         self._envelope = registry.schema(ENVELOPE)
         self._dead_letter = registry.schema(DEAD_LETTER)
         self._jobs = _resolve(app, registry.schema)
+        self._shortest_tier_s = min(settings.delay_tiers)
         self._threads = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="bridge-job")
         self.stats = Stats()
 
@@ -81,7 +86,6 @@ class Worker:
             publish = await self._outcome(delivery)
             await self.transport.settle(delivery, publish)
             self.stats.processed += 1
-            self.stats.dead_lettered += len(publish)
             self.stats.last_s = time.monotonic()
         except asyncio.CancelledError:
             raise
@@ -111,6 +115,16 @@ class Worker:
         if writer.name != envelope.type:
             detail = f"payload is a {writer.name}, envelope says {envelope.type}"
             return [self._dead(delivery, "schema_mismatch", detail, envelope=envelope)]
+        now = self.app.clock()
+        if envelope.expires_at is not None and envelope.expires_at <= now:
+            detail = f"not started before {_iso(envelope.expires_at)}"
+            return [self._dead(delivery, "expired", detail, envelope=envelope)]
+        if envelope.run_at is not None and envelope.run_at > now:
+            early_s = (envelope.run_at - now) / 1000
+            if early_s > self._shortest_tier_s:  # back to the tier that fits what is left
+                self.stats.delayed += 1
+                return [Outgoing(envelope.queue, delivery.body, envelope.key, early_s)]
+            await asyncio.sleep(early_s)  # less than one tier early: waiting here is more precise
         return await self._run(spec, payload, envelope, delivery)
 
     async def _run(
@@ -121,6 +135,7 @@ class Worker:
             attempt=envelope.attempt, headers=envelope.headers, key=envelope.key,
             idempotency_key=envelope.idempotency_key,
             created_at=datetime.fromtimestamp(envelope.created_at / 1000, UTC),
+            errors=tuple(envelope.errors),
         )  # fmt: skip
         try:
             if spec.is_async:
@@ -128,11 +143,26 @@ class Worker:
             else:
                 await asyncio.get_running_loop().run_in_executor(self._threads, spec.func, payload, ctx)
         except Exception as exc:
-            # Until retry policies land every failure is final: dead-lettered with its error.
-            log.warning("job %s (%s on %s) failed: %r", envelope.id, envelope.type, envelope.queue, exc)
-            envelope.errors.append(_job_error(envelope.attempt, exc))
-            return [self._dead(delivery, "exhausted", f"{type(exc).__name__}: {exc}", envelope=envelope)]
+            return [self._failed(spec, envelope, exc, delivery)]
         return ()
+
+    def _failed(self, spec: JobSpec, envelope: Envelope, exc: Exception, delivery: Delivery) -> Outgoing:
+        """A retry through the delay tiers, or a dead letter, with the error recorded."""
+        now = self.app.clock()
+        envelope.errors = keep_recent([*envelope.errors, _job_error(envelope.attempt, exc, now)])
+        decision = decide(spec.policy, exc, envelope.attempt, envelope.max_attempts, now)
+        if isinstance(decision, GiveUp):
+            return self._dead(delivery, decision.reason, decision.detail, envelope=envelope)
+        log.info(
+            "job %s (%s on %s) failed attempt %d, retrying at %s: %r",
+            envelope.id, envelope.type, envelope.queue, envelope.attempt, _iso(decision.run_at), exc,
+        )  # fmt: skip
+        self.stats.retried += 1
+        envelope.attempt += 1
+        envelope.run_at = decision.run_at
+        body = codec.encode(self._envelope, envelope.to_avro())
+        delay_s = (decision.run_at - now) / 1000
+        return Outgoing(envelope.queue, body, envelope.key, delay_s if delay_s > 0 else None)
 
     def _dead(
         self,
@@ -145,8 +175,9 @@ class Worker:
     ) -> Outgoing:
         job = f"job {envelope.id} ({envelope.type})" if envelope else "a message"
         log.warning("dead-lettering %s from %s: %s: %s", job, delivery.queue, reason, detail)
+        self.stats.dead_lettered += 1
         letter = DeadLetter(
-            reason=reason, detail=detail, queue=delivery.queue, at=now_ms(),
+            reason=reason, detail=detail, queue=delivery.queue, at=self.app.clock(),
             partition=delivery.partition, offset=delivery.offset,
             consumer_group=self.settings.group, envelope=envelope, raw=raw,
         )  # fmt: skip
@@ -154,9 +185,13 @@ class Worker:
         return Outgoing(dlq_name(delivery.queue), body, delivery.key)
 
 
-def _job_error(attempt: int, exc: BaseException) -> JobError:
+def _job_error(attempt: int, exc: BaseException, now: int) -> JobError:
     trace = "".join(traceback.format_exception(exc, limit=-8))[-TRACEBACK_CHARS:]
-    return JobError(attempt, now_ms(), type(exc).__qualname__, str(exc)[:TRACEBACK_CHARS], trace)
+    return JobError(attempt, now, type(exc).__qualname__, str(exc)[:TRACEBACK_CHARS], trace)
+
+
+def _iso(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def _resolve(app: Bridge, schema_of: Any) -> dict[str, tuple[JobSpec, Schema]]:
@@ -168,6 +203,9 @@ def _resolve(app: Bridge, schema_of: Any) -> dict[str, tuple[JobSpec, Schema]]:
             jobs[name] = (spec, schema_of(name))
         except UnknownJobType:
             missing.append(name)
+    problems = [problem for spec in app.jobs.values() for problem in spec.policy.problems(spec.type)]
+    if problems:
+        raise ConfigError("; ".join(problems))
     if missing:
         raise UnknownJobType(f"no schema for {', '.join(missing)} in the registry ({app.settings.registry})")
     return jobs

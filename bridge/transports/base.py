@@ -13,14 +13,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bridge.policy import tier_name
+
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """A message to publish: its queue (topic or routing key), body and optional key."""
+    """A message to publish to `queue`; with `delay_s`, through the delay tier that fits it."""
 
     queue: str
     body: bytes
     key: str | None = None
+    delay_s: float | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -42,6 +45,11 @@ Process = Callable[[Delivery], Awaitable[None]]
 def dlq_name(queue: str) -> str:
     """The dead-letter queue or topic of `queue`."""
     return f"{queue}.dlq"
+
+
+def tier_queue(prefix: str, tier_s: float) -> str:
+    """The queue or topic of a delay tier: `<prefix>.delay.<tier>`, e.g. bridge.delay.30s."""
+    return f"{prefix}.delay.{tier_name(tier_s)}"
 
 
 class Transport(Protocol):

@@ -1,16 +1,21 @@
 """An in-process transport for users' unit tests and fast checks; never the proof of a broker.
 
 Queues are deques shared by every event loop of the process (the sync API runs on its own loop
-thread), so access goes through one lock and consumers are woken thread-safely.
+thread), so access goes through one lock and consumers are woken thread-safely. Delayed
+messages wait in a heap until the clock (which a test may replace) reaches their time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
+from bridge.envelope import now_ms
 from bridge.transports.base import Delivery, InFlight, Outgoing, Process, dlq_name
 
 
@@ -19,7 +24,10 @@ class MemoryTransport:
 
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], int] = now_ms) -> None:
+        self.clock = clock
+        self._delayed: list[tuple[int, int, Outgoing]] = []  # (due ms, sequence, message)
+        self._sequence = itertools.count()
         self._queues: dict[str, deque[Outgoing]] = {}
         self._lock = threading.Lock()
         self._wakeups: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
@@ -36,9 +44,18 @@ class MemoryTransport:
         with self._lock:
             return [m.body for m in self._queues.get(queue, ())]
 
+    def delayed(self) -> int:
+        """How many messages wait for their time."""
+        with self._lock:
+            return len(self._delayed)
+
     async def publish(self, message: Outgoing) -> None:
         with self._lock:
-            self._queues.setdefault(message.queue, deque()).append(message)
+            if message.delay_s:
+                due = self.clock() + int(message.delay_s * 1000)
+                heapq.heappush(self._delayed, (due, next(self._sequence), replace(message, delay_s=None)))
+            else:
+                self._queues.setdefault(message.queue, deque()).append(message)
             wakeups = list(self._wakeups)
         for loop, event in wakeups:
             loop.call_soon_threadsafe(event.set)
@@ -91,17 +108,22 @@ class MemoryTransport:
             if delivery is not None:
                 await inflight.start(delivery)
                 continue
-            if burst and not inflight:
+            if burst and not inflight and not self.delayed():
                 return
             wakeup.clear()
             waiters = [asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stop.wait())]
-            # In burst mode a settle may publish nothing, so look again soon to notice the end.
-            await asyncio.wait(waiters, timeout=0.01 if burst else None, return_when="FIRST_COMPLETED")
+            # A settle may publish nothing and the clock moves on its own: look again soon.
+            timeout = 0.01 if burst or self.delayed() else None
+            await asyncio.wait(waiters, timeout=timeout, return_when="FIRST_COMPLETED")
             for waiter in waiters:
                 waiter.cancel()
 
     def _pop(self, queues: Sequence[str]) -> Delivery | None:
         with self._lock:
+            now = self.clock()
+            while self._delayed and self._delayed[0][0] <= now:
+                _, _, due = heapq.heappop(self._delayed)
+                self._queues.setdefault(due.queue, deque()).append(due)
             for queue in queues:
                 pending = self._queues.get(queue)
                 if pending:

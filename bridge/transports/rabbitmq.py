@@ -18,6 +18,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -32,7 +33,8 @@ from aio_pika.abc import (
 
 from bridge.config import Settings
 from bridge.errors import PublishError, TransportError
-from bridge.transports.base import Delivery, InFlight, Outgoing, Process, dlq_name
+from bridge.policy import tier_for
+from bridge.transports.base import Delivery, InFlight, Outgoing, Process, dlq_name, tier_queue
 
 log = logging.getLogger("bridge.rabbitmq")
 QUORUM = {"x-queue-type": "quorum"}
@@ -51,6 +53,8 @@ class RabbitTransport:
         self.url = url
         self.settings = settings
         self.exchange_name = f"{settings.prefix}.jobs"
+        self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
+        self._known_queues: set[str] = set()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -82,11 +86,17 @@ class RabbitTransport:
 
     async def publish(self, message: Outgoing) -> None:
         assert self._channel is not None, "publish() before connect()"
+        exchange = self.exchange_name
+        if message.delay_s:
+            # The tier routes anything; the queue it comes back to must exist now, or the job
+            # would be dropped when its time comes.
+            await self._require_queue(message.queue)
+            exchange = self._tiers[tier_for(message.delay_s, tuple(self._tiers))]
         try:
             # aiormq directly: aio-pika's Message costs more than the rest of a publish.
             channel = await self._channel.get_underlay_channel()
             confirmation = await channel.basic_publish(
-                message.body, exchange=self.exchange_name, routing_key=message.queue,
+                message.body, exchange=exchange, routing_key=message.queue,
                 properties=PERSISTENT, mandatory=True,
             )  # fmt: skip
         except aiormq.exceptions.DeliveryError as exc:  # returned: no queue took it
@@ -98,6 +108,12 @@ class RabbitTransport:
             raise PublishError(f"publish to {message.queue} not confirmed: {exc!r}") from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise PublishError(f"RabbitMQ refused the publish to {message.queue}: {confirmation!r}")
+
+    async def _require_queue(self, name: str) -> None:
+        if name not in self._known_queues:
+            if not await self._queue_exists(name):
+                raise PublishError(f"RabbitMQ queue {name} does not exist: run `bridge topology apply`")
+            self._known_queues.add(name)
 
     async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
         for message in publish:
@@ -173,7 +189,8 @@ class RabbitTransport:
             # Drained when nothing is ready, nothing runs, and nothing arrived since the last look:
             # a delivery already on the wire reaches us within one check.
             now_seen = arrivals()
-            if not inflight and now_seen == seen and await self._ready(channel, queues) == 0:
+            waiting = [*queues, *self._tiers.values()]  # delayed and retried jobs count too
+            if not inflight and now_seen == seen and await self._ready(channel, waiting) == 0:
                 return
             seen = now_seen
             with suppress(TimeoutError):
@@ -198,9 +215,12 @@ class RabbitTransport:
         names = [name for queue in queues for name in (queue, dlq_name(queue))]
         plan = [f"rabbitmq: exchange {self.exchange_name} (direct, durable)"]
         for name in names:
-            exists = await self._queue_exists(name)
+            state = "exists" if await self._queue_exists(name) else "create"
+            plan.append(f"rabbitmq: quorum queue {name} {state}, bound by {name!r}")
+        for tier_s, tier in self._tiers.items():
+            state = "exists" if await self._queue_exists(tier) else "create"
             plan.append(
-                f"rabbitmq: quorum queue {name} {'exists' if exists else 'create'}, bound by {name!r}"
+                f"rabbitmq: delay tier {tier} {state} (fanout exchange, quorum queue, ttl {tier_s:g} s)"
             )
         if not dry_run:
             with _mapped("could not apply the RabbitMQ topology", retriable=False):
@@ -226,6 +246,23 @@ class RabbitTransport:
             for name in names:
                 queue = await channel.declare_queue(name, durable=True, arguments=QUORUM)
                 await queue.bind(exchange, routing_key=name)
+            for tier_s, tier in self._tiers.items():
+                await self._declare_tier(channel, tier, tier_s)
+
+    async def _declare_tier(self, channel: AbstractChannel, tier: str, tier_s: float) -> None:
+        # Every message of a tier has the same TTL, so messages expire head-first, in order; an
+        # expired one is dead-lettered to the jobs exchange under the routing key it was
+        # published with: the queue it is for. At-least-once dead-lettering needs reject-publish.
+        exchange = await channel.declare_exchange(tier, aio_pika.ExchangeType.FANOUT, durable=True)
+        arguments: dict[str, Any] = {
+            **QUORUM,
+            "x-message-ttl": int(tier_s * 1000),
+            "x-dead-letter-exchange": self.exchange_name,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+        queue = await channel.declare_queue(tier, durable=True, arguments=arguments)
+        await queue.bind(exchange)
 
 
 def _safe(url: str) -> str:

@@ -1,0 +1,136 @@
+"""What happens after a handler fails: retry when, or dead-letter why. Pure: `now_ms` is passed in.
+
+Defaults, and why: 5 attempts with exponential backoff and jitter, 2 s doubling to a 10-minute
+cap (about 2, 4, 8, 16 s plus up to 2 s of jitter each: the whole budget fits in under a minute).
+Most failures worth retrying are transient (a deploy, a dropped connection, a rate limit) and
+clear within seconds; jitter keeps a burst of failures from retrying in lockstep; a job that keeps
+failing reaches the dead-letter queue, where a person can look at it, within a minute rather than
+after Sidekiq's three weeks. Backoff is computed with tenacity's wait strategies; nothing sleeps:
+the job waits in the broker's delay tiers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import RetryCallState, wait_exponential_jitter, wait_fixed
+from tenacity.wait import wait_base
+
+from bridge.errors import ConfigError, Permanent, Retry
+
+Backoff = wait_base | Callable[[int], float]  # a tenacity wait, or attempt -> seconds
+
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_BACKOFF = wait_exponential_jitter(multiplier=2, max=600, exp_base=2, jitter=2)
+MAX_ERRORS_KEPT = 10
+DEFAULT_TIERS_S = (1, 5, 30, 120, 600, 3600, 21600)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a job type retries: attempts, backoff, and which exceptions retry or give up."""
+
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    backoff: Backoff = DEFAULT_BACKOFF
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    give_up_on: tuple[type[BaseException], ...] = field(default=())
+
+    def problems(self, job_type: str) -> list[str]:
+        """Every way this policy cannot work, for reporting at start."""
+        problems = []
+        if self.max_attempts < 1:
+            problems.append(f"{job_type}: max_attempts must be at least 1")
+        if not (isinstance(self.backoff, wait_base) or callable(self.backoff)):
+            problems.append(f"{job_type}: backoff must be a tenacity wait or a function of the attempt")
+        for name in ("retry_on", "give_up_on"):
+            classes = getattr(self, name)
+            if not all(isinstance(c, type) and issubclass(c, BaseException) for c in classes):
+                problems.append(f"{job_type}: {name} must be a tuple of exception classes")
+        return problems
+
+    def delay_s(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt `attempt` (1 for the first run)."""
+        if isinstance(self.backoff, wait_base):
+            state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+            state.attempt_number = attempt
+            return float(self.backoff(state))
+        return float(self.backoff(attempt))
+
+
+def fixed(seconds: float) -> wait_base:
+    """A backoff of the same `seconds` after every failure."""
+    return wait_fixed(seconds)
+
+
+@dataclass(frozen=True)
+class RetryAt:
+    """Run again at `run_at` (epoch ms)."""
+
+    run_at: int
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """Dead-letter with `reason` (exhausted or permanent)."""
+
+    reason: str
+    detail: str
+
+
+Decision = RetryAt | GiveUp
+
+
+def decide(
+    policy: RetryPolicy, exc: BaseException, attempt: int, max_attempts: int | None, now_ms: int
+) -> Decision:
+    """After attempt `attempt` raised `exc`: retry when, or give up why."""
+    detail = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (Permanent, *policy.give_up_on)):
+        return GiveUp("permanent", detail)
+    if not isinstance(exc, (Retry, *policy.retry_on)):
+        return GiveUp("permanent", f"{detail} (not in retry_on)")
+    limit = max_attempts or policy.max_attempts
+    if attempt >= limit:
+        return GiveUp("exhausted", f"{detail} (attempt {attempt} of {limit})")
+    chosen = exc.delay_s if isinstance(exc, Retry) else None
+    delay_s = chosen if chosen is not None else policy.delay_s(attempt)
+    return RetryAt(now_ms + max(0, int(delay_s * 1000)))
+
+
+def tier_for(remaining_s: float, tiers_s: tuple[float, ...]) -> float:
+    """The delay tier to wait in: the longest not past `remaining_s`, else the shortest.
+
+    A job hops through tiers until its time comes, so a 3-day delay works with a 6-hour tier.
+    """
+    fitting = [t for t in tiers_s if t <= remaining_s]
+    return max(fitting) if fitting else min(tiers_s)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds from `90s`, `5m`, `2h`, `3d`, `250ms` or a plain number of seconds."""
+    if isinstance(text, int | float):
+        return float(text)
+    match = _DURATION.match(text)
+    if not match:
+        raise ConfigError(f"duration {text!r}: write a number with s, m, h or d, e.g. 90s, 5m, 2h, 3d")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def tier_name(seconds: float) -> str:
+    """A tier's name in topic and queue names: 1s, 30s, 2m, 1h, 6h, 250ms."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds * 1000)}ms"
+
+
+def keep_recent(errors: list[Any], limit: int = MAX_ERRORS_KEPT) -> list[Any]:
+    """The first error and the most recent ones: a long-failing job cannot grow without bound."""
+    return errors if len(errors) <= limit else [errors[0], *errors[-(limit - 1) :]]

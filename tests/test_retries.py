@@ -1,0 +1,207 @@
+"""Retries, delays and expiry: the same promises on memory, Kafka and RabbitMQ.
+
+Each test runs under its own prefix with small delay tiers (1 s and 2 s), so that a burst run
+waits only for its own delayed jobs and a 7-second delay has to hop through tiers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from typing import Any
+
+import pytest
+
+from bridge import Bridge, JobContext, Permanent, Retry
+from bridge.policy import fixed
+from tests.brokerio import dead_letters
+from tests.conftest import run
+
+TIERS = "1s,2s"
+
+
+@pytest.fixture
+def make_app(broker: str) -> Callable[..., Bridge]:
+    """Apps on the current broker under a prefix (and delay tiers) of their own."""
+    from tests.conftest import SCHEMAS
+
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+
+    def make(**settings: Any) -> Bridge:
+        settings.setdefault("group", f"g-{uuid.uuid4().hex[:12]}")
+        return Bridge(
+            broker=broker, registry=str(SCHEMAS), prefix=prefix, delay_tiers=TIERS, partitions=1, **settings
+        )
+
+    return make
+
+
+async def enqueue_and_drain(app: Bridge, *jobs: dict[str, Any]) -> list[str]:
+    """Apply the topology, enqueue `jobs` (keyword dicts for enqueue_async), consume in burst mode."""
+    async with app:
+        await app.apply_topology()
+        ids = [await app.enqueue_async("test.Echo", **job) for job in jobs]
+        await app.consume(burst=True)
+    return ids
+
+
+def test_fails_twice_then_succeeds(make_app: Callable[..., Bridge], queue: str) -> None:
+    # Given a handler that fails on its first two attempts and a fixed 1 s backoff,
+    # When the job runs, Then it runs exactly 3 times, at least 1 s apart,
+    # and the third attempt sees 2 errors in its history.
+    app = make_app()
+    runs: list[tuple[float, JobContext]] = []
+
+    @app.job("test.Echo", queue=queue, max_attempts=5, backoff=fixed(1))
+    async def flaky(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append((time.monotonic(), ctx))
+        if ctx.attempt < 3:
+            raise ConnectionError(f"attempt {ctx.attempt} failed")
+
+    run(enqueue_and_drain(app, {"payload": {"n": 1}}))
+    assert [ctx.attempt for _, ctx in runs] == [1, 2, 3]
+    gaps = [later - earlier for (earlier, _), (later, _) in pairwise(runs)]
+    assert all(gap >= 1.0 for gap in gaps), gaps
+    history = runs[-1][1].errors
+    assert [(e.attempt, e.type, e.message) for e in history] == [
+        (1, "ConnectionError", "attempt 1 failed"),
+        (2, "ConnectionError", "attempt 2 failed"),
+    ]
+    assert dead_letters(app, queue) == []
+
+
+def test_always_failing_is_dead_lettered_after_max_attempts(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given max_attempts=3, When every attempt raises, Then 3 runs and one `exhausted` dead letter
+    # carrying all three errors.
+    app = make_app()
+    attempts: list[int] = []
+
+    @app.job("test.Echo", queue=queue, max_attempts=3, backoff=fixed(0.5))
+    def broken(payload: dict[str, Any], ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        raise ValueError("never works")
+
+    [job_id] = run(enqueue_and_drain(app, {"payload": {"n": 1}}))
+    assert attempts == [1, 2, 3]
+    [letter] = dead_letters(app, queue)
+    assert letter.reason == "exhausted" and letter.envelope is not None and letter.envelope.id == job_id
+    assert [e.attempt for e in letter.envelope.errors] == [1, 2, 3]
+    assert letter.envelope.attempt == 3
+
+
+def test_permanent_error_is_dead_lettered_at_once(make_app: Callable[..., Bridge], queue: str) -> None:
+    app = make_app()
+    attempts: list[int] = []
+
+    @app.job("test.Echo", queue=queue, give_up_on=(KeyError,))
+    async def refuse(payload: dict[str, Any], ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        if payload["n"] == 1:
+            raise Permanent("card declined")
+        raise KeyError("no such customer")
+
+    run(enqueue_and_drain(app, {"payload": {"n": 1}}, {"payload": {"n": 2}}))
+    assert attempts == [1, 1]
+    letters = dead_letters(app, queue)
+    assert sorted((letter.reason, letter.detail) for letter in letters) == [
+        ("permanent", "KeyError: 'no such customer'"),
+        ("permanent", "Permanent: card declined"),
+    ]
+
+
+def test_retry_with_chosen_delay(make_app: Callable[..., Bridge], queue: str) -> None:
+    # A handler raising Retry(delay_s=2) runs again no sooner than 2 s later.
+    app = make_app()
+    runs: list[float] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def later(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(time.monotonic())
+        if ctx.attempt == 1:
+            raise Retry(delay_s=2)
+
+    run(enqueue_and_drain(app, {"payload": {"n": 1}}))
+    assert len(runs) == 2 and runs[1] - runs[0] >= 2.0
+
+
+@pytest.mark.parametrize("how", ["delay", "at"])
+def test_delayed_job_runs_on_time(make_app: Callable[..., Bridge], queue: str, how: str) -> None:
+    # Given a job enqueued for 3 s from now, Then it never runs before that, and within 1 s after.
+    app = make_app()
+    started: list[float] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def timed(payload: dict[str, Any], ctx: JobContext) -> None:
+        started.append(time.time())
+
+    when = {"delay": 3} if how == "delay" else {"at": datetime.now(UTC) + timedelta(seconds=3)}
+    enqueued = time.time()
+    run(enqueue_and_drain(app, {"payload": {"n": 1}, **when}))
+    [start] = started
+    assert 3.0 - 0.01 <= start - enqueued <= 4.0 + 0.05
+
+
+def test_delay_longer_than_the_largest_tier_hops(make_app: Callable[..., Bridge], queue: str) -> None:
+    # Given tiers of 1 s and 2 s, When a job is delayed 7 s, Then it hops through the tiers
+    # and runs after 7 s, not before, and within 1 s after.
+    app = make_app()
+    started: list[float] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def timed(payload: dict[str, Any], ctx: JobContext) -> None:
+        started.append(time.time())
+
+    enqueued = time.time()
+    run(enqueue_and_drain(app, {"payload": {"n": 1}, "delay": timedelta(seconds=7)}))
+    [start] = started
+    assert 7.0 - 0.01 <= start - enqueued <= 8.0 + 0.05
+
+
+def test_expired_job_is_dead_lettered_not_run(make_app: Callable[..., Bridge], queue: str) -> None:
+    # Given a job delayed 2 s with a 1 s time to live, Then it is dead-lettered `expired`, never run.
+    app = make_app()
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def never(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+
+    [job_id] = run(enqueue_and_drain(app, {"payload": {"n": 1}, "delay": 2, "ttl": 1}))
+    assert ran == []
+    [letter] = dead_letters(app, queue)
+    assert letter.reason == "expired" and letter.envelope is not None and letter.envelope.id == job_id
+
+
+def test_three_day_delay_with_a_fake_clock(queue: str) -> None:
+    # On the in-memory transport, time is the app's clock: a 3-day delay, hopping through 6-hour
+    # tiers, runs once the clock passes three days and not a moment before.
+    from tests.conftest import SCHEMAS
+
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), delay_tiers="1h,6h")
+    now = [1_800_000_000_000]
+    app.clock = lambda: now[0]
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def later(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(now[0])
+
+    async def scenario() -> None:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, delay=timedelta(days=3))
+            consuming = asyncio.create_task(app.consume(burst=True))
+            while not ran:
+                await asyncio.sleep(0.01)
+                now[0] += 600_000  # ten minutes per step
+            await consuming
+
+    start = now[0]
+    run(scenario())
+    assert len(ran) == 1
+    assert 3 * 86_400_000 <= ran[0] - start <= 3 * 86_400_000 + 1_200_000
