@@ -22,7 +22,9 @@ publish: confirmed publishes per second, from the first publish to the last ackn
 
 The publish measurements fill the queues that the consume measurements then drain. Each
 measurement runs in its own `asyncio.run`. The RabbitMQ queues and Kafka topics are deleted at
-the end. Numbers on a small machine are noisy: compare rows of the same run, not runs.
+the end. Numbers on a small machine, where the brokers share the cores, are noisy: compare rows
+of the same run, not runs, and use `--repeat` (rounds of every measurement, raw and bridge
+interleaved; the table shows medians) before drawing a conclusion from one ratio.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
+import statistics
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 
 from bench import kafka, rabbitmq
@@ -54,23 +57,29 @@ DEFAULT_CONCURRENCY = 64
 BROKERS = ("rabbitmq", "kafka")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Row:
-    """One measurement, with the baseline and target it is judged against, if any."""
+    """One measurement (its rate in each round), with the baseline and target it is judged against."""
 
     broker: str
     kind: str  # "consume" or "publish"
     label: str
-    timing: Timing
-    baseline: Timing | None = None
+    rates: list[float] = field(default_factory=list)
+    baseline: Row | None = None
     min_ratio: float | None = None
     min_rate: float | None = None
 
     @property
+    def rate(self) -> float:
+        """Jobs per second: the median over the rounds."""
+        return statistics.median(self.rates)
+
+    @property
     def ratio(self) -> float | None:
+        """This rate over the baseline's (medians of both)."""
         if self.baseline is None or self.baseline.rate == 0:
             return None
-        return self.timing.rate / self.baseline.rate
+        return self.rate / self.baseline.rate
 
     def verdict(self) -> str:
         """`(target >= X)`, with `MISSED` when the measurement falls short of it.
@@ -80,20 +89,20 @@ class Row:
         if self.min_ratio is not None and self.ratio is not None:
             met, target = round(self.ratio, 2) >= self.min_ratio, f"{self.min_ratio:.2f}"
         elif self.min_rate is not None:
-            met, target = self.timing.rate >= self.min_rate, f"{self.min_rate:,.0f} jobs/s"
+            met, target = self.rate >= self.min_rate, f"{self.min_rate:,.0f} jobs/s"
         else:
             return ""
         return f"(target >= {target}{'' if met else ': MISSED'})"
 
 
-Report = Callable[[Row], None]
+Report = Callable[[Row, Timing], None]
 
 
 class Table:
-    """The rows of one run, each reported as soon as it is measured."""
+    """The rows of a run; a row measured again in a later round gets one more rate."""
 
     def __init__(self, report: Report) -> None:
-        self.rows: list[Row] = []
+        self.rows: dict[tuple[str, str, str], Row] = {}
         self._report = report
 
     def add(
@@ -103,15 +112,17 @@ class Table:
         label: str,
         timing: Timing,
         *,
-        baseline: Timing | None = None,
+        baseline: Row | None = None,
         min_ratio: float | None = None,
         min_rate: float | None = None,
-    ) -> Timing:
-        """Record a measurement and what it is judged against; return its timing."""
-        row = Row(broker, kind, label, timing, baseline, min_ratio, min_rate)
-        self._report(row)
-        self.rows.append(row)
-        return timing
+    ) -> Row:
+        """Record a measurement and what it is judged against; return its row."""
+        row = self.rows.setdefault(
+            (broker, kind, label), Row(broker, kind, label, [], baseline, min_ratio, min_rate)
+        )
+        row.rates.append(timing.rate)
+        self._report(row, timing)
+        return row
 
 
 def run_rabbitmq(url: str, jobs: int, concurrency: int, table: Table) -> None:
@@ -167,7 +178,9 @@ def render(rows: Sequence[Row]) -> list[str]:
     width = max(len(r.label) for r in ordered)
     lines = []
     for row in ordered:
-        line = f"{row.broker:<8} {row.kind:<8} {row.label:<{width}}  {row.timing.rate:>8,.0f} jobs/s"
+        line = f"{row.broker:<8} {row.kind:<8} {row.label:<{width}}  {row.rate:>8,.0f} jobs/s"
+        if len(row.rates) > 1:
+            line += f" (median; {min(row.rates):,.0f} to {max(row.rates):,.0f})"
         if row.ratio is not None:
             line += f"   ratio {row.ratio:.2f}"
         if row.verdict():
@@ -196,6 +209,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency", type=_positive, default=DEFAULT_CONCURRENCY, help="bridge consume's concurrency"
     )
+    parser.add_argument(
+        "--repeat", type=_positive, default=1, help="rounds of every measurement; the table shows medians"
+    )
     return parser.parse_args(argv)
 
 
@@ -210,25 +226,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     wanted = list(BROKERS) if args.broker == "all" else [args.broker]
     urls = broker_urls(wanted)
+    rounds = f", median of {args.repeat} rounds" if args.repeat > 1 else ""
     print(
-        f"bench: {args.n:,} no-op jobs per measurement, bridge concurrency {args.concurrency}; "
+        f"bench: {args.n:,} no-op jobs per measurement{rounds}, bridge concurrency {args.concurrency}; "
         f"bridge {version('bridge-jobs')}, aio-pika {version('aio-pika')}, "
         f"confluent-kafka {version('confluent-kafka')}, Python {platform.python_version()}",
         flush=True,
     )
 
-    def progress(row: Row) -> None:
-        print(f"  ... {row.broker} {row.kind} {row.label}: {row.timing.rate:,.0f} jobs/s", file=sys.stderr)
+    def progress(row: Row, timing: Timing) -> None:
+        print(f"  ... {row.broker} {row.kind} {row.label}: {timing.rate:,.0f} jobs/s", file=sys.stderr)
 
     runners = {"rabbitmq": run_rabbitmq, "kafka": run_kafka}
     table = Table(progress)
     try:
-        for name in wanted:
-            runners[name](urls[name], args.n, args.concurrency, table)
+        for _ in range(args.repeat):
+            for name in wanted:
+                runners[name](urls[name], args.n, args.concurrency, table)
     except (BenchError, BridgeError) as exc:  # a broker went away mid-run, or jobs were lost
         print(f"bench: {exc}", file=sys.stderr)
         return 1
-    print("\n".join(render(table.rows)))
+    print("\n".join(render(list(table.rows.values()))))
     return 0
 
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -30,7 +31,8 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from bridge.config import Settings
 from bridge.errors import PublishError, TransportError
-from bridge.transports.base import Delivery, InFlight, Outgoing, Process, dlq_name
+from bridge.policy import tier_for
+from bridge.transports.base import Delivery, InFlight, Outgoing, Process, dlq_name, tier_queue
 from bridge.transports.offsets import OffsetTracker
 
 log = logging.getLogger("bridge.kafka")
@@ -38,6 +40,8 @@ client_log = logging.getLogger("bridge.kafka.client")
 FETCH_BATCH = 500
 IDLE_SLEEP_MAX_S = 0.02
 PAUSE_AFTER_S = 1.0
+QUEUE_HEADER = "bridge-queue"  # on records in a delay tier: the topic they return to
+Headers = list[tuple[str, str | bytes | None]]
 METADATA_TIMEOUT_S = 5.0
 
 
@@ -63,6 +67,8 @@ class KafkaTransport:
         self._poller: threading.Thread | None = None
         self._consumer: Consumer | None = None
         self._offsets = OffsetTracker()
+        self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
+        self._forwarder: _DelayForwarder | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -113,17 +119,28 @@ class KafkaTransport:
     # -- publishing ------------------------------------------------------------------------
 
     async def publish(self, message: Outgoing) -> None:
-        await self._require_topics([message.queue])
+        if not message.delay_s:
+            await self._require_topics([message.queue])
+            await self._produce(message.queue, message.body, message.key)
+            return
+        # A delayed job waits in the tier that fits; the forwarder reads its queue from a header.
+        tier = self._tiers[tier_for(message.delay_s, tuple(self._tiers))]
+        await self._require_topics([message.queue, tier])
+        await self._produce(tier, message.body, message.key, [(QUEUE_HEADER, message.queue.encode())])
+
+    async def _produce(
+        self, topic: str, body: bytes | None, key: str | bytes | None, headers: Headers | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         delivered: asyncio.Future[None] = loop.create_future()
 
         def report(err: KafkaError | None, _: Message) -> None:
-            loop.call_soon_threadsafe(_resolve, delivered, err, message.queue)
+            loop.call_soon_threadsafe(_resolve, delivered, err, topic)
 
         assert self._producer is not None, "publish() before connect()"
         while True:
             try:
-                self._producer.produce(message.queue, message.body, message.key, on_delivery=report)
+                self._producer.produce(topic, body, key, headers=headers, on_delivery=report)
                 break
             except BufferError:  # librdkafka's local queue is full: let deliveries drain
                 await asyncio.sleep(0.005)
@@ -153,11 +170,33 @@ class KafkaTransport:
         burst: bool = False,
         grace_s: float = 30.0,
     ) -> None:
-        await self._require_topics(queues)
-        consumer = Consumer(
+        await self._require_topics([*queues, *self._tiers.values()])
+        consumer = self.group_consumer(self.settings.group)
+        self._consumer = consumer
+        consumer.subscribe(
+            list(queues), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        self._forwarder = _DelayForwarder(self, f"{self.settings.prefix}.delay")
+        forwarding = asyncio.create_task(self._forwarder.run(stop))
+        inflight = InFlight(process, concurrency)
+        try:
+            await self._fetch(consumer, queues, inflight, concurrency, stop, burst)
+        finally:
+            late = await inflight.finish(grace_s)
+            if late:
+                log.warning("%d jobs did not finish within %ss; they will run again", late, grace_s)
+            _commit(consumer)
+            await asyncio.to_thread(consumer.close)
+            self._consumer = None
+            stop.set()  # a burst run ends here: the forwarder stops with it
+            await forwarding
+
+    def group_consumer(self, group: str, **settings: Any) -> Consumer:
+        """A consumer in `group` that stores offsets only when told and commits them every second."""
+        return Consumer(
             {
                 **self._common,
-                "group.id": self.settings.group,
+                "group.id": group,
                 "enable.auto.commit": True,
                 "auto.commit.interval.ms": 1000,
                 "enable.auto.offset.store": False,
@@ -166,22 +205,9 @@ class KafkaTransport:
                 "enable.partition.eof": False,
                 # A member that died is noticed within 10 s (librdkafka's default is 45 s).
                 "session.timeout.ms": 10000,
+                **settings,
             }
         )
-        self._consumer = consumer
-        consumer.subscribe(
-            list(queues), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
-        inflight = InFlight(process, concurrency)
-        try:
-            await self._fetch(consumer, queues, inflight, concurrency, stop, burst)
-        finally:
-            late = await inflight.finish(grace_s)
-            if late:
-                log.warning("%d jobs did not finish within %ss; they will run again", late, grace_s)
-            self._commit(consumer)
-            await asyncio.to_thread(consumer.close)
-            self._consumer = None
 
     async def _fetch(
         self,
@@ -225,8 +251,7 @@ class KafkaTransport:
         if error is not None:
             log.warning("Kafka consumer: %s", error)
             return
-        topic, partition, offset = record.topic(), record.partition(), record.offset()
-        assert topic is not None and partition is not None and offset is not None  # set unless error()
+        topic, partition, offset = _coordinates(record)
         generation = self._offsets.started((topic, partition), offset)
         key = record.key()
         text_key = key.decode("utf-8", "replace") if key else None
@@ -247,23 +272,10 @@ class KafkaTransport:
         """
         if self._offsets.in_flight():
             return False
-        try:
-            return await self._read_to_end(consumer, queues)
-        except KafkaException as exc:  # e.g. offsets unavailable while the group rebalances
-            log.debug("cannot tell yet whether %s are drained: %s", ",".join(queues), exc)
-            return False
-
-    async def _read_to_end(self, consumer: Consumer, queues: Sequence[str]) -> bool:
-        metadata = await asyncio.to_thread(consumer.list_topics, timeout=METADATA_TIMEOUT_S)
-        partitions = [TopicPartition(t, p) for t in queues for p in metadata.topics[t].partitions]
-        committed = await asyncio.to_thread(consumer.committed, partitions, METADATA_TIMEOUT_S)
-        assigned = consumer.position(consumer.assignment())
-        positions = {(tp.topic, tp.partition): tp.offset for tp in assigned}
-        for tp in committed:
-            low, high = await asyncio.to_thread(consumer.get_watermark_offsets, tp, METADATA_TIMEOUT_S)
-            if max(tp.offset, positions.get((tp.topic, tp.partition), -1), low) < high:
-                return False
-        return True
+        # The tiers first: anything they forward before they are found empty is then counted
+        # in the queues' high watermarks.
+        assert self._forwarder is not None
+        return await self._forwarder.drained() and await read_to_end(consumer, queues)
 
     # Rebalance callbacks run inside consumer.consume(), on the event loop's thread.
 
@@ -272,7 +284,7 @@ class KafkaTransport:
             self._offsets.assign((tp.topic, tp.partition))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._commit(consumer)
+        _commit(consumer)
         for tp in partitions:
             self._offsets.revoke((tp.topic, tp.partition))
 
@@ -280,18 +292,12 @@ class KafkaTransport:
         for tp in partitions:  # another member may own them already: commit nothing
             self._offsets.revoke((tp.topic, tp.partition))
 
-    def _commit(self, consumer: Consumer) -> None:
-        try:
-            consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                log.warning("offset commit failed: %s", exc)
-
     # -- topology --------------------------------------------------------------------------
 
     async def apply_topology(self, queues: Sequence[str], *, dry_run: bool = False) -> list[str]:
         existing = await self._topic_names()
         wanted = [name for queue in queues for name in (queue, dlq_name(queue))]
+        wanted += [tier for tier in self._tiers.values() if tier not in wanted]
         new = [t for t in wanted if t not in existing]
         plan = [f"kafka: topic {t} exists" for t in wanted if t in existing]
         plan += [f"kafka: create topic {t} ({self.settings.partitions} partitions)" for t in new]
@@ -310,6 +316,45 @@ class KafkaTransport:
                     if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                         raise
         self._topics.update(topics)
+
+
+async def read_to_end(consumer: Consumer, topics: Sequence[str]) -> bool:
+    """Whether `consumer`'s group has read every partition of `topics` to its end.
+
+    Partitions owned by other members (or by a member that died and whose session has not
+    expired yet) count too: a burst run must not stop while they hold jobs. Offsets that cannot
+    be read (the group is rebalancing) count as not read.
+    """
+    try:
+        metadata = await asyncio.to_thread(consumer.list_topics, timeout=METADATA_TIMEOUT_S)
+        partitions = [TopicPartition(t, p) for t in topics for p in metadata.topics[t].partitions]
+        committed = await asyncio.to_thread(consumer.committed, partitions, METADATA_TIMEOUT_S)
+        assigned = consumer.position(consumer.assignment())
+        positions = {(tp.topic, tp.partition): tp.offset for tp in assigned}
+        for tp in committed:
+            low, high = await asyncio.to_thread(consumer.get_watermark_offsets, tp, METADATA_TIMEOUT_S)
+            if max(tp.offset, positions.get((tp.topic, tp.partition), -1), low) < high:
+                return False
+    except KafkaException as exc:
+        log.debug("cannot tell yet whether %s are read to the end: %s", ",".join(topics), exc)
+        return False
+    return True
+
+
+def _coordinates(record: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a record that is not an error."""
+    topic, partition, offset = record.topic(), record.partition(), record.offset()
+    assert topic is not None and partition is not None and offset is not None  # set unless error()
+    return topic, partition, offset
+
+
+def _commit(consumer: Consumer) -> None:
+    """Commit the stored offsets now; having none to commit is fine."""
+    try:
+        consumer.commit(asynchronous=False)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError._NO_OFFSET:
+            log.warning("offset commit failed: %s", exc)
 
 
 def _resolve(future: asyncio.Future[None], err: KafkaError | None, topic: str) -> None:
@@ -331,3 +376,120 @@ def _mapped(what: str) -> Iterator[None]:
         detail = error.str() if isinstance(error, KafkaError) else str(exc)
         retriable = bool(isinstance(error, KafkaError) and error.retriable())
         raise TransportError(f"{what}: {detail}", retriable=retriable) from exc
+
+
+class _DelayForwarder:
+    """Moves records from the delay tiers to their queues once they are due.
+
+    Karafka's way: a tier's records all wait the same time, so they come due in order; when a
+    partition's head is not due yet, seek back to it and pause the partition until it is. Only
+    one record per partition is ever looked at, however many wait. Every `bridge consume` of
+    the prefix shares one group, so each delayed record is forwarded by one of them.
+    """
+
+    def __init__(self, transport: KafkaTransport, group: str) -> None:
+        self.transport = transport
+        self.group = group
+        self.delay_ms = {topic: int(tier_s * 1000) for tier_s, topic in transport._tiers.items()}
+        self.consumer: Consumer | None = None
+        self.waiting: dict[tuple[str, int], int] = {}  # paused partition -> when its head is due
+        self.forwarding = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        # Small fetches: records are looked at one partition head at a time anyway.
+        consumer = self.transport.group_consumer(self.group, **{"queued.max.messages.kbytes": 1024})
+        self.consumer = consumer
+        consumer.subscribe(list(self.delay_ms), on_revoke=self._on_revoke, on_lost=self._on_lost)
+        try:
+            idle_s = 0.001
+            while not stop.is_set():
+                self._resume_due(consumer)
+                records = consumer.consume(FETCH_BATCH, 0)
+                due = self._take_due(consumer, records)
+                if due:
+                    await self._forward(consumer, due)
+                if records:
+                    idle_s = 0.001
+                    continue
+                await asyncio.sleep(min(idle_s, self._until_next_due_s()))
+                idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
+        finally:
+            _commit(consumer)
+            await asyncio.to_thread(consumer.close)
+
+    async def drained(self) -> bool:
+        """Whether every tier is empty: nothing waiting, nothing being forwarded, nothing unread."""
+        if self.consumer is None or self.waiting or self.forwarding:
+            return False
+        return await read_to_end(self.consumer, list(self.delay_ms))
+
+    def _take_due(self, consumer: Consumer, records: list[Message]) -> list[Message]:
+        now = time.time_ns() // 1_000_000
+        due = []
+        for record in records:
+            if record.error() is not None:
+                log.warning("delay forwarder: %s", record.error())
+                continue
+            topic, partition, offset = _coordinates(record)
+            if (topic, partition) in self.waiting:
+                continue  # its partition was rewound to an earlier head; it comes again later
+            ready_at = record.timestamp()[1] + self.delay_ms[topic]
+            if ready_at > now:
+                consumer.pause([TopicPartition(topic, partition)])
+                consumer.seek(TopicPartition(topic, partition, offset))
+                self.waiting[(topic, partition)] = ready_at
+                continue
+            due.append(record)
+        return due
+
+    def _resume_due(self, consumer: Consumer) -> None:
+        now = time.time_ns() // 1_000_000
+        for tp, ready_at in list(self.waiting.items()):
+            if ready_at <= now:
+                del self.waiting[tp]
+                consumer.resume([TopicPartition(*tp)])
+
+    def _until_next_due_s(self) -> float:
+        if not self.waiting:
+            return IDLE_SLEEP_MAX_S
+        return max(0.0, (min(self.waiting.values()) - time.time_ns() // 1_000_000) / 1000)
+
+    async def _forward(self, consumer: Consumer, records: list[Message]) -> None:
+        """Publish each record to its queue, then store the offsets of those that made it."""
+        self.forwarding = True
+        try:
+            sent = await asyncio.gather(*(self._send(record) for record in records), return_exceptions=True)
+            self._store(consumer, records, sent)
+        finally:
+            self.forwarding = False
+
+    async def _send(self, record: Message) -> None:
+        queue = dict(record.headers() or []).get(QUEUE_HEADER)
+        if queue is None:  # not written by bridge: nothing says where it goes
+            log.error("record %s/%s in %s has no %s header; skipped", record.partition(),
+                      record.offset(), record.topic(), QUEUE_HEADER)  # fmt: skip
+            return
+        target = queue.decode() if isinstance(queue, bytes) else queue
+        await self.transport._produce(target, record.value(), record.key())
+
+    def _store(self, consumer: Consumer, records: list[Message], sent: list[Any]) -> None:
+        failed: set[tuple[str, int]] = set()
+        for record, outcome in zip(records, sent, strict=True):
+            topic, partition, offset = _coordinates(record)
+            if (topic, partition) in failed:
+                continue
+            if isinstance(outcome, BaseException):  # try again from here, in order
+                log.warning("could not forward a delayed record to its queue: %s", outcome)
+                failed.add((topic, partition))
+                consumer.seek(TopicPartition(topic, partition, offset))
+                continue
+            with suppress(KafkaException):  # revoked meanwhile: the next owner forwards it again
+                consumer.store_offsets(offsets=[TopicPartition(topic, partition, offset + 1)])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        _commit(consumer)
+        self._on_lost(consumer, partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.waiting.pop((tp.topic, tp.partition), None)
