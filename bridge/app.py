@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from bridge import codec
 from bridge.config import Settings
+from bridge.dlq import DeadLetters
 from bridge.envelope import Envelope, now_ms, uuid7
 from bridge.errors import ConfigError
 from bridge.jobs import Handler, JobSpec
@@ -196,6 +197,10 @@ class Bridge:
         if not names:
             raise ConfigError("no queues: register handlers with @app.job or pass --queues")
         return await (await self.transport()).apply_topology(names, dry_run=dry_run)
+
+    def dead_letters(self, queue: str) -> DeadLetters:
+        """The dead-letter queue of `queue`: list, show, replay and purge its letters."""
+        return DeadLetters(self, queue)
 
     async def transport(self) -> Transport:
         """This event loop's transport, connected on first use."""

@@ -14,10 +14,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NoReturn
 
 from bridge.app import Bridge
+from bridge.dlq import Selection, describe
+from bridge.envelope import REASONS, now_ms
 from bridge.errors import BridgeError, ConfigError
+from bridge.policy import parse_duration
 
 log = logging.getLogger("bridge.cli")
 
@@ -47,8 +51,15 @@ def _configure_logging(level: str | None, *, daemon: bool) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage mistakes reported in one line rather than a usage screen."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--broker", help="kafka://host:port or amqp://user:pass@host:port/vhost (BRIDGE_BROKER)"
     )
@@ -56,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--prefix", help="topology name prefix (BRIDGE_PREFIX, default bridge)")
     common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
-    parser = argparse.ArgumentParser(prog="bridge", description=__doc__, parents=[common])
+    parser = _Parser(prog="bridge", description=__doc__, parents=[common])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     enqueue = commands.add_parser("enqueue", parents=[common], help="validate and publish one job")
@@ -67,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--app", help="MODULE:ATTR of a Bridge whose handler names the queue")
     enqueue.add_argument("--key", help="ordering and partition key")
     enqueue.add_argument("--idempotency-key", help="jobs sharing it have their effect once")
+    when = enqueue.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=_duration, help="run no sooner than this from now: 90s, 5m, 2h, 3d")
+    when.add_argument("--at", type=_moment, help="run no sooner than this time: 2026-12-01T09:00:00Z")
+    enqueue.add_argument("--ttl", type=_duration, help="dead-letter as expired if not started within this")
     enqueue.set_defaults(run=_enqueue)
 
     consume = commands.add_parser("consume", parents=[common], help="run an app's handlers")
@@ -86,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     apply.set_defaults(run=_topology_apply)
 
+    _dlq_parsers(commands, common)
+
     dev = commands.add_parser("dev", parents=[common], help="local Kafka and RabbitMQ for development")
     dev.add_argument("action", choices=["up", "down", "status"])
     dev.add_argument("services", nargs="*", help="kafka, rabbitmq (default: both)")
@@ -93,11 +110,72 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dlq_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
+    dlq = commands.add_parser("dlq", parents=[common], help="dead-letter queues: list, show, replay, purge")
+    actions = dlq.add_subparsers(required=True, metavar="ACTION")
+
+    def action(name: str, run: Callable[[argparse.Namespace], int], text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(name, parents=[common], help=text)
+        parser.add_argument("queue", help="the queue whose dead letters to look at (not the .dlq name)")
+        parser.set_defaults(run=run)
+        return parser
+
+    def filters(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--type", help="only jobs of this type")
+        parser.add_argument("--reason", choices=REASONS, help="only letters with this reason")
+
+    listing = action("list", _dlq_list, "list dead letters")
+    filters(listing)
+    listing.add_argument("--since", type=_since, help="only since: 2026-12-01T09:00:00Z, or 2h (ago)")
+    listing.add_argument("--limit", type=_positive, help="at most this many")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    show = action("show", _dlq_show, "show one dead letter, payload decoded")
+    show.add_argument("id", help="the job id (or raw-... id) from `bridge dlq list`")
+    for name, run, text in (("replay", _dlq_replay, "put jobs back on their queue"),
+                            ("purge", _dlq_purge, "remove dead letters for good")):  # fmt: skip
+        parser = action(name, run, text)
+        which = parser.add_mutually_exclusive_group(required=True)
+        which.add_argument("--id", nargs="+", dest="ids", help="these letters")
+        which.add_argument("--all", action="store_true", help="every letter matching the filters")
+        filters(parser)
+    replay = actions.choices["replay"]
+    replay.add_argument("--dry-run", action="store_true", help="print what would be replayed, change nothing")
+    replay.add_argument("--rate", type=float, help="at most this many replays per second")
+    replay.add_argument("--max-replays", type=_positive, default=3, help="refuse jobs replayed this often")
+    actions.choices["purge"].add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _since(text: str) -> int:
+    try:
+        return now_ms() - int(parse_duration(text) * 1000)
+    except ConfigError:
+        return int(_moment(text).timestamp() * 1000)
+
+
 def _names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise argparse.ArgumentTypeError("give at least one name, e.g. --queues billing,emails")
     return names
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _moment(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write an ISO 8601 time, e.g. 2026-12-01T09:00:00Z"
+        ) from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: add a timezone, e.g. Z or +01:00")
+    return moment
 
 
 def _positive(text: str) -> int:
@@ -115,7 +193,10 @@ def _enqueue(args: argparse.Namespace) -> int:
         payload = json.loads(args.payload)
     except ValueError as exc:
         raise ConfigError(f"payload is not valid JSON ({exc}); quote it, e.g. '{{\"id\": 1}}'") from None
-    options = {"queue": args.queue, "key": args.key, "idempotency_key": args.idempotency_key}
+    options = {
+        "queue": args.queue, "key": args.key, "idempotency_key": args.idempotency_key,
+        "delay": args.delay, "at": args.at, "ttl": args.ttl,
+    }  # fmt: skip
     job_id = asyncio.run(_closing(app, app.enqueue_async(args.type, payload, **options)))
     print(job_id)
     return 0
@@ -158,6 +239,68 @@ def _topology_apply(args: argparse.Namespace) -> int:
     for line in asyncio.run(_closing(app, app.apply_topology(args.queues, dry_run=args.dry_run))):
         print(line)
     return 0
+
+
+def _selection(args: argparse.Namespace) -> Selection:
+    ids = getattr(args, "ids", None)
+    return Selection(ids=set(ids) if ids else None, type=args.type, reason=args.reason,
+                     since_ms=getattr(args, "since", None))  # fmt: skip
+
+
+def _dlq_list(args: argparse.Namespace) -> int:
+    app = _app(args)
+    letters = asyncio.run(_closing(app, app.dead_letters(args.queue).find(_selection(args), args.limit)))
+    for item in letters:
+        if args.json:
+            print(json.dumps(describe(app, item), default=_jsonable))
+            continue
+        envelope = item.letter.envelope
+        kind = f"{envelope.type} attempt {envelope.attempt}" if envelope else "(raw bytes)"
+        when = datetime.fromtimestamp(item.letter.at / 1000, UTC).isoformat(timespec="seconds")
+        print(f"{item.id}  {when}  {item.letter.reason:15} {kind}  {item.letter.detail[:80]}")
+    if not args.json:
+        print(f"{len(letters)} dead letters in {args.queue}.dlq", file=sys.stderr)
+    return 0
+
+
+def _dlq_show(args: argparse.Namespace) -> int:
+    app = _app(args)
+    item = asyncio.run(_closing(app, app.dead_letters(args.queue).show(args.id)))
+    print(json.dumps(describe(app, item), default=_jsonable, indent=2))
+    return 0
+
+
+def _dlq_replay(args: argparse.Namespace) -> int:
+    app = _app(args)
+    letters = app.dead_letters(args.queue)
+    work = letters.replay(
+        _selection(args), dry_run=args.dry_run, rate=args.rate, max_replays=args.max_replays
+    )
+    report = asyncio.run(_closing(app, work))
+    verb = "would replay" if args.dry_run else "replayed"
+    for job_id in report.replayed:
+        print(f"{verb} {job_id}")
+    for job_id, why in report.refused:
+        print(f"refused {job_id}: {why}", file=sys.stderr)
+    print(f"{verb} {len(report.replayed)}, refused {len(report.refused)}", file=sys.stderr)
+    return 1 if report.refused and not report.replayed else 0
+
+
+def _dlq_purge(args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("purge removes dead letters for good: add --yes to confirm")
+        answer = input(f"remove the selected dead letters of {args.queue} for good? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            return 1
+    app = _app(args)
+    purged = asyncio.run(_closing(app, app.dead_letters(args.queue).purge(_selection(args))))
+    print(f"purged {len(purged)} dead letters from {args.queue}.dlq")
+    return 0
+
+
+def _jsonable(value: Any) -> Any:
+    return value.hex() if isinstance(value, bytes) else str(value)
 
 
 def _dev(args: argparse.Namespace) -> int:

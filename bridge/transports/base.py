@@ -40,6 +40,7 @@ class Delivery:
 
 
 Process = Callable[[Delivery], Awaitable[None]]
+Decide = Callable[[bytes], Awaitable[Sequence["Outgoing"] | None]]
 
 
 def dlq_name(queue: str) -> str:
@@ -88,6 +89,17 @@ class Transport(Protocol):
 
     async def apply_topology(self, queues: Sequence[str], *, dry_run: bool = False) -> list[str]:
         """Create the queues (and their dead-letter queues) idempotently; return the plan."""
+
+    async def browse(self, queue: str) -> list[bytes]:
+        """The bodies waiting in `queue`, oldest first, left where they are (for the DLQ tools)."""
+
+    async def sweep(self, queue: str, decide: Decide) -> int:
+        """Offer each message of `queue` once to `decide`; return how many it removed.
+
+        `decide` returns None to leave a message, or the messages to publish (confirmed)
+        before it is removed; an empty list removes it. On Kafka a removed record stays in the
+        log but is marked done, so no later sweep or browse sees it again.
+        """
 
 
 class InFlight:

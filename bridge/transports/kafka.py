@@ -26,13 +26,29 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # not in its __all__
 
 from bridge.config import Settings
 from bridge.errors import PublishError, TransportError
 from bridge.policy import tier_for
-from bridge.transports.base import Delivery, InFlight, Outgoing, Process, dlq_name, tier_queue
+from bridge.transports.base import (
+    Decide,
+    Delivery,
+    InFlight,
+    Outgoing,
+    Process,
+    dlq_name,
+    tier_queue,
+)
 from bridge.transports.offsets import OffsetTracker
 
 log = logging.getLogger("bridge.kafka")
@@ -292,11 +308,73 @@ class KafkaTransport:
         for tp in partitions:  # another member may own them already: commit nothing
             self._offsets.revoke((tp.topic, tp.partition))
 
+    # -- dead-letter tools -----------------------------------------------------------------
+    # A record cannot be deleted from a Kafka log: a removed one is marked done in the
+    # compacted topic `<topic>.done` (key `partition:offset`), in the same transaction as
+    # whatever is published in its place.
+
+    async def browse(self, queue: str) -> list[bytes]:
+        await self._require_topics([queue, done_topic(queue)])
+        done = {key for key, _ in await asyncio.to_thread(self._read_topic, done_topic(queue))}
+        records = await asyncio.to_thread(self._read_topic, queue)
+        return [body for key, body in records if key not in done]
+
+    async def sweep(self, queue: str, decide: Decide) -> int:
+        await self._require_topics([queue, done_topic(queue)])
+        producer = Producer({**self._common, "transactional.id": f"{self.settings.prefix}.sweep.{queue}"})
+        with _mapped(f"could not start a transaction on {queue}"):
+            # Fences any other sweep of this queue (its open transaction is aborted) before the
+            # done marks are read, so two runs can never both act on the same record.
+            await asyncio.to_thread(producer.init_transactions, METADATA_TIMEOUT_S * 6)
+        done = {key for key, _ in await asyncio.to_thread(self._read_topic, done_topic(queue))}
+        removed = 0
+        for key, body in await asyncio.to_thread(self._read_topic, queue):
+            if key in done:
+                continue
+            publish = await decide(body)
+            if publish is None:
+                continue
+            await self._require_topics([m.queue for m in publish])
+            with _mapped(f"could not remove a record from {queue}"):
+                producer.begin_transaction()
+                for message in publish:
+                    producer.produce(message.queue, message.body, message.key)
+                producer.produce(done_topic(queue), b"", key)
+                await asyncio.to_thread(producer.commit_transaction, METADATA_TIMEOUT_S * 6)
+            removed += 1
+        return removed
+
+    def _read_topic(self, topic: str) -> list[tuple[str, bytes]]:
+        """Every committed record of `topic` as (`partition:offset` or its key, value)."""
+        consumer = Consumer({**self._common, "group.id": f"{self.settings.prefix}.reader",
+                             "enable.auto.commit": False, "isolation.level": "read_committed"})  # fmt: skip
+        try:
+            metadata = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+            partitions = [
+                TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.topics[topic].partitions
+            ]
+            ends = {
+                tp.partition: consumer.get_watermark_offsets(tp, METADATA_TIMEOUT_S)[1] for tp in partitions
+            }
+            consumer.assign(partitions)
+            records: list[tuple[str, bytes]] = []
+            while any(position.offset < ends[position.partition] for position in _positions(consumer)):
+                for record in consumer.consume(FETCH_BATCH, 0.2):
+                    if record.error() is None:
+                        _, partition, offset = _coordinates(record)
+                        key = record.key() if topic.endswith(".done") else None
+                        records.append(
+                            (key.decode() if key else f"{partition}:{offset}", record.value() or b"")
+                        )
+            return records
+        finally:
+            consumer.close()
+
     # -- topology --------------------------------------------------------------------------
 
     async def apply_topology(self, queues: Sequence[str], *, dry_run: bool = False) -> list[str]:
         existing = await self._topic_names()
-        wanted = [name for queue in queues for name in (queue, dlq_name(queue))]
+        wanted = [name for q in queues for name in (q, dlq_name(q), done_topic(dlq_name(q)))]
         wanted += [tier for tier in self._tiers.values() if tier not in wanted]
         new = [t for t in wanted if t not in existing]
         plan = [f"kafka: topic {t} exists" for t in wanted if t in existing]
@@ -305,9 +383,14 @@ class KafkaTransport:
             await self._create_topics(new)
         return plan
 
+    def _new_topic(self, topic: str) -> NewTopic:
+        if topic.endswith(".done"):
+            return NewTopic(topic, 1, config={"cleanup.policy": "compact"})
+        return NewTopic(topic, self.settings.partitions)
+
     async def _create_topics(self, topics: list[str]) -> None:
         admin = AdminClient(self._common)
-        futures = admin.create_topics([NewTopic(t, self.settings.partitions) for t in topics])
+        futures = admin.create_topics([self._new_topic(t) for t in topics])
         for topic, future in futures.items():
             with _mapped(f"could not create Kafka topic {topic}"):
                 try:
@@ -339,6 +422,19 @@ async def read_to_end(consumer: Consumer, topics: Sequence[str]) -> bool:
         log.debug("cannot tell yet whether %s are read to the end: %s", ",".join(topics), exc)
         return False
     return True
+
+
+def done_topic(topic: str) -> str:
+    """The compacted topic marking records of `topic` that the dead-letter tools removed."""
+    return f"{topic}.done"
+
+
+def _positions(consumer: Consumer) -> list[TopicPartition]:
+    """Next offset to read of each assigned partition (positions not yet known read as 0)."""
+    return [
+        TopicPartition(tp.topic, tp.partition, max(tp.offset, 0))
+        for tp in consumer.position(consumer.assignment())
+    ]
 
 
 def _coordinates(record: Message) -> tuple[str, int, int]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from bridge.envelope import now_ms
-from bridge.transports.base import Delivery, InFlight, Outgoing, Process, dlq_name
+from bridge.transports.base import Decide, Delivery, InFlight, Outgoing, Process, dlq_name
 
 
 class MemoryTransport:
@@ -140,3 +140,21 @@ class MemoryTransport:
                 for name in names:
                     self._queues.setdefault(name, deque())
         return [f"memory: queue {name}" for name in names]
+
+    async def browse(self, queue: str) -> list[bytes]:
+        return self.messages(queue)
+
+    async def sweep(self, queue: str, decide: Decide) -> int:
+        with self._lock:
+            pending = list(self._queues.get(queue, ()))
+        removed = 0
+        for message in pending:
+            publish = await decide(message.body)
+            if publish is None:
+                continue
+            for outgoing in publish:
+                await self.publish(outgoing)
+            with self._lock:
+                self._queues[queue].remove(message)
+            removed += 1
+        return removed

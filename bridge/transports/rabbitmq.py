@@ -34,7 +34,15 @@ from aio_pika.abc import (
 from bridge.config import Settings
 from bridge.errors import PublishError, TransportError
 from bridge.policy import tier_for
-from bridge.transports.base import Delivery, InFlight, Outgoing, Process, dlq_name, tier_queue
+from bridge.transports.base import (
+    Decide,
+    Delivery,
+    InFlight,
+    Outgoing,
+    Process,
+    dlq_name,
+    tier_queue,
+)
 
 log = logging.getLogger("bridge.rabbitmq")
 QUORUM = {"x-queue-type": "quorum"}
@@ -207,6 +215,38 @@ class RabbitTransport:
             log.debug("cannot count ready messages yet: %r", exc)
             return None
         return sum(declared.message_count or 0 for declared in counts)
+
+    # -- dead-letter tools -----------------------------------------------------------------
+
+    async def browse(self, queue: str) -> list[bytes]:
+        bodies: list[bytes] = []
+
+        async def keep(body: bytes) -> None:
+            bodies.append(body)
+
+        await self.sweep(queue, keep)
+        return bodies
+
+    async def sweep(self, queue: str, decide: Decide) -> int:
+        assert self._connection is not None, "sweep() before connect()"
+        # Messages are taken unacked; those kept go back when the channel closes, so each one
+        # is offered exactly once per sweep.
+        channel = await self._connection.channel()
+        removed = 0
+        try:
+            declared = await self._existing_queue(channel, queue)
+            while (message := await declared.get(no_ack=False, fail=False)) is not None:
+                publish = await decide(message.body)
+                if publish is None:
+                    continue
+                for outgoing in publish:
+                    await self.publish(outgoing)  # confirmed before the original is acked
+                await message.ack()
+                removed += 1
+        finally:
+            with _ignored():
+                await channel.close()
+        return removed
 
     # -- topology --------------------------------------------------------------------------
 

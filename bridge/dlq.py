@@ -1,0 +1,186 @@
+"""Dead-letter queues: list, show, replay and purge, the same on every broker.
+
+A letter is known by its job id, or, for bytes that never decoded, by `raw-` and a hash of
+them. Replay puts the job back on its queue with its attempts reset, its delay and expiry
+cleared and its replay count raised; a job replayed `max_replays` times is refused, so a
+poison job cannot cycle between queue and dead-letter queue for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from bridge import codec
+from bridge.envelope import DeadLetter
+from bridge.errors import BridgeError, DecodeError
+from bridge.registry import DEAD_LETTER, ENVELOPE
+from bridge.transports.base import Outgoing, dlq_name
+
+if TYPE_CHECKING:
+    from bridge.app import Bridge
+
+DEFAULT_MAX_REPLAYS = 3
+
+
+@dataclass(frozen=True)
+class Letter:
+    """One dead letter and the id it is known by."""
+
+    id: str
+    letter: DeadLetter
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which letters a command acts on: by id (None: all), type, reason and time (epoch ms)."""
+
+    ids: Collection[str] | None = None
+    type: str | None = None
+    reason: str | None = None
+    since_ms: int | None = None
+
+    def __contains__(self, item: Letter) -> bool:
+        envelope = item.letter.envelope
+        return (
+            (self.ids is None or item.id in self.ids)
+            and (self.type is None or (envelope is not None and envelope.type == self.type))
+            and (self.reason is None or item.letter.reason == self.reason)
+            and (self.since_ms is None or item.letter.at >= self.since_ms)
+        )
+
+
+@dataclass
+class ReplayReport:
+    """What a replay did, or with `dry_run` would do."""
+
+    replayed: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (id, why)
+
+
+class DeadLetters:
+    """The dead-letter queue of `queue` in `app`."""
+
+    def __init__(self, app: Bridge, queue: str) -> None:
+        self.app = app
+        self.queue = queue
+        self.name = dlq_name(queue)
+
+    async def find(self, selection: Selection = Selection(), limit: int | None = None) -> list[Letter]:
+        """The letters matching `selection`, oldest first, at most `limit`."""
+        transport = await self.app.transport()
+        letters = [self.read(body) for body in await transport.browse(self.name)]
+        # Oldest first across partitions too (a Kafka topic is ordered per partition only).
+        matching = sorted((letter for letter in letters if letter in selection), key=lambda i: i.letter.at)
+        return matching[:limit] if limit is not None else matching
+
+    async def show(self, letter_id: str) -> Letter:
+        """The letter `letter_id`, or BridgeError naming the queue."""
+        found = await self.find(Selection(ids={letter_id}), limit=1)
+        if not found:
+            raise BridgeError(f"no dead letter {letter_id} in {self.name}")
+        return found[0]
+
+    async def replay(
+        self,
+        selection: Selection,
+        *,
+        dry_run: bool = False,
+        rate: float | None = None,
+        max_replays: int = DEFAULT_MAX_REPLAYS,
+    ) -> ReplayReport:
+        """Put the selected jobs back on their queues (at most `rate` per second)."""
+        report = ReplayReport()
+
+        async def decide(body: bytes) -> list[Outgoing] | None:
+            item = self.read(body)
+            if item not in selection:
+                return None
+            refusal = _refusal(item, max_replays)
+            if refusal:
+                report.refused.append((item.id, refusal))
+                return None
+            report.replayed.append(item.id)
+            if rate:
+                await asyncio.sleep(1 / rate)
+            return [self._replayed(item)]
+
+        if dry_run:
+            for body in await (await self.app.transport()).browse(self.name):
+                await decide(body)
+        else:
+            await (await self.app.transport()).sweep(self.name, decide)
+        return report
+
+    async def purge(self, selection: Selection) -> list[str]:
+        """Remove the selected letters for good; return their ids."""
+        purged: list[str] = []
+
+        async def decide(body: bytes) -> list[Outgoing] | None:
+            item = self.read(body)
+            if item not in selection:
+                return None
+            purged.append(item.id)
+            return []
+
+        await (await self.app.transport()).sweep(self.name, decide)
+        return purged
+
+    def read(self, body: bytes) -> Letter:
+        """A letter from its bytes; bytes that are not a dead letter are shown as undecodable."""
+        try:
+            _, record = codec.decode(body, self.app.registry, self.app.registry.schema(DEAD_LETTER))
+            letter = DeadLetter.from_avro(record)
+        except DecodeError as exc:
+            letter = DeadLetter("undecodable", f"not a {DEAD_LETTER}: {exc}", self.name, 0, raw=body)
+        if letter.envelope is not None:
+            return Letter(letter.envelope.id, letter)
+        return Letter(f"raw-{hashlib.sha256(letter.raw or body).hexdigest()[:16]}", letter)
+
+    def _replayed(self, item: Letter) -> Outgoing:
+        envelope = item.letter.envelope
+        assert envelope is not None
+        fresh = replace(envelope, attempt=1, run_at=None, expires_at=None, replays=envelope.replays + 1)
+        body = codec.encode(self.app.registry.schema(ENVELOPE), fresh.to_avro())
+        return Outgoing(fresh.queue, body, fresh.key)
+
+
+def _refusal(item: Letter, max_replays: int) -> str | None:
+    envelope = item.letter.envelope
+    if envelope is None:
+        return "its bytes never decoded as a job; fix the producer, then purge it"
+    if envelope.replays >= max_replays:
+        limit = f"the limit is {max_replays}"
+        return f"already replayed {envelope.replays} times ({limit}); purge it or fix the handler"
+    return None
+
+
+def describe(app: Bridge, item: Letter) -> dict[str, Any]:
+    """A letter as plain data for people and JSON: payload decoded when its schema is known."""
+    letter = item.letter
+    out: dict[str, Any] = {
+        "id": item.id, "reason": letter.reason, "detail": letter.detail, "queue": letter.queue,
+        "partition": letter.partition, "offset": letter.offset,
+        "consumer_group": letter.consumer_group, "at": letter.at,
+    }  # fmt: skip
+    envelope = letter.envelope
+    if envelope is None:
+        out["raw"] = (letter.raw or b"").hex()
+        return out
+    out["job"] = {
+        "type": envelope.type, "queue": envelope.queue, "key": envelope.key,
+        "attempt": envelope.attempt, "replays": envelope.replays, "created_at": envelope.created_at,
+        "headers": envelope.headers, "payload": _payload(app, envelope.type, envelope.payload),
+        "errors": [asdict(error) for error in envelope.errors],
+    }  # fmt: skip
+    return out
+
+
+def _payload(app: Bridge, job_type: str, payload: bytes) -> Any:
+    try:
+        return codec.decode(payload, app.registry, app.registry.schema(job_type))[1]
+    except BridgeError as exc:
+        return {"undecoded": payload.hex(), "why": str(exc)}

@@ -1,0 +1,159 @@
+"""Dead-letter tools on memory, Kafka and RabbitMQ: list, show, replay (once), purge."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from bridge import Bridge, JobContext, Permanent
+from bridge.dlq import Selection
+from bridge.errors import BridgeError
+from tests.conftest import REPO, SCHEMAS, run
+
+
+@pytest.fixture
+def make_app(broker: str) -> Callable[..., Bridge]:
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+
+    def make(**settings: Any) -> Bridge:
+        settings.setdefault("group", f"g-{uuid.uuid4().hex[:12]}")
+        return Bridge(broker=broker, registry=str(SCHEMAS), prefix=prefix, delay_tiers="1s", **settings)
+
+    return make
+
+
+def test_list_show_replay_and_purge(make_app: Callable[..., Bridge], queue: str) -> None:
+    # Given two jobs dead-lettered as permanent failures and one that succeeded,
+    # When the letters are listed, shown, dry-run replayed, replayed and purged,
+    # Then a dry run changes nothing, a replayed job runs again from attempt 1 and succeeds,
+    # a second replay finds nothing to do, and a purged letter is gone.
+    app = make_app()
+    failing = {1, 2}
+    runs: list[tuple[int, int]] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def charge(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append((payload["n"], ctx.attempt))
+        if payload["n"] in failing:
+            raise Permanent(f"declined {payload['n']}")
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            first, second, _ = [await app.enqueue_async("test.Echo", {"n": n}) for n in (1, 2, 3)]
+            await app.consume(burst=True)
+            dlq = app.dead_letters(queue)
+
+            letters = await dlq.find()
+            assert sorted(item.id for item in letters) == sorted([first, second])
+            [oldest] = await dlq.find(Selection(reason="permanent"), limit=1)
+            assert oldest.id in (first, second)
+            assert await dlq.find(Selection(type="test.Other")) == []
+            shown = await dlq.show(second)
+            assert shown.letter.detail == "Permanent: declined 2" and shown.letter.queue == queue
+
+            dry = await dlq.replay(Selection(), dry_run=True)
+            assert sorted(dry.replayed) == sorted([first, second])
+            assert len(await dlq.find()) == 2
+
+            failing.clear()
+            report = await dlq.replay(Selection(ids={first}))
+            assert report.replayed == [first] and report.refused == []
+            again = await dlq.replay(Selection(ids={first}))
+            assert again.replayed == []
+            await app.consume(burst=True)
+            assert runs[-1] == (1, 1)
+            assert [item.id for item in await dlq.find()] == [second]
+
+            assert await dlq.purge(Selection(ids={second})) == [second]
+            assert await dlq.find() == []
+            with pytest.raises(BridgeError, match="no dead letter"):
+                await dlq.show(second)
+
+    run(scenario(), timeout=120)
+    assert sorted(runs) == [(1, 1), (1, 1), (2, 1), (3, 1)]
+
+
+def test_a_job_replayed_too_often_is_refused(make_app: Callable[..., Bridge], queue: str) -> None:
+    app = make_app()
+
+    @app.job("test.Echo", queue=queue)
+    async def hopeless(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise Permanent("still broken")
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            job_id = await app.enqueue_async("test.Echo", {"n": 1})
+            await app.consume(burst=True)
+            dlq = app.dead_letters(queue)
+            for _ in range(2):
+                assert (await dlq.replay(Selection(), max_replays=2)).replayed == [job_id]
+                await app.consume(burst=True)
+            refused = await dlq.replay(Selection(), max_replays=2)
+            assert refused.replayed == [] and refused.refused[0][0] == job_id
+            assert "already replayed 2 times" in refused.refused[0][1]
+            [still] = await dlq.find()
+            assert still.letter.envelope is not None and still.letter.envelope.replays == 2
+
+    run(scenario(), timeout=120)
+
+
+def bridge_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args], cwd=REPO, env={**os.environ, **env},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq", "kafka"], indirect=True)
+def test_dlq_commands(make_app: Callable[..., Bridge], queue: str, broker: str) -> None:
+    # Given one dead letter, the CLI lists it (as JSON too), shows its decoded payload,
+    # refuses to purge without --yes, replays it once, and purges what is left.
+    app = make_app()
+
+    @app.job("test.Echo", queue=queue)
+    async def refuse(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise Permanent("no")
+
+    async def scenario() -> str:
+        async with app:
+            await app.apply_topology()
+            job_id = await app.enqueue_async("test.Echo", {"n": 42})
+            await app.consume(burst=True)
+            return job_id
+
+    job_id = run(scenario())
+    env = {"BRIDGE_BROKER": broker, "BRIDGE_REGISTRY": str(SCHEMAS), "BRIDGE_PREFIX": app.settings.prefix,
+           "BRIDGE_DELAY_TIERS": "1s"}  # fmt: skip
+    listed = bridge_cli("dlq", "list", queue, "--json", **env)
+    assert listed.returncode == 0, listed.stderr
+    [entry] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert entry["id"] == job_id and entry["reason"] == "permanent"
+    shown = bridge_cli("dlq", "show", queue, job_id, **env)
+    assert json.loads(shown.stdout)["job"]["payload"] == {"n": 42, "text": "", "sleep_ms": 0}
+
+    refused = bridge_cli("dlq", "purge", queue, "--all", **env)
+    assert refused.returncode == 1 and "add --yes" in refused.stderr
+    assert (
+        bridge_cli("dlq", "replay", queue, "--all", "--dry-run", **env).stdout.strip()
+        == f"would replay {job_id}"
+    )
+    assert bridge_cli("dlq", "replay", queue, "--id", job_id, **env).stdout.strip() == f"replayed {job_id}"
+    assert bridge_cli("dlq", "replay", queue, "--all", **env).stdout.strip() == ""
+    run(scenario_consume(app))
+    purged = bridge_cli("dlq", "purge", queue, "--all", "--yes", **env)
+    assert purged.stdout.strip() == f"purged 1 dead letters from {queue}.dlq"
+    assert bridge_cli("dlq", "list", queue, "--json", **env).stdout == ""
+
+
+async def scenario_consume(app: Bridge) -> None:
+    async with app:
+        await app.consume(burst=True)
