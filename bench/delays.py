@@ -34,18 +34,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import math
 import os
 import platform
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -72,6 +73,8 @@ SETTLE_MAX_S = 20.0
 BACKLOG_RUN_S = 5.0
 SAMPLE_S = 0.5
 READY_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 10.0
+CLEANUP_TIMEOUT_S = 120.0
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -173,7 +176,7 @@ class ConsumerProcess:
     """`python -m bridge consume` of one run's queue, in a process of its own, its log in a file."""
 
     def __init__(self, run: Run) -> None:
-        self.log: IO[str] = tempfile.TemporaryFile("w+")
+        self.log: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115 -- closed by stop()
         command = [
             sys.executable, "-m", "bridge", "consume", "--app", "bench.delays:app",
             "--broker", run.url, "--prefix", run.prefix, "--group", run.group, "--queues", run.queue,
@@ -287,35 +290,49 @@ async def enqueue_backlog(run: Run, jobs: int) -> float:
 # -- 2. delay precision ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Late:
+    """One delayed job: its delay and how late (negative: early) its handler started, in ms."""
+
+    delay_ms: int
+    late_ms: float
+
+
 @dataclass
 class Precision:
-    """How late (negative: early) each delayed job started, in ms."""
+    """The lateness of each delayed job's first start."""
 
     jobs: int
     max_delay_s: float
     concurrency: int
-    lateness_ms: list[float] = field(default_factory=list)
+    samples: list[Late] = field(default_factory=list)
     duplicates: int = 0
     hops: int = 0  # deliveries that arrived early and went back to a tier
 
-    def percentile(self, q: float) -> float:
-        """Nearest-rank percentile of the lateness."""
-        ordered = sorted(self.lateness_ms)
-        return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+    @property
+    def early(self) -> list[Late]:
+        return sorted((s for s in self.samples if s.late_ms < -EARLY_TOLERANCE_MS), key=lambda s: s.late_ms)
 
     @property
-    def early(self) -> list[float]:
-        return sorted(ms for ms in self.lateness_ms if ms < -EARLY_TOLERANCE_MS)
+    def worst(self) -> list[Late]:
+        return sorted(self.samples, key=lambda s: -s.late_ms)[:5]
 
     @property
     def missing(self) -> int:
-        return self.jobs - len(self.lateness_ms)
+        return self.jobs - len(self.samples)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 async def measure_precision(run: Run, jobs: int, max_delay_s: float, concurrency: int) -> Precision:
     """Enqueue `jobs` jobs delayed 0 to `max_delay_s` while consuming; record each start's lateness."""
     result = Precision(jobs, max_delay_s, concurrency)
-    starts: dict[str, float] = {}  # job id -> lateness in ms (its first run)
+    warm_ups: set[str] = set()
+    lateness: dict[str, Late] = {}  # job id -> its first run
     warmed, finished = asyncio.Event(), asyncio.Event()
     bridge = run.app(concurrency)
 
@@ -323,15 +340,16 @@ async def measure_precision(run: Run, jobs: int, max_delay_s: float, concurrency
     async def record(payload: dict[str, Any], ctx: JobContext) -> None:
         started = time.time()
         if not warmed.is_set():  # nothing measured is enqueued before the warm-up ran
-            starts[ctx.job_id] = 0.0
-            if len(starts) >= 2:
+            warm_ups.add(ctx.job_id)
+            if len(warm_ups) >= 2:
                 warmed.set()
             return
-        if ctx.job_id in starts:
+        if ctx.job_id in lateness or ctx.job_id in warm_ups:
             result.duplicates += 1
             return
-        starts[ctx.job_id] = (started - ctx.created_at.timestamp()) * 1000 - payload["n"]
-        if len(starts) >= jobs + 2:
+        late_ms = (started - ctx.created_at.timestamp()) * 1000 - payload["n"]
+        lateness[ctx.job_id] = Late(payload["n"], late_ms)
+        if len(lateness) >= jobs:
             finished.set()
 
     rng = random.Random(1)
@@ -353,7 +371,7 @@ async def measure_precision(run: Run, jobs: int, max_delay_s: float, concurrency
         finally:
             stop.set()
             stats = await consuming
-    result.lateness_ms = [ms for job_id, ms in starts.items()][2:]
+    result.samples = list(lateness.values())
     result.hops = stats.delayed
     return result
 
@@ -392,9 +410,11 @@ async def fill(run: Run, jobs: int) -> None:
     """The run's topology, and `jobs` jobs in its queue."""
     async with run.app() as bridge:
         await bridge.apply_topology([run.queue])
-        await publish_all(
-            (lambda n=n: bridge.enqueue_async(JOB_TYPE, {"n": n}, queue=run.queue)) for n in range(jobs)
-        )
+
+        def publish(n: int) -> Callable[[], Awaitable[object]]:
+            return lambda: bridge.enqueue_async(JOB_TYPE, {"n": n}, queue=run.queue)
+
+        await publish_all(publish(n) for n in range(jobs))
 
 
 async def drain(run: Run, jobs: int, concurrency: int, *, fail_first: bool) -> Throughput:
@@ -437,7 +457,7 @@ async def delete_rabbitmq(run: Run) -> tuple[int, int]:
     import aiormq
 
     queues, held = 0, 0
-    async with await aio_pika.connect(run.url) as connection:
+    async with await aio_pika.connect(run.url, timeout=CONNECT_TIMEOUT_S) as connection:
         for name in [run.queue, dlq_name(run.queue), *run.tiers]:
             channel = await connection.channel()  # a failed passive declare closes its channel
             try:
@@ -464,14 +484,16 @@ def delete_kafka(run: Run) -> tuple[int, int]:
     from confluent_kafka import Consumer, KafkaException, TopicPartition
     from confluent_kafka.admin import AdminClient
 
-    servers = run.url.partition("://")[2].rstrip("/")
-    admin = AdminClient({"bootstrap.servers": servers})
+    quiet = logging.getLogger("bench.delays.kafka")  # librdkafka's notices would go to stderr
+    quiet.setLevel(logging.ERROR)
+    common: dict[str, Any] = {"bootstrap.servers": run.url.partition("://")[2].rstrip("/"), "logger": quiet}
+    admin = AdminClient(common)
     existing = admin.list_topics(timeout=10).topics
     topics = [t for t in [run.queue, dlq_name(run.queue), *run.tiers] if t in existing]
-    peek = Consumer({"bootstrap.servers": servers, "group.id": f"{run.prefix}-peek"})
+    peek = Consumer({**common, "group.id": f"{run.prefix}-peek"})
     held = 0
-    for topic in run.tiers:
-        for partition in existing.get(topic).partitions if topic in existing else ():
+    for topic in (t for t in run.tiers if t in existing):
+        for partition in existing[topic].partitions:
             low, high = peek.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
             held += high - low
     peek.close()
@@ -479,10 +501,8 @@ def delete_kafka(run: Run) -> tuple[int, int]:
         future.result()
     groups = admin.delete_consumer_groups([run.group, f"{run.prefix}.delay"], request_timeout=10)
     for future in groups.values():
-        try:
+        with suppress(KafkaException):  # never joined, or already gone
             future.result()
-        except KafkaException:  # never joined, or already gone
-            pass
     return len(topics), held
 
 
@@ -490,7 +510,7 @@ def delete(run: Run, broker: str) -> str:
     """Delete what `run` made; one line saying what went."""
     try:
         if broker == "rabbitmq":
-            queues, held = asyncio.run(delete_rabbitmq(run))
+            queues, held = asyncio.run(asyncio.wait_for(delete_rabbitmq(run), CLEANUP_TIMEOUT_S))
             return f"deleted {queues} queues of {run.prefix} ({held:,} messages in them)"
         topics, held = delete_kafka(run)
         return f"deleted {topics} topics of {run.prefix} ({held:,} records in its tiers)"
@@ -595,25 +615,41 @@ def render_memory(m: Memory) -> list[str]:
 def render_precision(p: Precision) -> list[str]:
     lines = [
         f"  delay precision: {p.jobs:,} jobs delayed uniformly 0-{p.max_delay_s:g} s, tiers {TIERS}, "
-        f"concurrency {p.concurrency}"
+        f"concurrency {p.concurrency}; lateness = handler start - (created_at + delay)"
     ]
-    if p.lateness_ms:
-        p99 = p.percentile(99)
-        verdict = "met" if p99 <= TARGET_P99_MS else "MISSED"
+    shortest_ms = min(DEFAULT_TIERS_S) * 1000
+    groups = [
+        ("all jobs", p.samples),
+        (f"delay < {shortest_ms:g} ms (shortest tier)", [s for s in p.samples if s.delay_ms < shortest_ms]),
+        (f"delay >= {shortest_ms:g} ms", [s for s in p.samples if s.delay_ms >= shortest_ms]),
+    ]
+    for label, samples in groups:
+        if samples:
+            lines.append(f"    {label:<32} {len(samples):>5} jobs  {_spread([s.late_ms for s in samples])}")
+    if p.samples:
+        p99 = percentile([s.late_ms for s in p.samples], 99)
         lines.append(
-            f"    lateness p50 {p.percentile(50):,.0f} ms   p99 {p99:,.0f} ms   max {max(p.lateness_ms):,.0f} ms"
-            f"   min {min(p.lateness_ms):,.0f} ms   (target p99 <= {TARGET_P99_MS:,.0f} ms: {verdict})"
+            f"    target p99 <= {TARGET_P99_MS:,.0f} ms: {'met' if p99 <= TARGET_P99_MS else 'MISSED'}"
         )
+        worst = ", ".join(f"{s.delay_ms / 1000:.2f} s -> {s.late_ms:,.0f}" for s in p.worst)
+        lines.append(f"    latest (delay -> ms late): {worst}")
     early = p.early
-    shown = ", ".join(f"{ms:,.0f}" for ms in early[:10])
+    shown = ", ".join(f"{s.delay_ms / 1000:.2f} s -> {s.late_ms:,.0f}" for s in early[:10])
     lines.append(
         f"    ran EARLY (> {EARLY_TOLERANCE_MS:g} ms before run_at): {len(early)}"
-        + (f"  <- BUG; by ms: {shown}" if early else "")
+        + (f"  <- BUG; delay -> ms: {shown}" if early else "")
     )
     lines.append(f"    tier hops (arrived early, sent back to a tier): {p.hops:,}; ran twice: {p.duplicates}")
     if p.missing:
         lines.append(f"    MISSING: {p.missing} jobs had not run {p.max_delay_s + 60:g} s after enqueueing")
     return lines
+
+
+def _spread(late_ms: Sequence[float]) -> str:
+    return (
+        f"p50 {percentile(late_ms, 50):>6,.0f} ms  p99 {percentile(late_ms, 99):>6,.0f} ms  "
+        f"max {max(late_ms):>6,.0f} ms  min {min(late_ms):>+7.1f} ms"
+    )
 
 
 def render_retries(plain: Throughput, retried: Throughput) -> list[str]:
@@ -654,7 +690,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--broker", choices=[*BROKERS, "all"], default="all")
     parser.add_argument("--backlog", type=_count, default=100_000, help="jobs delayed 1 h (0: skip)")
     parser.add_argument("--precision-n", type=_count, default=1000, help="delayed jobs timed (0: skip)")
-    parser.add_argument("--max-delay", type=float, default=30.0, help="longest delay of the precision jobs, s")
+    parser.add_argument(
+        "--max-delay", type=float, default=30.0, help="longest delay of the precision jobs, s"
+    )
     parser.add_argument(
         "--precision-concurrency", type=int, default=16, help="concurrency of the precision consumer"
     )
@@ -668,7 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     wanted = list(BROKERS) if args.broker == "all" else [args.broker]
     urls = broker_urls(wanted)
     print(
-        f"bench.delays: backlog {args.backlog:,}, precision {args.precision_n:,} jobs over 0-{args.max_delay:g} s, "
+        f"bench.delays: backlog {args.backlog:,}, "
+        f"precision {args.precision_n:,} jobs over 0-{args.max_delay:g} s, "
         f"retries {args.n:,} jobs; bridge {version('bridge-jobs')}, aio-pika {version('aio-pika')}, "
         f"confluent-kafka {version('confluent-kafka')}, Python {platform.python_version()}, "
         f"{os.cpu_count()} cores",

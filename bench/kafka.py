@@ -27,7 +27,6 @@ from bench.common import (
     warm_up_queue,
 )
 from bridge import Bridge
-from bridge.transports.base import dlq_name
 
 BATCH = 500  # records per consume() call
 HEADER = 10  # C3 01 + 8-byte fingerprint: the single-object framing before the Avro body
@@ -45,9 +44,12 @@ async def create_topics(url: str, topics: Sequence[str]) -> None:
 
 
 def delete_topics(url: str, topics: Sequence[str]) -> None:
-    """Delete `topics` and their dead-letter topics (those that a failed run never made are skipped)."""
+    """Delete `topics` and every topic bridge's topology made for them (`<topic>.dlq`, ...)."""
     admin = AdminClient({"bootstrap.servers": _servers(url)})
-    names = [name for topic in topics for name in (topic, dlq_name(topic))]
+    existing = admin.list_topics(timeout=10).topics
+    names = [name for name in existing if any(name == t or name.startswith(f"{t}.") for t in topics)]
+    if not names:
+        return
     for future in admin.delete_topics(names, operation_timeout=30).values():
         try:
             future.result()

@@ -6,10 +6,17 @@ Test-side only: the assertions look at the broker itself, not through bridge's t
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import re
+import urllib.parse
+import urllib.request
 import uuid
+from typing import Any
 
 import aio_pika
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from bridge import Bridge, codec, testing
 from bridge.envelope import DeadLetter
@@ -77,3 +84,27 @@ async def _drain_rabbit_queue(url: str, queue: str) -> list[bytes]:
         return bodies
     finally:
         await connection.close()
+
+
+TEST_NAMES = re.compile(r"^(t-[0-9a-f]{12}|p[0-9a-f]{8}\.)")
+
+
+def delete_test_objects(brokers: dict[str, str]) -> None:
+    """Delete the queues, exchanges and topics tests made, so the dev brokers do not fill up."""
+    admin = AdminClient({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
+    topics = [t for t in admin.list_topics(timeout=10).topics if TEST_NAMES.match(t)]
+    for future in admin.delete_topics(topics).values() if topics else ():
+        future.exception()  # wait; a topic already gone is fine
+    api = "http://127.0.0.1:15672/api"
+    for kind in ("queues", "exchanges"):
+        for item in _management(f"{api}/{kind}/%2F"):
+            if TEST_NAMES.match(item["name"]):
+                _management(f"{api}/{kind}/%2F/{urllib.parse.quote(item['name'], safe='')}", "DELETE")
+
+
+def _management(url: str, method: str = "GET") -> Any:
+    request = urllib.request.Request(url, method=method)
+    request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = response.read()
+    return json.loads(body) if body else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,8 +29,8 @@ def in_ci() -> bool:
 
 
 @pytest.fixture(scope="session")
-def brokers() -> dict[str, str]:
-    """URLs of the real Kafka and RabbitMQ, started if they are not running."""
+def brokers() -> Iterator[dict[str, str]]:
+    """URLs of the real Kafka and RabbitMQ, started if they are not running; cleaned up after."""
     from bridge import dev
 
     try:
@@ -39,7 +39,11 @@ def brokers() -> dict[str, str]:
         if in_ci():
             pytest.fail(f"the real brokers are required under CI: {exc}")
         pytest.skip(f"real brokers unavailable: {exc}")
-    return {s.name: s.url for s in statuses}
+    urls = {s.name: s.url for s in statuses}
+    yield urls
+    from tests.brokerio import delete_test_objects
+
+    delete_test_objects(urls)
 
 
 @pytest.fixture(params=BROKERS)

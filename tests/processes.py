@@ -10,19 +10,22 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bridge import Bridge
 from tests.conftest import REPO, SCHEMAS
 
 
-def consumer(broker: str, queue: str, ledger: Path, group: str, *flags: str) -> subprocess.Popen[str]:
+def consumer(
+    broker: str, queue: str, ledger: Path, group: str, *flags: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """Start `python -m bridge consume` on the ledger app; the caller must wait for it.
 
     Its output goes to `<ledger>.log` (see `output`), so a test can watch it while it runs.
     """
     env = {
         **os.environ, "BRIDGE_BROKER": broker, "BRIDGE_GROUP": group,
-        "LEDGER_FILE": str(ledger), "LEDGER_QUEUE": queue,
+        "LEDGER_FILE": str(ledger), "LEDGER_QUEUE": queue, **(env or {}),
     }  # fmt: skip
     command = [sys.executable, "-m", "bridge", "consume", "--app", "tests.apps.ledger:app", *flags]
     with log_of(ledger).open("a") as log:
@@ -67,9 +70,9 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
-async def publish(broker: str, queue: str, count: int, sleep_ms: int = 0) -> list[str]:
+async def publish(broker: str, queue: str, count: int, sleep_ms: int = 0, **settings: Any) -> list[str]:
     """Create `queue` and enqueue `count` test.Echo jobs on it; return their ids."""
-    app = Bridge(broker=broker, registry=str(SCHEMAS))
+    app = Bridge(broker=broker, registry=str(SCHEMAS), **settings)
     async with app:
         await app.apply_topology([queue])
         ids = []

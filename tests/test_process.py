@@ -86,3 +86,33 @@ def test_second_signal_exits_at_once_and_jobs_come_back(
     finally:
         restarted.kill()
         finish(restarted, ledger)
+
+
+def test_sigkill_during_retries_and_delay_hops_loses_no_job(
+    real_broker: str, queue: str, group: str, tmp_path: Path
+) -> None:
+    # Given 2,000 jobs of which 30% fail their first attempt (and so go through a delay tier),
+    # When the consumer is killed with SIGKILL three times part-way and restarted,
+    # Then every job ends done, none is lost and none is dead-lettered.
+    ledger = tmp_path / "ledger"
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+    settings = {"prefix": prefix, "delay_tiers": "1s"}
+    env = {"BRIDGE_PREFIX": prefix, "BRIDGE_DELAY_TIERS": "1s", "LEDGER_FAIL_ONCE": "1"}
+    ids = run(publish(real_broker, queue, 2000, sleep_ms=2, **settings))
+    for kill in range(1, 4):
+        process = consumer(real_broker, queue, ledger, group, "--concurrency", "32", env=env)
+        target = 350 * kill
+        try:
+            wait_until(lambda: len(ledger_counts(ledger, "done")) >= target, 60, f"{target} done")  # noqa: B023
+        finally:
+            process.kill()
+            finish(process, ledger)
+    assert len(ledger_counts(ledger, "done")) < len(ids), "the kills came too late to test anything"
+
+    code, log = finish(consumer(real_broker, queue, ledger, group, "--burst", env=env), ledger)
+    assert code == 0, log
+    done = ledger_counts(ledger, "done")
+    assert set(done) == set(ids), f"{len(set(ids) - set(done))} jobs lost"
+    retried = {line.split()[1] for line in ledger.read_text().splitlines() if line.endswith(" 2")}
+    assert len(retried) >= 500  # the failing 30% really went through the delay tier
+    assert "dead-lettering" not in log

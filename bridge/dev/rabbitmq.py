@@ -66,7 +66,10 @@ def up(log: Log = print) -> ServiceStatus:
     amqp_port = port()
     if _speaks_amqp(amqp_port):
         return _status(amqp_port, True, "already up")
-    if port_accepts(amqp_port):
+    ctl = find_program("rabbitmqctl")
+    # A busy node can be slow to answer the protocol header: ask the node itself before
+    # blaming another program for the port.
+    if port_accepts(amqp_port) and not (ctl is not None and _node_running(ctl)):
         raise DevError(
             f"port {amqp_port} is in use by another program (not an AMQP broker); stop it or set {PORT_VAR}"
         )

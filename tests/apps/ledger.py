@@ -1,8 +1,9 @@
 """An app for process-level tests: every run of a job is appended to a ledger file.
 
 Configured by environment, since `bridge consume` imports it by name:
-LEDGER_FILE (path), LEDGER_QUEUE (queue name).
-Each run writes `start <job id>` before and `done <job id>` after the handler's work.
+LEDGER_FILE (path), LEDGER_QUEUE (queue name), LEDGER_FAIL_ONCE (if set, jobs whose n ends in
+0, 1 or 2 fail their first attempt). Each run writes `start <job id> <attempt>` before and
+`done <job id> <attempt>` after the handler's work.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge import Bridge, JobContext
+from bridge.policy import fixed
 
 app = Bridge(registry=str(Path(__file__).resolve().parent.parent / "schemas"))
 LEDGER = os.environ.get("LEDGER_FILE", os.devnull)
@@ -27,9 +29,14 @@ def record(line: str) -> None:
         os.close(fd)
 
 
-@app.job("test.Echo", queue=os.environ.get("LEDGER_QUEUE", "ledger"))
+FAIL_ONCE = bool(os.environ.get("LEDGER_FAIL_ONCE"))
+
+
+@app.job("test.Echo", queue=os.environ.get("LEDGER_QUEUE", "ledger"), backoff=fixed(0.2))
 async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-    record(f"start {ctx.job_id}")
+    record(f"start {ctx.job_id} {ctx.attempt}")
     if payload["sleep_ms"]:
         await asyncio.sleep(payload["sleep_ms"] / 1000)
-    record(f"done {ctx.job_id}")
+    if FAIL_ONCE and payload["n"] % 10 < 3 and ctx.attempt == 1:
+        raise RuntimeError("fails once")
+    record(f"done {ctx.job_id} {ctx.attempt}")
