@@ -9,13 +9,14 @@ import asyncio
 import base64
 import json
 import re
+import time
 import urllib.parse
 import urllib.request
 import uuid
 from typing import Any
 
 import aio_pika
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from bridge import Bridge, codec, testing
@@ -42,31 +43,29 @@ def dead_letters(app: Bridge, queue: str) -> list[DeadLetter]:
 
 
 def _read_topic(bootstrap: str, topic: str) -> list[bytes]:
+    """Every committed record of `topic`, oldest first by timestamp."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-        }
-    )
+        {"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
+         "enable.auto.commit": False, "isolation.level": "read_committed", "enable.partition.eof": True}
+    )  # fmt: skip
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions
-        }
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         bodies: list[tuple[int, int, bytes]] = []
-        remaining = {p for p, end in ends.items() if end > 0}
-        while remaining:
-            record = consumer.poll(10)
-            assert record is not None, f"timed out reading {topic}"
-            if record.error():
+        at_end: set[int | None] = set()
+        deadline = time.monotonic() + 30
+        # Transaction markers take offsets too and are never delivered: the end of a partition
+        # is where the consumer says so, not after the offset below the high watermark.
+        while len(at_end) < len(partitions):
+            assert time.monotonic() < deadline, f"timed out reading {topic}"
+            record = consumer.poll(0.2)
+            if record is None:
                 continue
-            partition, offset = record.partition(), record.offset()
-            assert partition is not None and offset is not None
-            bodies.append((record.timestamp()[1], offset, record.value() or b""))
-            if offset + 1 >= ends[partition]:
-                remaining.discard(partition)
+            error = record.error()
+            if error is None:
+                bodies.append((record.timestamp()[1], record.offset() or 0, record.value() or b""))
+            elif error.code() == KafkaError._PARTITION_EOF:
+                at_end.add(record.partition())
         return [body for _, _, body in sorted(bodies)]
     finally:
         consumer.close()

@@ -126,11 +126,11 @@ def test_unknown_type_is_dead_lettered_and_jobs_behind_it_run(
 
 
 def test_failing_handler_is_dead_lettered_with_its_error(make_app: Callable[..., Bridge], queue: str) -> None:
-    # Given a handler that raises (retry policies come later: one attempt for now),
+    # Given a handler that raises and a policy of one attempt,
     # When consumed, Then the job is dead-lettered with the exception in its error history.
     app = make_app()
 
-    @app.job("test.Echo", queue=queue)
+    @app.job("test.Echo", queue=queue, max_attempts=1)
     async def broken(payload: dict[str, Any], ctx: JobContext) -> None:
         raise ValueError(f"bad n {payload['n']}")
 

@@ -21,8 +21,9 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -50,12 +51,14 @@ from bridge.transports.base import (
     tier_queue,
 )
 from bridge.transports.offsets import OffsetTracker
+from bridge.transports.offsets import TopicPartition as TP
 
 log = logging.getLogger("bridge.kafka")
 client_log = logging.getLogger("bridge.kafka.client")
 FETCH_BATCH = 500
 IDLE_SLEEP_MAX_S = 0.02
 PAUSE_AFTER_S = 1.0
+DRAIN_CHECK_S = 0.25
 QUEUE_HEADER = "bridge-queue"  # on records in a delay tier: the topic they return to
 Headers = list[tuple[str, str | bytes | None]]
 METADATA_TIMEOUT_S = 5.0
@@ -85,6 +88,7 @@ class KafkaTransport:
         self._offsets = OffsetTracker()
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
         self._forwarder: _DelayForwarder | None = None
+        self._committer: Committer | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -135,14 +139,18 @@ class KafkaTransport:
     # -- publishing ------------------------------------------------------------------------
 
     async def publish(self, message: Outgoing) -> None:
+        topic, headers = await self._route(message)
+        await self._produce(topic, message.body, message.key, headers)
+
+    async def _route(self, message: Outgoing) -> tuple[str, Headers | None]:
+        """The topic (and headers) for `message`, once the topics it needs are known to exist."""
         if not message.delay_s:
             await self._require_topics([message.queue])
-            await self._produce(message.queue, message.body, message.key)
-            return
+            return message.queue, None
         # A delayed job waits in the tier that fits; the forwarder reads its queue from a header.
         tier = self._tiers[tier_for(message.delay_s, tuple(self._tiers))]
         await self._require_topics([message.queue, tier])
-        await self._produce(tier, message.body, message.key, [(QUEUE_HEADER, message.queue.encode())])
+        return tier, [(QUEUE_HEADER, message.queue.encode())]
 
     async def _produce(
         self, topic: str, body: bytes | None, key: str | bytes | None, headers: Headers | None = None
@@ -163,16 +171,21 @@ class KafkaTransport:
         await delivered
 
     async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
-        for message in publish:
-            await self.publish(message)
+        """Hand the outcome to the committer: it becomes durable with the offset past it.
+
+        What a record publishes waits until every record before it in its partition is settled
+        too, then goes out in the same transaction as the offset commit. A crash before that
+        commit loses both, and the records run again: no hop is ever published twice.
+        """
         assert delivery.partition is not None and delivery.offset is not None
+        assert self._committer is not None, "settle() outside consume()"
+        routed = [(await self._route(message), message) for message in publish]
         tp = (delivery.queue, delivery.partition)
         committable = self._offsets.done(tp, delivery.offset, delivery.handle)
-        if committable is not None and self._consumer is not None:
-            try:
-                self._consumer.store_offsets(offsets=[TopicPartition(*tp, committable)])
-            except KafkaException as exc:  # revoked meanwhile: its next owner runs it again
-                log.debug("offset %s of %s not stored: %s", committable, tp, exc)
+        if committable is None and not self._offsets.owns(tp, delivery.handle):
+            return  # revoked meanwhile: its next owner runs it again
+        outgoing: list[Record] = [(topic, m.body, m.key, headers) for (topic, headers), m in routed]
+        self._committer.add(tp, delivery.offset, outgoing, committable)
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -189,11 +202,15 @@ class KafkaTransport:
         await self._require_topics([*queues, *self._tiers.values()])
         consumer = self.group_consumer(self.settings.group)
         self._consumer = consumer
+        transactional_id = f"{self.settings.group}.{uuid.uuid4().hex}"
+        self._committer = committer = Committer(self, consumer, transactional_id, self._offsets.assigned)
+        await committer.start()
         consumer.subscribe(
             list(queues), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         self._forwarder = _DelayForwarder(self, f"{self.settings.prefix}.delay")
         forwarding = asyncio.create_task(self._forwarder.run(stop))
+        committing = asyncio.create_task(committer.run(stop))
         inflight = InFlight(process, concurrency)
         try:
             await self._fetch(consumer, queues, inflight, concurrency, stop, burst)
@@ -201,21 +218,33 @@ class KafkaTransport:
             late = await inflight.finish(grace_s)
             if late:
                 log.warning("%d jobs did not finish within %ss; they will run again", late, grace_s)
-            _commit(consumer)
-            await asyncio.to_thread(consumer.close)
-            self._consumer = None
-            stop.set()  # a burst run ends here: the forwarder stops with it
+            stop.set()  # a burst run ends here: the forwarder and committer stop with it
             await forwarding
+            await committing
+            await committer.commit()  # what finished in the grace period
+            await asyncio.to_thread(consumer.close)
+            failure = self._failure()
+            self._consumer = self._committer = None
+        if failure is not None:
+            raise TransportError(f"Kafka transaction failed; records since the last commit run again: "
+                                 f"{failure}")  # fmt: skip
+
+    def _failure(self) -> BaseException | None:
+        """A failed transaction of the consumer or the forwarder: the consumer must stop."""
+        forwarder = self._forwarder.committer if self._forwarder else None
+        for committer in (self._committer, forwarder):
+            if committer is not None and committer.failure is not None:
+                return committer.failure
+        return None
 
     def group_consumer(self, group: str, **settings: Any) -> Consumer:
-        """A consumer in `group` that stores offsets only when told and commits them every second."""
+        """A consumer in `group` whose offsets are committed only inside transactions."""
         return Consumer(
             {
                 **self._common,
                 "group.id": group,
-                "enable.auto.commit": True,
-                "auto.commit.interval.ms": 1000,
-                "enable.auto.offset.store": False,
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
                 "auto.offset.reset": "earliest",
                 "partition.assignment.strategy": "cooperative-sticky",
                 "enable.partition.eof": False,
@@ -235,6 +264,7 @@ class KafkaTransport:
         burst: bool,
     ) -> None:
         backlog: deque[Message] = deque()
+        next_check = 0.0
         paused = False
         idle_s = 0.001
         while not stop.is_set():
@@ -257,8 +287,12 @@ class KafkaTransport:
             if records:
                 idle_s = 0.001
                 continue
-            if burst and not inflight and await self._drained(consumer, queues):
+            if self._failure() is not None:
                 return
+            if burst and not inflight and time.monotonic() >= next_check:
+                if await self._drained(consumer, queues):
+                    return
+                next_check = time.monotonic() + DRAIN_CHECK_S  # each check reads every partition
             await asyncio.sleep(idle_s)
             idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
 
@@ -288,10 +322,13 @@ class KafkaTransport:
         """
         if self._offsets.in_flight():
             return False
+        assert self._committer is not None
+        if not await self._committer.commit():
+            return False
         # The tiers first: anything they forward before they are found empty is then counted
         # in the queues' high watermarks.
         assert self._forwarder is not None
-        return await self._forwarder.drained() and await read_to_end(consumer, queues)
+        return await self._forwarder.drained() and await read_to_end(consumer, queues, self._common)
 
     # Rebalance callbacks run inside consumer.consume(), on the event loop's thread.
 
@@ -300,13 +337,15 @@ class KafkaTransport:
             self._offsets.assign((tp.topic, tp.partition))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        _commit(consumer)
-        for tp in partitions:
-            self._offsets.revoke((tp.topic, tp.partition))
+        if self._committer is not None:
+            self._committer.commit_now()  # what is settled so far, before the partitions move
+        self._on_lost(consumer, partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:  # another member may own them already: commit nothing
+        for tp in partitions:  # another member may own them already: commit nothing more
             self._offsets.revoke((tp.topic, tp.partition))
+            if self._committer is not None:
+                self._committer.forget((tp.topic, tp.partition))
 
     # -- dead-letter tools -----------------------------------------------------------------
     # A record cannot be deleted from a Kafka log: a removed one is marked done in the
@@ -401,27 +440,48 @@ class KafkaTransport:
         self._topics.update(topics)
 
 
-async def read_to_end(consumer: Consumer, topics: Sequence[str]) -> bool:
-    """Whether `consumer`'s group has read every partition of `topics` to its end.
+async def read_to_end(consumer: Consumer, topics: Sequence[str], common: dict[str, Any]) -> bool:
+    """Whether `consumer`'s group has no committed record left to read in `topics`.
 
-    Partitions owned by other members (or by a member that died and whose session has not
-    expired yet) count too: a burst run must not stop while they hold jobs. Offsets that cannot
-    be read (the group is rebalancing) count as not read.
+    Every partition counts, also those owned by other members (or by one that died and whose
+    session has not expired): a burst run must not stop while they hold jobs. The check reads
+    from the group's committed offsets with a throwaway read_committed consumer, since
+    transaction markers take offsets too and a committed offset below the high watermark may
+    have nothing but markers after it. Offsets that cannot be read (the group is rebalancing)
+    count as not read.
     """
     try:
         metadata = await asyncio.to_thread(consumer.list_topics, timeout=METADATA_TIMEOUT_S)
         partitions = [TopicPartition(t, p) for t in topics for p in metadata.topics[t].partitions]
         committed = await asyncio.to_thread(consumer.committed, partitions, METADATA_TIMEOUT_S)
-        assigned = consumer.position(consumer.assignment())
-        positions = {(tp.topic, tp.partition): tp.offset for tp in assigned}
-        for tp in committed:
-            low, high = await asyncio.to_thread(consumer.get_watermark_offsets, tp, METADATA_TIMEOUT_S)
-            if max(tp.offset, positions.get((tp.topic, tp.partition), -1), low) < high:
-                return False
+        return await asyncio.to_thread(_nothing_after, common, committed)
     except KafkaException as exc:
         log.debug("cannot tell yet whether %s are read to the end: %s", ",".join(topics), exc)
         return False
-    return True
+
+
+def _nothing_after(common: dict[str, Any], committed: list[TopicPartition]) -> bool:
+    """Whether no committed record sits at or after these offsets (runs in a thread)."""
+    peek = Consumer({**common, "group.id": f"bridge-peek-{uuid.uuid4().hex}", "enable.auto.commit": False,
+                     "isolation.level": "read_committed", "enable.partition.eof": True})  # fmt: skip
+    try:
+        start = [TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+                 for tp in committed]  # fmt: skip
+        peek.assign(start)
+        at_end: set[tuple[str, int]] = set()
+        deadline = time.monotonic() + METADATA_TIMEOUT_S
+        while len(at_end) < len(start) and time.monotonic() < deadline:
+            record = peek.poll(0.2)
+            if record is None:
+                continue
+            error = record.error()
+            if error is None:
+                return False  # a record nobody in the group has committed past
+            if error.code() == KafkaError._PARTITION_EOF:
+                at_end.add((str(record.topic()), int(record.partition() or 0)))
+        return len(at_end) == len(start)
+    finally:
+        peek.close()
 
 
 def done_topic(topic: str) -> str:
@@ -442,15 +502,6 @@ def _coordinates(record: Message) -> tuple[str, int, int]:
     topic, partition, offset = record.topic(), record.partition(), record.offset()
     assert topic is not None and partition is not None and offset is not None  # set unless error()
     return topic, partition, offset
-
-
-def _commit(consumer: Consumer) -> None:
-    """Commit the stored offsets now; having none to commit is fine."""
-    try:
-        consumer.commit(asynchronous=False)
-    except KafkaException as exc:
-        if exc.args[0].code() != KafkaError._NO_OFFSET:
-            log.warning("offset commit failed: %s", exc)
 
 
 def _resolve(future: asyncio.Future[None], err: KafkaError | None, topic: str) -> None:
@@ -490,15 +541,20 @@ class _DelayForwarder:
         self.consumer: Consumer | None = None
         self.waiting: dict[tuple[str, int], int] = {}  # paused partition -> when its head is due
         self.forwarding = False
+        self.committer: Committer | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         # Small fetches: records are looked at one partition head at a time anyway.
         consumer = self.transport.group_consumer(self.group, **{"queued.max.messages.kbytes": 1024})
         self.consumer = consumer
-        consumer.subscribe(list(self.delay_ms), on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self.committer = Committer(
+            self.transport, consumer, f"{self.group}.{uuid.uuid4().hex}", lambda _: True
+        )
+        await self.committer.start()
+        consumer.subscribe(list(self.delay_ms), on_revoke=self._on_lost, on_lost=self._on_lost)
         try:
             idle_s = 0.001
-            while not stop.is_set():
+            while not stop.is_set() and self.committer.failure is None:
                 self._resume_due(consumer)
                 records = consumer.consume(FETCH_BATCH, 0)
                 due = self._take_due(consumer, records)
@@ -510,14 +566,13 @@ class _DelayForwarder:
                 await asyncio.sleep(min(idle_s, self._until_next_due_s()))
                 idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
         finally:
-            _commit(consumer)
             await asyncio.to_thread(consumer.close)
 
     async def drained(self) -> bool:
         """Whether every tier is empty: nothing waiting, nothing being forwarded, nothing unread."""
         if self.consumer is None or self.waiting or self.forwarding:
             return False
-        return await read_to_end(self.consumer, list(self.delay_ms))
+        return await read_to_end(self.consumer, list(self.delay_ms), self.transport._common)
 
     def _take_due(self, consumer: Consumer, records: list[Message]) -> list[Message]:
         now = time.time_ns() // 1_000_000
@@ -551,41 +606,153 @@ class _DelayForwarder:
         return max(0.0, (min(self.waiting.values()) - time.time_ns() // 1_000_000) / 1000)
 
     async def _forward(self, consumer: Consumer, records: list[Message]) -> None:
-        """Publish each record to its queue, then store the offsets of those that made it."""
+        """Publish each record to its queue and commit the offsets past them, in one transaction."""
+        assert self.committer is not None
         self.forwarding = True
         try:
-            sent = await asyncio.gather(*(self._send(record) for record in records), return_exceptions=True)
-            self._store(consumer, records, sent)
+            batch: list[Record] = []
+            offsets: dict[TP, int] = {}
+            first: dict[TP, int] = {}
+            for record in records:
+                topic, partition, offset = _coordinates(record)
+                offsets[(topic, partition)] = offset + 1
+                first.setdefault((topic, partition), offset)
+                queue = dict(record.headers() or []).get(QUEUE_HEADER)
+                if queue is None:  # not written by bridge: nothing says where it goes
+                    log.error(
+                        "record %s/%s of %s has no %s header; skipped", partition, offset, topic, QUEUE_HEADER
+                    )
+                    continue
+                target = queue.decode() if isinstance(queue, bytes) else queue
+                batch.append((target, record.value(), record.key(), None))
+            await self.transport._require_topics(sorted({topic for topic, *_ in batch}))
+            if not await asyncio.to_thread(self.committer.transact, batch, offsets):
+                for (topic, partition), offset in first.items():  # aborted: forward them again
+                    consumer.seek(TopicPartition(topic, partition, offset))
         finally:
             self.forwarding = False
 
-    async def _send(self, record: Message) -> None:
-        queue = dict(record.headers() or []).get(QUEUE_HEADER)
-        if queue is None:  # not written by bridge: nothing says where it goes
-            log.error("record %s/%s in %s has no %s header; skipped", record.partition(),
-                      record.offset(), record.topic(), QUEUE_HEADER)  # fmt: skip
-            return
-        target = queue.decode() if isinstance(queue, bytes) else queue
-        await self.transport._produce(target, record.value(), record.key())
-
-    def _store(self, consumer: Consumer, records: list[Message], sent: list[Any]) -> None:
-        failed: set[tuple[str, int]] = set()
-        for record, outcome in zip(records, sent, strict=True):
-            topic, partition, offset = _coordinates(record)
-            if (topic, partition) in failed:
-                continue
-            if isinstance(outcome, BaseException):  # try again from here, in order
-                log.warning("could not forward a delayed record to its queue: %s", outcome)
-                failed.add((topic, partition))
-                consumer.seek(TopicPartition(topic, partition, offset))
-                continue
-            with suppress(KafkaException):  # revoked meanwhile: the next owner forwards it again
-                consumer.store_offsets(offsets=[TopicPartition(topic, partition, offset + 1)])
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        _commit(consumer)
-        self._on_lost(consumer, partitions)
-
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Every forwarded batch is committed before the next fetch: only waiting heads to drop.
         for tp in partitions:
             self.waiting.pop((tp.topic, tp.partition), None)
+
+
+Record = tuple[str, bytes | None, str | bytes | None, Headers | None]  # topic, value, key, headers
+COMMIT_INTERVAL_S = 0.05
+
+
+Batch = dict[TP, tuple[int, list[tuple[int, list[Record]]]]]  # tp -> (offset, held records)
+
+
+class Committer:
+    """Commits consumed offsets, and what the records below them published, in Kafka transactions.
+
+    One transactional producer per consumer process (a fresh transactional.id; the consumer
+    group's metadata fences zombies, KIP-447). A transaction goes out every 50 ms while there is
+    anything to commit, so its round trips are shared by every record settled meanwhile. Every
+    offset of the group goes through here: a plain commit of a higher offset could otherwise be
+    overwritten by a lower one from a transaction. A transaction refused because the group is
+    rebalancing is aborted and tried again; any other failure stops the consumer.
+    """
+
+    def __init__(
+        self, transport: KafkaTransport, consumer: Consumer, transactional_id: str, owns: Callable[[TP], bool]
+    ) -> None:
+        self.consumer = consumer
+        self.owns = owns
+        self.producer = Producer({**transport._common, "transactional.id": transactional_id, "linger.ms": 5})
+        self.held: dict[TP, list[tuple[int, list[Record]]]] = {}  # per partition, in offset order
+        self.committable: dict[TP, int] = {}
+        self.failure: BaseException | None = None
+        self._lock = threading.Lock()  # one transaction at a time: the loop's or a rebalance's
+
+    async def start(self) -> None:
+        with _mapped("could not start Kafka transactions"):
+            await asyncio.to_thread(self.producer.init_transactions, METADATA_TIMEOUT_S * 6)
+
+    def add(self, tp: TP, offset: int, records: list[Record], committable: int | None) -> None:
+        """Record a settled offset: what it publishes waits for the offset commit past it."""
+        if records:
+            self.held.setdefault(tp, []).append((offset, records))
+        if committable is not None:
+            self.committable[tp] = committable
+
+    def forget(self, tp: TP) -> None:
+        """Drop what a lost or revoked partition held: its records run again elsewhere."""
+        self.held.pop(tp, None)
+        self.committable.pop(tp, None)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set() and self.failure is None:
+            await asyncio.sleep(COMMIT_INTERVAL_S)
+            await self.commit()
+
+    async def commit(self) -> bool:
+        """Commit what is committable now; whether everything settled so far is committed."""
+        batch = self._take()
+        if batch is None:
+            return self.failure is None
+        records, offsets = _flatten(batch)
+        if await asyncio.to_thread(self.transact, records, offsets):
+            return True
+        self._restore(batch)
+        return False
+
+    def commit_now(self) -> None:
+        """The same, blocking: for rebalance callbacks, which must finish before returning."""
+        batch = self._take()
+        if batch is not None and not self.transact(*_flatten(batch)):
+            self._restore(batch)
+
+    def _take(self) -> Batch | None:
+        if not self.committable or self.failure is not None:
+            return None
+        batch: Batch = {}
+        for tp, committable in self.committable.items():
+            waiting = self.held.get(tp, [])
+            batch[tp] = (committable, [entry for entry in waiting if entry[0] < committable])
+            self.held[tp] = [entry for entry in waiting if entry[0] >= committable]
+        self.committable = {}
+        return batch
+
+    def _restore(self, batch: Batch) -> None:
+        for tp, (committable, entries) in batch.items():
+            if self.owns(tp):  # a partition revoked meanwhile runs its records elsewhere
+                self.held[tp] = entries + self.held.get(tp, [])
+                self.committable[tp] = max(committable, self.committable.get(tp, committable))
+
+    def transact(self, records: list[Record], offsets: dict[TP, int]) -> bool:
+        """Publish `records` and commit `offsets` atomically (blocking); whether it committed."""
+        with self._lock:
+            try:
+                self.producer.begin_transaction()
+                for topic, value, key, headers in records:
+                    self.producer.produce(topic, value, key, headers=headers)
+                positions = [TopicPartition(t, p, offset) for (t, p), offset in offsets.items()]
+                metadata = self.consumer.consumer_group_metadata()
+                self.producer.send_offsets_to_transaction(positions, metadata, METADATA_TIMEOUT_S * 6)
+                self.producer.commit_transaction(METADATA_TIMEOUT_S * 6)
+                return True
+            except KafkaException as exc:
+                return self._failed(exc)
+
+    def _failed(self, exc: KafkaException) -> bool:
+        error = exc.args[0] if exc.args else None
+        with suppress(KafkaException):
+            self.producer.abort_transaction(METADATA_TIMEOUT_S)
+        if (
+            isinstance(error, KafkaError)
+            and not error.fatal()
+            and (error.txn_requires_abort() or error.retriable())
+        ):
+            log.info("Kafka transaction aborted (%s); it is tried again", error.str())
+            return False
+        log.error("Kafka transaction failed (%s); stopping so its records run again", exc)
+        self.failure = exc
+        return False
+
+
+def _flatten(batch: Batch) -> tuple[list[Record], dict[TP, int]]:
+    records = [record for _, entries in batch.values() for _, held in entries for record in held]
+    return records, {tp: committable for tp, (committable, _) in batch.items()}

@@ -64,6 +64,15 @@ class OffsetTracker:
             committable = partition.order.popleft()[0] + 1
         return committable
 
+    def assigned(self, tp: TopicPartition) -> bool:
+        """Whether `tp` is assigned now."""
+        return tp in self._partitions
+
+    def owns(self, tp: TopicPartition, generation: int) -> bool:
+        """Whether `tp` is still assigned in `generation`."""
+        partition = self._partitions.get(tp)
+        return partition is not None and partition.generation == generation
+
     def in_flight(self) -> int:
         """How many handed-out records are not settled yet."""
         return sum(len(p.by_offset) for p in self._partitions.values())
