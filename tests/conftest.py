@@ -43,7 +43,10 @@ def brokers() -> Iterator[dict[str, str]]:
     yield urls
     from tests.brokerio import delete_test_objects
 
-    delete_test_objects(urls)
+    try:
+        delete_test_objects(urls)
+    except OSError as exc:  # hygiene only: a broker that went away has failed its tests already
+        print(f"could not delete the test queues and topics: {exc}")
 
 
 @pytest.fixture(params=BROKERS)

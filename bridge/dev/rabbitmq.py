@@ -66,10 +66,7 @@ def up(log: Log = print) -> ServiceStatus:
     amqp_port = port()
     if _speaks_amqp(amqp_port):
         return _status(amqp_port, True, "already up")
-    ctl = find_program("rabbitmqctl")
-    # A busy node can be slow to answer the protocol header: ask the node itself before
-    # blaming another program for the port.
-    if port_accepts(amqp_port) and not (ctl is not None and _node_running(ctl)):
+    if port_accepts(amqp_port) and not _our_busy_node(amqp_port):
         raise DevError(
             f"port {amqp_port} is in use by another program (not an AMQP broker); stop it or set {PORT_VAR}"
         )
@@ -137,6 +134,18 @@ def _ensure_installed(amqp_port: int, log: Log) -> str:
     if ctl is None:
         raise DevError("rabbitmqctl is missing: run `sudo apt-get install --reinstall rabbitmq-server`")
     return ctl
+
+
+def _our_busy_node(amqp_port: int) -> bool:
+    """Whether the port belongs to the node configured here, running but slow to answer AMQP.
+
+    A busy node can take seconds to answer the protocol header; it is ours only if our
+    configuration already names this port (a node on another port must not be restarted).
+    """
+    conf = CONF_DIR / "rabbitmq.conf"
+    ctl = find_program("rabbitmqctl")
+    ours = conf.is_file() and conf.read_text() == rabbitmq_conf(amqp_port)
+    return ours and ctl is not None and _node_running(ctl)
 
 
 def _write_config(amqp_port: int) -> bool:
