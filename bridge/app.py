@@ -134,6 +134,7 @@ class Bridge:
             max_attempts=max_attempts,
             run_at=_moment(delay, at, now, "delay", "at"),
             expires_at=_moment(ttl, expires_at, now, "ttl", "expires_at"),
+            created_at=now,
         )
         body = codec.encode(self.registry.schema(ENVELOPE), envelope.to_avro())
         delay_s = (envelope.run_at - now) / 1000 if envelope.run_at and envelope.run_at > now else None
@@ -157,13 +158,14 @@ class Bridge:
         max_attempts: int | None = None,
         run_at: int | None = None,
         expires_at: int | None = None,
+        created_at: int | None = None,
     ) -> Envelope:
         """A new job's envelope, its payload validated against the type's schema."""
         schema = self.registry.schema(type)
         record = dict(payload) if isinstance(payload, Mapping) else payload  # else: refused below
         body = codec.encode_validated(schema, record)
         spec = self.jobs.get(type)
-        created = self.clock()
+        created = self.clock() if created_at is None else created_at
         return Envelope(
             id=uuid7(created), type=type, payload=body,
             queue=queue or (spec.queue if spec else DEFAULT_QUEUE), created_at=created,

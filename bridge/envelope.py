@@ -76,9 +76,10 @@ class Envelope:
 
     @classmethod
     def from_avro(cls, record: dict[str, Any]) -> Envelope:
-        """The envelope from a decoded record."""
-        errors = [JobError(**e) for e in record["errors"]]
-        return cls(**{**record, "errors": errors})
+        """The envelope from a decoded record (which it takes over)."""
+        if record["errors"]:
+            record["errors"] = [JobError(**e) for e in record["errors"]]
+        return cls(**record)
 
 
 _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from bridge.envelope import JobError
@@ -22,8 +22,13 @@ class JobContext:
     headers: Mapping[str, str]
     key: str | None
     idempotency_key: str | None
-    created_at: datetime
+    created_at_ms: int  # epoch milliseconds, as in the envelope
     errors: Sequence[JobError] = ()  # one per earlier failed attempt (capped)
+
+    @property
+    def created_at(self) -> datetime:
+        """When the job was enqueued."""
+        return datetime.fromtimestamp(self.created_at_ms / 1000, UTC)
 
 
 Handler = Callable[[Any, "JobContext"], Any]

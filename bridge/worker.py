@@ -60,7 +60,7 @@ class Worker:
         self.app = app
         self.transport = transport
         self.settings = settings
-        registry = app.registry
+        self._registry = registry = app.registry
         self._envelope = registry.schema(ENVELOPE)
         self._dead_letter = registry.schema(DEAD_LETTER)
         self._jobs = _resolve(app, registry.schema)
@@ -96,7 +96,7 @@ class Worker:
     async def _outcome(self, delivery: Delivery) -> Sequence[Outgoing]:
         try:
             writer, record = codec.decode(
-                delivery.body, self.app.registry, max_bytes=self.settings.max_message_bytes
+                delivery.body, self._registry, max_bytes=self.settings.max_message_bytes
             )
             envelope = Envelope.from_avro(record) if writer is self._envelope else None
         except DecodeError as exc:
@@ -109,7 +109,7 @@ class Worker:
             return [self._dead(delivery, "unknown_type", detail, envelope=envelope)]
         spec, schema = job
         try:
-            writer, payload = codec.decode(envelope.payload, self.app.registry, schema)
+            writer, payload = codec.decode(envelope.payload, self._registry, schema)
         except DecodeError as exc:
             return [self._dead(delivery, "undecodable", f"payload: {exc}", envelope=envelope)]
         if writer.name != envelope.type:
@@ -134,8 +134,7 @@ class Worker:
             job_id=envelope.id, type=envelope.type, queue=envelope.queue,
             attempt=envelope.attempt, headers=envelope.headers, key=envelope.key,
             idempotency_key=envelope.idempotency_key,
-            created_at=datetime.fromtimestamp(envelope.created_at / 1000, UTC),
-            errors=tuple(envelope.errors),
+            created_at_ms=envelope.created_at, errors=envelope.errors,
         )  # fmt: skip
         try:
             if spec.is_async:

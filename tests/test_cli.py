@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from bridge import Bridge, codec
+from tests.brokerio import read_queue
 from tests.conftest import REPO, SCHEMAS
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -95,20 +97,31 @@ def test_topology_apply_and_enqueue_on_a_real_broker(
 ) -> None:
     # Given a fresh queue, When the plan is printed, applied twice and a job enqueued,
     # Then the dry run creates nothing, the second apply finds everything, and a UUIDv7 comes back.
-    env = {"BRIDGE_BROKER": brokers[broker_name], "BRIDGE_REGISTRY": str(SCHEMAS)}
+    env = {
+        "BRIDGE_BROKER": brokers[broker_name], "BRIDGE_REGISTRY": str(SCHEMAS),
+        "BRIDGE_PREFIX": f"p{queue[2:10]}", "BRIDGE_DELAY_TIERS": "1s,1m",
+    }  # fmt: skip
     plan = bridge("topology", "apply", "--queues", queue, "--dry-run", **env)
     assert plan.returncode == 0, plan.stderr
-    assert "exists" not in plan.stdout.replace("exchange", "") and queue in plan.stdout
+    assert "exists" not in plan.stdout and queue in plan.stdout and f"p{queue[2:10]}.delay.1m" in plan.stdout
     refused = bridge("enqueue", "test.Echo", '{"n": 1}', "--queue", queue, **env)
     assert_one_line_error(refused, "topology apply")
 
     assert bridge("topology", "apply", "--queues", queue, **env).returncode == 0
     again = bridge("topology", "apply", "--queues", queue, **env)
-    assert again.stdout.count("exists") == 2, again.stdout
+    assert "create" not in again.stdout and again.stdout.count("exists") >= 4, again.stdout
 
     done = bridge("enqueue", "test.Echo", '{"n": 1}', "--queue", queue, "--key", "k1", **env)
     assert done.returncode == 0, done.stderr
     assert UUID.match(done.stdout.strip())
+
+    # --delay 90s waits in the longest tier that fits (1m), carrying run_at = created_at + 90 s.
+    delayed = bridge("enqueue", "test.Echo", '{"n": 2}', "--queue", queue, "--delay", "90s", **env)
+    assert delayed.returncode == 0, delayed.stderr
+    app = Bridge(broker=env["BRIDGE_BROKER"], registry=str(SCHEMAS), prefix=env["BRIDGE_PREFIX"])
+    [body] = read_queue(app, f"{env['BRIDGE_PREFIX']}.delay.1m")
+    envelope = codec.decode(body, app.registry)[1]
+    assert envelope["id"] == delayed.stdout.strip() and envelope["run_at"] - envelope["created_at"] == 90_000
 
 
 def test_python_dash_m_bridge_shows_help() -> None:

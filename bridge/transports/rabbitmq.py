@@ -192,15 +192,17 @@ class RabbitTransport:
         if not burst:
             await stop.wait()
             return
-        seen = -1
+        waiting = [*queues, *self._tiers.values()]  # delayed and retried jobs count too
+        quiet = 0
         while not stop.is_set():
-            # Drained when nothing is ready, nothing runs, and nothing arrived since the last look:
-            # a delivery already on the wire reaches us within one check.
-            now_seen = arrivals()
-            waiting = [*queues, *self._tiers.values()]  # delayed and retried jobs count too
-            if not inflight and now_seen == seen and await self._ready(channel, waiting) == 0:
+            # Drained after two looks in a row that find nothing ready, nothing running and
+            # nothing arrived. One is not enough: a message can leave a tier and be delivered
+            # to us while we count, and its delivery is only seen running by the next look.
+            seen = arrivals()
+            empty = not inflight and await self._ready(channel, waiting) == 0
+            quiet = quiet + 1 if empty and not inflight and arrivals() == seen else 0
+            if quiet >= 2:
                 return
-            seen = now_seen
             with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), DRAIN_CHECK_S)
 
