@@ -82,6 +82,7 @@ class KafkaTransport:
             self._common["security.protocol"] = "SSL"
         self._producer: Producer | None = None
         self._topics: set[str] = set()
+        self._lookup = asyncio.Lock()
         self._closing = threading.Event()
         self._poller: threading.Thread | None = None
         self._consumer: Consumer | None = None
@@ -128,7 +129,9 @@ class KafkaTransport:
     async def _require_topics(self, topics: Sequence[str]) -> None:
         missing = [t for t in topics if t not in self._topics]
         if missing:
-            self._topics = await self._topic_names()
+            async with self._lookup:  # one metadata request, however many publishes wait on it
+                if any(t not in self._topics for t in missing):
+                    self._topics = await self._topic_names()
             missing = [t for t in missing if t not in self._topics]
         if missing:
             raise TransportError(
@@ -143,8 +146,12 @@ class KafkaTransport:
         await self._produce(topic, message.body, message.key, headers)
 
     async def _route(self, message: Outgoing) -> tuple[str, Headers | None]:
-        """The topic (and headers) for `message`, once the topics it needs are known to exist."""
-        if not message.delay_s:
+        """The topic (and headers) for `message`, once the topics it needs are known to exist.
+
+        A delay shorter than the shortest tier goes straight to the queue: the worker waits out
+        the rest, which is far more precise than a whole tier.
+        """
+        if not message.delay_s or message.delay_s < min(self._tiers):
             await self._require_topics([message.queue])
             return message.queue, None
         # A delayed job waits in the tier that fits; the forwarder reads its queue from a header.
@@ -184,7 +191,9 @@ class KafkaTransport:
         committable = self._offsets.done(tp, delivery.offset, delivery.handle)
         if committable is None and not self._offsets.owns(tp, delivery.handle):
             return  # revoked meanwhile: its next owner runs it again
-        outgoing: list[Record] = [(topic, m.body, m.key, headers) for (topic, headers), m in routed]
+        # Stamped now: a tier's wait counts from here, not from when the transaction goes out.
+        now = time.time_ns() // 1_000_000
+        outgoing: list[Record] = [(topic, m.body, m.key, headers, now) for (topic, headers), m in routed]
         self._committer.add(tp, delivery.offset, outgoing, committable)
 
     # -- consuming -------------------------------------------------------------------------
@@ -455,8 +464,8 @@ async def read_to_end(consumer: Consumer, topics: Sequence[str], common: dict[st
         partitions = [TopicPartition(t, p) for t in topics for p in metadata.topics[t].partitions]
         committed = await asyncio.to_thread(consumer.committed, partitions, METADATA_TIMEOUT_S)
         return await asyncio.to_thread(_nothing_after, common, committed)
-    except KafkaException as exc:
-        log.debug("cannot tell yet whether %s are read to the end: %s", ",".join(topics), exc)
+    except (KafkaException, KeyError) as exc:  # KeyError: metadata of a new topic not there yet
+        log.debug("cannot tell yet whether %s are read to the end: %r", ",".join(topics), exc)
         return False
 
 
@@ -544,8 +553,10 @@ class _DelayForwarder:
         self.committer: Committer | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        # Small fetches: records are looked at one partition head at a time anyway.
-        consumer = self.transport.group_consumer(self.group, **{"queued.max.messages.kbytes": 1024})
+        # Small fetches (records are looked at one partition head at a time anyway), and short
+        # fetch waits, so a partition resumed when its head is due is read at once.
+        settings = {"queued.max.messages.kbytes": 1024, "fetch.wait.max.ms": 50}
+        consumer = self.transport.group_consumer(self.group, **settings)
         self.consumer = consumer
         self.committer = Committer(
             self.transport, consumer, f"{self.group}.{uuid.uuid4().hex}", lambda _: True
@@ -624,7 +635,7 @@ class _DelayForwarder:
                     )
                     continue
                 target = queue.decode() if isinstance(queue, bytes) else queue
-                batch.append((target, record.value(), record.key(), None))
+                batch.append((target, record.value(), record.key(), None, 0))
             await self.transport._require_topics(sorted({topic for topic, *_ in batch}))
             if not await asyncio.to_thread(self.committer.transact, batch, offsets):
                 for (topic, partition), offset in first.items():  # aborted: forward them again
@@ -638,7 +649,8 @@ class _DelayForwarder:
             self.waiting.pop((tp.topic, tp.partition), None)
 
 
-Record = tuple[str, bytes | None, str | bytes | None, Headers | None]  # topic, value, key, headers
+# topic, value, key, headers, timestamp (epoch ms; 0 lets the producer stamp it)
+Record = tuple[str, bytes | None, str | bytes | None, Headers | None, int]
 COMMIT_INTERVAL_S = 0.05
 
 
@@ -727,8 +739,8 @@ class Committer:
         with self._lock:
             try:
                 self.producer.begin_transaction()
-                for topic, value, key, headers in records:
-                    self.producer.produce(topic, value, key, headers=headers)
+                for topic, value, key, headers, timestamp in records:
+                    self.producer.produce(topic, value, key, headers=headers, timestamp=timestamp)
                 positions = [TopicPartition(t, p, offset) for (t, p), offset in offsets.items()]
                 metadata = self.consumer.consumer_group_metadata()
                 self.producer.send_offsets_to_transaction(positions, metadata, METADATA_TIMEOUT_S * 6)

@@ -63,6 +63,7 @@ class RabbitTransport:
         self.exchange_name = f"{settings.prefix}.jobs"
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
         self._known_queues: set[str] = set()
+        self._lookup = asyncio.Lock()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -95,7 +96,7 @@ class RabbitTransport:
     async def publish(self, message: Outgoing) -> None:
         assert self._channel is not None, "publish() before connect()"
         exchange = self.exchange_name
-        if message.delay_s:
+        if message.delay_s and message.delay_s >= min(self._tiers):  # shorter: the worker waits
             # The tier routes anything; the queue it comes back to must exist now, or the job
             # would be dropped when its time comes.
             await self._require_queue(message.queue)
@@ -118,8 +119,10 @@ class RabbitTransport:
             raise PublishError(f"RabbitMQ refused the publish to {message.queue}: {confirmation!r}")
 
     async def _require_queue(self, name: str) -> None:
-        if name not in self._known_queues:
-            if not await self._queue_exists(name):
+        if name in self._known_queues:
+            return
+        async with self._lookup:  # one check, however many publishes wait on it
+            if name not in self._known_queues and not await self._queue_exists(name):
                 raise PublishError(f"RabbitMQ queue {name} does not exist: run `bridge topology apply`")
             self._known_queues.add(name)
 
