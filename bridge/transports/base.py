@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -103,15 +104,26 @@ class Transport(Protocol):
 
 
 class InFlight:
-    """The deliveries being processed: at most `limit` at once, awaited on stop."""
+    """The deliveries being processed: at most `limit` at once, awaited on stop.
+
+    `start` hands a delivery to a pool of `limit` long-lived worker tasks rather than creating
+    a task per delivery, which was the largest per-job cost of a fast handler; `run` processes
+    one in the caller's task (aiormq already made one per delivery).
+    """
 
     def __init__(self, process: Process, limit: int) -> None:
         self._process = process
+        self._limit = limit
         self._slots = asyncio.Semaphore(limit)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._count = 0  # started and not finished
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+        self._callers: set[asyncio.Task[Any]] = set()
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        return self._count
 
     def has_room(self) -> bool:
         """Whether a delivery could start now without waiting."""
@@ -127,37 +139,53 @@ class InFlight:
         return True
 
     async def start(self, delivery: Delivery) -> None:
-        """Wait for a free slot, then process `delivery` in its own task."""
+        """Wait for a free slot, then have a worker task process `delivery`."""
         await self._slots.acquire()
-        task = asyncio.create_task(self._run(delivery))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._begin()
+        if not self._workers:
+            self._workers = [asyncio.create_task(self._work()) for _ in range(self._limit)]
+        self._queue.put_nowait(delivery)
 
-    async def _run(self, delivery: Delivery) -> None:
-        try:
-            await self._process(delivery)
-        finally:
-            self._slots.release()
+    async def _work(self) -> None:
+        while True:
+            delivery = await self._queue.get()
+            try:
+                await self._process(delivery)
+            finally:
+                self._end()
 
     async def run(self, delivery: Delivery) -> None:
         """Wait for a free slot, then process `delivery` in the calling task."""
         await self._slots.acquire()
+        self._begin()
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)
+        self._callers.add(task)
         try:
             await self._process(delivery)
         finally:
-            self._tasks.discard(task)
-            self._slots.release()
+            self._callers.discard(task)
+            self._end()
+
+    def _begin(self) -> None:
+        self._count += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self._count -= 1
+        self._slots.release()
+        if not self._count:
+            self._idle.set()
 
     async def finish(self, grace_s: float) -> int:
         """Wait up to `grace_s` for in-flight work; cancel the rest and return how many."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace_s)
-        late = list(self._tasks)
-        for task in late:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        late = self._count
+        tasks = [*self._workers, *self._callers]
+        for task in tasks:
             task.cancel()
-        if late:
-            await asyncio.wait(late)
-        return len(late)
+        if tasks:
+            await asyncio.wait(tasks)
+        self._workers = []
+        return late

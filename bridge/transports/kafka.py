@@ -673,7 +673,17 @@ class Committer:
     ) -> None:
         self.consumer = consumer
         self.owns = owns
-        self.producer = Producer({**transport._common, "transactional.id": transactional_id, "linger.ms": 5})
+        self.producer = Producer(
+            {
+                **transport._common,
+                "transactional.id": transactional_id,
+                "linger.ms": 5,
+                # A process killed mid-transaction blocks read_committed consumers of the topics
+                # it wrote to until the coordinator aborts it: after 10 s, not the default 60 s.
+                # Transactions here last milliseconds.
+                "transaction.timeout.ms": 10000,
+            }
+        )
         self.held: dict[TP, list[tuple[int, list[Record]]]] = {}  # per partition, in offset order
         self.committable: dict[TP, int] = {}
         self.failure: BaseException | None = None
