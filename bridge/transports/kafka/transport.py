@@ -1,30 +1,13 @@
-"""Kafka through confluent-kafka (librdkafka); the only module that imports it.
-
-Producing: an idempotent producer (acks=all); a publish returns when its delivery report
-arrives. A daemon thread serves delivery reports so a publish never waits on the consumer loop.
-
-Consuming: records are fetched without blocking the event loop (`consume(timeout=0)` with a
-short back-off when idle) so rebalance callbacks run on the loop's thread and need no locks.
-Offsets are stored by hand (`enable.auto.offset.store=false`) and only for the lowest record of a
-partition not yet settled (`OffsetTracker`); librdkafka commits stored offsets every second, on
-revoke (we commit synchronously there) and on close. On a lost partition nothing is committed.
-When every slot is busy the assigned partitions are paused and polling goes on, so a long job
-never pushes the consumer past `max.poll.interval.ms`.
-
-Per-key ordering (later) fits between fetch and `InFlight.start`: records of one key wait in a
-lane while an earlier one of the same key runs; offsets need no change.
-"""
+"""The Kafka transport: producing, consuming in a group, topology and the dead-letter tools."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
 from typing import Any
 
 from confluent_kafka import (
@@ -50,18 +33,26 @@ from bridge.transports.base import (
     dlq_name,
     tier_queue,
 )
+from bridge.transports.kafka.commit import Committer
+from bridge.transports.kafka.common import (
+    FETCH_BATCH,
+    IDLE_SLEEP_MAX_S,
+    METADATA_TIMEOUT_S,
+    QUEUE_HEADER,
+    Headers,
+    Record,
+    client_log,
+    coordinates,
+    log,
+    mapped,
+    positions,
+    read_to_end,
+)
+from bridge.transports.kafka.forwarder import DelayForwarder
 from bridge.transports.offsets import OffsetTracker
-from bridge.transports.offsets import TopicPartition as TP
 
-log = logging.getLogger("bridge.kafka")
-client_log = logging.getLogger("bridge.kafka.client")
-FETCH_BATCH = 500
-IDLE_SLEEP_MAX_S = 0.02
 PAUSE_AFTER_S = 1.0
 DRAIN_CHECK_S = 0.25
-QUEUE_HEADER = "bridge-queue"  # on records in a delay tier: the topic they return to
-Headers = list[tuple[str, str | bytes | None]]
-METADATA_TIMEOUT_S = 5.0
 
 
 class KafkaTransport:
@@ -88,7 +79,7 @@ class KafkaTransport:
         self._consumer: Consumer | None = None
         self._offsets = OffsetTracker()
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
-        self._forwarder: _DelayForwarder | None = None
+        self._forwarder: DelayForwarder | None = None
         self._committer: Committer | None = None
 
     # -- connection ------------------------------------------------------------------------
@@ -121,7 +112,7 @@ class KafkaTransport:
         self._producer = self._poller = None
 
     async def _topic_names(self) -> set[str]:
-        with _mapped(f"cannot reach Kafka at {self.url}; is it running? (`bridge dev up` starts one)"):
+        with mapped(f"cannot reach Kafka at {self.url}; is it running? (`bridge dev up` starts one)"):
             assert self._producer is not None
             metadata = await asyncio.to_thread(self._producer.list_topics, timeout=METADATA_TIMEOUT_S)
         return set(metadata.topics)
@@ -212,12 +203,14 @@ class KafkaTransport:
         consumer = self.group_consumer(self.settings.group)
         self._consumer = consumer
         transactional_id = f"{self.settings.group}.{uuid.uuid4().hex}"
-        self._committer = committer = Committer(self, consumer, transactional_id, self._offsets.assigned)
+        self._committer = committer = Committer(
+            self._common, consumer, transactional_id, self._offsets.assigned
+        )
         await committer.start()
         consumer.subscribe(
             list(queues), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
-        self._forwarder = _DelayForwarder(self, f"{self.settings.prefix}.delay")
+        self._forwarder = DelayForwarder(self, f"{self.settings.prefix}.delay")
         forwarding = asyncio.create_task(self._forwarder.run(stop))
         committing = asyncio.create_task(committer.run(stop))
         inflight = InFlight(process, concurrency)
@@ -310,7 +303,7 @@ class KafkaTransport:
         if error is not None:
             log.warning("Kafka consumer: %s", error)
             return
-        topic, partition, offset = _coordinates(record)
+        topic, partition, offset = coordinates(record)
         generation = self._offsets.started((topic, partition), offset)
         key = record.key()
         text_key = key.decode("utf-8", "replace") if key else None
@@ -370,7 +363,7 @@ class KafkaTransport:
     async def sweep(self, queue: str, decide: Decide) -> int:
         await self._require_topics([queue, done_topic(queue)])
         producer = Producer({**self._common, "transactional.id": f"{self.settings.prefix}.sweep.{queue}"})
-        with _mapped(f"could not start a transaction on {queue}"):
+        with mapped(f"could not start a transaction on {queue}"):
             # Fences any other sweep of this queue (its open transaction is aborted) before the
             # done marks are read, so two runs can never both act on the same record.
             await asyncio.to_thread(producer.init_transactions, METADATA_TIMEOUT_S * 6)
@@ -383,7 +376,7 @@ class KafkaTransport:
             if publish is None:
                 continue
             await self._require_topics([m.queue for m in publish])
-            with _mapped(f"could not remove a record from {queue}"):
+            with mapped(f"could not remove a record from {queue}"):
                 producer.begin_transaction()
                 for message in publish:
                     producer.produce(message.queue, message.body, message.key)
@@ -406,10 +399,10 @@ class KafkaTransport:
             }
             consumer.assign(partitions)
             records: list[tuple[str, bytes]] = []
-            while any(position.offset < ends[position.partition] for position in _positions(consumer)):
+            while any(position.offset < ends[position.partition] for position in positions(consumer)):
                 for record in consumer.consume(FETCH_BATCH, 0.2):
                     if record.error() is None:
-                        _, partition, offset = _coordinates(record)
+                        _, partition, offset = coordinates(record)
                         key = record.key() if topic.endswith(".done") else None
                         records.append(
                             (key.decode() if key else f"{partition}:{offset}", record.value() or b"")
@@ -440,7 +433,7 @@ class KafkaTransport:
         admin = AdminClient(self._common)
         futures = admin.create_topics([self._new_topic(t) for t in topics])
         for topic, future in futures.items():
-            with _mapped(f"could not create Kafka topic {topic}"):
+            with mapped(f"could not create Kafka topic {topic}"):
                 try:
                     await asyncio.wrap_future(future)
                 except KafkaException as exc:
@@ -449,68 +442,9 @@ class KafkaTransport:
         self._topics.update(topics)
 
 
-async def read_to_end(consumer: Consumer, topics: Sequence[str], common: dict[str, Any]) -> bool:
-    """Whether `consumer`'s group has no committed record left to read in `topics`.
-
-    Every partition counts, also those owned by other members (or by one that died and whose
-    session has not expired): a burst run must not stop while they hold jobs. The check reads
-    from the group's committed offsets with a throwaway read_committed consumer, since
-    transaction markers take offsets too and a committed offset below the high watermark may
-    have nothing but markers after it. Offsets that cannot be read (the group is rebalancing)
-    count as not read.
-    """
-    try:
-        metadata = await asyncio.to_thread(consumer.list_topics, timeout=METADATA_TIMEOUT_S)
-        partitions = [TopicPartition(t, p) for t in topics for p in metadata.topics[t].partitions]
-        committed = await asyncio.to_thread(consumer.committed, partitions, METADATA_TIMEOUT_S)
-        return await asyncio.to_thread(_nothing_after, common, committed)
-    except (KafkaException, KeyError) as exc:  # KeyError: metadata of a new topic not there yet
-        log.debug("cannot tell yet whether %s are read to the end: %r", ",".join(topics), exc)
-        return False
-
-
-def _nothing_after(common: dict[str, Any], committed: list[TopicPartition]) -> bool:
-    """Whether no committed record sits at or after these offsets (runs in a thread)."""
-    peek = Consumer({**common, "group.id": f"bridge-peek-{uuid.uuid4().hex}", "enable.auto.commit": False,
-                     "isolation.level": "read_committed", "enable.partition.eof": True})  # fmt: skip
-    try:
-        start = [TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
-                 for tp in committed]  # fmt: skip
-        peek.assign(start)
-        at_end: set[tuple[str, int]] = set()
-        deadline = time.monotonic() + METADATA_TIMEOUT_S
-        while len(at_end) < len(start) and time.monotonic() < deadline:
-            record = peek.poll(0.2)
-            if record is None:
-                continue
-            error = record.error()
-            if error is None:
-                return False  # a record nobody in the group has committed past
-            if error.code() == KafkaError._PARTITION_EOF:
-                at_end.add((str(record.topic()), int(record.partition() or 0)))
-        return len(at_end) == len(start)
-    finally:
-        peek.close()
-
-
 def done_topic(topic: str) -> str:
     """The compacted topic marking records of `topic` that the dead-letter tools removed."""
     return f"{topic}.done"
-
-
-def _positions(consumer: Consumer) -> list[TopicPartition]:
-    """Next offset to read of each assigned partition (positions not yet known read as 0)."""
-    return [
-        TopicPartition(tp.topic, tp.partition, max(tp.offset, 0))
-        for tp in consumer.position(consumer.assignment())
-    ]
-
-
-def _coordinates(record: Message) -> tuple[str, int, int]:
-    """Topic, partition and offset of a record that is not an error."""
-    topic, partition, offset = record.topic(), record.partition(), record.offset()
-    assert topic is not None and partition is not None and offset is not None  # set unless error()
-    return topic, partition, offset
 
 
 def _resolve(future: asyncio.Future[None], err: KafkaError | None, topic: str) -> None:
@@ -520,261 +454,3 @@ def _resolve(future: asyncio.Future[None], err: KafkaError | None, topic: str) -
         future.set_result(None)
     else:
         future.set_exception(PublishError(f"Kafka did not acknowledge a publish to {topic}: {err.str()}"))
-
-
-@contextmanager
-def _mapped(what: str) -> Iterator[None]:
-    """Translate librdkafka's errors into TransportError at one place."""
-    try:
-        yield
-    except KafkaException as exc:
-        error = exc.args[0] if exc.args else None
-        detail = error.str() if isinstance(error, KafkaError) else str(exc)
-        retriable = bool(isinstance(error, KafkaError) and error.retriable())
-        raise TransportError(f"{what}: {detail}", retriable=retriable) from exc
-
-
-class _DelayForwarder:
-    """Moves records from the delay tiers to their queues once they are due.
-
-    Karafka's way: a tier's records all wait the same time, so they come due in order; when a
-    partition's head is not due yet, seek back to it and pause the partition until it is. Only
-    one record per partition is ever looked at, however many wait. Every `bridge consume` of
-    the prefix shares one group, so each delayed record is forwarded by one of them.
-    """
-
-    def __init__(self, transport: KafkaTransport, group: str) -> None:
-        self.transport = transport
-        self.group = group
-        self.delay_ms = {topic: int(tier_s * 1000) for tier_s, topic in transport._tiers.items()}
-        self.consumer: Consumer | None = None
-        self.waiting: dict[tuple[str, int], int] = {}  # paused partition -> when its head is due
-        self.forwarding = False
-        self.committer: Committer | None = None
-
-    async def run(self, stop: asyncio.Event) -> None:
-        # Small fetches (records are looked at one partition head at a time anyway), and short
-        # fetch waits, so a partition resumed when its head is due is read at once.
-        settings = {"queued.max.messages.kbytes": 1024, "fetch.wait.max.ms": 50}
-        consumer = self.transport.group_consumer(self.group, **settings)
-        self.consumer = consumer
-        self.committer = Committer(
-            self.transport, consumer, f"{self.group}.{uuid.uuid4().hex}", lambda _: True
-        )
-        await self.committer.start()
-        consumer.subscribe(list(self.delay_ms), on_revoke=self._on_lost, on_lost=self._on_lost)
-        try:
-            idle_s = 0.001
-            while not stop.is_set() and self.committer.failure is None:
-                self._resume_due(consumer)
-                records = consumer.consume(FETCH_BATCH, 0)
-                due = self._take_due(consumer, records)
-                if due:
-                    await self._forward(consumer, due)
-                if records:
-                    idle_s = 0.001
-                    continue
-                await asyncio.sleep(min(idle_s, self._until_next_due_s()))
-                idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
-        finally:
-            await asyncio.to_thread(consumer.close)
-
-    async def drained(self) -> bool:
-        """Whether every tier is empty: nothing waiting, nothing being forwarded, nothing unread."""
-        if self.consumer is None or self.waiting or self.forwarding:
-            return False
-        return await read_to_end(self.consumer, list(self.delay_ms), self.transport._common)
-
-    def _take_due(self, consumer: Consumer, records: list[Message]) -> list[Message]:
-        now = time.time_ns() // 1_000_000
-        due = []
-        for record in records:
-            if record.error() is not None:
-                log.warning("delay forwarder: %s", record.error())
-                continue
-            topic, partition, offset = _coordinates(record)
-            if (topic, partition) in self.waiting:
-                continue  # its partition was rewound to an earlier head; it comes again later
-            ready_at = record.timestamp()[1] + self.delay_ms[topic]
-            if ready_at > now:
-                consumer.pause([TopicPartition(topic, partition)])
-                consumer.seek(TopicPartition(topic, partition, offset))
-                self.waiting[(topic, partition)] = ready_at
-                continue
-            due.append(record)
-        return due
-
-    def _resume_due(self, consumer: Consumer) -> None:
-        now = time.time_ns() // 1_000_000
-        for tp, ready_at in list(self.waiting.items()):
-            if ready_at <= now:
-                del self.waiting[tp]
-                consumer.resume([TopicPartition(*tp)])
-
-    def _until_next_due_s(self) -> float:
-        if not self.waiting:
-            return IDLE_SLEEP_MAX_S
-        return max(0.0, (min(self.waiting.values()) - time.time_ns() // 1_000_000) / 1000)
-
-    async def _forward(self, consumer: Consumer, records: list[Message]) -> None:
-        """Publish each record to its queue and commit the offsets past them, in one transaction."""
-        assert self.committer is not None
-        self.forwarding = True
-        try:
-            batch: list[Record] = []
-            offsets: dict[TP, int] = {}
-            first: dict[TP, int] = {}
-            for record in records:
-                topic, partition, offset = _coordinates(record)
-                offsets[(topic, partition)] = offset + 1
-                first.setdefault((topic, partition), offset)
-                queue = dict(record.headers() or []).get(QUEUE_HEADER)
-                if queue is None:  # not written by bridge: nothing says where it goes
-                    log.error(
-                        "record %s/%s of %s has no %s header; skipped", partition, offset, topic, QUEUE_HEADER
-                    )
-                    continue
-                target = queue.decode() if isinstance(queue, bytes) else queue
-                batch.append((target, record.value(), record.key(), None, 0))
-            await self.transport._require_topics(sorted({topic for topic, *_ in batch}))
-            if not await asyncio.to_thread(self.committer.transact, batch, offsets):
-                for (topic, partition), offset in first.items():  # aborted: forward them again
-                    consumer.seek(TopicPartition(topic, partition, offset))
-        finally:
-            self.forwarding = False
-
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Every forwarded batch is committed before the next fetch: only waiting heads to drop.
-        for tp in partitions:
-            self.waiting.pop((tp.topic, tp.partition), None)
-
-
-# topic, value, key, headers, timestamp (epoch ms; 0 lets the producer stamp it)
-Record = tuple[str, bytes | None, str | bytes | None, Headers | None, int]
-COMMIT_INTERVAL_S = 0.05
-
-
-Batch = dict[TP, tuple[int, list[tuple[int, list[Record]]]]]  # tp -> (offset, held records)
-
-
-class Committer:
-    """Commits consumed offsets, and what the records below them published, in Kafka transactions.
-
-    One transactional producer per consumer process (a fresh transactional.id; the consumer
-    group's metadata fences zombies, KIP-447). A transaction goes out every 50 ms while there is
-    anything to commit, so its round trips are shared by every record settled meanwhile. Every
-    offset of the group goes through here: a plain commit of a higher offset could otherwise be
-    overwritten by a lower one from a transaction. A transaction refused because the group is
-    rebalancing is aborted and tried again; any other failure stops the consumer.
-    """
-
-    def __init__(
-        self, transport: KafkaTransport, consumer: Consumer, transactional_id: str, owns: Callable[[TP], bool]
-    ) -> None:
-        self.consumer = consumer
-        self.owns = owns
-        self.producer = Producer(
-            {
-                **transport._common,
-                "transactional.id": transactional_id,
-                "linger.ms": 5,
-                # A process killed mid-transaction blocks read_committed consumers of the topics
-                # it wrote to until the coordinator aborts it: after 10 s, not the default 60 s.
-                # Transactions here last milliseconds.
-                "transaction.timeout.ms": 10000,
-            }
-        )
-        self.held: dict[TP, list[tuple[int, list[Record]]]] = {}  # per partition, in offset order
-        self.committable: dict[TP, int] = {}
-        self.failure: BaseException | None = None
-        self._lock = threading.Lock()  # one transaction at a time: the loop's or a rebalance's
-
-    async def start(self) -> None:
-        with _mapped("could not start Kafka transactions"):
-            await asyncio.to_thread(self.producer.init_transactions, METADATA_TIMEOUT_S * 6)
-
-    def add(self, tp: TP, offset: int, records: list[Record], committable: int | None) -> None:
-        """Record a settled offset: what it publishes waits for the offset commit past it."""
-        if records:
-            self.held.setdefault(tp, []).append((offset, records))
-        if committable is not None:
-            self.committable[tp] = committable
-
-    def forget(self, tp: TP) -> None:
-        """Drop what a lost or revoked partition held: its records run again elsewhere."""
-        self.held.pop(tp, None)
-        self.committable.pop(tp, None)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set() and self.failure is None:
-            await asyncio.sleep(COMMIT_INTERVAL_S)
-            await self.commit()
-
-    async def commit(self) -> bool:
-        """Commit what is committable now; whether everything settled so far is committed."""
-        batch = self._take()
-        if batch is None:
-            return self.failure is None
-        records, offsets = _flatten(batch)
-        if await asyncio.to_thread(self.transact, records, offsets):
-            return True
-        self._restore(batch)
-        return False
-
-    def commit_now(self) -> None:
-        """The same, blocking: for rebalance callbacks, which must finish before returning."""
-        batch = self._take()
-        if batch is not None and not self.transact(*_flatten(batch)):
-            self._restore(batch)
-
-    def _take(self) -> Batch | None:
-        if not self.committable or self.failure is not None:
-            return None
-        batch: Batch = {}
-        for tp, committable in self.committable.items():
-            waiting = self.held.get(tp, [])
-            batch[tp] = (committable, [entry for entry in waiting if entry[0] < committable])
-            self.held[tp] = [entry for entry in waiting if entry[0] >= committable]
-        self.committable = {}
-        return batch
-
-    def _restore(self, batch: Batch) -> None:
-        for tp, (committable, entries) in batch.items():
-            if self.owns(tp):  # a partition revoked meanwhile runs its records elsewhere
-                self.held[tp] = entries + self.held.get(tp, [])
-                self.committable[tp] = max(committable, self.committable.get(tp, committable))
-
-    def transact(self, records: list[Record], offsets: dict[TP, int]) -> bool:
-        """Publish `records` and commit `offsets` atomically (blocking); whether it committed."""
-        with self._lock:
-            try:
-                self.producer.begin_transaction()
-                for topic, value, key, headers, timestamp in records:
-                    self.producer.produce(topic, value, key, headers=headers, timestamp=timestamp)
-                positions = [TopicPartition(t, p, offset) for (t, p), offset in offsets.items()]
-                metadata = self.consumer.consumer_group_metadata()
-                self.producer.send_offsets_to_transaction(positions, metadata, METADATA_TIMEOUT_S * 6)
-                self.producer.commit_transaction(METADATA_TIMEOUT_S * 6)
-                return True
-            except KafkaException as exc:
-                return self._failed(exc)
-
-    def _failed(self, exc: KafkaException) -> bool:
-        error = exc.args[0] if exc.args else None
-        with suppress(KafkaException):
-            self.producer.abort_transaction(METADATA_TIMEOUT_S)
-        if (
-            isinstance(error, KafkaError)
-            and not error.fatal()
-            and (error.txn_requires_abort() or error.retriable())
-        ):
-            log.info("Kafka transaction aborted (%s); it is tried again", error.str())
-            return False
-        log.error("Kafka transaction failed (%s); stopping so its records run again", exc)
-        self.failure = exc
-        return False
-
-
-def _flatten(batch: Batch) -> tuple[list[Record], dict[TP, int]]:
-    records = [record for _, entries in batch.values() for _, held in entries for record in held]
-    return records, {tp: committable for tp, (committable, _) in batch.items()}

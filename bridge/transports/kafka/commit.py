@@ -1,0 +1,142 @@
+"""Offsets and what the records below them published, committed in Kafka transactions."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from bridge.transports.kafka.common import METADATA_TIMEOUT_S, Record, log, mapped
+from bridge.transports.offsets import TopicPartition as TP
+
+COMMIT_INTERVAL_S = 0.05
+
+
+Batch = dict[TP, tuple[int, list[tuple[int, list[Record]]]]]  # tp -> (offset, held records)
+
+
+class Committer:
+    """Commits consumed offsets, and what the records below them published, in Kafka transactions.
+
+    One transactional producer per consumer process (a fresh transactional.id; the consumer
+    group's metadata fences zombies, KIP-447). A transaction goes out every 50 ms while there is
+    anything to commit, so its round trips are shared by every record settled meanwhile. Every
+    offset of the group goes through here: a plain commit of a higher offset could otherwise be
+    overwritten by a lower one from a transaction. A transaction refused because the group is
+    rebalancing is aborted and tried again; any other failure stops the consumer.
+    """
+
+    def __init__(
+        self, common: dict[str, Any], consumer: Consumer, transactional_id: str, owns: Callable[[TP], bool]
+    ) -> None:
+        self.consumer = consumer
+        self.owns = owns
+        self.producer = Producer(
+            {
+                **common,
+                "transactional.id": transactional_id,
+                "linger.ms": 5,
+                # A process killed mid-transaction blocks read_committed consumers of the topics
+                # it wrote to until the coordinator aborts it: after 10 s, not the default 60 s.
+                # Transactions here last milliseconds.
+                "transaction.timeout.ms": 10000,
+            }
+        )
+        self.held: dict[TP, list[tuple[int, list[Record]]]] = {}  # per partition, in offset order
+        self.committable: dict[TP, int] = {}
+        self.failure: BaseException | None = None
+        self._lock = threading.Lock()  # one transaction at a time: the loop's or a rebalance's
+
+    async def start(self) -> None:
+        with mapped("could not start Kafka transactions"):
+            await asyncio.to_thread(self.producer.init_transactions, METADATA_TIMEOUT_S * 6)
+
+    def add(self, tp: TP, offset: int, records: list[Record], committable: int | None) -> None:
+        """Record a settled offset: what it publishes waits for the offset commit past it."""
+        if records:
+            self.held.setdefault(tp, []).append((offset, records))
+        if committable is not None:
+            self.committable[tp] = committable
+
+    def forget(self, tp: TP) -> None:
+        """Drop what a lost or revoked partition held: its records run again elsewhere."""
+        self.held.pop(tp, None)
+        self.committable.pop(tp, None)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set() and self.failure is None:
+            await asyncio.sleep(COMMIT_INTERVAL_S)
+            await self.commit()
+
+    async def commit(self) -> bool:
+        """Commit what is committable now; whether everything settled so far is committed."""
+        batch = self._take()
+        if batch is None:
+            return self.failure is None
+        records, offsets = _flatten(batch)
+        if await asyncio.to_thread(self.transact, records, offsets):
+            return True
+        self._restore(batch)
+        return False
+
+    def commit_now(self) -> None:
+        """The same, blocking: for rebalance callbacks, which must finish before returning."""
+        batch = self._take()
+        if batch is not None and not self.transact(*_flatten(batch)):
+            self._restore(batch)
+
+    def _take(self) -> Batch | None:
+        if not self.committable or self.failure is not None:
+            return None
+        batch: Batch = {}
+        for tp, committable in self.committable.items():
+            waiting = self.held.get(tp, [])
+            batch[tp] = (committable, [entry for entry in waiting if entry[0] < committable])
+            self.held[tp] = [entry for entry in waiting if entry[0] >= committable]
+        self.committable = {}
+        return batch
+
+    def _restore(self, batch: Batch) -> None:
+        for tp, (committable, entries) in batch.items():
+            if self.owns(tp):  # a partition revoked meanwhile runs its records elsewhere
+                self.held[tp] = entries + self.held.get(tp, [])
+                self.committable[tp] = max(committable, self.committable.get(tp, committable))
+
+    def transact(self, records: list[Record], offsets: dict[TP, int]) -> bool:
+        """Publish `records` and commit `offsets` atomically (blocking); whether it committed."""
+        with self._lock:
+            try:
+                self.producer.begin_transaction()
+                for topic, value, key, headers, timestamp in records:
+                    self.producer.produce(topic, value, key, headers=headers, timestamp=timestamp)
+                positions = [TopicPartition(t, p, offset) for (t, p), offset in offsets.items()]
+                metadata = self.consumer.consumer_group_metadata()
+                self.producer.send_offsets_to_transaction(positions, metadata, METADATA_TIMEOUT_S * 6)
+                self.producer.commit_transaction(METADATA_TIMEOUT_S * 6)
+                return True
+            except KafkaException as exc:
+                return self._failed(exc)
+
+    def _failed(self, exc: KafkaException) -> bool:
+        error = exc.args[0] if exc.args else None
+        with suppress(KafkaException):
+            self.producer.abort_transaction(METADATA_TIMEOUT_S)
+        if (
+            isinstance(error, KafkaError)
+            and not error.fatal()
+            and (error.txn_requires_abort() or error.retriable())
+        ):
+            log.info("Kafka transaction aborted (%s); it is tried again", error.str())
+            return False
+        log.error("Kafka transaction failed (%s); stopping so its records run again", exc)
+        self.failure = exc
+        return False
+
+
+def _flatten(batch: Batch) -> tuple[list[Record], dict[TP, int]]:
+    records = [record for _, entries in batch.values() for _, held in entries for record in held]
+    return records, {tp: committable for tp, (committable, _) in batch.items()}

@@ -1,0 +1,96 @@
+"""What the parts of the Kafka transport share: settings, record types, reading to the end."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from bridge.errors import TransportError
+
+log = logging.getLogger("bridge.kafka")
+client_log = logging.getLogger("bridge.kafka.client")
+FETCH_BATCH = 500
+IDLE_SLEEP_MAX_S = 0.02
+METADATA_TIMEOUT_S = 5.0
+QUEUE_HEADER = "bridge-queue"  # on records in a delay tier: the topic they return to
+Headers = list[tuple[str, str | bytes | None]]
+# topic, value, key, headers, timestamp (epoch ms; 0 lets the producer stamp it)
+Record = tuple[str, bytes | None, str | bytes | None, Headers | None, int]
+
+
+async def read_to_end(consumer: Consumer, topics: Sequence[str], common: dict[str, Any]) -> bool:
+    """Whether `consumer`'s group has no committed record left to read in `topics`.
+
+    Every partition counts, also those owned by other members (or by one that died and whose
+    session has not expired): a burst run must not stop while they hold jobs. The check reads
+    from the group's committed offsets with a throwaway read_committed consumer, since
+    transaction markers take offsets too and a committed offset below the high watermark may
+    have nothing but markers after it. Offsets that cannot be read (the group is rebalancing)
+    count as not read.
+    """
+    try:
+        metadata = await asyncio.to_thread(consumer.list_topics, timeout=METADATA_TIMEOUT_S)
+        partitions = [TopicPartition(t, p) for t in topics for p in metadata.topics[t].partitions]
+        committed = await asyncio.to_thread(consumer.committed, partitions, METADATA_TIMEOUT_S)
+        return await asyncio.to_thread(_nothing_after, common, committed)
+    except (KafkaException, KeyError) as exc:  # KeyError: metadata of a new topic not there yet
+        log.debug("cannot tell yet whether %s are read to the end: %r", ",".join(topics), exc)
+        return False
+
+
+def _nothing_after(common: dict[str, Any], committed: list[TopicPartition]) -> bool:
+    """Whether no committed record sits at or after these offsets (runs in a thread)."""
+    peek = Consumer({**common, "group.id": f"bridge-peek-{uuid.uuid4().hex}", "enable.auto.commit": False,
+                     "isolation.level": "read_committed", "enable.partition.eof": True})  # fmt: skip
+    try:
+        start = [TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+                 for tp in committed]  # fmt: skip
+        peek.assign(start)
+        at_end: set[tuple[str, int]] = set()
+        deadline = time.monotonic() + METADATA_TIMEOUT_S
+        while len(at_end) < len(start) and time.monotonic() < deadline:
+            record = peek.poll(0.2)
+            if record is None:
+                continue
+            error = record.error()
+            if error is None:
+                return False  # a record nobody in the group has committed past
+            if error.code() == KafkaError._PARTITION_EOF:
+                at_end.add((str(record.topic()), int(record.partition() or 0)))
+        return len(at_end) == len(start)
+    finally:
+        peek.close()
+
+
+def positions(consumer: Consumer) -> list[TopicPartition]:
+    """Next offset to read of each assigned partition (positions not yet known read as 0)."""
+    return [
+        TopicPartition(tp.topic, tp.partition, max(tp.offset, 0))
+        for tp in consumer.position(consumer.assignment())
+    ]
+
+
+def coordinates(record: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a record that is not an error."""
+    topic, partition, offset = record.topic(), record.partition(), record.offset()
+    assert topic is not None and partition is not None and offset is not None  # set unless error()
+    return topic, partition, offset
+
+
+@contextmanager
+def mapped(what: str) -> Iterator[None]:
+    """Translate librdkafka's errors into TransportError at one place."""
+    try:
+        yield
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else None
+        detail = error.str() if isinstance(error, KafkaError) else str(exc)
+        retriable = bool(isinstance(error, KafkaError) and error.retriable())
+        raise TransportError(f"{what}: {detail}", retriable=retriable) from exc

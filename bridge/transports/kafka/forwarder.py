@@ -1,0 +1,139 @@
+"""Moves delayed records from the tier topics to their queues once they are due."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from bridge.transports.kafka.commit import Committer
+from bridge.transports.kafka.common import (
+    FETCH_BATCH,
+    IDLE_SLEEP_MAX_S,
+    QUEUE_HEADER,
+    Record,
+    coordinates,
+    log,
+    read_to_end,
+)
+from bridge.transports.offsets import TopicPartition as TP
+
+if TYPE_CHECKING:
+    from bridge.transports.kafka.transport import KafkaTransport
+
+
+class DelayForwarder:
+    """Moves records from the delay tiers to their queues once they are due.
+
+    Karafka's way: a tier's records all wait the same time, so they come due in order; when a
+    partition's head is not due yet, seek back to it and pause the partition until it is. Only
+    one record per partition is ever looked at, however many wait. Every `bridge consume` of
+    the prefix shares one group, so each delayed record is forwarded by one of them.
+    """
+
+    def __init__(self, transport: KafkaTransport, group: str) -> None:
+        self.transport = transport
+        self.group = group
+        self.delay_ms = {topic: int(tier_s * 1000) for tier_s, topic in transport._tiers.items()}
+        self.consumer: Consumer | None = None
+        self.waiting: dict[tuple[str, int], int] = {}  # paused partition -> when its head is due
+        self.forwarding = False
+        self.committer: Committer | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        # Small fetches (records are looked at one partition head at a time anyway), and short
+        # fetch waits, so a partition resumed when its head is due is read at once.
+        settings = {"queued.max.messages.kbytes": 1024, "fetch.wait.max.ms": 50}
+        consumer = self.transport.group_consumer(self.group, **settings)
+        self.consumer = consumer
+        transactional_id = f"{self.group}.{uuid.uuid4().hex}"
+        self.committer = Committer(self.transport._common, consumer, transactional_id, lambda _: True)
+        await self.committer.start()
+        consumer.subscribe(list(self.delay_ms), on_revoke=self._on_lost, on_lost=self._on_lost)
+        try:
+            idle_s = 0.001
+            while not stop.is_set() and self.committer.failure is None:
+                self._resume_due(consumer)
+                records = consumer.consume(FETCH_BATCH, 0)
+                due = self._take_due(consumer, records)
+                if due:
+                    await self._forward(consumer, due)
+                if records:
+                    idle_s = 0.001
+                    continue
+                await asyncio.sleep(min(idle_s, self._until_next_due_s()))
+                idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
+        finally:
+            await asyncio.to_thread(consumer.close)
+
+    async def drained(self) -> bool:
+        """Whether every tier is empty: nothing waiting, nothing being forwarded, nothing unread."""
+        if self.consumer is None or self.waiting or self.forwarding:
+            return False
+        return await read_to_end(self.consumer, list(self.delay_ms), self.transport._common)
+
+    def _take_due(self, consumer: Consumer, records: list[Message]) -> list[Message]:
+        now = time.time_ns() // 1_000_000
+        due = []
+        for record in records:
+            if record.error() is not None:
+                log.warning("delay forwarder: %s", record.error())
+                continue
+            topic, partition, offset = coordinates(record)
+            if (topic, partition) in self.waiting:
+                continue  # its partition was rewound to an earlier head; it comes again later
+            ready_at = record.timestamp()[1] + self.delay_ms[topic]
+            if ready_at > now:
+                consumer.pause([TopicPartition(topic, partition)])
+                consumer.seek(TopicPartition(topic, partition, offset))
+                self.waiting[(topic, partition)] = ready_at
+                continue
+            due.append(record)
+        return due
+
+    def _resume_due(self, consumer: Consumer) -> None:
+        now = time.time_ns() // 1_000_000
+        for tp, ready_at in list(self.waiting.items()):
+            if ready_at <= now:
+                del self.waiting[tp]
+                consumer.resume([TopicPartition(*tp)])
+
+    def _until_next_due_s(self) -> float:
+        if not self.waiting:
+            return IDLE_SLEEP_MAX_S
+        return max(0.0, (min(self.waiting.values()) - time.time_ns() // 1_000_000) / 1000)
+
+    async def _forward(self, consumer: Consumer, records: list[Message]) -> None:
+        """Publish each record to its queue and commit the offsets past them, in one transaction."""
+        assert self.committer is not None
+        self.forwarding = True
+        try:
+            batch: list[Record] = []
+            offsets: dict[TP, int] = {}
+            first: dict[TP, int] = {}
+            for record in records:
+                topic, partition, offset = coordinates(record)
+                offsets[(topic, partition)] = offset + 1
+                first.setdefault((topic, partition), offset)
+                queue = dict(record.headers() or []).get(QUEUE_HEADER)
+                if queue is None:  # not written by bridge: nothing says where it goes
+                    log.error(
+                        "record %s/%s of %s has no %s header; skipped", partition, offset, topic, QUEUE_HEADER
+                    )
+                    continue
+                target = queue.decode() if isinstance(queue, bytes) else queue
+                batch.append((target, record.value(), record.key(), None, 0))
+            await self.transport._require_topics(sorted({topic for topic, *_ in batch}))
+            if not await asyncio.to_thread(self.committer.transact, batch, offsets):
+                for (topic, partition), offset in first.items():  # aborted: forward them again
+                    consumer.seek(TopicPartition(topic, partition, offset))
+        finally:
+            self.forwarding = False
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Every forwarded batch is committed before the next fetch: only waiting heads to drop.
+        for tp in partitions:
+            self.waiting.pop((tp.topic, tp.partition), None)
