@@ -100,13 +100,15 @@ def decide(
     return RetryAt(now_ms + max(0, int(delay_s * 1000)))
 
 
-def tier_for(remaining_s: float, tiers_s: tuple[float, ...]) -> float:
-    """The delay tier to wait in: the longest not past `remaining_s`, else the shortest.
+def tier_for(remaining_s: float, tiers_s: tuple[float, ...]) -> float | None:
+    """The delay tier to wait in: the longest not past `remaining_s`.
 
-    A job hops through tiers until its time comes, so a 3-day delay works with a 6-hour tier.
+    None when `remaining_s` is shorter than every tier: so short a wait is better spent in the
+    worker than a whole tier late. A job hops through tiers until its time comes, so a 3-day
+    delay works with a 6-hour tier.
     """
     fitting = [t for t in tiers_s if t <= remaining_s]
-    return max(fitting) if fitting else min(tiers_s)
+    return max(fitting) if fitting else None
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

@@ -23,7 +23,7 @@ from bridge.config import Settings
 from bridge.envelope import DeadLetter, Envelope, JobError
 from bridge.errors import ConfigError, DecodeError, UnknownJobType
 from bridge.jobs import JobContext, JobSpec
-from bridge.policy import GiveUp, decide, keep_recent
+from bridge.policy import GiveUp, decide, keep_recent, tier_for
 from bridge.registry import DEAD_LETTER, ENVELOPE
 from bridge.transports.base import Delivery, Outgoing, Transport, dlq_name
 
@@ -64,7 +64,6 @@ class Worker:
         self._envelope = registry.schema(ENVELOPE)
         self._dead_letter = registry.schema(DEAD_LETTER)
         self._jobs = _resolve(app, registry.schema)
-        self._shortest_tier_s = min(settings.delay_tiers)
         self._threads = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="bridge-job")
         self.stats = Stats()
 
@@ -121,10 +120,10 @@ class Worker:
             return [self._dead(delivery, "expired", detail, envelope=envelope)]
         if envelope.run_at is not None and envelope.run_at > now:
             early_s = (envelope.run_at - now) / 1000
-            if early_s > self._shortest_tier_s:  # back to the tier that fits what is left
+            if tier_for(early_s, self.settings.delay_tiers) is not None:  # back to a tier
                 self.stats.delayed += 1
                 return [Outgoing(envelope.queue, delivery.body, envelope.key, early_s)]
-            await asyncio.sleep(early_s)  # less than one tier early: waiting here is more precise
+            await asyncio.sleep(early_s)  # less than any tier early: waiting here is more precise
         return await self._run(spec, payload, envelope, delivery)
 
     async def _run(

@@ -96,11 +96,12 @@ class RabbitTransport:
     async def publish(self, message: Outgoing) -> None:
         assert self._channel is not None, "publish() before connect()"
         exchange = self.exchange_name
-        if message.delay_s and message.delay_s >= min(self._tiers):  # shorter: the worker waits
+        tier_s = tier_for(message.delay_s, tuple(self._tiers)) if message.delay_s else None
+        if tier_s is not None:  # shorter than every tier: straight to the queue (see `tier_for`)
             # The tier routes anything; the queue it comes back to must exist now, or the job
             # would be dropped when its time comes.
             await self._require_queue(message.queue)
-            exchange = self._tiers[tier_for(message.delay_s, tuple(self._tiers))]
+            exchange = self._tiers[tier_s]
         try:
             # aiormq directly: aio-pika's Message costs more than the rest of a publish.
             channel = await self._channel.get_underlay_channel()

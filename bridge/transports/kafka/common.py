@@ -6,8 +6,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import closing, contextmanager
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -47,34 +47,41 @@ async def read_to_end(consumer: Consumer, topics: Sequence[str], common: dict[st
 
 def _nothing_after(common: dict[str, Any], committed: list[TopicPartition]) -> bool:
     """Whether no committed record sits at or after these offsets (runs in a thread)."""
-    peek = Consumer({**common, "group.id": f"bridge-peek-{uuid.uuid4().hex}", "enable.auto.commit": False,
-                     "isolation.level": "read_committed", "enable.partition.eof": True})  # fmt: skip
+    start = [TopicPartition(tp.topic, tp.partition, max(tp.offset, OFFSET_BEGINNING)) for tp in committed]
     try:
-        start = [TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
-                 for tp in committed]  # fmt: skip
-        peek.assign(start)
-        at_end: set[tuple[str, int]] = set()
+        with closing(read_committed(common, start)) as records:
+            return next(records, None) is None  # a record nobody in the group has committed past
+    except TransportError:
+        return False
+
+
+def read_committed(common: dict[str, Any], start: list[TopicPartition]) -> Generator[Message, None, None]:
+    """Every committed record from `start` to the end of each partition (blocking).
+
+    Transaction markers take offsets too and are never delivered, so the end is where the
+    consumer reports it, not the offset below the high watermark. A read that makes no progress
+    for METADATA_TIMEOUT_S raises TransportError.
+    """
+    reader = Consumer({**common, "group.id": f"bridge-reader-{uuid.uuid4().hex}", "enable.auto.commit": False,
+                       "isolation.level": "read_committed", "enable.partition.eof": True})  # fmt: skip
+    try:
+        reader.assign(start)
+        at_end: set[tuple[str | None, int | None]] = set()
         deadline = time.monotonic() + METADATA_TIMEOUT_S
-        while len(at_end) < len(start) and time.monotonic() < deadline:
-            record = peek.poll(0.2)
+        while len(at_end) < len(start):
+            if time.monotonic() > deadline:
+                raise TransportError(f"timed out reading {', '.join(sorted({tp.topic for tp in start}))}")
+            record = reader.poll(0.2)
             if record is None:
                 continue
+            deadline = time.monotonic() + METADATA_TIMEOUT_S
             error = record.error()
             if error is None:
-                return False  # a record nobody in the group has committed past
-            if error.code() == KafkaError._PARTITION_EOF:
-                at_end.add((str(record.topic()), int(record.partition() or 0)))
-        return len(at_end) == len(start)
+                yield record
+            elif error.code() == KafkaError._PARTITION_EOF:
+                at_end.add((record.topic(), record.partition()))
     finally:
-        peek.close()
-
-
-def positions(consumer: Consumer) -> list[TopicPartition]:
-    """Next offset to read of each assigned partition (positions not yet known read as 0)."""
-    return [
-        TopicPartition(tp.topic, tp.partition, max(tp.offset, 0))
-        for tp in consumer.position(consumer.assignment())
-    ]
+        reader.close()
 
 
 def coordinates(record: Message) -> tuple[str, int, int]:

@@ -45,7 +45,7 @@ from bridge.transports.kafka.common import (
     coordinates,
     log,
     mapped,
-    positions,
+    read_committed,
     read_to_end,
 )
 from bridge.transports.kafka.forwarder import DelayForwarder
@@ -139,14 +139,14 @@ class KafkaTransport:
     async def _route(self, message: Outgoing) -> tuple[str, Headers | None]:
         """The topic (and headers) for `message`, once the topics it needs are known to exist.
 
-        A delay shorter than the shortest tier goes straight to the queue: the worker waits out
-        the rest, which is far more precise than a whole tier.
+        A delay shorter than every tier goes straight to the queue (see `tier_for`).
         """
-        if not message.delay_s or message.delay_s < min(self._tiers):
+        tier_s = tier_for(message.delay_s, tuple(self._tiers)) if message.delay_s else None
+        if tier_s is None:
             await self._require_topics([message.queue])
             return message.queue, None
         # A delayed job waits in the tier that fits; the forwarder reads its queue from a header.
-        tier = self._tiers[tier_for(message.delay_s, tuple(self._tiers))]
+        tier = self._tiers[tier_s]
         await self._require_topics([message.queue, tier])
         return tier, [(QUEUE_HEADER, message.queue.encode())]
 
@@ -387,29 +387,16 @@ class KafkaTransport:
 
     def _read_topic(self, topic: str) -> list[tuple[str, bytes]]:
         """Every committed record of `topic` as (`partition:offset` or its key, value)."""
-        consumer = Consumer({**self._common, "group.id": f"{self.settings.prefix}.reader",
-                             "enable.auto.commit": False, "isolation.level": "read_committed"})  # fmt: skip
-        try:
-            metadata = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
-            partitions = [
-                TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.topics[topic].partitions
-            ]
-            ends = {
-                tp.partition: consumer.get_watermark_offsets(tp, METADATA_TIMEOUT_S)[1] for tp in partitions
-            }
-            consumer.assign(partitions)
-            records: list[tuple[str, bytes]] = []
-            while any(position.offset < ends[position.partition] for position in positions(consumer)):
-                for record in consumer.consume(FETCH_BATCH, 0.2):
-                    if record.error() is None:
-                        _, partition, offset = coordinates(record)
-                        key = record.key() if topic.endswith(".done") else None
-                        records.append(
-                            (key.decode() if key else f"{partition}:{offset}", record.value() or b"")
-                        )
-            return records
-        finally:
-            consumer.close()
+        assert self._producer is not None
+        metadata = self._producer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+        start = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.topics[topic].partitions]
+        records = []
+        for record in read_committed(self._common, start):
+            _, partition, offset = coordinates(record)
+            key = record.key() if topic.endswith(".done") else None
+            name = key.decode() if isinstance(key, bytes) else key or f"{partition}:{offset}"
+            records.append((name, record.value() or b""))
+        return records
 
     # -- topology --------------------------------------------------------------------------
 
