@@ -13,7 +13,8 @@ from tests.processes import publish
 
 
 def test_a_member_joining_mid_run_shares_the_partitions(brokers: dict[str, str], queue: str) -> None:
-    # Given 600 jobs of 25 ms on 3 partitions and one consumer at work (two at a time),
+    # Given 600 jobs of 25 ms on 3 partitions and one consumer at work (two at a time, held
+    # after 60 runs until the second has run one, since joining a group takes seconds),
     # When a second consumer of the same group joins (a cooperative rebalance: the first
     # commits what it finished for the partitions it gives up),
     # Then both run jobs, every job runs, and few run twice.
@@ -21,15 +22,22 @@ def test_a_member_joining_mid_run_shares_the_partitions(brokers: dict[str, str],
     group = f"g-{uuid.uuid4().hex[:12]}"
     runs: Counter[str] = Counter()
     by_member: Counter[str] = Counter()
+    second_ran = asyncio.Event()
 
     def member(name: str) -> Bridge:
         app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=group, concurrency=2)
 
         @app.job("test.Echo", queue=queue)
         async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+            if name == "first" and len(runs) >= 60:
+                # Joining takes seconds: hold the first member until the second has partitions,
+                # or it could finish every job before the handover.
+                await second_ran.wait()
             await asyncio.sleep(payload["sleep_ms"] / 1000)
             runs[ctx.job_id] += 1
             by_member[name] += 1
+            if name == "second":
+                second_ran.set()
 
         return app
 

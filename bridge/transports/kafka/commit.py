@@ -77,8 +77,7 @@ class Committer:
         batch = self._take()
         if batch is None:
             return self.failure is None
-        records, offsets = _flatten(batch)
-        if await asyncio.to_thread(self.transact, records, offsets):
+        if await self.transact(*_flatten(batch)):
             return True
         self._restore(batch)
         return False
@@ -86,7 +85,9 @@ class Committer:
     def commit_now(self) -> None:
         """The same, blocking: for rebalance callbacks, which must finish before returning."""
         batch = self._take()
-        if batch is not None and not self.transact(*_flatten(batch)):
+        if batch is None:
+            return
+        if not self._transact(*_flatten(batch), self.consumer.consumer_group_metadata()):
             self._restore(batch)
 
     def _take(self) -> Batch | None:
@@ -106,15 +107,25 @@ class Committer:
                 self.held[tp] = entries + self.held.get(tp, [])
                 self.committable[tp] = max(committable, self.committable.get(tp, committable))
 
-    def transact(self, records: list[Record], offsets: dict[TP, int]) -> bool:
-        """Publish `records` and commit `offsets` atomically (blocking); whether it committed."""
+    async def transact(self, records: list[Record], offsets: dict[TP, int]) -> bool:
+        """Publish `records` and commit `offsets` atomically; whether it committed.
+
+        Call it from the thread that consumes. The group metadata is read here, not in the
+        worker thread: a consumer call from another thread can wait on a consume() that is
+        running a rebalance callback, and that callback (`commit_now`) waits for this
+        transaction to finish; the two would wait on each other for good.
+        """
+        metadata = self.consumer.consumer_group_metadata()
+        return await asyncio.to_thread(self._transact, records, offsets, metadata)
+
+    def _transact(self, records: list[Record], offsets: dict[TP, int], metadata: object) -> bool:
+        """Publish and commit in one transaction (blocking); touches only the producer."""
         with self._lock:
             try:
                 self.producer.begin_transaction()
                 for topic, value, key, headers, timestamp in records:
                     self.producer.produce(topic, value, key, headers=headers, timestamp=timestamp)
                 positions = [TopicPartition(t, p, offset) for (t, p), offset in offsets.items()]
-                metadata = self.consumer.consumer_group_metadata()
                 self.producer.send_offsets_to_transaction(positions, metadata, METADATA_TIMEOUT_S * 6)
                 self.producer.commit_transaction(METADATA_TIMEOUT_S * 6)
                 return True

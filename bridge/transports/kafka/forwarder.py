@@ -127,7 +127,7 @@ class DelayForwarder:
                 target = queue.decode() if isinstance(queue, bytes) else queue
                 batch.append((target, record.value(), record.key(), None, 0))
             await self.transport._require_topics(sorted({topic for topic, *_ in batch}))
-            if not await asyncio.to_thread(self.committer.transact, batch, offsets):
+            if not await self.committer.transact(batch, offsets):
                 for (topic, partition), offset in first.items():  # aborted: forward them again
                     consumer.seek(TopicPartition(topic, partition, offset))
         finally:
