@@ -1,21 +1,31 @@
-"""`bridge dev`: docker-compose.yml matches the native brokers; `up` is idempotent and never hangs.
+"""`bridge dev`: docker-compose.yml matches the native services; `up` is idempotent and never hangs.
 
-`down` is not tested here: other tests share the running brokers.
+`down` of the shared services is not tested here: other tests use them. The crash test runs
+stores of its own, on other ports.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
 import re
+import shutil
+import signal
 import socket
+import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from bridge import dev
-from bridge.dev import compose, kafka, rabbitmq
+from bridge.dev import compose, kafka, postgres, rabbitmq, redis
 from bridge.errors import DevError
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
@@ -63,11 +73,34 @@ def test_compose_runs_the_native_kafka_version() -> None:
     assert compose_services()["kafka"]["image"] == f"apache/kafka:{kafka.KAFKA_VERSION}"
 
 
+def test_compose_postgres_has_the_native_login() -> None:
+    # Given the postgres service of docker-compose.yml
+    env = compose_services()["postgres"]["environment"]
+    # Then it makes the role, password and database of the native URL, with the same initdb options
+    assert env == {
+        "POSTGRES_USER": postgres.USER,
+        "POSTGRES_PASSWORD": postgres.PASSWORD,
+        "POSTGRES_DB": postgres.DATABASE,
+        "POSTGRES_INITDB_ARGS": " ".join(postgres.INITDB_ARGS),
+    }
+
+
+def test_compose_redis_has_exactly_the_native_settings() -> None:
+    # Given the redis service of docker-compose.yml
+    command = compose_services()["redis"]["command"]
+    # Then its flags are the native server's shared settings, and nothing else
+    flags = dict(zip(command[1::2], command[2::2], strict=True))
+    assert command[0] == "redis-server"
+    assert flags == {f"--{setting}": value for setting, value in redis.REDIS_SETTINGS.items()}
+
+
 def test_compose_publishes_the_native_ports_on_loopback_only() -> None:
-    # Given the broker services of docker-compose.yml, with no port overrides set
+    # Given the services of docker-compose.yml, with no port overrides set
     services = compose_services()
     kafka_ports = [unset_defaults(port) for port in services["kafka"]["ports"]]
     rabbit_ports = [unset_defaults(port) for port in services["rabbitmq"]["ports"]]
+    postgres_ports = [unset_defaults(port) for port in services["postgres"]["ports"]]
+    redis_ports = [unset_defaults(port) for port in services["redis"]["ports"]]
     advertised = unset_defaults(services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"])
     # Then they are published on 127.0.0.1 at the native ports
     assert kafka_ports == [f"127.0.0.1:{kafka.DEFAULT_PORT}:29092"]
@@ -75,6 +108,8 @@ def test_compose_publishes_the_native_ports_on_loopback_only() -> None:
         f"127.0.0.1:{rabbitmq.DEFAULT_PORT}:5672",
         f"127.0.0.1:{rabbitmq.MANAGEMENT_PORT}:15672",
     ]
+    assert postgres_ports == [f"127.0.0.1:{postgres.DEFAULT_PORT}:5432"]
+    assert redis_ports == [f"127.0.0.1:{redis.DEFAULT_PORT}:6379"]
     # And host clients are sent back to the published address, not to the container's
     assert f"HOST://127.0.0.1:{kafka.DEFAULT_PORT}" in advertised.split(",")
 
@@ -92,6 +127,22 @@ def test_native_rabbitmq_listens_on_loopback_only() -> None:
     assert "management.tcp.ip = 127.0.0.1" in conf
 
 
+def test_native_postgres_listens_on_loopback_only_and_asks_passwords() -> None:
+    conf = postgres.postgresql_conf(postgres.DEFAULT_PORT, Path("/unused/run"))
+    assert conf["listen_addresses"] == "127.0.0.1"
+    assert conf["port"] == "5432"
+    # Over TCP only 127.0.0.1 is let in, and only with a SCRAM password
+    hba = [line.split() for line in postgres.pg_hba_conf().splitlines() if line and line[0] != "#"]
+    tcp = [line for line in hba if line[0] == "host"]
+    assert tcp == [["host", "all", "all", "127.0.0.1/32", "scram-sha-256"]]
+
+
+def test_native_redis_listens_on_loopback_only() -> None:
+    conf = redis.redis_conf(redis.DEFAULT_PORT, Path("/unused"))
+    assert (conf["bind"], conf["port"], conf["protected-mode"]) == ("127.0.0.1", "6379", "yes")
+    assert redis.REDIS_SETTINGS.items() <= conf.items()
+
+
 @pytest.mark.brokers
 def test_up_again_reports_already_up(brokers: dict[str, str]) -> None:
     # Given the brokers the session brought up
@@ -101,6 +152,8 @@ def test_up_again_reports_already_up(brokers: dict[str, str]) -> None:
     assert [(s.name, s.url, s.running, s.detail) for s in again] == [
         ("kafka", brokers["kafka"], True, "already up"),
         ("rabbitmq", brokers["rabbitmq"], True, "already up"),
+        ("postgres", brokers["postgres"], True, "already up"),
+        ("redis", brokers["redis"], True, "already up"),
     ]
 
 
@@ -109,16 +162,61 @@ def test_status_says_running(brokers: dict[str, str]) -> None:
     # Given the brokers the session brought up
     # When asking for their status
     statuses = dev.status()
-    # Then both answer on their URLs
+    # Then each answers on its URL
     assert [(s.name, s.url, s.running) for s in statuses] == [
         ("kafka", brokers["kafka"], True),
         ("rabbitmq", brokers["rabbitmq"], True),
+        ("postgres", brokers["postgres"], True),
+        ("redis", brokers["redis"], True),
     ]
+
+
+@pytest.mark.brokers
+def test_postgres_url_logs_in_as_bridge(brokers: dict[str, str]) -> None:
+    # Given the PostgreSQL the session brought up
+    url = brokers["postgres"]
+    assert url == "postgresql://bridge:bridge@127.0.0.1:5432/bridge"
+    # When a client logs in with its URL, password and all
+    # Then the session is bridge's, in bridge's database
+    assert postgres_login(url) == "bridge|bridge"
+
+
+@pytest.mark.brokers
+def test_redis_url_answers_ping(brokers: dict[str, str]) -> None:
+    # Given the Redis the session brought up
+    url = brokers["redis"]
+    assert url == "redis://127.0.0.1:6379/0"
+    # When PING is sent to its URL's address
+    # Then it answers PONG
+    assert redis_ping(url) == b"+PONG\r\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", [postgres, redis], ids=["postgres", "redis"])
+def test_up_recovers_after_kill_9(store: Any, own_instance: Path) -> None:
+    # Given a store of our own (own port and data folder), killed with everything it started
+    store.up(log=quiet)
+    pids = server_pids(store, own_instance)
+    os.kill(pids[0], signal.SIGKILL)
+    for pid in pids[1:]:
+        os.kill(pid, signal.SIGKILL)
+    assert not store.status().running
+    # When up runs at once, with its pid files left behind and the pids maybe still zombies
+    again = store.up(log=quiet)
+    # Then it starts again
+    assert again.running
+    assert again.detail.startswith("started in")
+    assert store.down(log=quiet).detail.startswith("stopped in")
 
 
 @pytest.mark.parametrize(
     ("service", "port_var", "what"),
-    [("kafka", kafka.PORT_VAR, "not a Kafka broker"), ("rabbitmq", rabbitmq.PORT_VAR, "not an AMQP broker")],
+    [
+        ("kafka", kafka.PORT_VAR, "not a Kafka broker"),
+        ("rabbitmq", rabbitmq.PORT_VAR, "not an AMQP broker"),
+        ("postgres", postgres.PORT_VAR, "not a PostgreSQL server"),
+        ("redis", redis.PORT_VAR, "not a Redis server"),
+    ],
 )
 def test_port_held_by_another_program_fails_fast(
     service: str, port_var: str, what: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
@@ -141,3 +239,63 @@ def test_port_held_by_another_program_fails_fast(
 def test_unknown_service_is_refused() -> None:
     with pytest.raises(DevError, match="unknown service 'kafak'"):
         dev.status(["kafak"])
+
+
+def postgres_login(url: str) -> str:
+    """`current_user|current_database()` of a session opened with `url`: psycopg, else psql."""
+    query = "SELECT current_user || '|' || current_database()"
+    if importlib.util.find_spec("psycopg") is not None:
+        psycopg = importlib.import_module("psycopg")
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            return str(conn.execute(query).fetchone()[0])
+    # psql's own URL parsing, password included; the server refuses a wrong one.
+    done = subprocess.run(
+        ["psql", "-X", "-At", "-d", url, "-c", query], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def redis_ping(url: str) -> bytes:
+    """The raw reply to PING at a redis:// URL's host and port."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname or "", parts.port or 6379), timeout=5) as sock:
+        sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+        return sock.recv(64)
+
+
+@pytest.fixture
+def own_instance(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A free port for each store and a data folder the postgres user can reach, removed after."""
+    # Not tmp_path: as root the server runs as postgres, which cannot enter pytest's 0700 folders.
+    folder = Path(tempfile.mkdtemp(prefix="bridge-dev-test-"))
+    folder.chmod(0o755)
+    monkeypatch.setenv("BRIDGE_DATA", str(folder))
+    for port_var in (postgres.PORT_VAR, redis.PORT_VAR):
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            monkeypatch.setenv(port_var, str(probe.getsockname()[1]))
+    yield folder
+    for store in (postgres, redis):
+        store.down(log=quiet)
+    shutil.rmtree(folder)
+
+
+def server_pids(store: Any, folder: Path) -> list[int]:
+    """The pids of a store's server under `folder`, the main process first."""
+    if store is redis:
+        return [int(next(folder.glob("dev/redis-*/redis.pid")).read_text())]
+    main = int(next(folder.glob("dev/postgres-*/data/postmaster.pid")).read_text().split()[0])
+    return [main, *children(main)]
+
+
+def children(parent: int) -> list[int]:
+    """The pids whose parent is `parent` (the fourth field of /proc/PID/stat)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == parent:
+            found.append(int(stat.parent.name))
+    return found

@@ -1,7 +1,9 @@
-"""Local brokers for development: `up`, `down` and `status` of Kafka and RabbitMQ.
+"""Local services for development: `up`, `down` and `status` of the brokers and the stores.
 
-With a Docker engine, the services of docker-compose.yml; without one, a Kafka broker run from
-Maven Central jars and Debian's rabbitmq-server. Both listen on loopback only, on the same ports.
+The brokers are Kafka and RabbitMQ (for BRIDGE_BROKER), the stores PostgreSQL and Redis (for
+BRIDGE_IDEMPOTENCY). With a Docker engine, the services of docker-compose.yml; without one, a
+Kafka broker run from Maven Central jars and Debian's rabbitmq-server, postgresql and
+redis-server packages. All listen on loopback only, on the same ports either way.
 """
 
 from __future__ import annotations
@@ -10,14 +12,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from bridge.dev import compose, kafka, rabbitmq
+from bridge.dev import compose, kafka, postgres, rabbitmq, redis
 from bridge.dev._common import ServiceStatus, is_root
 from bridge.dev._proc import Log, apt_install, find_program
 from bridge.errors import DevError
 
-__all__ = ["SERVICES", "ServiceStatus", "down", "ensure_tools", "status", "up"]
+__all__ = ["BROKERS", "SERVICES", "STORES", "ServiceStatus", "down", "ensure_tools", "status", "up"]
 
-SERVICES: Final = ("kafka", "rabbitmq")
+BROKERS: Final = ("kafka", "rabbitmq")
+STORES: Final = ("postgres", "redis")
+SERVICES: Final = (*BROKERS, *STORES)
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,8 @@ class _Native:
 _NATIVE: Final = {
     "kafka": _Native(kafka.up, kafka.down, kafka.status),
     "rabbitmq": _Native(rabbitmq.up, rabbitmq.down, rabbitmq.status),
+    "postgres": _Native(postgres.up, postgres.down, postgres.status),
+    "redis": _Native(redis.up, redis.down, redis.status),
 }
 
 # Debian packages of the independent test clients, by a program each provides.
@@ -37,7 +43,7 @@ _TOOLS: Final = {"kcat": "kcat", "amqp-publish": "amqp-tools"}
 
 
 def up(services: Sequence[str] = SERVICES, *, log: Log = print) -> list[ServiceStatus]:
-    """Start the brokers that are not answering yet and wait until they serve clients."""
+    """Start the services that are not answering yet and wait until they serve clients."""
     names = _names(services)
     if compose.engine_available():
         return compose.up(names, log)
@@ -45,7 +51,7 @@ def up(services: Sequence[str] = SERVICES, *, log: Log = print) -> list[ServiceS
 
 
 def down(services: Sequence[str] = SERVICES, *, log: Log = print) -> list[ServiceStatus]:
-    """Stop the brokers `up` started; data is kept for the next `up`."""
+    """Stop the services `up` started; data is kept for the next `up`."""
     names = _names(services)
     if compose.engine_available():
         return compose.down(names, log)
@@ -53,7 +59,7 @@ def down(services: Sequence[str] = SERVICES, *, log: Log = print) -> list[Servic
 
 
 def status(services: Sequence[str] = SERVICES) -> list[ServiceStatus]:
-    """Whether each broker answers on its port, changing nothing."""
+    """Whether each service answers on its port, changing nothing."""
     return [_NATIVE[name].status() for name in _names(services)]
 
 

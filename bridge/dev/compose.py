@@ -1,7 +1,8 @@
 """The Docker path of `bridge dev`: `docker compose` with the repository's docker-compose.yml.
 
-Used only when a Docker engine answers; the brokers are then the `kafka` and `rabbitmq`
-services of docker-compose.yml, published on the same loopback ports as the native path.
+Used only when a Docker engine answers; the services are then the `kafka`, `rabbitmq`,
+`postgres` and `redis` services of docker-compose.yml, published on the same loopback ports
+as the native path.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from bridge.dev import kafka, rabbitmq
+from bridge.dev import kafka, postgres, rabbitmq, redis
 from bridge.dev._common import ServiceStatus
 from bridge.dev._proc import Log, last_line, run
 from bridge.errors import DevError
@@ -21,6 +22,8 @@ from bridge.errors import DevError
 _STATUS: Final[dict[str, Callable[[], ServiceStatus]]] = {
     "kafka": kafka.status,
     "rabbitmq": rabbitmq.status,
+    "postgres": postgres.status,
+    "redis": redis.status,
 }
 
 
