@@ -19,6 +19,7 @@ from bridge.config import Settings
 from bridge.dlq import DeadLetters
 from bridge.envelope import Envelope, now_ms, uuid7
 from bridge.errors import ConfigError
+from bridge.idempotency import DEFAULT_LEASE_S, DEFAULT_WINDOW_S, Store, default_url, enqueue_key, open_store
 from bridge.jobs import Handler, JobSpec
 from bridge.policy import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, Backoff, RetryPolicy
 from bridge.registry import ENVELOPE, Registry, open_registry
@@ -44,6 +45,8 @@ class Bridge:
         self._memory: MemoryTransport | None = None
         self.clock: Callable[[], int] = now_ms  # epoch ms; tests may replace it
         self._portal: _Portal | None = None
+        self._stores: dict[asyncio.AbstractEventLoop, Store] = {}
+        self._memory_store: Store | None = None
 
     # -- configuration -----------------------------------------------------------------
 
@@ -77,6 +80,8 @@ class Bridge:
         backoff: Backoff = DEFAULT_BACKOFF,
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         give_up_on: tuple[type[BaseException], ...] = (),
+        idempotency_ttl_s: float = DEFAULT_WINDOW_S,
+        idempotency_lease_s: float = DEFAULT_LEASE_S,
     ) -> Callable[[H], H]:
         """Register the decorated `(payload, ctx)` function, sync or async, as `type`'s handler.
 
@@ -84,6 +89,10 @@ class Bridge:
         wait, or a function of the attempt returning seconds), if its exception is one of
         `retry_on` and none of `give_up_on`; the handler may also raise `Retry(delay_s=...)` or
         `Permanent(reason)`. Problems with these settings are reported together at start.
+
+        Jobs enqueued with an idempotency key succeed once per key within `idempotency_ttl_s`
+        (from the success); a worker holds a key for `idempotency_lease_s`, renewed while the
+        handler runs, so a key held by a worker that died frees itself after that long.
         """
 
         def register(func: H) -> H:
@@ -91,7 +100,9 @@ class Bridge:
                 raise ConfigError(f"job type {type!r} already has a handler")
             policy = RetryPolicy(max_attempts, backoff, tuple(retry_on), tuple(give_up_on))
             is_async = inspect.iscoroutinefunction(func)
-            self.jobs[type] = JobSpec(type, queue or DEFAULT_QUEUE, func, is_async, policy)
+            self.jobs[type] = JobSpec(
+                type, queue or DEFAULT_QUEUE, func, is_async, policy, idempotency_ttl_s, idempotency_lease_s
+            )
             return func
 
         return register
@@ -116,13 +127,17 @@ class Bridge:
         at: datetime | None = None,
         ttl: float | timedelta | None = None,
         expires_at: datetime | None = None,
+        dedupe: bool = False,
     ) -> str:
         """Validate and publish a job; return its id once the broker acknowledged it.
 
         `delay` (seconds or a timedelta) or `at` (an aware datetime) hold the job in the
         broker's delay tiers until then; `ttl` or `expires_at` dead-letter it as `expired` if
-        it has not started by then.
+        it has not started by then. With `dedupe`, a job whose `idempotency_key` was enqueued
+        within its type's window is not published again: the earlier job's id is returned.
         """
+        if dedupe and idempotency_key is None:
+            raise ConfigError("dedupe=True needs an idempotency_key")
         now = self.clock()
         envelope = self.build_envelope(
             type,
@@ -138,8 +153,25 @@ class Bridge:
         )
         body = codec.encode(self.registry.schema(ENVELOPE), envelope.to_avro())
         delay_s = (envelope.run_at - now) / 1000 if envelope.run_at and envelope.run_at > now else None
-        transport = await self.transport()
-        await transport.publish(Outgoing(envelope.queue, body, envelope.key, delay_s))
+        outgoing = Outgoing(envelope.queue, body, envelope.key, delay_s)
+        if dedupe:
+            assert idempotency_key is not None
+            return await self._publish_once(envelope, enqueue_key(type, idempotency_key), outgoing)
+        await (await self.transport()).publish(outgoing)
+        return envelope.id
+
+    async def _publish_once(self, envelope: Envelope, key: str, outgoing: Outgoing) -> str:
+        """Publish unless `key` was enqueued within the window; the id of the job that was."""
+        spec = self.jobs.get(envelope.type)
+        store = await self.idempotency_store()
+        earlier = await store.remember(key, envelope.id, spec.idempotency_ttl_s if spec else DEFAULT_WINDOW_S)
+        if earlier is not None:
+            return earlier
+        try:
+            await (await self.transport()).publish(outgoing)
+        except BaseException:
+            await store.forget(key, envelope.id)  # not published: the next enqueue must publish
+            raise
         return envelope.id
 
     def enqueue(self, type: str, payload: Mapping[str, Any], **options: Any) -> str:
@@ -214,6 +246,23 @@ class Bridge:
             self._transports[loop] = transport
         return transport
 
+    async def idempotency_store(self) -> Store:
+        """This event loop's idempotency store, opened on first use (see `bridge.idempotency`)."""
+        loop = asyncio.get_running_loop()
+        store = self._stores.get(loop)
+        if store is None:
+            url = self.settings.idempotency
+            if url is None and self.settings.require_broker().startswith("memory://"):
+                url = "memory://"  # users' unit tests: nothing written to disk
+            if url == "memory://":
+                with self._connecting:  # shared by every loop, like the in-memory broker
+                    self._memory_store = self._memory_store or open_store(url)
+                store = self._memory_store
+            else:
+                store = open_store(url or default_url(), pool_size=self.settings.concurrency)
+            self._stores[loop] = store
+        return store
+
     def _new_transport(self) -> Transport:
         if self.settings.require_broker().startswith("memory://"):
             with self._connecting:  # one shared in-memory broker per app, whatever the loop
@@ -232,6 +281,9 @@ class Bridge:
         transport = self._transports.pop(asyncio.get_running_loop(), None)
         if transport is not None:
             await transport.close()
+        store = self._stores.pop(asyncio.get_running_loop(), None)
+        if store is not None and store is not self._memory_store:
+            await store.close()
 
     def close(self) -> None:
         """Close the sync API's transport and its loop thread."""

@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--registry", help="directory of .avsc schemas (BRIDGE_REGISTRY)")
     common.add_argument("--prefix", help="topology name prefix (BRIDGE_PREFIX, default bridge)")
+    common.add_argument(
+        "--idempotency",
+        help="key store: sqlite:///path (default), postgresql://..., redis://... (BRIDGE_IDEMPOTENCY)",
+    )
     common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     parser = _Parser(prog="bridge", description=__doc__, parents=[common])
@@ -78,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--app", help="MODULE:ATTR of a Bridge whose handler names the queue")
     enqueue.add_argument("--key", help="ordering and partition key")
     enqueue.add_argument("--idempotency-key", help="jobs sharing it have their effect once")
+    enqueue.add_argument(
+        "--dedupe", action="store_true",
+        help="publish nothing if --idempotency-key was enqueued within its window; print that job's id",
+    )  # fmt: skip
     when = enqueue.add_mutually_exclusive_group()
     when.add_argument("--delay", type=_duration, help="run no sooner than this from now: 90s, 5m, 2h, 3d")
     when.add_argument("--at", type=_moment, help="run no sooner than this time: 2026-12-01T09:00:00Z")
@@ -103,9 +111,11 @@ def _parser() -> argparse.ArgumentParser:
 
     _dlq_parsers(commands, common)
 
-    dev = commands.add_parser("dev", parents=[common], help="local Kafka and RabbitMQ for development")
+    dev = commands.add_parser(
+        "dev", parents=[common], help="local Kafka, RabbitMQ, PostgreSQL and Redis for development"
+    )
     dev.add_argument("action", choices=["up", "down", "status"])
-    dev.add_argument("services", nargs="*", help="kafka, rabbitmq (default: both)")
+    dev.add_argument("services", nargs="*", help="kafka, rabbitmq, postgres, redis (default: all)")
     dev.set_defaults(run=_dev)
     return parser
 
@@ -195,7 +205,7 @@ def _enqueue(args: argparse.Namespace) -> int:
         raise ConfigError(f"payload is not valid JSON ({exc}); quote it, e.g. '{{\"id\": 1}}'") from None
     options = {
         "queue": args.queue, "key": args.key, "idempotency_key": args.idempotency_key,
-        "delay": args.delay, "at": args.at, "ttl": args.ttl,
+        "delay": args.delay, "at": args.at, "ttl": args.ttl, "dedupe": args.dedupe,
     }  # fmt: skip
     job_id = asyncio.run(_closing(app, app.enqueue_async(args.type, payload, **options)))
     print(job_id)
@@ -306,7 +316,7 @@ def _jsonable(value: Any) -> Any:
 def _dev(args: argparse.Namespace) -> int:
     from bridge import dev  # provisioning code is only needed here
 
-    services = args.services or ["kafka", "rabbitmq"]
+    services = args.services or dev.SERVICES
     if args.action == "up":
         statuses = dev.up(services)
     elif args.action == "down":
@@ -317,7 +327,8 @@ def _dev(args: argparse.Namespace) -> int:
         print(f"{status.name:9} {'up' if status.running else 'down':5} {status.url}  ({status.detail})")
     if args.action == "up":
         for status in statuses:
-            print(f"# to use {status.name}: export BRIDGE_BROKER={status.url}")
+            setting = "BRIDGE_IDEMPOTENCY" if status.name in dev.STORES else "BRIDGE_BROKER"
+            print(f"# to use {status.name}: export {setting}={status.url}")
     return 0 if args.action != "status" or all(s.running for s in statuses) else 1
 
 
@@ -327,7 +338,13 @@ def _dev(args: argparse.Namespace) -> int:
 def _app(args: argparse.Namespace, **settings: Any) -> Bridge:
     """The app named by --app (or an empty one), configured from the common flags."""
     app = load_app(args.app) if getattr(args, "app", None) else Bridge()
-    app.configure(broker=args.broker, registry=args.registry, prefix=args.prefix, **settings)
+    app.configure(
+        broker=args.broker,
+        registry=args.registry,
+        prefix=args.prefix,
+        idempotency=args.idempotency,
+        **settings,
+    )
     app.settings  # noqa: B018 -- resolve and validate settings now, before any connection
     return app
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.errors import ConfigError
+from bridge.idempotency import check_url
 from bridge.policy import DEFAULT_TIERS_S, parse_duration
 
 BROKER_SCHEMES = ("kafka", "kafka+ssl", "amqp", "amqps", "memory")
@@ -32,6 +33,7 @@ class Settings:
     delay_tiers: tuple[float, ...] = DEFAULT_TIERS_S  # seconds; `1s,5s,30s,2m,10m,1h,6h` in text
     max_message_bytes: int = 1024 * 1024
     origin: str | None = None
+    idempotency: str | None = None  # store URL; None: sqlite in the data folder (memory:// brokers: memory)
 
     @classmethod
     def load(
@@ -76,6 +78,8 @@ class Settings:
                 problems.append(f"{name} must be at least 1")
         if self.grace_s < 0:
             problems.append("grace_s must not be negative")
+        if self.idempotency is not None:
+            problems += check_url(self.idempotency)
         if not self.prefix or not self.group:
             problems.append("prefix and group must not be empty")
         return problems

@@ -7,6 +7,8 @@
     ├── DecodeError          bytes that are not a valid framed Avro message (keeps the raw bytes)
     ├── TransportError       a broker refused, could not be reached, or did not confirm
     │   └── PublishError     a publish was not acknowledged (unroutable, nacked, timed out)
+    ├── StoreError           the idempotency store could not be reached or refused
+    │   └── LeaseLost        a job's claim on its idempotency key ended before it completed
     └── DevError             `bridge dev` could not provision or start a local broker
 
 Handlers steer retries with `Retry` and `Permanent`, which are not errors of bridge itself.
@@ -52,6 +54,14 @@ class TransportError(BridgeError):
 
 class PublishError(TransportError):
     """A publish that the broker did not acknowledge."""
+
+
+class StoreError(BridgeError):
+    """The idempotency store could not be reached or refused an operation."""
+
+
+class LeaseLost(StoreError):
+    """A claim on an idempotency key ended (its lease ran out) before the job completed."""
 
 
 class DevError(BridgeError):

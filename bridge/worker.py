@@ -21,7 +21,9 @@ from bridge import codec
 from bridge.codec import Schema
 from bridge.config import Settings
 from bridge.envelope import DeadLetter, Envelope, JobError
-from bridge.errors import ConfigError, DecodeError, UnknownJobType
+from bridge.errors import ConfigError, DecodeError, StoreError, UnknownJobType
+from bridge.idempotency import Busy, Done, run_key
+from bridge.idempotency.lease import Lease
 from bridge.jobs import JobContext, JobSpec
 from bridge.policy import GiveUp, decide, keep_recent, tier_for
 from bridge.registry import DEAD_LETTER, ENVELOPE
@@ -40,8 +42,9 @@ class Stats:
 
     processed: int = 0
     retried: int = 0
-    delayed: int = 0  # arrived early and went back to a delay tier
+    delayed: int = 0  # arrived early, or found its key held, and went back to a delay tier
     dead_lettered: int = 0
+    duplicates: int = 0  # acknowledged without running: their idempotency key was done
     first_s: float = 0.0  # time.monotonic() of the first delivery
     last_s: float = 0.0  # ... and of the last settle
 
@@ -49,7 +52,7 @@ class Stats:
         """One line for people: how many, and how fast once work began."""
         busy = self.last_s - self.first_s
         rate = f", {self.processed / busy:,.0f} jobs/s" if busy > 0 else ""
-        outcomes = f"{self.retried} retried, {self.dead_lettered} dead-lettered"
+        outcomes = f"{self.retried} retried, {self.dead_lettered} dead-lettered, {self.duplicates} duplicates"
         return f"{self.processed} settled ({outcomes}) in {busy:.2f} s{rate}"
 
 
@@ -65,18 +68,29 @@ class Worker:
         self._dead_letter = registry.schema(DEAD_LETTER)
         self._jobs = _resolve(app, registry.schema)
         self._threads = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="bridge-job")
+        self._leases: set[Lease] = set()  # idempotency keys held by running handlers
         self.stats = Stats()
 
     async def run(self, queues: Sequence[str], stop: asyncio.Event, *, burst: bool) -> None:
         """Consume `queues` until `stop` is set or, with `burst`, until they drain."""
         log.info("consuming %s on %s", ",".join(queues), self.transport.name)
+        renewing = asyncio.create_task(self._renew_leases())
         try:
             await self.transport.consume(
                 queues, self.process, concurrency=self.settings.concurrency, stop=stop,
                 burst=burst, grace_s=self.settings.grace_s,
             )  # fmt: skip
         finally:
+            renewing.cancel()
             self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _renew_leases(self) -> None:
+        """Renew the keys held by running handlers, a few times per lease."""
+        every_s = min((spec.idempotency_lease_s for spec, _ in self._jobs.values()), default=60.0) / 3
+        while True:
+            await asyncio.sleep(every_s)
+            for lease in list(self._leases):
+                await lease.renew()
 
     async def process(self, delivery: Delivery) -> None:
         """Run one delivery to its outcome and settle it; never raises."""
@@ -124,16 +138,55 @@ class Worker:
                 self.stats.delayed += 1
                 return [Outgoing(envelope.queue, delivery.body, envelope.key, early_s)]
             await asyncio.sleep(early_s)  # less than any tier early: waiting here is more precise
+        if envelope.idempotency_key is not None:
+            return await self._run_once(spec, payload, envelope, delivery)
         return await self._run(spec, payload, envelope, delivery)
 
-    async def _run(
+    async def _run_once(
         self, spec: JobSpec, payload: Any, envelope: Envelope, delivery: Delivery
+    ) -> Sequence[Outgoing]:
+        """Claim the job's idempotency key, run it, then complete or release the key."""
+        assert envelope.idempotency_key is not None
+        key = run_key(envelope.type, envelope.idempotency_key)
+        job = f"job {envelope.id} ({envelope.type} on {envelope.queue})"
+        try:
+            store = await self.app.idempotency_store()
+            claim = await store.claim(key, envelope.id, spec.idempotency_lease_s)
+        except StoreError as exc:
+            log.error("%s waits: its idempotency key could not be claimed: %s", job, exc)
+            return [self._later(envelope, 0.0)]
+        if isinstance(claim, Done):
+            log.info("%s is a duplicate: its key was done by job %s", job, claim.job_id)
+            self.stats.duplicates += 1
+            return ()
+        if isinstance(claim, Busy):
+            return [self._later(envelope, claim.wait_s)]
+        lease = Lease(store, key, claim.token, envelope.id, spec.idempotency_lease_s, spec.idempotency_ttl_s)
+        self._leases.add(lease)
+        try:
+            outcome = await self._run(spec, payload, envelope, delivery, lease)
+        finally:
+            self._leases.discard(lease)
+        await lease.finish(succeeded=not outcome)
+        return outcome
+
+    def _later(self, envelope: Envelope, wait_s: float) -> Outgoing:
+        """The job again, through a delay tier: at least the shortest one, so never a busy loop."""
+        self.stats.delayed += 1
+        delay_s = max(wait_s, self.settings.delay_tiers[0])
+        envelope.run_at = self.app.clock() + int(delay_s * 1000)
+        body = codec.encode(self._envelope, envelope.to_avro())
+        return Outgoing(envelope.queue, body, envelope.key, delay_s)
+
+    async def _run(
+        self, spec: JobSpec, payload: Any, envelope: Envelope, delivery: Delivery, lease: Lease | None = None
     ) -> Sequence[Outgoing]:
         ctx = JobContext(
             job_id=envelope.id, type=envelope.type, queue=envelope.queue,
             attempt=envelope.attempt, headers=envelope.headers, key=envelope.key,
             idempotency_key=envelope.idempotency_key,
             created_at_ms=envelope.created_at, errors=envelope.errors,
+            inbox=lease.transaction if lease else None,
         )  # fmt: skip
         try:
             if spec.is_async:

@@ -21,6 +21,7 @@ TESTS = Path(__file__).resolve().parent
 SCHEMAS = TESTS / "schemas"
 REPO = TESTS.parent
 BROKERS = ["memory", "kafka", "rabbitmq"]
+STORES = ["sqlite", "postgres", "redis"]
 T = TypeVar("T")
 
 
@@ -30,7 +31,10 @@ def in_ci() -> bool:
 
 @pytest.fixture(scope="session")
 def brokers() -> Iterator[dict[str, str]]:
-    """URLs of the real Kafka and RabbitMQ, started if they are not running; cleaned up after."""
+    """URLs of the real Kafka, RabbitMQ, PostgreSQL and Redis, started if they are not running.
+
+    Queues and topics the tests made are deleted after the session.
+    """
     from bridge import dev
 
     try:
@@ -47,6 +51,15 @@ def brokers() -> Iterator[dict[str, str]]:
         delete_test_objects(urls)
     except OSError as exc:  # hygiene only: a broker that went away has failed its tests already
         print(f"could not delete the test queues and topics: {exc}")
+
+
+@pytest.fixture(params=STORES)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each idempotency store in turn: SQLite in a fresh folder, the real PostgreSQL and Redis."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'keys.db'}"
+    urls: dict[str, str] = request.getfixturevalue("brokers")
+    return urls[request.param]
 
 
 @pytest.fixture(params=BROKERS)

@@ -1,0 +1,186 @@
+"""Idempotency keys: where a key is claimed before its job runs and marked done after.
+
+A key's life, as the worker drives it:
+
+    claim(key, job_id, lease_s) ──► Claimed(token) ──► handler ──► complete(...)  key done for window_s
+                                 │                           └──► release(...)   failed: a retry may claim
+                                 ├─► Done(job_id)   a duplicate: acknowledged without running
+                                 └─► Busy(wait_s)   another worker holds it: the job waits in a delay tier
+
+A claim is a lease: a worker that dies holding a key loses it when the lease ends, and the
+worker renews the leases it holds while their handlers run. `transaction()` is the inbox: the
+handler's own writes and the key's completion commit together in the store's database.
+
+Stores are chosen by URL: `sqlite:///path` (the default, one host), `postgresql://...` and
+`redis://...` (many hosts), `memory://` (tests in one process). Every store keeps the same
+contract (tests/test_idempotency.py runs it on each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from bridge.errors import ConfigError
+
+DEFAULT_WINDOW_S = 24 * 3600.0
+DEFAULT_LEASE_S = 60.0
+SCHEMES = ("sqlite", "postgresql", "postgres", "redis", "rediss", "memory")
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """The key is this worker's until `complete` or `release` (or its lease ends)."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A job with this key already succeeded within the window."""
+
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """Another worker holds the key; its lease ends in `wait_s` unless renewed."""
+
+    wait_s: float
+
+
+Claim = Claimed | Done | Busy
+
+
+class Store(Protocol):
+    """Where idempotency keys are claimed, completed, released and remembered."""
+
+    url: str
+
+    async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
+        """Take `key` for `job_id` for `lease_s` seconds, unless it is done or held."""
+        ...
+
+    async def extend(self, key: str, token: str, lease_s: float) -> bool:
+        """Renew a held claim for `lease_s` more seconds; whether it was still ours."""
+        ...
+
+    async def complete(self, key: str, token: str, job_id: str, window_s: float) -> bool:
+        """Mark `key` done by `job_id` for `window_s` seconds; whether the claim was still ours."""
+        ...
+
+    async def release(self, key: str, token: str) -> None:
+        """Give a claim back (the job failed) so that another attempt may take it."""
+        ...
+
+    def transaction(
+        self, key: str, token: str, job_id: str, window_s: float
+    ) -> AbstractAsyncContextManager[Any]:
+        """The inbox: a transaction of the store's database in which the key completes too.
+
+        Yields the database's own handle; on a clean exit the key is marked done in the same
+        transaction, which then commits. Raises LeaseLost (and rolls back) if the claim ended.
+        """
+        ...
+
+    async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
+        """Record that `job_id` was enqueued under `key`; the earlier job id if there is one."""
+        ...
+
+    async def forget(self, key: str, job_id: str) -> None:
+        """Undo `remember` (the publish failed), so that the next enqueue publishes."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+def run_key(job_type: str, key: str) -> str:
+    """The store key of an idempotency key at run time: keys are per job type."""
+    return f"run:{job_type}:{key}"
+
+
+def enqueue_key(job_type: str, key: str) -> str:
+    """The store key that dedupes enqueues of `key` (kept apart from the run-time key)."""
+    return f"enqueue:{job_type}:{key}"
+
+
+def default_url() -> str:
+    """`sqlite:///` in bridge's data folder (BRIDGE_DATA, else XDG_DATA_HOME/bridge)."""
+    from bridge.dev._common import data_root
+
+    return f"sqlite:///{data_root() / 'idempotency.db'}"
+
+
+def open_store(url: str, *, pool_size: int = 16) -> Store:
+    """The store for `url`; its vendor module is imported only here."""
+    scheme = url.partition("://")[0]
+    if scheme == "sqlite":
+        from bridge.idempotency.sqlite import SqliteStore
+
+        return SqliteStore(url)
+    if scheme in ("postgresql", "postgres"):
+        _require("psycopg", "postgres")
+        from bridge.idempotency.postgres import PostgresStore
+
+        return PostgresStore(url, pool_size=pool_size)
+    if scheme in ("redis", "rediss"):
+        _require("redis", "redis")
+        from bridge.idempotency.redis import RedisStore
+
+        return RedisStore(url)
+    if scheme == "memory":
+        from bridge.idempotency.memory import MemoryStore
+
+        return MemoryStore()
+    raise ConfigError(
+        f"idempotency store {url!r}: use sqlite:///path, postgresql://..., redis://... or memory://"
+    )
+
+
+def check_url(url: str) -> list[str]:
+    """Problems with a store URL, for settings validation."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in SCHEMES:
+        return [f"idempotency {url!r}: use sqlite:///path, postgresql://..., redis://... or memory://"]
+    if scheme == "sqlite" and not rest.startswith("/"):
+        return [f"idempotency {url!r}: a sqlite URL needs an absolute path, sqlite:///var/lib/bridge/keys.db"]
+    return []
+
+
+def _require(module: str, extra: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        raise ConfigError(
+            f"the {extra} idempotency store needs {module}: pip install 'bridge-jobs[{extra}]'"
+        ) from None
+
+
+def describe(claim: Claim) -> str:
+    """A claim outcome in words, for logs."""
+    match claim:
+        case Claimed():
+            return "claimed"
+        case Done(job_id):
+            return f"done by job {job_id}"
+        case Busy(wait_s):
+            return f"held by another worker for up to {wait_s:.1f}s"
+
+
+__all__: Sequence[str] = [
+    "DEFAULT_LEASE_S",
+    "DEFAULT_WINDOW_S",
+    "Busy",
+    "Claim",
+    "Claimed",
+    "Done",
+    "Store",
+    "default_url",
+    "enqueue_key",
+    "open_store",
+    "run_key",
+]

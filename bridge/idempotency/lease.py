@@ -1,0 +1,60 @@
+"""A worker's hold on one idempotency key while its job runs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.errors import StoreError
+from bridge.idempotency import Store
+
+log = logging.getLogger("bridge.idempotency")
+
+
+@dataclass(eq=False)
+class Lease:
+    """A claimed key: renewed while the handler runs, then completed or released."""
+
+    store: Store
+    key: str
+    token: str
+    job_id: str
+    lease_s: float
+    window_s: float
+    completed: bool = field(default=False)  # by the handler's inbox transaction
+
+    async def renew(self) -> None:
+        """Push the lease's end `lease_s` further out; a lost claim is logged."""
+        try:
+            if not await self.store.extend(self.key, self.token, self.lease_s):
+                log.warning("job %s lost its claim on %r: another worker may run it", self.job_id, self.key)
+        except StoreError as exc:
+            log.error("job %s could not renew its claim on %r: %s", self.job_id, self.key, exc)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        """The inbox (see `Store.transaction`); the key is done once it commits."""
+        if self.completed:
+            raise StoreError("ctx.transaction() can be used once per job: its commit completes the key")
+        async with self.store.transaction(self.key, self.token, self.job_id, self.window_s) as handle:
+            yield handle
+        self.completed = True
+
+    async def finish(self, succeeded: bool) -> None:
+        """Mark the key done (the job succeeded) or give it back (it will be retried)."""
+        if self.completed:
+            return
+        try:
+            if not succeeded:
+                await self.store.release(self.key, self.token)
+            elif not await self.store.complete(self.key, self.token, self.job_id, self.window_s):
+                log.warning(
+                    "job %s succeeded after its claim on %r ended: another worker may have run it too",
+                    self.job_id, self.key,
+                )  # fmt: skip
+        except StoreError as exc:
+            # The outcome stands; the key frees itself when the lease ends.
+            log.error("job %s: could not record its key %r: %s", self.job_id, self.key, exc)

@@ -1,0 +1,75 @@
+"""The in-memory store, for users' unit tests in one process (never shared, never kept)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from bridge.errors import LeaseLost
+from bridge.idempotency import Busy, Claim, Claimed, Done
+
+
+class MemoryStore:
+    """Idempotency keys in a dict: `memory://`."""
+
+    url = "memory://"
+
+    def __init__(self) -> None:
+        self._keys: dict[str, tuple[str, str, str | None, float]] = {}  # state, job id, token, until
+
+    def _live(self, key: str) -> tuple[str, str, str | None, float] | None:
+        entry = self._keys.get(key)
+        return entry if entry is not None and entry[3] > time.time() else None
+
+    async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
+        entry = self._live(key)
+        if entry is None:
+            token = uuid.uuid4().hex
+            self._keys[key] = ("running", job_id, token, time.time() + lease_s)
+            return Claimed(token)
+        state, holder, _, until = entry
+        return Done(holder) if state == "done" else Busy(until - time.time())
+
+    def _held(self, key: str, token: str) -> bool:
+        entry = self._live(key)
+        return entry is not None and entry[0] == "running" and entry[2] == token
+
+    async def extend(self, key: str, token: str, lease_s: float) -> bool:
+        if not self._held(key, token):
+            return False
+        state, job_id, _, _ = self._keys[key]
+        self._keys[key] = (state, job_id, token, time.time() + lease_s)
+        return True
+
+    async def complete(self, key: str, token: str, job_id: str, window_s: float) -> bool:
+        if not self._held(key, token):
+            return False
+        self._keys[key] = ("done", job_id, None, time.time() + window_s)
+        return True
+
+    async def release(self, key: str, token: str) -> None:
+        if self._held(key, token):
+            del self._keys[key]
+
+    @asynccontextmanager
+    async def transaction(self, key: str, token: str, job_id: str, window_s: float) -> AsyncIterator[None]:
+        yield None  # no database here: only the key completes
+        if not await self.complete(key, token, job_id, window_s):
+            raise LeaseLost(f"the claim on {key!r} ended before the job completed")
+
+    async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
+        entry = self._live(key)
+        if entry is not None:
+            return entry[1]
+        self._keys[key] = ("enqueued", job_id, None, time.time() + window_s)
+        return None
+
+    async def forget(self, key: str, job_id: str) -> None:
+        entry = self._live(key)
+        if entry is not None and entry[:2] == ("enqueued", job_id):
+            del self._keys[key]
+
+    async def close(self) -> None:
+        self._keys.clear()

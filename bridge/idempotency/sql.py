@@ -1,0 +1,119 @@
+"""The claim protocol in SQL, shared by the SQLite and PostgreSQL stores.
+
+One table; a row per key. `expires_at` is when the row stops counting: a lease's end while a
+job runs, the window's end once it is done. An expired row is as good as absent, so claims
+and enqueues overwrite it, and `purge` deletes old ones from time to time.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from bridge.errors import LeaseLost
+from bridge.idempotency import Busy, Claim, Claimed, Done
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS bridge_keys (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    token TEXT,
+    expires_at BIGINT NOT NULL
+)"""
+CLAIM = """
+INSERT INTO bridge_keys (name, state, job_id, token, expires_at) VALUES (?, 'running', ?, ?, ?)
+ON CONFLICT (name) DO UPDATE SET state = 'running', job_id = excluded.job_id, token = excluded.token,
+    expires_at = excluded.expires_at
+WHERE bridge_keys.expires_at <= ?
+RETURNING token"""
+LOOK = "SELECT state, job_id, expires_at FROM bridge_keys WHERE name = ?"
+EXTEND = """
+UPDATE bridge_keys SET expires_at = ? WHERE name = ? AND token = ? AND state = 'running' RETURNING name"""
+COMPLETE = """
+UPDATE bridge_keys SET state = 'done', job_id = ?, token = NULL, expires_at = ?
+WHERE name = ? AND token = ? AND state = 'running' RETURNING name"""
+RELEASE = "DELETE FROM bridge_keys WHERE name = ? AND token = ? AND state = 'running' RETURNING name"
+REMEMBER = """
+INSERT INTO bridge_keys (name, state, job_id, token, expires_at) VALUES (?, 'enqueued', ?, NULL, ?)
+ON CONFLICT (name) DO UPDATE SET state = 'enqueued', job_id = excluded.job_id, token = NULL,
+    expires_at = excluded.expires_at
+WHERE bridge_keys.expires_at <= ?
+RETURNING job_id"""
+FORGET = "DELETE FROM bridge_keys WHERE name = ? AND job_id = ? AND state = 'enqueued' RETURNING name"
+PURGE = "DELETE FROM bridge_keys WHERE expires_at < ? RETURNING name"
+PURGE_EVERY_S = 3600.0
+
+Rows = list[tuple[Any, ...]]
+Query = Callable[[str, Sequence[Any]], Awaitable[Rows]]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class SqlStore:
+    """The store contract over a SQL table; a subclass supplies `_query` and `_begin`."""
+
+    url: str
+    _next_purge = 0.0
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
+        """Run one statement in its own transaction and return its rows."""
+        raise NotImplementedError
+
+    def _begin(self) -> AbstractAsyncContextManager[tuple[Any, Query]]:
+        """A transaction: the database's own handle, and `_query` inside that transaction."""
+        raise NotImplementedError
+
+    async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
+        token, now = uuid.uuid4().hex, now_ms()
+        if await self._query(CLAIM, (key, job_id, token, now + int(lease_s * 1000), now)):
+            return Claimed(token)
+        rows = await self._query(LOOK, (key,))
+        if not rows:  # it expired or was released just now: look again soon
+            return Busy(0.0)
+        state, holder, expires_at = rows[0]
+        if state == "done":
+            return Done(holder)
+        return Busy(max(0.0, (expires_at - now) / 1000))
+
+    async def extend(self, key: str, token: str, lease_s: float) -> bool:
+        return bool(await self._query(EXTEND, (now_ms() + int(lease_s * 1000), key, token)))
+
+    async def complete(self, key: str, token: str, job_id: str, window_s: float) -> bool:
+        done = bool(await self._query(COMPLETE, _completion(key, token, job_id, window_s)))
+        await self._purge_now_and_then()
+        return done
+
+    async def release(self, key: str, token: str) -> None:
+        await self._query(RELEASE, (key, token))
+
+    @asynccontextmanager
+    async def transaction(self, key: str, token: str, job_id: str, window_s: float) -> AsyncIterator[Any]:
+        async with self._begin() as (handle, query):
+            yield handle
+            if not await query(COMPLETE, _completion(key, token, job_id, window_s)):
+                raise LeaseLost(f"the claim on {key!r} ended before the job completed; rolled back")
+
+    async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
+        now = now_ms()
+        if await self._query(REMEMBER, (key, job_id, now + int(window_s * 1000), now)):
+            return None
+        rows = await self._query(LOOK, (key,))
+        return str(rows[0][1]) if rows else None
+
+    async def forget(self, key: str, job_id: str) -> None:
+        await self._query(FORGET, (key, job_id))
+
+    async def _purge_now_and_then(self) -> None:
+        if time.monotonic() >= self._next_purge:
+            self._next_purge = time.monotonic() + PURGE_EVERY_S
+            await self._query(PURGE, (now_ms(),))
+
+
+def _completion(key: str, token: str, job_id: str, window_s: float) -> tuple[Any, ...]:
+    return (job_id, now_ms() + int(window_s * 1000), key, token)

@@ -1,0 +1,202 @@
+"""The idempotency store contract, on SQLite, the real PostgreSQL and the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import pytest
+
+from bridge.errors import LeaseLost
+from bridge.idempotency import Busy, Claim, Claimed, Done, Store, open_store
+from tests.apps.effects import write_effect
+from tests.conftest import run
+from tests.effects import effects, new_table
+
+
+def with_store(url: str, scenario: Callable[[Store], Awaitable[None]]) -> None:
+    async def main() -> None:
+        store = open_store(url)
+        try:
+            await scenario(store)
+        finally:
+            await store.close()
+
+    run(main())
+
+
+def new_key() -> str:
+    return f"test:{uuid.uuid4().hex}"
+
+
+def claimed(claim: Claim) -> Claimed:
+    assert isinstance(claim, Claimed), claim
+    return claim
+
+
+async def wait_for_claim(store: Store, key: str, job_id: str, timeout_s: float = 10) -> float:
+    """Claim `key` as soon as it frees; how long that took."""
+    start = time.monotonic()
+    while not isinstance(await store.claim(key, job_id, 30), Claimed):
+        assert time.monotonic() - start < timeout_s, f"{key} never freed"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+def test_a_claimed_key_is_busy_for_others_until_released(store_url: str) -> None:
+    # Given a key claimed by job 1 for 30 s,
+    # When job 2 claims it, Then it is busy for about 30 s more;
+    # When job 1 releases it (its run failed), Then job 2 can claim it.
+    async def scenario(store: Store) -> None:
+        key = new_key()
+        first = claimed(await store.claim(key, "job-1", 30))
+        busy = await store.claim(key, "job-2", 30)
+        assert isinstance(busy, Busy) and 25 < busy.wait_s <= 30
+        await store.release(key, first.token)
+        claimed(await store.claim(key, "job-2", 30))
+
+    with_store(store_url, scenario)
+
+
+def test_a_completed_key_is_done_for_its_window(store_url: str) -> None:
+    # Given a key claimed and completed by job 1 with a 0.5 s window,
+    # Then a claim finds it done by job 1, until the window ends and the key is free again.
+    async def scenario(store: Store) -> None:
+        key = new_key()
+        first = claimed(await store.claim(key, "job-1", 30))
+        assert await store.complete(key, first.token, "job-1", 0.5)
+        assert await store.claim(key, "job-2", 30) == Done("job-1")
+        assert await wait_for_claim(store, key, "job-3") > 0.3
+
+    with_store(store_url, scenario)
+
+
+def test_only_the_holder_can_extend_complete_or_release(store_url: str) -> None:
+    # Given a key claimed by job 1,
+    # When someone without its token extends, completes or releases it,
+    # Then nothing changes: the key stays held.
+    async def scenario(store: Store) -> None:
+        key = new_key()
+        claimed(await store.claim(key, "job-1", 30))
+        assert not await store.extend(key, "not-the-token", 30)
+        assert not await store.complete(key, "not-the-token", "job-2", 30)
+        await store.release(key, "not-the-token")
+        assert isinstance(await store.claim(key, "job-2", 30), Busy)
+
+    with_store(store_url, scenario)
+
+
+def test_a_lease_ends_unless_renewed_and_the_late_holder_cannot_complete(store_url: str) -> None:
+    # Given a key claimed for 0.6 s and renewed once for 0.6 s more,
+    # Then another job can claim it only after the renewed lease ends,
+    # and the first holder can no longer complete or renew it.
+    async def scenario(store: Store) -> None:
+        key = new_key()
+        first = claimed(await store.claim(key, "job-1", 0.6))
+        assert await store.extend(key, first.token, 0.6)
+        assert await wait_for_claim(store, key, "job-2") > 0.4
+        assert not await store.complete(key, first.token, "job-1", 30)
+        assert not await store.extend(key, first.token, 30)
+
+    with_store(store_url, scenario)
+
+
+def test_an_enqueue_key_is_remembered_once_until_forgotten(store_url: str) -> None:
+    # Given job a enqueued under a key,
+    # Then enqueuing b under it returns a; forgetting b changes nothing; forgetting a frees it.
+    async def scenario(store: Store) -> None:
+        key = new_key()
+        assert await store.remember(key, "a", 30) is None
+        assert await store.remember(key, "b", 30) == "a"
+        await store.forget(key, "b")
+        assert await store.remember(key, "c", 30) == "a"
+        await store.forget(key, "a")
+        assert await store.remember(key, "c", 30) is None
+
+    with_store(store_url, scenario)
+
+
+def test_the_inbox_commits_the_write_and_the_key_together(store_url: str) -> None:
+    # Given a claimed key,
+    # When a write in its transaction succeeds, Then the write exists and the key is done;
+    # When a transaction fails, Then its write is gone and the key is still held.
+    table = new_table(store_url)
+
+    async def scenario(store: Store) -> None:
+        ok, failing = new_key(), new_key()
+        token = claimed(await store.claim(ok, "job-1", 30)).token
+        async with store.transaction(ok, token, "job-1", 30) as db:
+            await write_effect(store_url, db, table, ok, "job-1")
+        assert await store.claim(ok, "job-2", 30) == Done("job-1")
+
+        token = claimed(await store.claim(failing, "job-3", 30)).token
+        with pytest.raises(RuntimeError):
+            async with store.transaction(failing, token, "job-3", 30) as db:
+                await write_effect(store_url, db, table, failing, "job-3")
+                raise RuntimeError("the handler failed after its write")
+        assert isinstance(await store.claim(failing, "job-4", 30), Busy)
+
+    with_store(store_url, scenario)
+    assert list(effects(store_url, table).values()) == [1]
+
+
+def test_the_inbox_of_a_lost_lease_writes_nothing(store_url: str) -> None:
+    # Given a key whose 0.3 s lease ended and that another job claimed,
+    # When the first holder's transaction ends, Then it raises LeaseLost and its write is gone.
+    table = new_table(store_url)
+
+    async def scenario(store: Store) -> None:
+        key = new_key()
+        token = claimed(await store.claim(key, "job-1", 0.3)).token
+        await wait_for_claim(store, key, "job-2")
+        with pytest.raises(LeaseLost):
+            async with store.transaction(key, token, "job-1", 30) as db:
+                await write_effect(store_url, db, table, key, "job-1")
+
+    with_store(store_url, scenario)
+    assert effects(store_url, table) == {}
+
+
+def test_two_processes_racing_for_the_same_keys_each_win_once(store_url: str) -> None:
+    # Given 1,000 keys, When two processes claim all of them from the same moment (one from
+    # each end, so that they must meet),
+    # Then every key is claimed by exactly one of them.
+    keys = [new_key() for _ in range(1000)]
+    start_at = time.time() + 2  # both processes are up by then
+    context = multiprocessing.get_context("spawn")
+    results: Results = context.Queue()
+    racers = [
+        context.Process(target=claim_all, args=(store_url, order, start_at, name, results))
+        for name, order in (("a", keys), ("b", keys[::-1]))
+    ]
+    for racer in racers:
+        racer.start()
+    won = [claims for _, claims in sorted(results.get(timeout=60) for _ in racers)]
+    for racer in racers:
+        racer.join(timeout=10)
+    assert not set(won[0]) & set(won[1])
+    assert set(won[0]) | set(won[1]) == set(keys)
+    assert won[0] and won[1], "one process won every key: they did not race"
+
+
+if TYPE_CHECKING:
+    Results = multiprocessing.Queue[tuple[str, list[str]]]
+
+
+def claim_all(url: str, keys: list[str], start_at: float, name: str, results: Results) -> None:
+    """Claim every key (in a separate process); put the keys this process won in `results`."""
+
+    async def main() -> list[str]:
+        store = open_store(url)
+        try:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            outcomes = [await store.claim(key, name, 30) for key in keys]
+            return [key for key, outcome in zip(keys, outcomes, strict=True) if isinstance(outcome, Claimed)]
+        finally:
+            await store.close()
+
+    results.put((name, asyncio.run(main())))
