@@ -86,9 +86,12 @@ async def noop(payload: dict[str, Any], ctx: JobContext) -> None:
     """The handler of every benchmark job: nothing, so what is measured is the machinery."""
 
 
-def bench_app(broker: str, queue: str, *, concurrency: int = 16, group: str | None = None) -> Bridge:
+def bench_app(
+    broker: str, queue: str, *, concurrency: int = 16, group: str | None = None, **settings: Any
+) -> Bridge:
     """A Bridge on `broker` whose no-op handler runs `queue`, in a consumer group of its own."""
-    app = Bridge(broker=broker, registry=str(SCHEMAS), group=group or fresh("group"), concurrency=concurrency)
+    group = group or fresh("group")
+    app = Bridge(broker=broker, registry=str(SCHEMAS), group=group, concurrency=concurrency, **settings)
     app.job(JOB_TYPE, queue=queue)(noop)
     return app
 

@@ -82,26 +82,27 @@ def test_a_failed_run_releases_its_key_for_the_retry(keyed_app: Callable[..., Br
 def test_a_key_held_by_another_worker_sends_the_job_to_wait(
     keyed_app: Callable[..., Bridge], queue: str
 ) -> None:
-    # Given a key that another worker holds for 2 more seconds (and then lets go, as if it died),
-    # When a job with that key is consumed, Then it waits in a delay tier (the partition or
-    # queue keeps flowing) and runs once, after the lease has ended.
+    # Given a consumer at work, and a key that another worker claims for 2 s (and then lets go,
+    # as if it died),
+    # When a job with that key arrives, Then it waits in a delay tier (the partition or queue
+    # keeps flowing) and runs once, after the lease has ended.
     app = keyed_app()
-    started: list[float] = []
+    started: dict[int, float] = {}
+    lease_ends: list[float] = []
 
     @app.job("test.Echo", queue=queue)
     async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-        started.append(time.time())
+        started[payload["n"]] = time.time()
+        if payload["n"] == 1:  # the consumer is running: now the other worker takes the key
+            store = await app.idempotency_store()
+            assert isinstance(await store.claim(run_key("test.Echo", "held"), "another-job", 2.0), Claimed)
+            lease_ends.append(time.time() + 2.0)
+            await app.enqueue_async("test.Echo", {"n": 0}, idempotency_key="held")
 
-    async def hold() -> float:
-        store = await app.idempotency_store()
-        assert isinstance(await store.claim(run_key("test.Echo", "held"), "another-job", 2.0), Claimed)
-        return time.time() + 2.0
-
-    lease_ends = run(hold())
-    enqueue_all(app, [(0, "held"), (1, None)])
+    enqueue_all(app, [(1, None)])
     stats = consume(app)
-    assert len(started) == 2
-    assert max(started) >= lease_ends
+    assert sorted(started) == [0, 1]
+    assert started[0] >= lease_ends[0]
     assert stats.delayed >= 1 and stats.duplicates == 0
 
 

@@ -106,26 +106,26 @@ def test_a_duplicate_storm_with_a_consumer_killed_over_and_over_has_one_effect_p
     real_broker: str, store_url: str, tmp_path: Path
 ) -> None:
     # Given 5,000 keys, each published 3 times, and two consumers of one group,
-    # When one of them is killed with SIGKILL after every hundred runs it makes and restarted,
-    # up to four times, and a last consumer drains what is left,
+    # When one of them is killed with SIGKILL after every 50 runs it makes and restarted, three
+    # times, and a last consumer drains what is left,
     # Then every key had exactly one effect (a row written in the inbox transaction, in a table
     # with no unique constraint).
     storm = Effects(real_broker, store_url, tmp_path)
     keys = [f"{storm.queue}-{n}" for n in range(5000)]  # the PostgreSQL and Redis stores outlive a test
     storm.create()
-    # Four jobs at a time, of 10 ms each: slow enough for the storm to outlast four restarts.
+    # Four jobs at a time, of 20 ms each: the storm lasts over 12 s, longer than three restarts.
     steady, victim = storm.consumer("--concurrency", "4"), storm.consumer("--concurrency", "4")
     kills = 0
     try:
-        storm.publish(keys, copies=3, sleep_ms=10)
-        for _ in range(4):
+        storm.publish(keys, copies=3, sleep_ms=20)
+        for _ in range(3):
             pid = victim.pid
             wait_until(
-                lambda: len(storm.starts(pid)) >= 100 or len(effects(store_url, storm.table)) == len(keys),  # noqa: B023
-                120, f"100 runs by consumer {pid}",
+                lambda: len(storm.starts(pid)) >= 50 or len(effects(store_url, storm.table)) == len(keys),  # noqa: B023
+                120, f"50 runs by consumer {pid}",
             )  # fmt: skip
             kill(victim)
-            if len(storm.starts(pid)) >= 100:
+            if len(storm.starts(pid)) >= 50:
                 kills += 1
             victim = storm.consumer("--concurrency", "4")
         steady.terminate()

@@ -1,0 +1,122 @@
+"""What idempotency keys cost: bridge consume with a key on every job against no keys, per store.
+
+For each broker, in one run: N no-op jobs without keys, then N jobs each with its own key for
+every store (SQLite in a temporary folder, the local PostgreSQL and Redis of `bridge dev up`).
+Every keyed job claims its key and completes it: two store round trips per job.
+
+    python -m bench.idempotency [--n 5000] [--broker kafka|rabbitmq|all] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import sys
+import tempfile
+import uuid
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+
+from bench.common import IN_FLIGHT, JOB_TYPE, BenchError, Timing, bench_app, fresh, timed_windows, timeout_for
+from bench.throughput import BROKERS, Row, Table, _positive, broker_urls, render
+from bridge.errors import BridgeError
+
+STORES = ("sqlite", "postgres", "redis")
+SQLITE_MAX_COST = 0.30  # the issue's target: keys on SQLite cost under 30% of the no-key rate
+DEFAULT_JOBS = 5000
+DEFAULT_CONCURRENCY = 16
+
+
+async def publish(broker: str, queue: str, jobs: int, keyed: bool) -> None:
+    """Create `queue` and put `jobs` no-op jobs on it, each with a key of its own if `keyed`."""
+    async with bench_app(broker, queue) as app:
+        await app.apply_topology()
+        run = uuid.uuid4().hex  # keys never seen by an earlier run
+        await timed_windows(
+            jobs, IN_FLIGHT,
+            lambda n: app.enqueue_async(JOB_TYPE, {"n": n}, idempotency_key=f"{run}-{n}" if keyed else None),
+        )  # fmt: skip
+
+
+async def consume(broker: str, queue: str, jobs: int, concurrency: int, store: str | None) -> Timing:
+    """`consume(burst=True)` of `queue`, from its first delivery to its last settle."""
+    settings = {"idempotency": store} if store else {}
+    async with bench_app(broker, queue, concurrency=concurrency, **settings) as app:
+        stats = await asyncio.wait_for(app.consume(burst=True), timeout_for(jobs))
+    if stats.processed != jobs or stats.dead_lettered or stats.duplicates or stats.delayed:
+        raise BenchError(f"consume of {queue}: {stats.summary()}, expected {jobs} settled and run")
+    return Timing(stats.processed, stats.last_s - stats.first_s)
+
+
+def measure(broker: str, url: str, stores: dict[str, str], jobs: int, concurrency: int, table: Table) -> None:
+    """The no-key rate, then the rate with keys in each store, on one broker."""
+    queue = fresh(f"{broker}-nokey")
+    asyncio.run(publish(url, queue, jobs, keyed=False))
+    timing = asyncio.run(consume(url, queue, jobs, concurrency, None))
+    baseline = table.add(broker, "consume", "no keys", timing)
+    for name, store in stores.items():
+        queue = fresh(f"{broker}-{name}")
+        asyncio.run(publish(url, queue, jobs, keyed=True))
+        timing = asyncio.run(consume(url, queue, jobs, concurrency, store))
+        target = 1 - SQLITE_MAX_COST if name == "sqlite" else None
+        table.add(broker, "consume", f"keys in {name}", timing, baseline=baseline, min_ratio=target)
+
+
+def costs(rows: Sequence[Row]) -> list[str]:
+    """What keys cost in each store, as a share of the no-key rate."""
+    return [
+        f"{row.broker:<8} {row.label:<16} costs {1 - row.ratio:.0%} of the no-key rate"
+        for row in rows
+        if row.ratio is not None
+    ]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.idempotency",
+        description="bridge consume with idempotency keys in each store, against no keys, per broker.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--n", type=_positive, default=DEFAULT_JOBS, help="jobs per measurement")
+    parser.add_argument("--broker", choices=[*BROKERS, "all"], default="all", help="which brokers to measure")
+    parser.add_argument(
+        "--concurrency", type=_positive, default=DEFAULT_CONCURRENCY, help="consume concurrency"
+    )
+    parser.add_argument("--repeat", type=_positive, default=1, help="rounds; the table shows medians")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    wanted = list(BROKERS) if args.broker == "all" else [args.broker]
+    urls = broker_urls([*wanted, "postgres", "redis"])
+    print(
+        f"bench: {args.n:,} no-op jobs per measurement, concurrency {args.concurrency}; "
+        f"bridge {version('bridge-jobs')}, psycopg {version('psycopg')}, redis-py {version('redis')}, "
+        f"Python {platform.python_version()}",
+        flush=True,
+    )
+
+    def progress(row: Row, timing: Timing) -> None:
+        print(f"  ... {row.broker} {row.label}: {timing.rate:,.0f} jobs/s", file=sys.stderr)
+
+    table = Table(progress)
+    with tempfile.TemporaryDirectory() as folder:
+        sqlite = f"sqlite:///{Path(folder) / 'keys.db'}"
+        stores = {"sqlite": sqlite, "postgres": urls["postgres"], "redis": urls["redis"]}
+        try:
+            for _ in range(args.repeat):
+                for broker in wanted:
+                    measure(broker, urls[broker], stores, args.n, args.concurrency, table)
+        except (BenchError, BridgeError) as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 1
+    rows = list(table.rows.values())
+    print("\n".join([*render(rows), "", *costs(rows)]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
