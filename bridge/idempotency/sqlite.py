@@ -1,10 +1,12 @@
 """The SQLite store: the default, for the worker processes of one host.
 
-WAL mode lets readers and one writer work at once, across processes; every statement is its
-own short transaction. Statements run on the event loop's thread: they take tens of
-microseconds, and a thread hop would cost more. The one long transaction is the inbox, which
-holds this process's connection (other jobs' claims wait their turn) and SQLite's write lock
-(other processes wait up to BUSY_TIMEOUT_S): keep inbox transactions short.
+WAL mode lets readers and one writer work at once, across processes. Statements run on the
+event loop's thread: they take microseconds, and a thread hop would cost more. A commit costs
+more than the statements, so the claims and completions that jobs ask for while the loop is
+busy are written in one transaction (group commit), a few milliseconds at most. The one long
+transaction is the inbox, which holds this process's connection (other jobs' statements wait
+their turn) and SQLite's write lock (other processes wait up to BUSY_TIMEOUT_S): keep inbox
+transactions short.
 """
 
 from __future__ import annotations
@@ -38,11 +40,40 @@ class SqliteStore(SqlStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
             self._db.execute(SCHEMA)
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # the connection: a group commit's, or an inbox transaction's
+        self._pending: list[tuple[str, Sequence[Any], asyncio.Future[Rows]]] = []
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
+        done: asyncio.Future[Rows] = asyncio.get_running_loop().create_future()
+        self._pending.append((sql, params, done))
+        if len(self._pending) == 1:  # the first of a batch starts its commit
+            asyncio.create_task(self._commit_pending())  # noqa: RUF006 -- it settles every future it takes
+        return await done
+
+    async def _commit_pending(self) -> None:
+        """Run every pending statement in one transaction, then hand each its rows (or error)."""
         async with self._lock:
-            return self._run(sql, params)
+            batch, self._pending = self._pending, []
+            results: list[Rows | StoreError] = []
+            try:
+                self._run("BEGIN IMMEDIATE", ())
+                for sql, params, _ in batch:
+                    try:
+                        results.append(self._run(sql, params))
+                    except StoreError as exc:  # that statement failed; the others still count
+                        results.append(exc)
+                self._run("COMMIT", ())
+            except StoreError as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                results = [exc] * len(batch)
+        for (_, _, done), result in zip(batch, results, strict=True):
+            if done.done():
+                continue  # its caller was cancelled
+            if isinstance(result, StoreError):
+                done.set_exception(result)
+            else:
+                done.set_result(result)
 
     def _run(self, sql: str, params: Sequence[Any]) -> Rows:
         with _mapped(self.path):
