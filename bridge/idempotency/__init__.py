@@ -18,7 +18,6 @@ contract (tests/test_idempotency.py runs it on each).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -160,18 +159,7 @@ def _require(module: str, extra: str) -> None:
         ) from None
 
 
-def describe(claim: Claim) -> str:
-    """A claim outcome in words, for logs."""
-    match claim:
-        case Claimed():
-            return "claimed"
-        case Done(job_id):
-            return f"done by job {job_id}"
-        case Busy(wait_s):
-            return f"held by another worker for up to {wait_s:.1f}s"
-
-
-__all__: Sequence[str] = [
+__all__ = [
     "DEFAULT_LEASE_S",
     "DEFAULT_WINDOW_S",
     "Busy",

@@ -18,6 +18,7 @@ from typing import Any
 
 from bridge import Bridge, JobContext
 from bridge.policy import fixed
+from tests.apps import append_line
 
 app = Bridge(registry=str(Path(__file__).resolve().parent.parent / "schemas"))
 TABLE = os.environ.get("EFFECTS_TABLE", "effects")
@@ -27,12 +28,7 @@ HANG = bool(os.environ.get("EFFECTS_HANG"))
 
 
 def record(line: str) -> None:
-    # One write() of a whole line on an O_APPEND file: lines never interleave, even if killed.
-    fd = os.open(LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{line}\n".encode())
-    finally:
-        os.close(fd)
+    append_line(LEDGER, line)
 
 
 async def write_effect(url: str, db: Any, table: str, key: str, job_id: str) -> None:

@@ -15,18 +15,14 @@ from typing import Any
 
 from bridge import Bridge, JobContext
 from bridge.policy import fixed
+from tests.apps import append_line
 
 app = Bridge(registry=str(Path(__file__).resolve().parent.parent / "schemas"))
 LEDGER = os.environ.get("LEDGER_FILE", os.devnull)
 
 
 def record(line: str) -> None:
-    # One write() of a whole line on an O_APPEND file: lines never interleave, even if killed.
-    fd = os.open(LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{line}\n".encode())
-    finally:
-        os.close(fd)
+    append_line(LEDGER, line)
 
 
 FAIL_ONCE = bool(os.environ.get("LEDGER_FAIL_ONCE"))
