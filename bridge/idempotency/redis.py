@@ -1,12 +1,13 @@
 """The Redis store (redis-py): idempotency keys shared by workers on many hosts.
 
-A key's value says its state: `running|<token>`, `done|<job id>` or `enqueued|<job id>`; its
+A key's value says its state: `running|<token>`, `done|<job id>|<epoch ms>` or `enqueued|<job id>`; its
 expiry is the lease or the window, so Redis forgets old keys by itself. Checks of the holder's
 token run in Lua scripts, atomically on the server.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -67,7 +68,7 @@ class RedisStore:
                 value, ttl_ms = await pipe.execute()
         if value is None:  # it expired or was released just now: look again soon
             return Busy(0.0)
-        state, _, holder = _text(value).partition("|")
+        state, holder, *_ = _text(value).split("|")
         return Done(holder) if state == "done" else Busy(max(0.0, ttl_ms / 1000))
 
     async def _swap_if(self, key: str, expected: str, new: str, px: int, words: Sequence[Any] = ()) -> bool:
@@ -78,7 +79,7 @@ class RedisStore:
         return await self._swap_if(key, f"running|{token}", f"running|{token}", _ms(lease_s))
 
     async def complete(self, key: str, token: str, job_id: str, window_s: float) -> bool:
-        return await self._swap_if(key, f"running|{token}", f"done|{job_id}", _ms(window_s))
+        return await self._swap_if(key, f"running|{token}", _done(job_id), _ms(window_s))
 
     async def release(self, key: str, token: str) -> None:
         await self._swap_if(key, f"running|{token}", "", 0)
@@ -89,7 +90,7 @@ class RedisStore:
     ) -> AsyncIterator[Commands]:
         commands = Commands()
         yield commands
-        if not await self._swap_if(key, f"running|{token}", f"done|{job_id}", _ms(window_s), commands.words):
+        if not await self._swap_if(key, f"running|{token}", _done(job_id), _ms(window_s), commands.words):
             raise LeaseLost(f"the claim on {key!r} ended before the job completed; nothing was applied")
 
     async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
@@ -104,6 +105,10 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _done(job_id: str) -> str:
+    return f"done|{job_id}|{time.time_ns() // 1_000_000}"
 
 
 def _text(value: bytes | str) -> str:

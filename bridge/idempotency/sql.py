@@ -1,7 +1,8 @@
 """The claim protocol in SQL, shared by the SQLite and PostgreSQL stores.
 
-One table; a row per key. `expires_at` is when the row stops counting: a lease's end while a
-job runs, the window's end once it is done. An expired row is as good as absent, so claims
+One table, `bridge_idempotency`; a row per key, with the job that holds or completed it and
+`done_at` (epoch ms). `expires_at` is when the row stops counting: a lease's end while a job
+runs, the window's end once it is done. An expired row is as good as absent, so claims
 and enqueues overwrite it, and `purge` deletes old ones from time to time.
 """
 
@@ -17,34 +18,36 @@ from bridge.errors import LeaseLost
 from bridge.idempotency import Busy, Claim, Claimed, Done
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS bridge_keys (
+CREATE TABLE IF NOT EXISTS bridge_idempotency (
     name TEXT PRIMARY KEY,
     state TEXT NOT NULL,
     job_id TEXT NOT NULL,
     token TEXT,
-    expires_at BIGINT NOT NULL
+    expires_at BIGINT NOT NULL,
+    done_at BIGINT
 )"""
 CLAIM = """
-INSERT INTO bridge_keys (name, state, job_id, token, expires_at) VALUES (?, 'running', ?, ?, ?)
+INSERT INTO bridge_idempotency (name, state, job_id, token, expires_at) VALUES (?, 'running', ?, ?, ?)
 ON CONFLICT (name) DO UPDATE SET state = 'running', job_id = excluded.job_id, token = excluded.token,
-    expires_at = excluded.expires_at
-WHERE bridge_keys.expires_at <= ?
+    expires_at = excluded.expires_at, done_at = NULL
+WHERE bridge_idempotency.expires_at <= ?
 RETURNING token"""
-LOOK = "SELECT state, job_id, expires_at FROM bridge_keys WHERE name = ?"
+LOOK = "SELECT state, job_id, expires_at FROM bridge_idempotency WHERE name = ?"
 EXTEND = """
-UPDATE bridge_keys SET expires_at = ? WHERE name = ? AND token = ? AND state = 'running' RETURNING name"""
-COMPLETE = """
-UPDATE bridge_keys SET state = 'done', job_id = ?, token = NULL, expires_at = ?
+UPDATE bridge_idempotency SET expires_at = ?
 WHERE name = ? AND token = ? AND state = 'running' RETURNING name"""
-RELEASE = "DELETE FROM bridge_keys WHERE name = ? AND token = ? AND state = 'running' RETURNING name"
+COMPLETE = """
+UPDATE bridge_idempotency SET state = 'done', job_id = ?, token = NULL, expires_at = ?, done_at = ?
+WHERE name = ? AND token = ? AND state = 'running' RETURNING name"""
+RELEASE = "DELETE FROM bridge_idempotency WHERE name = ? AND token = ? AND state = 'running' RETURNING name"
 REMEMBER = """
-INSERT INTO bridge_keys (name, state, job_id, token, expires_at) VALUES (?, 'enqueued', ?, NULL, ?)
+INSERT INTO bridge_idempotency (name, state, job_id, token, expires_at) VALUES (?, 'enqueued', ?, NULL, ?)
 ON CONFLICT (name) DO UPDATE SET state = 'enqueued', job_id = excluded.job_id, token = NULL,
-    expires_at = excluded.expires_at
-WHERE bridge_keys.expires_at <= ?
+    expires_at = excluded.expires_at, done_at = NULL
+WHERE bridge_idempotency.expires_at <= ?
 RETURNING job_id"""
-FORGET = "DELETE FROM bridge_keys WHERE name = ? AND job_id = ? AND state = 'enqueued' RETURNING name"
-PURGE = "DELETE FROM bridge_keys WHERE expires_at < ? RETURNING name"
+FORGET = "DELETE FROM bridge_idempotency WHERE name = ? AND job_id = ? AND state = 'enqueued' RETURNING name"
+PURGE = "DELETE FROM bridge_idempotency WHERE expires_at < ? RETURNING name"
 PURGE_EVERY_S = 3600.0
 
 Rows = list[tuple[Any, ...]]
@@ -116,4 +119,5 @@ class SqlStore:
 
 
 def _completion(key: str, token: str, job_id: str, window_s: float) -> tuple[Any, ...]:
-    return (job_id, now_ms() + int(window_s * 1000), key, token)
+    now = now_ms()
+    return (job_id, now + int(window_s * 1000), now, key, token)
