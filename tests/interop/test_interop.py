@@ -1,0 +1,176 @@
+"""Services in other languages produce and read bridge jobs: Java with Apache Avro and
+kafka-clients, Go with hamba/avro and amqp091-go, against the real brokers (docs/envelope.md).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bridge import Bridge, JobContext, Permanent, codec
+from bridge.registry import DEAD_LETTER, SchemaDirectory
+from bridge.transports import Outgoing, dlq_name
+from tests.brokerio import read_queue
+from tests.conftest import SCHEMAS, run
+from tests.interop.app import runs
+from tests.interop.conftest import SCHEMA_DIRS, Program
+from tests.processes import consumer, finish, publish
+
+APP = "tests.interop.app:app"
+TIERS = "1s"
+
+
+def own_prefix() -> str:
+    """A prefix of the test's own, so that a burst run waits for nobody else's delayed jobs."""
+    return f"p{uuid.uuid4().hex[:8]}"
+
+
+def consume_burst(broker: str, queue: str, prefix: str, ledger: Path) -> str:
+    """Run `bridge consume --burst` on the interop app until it exits 0; return its output."""
+    env = {"BRIDGE_PREFIX": prefix, "BRIDGE_DELAY_TIERS": TIERS}
+    # `consumer` starts the ledger app; a second --app replaces it (argparse keeps the last).
+    process = consumer(broker, queue, ledger, f"g-{queue}", "--burst", "--app", APP, env=env)
+    code, log = finish(process, ledger)
+    assert code == 0, log
+    return log
+
+
+def fingerprints(lines: str) -> dict[str, str]:
+    """`FULL_NAME FINGERPRINT` lines as a dict."""
+    return dict(line.split() for line in lines.splitlines())
+
+
+def bridge_fingerprints(names: list[str]) -> dict[str, str]:
+    registry = SchemaDirectory(SCHEMAS)
+    return {name: f"{registry.schema(name).fingerprint:016x}" for name in names}
+
+
+def as_json(datum: Any) -> Any:
+    """A decoded datum as the Java reader prints it: bytes as hex."""
+    if isinstance(datum, bytes):
+        return datum.hex()
+    if isinstance(datum, dict):
+        return {name: as_json(value) for name, value in datum.items()}
+    if isinstance(datum, list):
+        return [as_json(item) for item in datum]
+    return datum
+
+
+def test_java_fingerprints_schemas_as_bridge_does(java: dict[str, Program]) -> None:
+    # Given bridge's own schemas and the test job types,
+    # When Apache Avro (Java) computes SchemaNormalization.parsingFingerprint64 of every record,
+    # Then each is the fingerprint bridge writes in its single-object headers.
+    printed = fingerprints(java["Fingerprint"](SCHEMA_DIRS))
+    assert {"bridge.JobEnvelope", "bridge.JobError", "bridge.DeadLetter", "test.Echo"} <= set(printed)
+    assert printed == bridge_fingerprints(list(printed))
+
+
+def test_go_fingerprints_schemas_as_bridge_does(go_enqueue: Program) -> None:
+    # Given the same schemas, When the Go program fingerprints them with hamba/avro,
+    # Then each is the fingerprint bridge writes (hamba needs the logical types stripped first).
+    printed = fingerprints(go_enqueue("-schemas", SCHEMA_DIRS, "-fingerprints"))
+    assert set(printed) == {"bridge.JobEnvelope", "bridge.JobError", "bridge.DeadLetter", "test.Echo"}
+    assert printed == bridge_fingerprints(list(printed))
+
+
+def test_java_reads_the_dead_letters_bridge_writes(
+    java: dict[str, Program], brokers: dict[str, str], queue: str, tmp_path: Path
+) -> None:
+    # Given a job whose handler raises Permanent and bytes that are no job, consumed by bridge on Kafka,
+    # When Apache Avro (Java) decodes the two dead letters, and the payload inside the first,
+    # Then it reads every field as bridge wrote it: the reason, the source partition and offset,
+    # the envelope with its error history, or the raw bytes.
+    app = Bridge(
+        broker=brokers["kafka"],
+        registry=str(SCHEMAS),
+        group=f"g-{queue}",
+        prefix=own_prefix(),
+        delay_tiers=TIERS,
+    )
+
+    @app.job("test.Echo", queue=queue)
+    async def decline(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise Permanent("card déclinée")
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            job = {"n": 7, "text": "naïve"}
+            await app.enqueue_async("test.Echo", job, key="order-7", headers={"tenant": "acme"})
+            await (await app.transport()).publish(Outgoing(queue, b"not a job"))
+            await app.consume(burst=True)
+
+    run(scenario())
+    bodies = read_queue(app, dlq_name(queue))
+    files = [tmp_path / f"letter-{n}" for n in range(len(bodies))]
+    for file, body in zip(files, bodies, strict=True):
+        file.write_bytes(body)
+    printed = java["ReadDeadLetter"](SCHEMA_DIRS, *map(str, files))
+
+    read = [json.loads(line) for line in printed.splitlines()]
+    written = [codec.decode(body, app.registry, app.registry.schema(DEAD_LETTER))[1] for body in bodies]
+    assert [letter["dead_letter"] for letter in read] == as_json(written)
+    by_reason = {letter["dead_letter"]["reason"]: letter for letter in read}
+    assert set(by_reason) == {"permanent", "undecodable"}
+    assert by_reason["permanent"]["payload"] == {"n": 7, "text": "naïve", "sleep_ms": 0}
+    permanent = by_reason["permanent"]["dead_letter"]
+    assert permanent["partition"] is not None and permanent["offset"] is not None
+    envelope = permanent["envelope"]
+    assert envelope["key"] == "order-7" and envelope["errors"][0]["type"] == "Permanent"
+    assert by_reason["undecodable"]["dead_letter"]["raw"] == b"not a job".hex()
+    assert by_reason["undecodable"]["payload"] is None
+
+
+def test_job_enqueued_by_java_on_kafka_runs_in_bridge_consume(
+    java: dict[str, Program], brokers: dict[str, str], queue: str, tmp_path: Path
+) -> None:
+    # Given a bridge queue on Kafka,
+    # When a Java producer (kafka-clients, Apache Avro's single-object encoder) enqueues a
+    # test.Echo job on it and `bridge consume --burst` runs,
+    # Then the handler ran the job once, with the payload, key and headers Java gave it.
+    broker, prefix, ledger = brokers["kafka"], own_prefix(), tmp_path / "ledger"
+    run(publish(broker, queue, 0, prefix=prefix, delay_tiers=TIERS))  # creates the topics
+    bootstrap = broker.partition("://")[2]
+    job_id = java["KafkaEnqueue"](SCHEMA_DIRS, bootstrap, queue, "7", "from Java", "order-7").strip()
+
+    log = consume_burst(broker, queue, prefix, ledger)
+
+    assert runs(ledger) == [
+        {"id": job_id, "queue": queue, "key": "order-7", "attempt": 1,
+         "headers": {"producer": "java"}, "payload": {"n": 7, "text": "from Java", "sleep_ms": 0}}
+    ]  # fmt: skip
+    assert "dead-lettering" not in log
+
+
+def test_job_enqueued_by_go_on_rabbitmq_runs_in_bridge_consume(
+    go_enqueue: Program, brokers: dict[str, str], queue: str, tmp_path: Path
+) -> None:
+    # Given a bridge queue on RabbitMQ under a prefix of its own,
+    # When a Go producer (hamba/avro, amqp091-go) publishes a test.Echo job to <prefix>.jobs,
+    # routed by the queue's name, and `bridge consume --burst` runs,
+    # Then the handler ran the job once, with the payload, key and headers Go gave it.
+    broker, prefix, ledger = brokers["rabbitmq"], own_prefix(), tmp_path / "ledger"
+    run(publish(broker, queue, 0, prefix=prefix, delay_tiers=TIERS))  # creates the queues
+    job_id = go_enqueue(
+        "-schemas", SCHEMA_DIRS, "-url", broker, "-prefix", prefix,
+        "-queue", queue, "-n", "8", "-text", "from Go", "-key", "order-8",
+    ).strip()  # fmt: skip
+
+    log = consume_burst(broker, queue, prefix, ledger)
+
+    assert runs(ledger) == [
+        {"id": job_id, "queue": queue, "key": "order-8", "attempt": 1,
+         "headers": {"producer": "go"}, "payload": {"n": 8, "text": "from Go", "sleep_ms": 0}}
+    ]  # fmt: skip
+    assert "dead-lettering" not in log
+
+
+def test_go_producer_fails_when_no_queue_takes_its_job(go_enqueue: Program, brokers: dict[str, str]) -> None:
+    # Given no queue of that name, When the Go producer publishes a job to it (mandatory),
+    # Then RabbitMQ returns the message and the producer fails instead of reporting it enqueued.
+    missing = f"t-{uuid.uuid4().hex[:12]}"
+    done = go_enqueue.run("-schemas", SCHEMA_DIRS, "-url", brokers["rabbitmq"], "-queue", missing)
+    assert done.returncode != 0
+    assert f'no queue "{missing}" is bound to bridge.jobs' in done.stderr
