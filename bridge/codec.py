@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.validation import ValidationError, validate
 
-from bridge.errors import DecodeError, SchemaError
+from bridge.errors import DecodeError, SchemaError, UnknownSchema
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
@@ -151,7 +151,7 @@ def read_frame(data: bytes, lookup: SchemaLookup) -> tuple[Schema, int]:
         fingerprint = int.from_bytes(data[2:10], "little")
         schema = lookup.by_fingerprint(fingerprint)
         if schema is None:
-            raise DecodeError(f"unknown schema fingerprint {fingerprint:016x}", data)
+            raise UnknownSchema(f"unknown schema fingerprint {fingerprint:016x}", data)
         return schema, 10
     if data[:1] == CONFLUENT_MAGIC:
         if len(data) < 5:
@@ -159,7 +159,7 @@ def read_frame(data: bytes, lookup: SchemaLookup) -> tuple[Schema, int]:
         (schema_id,) = struct.unpack(">I", data[1:5])
         found = lookup.by_id(schema_id)
         if found is None:
-            raise DecodeError(f"unknown schema id {schema_id}", data)
+            raise UnknownSchema(f"unknown schema id {schema_id}", data)
         return found, 5
     raise DecodeError(f"not a framed Avro message (first bytes {data[:2].hex() or 'empty'})", data)
 

@@ -5,6 +5,7 @@
     ├── SchemaError          a schema that cannot be loaded, or a payload that does not fit its schema
     ├── UnknownJobType       a job type with no schema or no handler
     ├── DecodeError          bytes that are not a valid framed Avro message (keeps the raw bytes)
+    │   └── UnknownSchema    framed bytes naming a schema (fingerprint or id) unknown here
     ├── TransportError       a broker refused, could not be reached, or did not confirm
     │   └── PublishError     a publish was not acknowledged (unroutable, nacked, timed out)
     ├── StoreError           the idempotency store could not be reached or refused
@@ -42,6 +43,10 @@ class DecodeError(BridgeError):
     def __init__(self, message: str, raw: bytes = b"") -> None:
         super().__init__(message)
         self.raw = raw
+
+
+class UnknownSchema(DecodeError):
+    """Framed bytes whose fingerprint or registry id names no schema known here."""
 
 
 class TransportError(BridgeError):

@@ -21,7 +21,7 @@ from bridge import codec
 from bridge.codec import Schema
 from bridge.config import Settings
 from bridge.envelope import DeadLetter, Envelope, JobError
-from bridge.errors import ConfigError, DecodeError, StoreError, UnknownJobType
+from bridge.errors import ConfigError, DecodeError, StoreError, UnknownJobType, UnknownSchema
 from bridge.idempotency import Busy, Done, run_key
 from bridge.idempotency.lease import Lease
 from bridge.jobs import JobContext, JobSpec
@@ -112,6 +112,8 @@ class Worker:
                 delivery.body, self._registry, max_bytes=self.settings.max_message_bytes
             )
             envelope = Envelope.from_avro(record) if writer is self._envelope else None
+        except UnknownSchema as exc:  # nothing of it is decoded: it names no schema known here
+            return [self._dead(delivery, "unknown_schema", str(exc), raw=delivery.body)]
         except DecodeError as exc:
             return [self._dead(delivery, "undecodable", str(exc), raw=delivery.body)]
         if envelope is None:
@@ -122,12 +124,18 @@ class Worker:
             return [self._dead(delivery, "unknown_type", detail, envelope=envelope)]
         spec, schema = job
         try:
-            writer, payload = codec.decode(envelope.payload, self._registry, schema)
+            writer, _ = codec.read_frame(envelope.payload, self._registry)
+            if writer.name != envelope.type:  # checked before decoding with the handler's schema
+                detail = (
+                    f"payload is a {writer.name} (schema {writer.fingerprint:016x}), "
+                    f"envelope says {envelope.type} (schema {schema.fingerprint:016x})"
+                )
+                return [self._dead(delivery, "schema_mismatch", detail, envelope=envelope)]
+            _, payload = codec.decode(envelope.payload, self._registry, schema)
+        except UnknownSchema as exc:
+            return [self._dead(delivery, "unknown_schema", f"payload: {exc}", envelope=envelope)]
         except DecodeError as exc:
             return [self._dead(delivery, "undecodable", f"payload: {exc}", envelope=envelope)]
-        if writer.name != envelope.type:
-            detail = f"payload is a {writer.name}, envelope says {envelope.type}"
-            return [self._dead(delivery, "schema_mismatch", detail, envelope=envelope)]
         now = self.app.clock()
         if envelope.expires_at is not None and envelope.expires_at <= now:
             detail = f"not started before {_iso(envelope.expires_at)}"

@@ -61,8 +61,9 @@ def test_bad_bytes_are_dead_lettered_with_reason_and_original_bytes(
 ) -> None:
     # Given four malformed messages from an independent client, then one good job,
     # When `bridge consume --burst` runs,
-    # Then each malformed message is in <queue>.dlq as `undecodable` with its exact bytes,
-    # the good job behind them runs, and the daemon exits 0.
+    # Then each malformed message is in <queue>.dlq with its exact bytes, as `undecodable`
+    # (`unknown_schema` when it names a fingerprint known nowhere), the good job behind them
+    # runs, and the daemon exits 0.
     broker = brokers[broker_name]
     ledger = tmp_path / "ledger"
     run(publish(broker, queue, 0))  # creates the queue and its dead-letter queue
@@ -79,7 +80,9 @@ def test_bad_bytes_are_dead_lettered_with_reason_and_original_bytes(
     assert ledger_counts(ledger, "done") == {good: 1}
     letters = dead_letters(Bridge(broker=broker, registry=str(SCHEMAS)), queue)
     assert sorted(letter.raw or b"" for letter in letters) == sorted(bad.values())
-    assert {letter.reason for letter in letters} == {"undecodable"}
+    reasons = {letter.raw: letter.reason for letter in letters}
+    wanted = {name: "unknown_schema" if name == "unknown fingerprint" else "undecodable" for name in bad}
+    assert reasons == {bad[name]: reason for name, reason in wanted.items()}
     assert all(letter.queue == queue and letter.envelope is None and letter.detail for letter in letters)
     details = " | ".join(letter.detail for letter in letters)
     for expected in ("not a framed Avro message", "unknown schema fingerprint", "does not decode"):

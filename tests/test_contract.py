@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
-from bridge import Bridge, JobContext
+from bridge import Bridge, JobContext, codec
 from bridge.errors import PublishError, TransportError
+from bridge.registry import ENVELOPE
+from bridge.transports.base import Outgoing
 from tests.brokerio import dead_letters
 from tests.conftest import run
 
@@ -123,6 +125,47 @@ def test_unknown_type_is_dead_lettered_and_jobs_behind_it_run(
     assert letter.reason == "unknown_type"
     assert letter.envelope is not None and letter.envelope.id == stray
     assert letter.queue == queue and "test.Unhandled" in letter.detail
+
+
+def test_payloads_of_another_or_an_unknown_schema_are_dead_lettered_with_the_reason(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given a test.Echo envelope whose payload is a test.Numbers, one whose payload names a
+    # schema fingerprint known nowhere, and a good job,
+    # When consumed, Then the first is dead-lettered as schema_mismatch naming both schemas, the
+    # second as unknown_schema, and the good job runs.
+    app = make_app()
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+
+    def with_payload(payload: bytes) -> Outgoing:
+        envelope = app.build_envelope("test.Echo", {"n": -1}, queue=queue)
+        envelope.payload = payload
+        return Outgoing(queue, codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro()), None)
+
+    numbers = codec.encode_validated(app.registry.schema("test.Numbers"), {"values": [1, 2]})
+    unknown = b"\xc3\x01" + b"\x5a" * 8 + numbers[10:]
+
+    async def scenario() -> None:
+        await app.apply_topology()
+        transport = await app.transport()
+        await transport.publish(with_payload(numbers))
+        await transport.publish(with_payload(unknown))
+        await app.enqueue_async("test.Echo", {"n": 1})
+        await app.consume(burst=True)
+        await app.aclose()
+
+    run(scenario())
+    assert ran == [1]
+    letters = {letter.reason: letter for letter in dead_letters(app, queue)}
+    assert set(letters) == {"schema_mismatch", "unknown_schema"}
+    assert "test.Numbers" in letters["schema_mismatch"].detail
+    assert "test.Echo" in letters["schema_mismatch"].detail
+    assert "5a5a5a5a5a5a5a5a" in letters["unknown_schema"].detail
+    assert all(letter.envelope is not None for letter in letters.values())
 
 
 def test_failing_handler_is_dead_lettered_with_its_error(make_app: Callable[..., Bridge], queue: str) -> None:
