@@ -263,6 +263,12 @@ def _resolve(app: Bridge, schema_of: Any) -> dict[str, tuple[JobSpec, Schema]]:
         except UnknownJobType:
             missing.append(name)
     problems = [problem for spec in app.jobs.values() for problem in spec.policy.problems(spec.type)]
+    problems += [
+        f"{spec.type}: {name} must be above zero"
+        for spec in app.jobs.values()
+        for name in ("idempotency_ttl_s", "idempotency_lease_s")
+        if not getattr(spec, name) > 0
+    ]
     if problems:
         raise ConfigError("; ".join(problems))
     if missing:

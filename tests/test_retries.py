@@ -208,14 +208,14 @@ def test_three_day_delay_with_a_fake_clock(queue: str) -> None:
 
 
 def test_bad_retry_settings_are_reported_together_at_start(queue: str) -> None:
-    # Given two handlers with impossible retry settings, When consuming starts,
+    # Given two handlers with impossible retry (and idempotency) settings, When consuming starts,
     # Then one ConfigError names every problem, before anything runs.
     from bridge.errors import ConfigError
     from tests.conftest import SCHEMAS
 
     app = Bridge(broker="memory://", registry=str(SCHEMAS))
 
-    @app.job("test.Echo", queue=queue, max_attempts=0)
+    @app.job("test.Echo", queue=queue, max_attempts=0, idempotency_lease_s=0)
     async def echo(payload: dict[str, Any], ctx: JobContext) -> None: ...
 
     @app.job("test.Numbers", queue=queue, backoff="soon", retry_on=(ValueError, "KeyError"))  # type: ignore[arg-type]
@@ -225,5 +225,6 @@ def test_bad_retry_settings_are_reported_together_at_start(queue: str) -> None:
         run(app.consume(burst=True))
     message = str(caught.value)
     assert "test.Echo: max_attempts must be at least 1" in message
+    assert "test.Echo: idempotency_lease_s must be above zero" in message
     assert "test.Numbers: backoff must be a tenacity wait" in message
     assert "test.Numbers: retry_on must be a tuple of exception classes" in message
