@@ -16,6 +16,8 @@ from tests.conftest import REPO, SCHEMAS, run
 from tests.effects import effects, new_table
 from tests.processes import wait_until
 
+TIERS = "1s,5s"
+
 
 @pytest.fixture(params=["kafka", "rabbitmq"])
 def real_broker(request: pytest.FixtureRequest, brokers: dict[str, str]) -> str:
@@ -28,6 +30,9 @@ class Effects:
     def __init__(self, broker: str, store_url: str, tmp_path: Path, lease_s: float = 2.0) -> None:
         self.broker, self.store_url = broker, store_url
         self.queue = f"t-{uuid.uuid4().hex[:12]}"
+        # Delay tiers (and on Kafka their forwarder group) of its own: a burst run waits for
+        # every job in its prefix's tiers, which a consumer left over elsewhere may be holding.
+        self.prefix = f"p{uuid.uuid4().hex[:8]}"
         self.group = f"g-{uuid.uuid4().hex[:12]}"
         self.table = new_table(store_url)
         self.ledger = tmp_path / "ledger"
@@ -38,16 +43,19 @@ class Effects:
         """Create the queue and its topology."""
 
         async def scenario() -> None:
-            async with Bridge(broker=self.broker, registry=str(SCHEMAS)) as app:
+            async with self.app() as app:
                 await app.apply_topology([self.queue])
 
         run(scenario())
+
+    def app(self) -> Bridge:
+        return Bridge(broker=self.broker, registry=str(SCHEMAS), prefix=self.prefix, delay_tiers=TIERS)
 
     def publish(self, keys: list[str], copies: int = 1, sleep_ms: int = 0) -> None:
         """Enqueue `copies` jobs for each key (the copies have their own job ids)."""
 
         async def scenario() -> None:
-            async with Bridge(broker=self.broker, registry=str(SCHEMAS)) as app:
+            async with self.app() as app:
                 await app.apply_topology([self.queue])
                 jobs = [(n, key) for _ in range(copies) for n, key in enumerate(keys)]
                 for start in range(0, len(jobs), 500):
@@ -63,6 +71,7 @@ class Effects:
     def consumer(self, *flags: str, **faults: str) -> subprocess.Popen[str]:
         env = {
             **os.environ, "BRIDGE_BROKER": self.broker, "BRIDGE_GROUP": self.group,
+            "BRIDGE_PREFIX": self.prefix, "BRIDGE_DELAY_TIERS": TIERS,
             "BRIDGE_IDEMPOTENCY": self.store_url, "EFFECTS_QUEUE": self.queue, "EFFECTS_TABLE": self.table,
             "EFFECTS_LEASE_S": str(self.lease_s), "EFFECTS_LEDGER": str(self.ledger),
             **{f"EFFECTS_{name.upper()}": value for name, value in faults.items()},
@@ -79,7 +88,7 @@ class Effects:
         try:
             code = process.wait(timeout=180)
         finally:
-            process.kill()
+            kill(process)
         assert code == 0, self.output()
 
     def starts(self, pid: int | None = None) -> list[tuple[str, str, float, int]]:

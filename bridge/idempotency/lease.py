@@ -28,8 +28,11 @@ class Lease:
 
     async def renew(self) -> None:
         """Push the lease's end `lease_s` further out; a lost claim is logged."""
+        if self.completed:
+            return  # by the handler's inbox transaction: there is no claim left to renew
         try:
-            if not await self.store.extend(self.key, self.token, self.lease_s):
+            # (`completed` again: the inbox may have committed while the renewal waited for it.)
+            if not await self.store.extend(self.key, self.token, self.lease_s) and not self.completed:
                 log.warning("job %s lost its claim on %r: another worker may run it", self.job_id, self.key)
         except StoreError as exc:
             log.error("job %s could not renew its claim on %r: %s", self.job_id, self.key, exc)
