@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.validation import ValidationError, validate
 
-from bridge.errors import DecodeError, SchemaError, UnknownSchema
+from bridge.errors import DecodeError, SchemaError, SchemaMismatch, UnknownSchema
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
@@ -60,7 +60,7 @@ def crc64_avro(data: bytes) -> int:
 class Schema:
     """A parsed record schema with its identity on the wire."""
 
-    name: str
+    name: str  # the record's full name, e.g. billing.ChargeCard
     definition: dict[str, Any]  # expanded JSON: every named type defined inline once
     parsed: Any  # fastavro's parsed form
     canonical: str
@@ -81,7 +81,8 @@ class Schema:
             header = SINGLE_OBJECT_MAGIC + fingerprint.to_bytes(8, "little")
         else:
             header = CONFLUENT_MAGIC + schema_id.to_bytes(4, "big")
-        return cls(definition["name"], definition, parsed, canonical, fingerprint, schema_id, header)
+        name = _full_name(definition["name"], definition.get("namespace"))
+        return cls(name, definition, parsed, canonical, fingerprint, schema_id, header)
 
 
 class SchemaLookup(Protocol):
@@ -179,6 +180,12 @@ def decode(
     if len(data) > max_bytes:
         raise DecodeError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte cap", data)
     writer, start = read_frame(data, lookup)
+    if reader is not None and reader.name != writer.name:  # Avro resolves records of one name only
+        raise SchemaMismatch(
+            f"a {writer.name} (schema {writer.fingerprint:016x}) cannot be read as a {reader.name} "
+            f"(schema {reader.fingerprint:016x})",
+            data,
+        )
     if reader is not None and reader.fingerprint == writer.fingerprint:
         reader = None
     stream = io.BytesIO(data)

@@ -5,7 +5,8 @@
     ├── SchemaError          a schema that cannot be loaded, or a payload that does not fit its schema
     ├── UnknownJobType       a job type with no schema or no handler
     ├── DecodeError          bytes that are not a valid framed Avro message (keeps the raw bytes)
-    │   └── UnknownSchema    framed bytes naming a schema (fingerprint or id) unknown here
+    │   ├── UnknownSchema    framed bytes naming a schema (fingerprint or id) unknown here
+    │   └── SchemaMismatch   a record asked to be read as a record of another name
     ├── TransportError       a broker refused, could not be reached, or did not confirm
     │   └── PublishError     a publish was not acknowledged (unroutable, nacked, timed out)
     ├── StoreError           the idempotency store could not be reached or refused
@@ -47,6 +48,10 @@ class DecodeError(BridgeError):
 
 class UnknownSchema(DecodeError):
     """Framed bytes whose fingerprint or registry id names no schema known here."""
+
+
+class SchemaMismatch(DecodeError):
+    """A record written with one schema asked to be read as a record of another name."""
 
 
 class TransportError(BridgeError):

@@ -60,3 +60,12 @@ class JobSpec:
     policy: RetryPolicy
     idempotency_ttl_s: float = DEFAULT_WINDOW_S  # how long a key stays done after its job succeeded
     idempotency_lease_s: float = DEFAULT_LEASE_S  # a claim's lease, renewed while the handler runs
+
+    def problems(self) -> list[str]:
+        """Every way this job's settings cannot work, for reporting at start."""
+        problems = self.policy.problems(self.type)
+        for name, seconds in (("idempotency_ttl_s", self.idempotency_ttl_s),
+                              ("idempotency_lease_s", self.idempotency_lease_s)):  # fmt: skip
+            if not seconds > 0:
+                problems.append(f"{self.type}: {name} must be above zero")
+        return problems

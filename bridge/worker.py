@@ -21,7 +21,14 @@ from bridge import codec
 from bridge.codec import Schema
 from bridge.config import Settings
 from bridge.envelope import DeadLetter, Envelope, JobError
-from bridge.errors import ConfigError, DecodeError, StoreError, UnknownJobType, UnknownSchema
+from bridge.errors import (
+    ConfigError,
+    DecodeError,
+    SchemaMismatch,
+    StoreError,
+    UnknownJobType,
+    UnknownSchema,
+)
 from bridge.idempotency import Busy, Done, run_key
 from bridge.idempotency.lease import Lease
 from bridge.jobs import JobContext, JobSpec
@@ -124,14 +131,10 @@ class Worker:
             return [self._dead(delivery, "unknown_type", detail, envelope=envelope)]
         spec, schema = job
         try:
-            writer, _ = codec.read_frame(envelope.payload, self._registry)
-            if writer.name != envelope.type:  # checked before decoding with the handler's schema
-                detail = (
-                    f"payload is a {writer.name} (schema {writer.fingerprint:016x}), "
-                    f"envelope says {envelope.type} (schema {schema.fingerprint:016x})"
-                )
-                return [self._dead(delivery, "schema_mismatch", detail, envelope=envelope)]
             _, payload = codec.decode(envelope.payload, self._registry, schema)
+        except SchemaMismatch as exc:
+            detail = f"payload of a {envelope.type} envelope: {exc}"
+            return [self._dead(delivery, "schema_mismatch", detail, envelope=envelope)]
         except UnknownSchema as exc:
             return [self._dead(delivery, "unknown_schema", f"payload: {exc}", envelope=envelope)]
         except DecodeError as exc:
@@ -262,13 +265,7 @@ def _resolve(app: Bridge, schema_of: Any) -> dict[str, tuple[JobSpec, Schema]]:
             jobs[name] = (spec, schema_of(name))
         except UnknownJobType:
             missing.append(name)
-    problems = [problem for spec in app.jobs.values() for problem in spec.policy.problems(spec.type)]
-    problems += [
-        f"{spec.type}: {name} must be above zero"
-        for spec in app.jobs.values()
-        for name in ("idempotency_ttl_s", "idempotency_lease_s")
-        if not getattr(spec, name) > 0
-    ]
+    problems = [problem for spec in app.jobs.values() for problem in spec.problems()]
     if problems:
         raise ConfigError("; ".join(problems))
     if missing:
