@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from bridge import dev
-from bridge.dev import compose, kafka, postgres, rabbitmq, redis
+from bridge.dev import apicurio, compose, kafka, postgres, rabbitmq, redis
 from bridge.errors import DevError
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
@@ -94,6 +94,23 @@ def test_compose_redis_has_exactly_the_native_settings() -> None:
     assert flags == {f"--{setting}": value for setting, value in redis.REDIS_SETTINGS.items()}
 
 
+def apicurio_env_name(setting: str) -> str:
+    """The variable Quarkus reads for a property (`.` and `-` -> `_`, upper case)."""
+    return setting.upper().replace(".", "_").replace("-", "_")
+
+
+def test_compose_apicurio_has_exactly_the_native_settings() -> None:
+    # Given the apicurio service of docker-compose.yml
+    env = compose_services()["apicurio"]["environment"]
+    # Then it sets the native registry's shared settings, and nothing else
+    assert env == {apicurio_env_name(setting): value for setting, value in apicurio.APICURIO_SETTINGS.items()}
+
+
+def test_compose_runs_the_native_apicurio_version() -> None:
+    image = compose_services()["apicurio"]["image"]
+    assert image == f"apicurio/apicurio-registry:{apicurio.APICURIO_VERSION}"
+
+
 def test_compose_publishes_the_native_ports_on_loopback_only() -> None:
     # Given the services of docker-compose.yml, with no port overrides set
     services = compose_services()
@@ -101,6 +118,7 @@ def test_compose_publishes_the_native_ports_on_loopback_only() -> None:
     rabbit_ports = [unset_defaults(port) for port in services["rabbitmq"]["ports"]]
     postgres_ports = [unset_defaults(port) for port in services["postgres"]["ports"]]
     redis_ports = [unset_defaults(port) for port in services["redis"]["ports"]]
+    apicurio_ports = [unset_defaults(port) for port in services["apicurio"]["ports"]]
     advertised = unset_defaults(services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"])
     # Then they are published on 127.0.0.1 at the native ports
     assert kafka_ports == [f"127.0.0.1:{kafka.DEFAULT_PORT}:29092"]
@@ -110,6 +128,7 @@ def test_compose_publishes_the_native_ports_on_loopback_only() -> None:
     ]
     assert postgres_ports == [f"127.0.0.1:{postgres.DEFAULT_PORT}:5432"]
     assert redis_ports == [f"127.0.0.1:{redis.DEFAULT_PORT}:6379"]
+    assert apicurio_ports == [f"127.0.0.1:{apicurio.DEFAULT_PORT}:8080"]
     # And host clients are sent back to the published address, not to the container's
     assert f"HOST://127.0.0.1:{kafka.DEFAULT_PORT}" in advertised.split(",")
 
@@ -143,6 +162,13 @@ def test_native_redis_listens_on_loopback_only() -> None:
     assert redis.REDIS_SETTINGS.items() <= conf.items()
 
 
+def test_native_apicurio_listens_on_loopback_only() -> None:
+    props = apicurio.system_properties(apicurio.DEFAULT_PORT)
+    assert (props["quarkus.http.host"], props["quarkus.http.port"]) == ("127.0.0.1", "8081")
+    assert props["quarkus.management.host"] == "127.0.0.1"
+    assert apicurio.APICURIO_SETTINGS.items() <= props.items()
+
+
 @pytest.mark.brokers
 def test_up_again_reports_already_up(brokers: dict[str, str]) -> None:
     # Given the brokers the session brought up
@@ -154,6 +180,7 @@ def test_up_again_reports_already_up(brokers: dict[str, str]) -> None:
         ("rabbitmq", brokers["rabbitmq"], True, "already up"),
         ("postgres", brokers["postgres"], True, "already up"),
         ("redis", brokers["redis"], True, "already up"),
+        ("apicurio", brokers["apicurio"], True, "already up"),
     ]
 
 
@@ -168,6 +195,7 @@ def test_status_says_running(brokers: dict[str, str]) -> None:
         ("rabbitmq", brokers["rabbitmq"], True),
         ("postgres", brokers["postgres"], True),
         ("redis", brokers["redis"], True),
+        ("apicurio", brokers["apicurio"], True),
     ]
 
 
@@ -216,6 +244,7 @@ def test_up_recovers_after_kill_9(store: Any, own_instance: Path) -> None:
         ("rabbitmq", rabbitmq.PORT_VAR, "not an AMQP broker"),
         ("postgres", postgres.PORT_VAR, "not a PostgreSQL server"),
         ("redis", redis.PORT_VAR, "not a Redis server"),
+        ("apicurio", apicurio.PORT_VAR, "not a schema registry"),
     ],
 )
 def test_port_held_by_another_program_fails_fast(

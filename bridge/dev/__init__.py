@@ -1,9 +1,11 @@
-"""Local services for development: `up`, `down` and `status` of the brokers and the stores.
+"""Local services for development: `up`, `down` and `status` of the brokers, stores and registry.
 
 The brokers are Kafka and RabbitMQ (for BRIDGE_BROKER), the stores PostgreSQL and Redis (for
-BRIDGE_IDEMPOTENCY). With a Docker engine, the services of docker-compose.yml; without one, a
-Kafka broker run from Maven Central jars and Debian's rabbitmq-server, postgresql and
-redis-server packages. All listen on loopback only, on the same ports either way.
+BRIDGE_IDEMPOTENCY), the registry Apicurio (a schema registry with Confluent's API). With a
+Docker engine, the services of docker-compose.yml; without one, a Kafka broker run from Maven
+Central jars, Apicurio Registry from Maven Central on a Java runtime from PyPI, and Debian's
+rabbitmq-server, postgresql and redis-server packages. All listen on loopback only, on the
+same ports either way.
 """
 
 from __future__ import annotations
@@ -12,16 +14,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from bridge.dev import compose, kafka, postgres, rabbitmq, redis
+from bridge.dev import apicurio, compose, kafka, postgres, rabbitmq, redis
 from bridge.dev._common import ServiceStatus, is_root
 from bridge.dev._proc import Log, apt_install, find_program
 from bridge.errors import DevError
 
-__all__ = ["BROKERS", "SERVICES", "STORES", "ServiceStatus", "down", "ensure_tools", "status", "up"]
+__all__ = [
+    "BROKERS",
+    "REGISTRIES",
+    "SERVICES",
+    "STORES",
+    "ServiceStatus",
+    "down",
+    "ensure_tools",
+    "status",
+    "up",
+]
 
 BROKERS: Final = ("kafka", "rabbitmq")
 STORES: Final = ("postgres", "redis")
-SERVICES: Final = (*BROKERS, *STORES)
+REGISTRIES: Final = ("apicurio",)
+SERVICES: Final = (*BROKERS, *STORES, *REGISTRIES)
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,7 @@ _NATIVE: Final = {
     "rabbitmq": _Native(rabbitmq.up, rabbitmq.down, rabbitmq.status),
     "postgres": _Native(postgres.up, postgres.down, postgres.status),
     "redis": _Native(redis.up, redis.down, redis.status),
+    "apicurio": _Native(apicurio.up, apicurio.down, apicurio.status),
 }
 
 # Debian packages of the independent test clients, by a program each provides.

@@ -1,8 +1,8 @@
 """The Docker path of `bridge dev`: `docker compose` with the repository's docker-compose.yml.
 
 Used only when a Docker engine answers; the services are then the `kafka`, `rabbitmq`,
-`postgres` and `redis` services of docker-compose.yml, published on the same loopback ports
-as the native path.
+`postgres`, `redis` and `apicurio` services of docker-compose.yml, published on the same
+loopback ports as the native path.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from bridge.dev import kafka, postgres, rabbitmq, redis
+from bridge.dev import apicurio, kafka, postgres, rabbitmq, redis
 from bridge.dev._common import ServiceStatus
 from bridge.dev._proc import Log, last_line, run
 from bridge.errors import DevError
@@ -24,6 +24,7 @@ _STATUS: Final[dict[str, Callable[[], ServiceStatus]]] = {
     "rabbitmq": rabbitmq.status,
     "postgres": postgres.status,
     "redis": redis.status,
+    "apicurio": apicurio.status,
 }
 
 
