@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=25.1"
-	$(BIN)/python -m pip install -q -e ".[postgres,redis]" --group test --group lint
+	$(BIN)/python -m pip install -q -e ".[postgres,redis,registry]" --group test --group lint
 	touch $(STAMP)
 
 brokers: $(STAMP)

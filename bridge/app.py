@@ -47,6 +47,7 @@ class Bridge:
         self._portal: _Portal | None = None
         self._stores: dict[asyncio.AbstractEventLoop, Store] = {}
         self._memory_store: Store | None = None
+        self.stats: Stats | None = None  # of the running or the last consume()
 
     # -- configuration -----------------------------------------------------------------
 
@@ -68,7 +69,7 @@ class Bridge:
     def registry(self) -> Registry:
         """The schema registry, opened on first use."""
         if self._registry is None:
-            self._registry = open_registry(self.settings.registry)
+            self._registry = open_registry(self.settings.registry, self.settings.schemas)
         return self._registry
 
     def job(
@@ -193,7 +194,7 @@ class Bridge:
         created_at: int | None = None,
     ) -> Envelope:
         """A new job's envelope, its payload validated against the type's schema."""
-        schema = self.registry.schema(type)
+        schema = self.registry.writer(type)
         record = dict(payload) if isinstance(payload, Mapping) else payload  # else: refused below
         body = codec.encode_validated(schema, record)
         spec = self.jobs.get(type)
@@ -220,6 +221,7 @@ class Bridge:
 
         settings = self.settings if concurrency is None else replace(self.settings, concurrency=concurrency)
         worker = Worker(self, await self.transport(), settings)
+        self.stats = worker.stats
         await worker.run(list(queues or self.queues()), stop or asyncio.Event(), burst=burst)
         return worker.stats
 
@@ -277,7 +279,10 @@ class Bridge:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close this loop's transport."""
+        """Close this loop's transport and store, and the registry's connections."""
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None  # opened again if used again
         transport = self._transports.pop(asyncio.get_running_loop(), None)
         if transport is not None:
             await transport.close()

@@ -1,4 +1,4 @@
-"""The `bridge` command: enqueue, consume, topology apply, dev up|down|status.
+"""The `bridge` command: enqueue, consume, topology apply, dlq, schemas, dev up|down|status.
 
 Every failure a user can fix prints one line on stderr and exits non-zero; no traceback.
 """
@@ -63,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--broker", help="kafka://host:port or amqp://user:pass@host:port/vhost (BRIDGE_BROKER)"
     )
-    common.add_argument("--registry", help="directory of .avsc schemas (BRIDGE_REGISTRY)")
+    common.add_argument(
+        "--registry",
+        help="directory of .avsc schemas, or a Confluent-API registry URL http://... (BRIDGE_REGISTRY)",
+    )
+    common.add_argument("--schemas", help="with a registry URL: this app's .avsc schemas (BRIDGE_SCHEMAS)")
     common.add_argument("--prefix", help="topology name prefix (BRIDGE_PREFIX, default bridge)")
     common.add_argument(
         "--idempotency",
@@ -110,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     apply.set_defaults(run=_topology_apply)
 
     _dlq_parsers(commands, common)
+    _schemas_parsers(commands, common)
 
     dev = commands.add_parser(
         "dev", parents=[common], help="local Kafka, RabbitMQ, PostgreSQL, Redis and Apicurio for development"
@@ -118,6 +123,25 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("services", nargs="*", help="kafka, rabbitmq, postgres, redis, apicurio (default: all)")
     dev.set_defaults(run=_dev)
     return parser
+
+
+def _schemas_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
+    schemas = commands.add_parser(
+        "schemas", parents=[common], help="job type schemas in a registry: register, check, list"
+    )
+    actions = schemas.add_subparsers(required=True, metavar="ACTION")
+    for name, run, text in (
+        ("register", _schemas_register, "register every .avsc under DIR under its subject (its full name)"),
+        ("check", _schemas_check, "check every .avsc under DIR against the registry's compatibility rule"),
+    ):
+        action = actions.add_parser(name, parents=[common], help=text)
+        action.add_argument("dir", nargs="?", help="directory of .avsc files (default: --schemas)")
+        action.set_defaults(run=run)
+    listing = actions.add_parser(
+        "list", parents=[common], help="subjects, versions and ids; which have handlers"
+    )
+    listing.add_argument("--app", help="MODULE:ATTR of a Bridge: mark the types it has handlers for")
+    listing.set_defaults(run=_schemas_list)
 
 
 def _dlq_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -327,13 +351,67 @@ def _dev(args: argparse.Namespace) -> int:
         print(f"{status.name:9} {'up' if status.running else 'down':5} {status.url}  ({status.detail})")
     if args.action == "up":
         for status in statuses:
-            if status.name in dev.REGISTRIES:
-                # BRIDGE_REGISTRY is still a folder of .avsc files: no export to suggest yet.
-                print(f"# {status.name}: Confluent schema registry API at {status.url}")
-                continue
-            setting = "BRIDGE_IDEMPOTENCY" if status.name in dev.STORES else "BRIDGE_BROKER"
+            setting = "BRIDGE_BROKER"
+            if status.name in dev.STORES:
+                setting = "BRIDGE_IDEMPOTENCY"
+            elif status.name in dev.REGISTRIES:
+                setting = "BRIDGE_REGISTRY"
             print(f"# to use {status.name}: export {setting}={status.url}")
     return 0 if args.action != "status" or all(s.running for s in statuses) else 1
+
+
+def _schemas_register(args: argparse.Namespace) -> int:
+    registry = _http_registry(args, local=True)
+    for name in registry.local.job_types():
+        schema_id, new = registry.register(name)
+        print(f"{name:40} id {schema_id:<6} {'registered' if new else 'already registered'}")
+    return 0
+
+
+def _schemas_check(args: argparse.Namespace) -> int:
+    registry = _http_registry(args, local=True)
+    failed = 0
+    for name in registry.local.job_types():
+        level, problems = registry.check(name)
+        print(f"{name:40} {level:20} {'INCOMPATIBLE' if problems else 'ok'}")
+        for problem in problems:
+            print(f"    {problem}")
+        failed += bool(problems)
+    if failed:
+        print(f"bridge: {failed} schema(s) would break their subject's compatibility rule", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _schemas_list(args: argparse.Namespace) -> int:
+    registry = _http_registry(args, local=False)
+    handled = set(load_app(args.app).jobs) if args.app else set()
+    subjects = registry.subjects()
+    for subject in subjects:
+        mark = "handler" if subject.name in handled else ""
+        versions = ",".join(map(str, subject.versions))
+        latest = f"latest id {subject.latest_id:<6}"
+        print(f"{subject.name:40} versions {versions:12} {latest} {subject.compatibility:20} {mark}")
+    for name in sorted(handled - {s.name for s in subjects}):
+        print(f"{name:40} NOT REGISTERED{'':38} handler")
+    return 0
+
+
+def _http_registry(args: argparse.Namespace, *, local: bool) -> Any:
+    """The registry of the flags, which must be a URL; with `local`, with a schema directory."""
+    from bridge.schema_registry import HttpRegistry
+
+    if getattr(args, "dir", None):
+        args.schemas = args.dir
+    app = _app(args)
+    if not (app.settings.registry or "").startswith(("http://", "https://")):
+        raise ConfigError(
+            "bridge schemas needs a registry URL: pass --registry http://... or set BRIDGE_REGISTRY"
+        )
+    if local and not app.settings.schemas:
+        raise ConfigError("which schemas? pass a directory, --schemas DIR, or set BRIDGE_SCHEMAS")
+    registry = app.registry
+    assert isinstance(registry, HttpRegistry)
+    return registry
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -345,6 +423,7 @@ def _app(args: argparse.Namespace, **settings: Any) -> Bridge:
     app.configure(
         broker=args.broker,
         registry=args.registry,
+        schemas=args.schemas,
         prefix=args.prefix,
         idempotency=args.idempotency,
         **settings,

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.validation import ValidationError, validate
 
+from bridge.compatibility import read_problems
 from bridge.errors import DecodeError, SchemaError, SchemaMismatch, UnknownSchema
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -158,7 +159,10 @@ def read_frame(data: bytes, lookup: SchemaLookup) -> tuple[Schema, int]:
         if len(data) < 5:
             raise DecodeError(f"truncated Confluent header ({len(data)} bytes)", data)
         (schema_id,) = struct.unpack(">I", data[1:5])
-        found = lookup.by_id(schema_id)
+        try:
+            found = lookup.by_id(schema_id)
+        except UnknownSchema as exc:  # the registry says why
+            raise UnknownSchema(str(exc), data) from None
         if found is None:
             raise UnknownSchema(f"unknown schema id {schema_id}", data)
         return found, 5
@@ -181,13 +185,15 @@ def decode(
         raise DecodeError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte cap", data)
     writer, start = read_frame(data, lookup)
     if reader is not None and reader.name != writer.name:  # Avro resolves records of one name only
-        raise SchemaMismatch(
-            f"a {writer.name} (schema {writer.fingerprint:016x}) cannot be read as a {reader.name} "
-            f"(schema {reader.fingerprint:016x})",
-            data,
-        )
+        raise SchemaMismatch(f"a {_identity(writer)} cannot be read as a {_identity(reader)}", data)
     if reader is not None and reader.fingerprint == writer.fingerprint:
         reader = None
+    if reader is not None:
+        problems = _read_problems(reader, writer)
+        if problems:
+            raise SchemaMismatch(
+                f"{_identity(writer)} cannot be read with {_identity(reader)}: " + "; ".join(problems), data
+            )
     stream = io.BytesIO(data)
     stream.seek(start)
     try:
@@ -198,6 +204,26 @@ def decode(
         extra = len(data) - stream.tell()
         raise DecodeError(f"{extra} trailing bytes after a {writer.name}", data)
     return writer, datum
+
+
+_RESOLUTIONS: dict[tuple[int, int], list[str]] = {}  # (reader, writer) fingerprints -> problems
+_MAX_RESOLUTIONS = 4096
+
+
+def _read_problems(reader: Schema, writer: Schema) -> list[str]:
+    """Why `writer`'s data cannot be read with `reader`, judged once per pair of schemas."""
+    pair = (reader.fingerprint, writer.fingerprint)
+    if pair not in _RESOLUTIONS:
+        if len(_RESOLUTIONS) >= _MAX_RESOLUTIONS:
+            _RESOLUTIONS.clear()
+        _RESOLUTIONS[pair] = read_problems(reader.definition, writer.definition)
+    return _RESOLUTIONS[pair]
+
+
+def _identity(schema: Schema) -> str:
+    if schema.schema_id is not None:
+        return f"{schema.name} schema id {schema.schema_id}"
+    return f"{schema.name} schema {schema.fingerprint:016x}"
 
 
 # -- schema checks and transforms ------------------------------------------------------------

@@ -24,7 +24,8 @@ class Settings:
     """Everything a Bridge needs to reach its broker and registry and to run jobs."""
 
     broker: str | None = None
-    registry: str | None = None
+    registry: str | None = None  # a directory of .avsc files, or a Confluent-compatible registry URL
+    schemas: str | None = None  # with a registry URL: this app's own .avsc files
     prefix: str = "bridge"
     group: str = "bridge"  # Kafka consumer group; the consuming service's name on RabbitMQ
     concurrency: int = 16

@@ -66,6 +66,10 @@ class PublishError(TransportError):
     """A publish that the broker did not acknowledge."""
 
 
+class RegistryUnavailable(BridgeError):
+    """The schema registry did not answer; what needed it waits and tries again."""
+
+
 class StoreError(BridgeError):
     """The idempotency store could not be reached or refused an operation."""
 

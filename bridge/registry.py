@@ -8,6 +8,7 @@ encoding, so a message names its schema by CRC-64-AVRO fingerprint.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,9 +23,23 @@ DEAD_LETTER = "bridge.DeadLetter"
 class Registry(SchemaLookup, Protocol):
     """A source of schemas by name, fingerprint or id."""
 
-    def schema(self, name: str) -> Schema: ...
+    def schema(self, name: str) -> Schema:
+        """The schema this app reads `name` with (and bridge's own records are written with)."""
+        ...
+
+    def writer(self, name: str) -> Schema:
+        """The schema new payloads of job type `name` are written with."""
+        ...
 
     def job_types(self) -> list[str]: ...
+
+    def prepare(self, types: Iterable[str]) -> None:
+        """Check, before consuming, that the handlers' types can be read; ConfigError if not."""
+        ...
+
+    def close(self) -> None:
+        """Let go of connections; the registry may not be used after."""
+        ...
 
 
 class SchemaDirectory:
@@ -49,6 +64,15 @@ class SchemaDirectory:
         """Every job type: the records that are not bridge's own."""
         return sorted(n for n in self._schemas if not n.startswith("bridge."))
 
+    def writer(self, name: str) -> Schema:
+        return self.schema(name)
+
+    def prepare(self, types: Iterable[str]) -> None:
+        pass  # every schema was read and checked when the directory was
+
+    def close(self) -> None:
+        pass
+
     def by_fingerprint(self, fingerprint: int) -> Schema | None:
         return self._by_fingerprint.get(fingerprint)
 
@@ -56,16 +80,26 @@ class SchemaDirectory:
         return None  # a directory has no ids; Confluent-framed input needs a registry server
 
 
-def open_registry(url: str | None) -> Registry:
-    """The registry for a `--registry` value: a directory path (http(s) registries come later)."""
-    if not url:
+def open_registry(url: str | None, schemas: str | None = None) -> Registry:
+    """The registry for `--registry` and `--schemas` values.
+
+    An http(s) URL is a Confluent-compatible registry, with `schemas` as this app's own
+    versions; otherwise the registry is a directory of .avsc files (`url`, else `schemas`).
+    """
+    if url and url.startswith(("http://", "https://")):
+        from bridge.schema_registry import HttpRegistry
+
+        return HttpRegistry(url, _directory(schemas, "schemas") if schemas else SchemaDirectory(None))
+    if not url and not schemas:
         return SchemaDirectory(None)
-    if url.startswith(("http://", "https://")):
-        raise ConfigError(f"registry {url}: HTTP schema registries are not supported yet; use a directory")
-    path = Path(url.removeprefix("file://"))
+    return _directory(url or schemas, "registry" if url else "schemas")
+
+
+def _directory(value: str | None, setting: str) -> SchemaDirectory:
+    path = Path(str(value).removeprefix("file://"))
     if not path.is_dir():
         raise ConfigError(
-            f"registry {url}: not a directory of .avsc files (set --registry or BRIDGE_REGISTRY)"
+            f"{setting} {value}: not a directory of .avsc files (set --{setting} or BRIDGE_{setting.upper()})"
         )
     return SchemaDirectory(path)
 
@@ -79,7 +113,7 @@ def _read_definitions(directory: Path) -> dict[str, Any]:
         except (OSError, ValueError) as exc:
             problems.append(f"{file}: not JSON ({exc})")
             continue
-        name = _full_name_of(definition)
+        name = full_name_of(definition)
         if name != file.stem:
             problems.append(f"{file}: defines {name!r}; name the file {name}.avsc")
             continue
@@ -89,7 +123,7 @@ def _read_definitions(directory: Path) -> dict[str, Any]:
     return definitions
 
 
-def _full_name_of(definition: Any) -> str | None:
+def full_name_of(definition: Any) -> str | None:
     if not isinstance(definition, dict) or "name" not in definition:
         return None
     name = str(definition["name"])

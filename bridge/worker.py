@@ -24,6 +24,7 @@ from bridge.envelope import DeadLetter, Envelope, JobError
 from bridge.errors import (
     ConfigError,
     DecodeError,
+    RegistryUnavailable,
     SchemaMismatch,
     StoreError,
     UnknownJobType,
@@ -71,6 +72,7 @@ class Worker:
         self.transport = transport
         self.settings = settings
         self._registry = registry = app.registry
+        registry.prepare(app.jobs)  # a type the registry lacks, or cannot be read here: no start
         self._envelope = registry.schema(ENVELOPE)
         self._dead_letter = registry.schema(DEAD_LETTER)
         self._jobs = _resolve(app, registry.schema)
@@ -115,16 +117,20 @@ class Worker:
 
     async def _outcome(self, delivery: Delivery) -> Sequence[Outgoing]:
         try:
-            writer, record = codec.decode(
-                delivery.body, self._registry, max_bytes=self.settings.max_message_bytes
+            _, record = codec.decode(
+                delivery.body, self._registry, self._envelope, max_bytes=self.settings.max_message_bytes
             )
-            envelope = Envelope.from_avro(record) if writer is self._envelope else None
+            envelope = Envelope.from_avro(record)
         except UnknownSchema as exc:  # nothing of it is decoded: it names no schema known here
             return [self._dead(delivery, "unknown_schema", str(exc), raw=delivery.body)]
+        except SchemaMismatch as exc:
+            return [self._dead(delivery, "undecodable", f"not a {ENVELOPE}: {exc}", raw=delivery.body)]
         except DecodeError as exc:
             return [self._dead(delivery, "undecodable", str(exc), raw=delivery.body)]
-        if envelope is None:
-            return [self._dead(delivery, "undecodable", f"not a {ENVELOPE}", raw=delivery.body)]
+        except RegistryUnavailable as exc:
+            log.error("a message from %s waits: %s", delivery.queue, exc)
+            self.stats.delayed += 1
+            return [Outgoing(delivery.queue, delivery.body, delivery.key, self.settings.delay_tiers[0])]
         job = self._jobs.get(envelope.type)
         if job is None:
             detail = f"no handler for job type {envelope.type!r} in this app"
@@ -139,6 +145,9 @@ class Worker:
             return [self._dead(delivery, "unknown_schema", f"payload: {exc}", envelope=envelope)]
         except DecodeError as exc:
             return [self._dead(delivery, "undecodable", f"payload: {exc}", envelope=envelope)]
+        except RegistryUnavailable as exc:
+            log.error("job %s (%s) waits: %s", envelope.id, envelope.type, exc)
+            return [self._later(envelope, 0.0)]
         now = self.app.clock()
         if envelope.expires_at is not None and envelope.expires_at <= now:
             detail = f"not started before {_iso(envelope.expires_at)}"

@@ -23,7 +23,7 @@ from tests.conftest import REPO, SCHEMAS, in_ci
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_DIRS = f"{REPO / 'bridge' / 'schemas'},{SCHEMAS}"  # how every program takes them
-JAVA_MAINS = ("Fingerprint", "ReadDeadLetter", "KafkaEnqueue")
+JAVA_MAINS = ("Fingerprint", "ReadDeadLetter", "KafkaEnqueue", "RegistryEnqueue")
 SOURCE_SUFFIXES = (".java", ".xml", ".go", ".mod", ".sum")
 BUILD_TIMEOUT_S = 240
 

@@ -9,8 +9,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
 from bridge import Bridge, JobContext, Permanent, codec
-from bridge.registry import DEAD_LETTER, SchemaDirectory
+from bridge.registry import DEAD_LETTER, ENVELOPE, SchemaDirectory
 from bridge.transports import Outgoing, dlq_name
 from tests.brokerio import read_queue
 from tests.conftest import SCHEMAS, run
@@ -27,11 +29,11 @@ def own_prefix() -> str:
     return f"p{uuid.uuid4().hex[:8]}"
 
 
-def consume_burst(broker: str, queue: str, prefix: str, ledger: Path) -> str:
+def consume_burst(broker: str, queue: str, prefix: str, ledger: Path, *flags: str) -> str:
     """Run `bridge consume --burst` on the interop app until it exits 0; return its output."""
     env = {"BRIDGE_PREFIX": prefix, "BRIDGE_DELAY_TIERS": TIERS}
     # `consumer` starts the ledger app; a second --app replaces it (argparse keeps the last).
-    process = consumer(broker, queue, ledger, f"g-{queue}", "--burst", "--app", APP, env=env)
+    process = consumer(broker, queue, ledger, f"g-{queue}", "--burst", "--app", APP, *flags, env=env)
     code, log = finish(process, ledger)
     assert code == 0, log
     return log
@@ -140,6 +142,38 @@ def test_job_enqueued_by_java_on_kafka_runs_in_bridge_consume(
     assert runs(ledger) == [
         {"id": job_id, "queue": queue, "key": "order-7", "attempt": 1,
          "headers": {"producer": "java"}, "payload": {"n": 7, "text": "from Java", "sleep_ms": 0}}
+    ]  # fmt: skip
+    assert "dead-lettering" not in log
+
+
+def test_job_enqueued_by_java_through_the_registry_runs_in_bridge_consume(
+    java: dict[str, Program], brokers: dict[str, str], queue: str, tmp_path: Path
+) -> None:
+    # Given a bridge queue on Kafka and a Confluent-API registry,
+    # When a Java producer registers the envelope and test.Echo schemas over HTTP and enqueues
+    # a job framed with their registry ids, and `bridge consume --burst --registry URL` runs,
+    # Then the job is framed with the registry's ids and the handler ran it once, as Java gave it.
+    broker, registry, prefix, ledger = (
+        brokers["kafka"],
+        brokers["apicurio"],
+        own_prefix(),
+        tmp_path / "ledger",
+    )
+    run(publish(broker, queue, 0, prefix=prefix, delay_tiers=TIERS))  # creates the topics
+    bootstrap = broker.partition("://")[2]
+    args = (SCHEMA_DIRS, registry, bootstrap, queue, "9", "through the registry", "order-9")
+    job_id = java["RegistryEnqueue"](*args).strip()
+
+    [body] = read_queue(Bridge(broker=broker), queue)
+    with SchemaRegistryClient({"url": registry}) as client:
+        envelope_id = client.get_latest_version(ENVELOPE).schema_id
+    assert body[:5] == b"\x00" + envelope_id.to_bytes(4, "big")
+
+    log = consume_burst(broker, queue, prefix, ledger, "--registry", registry, "--schemas", str(SCHEMAS))
+
+    assert runs(ledger) == [
+        {"id": job_id, "queue": queue, "key": "order-9", "attempt": 1,
+         "headers": {"producer": "java"}, "payload": {"n": 9, "text": "through the registry", "sleep_ms": 0}}
     ]  # fmt: skip
     assert "dead-lettering" not in log
 

@@ -1,6 +1,7 @@
 package bridge.interop;
 
 import java.io.ByteArrayOutputStream;
+import java.io.DataOutputStream;
 import java.io.IOException;
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -10,7 +11,10 @@ import java.util.stream.Stream;
 import org.apache.avro.Schema;
 import org.apache.avro.SchemaParser;
 import org.apache.avro.generic.GenericData;
+import org.apache.avro.generic.GenericDatumWriter;
 import org.apache.avro.generic.GenericRecord;
+import org.apache.avro.io.BinaryEncoder;
+import org.apache.avro.io.EncoderFactory;
 import org.apache.avro.message.BinaryMessageEncoder;
 import org.apache.avro.message.SchemaStore;
 
@@ -46,6 +50,21 @@ final class Schemas {
   static byte[] singleObject(GenericRecord record) throws IOException {
     ByteArrayOutputStream out = new ByteArrayOutputStream();
     new BinaryMessageEncoder<GenericRecord>(GenericData.get(), record.getSchema()).encode(record, out);
+    return out.toByteArray();
+  }
+
+  /**
+   * `record` in Confluent's wire format: 00, `schemaId` (the registry's id of its schema) as 4
+   * bytes big-endian, the body. Unlike a fingerprint, the id says nothing without the registry.
+   */
+  static byte[] confluent(int schemaId, GenericRecord record) throws IOException {
+    ByteArrayOutputStream out = new ByteArrayOutputStream();
+    DataOutputStream header = new DataOutputStream(out);
+    header.writeByte(0);
+    header.writeInt(schemaId); // DataOutputStream writes big-endian
+    BinaryEncoder body = EncoderFactory.get().directBinaryEncoder(out, null);
+    new GenericDatumWriter<GenericRecord>(record.getSchema(), GenericData.get()).write(record, body);
+    body.flush();
     return out.toByteArray();
   }
 }

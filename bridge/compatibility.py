@@ -1,0 +1,201 @@
+"""Whether data written with one Avro schema can be read with another, and if not, why.
+
+The rules are the Avro specification's "Schema Resolution", checked on whole schemas as schema
+registries do, so a change is judged before any message exists. Each problem names the field
+path and what a person would change. Pure: schemas are self-contained JSON definitions.
+
+Levels follow Confluent's names: BACKWARD (the new schema reads data of the old), FORWARD (the
+old reads the new), FULL (both), NONE; `_TRANSITIVE` compares against every older version
+instead of the latest only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+LEVELS = (
+    "BACKWARD",
+    "BACKWARD_TRANSITIVE",
+    "FORWARD",
+    "FORWARD_TRANSITIVE",
+    "FULL",
+    "FULL_TRANSITIVE",
+    "NONE",
+)
+
+# Writer type -> reader types it promotes to (besides itself).
+_PROMOTIONS = {
+    "int": {"long", "float", "double"},
+    "long": {"float", "double"},
+    "float": {"double"},
+    "string": {"bytes"},
+    "bytes": {"string"},
+}
+
+
+def read_problems(reader: Any, writer: Any) -> list[str]:
+    """Why data written with `writer` cannot be read with `reader`; empty when it can."""
+    resolution = _Resolution()
+    resolution.check(reader, writer, "")
+    return resolution.problems
+
+
+def level_problems(level: str, new: Any, older: Sequence[Any]) -> list[str]:
+    """Why `new` breaks `level` against `older` versions (oldest first); empty when it does not."""
+    level = level.upper()
+    if level not in LEVELS:
+        raise ValueError(f"unknown compatibility level {level!r}; use one of {', '.join(LEVELS)}")
+    if level == "NONE" or not older:
+        return []
+    against = older if level.endswith("_TRANSITIVE") else older[-1:]
+    problems = []
+    for index, old in enumerate(against):
+        version = f"version {len(older) - len(against) + index + 1}"
+        if level.startswith(("BACKWARD", "FULL")):
+            problems += [f"cannot read {version}'s data: {p}" for p in read_problems(new, old)]
+        if level.startswith(("FORWARD", "FULL")):
+            problems += [f"{version} cannot read its data: {p}" for p in read_problems(old, new)]
+    return problems
+
+
+class _Names:
+    """Named types met so far on one side, by full name (a later mention refers back)."""
+
+    def __init__(self) -> None:
+        self.defined: dict[str, Any] = {}
+
+    def resolve(self, node: Any, namespace: str | None) -> tuple[Any, str | None]:
+        if isinstance(node, str) and node not in _PRIMITIVES:
+            full = _full(node, namespace)
+            if full in self.defined:
+                return self.defined[full], full.rpartition(".")[0] or None
+        if isinstance(node, dict) and node.get("type") in ("record", "error", "enum", "fixed"):
+            full = _full(node["name"], node.get("namespace", namespace))
+            self.defined.setdefault(full, node)
+            return node, full.rpartition(".")[0] or None
+        return node, namespace
+
+
+_PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+
+
+def _kind(node: Any) -> str:
+    if isinstance(node, list):
+        return "union"
+    if isinstance(node, str):
+        return node
+    kind = node["type"]
+    return _kind(kind) if not isinstance(kind, str) or kind in _PRIMITIVES else kind
+
+
+def _unwrap(node: Any) -> Any:
+    """`{"type": "int"}` and friends as the primitive they annotate."""
+    while isinstance(node, dict) and (not isinstance(node["type"], str) or node["type"] in _PRIMITIVES):
+        node = node["type"]
+    return node
+
+
+def _full(name: str, namespace: str | None) -> str:
+    return name if "." in name or not namespace else f"{namespace}.{name}"
+
+
+def _describe(node: Any, namespace: str | None = None) -> str:
+    node = _unwrap(node)
+    if isinstance(node, list):
+        return " or ".join(_describe(branch, namespace) for branch in node)
+    if isinstance(node, str):
+        return node if node in _PRIMITIVES else _full(node, namespace)
+    if "name" in node:
+        return f"{node['type']} {_full(node['name'], node.get('namespace', namespace))}"
+    return str(node["type"])
+
+
+class _Resolution:
+    """One comparison of a reader with a writer schema, gathering every problem on the way."""
+
+    def __init__(self) -> None:
+        self.readers, self.writers = _Names(), _Names()
+        self.pairs: set[tuple[str, str]] = set()  # named types already being compared
+        self.problems: list[str] = []
+
+    def trial(
+        self, reader: Any, writer: Any, path: str, reader_ns: str | None, writer_ns: str | None
+    ) -> bool:
+        """Whether `writer` resolves to `reader`, leaving no problem behind either way."""
+        problems, pairs = self.problems, set(self.pairs)
+        self.problems = []
+        self.check(reader, writer, path, reader_ns, writer_ns)
+        fits = not self.problems
+        self.problems, self.pairs = problems, pairs
+        return fits
+
+    def check(
+        self, reader: Any, writer: Any, path: str, reader_ns: str | None = None, writer_ns: str | None = None
+    ) -> None:
+        reader, reader_ns = self.readers.resolve(_unwrap(reader), reader_ns)
+        writer, writer_ns = self.writers.resolve(_unwrap(writer), writer_ns)
+        where = path or "the record"
+        r_kind, w_kind = _kind(reader), _kind(writer)
+
+        if w_kind == "union":  # every branch the writer may have used must be readable
+            for branch in writer:
+                before = len(self.problems)
+                self.check(reader, branch, path, reader_ns, writer_ns)
+                if len(self.problems) > before and r_kind != "union":
+                    return
+            return
+        if r_kind == "union":
+            if not any(self.trial(branch, writer, path, reader_ns, writer_ns) for branch in reader):
+                self.problems.append(
+                    f"{where}: a {_describe(writer, writer_ns)} is written, "
+                    f"and the reader's union ({_describe(reader, reader_ns)}) has no branch for it"
+                )
+            return
+        if r_kind != w_kind:
+            if r_kind not in _PROMOTIONS.get(w_kind, ()):
+                was, now = _describe(writer, writer_ns), _describe(reader, reader_ns)
+                self.problems.append(f"{where}: type changed from {was} to {now}")
+            return
+        if r_kind in ("record", "error", "enum", "fixed"):
+            r_name = _full(reader["name"], reader.get("namespace", reader_ns))
+            w_name = _full(writer["name"], writer.get("namespace", writer_ns))
+            aliases = {_full(a, r_name.rpartition(".")[0] or None) for a in reader.get("aliases", ())}
+            if r_name != w_name and w_name not in aliases:
+                self.problems.append(
+                    f"{where}: {r_kind} {w_name} is now named {r_name}; add the old name to aliases"
+                )
+                return
+            if (r_name, w_name) in self.pairs:
+                return
+            self.pairs.add((r_name, w_name))
+            reader_ns, writer_ns = r_name.rpartition(".")[0] or None, w_name.rpartition(".")[0] or None
+        if r_kind in ("record", "error"):
+            self.fields(reader, writer, path, reader_ns, writer_ns)
+        elif r_kind == "enum":
+            missing = [s for s in writer["symbols"] if s not in reader["symbols"]]
+            if missing and "default" not in reader:
+                self.problems.append(
+                    f"{where}: enum symbols {', '.join(missing)} were removed and the enum has no default"
+                )
+        elif r_kind == "fixed" and reader["size"] != writer["size"]:
+            self.problems.append(f"{where}: fixed size changed from {writer['size']} to {reader['size']}")
+        elif r_kind == "array":
+            self.check(reader["items"], writer["items"], f"{path}[]", reader_ns, writer_ns)
+        elif r_kind == "map":
+            self.check(reader["values"], writer["values"], f"{path}{{}}", reader_ns, writer_ns)
+
+    def fields(
+        self, reader: Any, writer: Any, path: str, reader_ns: str | None, writer_ns: str | None
+    ) -> None:
+        written = {f["name"]: f for f in writer["fields"]}
+        for field in reader["fields"]:
+            here = f"{path}.{field['name']}" if path else field["name"]
+            names = (field["name"], *field.get("aliases", ()))
+            match = next((written[n] for n in names if n in written), None)
+            if match is not None:
+                self.check(field["type"], match["type"], here, reader_ns, writer_ns)
+            elif "default" not in field:
+                self.problems.append(
+                    f"{here}: the written data lacks this field and it has no default; give it one"
+                )

@@ -1,0 +1,287 @@
+"""A Confluent-compatible schema registry over HTTP, through confluent-kafka's SchemaRegistryClient.
+
+Subjects are record full names (the record-name strategy): a job type's subject is the type,
+the envelope's is `bridge.JobEnvelope`. Messages are framed with registry ids (Confluent wire
+format); single-object frames of the local schemas are still read.
+
+The local schema directory, when there is one, holds this app's own version of each type: it
+reads every payload of that type (Avro resolution from whatever version wrote it) and writes
+new ones. A type with no local file is read and written with the registry's latest version.
+
+Only ids of known subjects are decoded: an id is fetched once, and accepted only when it names
+a record this app knows (a local type, a handled type, or bridge's own). Ids are immutable, so
+every answer is cached; fetches happen at start (`prepare`) and the first time a new version
+appears on the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.codec import Schema
+from bridge.compatibility import level_problems, read_problems
+from bridge.errors import ConfigError, RegistryUnavailable, SchemaError, UnknownJobType, UnknownSchema
+from bridge.registry import DEAD_LETTER, ENVELOPE, SchemaDirectory, full_name_of
+
+NOT_FOUND_RETRY_S = 30.0  # an id the registry did not know is asked again after this long
+MAX_REFUSED = 10_000
+
+
+class _Rejected(Exception):
+    """The registry answered with a 4xx: no such subject, version or id, or an incompatible schema."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject as `bridge schemas list` shows it."""
+
+    name: str
+    versions: list[int]
+    latest_id: int
+    compatibility: str
+
+
+class HttpRegistry:
+    """Schemas by name, id and fingerprint from a registry at `url` and an optional local directory."""
+
+    def __init__(self, url: str, local: SchemaDirectory, client: Any = None) -> None:
+        self.url = url
+        self.local = local
+        self._client = client or _client(url)
+        # Its HTTP connections close with this object even when nobody calls close().
+        self.close = weakref.finalize(self, self._client.close)
+        self._schemas: dict[str, Schema] = {}  # by name: the version this app reads and writes
+        self._by_id: dict[int, Schema] = {}
+        self._refused: dict[int, tuple[str, float]] = {}  # id -> (why, when)
+        self._known = set(local.job_types()) | {ENVELOPE, DEAD_LETTER}
+
+    # -- Registry ------------------------------------------------------------------------
+
+    def schema(self, name: str) -> Schema:
+        """This app's version of `name`; bridge's own records are registered on first use."""
+        if name not in self._schemas:
+            self._known.add(name)
+            if name.startswith("bridge."):
+                self._schemas[name] = self._register(self.local.schema(name))
+            elif name in self.local.job_types():
+                self._schemas[name] = self._with_id(self.local.schema(name))
+            else:
+                self._schemas[name] = self._latest(name)
+        return self._schemas[name]
+
+    def writer(self, name: str) -> Schema:
+        """The schema to write `name` with, registered first when the registry lacks it.
+
+        As Confluent's serializers do by default; the registry's compatibility rule decides
+        whether the new version is accepted.
+        """
+        schema = self.schema(name)
+        if schema.schema_id is None:
+            self._schemas[name] = schema = self._register(schema)
+        return schema
+
+    def job_types(self) -> list[str]:
+        return sorted(self.local.job_types())
+
+    def by_fingerprint(self, fingerprint: int) -> Schema | None:
+        return self.local.by_fingerprint(fingerprint)
+
+    def by_id(self, schema_id: int) -> Schema | None:
+        """The schema registered as `schema_id`, when it is one of a known record."""
+        found = self._by_id.get(schema_id)
+        if found is not None:
+            return found
+        refused = self._refused.get(schema_id)
+        if refused is not None and time.monotonic() - refused[1] < NOT_FOUND_RETRY_S:
+            raise UnknownSchema(refused[0])
+        try:
+            return self._fetch(schema_id)
+        except UnknownSchema as exc:
+            if len(self._refused) >= MAX_REFUSED:
+                self._refused.clear()  # a flood of made-up ids costs memory no more than this
+            self._refused[schema_id] = (str(exc), time.monotonic())
+            raise
+
+    # -- checks at start and before deploy -------------------------------------------------
+
+    def prepare(self, types: Iterable[str]) -> None:
+        """Check that every type is registered and readable here; learn every version's id.
+
+        Raises ConfigError listing every problem: a type the registry lacks, or a local schema
+        that cannot read the registry's latest version of its type.
+        """
+        self._versions(self.schema(ENVELOPE).name)  # other producers' copies of it too
+        self.schema(DEAD_LETTER)
+        problems = []
+        for name in types:
+            try:
+                versions = self._versions(name)
+            except _Rejected:
+                problems.append(f"{name} is not registered at {self.url} (run `bridge schemas register`)")
+                continue
+            except UnknownSchema as exc:
+                problems.append(f"{name}: {exc}")
+                continue
+            latest = versions[-1]
+            try:
+                mine = self.schema(name)
+            except SchemaError as exc:
+                problems.append(f"{name}: {exc}")
+                continue
+            for problem in read_problems(mine.definition, latest.definition):
+                problems.append(
+                    f"{name}: this app's schema cannot read version {len(versions)} "
+                    f"(schema id {latest.schema_id}): {problem}"
+                )
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def register(self, name: str) -> tuple[int, bool]:
+        """Register the local schema of `name`: its id, and whether it was new."""
+        schema = self.local.schema(name)
+        before = self._lookup(name, schema)
+        registered = self._register(schema)
+        assert registered.schema_id is not None
+        return registered.schema_id, before is None
+
+    def check(self, name: str) -> tuple[str, list[str]]:
+        """The subject's compatibility level and why the local schema breaks it (empty: it does not)."""
+        level = self.compatibility(name)
+        try:
+            older = [schema.definition for schema in self._versions(name)]
+        except _Rejected:
+            return level, []  # a new subject: anything goes
+        mine = self.local.schema(name)
+        problems = level_problems(level, mine.definition, older)
+        # The registry has the last word; it may apply rules this module does not know.
+        if (
+            not problems
+            and level != "NONE"
+            and not self._call(self._client.test_compatibility, name, _wire(mine))
+        ):
+            problems = [f"the registry at {self.url} reports it incompatible ({level})"]
+        return level, problems
+
+    def compatibility(self, name: str) -> str:
+        """The subject's compatibility level, or the registry's global one."""
+        try:
+            return str(self._call(self._client.get_compatibility, name))
+        except _Rejected:
+            return str(self._call(self._client.get_compatibility))
+
+    def subjects(self) -> list[Subject]:
+        """Every subject of the registry with its versions and latest id."""
+        out = []
+        for name in sorted(self._call(self._client.get_subjects)):
+            versions = self._call(self._client.get_versions, name)
+            latest = self._call(self._client.get_latest_version, name)
+            out.append(Subject(name, versions, latest.schema_id, self.compatibility(name)))
+        return out
+
+    # -- HTTP ----------------------------------------------------------------------------
+
+    def _versions(self, name: str) -> list[Schema]:
+        """Every registered version of `name`, oldest first; their ids are learnt on the way."""
+        self._known.add(name)
+        schemas = []
+        for version in self._call(self._client.get_versions, name):
+            registered = self._call(self._client.get_version, name, version)
+            schemas.append(self._by_id.get(registered.schema_id) or self._fetch(registered.schema_id))
+        return schemas
+
+    def _latest(self, name: str) -> Schema:
+        try:
+            registered = self._call(self._client.get_latest_version, name)
+            return self._by_id.get(registered.schema_id) or self._fetch(registered.schema_id)
+        except _Rejected:
+            where = f" in {self.local.path}" if self.local.path else ""
+            raise UnknownJobType(
+                f"unknown job type {name!r}: no {name}.avsc{where} and no subject {name} at {self.url}"
+            ) from None
+        except UnknownSchema as exc:
+            raise SchemaError(str(exc)) from None
+
+    def _fetch(self, schema_id: int) -> Schema:
+        try:
+            fetched = self._call(self._client.get_schema, schema_id)
+        except _Rejected:
+            raise UnknownSchema(
+                f"unknown schema id {schema_id}: the registry at {self.url} has none"
+            ) from None
+        if fetched.references:
+            raise UnknownSchema(f"schema id {schema_id} uses schema references, which bridge does not read")
+        definition = json.loads(fetched.schema_str)
+        name = full_name_of(definition)
+        if name not in self._known:
+            raise UnknownSchema(f"schema id {schema_id} is a {name}, not a type known to this app")
+        try:
+            schema = Schema.from_definition(definition, schema_id=schema_id, logical_types=_logical(name))
+        except SchemaError as exc:  # recursive, or nested too deep: never decoded
+            raise UnknownSchema(f"schema id {schema_id} ({name}) is refused: {exc}") from None
+        except Exception as exc:  # fastavro's SchemaParseException and friends
+            raise UnknownSchema(f"schema id {schema_id} ({name}) is not a valid Avro schema: {exc}") from None
+        self._by_id[schema_id] = schema
+        return schema
+
+    def _lookup(self, name: str, schema: Schema) -> int | None:
+        try:
+            return int(self._call(self._client.lookup_schema, name, _wire(schema)).schema_id)
+        except _Rejected:
+            return None
+
+    def _with_id(self, schema: Schema) -> Schema:
+        """`schema` with its registry id, when the registry has it under its subject."""
+        schema_id = self._lookup(schema.name, schema)
+        if schema_id is None:
+            return schema
+        return self._by_id.setdefault(schema_id, _identified(schema, schema_id))
+
+    def _register(self, schema: Schema) -> Schema:
+        try:
+            schema_id = int(self._call(self._client.register_schema, schema.name, _wire(schema)))
+        except _Rejected as exc:
+            raise SchemaError(f"{schema.name}: the registry at {self.url} refused it: {exc}") from None
+        return self._by_id.setdefault(schema_id, _identified(schema, schema_id))
+
+    def _call(self, method: Any, *args: Any) -> Any:
+        """`method(*args)`; a 4xx answer as _Rejected, no answer as RegistryUnavailable."""
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        try:
+            return method(*args)
+        except SchemaRegistryError as exc:
+            if 400 <= exc.http_status_code < 500:
+                raise _Rejected(exc.error_message) from None
+            raise RegistryUnavailable(f"schema registry at {self.url}: {exc.error_message}") from None
+        except Exception as exc:  # httpx's connection and timeout errors
+            raise RegistryUnavailable(f"schema registry at {self.url} did not answer: {exc}") from None
+
+
+def _client(url: str) -> Any:
+    try:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+    except ImportError as exc:
+        raise ConfigError(
+            f"registry {url}: HTTP registries need confluent-kafka's schema registry client: "
+            f"pip install 'bridge-jobs[registry]' ({exc})"
+        ) from None
+    return SchemaRegistryClient({"url": url})
+
+
+def _wire(schema: Schema) -> Any:
+    from confluent_kafka.schema_registry import Schema as RegistrySchema
+
+    return RegistrySchema(json.dumps(schema.definition), "AVRO")
+
+
+def _identified(schema: Schema, schema_id: int) -> Schema:
+    return Schema.from_definition(schema.definition, schema_id=schema_id, logical_types=_logical(schema.name))
+
+
+def _logical(name: str) -> bool:
+    return not name.startswith("bridge.")  # bridge's own records keep timestamps as integers

@@ -1,0 +1,369 @@
+"""Job types from a real Confluent-API schema registry (Apicurio): registration, compatibility
+checks before deploy, evolution at run time on both brokers, and what is refused.
+
+Every test defines job types of its own (a fresh namespace), since the registry is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka.schema_registry import Schema as RegistrySchema
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from bridge import Bridge, JobContext, codec
+from bridge.cli import main
+from bridge.errors import ConfigError
+from bridge.registry import ENVELOPE
+from bridge.transports import Outgoing
+from bridge.worker import Stats
+from tests.brokerio import dead_letters
+from tests.conftest import run
+
+N = {"name": "n", "type": "int"}
+NOTE = {"name": "note", "type": ["null", "string"], "default": None}
+N_AS_TEXT = {"name": "n", "type": "string"}
+
+
+@pytest.fixture
+def registry_url(brokers: dict[str, str]) -> str:
+    return brokers["apicurio"]
+
+
+@pytest.fixture
+def client(registry_url: str) -> Iterator[SchemaRegistryClient]:
+    """confluent-kafka's own client, for what a test arranges or checks behind bridge's back."""
+    with SchemaRegistryClient({"url": registry_url}) as opened:
+        yield opened
+
+
+@pytest.fixture(params=["kafka", "rabbitmq"])
+def real_broker(request: pytest.FixtureRequest, brokers: dict[str, str]) -> str:
+    return brokers[request.param]
+
+
+@pytest.fixture
+def job_type() -> str:
+    """A job type (and so a registry subject) no other test uses."""
+    return f"t{uuid.uuid4().hex[:10]}.Order"
+
+
+@pytest.fixture
+def versions(tmp_path: Path, job_type: str) -> Callable[..., Path]:
+    """A schema directory holding one version of `job_type`, with the given fields."""
+
+    def write(*fields: dict[str, Any], name: str = "") -> Path:
+        folder = tmp_path / uuid.uuid4().hex[:8]
+        folder.mkdir()
+        full = name or job_type
+        namespace, _, short = full.rpartition(".")
+        schema = {"type": "record", "name": short, "namespace": namespace, "fields": list(fields)}
+        (folder / f"{full}.avsc").write_text(json.dumps(schema))
+        return folder
+
+    return write
+
+
+def bridge_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run the `bridge` command in-process: its exit code, stdout and stderr."""
+    with pytest.raises(SystemExit) as exited:
+        main(list(argv))
+    captured = capsys.readouterr()
+    return int(exited.value.code or 0), captured.out, captured.err
+
+
+def test_registering_twice_is_a_no_op(
+    capsys: pytest.CaptureFixture[str],
+    registry_url: str,
+    client: SchemaRegistryClient,
+    versions: Callable[..., Path],
+    job_type: str,
+) -> None:
+    # Given a directory with one job type, When registered twice,
+    # Then the second run registers nothing new and reports the same id.
+    folder = versions(N)
+    code, first, _ = bridge_cli(capsys, "schemas", "register", str(folder), "--registry", registry_url)
+    assert code == 0 and "registered" in first and "already" not in first
+    code, second, _ = bridge_cli(capsys, "schemas", "register", str(folder), "--registry", registry_url)
+    assert code == 0 and "already registered" in second
+    assert first.split()[2] == second.split()[2]  # `NAME id N ...`
+    assert client.get_versions(job_type) == [1]
+
+
+def test_check_passes_a_compatible_change_and_explains_an_incompatible_one(
+    capsys: pytest.CaptureFixture[str], registry_url: str, versions: Callable[..., Path], job_type: str
+) -> None:
+    # Given version 1 registered,
+    # When a new optional field is checked, Then it passes; When a field changes type or a
+    # required field is added, Then check exits 1 naming each field and what to do.
+    bridge_cli(capsys, "schemas", "register", str(versions(N)), "--registry", registry_url)
+    code, out, _ = bridge_cli(capsys, "schemas", "check", str(versions(N, NOTE)), "--registry", registry_url)
+    assert code == 0, out
+    assert f"{job_type}" in out and "BACKWARD" in out and "ok" in out
+
+    breaking = versions(N_AS_TEXT, {"name": "total", "type": "long"})
+    code, out, err = bridge_cli(capsys, "schemas", "check", str(breaking), "--registry", registry_url)
+    assert code == 1
+    assert "INCOMPATIBLE" in out
+    assert "n: type changed from int to string" in out
+    assert "total: the written data lacks this field and it has no default" in out
+    assert "would break" in err
+
+
+def test_check_follows_the_subjects_own_compatibility_level(
+    capsys: pytest.CaptureFixture[str],
+    registry_url: str,
+    client: SchemaRegistryClient,
+    versions: Callable[..., Path],
+    job_type: str,
+) -> None:
+    # Given a subject set to NONE, Then any change passes; set to FORWARD, Then a new field
+    # without a default passes (old readers ignore it) and a removed required field does not.
+    bridge_cli(
+        capsys,
+        "schemas",
+        "register",
+        str(versions(N, {"name": "sku", "type": "string"})),
+        "--registry",
+        registry_url,
+    )
+    client.set_compatibility(job_type, "NONE")
+    assert (
+        bridge_cli(capsys, "schemas", "check", str(versions(N_AS_TEXT)), "--registry", registry_url)[0] == 0
+    )
+    client.set_compatibility(job_type, "FORWARD")
+    added = versions(N, {"name": "sku", "type": "string"}, {"name": "qty", "type": "int"})
+    assert bridge_cli(capsys, "schemas", "check", str(added), "--registry", registry_url)[0] == 0
+    code, out, _ = bridge_cli(capsys, "schemas", "check", str(versions(N)), "--registry", registry_url)
+    assert code == 1 and "FORWARD" in out and "sku" in out
+
+
+def test_list_shows_subjects_and_which_types_have_handlers(
+    capsys: pytest.CaptureFixture[str], registry_url: str, versions: Callable[..., Path], job_type: str
+) -> None:
+    bridge_cli(capsys, "schemas", "register", str(versions(N)), "--registry", registry_url)
+    code, out, _ = bridge_cli(
+        capsys, "schemas", "list", "--registry", registry_url, "--app", "tests.apps.registry:app"
+    )
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "handler" not in lines[job_type]
+    assert "latest id" in lines[job_type] and "versions 1" in lines[job_type]
+    assert (
+        "NOT REGISTERED" in lines["tregistry.Unregistered"] and "handler" in lines["tregistry.Unregistered"]
+    )
+
+
+def consume_types(broker: str, registry: str, schemas: Path, job_type: str, queue: str) -> list[Any]:
+    """Consume `queue` in burst mode with `schemas` as the reader; the payloads handled."""
+    app = Bridge(broker=broker, registry=registry, schemas=str(schemas), group=f"g-{queue}")
+    seen: list[Any] = []
+
+    @app.job(job_type, queue=queue)
+    async def handle(payload: dict[str, Any], ctx: JobContext) -> None:
+        seen.append(payload)
+
+    async def scenario() -> None:
+        async with app:
+            await app.consume(burst=True)
+
+    run(scenario(), timeout=90)
+    return seen
+
+
+def enqueue(broker: str, registry: str, schemas: Path, job_type: str, queue: str, *payloads: Any) -> None:
+    app = Bridge(broker=broker, registry=registry, schemas=str(schemas))
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+            for payload in payloads:
+                await app.enqueue_async(job_type, payload, queue=queue)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("producer_first", [True, False], ids=["producer-first", "consumer-first"])
+def test_a_compatible_evolution_runs_whichever_side_deploys_first(
+    real_broker: str, registry_url: str, client: SchemaRegistryClient, versions: Callable[..., Path],
+    job_type: str, queue: str, producer_first: bool,
+) -> None:  # fmt: skip
+    # Given version 1 registered and a version 2 that adds an optional field,
+    # When the producer writes with one version and the consumer reads with the other,
+    # Then every job runs, its payload resolved to the consumer's own schema.
+    v1, v2 = versions(N), versions(N, NOTE)
+    enqueue(real_broker, registry_url, v1, job_type, queue, {"n": 0})  # registers version 1
+    producer, consumer = (v2, v1) if producer_first else (v1, v2)
+    sent = {"n": 1, "note": "gift"} if producer_first else {"n": 1}
+    enqueue(real_broker, registry_url, producer, job_type, queue, sent)
+    seen = consume_types(real_broker, registry_url, consumer, job_type, queue)
+    seen.sort(key=lambda payload: payload["n"])
+    if producer_first:
+        assert seen == [{"n": 0}, {"n": 1}]  # the old reader drops the new field
+    else:
+        assert seen == [{"n": 0, "note": None}, {"n": 1, "note": None}]  # the new reader fills it in
+    versions_registered = client.get_versions(job_type)
+    assert versions_registered == ([1, 2] if producer_first else [1])
+
+
+def test_an_incompatible_change_deployed_anyway_is_dead_lettered_with_both_ids(
+    real_broker: str,
+    registry_url: str,
+    client: SchemaRegistryClient,
+    versions: Callable[..., Path],
+    job_type: str,
+    queue: str,
+) -> None:
+    # Given a consumer running with version 1, and then a producer that forces an incompatible
+    # version 2 past a subject set to NONE,
+    # When the consumer meets its jobs, Then they are dead-lettered as schema_mismatch naming
+    # both schema ids and the field, and the version 1 jobs around them run; and a consumer
+    # started after that refuses to start.
+    v1, bad = versions(N), versions(N_AS_TEXT)
+    consumer = Bridge(broker=real_broker, registry=registry_url, schemas=str(v1), group=f"g-{queue}")
+    producer = Bridge(broker=real_broker, registry=registry_url, schemas=str(v1))
+    forced = Bridge(broker=real_broker, registry=registry_url, schemas=str(bad))
+    seen: list[int] = []
+
+    @consumer.job(job_type, queue=queue)
+    async def handle(payload: dict[str, Any], ctx: JobContext) -> None:
+        seen.append(payload["n"])
+
+    async def until(condition: Callable[[], bool]) -> None:
+        while not condition():
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> Stats:
+        async with consumer, producer, forced:
+            await producer.apply_topology([queue])
+            await producer.enqueue_async(job_type, {"n": 1}, queue=queue)
+            stop = asyncio.Event()
+            consuming = asyncio.create_task(consumer.consume(stop=stop))
+            await until(lambda: seen == [1])  # running with version 1
+            client.set_compatibility(job_type, "NONE")
+            await forced.enqueue_async(job_type, {"n": "two"}, queue=queue)
+            await producer.enqueue_async(job_type, {"n": 3}, queue=queue)
+            await until(
+                lambda: 3 in seen and consumer.stats is not None and consumer.stats.dead_lettered == 1
+            )
+            stop.set()
+            return await consuming
+
+    stats = run(scenario(), timeout=90)
+    assert sorted(seen) == [1, 3] and stats.dead_lettered == 1
+    v1_id = client.get_version(job_type, 1).schema_id
+    bad_id = client.get_version(job_type, 2).schema_id
+    [letter] = dead_letters(consumer, queue)
+    assert letter.reason == "schema_mismatch"
+    assert f"schema id {bad_id}" in letter.detail and f"schema id {v1_id}" in letter.detail
+    assert "n: type changed from string to int" in letter.detail
+
+    late = Bridge(broker=real_broker, registry=registry_url, schemas=str(v1), group=f"g-{queue}")
+    late.job(job_type, queue=queue)(handle)
+    expected = rf"{job_type}: this app's schema cannot read version 2 \(schema id {bad_id}\): n: type changed"
+    with pytest.raises(ConfigError, match=expected):
+        run(consume_once(late))
+
+
+async def consume_once(app: Bridge) -> None:
+    async with app:
+        await app.consume(burst=True)
+
+
+def test_a_handler_type_missing_from_the_registry_stops_the_consumer_at_start(
+    capsys: pytest.CaptureFixture[str],
+    registry_url: str,
+    brokers: dict[str, str],
+    versions: Callable[..., Path],
+) -> None:
+    # Given an app whose handler's type was never registered,
+    # When `bridge consume` starts, Then it exits 1 with one line naming the type and the fix.
+    code, _, err = bridge_cli(
+        capsys, "consume", "--app", "tests.apps.registry:app", "--burst",
+        "--broker", brokers["rabbitmq"], "--registry", registry_url,
+    )  # fmt: skip
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        f"bridge: tregistry.Unregistered is not registered at {registry_url} (run `bridge schemas register`)"
+    )
+
+
+def test_schemas_of_unknown_ids_or_other_records_are_never_decoded(
+    registry_url: str, brokers: dict[str, str], versions: Callable[..., Path], job_type: str, queue: str
+) -> None:
+    # Given a good job, an envelope naming a schema id the registry lacks, and a job whose
+    # payload names the id of a record this app does not handle,
+    # When consumed, Then both are dead-lettered as unknown_schema with the reason, and the
+    # good job runs.
+    v1 = versions(N)
+    other = versions({"name": "x", "type": "int"}, name=f"{job_type}Other")
+    other_id = Bridge(registry=registry_url, schemas=str(other)).registry.writer(f"{job_type}Other").schema_id
+    broker = brokers["kafka"]
+    app = Bridge(broker=broker, registry=registry_url, schemas=str(v1), group=f"g-{queue}")
+    seen: list[int] = []
+
+    @app.job(job_type, queue=queue)
+    async def handle(payload: dict[str, Any], ctx: JobContext) -> None:
+        seen.append(payload["n"])
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+            transport = await app.transport()
+            envelope = app.build_envelope(job_type, {"n": 2}, queue=queue)
+            good = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
+            await transport.publish(Outgoing(queue, b"\x00\x7f\xff\xff\xf0" + good[5:], None))
+            envelope.payload = b"\x00" + int(other_id or 0).to_bytes(4, "big") + b"\x02"
+            await transport.publish(
+                Outgoing(queue, codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro()), None)
+            )
+            await app.enqueue_async(job_type, {"n": 1}, queue=queue)
+            await app.consume(burst=True)
+
+    run(scenario(), timeout=90)
+    assert seen == [1]
+    details = sorted(
+        letter.detail for letter in dead_letters(app, queue) if letter.reason == "unknown_schema"
+    )
+    assert len(details) == 2, details
+    assert any(f"unknown schema id {0x7FFFFFF0}" in d for d in details)
+    assert any(
+        f"schema id {other_id} is a {job_type}Other, not a type known to this app" in d for d in details
+    )
+
+
+def test_recursive_schemas_are_refused_at_registration_and_at_start(
+    capsys: pytest.CaptureFixture[str],
+    registry_url: str,
+    client: SchemaRegistryClient,
+    tmp_path: Path,
+    job_type: str,
+    brokers: dict[str, str],
+) -> None:
+    # Given a schema whose record contains itself,
+    # When registered with bridge, Then it is refused; When another tool registered it and an
+    # app handles that type from the registry alone, Then the app refuses to start.
+    namespace, _, short = job_type.rpartition(".")
+    recursive = {
+        "type": "record", "name": short, "namespace": namespace,
+        "fields": [{"name": "next", "type": ["null", job_type], "default": None}],
+    }  # fmt: skip
+    (tmp_path / f"{job_type}.avsc").write_text(json.dumps(recursive))
+    code, _, err = bridge_cli(capsys, "schemas", "register", str(tmp_path), "--registry", registry_url)
+    assert code == 1 and "recursive" in err
+
+    client.register_schema(job_type, RegistrySchema(json.dumps(recursive), "AVRO"))
+    app = Bridge(broker=brokers["rabbitmq"], registry=registry_url)
+
+    @app.job(job_type, queue="t-never")
+    async def handle(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise AssertionError("never runs")
+
+    with pytest.raises(ConfigError, match="recursive"):
+        run(consume_once(app))
