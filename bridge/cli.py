@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from bridge.app import Bridge
+from bridge.compatibility import LEVELS
 from bridge.dlq import Selection, describe
 from bridge.envelope import REASONS, now_ms
 from bridge.errors import BridgeError, ConfigError
@@ -137,6 +138,12 @@ def _schemas_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
         action = actions.add_parser(name, parents=[common], help=text)
         action.add_argument("dir", nargs="?", help="directory of .avsc files (default: --schemas)")
         action.set_defaults(run=run)
+    level = actions.add_parser(
+        "compatibility", parents=[common], help="show or set a subject's compatibility level"
+    )
+    level.add_argument("subject", help="a job type, e.g. billing.ChargeCard")
+    level.add_argument("level", nargs="?", type=str.upper, choices=LEVELS, help="the level to set")
+    level.set_defaults(run=_schemas_compatibility)
     listing = actions.add_parser(
         "list", parents=[common], help="subjects, versions and ids; which have handlers"
     )
@@ -380,6 +387,14 @@ def _schemas_check(args: argparse.Namespace) -> int:
     if failed:
         print(f"bridge: {failed} schema(s) would break their subject's compatibility rule", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _schemas_compatibility(args: argparse.Namespace) -> int:
+    registry = _http_registry(args, local=False)
+    if args.level:
+        registry.set_compatibility(args.subject, args.level)
+    print(f"{args.subject} {registry.compatibility(args.subject)}")
+    return 0
 
 
 def _schemas_list(args: argparse.Namespace) -> int:

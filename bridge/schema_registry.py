@@ -174,6 +174,10 @@ class HttpRegistry:
         except _Rejected:
             return str(self._call(self._client.get_compatibility))
 
+    def set_compatibility(self, name: str, level: str) -> None:
+        """Set the subject's compatibility level (see bridge.compatibility.LEVELS)."""
+        self._call(self._client.set_compatibility, name, level)
+
     def subjects(self) -> list[Subject]:
         """Every subject of the registry with its versions and latest id."""
         out = []

@@ -19,7 +19,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from bridge import Bridge, JobContext, codec
 from bridge.cli import main
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, SchemaError
 from bridge.registry import ENVELOPE
 from bridge.transports import Outgoing
 from bridge.worker import Stats
@@ -116,6 +116,18 @@ def test_check_passes_a_compatible_change_and_explains_an_incompatible_one(
     assert "would break" in err
 
 
+def test_a_producer_cannot_register_an_incompatible_version_on_the_fly(
+    registry_url: str, versions: Callable[..., Path], job_type: str
+) -> None:
+    # Given version 1 registered under BACKWARD, When a producer enqueues with a version whose
+    # field changed type, Then the enqueue fails with the registry's refusal and nothing is sent.
+    Bridge(registry=registry_url, schemas=str(versions(N))).registry.writer(job_type)
+    producer = Bridge(broker="memory://", registry=registry_url, schemas=str(versions(N_AS_TEXT)))
+    with pytest.raises(SchemaError, match=rf"{job_type}: the registry at .* refused it: .*[Ii]ncompatible"):
+        producer.enqueue(job_type, {"n": "one"}, queue="t-never")
+    producer.close()
+
+
 def test_check_follows_the_subjects_own_compatibility_level(
     capsys: pytest.CaptureFixture[str],
     registry_url: str,
@@ -125,20 +137,16 @@ def test_check_follows_the_subjects_own_compatibility_level(
 ) -> None:
     # Given a subject set to NONE, Then any change passes; set to FORWARD, Then a new field
     # without a default passes (old readers ignore it) and a removed required field does not.
-    bridge_cli(
-        capsys,
-        "schemas",
-        "register",
-        str(versions(N, {"name": "sku", "type": "string"})),
-        "--registry",
-        registry_url,
+    sku = {"name": "sku", "type": "string"}
+    bridge_cli(capsys, "schemas", "register", str(versions(N, sku)), "--registry", registry_url)
+    code, out, _ = bridge_cli(
+        capsys, "schemas", "compatibility", job_type, "none", "--registry", registry_url
     )
-    client.set_compatibility(job_type, "NONE")
-    assert (
-        bridge_cli(capsys, "schemas", "check", str(versions(N_AS_TEXT)), "--registry", registry_url)[0] == 0
-    )
+    assert code == 0 and out == f"{job_type} NONE\n"
+    code, _, _ = bridge_cli(capsys, "schemas", "check", str(versions(N_AS_TEXT)), "--registry", registry_url)
+    assert code == 0
     client.set_compatibility(job_type, "FORWARD")
-    added = versions(N, {"name": "sku", "type": "string"}, {"name": "qty", "type": "int"})
+    added = versions(N, sku, {"name": "qty", "type": "int"})
     assert bridge_cli(capsys, "schemas", "check", str(added), "--registry", registry_url)[0] == 0
     code, out, _ = bridge_cli(capsys, "schemas", "check", str(versions(N)), "--registry", registry_url)
     assert code == 1 and "FORWARD" in out and "sku" in out
