@@ -21,6 +21,7 @@ def test_commits_only_up_to_the_lowest_unfinished_offset() -> None:
     tracker = OffsetTracker()
     tracker.assign(TP)
     generation = tracker.started(TP, 5)
+    assert generation is not None
     for offset in (6, 7, 8):
         tracker.started(TP, offset)
     assert tracker.done(TP, 7, generation) is None
@@ -33,7 +34,9 @@ def test_commits_only_up_to_the_lowest_unfinished_offset() -> None:
 def test_gaps_in_offsets_do_not_stall_commits() -> None:
     # Transaction markers and compaction leave gaps: the next delivered offset is what counts.
     tracker = OffsetTracker()
+    tracker.assign(TP)
     generation = tracker.started(TP, 10)
+    assert generation is not None
     tracker.started(TP, 13)
     assert tracker.done(TP, 13, generation) is None
     assert tracker.done(TP, 10, generation) == 14
@@ -44,8 +47,10 @@ def test_a_job_finishing_after_its_partition_was_revoked_moves_nothing() -> None
     tracker.assign(TP)
     old = tracker.started(TP, 1)
     tracker.revoke(TP)
+    assert tracker.started(TP, 2) is None  # fetched before the revoke: its next owner's
     tracker.assign(TP)
     new = tracker.started(TP, 1)
+    assert old is not None and new is not None
     assert tracker.done(TP, 1, old) is None
     assert tracker.in_flight() == 1
     assert tracker.done(TP, 1, new) == 2

@@ -39,12 +39,16 @@ class OffsetTracker:
         """Forget `tp`: its unsettled records will be delivered again to its next owner."""
         self._partitions.pop(tp, None)
 
-    def started(self, tp: TopicPartition, offset: int) -> int:
-        """Record that `offset` was handed out; return the generation to settle it with."""
+    def started(self, tp: TopicPartition, offset: int) -> int | None:
+        """Record that `offset` was handed out; return the generation to settle it with.
+
+        None when `tp` is not assigned: a record fetched before its partition was revoked
+        belongs to the partition's next owner, and must not run here. (Counting it in a later
+        assignment would commit past the records fetched before it in that assignment.)
+        """
         partition = self._partitions.get(tp)
-        if partition is None:  # records can arrive before the assignment callback has run
-            self.assign(tp)
-            partition = self._partitions[tp]
+        if partition is None:
+            return None
         entry = [offset, False]
         partition.order.append(entry)
         partition.by_offset[offset] = entry

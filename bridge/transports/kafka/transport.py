@@ -78,6 +78,7 @@ class KafkaTransport:
         self._poller: threading.Thread | None = None
         self._consumer: Consumer | None = None
         self._offsets = OffsetTracker()
+        self._backlog: deque[Message] = deque()  # fetched while every slot was busy
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
         self._forwarder: DelayForwarder | None = None
         self._committer: Committer | None = None
@@ -265,7 +266,8 @@ class KafkaTransport:
         stop: asyncio.Event,
         burst: bool,
     ) -> None:
-        backlog: deque[Message] = deque()
+        backlog = self._backlog
+        backlog.clear()
         next_check = 0.0
         paused = False
         idle_s = 0.001
@@ -305,6 +307,8 @@ class KafkaTransport:
             return
         topic, partition, offset = coordinates(record)
         generation = self._offsets.started((topic, partition), offset)
+        if generation is None:
+            return  # its partition was revoked since it was fetched: the next owner runs it
         key = record.key()
         text_key = key.decode("utf-8", "replace") if key else None
         delivery = Delivery(record.value() or b"", topic, text_key, partition, offset, handle=generation)
@@ -344,10 +348,15 @@ class KafkaTransport:
         self._on_lost(consumer, partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:  # another member may own them already: commit nothing more
-            self._offsets.revoke((tp.topic, tp.partition))
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        for tp in gone:  # another member may own them already: commit nothing more
+            self._offsets.revoke(tp)
             if self._committer is not None:
-                self._committer.forget((tp.topic, tp.partition))
+                self._committer.forget(tp)
+        # Records fetched but not started: their next owner reads them from the committed offset.
+        kept = [r for r in self._backlog if r.error() is not None or (r.topic(), r.partition()) not in gone]
+        self._backlog.clear()
+        self._backlog.extend(kept)
 
     # -- dead-letter tools -----------------------------------------------------------------
     # A record cannot be deleted from a Kafka log: a removed one is marked done in the
