@@ -71,7 +71,7 @@ class PostgresStore(SqlStore):
 
 async def _fetch(conn: psycopg.AsyncConnection[tuple[Any, ...]], sql: str, params: Sequence[Any]) -> Rows:
     cursor = await conn.execute(sql.replace("?", "%s"), params)
-    return await cursor.fetchall() if cursor.description else []
+    return await cursor.fetchall() if cursor.description else [()] * max(cursor.rowcount, 0)
 
 
 @contextmanager
