@@ -33,7 +33,7 @@ from bridge.errors import (
 from bridge.idempotency import Busy, Done, run_key
 from bridge.idempotency.lease import Lease
 from bridge.jobs import JobContext, JobSpec
-from bridge.policy import GiveUp, decide, keep_recent, tier_for
+from bridge.policy import Decision, GiveUp, decide, keep_recent, tier_for
 from bridge.registry import DEAD_LETTER, ENVELOPE
 from bridge.transports.base import Delivery, Outgoing, Transport, dlq_name
 
@@ -105,7 +105,15 @@ class Worker:
         """Run one delivery to its outcome and settle it; never raises."""
         try:
             self.stats.first_s = self.stats.first_s or time.monotonic()
-            publish = await self._outcome(delivery)
+            try:
+                publish = await self._outcome(delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug in bridge: the delivery is neither lost nor left unsettled (which would
+                # hold back a Kafka partition's commits), but goes round the shortest tier again.
+                log.exception("no outcome for a delivery from %s; it waits and comes back", delivery.queue)
+                publish = [self._again(delivery)]
             await self.transport.settle(delivery, publish)
             self.stats.processed += 1
             self.stats.last_s = time.monotonic()
@@ -129,8 +137,7 @@ class Worker:
             return [self._dead(delivery, "undecodable", str(exc), raw=delivery.body)]
         except RegistryUnavailable as exc:
             log.error("a message from %s waits: %s", delivery.queue, exc)
-            self.stats.delayed += 1
-            return [Outgoing(delivery.queue, delivery.body, delivery.key, self.settings.delay_tiers[0])]
+            return [self._again(delivery)]
         job = self._jobs.get(envelope.type)
         if job is None:
             detail = f"no handler for job type {envelope.type!r} in this app"
@@ -190,6 +197,11 @@ class Worker:
         await lease.finish(succeeded=not outcome)
         return outcome
 
+    def _again(self, delivery: Delivery) -> Outgoing:
+        """The delivery's bytes as they are, back through the shortest tier."""
+        self.stats.delayed += 1
+        return Outgoing(delivery.queue, delivery.body, delivery.key, self.settings.delay_tiers[0])
+
     def _later(self, envelope: Envelope, wait_s: float) -> Outgoing:
         """The job again, through a delay tier: at least the shortest one, so never a busy loop."""
         self.stats.delayed += 1
@@ -221,7 +233,11 @@ class Worker:
         """A retry through the delay tiers, or a dead letter, with the error recorded."""
         now = self.app.clock()
         envelope.errors = keep_recent([*envelope.errors, _job_error(envelope.attempt, exc, now)])
-        decision = decide(spec.policy, exc, envelope.attempt, envelope.max_attempts, now)
+        try:
+            decision: Decision = decide(spec.policy, exc, envelope.attempt, envelope.max_attempts, now)
+        except Exception as broken:  # the job type's own backoff function raised
+            detail = f"{type(exc).__name__}: {exc} (and its retry policy failed: {broken!r})"
+            decision = GiveUp("permanent", detail)
         if isinstance(decision, GiveUp):
             return self._dead(delivery, decision.reason, decision.detail, envelope=envelope)
         log.info(

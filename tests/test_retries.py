@@ -18,6 +18,8 @@ import pytest
 
 from bridge import Bridge, JobContext, Permanent, Retry
 from bridge.policy import fixed
+from bridge.transports import Delivery
+from bridge.worker import Worker
 from tests.brokerio import dead_letters
 from tests.conftest import run
 
@@ -113,6 +115,61 @@ def test_permanent_error_is_dead_lettered_at_once(make_app: Callable[..., Bridge
         ("permanent", "KeyError: 'no such customer'"),
         ("permanent", "Permanent: card declined"),
     ]
+
+
+def test_a_backoff_function_that_raises_dead_letters_the_job_with_both_errors(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given a job type whose backoff function raises, When its handler fails,
+    # Then the job is dead-lettered as permanent naming both errors, and the next job still runs.
+    app = make_app()
+    ran: list[int] = []
+
+    def broken_backoff(attempt: int) -> float:
+        raise ZeroDivisionError("backoff bug")
+
+    @app.job("test.Echo", queue=queue, backoff=broken_backoff)
+    async def fail_first(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+        if payload["n"] == 1:
+            raise TimeoutError("gateway slow")
+
+    run(enqueue_and_drain(app, {"payload": {"n": 1}}, {"payload": {"n": 2}}))
+    assert sorted(ran) == [1, 2]
+    [letter] = dead_letters(app, queue)
+    assert letter.reason == "permanent"
+    assert letter.detail == (
+        "TimeoutError: gateway slow (and its retry policy failed: ZeroDivisionError('backoff bug'))"
+    )
+
+
+def test_a_delivery_bridge_fails_on_comes_back_rather_than_stall(
+    make_app: Callable[..., Bridge], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a bug in bridge that raises on a job's first delivery (injected),
+    # When consumed, Then the delivery is settled by sending it round the shortest tier, and the
+    # job runs when it comes back: a burst run drains (on Kafka, nothing holds back the commits).
+    app = make_app()
+    ran: list[int] = []
+    failed: list[bytes] = []
+    outcome = Worker._outcome
+
+    async def buggy(self: Worker, delivery: Delivery) -> Any:
+        if not failed:
+            failed.append(delivery.body)
+            raise RuntimeError("injected bug")
+        return await outcome(self, delivery)
+
+    monkeypatch.setattr(Worker, "_outcome", buggy)
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+
+    run(enqueue_and_drain(app, {"payload": {"n": 1}}))
+    assert ran == [1] and failed
+    assert app.stats is not None and app.stats.delayed == 1
+    assert dead_letters(app, queue) == []
 
 
 def test_retry_with_chosen_delay(make_app: Callable[..., Bridge], queue: str) -> None:
