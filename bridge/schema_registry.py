@@ -53,8 +53,9 @@ class HttpRegistry:
         self.url = url
         self.local = local
         self._client = client or _client(url)
-        # Its HTTP connections close with this object even when nobody calls close().
-        self.close = weakref.finalize(self, self._client.close)
+        # Its HTTP connections close with this object even when nobody calls close(). (Its
+        # __exit__, since close() is recent and we support confluent-kafka from 2.6.)
+        self.close = weakref.finalize(self, self._client.__exit__, None, None, None)
         self._schemas: dict[str, Schema] = {}  # by name: the version this app reads and writes
         self._by_id: dict[int, Schema] = {}
         self._refused: dict[int, tuple[str, float]] = {}  # id -> (why, when)
