@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 
+from bench import kafka, rabbitmq
 from bench.common import IN_FLIGHT, JOB_TYPE, BenchError, Timing, bench_app, fresh, timed_windows, timeout_for
 from bench.throughput import BROKERS, Row, Table, _positive, broker_urls, render
 from bridge.errors import BridgeError
@@ -51,17 +52,26 @@ async def consume(broker: str, queue: str, jobs: int, concurrency: int, store: s
 
 
 def measure(broker: str, url: str, stores: dict[str, str], jobs: int, concurrency: int, table: Table) -> None:
-    """The no-key rate, then the rate with keys in each store, on one broker."""
-    queue = fresh(f"{broker}-nokey")
-    asyncio.run(publish(url, queue, jobs, keyed=False))
-    timing = asyncio.run(consume(url, queue, jobs, concurrency, None))
-    baseline = table.add(broker, "consume", "no keys", timing)
-    for name, store in stores.items():
-        queue = fresh(f"{broker}-{name}")
-        asyncio.run(publish(url, queue, jobs, keyed=True))
-        timing = asyncio.run(consume(url, queue, jobs, concurrency, store))
-        target = 1 - SQLITE_MAX_COST if name == "sqlite" else None
-        table.add(broker, "consume", f"keys in {name}", timing, baseline=baseline, min_ratio=target)
+    """The no-key rate, then the rate with keys in each store, on one broker.
+
+    Every queue is deleted afterwards: quorum queues left behind keep costing RabbitMQ CPU, and
+    made later rounds (and other benchmarks) slower.
+    """
+    queues = [fresh(f"{broker}-nokey"), *(fresh(f"{broker}-{name}") for name in stores)]
+    try:
+        asyncio.run(publish(url, queues[0], jobs, keyed=False))
+        timing = asyncio.run(consume(url, queues[0], jobs, concurrency, None))
+        baseline = table.add(broker, "consume", "no keys", timing)
+        for (name, store), queue in zip(stores.items(), queues[1:], strict=True):
+            asyncio.run(publish(url, queue, jobs, keyed=True))
+            timing = asyncio.run(consume(url, queue, jobs, concurrency, store))
+            target = 1 - SQLITE_MAX_COST if name == "sqlite" else None
+            table.add(broker, "consume", f"keys in {name}", timing, baseline=baseline, min_ratio=target)
+    finally:
+        if broker == "rabbitmq":
+            asyncio.run(rabbitmq.delete_queues(url, queues))
+        else:
+            kafka.delete_topics(url, queues)
 
 
 def costs(rows: Sequence[Row]) -> list[str]:
