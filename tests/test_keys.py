@@ -95,8 +95,9 @@ def test_a_key_held_by_another_worker_sends_the_job_to_wait(
         started[payload["n"]] = time.time()
         if payload["n"] == 1:  # the consumer is running: now the other worker takes the key
             store = await app.idempotency_store()
+            # Before the claim: the store counts the lease from its own clock, in whole ms.
+            lease_ends.append(time.time() + 2.0 - 0.001)
             assert isinstance(await store.claim(run_key("test.Echo", "held"), "another-job", 2.0), Claimed)
-            lease_ends.append(time.time() + 2.0)
             await app.enqueue_async("test.Echo", {"n": 0}, idempotency_key="held")
 
     enqueue_all(app, [(1, None)])
