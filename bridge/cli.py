@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from bridge.app import Bridge
 from bridge.compatibility import LEVELS
@@ -23,6 +23,9 @@ from bridge.dlq import Selection, describe
 from bridge.envelope import REASONS, now_ms
 from bridge.errors import BridgeError, ConfigError
 from bridge.policy import parse_duration
+
+if TYPE_CHECKING:
+    from bridge.schema_registry import HttpRegistry
 
 log = logging.getLogger("bridge.cli")
 
@@ -368,7 +371,7 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def _schemas_register(args: argparse.Namespace) -> int:
-    registry = _http_registry(args, local=True)
+    _, registry = _http_registry(args, local=True)
     for name in registry.local.job_types():
         schema_id, new = registry.register(name)
         print(f"{name:40} id {schema_id:<6} {'registered' if new else 'already registered'}")
@@ -376,7 +379,7 @@ def _schemas_register(args: argparse.Namespace) -> int:
 
 
 def _schemas_check(args: argparse.Namespace) -> int:
-    registry = _http_registry(args, local=True)
+    _, registry = _http_registry(args, local=True)
     failed = 0
     for name in registry.local.job_types():
         level, problems = registry.check(name)
@@ -390,7 +393,7 @@ def _schemas_check(args: argparse.Namespace) -> int:
 
 
 def _schemas_compatibility(args: argparse.Namespace) -> int:
-    registry = _http_registry(args, local=False)
+    _, registry = _http_registry(args, local=False)
     if args.level:
         registry.set_compatibility(args.subject, args.level)
     print(f"{args.subject} {registry.compatibility(args.subject)}")
@@ -398,8 +401,8 @@ def _schemas_compatibility(args: argparse.Namespace) -> int:
 
 
 def _schemas_list(args: argparse.Namespace) -> int:
-    registry = _http_registry(args, local=False)
-    handled = set(load_app(args.app).jobs) if args.app else set()
+    app, registry = _http_registry(args, local=False)
+    handled = set(app.jobs)  # none without --app
     subjects = registry.subjects()
     for subject in subjects:
         mark = "handler" if subject.name in handled else ""
@@ -411,8 +414,8 @@ def _schemas_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _http_registry(args: argparse.Namespace, *, local: bool) -> Any:
-    """The registry of the flags, which must be a URL; with `local`, with a schema directory."""
+def _http_registry(args: argparse.Namespace, *, local: bool) -> tuple[Bridge, HttpRegistry]:
+    """The app of the flags and its registry, which must be a URL; with `local`, with a schema directory."""
     from bridge.schema_registry import HttpRegistry
 
     if getattr(args, "dir", None):
@@ -426,7 +429,7 @@ def _http_registry(args: argparse.Namespace, *, local: bool) -> Any:
         raise ConfigError("which schemas? pass a directory, --schemas DIR, or set BRIDGE_SCHEMAS")
     registry = app.registry
     assert isinstance(registry, HttpRegistry)
-    return registry
+    return app, registry
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -24,15 +24,13 @@ from typing import Any, Protocol
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.validation import ValidationError, validate
 
-from bridge.compatibility import read_problems
+from bridge.compatibility import PRIMITIVES, full_name, read_problems
 from bridge.errors import DecodeError, SchemaError, SchemaMismatch, UnknownSchema
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_SCHEMA_DEPTH = 32
-
-PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
 
 
 def _crc64_table() -> tuple[int, ...]:
@@ -82,7 +80,7 @@ class Schema:
             header = SINGLE_OBJECT_MAGIC + fingerprint.to_bytes(8, "little")
         else:
             header = CONFLUENT_MAGIC + schema_id.to_bytes(4, "big")
-        name = _full_name(definition["name"], definition.get("namespace"))
+        name = full_name(definition["name"], definition.get("namespace"))
         return cls(name, definition, parsed, canonical, fingerprint, schema_id, header)
 
 
@@ -241,13 +239,13 @@ def _canonical(schema: Any, namespace: str | None) -> Any:
     if isinstance(schema, list):
         return [_canonical(s, namespace) for s in schema]
     if isinstance(schema, str):
-        return _full_name(schema, namespace) if schema not in PRIMITIVES else schema
+        return full_name(schema, namespace) if schema not in PRIMITIVES else schema
     kind = schema["type"]
     if not isinstance(kind, str) or kind in PRIMITIVES:
         return _canonical(kind, namespace)
     out: dict[str, Any] = {}
     if "name" in schema:
-        full = _full_name(schema["name"], schema.get("namespace", namespace))
+        full = full_name(schema["name"], schema.get("namespace", namespace))
         out["name"] = full
         namespace = full.rpartition(".")[0] or None
     out["type"] = kind
@@ -266,10 +264,6 @@ def _canonical(schema: Any, namespace: str | None) -> Any:
     return out
 
 
-def _full_name(name: str, namespace: str | None) -> str:
-    return name if "." in name or not namespace else f"{namespace}.{name}"
-
-
 def inline_named_types(schema: Any, defined: dict[str, Any]) -> dict[str, Any]:
     """Make `schema` self-contained: each referenced named type from `defined` inlined once.
 
@@ -283,7 +277,7 @@ def inline_named_types(schema: Any, defined: dict[str, Any]) -> dict[str, Any]:
         if isinstance(node, str):
             if node in PRIMITIVES:
                 return node
-            full = _full_name(node, namespace)
+            full = full_name(node, namespace)
             if full in seen:
                 return full
             if full not in defined:
@@ -293,7 +287,7 @@ def inline_named_types(schema: Any, defined: dict[str, Any]) -> dict[str, Any]:
             return {**node, "type": walk(node["type"], namespace)}
         out = dict(node)
         if "name" in node and node["type"] in ("record", "error", "enum", "fixed"):
-            full = _full_name(node["name"], node.get("namespace", namespace))
+            full = full_name(node["name"], node.get("namespace", namespace))
             seen.add(full)
             out["name"], namespace = full, full.rpartition(".")[0] or None
             out.pop("namespace", None)
@@ -341,7 +335,7 @@ def _min_size(node: Any, namespace: str | None, stack: list[str], sizes: dict[st
     if isinstance(node, str):
         if node in PRIMITIVES:
             return {"null": 0, "float": 4, "double": 8}.get(node, 1)
-        full = _full_name(node, namespace)
+        full = full_name(node, namespace)
         if full in stack:
             raise SchemaError(f"{stack[0]} is recursive through {full}; recursive schemas are refused")
         return sizes.get(full, 1)
@@ -349,7 +343,7 @@ def _min_size(node: Any, namespace: str | None, stack: list[str], sizes: dict[st
     if not isinstance(kind, str) or kind in PRIMITIVES:
         return _min_size(kind, namespace, stack, sizes)
     if kind in ("record", "error"):
-        full = _full_name(node["name"], node.get("namespace", namespace))
+        full = full_name(node["name"], node.get("namespace", namespace))
         inner = full.rpartition(".")[0] or None
         stack.append(full)
         size = sum(_min_size(f["type"], inner, stack, sizes) for f in node["fields"])

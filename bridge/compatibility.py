@@ -24,6 +24,8 @@ LEVELS = (
     "NONE",
 )
 
+PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+
 # Writer type -> reader types it promotes to (besides itself).
 _PROMOTIONS = {
     "int": {"long", "float", "double"},
@@ -66,18 +68,15 @@ class _Names:
         self.defined: dict[str, Any] = {}
 
     def resolve(self, node: Any, namespace: str | None) -> tuple[Any, str | None]:
-        if isinstance(node, str) and node not in _PRIMITIVES:
-            full = _full(node, namespace)
+        if isinstance(node, str) and node not in PRIMITIVES:
+            full = full_name(node, namespace)
             if full in self.defined:
                 return self.defined[full], full.rpartition(".")[0] or None
         if isinstance(node, dict) and node.get("type") in ("record", "error", "enum", "fixed"):
-            full = _full(node["name"], node.get("namespace", namespace))
+            full = full_name(node["name"], node.get("namespace", namespace))
             self.defined.setdefault(full, node)
             return node, full.rpartition(".")[0] or None
         return node, namespace
-
-
-_PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
 
 
 def _kind(node: Any) -> str:
@@ -86,17 +85,18 @@ def _kind(node: Any) -> str:
     if isinstance(node, str):
         return node
     kind = node["type"]
-    return _kind(kind) if not isinstance(kind, str) or kind in _PRIMITIVES else kind
+    return _kind(kind) if not isinstance(kind, str) or kind in PRIMITIVES else kind
 
 
 def _unwrap(node: Any) -> Any:
     """`{"type": "int"}` and friends as the primitive they annotate."""
-    while isinstance(node, dict) and (not isinstance(node["type"], str) or node["type"] in _PRIMITIVES):
+    while isinstance(node, dict) and (not isinstance(node["type"], str) or node["type"] in PRIMITIVES):
         node = node["type"]
     return node
 
 
-def _full(name: str, namespace: str | None) -> str:
+def full_name(name: str, namespace: str | None) -> str:
+    """A named type's full name: `name` itself when dotted, else within `namespace`."""
     return name if "." in name or not namespace else f"{namespace}.{name}"
 
 
@@ -105,9 +105,9 @@ def _describe(node: Any, namespace: str | None = None) -> str:
     if isinstance(node, list):
         return " or ".join(_describe(branch, namespace) for branch in node)
     if isinstance(node, str):
-        return node if node in _PRIMITIVES else _full(node, namespace)
+        return node if node in PRIMITIVES else full_name(node, namespace)
     if "name" in node:
-        return f"{node['type']} {_full(node['name'], node.get('namespace', namespace))}"
+        return f"{node['type']} {full_name(node['name'], node.get('namespace', namespace))}"
     return str(node["type"])
 
 
@@ -158,9 +158,9 @@ class _Resolution:
                 self.problems.append(f"{where}: type changed from {was} to {now}")
             return
         if r_kind in ("record", "error", "enum", "fixed"):
-            r_name = _full(reader["name"], reader.get("namespace", reader_ns))
-            w_name = _full(writer["name"], writer.get("namespace", writer_ns))
-            aliases = {_full(a, r_name.rpartition(".")[0] or None) for a in reader.get("aliases", ())}
+            r_name = full_name(reader["name"], reader.get("namespace", reader_ns))
+            w_name = full_name(writer["name"], writer.get("namespace", writer_ns))
+            aliases = {full_name(a, r_name.rpartition(".")[0] or None) for a in reader.get("aliases", ())}
             if r_name != w_name and w_name not in aliases:
                 self.problems.append(
                     f"{where}: {r_kind} {w_name} is now named {r_name}; add the old name to aliases"

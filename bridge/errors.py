@@ -6,9 +6,10 @@
     ├── UnknownJobType       a job type with no schema or no handler
     ├── DecodeError          bytes that are not a valid framed Avro message (keeps the raw bytes)
     │   ├── UnknownSchema    framed bytes naming a schema (fingerprint or id) unknown here
-    │   └── SchemaMismatch   a record asked to be read as a record of another name
+    │   └── SchemaMismatch   a record its reader's schema cannot read (another name, incompatible)
     ├── TransportError       a broker refused, could not be reached, or did not confirm
     │   └── PublishError     a publish was not acknowledged (unroutable, nacked, timed out)
+    ├── RegistryUnavailable  the schema registry did not answer (what needed it waits)
     ├── StoreError           the idempotency store could not be reached or refused
     │   └── LeaseLost        a job's claim on its idempotency key ended before it completed
     └── DevError             `bridge dev` could not provision or start a local broker
@@ -51,7 +52,7 @@ class UnknownSchema(DecodeError):
 
 
 class SchemaMismatch(DecodeError):
-    """A record written with one schema asked to be read as a record of another name."""
+    """A record its reader's schema cannot read: another record, or an incompatible version."""
 
 
 class TransportError(BridgeError):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bridge.codec import Schema, SchemaLookup, inline_named_types
+from bridge.compatibility import full_name
 from bridge.errors import ConfigError, SchemaError, UnknownJobType
 
 BUILTIN_SCHEMAS = Path(__file__).parent / "schemas"
@@ -126,9 +127,7 @@ def _read_definitions(directory: Path) -> dict[str, Any]:
 def full_name_of(definition: Any) -> str | None:
     if not isinstance(definition, dict) or "name" not in definition:
         return None
-    name = str(definition["name"])
-    namespace = definition.get("namespace")
-    return name if "." in name or not namespace else f"{namespace}.{name}"
+    return full_name(str(definition["name"]), definition.get("namespace"))
 
 
 def _build(definitions: dict[str, Any]) -> dict[str, Schema]:

@@ -94,9 +94,6 @@ class HttpRegistry:
 
     def by_id(self, schema_id: int) -> Schema | None:
         """The schema registered as `schema_id`, when it is one of a known record."""
-        found = self._by_id.get(schema_id)
-        if found is not None:
-            return found
         refused = self._refused.get(schema_id)
         if refused is not None and time.monotonic() - refused[1] < NOT_FOUND_RETRY_S:
             raise UnknownSchema(refused[0])
@@ -116,7 +113,8 @@ class HttpRegistry:
         Raises ConfigError listing every problem: a type the registry lacks, or a local schema
         that cannot read the registry's latest version of its type.
         """
-        self._versions(self.schema(ENVELOPE).name)  # other producers' copies of it too
+        self.schema(ENVELOPE)
+        self._versions(ENVELOPE)  # other producers' copies of it too
         self.schema(DEAD_LETTER)
         problems = []
         for name in types:
@@ -196,13 +194,13 @@ class HttpRegistry:
         schemas = []
         for version in self._call(self._client.get_versions, name):
             registered = self._call(self._client.get_version, name, version)
-            schemas.append(self._by_id.get(registered.schema_id) or self._fetch(registered.schema_id))
+            schemas.append(self._fetch(registered.schema_id))
         return schemas
 
     def _latest(self, name: str) -> Schema:
         try:
             registered = self._call(self._client.get_latest_version, name)
-            return self._by_id.get(registered.schema_id) or self._fetch(registered.schema_id)
+            return self._fetch(registered.schema_id)
         except _Rejected:
             where = f" in {self.local.path}" if self.local.path else ""
             raise UnknownJobType(
@@ -212,6 +210,10 @@ class HttpRegistry:
             raise SchemaError(str(exc)) from None
 
     def _fetch(self, schema_id: int) -> Schema:
+        """The schema registered as `schema_id`, asked of the registry once."""
+        known = self._by_id.get(schema_id)
+        if known is not None:
+            return known
         try:
             fetched = self._call(self._client.get_schema, schema_id)
         except _Rejected:
@@ -242,16 +244,22 @@ class HttpRegistry:
     def _with_id(self, schema: Schema) -> Schema:
         """`schema` with its registry id, when the registry has it under its subject."""
         schema_id = self._lookup(schema.name, schema)
-        if schema_id is None:
-            return schema
-        return self._by_id.setdefault(schema_id, _identified(schema, schema_id))
+        return schema if schema_id is None else self._identified(schema, schema_id)
 
     def _register(self, schema: Schema) -> Schema:
         try:
             schema_id = int(self._call(self._client.register_schema, schema.name, _wire(schema)))
         except _Rejected as exc:
             raise SchemaError(f"{schema.name}: the registry at {self.url} refused it: {exc}") from None
-        return self._by_id.setdefault(schema_id, _identified(schema, schema_id))
+        return self._identified(schema, schema_id)
+
+    def _identified(self, schema: Schema, schema_id: int) -> Schema:
+        """`schema` framed with `schema_id`, made once per id."""
+        if schema_id not in self._by_id:
+            self._by_id[schema_id] = Schema.from_definition(
+                schema.definition, schema_id=schema_id, logical_types=_logical(schema.name)
+            )
+        return self._by_id[schema_id]
 
     def _call(self, method: Any, *args: Any) -> Any:
         """`method(*args)`; a 4xx answer as _Rejected, no answer as RegistryUnavailable."""
@@ -282,10 +290,6 @@ def _wire(schema: Schema) -> Any:
     from confluent_kafka.schema_registry import Schema as RegistrySchema
 
     return RegistrySchema(json.dumps(schema.definition), "AVRO")
-
-
-def _identified(schema: Schema, schema_id: int) -> Schema:
-    return Schema.from_definition(schema.definition, schema_id=schema_id, logical_types=_logical(schema.name))
 
 
 def _logical(name: str) -> bool:
