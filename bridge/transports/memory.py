@@ -104,9 +104,12 @@ class MemoryTransport:
         burst: bool,
     ) -> None:
         while not stop.is_set():
+            if not inflight.has_room():
+                await inflight.wait_for_room(0.1)  # then look at `stop` again
+                continue
             delivery = self._pop(queues)
             if delivery is not None:
-                await inflight.start(delivery)
+                inflight.start(delivery)
                 continue
             if burst and not inflight and not self.delayed():
                 return

@@ -178,14 +178,16 @@ class KafkaTransport:
         """
         assert delivery.partition is not None and delivery.offset is not None
         assert self._committer is not None, "settle() outside consume()"
-        routed = [(await self._route(message), message) for message in publish]
+        # Stamped now: a tier's wait counts from here, not from when the transaction goes out.
+        now = time.time_ns() // 1_000_000
+        outgoing: list[Record] = []
+        for message in publish:
+            topic, headers = await self._route(message)
+            outgoing.append((topic, message.body, message.key, headers, now))
         tp = (delivery.queue, delivery.partition)
         committable = self._offsets.done(tp, delivery.offset, delivery.handle)
         if committable is None and not self._offsets.owns(tp, delivery.handle):
             return  # revoked meanwhile: its next owner runs it again
-        # Stamped now: a tier's wait counts from here, not from when the transaction goes out.
-        now = time.time_ns() // 1_000_000
-        outgoing: list[Record] = [(topic, m.body, m.key, headers, now) for (topic, headers), m in routed]
         self._committer.add(tp, delivery.offset, outgoing, committable)
 
     # -- consuming -------------------------------------------------------------------------
@@ -287,9 +289,12 @@ class KafkaTransport:
             if len(records) < room:
                 records += consumer.consume(min(room - len(records), FETCH_BATCH), 0)
             for record in records:
-                await self._start(record, inflight)
+                self._start(record, inflight)
             if records:
                 idle_s = 0.001
+                # Let the workers run what was just started. Handlers that do not suspend
+                # have all finished when this returns, so fetching goes on without waiting.
+                await asyncio.sleep(0)
                 continue
             if self._failure() is not None:
                 return
@@ -300,7 +305,7 @@ class KafkaTransport:
             await asyncio.sleep(idle_s)
             idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
 
-    async def _start(self, record: Message, inflight: InFlight) -> None:
+    def _start(self, record: Message, inflight: InFlight) -> None:
         error = record.error()
         if error is not None:
             log.warning("Kafka consumer: %s", error)
@@ -312,7 +317,7 @@ class KafkaTransport:
         key = record.key()
         text_key = key.decode("utf-8", "replace") if key else None
         delivery = Delivery(record.value() or b"", topic, text_key, partition, offset, handle=generation)
-        await inflight.start(delivery)
+        inflight.start(delivery)
 
     def _pause(self, consumer: Consumer, pause: bool) -> bool:
         assignment = consumer.assignment()
