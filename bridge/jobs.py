@@ -4,30 +4,74 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.envelope import JobError
+from bridge.envelope import Envelope, JobError
 from bridge.errors import ConfigError
 from bridge.idempotency import DEFAULT_LEASE_S, DEFAULT_WINDOW_S
 from bridge.policy import RetryPolicy
 
 
-@dataclass(frozen=True, slots=True)
 class JobContext:
-    """What a handler knows about the job it runs."""
+    """What a handler knows about the job it runs: a read-only view of the job's envelope.
 
-    job_id: str
-    type: str
-    queue: str
-    attempt: int
-    headers: Mapping[str, str]
-    key: str | None
-    idempotency_key: str | None
-    created_at_ms: int  # epoch milliseconds, as in the envelope
-    errors: Sequence[JobError] = ()  # one per earlier failed attempt (capped)
-    inbox: Callable[[], AbstractAsyncContextManager[Any]] | None = field(default=None, repr=False)
+    A view rather than a copy: it is made for every job, and copying ten fields into a frozen
+    record cost more than some handlers do.
+    """
+
+    __slots__ = ("_envelope", "_inbox")
+
+    def __init__(
+        self, envelope: Envelope, inbox: Callable[[], AbstractAsyncContextManager[Any]] | None = None
+    ) -> None:
+        self._envelope = envelope
+        self._inbox = inbox
+
+    @property
+    def job_id(self) -> str:
+        return self._envelope.id
+
+    @property
+    def type(self) -> str:
+        return self._envelope.type
+
+    @property
+    def queue(self) -> str:
+        return self._envelope.queue
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first run, 2 for the first retry, ..."""
+        return self._envelope.attempt
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._envelope.headers
+
+    @property
+    def key(self) -> str | None:
+        return self._envelope.key
+
+    @property
+    def idempotency_key(self) -> str | None:
+        return self._envelope.idempotency_key
+
+    @property
+    def created_at_ms(self) -> int:
+        """When the job was enqueued, in epoch milliseconds as in the envelope."""
+        return self._envelope.created_at
+
+    @property
+    def errors(self) -> Sequence[JobError]:
+        """One per earlier failed attempt (capped)."""
+        return self._envelope.errors
+
+    @property
+    def created_at(self) -> datetime:
+        """When the job was enqueued."""
+        return datetime.fromtimestamp(self._envelope.created_at / 1000, UTC)
 
     def transaction(self) -> AbstractAsyncContextManager[Any]:
         """The inbox: a transaction of the idempotency store in which the job's key completes.
@@ -36,14 +80,12 @@ class JobContext:
         connection, a sqlite3 connection, or a Redis command recorder); writes made through it
         and the key's completion commit together or not at all. Jobs with an idempotency key only.
         """
-        if self.inbox is None:
+        if self._inbox is None:
             raise ConfigError(f"ctx.transaction() needs an idempotency key on the job ({self.type})")
-        return self.inbox()
+        return self._inbox()
 
-    @property
-    def created_at(self) -> datetime:
-        """When the job was enqueued."""
-        return datetime.fromtimestamp(self.created_at_ms / 1000, UTC)
+    def __repr__(self) -> str:
+        return f"JobContext(job_id={self.job_id!r}, type={self.type!r}, attempt={self.attempt})"
 
 
 Handler = Callable[[Any, "JobContext"], Any]

@@ -13,7 +13,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -213,13 +213,7 @@ class Worker:
     async def _run(
         self, spec: JobSpec, payload: Any, envelope: Envelope, delivery: Delivery, lease: Lease | None = None
     ) -> Sequence[Outgoing]:
-        ctx = JobContext(
-            job_id=envelope.id, type=envelope.type, queue=envelope.queue,
-            attempt=envelope.attempt, headers=envelope.headers, key=envelope.key,
-            idempotency_key=envelope.idempotency_key,
-            created_at_ms=envelope.created_at, errors=envelope.errors,
-            inbox=lease.transaction if lease else None,
-        )  # fmt: skip
+        ctx = JobContext(envelope, lease.transaction if lease else None)
         try:
             if spec.is_async:
                 await spec.func(payload, ctx)
@@ -232,7 +226,10 @@ class Worker:
     def _failed(self, spec: JobSpec, envelope: Envelope, exc: Exception, delivery: Delivery) -> Outgoing:
         """A retry through the delay tiers, or a dead letter, with the error recorded."""
         now = self.app.clock()
-        envelope.errors = keep_recent([*envelope.errors, _job_error(envelope.attempt, exc, now)])
+        # A copy: the handler's JobContext is a view of the envelope it ran with.
+        envelope = replace(
+            envelope, errors=keep_recent([*envelope.errors, _job_error(envelope.attempt, exc, now)])
+        )
         try:
             decision: Decision = decide(spec.policy, exc, envelope.attempt, envelope.max_attempts, now)
         except Exception as broken:  # the job type's own backoff function raised

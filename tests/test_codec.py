@@ -12,7 +12,7 @@ import pytest
 
 from bridge import codec
 from bridge.codec import Schema
-from bridge.envelope import Envelope, uuid7
+from bridge.envelope import Envelope, JobError, uuid7
 from bridge.errors import DecodeError, SchemaError
 from bridge.registry import ENVELOPE, SchemaDirectory
 from tests.conftest import REPO, SCHEMAS
@@ -47,6 +47,22 @@ def test_single_object_round_trip_carries_the_crc64_fingerprint() -> None:
     assert int.from_bytes(data[2:10], "little") == ENVELOPE_SCHEMA.fingerprint
     writer, decoded = codec.decode(data, REGISTRY)
     assert writer is ENVELOPE_SCHEMA and decoded == record
+
+
+def test_an_envelope_read_back_equals_the_one_written() -> None:
+    # Given an envelope with every optional field and an earlier error,
+    # When written and read back, Then it is equal, field for field (from_avro adopts the
+    # decoded record as it is, so the dataclass and the schema must name the same fields).
+    fields = {f["name"] for f in ENVELOPE_SCHEMA.definition["fields"]}
+    assert fields == set(Envelope.__dataclass_fields__)
+    record = envelope_record(
+        key="k", idempotency_key="i", max_attempts=3, run_at=5, expires_at=9, origin="o",
+        headers={"h": "v"}, errors=[JobError(1, 2, "E", "m")],
+    )  # fmt: skip
+    envelope = Envelope.from_avro(record)
+    _, record = codec.decode(codec.encode(ENVELOPE_SCHEMA, envelope.to_avro()), REGISTRY, ENVELOPE_SCHEMA)
+    assert Envelope.from_avro(record) == envelope
+    assert envelope.errors[0].type == "E"
 
 
 def test_confluent_wire_format_round_trip() -> None:
