@@ -1,4 +1,4 @@
-"""RabbitMQ-specific behaviour: the consumer survives a dropped connection."""
+"""RabbitMQ-specific behaviour: a dropped connection, returned publishes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import asyncio
 import subprocess
 from typing import Any
 
-from bridge import Bridge, JobContext
+from bridge import Bridge, JobContext, codec
+from bridge.errors import PublishError
+from bridge.registry import ENVELOPE
+from tests.brokerio import read_queue
 from tests.conftest import SCHEMAS, run
 from tests.processes import publish
 
@@ -37,3 +40,31 @@ def test_consumer_reconnects_after_the_broker_drops_its_connections(
     run(scenario(), timeout=120)
     assert dropped.is_set()
     assert set(ids) <= done
+
+
+def test_a_returned_publish_fails_itself_not_another_in_flight(brokers: dict[str, str], queue: str) -> None:
+    # Given 200 publishes in flight to an existing queue, and one among them to a queue that
+    # does not exist (RabbitMQ returns it, as it is mandatory),
+    # When all are awaited, Then exactly that one fails, saying what to do, and the other 200
+    # were confirmed and are in their queue. (aiormq matches a return to its publish by
+    # message id: ids shared between publishes would fail another one and confirm the lost one.)
+    app = Bridge(broker=brokers["rabbitmq"], registry=str(SCHEMAS))
+    missing = f"{queue}-missing"
+
+    async def scenario() -> list[Any]:
+        async with app:
+            await app.apply_topology([queue])
+            publishes = [app.enqueue_async("test.Echo", {"n": n}, queue=queue) for n in range(200)]
+            publishes.insert(100, app.enqueue_async("test.Echo", {"n": -1}, queue=missing))
+            return await asyncio.gather(*publishes, return_exceptions=True)
+
+    results = run(scenario())
+    failed = [n for n, result in enumerate(results) if isinstance(result, BaseException)]
+    assert failed == [100]
+    assert isinstance(results[100], PublishError) and "topology apply" in str(results[100])
+    assert sorted(results[:100] + results[101:]) == sorted(envelope_ids(app, read_queue(app, queue)))
+
+
+def envelope_ids(app: Bridge, bodies: list[bytes]) -> list[str]:
+    schema = app.registry.schema(ENVELOPE)
+    return [codec.decode(body, app.registry, schema)[1]["id"] for body in bodies]

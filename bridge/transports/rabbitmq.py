@@ -15,7 +15,9 @@ and restores the consumers; deliveries of the dead channel are redelivered by th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -46,7 +48,6 @@ from bridge.transports.base import (
 
 log = logging.getLogger("bridge.rabbitmq")
 QUORUM = {"x-queue-type": "quorum"}
-PERSISTENT = aiormq.spec.Basic.Properties(delivery_mode=2)
 CONNECT_TIMEOUT_S = 10.0
 DRAIN_CHECK_S = 0.1
 RECONNECT_INTERVAL_S = 1.0
@@ -67,6 +68,11 @@ class RabbitTransport:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
+        # Every publish gets its own message id: aiormq matches a returned (unroutable) publish
+        # to its confirmation by message id, so a shared one would fail the wrong publish and
+        # confirm the returned one. The id names the publish; the job id is in the envelope.
+        self._publisher = os.urandom(6).hex()
+        self._publishes = itertools.count()
 
     async def connect(self) -> None:
         with _mapped(
@@ -107,7 +113,7 @@ class RabbitTransport:
             channel = await self._channel.get_underlay_channel()
             confirmation = await channel.basic_publish(
                 message.body, exchange=exchange, routing_key=message.queue,
-                properties=PERSISTENT, mandatory=True,
+                properties=self._properties(), mandatory=True,
             )  # fmt: skip
         except aiormq.exceptions.DeliveryError as exc:  # returned: no queue took it
             raise PublishError(
@@ -118,6 +124,11 @@ class RabbitTransport:
             raise PublishError(f"publish to {message.queue} not confirmed: {exc!r}") from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise PublishError(f"RabbitMQ refused the publish to {message.queue}: {confirmation!r}")
+
+    def _properties(self) -> aiormq.spec.Basic.Properties:
+        """Persistent, with a message id of its own (see `__init__`)."""
+        message_id = f"{self._publisher}-{next(self._publishes)}"
+        return aiormq.spec.Basic.Properties(delivery_mode=2, message_id=message_id)
 
     async def _require_queue(self, name: str) -> None:
         if name in self._known_queues:
