@@ -29,6 +29,8 @@ from bridge.errors import DecodeError, SchemaError, SchemaMismatch, UnknownSchem
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
+_FINGERPRINT = struct.Struct("<Q")  # after the single-object magic
+_SCHEMA_ID = struct.Struct(">I")  # after the Confluent magic
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_SCHEMA_DEPTH = 32
 
@@ -145,18 +147,18 @@ def _type_name(schema: Any) -> str:
 
 def read_frame(data: bytes, lookup: SchemaLookup) -> tuple[Schema, int]:
     """The writer schema named by `data`'s frame and where its body starts."""
-    if data[:2] == SINGLE_OBJECT_MAGIC:
+    if data.startswith(SINGLE_OBJECT_MAGIC):
         if len(data) < 10:
             raise DecodeError(f"truncated single-object header ({len(data)} bytes)", data)
-        fingerprint = int.from_bytes(data[2:10], "little")
+        (fingerprint,) = _FINGERPRINT.unpack_from(data, 2)
         schema = lookup.by_fingerprint(fingerprint)
         if schema is None:
             raise UnknownSchema(f"unknown schema fingerprint {fingerprint:016x}", data)
         return schema, 10
-    if data[:1] == CONFLUENT_MAGIC:
+    if data.startswith(CONFLUENT_MAGIC):
         if len(data) < 5:
             raise DecodeError(f"truncated Confluent header ({len(data)} bytes)", data)
-        (schema_id,) = struct.unpack(">I", data[1:5])
+        (schema_id,) = _SCHEMA_ID.unpack_from(data, 1)
         try:
             found = lookup.by_id(schema_id)
         except UnknownSchema as exc:  # the registry says why
@@ -182,11 +184,11 @@ def decode(
     if len(data) > max_bytes:
         raise DecodeError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte cap", data)
     writer, start = read_frame(data, lookup)
-    if reader is not None and reader.name != writer.name:  # Avro resolves records of one name only
-        raise SchemaMismatch(f"a {_identity(writer)} cannot be read as a {_identity(reader)}", data)
     if reader is not None and reader.fingerprint == writer.fingerprint:
-        reader = None
-    if reader is not None:
+        reader = None  # the same schema: nothing to resolve
+    elif reader is not None and reader.name != writer.name:  # Avro resolves records of one name only
+        raise SchemaMismatch(f"a {_identity(writer)} cannot be read as a {_identity(reader)}", data)
+    elif reader is not None:
         problems = _read_problems(reader, writer)
         if problems:
             raise SchemaMismatch(

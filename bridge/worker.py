@@ -155,16 +155,17 @@ class Worker:
         except RegistryUnavailable as exc:
             log.error("job %s (%s) waits: %s", envelope.id, envelope.type, exc)
             return [self._later(envelope, 0.0)]
-        now = self.app.clock()
-        if envelope.expires_at is not None and envelope.expires_at <= now:
-            detail = f"not started before {_iso(envelope.expires_at)}"
-            return [self._dead(delivery, "expired", detail, envelope=envelope)]
-        if envelope.run_at is not None and envelope.run_at > now:
-            early_s = (envelope.run_at - now) / 1000
-            if tier_for(early_s, self.settings.delay_tiers) is not None:  # back to a tier
-                self.stats.delayed += 1
-                return [Outgoing(envelope.queue, delivery.body, envelope.key, early_s)]
-            await asyncio.sleep(early_s)  # less than any tier early: waiting here is more precise
+        if envelope.expires_at is not None or envelope.run_at is not None:  # most jobs have neither
+            now = self.app.clock()
+            if envelope.expires_at is not None and envelope.expires_at <= now:
+                detail = f"not started before {_iso(envelope.expires_at)}"
+                return [self._dead(delivery, "expired", detail, envelope=envelope)]
+            if envelope.run_at is not None and envelope.run_at > now:
+                early_s = (envelope.run_at - now) / 1000
+                if tier_for(early_s, self.settings.delay_tiers) is not None:  # back to a tier
+                    self.stats.delayed += 1
+                    return [Outgoing(envelope.queue, delivery.body, envelope.key, early_s)]
+                await asyncio.sleep(early_s)  # less than any tier early: waiting here is more precise
         if envelope.idempotency_key is not None:
             return await self._run_once(spec, payload, envelope, delivery)
         return await self._run(spec, payload, envelope, delivery)
