@@ -109,10 +109,11 @@ class InFlight:
 
     `start` queues a delivery for a pool of `limit` long-lived worker tasks rather than creating
     a task per delivery. A worker that takes a delivery while more are waiting wakes one more
-    worker before running its own. So handlers that wait on I/O still spread over every worker,
-    one more per task switch, while handlers that never suspend let one worker run a whole
-    fetched batch in one step: no task switch per job, which was the largest per-job cost of a
-    fast handler. `run` processes one in the caller's task (aiormq already made one per delivery).
+    worker before running its own, and `spread` wakes one for each still waiting. So handlers
+    that never suspend let one worker run a whole fetched batch in one step, with no task switch
+    per job (the largest per-job cost of a fast handler), while handlers that wait on I/O still
+    run side by side. `run` processes one in the caller's task (aiormq already made one per
+    delivery).
     """
 
     def __init__(self, process: Process, limit: int) -> None:
@@ -125,7 +126,7 @@ class InFlight:
         self._idle.set()
         self._waiting: deque[Delivery] = deque()  # started, not yet taken by a worker
         self._sleepers: deque[asyncio.Future[None]] = deque()  # workers with nothing to do
-        self._waking = False  # a sleeper was woken and has not run yet
+        self._woken = 0  # sleepers woken that have not run yet
         self._workers: list[asyncio.Task[None]] = []
         self._callers: set[asyncio.Task[Any]] = set()
 
@@ -151,11 +152,24 @@ class InFlight:
         self._waiting.append(delivery)
         self._wake_one()
 
+    def spread(self) -> None:
+        """Wake a worker for every delivery still waiting.
+
+        For a caller that yielded after `start`: deliveries still waiting then mean a handler
+        suspended, so the rest should run side by side now (their I/O overlapping, e.g. one
+        store transaction for all their idempotency claims) rather than one more per tick.
+        """
+        for _ in range(min(len(self._waiting) - self._woken, len(self._sleepers))):
+            self._wake()
+
     def _wake_one(self) -> None:
         """Wake a sleeping worker, unless one is already on its way."""
-        if not self._waking and self._sleepers:
-            self._waking = True
-            self._sleepers.popleft().set_result(None)
+        if not self._woken and self._sleepers:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._woken += 1
+        self._sleepers.popleft().set_result(None)
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -164,7 +178,7 @@ class InFlight:
                 sleeper = loop.create_future()
                 self._sleepers.append(sleeper)
                 await sleeper
-                self._waking = False
+                self._woken -= 1
                 continue
             delivery = self._waiting.popleft()
             if self._waiting:
@@ -212,5 +226,5 @@ class InFlight:
             await asyncio.wait(tasks)
         self._workers = []
         self._sleepers.clear()
-        self._waking = False
+        self._woken = 0
         return late

@@ -293,8 +293,10 @@ class KafkaTransport:
             if records:
                 idle_s = 0.001
                 # Let the workers run what was just started. Handlers that do not suspend
-                # have all finished when this returns, so fetching goes on without waiting.
+                # have all finished when this returns, so fetching goes on without waiting;
+                # if one did, the rest of the batch starts side by side.
                 await asyncio.sleep(0)
+                inflight.spread()
                 continue
             if self._failure() is not None:
                 return
