@@ -109,11 +109,13 @@ class RabbitTransport:
             await self._require_queue(message.queue)
             exchange = self._tiers[tier_s]
         try:
-            # aiormq directly: aio-pika's Message costs more than the rest of a publish.
+            # aiormq directly: aio-pika's Message costs more than the rest of a publish. Not
+            # waiting for the frame to be written (wait=False) saves a task switch per publish,
+            # a fifth of its time; the broker's confirm, awaited here, is what counts.
             channel = await self._channel.get_underlay_channel()
             confirmation = await channel.basic_publish(
                 message.body, exchange=exchange, routing_key=message.queue,
-                properties=self._properties(), mandatory=True,
+                properties=self._properties(), mandatory=True, wait=False,
             )  # fmt: skip
         except aiormq.exceptions.DeliveryError as exc:  # returned: no queue took it
             raise PublishError(
