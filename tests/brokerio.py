@@ -44,6 +44,11 @@ def dead_letters(app: Bridge, queue: str) -> list[DeadLetter]:
 
 def _read_topic(bootstrap: str, topic: str) -> list[bytes]:
     """Every committed record of `topic`, oldest first by timestamp."""
+    return [body for _, body in read_partitions(bootstrap, topic)]
+
+
+def read_partitions(bootstrap: str, topic: str) -> list[tuple[int, bytes]]:
+    """Every committed record of `topic` with its partition, oldest first by timestamp."""
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
          "enable.auto.commit": False, "isolation.level": "read_committed", "enable.partition.eof": True}
@@ -51,7 +56,7 @@ def _read_topic(bootstrap: str, topic: str) -> list[bytes]:
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        bodies: list[tuple[int, int, bytes]] = []
+        bodies: list[tuple[int, int, int, bytes]] = []
         at_end: set[int | None] = set()
         deadline = time.monotonic() + 30
         # Transaction markers take offsets too and are never delivered: the end of a partition
@@ -63,12 +68,40 @@ def _read_topic(bootstrap: str, topic: str) -> list[bytes]:
                 continue
             error = record.error()
             if error is None:
-                bodies.append((record.timestamp()[1], record.offset() or 0, record.value() or b""))
+                bodies.append(
+                    (
+                        record.timestamp()[1],
+                        record.offset() or 0,
+                        record.partition() or 0,
+                        record.value() or b"",
+                    )
+                )
             elif error.code() == KafkaError._PARTITION_EOF:
                 at_end.add(record.partition())
-        return [body for _, _, body in sorted(bodies)]
+        return [(partition, body) for _, _, partition, body in sorted(bodies)]
     finally:
         consumer.close()
+
+
+def java_partition(key: bytes, partitions: int) -> int:
+    """The Java client's partition for `key`: `toPositive(Utils.murmur2(key)) % partitions`."""
+    m, length = 0x5BD1E995, len(key)
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    whole = length - length % 4
+    for i in range(0, whole, 4):
+        k = int.from_bytes(key[i : i + 4], "little") * m & 0xFFFFFFFF
+        k = (k ^ k >> 24) * m & 0xFFFFFFFF
+        h = (h * m & 0xFFFFFFFF) ^ k
+    tail = key[whole:]
+    if len(tail) == 3:
+        h ^= tail[2] << 16
+    if len(tail) >= 2:
+        h ^= tail[1] << 8
+    if tail:
+        h = (h ^ tail[0]) * m & 0xFFFFFFFF
+    h = (h ^ h >> 13) * m & 0xFFFFFFFF
+    h ^= h >> 15
+    return (h & 0x7FFFFFFF) % partitions
 
 
 async def _drain_rabbit_queue(url: str, queue: str) -> list[bytes]:

@@ -7,7 +7,9 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from bridge import Bridge, JobContext
+from bridge import Bridge, JobContext, codec
+from bridge.registry import ENVELOPE
+from tests.brokerio import java_partition, read_partitions
 from tests.conftest import SCHEMAS, run
 from tests.processes import publish
 
@@ -54,3 +56,30 @@ def test_a_member_joining_mid_run_shares_the_partitions(brokers: dict[str, str],
     assert set(ids) == set(runs)
     assert by_member["first"] > 0 and by_member["second"] > 0
     assert sum(runs.values()) - len(ids) <= 2 * 2  # at most what was in flight at the handover
+
+
+def test_a_key_goes_to_the_partition_the_java_client_would_choose(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a 3-partition queue, When 40 jobs with distinct keys are enqueued (and one without),
+    # Then each keyed job is on the partition of Kafka's own partitioner (murmur2 of the key, as
+    # the Java client computes it), so one key lands on one partition whichever language
+    # produced it (docs/envelope.md).
+    app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), partitions=3)
+    keys = [f"order-{n}" for n in range(40)]
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+            await asyncio.gather(
+                *(app.enqueue_async("test.Echo", {"n": n}, queue=queue, key=k) for n, k in enumerate(keys))
+            )
+            await app.enqueue_async("test.Echo", {"n": -1}, queue=queue)
+
+    run(scenario())
+    schema = app.registry.schema(ENVELOPE)
+    placed = {}
+    for partition, body in read_partitions(brokers["kafka"].partition("://")[2], queue):
+        placed[codec.decode(body, app.registry, schema)[1]["key"]] = partition
+    assert len(placed) == 41
+    assert {key: placed[key] for key in keys} == {key: java_partition(key.encode(), 3) for key in keys}

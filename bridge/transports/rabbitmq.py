@@ -114,9 +114,13 @@ class RabbitTransport:
             # a fifth of its time; the broker's confirm, awaited here, is what counts.
             channel = await self._channel.get_underlay_channel()
             confirmation = await channel.basic_publish(
-                message.body, exchange=exchange, routing_key=message.queue,
-                properties=self._properties(), mandatory=True, wait=False,
-            )  # fmt: skip
+                message.body,
+                exchange=exchange,
+                routing_key=message.queue,
+                properties=self._properties(),
+                mandatory=True,
+                wait=False,
+            )  # type: ignore[call-arg]  # aiormq's Channel takes `wait`; its abstract base omits it
         except aiormq.exceptions.DeliveryError as exc:  # returned: no queue took it
             raise PublishError(
                 f"no queue {message.queue!r} is bound to {self.exchange_name}: run `bridge topology apply`",

@@ -14,7 +14,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from bridge import Bridge, JobContext, Permanent, codec
 from bridge.registry import DEAD_LETTER, ENVELOPE, SchemaDirectory
 from bridge.transports import Outgoing, dlq_name
-from tests.brokerio import read_queue
+from tests.brokerio import java_partition, read_partitions, read_queue
 from tests.conftest import SCHEMAS, run
 from tests.interop.app import runs
 from tests.interop.conftest import SCHEMA_DIRS, Program
@@ -136,6 +136,10 @@ def test_job_enqueued_by_java_on_kafka_runs_in_bridge_consume(
     run(publish(broker, queue, 0, prefix=prefix, delay_tiers=TIERS))  # creates the topics
     bootstrap = broker.partition("://")[2]
     job_id = java["KafkaEnqueue"](SCHEMA_DIRS, bootstrap, queue, "7", "from Java", "order-7").strip()
+    # (Java put it where bridge's producers would: they partition keys with the same murmur2.)
+    assert [partition for partition, _ in read_partitions(bootstrap, queue)] == [
+        java_partition(b"order-7", 3)
+    ]
 
     log = consume_burst(broker, queue, prefix, ledger)
 

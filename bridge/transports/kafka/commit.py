@@ -10,7 +10,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from bridge.transports.kafka.common import METADATA_TIMEOUT_S, Record, log, mapped
+from bridge.transports.kafka.common import METADATA_TIMEOUT_S, PARTITIONER, Record, log, mapped
 from bridge.transports.offsets import TopicPartition as TP
 
 COMMIT_INTERVAL_S = 0.05
@@ -38,6 +38,7 @@ class Committer:
         self.producer = Producer(
             {
                 **common,
+                "partitioner": PARTITIONER,
                 "transactional.id": transactional_id,
                 "linger.ms": 5,
                 # A process killed mid-transaction blocks read_committed consumers of the topics

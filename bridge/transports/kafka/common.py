@@ -20,6 +20,10 @@ FETCH_BATCH = 500
 IDLE_SLEEP_MAX_S = 0.02
 METADATA_TIMEOUT_S = 5.0
 QUEUE_HEADER = "bridge-queue"  # on records in a delay tier: the topic they return to
+# Every producer partitions keys as the Java client does (murmur2; librdkafka's default is
+# CRC32), so a key lands on one partition whichever language produced the job, and a retry or
+# hop of a keyed job lands where the job was.
+PARTITIONER = "murmur2_random"
 Headers = list[tuple[str, str | bytes | None]]
 # topic, value, key, headers, timestamp (epoch ms; 0 lets the producer stamp it)
 Record = tuple[str, bytes | None, str | bytes | None, Headers | None, int]

@@ -38,6 +38,7 @@ from bridge.transports.kafka.common import (
     FETCH_BATCH,
     IDLE_SLEEP_MAX_S,
     METADATA_TIMEOUT_S,
+    PARTITIONER,
     QUEUE_HEADER,
     Headers,
     Record,
@@ -89,6 +90,7 @@ class KafkaTransport:
         self._producer = Producer(
             {
                 **self._common,
+                "partitioner": PARTITIONER,
                 "enable.idempotence": True,  # off by default in librdkafka; acks=all comes with it
                 "acks": "all",
                 "linger.ms": 2,
@@ -378,7 +380,13 @@ class KafkaTransport:
 
     async def sweep(self, queue: str, decide: Decide) -> int:
         await self._require_topics([queue, done_topic(queue)])
-        producer = Producer({**self._common, "transactional.id": f"{self.settings.prefix}.sweep.{queue}"})
+        producer = Producer(
+            {
+                **self._common,
+                "partitioner": PARTITIONER,
+                "transactional.id": f"{self.settings.prefix}.sweep.{queue}",
+            }
+        )
         with mapped(f"could not start a transaction on {queue}"):
             # Fences any other sweep of this queue (its open transaction is aborted) before the
             # done marks are read, so two runs can never both act on the same record.
