@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import Counter
 from typing import Any
+
+import pytest
+from confluent_kafka import Producer
 
 from bridge import Bridge, JobContext, codec
 from bridge.registry import ENVELOPE
@@ -83,3 +87,37 @@ def test_a_key_goes_to_the_partition_the_java_client_would_choose(
         placed[codec.decode(body, app.registry, schema)[1]["key"]] = partition
     assert len(placed) == 41
     assert {key: placed[key] for key in keys} == {key: java_partition(key.encode(), 3) for key in keys}
+
+
+def test_a_foreign_tier_record_without_a_queue_to_return_to_stops_no_delayed_job(
+    brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given delay-tier records from another producer that bridge cannot route (no bridge-queue
+    # header; a header naming a topic that does not exist), then a job delayed by bridge,
+    # When consumed, Then the delayed job still comes back and runs, and the consumer ends
+    # normally: the forwarder logs and skips what it cannot route (docs/envelope.md).
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+    app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers="1s")
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+            foreign = Producer({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
+            foreign.produce(f"{prefix}.delay.1s", b"no header")
+            foreign.produce(f"{prefix}.delay.1s", b"no such queue", headers=[("bridge-queue", b"t-nowhere")])
+            assert foreign.flush(10) == 0
+            await app.enqueue_async("test.Echo", {"n": 1}, queue=queue, delay=1)
+            await app.consume(burst=True)
+
+    with caplog.at_level(logging.ERROR, logger="bridge.kafka"):
+        run(scenario(), timeout=60)
+    assert ran == [1]
+    skipped = [r.getMessage() for r in caplog.records if "skipped record" in r.getMessage()]
+    assert len(skipped) == 2  # (in either order: they may be on different partitions)
+    assert any("no bridge-queue header" in line for line in skipped)
+    assert any("'t-nowhere', which is no topic" in line for line in skipped)

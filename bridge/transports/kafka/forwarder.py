@@ -111,22 +111,25 @@ class DelayForwarder:
         assert self.committer is not None
         self.forwarding = True
         try:
-            batch: list[Record] = []
             offsets: dict[TP, int] = {}
             first: dict[TP, int] = {}
+            routed: list[tuple[Message, str]] = []
             for record in records:
                 topic, partition, offset = coordinates(record)
                 offsets[(topic, partition)] = offset + 1
                 first.setdefault((topic, partition), offset)
                 queue = dict(record.headers() or []).get(QUEUE_HEADER)
                 if queue is None:  # not written by bridge: nothing says where it goes
-                    log.error(
-                        "record %s/%s of %s has no %s header; skipped", partition, offset, topic, QUEUE_HEADER
-                    )
+                    _skip(record, f"it has no {QUEUE_HEADER} header")
                     continue
-                target = queue.decode() if isinstance(queue, bytes) else queue
-                batch.append((target, record.value(), record.key(), None, 0))
-            await self.transport._require_topics(sorted({topic for topic, *_ in batch}))
+                routed.append((record, queue.decode() if isinstance(queue, bytes) else queue))
+            missing = await self.transport._missing_topics({queue for _, queue in routed})
+            batch: list[Record] = []
+            for record, queue in routed:
+                if queue in missing:  # one bad record must not stop every delayed job
+                    _skip(record, f"its {QUEUE_HEADER} header names {queue!r}, which is no topic")
+                    continue
+                batch.append((queue, record.value(), record.key(), None, 0))
             if not await self.committer.transact(batch, offsets):
                 for (topic, partition), offset in first.items():  # aborted: forward them again
                     consumer.seek(TopicPartition(topic, partition, offset))
@@ -137,3 +140,9 @@ class DelayForwarder:
         # Every forwarded batch is committed before the next fetch: only waiting heads to drop.
         for tp in partitions:
             self.waiting.pop((tp.topic, tp.partition), None)
+
+
+def _skip(record: Message, why: str) -> None:
+    """Log a tier record that cannot be forwarded; it stays in its topic until retention."""
+    topic, partition, offset = coordinates(record)
+    log.error("delay forwarder: skipped record %s of %s partition %s: %s", offset, topic, partition, why)

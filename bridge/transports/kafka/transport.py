@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from confluent_kafka import (
@@ -120,13 +120,18 @@ class KafkaTransport:
             metadata = await asyncio.to_thread(self._producer.list_topics, timeout=METADATA_TIMEOUT_S)
         return set(metadata.topics)
 
-    async def _require_topics(self, topics: Sequence[str]) -> None:
+    async def _missing_topics(self, topics: Iterable[str]) -> list[str]:
+        """Those of `topics` that do not exist, after a fresh look at any not seen before."""
         missing = [t for t in topics if t not in self._topics]
         if missing:
             async with self._lookup:  # one metadata request, however many publishes wait on it
                 if any(t not in self._topics for t in missing):
                     self._topics = await self._topic_names()
             missing = [t for t in missing if t not in self._topics]
+        return missing
+
+    async def _require_topics(self, topics: Sequence[str]) -> None:
+        missing = await self._missing_topics(topics)
         if missing:
             raise TransportError(
                 f"Kafka topic {', '.join(missing)} does not exist: run `bridge topology apply`",
