@@ -68,6 +68,7 @@ class Schema:
     fingerprint: int
     schema_id: int | None = None
     header: bytes = field(default=b"")
+    field_names: frozenset[str] = frozenset()  # the record's own fields
 
     @classmethod
     def from_definition(
@@ -83,7 +84,8 @@ class Schema:
         else:
             header = CONFLUENT_MAGIC + schema_id.to_bytes(4, "big")
         name = full_name(definition["name"], definition.get("namespace"))
-        return cls(name, definition, parsed, canonical, fingerprint, schema_id, header)
+        field_names = frozenset(f["name"] for f in definition["fields"])
+        return cls(name, definition, parsed, canonical, fingerprint, schema_id, header, field_names)
 
 
 class SchemaLookup(Protocol):
@@ -117,8 +119,7 @@ def validation_problems(schema: Schema, datum: Any) -> list[str]:
     """Every way `datum` fails `schema`, each naming its field."""
     if not isinstance(datum, dict):
         return [f"expected an object (record {schema.name}), got {type(datum).__name__}"]
-    known = {f["name"] for f in schema.definition["fields"]}
-    problems = [f"{schema.name}.{name}: no such field" for name in datum if name not in known]
+    problems = [f"{schema.name}.{name}: no such field" for name in datum if name not in schema.field_names]
     try:
         validate(datum, schema.parsed, raise_errors=True)
     except ValidationError as exc:
