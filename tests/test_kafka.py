@@ -97,7 +97,9 @@ def test_a_foreign_tier_record_without_a_queue_to_return_to_stops_no_delayed_job
     # When consumed, Then the delayed job still comes back and runs, and the consumer ends
     # normally: the forwarder logs and skips what it cannot route (docs/envelope.md).
     prefix = f"p{uuid.uuid4().hex[:8]}"
-    app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers="1s")
+    app = Bridge(
+        broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers="1s", group=f"g-{prefix}"
+    )
     ran: list[int] = []
 
     @app.job("test.Echo", queue=queue)
