@@ -75,6 +75,23 @@ def test_a_completed_key_is_done_for_its_window(store_url: str) -> None:
     with_store(store_url, scenario)
 
 
+def test_hundreds_of_claims_at_once_all_take_effect(store_url: str) -> None:
+    # Given 300 keys (more than a client library's default pool of connections),
+    # When all are claimed at once and then all completed at once (a consumer at a high
+    # --concurrency), Then every claim and completion took effect, none failed for want of
+    # a connection.
+    async def scenario(store: Store) -> None:
+        keys = [new_key() for _ in range(300)]
+        claims = await asyncio.gather(*(store.claim(key, f"job-{n}", 30) for n, key in enumerate(keys)))
+        tokens = [claimed(claim).token for claim in claims]
+        completions = zip(keys, tokens, strict=True)
+        assert all(
+            await asyncio.gather(*(store.complete(key, token, "job", 60) for key, token in completions))
+        )
+
+    with_store(store_url, scenario)
+
+
 def test_only_the_holder_can_extend_complete_or_release(store_url: str) -> None:
     # Given a key claimed by job 1,
     # When someone without its token extends, completes or releases it,

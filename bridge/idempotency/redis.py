@@ -34,6 +34,10 @@ return 1
 """
 
 
+MAX_CONNECTIONS = 64
+CONNECTION_WAIT_S = 10.0
+
+
 class Commands:
     """The inbox on Redis: commands recorded by the handler, applied with the key's completion.
 
@@ -54,7 +58,12 @@ class RedisStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._redis = aioredis.Redis.from_url(url)
+        # A command waits for a free connection rather than failing: redis-py's default pool
+        # raises "Too many connections" past 100, fewer than a consumer's --concurrency may be.
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=CONNECTION_WAIT_S
+        )
+        self._redis = aioredis.Redis(connection_pool=self._pool)
         self._swap = self._redis.register_script(_SWAP)
 
     async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
@@ -105,6 +114,7 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._pool.disconnect()  # a pool given to Redis() is not closed with it
 
 
 def _done(job_id: str) -> str:
