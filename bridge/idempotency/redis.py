@@ -7,14 +7,16 @@ token run in Lua scripts, atomically on the server.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.client import Pipeline
 
 from bridge.errors import LeaseLost, StoreError
 from bridge.idempotency import Busy, Claim, Claimed, Done
@@ -65,24 +67,61 @@ class RedisStore:
         )
         self._redis = aioredis.Redis(connection_pool=self._pool)
         self._swap = self._redis.register_script(_SWAP)
+        self._pending: list[tuple[Callable[[Pipeline], object], asyncio.Future[Any]]] = []
+
+    async def _call(self, command: Callable[[Pipeline], object]) -> Any:
+        """Have `command` add one command to the next pipeline; return its reply.
+
+        The commands that jobs ask for while the loop is busy go to Redis in one pipeline:
+        one round trip for them all, and a third of redis-py's CPU time per command.
+        """
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((command, done))
+        if len(self._pending) == 1:  # the first of a batch sends it
+            asyncio.create_task(self._send_pending())  # noqa: RUF006 -- it settles every future it takes
+        return await done
+
+    async def _send_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        replies: list[Any]
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for command, _ in batch:
+                    added = command(pipe)
+                    if inspect.isawaitable(added):  # a script adds itself in a coroutine
+                        await added
+                replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # RedisError, or a bug: either way every caller must hear of it
+            replies = [exc] * len(batch)
+        except BaseException:
+            for _, done in batch:
+                done.cancel()
+            raise
+        if len(replies) != len(batch):  # each command adds one; anything else is a bug here
+            replies = [RuntimeError(f"{len(replies)} replies to {len(batch)} commands")] * len(batch)
+        for (_, done), reply in zip(batch, replies, strict=True):
+            if done.done():
+                continue  # its caller was cancelled
+            if isinstance(reply, Exception):
+                done.set_exception(StoreError(f"idempotency store {self.url}: {reply}"))
+            else:
+                done.set_result(reply)
 
     async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
         token = uuid.uuid4().hex
-        with _mapped(self.url):
-            if await self._redis.set(key, f"running|{token}", nx=True, px=_ms(lease_s)):
-                return Claimed(token)
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.get(key)
-                pipe.pttl(key)
-                value, ttl_ms = await pipe.execute()
+        if await self._call(lambda pipe: pipe.set(key, f"running|{token}", nx=True, px=_ms(lease_s))):
+            return Claimed(token)
+        value, ttl_ms = await asyncio.gather(
+            self._call(lambda p: p.get(key)), self._call(lambda p: p.pttl(key))
+        )
         if value is None:  # it expired or was released just now: look again soon
             return Busy(0.0)
         state, holder, *_ = _text(value).split("|")
         return Done(holder) if state == "done" else Busy(max(0.0, ttl_ms / 1000))
 
     async def _swap_if(self, key: str, expected: str, new: str, px: int, words: Sequence[Any] = ()) -> bool:
-        with _mapped(self.url):
-            return bool(await self._swap(keys=[key], args=[expected, new, px, *words]))
+        args = [expected, new, px, *words]
+        return bool(await self._call(lambda pipe: self._swap(keys=[key], args=args, client=pipe)))
 
     async def extend(self, key: str, token: str, lease_s: float) -> bool:
         return await self._swap_if(key, f"running|{token}", f"running|{token}", _ms(lease_s))
@@ -103,10 +142,9 @@ class RedisStore:
             raise LeaseLost(f"the claim on {key!r} ended before the job completed; nothing was applied")
 
     async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
-        with _mapped(self.url):
-            if await self._redis.set(key, f"enqueued|{job_id}", nx=True, px=_ms(window_s)):
-                return None
-            value = await self._redis.get(key)
+        if await self._call(lambda pipe: pipe.set(key, f"enqueued|{job_id}", nx=True, px=_ms(window_s))):
+            return None
+        value = await self._call(lambda pipe: pipe.get(key))
         return _text(value).partition("|")[2] if value is not None else None
 
     async def forget(self, key: str, job_id: str) -> None:
@@ -127,11 +165,3 @@ def _text(value: bytes | str) -> str:
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
-
-
-@contextmanager
-def _mapped(url: str) -> Iterator[None]:
-    try:
-        yield
-    except RedisError as exc:
-        raise StoreError(f"idempotency store {url}: {exc}") from exc
