@@ -2,7 +2,8 @@
 
 A key's value says its state: `running|<token>`, `done|<job id>|<epoch ms>` or `enqueued|<job id>`; its
 expiry is the lease or the window, so Redis forgets old keys by itself. Checks of the holder's
-token run in Lua scripts, atomically on the server.
+token run in Lua scripts, atomically on the server. The commands that jobs ask for in one tick
+of the event loop go to Redis in one pipeline (not a transaction: each stands alone).
 """
 
 from __future__ import annotations
