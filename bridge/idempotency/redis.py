@@ -21,6 +21,7 @@ from redis.asyncio.client import Pipeline
 
 from bridge.errors import LeaseLost, StoreError
 from bridge.idempotency import Busy, Claim, Claimed, Done
+from bridge.idempotency.batch import TickBatch
 
 # If the key holds ARGV[1], run the commands packed in ARGV[4..] (each as a count, then its
 # words), then set the key to ARGV[2] for ARGV[3] ms (or delete it when ARGV[2] is empty).
@@ -68,7 +69,7 @@ class RedisStore:
         )
         self._redis = aioredis.Redis(connection_pool=self._pool)
         self._swap = self._redis.register_script(_SWAP)
-        self._pending: list[tuple[Callable[[Pipeline], object], asyncio.Future[Any]]] = []
+        self._commands = TickBatch(self._pipeline)
 
     async def _call(self, command: Callable[[Pipeline], object]) -> Any:
         """Have `command` add one command to the next pipeline; return its reply.
@@ -76,37 +77,23 @@ class RedisStore:
         The commands that jobs ask for while the loop is busy go to Redis in one pipeline:
         one round trip for them all, and a third of redis-py's CPU time per command.
         """
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((command, done))
-        if len(self._pending) == 1:  # the first of a batch sends it
-            asyncio.create_task(self._send_pending())  # noqa: RUF006 -- it settles every future it takes
-        return await done
+        return await self._commands.call(command)
 
-    async def _send_pending(self) -> None:
-        batch, self._pending = self._pending, []
-        replies: list[Any]
+    async def _pipeline(self, commands: list[Callable[[Pipeline], object]]) -> list[Any]:
+        """Send `commands` in one pipeline: each one's reply, or its error."""
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for command, _ in batch:
+                for command in commands:
                     added = command(pipe)
                     if inspect.isawaitable(added):  # a script adds itself in a coroutine
                         await added
                 replies = await pipe.execute(raise_on_error=False)
-        except Exception as exc:  # RedisError, or a bug: either way every caller must hear of it
-            replies = [exc] * len(batch)
-        except BaseException:
-            for _, done in batch:
-                done.cancel()
-            raise
-        if len(replies) != len(batch):  # each command adds one; anything else is a bug here
-            replies = [RuntimeError(f"{len(replies)} replies to {len(batch)} commands")] * len(batch)
-        for (_, done), reply in zip(batch, replies, strict=True):
-            if done.done():
-                continue  # its caller was cancelled
-            if isinstance(reply, Exception):
-                done.set_exception(StoreError(f"idempotency store {self.url}: {reply}"))
-            else:
-                done.set_result(reply)
+        except Exception as exc:  # RedisError, or a bug: either way a store error for every caller
+            raise self._error(exc) from exc
+        return [self._error(reply) if isinstance(reply, Exception) else reply for reply in replies]
+
+    def _error(self, exc: Exception) -> StoreError:
+        return StoreError(f"idempotency store {self.url}: {exc}")
 
     async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
         token = uuid.uuid4().hex

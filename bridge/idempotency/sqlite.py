@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.errors import StoreError
+from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.sql import SCHEMA, Query, Rows, SqlStore
 
 BUSY_TIMEOUT_S = 10.0
@@ -46,39 +47,28 @@ class SqliteStore(SqlStore):
             self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             self._db.execute(SCHEMA)
         self._lock = asyncio.Lock()  # the connection: a group commit's, or an inbox transaction's
-        self._pending: list[tuple[str, Sequence[Any], asyncio.Future[Rows]]] = []
+        self._statements = TickBatch(self._commit, self._lock)
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
-        done: asyncio.Future[Rows] = asyncio.get_running_loop().create_future()
-        self._pending.append((sql, params, done))
-        if len(self._pending) == 1:  # the first of a batch starts its commit
-            asyncio.create_task(self._commit_pending())  # noqa: RUF006 -- it settles every future it takes
-        return await done
+        rows: Rows = await self._statements.call((sql, params))
+        return rows
 
-    async def _commit_pending(self) -> None:
-        """Run every pending statement in one transaction, then hand each its rows (or error)."""
-        async with self._lock:
-            batch, self._pending = self._pending, []
-            results: list[Rows | StoreError] = []
-            try:
-                self._run("BEGIN IMMEDIATE", ())
-                for sql, params, _ in batch:
-                    try:
-                        results.append(self._run(sql, params))
-                    except StoreError as exc:  # that statement failed; the others still count
-                        results.append(exc)
-                self._run("COMMIT", ())
-            except StoreError as exc:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                results = [exc] * len(batch)
-        for (_, _, done), result in zip(batch, results, strict=True):
-            if done.done():
-                continue  # its caller was cancelled
-            if isinstance(result, StoreError):
-                done.set_exception(result)
-            else:
-                done.set_result(result)
+    async def _commit(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows | StoreError]:
+        """Run `statements` in one transaction: each one's rows, or its error."""
+        results: list[Rows | StoreError] = []
+        try:
+            self._run("BEGIN IMMEDIATE", ())
+            for sql, params in statements:
+                try:
+                    results.append(self._run(sql, params))
+                except StoreError as exc:  # that statement failed; the others still count
+                    results.append(exc)
+            self._run("COMMIT", ())
+        except StoreError:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        return results
 
     def _run(self, sql: str, params: Sequence[Any]) -> Rows:
         try:  # (not `with _mapped(...)`: twice per keyed job, a context manager was a tenth of it)

@@ -1,0 +1,60 @@
+"""Store calls made while the event loop is busy, sent together when it comes round.
+
+A commit (SQLite) or a network round trip (Redis) costs more than the statements or commands
+in it, so a store hands every call that one tick of the loop brings to `send` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
+from typing import Any, Generic, TypeVar
+
+Request = TypeVar("Request")
+
+
+class TickBatch(Generic[Request]):
+    """Requests gathered per loop tick and sent in one go.
+
+    `send` gets one batch's requests and returns a reply for each: a value, or an exception
+    for a request that failed alone. A `send` that raises fails the whole batch. With `lock`,
+    a batch is taken only once the lock is held, so requests made meanwhile go out together.
+    """
+
+    def __init__(
+        self, send: Callable[[list[Request]], Awaitable[list[Any]]], lock: asyncio.Lock | None = None
+    ) -> None:
+        self._send = send
+        self._lock = lock
+        self._pending: list[tuple[Request, asyncio.Future[Any]]] = []
+
+    async def call(self, request: Request) -> Any:
+        """The reply to `request` once its batch was sent (raised, if it is an exception)."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((request, done))
+        if len(self._pending) == 1:  # the first of a batch sends it
+            asyncio.create_task(self._flush())  # noqa: RUF006 -- it settles every future it takes
+        return await done
+
+    async def _flush(self) -> None:
+        async with self._lock or nullcontext():
+            batch, self._pending = self._pending, []
+            replies: list[Any]
+            try:
+                replies = await self._send([request for request, _ in batch])
+            except Exception as exc:  # every caller must hear of it
+                replies = [exc] * len(batch)
+            except BaseException:
+                for _, done in batch:
+                    done.cancel()
+                raise
+        if len(replies) != len(batch):  # a bug in `send`: its callers must not wait for good
+            replies = [RuntimeError(f"{len(replies)} replies to {len(batch)} requests")] * len(batch)
+        for (_, done), reply in zip(batch, replies, strict=True):
+            if done.done():
+                continue  # its caller was cancelled
+            if isinstance(reply, BaseException):
+                done.set_exception(reply)
+            else:
+                done.set_result(reply)
