@@ -3,14 +3,29 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# A second environment with the oldest versions pyproject.toml allows of bridge's direct
+# dependencies, where the tests that use those dependencies run again: the lower bounds hold.
+LOWEST := .venv-lowest
+LOWEST_STAMP := $(LOWEST)/.installed
+# The tests that use the dependencies' APIs; retries only in memory (tenacity computes the
+# waits; the brokers' side of a retry is the contract tests' publishing and consuming).
+LOWEST_TESTS := tests/test_codec.py tests/test_contract.py tests/test_kafka.py tests/test_rabbitmq.py \
+	tests/test_retries.py tests/test_idempotency.py tests/test_schema_registry.py \
+	-k "not test_retries or memory"
 
-.PHONY: demo test lint pytest bench brokers down clean
+.PHONY: demo test lint pytest pytest-lowest bench brokers down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=25.1"
-	$(BIN)/python -m pip install -q -e ".[postgres,redis,registry]" --group test --group lint
+	$(BIN)/python -m pip install -q -e ".[postgres,redis,registry]" --group test --group lint --group lowest
 	touch $(STAMP)
+
+$(LOWEST_STAMP): pyproject.toml $(STAMP)
+	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(BIN)/uv pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct \
+		-e ".[postgres,redis,registry]" --group test
+	touch $(LOWEST_STAMP)
 
 brokers: $(STAMP)
 	$(BIN)/bridge dev up
@@ -28,10 +43,14 @@ lint: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest
 
-test: lint pytest
+# BRIDGE_LOWEST_BOUNDS makes the session check that it really has the lower bounds.
+pytest-lowest: $(LOWEST_STAMP)
+	BRIDGE_LOWEST_BOUNDS=1 $(LOWEST)/bin/pytest -p no:cacheprovider $(LOWEST_TESTS)
+
+test: lint pytest pytest-lowest
 
 bench: brokers
 	$(BIN)/python -m bench.throughput
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(LOWEST) .pytest_cache .mypy_cache

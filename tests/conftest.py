@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tomllib
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from bridge import Bridge
 from bridge.errors import BridgeError
@@ -27,6 +31,29 @@ T = TypeVar("T")
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With BRIDGE_LOWEST_BOUNDS (`make pytest-lowest`), refuse to run above the lower bounds.
+
+    Otherwise a resolver that quietly picked newer versions would prove nothing about them.
+    """
+    if os.environ.get("BRIDGE_LOWEST_BOUNDS") and (problems := above_lower_bounds()):
+        raise pytest.UsageError(f"BRIDGE_LOWEST_BOUNDS is set, but {'; '.join(problems)}")
+
+
+def above_lower_bounds() -> list[str]:
+    """The dependencies in pyproject.toml (with every extra) installed above their `>=` bound."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"].values()
+    lines = [*project["dependencies"], *(line for extra in extras for line in extra)]
+    problems = []
+    for requirement in map(Requirement, lines):
+        installed = Version(version(requirement.name))
+        for bound in (s for s in requirement.specifier if s.operator == ">="):
+            if installed != Version(bound.version):
+                problems.append(f"{requirement.name} is {installed}, not its lower bound {bound.version}")
+    return list(dict.fromkeys(problems))  # (a package can appear in several extras)
 
 
 @pytest.fixture(scope="session")
