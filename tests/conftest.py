@@ -43,7 +43,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def above_lower_bounds() -> list[str]:
-    """The dependencies in pyproject.toml (with every extra) installed above their `>=` bound."""
+    """The dependencies in pyproject.toml (with every extra) not installed at their `>=` bound."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"].values()
     lines = [*project["dependencies"], *(line for extra in extras for line in extra)]
