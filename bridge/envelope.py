@@ -20,7 +20,9 @@ REASONS = (
     "unknown_type",
     "schema_mismatch",
     "unknown_schema",
+    "unroutable",
 )
+UNROUTABLE = "unroutable"  # a Kafka delay-tier record that names no queue to return to
 
 
 def uuid7(now_ms: int | None = None) -> str:

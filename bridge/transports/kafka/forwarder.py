@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Collection
+from functools import cache
 from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
+from bridge import codec
+from bridge.codec import Schema
+from bridge.envelope import UNROUTABLE, DeadLetter, now_ms
+from bridge.registry import DEAD_LETTER, SchemaDirectory
+from bridge.transports.base import dlq_name
 from bridge.transports.kafka.commit import Committer
 from bridge.transports.kafka.common import (
     FETCH_BATCH,
@@ -114,22 +121,30 @@ class DelayForwarder:
             offsets: dict[TP, int] = {}
             first: dict[TP, int] = {}
             routed: list[tuple[Message, str]] = []
+            unroutable: list[tuple[Message, str]] = []
             for record in records:
                 topic, partition, offset = coordinates(record)
                 offsets[(topic, partition)] = offset + 1
                 first.setdefault((topic, partition), offset)
                 queue = dict(record.headers() or []).get(QUEUE_HEADER)
                 if queue is None:  # not written by bridge: nothing says where it goes
-                    _skip(record, f"it has no {QUEUE_HEADER} header")
+                    unroutable.append((record, f"it has no {QUEUE_HEADER} header"))
                     continue
                 routed.append((record, queue.decode() if isinstance(queue, bytes) else queue))
-            missing = await self.transport._missing_topics({queue for _, queue in routed})
+            wanted = {queue for _, queue in routed} | {dlq_name(topic) for topic, _ in offsets}
+            missing = await self.transport._missing_topics(wanted)
             batch: list[Record] = []
             for record, queue in routed:
                 if queue in missing:  # one bad record must not stop every delayed job
-                    _skip(record, f"its {QUEUE_HEADER} header names {queue!r}, which is no topic")
+                    unroutable.append(
+                        (record, f"its {QUEUE_HEADER} header names {queue!r}, which is no topic")
+                    )
                     continue
                 batch.append((queue, record.value(), record.key(), None, 0))
+            for record, why in unroutable:
+                letter = self._dead_letter(record, why, missing)
+                if letter is not None:
+                    batch.append(letter)
             if not await self.committer.transact(batch, offsets):
                 for (topic, partition), offset in first.items():  # aborted: forward them again
                     consumer.seek(TopicPartition(topic, partition, offset))
@@ -141,8 +156,32 @@ class DelayForwarder:
         for tp in partitions:
             self.waiting.pop((tp.topic, tp.partition), None)
 
+    def _dead_letter(self, record: Message, why: str, missing: Collection[str]) -> Record | None:
+        """The dead letter of a tier record no queue owns, for its tier's `.dlq` (bad input).
 
-def _skip(record: Message, why: str) -> None:
-    """Log a tier record that cannot be forwarded; it stays in its topic until retention."""
-    topic, partition, offset = coordinates(record)
-    log.error("delay forwarder: skipped record %s of %s partition %s: %s", offset, topic, partition, why)
+        Written with the forwarded records and the offsets, in one transaction. A tier without
+        its `.dlq` topic (a topology older than them) gets an error logged instead, and the
+        record stays in the tier topic until retention.
+        """
+        topic, partition, offset = coordinates(record)
+        if dlq_name(topic) in missing:
+            log.error(
+                "delay forwarder: skipped record %s of %s partition %s: %s (and there is no %s: "
+                "run `bridge topology apply`)", offset, topic, partition, why, dlq_name(topic),
+            )  # fmt: skip
+            return None
+        log.warning(
+            "delay forwarder: dead-lettering record %s of %s partition %s: %s", offset, topic, partition, why
+        )
+        detail = f"a delay-tier record bridge cannot route: {why}"
+        letter = DeadLetter(
+            UNROUTABLE, detail, topic, now_ms(), partition=partition, offset=offset,
+            consumer_group=self.group, raw=record.value() or b"",
+        )  # fmt: skip
+        return (dlq_name(topic), codec.encode(_dead_letter_schema(), letter.to_avro()), record.key(), None, 0)
+
+
+@cache
+def _dead_letter_schema() -> Schema:
+    """bridge's own `bridge.DeadLetter`, single-object framed: every reader knows it."""
+    return SchemaDirectory().schema(DEAD_LETTER)

@@ -432,7 +432,9 @@ class KafkaTransport:
     async def apply_topology(self, queues: Sequence[str], *, dry_run: bool = False) -> list[str]:
         existing = await self._topic_names()
         wanted = [name for q in queues for name in (q, dlq_name(q), done_topic(dlq_name(q)))]
-        wanted += [tier for tier in self._tiers.values() if tier not in wanted]
+        # A tier's own dead-letter topics take the records in it that name no queue (forwarder.py).
+        tiers = [name for t in self._tiers.values() for name in (t, dlq_name(t), done_topic(dlq_name(t)))]
+        wanted += [name for name in tiers if name not in wanted]
         new = [t for t in wanted if t not in existing]
         plan = [f"kafka: topic {t} exists" for t in wanted if t in existing]
         plan += [f"kafka: create topic {t} ({self.settings.partitions} partitions)" for t in new]
