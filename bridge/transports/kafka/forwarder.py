@@ -131,8 +131,7 @@ class DelayForwarder:
                     unroutable.append((record, f"it has no {QUEUE_HEADER} header"))
                     continue
                 routed.append((record, queue.decode() if isinstance(queue, bytes) else queue))
-            wanted = {queue for _, queue in routed} | {dlq_name(topic) for topic, _ in offsets}
-            missing = await self.transport._missing_topics(wanted)
+            missing = await self.transport._missing_topics({queue for _, queue in routed})
             batch: list[Record] = []
             for record, queue in routed:
                 if queue in missing:  # one bad record must not stop every delayed job
@@ -141,10 +140,13 @@ class DelayForwarder:
                     )
                     continue
                 batch.append((queue, record.value(), record.key(), None, 0))
-            for record, why in unroutable:
-                letter = self._dead_letter(record, why, missing)
-                if letter is not None:
-                    batch.append(letter)
+            if unroutable:  # (only then: each look for a missing topic is a metadata request)
+                tiers = {coordinates(record)[0] for record, _ in unroutable}
+                missing = await self.transport._missing_topics([dlq_name(tier) for tier in tiers])
+                for record, why in unroutable:
+                    letter = self._dead_letter(record, why, missing)
+                    if letter is not None:
+                        batch.append(letter)
             if not await self.committer.transact(batch, offsets):
                 for (topic, partition), offset in first.items():  # aborted: forward them again
                     consumer.seek(TopicPartition(topic, partition, offset))
