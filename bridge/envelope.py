@@ -12,6 +12,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+UNROUTABLE = "unroutable"  # a Kafka delay-tier record that names no queue to return to
 REASONS = (
     "exhausted",
     "permanent",
@@ -20,9 +21,8 @@ REASONS = (
     "unknown_type",
     "schema_mismatch",
     "unknown_schema",
-    "unroutable",
+    UNROUTABLE,
 )
-UNROUTABLE = "unroutable"  # a Kafka delay-tier record that names no queue to return to
 
 
 def uuid7(now_ms: int | None = None) -> str:

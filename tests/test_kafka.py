@@ -15,11 +15,10 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from bridge import Bridge, JobContext, codec
 from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name
+from bridge.transports.kafka.common import Headers
 from tests.brokerio import dead_letters, java_partition, read_partitions
 from tests.conftest import SCHEMAS, run
 from tests.processes import publish
-
-Headers = list[tuple[str, str | bytes | None]]
 
 
 def test_a_member_joining_mid_run_shares_the_partitions(brokers: dict[str, str], queue: str) -> None:

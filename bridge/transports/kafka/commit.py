@@ -8,9 +8,9 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from bridge.transports.kafka.common import METADATA_TIMEOUT_S, PARTITIONER, Record, log, mapped
+from bridge.transports.kafka.common import METADATA_TIMEOUT_S, Record, log, mapped, new_producer
 from bridge.transports.offsets import TopicPartition as TP
 
 COMMIT_INTERVAL_S = 0.05
@@ -35,17 +35,16 @@ class Committer:
     ) -> None:
         self.consumer = consumer
         self.owns = owns
-        self.producer = Producer(
+        self.producer = new_producer(
+            common,
             {
-                **common,
-                "partitioner": PARTITIONER,
                 "transactional.id": transactional_id,
                 "linger.ms": 5,
                 # A process killed mid-transaction blocks read_committed consumers of the topics
                 # it wrote to until the coordinator aborts it: after 10 s, not the default 60 s.
                 # Transactions here last milliseconds.
                 "transaction.timeout.ms": 10000,
-            }
+            },
         )
         self.held: dict[TP, list[tuple[int, list[Record]]]] = {}  # per partition, in offset order
         self.committable: dict[TP, int] = {}

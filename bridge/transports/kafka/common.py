@@ -10,7 +10,15 @@ from collections.abc import Generator, Iterator, Sequence
 from contextlib import closing, contextmanager
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from bridge.errors import TransportError
 
@@ -20,13 +28,18 @@ FETCH_BATCH = 500
 IDLE_SLEEP_MAX_S = 0.02
 METADATA_TIMEOUT_S = 5.0
 QUEUE_HEADER = "bridge-queue"  # on records in a delay tier: the topic they return to
-# Every producer partitions keys as the Java client does (murmur2; librdkafka's default is
-# CRC32), so a key lands on one partition whichever language produced the job, and a retry or
-# hop of a keyed job lands where the job was.
-PARTITIONER = "murmur2_random"
 Headers = list[tuple[str, str | bytes | None]]
 # topic, value, key, headers, timestamp (epoch ms; 0 lets the producer stamp it)
 Record = tuple[str, bytes | None, str | bytes | None, Headers | None, int]
+
+
+def new_producer(common: dict[str, Any], settings: dict[str, Any]) -> Producer:
+    """A producer of bridge's: `common` and `settings`, keys partitioned as the Java client does.
+
+    murmur2, where librdkafka's default is CRC32: a key lands on one partition whichever
+    language produced the job, and a retry or hop of a keyed job lands where the job was.
+    """
+    return Producer({**common, "partitioner": "murmur2_random", **settings})
 
 
 async def read_to_end(consumer: Consumer, topics: Sequence[str], common: dict[str, Any]) -> bool:

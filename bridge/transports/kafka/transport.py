@@ -38,7 +38,6 @@ from bridge.transports.kafka.common import (
     FETCH_BATCH,
     IDLE_SLEEP_MAX_S,
     METADATA_TIMEOUT_S,
-    PARTITIONER,
     QUEUE_HEADER,
     Headers,
     Record,
@@ -46,6 +45,7 @@ from bridge.transports.kafka.common import (
     coordinates,
     log,
     mapped,
+    new_producer,
     read_committed,
     read_to_end,
 )
@@ -87,15 +87,14 @@ class KafkaTransport:
     # -- connection ------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        self._producer = Producer(
+        self._producer = new_producer(
+            self._common,
             {
-                **self._common,
-                "partitioner": PARTITIONER,
                 "enable.idempotence": True,  # off by default in librdkafka; acks=all comes with it
                 "acks": "all",
                 "linger.ms": 2,
                 "message.timeout.ms": 30000,
-            }
+            },
         )
         self._topics = await self._topic_names()  # fails fast, with a clear line, if nothing answers
         self._poller = threading.Thread(target=self._serve_reports, name="bridge-kafka", daemon=True)
@@ -385,13 +384,7 @@ class KafkaTransport:
 
     async def sweep(self, queue: str, decide: Decide) -> int:
         await self._require_topics([queue, done_topic(queue)])
-        producer = Producer(
-            {
-                **self._common,
-                "partitioner": PARTITIONER,
-                "transactional.id": f"{self.settings.prefix}.sweep.{queue}",
-            }
-        )
+        producer = new_producer(self._common, {"transactional.id": f"{self.settings.prefix}.sweep.{queue}"})
         with mapped(f"could not start a transaction on {queue}"):
             # Fences any other sweep of this queue (its open transaction is aborted) before the
             # done marks are read, so two runs can never both act on the same record.
