@@ -51,7 +51,8 @@ def read_partitions(bootstrap: str, topic: str) -> list[tuple[int, bytes]]:
     """Every committed record of `topic` with its partition, oldest first by timestamp."""
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
-         "enable.auto.commit": False, "isolation.level": "read_committed", "enable.partition.eof": True}
+         "enable.auto.commit": False, "isolation.level": "read_committed", "enable.partition.eof": True,
+         "fetch.wait.max.ms": 10}  # at the end of a partition there is nothing to wait for
     )  # fmt: skip
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions

@@ -27,6 +27,9 @@ client_log = logging.getLogger("bridge.kafka.client")
 FETCH_BATCH = 500
 IDLE_SLEEP_MAX_S = 0.02
 METADATA_TIMEOUT_S = 5.0
+# How long the broker may hold a fetch of a reader that reads a topic to its end: at the end
+# there is nothing to wait for (librdkafka's default, 500 ms, is paid at every end).
+READER_FETCH_WAIT_MS = 10
 QUEUE_HEADER = "bridge-queue"  # on records in a delay tier: the topic they return to
 Headers = list[tuple[str, str | bytes | None]]
 # topic, value, key, headers, timestamp (epoch ms; 0 lets the producer stamp it)
@@ -80,8 +83,14 @@ def read_committed(common: dict[str, Any], start: list[TopicPartition]) -> Gener
     for METADATA_TIMEOUT_S raises TransportError.
     """
     reader = Consumer({**common, "group.id": f"bridge-reader-{uuid.uuid4().hex}", "enable.auto.commit": False,
-                       "isolation.level": "read_committed", "enable.partition.eof": True})  # fmt: skip
+                       "isolation.level": "read_committed", "enable.partition.eof": True,
+                       "fetch.wait.max.ms": READER_FETCH_WAIT_MS})  # fmt: skip
     try:
+        # Leaders first: a partition assigned before its leader is known waits out librdkafka's
+        # 500 ms retry before its first offset is even looked up.
+        for topic in {tp.topic for tp in start}:
+            with mapped(f"could not read {topic}"):
+                reader.list_topics(topic, timeout=METADATA_TIMEOUT_S)
         reader.assign(start)
         at_end: set[tuple[str | None, int | None]] = set()
         deadline = time.monotonic() + METADATA_TIMEOUT_S
