@@ -1,4 +1,4 @@
-"""RabbitMQ-specific behaviour: a dropped connection, returned publishes."""
+"""RabbitMQ-specific behaviour: a dropped connection, a deleted queue, returned publishes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import asyncio
 import subprocess
 from typing import Any
 
+import aio_pika
+import pytest
+
 from bridge import Bridge, JobContext, codec
-from bridge.errors import PublishError
+from bridge.errors import PublishError, TransportError
 from bridge.registry import ENVELOPE
 from tests.brokerio import read_queue
 from tests.conftest import SCHEMAS, run
@@ -40,6 +43,29 @@ def test_consumer_reconnects_after_the_broker_drops_its_connections(
     run(scenario(), timeout=120)
     assert dropped.is_set()
     assert set(ids) <= done
+
+
+def test_a_consumer_whose_queue_is_deleted_stops_with_an_error(brokers: dict[str, str], queue: str) -> None:
+    # Given a consumer (not --burst) that has run a job, When its queue is deleted under it,
+    # Then consume raises one clear error naming the queue, instead of waiting for good.
+    run(publish(brokers["rabbitmq"], queue, 1))
+    app = Bridge(broker=brokers["rabbitmq"], registry=str(SCHEMAS))
+    ran = asyncio.Event()
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.set()
+
+    async def scenario() -> None:
+        async with app:
+            consuming = asyncio.create_task(app.consume())
+            await asyncio.wait_for(ran.wait(), 30)
+            async with await aio_pika.connect(brokers["rabbitmq"]) as connection:
+                await (await connection.channel()).queue_delete(queue)
+            await asyncio.wait_for(consuming, 30)
+
+    with pytest.raises(TransportError, match=f"ended the consumer of {queue}; was it deleted"):
+        run(scenario())
 
 
 def test_a_returned_publish_fails_itself_not_another_in_flight(brokers: dict[str, str], queue: str) -> None:
