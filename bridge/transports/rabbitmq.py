@@ -184,20 +184,23 @@ class RabbitTransport:
 
             return on_message
 
-        tags: dict[str, str | None] = {}  # queue -> consumer tag on the channel's current underlay
+        # (queue, the aiormq channel it is consumed on, consumer tag): the current channel's.
+        consumers: list[tuple[str, aiormq.abc.AbstractChannel, str | None]] = []
         cancelled: list[str] = []
 
         def on_cancel(frame: aiormq.spec.Basic.Cancel) -> None:
             """The broker ended a consumer (its queue was deleted): stop, and say so."""
-            cancelled.extend(name for name, tag in tags.items() if tag == frame.consumer_tag)
+            cancelled.extend(name for name, _, tag in consumers if tag == frame.consumer_tag)
             if cancelled:
                 stop.set()
 
         async def subscribe(_: object = None) -> None:
             underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(on_cancel)
+            consumers.clear()
             for name in queues:
-                tags[name] = (await underlay.basic_consume(name, on_message_from(name))).consumer_tag
+                consume_ok = await underlay.basic_consume(name, on_message_from(name))
+                consumers.append((name, underlay, consume_ok.consumer_tag))
 
         try:
             for name in queues:
@@ -212,9 +215,12 @@ class RabbitTransport:
                 )  # fmt: skip
         finally:
             channel.reopen_callbacks.discard(subscribe)
-            for tag in filter(None, tags.values()):
+            # On the channel they were made on: the robust channel's own would first wait for a
+            # lost connection to come back.
+            for _, underlay, tag in consumers:
                 with _ignored():
-                    await (await channel.get_underlay_channel()).basic_cancel(tag)
+                    if tag is not None:
+                        await underlay.basic_cancel(tag)
             late = await inflight.finish(grace_s)
             if late:
                 log.warning("%d jobs did not finish within %ss; they will run again", late, grace_s)
