@@ -142,9 +142,9 @@ class DelayForwarder:
                 batch.append((queue, record.value(), record.key(), None, 0))
             if unroutable:  # (only then: each look for a missing topic is a metadata request)
                 tiers = {coordinates(record)[0] for record, _ in unroutable}
-                missing = await self.transport._missing_topics([dlq_name(tier) for tier in tiers])
+                no_dlq = await self.transport._missing_topics([dlq_name(tier) for tier in tiers])
                 for record, why in unroutable:
-                    letter = self._dead_letter(record, why, missing)
+                    letter = self._dead_letter(record, why, no_dlq)
                     if letter is not None:
                         batch.append(letter)
             if not await self.committer.transact(batch, offsets):
@@ -158,7 +158,7 @@ class DelayForwarder:
         for tp in partitions:
             self.waiting.pop((tp.topic, tp.partition), None)
 
-    def _dead_letter(self, record: Message, why: str, missing: Collection[str]) -> Record | None:
+    def _dead_letter(self, record: Message, why: str, no_dlq: Collection[str]) -> Record | None:
         """The dead letter of a tier record no queue owns, for its tier's `.dlq` (bad input).
 
         Written with the forwarded records and the offsets, in one transaction. A tier without
@@ -166,7 +166,7 @@ class DelayForwarder:
         record stays in the tier topic until retention.
         """
         topic, partition, offset = coordinates(record)
-        if dlq_name(topic) in missing:
+        if dlq_name(topic) in no_dlq:
             log.error(
                 "delay forwarder: skipped record %s of %s partition %s: %s (and there is no %s: "
                 "run `bridge topology apply`)", offset, topic, partition, why, dlq_name(topic),
