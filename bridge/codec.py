@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.validation import ValidationError, validate
 
+from bridge.avro_reader import Read, compile_reader
 from bridge.compatibility import PRIMITIVES, full_name, read_problems
 from bridge.errors import DecodeError, SchemaError, SchemaMismatch, UnknownSchema
 
@@ -69,6 +70,7 @@ class Schema:
     schema_id: int | None = None
     header: bytes = field(default=b"")
     field_names: frozenset[str] = frozenset()  # the record's own fields
+    read: Read | None = None  # bridge's own faster reader, when fastavro would change nothing
 
     @classmethod
     def from_definition(
@@ -78,14 +80,18 @@ class Schema:
         check_schema(definition)
         canonical = parsing_canonical_form(definition)
         fingerprint = crc64_avro(canonical.encode())
-        parsed = parse_schema(definition if logical_types else strip_logical_types(definition))
+        plain = strip_logical_types(definition)
+        parsed = parse_schema(definition if logical_types else plain)
+        # fastavro turns logical types into datetimes, decimals, ...; without them its result
+        # is what the compiled reader gives.
+        read = compile_reader(canonical) if not logical_types or plain == definition else None
         if schema_id is None:
             header = SINGLE_OBJECT_MAGIC + fingerprint.to_bytes(8, "little")
         else:
             header = CONFLUENT_MAGIC + schema_id.to_bytes(4, "big")
         name = full_name(definition["name"], definition.get("namespace"))
         field_names = frozenset(f["name"] for f in definition["fields"])
-        return cls(name, definition, parsed, canonical, fingerprint, schema_id, header, field_names)
+        return cls(name, definition, parsed, canonical, fingerprint, schema_id, header, field_names, read)
 
 
 class SchemaLookup(Protocol):
@@ -195,16 +201,23 @@ def decode(
             raise SchemaMismatch(
                 f"{_identity(writer)} cannot be read with {_identity(reader)}: " + "; ".join(problems), data
             )
+    try:
+        if reader is None and writer.read is not None:
+            datum, end = writer.read(data, start)
+        else:
+            datum, end = _read_with_fastavro(data, start, writer, reader)
+    except Exception as exc:  # EOFError, IndexError, UnicodeDecodeError, ValueError, ...
+        raise DecodeError(f"body does not decode as {writer.name}: {exc!r}", data) from exc
+    if end != len(data):
+        raise DecodeError(f"{len(data) - end} trailing bytes after a {writer.name}", data)
+    return writer, datum
+
+
+def _read_with_fastavro(data: bytes, start: int, writer: Schema, reader: Schema | None) -> tuple[Any, int]:
     stream = io.BytesIO(data)
     stream.seek(start)
-    try:
-        datum = schemaless_reader(stream, writer.parsed, reader.parsed if reader else None)
-    except Exception as exc:  # fastavro raises EOFError, IndexError, UnicodeDecodeError, ...
-        raise DecodeError(f"body does not decode as {writer.name}: {exc!r}", data) from exc
-    if stream.tell() != len(data):
-        extra = len(data) - stream.tell()
-        raise DecodeError(f"{extra} trailing bytes after a {writer.name}", data)
-    return writer, datum
+    datum = schemaless_reader(stream, writer.parsed, reader.parsed if reader else None)
+    return datum, stream.tell()
 
 
 _RESOLUTIONS: dict[tuple[int, int], list[str]] = {}  # (reader, writer) fingerprints -> problems
