@@ -25,6 +25,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.validation import ValidationError, validate
 
 from bridge.avro_reader import Read, compile_reader
+from bridge.avro_writer import Write, compile_writer
 from bridge.compatibility import PRIMITIVES, full_name, read_problems
 from bridge.errors import DecodeError, SchemaError, SchemaMismatch, UnknownSchema
 
@@ -34,6 +35,8 @@ _FINGERPRINT = struct.Struct("<Q")  # after the single-object magic
 _SCHEMA_ID = struct.Struct(">I")  # after the Confluent magic
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_SCHEMA_DEPTH = 32
+# What the compiled writer raises for a datum it cannot write as it is.
+_NOT_AS_IT_IS = (KeyError, TypeError, ValueError, AttributeError, OverflowError, struct.error)
 
 
 def _crc64_table() -> tuple[int, ...]:
@@ -71,6 +74,7 @@ class Schema:
     header: bytes = field(default=b"")
     field_names: frozenset[str] = frozenset()  # the record's own fields
     read: Read | None = None  # bridge's own faster reader, when fastavro would change nothing
+    write: Write | None = None  # and writer
 
     @classmethod
     def from_definition(
@@ -82,16 +86,20 @@ class Schema:
         fingerprint = crc64_avro(canonical.encode())
         plain = strip_logical_types(definition)
         parsed = parse_schema(definition if logical_types else plain)
-        # fastavro turns logical types into datetimes, decimals, ...; without them its result
-        # is what the compiled reader gives.
-        read = compile_reader(canonical) if not logical_types or plain == definition else None
+        # fastavro turns logical types into datetimes, decimals, ... and back; without them, the
+        # compiled reader and writer do what it does.
+        compiled = not logical_types or plain == definition
+        read = compile_reader(canonical) if compiled else None
+        write = compile_writer(canonical) if compiled else None
         if schema_id is None:
             header = SINGLE_OBJECT_MAGIC + fingerprint.to_bytes(8, "little")
         else:
             header = CONFLUENT_MAGIC + schema_id.to_bytes(4, "big")
         name = full_name(definition["name"], definition.get("namespace"))
         field_names = frozenset(f["name"] for f in definition["fields"])
-        return cls(name, definition, parsed, canonical, fingerprint, schema_id, header, field_names, read)
+        return cls(
+            name, definition, parsed, canonical, fingerprint, schema_id, header, field_names, read, write
+        )
 
 
 class SchemaLookup(Protocol):
@@ -107,6 +115,13 @@ class SchemaLookup(Protocol):
 
 def encode(schema: Schema, datum: Any) -> bytes:
     """Frame and encode `datum`; it must already be valid for `schema`."""
+    if schema.write is not None:
+        compiled = bytearray(schema.header)
+        try:
+            schema.write(compiled, datum)
+            return bytes(compiled)
+        except _NOT_AS_IT_IS:
+            pass  # a field left to its default, or a value of another type: fastavro decides
     out = io.BytesIO()
     out.write(schema.header)
     schemaless_writer(out, schema.parsed, datum)
