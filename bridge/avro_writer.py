@@ -163,7 +163,7 @@ def _fixed(size: int) -> Write:
 
 def _array(items: Write) -> Write:
     def write_array(out: bytearray, values: list[Any]) -> None:
-        if not isinstance(values, list | tuple):
+        if not isinstance(values, list):  # (a tuple may be fastavro's notation for a union branch)
             raise TypeError(f"expected a list, got {type(values).__name__}")
         if values:
             write_long(out, len(values))

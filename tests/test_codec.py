@@ -415,3 +415,5 @@ def test_what_the_compiled_writer_cannot_write_as_it_is_goes_to_fastavro() -> No
     assert codec.encode(echo, {"n": 1}) == echo.header + _fastavro_write(echo, {"n": 1})
     with pytest.raises((TypeError, ValueError)):
         codec.encode(echo, {"n": "one", "text": "", "sleep_ms": 0})
+    numbers = REGISTRY.schema("test.Numbers")  # an array: fastavro writes a tuple as one too
+    assert codec.encode(numbers, {"values": (1, 2)}) == codec.encode(numbers, {"values": [1, 2]})
