@@ -7,10 +7,11 @@ envelope is read for every job consumed.
 
 Only what fastavro would return unchanged is read here: a schema with logical types, or data
 written with another version of a schema (which needs resolution), goes to fastavro. The
-reader is strict: a length, count, union branch or enum index that does not fit the bytes or
-the schema raises ValueError, and tests/test_codec.py checks it against fastavro on valid and
-corrupted input. Allocation stays bounded because `codec.check_schema` refuses schemas whose
-array or map items could be zero bytes: every item read consumes input.
+reader is strict: a length, union branch or enum index that does not fit the bytes or the
+schema raises ValueError, reading past the end raises IndexError, and tests/test_codec.py
+checks it against fastavro on valid and corrupted input. A huge count costs no more than the
+bytes present: `codec.check_schema` refuses arrays whose items could be zero bytes, and a map
+entry holds at least its key's length, so every item read consumes input.
 
 Pure: no I/O.
 """
