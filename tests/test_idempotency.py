@@ -182,6 +182,26 @@ def test_the_inbox_of_a_lost_lease_writes_nothing(store_url: str) -> None:
     assert effects(store_url, table) == {}
 
 
+def test_the_redis_store_loads_its_script_again_when_redis_has_lost_it(brokers: dict[str, str]) -> None:
+    # Given a key claimed in Redis (a plain SET: no script has run yet),
+    # When Redis forgets its scripts (as after a restart), and the key is completed (a script),
+    # Then the completion takes effect: the store loads the script again and resends it.
+    import redis.asyncio as aioredis
+
+    async def scenario(store: Store) -> None:
+        key = new_key()
+        first = claimed(await store.claim(key, "job-1", 30))
+        client = aioredis.from_url(brokers["redis"])
+        try:
+            await client.script_flush()
+        finally:
+            await client.aclose()
+        assert await store.complete(key, first.token, "job-1", 30)
+        assert await store.claim(key, "job-2", 30) == Done("job-1")
+
+    with_store(brokers["redis"], scenario)
+
+
 def test_two_processes_racing_for_the_same_keys_each_win_once(store_url: str) -> None:
     # Given 1,000 keys, When two processes claim all of them from the same moment (one from
     # each end, so that they must meet),
