@@ -182,6 +182,36 @@ def test_the_inbox_of_a_lost_lease_writes_nothing(store_url: str) -> None:
     assert effects(store_url, table) == {}
 
 
+def test_two_workers_claiming_the_same_keys_in_one_go_from_opposite_ends_each_win_once(
+    store_url: str,
+) -> None:
+    # Given two workers' stores and 200 keys,
+    # When each claims every key in one go (one loop tick: a store may send them together, in
+    # one transaction), the two from opposite ends,
+    # Then every key is won by exactly one worker, and no claim failed: two such transactions
+    # must not each wait for a row the other holds (PostgreSQL would abort one as a deadlock).
+    keys = [new_key() for _ in range(200)]
+
+    async def claim_all(store: Store, keys: list[str], name: str) -> set[str]:
+        claims = await asyncio.gather(*(store.claim(key, name, 30) for key in keys))
+        return {key for key, claim in zip(keys, claims, strict=True) if isinstance(claim, Claimed)}
+
+    async def scenario(first: Store) -> None:
+        second = open_store(store_url)
+        try:
+            for store in (first, second):
+                claimed(await store.claim(new_key(), "warm-up", 30))  # both connected
+            won_a, won_b = await asyncio.gather(
+                claim_all(first, keys, "a"), claim_all(second, keys[::-1], "b")
+            )
+        finally:
+            await second.close()
+        assert not won_a & won_b
+        assert won_a | won_b == set(keys)
+
+    with_store(store_url, scenario)
+
+
 def test_the_redis_store_loads_its_script_again_when_redis_has_lost_it(brokers: dict[str, str]) -> None:
     # Given a key claimed in Redis (a plain SET: no script has run yet),
     # When Redis forgets its scripts (as after a restart), and the key is completed (a script),

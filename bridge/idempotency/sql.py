@@ -52,6 +52,10 @@ WHERE bridge_idempotency.expires_at <= ?"""
 FORGET = "DELETE FROM bridge_idempotency WHERE name = ? AND job_id = ? AND state = 'enqueued'"
 PURGE = "DELETE FROM bridge_idempotency WHERE expires_at < ?"
 PURGE_EVERY_S = 3600.0
+# Where each statement that touches one key's row has that key among its parameters. A store
+# that runs several such statements in one transaction takes their rows in key order, so two
+# processes' transactions never wait for each other's rows in a circle (a deadlock).
+KEY_AT = {CLAIM: 0, LOOK: 0, EXTEND: 1, COMPLETE: 3, RELEASE: 0, REMEMBER: 0, FORGET: 0}
 
 Rows = list[tuple[Any, ...]]
 Query = Callable[[str, Sequence[Any]], Awaitable[Rows]]
