@@ -60,7 +60,10 @@ class Stats:
         """One line for people: how many, and how fast once work began."""
         busy = self.last_s - self.first_s
         rate = f", {self.processed / busy:,.0f} jobs/s" if busy > 0 else ""
-        outcomes = f"{self.retried} retried, {self.dead_lettered} dead-lettered, {self.duplicates} duplicates"
+        outcomes = (
+            f"{self.retried} retried, {self.delayed} delayed, {self.dead_lettered} dead-lettered, "
+            f"{self.duplicates} duplicates"
+        )
         return f"{self.processed} settled ({outcomes}) in {busy:.2f} s{rate}"
 
 
