@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psycopg
 import pytest
 
 from bridge.errors import LeaseLost
 from bridge.idempotency import Busy, Claim, Claimed, Done, Store, open_store
+from bridge.idempotency.sql import SqlStore
 from tests.apps.effects import write_effect
 from tests.conftest import run
 from tests.effects import effects, new_table
@@ -230,6 +234,73 @@ def test_the_redis_store_loads_its_script_again_when_redis_has_lost_it(brokers: 
         assert await store.claim(key, "job-2", 30) == Done("job-1")
 
     with_store(brokers["redis"], scenario)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sql_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store that keeps its keys in a SQL table, which it purges of old rows now and then."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'keys.db'}"
+    urls: dict[str, str] = request.getfixturevalue("brokers")
+    return urls["postgres"]
+
+
+def stored_names(url: str, names: list[str]) -> set[str]:
+    """Which of `names` have a row in the store's table, read with the vendor's own client."""
+    query = "SELECT name FROM bridge_idempotency WHERE name = ANY(%s)"
+    if url.startswith("sqlite"):
+        marks = ", ".join("?" * len(names))
+        with sqlite3.connect(url.removeprefix("sqlite://")) as db:
+            return {
+                name
+                for (name,) in db.execute(
+                    f"SELECT name FROM bridge_idempotency WHERE name IN ({marks})", names
+                )
+            }
+    with psycopg.connect(url) as conn:
+        return {name for (name,) in conn.execute(query, (names,))}
+
+
+def test_the_purge_deletes_only_the_rows_that_stopped_counting(sql_store_url: str) -> None:
+    # Given four keys: two claimed (a lease of 50 ms, and of 30 s), two completed (a window of
+    # 50 ms, and of 30 s),
+    # When the short ones have ended and the store purges,
+    # Then only the rows of the two short ones are gone.
+    async def scenario(store: Store) -> None:
+        assert isinstance(store, SqlStore)
+        lease_ended, lease_on, window_ended, window_on = keys = [new_key() for _ in range(4)]
+        claimed(await store.claim(lease_ended, "job-1", 0.05))
+        claimed(await store.claim(lease_on, "job-2", 30))
+        for key, window_s in ((window_ended, 0.05), (window_on, 30)):
+            assert await store.complete(
+                key, claimed(await store.claim(key, "job-3", 30)).token, "job-3", window_s
+            )
+        await asyncio.sleep(0.1)
+        await store.purge()
+        assert stored_names(sql_store_url, keys) == {lease_on, window_on}
+
+    with_store(sql_store_url, scenario)
+
+
+def test_the_postgres_purge_passes_over_a_row_another_transaction_holds(brokers: dict[str, str]) -> None:
+    # Given two keys whose leases ended, one of whose rows another transaction holds (as a
+    # batch re-claiming it would),
+    # When the store purges, Then it returns without waiting for that transaction, and deletes
+    # the other row: a purge that waited could be one half of a deadlock.
+    url = brokers["postgres"]
+
+    async def scenario(store: Store) -> None:
+        assert isinstance(store, SqlStore)
+        held, gone = keys = [new_key(), new_key()]
+        for key in keys:
+            claimed(await store.claim(key, "job-1", 0.05))
+        await asyncio.sleep(0.1)
+        with psycopg.connect(url) as holder:  # a transaction, until the block ends
+            holder.execute("SELECT 1 FROM bridge_idempotency WHERE name = %s FOR UPDATE", (held,))
+            await asyncio.wait_for(store.purge(), timeout=5)
+            assert stored_names(url, keys) == {held}, f"{gone} was not purged"
+
+    with_store(url, scenario)
 
 
 def test_two_processes_racing_for_the_same_keys_each_win_once(store_url: str) -> None:

@@ -69,6 +69,7 @@ class SqlStore:
     """The store contract over a SQL table; a subclass supplies `_query` and `_begin`."""
 
     url: str
+    purge_sql = PURGE
     _next_purge = 0.0
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
@@ -119,10 +120,14 @@ class SqlStore:
     async def forget(self, key: str, job_id: str) -> None:
         await self._query(FORGET, (key, job_id))
 
+    async def purge(self) -> None:
+        """Delete the rows that stopped counting: their lease or their window ended."""
+        await self._query(self.purge_sql, (now_ms(),))
+
     async def _purge_now_and_then(self) -> None:
         if time.monotonic() >= self._next_purge:
             self._next_purge = time.monotonic() + PURGE_EVERY_S
-            await self._query(PURGE, (now_ms(),))
+            await self.purge()
 
 
 def _completion(key: str, token: str, job_id: str, window_s: float) -> tuple[Any, ...]:
