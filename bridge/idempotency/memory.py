@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from bridge.errors import LeaseLost
-from bridge.idempotency import Busy, Claim, Claimed, Done
+from bridge.idempotency import Busy, Claim, Claimed, Done, new_token
 
 
 class MemoryStore:
@@ -26,7 +25,7 @@ class MemoryStore:
     async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
         entry = self._live(key)
         if entry is None:
-            token = uuid.uuid4().hex
+            token = new_token()
             self._keys[key] = ("running", job_id, token, time.time() + lease_s)
             return Claimed(token)
         state, holder, _, until = entry

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,7 +21,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
 from bridge.errors import LeaseLost, StoreError
-from bridge.idempotency import Busy, Claim, Claimed, Done
+from bridge.idempotency import Busy, Claim, Claimed, Done, new_token
 from bridge.idempotency.batch import TickBatch
 
 # If the key holds ARGV[1], run the commands packed in ARGV[4..] (each as a count, then its
@@ -116,7 +115,7 @@ class RedisStore:
         return StoreError(f"idempotency store {self.url}: {exc}")
 
     async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
-        token = uuid.uuid4().hex
+        token = new_token()
         if await self._call(lambda pipe: pipe.set(key, f"running|{token}", nx=True, px=_ms(lease_s))):
             return Claimed(token)
         value, ttl_ms = await asyncio.gather(

@@ -13,14 +13,13 @@ row for a statement that returns no columns, so `if await self._query(CLAIM, ...
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from bridge.errors import LeaseLost
-from bridge.idempotency import Busy, Claim, Claimed, Done
+from bridge.idempotency import Busy, Claim, Claimed, Done, new_token
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bridge_idempotency (
@@ -81,7 +80,7 @@ class SqlStore:
         raise NotImplementedError
 
     async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
-        token, now = os.urandom(12).hex(), now_ms()
+        token, now = new_token(), now_ms()
         if await self._query(CLAIM, (key, job_id, token, now + int(lease_s * 1000), now)):
             return Claimed(token)
         rows = await self._query(LOOK, (key,))
