@@ -2,7 +2,8 @@
 
 For each broker, in one run: N no-op jobs without keys, then N jobs each with its own key for
 every store (SQLite in a temporary folder, the local PostgreSQL and Redis of `bridge dev up`).
-Every keyed job claims its key and completes it: two store round trips per job.
+Every keyed job claims its key and completes it: two store round trips per job. The in-memory
+store comes first: no I/O and no waiting, so its row is what the claim protocol itself costs.
 
     python -m bench.idempotency [--n 5000] [--broker kafka|rabbitmq|all] [--repeat 3]
 """
@@ -24,7 +25,7 @@ from bench.common import IN_FLIGHT, JOB_TYPE, BenchError, Timing, bench_app, fre
 from bench.throughput import BROKERS, Row, Table, _positive, broker_urls, render
 from bridge.errors import BridgeError
 
-STORES = ("sqlite", "postgres", "redis")
+STORES = ("memory", "sqlite", "postgres", "redis")
 SQLITE_MAX_COST = 0.30  # the issue's target: keys on SQLite cost under 30% of the no-key rate
 DEFAULT_JOBS = 5000
 DEFAULT_CONCURRENCY = 16
@@ -115,7 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = Table(progress)
     with tempfile.TemporaryDirectory() as folder:
         sqlite = f"sqlite:///{Path(folder) / 'keys.db'}"
-        stores = {"sqlite": sqlite, "postgres": urls["postgres"], "redis": urls["redis"]}
+        stores = {
+            "memory": "memory://",  # no I/O: what the claim protocol itself costs
+            "sqlite": sqlite,
+            "postgres": urls["postgres"],
+            "redis": urls["redis"],
+        }
         try:
             for _ in range(args.repeat):
                 for broker in wanted:
