@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import sqlite3
 import time
 import uuid
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 
-from bridge.errors import LeaseLost
+from bridge.errors import LeaseLost, StoreError
 from bridge.idempotency import Busy, Claim, Claimed, Done, Store, open_store
 from bridge.idempotency.sql import SqlStore
 from tests.apps.effects import write_effect
@@ -214,6 +215,22 @@ def test_two_workers_claiming_the_same_keys_in_one_go_from_opposite_ends_each_wi
         assert won_a | won_b == set(keys)
 
     with_store(store_url, scenario)
+
+
+def test_a_key_too_long_for_the_postgres_index_fails_alone(brokers: dict[str, str]) -> None:
+    # Given 20 keys and one of 12,000 random characters (more than a PostgreSQL index entry holds),
+    # When all are claimed in one go (one loop tick: one batch, one transaction),
+    # Then the 20 are claimed and only the long one fails, with the database's reason.
+    async def scenario(store: Store) -> None:
+        keys = [new_key() for _ in range(20)]
+        too_long = new_key() + os.urandom(6000).hex()  # random: PostgreSQL cannot compress it
+        claims = await asyncio.gather(
+            *(store.claim(key, "job", 30) for key in [*keys, too_long]), return_exceptions=True
+        )
+        assert all(isinstance(claim, Claimed) for claim in claims[:-1]), claims
+        assert isinstance(claims[-1], StoreError) and "index row" in str(claims[-1]), claims[-1]
+
+    with_store(brokers["postgres"], scenario)
 
 
 def test_the_redis_store_loads_its_script_again_when_redis_has_lost_it(brokers: dict[str, str]) -> None:

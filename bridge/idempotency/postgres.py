@@ -70,22 +70,24 @@ class PostgresStore(SqlStore):
         rows: Rows = await self._statements.call((sql, params))
         return rows
 
-    async def _pipeline(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows]:
+    async def _pipeline(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows | StoreError]:
         """Run `statements` in one transaction and one round trip: each one's rows.
 
-        They run in key order (see KEY_AT), and in the order asked for within one key.
+        If that transaction fails on a statement of its own while the connection stands, each
+        statement runs again in a transaction of its own, so that one that cannot succeed (a
+        key too long for the index) fails alone rather than every job of its batch. A batch
+        that lost to another transaction (SQLSTATE class 40: a deadlock, a serialization
+        failure) fails as a whole, and its jobs try again later.
         """
-        order = sorted(range(len(statements)), key=lambda i: statements[i][1][KEY_AT[statements[i][0]]])
-        cursors: dict[int, psycopg.AsyncCursor[tuple[Any, ...]]] = {}
         await self._open()
         with _mapped(self.url):
             async with self._pool.connection() as conn:
-                # Without pipeline mode (a libpq older than 14), one round trip per statement.
-                async with conn.pipeline() if psycopg.AsyncPipeline.is_supported() else nullcontext():
-                    for i in order:
-                        sql, params = statements[i]
-                        cursors[i] = await conn.execute(_dialect(sql), params)
-                return [await _rows(cursors[i]) for i in range(len(statements))]
+                try:
+                    return list(await _together(conn, statements))
+                except psycopg.Error as exc:
+                    if conn.broken or len(statements) == 1 or (exc.sqlstate or "").startswith("40"):
+                        raise
+                return [await _alone(conn, sql, params, self.url) for sql, params in statements]
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[tuple[Any, Query]]:
@@ -100,6 +102,35 @@ class PostgresStore(SqlStore):
 
     async def close(self) -> None:
         await self._pool.close()
+
+
+async def _together(
+    conn: psycopg.AsyncConnection[tuple[Any, ...]], statements: list[tuple[str, Sequence[Any]]]
+) -> list[Rows]:
+    """`statements` in one round trip (pipeline mode) and one transaction, in key order (KEY_AT).
+
+    Every batch takes its rows in the same order, so two processes' batches never each wait
+    for a row the other holds. Without pipeline mode (libpq older than 14), one round trip per
+    statement.
+    """
+    order = sorted(range(len(statements)), key=lambda i: statements[i][1][KEY_AT[statements[i][0]]])
+    cursors: dict[int, psycopg.AsyncCursor[tuple[Any, ...]]] = {}
+    async with conn.pipeline() if psycopg.AsyncPipeline.is_supported() else nullcontext():
+        for i in order:
+            sql, params = statements[i]
+            cursors[i] = await conn.execute(_dialect(sql), params)
+    return [await _rows(cursors[i]) for i in range(len(statements))]
+
+
+async def _alone(
+    conn: psycopg.AsyncConnection[tuple[Any, ...]], sql: str, params: Sequence[Any], url: str
+) -> Rows | StoreError:
+    """One statement in its own transaction: its rows, or its error."""
+    try:
+        with _mapped(url):
+            return await _fetch(conn, sql, params)
+    except StoreError as exc:
+        return exc
 
 
 async def _fetch(conn: psycopg.AsyncConnection[tuple[Any, ...]], sql: str, params: Sequence[Any]) -> Rows:
