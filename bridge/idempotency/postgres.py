@@ -73,9 +73,9 @@ class PostgresStore(SqlStore):
     async def _pipeline(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows | StoreError]:
         """Run `statements` in one transaction and one round trip: each one's rows.
 
-        If that transaction fails on a statement of its own while the connection stands, each
-        statement runs again in a transaction of its own, so that one that cannot succeed (a
-        key too long for the index) fails alone rather than every job of its batch. A batch
+        If that transaction fails on a statement of its own while the database is reachable,
+        each statement runs again in a transaction of its own, so that one that cannot succeed
+        (a key too long for the index) fails alone rather than every job of its batch. A batch
         that lost to another transaction (SQLSTATE class 40: a deadlock, a serialization
         failure) fails as a whole, and its jobs try again later.
         """
@@ -85,8 +85,14 @@ class PostgresStore(SqlStore):
                 try:
                     return list(await _together(conn, statements))
                 except psycopg.Error as exc:
-                    if conn.broken or len(statements) == 1 or (exc.sqlstate or "").startswith("40"):
+                    # psycopg 3.2.1 (not 3.3.9) takes a statement it prepared in a failed
+                    # pipeline for prepared, and every later use of it on this connection
+                    # fails ("prepared statement _pg3_0 does not exist"): the pool replaces it.
+                    broken = conn.broken
+                    await conn.close()
+                    if broken or len(statements) == 1 or (exc.sqlstate or "").startswith("40"):
                         raise
+            async with self._pool.connection() as conn:
                 return [await _alone(conn, sql, params, self.url) for sql, params in statements]
 
     @asynccontextmanager
