@@ -2,9 +2,9 @@
 
 A pool of autocommit connections. The claims, renewals and completions that jobs ask for in
 one tick of the event loop go to PostgreSQL together, in one round trip (pipeline mode), and
-commit together; while they are out, the next tick's gather. psycopg's CPU time per statement,
-more than the round trip here, is then shared. The inbox hands the handler a connection inside
-a transaction, in which the key completes too.
+commit together; while one batch is out, the next one gathers. That shares psycopg's CPU time
+per round trip, which here costs more than the round trip itself. The inbox hands the handler
+a connection inside a transaction, in which the key completes too.
 """
 
 from __future__ import annotations
