@@ -352,6 +352,25 @@ def test_two_processes_racing_for_the_same_keys_each_win_once(store_url: str) ->
     assert set(won_a) | set(won_b) == set(keys)
 
 
+def test_processes_opening_a_new_sqlite_store_at_once_all_open_it(tmp_path: Path) -> None:
+    # Given four worker processes,
+    # When they open the same new SQLite store at the same moment, 30 times over (a new file
+    # each time, as workers starting together on a fresh host),
+    # Then every open succeeds. (Switching a new database to WAL needs it alone, and SQLite
+    # refused the others at once, "database is locked", in about one round in eight.)
+    paths = [tmp_path / f"keys-{n}.db" for n in range(30)]
+    context = multiprocessing.get_context("spawn")
+    together = context.Barrier(4, timeout=60)
+    failures: multiprocessing.Queue[list[str]] = context.Queue()
+    openers = [context.Process(target=open_each, args=(paths, together, failures)) for _ in range(4)]
+    for opener in openers:
+        opener.start()
+    reported = [failures.get(timeout=120) for _ in openers]
+    for opener in openers:
+        opener.join(timeout=10)
+    assert reported == [[]] * 4
+
+
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Barrier
 
@@ -380,3 +399,18 @@ def claim_all(url: str, keys: list[str], start: Barrier, name: str, results: Res
             await store.close()
 
     results.put(asyncio.run(main()))
+
+
+def open_each(paths: list[Path], together: Barrier, failures: multiprocessing.Queue[list[str]]) -> None:
+    """Open a SQLite store at each path, at the same moment as the other processes; put what failed."""
+
+    failed = []
+    for path in paths:
+        together.wait()
+        try:
+            store = open_store(f"sqlite:///{path}")
+        except StoreError as exc:
+            failed.append(str(exc))
+        else:
+            asyncio.run(store.close())
+    failures.put(failed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -39,7 +40,7 @@ class SqliteStore(SqlStore):
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, timeout=BUSY_TIMEOUT_S, check_same_thread=False
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _use_wal(self._db)
             self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
             # Keys are random, so every claim and completion dirties pages all over the table;
             # copying the WAL back less often (at 16 MB instead of 4) writes each hot page once
@@ -93,6 +94,24 @@ class SqliteStore(SqlStore):
 
     async def close(self) -> None:
         self._db.close()
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Put the database in WAL mode, waiting (up to BUSY_TIMEOUT_S) for other processes.
+
+    Workers that open a new database at the same moment all try to switch it; the switch needs
+    the database alone, and SQLite answers "database is locked" at once, not after its busy
+    timeout, when another connection holds it. Once one has switched, the others find it done.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 @contextmanager
