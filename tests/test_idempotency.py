@@ -272,18 +272,14 @@ def sql_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def stored_names(url: str, names: list[str]) -> set[str]:
     """Which of `names` have a row in the store's table, read with the vendor's own client."""
-    query = "SELECT name FROM bridge_idempotency WHERE name = ANY(%s)"
     if url.startswith("sqlite"):
         marks = ", ".join("?" * len(names))
         with sqlite3.connect(url.removeprefix("sqlite://")) as db:
-            return {
-                name
-                for (name,) in db.execute(
-                    f"SELECT name FROM bridge_idempotency WHERE name IN ({marks})", names
-                )
-            }
+            rows = db.execute(f"SELECT name FROM bridge_idempotency WHERE name IN ({marks})", names)
+            return {name for (name,) in rows}
     with psycopg.connect(url) as conn:
-        return {name for (name,) in conn.execute(query, (names,))}
+        found = conn.execute("SELECT name FROM bridge_idempotency WHERE name = ANY(%s)", (names,))
+        return {name for (name,) in found}
 
 
 def test_the_purge_deletes_only_the_rows_that_stopped_counting(sql_store_url: str) -> None:
@@ -403,7 +399,6 @@ def claim_all(url: str, keys: list[str], start: Barrier, name: str, results: Res
 
 def open_each(paths: list[Path], together: Barrier, failures: multiprocessing.Queue[list[str]]) -> None:
     """Open a SQLite store at each path, at the same moment as the other processes; put what failed."""
-
     failed = []
     for path in paths:
         together.wait()
