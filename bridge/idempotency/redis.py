@@ -77,8 +77,8 @@ class RedisStore:
 
         The commands that jobs ask for while the loop is busy, or while the last pipeline is
         out, go to Redis in one pipeline: one round trip for them all, and much less of
-        redis-py's CPU time per command (a job with a key on Kafka: 230 µs with a pipeline per
-        tick, 150 with one pipeline at a time).
+        redis-py's CPU time per command. (With that and the script sent by SHA1, a keyed Kafka
+        job takes 150 µs of the loop's time, against 230 with a pipeline per loop tick.)
         """
         return await self._commands.call(command)
 
