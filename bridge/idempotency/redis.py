@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -93,22 +93,26 @@ class RedisStore:
         replies = await self._send(commands)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
-            try:
+            with self._mapped():
                 await self._redis.script_load(_SWAP)
-            except Exception as exc:  # RedisError, or a bug: either way a store error for every caller
-                raise self._error(exc) from exc
             for i, reply in zip(missing, await self._send([commands[i] for i in missing]), strict=True):
                 replies[i] = reply
         return [self._error(reply) if isinstance(reply, Exception) else reply for reply in replies]
 
     async def _send(self, commands: list[Callable[[Pipeline], object]]) -> list[Any]:
-        try:
+        with self._mapped():
             async with self._redis.pipeline(transaction=False) as pipe:
                 for command in commands:
                     command(pipe)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
                 return replies
-        except Exception as exc:  # RedisError, or a bug: either way a store error for every caller
+
+    @contextmanager
+    def _mapped(self) -> Iterator[None]:
+        """Any failure of a call to Redis as a StoreError, for every caller of its batch."""
+        try:
+            yield
+        except Exception as exc:  # RedisError, or a bug: either way a store error
             raise self._error(exc) from exc
 
     def _error(self, exc: Exception) -> StoreError:
