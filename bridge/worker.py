@@ -30,7 +30,7 @@ from bridge.errors import (
     UnknownJobType,
     UnknownSchema,
 )
-from bridge.idempotency import Busy, Done, run_key
+from bridge.idempotency import Busy, Done, Store, run_key
 from bridge.idempotency.lease import Lease
 from bridge.jobs import JobContext, JobSpec
 from bridge.policy import Decision, GiveUp, decide, keep_recent, tier_for
@@ -80,6 +80,7 @@ class Worker:
         self._dead_letter = registry.schema(DEAD_LETTER)
         self._jobs = _resolve(app, registry.schema)
         self._threads = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="bridge-job")
+        self._store: Store | None = None  # the app's idempotency store, once a job needs it
         self._leases: set[Lease] = set()  # idempotency keys held by running handlers
         self.stats = Stats()
 
@@ -179,15 +180,14 @@ class Worker:
         """Claim the job's idempotency key, run it, then complete or release the key."""
         assert envelope.idempotency_key is not None
         key = run_key(envelope.type, envelope.idempotency_key)
-        job = f"job {envelope.id} ({envelope.type} on {envelope.queue})"
         try:
-            store = await self.app.idempotency_store()
+            store = self._store or await self._open_store()
             claim = await store.claim(key, envelope.id, spec.idempotency_lease_s)
         except StoreError as exc:
-            log.error("%s waits: its idempotency key could not be claimed: %s", job, exc)
+            log.error("%s waits: its idempotency key could not be claimed: %s", _job(envelope), exc)
             return [self._later(envelope, 0.0)]
         if isinstance(claim, Done):
-            log.info("%s is a duplicate: its key was done by job %s", job, claim.job_id)
+            log.info("%s is a duplicate: its key was done by job %s", _job(envelope), claim.job_id)
             self.stats.duplicates += 1
             return ()
         if isinstance(claim, Busy):
@@ -200,6 +200,10 @@ class Worker:
             self._leases.discard(lease)
         await lease.finish(succeeded=not outcome)
         return outcome
+
+    async def _open_store(self) -> Store:
+        self._store = await self.app.idempotency_store()
+        return self._store
 
     def _again(self, delivery: Delivery) -> Outgoing:
         """The delivery's bytes as they are, back through the shortest tier."""
@@ -276,6 +280,10 @@ class Worker:
 def _job_error(attempt: int, exc: BaseException, now: int) -> JobError:
     trace = "".join(traceback.format_exception(exc, limit=-8))[-TRACEBACK_CHARS:]
     return JobError(attempt, now, type(exc).__qualname__, str(exc)[:TRACEBACK_CHARS], trace)
+
+
+def _job(envelope: Envelope) -> str:
+    return f"job {envelope.id} ({envelope.type} on {envelope.queue})"
 
 
 def _iso(epoch_ms: int) -> str:

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from typing import Any, Generic, TypeVar
 
 Request = TypeVar("Request")
+Pending = list[tuple[Request, asyncio.Future[Any]]]
 
 
 class TickBatch(Generic[Request]):
@@ -20,22 +21,46 @@ class TickBatch(Generic[Request]):
     `send` gets one batch's requests and returns a reply for each: a value, or an exception
     for a request that failed alone. A `send` that raises fails the whole batch. With `lock`,
     a batch is taken only once the lock is held, so requests made meanwhile go out together.
+
+    `send_now` is `send` for a store whose sends never wait (SQLite): a batch whose lock is
+    free goes out from a plain callback, with no task to create and step through.
     """
 
     def __init__(
-        self, send: Callable[[list[Request]], Awaitable[list[Any]]], lock: asyncio.Lock | None = None
+        self,
+        send: Callable[[list[Request]], Awaitable[list[Any]]],
+        lock: asyncio.Lock | None = None,
+        send_now: Callable[[list[Request]], list[Any]] | None = None,
     ) -> None:
         self._send = send
+        self._send_now = send_now
         self._lock = lock
-        self._pending: list[tuple[Request, asyncio.Future[Any]]] = []
+        self._pending: Pending[Request] = []
 
     async def call(self, request: Request) -> Any:
         """The reply to `request` once its batch was sent (raised, if it is an exception)."""
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
         self._pending.append((request, done))
         if len(self._pending) == 1:  # the first of a batch sends it
-            asyncio.create_task(self._flush())  # noqa: RUF006 -- it settles every future it takes
+            if self._send_now is not None:
+                loop.call_soon(self._flush_now)
+            else:
+                asyncio.create_task(self._flush())  # noqa: RUF006 -- it settles every future it takes
         return await done
+
+    def _flush_now(self) -> None:
+        if self._lock is not None and self._lock.locked():  # wait for its holder, then send
+            asyncio.create_task(self._flush())  # noqa: RUF006 -- as in `call`
+            return
+        assert self._send_now is not None
+        batch, self._pending = self._pending, []
+        replies: list[Any]
+        try:
+            replies = self._send_now([request for request, _ in batch])
+        except Exception as exc:  # every caller must hear of it
+            replies = [exc] * len(batch)
+        _answer(batch, replies)
 
     async def _flush(self) -> None:
         async with self._lock or nullcontext():
@@ -49,12 +74,17 @@ class TickBatch(Generic[Request]):
                 for _, done in batch:
                     done.cancel()
                 raise
-        if len(replies) != len(batch):  # a bug in `send`: its callers must not wait for good
-            replies = [RuntimeError(f"{len(replies)} replies to {len(batch)} requests")] * len(batch)
-        for (_, done), reply in zip(batch, replies, strict=True):
-            if done.done():
-                continue  # its caller was cancelled
-            if isinstance(reply, BaseException):
-                done.set_exception(reply)
-            else:
-                done.set_result(reply)
+        _answer(batch, replies)
+
+
+def _answer(batch: Pending[Any], replies: list[Any]) -> None:
+    """Settle each request's future with its reply."""
+    if len(replies) != len(batch):  # a bug in `send`: its callers must not wait for good
+        replies = [RuntimeError(f"{len(replies)} replies to {len(batch)} requests")] * len(batch)
+    for (_, done), reply in zip(batch, replies, strict=True):
+        if done.done():
+            continue  # its caller was cancelled
+        if isinstance(reply, BaseException):
+            done.set_exception(reply)
+        else:
+            done.set_result(reply)

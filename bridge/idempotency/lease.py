@@ -14,7 +14,7 @@ from bridge.idempotency import Store
 log = logging.getLogger("bridge.idempotency")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Lease:
     """A claimed key: renewed while the handler runs, then completed or released."""
 

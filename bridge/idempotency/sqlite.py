@@ -48,13 +48,16 @@ class SqliteStore(SqlStore):
             self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             self._db.execute(SCHEMA)
         self._lock = asyncio.Lock()  # the connection: a group commit's, or an inbox transaction's
-        self._statements = TickBatch(self._commit, self._lock)
+        self._statements = TickBatch(self._commit, self._lock, send_now=self._commit_now)
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
         rows: Rows = await self._statements.call((sql, params))
         return rows
 
     async def _commit(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows | StoreError]:
+        return self._commit_now(statements)
+
+    def _commit_now(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows | StoreError]:
         """Run `statements` in one transaction: each one's rows, or its error."""
         results: list[Rows | StoreError] = []
         try:
