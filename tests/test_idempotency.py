@@ -303,6 +303,24 @@ def test_the_purge_deletes_only_the_rows_that_stopped_counting(sql_store_url: st
     with_store(sql_store_url, scenario)
 
 
+def test_the_sqlite_purge_covers_a_table_larger_than_one_range(tmp_path: Path) -> None:
+    # Given 2,500 keys (the SQLite purge deletes 1,000 rowids per statement), every other one
+    # claimed with a lease that has ended,
+    # When the store purges, Then exactly the rows of the ended leases are gone, in every range.
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+
+    async def scenario(store: Store) -> None:
+        assert isinstance(store, SqlStore)
+        keys = [new_key() for _ in range(2500)]
+        ended = set(keys[1::2])
+        await asyncio.gather(*(store.claim(key, "job-1", 0.05 if key in ended else 30) for key in keys))
+        await asyncio.sleep(0.1)
+        await store.purge()
+        assert stored_names(url, keys) == set(keys) - ended
+
+    with_store(url, scenario)
+
+
 def test_the_postgres_purge_passes_over_a_row_another_transaction_holds(brokers: dict[str, str]) -> None:
     # Given two keys whose leases ended, one of whose rows another transaction holds (as a
     # batch re-claiming it would),
@@ -322,6 +340,43 @@ def test_the_postgres_purge_passes_over_a_row_another_transaction_holds(brokers:
             assert stored_names(url, keys) == {held}, f"{gone} was not purged"
 
     with_store(url, scenario)
+
+
+def test_a_purge_that_fails_is_logged_and_the_completion_stands(
+    sql_store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a store whose purge fails (its statement names a table that is not there),
+    # When a key completes (a store's first completion starts a purge),
+    # Then the completion took effect and says so, and the purge's failure is a warning.
+    async def scenario(store: Store) -> None:
+        assert isinstance(store, SqlStore)
+        store.purge_sql = store.purge_sql.replace("bridge_idempotency", "no_such_table")
+        key = new_key()
+        assert await store.complete(key, claimed(await store.claim(key, "job-1", 30)).token, "job-1", 30)
+        assert await store.claim(key, "job-2", 30) == Done("job-1")
+        assert store._purging is not None
+        await asyncio.wait_for(store._purging, timeout=5)
+
+    with caplog.at_level("WARNING", logger="bridge.idempotency"):
+        with_store(sql_store_url, scenario)
+    [warning] = [r.getMessage() for r in caplog.records if "could not purge" in r.getMessage()]
+    assert "no_such_table" in warning
+
+
+def test_no_completion_waits_for_a_slow_postgres_purge_and_closing_ends_it(brokers: dict[str, str]) -> None:
+    # Given a PostgreSQL store whose purge takes a minute (a large table's takes seconds),
+    # When a key completes (a store's first completion starts a purge),
+    # Then complete() returns at once, and closing the store does not wait for the purge.
+    async def scenario(store: Store) -> None:
+        assert isinstance(store, SqlStore)
+        store.purge_sql = "SELECT pg_sleep(60) WHERE ?::bigint > 0"
+        key = new_key()
+        token = claimed(await store.claim(key, "job-1", 30)).token
+        assert await asyncio.wait_for(store.complete(key, token, "job-1", 30), timeout=5)
+        assert store._purging is not None and not store._purging.done()
+        await asyncio.wait_for(store.close(), timeout=5)
+
+    with_store(brokers["postgres"], scenario)
 
 
 def test_two_processes_racing_for_the_same_keys_each_win_once(store_url: str) -> None:

@@ -107,6 +107,7 @@ class PostgresStore(SqlStore):
                 yield conn, query
 
     async def close(self) -> None:
+        await self._stop_purging()
         await self._pool.close()
 
 

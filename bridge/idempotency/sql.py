@@ -13,12 +13,14 @@ row for a statement that returns no columns, so `if await self._query(CLAIM, ...
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Any
 
-from bridge.errors import LeaseLost
+from bridge.errors import LeaseLost, StoreError
 from bridge.idempotency import Busy, Claim, Claimed, Done, new_token
 
 SCHEMA = """
@@ -49,13 +51,13 @@ ON CONFLICT (name) DO UPDATE SET state = 'enqueued', job_id = excluded.job_id, t
     expires_at = excluded.expires_at, done_at = NULL
 WHERE bridge_idempotency.expires_at <= ?"""
 FORGET = "DELETE FROM bridge_idempotency WHERE name = ? AND job_id = ? AND state = 'enqueued'"
-PURGE = "DELETE FROM bridge_idempotency WHERE expires_at < ?"
 PURGE_EVERY_S = 3600.0
 # Where each statement that touches one key's row has that key among its parameters. A store
 # that runs several such statements in one transaction takes their rows in key order, so two
 # processes' transactions never wait for each other's rows in a circle (a deadlock).
 KEY_AT = {CLAIM: 0, LOOK: 0, EXTEND: 1, COMPLETE: 3, RELEASE: 0, REMEMBER: 0, FORGET: 0}
 
+log = logging.getLogger("bridge.idempotency")
 Rows = list[tuple[Any, ...]]
 Query = Callable[[str, Sequence[Any]], Awaitable[Rows]]
 
@@ -68,8 +70,9 @@ class SqlStore:
     """The store contract over a SQL table; a subclass supplies `_query` and `_begin`."""
 
     url: str
-    purge_sql = PURGE
-    _next_purge = 0.0
+    purge_sql: str  # deletes the rows that expired before its last parameter
+    _next_purge = 0.0  # time.monotonic() of the next purge: at the first completion, then hourly
+    _purging: asyncio.Task[None] | None = None
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
         """Run one statement in its own transaction and return its rows."""
@@ -96,7 +99,8 @@ class SqlStore:
 
     async def complete(self, key: str, token: str, job_id: str, window_s: float) -> bool:
         done = bool(await self._query(COMPLETE, _completion(key, token, job_id, window_s)))
-        await self._purge_now_and_then()
+        if time.monotonic() >= self._next_purge:
+            self._start_purge()
         return done
 
     async def release(self, key: str, token: str) -> None:
@@ -123,10 +127,25 @@ class SqlStore:
         """Delete the rows that stopped counting: their lease or their window ended."""
         await self._query(self.purge_sql, (now_ms(),))
 
-    async def _purge_now_and_then(self) -> None:
-        if time.monotonic() >= self._next_purge:
-            self._next_purge = time.monotonic() + PURGE_EVERY_S
+    def _start_purge(self) -> None:
+        """Purge in the background, every PURGE_EVERY_S. It reads the whole table, which takes
+        a while when the table is large (0.4 s for 2 million PostgreSQL rows): no job waits for it.
+        """
+        self._next_purge = time.monotonic() + PURGE_EVERY_S
+        self._purging = asyncio.create_task(self._purge_or_log())
+
+    async def _purge_or_log(self) -> None:
+        try:
             await self.purge()
+        except StoreError as exc:  # the keys it missed go at the next purge
+            log.warning("could not purge old keys: %s; trying again in %.0f s", exc, PURGE_EVERY_S)
+
+    async def _stop_purging(self) -> None:
+        """For `close`: a purge still running is cancelled, and the next one deletes the rest."""
+        if self._purging is not None:
+            self._purging.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._purging
 
 
 def _completion(key: str, token: str, job_id: str, window_s: float) -> tuple[Any, ...]:
