@@ -1,9 +1,11 @@
 """What idempotency keys cost: bridge consume with a key on every job against no keys, per store.
 
-For each broker, in one run: N no-op jobs without keys, then N jobs each with its own key for
-every store (SQLite in a temporary folder, the local PostgreSQL and Redis of `bridge dev up`).
-Every keyed job claims its key and completes it: two store round trips per job. The in-memory
-store comes first: no I/O and no waiting, so its row is what the claim protocol itself costs.
+For each broker and each store (SQLite in a temporary folder, the local PostgreSQL and Redis of
+`bridge dev up`), in one run: N no-op jobs without keys, then N jobs each with its own key in
+that store. Every keyed job claims its key and completes it: two store round trips per job.
+The in-memory store comes first: no I/O and no waiting, so its row is what the claim protocol
+itself costs. A store's ratio is the median, over the rounds, of its rate over the no-key rate
+measured just before it.
 
     python -m bench.idempotency [--n 5000] [--broker kafka|rabbitmq|all] [--repeat 3]
 """
@@ -53,19 +55,23 @@ async def consume(broker: str, queue: str, jobs: int, concurrency: int, store: s
 
 
 def measure(broker: str, url: str, stores: dict[str, str], jobs: int, concurrency: int, table: Table) -> None:
-    """The no-key rate, then the rate with keys in each store, on one broker.
+    """For each store, the no-key rate and then the rate with keys in that store, on one broker.
 
-    Every queue is deleted afterwards: quorum queues left behind keep costing RabbitMQ CPU, and
-    made later rounds (and other benchmarks) slower.
+    Each store's rate is judged against the no-key run just before it: this machine's speed
+    drifts within minutes, so a baseline taken before every store would make the later stores
+    look better or worse than they are. Every queue is deleted afterwards: quorum queues left
+    behind keep costing RabbitMQ CPU, and made later rounds (and other benchmarks) slower.
     """
-    queues = [fresh(f"{broker}-nokey"), *(fresh(f"{broker}-{name}") for name in stores)]
+    queues: list[str] = []
     try:
-        asyncio.run(publish(url, queues[0], jobs, keyed=False))
-        timing = asyncio.run(consume(url, queues[0], jobs, concurrency, None))
-        baseline = table.add(broker, "consume", "no keys", timing)
-        for (name, store), queue in zip(stores.items(), queues[1:], strict=True):
-            asyncio.run(publish(url, queue, jobs, keyed=True))
-            timing = asyncio.run(consume(url, queue, jobs, concurrency, store))
+        for name, store in stores.items():
+            plain, keyed = fresh(f"{broker}-nokey"), fresh(f"{broker}-{name}")
+            queues += [plain, keyed]
+            asyncio.run(publish(url, plain, jobs, keyed=False))
+            asyncio.run(publish(url, keyed, jobs, keyed=True))
+            timing = asyncio.run(consume(url, plain, jobs, concurrency, None))
+            baseline = table.add(broker, "consume", f"no keys, before {name}", timing)
+            timing = asyncio.run(consume(url, keyed, jobs, concurrency, store))
             target = 1 - SQLITE_MAX_COST if name == "sqlite" else None
             table.add(broker, "consume", f"keys in {name}", timing, baseline=baseline, min_ratio=target)
     finally:

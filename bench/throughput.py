@@ -24,7 +24,8 @@ The publish measurements fill the queues that the consume measurements then drai
 measurement runs in its own `asyncio.run`. The RabbitMQ queues and Kafka topics are deleted at
 the end. Numbers on a small machine, where the brokers share the cores, are noisy: compare rows
 of the same run, not runs, and use `--repeat` (rounds of every measurement, raw and bridge
-interleaved; the table shows medians) before drawing a conclusion from one ratio.
+interleaved; the table shows median rates, and the median of the rounds' ratios) before drawing
+a conclusion from one ratio.
 """
 
 from __future__ import annotations
@@ -76,10 +77,15 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
-        """This rate over the baseline's (medians of both)."""
-        if self.baseline is None or self.baseline.rate == 0:
+        """This rate over the baseline's: the median of each round's ratio.
+
+        Each round's pair is measured minutes apart at most, while this machine's speed drifts
+        between rounds; a ratio of the two medians could pair a fast round with a slow one.
+        """
+        if self.baseline is None or 0 in self.baseline.rates:
             return None
-        return self.rate / self.baseline.rate
+        pairs = zip(self.rates, self.baseline.rates, strict=True)  # every round measures both
+        return statistics.median(ours / theirs for ours, theirs in pairs)
 
     def verdict(self) -> str:
         """`(target >= X)`, with `MISSED` when the measurement falls short of it.
