@@ -58,8 +58,8 @@ def measure(broker: str, url: str, stores: dict[str, str], jobs: int, concurrenc
     """For each store, the no-key rate and then the rate with keys in that store, on one broker.
 
     Each store's rate is judged against the no-key run just before it: this machine's speed
-    drifts within minutes, so a baseline taken before every store would make the later stores
-    look better or worse than they are. Every queue is deleted afterwards: quorum queues left
+    drifts within minutes, so one baseline taken before all the stores would make the later
+    ones look better or worse than they are. Every queue is deleted afterwards: quorum queues left
     behind keep costing RabbitMQ CPU, and made later rounds (and other benchmarks) slower.
     """
     queues: list[str] = []
