@@ -170,6 +170,29 @@ def test_the_inbox_commits_the_write_and_the_key_together(store_url: str) -> Non
     assert list(effects(store_url, table).values()) == [1]
 
 
+def test_sqlite_claims_made_during_an_inbox_transaction_go_out_once_it_commits(tmp_path: Path) -> None:
+    # Given a SQLite store whose one connection holds a job's inbox transaction,
+    # When other jobs claim their keys meanwhile, Then none of their claims is answered while
+    # the transaction is open (they would be part of it), and all succeed once it commits.
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    table = new_table(url)
+
+    async def scenario(store: Store) -> None:
+        key, others = new_key(), [new_key() for _ in range(10)]
+        token = claimed(await store.claim(key, "job-1", 30)).token
+        async with store.transaction(key, token, "job-1", 30) as db:
+            claims = asyncio.gather(*(store.claim(other, "job-2", 30) for other in others))
+            for _ in range(5):  # turns of the loop, in which a batch would have gone out
+                await asyncio.sleep(0)
+            assert not claims.done()
+            await write_effect(url, db, table, key, "job-1")
+        assert all(isinstance(claim, Claimed) for claim in await asyncio.wait_for(claims, timeout=5))
+        assert await store.claim(key, "job-3", 30) == Done("job-1")
+
+    with_store(url, scenario)
+    assert list(effects(url, table).values()) == [1]
+
+
 def test_the_inbox_of_a_lost_lease_writes_nothing(store_url: str) -> None:
     # Given a key whose 0.3 s lease ended and that another job claimed,
     # When the first holder's transaction ends, Then it raises LeaseLost and its write is gone.
