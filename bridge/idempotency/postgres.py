@@ -19,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from bridge.errors import StoreError
 from bridge.idempotency.batch import TickBatch
-from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore
+from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore, now_ms
 
 CONNECT_TIMEOUT_S = 10.0
 # The purge passes over rows that another transaction holds (a batch re-claiming an expired
@@ -62,13 +62,15 @@ class PostgresStore(SqlStore):
                     await conn.execute(SCHEMA)
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
-        if sql not in KEY_AT:  # the purge: many rows, in a transaction of its own
-            await self._open()
-            with _mapped(self.url):
-                async with self._pool.connection() as conn:
-                    return await _fetch(conn, sql, params)
         rows: Rows = await self._statements.call((sql, params))
         return rows
+
+    async def purge(self) -> None:
+        """In a transaction of its own, not a batch's: it touches many rows, and takes a while."""
+        await self._open()
+        with _mapped(self.url):
+            async with self._pool.connection() as conn:
+                await _fetch(conn, self.purge_sql, (now_ms(),))
 
     async def _pipeline(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows | StoreError]:
         """Run `statements` in one transaction and one round trip: each one's rows.
