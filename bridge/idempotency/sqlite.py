@@ -5,12 +5,12 @@ event loop's thread: they take microseconds, and a thread hop would cost more. (
 2026-11-30: with a thread of its own, the loop's time per keyed Kafka job rose from about 50 to
 70-95 µs, as the thread and the loop handed the GIL back and forth around every statement and
 every batch, even with a batch's claims in one INSERT. Without a thread, that one INSERT saved
-nothing either, 15 to 16 µs per key both ways: the time goes to SQLite's B-tree, not to Python.)
-A commit costs more than the statements, so the claims and completions that jobs ask for while
-the loop is busy are written in one transaction (group commit), a few milliseconds at most. The
-one long transaction is the inbox, which holds this process's connection (other jobs'
-statements wait their turn) and SQLite's write lock (other processes wait up to
-BUSY_TIMEOUT_S): keep inbox transactions short.
+nothing either, 15 to 16 µs per key both ways at ten keys a batch: the time goes to SQLite's
+B-tree, not to Python.) A commit costs more than the statements, so the claims and completions
+that jobs ask for while the loop is busy are written in one transaction (group commit), a few
+milliseconds at most. The one long transaction is the inbox, which holds this process's
+connection (other jobs' statements wait their turn) and SQLite's write lock (other processes
+wait up to BUSY_TIMEOUT_S): keep inbox transactions short.
 """
 
 from __future__ import annotations
