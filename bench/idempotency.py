@@ -7,6 +7,12 @@ The in-memory store comes first: no I/O and no waiting, so its row is what the c
 itself costs. A store's ratio is the median, over the rounds, of its rate over the no-key rate
 measured just before it.
 
+Last, what the SQLite target leaves a key, per broker, next to what a key cannot do without: the
+claim protocol (the memory store's time) and SQLite's own statements. Those are measured by
+calling the store's transaction code straight, with no broker and no event loop: a claim and a
+completion per key, each commit holding the claims of --concurrency keys and the completions of
+the --concurrency before them (more per commit than a consumer gathers, so this is a floor).
+
     python -m bench.idempotency [--n 5000] [--broker kafka|rabbitmq|all] [--repeat 3]
 """
 
@@ -18,6 +24,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from importlib.metadata import version
@@ -27,6 +34,9 @@ from bench import kafka, rabbitmq
 from bench.common import IN_FLIGHT, JOB_TYPE, BenchError, Timing, bench_app, fresh, timed_windows, timeout_for
 from bench.throughput import BROKERS, Row, Table, _positive, broker_urls, render
 from bridge.errors import BridgeError
+from bridge.idempotency import new_token, run_key
+from bridge.idempotency.sql import CLAIM, COMPLETE, now_ms
+from bridge.idempotency.sqlite import SqliteStore
 
 STORES = ("memory", "sqlite", "postgres", "redis")
 SQLITE_MAX_COST = 0.30  # the issue's target: keys on SQLite cost under 30% of the no-key rate
@@ -103,6 +113,54 @@ def added_us(row: Row) -> float:
     return statistics.median(1e6 / ours - 1e6 / theirs for ours, theirs in pairs)
 
 
+def sqlite_alone_us(url: str, keys: int, per_commit: int) -> float:
+    """SQLite's own time per key, in µs: its claim and its completion, with no broker and no loop."""
+
+    async def run() -> float:
+        store = SqliteStore(url)
+        try:
+            prefix, lease_ms, window_ms = uuid.uuid4().hex, 60_000, 86_400_000
+            names = [run_key(JOB_TYPE, f"{prefix}-{n}") for n in range(keys)]
+            claimed: list[tuple[str, str]] = []
+            start = time.perf_counter()
+            for first in range(0, keys + per_commit, per_commit):
+                now, job_id = now_ms(), uuid.uuid4().hex
+                claiming = [(name, new_token()) for name in names[first : first + per_commit]]
+                store._commit_now(
+                    [(CLAIM, (name, job_id, token, now + lease_ms, now)) for name, token in claiming]
+                    + [(COMPLETE, (job_id, now + window_ms, now, name, token)) for name, token in claimed]
+                )
+                claimed = claiming
+            return (time.perf_counter() - start) / keys * 1e6
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def allowances(rows: Sequence[Row], sqlite_us: float) -> list[str]:
+    """Per broker, the time the SQLite target lets a key add to a job, and what a key needs anyway.
+
+    A job's time comes from the median no-key rate, while a ratio pairs each round's two rates:
+    when the rounds differ a lot, the two can disagree about whether the target was met.
+    """
+    lines = [
+        f"sqlite alone: {sqlite_us:,.1f} µs per key (its claim and its completion; no broker, no event loop)"
+    ]
+    by_label = {(row.broker, row.label): row for row in rows}
+    for broker in dict.fromkeys(row.broker for row in rows):
+        sqlite, memory = by_label[broker, "keys in sqlite"], by_label[broker, "keys in memory"]
+        assert sqlite.baseline is not None
+        job_us = 1e6 / sqlite.baseline.rate
+        allowed_us = job_us * SQLITE_MAX_COST / (1 - SQLITE_MAX_COST)
+        lines.append(
+            f"{broker:<8} a job without a key takes {job_us:,.0f} µs; the target lets a key add "
+            f"{allowed_us:,.0f} µs; the claim protocol takes {added_us(memory):,.0f} µs in memory, "
+            f"and SQLite alone {sqlite_us:,.0f} µs more"
+        )
+    return lines
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.idempotency",
@@ -133,8 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  ... {row.broker} {row.label}: {timing.rate:,.0f} jobs/s", file=sys.stderr)
 
     table = Table(progress)
+    sqlite_us: list[float] = []
     with tempfile.TemporaryDirectory() as folder:
         sqlite = f"sqlite:///{Path(folder) / 'keys.db'}"
+        alone = f"sqlite:///{Path(folder) / 'alone.db'}"
         stores = {
             "memory": "memory://",  # no I/O: what the claim protocol itself costs
             "sqlite": sqlite,
@@ -145,11 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for _ in range(args.repeat):
                 for broker in wanted:
                     measure(broker, urls[broker], stores, args.n, args.concurrency, table)
+                sqlite_us.append(sqlite_alone_us(alone, args.n, args.concurrency))
         except (BenchError, BridgeError) as exc:
             print(f"bench: {exc}", file=sys.stderr)
             return 1
     rows = list(table.rows.values())
-    print("\n".join([*render(rows), "", *costs(rows)]))
+    print("\n".join([*render(rows), "", *costs(rows), "", *allowances(rows, statistics.median(sqlite_us))]))
     return 0
 
 
