@@ -59,6 +59,8 @@ class SqliteStore(SqlStore):
             # Keys are random, so every claim and completion dirties pages all over the table;
             # copying the WAL back less often (at 16 MB instead of 4) writes each hot page once
             # per checkpoint instead of several times: a third less time per keyed job here.
+            # (Checkpoints in a thread of their own took their fsync off the loop, but under a
+            # steady stream of commits the WAL was never reset: 230 MB after 60,000 keys.)
             self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             self._db.execute(SCHEMA)
         self._lock = asyncio.Lock()  # the connection: a group commit's, or an inbox transaction's
