@@ -126,10 +126,12 @@ def sqlite_alone_us(url: str, keys: int, per_commit: int) -> float:
             for first in range(0, keys + per_commit, per_commit):
                 now, job_id = now_ms(), uuid.uuid4().hex
                 claiming = [(name, new_token()) for name in names[first : first + per_commit]]
-                store._commit_now(
+                results = store._commit_now(
                     [(CLAIM, (name, job_id, token, now + lease_ms, now)) for name, token in claiming]
                     + [(COMPLETE, (job_id, now + window_ms, now, name, token)) for name, token in claimed]
                 )
+                if any(result != [()] for result in results):  # each one changed its key's row
+                    raise BenchError(f"sqlite alone: a claim or completion did not take effect: {results}")
                 claimed = claiming
             return (time.perf_counter() - start) / keys * 1e6
         finally:
