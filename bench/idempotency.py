@@ -35,7 +35,7 @@ from bench.common import IN_FLIGHT, JOB_TYPE, BenchError, Timing, bench_app, fre
 from bench.throughput import BROKERS, Row, Table, _positive, broker_urls, render
 from bridge.errors import BridgeError
 from bridge.idempotency import new_token, run_key
-from bridge.idempotency.sql import CLAIM, COMPLETE, now_ms
+from bridge.idempotency.sql import CLAIM, COMPLETE, _completion, now_ms
 from bridge.idempotency.sqlite import SqliteStore
 
 STORES = ("memory", "sqlite", "postgres", "redis")
@@ -119,7 +119,7 @@ def sqlite_alone_us(url: str, keys: int, per_commit: int) -> float:
     async def run() -> float:
         store = SqliteStore(url)
         try:
-            prefix, lease_ms, window_ms = uuid.uuid4().hex, 60_000, 86_400_000
+            prefix, lease_ms = uuid.uuid4().hex, 60_000
             names = [run_key(JOB_TYPE, f"{prefix}-{n}") for n in range(keys)]
             claimed: list[tuple[str, str]] = []
             start = time.perf_counter()
@@ -128,7 +128,7 @@ def sqlite_alone_us(url: str, keys: int, per_commit: int) -> float:
                 claiming = [(name, new_token()) for name in names[first : first + per_commit]]
                 results = store._commit_now(
                     [(CLAIM, (name, job_id, token, now + lease_ms, now)) for name, token in claiming]
-                    + [(COMPLETE, (job_id, now + window_ms, now, name, token)) for name, token in claimed]
+                    + [(COMPLETE, _completion(name, token, job_id, 86_400.0)) for name, token in claimed]
                 )
                 if any(result != [()] for result in results):  # each one changed its key's row
                     raise BenchError(f"sqlite alone: a claim or completion did not take effect: {results}")
