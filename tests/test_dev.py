@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ import pytest
 import yaml
 
 from bridge import dev
-from bridge.dev import apicurio, compose, kafka, postgres, rabbitmq, redis
+from bridge.dev import _proc, apicurio, compose, kafka, postgres, rabbitmq, redis
 from bridge.errors import DevError
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
@@ -267,6 +268,29 @@ def test_port_held_by_another_program_fails_fast(
             dev.up([service], log=quiet)
     # Then it says so within seconds instead of waiting for a broker that never answers
     assert time.monotonic() - started < 15
+
+
+def test_a_started_process_counts_as_running_until_it_exits(tmp_path: Path) -> None:
+    # Given a process started as `bridge dev up` starts a server, with a marker in its argv
+    marker = str(tmp_path / "marker.conf")
+    argv = [sys.executable, "-c", "import time; time.sleep(60)", marker]
+    pid = _proc.spawn_detached(argv, log_file=tmp_path / "out.log")
+    try:
+        # Then it is running, and running it stays while its command line is not consulted
+        assert not _proc.exited(pid, marker)
+        assert not _proc.exited(pid, "a marker its command line lacks")
+    finally:
+        # When it is killed
+        os.kill(pid, signal.SIGKILL)
+    # Then it has exited, and stays so once reaped
+    assert _proc.wait_for(lambda: _proc.exited(pid, marker), timeout_s=10, every_s=0.05)
+    assert _proc.exited(pid, marker)
+
+
+def test_a_process_started_elsewhere_is_known_by_its_command_line() -> None:
+    # Given a process that is not our child (our own, here), the marker is all there is to go by
+    assert not _proc.exited(os.getpid(), "pytest")
+    assert _proc.exited(os.getpid(), "a marker its command line lacks")
 
 
 def test_unknown_service_is_refused() -> None:

@@ -84,6 +84,20 @@ def process_cmdline(pid: int) -> str:
     return raw.replace(b"\0", b" ").decode(errors="replace").strip()
 
 
+def exited(pid: int, marker: str) -> bool:
+    """True once process `pid`, started with `marker` on its command line, has ended.
+
+    A child of ours is asked with waitpid, which is exact (and reaps it). Its command line is
+    not proof: on a fresh machine under load, `bridge dev up` once read Kafka's without the
+    marker a second into its start, and gave up on a broker that went on to serve.
+    """
+    try:
+        ended, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not ours: an earlier `bridge dev up` started it
+        return marker not in process_cmdline(pid)
+    return ended == pid
+
+
 def spawn_detached(argv: Sequence[str], *, log_file: Path) -> int:
     """Start a long-lived process in its own session, output appended to `log_file`."""
     # posix_spawn rather than Popen: a Popen object dropped while its child still runs

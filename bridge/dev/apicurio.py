@@ -21,6 +21,7 @@ from typing import Final
 from bridge.dev._common import ServiceStatus, cache_root, data_root, env_port
 from bridge.dev._proc import (
     Log,
+    exited,
     file_lock,
     find_program,
     last_line,
@@ -240,7 +241,7 @@ def _start(layout: _Layout, http_port: int, log: Log) -> int:
 
 def _wait_ready(http_port: int, pid: int, layout: _Layout) -> None:
     def ready() -> bool:
-        if layout.marker not in process_cmdline(pid):
+        if exited(pid, layout.marker):
             raise DevError(f"Apicurio exited while starting; see {layout.log_file}: {tail(layout.log_file)}")
         return _answers(http_port, timeout_s=2.0)
 

@@ -20,6 +20,7 @@ from confluent_kafka.admin import AdminClient
 from bridge.dev._common import ServiceStatus, cache_root, data_root, env_port
 from bridge.dev._proc import (
     Log,
+    exited,
     file_lock,
     find_program,
     last_line,
@@ -314,10 +315,8 @@ def _cluster_id() -> str:
 
 
 def _wait_ready(client_port: int, pid: int, layout: _Layout) -> None:
-    marker = str(layout.server_properties)
-
     def ready() -> bool:
-        if marker not in process_cmdline(pid):
+        if exited(pid, str(layout.server_properties)):
             detail = tail(layout.server_log) or tail(layout.out_file)
             raise DevError(f"Kafka exited while starting; see {layout.server_log}: {detail}")
         return _answers(client_port, timeout_s=2.0)
