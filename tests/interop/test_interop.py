@@ -206,9 +206,21 @@ def test_job_enqueued_by_go_on_rabbitmq_runs_in_bridge_consume(
 
 
 def test_go_producer_fails_when_no_queue_takes_its_job(go_enqueue: Program, brokers: dict[str, str]) -> None:
-    # Given no queue of that name, When the Go producer publishes a job to it (mandatory),
-    # Then RabbitMQ returns the message and the producer fails instead of reporting it enqueued.
+    # Given a prefix's exchange with one queue bound, but not the one the job names,
+    broker, prefix = brokers["rabbitmq"], own_prefix()
+    run(publish(broker, f"t-{uuid.uuid4().hex[:12]}", 0, prefix=prefix, delay_tiers=TIERS))
     missing = f"t-{uuid.uuid4().hex[:12]}"
-    done = go_enqueue.run("-schemas", SCHEMA_DIRS, "-url", brokers["rabbitmq"], "-queue", missing)
+    # When the Go producer publishes a job to that queue (mandatory),
+    done = go_enqueue.run("-schemas", SCHEMA_DIRS, "-url", broker, "-prefix", prefix, "-queue", missing)
+    # Then RabbitMQ returns the message and the producer fails instead of reporting it enqueued.
     assert done.returncode != 0
-    assert f'no queue "{missing}" is bound to bridge.jobs' in done.stderr
+    assert f'no queue "{missing}" is bound to {prefix}.jobs: NO_ROUTE' in done.stderr
+
+
+def test_go_producer_says_which_exchange_is_missing(go_enqueue: Program, brokers: dict[str, str]) -> None:
+    # Given a prefix whose topology was never applied, When the Go producer publishes to it,
+    broker, prefix = brokers["rabbitmq"], own_prefix()
+    done = go_enqueue.run("-schemas", SCHEMA_DIRS, "-url", broker, "-prefix", prefix, "-queue", "t")
+    # Then it fails with RabbitMQ's reason, which names the exchange.
+    assert done.returncode != 0
+    assert f"NOT_FOUND - no exchange '{prefix}.jobs'" in done.stderr

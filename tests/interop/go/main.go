@@ -176,6 +176,7 @@ func publish(url, exchange, queue string, body []byte) error {
 		return err
 	}
 	returned := ch.NotifyReturn(make(chan amqp.Return, 1))
+	closed := ch.NotifyClose(make(chan *amqp.Error, 1))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	message := amqp.Publishing{DeliveryMode: amqp.Persistent, Body: body}
@@ -188,6 +189,13 @@ func publish(url, exchange, queue string, body []byte) error {
 	case err != nil:
 		return err
 	case !acked:
+		select { // the channel closed before its confirm: say why (a missing exchange, say)
+		case e := <-closed:
+			if e != nil {
+				return fmt.Errorf("RabbitMQ closed the channel publishing to %s: %s", exchange, e.Reason)
+			}
+		default:
+		}
 		return fmt.Errorf("RabbitMQ refused the publish to %s", queue)
 	}
 	select { // a return comes before the ack of the same message
