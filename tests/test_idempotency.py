@@ -264,6 +264,25 @@ def test_a_key_too_long_for_the_postgres_index_fails_alone(brokers: dict[str, st
     with_store(brokers["postgres"], scenario)
 
 
+def test_a_wrong_postgres_password_fails_at_once_with_the_servers_reason(brokers: dict[str, str]) -> None:
+    # Given the local PostgreSQL's URL with a wrong password,
+    user, _, where = brokers["postgres"].removeprefix("postgresql://").partition("@")
+    url = f"postgresql://{user.partition(':')[0]}:not-the-password@{where}"
+
+    async def scenario(store: Store) -> None:
+        # When a key is claimed,
+        started = time.monotonic()
+        with pytest.raises(StoreError) as failed:
+            await store.claim(new_key(), "job", 30)
+        # Then the claim fails with the server's reason, on one line and without the password,
+        # and without waiting out the connection pool's timeout (10 s)
+        assert "password authentication failed" in str(failed.value)
+        assert "\n" not in str(failed.value) and "not-the-password" not in str(failed.value)
+        assert time.monotonic() - started < 5
+
+    with_store(url, scenario)
+
+
 def test_the_redis_store_loads_its_script_again_when_redis_has_lost_it(brokers: dict[str, str]) -> None:
     # Given a key claimed in Redis (a plain SET: no script has run yet),
     # When Redis forgets its scripts (as after a restart), and the key is completed (a script),

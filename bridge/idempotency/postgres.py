@@ -54,12 +54,21 @@ class PostgresStore(SqlStore):
                 self._ready = True
 
     async def _create(self) -> None:
+        """Create the table on a connection of its own, then fill the pool.
+
+        The pool retries a failed connection until its timeout and then says only that it
+        timed out; this first connection fails at once with the server's reason (a wrong
+        password, a missing database).
+        """
         with _mapped(self.url):
-            await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
-            async with self._pool.connection() as conn:
+            conn = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
+            )
+            async with conn:
                 # UniqueViolation: another process created the table at the same moment.
                 with suppress(psycopg.errors.UniqueViolation):
                     await conn.execute(SCHEMA)
+            await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
         rows: Rows = await self._statements.call((sql, params))
@@ -160,4 +169,5 @@ def _mapped(url: str) -> Iterator[None]:
         yield
     except (psycopg.Error, TimeoutError) as exc:
         where = url.rpartition("@")[2]  # never the password
-        raise StoreError(f"idempotency store postgresql://{where}: {exc}") from exc
+        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
+        raise StoreError(f"idempotency store postgresql://{where}: {reason}") from exc
