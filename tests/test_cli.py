@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -69,6 +70,27 @@ def test_unreachable_broker_gets_one_line(scheme: str) -> None:
     done = bridge("enqueue", "billing.ChargeCard", CHARGE, "--app", "consumers.billing:app", "--broker", url)
     assert_one_line_error(done, "cannot reach", "bridge dev up")
     assert "secret" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "fragments"),
+    [
+        ({"password": "not-it"}, ["refused the login", "check the user and password", "ACCESS_REFUSED"]),
+        ({"vhost": "no-such-vhost"}, ["would not open virtual host 'no-such-vhost'", "does it exist"]),
+    ],
+)
+def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
+    change: dict[str, str], fragments: list[str], brokers: dict[str, str]
+) -> None:
+    # Given the local RabbitMQ's URL with a wrong password, or a virtual host it does not have,
+    parts = urlsplit(brokers["rabbitmq"])
+    password, vhost = change.get("password", parts.password), change.get("vhost", parts.path[1:])
+    url = f"amqp://{parts.username}:{password}@{parts.hostname}:{parts.port}/{vhost}"
+    # When a job is enqueued there,
+    done = bridge("enqueue", "billing.ChargeCard", CHARGE, "--app", "consumers.billing:app", "--broker", url)
+    # Then one line says what RabbitMQ refused (not that it cannot be reached), without the password.
+    assert_one_line_error(done, *fragments)
+    assert "cannot reach" not in done.stderr and "not-it" not in done.stderr
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
@@ -80,11 +80,32 @@ class RabbitTransport:
         with _mapped(
             f"cannot reach RabbitMQ at {_safe(self.url)}; is it running? (`bridge dev up` starts one)"
         ):
-            self._connection = await aio_pika.connect_robust(
-                self.url, timeout=CONNECT_TIMEOUT_S, reconnect_interval=RECONNECT_INTERVAL_S
-            )
+            self._connection = await self._open_connection()
             self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._exchange = await self._declare_exchange(self._channel)
+
+    async def _open_connection(self) -> AbstractRobustConnection:
+        """A connection, or a TransportError that says what RabbitMQ refused, if it answered."""
+        try:
+            return await aio_pika.connect_robust(
+                self.url, timeout=CONNECT_TIMEOUT_S, reconnect_interval=RECONNECT_INTERVAL_S
+            )
+        except aiormq.exceptions.ProbableAuthenticationError as exc:
+            raise TransportError(
+                f"RabbitMQ at {_safe(self.url)} refused the login: check the user and password"
+                f" in the URL ({exc.args[0] if exc.args else exc!r})",
+                retriable=False,
+            ) from exc
+        except aiormq.exceptions.InvalidFrameError as exc:
+            if "Connection.Close" not in str(exc):
+                raise
+            # It closed instead of opening the virtual host; aiormq drops the reason it gave.
+            vhost = unquote(urlsplit(self.url).path.removeprefix("/")) or "/"
+            raise TransportError(
+                f"RabbitMQ at {_safe(self.url)} would not open virtual host {vhost!r} for this"
+                " user: does it exist, and may the user use it?",
+                retriable=False,
+            ) from exc
 
     async def _declare_exchange(self, channel: AbstractChannel) -> AbstractExchange:
         return await channel.declare_exchange(self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True)
