@@ -268,6 +268,13 @@ class HttpRegistry:
         try:
             return method(*args)
         except SchemaRegistryError as exc:
+            if exc.http_status_code == 404 and exc.error_code in (None, SchemaRegistryError.UNKNOWN):
+                # A registry's "not found" carries its own code (40401, ...): this is some other
+                # web server, or the registry's host without the path of its API.
+                raise ConfigError(
+                    f"registry {self.url} is not a schema registry's API: it answered 404 without"
+                    " a registry error code (for Apicurio, the URL ends in /apis/ccompat/v7)"
+                ) from None
             if 400 <= exc.http_status_code < 500:
                 raise _Rejected(exc.error_message) from None
             raise RegistryUnavailable(f"schema registry at {self.url}: {exc.error_message}") from None

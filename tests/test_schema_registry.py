@@ -128,6 +128,20 @@ def test_a_producer_cannot_register_an_incompatible_version_on_the_fly(
     producer.close()
 
 
+@pytest.mark.parametrize("path", ["", "/apis/no-such-api"])
+def test_a_url_that_is_not_the_registrys_api_is_named_as_such(
+    capsys: pytest.CaptureFixture[str], registry_url: str, path: str
+) -> None:
+    # Given the registry's host without the path of its API, or with a wrong one,
+    url = registry_url.split("/apis/")[0] + path
+    # When a job type is looked up there, Then one line says the URL is not a registry's API
+    # (not that the job type is unknown, which is what a 404 would otherwise read as).
+    code, _, err = bridge_cli(capsys, "schemas", "list", "--registry", url)
+    assert code != 0
+    assert f"registry {url} is not a schema registry's API" in err and "/apis/ccompat/v7" in err
+    assert "unknown job type" not in err
+
+
 def test_check_follows_the_subjects_own_compatibility_level(
     capsys: pytest.CaptureFixture[str],
     registry_url: str,
