@@ -87,12 +87,18 @@ async def noop(payload: dict[str, Any], ctx: JobContext) -> None:
 
 
 def bench_app(
-    broker: str, queue: str, *, concurrency: int = 16, group: str | None = None, **settings: Any
+    broker: str,
+    queue: str,
+    *,
+    concurrency: int = 16,
+    group: str | None = None,
+    handler: Callable[[dict[str, Any], JobContext], Awaitable[None]] = noop,
+    **settings: Any,
 ) -> Bridge:
-    """A Bridge on `broker` whose no-op handler runs `queue`, in a consumer group of its own."""
+    """A Bridge on `broker` whose handler (the no-op) runs `queue`, in a consumer group of its own."""
     group = group or fresh("group")
     app = Bridge(broker=broker, registry=str(SCHEMAS), group=group, concurrency=concurrency, **settings)
-    app.job(JOB_TYPE, queue=queue)(noop)
+    app.job(JOB_TYPE, queue=queue)(handler)
     return app
 
 

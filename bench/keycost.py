@@ -31,11 +31,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import kafka, rabbitmq
-from bench.common import JOB_TYPE, SCHEMAS, BenchError, fresh, timeout_for
-from bench.idempotency import DEFAULT_CONCURRENCY, SQLITE_MAX_COST, publish
+from bench.common import BenchError, bench_app, fresh, timeout_for
+from bench.idempotency import DEFAULT_CONCURRENCY, allowed_us, drop, publish
 from bench.throughput import BROKERS, _positive, broker_urls
-from bridge import Bridge, JobContext
+from bridge import JobContext
 from bridge.errors import BridgeError
 from bridge.idempotency import Claim, Store
 from bridge.idempotency.batch import TickBatch
@@ -85,11 +84,9 @@ class LoopClock:
 
 async def loop_us(broker: str, queue: str, jobs: int, concurrency: int, store: str | Store | None) -> float:
     """Consume `queue` (`jobs` jobs) with `store`; the loop's CPU µs per job."""
-    url = store if isinstance(store, str) else None
-    app = Bridge(
-        broker=broker, registry=str(SCHEMAS), group=fresh("group"), concurrency=concurrency,
-        **({"idempotency": url} if url else {}),
-    )  # fmt: skip
+    clock = LoopClock(jobs)
+    settings = {"idempotency": store} if isinstance(store, str) else {}
+    app = bench_app(broker, queue, concurrency=concurrency, handler=clock.handler, **settings)
     if isinstance(store, MemoryStore):
         given = store
 
@@ -97,8 +94,6 @@ async def loop_us(broker: str, queue: str, jobs: int, concurrency: int, store: s
             return given
 
         app.idempotency_store = the_store  # type: ignore[method-assign]
-    clock = LoopClock(jobs)
-    app.job(JOB_TYPE, queue=queue)(clock.handler)
     async with app:
         stats = await asyncio.wait_for(app.consume(burst=True), timeout_for(jobs))
     if stats.processed != jobs or clock.calls != jobs or stats.dead_lettered or stats.duplicates:
@@ -119,10 +114,7 @@ def measure(broker: str, url: str, sqlite: str, jobs: int, concurrency: int) -> 
             for queue, store in zip(queues, stores, strict=True)
         ]
     finally:
-        if broker == "rabbitmq":
-            asyncio.run(rabbitmq.delete_queues(url, queues))
-        else:
-            kafka.delete_topics(url, queues)
+        drop(broker, url, queues)
 
 
 def report(broker: str, rounds: list[list[float]]) -> list[str]:
@@ -131,9 +123,8 @@ def report(broker: str, rounds: list[list[float]]) -> list[str]:
     lines += [f"{'':<8} " + "".join(f"{us:>14.1f} µs" for us in one) for one in rounds]
     median = [statistics.median(column) for column in zip(*rounds, strict=True)]
     plain, memory, waiting, sqlite = median
-    allowed = plain * SQLITE_MAX_COST / (1 - SQLITE_MAX_COST)
     lines.append(
-        f"{broker:<8} medians: the target lets a key add {allowed:.1f} µs to a {plain:.1f} µs job; "
+        f"{broker:<8} medians: the target lets a key add {allowed_us(plain):.1f} µs to a {plain:.1f} µs job; "
         f"the protocol adds {memory - plain:.1f}, waiting {waiting - memory:.1f}, "
         f"SQLite's statements {sqlite - waiting:.1f}: {sqlite - plain:.1f} µs in all"
     )
