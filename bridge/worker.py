@@ -30,8 +30,9 @@ from bridge.errors import (
     UnknownJobType,
     UnknownSchema,
 )
-from bridge.idempotency import Busy, Done, Store, run_key
+from bridge.idempotency import Busy, Claim, Done, Store, run_key
 from bridge.idempotency.lease import Lease
+from bridge.idempotency.outage import Outage
 from bridge.jobs import JobContext, JobSpec
 from bridge.policy import Decision, GiveUp, decide, keep_recent, tier_for
 from bridge.registry import DEAD_LETTER, ENVELOPE
@@ -81,6 +82,7 @@ class Worker:
         self._jobs = _resolve(app, registry.schema)
         self._threads = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="bridge-job")
         self._store: Store | None = None  # the app's idempotency store, once a job needs it
+        self._outage = Outage()  # keyed jobs wait here while the store does not answer
         self._leases: set[Lease] = set()  # idempotency keys held by running handlers
         self.stats = Stats()
 
@@ -180,19 +182,24 @@ class Worker:
         """Claim the job's idempotency key, run it, then complete or release the key."""
         assert envelope.idempotency_key is not None
         key = run_key(envelope.type, envelope.idempotency_key)
+        lease_s = spec.idempotency_lease_s
         try:
-            store = self._store or await self._open_store()
-            claim = await store.claim(key, envelope.id, spec.idempotency_lease_s)
-        except StoreError as exc:
-            log.error("%s waits: its idempotency key could not be claimed: %s", _job(envelope), exc)
-            return [self._later(envelope, 0.0)]
+            claim = await (self._store or await self._open_store()).claim(key, envelope.id, lease_s)
+        except StoreError as exc:  # wait for the store here, beside the worker's other keyed jobs
+            try:
+                claim = await self._outage.retry(exc, lambda: self._claim(key, envelope.id, lease_s))
+            except StoreError as last:  # it waited GIVE_UP_S: the delay tiers take it from here
+                log.error("%s waits in a delay tier: its key could not be claimed: %s", _job(envelope), last)
+                return [self._later(envelope, self._outage.wait_s)]
         if isinstance(claim, Done):
             log.info("%s is a duplicate: its key was done by job %s", _job(envelope), claim.job_id)
             self.stats.duplicates += 1
             return ()
         if isinstance(claim, Busy):
             return [self._later(envelope, claim.wait_s)]
-        lease = Lease(store, key, claim.token, envelope.id, spec.idempotency_lease_s, spec.idempotency_ttl_s)
+        store = self._store
+        assert store is not None  # the claim opened it
+        lease = Lease(store, key, claim.token, envelope.id, lease_s, spec.idempotency_ttl_s, self._outage)
         self._leases.add(lease)
         try:
             outcome = await self._run(spec, payload, envelope, delivery, lease)
@@ -200,6 +207,9 @@ class Worker:
             self._leases.discard(lease)
         await lease.finish(succeeded=not outcome)
         return outcome
+
+    async def _claim(self, key: str, job_id: str, lease_s: float) -> Claim:
+        return await (self._store or await self._open_store()).claim(key, job_id, lease_s)
 
     async def _open_store(self) -> Store:
         self._store = await self.app.idempotency_store()

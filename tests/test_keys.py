@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from bridge import Bridge, JobContext, Permanent
 from bridge.dlq import Selection
+from bridge.errors import StoreError
 from bridge.idempotency import Claimed, run_key
+from bridge.idempotency.outage import Outage
 from bridge.worker import Stats
 from tests.conftest import run
 
@@ -152,3 +158,124 @@ def test_a_replayed_dead_letter_whose_key_is_done_does_not_run(
     stats = consume(app)
     assert runs == [1, 2]
     assert stats.duplicates == 1
+
+
+class FlakyProxy:
+    """A TCP proxy in front of a real server that drops every connection for `down_s` seconds
+    from the first one.
+    """
+
+    def __init__(self, url: str, down_s: float) -> None:
+        parts = urlsplit(url)
+        self._target, self._url, self._down_s = (parts.hostname, parts.port), parts, down_s
+        self._healed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return self._url._replace(netloc=f"127.0.0.1:{self._port}").geturl()
+
+    async def __aenter__(self) -> FlakyProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._healed:
+            if not self._tasks:
+                self._tasks.add(asyncio.create_task(self._heal_in(self._down_s)))
+            writer.close()
+            return
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            self._tasks.add(asyncio.create_task(_pipe(source, sink)))
+
+    async def _heal_in(self, down_s: float) -> None:
+        await asyncio.sleep(down_s)
+        self._healed = True
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+    finally:
+        sink.close()
+
+
+def consume_behind(
+    make_app: Callable[..., Bridge], redis_url: str, queue: str, jobs: int, down_s: float
+) -> tuple[Stats, Counter[int]]:
+    """Enqueue `jobs` keyed jobs and consume them, their Redis store behind a FlakyProxy."""
+    runs: Counter[int] = Counter()
+
+    async def scenario() -> Stats:
+        async with FlakyProxy(redis_url, down_s) as proxy:
+            app = make_app(idempotency=proxy.url, delay_tiers=(1.0, 5.0))
+
+            @app.job("test.Echo", queue=queue)
+            async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+                runs[payload["n"]] += 1
+
+            async with app:
+                await app.apply_topology()
+                for n in range(jobs):
+                    await app.enqueue_async("test.Echo", {"n": n}, idempotency_key=f"{queue}-{n}")
+                return await app.consume(burst=True)
+
+    return run(scenario(), timeout=90), runs
+
+
+def test_keyed_jobs_wait_in_place_while_their_store_does_not_answer(
+    make_app: Callable[..., Bridge], brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given ten keyed jobs whose Redis store drops every connection for 1.2 s,
+    # When consumed, Then each runs once when the store answers, none goes through a delay
+    # tier, and the log says so once per back-off round (0.5 s, then 1 s), not once per job.
+    with caplog.at_level(logging.WARNING, logger="bridge.idempotency"):
+        stats, runs = consume_behind(make_app, brokers["redis"], queue, jobs=10, down_s=1.2)
+    assert runs == dict.fromkeys(range(10), 1)
+    assert stats.delayed == 0 and stats.processed == 10
+    rounds = [r.getMessage() for r in caplog.records if "keyed jobs wait" in r.getMessage()]
+    assert rounds[0].endswith("try again in 0.5 s") and 2 <= len(rounds) <= 3, rounds
+    assert sum("answers again" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_keyed_jobs_that_waited_too_long_for_their_store_go_through_the_delay_tiers(
+    make_app: Callable[..., Bridge], brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given five keyed jobs that wait in place for their store for 1 s at most, and a Redis
+    # store that drops every connection for 3 s: they try it at 0, 0.5 and 1.5 s, and then
+    # give up waiting in place,
+    # When consumed, Then each goes through a delay tier once, and then runs once.
+    monkeypatch.setattr(Outage, "give_up_s", 1.0)
+    stats, runs = consume_behind(make_app, brokers["redis"], queue, jobs=5, down_s=3.0)
+    assert runs == dict.fromkeys(range(5), 1)
+    assert stats.delayed == 5
+
+
+def test_the_waits_for_a_store_double_up_to_a_limit_and_end_with_its_error() -> None:
+    # Given a store call that always fails, and waits of 10 ms doubling up to 40 ms,
+    # When it is called, Then it is tried again after at least 10, 20, 40, 40 ... ms, and
+    # once it has waited 200 ms the store's error is raised.
+    outage = Outage()
+    outage.first_s, outage.max_s, outage.give_up_s = 0.01, 0.04, 0.2
+    tries = [time.monotonic()]  # the first try, which failed
+
+    async def attempt() -> None:
+        tries.append(time.monotonic())
+        raise StoreError("the store is down")
+
+    with pytest.raises(StoreError, match="the store is down"):
+        run(outage.retry(StoreError("the store is down"), attempt))
+    gaps = [later - earlier for earlier, later in itertools.pairwise(tries)]
+    waits = [0.01, 0.02] + [0.04] * (len(gaps) - 2)
+    assert all(gap >= wait - 0.001 for gap, wait in zip(gaps, waits, strict=True)), gaps
+    assert 0.2 <= tries[-1] - tries[0] < 1.0

@@ -10,6 +10,7 @@ from typing import Any
 
 from bridge.errors import StoreError
 from bridge.idempotency import Store
+from bridge.idempotency.outage import Outage
 
 log = logging.getLogger("bridge.idempotency")
 
@@ -24,6 +25,7 @@ class Lease:
     job_id: str
     lease_s: float
     window_s: float
+    outage: Outage  # completing or releasing the key waits out the store's outages
     completed: bool = field(default=False)  # by the handler's inbox transaction
 
     async def renew(self) -> None:
@@ -50,14 +52,22 @@ class Lease:
         """Mark the key done (the job succeeded) or give it back (it will be retried)."""
         if self.completed:
             return
+        record = self._complete if succeeded else self._release
         try:
-            if not succeeded:
-                await self.store.release(self.key, self.token)
-            elif not await self.store.complete(self.key, self.token, self.job_id, self.window_s):
-                log.warning(
-                    "job %s succeeded after its claim on %r ended: another worker may have run it too",
-                    self.job_id, self.key,
-                )  # fmt: skip
-        except StoreError as exc:
-            # The outcome stands; the key frees itself when the lease ends.
-            log.error("job %s: could not record its key %r: %s", self.job_id, self.key, exc)
+            await record()
+        except StoreError as exc:  # wait for the store, beside the worker's other keyed jobs
+            try:
+                await self.outage.retry(exc, record)
+            except StoreError as last:  # it waited GIVE_UP_S
+                # The outcome stands; the key frees itself when the lease ends.
+                log.error("job %s: could not record its key %r: %s", self.job_id, self.key, last)
+
+    async def _complete(self) -> None:
+        if not await self.store.complete(self.key, self.token, self.job_id, self.window_s):
+            log.warning(
+                "job %s succeeded after its claim on %r ended: another worker may have run it too",
+                self.job_id, self.key,
+            )  # fmt: skip
+
+    async def _release(self) -> None:
+        await self.store.release(self.key, self.token)
