@@ -59,7 +59,7 @@ class Stats:
 
     def summary(self) -> str:
         """One line for people: how many, and how fast once work began."""
-        busy = self.last_s - self.first_s
+        busy = max(0.0, self.last_s - self.first_s)  # (a stop before the first settle: no last_s)
         rate = f", {self.processed / busy:,.0f} jobs/s" if busy > 0 else ""
         outcomes = (
             f"{self.retried} retried, {self.delayed} delayed, {self.dead_lettered} dead-lettered, "

@@ -1,4 +1,4 @@
-"""The pure core: offset bookkeeping, settings, ids."""
+"""The pure core: offset bookkeeping, settings, ids, the consume summary."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from bridge.config import Settings
 from bridge.envelope import uuid7
 from bridge.errors import ConfigError
 from bridge.transports.offsets import OffsetTracker
+from bridge.worker import Stats
 
 TP = ("jobs", 0)
 
@@ -80,3 +81,10 @@ def test_uuid7_is_version_7_and_sorts_by_time() -> None:
     assert ids == sorted(ids)
     assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
     assert len({uuid7(now_ms=1) for _ in range(1000)}) == 1000
+
+
+def test_a_consume_stopped_before_its_first_settle_reports_no_time() -> None:
+    # Given a consume that began a delivery (at monotonic time 8,000 s) and settled none,
+    # Then its summary says 0 settled in 0.00 s (it said "in -8000.00 s").
+    stats = Stats(first_s=8000.0)
+    assert stats.summary() == "0 settled (0 retried, 0 delayed, 0 dead-lettered, 0 duplicates) in 0.00 s"
