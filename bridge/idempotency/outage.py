@@ -2,7 +2,7 @@
 
 A keyed job whose store call fails (the server is down, the network is cut, SQLite's file is
 locked past its busy timeout) waits where it is and tries again, as Karafka pauses a
-partition and Sidekiq retries Redis, rather than going round the delay tiers: every job would
+partition with a growing back-off, rather than going round the delay tiers: every job would
 otherwise be published again each second, out of order, with a line in the log each time.
 
 The waits are shared by a worker's jobs, in rounds: 0.5 s, then 1, 2, 4 ... up to 30 s. When
