@@ -76,6 +76,15 @@ def test_every_settings_problem_is_reported_at_once(tmp_path: Path) -> None:
         Settings.load(environ={"BRIDGE_CONCURRENCY": "0", "BRIDGE_BROKER": "nats://x"})
 
 
+def test_a_store_url_with_a_mistyped_scheme_is_reported_without_its_password(tmp_path: Path) -> None:
+    environ = {"BRIDGE_IDEMPOTENCY": "postgresq://bridge:not-the-password@db.example:5432/bridge"}
+    with pytest.raises(ConfigError) as caught:
+        Settings.load(environ=environ, toml_path=tmp_path / "none.toml")
+    message = str(caught.value)
+    assert "'postgresq://db.example:5432/bridge': use sqlite:///path" in message
+    assert "not-the-password" not in message
+
+
 def test_uuid7_is_version_7_and_sorts_by_time() -> None:
     ids = [uuid7(now_ms=ms) for ms in (1_700_000_000_000, 1_700_000_000_001, 1_800_000_000_000)]
     assert ids == sorted(ids)

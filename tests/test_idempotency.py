@@ -283,6 +283,22 @@ def test_a_wrong_postgres_password_fails_at_once_with_the_servers_reason(brokers
     with_store(url, scenario)
 
 
+def test_a_redis_store_error_names_the_server_but_not_the_password(brokers: dict[str, str]) -> None:
+    # Given the local Redis's URL with a user and password (the local Redis wants neither),
+    url = brokers["redis"].replace("redis://", "redis://someone:not-the-password@")
+
+    async def scenario(store: Store) -> None:
+        # When a key is claimed, Then it fails with Redis's reason, naming the server without
+        # the password (error messages end up in logs).
+        with pytest.raises(StoreError) as failed:
+            await store.claim(new_key(), "job", 30)
+        message = str(failed.value)
+        assert message.startswith(f"idempotency store {brokers['redis']}: ") and "password" in message
+        assert "not-the-password" not in message and "someone" not in message
+
+    with_store(url, scenario)
+
+
 def test_the_redis_store_loads_its_script_again_when_redis_has_lost_it(brokers: dict[str, str]) -> None:
     # Given a key claimed in Redis (a plain SET: no script has run yet),
     # When Redis forgets its scripts (as after a restart), and the key is completed (a script),

@@ -113,6 +113,15 @@ def enqueue_key(job_type: str, key: str) -> str:
     return f"enqueue:{job_type}:{key}"
 
 
+def shown(url: str) -> str:
+    """`url` for messages and logs: without its user and password."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
+
+
 def default_url() -> str:
     """`sqlite:///` in bridge's data folder (BRIDGE_DATA, else XDG_DATA_HOME/bridge)."""
     from bridge.dev._common import data_root
@@ -142,7 +151,7 @@ def open_store(url: str, *, pool_size: int = 16) -> Store:
 
         return MemoryStore()
     raise ConfigError(
-        f"idempotency store {url!r}: use sqlite:///path, postgresql://..., redis://... or memory://"
+        f"idempotency store {shown(url)!r}: use sqlite:///path, postgresql://..., redis://... or memory://"
     )
 
 
@@ -150,7 +159,7 @@ def check_url(url: str) -> list[str]:
     """Problems with a store URL, for settings validation."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in SCHEMES:
-        return [f"idempotency {url!r}: use sqlite:///path, postgresql://..., redis://... or memory://"]
+        return [f"idempotency {shown(url)!r}: use sqlite:///path, postgresql://..., redis://... or memory://"]
     if scheme == "sqlite" and not rest.startswith("/"):
         return [f"idempotency {url!r}: a sqlite URL needs an absolute path, sqlite:///var/lib/bridge/keys.db"]
     return []
@@ -178,4 +187,5 @@ __all__ = [
     "new_token",
     "open_store",
     "run_key",
+    "shown",
 ]

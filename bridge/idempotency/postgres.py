@@ -18,6 +18,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from bridge.errors import StoreError
+from bridge.idempotency import shown
 from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore, now_ms
 
@@ -168,6 +169,5 @@ def _mapped(url: str) -> Iterator[None]:
     try:
         yield
     except (psycopg.Error, TimeoutError) as exc:
-        where = url.rpartition("@")[2]  # never the password
         reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
-        raise StoreError(f"idempotency store postgresql://{where}: {reason}") from exc
+        raise StoreError(f"idempotency store {shown(url)}: {reason}") from exc
