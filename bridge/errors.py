@@ -15,9 +15,21 @@
     └── DevError             `bridge dev` could not provision or start a local broker
 
 Handlers steer retries with `Retry` and `Permanent`, which are not errors of bridge itself.
+Messages name servers by `safe_url`, which never shows a password.
 """
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+
+def safe_url(url: str) -> str:
+    """`url` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class BridgeError(Exception):

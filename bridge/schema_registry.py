@@ -25,7 +25,14 @@ from typing import Any
 
 from bridge.codec import Schema
 from bridge.compatibility import level_problems, read_problems
-from bridge.errors import ConfigError, RegistryUnavailable, SchemaError, UnknownJobType, UnknownSchema
+from bridge.errors import (
+    ConfigError,
+    RegistryUnavailable,
+    SchemaError,
+    UnknownJobType,
+    UnknownSchema,
+    safe_url,
+)
 from bridge.registry import DEAD_LETTER, ENVELOPE, SchemaDirectory, full_name_of
 
 NOT_FOUND_RETRY_S = 30.0  # an id the registry did not know is asked again after this long
@@ -51,6 +58,7 @@ class HttpRegistry:
 
     def __init__(self, url: str, local: SchemaDirectory, client: Any = None) -> None:
         self.url = url
+        self.shown_url = safe_url(url)  # for messages: never a password
         self.local = local
         self._client = client or _client(url)
         # Its HTTP connections close with this object even when nobody calls close(). (Its
@@ -121,7 +129,9 @@ class HttpRegistry:
             try:
                 versions = self._versions(name)
             except _Rejected:
-                problems.append(f"{name} is not registered at {self.url} (run `bridge schemas register`)")
+                problems.append(
+                    f"{name} is not registered at {self.shown_url} (run `bridge schemas register`)"
+                )
                 continue
             except UnknownSchema as exc:
                 problems.append(f"{name}: {exc}")
@@ -163,7 +173,7 @@ class HttpRegistry:
             and level != "NONE"
             and not self._call(self._client.test_compatibility, name, _wire(mine))
         ):
-            problems = [f"the registry at {self.url} reports it incompatible ({level})"]
+            problems = [f"the registry at {self.shown_url} reports it incompatible ({level})"]
         return level, problems
 
     def compatibility(self, name: str) -> str:
@@ -204,7 +214,7 @@ class HttpRegistry:
         except _Rejected:
             where = f" in {self.local.path}" if self.local.path else ""
             raise UnknownJobType(
-                f"unknown job type {name!r}: no {name}.avsc{where} and no subject {name} at {self.url}"
+                f"unknown job type {name!r}: no {name}.avsc{where} and no subject {name} at {self.shown_url}"
             ) from None
         except UnknownSchema as exc:
             raise SchemaError(str(exc)) from None
@@ -218,7 +228,7 @@ class HttpRegistry:
             fetched = self._call(self._client.get_schema, schema_id)
         except _Rejected:
             raise UnknownSchema(
-                f"unknown schema id {schema_id}: the registry at {self.url} has none"
+                f"unknown schema id {schema_id}: the registry at {self.shown_url} has none"
             ) from None
         if fetched.references:
             raise UnknownSchema(f"schema id {schema_id} uses schema references, which bridge does not read")
@@ -250,7 +260,7 @@ class HttpRegistry:
         try:
             schema_id = int(self._call(self._client.register_schema, schema.name, _wire(schema)))
         except _Rejected as exc:
-            raise SchemaError(f"{schema.name}: the registry at {self.url} refused it: {exc}") from None
+            raise SchemaError(f"{schema.name}: the registry at {self.shown_url} refused it: {exc}") from None
         return self._identified(schema, schema_id)
 
     def _identified(self, schema: Schema, schema_id: int) -> Schema:
@@ -272,14 +282,14 @@ class HttpRegistry:
                 # A registry's "not found" carries its own code (40401, ...): this is some other
                 # web server, or the registry's host without the path of its API.
                 raise ConfigError(
-                    f"registry {self.url} is not a schema registry's API: it answered 404 without"
+                    f"registry {self.shown_url} is not a schema registry's API: it answered 404 without"
                     " a registry error code (for Apicurio, the URL ends in /apis/ccompat/v7)"
                 ) from None
             if 400 <= exc.http_status_code < 500:
                 raise _Rejected(exc.error_message) from None
-            raise RegistryUnavailable(f"schema registry at {self.url}: {exc.error_message}") from None
+            raise RegistryUnavailable(f"schema registry at {self.shown_url}: {exc.error_message}") from None
         except Exception as exc:  # httpx's connection and timeout errors
-            raise RegistryUnavailable(f"schema registry at {self.url} did not answer: {exc}") from None
+            raise RegistryUnavailable(f"schema registry at {self.shown_url} did not answer: {exc}") from None
 
 
 def _client(url: str) -> Any:
@@ -287,7 +297,7 @@ def _client(url: str) -> Any:
         from confluent_kafka.schema_registry import SchemaRegistryClient
     except ImportError as exc:
         raise ConfigError(
-            f"registry {url}: HTTP registries need confluent-kafka's schema registry client: "
+            f"registry {safe_url(url)}: HTTP registries need confluent-kafka's schema registry client: "
             f"pip install 'bridge-jobs[registry]' ({exc})"
         ) from None
     return SchemaRegistryClient({"url": url})

@@ -81,7 +81,7 @@ def test_a_store_url_with_a_mistyped_scheme_is_reported_without_its_password(tmp
     with pytest.raises(ConfigError) as caught:
         Settings.load(environ=environ, toml_path=tmp_path / "none.toml")
     message = str(caught.value)
-    assert "'postgresq://db.example:5432/bridge': use sqlite:///path" in message
+    assert "'postgresq://bridge:***@db.example:5432/bridge': use sqlite:///path" in message
     assert "not-the-password" not in message
 
 

@@ -283,18 +283,19 @@ def test_a_wrong_postgres_password_fails_at_once_with_the_servers_reason(brokers
     with_store(url, scenario)
 
 
-def test_a_redis_store_error_names_the_server_but_not_the_password(brokers: dict[str, str]) -> None:
+def test_a_redis_store_error_names_the_server_but_masks_the_password(brokers: dict[str, str]) -> None:
     # Given the local Redis's URL with a user and password (the local Redis wants neither),
     url = brokers["redis"].replace("redis://", "redis://someone:not-the-password@")
 
     async def scenario(store: Store) -> None:
-        # When a key is claimed, Then it fails with Redis's reason, naming the server without
-        # the password (error messages end up in logs).
+        # When a key is claimed, Then it fails with Redis's reason, naming the server with the
+        # password masked (error messages end up in logs).
         with pytest.raises(StoreError) as failed:
             await store.claim(new_key(), "job", 30)
         message = str(failed.value)
-        assert message.startswith(f"idempotency store {brokers['redis']}: ") and "password" in message
-        assert "not-the-password" not in message and "someone" not in message
+        shown = brokers["redis"].replace("redis://", "redis://someone:***@")
+        assert message.startswith(f"idempotency store {shown}: ") and "password" in message
+        assert "not-the-password" not in message
 
     with_store(url, scenario)
 

@@ -142,6 +142,17 @@ def test_a_url_that_is_not_the_registrys_api_is_named_as_such(
     assert "unknown job type" not in err
 
 
+def test_a_registry_url_with_a_password_is_named_without_it(
+    capsys: pytest.CaptureFixture[str], registry_url: str
+) -> None:
+    # Given a registry URL with a user and password in it (and a path that is not its API),
+    url = registry_url.split("/apis/")[0].replace("://", "://someone:not-the-password@") + "/apis/no-such-api"
+    # When a job type is looked up there, Then the error names the URL, password masked.
+    code, _, err = bridge_cli(capsys, "schemas", "list", "--registry", url)
+    assert code != 0
+    assert "registry http://someone:***@" in err and "not-the-password" not in err
+
+
 def test_check_follows_the_subjects_own_compatibility_level(
     capsys: pytest.CaptureFixture[str],
     registry_url: str,

@@ -23,7 +23,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, safe_url
 
 DEFAULT_WINDOW_S = 24 * 3600.0
 DEFAULT_LEASE_S = 60.0
@@ -113,15 +113,6 @@ def enqueue_key(job_type: str, key: str) -> str:
     return f"enqueue:{job_type}:{key}"
 
 
-def shown(url: str) -> str:
-    """`url` for messages and logs: without its user and password."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    authority, slash, path = rest.partition("/")
-    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
-
-
 def default_url() -> str:
     """`sqlite:///` in bridge's data folder (BRIDGE_DATA, else XDG_DATA_HOME/bridge)."""
     from bridge.dev._common import data_root
@@ -151,7 +142,7 @@ def open_store(url: str, *, pool_size: int = 16) -> Store:
 
         return MemoryStore()
     raise ConfigError(
-        f"idempotency store {shown(url)!r}: use sqlite:///path, postgresql://..., redis://... or memory://"
+        f"idempotency store {safe_url(url)!r}: use sqlite:///path, postgresql://..., redis://... or memory://"
     )
 
 
@@ -159,7 +150,9 @@ def check_url(url: str) -> list[str]:
     """Problems with a store URL, for settings validation."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in SCHEMES:
-        return [f"idempotency {shown(url)!r}: use sqlite:///path, postgresql://..., redis://... or memory://"]
+        return [
+            f"idempotency {safe_url(url)!r}: use sqlite:///path, postgresql://..., redis://... or memory://"
+        ]
     if scheme == "sqlite" and not rest.startswith("/"):
         return [f"idempotency {url!r}: a sqlite URL needs an absolute path, sqlite:///var/lib/bridge/keys.db"]
     return []
@@ -187,5 +180,4 @@ __all__ = [
     "new_token",
     "open_store",
     "run_key",
-    "shown",
 ]

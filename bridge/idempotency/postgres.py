@@ -17,8 +17,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from bridge.errors import StoreError
-from bridge.idempotency import shown
+from bridge.errors import StoreError, safe_url
 from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore, now_ms
 
@@ -170,4 +169,4 @@ def _mapped(url: str) -> Iterator[None]:
         yield
     except (psycopg.Error, TimeoutError) as exc:
         reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
-        raise StoreError(f"idempotency store {shown(url)}: {reason}") from exc
+        raise StoreError(f"idempotency store {safe_url(url)}: {reason}") from exc

@@ -20,8 +20,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
-from bridge.errors import LeaseLost, StoreError
-from bridge.idempotency import Busy, Claim, Claimed, Done, new_token, shown
+from bridge.errors import LeaseLost, StoreError, safe_url
+from bridge.idempotency import Busy, Claim, Claimed, Done, new_token
 from bridge.idempotency.batch import TickBatch
 
 # If the key holds ARGV[1], run the commands packed in ARGV[4..] (each as a count, then its
@@ -116,7 +116,7 @@ class RedisStore:
             raise self._error(exc) from exc
 
     def _error(self, exc: Exception) -> StoreError:
-        return StoreError(f"idempotency store {shown(self.url)}: {exc}")
+        return StoreError(f"idempotency store {safe_url(self.url)}: {exc}")
 
     async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
         token = new_token()

@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -36,7 +36,7 @@ from aio_pika.abc import (
 from aiormq.abc import DeliveredMessage
 
 from bridge.config import Settings
-from bridge.errors import PublishError, TransportError
+from bridge.errors import PublishError, TransportError, safe_url
 from bridge.policy import tier_for
 from bridge.transports.base import (
     Decide,
@@ -78,7 +78,7 @@ class RabbitTransport:
 
     async def connect(self) -> None:
         with _mapped(
-            f"cannot reach RabbitMQ at {_safe(self.url)}; is it running? (`bridge dev up` starts one)"
+            f"cannot reach RabbitMQ at {safe_url(self.url)}; is it running? (`bridge dev up` starts one)"
         ):
             self._connection = await self._open_connection()
             self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -92,7 +92,7 @@ class RabbitTransport:
             )
         except aiormq.exceptions.ProbableAuthenticationError as exc:
             raise TransportError(
-                f"RabbitMQ at {_safe(self.url)} refused the login: check the user and password"
+                f"RabbitMQ at {safe_url(self.url)} refused the login: check the user and password"
                 f" in the URL ({exc.args[0] if exc.args else exc!r})",
                 retriable=False,
             ) from exc
@@ -102,7 +102,7 @@ class RabbitTransport:
             # It closed instead of opening the virtual host; aiormq drops the reason it gave.
             vhost = unquote(urlsplit(self.url).path.removeprefix("/")) or "/"
             raise TransportError(
-                f"RabbitMQ at {_safe(self.url)} would not open virtual host {vhost!r} for this"
+                f"RabbitMQ at {safe_url(self.url)} would not open virtual host {vhost!r} for this"
                 " user: does it exist, and may the user use it?",
                 retriable=False,
             ) from exc
@@ -377,15 +377,6 @@ class RabbitTransport:
         }
         queue = await channel.declare_queue(tier, durable=True, arguments=arguments)
         await queue.bind(exchange)
-
-
-def _safe(url: str) -> str:
-    """`url` without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @contextmanager
