@@ -288,13 +288,15 @@ def test_a_redis_store_error_names_the_server_but_masks_the_password(brokers: di
     url = brokers["redis"].replace("redis://", "redis://someone:not-the-password@")
 
     async def scenario(store: Store) -> None:
-        # When a key is claimed, Then it fails with Redis's reason, naming the server with the
-        # password masked (error messages end up in logs).
+        # When a key is claimed, Then it fails naming the server with the password masked
+        # (error messages end up in logs). (The reason varies: redis-py 5.0 says only "No
+        # connection available", later versions pass on Redis's "invalid username-password
+        # pair".)
         with pytest.raises(StoreError) as failed:
             await store.claim(new_key(), "job", 30)
         message = str(failed.value)
         shown = brokers["redis"].replace("redis://", "redis://someone:***@")
-        assert message.startswith(f"idempotency store {shown}: ") and "password" in message
+        assert message.startswith(f"idempotency store {shown}: ")
         assert "not-the-password" not in message
 
     with_store(url, scenario)
