@@ -169,6 +169,7 @@ class FlakyProxy:
         parts = urlsplit(url)
         self._target, self._url, self._down_s = (parts.hostname, parts.port), parts, down_s
         self._healed = False
+        self._healing: asyncio.Task[None] | None = None  # started at the first dropped connection
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -182,14 +183,14 @@ class FlakyProxy:
 
     async def __aexit__(self, *exc: object) -> None:
         self._server.close()
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._healing] if self._healing else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._healed:
-            if not self._tasks:
-                self._tasks.add(asyncio.create_task(self._heal_in(self._down_s)))
+            self._healing = self._healing or asyncio.create_task(self._heal_in(self._down_s))
             writer.close()
             return
         upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
