@@ -53,6 +53,10 @@ def _configure_logging(level: str | None, *, daemon: bool) -> None:
         # A one-shot command reports a failure in one line; the clients' own logs would repeat it.
         for name in ("aiormq", "aio_pika", "bridge.kafka.client"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    if level != "debug":
+        # While PostgreSQL is down, bridge logs a line per round of tries (idempotency/outage.py);
+        # psycopg's pool would add a warning of several lines at each of its reconnect attempts.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
 class _Parser(argparse.ArgumentParser):

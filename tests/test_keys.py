@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import time
@@ -10,17 +9,18 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
 from bridge import Bridge, JobContext, Permanent
+from bridge.cli import _configure_logging
 from bridge.dlq import Selection
 from bridge.errors import StoreError
 from bridge.idempotency import Claimed, run_key
 from bridge.idempotency.outage import Outage
 from bridge.worker import Stats
-from tests.conftest import run
+from tests.conftest import SCHEMAS, run
+from tests.proxy import FlakyProxy
 
 
 @pytest.fixture
@@ -160,57 +160,6 @@ def test_a_replayed_dead_letter_whose_key_is_done_does_not_run(
     assert stats.duplicates == 1
 
 
-class FlakyProxy:
-    """A TCP proxy in front of a real server that drops every connection for `down_s` seconds
-    from the first one.
-    """
-
-    def __init__(self, url: str, down_s: float) -> None:
-        parts = urlsplit(url)
-        self._target, self._url, self._down_s = (parts.hostname, parts.port), parts, down_s
-        self._healed = False
-        self._healing: asyncio.Task[None] | None = None  # started at the first dropped connection
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def url(self) -> str:
-        return self._url._replace(netloc=f"127.0.0.1:{self._port}").geturl()
-
-    async def __aenter__(self) -> FlakyProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self._port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._server.close()
-        tasks = [*self._tasks, *([self._healing] if self._healing else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._healed:
-            self._healing = self._healing or asyncio.create_task(self._heal_in(self._down_s))
-            writer.close()
-            return
-        upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
-        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
-            self._tasks.add(asyncio.create_task(_pipe(source, sink)))
-
-    async def _heal_in(self, down_s: float) -> None:
-        await asyncio.sleep(down_s)
-        self._healed = True
-
-
-async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-    try:
-        while data := await source.read(65536):
-            sink.write(data)
-            await sink.drain()
-    finally:
-        sink.close()
-
-
 def consume_behind(
     make_app: Callable[..., Bridge], redis_url: str, queue: str, jobs: int, down_s: float
 ) -> tuple[Stats, Counter[int]]:
@@ -218,7 +167,8 @@ def consume_behind(
     runs: Counter[int] = Counter()
 
     async def scenario() -> Stats:
-        async with FlakyProxy(redis_url, down_s) as proxy:
+        async with FlakyProxy(redis_url) as proxy:
+            proxy.cut(down_s)
             app = make_app(idempotency=proxy.url, delay_tiers=(1.0, 5.0))
 
             @app.job("test.Echo", queue=queue)
@@ -280,3 +230,43 @@ def test_the_waits_for_a_store_double_up_to_a_limit_and_end_with_its_error() -> 
     waits = [0.01, 0.02] + [0.04] * (len(gaps) - 2)
     assert all(gap >= wait - 0.001 for gap, wait in zip(gaps, waits, strict=True)), gaps
     assert 0.2 <= tries[-1] - tries[0] < 1.0
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_bridge_consume_reports_a_postgres_outage_in_its_own_lines_unless_debugging(
+    level: str,
+    brokers: dict[str, str],
+    queue: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given `bridge consume`'s logging at `level`, and 20 keyed jobs whose PostgreSQL store is
+    # cut off for 1 s after the fifth run (its pool's connections closed, new ones refused),
+    # When consumed, Then each job runs once, bridge logs the outage, and psycopg's pool's own
+    # warnings about its reconnects show only at debug level.
+    pool_log = logging.getLogger("psycopg.pool")
+    monkeypatch.setattr(pool_log, "level", pool_log.level)  # put back after the test
+    _configure_logging(level, daemon=True)
+    runs: Counter[int] = Counter()
+
+    async def scenario() -> None:
+        async with FlakyProxy(brokers["postgres"]) as proxy:
+            app = Bridge(broker="memory://", registry=str(SCHEMAS), idempotency=proxy.url, concurrency=4)
+
+            @app.job("test.Echo", queue=queue)
+            async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+                runs[payload["n"]] += 1
+                if runs.total() == 5:
+                    proxy.cut(1.0)
+
+            async with app:
+                for n in range(20):
+                    await app.enqueue_async("test.Echo", {"n": n}, idempotency_key=f"{queue}-{n}")
+                await app.consume(burst=True)
+
+    with caplog.at_level(logging.WARNING):
+        run(scenario())
+    assert runs == dict.fromkeys(range(20), 1)
+    assert any("keyed jobs wait" in record.getMessage() for record in caplog.records)
+    pool_warnings = [record.getMessage() for record in caplog.records if record.name == "psycopg.pool"]
+    assert bool(pool_warnings) == (level == "debug"), pool_warnings

@@ -1,0 +1,69 @@
+"""A TCP proxy in front of a real server, to cut a store off from its workers for a while."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+
+class FlakyProxy:
+    """Forwards to the server of `url`; `cut(down_s)` closes every forwarded connection and
+    drops new ones for `down_s` seconds from the first one it drops (so a consumer that only
+    comes to the store seconds later still finds it down).
+    """
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self._target, self._url = (parts.hostname, parts.port), parts
+        self._down_s: float | None = None  # while cut
+        self._healing: asyncio.Task[None] | None = None  # started at the first dropped connection
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        """`url`, through the proxy."""
+        credentials, at, _ = self._url.netloc.rpartition("@")
+        return self._url._replace(netloc=f"{credentials}{at}127.0.0.1:{self._port}").geturl()
+
+    def cut(self, down_s: float) -> None:
+        self._down_s, self._healing = down_s, None
+        for pipe in self._pipes:
+            pipe.cancel()
+
+    async def __aenter__(self) -> FlakyProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        tasks = [*self._pipes, *([self._healing] if self._healing else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._down_s is not None:
+            self._healing = self._healing or asyncio.create_task(self._heal_in(self._down_s))
+            writer.close()
+            return
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            pipe = asyncio.create_task(_pipe(source, sink))
+            self._pipes.add(pipe)
+            pipe.add_done_callback(self._pipes.discard)
+
+    async def _heal_in(self, down_s: float) -> None:
+        await asyncio.sleep(down_s)
+        self._down_s = None
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+    except ConnectionError:
+        pass  # the other side went away: close this one too
+    finally:
+        sink.close()
