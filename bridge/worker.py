@@ -184,7 +184,7 @@ class Worker:
         key = run_key(envelope.type, envelope.idempotency_key)
         lease_s = spec.idempotency_lease_s
         try:
-            claim = await (self._store or await self._open_store()).claim(key, envelope.id, lease_s)
+            claim = await self._claim(key, envelope.id, lease_s)
         except StoreError as exc:  # wait for the store here, beside the worker's other keyed jobs
             try:
                 claim = await self._outage.retry(exc, lambda: self._claim(key, envelope.id, lease_s))
@@ -209,6 +209,7 @@ class Worker:
         return outcome
 
     async def _claim(self, key: str, job_id: str, lease_s: float) -> Claim:
+        """Claim `key`, opening the app's store at the first keyed job."""
         return await (self._store or await self._open_store()).claim(key, job_id, lease_s)
 
     async def _open_store(self) -> Store:
