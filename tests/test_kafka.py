@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # not in its __all__
 
 from bridge import Bridge, JobContext, codec
@@ -90,6 +90,37 @@ def test_a_key_goes_to_the_partition_the_java_client_would_choose(
         placed[codec.decode(body, app.registry, schema)[1]["key"]] = partition
     assert len(placed) == 41
     assert {key: placed[key] for key in keys} == {key: java_partition(key.encode(), 3) for key in keys}
+
+
+def test_apply_topology_returns_once_every_new_partition_is_served(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given ten queues whose topics do not exist yet (30 topics, 90 partitions),
+    # When apply_topology creates them and returns,
+    # Then the leader of every new partition answers for it at once: a job published next
+    # cannot reach a broker that has not created its partition's log yet. (CreateTopics
+    # returns when the controller has recorded the topics; here the logs follow 150 ms later.)
+    queues = [f"{queue}-{n}" for n in range(10)]
+    app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), partitions=3)
+    probe = Consumer({"bootstrap.servers": brokers["kafka"].partition("://")[2], "group.id": "probe"})
+    probe.list_topics(timeout=10)  # connected before the topics are made, to look at once
+
+    async def apply() -> list[str]:
+        async with app:
+            return await app.apply_topology(queues)
+
+    try:
+        plan = run(apply())
+        created = [line.split()[3] for line in plan if line.startswith("kafka: create topic")]
+        assert {topic for topic in created if "delay" not in topic} == {
+            name for q in queues for name in (q, dlq_name(q), f"{dlq_name(q)}.done")
+        }
+        for topic in created:
+            partitions = probe.list_topics(topic, timeout=10).topics[topic].partitions
+            for partition in partitions:  # NOT_LEADER_FOR_PARTITION while its log is not there
+                probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+    finally:
+        probe.close()
 
 
 def test_a_foreign_tier_record_without_a_queue_to_return_to_is_dead_lettered_in_its_tier(

@@ -19,6 +19,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import TopicMetadata  # type: ignore[attr-defined]  # not in its __all__
 
 from bridge.errors import TransportError
 
@@ -30,6 +31,12 @@ METADATA_TIMEOUT_S = 5.0
 # How long the broker may hold a fetch of a reader that reads a topic to its end: at the end
 # there is nothing to wait for (librdkafka's default, 500 ms, is paid at every end).
 READER_FETCH_WAIT_MS = 10
+SERVED_POLL_S = 0.05  # between looks at whether new topics are served yet
+# Errors of a partition whose log its leader has not created yet: wait and look again.
+NOT_SERVED_YET = {
+    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC,
+}  # fmt: skip
 QUEUE_HEADER = "bridge-queue"  # on records in a delay tier: the topic they return to
 Headers = list[tuple[str, str | bytes | None]]
 # topic, value, key, headers, timestamp (epoch ms; 0 lets the producer stamp it)
@@ -108,6 +115,62 @@ def read_committed(common: dict[str, Any], start: list[TopicPartition]) -> Gener
                 at_end.add((record.topic(), record.partition()))
     finally:
         reader.close()
+
+
+def wait_until_served(common: dict[str, Any], topics: Sequence[str], timeout_s: float) -> None:
+    """Block until the leader of every partition of `topics` answers for it (a thread's work).
+
+    CreateTopics returns once the controller has recorded a topic; each partition's leader
+    creates its log a moment later (150 to 250 ms for 30 new topics here) and refuses
+    records until then. librdkafka retries those, yet in one CI run three jobs published within
+    4 ms of their topic's creation were acknowledged and never appeared in it. A topic is ready
+    here once each of its partitions answers a ListOffsets request, which only its leader does.
+    Raises TransportError after `timeout_s`, or at once for an error that waiting cannot cure.
+    """
+    probe = Consumer({**common, "group.id": f"bridge-probe-{uuid.uuid4().hex}"})  # never joins it
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            waiting = _not_served(probe, topics)
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    f"Kafka has not started serving {', '.join(waiting)} {timeout_s:.0f}s after creating them"
+                )
+            time.sleep(SERVED_POLL_S)
+    finally:
+        probe.close()
+
+
+def _not_served(probe: Consumer, topics: Sequence[str]) -> list[str]:
+    """Those of `topics` with a partition its leader does not serve yet."""
+    with mapped(f"could not read the metadata of {', '.join(topics)}"):
+        metadata = probe.list_topics(timeout=METADATA_TIMEOUT_S)
+    waiting = []
+    for topic in topics:
+        error = _serving_error(probe, topic, metadata.topics.get(topic))
+        if error is None:
+            continue
+        if error.code() not in NOT_SERVED_YET:
+            raise TransportError(f"could not read Kafka topic {topic}: {error.str()}")
+        waiting.append(topic)
+    return waiting
+
+
+def _serving_error(probe: Consumer, topic: str, found: TopicMetadata | None) -> KafkaError | None:
+    """Why `topic` is not served yet, or None once each of its partitions answers."""
+    if found is None or not found.partitions:
+        return KafkaError(KafkaError._UNKNOWN_TOPIC)
+    if found.error is not None:
+        return found.error
+    for partition in found.partitions:
+        try:
+            probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S)
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            return error
+    return None
 
 
 def coordinates(record: Message) -> tuple[str, int, int]:

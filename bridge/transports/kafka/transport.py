@@ -48,6 +48,7 @@ from bridge.transports.kafka.common import (
     new_producer,
     read_committed,
     read_to_end,
+    wait_until_served,
 )
 from bridge.transports.kafka.forwarder import DelayForwarder
 from bridge.transports.offsets import OffsetTracker
@@ -466,6 +467,8 @@ class KafkaTransport:
                 except KafkaException as exc:
                     if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                         raise
+        # Created is not yet served: a record produced before the leader has the log can vanish.
+        await asyncio.to_thread(wait_until_served, self._common, topics, METADATA_TIMEOUT_S * 6)
         self._topics.update(topics)
 
 
