@@ -21,7 +21,7 @@ from confluent_kafka.admin import AdminClient
 
 from bridge import Bridge, codec, testing
 from bridge.envelope import DeadLetter
-from bridge.registry import DEAD_LETTER
+from bridge.registry import DEAD_LETTER, ENVELOPE
 from bridge.transports import dlq_name
 
 
@@ -33,6 +33,12 @@ def read_queue(app: Bridge, queue: str) -> list[bytes]:
     if url.startswith("kafka"):
         return _read_topic(url.partition("://")[2], queue)
     return asyncio.run(_drain_rabbit_queue(url, queue))
+
+
+def envelopes_in(app: Bridge, queue: str) -> list[dict[str, Any]]:
+    """The job envelopes in `queue`, decoded (consumed, on RabbitMQ)."""
+    schema = app.registry.schema(ENVELOPE)
+    return [codec.decode(body, app.registry, schema)[1] for body in read_queue(app, queue)]
 
 
 def dead_letters(app: Bridge, queue: str) -> list[DeadLetter]:

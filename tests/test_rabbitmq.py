@@ -9,10 +9,9 @@ from typing import Any
 import aio_pika
 import pytest
 
-from bridge import Bridge, JobContext, codec
+from bridge import Bridge, JobContext
 from bridge.errors import PublishError, TransportError
-from bridge.registry import ENVELOPE
-from tests.brokerio import read_queue
+from tests.brokerio import envelopes_in
 from tests.conftest import SCHEMAS, run
 from tests.processes import publish
 
@@ -88,9 +87,4 @@ def test_a_returned_publish_fails_itself_not_another_in_flight(brokers: dict[str
     failed = [n for n, result in enumerate(results) if isinstance(result, BaseException)]
     assert failed == [100]
     assert isinstance(results[100], PublishError) and "topology apply" in str(results[100])
-    assert sorted(results[:100] + results[101:]) == sorted(envelope_ids(app, read_queue(app, queue)))
-
-
-def envelope_ids(app: Bridge, bodies: list[bytes]) -> list[str]:
-    schema = app.registry.schema(ENVELOPE)
-    return [codec.decode(body, app.registry, schema)[1]["id"] for body in bodies]
+    assert sorted(results[:100] + results[101:]) == sorted(e["id"] for e in envelopes_in(app, queue))
