@@ -1,4 +1,4 @@
-"""Kafka-specific behaviour: a second member joining mid-run takes partitions over cleanly."""
+"""Kafka-specific behaviour: group handover, key partitioning, topic creation, foreign tier records."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # not in its __all__
 
 from bridge import Bridge, JobContext, codec
+from bridge.errors import TransportError
 from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name
-from bridge.transports.kafka.common import Headers
+from bridge.transports.kafka.common import Headers, wait_until_served
 from tests.brokerio import dead_letters, java_partition, read_partitions
 from tests.conftest import SCHEMAS, run
 from tests.processes import publish
@@ -121,6 +122,16 @@ def test_apply_topology_returns_once_every_new_partition_is_served(
                 probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
     finally:
         probe.close()
+
+
+def test_waiting_for_topics_that_never_come_ends_with_an_error_naming_them(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a topic that does not exist (as if its creation were lost),
+    # When apply_topology's wait for it runs out, Then it raises one error that names the topic.
+    common = {"bootstrap.servers": brokers["kafka"].partition("://")[2]}
+    with pytest.raises(TransportError, match=f"Kafka has not started serving {queue} 0s after"):
+        wait_until_served(common, [queue], timeout_s=0.3)
 
 
 def test_a_foreign_tier_record_without_a_queue_to_return_to_is_dead_lettered_in_its_tier(

@@ -127,7 +127,7 @@ def wait_until_served(common: dict[str, Any], topics: Sequence[str], timeout_s: 
     here once each of its partitions answers a ListOffsets request, which only its leader does.
     Raises TransportError after `timeout_s`, or at once for an error that waiting cannot cure.
     """
-    probe = Consumer({**common, "group.id": f"bridge-probe-{uuid.uuid4().hex}"})  # never joins it
+    probe = Consumer({**common, "group.id": f"bridge-probe-{uuid.uuid4().hex}"})  # subscribes to nothing
     deadline = time.monotonic() + timeout_s
     try:
         while True:

@@ -467,7 +467,7 @@ class KafkaTransport:
                 except KafkaException as exc:
                     if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                         raise
-        # Created is not yet served: a record produced before the leader has the log can vanish.
+        # Recorded by the controller is not yet served by the leaders (see wait_until_served).
         await asyncio.to_thread(wait_until_served, self._common, topics, METADATA_TIMEOUT_S * 6)
         self._topics.update(topics)
 
