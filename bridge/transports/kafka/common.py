@@ -136,7 +136,8 @@ def wait_until_served(common: dict[str, Any], topics: Sequence[str], timeout_s: 
                 return
             if time.monotonic() > deadline:
                 raise TransportError(
-                    f"Kafka has not started serving {', '.join(waiting)} {timeout_s:.0f}s after creating them"
+                    f"Kafka has not started serving {', '.join(waiting)} {timeout_s:.0f}s after creating "
+                    "them: its brokers' logs say why"
                 )
             time.sleep(SERVED_POLL_S)
     finally:
