@@ -134,6 +134,39 @@ def test_waiting_for_topics_that_never_come_ends_with_an_error_naming_them(
         wait_until_served(common, [queue], timeout_s=0.3)
 
 
+def test_a_topic_deleted_under_the_consumer_stops_it_with_an_error_naming_the_topic(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a consumer running a job of a queue, When the queue's topic is deleted before the
+    # job settles, Then consume stops with an error naming the topic. (Its offsets can never be
+    # committed; retrying them every 10 s held back every other queue's commits too, for good.)
+    app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=f"g-{uuid.uuid4().hex[:12]}")
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        started.set()
+        await release.wait()
+
+    def delete_topic() -> None:
+        admin = AdminClient({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
+        for future in admin.delete_topics([queue]).values():
+            future.result(10)
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+            await app.enqueue_async("test.Echo", {"n": 0}, queue=queue)
+            consuming = asyncio.create_task(app.consume())
+            await asyncio.wait_for(started.wait(), 30)
+            await asyncio.to_thread(delete_topic)
+            release.set()
+            with pytest.raises(TransportError, match=f"a topic it read was deleted .*{queue}"):
+                await asyncio.wait_for(consuming, 40)
+
+    run(scenario(), timeout=90)
+
+
 def test_a_foreign_tier_record_without_a_queue_to_return_to_is_dead_lettered_in_its_tier(
     brokers: dict[str, str], queue: str
 ) -> None:

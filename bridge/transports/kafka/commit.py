@@ -10,6 +10,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from bridge.errors import TransportError
 from bridge.transports.kafka.common import METADATA_TIMEOUT_S, Record, log, mapped, new_producer
 from bridge.transports.offsets import TopicPartition as TP
 
@@ -27,7 +28,8 @@ class Committer:
     anything to commit, so its round trips are shared by every record settled meanwhile. Every
     offset of the group goes through here: a plain commit of a higher offset could otherwise be
     overwritten by a lower one from a transaction. A transaction refused because the group is
-    rebalancing is aborted and tried again; any other failure stops the consumer.
+    rebalancing is aborted and tried again; any other failure stops the consumer, as does one
+    refused because a topic in it was deleted.
     """
 
     def __init__(
@@ -136,6 +138,14 @@ class Committer:
         error = exc.args[0] if exc.args else None
         with suppress(KafkaException):
             self.producer.abort_transaction(METADATA_TIMEOUT_S)
+        if isinstance(error, KafkaError) and error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            # A topic whose offsets are in the batch was deleted: they can never commit, and
+            # trying again would hold back the commits of every other topic in the batch too.
+            log.error("Kafka transaction failed: a topic it commits offsets for is gone (%s)", error.str())
+            self.failure = TransportError(
+                f"a topic it read was deleted ({error.str()}); `bridge topology apply` makes it again"
+            )
+            return False
         if (
             isinstance(error, KafkaError)
             and not error.fatal()

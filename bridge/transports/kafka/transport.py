@@ -296,7 +296,8 @@ class KafkaTransport:
         next_check = 0.0
         paused = False
         idle_s = 0.001
-        while not stop.is_set():
+        # A failed transaction stops fetching at once: what runs after it could never commit.
+        while not stop.is_set() and self._failure() is None:
             room = concurrency - len(inflight)
             if room <= 0:
                 if await inflight.wait_for_room(PAUSE_AFTER_S):
@@ -321,8 +322,6 @@ class KafkaTransport:
                 await asyncio.sleep(0)
                 inflight.spread()
                 continue
-            if self._failure() is not None:
-                return
             if burst and not inflight and time.monotonic() >= next_check:
                 if await self._drained(consumer, queues):
                     return
