@@ -16,6 +16,7 @@ from bridge import Bridge, JobContext, codec
 from bridge.errors import TransportError
 from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name
+from bridge.transports.kafka import transport as kafka_transport
 from bridge.transports.kafka.common import Headers, wait_until_served
 from tests.brokerio import dead_letters, java_partition, read_partitions
 from tests.conftest import SCHEMAS, run
@@ -134,19 +135,38 @@ def test_waiting_for_topics_that_never_come_ends_with_an_error_naming_them(
         wait_until_served(common, [queue], timeout_s=0.3)
 
 
+@pytest.mark.parametrize(
+    ("busy", "look_s", "error"),
+    [
+        # The job's offset fails its transaction (no look at the topics in the test's time).
+        (True, 3600.0, "a topic it read was deleted"),
+        # Nothing to commit: the consumer's look at its topics while idle finds it gone.
+        (False, 0.5, "Kafka topic {queue} was deleted while bridge consume read it"),
+    ],
+    ids=["job-running", "idle"],
+)
 def test_a_topic_deleted_under_the_consumer_stops_it_with_an_error_naming_the_topic(
-    brokers: dict[str, str], queue: str
+    brokers: dict[str, str],
+    queue: str,
+    busy: bool,
+    look_s: float,
+    error: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Given a consumer running a job of a queue, When the queue's topic is deleted before the
-    # job settles, Then consume stops with an error naming the topic. (Its offsets can never be
-    # committed; retrying them every 10 s held back every other queue's commits too, for good.)
+    # Given a consumer of a queue, running a job of it or idle,
+    # When the queue's topic is deleted (before the job settles),
+    # Then consume stops with an error naming the topic. (A settled job's offset can never be
+    # committed: retrying it every 10 s held back every other queue's commits too, for good.
+    # An idle consumer sat there for good.)
+    monkeypatch.setattr(kafka_transport, "TOPIC_LOOK_S", look_s)
     app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=f"g-{uuid.uuid4().hex[:12]}")
     started, release = asyncio.Event(), asyncio.Event()
 
     @app.job("test.Echo", queue=queue)
     async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
         started.set()
-        await release.wait()
+        if busy:
+            await release.wait()
 
     def delete_topic() -> None:
         admin = AdminClient({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
@@ -161,8 +181,9 @@ def test_a_topic_deleted_under_the_consumer_stops_it_with_an_error_naming_the_to
             await asyncio.wait_for(started.wait(), 30)
             await asyncio.to_thread(delete_topic)
             release.set()
-            with pytest.raises(TransportError, match=f"a topic it read was deleted .*{queue}"):
+            with pytest.raises(TransportError, match=error.format(queue=queue)):
                 await asyncio.wait_for(consuming, 40)
+            assert queue in str(consuming.exception())
 
     run(scenario(), timeout=90)
 

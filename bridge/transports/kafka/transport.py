@@ -55,6 +55,7 @@ from bridge.transports.offsets import OffsetTracker
 
 PAUSE_AFTER_S = 1.0
 DRAIN_CHECK_S = 0.25
+TOPIC_LOOK_S = 5.0  # while idle, how often to look whether the consumed topics still exist
 
 
 class KafkaTransport:
@@ -294,6 +295,7 @@ class KafkaTransport:
         backlog = self._backlog
         backlog.clear()
         next_check = 0.0
+        next_look = time.monotonic() + TOPIC_LOOK_S
         paused = False
         idle_s = 0.001
         # A failed transaction stops fetching at once: what runs after it could never commit.
@@ -326,8 +328,31 @@ class KafkaTransport:
                 if await self._drained(consumer, queues):
                     return
                 next_check = time.monotonic() + DRAIN_CHECK_S  # each check reads every partition
+            if time.monotonic() >= next_look:
+                await self._require_still_there(queues)
+                next_look = time.monotonic() + TOPIC_LOOK_S
             await asyncio.sleep(idle_s)
             idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
+
+    async def _require_still_there(self, queues: Sequence[str]) -> None:
+        """Raise TransportError if a topic being consumed was deleted (a fresh metadata look).
+
+        Nothing else would tell: librdkafka only notes that the topic has no partitions any more,
+        and a consumer with nothing to commit sits there for good. A broker that does not answer
+        is no evidence either way; the next look tries again.
+        """
+        try:
+            self._topics = await self._topic_names()
+        except TransportError as exc:
+            log.debug("could not look whether %s still exist: %s", ",".join(queues), exc)
+            return
+        gone = [queue for queue in queues if queue not in self._topics]
+        if gone:
+            raise TransportError(
+                f"Kafka topic {', '.join(gone)} was deleted while bridge consume read it; "
+                "`bridge topology apply` makes it again",
+                retriable=False,
+            )
 
     def _start(self, record: Message, inflight: InFlight) -> None:
         error = record.error()
