@@ -26,6 +26,8 @@ class FlakyProxy:
         return self._url._replace(netloc=f"{credentials}{at}127.0.0.1:{self._port}").geturl()
 
     def cut(self, down_s: float) -> None:
+        if self._healing is not None:  # an earlier cut's timer must not end this one early
+            self._healing.cancel()
         self._down_s, self._healing = down_s, None
         for pipe in self._pipes:
             pipe.cancel()
