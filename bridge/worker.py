@@ -27,6 +27,7 @@ from bridge.errors import (
     RegistryUnavailable,
     SchemaMismatch,
     StoreError,
+    TransportError,
     UnknownJobType,
     UnknownSchema,
 )
@@ -84,11 +85,14 @@ class Worker:
         self._store: Store | None = None  # the app's idempotency store, once a job needs it
         self._outage = Outage()  # keyed jobs wait here while the store does not answer
         self._leases: set[Lease] = set()  # idempotency keys held by running handlers
+        self._stop = asyncio.Event()  # `run`'s: set when a delivery cannot ever be settled
+        self._failure: TransportError | None = None  # ... and why
         self.stats = Stats()
 
     async def run(self, queues: Sequence[str], stop: asyncio.Event, *, burst: bool) -> None:
         """Consume `queues` until `stop` is set or, with `burst`, until they drain."""
         log.info("consuming %s on %s", ",".join(queues), self.transport.name)
+        self._stop = stop
         renewing = asyncio.create_task(self._renew_leases())
         try:
             await self.transport.consume(
@@ -98,6 +102,8 @@ class Worker:
         finally:
             renewing.cancel()
             self._threads.shutdown(wait=False, cancel_futures=True)
+        if self._failure is not None:
+            raise self._failure
 
     async def _renew_leases(self) -> None:
         """Renew the keys held by running handlers, a few times per lease."""
@@ -125,9 +131,28 @@ class Worker:
             self.stats.last_s = time.monotonic()
         except asyncio.CancelledError:
             raise
+        except TransportError as exc:
+            if exc.retriable:  # the broker went away: the delivery stays unsettled and comes back
+                log.exception("could not settle a delivery from %s", delivery.queue)
+            else:  # what it publishes has nowhere to go (a queue was deleted): trying again won't help
+                self._stop_for(delivery, exc)
         except Exception:
-            # Settling failed (the broker went away): the delivery stays unsettled and comes back.
             log.exception("could not settle a delivery from %s", delivery.queue)
+
+    def _stop_for(self, delivery: Delivery, exc: TransportError) -> None:
+        """Stop consuming, leaving `delivery` unsettled: it runs again once the cause is fixed.
+
+        Going on would leave it unsettled for good: on RabbitMQ it holds a prefetch slot, on
+        Kafka it holds back every later commit of its partition.
+        """
+        if self._failure is None:
+            log.error("stopping: a delivery from %s cannot be settled: %s", delivery.queue, exc)
+            self._failure = TransportError(
+                f"stopped: a delivery from {delivery.queue} could not be settled, and runs again "
+                f"once this is fixed: {exc}",
+                retriable=False,
+            )
+        self._stop.set()
 
     async def _outcome(self, delivery: Delivery) -> Sequence[Outgoing]:
         try:

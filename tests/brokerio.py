@@ -48,6 +48,26 @@ def dead_letters(app: Bridge, queue: str) -> list[DeadLetter]:
     return [DeadLetter.from_avro(codec.decode(body, app.registry, schema)[1]) for body in bodies]
 
 
+def delete_queue(app: Bridge, queue: str) -> None:
+    """Delete `queue` (its topic, on Kafka) behind bridge's back."""
+    url = app.settings.require_broker()
+    if url.startswith("kafka"):
+        admin = AdminClient({"bootstrap.servers": url.partition("://")[2]})
+        for future in admin.delete_topics([queue]).values():
+            future.result(30)
+    else:
+        asyncio.run(_delete_rabbit_queue(url, queue))
+
+
+async def _delete_rabbit_queue(url: str, queue: str) -> None:
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+    finally:
+        await connection.close()
+
+
 def _read_topic(bootstrap: str, topic: str) -> list[bytes]:
     """Every committed record of `topic`, oldest first by timestamp."""
     return [body for _, body in read_partitions(bootstrap, topic)]

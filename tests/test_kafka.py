@@ -139,7 +139,7 @@ def test_waiting_for_topics_that_never_come_ends_with_an_error_naming_them(
     ("busy", "look_s", "error"),
     [
         # The job's offset fails its transaction (no look at the topics in the test's time).
-        (True, 3600.0, "a topic it read was deleted"),
+        (True, 3600.0, "Kafka topic {queue} was deleted; `bridge topology apply` makes it again"),
         # Nothing to commit: the consumer's look at its topics while idle finds it gone.
         (False, 0.5, "Kafka topic {queue} was deleted while bridge consume read it"),
     ],

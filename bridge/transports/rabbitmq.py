@@ -145,9 +145,9 @@ class RabbitTransport:
                 wait=False,
             )  # type: ignore[call-arg]  # aiormq's Channel takes `wait`; its abstract base omits it
         except aiormq.exceptions.DeliveryError as exc:  # returned: no queue took it
+            bound = f"queue {message.queue!r}" if tier_s is None else "queue"
             raise PublishError(
-                f"no queue {message.queue!r} is bound to {self.exchange_name}: run `bridge topology apply`",
-                retriable=False,
+                f"no {bound} is bound to {exchange}: run `bridge topology apply`", retriable=False
             ) from exc
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishError(f"publish to {message.queue} not confirmed: {exc!r}") from exc
@@ -164,7 +164,9 @@ class RabbitTransport:
             return
         async with self._lookup:  # one check, however many publishes wait on it
             if name not in self._known_queues and not await self._queue_exists(name):
-                raise PublishError(f"RabbitMQ queue {name} does not exist: run `bridge topology apply`")
+                raise PublishError(
+                    f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False
+                )
             self._known_queues.add(name)
 
     async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:

@@ -29,7 +29,7 @@ class Committer:
     offset of the group goes through here: a plain commit of a higher offset could otherwise be
     overwritten by a lower one from a transaction. A transaction refused because the group is
     rebalancing is aborted and tried again; any other failure stops the consumer, as does one
-    refused because a topic in it was deleted.
+    that failed because a topic in it was deleted.
     """
 
     def __init__(
@@ -132,18 +132,21 @@ class Committer:
                 self.producer.commit_transaction(METADATA_TIMEOUT_S * 6)
                 return True
             except KafkaException as exc:
-                return self._failed(exc)
+                return self._failed(exc, {record[0] for record in records} | {t for t, _ in offsets})
 
-    def _failed(self, exc: KafkaException) -> bool:
+    def _failed(self, exc: KafkaException, topics: set[str]) -> bool:
         error = exc.args[0] if exc.args else None
         with suppress(KafkaException):
             self.producer.abort_transaction(METADATA_TIMEOUT_S)
-        if isinstance(error, KafkaError) and error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-            # A topic whose offsets are in the batch was deleted: they can never commit, and
-            # trying again would hold back the commits of every other topic in the batch too.
-            log.error("Kafka transaction failed: a topic it commits offsets for is gone (%s)", error.str())
+        gone = self._gone(topics)
+        if gone:
+            # A topic it commits offsets for or publishes to was deleted: the transaction can
+            # never commit, and trying again would hold back every other topic's commits too.
+            # (Each try took 10 s, the transaction's timeout, and its error named no topic.)
+            log.error("Kafka transaction failed: topic %s is gone (%s)", ", ".join(gone), exc)
             self.failure = TransportError(
-                f"a topic it read was deleted ({error.str()}); `bridge topology apply` makes it again"
+                f"Kafka topic {', '.join(gone)} was deleted; `bridge topology apply` makes it again",
+                retriable=False,
             )
             return False
         if (
@@ -156,6 +159,14 @@ class Committer:
         log.error("Kafka transaction failed (%s); stopping so its records run again", exc)
         self.failure = exc
         return False
+
+    def _gone(self, topics: set[str]) -> list[str]:
+        """Those of `topics` that Kafka no longer has: none, when it does not answer."""
+        try:
+            existing = self.producer.list_topics(timeout=METADATA_TIMEOUT_S).topics
+        except KafkaException:
+            return []
+        return sorted(topics - set(existing))
 
 
 def _flatten(batch: Batch) -> tuple[list[Record], dict[TP, int]]:
