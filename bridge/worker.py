@@ -131,13 +131,11 @@ class Worker:
             self.stats.last_s = time.monotonic()
         except asyncio.CancelledError:
             raise
-        except TransportError as exc:
-            if exc.retriable:  # the broker went away: the delivery stays unsettled and comes back
-                log.exception("could not settle a delivery from %s", delivery.queue)
-            else:  # what it publishes has nowhere to go (a queue was deleted): trying again won't help
+        except Exception as exc:
+            if isinstance(exc, TransportError) and not exc.retriable:  # e.g. its dead-letter queue is gone
                 self._stop_for(delivery, exc)
-        except Exception:
-            log.exception("could not settle a delivery from %s", delivery.queue)
+            else:  # the broker went away: the delivery stays unsettled and comes back
+                log.exception("could not settle a delivery from %s", delivery.queue)
 
     def _stop_for(self, delivery: Delivery, exc: TransportError) -> None:
         """Stop consuming, leaving `delivery` unsettled: it runs again once the cause is fixed.

@@ -200,8 +200,8 @@ def test_a_missing_dead_letter_queue_stops_the_consumer_and_loses_nothing(
     make_app: Callable[..., Bridge], queue: str, broker: str, deleted: str
 ) -> None:
     # Given a job that must be dead-lettered (it fails, one attempt allowed), and its queue's
-    # dead-letter queue deleted before consume starts or while the job runs (on Kafka the
-    # consumer then still takes the topic for there),
+    # dead-letter queue deleted before consume starts or while the job runs (when the Kafka
+    # consumer still believes the topic exists),
     # When consumed, Then consume stops with an error naming the dead-letter queue and the fix,
     # And once the topology is applied again, the next run dead-letters the job: it was kept.
     # (RabbitMQ held the delivery unacknowledged for good, a prefetch slot lost per job; Kafka
