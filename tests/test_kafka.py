@@ -18,7 +18,7 @@ from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name
 from bridge.transports.kafka import transport as kafka_transport
 from bridge.transports.kafka.common import Headers, read_to_end, wait_until_served
-from tests.brokerio import dead_letters, java_partition, read_partitions
+from tests.brokerio import dead_letters, delete_queue, java_partition, read_partitions
 from tests.conftest import SCHEMAS, run
 from tests.processes import publish
 
@@ -168,24 +168,54 @@ def test_a_topic_deleted_under_the_consumer_stops_it_with_an_error_naming_the_to
         if busy:
             await release.wait()
 
-    def delete_topic() -> None:
-        admin = AdminClient({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
-        for future in admin.delete_topics([queue]).values():
-            future.result(10)
-
     async def scenario() -> None:
         async with app:
             await app.apply_topology([queue])
             await app.enqueue_async("test.Echo", {"n": 0}, queue=queue)
             consuming = asyncio.create_task(app.consume())
             await asyncio.wait_for(started.wait(), 30)
-            await asyncio.to_thread(delete_topic)
+            await asyncio.to_thread(delete_queue, app, queue)
             release.set()
             with pytest.raises(TransportError, match=error.format(queue=queue)):
                 await asyncio.wait_for(consuming, 40)
             assert queue in str(consuming.exception())
 
     run(scenario(), timeout=90)
+
+
+def test_a_delayed_job_whose_queue_was_deleted_stops_the_forwarder_with_an_error_naming_it(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a job delayed by 1 s for a queue this consumer does not read, whose topic is
+    # deleted while the job waits in its tier (the consumer still believes the topic exists),
+    # When the delay forwarder moves it, Then consume stops with an error naming the topic,
+    # And the job is still in its tier: the forward was not committed.
+    # (The forwarder's transaction was tried three times, 10 s each, and the error named no
+    # topic.) A prefix of its own: the record left in the tier must not reach other tests.
+    prefix, elsewhere = f"p{uuid.uuid4().hex[:8]}", f"t-{uuid.uuid4().hex[:12]}"
+    app = Bridge(
+        broker=brokers["kafka"], registry=str(SCHEMAS), group=f"g-{uuid.uuid4().hex[:12]}", prefix=prefix
+    )
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        pass
+
+    async def scenario() -> str:
+        async with app:
+            await app.apply_topology([queue, elsewhere])
+            job_id = await app.enqueue_async("test.Echo", {"n": 0}, queue=elsewhere, delay=1)
+            consuming = asyncio.create_task(app.consume([queue]))
+            await asyncio.to_thread(delete_queue, app, elsewhere)
+            with pytest.raises(
+                TransportError, match=f"Kafka topic {elsewhere} was deleted; `bridge topology"
+            ):
+                await asyncio.wait_for(consuming, 40)
+            return job_id
+
+    job_id = run(scenario(), timeout=90)
+    [(_, body)] = read_partitions(brokers["kafka"].partition("://")[2], f"{prefix}.delay.1s")
+    assert codec.decode(body, app.registry, app.registry.schema(ENVELOPE))[1]["id"] == job_id
 
 
 def test_a_partition_with_an_open_transaction_is_not_read_to_its_end(
