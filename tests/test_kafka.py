@@ -1,4 +1,4 @@
-"""Kafka-specific behaviour: group handover, key partitioning, topic creation, foreign tier records."""
+"""Kafka-specific behaviour: group handover, key partitioning, topics made and deleted, tier records."""
 
 from __future__ import annotations
 
