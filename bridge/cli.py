@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     consume.add_argument("--app", required=True, help="MODULE:ATTR of a Bridge")
     consume.add_argument("--queues", type=_names, help="comma-separated queues (default: the app's)")
     consume.add_argument("--concurrency", type=_positive, help="jobs running at once (default 16)")
+    consume.add_argument(
+        "--prefetch", type=_positive, help="RabbitMQ deliveries held at once (default twice --concurrency)"
+    )
     consume.add_argument("--group", help="Kafka consumer group (BRIDGE_GROUP, default bridge)")
     consume.add_argument("--grace", type=float, help="seconds in-flight jobs get on SIGTERM (default 30)")
     consume.add_argument("--burst", action="store_true", help="exit 0 once the queues are drained")
@@ -251,7 +254,9 @@ def _enqueue(args: argparse.Namespace) -> int:
 
 
 def _consume(args: argparse.Namespace) -> int:
-    app = _app(args, group=args.group, concurrency=args.concurrency, grace_s=args.grace)
+    app = _app(
+        args, group=args.group, concurrency=args.concurrency, prefetch=args.prefetch, grace_s=args.grace
+    )
     queues = args.queues or app.queues()
     if not queues:
         raise ConfigError(f"{args.app} registers no handlers: decorate functions with @app.job(...)")

@@ -29,6 +29,7 @@ class Settings:
     prefix: str = "bridge"
     group: str = "bridge"  # Kafka consumer group; the consuming service's name on RabbitMQ
     concurrency: int = 16
+    prefetch: int | None = None  # RabbitMQ deliveries held at once; None: twice concurrency
     grace_s: float = 30.0
     partitions: int = 3
     delay_tiers: tuple[float, ...] = DEFAULT_TIERS_S  # seconds; `1s,5s,30s,2m,10m,1h,6h` in text
@@ -77,6 +78,11 @@ class Settings:
         for name in ("concurrency", "partitions", "max_message_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if self.prefetch is not None and self.prefetch < self.concurrency:
+            problems.append(
+                f"prefetch ({self.prefetch}) must be at least concurrency ({self.concurrency}):"
+                " RabbitMQ would never hand this process enough jobs to fill its slots"
+            )
         if self.grace_s < 0:
             problems.append("grace_s must not be negative")
         if self.idempotency is not None:
@@ -105,6 +111,7 @@ def _tiers(value: Any) -> tuple[float, ...]:
 
 _TYPES: dict[str, Any] = {
     "concurrency": int,
+    "prefetch": int,
     "partitions": int,
     "max_message_bytes": int,
     "grace_s": float,

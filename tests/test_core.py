@@ -1,7 +1,8 @@
-"""The pure core: offset bookkeeping, settings, ids, the consume summary."""
+"""The pure core: offset bookkeeping, in-flight slots, settings, ids, the consume summary."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import pytest
 from bridge.config import Settings
 from bridge.envelope import uuid7
 from bridge.errors import ConfigError
+from bridge.transports.base import Delivery, InFlight
 from bridge.transports.offsets import OffsetTracker
 from bridge.worker import Stats
+from tests.conftest import run
 
 TP = ("jobs", 0)
 
@@ -55,6 +58,35 @@ def test_a_job_finishing_after_its_partition_was_revoked_moves_nothing() -> None
     assert tracker.done(TP, 1, old) is None
     assert tracker.in_flight() == 1
     assert tracker.done(TP, 1, new) == 2
+
+
+def test_a_delivery_waiting_for_a_slot_when_finish_begins_is_not_processed() -> None:
+    # Given one slot, a delivery running in it and a second one waiting for it (RabbitMQ's
+    # prefetch holds more deliveries than there are slots),
+    # When finish begins and then the running one ends, Then the waiting one is never
+    # processed (it stays unsettled, and the broker delivers it again), and nothing is late.
+    first, second = Delivery(b"first", "jobs"), Delivery(b"second", "jobs")
+    processed: list[Delivery] = []
+    release = asyncio.Event()
+
+    async def process(delivery: Delivery) -> None:
+        processed.append(delivery)
+        await release.wait()
+
+    async def scenario() -> int:
+        inflight = InFlight(process, 1)
+        running = asyncio.create_task(inflight.run(first))
+        waiting = asyncio.create_task(inflight.run(second))
+        await asyncio.sleep(0)  # one turn: the first takes the slot, the second waits for it
+        finishing = asyncio.create_task(inflight.finish(grace_s=5))
+        await asyncio.sleep(0)
+        release.set()
+        late = await finishing
+        await asyncio.gather(running, waiting)
+        return late
+
+    assert run(scenario(), timeout=10) == 0
+    assert processed == [first]
 
 
 def test_settings_come_from_arguments_then_environment_then_toml(tmp_path: Path) -> None:

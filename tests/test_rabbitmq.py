@@ -88,3 +88,47 @@ def test_a_returned_publish_fails_itself_not_another_in_flight(brokers: dict[str
     assert failed == [100]
     assert isinstance(results[100], PublishError) and "topology apply" in str(results[100])
     assert sorted(results[:100] + results[101:]) == sorted(e["id"] for e in envelopes_in(app, queue))
+
+
+def test_deliveries_held_for_a_slot_when_consume_stops_go_back_unrun(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given one slot, a prefetch of three, and three jobs whose handler never ends,
+    # When consume stops once all three were delivered (one running, two held for its slot),
+    # Then only the first ever started (it is cancelled when its 0.5 s of grace end), and all
+    # three are back in the queue, to run again.
+    url = brokers["rabbitmq"]
+    ids = run(publish(url, queue, 3))
+    app = Bridge(broker=url, registry=str(SCHEMAS), concurrency=1, prefetch=3, grace_s=0.5)
+    started: list[str] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        started.append(ctx.job_id)
+        await asyncio.Event().wait()
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        async with app:
+            consuming = asyncio.create_task(app.consume(stop=stop))
+            deadline = asyncio.get_running_loop().time() + 30
+            while await _ready_count(url, queue) or not started:  # until all three are delivered
+                assert asyncio.get_running_loop().time() < deadline, "the jobs were never delivered"
+                await asyncio.sleep(0.05)
+            stop.set()
+            await consuming
+
+    run(scenario())
+    assert len(started) == 1
+    assert sorted(e["id"] for e in envelopes_in(app, queue)) == sorted(ids)
+
+
+async def _ready_count(url: str, queue: str) -> int:
+    """Messages in `queue` ready for delivery (not counting those delivered and unacknowledged)."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+    finally:
+        await connection.close()

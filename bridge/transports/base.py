@@ -113,7 +113,8 @@ class InFlight:
     that never suspend let one worker run a whole fetched batch in one step, with no task switch
     per job (the largest per-job cost of a fast handler), while handlers that wait on I/O still
     run side by side. `run` processes one in the caller's task (aiormq already made one per
-    delivery).
+    delivery), once a slot is free; a delivery still waiting for one when `finish` begins is
+    left alone, unsettled, for the broker to deliver again.
     """
 
     def __init__(self, process: Process, limit: int) -> None:
@@ -129,6 +130,7 @@ class InFlight:
         self._woken = 0  # sleepers woken that have not run yet
         self._workers: list[asyncio.Task[None]] = []
         self._callers: set[asyncio.Task[Any]] = set()
+        self._finishing = False  # `finish` began: `run` starts nothing more
 
     def __len__(self) -> int:
         return self._count
@@ -190,8 +192,10 @@ class InFlight:
 
     async def run(self, delivery: Delivery) -> None:
         """Wait for a free slot, then process `delivery` in the calling task."""
-        while not self.has_room():
+        while not self.has_room() and not self._finishing:
             await self._room.wait()
+        if self._finishing:
+            return  # shutting down: it was prefetched, not started, and comes back
         self._begin()
         task = asyncio.current_task()
         assert task is not None
@@ -216,6 +220,7 @@ class InFlight:
 
     async def finish(self, grace_s: float) -> int:
         """Wait up to `grace_s` for in-flight work; cancel the rest and return how many."""
+        self._finishing = True
         with suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace_s)
         late = self._count

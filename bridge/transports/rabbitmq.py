@@ -53,6 +53,13 @@ QUORUM = {"x-queue-type": "quorum"}
 CONNECT_TIMEOUT_S = 10.0
 DRAIN_CHECK_S = 0.1
 RECONNECT_INTERVAL_S = 1.0
+# Deliveries held per slot, unless the `prefetch` setting says otherwise (Dramatiq's default;
+# Celery's is 4). With one per slot, every slot that finished waited a round trip to the
+# broker for its next job, and keyed jobs, which finish a batch at a time when their store's
+# commit comes back, left the loop idle a fifth of the time: 6,300 to 6,700 keyed jobs/s, and
+# 7,500 to 8,100 with two per slot (no keys: 6,900 to 8,500, and 7,800 to 8,900). A delivery
+# waiting for a slot when consume stops is not started: it goes back to the queue.
+PREFETCH_PER_SLOT = 2
 
 
 class RabbitTransport:
@@ -194,7 +201,8 @@ class RabbitTransport:
     ) -> None:
         assert self._connection is not None, "consume() before connect()"
         channel = await self._connection.channel(publisher_confirms=False)
-        await channel.set_qos(prefetch_count=concurrency)
+        prefetch = max(self.settings.prefetch or PREFETCH_PER_SLOT * concurrency, concurrency)
+        await channel.set_qos(prefetch_count=prefetch)
         inflight = InFlight(process, concurrency)
         arrivals = [0]
 
