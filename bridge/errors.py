@@ -9,6 +9,7 @@
     │   └── SchemaMismatch   a record its reader's schema cannot read (another name, incompatible)
     ├── TransportError       a broker refused, could not be reached, or did not confirm
     │   └── PublishError     a publish was not acknowledged (unroutable, nacked, timed out)
+    │       └── PublishRefused   the broker refused it (RabbitMQ's nack: a full queue, no quorum)
     ├── RegistryUnavailable  the schema registry did not answer (what needed it waits)
     ├── StoreError           the idempotency store could not be reached or refused
     │   └── LeaseLost        a job's claim on its idempotency key ended before it completed
@@ -77,6 +78,11 @@ class TransportError(BridgeError):
 
 class PublishError(TransportError):
     """A publish that the broker did not acknowledge."""
+
+
+class PublishRefused(PublishError):
+    """A publish the broker refused (RabbitMQ's nack): a queue at its length limit, or without
+    a quorum. It may be taken later, once the queue drains or regains its quorum."""
 
 
 class RegistryUnavailable(BridgeError):

@@ -1,9 +1,14 @@
-"""RabbitMQ-specific behaviour: a dropped connection, a deleted queue, returned publishes."""
+"""RabbitMQ-specific behaviour: a dropped connection, a deleted queue, returned and refused publishes."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import aio_pika
@@ -11,7 +16,8 @@ import pytest
 
 from bridge import Bridge, JobContext
 from bridge.errors import PublishError, TransportError
-from tests.brokerio import envelopes_in
+from bridge.transports import dlq_name, rabbitmq
+from tests.brokerio import dead_letters, envelopes_in
 from tests.conftest import SCHEMAS, run
 from tests.processes import publish
 
@@ -130,5 +136,114 @@ async def _ready_count(url: str, queue: str) -> int:
         channel = await connection.channel()
         declared = await channel.declare_queue(queue, passive=True)
         return declared.declaration_result.message_count or 0
+    finally:
+        await connection.close()
+
+
+def test_a_dead_letter_rabbitmq_keeps_refusing_stops_the_consumer_and_loses_nothing(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job that must be dead-lettered, and its dead-letter queue full (a max-length
+    # policy with reject-publish: RabbitMQ nacks every publish to it),
+    # When consumed, Then settling tries the dead letter again for REFUSED_PATIENCE_S (0.5 s
+    # here), then consume stops with an error naming the queue and the refusal,
+    # And once the queue takes publishes again, the next run dead-letters the job: it was kept.
+    # (The nack was reported as "no queue is bound ...: run `bridge topology apply`".)
+    monkeypatch.setattr(rabbitmq, "REFUSED_PATIENCE_S", 0.5)
+    url = brokers["rabbitmq"]
+    [job_id] = run(publish(url, queue, 1))
+    app = failing_app(url, queue)
+    with full(url, dlq_name(queue)):
+        refused = f"refused the publish to {re.escape(dlq_name(queue))}: .* refused for 0.5 s"
+        with pytest.raises(TransportError, match=refused):
+            run(consume(app))
+    run(purge(url, dlq_name(queue)))
+    run(consume(app))
+    [letter] = dead_letters(app, queue)
+    assert letter.envelope is not None and letter.envelope.id == job_id
+
+
+def test_a_dead_letter_refused_until_its_queue_drains_goes_out_then(
+    brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a job that must be dead-lettered, and its dead-letter queue full,
+    # When the queue is purged while settling waits to try the refused dead letter again,
+    # Then the dead letter goes out, and consume carries on and drains the queue.
+    url = brokers["rabbitmq"]
+    [job_id] = run(publish(url, queue, 1))
+    app = failing_app(url, queue)
+
+    async def scenario() -> int:
+        async with app:
+            consuming = asyncio.create_task(app.consume(burst=True))
+            deadline = asyncio.get_running_loop().time() + 30
+            while not any("refused the publish" in r.getMessage() for r in caplog.records):
+                if consuming.done():
+                    await consuming  # it ended before any refusal: its error, if any, says why
+                    raise AssertionError("consume ended, and no dead letter was refused")
+                assert asyncio.get_running_loop().time() < deadline, "the dead letter was never refused"
+                await asyncio.sleep(0.02)
+            await purge(url, dlq_name(queue))
+            return (await consuming).dead_lettered
+
+    with caplog.at_level(logging.WARNING, logger="bridge.rabbitmq"), full(url, dlq_name(queue)):
+        assert run(scenario()) == 1
+    [letter] = dead_letters(app, queue)
+    assert letter.envelope is not None and letter.envelope.id == job_id
+
+
+def failing_app(url: str, queue: str) -> Bridge:
+    """An app whose test.Echo jobs on `queue` fail on their one attempt: each is dead-lettered."""
+    app = Bridge(broker=url, registry=str(SCHEMAS))
+
+    @app.job("test.Echo", queue=queue, max_attempts=1)
+    async def broken(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise ValueError("bad")
+
+    return app
+
+
+async def consume(app: Bridge) -> None:
+    async with app:
+        await app.consume(burst=True)
+
+
+@contextmanager
+def full(url: str, queue: str) -> Iterator[None]:
+    """`queue` held at a length of 1 with reject-publish, and filled until RabbitMQ refuses a publish."""
+    policy = f"test-full-{queue}"
+    limit = json.dumps({"max-length": 1, "overflow": "reject-publish"})
+    rabbitmqctl("set_policy", policy, f"^{re.escape(queue)}$", limit, "--apply-to", "queues")
+    try:
+        run(_fill(url, queue))
+        yield
+    finally:
+        rabbitmqctl("clear_policy", policy)
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True)
+
+
+async def _fill(url: str, queue: str) -> None:
+    """Publish to `queue` until RabbitMQ refuses (a quorum queue may take one more than its limit)."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        for _ in range(100):  # a policy takes effect a moment after it is set
+            try:
+                await channel.default_exchange.publish(aio_pika.Message(b"filler"), routing_key=queue)
+            except aio_pika.exceptions.DeliveryError:
+                return
+        raise AssertionError(f"RabbitMQ never refused a publish to {queue}: did the policy apply?")
+    finally:
+        await connection.close()
+
+
+async def purge(url: str, queue: str) -> None:
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        await (await channel.declare_queue(queue, passive=True)).purge()
     finally:
         await connection.close()

@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -36,7 +37,7 @@ from aio_pika.abc import (
 from aiormq.abc import DeliveredMessage
 
 from bridge.config import Settings
-from bridge.errors import PublishError, TransportError, safe_url
+from bridge.errors import PublishError, PublishRefused, TransportError, safe_url
 from bridge.policy import tier_for
 from bridge.transports.base import (
     Decide,
@@ -60,6 +61,12 @@ RECONNECT_INTERVAL_S = 1.0
 # 7,500 to 8,100 with two per slot (no keys: 6,900 to 8,500, and 7,800 to 8,900). A delivery
 # waiting for a slot when consume stops is not started: it goes back to the queue.
 PREFETCH_PER_SLOT = 2
+# How long settling a delivery tries again a publish (a retry, delay or dead letter) that
+# RabbitMQ refuses, before the consumer stops: a queue at its length limit may drain, and a
+# quorum queue may elect a leader. Left unsettled, the delivery would hold a prefetch slot
+# for as long as the channel lives.
+REFUSED_PATIENCE_S = 10.0
+REFUSED_WAIT_MAX_S = 2.0
 
 
 class RabbitTransport:
@@ -151,15 +158,21 @@ class RabbitTransport:
                 mandatory=True,
                 wait=False,
             )  # type: ignore[call-arg]  # aiormq's Channel takes `wait`; its abstract base omits it
-        except aiormq.exceptions.DeliveryError as exc:  # returned: no queue took it
+        except aiormq.exceptions.PublishError as exc:  # returned: no queue took it
             bound = f"queue {message.queue!r}" if tier_s is None else "queue"
             raise PublishError(
                 f"no {bound} is bound to {exchange}: run `bridge topology apply`", retriable=False
             ) from exc
+        except aiormq.exceptions.DeliveryError as exc:  # nacked: a queue it was routed to refused it
+            into = message.queue if tier_s is None else f"delay tier {exchange}"
+            raise PublishRefused(
+                f"RabbitMQ refused the publish to {into}: is it at a length limit (a max-length "
+                f"policy with reject-publish), or without a quorum? ({exc.frame!r})"
+            ) from exc
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishError(f"publish to {message.queue} not confirmed: {exc!r}") from exc
-        if not isinstance(confirmation, aiormq.spec.Basic.Ack):
-            raise PublishError(f"RabbitMQ refused the publish to {message.queue}: {confirmation!r}")
+        if not isinstance(confirmation, aiormq.spec.Basic.Ack):  # (aiormq raises for a nack)
+            raise PublishRefused(f"RabbitMQ refused the publish to {message.queue}: {confirmation!r}")
 
     def _properties(self) -> aiormq.spec.Basic.Properties:
         """Persistent, with a message id of its own (see `__init__`)."""
@@ -178,7 +191,7 @@ class RabbitTransport:
 
     async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
         for message in publish:
-            await self.publish(message)  # confirmed before the original is acked
+            await self._publish_patiently(message)  # confirmed before the original is acked
         incoming: DeliveredMessage = delivery.handle
         assert incoming.delivery_tag is not None  # (None only on returned messages)
         try:
@@ -186,6 +199,25 @@ class RabbitTransport:
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             # The channel it came on is gone: the broker delivers it again (at least once).
             log.warning("ack lost for a delivery from %s (%r); it will be redelivered", delivery.queue, exc)
+
+    async def _publish_patiently(self, message: Outgoing) -> None:
+        """Publish, trying again while RabbitMQ refuses it, for up to REFUSED_PATIENCE_S.
+
+        Still refused then, it raises a PublishRefused that is not retriable: the consumer
+        stops, and the delivery comes back once the queue takes publishes again.
+        """
+        wait_s, deadline = 0.1, time.monotonic() + REFUSED_PATIENCE_S
+        while True:
+            try:
+                await self.publish(message)
+                return
+            except PublishRefused as exc:
+                if time.monotonic() + wait_s > deadline:
+                    last = f"{exc}; refused for {REFUSED_PATIENCE_S:g} s"
+                    raise PublishRefused(last, retriable=False) from exc
+                log.warning("%s; trying again in %.1f s", exc, wait_s)
+                await asyncio.sleep(wait_s)
+                wait_s = min(wait_s * 2, REFUSED_WAIT_MAX_S)
 
     # -- consuming -------------------------------------------------------------------------
 
