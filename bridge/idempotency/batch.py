@@ -101,8 +101,7 @@ def _busy(loop: asyncio.AbstractEventLoop) -> bool:
     `_ready`; there is no public way to ask). Another loop counts as never busy, so a batch
     waits only while it grows, as before.
     """
-    ready = getattr(loop, "_ready", None)
-    return bool(ready)
+    return bool(getattr(loop, "_ready", None))
 
 
 def _answer(batch: Pending[Any], replies: list[Any]) -> None:

@@ -233,6 +233,7 @@ class RabbitTransport:
     ) -> None:
         assert self._connection is not None, "consume() before connect()"
         channel = await self._connection.channel(publisher_confirms=False)
+        # (Settings check prefetch >= concurrency; `max` covers a `consume(concurrency=...)` above it.)
         prefetch = max(self.settings.prefetch or PREFETCH_PER_SLOT * concurrency, concurrency)
         await channel.set_qos(prefetch_count=prefetch)
         inflight = InFlight(process, concurrency)
