@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
 from collections import Counter
 from typing import Any
@@ -17,6 +18,7 @@ from bridge.errors import TransportError
 from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name
 from bridge.transports.kafka import transport as kafka_transport
+from bridge.transports.kafka.commit import Committer
 from bridge.transports.kafka.common import Headers, read_to_end, wait_until_served
 from tests.brokerio import dead_letters, delete_queue, java_partition, read_partitions
 from tests.conftest import SCHEMAS, run
@@ -246,6 +248,48 @@ def test_a_partition_with_an_open_transaction_is_not_read_to_its_end(
         assert not run(read_to_end(group, [queue], common))
     finally:
         group.close()
+
+
+def test_a_commit_asked_for_while_the_run_loops_transaction_is_out_waits_for_it(
+    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a committer whose run loop has taken everything settled and whose transaction is
+    # out (held here until released),
+    # When a burst run's drain check asks it to commit too, Then that commit returns only once
+    # the loop's transaction is done. (It returned "all committed" at once, having found nothing
+    # left to take; the drain check then found the tiers empty while the transaction's delay
+    # hops were not in Kafka yet, and the run ended before they came back.)
+    common: dict[str, Any] = {"bootstrap.servers": brokers["kafka"].partition("://")[2]}
+    consumer = Consumer({**common, "group.id": f"g-{uuid.uuid4().hex[:12]}"})
+    committer = Committer(common, consumer, f"test-{uuid.uuid4().hex}", owns=lambda tp: True)
+    out, release = threading.Event(), threading.Event()
+    committed: list[dict[Any, int]] = []
+
+    def transact(records: list[Any], offsets: dict[Any, int], metadata: object) -> bool:
+        out.set()
+        release.wait(10)
+        committed.append(offsets)
+        return True
+
+    monkeypatch.setattr(committer, "_transact", transact)
+    committer.add(("jobs", 0), 5, [], 6)
+
+    async def scenario() -> list[bool]:
+        loops = asyncio.create_task(committer.commit())
+        await asyncio.to_thread(out.wait, 10)
+        check = asyncio.create_task(committer.commit())
+        for _ in range(5):  # turns of the loop in which it would have returned
+            await asyncio.sleep(0)
+        assert not check.done(), "the drain check's commit returned while a transaction was out"
+        release.set()
+        return [await loops, await check]
+
+    try:
+        assert run(scenario(), timeout=20) == [True, True]
+    finally:
+        release.set()
+        consumer.close()
+    assert committed == [{("jobs", 0): 6}]
 
 
 def test_a_foreign_tier_record_without_a_queue_to_return_to_is_dead_lettered_in_its_tier(

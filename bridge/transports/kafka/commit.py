@@ -52,6 +52,7 @@ class Committer:
         self.committable: dict[TP, int] = {}
         self.failure: BaseException | None = None
         self._lock = threading.Lock()  # one transaction at a time: the loop's or a rebalance's
+        self._committing = asyncio.Lock()  # one `commit` at a time: the run loop's or a drain check's
 
     async def start(self) -> None:
         with mapped("could not start Kafka transactions"):
@@ -75,14 +76,19 @@ class Committer:
             await self.commit()
 
     async def commit(self) -> bool:
-        """Commit what is committable now; whether everything settled so far is committed."""
-        batch = self._take()
-        if batch is None:
-            return self.failure is None
-        if await self.transact(*_flatten(batch)):
-            return True
-        self._restore(batch)
-        return False
+        """Commit what is committable now; whether everything settled so far is committed.
+
+        A commit made while another one's transaction is out (the run loop's) waits for it:
+        that one took the batch, and finding nothing left to take is no proof it committed.
+        """
+        async with self._committing:
+            batch = self._take()
+            if batch is None:
+                return self.failure is None
+            if await self.transact(*_flatten(batch)):
+                return True
+            self._restore(batch)
+            return False
 
     def commit_now(self) -> None:
         """The same, blocking: for rebalance callbacks, which must finish before returning."""
