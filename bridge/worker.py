@@ -106,12 +106,23 @@ class Worker:
             raise self._failure
 
     async def _renew_leases(self) -> None:
-        """Renew the keys held by running handlers, a few times per lease."""
+        """Renew the keys held by running handlers, a few times per lease.
+
+        All of a round's renewals go out together: the store batches them into one commit or
+        round trip, and a store that answers slowly delays each by its own wait, not by the
+        sum of the waits before it (one after the other, 16 renewals waiting 5 s each would
+        outlast a 60 s lease). A renewal that fails in a way nobody expected is logged, and the
+        next round renews again: it must not end the renewals of every later key.
+        """
         every_s = min((spec.idempotency_lease_s for spec, _ in self._jobs.values()), default=60.0) / 3
         while True:
             await asyncio.sleep(every_s)
-            for lease in list(self._leases):
-                await lease.renew()
+            leases = list(self._leases)
+            outcomes = await asyncio.gather(*(lease.renew() for lease in leases), return_exceptions=True)
+            for lease, outcome in zip(leases, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    job, key = lease.job_id, lease.key
+                    log.error("could not renew job %s's claim on %r", job, key, exc_info=outcome)
 
     async def process(self, delivery: Delivery) -> None:
         """Run one delivery to its outcome and settle it; never raises."""

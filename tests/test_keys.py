@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -16,7 +18,8 @@ from bridge import Bridge, JobContext, Permanent
 from bridge.cli import _configure_logging
 from bridge.dlq import Selection
 from bridge.errors import StoreError
-from bridge.idempotency import Claimed, run_key
+from bridge.idempotency import Claimed, Store, run_key
+from bridge.idempotency.memory import MemoryStore
 from bridge.idempotency.outage import Outage
 from bridge.worker import Stats
 from tests.conftest import SCHEMAS, run
@@ -270,3 +273,89 @@ def test_bridge_consume_reports_a_postgres_outage_in_its_own_lines_unless_debugg
     assert any("keyed jobs wait" in record.getMessage() for record in caplog.records)
     pool_warnings = [record.getMessage() for record in caplog.records if record.name == "psycopg.pool"]
     assert bool(pool_warnings) == (level == "debug"), pool_warnings
+
+
+class SlowRenewals(MemoryStore):
+    """The memory store, each renewal taking `wait_s`; the first one raises if `fail_first`."""
+
+    def __init__(self, wait_s: float, *, fail_first: bool = False) -> None:
+        super().__init__()
+        self.wait_s = wait_s
+        self.fail_first = fail_first
+        self.renewals = 0  # extend() calls so far
+        self.renewing = 0  # extend() calls under way
+        self.most = 0  # the most under way at once
+        self.seen = asyncio.Event()  # set by `watch` when it holds
+
+    watch: Callable[[SlowRenewals], bool] = staticmethod(lambda store: False)
+
+    async def extend(self, key: str, token: str, lease_s: float) -> bool:
+        self.renewals += 1
+        self.renewing += 1
+        self.most = max(self.most, self.renewing)
+        if self.watch(self):
+            self.seen.set()
+        try:
+            if self.fail_first and self.renewals == 1:
+                raise RuntimeError("a bug in the store")
+            await asyncio.sleep(self.wait_s)
+        finally:
+            self.renewing -= 1
+        return await super().extend(key, token, lease_s)
+
+
+def consume_renewing(store: SlowRenewals, jobs: int, lease_s: float) -> tuple[Stats, Counter[int]]:
+    """`jobs` keyed jobs on the in-memory broker with `store`, all at once; each handler waits
+    (3 s at most) until the store has seen what it watches for."""
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), concurrency=jobs)
+    runs: Counter[int] = Counter()
+
+    async def the_store() -> Store:
+        return store
+
+    app.idempotency_store = the_store  # type: ignore[method-assign]
+
+    @app.job("test.Echo", queue="renewals", idempotency_lease_s=lease_s)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs[payload["n"]] += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(store.seen.wait(), 3.0)
+
+    async def scenario() -> Stats:
+        async with app:
+            for n in range(jobs):
+                await app.enqueue_async("test.Echo", {"n": n}, idempotency_key=f"k{n}")
+            return await app.consume(burst=True)
+
+    return run(scenario(), timeout=30), runs
+
+
+def test_the_leases_of_running_jobs_are_renewed_side_by_side() -> None:
+    # Given four keyed jobs running at once, leases of 0.9 s (renewed every 0.3 s) and a
+    # store that takes 0.2 s to renew one,
+    # When their leases are renewed, Then all four renewals are under way at once (one after
+    # the other, a round would take 0.8 s, and the last lease would be renewed late), and
+    # every job runs once.
+    store = SlowRenewals(0.2)
+    store.watch = lambda store: store.most == 4
+    stats, runs = consume_renewing(store, jobs=4, lease_s=0.9)
+    assert store.most == 4
+    assert runs == dict.fromkeys(range(4), 1) and stats.processed == 4 and not stats.duplicates
+
+
+def test_a_renewal_that_fails_unexpectedly_is_logged_and_the_renewals_go_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a keyed job with a lease of 0.6 s (renewed every 0.2 s), whose store raises an
+    # error that no store should (RuntimeError) at the first renewal,
+    # When the job runs, Then the error is logged with the job's key, and the lease is
+    # renewed again at the next round (before, the first error ended every later renewal).
+    store = SlowRenewals(0.0, fail_first=True)
+    store.watch = lambda store: store.renewals >= 2
+    with caplog.at_level(logging.ERROR, logger="bridge.worker"):
+        stats, runs = consume_renewing(store, jobs=1, lease_s=0.6)
+    assert store.renewals >= 2
+    assert runs == {0: 1} and stats.processed == 1
+    failures = [r for r in caplog.records if "could not renew" in r.getMessage()]
+    assert len(failures) == 1 and "'run:test.Echo:k0'" in failures[0].getMessage()
+    assert failures[0].exc_info is not None and "a bug in the store" in str(failures[0].exc_info[1])
