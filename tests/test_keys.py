@@ -276,18 +276,22 @@ def test_bridge_consume_reports_a_postgres_outage_in_its_own_lines_unless_debugg
 
 
 class SlowRenewals(MemoryStore):
-    """The memory store, each renewal taking `wait_s`; the first one raises if `fail_first`."""
+    """The memory store, each renewal taking `wait_s`; the first one raises if `fail_first`.
 
-    def __init__(self, wait_s: float, *, fail_first: bool = False) -> None:
+    `seen` is set once `watch(store)` holds at the start of a renewal.
+    """
+
+    def __init__(
+        self, wait_s: float, watch: Callable[[SlowRenewals], bool], *, fail_first: bool = False
+    ) -> None:
         super().__init__()
         self.wait_s = wait_s
+        self.watch = watch
         self.fail_first = fail_first
         self.renewals = 0  # extend() calls so far
         self.renewing = 0  # extend() calls under way
         self.most = 0  # the most under way at once
-        self.seen = asyncio.Event()  # set by `watch` when it holds
-
-    watch: Callable[[SlowRenewals], bool] = staticmethod(lambda store: False)
+        self.seen = asyncio.Event()
 
     async def extend(self, key: str, token: str, lease_s: float) -> bool:
         self.renewals += 1
@@ -336,8 +340,7 @@ def test_the_leases_of_running_jobs_are_renewed_side_by_side() -> None:
     # When their leases are renewed, Then all four renewals are under way at once (one after
     # the other, a round would take 0.8 s, and the last lease would be renewed late), and
     # every job runs once.
-    store = SlowRenewals(0.2)
-    store.watch = lambda store: store.most == 4
+    store = SlowRenewals(0.2, lambda store: store.most == 4)
     stats, runs = consume_renewing(store, jobs=4, lease_s=0.9)
     assert store.most == 4
     assert runs == dict.fromkeys(range(4), 1) and stats.processed == 4 and not stats.duplicates
@@ -350,8 +353,7 @@ def test_a_renewal_that_fails_unexpectedly_is_logged_and_the_renewals_go_on(
     # error that no store should (RuntimeError) at the first renewal,
     # When the job runs, Then the error is logged with the job's key, and the lease is
     # renewed again at the next round (before, the first error ended every later renewal).
-    store = SlowRenewals(0.0, fail_first=True)
-    store.watch = lambda store: store.renewals >= 2
+    store = SlowRenewals(0.0, lambda store: store.renewals >= 2, fail_first=True)
     with caplog.at_level(logging.ERROR, logger="bridge.worker"):
         stats, runs = consume_renewing(store, jobs=1, lease_s=0.6)
     assert store.renewals >= 2
