@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -14,13 +15,15 @@ from typing import Any
 
 import pytest
 
-from bridge import Bridge, JobContext, Permanent
+from bridge import Bridge, JobContext, Permanent, codec
 from bridge.cli import _configure_logging
 from bridge.dlq import Selection
 from bridge.errors import StoreError
-from bridge.idempotency import Claimed, Store, run_key
+from bridge.idempotency import Claimed, Store, enqueue_key, run_key
 from bridge.idempotency.memory import MemoryStore
 from bridge.idempotency.outage import Outage
+from bridge.registry import ENVELOPE
+from bridge.transports import Outgoing
 from bridge.worker import Stats
 from tests.conftest import SCHEMAS, run
 from tests.proxy import FlakyProxy
@@ -131,6 +134,55 @@ def test_dedupe_on_enqueue_publishes_one_job(keyed_app: Callable[..., Bridge], q
     assert len(set(ids)) == 1
     assert ran == ids[:1]
     assert stats.processed == 1
+
+
+def test_keys_and_job_ids_of_any_length_or_content_run_once_in_every_store(
+    brokers: dict[str, str], store_url: str, queue: str
+) -> None:
+    # Given, each published twice, a job whose key is 12,000 random characters (more than a
+    # PostgreSQL index entry holds), one whose key has a NUL character and one (as a producer in
+    # another language might send it) whose job id has one (PostgreSQL text holds no NUL),
+    # When consumed with keys in each store, Then each runs once and the second of each is a
+    # duplicate: none waits for its store as if it were down, or goes round the delay tiers.
+    # (And an enqueue with dedupe=True of the first two keys publishes once.)
+    app = Bridge(broker=brokers["rabbitmq"], registry=str(SCHEMAS), idempotency=store_url)
+    runs: Counter[str | None] = Counter()
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs[ctx.idempotency_key] += 1
+
+    long_key, nul_key, nul_id_key = os.urandom(6000).hex(), f"a\x00{queue}", f"id-{queue}"
+
+    async def enqueue() -> None:
+        async with app:
+            await app.apply_topology()
+            for key in (long_key, nul_key):
+                ids = [await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key=key, dedupe=True)
+                       for _ in range(2)]  # fmt: skip
+                assert ids[0] == ids[1]
+                await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key=key)
+            for _ in range(2):
+                envelope = app.build_envelope("test.Echo", {"n": 1}, queue=queue, idempotency_key=nul_id_key)
+                envelope.id = f"job\x00{envelope.id}"
+                body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
+                await (await app.transport()).publish(Outgoing(queue, body, None))
+
+    run(enqueue())
+    stats = consume(app)
+    assert runs == {long_key: 1, nul_key: 1, nul_id_key: 1}
+    assert (stats.duplicates, stats.delayed, stats.dead_lettered) == (3, 0, 0)
+
+
+def test_a_store_holds_a_key_as_it_is_unless_it_is_long_or_has_a_nul() -> None:
+    # A key up to 200 characters is stored as it is, so that people can find it in the store;
+    # longer ones and those with a NUL by a digest, distinct for distinct keys.
+    assert run_key("test.Echo", "welcome:42") == "run:test.Echo:welcome:42"
+    assert run_key("test.Echo", "é" * 200) == f"run:test.Echo:{'é' * 200}"
+    odd = ["x" * 201, "x" * 200 + "y", "a\x00b", "a\x00c"]
+    names = [run_key("test.Echo", key) for key in odd]
+    assert len(set(names)) == len(odd) and all(len(name) < 100 for name in names)
+    assert enqueue_key("test.Echo", odd[0]) != names[0]
 
 
 def test_a_replayed_dead_letter_whose_key_is_done_does_not_run(

@@ -18,6 +18,7 @@ contract (tests/test_idempotency.py runs it on each).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from bridge.errors import ConfigError, safe_url
 
 DEFAULT_WINDOW_S = 24 * 3600.0
 DEFAULT_LEASE_S = 60.0
+MAX_KEY_CHARS = 200  # longer idempotency keys are stored by their digest (`_storable`)
 SCHEMES = ("sqlite", "postgresql", "postgres", "redis", "rediss", "memory")
 
 
@@ -105,12 +107,24 @@ def new_token() -> str:
 
 def run_key(job_type: str, key: str) -> str:
     """The store key of an idempotency key at run time: keys are per job type."""
-    return f"run:{job_type}:{key}"
+    return f"run:{job_type}:{_storable(key)}"
 
 
 def enqueue_key(job_type: str, key: str) -> str:
     """The store key that dedupes enqueues of `key` (kept apart from the run-time key)."""
-    return f"enqueue:{job_type}:{key}"
+    return f"enqueue:{job_type}:{_storable(key)}"
+
+
+def _storable(key: str) -> str:
+    """`key` as every store can hold it: a long key, or one with a NUL, by its SHA-256.
+
+    An idempotency key is any string, and may come from a producer in another language. A
+    PostgreSQL index entry holds about 2,700 bytes and its text no NUL at all: such a key failed
+    every claim, and its job waited for the store as if it were down.
+    """
+    if len(key) <= MAX_KEY_CHARS and "\x00" not in key:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def default_url() -> str:

@@ -84,7 +84,7 @@ class SqlStore:
 
     async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
         token, now = new_token(), now_ms()
-        if await self._query(CLAIM, (key, job_id, token, now + int(lease_s * 1000), now)):
+        if await self._query(CLAIM, (key, _id(job_id), token, now + int(lease_s * 1000), now)):
             return Claimed(token)
         rows = await self._query(LOOK, (key,))
         if not rows:  # it expired or was released just now: look again soon
@@ -115,13 +115,13 @@ class SqlStore:
 
     async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
         now = now_ms()
-        if await self._query(REMEMBER, (key, job_id, now + int(window_s * 1000), now)):
+        if await self._query(REMEMBER, (key, _id(job_id), now + int(window_s * 1000), now)):
             return None
         rows = await self._query(LOOK, (key,))
         return str(rows[0][1]) if rows else None
 
     async def forget(self, key: str, job_id: str) -> None:
-        await self._query(FORGET, (key, job_id))
+        await self._query(FORGET, (key, _id(job_id)))
 
     async def purge(self) -> None:
         """Delete the rows that stopped counting: their lease or their window ended."""
@@ -150,4 +150,10 @@ class SqlStore:
 
 def _completion(key: str, token: str, job_id: str, window_s: float) -> tuple[Any, ...]:
     now = now_ms()
-    return (job_id, now + int(window_s * 1000), now, key, token)
+    return (_id(job_id), now + int(window_s * 1000), now, key, token)
+
+
+def _id(job_id: str) -> str:
+    """A job id as stored: PostgreSQL's text holds no NUL, which a producer in another language
+    may have put in the id (bridge's own are UUIDs); it is stored as U+FFFD instead."""
+    return job_id.replace("\x00", "\ufffd")
