@@ -7,14 +7,12 @@ STAMP  := $(VENV)/.installed
 # dependencies, where the tests that use those dependencies run again: the lower bounds hold.
 LOWEST := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.installed
-# The tests that use the dependencies' APIs; retries only in memory (tenacity computes the
-# waits; the brokers' side of a retry is the contract tests' publishing and consuming); and
+# The tests that use the dependencies' APIs, retries and delays on each broker among them; and
 # the store outage tests, which rely on how redis-py fails (redis 5.0.1 waited 10 s a call).
 LOWEST_TESTS := tests/test_codec.py tests/test_contract.py tests/test_kafka.py tests/test_rabbitmq.py \
 	tests/test_retries.py tests/test_idempotency.py tests/test_schema_registry.py \
 	tests/test_keys.py::test_keyed_jobs_wait_in_place_while_their_store_does_not_answer \
-	tests/test_keys.py::test_keyed_jobs_that_waited_too_long_for_their_store_go_through_the_delay_tiers \
-	-k "not test_retries or memory"
+	tests/test_keys.py::test_keyed_jobs_that_waited_too_long_for_their_store_go_through_the_delay_tiers
 
 .PHONY: demo test lint pytest pytest-lowest bench brokers down clean
 
