@@ -164,6 +164,8 @@ class Bridge:
     async def _publish_once(self, envelope: Envelope, key: str, outgoing: Outgoing) -> str:
         """Publish unless `key` was enqueued within the window; the id of the job that was."""
         spec = self.jobs.get(envelope.type)
+        if spec is not None and (problems := spec.problems()):  # (a worker reports them at start)
+            raise ConfigError("; ".join(problems))
         store = await self.idempotency_store()
         earlier = await store.remember(key, envelope.id, spec.idempotency_ttl_s if spec else DEFAULT_WINDOW_S)
         if earlier is not None:

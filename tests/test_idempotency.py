@@ -193,6 +193,19 @@ def test_sqlite_claims_made_during_an_inbox_transaction_go_out_once_it_commits(t
     assert list(effects(url, table).values()) == [1]
 
 
+def test_a_sqlite_batch_that_fails_in_an_unexpected_way_leaves_the_store_working(tmp_path: Path) -> None:
+    # Given a SQLite store, When a claim fails in a way that is not SQLite's (a lease too long
+    # for a 64-bit integer: Python's OverflowError), Then that claim fails, and the next claims
+    # succeed: the failed batch's transaction was rolled back, not left open for every later
+    # batch to fail on ("cannot start a transaction within a transaction").
+    async def scenario(store: Store) -> None:
+        with pytest.raises(OverflowError):
+            await store.claim(new_key(), "job-1", 1e17)
+        claimed(await store.claim(new_key(), "job-2", 30))
+
+    with_store(f"sqlite:///{tmp_path / 'keys.db'}", scenario)
+
+
 def test_the_inbox_of_a_lost_lease_writes_nothing(store_url: str) -> None:
     # Given a key whose 0.3 s lease ended and that another job claimed,
     # When the first holder's transaction ends, Then it raises LeaseLost and its write is gone.

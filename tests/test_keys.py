@@ -18,7 +18,7 @@ import pytest
 from bridge import Bridge, JobContext, Permanent, codec
 from bridge.cli import _configure_logging
 from bridge.dlq import Selection
-from bridge.errors import StoreError
+from bridge.errors import ConfigError, StoreError
 from bridge.idempotency import Claimed, Store, enqueue_key, run_key
 from bridge.idempotency.memory import MemoryStore
 from bridge.idempotency.outage import Outage
@@ -183,6 +183,24 @@ def test_a_store_holds_a_key_as_it_is_unless_it_is_long_or_has_a_nul() -> None:
     names = [run_key("test.Echo", key) for key in odd]
     assert len(set(names)) == len(odd) and all(len(name) < 100 for name in names)
     assert enqueue_key("test.Echo", odd[0]) != names[0]
+
+
+def test_a_dedupe_enqueue_of_a_job_type_with_an_impossible_window_says_what_to_fix(tmp_path: Path) -> None:
+    # Given a job type whose idempotency window is infinite (a worker reports it at start),
+    # When a producer enqueues one with dedupe=True, Then a ConfigError says what to fix.
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), idempotency=f"sqlite:///{tmp_path / 'keys.db'}")
+
+    @app.job("test.Echo", queue="q", idempotency_ttl_s=float("inf"))
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None: ...
+
+    async def enqueue() -> str:
+        async with app:
+            return await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="k", dedupe=True)
+
+    with pytest.raises(ConfigError) as caught:
+        run(enqueue())
+    expected = "test.Echo: idempotency_ttl_s must be above zero and at most 100 years, not inf"
+    assert str(caught.value) == expected
 
 
 def test_a_replayed_dead_letter_whose_key_is_done_does_not_run(

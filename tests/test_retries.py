@@ -274,7 +274,7 @@ def test_bad_retry_settings_are_reported_together_at_start(queue: str) -> None:
 
     app = Bridge(broker="memory://", registry=str(SCHEMAS))
 
-    @app.job("test.Echo", queue=queue, max_attempts=0, idempotency_lease_s=0)
+    @app.job("test.Echo", queue=queue, max_attempts=0, idempotency_lease_s=0, idempotency_ttl_s=float("inf"))
     async def echo(payload: dict[str, Any], ctx: JobContext) -> None: ...
 
     @app.job("test.Numbers", queue=queue, backoff="soon", retry_on=(ValueError, "KeyError"))  # type: ignore[arg-type]
@@ -284,6 +284,7 @@ def test_bad_retry_settings_are_reported_together_at_start(queue: str) -> None:
         run(app.consume(burst=True))
     message = str(caught.value)
     assert "test.Echo: max_attempts must be at least 1" in message
-    assert "test.Echo: idempotency_lease_s must be above zero" in message
+    assert "test.Echo: idempotency_lease_s must be above zero and at most 100 years, not 0" in message
+    assert "test.Echo: idempotency_ttl_s must be above zero and at most 100 years, not inf" in message
     assert "test.Numbers: backoff must be a tenacity wait" in message
     assert "test.Numbers: retry_on must be a tuple of exception classes" in message

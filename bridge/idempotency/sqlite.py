@@ -84,7 +84,7 @@ class SqliteStore(SqlStore):
                 except StoreError as exc:  # that statement failed; the others still count
                     results.append(exc)
             self._run("COMMIT", ())
-        except StoreError:
+        except BaseException:  # whatever it was, the connection must not stay in the transaction
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
