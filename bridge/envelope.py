@@ -12,7 +12,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-UNROUTABLE = "unroutable"  # a Kafka delay-tier record that names no queue to return to
+UNROUTABLE = "unroutable"  # a job or delay-tier record naming no queue that exists to go to
 REASONS = (
     "exhausted",
     "permanent",

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from bridge import codec
 from bridge.codec import Schema
 from bridge.config import Settings
-from bridge.envelope import DeadLetter, Envelope, JobError
+from bridge.envelope import UNROUTABLE, DeadLetter, Envelope, JobError
 from bridge.errors import (
     ConfigError,
     DecodeError,
@@ -178,6 +178,14 @@ class Worker:
         except RegistryUnavailable as exc:
             log.error("a message from %s waits: %s", delivery.queue, exc)
             return [self._again(delivery)]
+        if envelope.queue != delivery.queue and await self.transport.missing([envelope.queue]):
+            # Bad input (bridge publishes a job to its envelope's queue): its retries and delays
+            # would go there, and a publish to a queue that does not exist stops the worker.
+            detail = (
+                f"its envelope names queue {envelope.queue!r}, which does not exist (it came from "
+                f"{delivery.queue!r}): its retries and delays could go nowhere"
+            )
+            return [self._dead(delivery, UNROUTABLE, detail, envelope=envelope)]
         job = self._jobs.get(envelope.type)
         if job is None:
             detail = f"no handler for job type {envelope.type!r} in this app"

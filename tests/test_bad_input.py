@@ -6,11 +6,14 @@ import os
 import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bridge import Bridge, codec
+from bridge import Bridge, JobContext, Retry, codec
 from bridge.registry import ENVELOPE
+from bridge.transports import Outgoing
+from bridge.worker import Stats
 from tests.brokerio import dead_letters
 from tests.conftest import SCHEMAS, run
 from tests.processes import consumer, finish, ledger_counts, publish
@@ -87,3 +90,43 @@ def test_bad_bytes_are_dead_lettered_with_reason_and_original_bytes(
     details = " | ".join(letter.detail for letter in letters)
     for expected in ("not a framed Avro message", "unknown schema fingerprint", "does not decode"):
         assert expected in details
+
+
+@pytest.mark.parametrize("broker_name", ["kafka", "rabbitmq"])
+def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming_goes_on(
+    broker_name: str, brokers: dict[str, str], queue: str
+) -> None:
+    # Given a job on a queue whose envelope (as a producer in another language might write it)
+    # names a queue that does not exist, where its retries and delays would go, then a good job,
+    # When consumed, Then the first is in <queue>.dlq as `unroutable`, with its envelope and the
+    # missing queue's name, and the good job runs: consuming does not stop for it (it stopped,
+    # and the same message stopped it again at each start).
+    app = Bridge(
+        broker=brokers[broker_name], registry=str(SCHEMAS), prefix=f"p{uuid.uuid4().hex[:8]}",
+        delay_tiers="1s", partitions=1, group=f"g-{uuid.uuid4().hex[:12]}",
+    )  # fmt: skip
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+        if payload["n"] == 1:
+            raise Retry(delay_s=1)
+
+    missing = f"no-such-queue-{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.apply_topology()
+            envelope = app.build_envelope("test.Echo", {"n": 1}, queue=missing)
+            body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
+            await (await app.transport()).publish(Outgoing(queue, body, None))
+            await app.enqueue_async("test.Echo", {"n": 2})
+            return await app.consume(burst=True)
+
+    stats = run(scenario())
+    assert ran == [2] and stats.dead_lettered == 1
+    [unroutable] = dead_letters(app, queue)
+    assert unroutable.reason == "unroutable" and unroutable.envelope is not None
+    assert unroutable.envelope.queue == missing
+    assert missing in unroutable.detail and queue in unroutable.detail

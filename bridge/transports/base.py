@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -71,6 +71,9 @@ class Transport(Protocol):
 
     async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
         """Publish `publish`, then mark `delivery` done so it is never delivered again."""
+
+    async def missing(self, queues: Collection[str]) -> list[str]:
+        """Those of `queues` that do not exist (a look at the broker for any not seen before)."""
 
     async def consume(
         self,

@@ -12,7 +12,7 @@ import heapq
 import itertools
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 
 from bridge.envelope import now_ms
@@ -48,6 +48,10 @@ class MemoryTransport:
         """How many messages wait for their time."""
         with self._lock:
             return len(self._delayed)
+
+    async def missing(self, queues: Collection[str]) -> list[str]:
+        """None: a queue is made by the first message published to it."""
+        return []
 
     async def publish(self, message: Outgoing) -> None:
         with self._lock:

@@ -21,7 +21,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -179,15 +179,19 @@ class RabbitTransport:
         message_id = f"{self._publisher}-{next(self._publishes)}"
         return aiormq.spec.Basic.Properties(delivery_mode=2, message_id=message_id)
 
+    async def missing(self, queues: Collection[str]) -> list[str]:
+        """Those of `queues` that do not exist, after a look at any not seen before."""
+        async with self._lookup:  # one look per queue, however many publishes wait on it
+            for name in queues:
+                if name not in self._known_queues and await self._queue_exists(name):
+                    self._known_queues.add(name)
+        return [name for name in queues if name not in self._known_queues]
+
     async def _require_queue(self, name: str) -> None:
-        if name in self._known_queues:
-            return
-        async with self._lookup:  # one check, however many publishes wait on it
-            if name not in self._known_queues and not await self._queue_exists(name):
-                raise PublishError(
-                    f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False
-                )
-            self._known_queues.add(name)
+        if name not in self._known_queues and await self.missing([name]):
+            raise PublishError(
+                f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False
+            )
 
     async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
         for message in publish:

@@ -131,7 +131,7 @@ class DelayForwarder:
                     unroutable.append((record, f"it has no {QUEUE_HEADER} header"))
                     continue
                 routed.append((record, queue.decode() if isinstance(queue, bytes) else queue))
-            missing = await self.transport._missing_topics({queue for _, queue in routed})
+            missing = await self.transport.missing({queue for _, queue in routed})
             batch: list[Record] = []
             for record, queue in routed:
                 if queue in missing:  # one bad record must not stop every delayed job
@@ -142,7 +142,7 @@ class DelayForwarder:
                 batch.append((queue, record.value(), record.key(), None, 0))
             if unroutable:  # (only then: each look for a missing topic is a metadata request)
                 tiers = {coordinates(record)[0] for record, _ in unroutable}
-                no_dlq = await self.transport._missing_topics([dlq_name(tier) for tier in tiers])
+                no_dlq = await self.transport.missing([dlq_name(tier) for tier in tiers])
                 for record, why in unroutable:
                     letter = self._dead_letter(record, why, no_dlq)
                     if letter is not None:

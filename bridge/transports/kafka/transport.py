@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from confluent_kafka import (
@@ -138,9 +138,9 @@ class KafkaTransport:
             metadata = await asyncio.to_thread(self._producer.list_topics, timeout=METADATA_TIMEOUT_S)
         return set(metadata.topics)
 
-    async def _missing_topics(self, topics: Iterable[str]) -> list[str]:
-        """Those of `topics` that do not exist, after a fresh look at any not seen before."""
-        missing = [t for t in topics if t not in self._topics]
+    async def missing(self, queues: Collection[str]) -> list[str]:
+        """Those of `queues` (topics) that do not exist, after a fresh look at any not seen before."""
+        missing = [t for t in queues if t not in self._topics]
         if missing:
             async with self._lookup:  # one metadata request, however many publishes wait on it
                 if any(t not in self._topics for t in missing):
@@ -149,7 +149,7 @@ class KafkaTransport:
         return missing
 
     async def _require_topics(self, topics: Sequence[str]) -> None:
-        missing = await self._missing_topics(topics)
+        missing = await self.missing(topics)
         if missing:
             raise TransportError(
                 f"Kafka topic {', '.join(missing)} does not exist: run `bridge topology apply`",
