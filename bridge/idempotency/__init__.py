@@ -119,8 +119,8 @@ def _storable(key: str) -> str:
     """`key` as every store can hold it: a long key, or one with a NUL, by its SHA-256.
 
     An idempotency key is any string, and may come from a producer in another language. A
-    PostgreSQL index entry holds about 2,700 bytes and its text no NUL at all: such a key failed
-    every claim, and its job waited for the store as if it were down.
+    PostgreSQL index entry holds about 2,700 bytes and its text no NUL at all: a key it refused
+    would fail every claim, and its job would wait for the store as if the store were down.
     """
     if len(key) <= MAX_KEY_CHARS and "\x00" not in key:
         return key
