@@ -143,6 +143,30 @@ def test_a_backoff_function_that_raises_dead_letters_the_job_with_both_errors(
     )
 
 
+def test_a_retry_delay_that_is_no_time_dead_letters_the_job_naming_it(queue: str) -> None:
+    # Given handlers that ask to be retried after 10^20 s and after NaN s,
+    # When they run, Then each job is dead-lettered as permanent, its detail naming the delay.
+    # (The first ran again and again, round the shortest tier, its attempts never counted: its
+    # run_at fitted no date.)
+    from tests.conftest import SCHEMAS
+
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), delay_tiers="1s")
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def never_again(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+        raise Retry(delay_s=1e20 if payload["n"] == 1 else float("nan"))
+
+    run(enqueue_and_drain(app, {"payload": {"n": 1}}, {"payload": {"n": 2}}))
+    assert sorted(ran) == [1, 2]
+    details = sorted(letter.detail for letter in dead_letters(app, queue) if letter.reason == "permanent")
+    assert details == [
+        "Retry: retry requested (delay_s=1e+20) (its retry delay, 1e+20 s, is not a time up to 100 years)",
+        "Retry: retry requested (delay_s=nan) (its retry delay, nan s, is not a time up to 100 years)",
+    ]
+
+
 def test_a_delivery_bridge_fails_on_comes_back_rather_than_stall(
     make_app: Callable[..., Bridge], queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
