@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from bridge import codec
 from bridge.config import Settings
 from bridge.dlq import DeadLetters
-from bridge.envelope import Envelope, now_ms, uuid7
+from bridge.envelope import LONGEST_S, Envelope, now_ms, uuid7
 from bridge.errors import ConfigError
 from bridge.idempotency import DEFAULT_LEASE_S, DEFAULT_WINDOW_S, Store, default_url, enqueue_key, open_store
 from bridge.jobs import Handler, JobSpec
@@ -332,6 +332,8 @@ def _moment(
     if isinstance(after, timedelta):
         after = after.total_seconds()
     if after is not None:
+        if not after <= LONGEST_S:  # (NaN too)
+            raise ConfigError(f"{after_name}= must be seconds up to 100 years, not {after:g}")
         return now + int(after * 1000)
     if at is None:
         return None

@@ -34,6 +34,11 @@ def uuid7(now_ms: int | None = None) -> str:
     return str(uuid.UUID(int=value))
 
 
+# The furthest ahead bridge takes a time to be (a delay, a retry's delay, an idempotency window
+# or lease): envelopes and stores keep times as 64-bit epoch ms, and Python's dates end in 9999.
+LONGEST_S = 100 * 365 * 24 * 3600.0
+
+
 def now_ms() -> int:
     """Wall-clock time in epoch milliseconds (the edges call this; the core takes it as input)."""
     return time.time_ns() // 1_000_000

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.envelope import Envelope, JobError
+from bridge.envelope import LONGEST_S, Envelope, JobError
 from bridge.errors import ConfigError
 from bridge.idempotency import DEFAULT_LEASE_S, DEFAULT_WINDOW_S
 from bridge.policy import RetryPolicy
@@ -89,7 +89,6 @@ class JobContext:
 
 
 Handler = Callable[[Any, "JobContext"], Any]
-MAX_IDEMPOTENCY_S = 100 * 365 * 24 * 3600.0  # the longest idempotency window or lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +108,7 @@ class JobSpec:
         problems = self.policy.problems(self.type)
         for name, seconds in (("idempotency_ttl_s", self.idempotency_ttl_s),
                               ("idempotency_lease_s", self.idempotency_lease_s)):  # fmt: skip
-            if not 0 < seconds <= MAX_IDEMPOTENCY_S:  # (NaN too) ... and stores keep times as 64-bit ms
+            if not 0 < seconds <= LONGEST_S:  # (NaN too)
                 limits = "must be above zero and at most 100 years"
                 problems.append(f"{self.type}: {name} {limits}, not {seconds!r}")
         return problems

@@ -19,6 +19,7 @@ from typing import Any
 from tenacity import RetryCallState, wait_exponential_jitter, wait_fixed
 from tenacity.wait import wait_base
 
+from bridge.envelope import LONGEST_S
 from bridge.errors import ConfigError, Permanent, Retry
 
 Backoff = wait_base | Callable[[int], float]  # a tenacity wait, or attempt -> seconds
@@ -27,7 +28,6 @@ DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_BACKOFF = wait_exponential_jitter(multiplier=2, max=600, exp_base=2, jitter=2)
 MAX_ERRORS_KEPT = 10
 DEFAULT_TIERS_S = (1, 5, 30, 120, 600, 3600, 21600)
-MAX_DELAY_S = 100 * 365 * 24 * 3600.0  # the longest retry delay
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def decide(
         return GiveUp("exhausted", f"{detail} (attempt {attempt} of {limit})")
     chosen = exc.delay_s if isinstance(exc, Retry) else None
     delay_s = chosen if chosen is not None else policy.delay_s(attempt)
-    if not delay_s <= MAX_DELAY_S:  # (NaN too) no date so far off fits a message, nor would it come
+    if not delay_s <= LONGEST_S:  # (NaN too)
         return GiveUp(
             "permanent", f"{detail} (its retry delay, {delay_s!r} s, is not a time up to 100 years)"
         )

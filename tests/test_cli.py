@@ -53,6 +53,11 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: st
             ["billing.ChargeCard.invoice_id: expected string, got 5"],
         ),
         (["billing.ChargeCard", "[1]"], ["expected an object"]),
+        (
+            ["billing.ChargeCard", CHARGE, "--delay", "99999999999999d"],
+            ["delay= must be seconds up to 100 years, not 8.64e+18"],
+        ),
+        (["billing.ChargeCard", CHARGE, "--ttl", "9999999999999d"], ["ttl= must be seconds up to 100 years"]),
     ],
 )
 def test_enqueue_mistakes_get_one_line(args: list[str], fragments: list[str]) -> None:
