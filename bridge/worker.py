@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bridge.worker")
 TRACEBACK_CHARS = 2000
+DETAIL_CHARS = 2000  # of a dead letter's detail
 
 
 @dataclass
@@ -318,6 +319,8 @@ class Worker:
         envelope: Envelope | None = None,
         raw: bytes | None = None,
     ) -> Outgoing:
+        if len(detail) > DETAIL_CHARS:  # an exception's message can be any size; a record cannot
+            detail = detail[: DETAIL_CHARS - 1] + "…"
         job = f"job {envelope.id} ({envelope.type})" if envelope else "a message"
         log.warning("dead-lettering %s from %s: %s: %s", job, delivery.queue, reason, detail)
         self.stats.dead_lettered += 1

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bridge import Bridge, JobContext, Retry, codec
+from bridge import Bridge, JobContext, Permanent, Retry, codec
 from bridge.registry import ENVELOPE
 from bridge.transports import Outgoing
 from bridge.worker import Stats
@@ -130,3 +130,37 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
     assert unroutable.reason == "unroutable" and unroutable.envelope is not None
     assert unroutable.envelope.queue == missing
     assert missing in unroutable.detail and queue in unroutable.detail
+
+
+@pytest.mark.parametrize("broker_name", ["kafka", "rabbitmq"])
+def test_a_job_failing_with_a_huge_error_message_is_dead_lettered_with_it_cut_short(
+    broker_name: str, brokers: dict[str, str], queue: str
+) -> None:
+    # Given a handler that gives up with an error message of 2,000,000 characters, then a good job,
+    # When consumed, Then the first is dead-lettered, its detail cut to 2,000 characters, and
+    # the good job runs. (The whole message went into the dead letter, which Kafka refused as
+    # too large: the transaction failed and `bridge consume` stopped, and at each start again.)
+    app = Bridge(
+        broker=brokers[broker_name], registry=str(SCHEMAS), prefix=f"p{uuid.uuid4().hex[:8]}",
+        delay_tiers="1s", partitions=1, group=f"g-{uuid.uuid4().hex[:12]}",
+    )  # fmt: skip
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+        if payload["n"] == 1:
+            raise Permanent("x" * 2_000_000)
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.apply_topology()
+            await app.enqueue_async("test.Echo", {"n": 1})
+            await app.enqueue_async("test.Echo", {"n": 2})
+            return await app.consume(burst=True)
+
+    stats = run(scenario())
+    assert sorted(ran) == [1, 2] and stats.dead_lettered == 1
+    [letter] = dead_letters(app, queue)
+    assert letter.reason == "permanent" and len(letter.detail) == 2000
+    assert letter.detail.startswith("Permanent: xxx") and letter.detail.endswith("x…")
