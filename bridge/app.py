@@ -18,7 +18,7 @@ from bridge import codec
 from bridge.config import Settings
 from bridge.dlq import DeadLetters
 from bridge.envelope import LONGEST_S, Envelope, now_ms, uuid7
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, JobTooLarge
 from bridge.idempotency import DEFAULT_LEASE_S, DEFAULT_WINDOW_S, Store, default_url, enqueue_key, open_store
 from bridge.jobs import Handler, JobSpec
 from bridge.policy import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, Backoff, RetryPolicy
@@ -153,6 +153,11 @@ class Bridge:
             created_at=now,
         )
         body = codec.encode(self.registry.schema(ENVELOPE), envelope.to_avro())
+        if len(body) > self.settings.max_message_bytes:
+            raise JobTooLarge(
+                f"a {type} job of {len(body):,} bytes is over max_message_bytes "
+                f"({self.settings.max_message_bytes:,}): raise it, or pass a reference to the data"
+            )
         delay_s = (envelope.run_at - now) / 1000 if envelope.run_at and envelope.run_at > now else None
         outgoing = Outgoing(envelope.queue, body, envelope.key, delay_s)
         if dedupe:

@@ -17,6 +17,9 @@ from bridge.idempotency import check_url
 from bridge.policy import DEFAULT_TIERS_S, parse_duration
 
 BROKER_SCHEMES = ("kafka", "kafka+ssl", "amqp", "amqps", "memory")
+# What bridge may add to a job: the errors of its attempts (10 at most, each message and
+# traceback cut to 2,000 characters) and, in a dead letter, its wrapping and detail.
+ADDED_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,16 @@ class Settings:
         if not self.prefix or not self.group:
             problems.append("prefix and group must not be empty")
         return problems
+
+    @property
+    def queue_bytes(self) -> int:
+        """The largest message on a queue or delay tier: a job and the errors of its attempts."""
+        return self.max_message_bytes + ADDED_BYTES
+
+    @property
+    def dlq_bytes(self) -> int:
+        """The largest dead letter: the largest message on a queue, and its wrapping."""
+        return self.queue_bytes + ADDED_BYTES
 
     def require_broker(self) -> str:
         """The broker URL, or one line saying how to give one."""

@@ -132,7 +132,8 @@ class DeadLetters:
     def read(self, body: bytes) -> Letter:
         """A letter from its bytes; bytes that are not a dead letter are shown as undecodable."""
         try:
-            _, record = codec.decode(body, self.app.registry, self.app.registry.schema(DEAD_LETTER))
+            schema = self.app.registry.schema(DEAD_LETTER)
+            _, record = codec.decode(body, self.app.registry, schema, max_bytes=self.app.settings.dlq_bytes)
             letter = DeadLetter.from_avro(record)
         except DecodeError as exc:
             letter = DeadLetter("undecodable", f"not a {DEAD_LETTER}: {exc}", self.name, 0, raw=body)

@@ -45,6 +45,10 @@ class SchemaError(BridgeError):
     """A schema that cannot be used, or a payload that does not match its schema."""
 
 
+class JobTooLarge(BridgeError):
+    """A job larger than `max_message_bytes`: there would be no room for what its retries add."""
+
+
 class UnknownJobType(BridgeError):
     """A job type that has no schema in the registry or no handler in the app."""
 

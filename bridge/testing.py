@@ -30,11 +30,18 @@ def waiting(app: Bridge, queue: str) -> list[Envelope]:
     """The jobs waiting in `queue`, oldest first."""
     schema = app.registry.schema(ENVELOPE)
     bodies = memory_transport(app).messages(queue)
-    return [Envelope.from_avro(codec.decode(body, app.registry, schema)[1]) for body in bodies]
+    largest = app.settings.queue_bytes
+    return [
+        Envelope.from_avro(codec.decode(body, app.registry, schema, max_bytes=largest)[1]) for body in bodies
+    ]
 
 
 def dead_letters(app: Bridge, queue: str) -> list[DeadLetter]:
     """The dead letters of `queue`, oldest first."""
     schema = app.registry.schema(DEAD_LETTER)
     bodies = memory_transport(app).messages(dlq_name(queue))
-    return [DeadLetter.from_avro(codec.decode(body, app.registry, schema)[1]) for body in bodies]
+    largest = app.settings.dlq_bytes
+    return [
+        DeadLetter.from_avro(codec.decode(body, app.registry, schema, max_bytes=largest)[1])
+        for body in bodies
+    ]

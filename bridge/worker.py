@@ -167,7 +167,7 @@ class Worker:
     async def _outcome(self, delivery: Delivery) -> Sequence[Outgoing]:
         try:
             _, record = codec.decode(
-                delivery.body, self._registry, self._envelope, max_bytes=self.settings.max_message_bytes
+                delivery.body, self._registry, self._envelope, max_bytes=self.settings.queue_bytes
             )
             envelope = Envelope.from_avro(record)
         except UnknownSchema as exc:  # nothing of it is decoded: it names no schema known here
@@ -307,6 +307,9 @@ class Worker:
         envelope.attempt += 1
         envelope.run_at = decision.run_at
         body = codec.encode(self._envelope, envelope.to_avro())
+        if len(body) > self.settings.queue_bytes:  # (only another producer's errors take that room)
+            detail = f"its retry, {len(body):,} bytes, is too large for a queue: {type(exc).__name__}: {exc}"
+            return self._dead(delivery, "permanent", detail, envelope=envelope)
         delay_s = (decision.run_at - now) / 1000
         return Outgoing(envelope.queue, body, envelope.key, delay_s if delay_s > 0 else None)
 

@@ -45,7 +45,11 @@ def dead_letters(app: Bridge, queue: str) -> list[DeadLetter]:
     """The dead letters of `queue`, decoded."""
     schema = app.registry.schema(DEAD_LETTER)
     bodies = read_queue(app, dlq_name(queue))
-    return [DeadLetter.from_avro(codec.decode(body, app.registry, schema)[1]) for body in bodies]
+    largest = app.settings.dlq_bytes
+    return [
+        DeadLetter.from_avro(codec.decode(body, app.registry, schema, max_bytes=largest)[1])
+        for body in bodies
+    ]
 
 
 def delete_queue(app: Bridge, queue: str) -> None:

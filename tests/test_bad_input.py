@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from bridge import Bridge, JobContext, Permanent, Retry, codec
+from bridge.errors import JobTooLarge
+from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.transports import Outgoing
 from bridge.worker import Stats
@@ -92,6 +94,13 @@ def test_bad_bytes_are_dead_lettered_with_reason_and_original_bytes(
         assert expected in details
 
 
+def own_app(broker: str) -> Bridge:
+    """An app on `broker` with a prefix (so delay tiers) and a consumer group of its own."""
+    prefix, group = f"p{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:12]}"
+    settings = {"prefix": prefix, "delay_tiers": "1s", "partitions": 1, "group": group}
+    return Bridge(broker=broker, registry=str(SCHEMAS), **settings)
+
+
 @pytest.mark.parametrize("broker_name", ["kafka", "rabbitmq"])
 def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming_goes_on(
     broker_name: str, brokers: dict[str, str], queue: str
@@ -101,10 +110,7 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
     # When consumed, Then the first is in <queue>.dlq as `unroutable`, with its envelope and the
     # missing queue's name, and the good job runs: consuming does not stop for it (it stopped,
     # and the same message stopped it again at each start).
-    app = Bridge(
-        broker=brokers[broker_name], registry=str(SCHEMAS), prefix=f"p{uuid.uuid4().hex[:8]}",
-        delay_tiers="1s", partitions=1, group=f"g-{uuid.uuid4().hex[:12]}",
-    )  # fmt: skip
+    app = own_app(brokers[broker_name])
     ran: list[int] = []
 
     @app.job("test.Echo", queue=queue)
@@ -140,10 +146,7 @@ def test_a_job_failing_with_a_huge_error_message_is_dead_lettered_with_it_cut_sh
     # When consumed, Then the first is dead-lettered, its detail cut to 2,000 characters, and
     # the good job runs. (The whole message went into the dead letter, which Kafka refused as
     # too large: the transaction failed and `bridge consume` stopped, and at each start again.)
-    app = Bridge(
-        broker=brokers[broker_name], registry=str(SCHEMAS), prefix=f"p{uuid.uuid4().hex[:8]}",
-        delay_tiers="1s", partitions=1, group=f"g-{uuid.uuid4().hex[:12]}",
-    )  # fmt: skip
+    app = own_app(brokers[broker_name])
     ran: list[int] = []
 
     @app.job("test.Echo", queue=queue)
@@ -164,3 +167,37 @@ def test_a_job_failing_with_a_huge_error_message_is_dead_lettered_with_it_cut_sh
     [letter] = dead_letters(app, queue)
     assert letter.reason == "permanent" and len(letter.detail) == 2000
     assert letter.detail.startswith("Permanent: xxx") and letter.detail.endswith("x…")
+
+
+@pytest.mark.parametrize("broker_name", ["kafka", "rabbitmq"])
+def test_a_job_as_large_as_allowed_is_retried_and_dead_lettered_and_a_larger_one_refused(
+    broker_name: str, brokers: dict[str, str], queue: str
+) -> None:
+    # Given a job just under max_message_bytes (1 MiB) whose handler always fails, then a good
+    # job, When consumed, Then the first is retried twice and dead-lettered with its three
+    # errors, and the good job runs. (Its retries and dead letter, a few KB larger, were more
+    # than Kafka takes: the transaction failed and `bridge consume` stopped, at each start
+    # again.) And enqueueing a job over max_message_bytes fails at once, saying so.
+    app = own_app(brokers[broker_name])
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue, max_attempts=3, backoff=fixed(0))
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+        if payload["n"] == 1:
+            raise ValueError("e" * 1000)
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.apply_topology()
+            await app.enqueue_async("test.Echo", {"n": 1, "text": "x" * (1024 * 1024 - 200)})
+            await app.enqueue_async("test.Echo", {"n": 2})
+            with pytest.raises(JobTooLarge, match="max_message_bytes"):
+                await app.enqueue_async("test.Echo", {"n": 3, "text": "x" * (1024 * 1024)})
+            return await app.consume(burst=True)
+
+    stats = run(scenario(), timeout=90)
+    assert sorted(ran) == [1, 1, 1, 2] and stats.dead_lettered == 1
+    [letter] = dead_letters(app, queue)
+    assert letter.reason == "exhausted" and letter.envelope is not None
+    assert len(letter.envelope.errors) == 3

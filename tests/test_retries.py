@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
-from bridge import Bridge, JobContext, Permanent, Retry
+from bridge import Bridge, JobContext, Permanent, Retry, codec, testing
+from bridge.envelope import JobError
 from bridge.policy import fixed
-from bridge.transports import Delivery
+from bridge.registry import ENVELOPE
+from bridge.transports import Delivery, Outgoing
 from bridge.worker import Worker
 from tests.brokerio import dead_letters
 from tests.conftest import run
@@ -165,6 +167,33 @@ def test_a_retry_delay_that_is_no_time_dead_letters_the_job_naming_it(queue: str
         "Retry: retry requested (delay_s=1e+20) (its retry delay, 1e+20 s, is not a time up to 100 years)",
         "Retry: retry requested (delay_s=nan) (its retry delay, nan s, is not a time up to 100 years)",
     ]
+
+
+def test_a_job_whose_retry_would_be_too_large_for_its_queue_is_dead_lettered(queue: str) -> None:
+    # Given a job from another producer that carries 9 errors of 30,000 characters each (within
+    # what a worker takes, but leaving no room for one more), When its handler fails, Then it is
+    # dead-lettered as permanent, saying its retry is too large, rather than retried (a retry too
+    # large for its queue cannot be published, and stops the worker).
+    from tests.conftest import SCHEMAS
+
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), max_message_bytes=10_000)
+
+    @app.job("test.Echo", queue=queue)
+    async def fails(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise ValueError("e" * 2000)
+
+    async def scenario() -> None:
+        async with app:
+            envelope = app.build_envelope("test.Echo", {"n": 1}, queue=queue)
+            envelope.errors = [JobError(n, 0, "ValueError", "m" * 30_000) for n in range(1, 10)]
+            body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
+            assert len(body) <= app.settings.queue_bytes
+            await (await app.transport()).publish(Outgoing(queue, body, None))
+            await app.consume(burst=True)
+
+    run(scenario())
+    [letter] = testing.dead_letters(app, queue)
+    assert letter.reason == "permanent" and "is too large for a queue" in letter.detail
 
 
 def test_a_delivery_bridge_fails_on_comes_back_rather_than_stall(

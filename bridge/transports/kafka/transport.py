@@ -71,6 +71,8 @@ class KafkaTransport:
             "bootstrap.servers": rest.rstrip("/"),
             "logger": client_log,  # librdkafka would otherwise write straight to stderr
             "log.connection.close": False,
+            # bridge writes records up to the largest dead letter (librdkafka's default: 1 MB)
+            "message.max.bytes": settings.dlq_bytes,
         }
         if scheme == "kafka+ssl":
             self._common["security.protocol"] = "SSL"
@@ -477,9 +479,11 @@ class KafkaTransport:
         return plan
 
     def _new_topic(self, topic: str) -> NewTopic:
+        """A topic with room for the largest record bridge writes to it (a broker takes 1 MB)."""
         if topic.endswith(".done"):
             return NewTopic(topic, 1, config={"cleanup.policy": "compact"})
-        return NewTopic(topic, self.settings.partitions)
+        largest = self.settings.dlq_bytes if topic.endswith(".dlq") else self.settings.queue_bytes
+        return NewTopic(topic, self.settings.partitions, config={"max.message.bytes": str(largest)})
 
     async def _create_topics(self, topics: list[str]) -> None:
         admin = AdminClient(self._common)
