@@ -299,19 +299,18 @@ class Worker:
             decision = GiveUp("permanent", detail)
         if isinstance(decision, GiveUp):
             return self._dead(delivery, decision.reason, decision.detail, envelope=envelope)
+        retry = replace(envelope, attempt=envelope.attempt + 1, run_at=decision.run_at)
+        body = codec.encode(self._envelope, retry.to_avro())
+        if len(body) > self.settings.queue_bytes:  # (only another producer's errors take that room)
+            detail = f"its retry, {len(body):,} bytes, is too large for a queue: {type(exc).__name__}: {exc}"
+            return self._dead(delivery, "permanent", detail, envelope=envelope)
         log.info(
             "job %s (%s on %s) failed attempt %d, retrying at %s: %r",
             envelope.id, envelope.type, envelope.queue, envelope.attempt, _iso(decision.run_at), exc,
         )  # fmt: skip
         self.stats.retried += 1
-        envelope.attempt += 1
-        envelope.run_at = decision.run_at
-        body = codec.encode(self._envelope, envelope.to_avro())
-        if len(body) > self.settings.queue_bytes:  # (only another producer's errors take that room)
-            detail = f"its retry, {len(body):,} bytes, is too large for a queue: {type(exc).__name__}: {exc}"
-            return self._dead(delivery, "permanent", detail, envelope=envelope)
         delay_s = (decision.run_at - now) / 1000
-        return Outgoing(envelope.queue, body, envelope.key, delay_s if delay_s > 0 else None)
+        return Outgoing(retry.queue, body, retry.key, delay_s if delay_s > 0 else None)
 
     def _dead(
         self,

@@ -21,7 +21,7 @@ from bridge.envelope import JobError
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.transports import Delivery, Outgoing
-from bridge.worker import Worker
+from bridge.worker import Stats, Worker
 from tests.brokerio import dead_letters
 from tests.conftest import run
 
@@ -182,18 +182,21 @@ def test_a_job_whose_retry_would_be_too_large_for_its_queue_is_dead_lettered(que
     async def fails(payload: dict[str, Any], ctx: JobContext) -> None:
         raise ValueError("e" * 2000)
 
-    async def scenario() -> None:
+    async def scenario() -> Stats:
         async with app:
             envelope = app.build_envelope("test.Echo", {"n": 1}, queue=queue)
             envelope.errors = [JobError(n, 0, "ValueError", "m" * 30_000) for n in range(1, 10)]
             body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
             assert len(body) <= app.settings.queue_bytes
             await (await app.transport()).publish(Outgoing(queue, body, None))
-            await app.consume(burst=True)
+            return await app.consume(burst=True)
 
-    run(scenario())
+    stats = run(scenario())
     [letter] = testing.dead_letters(app, queue)
-    assert letter.reason == "permanent" and "is too large for a queue" in letter.detail
+    assert letter.reason == "permanent" and letter.detail.startswith("its retry, ")
+    assert "bytes, is too large for a queue: ValueError: eee" in letter.detail
+    assert letter.envelope is not None and letter.envelope.attempt == 1  # the attempt that failed
+    assert (stats.retried, stats.dead_lettered) == (0, 1)
 
 
 def test_a_delivery_bridge_fails_on_comes_back_rather_than_stall(
