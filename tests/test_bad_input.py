@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,19 @@ def own_app(broker: str) -> Bridge:
     return Bridge(broker=broker, registry=str(SCHEMAS), **settings)
 
 
+def failing_first(app: Bridge, queue: str, error: Callable[[], Exception], **options: Any) -> list[int]:
+    """A test.Echo handler on `queue` that raises `error()` for job 1; the jobs it ran, in order."""
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue, **options)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+        if payload["n"] == 1:
+            raise error()
+
+    return ran
+
+
 @pytest.mark.parametrize("broker_name", ["kafka", "rabbitmq"])
 def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming_goes_on(
     broker_name: str, brokers: dict[str, str], queue: str
@@ -111,13 +125,7 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
     # missing queue's name, and the good job runs: consuming does not stop for it (it stopped,
     # and the same message stopped it again at each start).
     app = own_app(brokers[broker_name])
-    ran: list[int] = []
-
-    @app.job("test.Echo", queue=queue)
-    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-        ran.append(payload["n"])
-        if payload["n"] == 1:
-            raise Retry(delay_s=1)
+    ran = failing_first(app, queue, lambda: Retry(delay_s=1))
 
     missing = f"no-such-queue-{uuid.uuid4().hex[:8]}"
 
@@ -147,13 +155,7 @@ def test_a_job_failing_with_a_huge_error_message_is_dead_lettered_with_it_cut_sh
     # the good job runs. (The whole message went into the dead letter, which Kafka refused as
     # too large: the transaction failed and `bridge consume` stopped, and at each start again.)
     app = own_app(brokers[broker_name])
-    ran: list[int] = []
-
-    @app.job("test.Echo", queue=queue)
-    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-        ran.append(payload["n"])
-        if payload["n"] == 1:
-            raise Permanent("x" * 2_000_000)
+    ran = failing_first(app, queue, lambda: Permanent("x" * 2_000_000))
 
     async def scenario() -> Stats:
         async with app:
@@ -179,13 +181,7 @@ def test_a_job_as_large_as_allowed_is_retried_and_dead_lettered_and_a_larger_one
     # than Kafka takes: the transaction failed and `bridge consume` stopped, at each start
     # again.) And enqueueing a job over max_message_bytes fails at once, saying so.
     app = own_app(brokers[broker_name])
-    ran: list[int] = []
-
-    @app.job("test.Echo", queue=queue, max_attempts=3, backoff=fixed(0))
-    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-        ran.append(payload["n"])
-        if payload["n"] == 1:
-            raise ValueError("e" * 1000)
+    ran = failing_first(app, queue, lambda: ValueError("e" * 1000), max_attempts=3, backoff=fixed(0))
 
     async def scenario() -> Stats:
         async with app:
