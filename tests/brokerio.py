@@ -17,7 +17,7 @@ from typing import Any
 
 import aio_pika
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType  # type: ignore[attr-defined]
 
 from bridge import Bridge, codec, testing
 from bridge.envelope import DeadLetter
@@ -112,6 +112,20 @@ def read_partitions(bootstrap: str, topic: str) -> list[tuple[int, bytes]]:
         return [(partition, body) for _, _, partition, body in sorted(bodies)]
     finally:
         consumer.close()
+
+
+def topics_made_elsewhere(bootstrap: str, topics: list[str]) -> None:
+    """Create `topics` as another tool would: one partition each, the broker's default config."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # (kept: its futures fail once it is freed)
+    for future in admin.create_topics([NewTopic(t, 1) for t in topics]).values():
+        future.result(30)
+
+
+def record_limits(bootstrap: str, topics: list[str]) -> dict[str, int]:
+    """Each topic's `max.message.bytes`, as the broker reports it."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in topics])
+    return {r.name: int(f.result(30)["max.message.bytes"].value) for r, f in futures.items()}
 
 
 def java_partition(key: bytes, partitions: int) -> int:

@@ -18,7 +18,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from bridge import Bridge
+from bridge import Bridge, JobContext
 from bridge.errors import BridgeError
 
 TESTS = Path(__file__).resolve().parent
@@ -113,6 +113,26 @@ def make_app(broker: str) -> Callable[..., Bridge]:
         return Bridge(broker=broker, registry=str(SCHEMAS), **settings)
 
     return make
+
+
+def own_app(broker: str) -> Bridge:
+    """An app on `broker` with a prefix (so delay tiers) and a consumer group of its own."""
+    prefix, group = f"p{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:12]}"
+    settings = {"prefix": prefix, "delay_tiers": "1s", "partitions": 1, "group": group}
+    return Bridge(broker=broker, registry=str(SCHEMAS), **settings)
+
+
+def failing_first(app: Bridge, queue: str, error: Callable[[], Exception], **options: Any) -> list[int]:
+    """A test.Echo handler on `queue` that raises `error()` for job 1; the jobs it ran, in order."""
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue, **options)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+        if payload["n"] == 1:
+            raise error()
+
+    return ran
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:

@@ -5,20 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from bridge import Bridge, JobContext, Permanent, Retry, codec
+from bridge import Bridge, Permanent, Retry, codec
 from bridge.errors import JobTooLarge
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.transports import Outgoing
 from bridge.worker import Stats
 from tests.brokerio import dead_letters
-from tests.conftest import SCHEMAS, run
+from tests.conftest import SCHEMAS, failing_first, own_app, run
 from tests.processes import consumer, finish, ledger_counts, publish
 
 
@@ -93,26 +91,6 @@ def test_bad_bytes_are_dead_lettered_with_reason_and_original_bytes(
     details = " | ".join(letter.detail for letter in letters)
     for expected in ("not a framed Avro message", "unknown schema fingerprint", "does not decode"):
         assert expected in details
-
-
-def own_app(broker: str) -> Bridge:
-    """An app on `broker` with a prefix (so delay tiers) and a consumer group of its own."""
-    prefix, group = f"p{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:12]}"
-    settings = {"prefix": prefix, "delay_tiers": "1s", "partitions": 1, "group": group}
-    return Bridge(broker=broker, registry=str(SCHEMAS), **settings)
-
-
-def failing_first(app: Bridge, queue: str, error: Callable[[], Exception], **options: Any) -> list[int]:
-    """A test.Echo handler on `queue` that raises `error()` for job 1; the jobs it ran, in order."""
-    ran: list[int] = []
-
-    @app.job("test.Echo", queue=queue, **options)
-    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-        ran.append(payload["n"])
-        if payload["n"] == 1:
-            raise error()
-
-    return ran
 
 
 @pytest.mark.parametrize("broker_name", ["kafka", "rabbitmq"])

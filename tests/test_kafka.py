@@ -15,13 +15,22 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from bridge import Bridge, JobContext, codec
 from bridge.errors import TransportError
+from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name
 from bridge.transports.kafka import transport as kafka_transport
 from bridge.transports.kafka.commit import Committer
 from bridge.transports.kafka.common import Headers, read_to_end, wait_until_served
-from tests.brokerio import dead_letters, delete_queue, java_partition, read_partitions
-from tests.conftest import SCHEMAS, run
+from bridge.worker import Stats
+from tests.brokerio import (
+    dead_letters,
+    delete_queue,
+    java_partition,
+    read_partitions,
+    record_limits,
+    topics_made_elsewhere,
+)
+from tests.conftest import SCHEMAS, failing_first, own_app, run
 from tests.processes import publish
 
 
@@ -372,3 +381,71 @@ def _foreign_tier_records_then_a_delayed_job(
 
     run(scenario(), timeout=60)
     return app, ran
+
+
+def test_topology_apply_raises_the_record_size_of_topics_made_elsewhere(
+    brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given every topic bridge needs made by another tool (the broker's default limit, 1 MB),
+    # When a worker starts, Then it warns, naming each topic and what to run; When `topology
+    # apply --dry-run` runs, Then it plans to raise each limit and changes none; When `topology
+    # apply` runs, Then the broker reports the new limits (dead-letter topics the larger), and a
+    # failing job just under max_message_bytes is retried, then dead-lettered with its errors.
+    app = own_app(brokers["kafka"])
+    ran = failing_first(app, queue, lambda: ValueError("e" * 1000), max_attempts=3, backoff=fixed(0))
+    bootstrap = brokers["kafka"].partition("://")[2]
+
+    async def scenario() -> tuple[list[str], dict[str, int], dict[str, int], Stats]:
+        async with app:
+            sized = [t for t in await _made_elsewhere(app) if not t.endswith(".done")]
+            with caplog.at_level(logging.WARNING, logger="bridge.kafka"):
+                await app.consume(burst=True)  # nothing to run yet
+            plan = await app.apply_topology(dry_run=True)
+            before = await asyncio.to_thread(record_limits, bootstrap, sized)
+            await app.apply_topology()
+            after = await asyncio.to_thread(record_limits, bootstrap, sized)
+            await app.enqueue_async("test.Echo", {"n": 1, "text": "x" * (1024 * 1024 - 200)})
+            await app.enqueue_async("test.Echo", {"n": 2})
+            return plan, before, after, await app.consume(burst=True)
+
+    plan, before, after, stats = run(scenario(), timeout=90)
+    [warning] = [r.getMessage() for r in caplog.records if "max.message.bytes" in r.getMessage()]
+    assert all(f"topic {t} takes {before[t]} bytes" in warning for t in before)
+    assert "`bridge topology apply` raises max.message.bytes" in warning
+    settings = app.settings
+    wanted = {t: settings.dlq_bytes if t.endswith(".dlq") else settings.queue_bytes for t in before}
+    assert all(before[t] < wanted[t] for t in before)  # the dry run changed nothing
+    raises = [f"kafka: raise max.message.bytes of topic {t} from {before[t]} to {wanted[t]}" for t in before]
+    assert all(line in plan for line in raises)
+    assert after == wanted
+    assert sorted(ran) == [1, 1, 1, 2] and stats.dead_lettered == 1
+    [letter] = dead_letters(app, queue)
+    assert letter.reason == "exhausted" and letter.envelope is not None and len(letter.envelope.errors) == 3
+
+
+def test_a_record_too_large_for_its_topic_stops_consuming_with_what_to_run(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given topics made by another tool and left at the broker's limit, and a failing job just
+    # under max_message_bytes, When consumed, Then its retry, larger than the topic takes,
+    # stops `bridge consume` at once, saying what to run. (The transaction was tried again and
+    # again, failing the same way and holding back every other commit, for good.)
+    app = own_app(brokers["kafka"])
+    failing_first(app, queue, lambda: ValueError("e" * 1000), max_attempts=3, backoff=fixed(0))
+
+    async def scenario() -> None:
+        async with app:
+            await _made_elsewhere(app)
+            await app.enqueue_async("test.Echo", {"n": 1, "text": "x" * (1024 * 1024 - 200)})
+            await app.consume(burst=True)
+
+    with pytest.raises(TransportError, match=r"too large.*`bridge topology apply` raises"):
+        run(scenario(), timeout=60)
+
+
+async def _made_elsewhere(app: Bridge) -> list[str]:
+    """Make every topic that `topology apply` would make for `app`, as another tool would."""
+    plan = await app.apply_topology(dry_run=True)
+    topics = [line.split()[3] for line in plan if line.startswith("kafka: create topic")]
+    await asyncio.to_thread(topics_made_elsewhere, app.settings.require_broker().partition("://")[2], topics)
+    return topics

@@ -155,6 +155,16 @@ class Committer:
                 retriable=False,
             )
             return False
+        if isinstance(error, KafkaError) and error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+            # A topic takes smaller records than bridge writes to it: every try would fail the
+            # same way and hold back every other commit, in a loop.
+            log.error("Kafka transaction failed: %s", error.str())
+            self.failure = TransportError(
+                f"a topic refused a record as too large ({error.str()}); `bridge topology apply`"
+                " raises the topics' max.message.bytes to what bridge writes",
+                retriable=False,
+            )
+            return False
         if (
             isinstance(error, KafkaError)
             and not error.fatal()

@@ -19,7 +19,14 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # not in its __all__
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not in its __all__
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 from bridge.config import Settings
 from bridge.errors import PublishError, TransportError
@@ -39,6 +46,7 @@ from bridge.transports.kafka.common import (
     IDLE_SLEEP_MAX_S,
     METADATA_TIMEOUT_S,
     QUEUE_HEADER,
+    SERVED_POLL_S,
     Headers,
     Record,
     client_log,
@@ -229,6 +237,7 @@ class KafkaTransport:
         grace_s: float = 30.0,
     ) -> None:
         await self._require_topics([*queues, *self._tiers.values()])
+        await self._warn_if_too_small([*queues, *self._tiers.values()])
         consumer = self.group_consumer(self.settings.group)
         self._consumer = consumer
         transactional_id = f"{self.settings.group}.{uuid.uuid4().hex}"
@@ -259,6 +268,25 @@ class KafkaTransport:
         if failure is not None:
             raise TransportError(f"Kafka transaction failed; records since the last commit run again: "
                                  f"{failure}")  # fmt: skip
+
+    async def _warn_if_too_small(self, queues: Sequence[str]) -> None:
+        """Say so at start when topics that consuming `queues` writes to take smaller records
+        than it may write: a failing job near `max_message_bytes` would stop the worker later."""
+        written = [name for q in queues for name in (q, dlq_name(q)) if name in self._topics]
+        try:
+            small = await self._too_small(written)
+        except TransportError as exc:  # (no right to read configs, say): only the warning is lost
+            log.info("could not compare the topics' max.message.bytes with what bridge writes: %s", exc)
+            return
+        if small:
+            log.warning(
+                "Kafka %s: a failing job near max_message_bytes would stop `bridge consume`;"
+                " `bridge topology apply` raises max.message.bytes",
+                "; ".join(
+                    f"topic {t} takes {n} bytes of the {self._largest(t)} bridge may write"
+                    for t, n in small.items()
+                ),
+            )
 
     def _failure(self) -> BaseException | None:
         """A failed transaction of the consumer or the forwarder: the consumer must stop."""
@@ -472,18 +500,79 @@ class KafkaTransport:
         tiers = [name for t in self._tiers.values() for name in (t, dlq_name(t), done_topic(dlq_name(t)))]
         wanted += [name for name in tiers if name not in wanted]
         new = [t for t in wanted if t not in existing]
-        plan = [f"kafka: topic {t} exists" for t in wanted if t in existing]
+        small = await self._too_small([t for t in wanted if t in existing])
+        plan = [f"kafka: topic {t} exists" for t in wanted if t in existing and t not in small]
+        plan += [
+            f"kafka: raise max.message.bytes of topic {t} from {limit} to {self._largest(t)}"
+            for t, limit in small.items()
+        ]
         plan += [f"kafka: create topic {t} ({self.settings.partitions} partitions)" for t in new]
         if new and not dry_run:
             await self._create_topics(new)
+        if small and not dry_run:
+            await self._raise_limits(list(small))
         return plan
 
-    def _new_topic(self, topic: str) -> NewTopic:
-        """A topic with room for the largest record bridge writes to it (a broker takes 1 MB)."""
+    def _largest(self, topic: str) -> int | None:
+        """The largest record bridge writes to `topic` (a broker takes 1 MB unless told more).
+
+        A queue or tier takes jobs up to `max_message_bytes` plus the errors of their attempts,
+        a dead-letter topic a dead letter of such a job; a `.done` topic, markers only (None).
+        """
         if topic.endswith(".done"):
+            return None
+        return self.settings.dlq_bytes if topic.endswith(".dlq") else self.settings.queue_bytes
+
+    def _new_topic(self, topic: str) -> NewTopic:
+        largest = self._largest(topic)
+        if largest is None:
             return NewTopic(topic, 1, config={"cleanup.policy": "compact"})
-        largest = self.settings.dlq_bytes if topic.endswith(".dlq") else self.settings.queue_bytes
         return NewTopic(topic, self.settings.partitions, config={"max.message.bytes": str(largest)})
+
+    async def _too_small(self, topics: Sequence[str]) -> dict[str, int]:
+        """Those of `topics` (existing) that take smaller records than bridge writes to them,
+        each with its `max.message.bytes`: topics made by hand or by another tool, or by a
+        bridge from before it sized them, keep the broker's limit."""
+        largest = {t: size for t in topics if (size := self._largest(t)) is not None}
+        if not largest:
+            return {}
+        admin = AdminClient(self._common)  # (kept until its futures are done: they fail once it is freed)
+        futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in largest])
+        small: dict[str, int] = {}
+        for resource, future in futures.items():
+            with mapped(f"could not read the config of Kafka topic {resource.name}"):
+                config = await asyncio.wrap_future(future)
+            limit = int(config["max.message.bytes"].value)
+            if limit < largest[resource.name]:
+                small[resource.name] = limit
+        return small
+
+    async def _raise_limits(self, topics: list[str]) -> None:
+        """Set each topic's `max.message.bytes` to what bridge writes to it, and wait until the
+        broker applies it: a record written before then would still be refused."""
+        admin = AdminClient(self._common)
+        changes = [
+            ConfigResource(
+                ResourceType.TOPIC,
+                t,
+                incremental_configs=[
+                    ConfigEntry(
+                        "max.message.bytes",
+                        str(self._largest(t)),
+                        incremental_operation=AlterConfigOpType.SET,
+                    )
+                ],
+            )
+            for t in topics
+        ]
+        for resource, future in admin.incremental_alter_configs(changes).items():
+            with mapped(f"could not raise max.message.bytes of Kafka topic {resource.name}"):
+                await asyncio.wrap_future(future)
+        deadline = time.monotonic() + METADATA_TIMEOUT_S * 6
+        while still := await self._too_small(topics):
+            if time.monotonic() >= deadline:
+                raise TransportError(f"Kafka topic {', '.join(still)} did not take the new max.message.bytes")
+            await asyncio.sleep(SERVED_POLL_S)
 
     async def _create_topics(self, topics: list[str]) -> None:
         admin = AdminClient(self._common)
