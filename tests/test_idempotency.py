@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import sqlite3
@@ -333,6 +334,37 @@ def test_the_redis_store_loads_its_script_again_when_redis_has_lost_it(brokers: 
         assert await store.claim(key, "job-2", 30) == Done("job-1")
 
     with_store(brokers["redis"], scenario)
+
+
+def test_a_redis_that_may_evict_keys_is_named_once_in_a_warning(
+    brokers: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given the real Redis set to evict keys when full (maxmemory 1 GB, volatile-lru: every key
+    # bridge writes expires, so they would go first), When a store claims and completes keys,
+    # Then one warning names the policy and what to set; and with noeviction, none.
+    import redis
+
+    async def keyed_jobs(store: Store) -> None:
+        for job in ("job-1", "job-2"):
+            key = new_key()
+            assert await store.complete(key, claimed(await store.claim(key, job, 30)).token, job, 30)
+
+    admin = redis.Redis.from_url(brokers["redis"])
+    kept = {name: str(value) for name, value in admin.config_get("maxmemory*").items()}
+    try:
+        admin.config_set("maxmemory", str(1 << 30))
+        admin.config_set("maxmemory-policy", "volatile-lru")
+        with caplog.at_level(logging.WARNING, logger="bridge.idempotency"):
+            with_store(brokers["redis"], keyed_jobs)
+            [warning] = [r.getMessage() for r in caplog.records]
+            admin.config_set("maxmemory-policy", "noeviction")
+            with_store(brokers["redis"], keyed_jobs)
+            assert len(caplog.records) == 1
+    finally:
+        admin.config_set("maxmemory", kept["maxmemory"])
+        admin.config_set("maxmemory-policy", kept["maxmemory-policy"])
+        admin.close()
+    assert "maxmemory-policy volatile-lru" in warning and "set maxmemory-policy noeviction" in warning
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -18,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from bridge.errors import LeaseLost, StoreError, safe_url
 from bridge.idempotency import Busy, Claim, Claimed, Done, new_token
@@ -42,6 +43,8 @@ _SWAP_SHA1 = hashlib.sha1(_SWAP.encode()).hexdigest()  # how EVALSHA names it
 
 MAX_CONNECTIONS = 64
 CONNECTION_WAIT_S = 10.0
+
+log = logging.getLogger("bridge.idempotency")
 
 
 class Commands:
@@ -71,6 +74,7 @@ class RedisStore:
         )
         self._redis = aioredis.Redis(connection_pool=self._pool)
         self._commands = TickBatch(self._pipeline, asyncio.Lock())
+        self._eviction_checked = False
 
     async def _call(self, command: Callable[[Pipeline], object]) -> Any:
         """Have `command` add one command to the next pipeline; return its reply.
@@ -90,6 +94,8 @@ class RedisStore:
         loaded only when Redis says it does not know it (a restart, SCRIPT FLUSH), and the
         commands that said so are sent again.
         """
+        if not self._eviction_checked:
+            await self._warn_if_evicting()
         replies = await self._send(commands)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
@@ -98,6 +104,31 @@ class RedisStore:
             for i, reply in zip(missing, await self._send([commands[i] for i in missing]), strict=True):
                 replies[i] = reply
         return [self._error(reply) if isinstance(reply, Exception) else reply for reply in replies]
+
+    async def _warn_if_evicting(self) -> None:
+        """Say so, once, when this Redis may evict keys (as Sidekiq and BullMQ do).
+
+        Every key bridge writes expires, so a `volatile-*` policy takes them first: a done key
+        evicted lets a duplicate run again, and a lease evicted lets a second worker run the
+        job beside the first. With `noeviction`, a full Redis refuses writes instead, and
+        keyed jobs wait for it as for an outage.
+        """
+        try:
+            memory = await self._redis.info("memory")
+        except ResponseError as exc:  # INFO not allowed here (some hosted Redis): no warning
+            log.info("idempotency store %s: could not read its eviction policy: %s", safe_url(self.url), exc)
+        except (RedisError, OSError):  # not reachable: the pipeline after it says so; look again next time
+            return
+        else:
+            policy, limit = memory.get("maxmemory_policy"), int(memory.get("maxmemory", 0))
+            if limit and policy != "noeviction":
+                log.warning(
+                    "idempotency store %s: Redis evicts keys when it holds maxmemory (%d bytes), by"
+                    " maxmemory-policy %s: an evicted key lets its job run again, or run twice at"
+                    " once; set maxmemory-policy noeviction",
+                    safe_url(self.url), limit, policy,
+                )  # fmt: skip
+        self._eviction_checked = True
 
     async def _send(self, commands: list[Callable[[Pipeline], object]]) -> list[Any]:
         with self._mapped():
