@@ -16,9 +16,11 @@ import pytest
 
 from bridge import Bridge, JobContext
 from bridge.errors import PublishError, TransportError
+from bridge.policy import fixed
 from bridge.transports import dlq_name, rabbitmq
+from bridge.worker import Stats
 from tests.brokerio import dead_letters, envelopes_in
-from tests.conftest import SCHEMAS, run
+from tests.conftest import SCHEMAS, failing_first, own_app, run
 from tests.processes import publish
 
 
@@ -190,6 +192,34 @@ def test_a_dead_letter_refused_until_its_queue_drains_goes_out_then(
         assert run(scenario()) == 1
     [letter] = dead_letters(app, queue)
     assert letter.envelope is not None and letter.envelope.id == job_id
+
+
+def test_topology_apply_binds_a_queue_made_elsewhere_as_it_is_and_retries_come_back_to_it(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a classic queue made by another service (bridge makes quorum queues, and RabbitMQ
+    # refuses a declaration of an existing queue with other arguments: PRECONDITION_FAILED),
+    # When `topology apply` runs, Then it keeps the queue as it is and binds it; and a job on it
+    # that keeps failing goes round a delay tier back to it, then to its dead-letter queue,
+    # while the next job runs.
+    url = brokers["rabbitmq"]
+    app = own_app(url)
+    ran = failing_first(app, queue, lambda: ValueError("no"), max_attempts=2, backoff=fixed(1))
+
+    async def scenario() -> tuple[list[str], Stats]:
+        async with app:
+            async with await aio_pika.connect(url) as connection:
+                await (await connection.channel()).declare_queue(queue, durable=True)  # a classic queue
+            plan = await app.apply_topology()
+            await app.enqueue_async("test.Echo", {"n": 1})
+            await app.enqueue_async("test.Echo", {"n": 2})
+            return plan, await app.consume(burst=True)
+
+    plan, stats = run(scenario(), timeout=60)
+    assert f"rabbitmq: queue {queue} exists, kept as it is, bound by {queue!r}" in plan
+    assert sorted(ran) == [1, 1, 2] and stats.retried == 1 and stats.dead_lettered == 1
+    [letter] = dead_letters(app, queue)
+    assert letter.reason == "exhausted"
 
 
 def failing_app(url: str, queue: str) -> Bridge:

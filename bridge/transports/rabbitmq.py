@@ -375,9 +375,12 @@ class RabbitTransport:
         assert self._connection is not None, "apply_topology() before connect()"
         names = [name for queue in queues for name in (queue, dlq_name(queue))]
         plan = [f"rabbitmq: exchange {self.exchange_name} (direct, durable)"]
+        existing = [name for name in names if await self._queue_exists(name)]
         for name in names:
-            state = "exists" if await self._queue_exists(name) else "create"
-            plan.append(f"rabbitmq: quorum queue {name} {state}, bound by {name!r}")
+            if name in existing:
+                plan.append(f"rabbitmq: queue {name} exists, kept as it is, bound by {name!r}")
+            else:
+                plan.append(f"rabbitmq: quorum queue {name} create, bound by {name!r}")
         for tier_s, tier in self._tiers.items():
             state = "exists" if await self._queue_exists(tier) else "create"
             plan.append(
@@ -385,7 +388,7 @@ class RabbitTransport:
             )
         if not dry_run:
             with _mapped("could not apply the RabbitMQ topology", retriable=False):
-                await self._declare(names)
+                await self._declare(names, existing)
         return plan
 
     async def _queue_exists(self, name: str) -> bool:
@@ -400,12 +403,21 @@ class RabbitTransport:
             with _ignored():
                 await channel.close()
 
-    async def _declare(self, names: Sequence[str]) -> None:
+    async def _declare(self, names: Sequence[str], existing: Collection[str]) -> None:
+        """Declare the exchange, the tiers and the queues in `names`, each bound by its name.
+
+        A job or dead-letter queue that exists is bound as it is, whatever its type and
+        arguments: bridge needs nothing of it but the binding, and one made by another service
+        (a classic queue, say) would refuse a declaration with others (PRECONDITION_FAILED).
+        """
         assert self._connection is not None
         async with self._connection.channel() as channel:
             exchange = await self._declare_exchange(channel)
             for name in names:
-                queue = await channel.declare_queue(name, durable=True, arguments=QUORUM)
+                if name in existing:
+                    queue = await channel.declare_queue(name, passive=True)
+                else:
+                    queue = await channel.declare_queue(name, durable=True, arguments=QUORUM)
                 await queue.bind(exchange, routing_key=name)
             for tier_s, tier in self._tiers.items():
                 await self._declare_tier(channel, tier, tier_s)
