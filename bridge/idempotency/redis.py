@@ -117,11 +117,11 @@ class RedisStore:
             memory = await self._redis.info("memory")
         except ResponseError as exc:  # INFO not allowed here (some hosted Redis): no warning
             log.info("idempotency store %s: could not read its eviction policy: %s", safe_url(self.url), exc)
-        except (RedisError, OSError):  # not reachable: the pipeline after it says so; look again next time
+        except (RedisError, OSError):  # no answer: the pipeline after it says so; look again next time
             return
         else:
             policy, limit = memory.get("maxmemory_policy"), int(memory.get("maxmemory", 0))
-            if limit and policy != "noeviction":
+            if limit and policy not in (None, "noeviction"):  # (a server like Redis may not say)
                 log.warning(
                     "idempotency store %s: Redis evicts keys when it holds maxmemory (%d bytes), by"
                     " maxmemory-policy %s: an evicted key lets its job run again, or run twice at"
