@@ -121,11 +121,11 @@ def topics_made_elsewhere(bootstrap: str, topics: list[str]) -> None:
         future.result(30)
 
 
-def record_limits(bootstrap: str, topics: list[str]) -> dict[str, int]:
-    """Each topic's `max.message.bytes`, as the broker reports it."""
+def topic_config(bootstrap: str, topics: list[str], name: str) -> dict[str, str]:
+    """Each topic's setting `name` (`max.message.bytes`, say), as the broker reports it."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in topics])
-    return {r.name: int(f.result(30)["max.message.bytes"].value) for r, f in futures.items()}
+    return {r.name: f.result(30)[name].value for r, f in futures.items()}
 
 
 def java_partition(key: bytes, partitions: int) -> int:

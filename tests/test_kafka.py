@@ -27,7 +27,7 @@ from tests.brokerio import (
     delete_queue,
     java_partition,
     read_partitions,
-    record_limits,
+    topic_config,
     topics_made_elsewhere,
 )
 from tests.conftest import SCHEMAS, failing_first, own_app, run
@@ -134,6 +134,24 @@ def test_apply_topology_returns_once_every_new_partition_is_served(
                 probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
     finally:
         probe.close()
+
+
+def test_dead_letter_topics_keep_their_records_until_replayed_or_purged(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a queue's topology applied, Then its dead-letter topic, and its delay tier's, delete
+    # nothing by age (a broker's default retention, 7 days, would lose dead letters nobody
+    # looked at yet), while the job and tier topics keep the broker's retention.
+    app = own_app(brokers["kafka"])
+
+    async def apply() -> list[str]:
+        async with app:
+            return await app.apply_topology([queue])
+
+    created = [line.split()[3] for line in run(apply()) if line.startswith("kafka: create topic")]
+    kept = topic_config(brokers["kafka"].partition("://")[2], created, "retention.ms")
+    assert {t for t, ms in kept.items() if ms == "-1"} == {t for t in created if t.endswith(".dlq")}
+    assert len([t for t in created if t.endswith(".dlq")]) == 2  # the queue's and the tier's
 
 
 def test_waiting_for_topics_that_never_come_ends_with_an_error_naming_them(
@@ -395,15 +413,15 @@ def test_topology_apply_raises_the_record_size_of_topics_made_elsewhere(
     ran = failing_first(app, queue, lambda: ValueError("e" * 1000), max_attempts=3, backoff=fixed(0))
     bootstrap = brokers["kafka"].partition("://")[2]
 
-    async def scenario() -> tuple[list[str], dict[str, int], dict[str, int], Stats]:
+    async def scenario() -> tuple[list[str], dict[str, str], dict[str, str], Stats]:
         async with app:
             sized = [t for t in await _made_elsewhere(app) if not t.endswith(".done")]
             with caplog.at_level(logging.WARNING, logger="bridge.kafka"):
                 await app.consume(burst=True)  # nothing to run yet
             plan = await app.apply_topology(dry_run=True)
-            before = await asyncio.to_thread(record_limits, bootstrap, sized)
+            before = await asyncio.to_thread(topic_config, bootstrap, sized, "max.message.bytes")
             await app.apply_topology()
-            after = await asyncio.to_thread(record_limits, bootstrap, sized)
+            after = await asyncio.to_thread(topic_config, bootstrap, sized, "max.message.bytes")
             await app.enqueue_async("test.Echo", {"n": 1, "text": "x" * (1024 * 1024 - 200)})
             await app.enqueue_async("test.Echo", {"n": 2})
             return plan, before, after, await app.consume(burst=True)
@@ -413,8 +431,8 @@ def test_topology_apply_raises_the_record_size_of_topics_made_elsewhere(
     assert all(f"topic {t} takes {before[t]} bytes" in warning for t in before)
     assert "`bridge topology apply` raises max.message.bytes" in warning
     settings = app.settings
-    wanted = {t: settings.dlq_bytes if t.endswith(".dlq") else settings.queue_bytes for t in before}
-    assert all(before[t] < wanted[t] for t in before)  # the dry run changed nothing
+    wanted = {t: str(settings.dlq_bytes if t.endswith(".dlq") else settings.queue_bytes) for t in before}
+    assert all(int(before[t]) < int(wanted[t]) for t in before)  # the dry run changed nothing
     raises = [f"kafka: raise max.message.bytes of topic {t} from {before[t]} to {wanted[t]}" for t in before]
     assert all(line in plan for line in raises)
     assert after == wanted

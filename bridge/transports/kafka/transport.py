@@ -527,7 +527,10 @@ class KafkaTransport:
         largest = self._largest(topic)
         if largest is None:
             return NewTopic(topic, 1, config={"cleanup.policy": "compact"})
-        return NewTopic(topic, self.settings.partitions, config={"max.message.bytes": str(largest)})
+        config = {"max.message.bytes": str(largest)}
+        if topic.endswith(".dlq"):  # dead letters stay until replayed or purged, as on RabbitMQ
+            config["retention.ms"] = "-1"  # (a broker's default, 7 days, would delete them unseen)
+        return NewTopic(topic, self.settings.partitions, config=config)
 
     async def _too_small(self, topics: Sequence[str]) -> dict[str, int]:
         """Those of `topics` (existing) that take smaller records than bridge writes to them,
