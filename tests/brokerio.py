@@ -114,10 +114,10 @@ def read_partitions(bootstrap: str, topic: str) -> list[tuple[int, bytes]]:
         consumer.close()
 
 
-def topics_made_elsewhere(bootstrap: str, topics: list[str]) -> None:
-    """Create `topics` as another tool would: one partition each, the broker's default config."""
+def topics_made_elsewhere(bootstrap: str, topics: list[str], partitions: int = 1) -> None:
+    """Create `topics` as another tool would: with the broker's default config."""
     admin = AdminClient({"bootstrap.servers": bootstrap})  # (kept: its futures fail once it is freed)
-    for future in admin.create_topics([NewTopic(t, 1) for t in topics]).values():
+    for future in admin.create_topics([NewTopic(t, partitions) for t in topics]).values():
         future.result(30)
 
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # not in its __all__
 
 from bridge import Bridge, JobContext, codec
 from bridge.errors import TransportError
@@ -259,9 +258,7 @@ def test_a_partition_with_an_open_transaction_is_not_read_to_its_end(
     # no (a read_committed reader stops before that record and saw nothing); and once the
     # transaction commits, still no: the record is there to read.
     common: dict[str, Any] = {"bootstrap.servers": brokers["kafka"].partition("://")[2]}
-    admin = AdminClient(common)  # (kept: its futures fail once it is freed)
-    for future in admin.create_topics([NewTopic(queue, 1)]).values():
-        future.result(30)
+    topics_made_elsewhere(common["bootstrap.servers"], [queue])
     wait_until_served(common, [queue], timeout_s=30)
     producer = Producer({**common, "transactional.id": f"test-{queue}"})
     producer.init_transactions(30)
@@ -353,11 +350,7 @@ def test_a_tier_without_its_dead_letter_topic_logs_and_skips_a_foreign_record(
     # says what to run: nothing is written to a topic that does not exist.
     prefix = f"p{uuid.uuid4().hex[:8]}"
     tier = f"{prefix}.delay.1s"
-    servers = brokers["kafka"].partition("://")[2]
-    admin = AdminClient({"bootstrap.servers": servers})  # (kept: its futures fail once it is freed)
-    created = admin.create_topics([NewTopic(name, 3) for name in (queue, dlq_name(queue), tier)])
-    for future in created.values():
-        future.result(30)
+    topics_made_elsewhere(brokers["kafka"].partition("://")[2], [queue, dlq_name(queue), tier], partitions=3)
     with caplog.at_level(logging.ERROR, logger="bridge.kafka"):
         _, ran = _foreign_tier_records_then_a_delayed_job(
             brokers, queue, prefix, [(b"no header", [])], topology=False
