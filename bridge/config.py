@@ -33,6 +33,10 @@ class Settings:
     group: str = "bridge"  # Kafka consumer group; the consuming service's name on RabbitMQ
     concurrency: int = 16
     prefetch: int | None = None  # RabbitMQ deliveries held at once; None: twice concurrency
+    # RabbitMQ: a job that came back to its quorum queue this many times without an outcome
+    # (its worker was killed, ran out of memory or lost its connection) is dead-lettered as
+    # `delivery_limit` the next time it arrives, instead of running again.
+    delivery_limit: int = 10
     grace_s: float = 30.0
     partitions: int = 3
     delay_tiers: tuple[float, ...] = DEFAULT_TIERS_S  # seconds; `1s,5s,30s,2m,10m,1h,6h` in text
@@ -78,7 +82,7 @@ class Settings:
             problems.append(
                 f"broker {self.broker!r}: use kafka://host:port or amqp://user:pass@host:port/vhost"
             )
-        for name in ("concurrency", "partitions", "max_message_bytes"):
+        for name in ("concurrency", "partitions", "max_message_bytes", "delivery_limit"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if self.prefetch is not None and self.prefetch < self.concurrency:
@@ -125,6 +129,7 @@ def _tiers(value: Any) -> tuple[float, ...]:
 _TYPES: dict[str, Any] = {
     "concurrency": int,
     "prefetch": int,
+    "delivery_limit": int,
     "partitions": int,
     "max_message_bytes": int,
     "grace_s": float,

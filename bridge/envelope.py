@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 UNROUTABLE = "unroutable"  # a job or delay-tier record naming no queue that exists to go to
+DELIVERY_LIMIT = "delivery_limit"  # came back unsettled too often (its worker kept stopping)
 REASONS = (
     "exhausted",
     "permanent",
@@ -22,6 +23,7 @@ REASONS = (
     "schema_mismatch",
     "unknown_schema",
     UNROUTABLE,
+    DELIVERY_LIMIT,
 )
 
 

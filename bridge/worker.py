@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from bridge import codec
 from bridge.codec import Schema
 from bridge.config import Settings
-from bridge.envelope import UNROUTABLE, DeadLetter, Envelope, JobError
+from bridge.envelope import DELIVERY_LIMIT, UNROUTABLE, DeadLetter, Envelope, JobError
 from bridge.errors import (
     ConfigError,
     DecodeError,
@@ -179,6 +179,8 @@ class Worker:
         except RegistryUnavailable as exc:
             log.error("a message from %s waits: %s", delivery.queue, exc)
             return [self._again(delivery)]
+        if delivery.returns >= self.settings.delivery_limit:  # a job that stops its worker
+            return [self._dead(delivery, DELIVERY_LIMIT, _returned(delivery), envelope=envelope)]
         if envelope.queue != delivery.queue and await self.transport.missing([envelope.queue]):
             # Bad input (bridge publishes a job to its envelope's queue): its retries and delays
             # would go there, and a publish to a queue that does not exist stops the worker.
@@ -338,6 +340,14 @@ class Worker:
 def _job_error(attempt: int, exc: BaseException, now: int) -> JobError:
     trace = "".join(traceback.format_exception(exc, limit=-8))[-TRACEBACK_CHARS:]
     return JobError(attempt, now, type(exc).__qualname__, str(exc)[:TRACEBACK_CHARS], trace)
+
+
+def _returned(delivery: Delivery) -> str:
+    return (
+        f"it came back to {delivery.queue} {delivery.returns} times without an outcome: each time "
+        "the worker holding it stopped first (killed, out of memory, a crash outside Python) or "
+        "lost its connection to the broker; dead-lettered so that it stops doing that again"
+    )
 
 
 def _job(envelope: Envelope) -> str:

@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
+import shlex
+import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -163,6 +166,9 @@ async def _drain_rabbit_queue(url: str, queue: str) -> list[bytes]:
         await connection.close()
 
 
+# The RabbitMQ under test: the local one, or the one `make pytest-rabbitmq4` starts beside it.
+RABBITMQ_API = os.environ.get("BRIDGE_TEST_RABBITMQ_API", "http://127.0.0.1:15672/api")
+RABBITMQCTL = shlex.split(os.environ.get("BRIDGE_TEST_RABBITMQCTL", "rabbitmqctl"))
 TEST_NAMES = re.compile(r"^(t-[0-9a-f]{12}|p[0-9a-f]{8}\.)")
 
 
@@ -172,16 +178,33 @@ def delete_test_objects(brokers: dict[str, str]) -> None:
     topics = [t for t in admin.list_topics(timeout=10).topics if TEST_NAMES.match(t)]
     for future in admin.delete_topics(topics).values() if topics else ():
         future.exception()  # wait; a topic already gone is fine
-    api = "http://127.0.0.1:15672/api"
     for kind in ("queues", "exchanges"):
-        for item in _management(f"{api}/{kind}/%2F"):
+        for item in rabbitmq_api(f"{kind}/%2F"):
             if TEST_NAMES.match(item["name"]):
-                _management(f"{api}/{kind}/%2F/{urllib.parse.quote(item['name'], safe='')}", "DELETE")
+                rabbitmq_api(f"{kind}/%2F/{_quoted(item['name'])}", "DELETE")
 
 
-def _management(url: str, method: str = "GET") -> Any:
-    request = urllib.request.Request(url, method=method)
+def rabbitmq_api(path: str, method: str = "GET", body: Any = None) -> Any:
+    """RabbitMQ's own HTTP API (its management plugin) at `path`, e.g. `queues/%2F/<name>`."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{RABBITMQ_API}/{path}", data=data, method=method)
     request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    request.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(request, timeout=30) as response:
-        body = response.read()
-    return json.loads(body) if body else None
+        answer = response.read()
+    return json.loads(answer) if answer else None
+
+
+def queue_arguments(queue: str) -> dict[str, Any]:
+    """The arguments RabbitMQ holds for `queue` (those it was declared with)."""
+    arguments: dict[str, Any] = rabbitmq_api(f"queues/%2F/{_quoted(queue)}")["arguments"]
+    return arguments
+
+
+def rabbitmqctl(*args: str) -> None:
+    """Run `rabbitmqctl -q ARGS` on the node under test."""
+    subprocess.run([*RABBITMQCTL, "-q", *args], check=True, capture_output=True)
+
+
+def _quoted(name: str) -> str:
+    return urllib.parse.quote(name, safe="")

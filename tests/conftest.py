@@ -71,6 +71,8 @@ def brokers() -> Iterator[dict[str, str]]:
             pytest.fail(f"the real brokers are required under CI: {exc}")
         pytest.skip(f"real brokers unavailable: {exc}")
     urls = {s.name: s.url for s in statuses}
+    if os.environ.get("BRIDGE_TEST_RABBITMQ"):  # another RabbitMQ (`make pytest-rabbitmq4`)
+        urls["rabbitmq"] = os.environ["BRIDGE_TEST_RABBITMQ"]
     yield urls
     from tests.brokerio import delete_test_objects
 

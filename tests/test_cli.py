@@ -105,6 +105,7 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
         ({"BRIDGE_BROKER": "redis://x"}, ["broker 'redis://x'", "kafka://host:port"]),
         ({"BRIDGE_CONCURRENCY": "0", "BRIDGE_GRACE_S": "-1"}, ["concurrency must be at least 1", "grace_s"]),
         ({"BRIDGE_CONCURRENCY": "8", "BRIDGE_PREFETCH": "4"}, ["prefetch (4) must be at least concurrency"]),
+        ({"BRIDGE_DELIVERY_LIMIT": "0"}, ["delivery_limit must be at least 1"]),
     ],
 )
 def test_bad_settings_are_reported_at_once(env: dict[str, str], fragments: list[str]) -> None:

@@ -6,9 +6,11 @@ import asyncio
 import json
 import logging
 import re
-import subprocess
+import shlex
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -18,10 +20,11 @@ from bridge import Bridge, JobContext
 from bridge.errors import PublishError, TransportError
 from bridge.policy import fixed
 from bridge.transports import dlq_name, rabbitmq
+from bridge.transports.rabbitmq import QUORUM
 from bridge.worker import Stats
-from tests.brokerio import dead_letters, envelopes_in
+from tests.brokerio import dead_letters, envelopes_in, queue_arguments, rabbitmq_api, rabbitmqctl
 from tests.conftest import SCHEMAS, failing_first, own_app, run
-from tests.processes import publish
+from tests.processes import consumer, finish, ledger_counts, publish
 
 
 def test_consumer_reconnects_after_the_broker_drops_its_connections(
@@ -38,8 +41,7 @@ def test_consumer_reconnects_after_the_broker_drops_its_connections(
     async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
         if len(done) >= 100 and not dropped.is_set():
             dropped.set()
-            command = ["rabbitmqctl", "-q", "close_all_connections", "test: dropped connection"]
-            await asyncio.to_thread(subprocess.run, command, check=True, capture_output=True)
+            await asyncio.to_thread(rabbitmqctl, "close_all_connections", "test: dropped connection")
         await asyncio.sleep(0.002)
         done.add(ctx.job_id)
 
@@ -251,10 +253,6 @@ def full(url: str, queue: str) -> Iterator[None]:
         rabbitmqctl("clear_policy", policy)
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True)
-
-
 async def _fill(url: str, queue: str) -> None:
     """Publish to `queue` until RabbitMQ refuses (a quorum queue may take one more than its limit)."""
     connection = await aio_pika.connect(url)
@@ -277,3 +275,85 @@ async def purge(url: str, queue: str) -> None:
         await (await channel.declare_queue(queue, passive=True)).purge()
     finally:
         await connection.close()
+
+
+def test_a_job_that_kills_its_worker_is_dead_lettered_once_it_came_back_delivery_limit_times(
+    brokers: dict[str, str], queue: str, tmp_path: Path
+) -> None:
+    # Given a job whose every run kills its `bridge consume` with SIGKILL (nothing is settled,
+    # so the quorum queue takes it back and counts it), and a delivery_limit of 2,
+    # When consumers are started one after another until one drains the queue,
+    # Then the job ran twice, and its third delivery dead-lettered it as `delivery_limit`
+    # without running it: it neither comes back for ever (RabbitMQ 3) nor is dropped after 20
+    # returns (RabbitMQ 4's default limit).
+    url, ledger = brokers["rabbitmq"], tmp_path / "ledger"
+    [job] = run(publish(url, queue, 1))
+    env = {"LEDGER_KILL": "1", "BRIDGE_DELIVERY_LIMIT": "2"}
+    codes: list[int] = []
+    while 0 not in codes and len(codes) < 5:
+        code, log = finish(consumer(url, queue, ledger, "g", "--burst", env=env), ledger, timeout=60)
+        codes.append(code)
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0], log
+    assert ledger_counts(ledger, "start") == {job: 2}
+    [letter] = dead_letters(own_app(url), queue)
+    assert letter.reason == "delivery_limit" and letter.envelope is not None
+    assert letter.envelope.id == job and letter.envelope.attempt == 1
+    assert f"it came back to {queue} 2 times without an outcome" in letter.detail
+
+
+def test_dead_letters_stay_however_often_they_are_listed(brokers: dict[str, str], queue: str) -> None:
+    # Given a job dead-lettered into a queue that `topology apply` made,
+    # When its dead letters are listed 25 times (a list takes them and gives them back; RabbitMQ
+    # 4 drops a message given back to a quorum queue the 21st time, unless the queue says otherwise),
+    # Then the 25th list still shows it, and RabbitMQ holds a delivery limit for the job queue
+    # and the dead-letter queue that no message reaches.
+    app = failing_app(brokers["rabbitmq"], queue)
+
+    async def scenario() -> list[int]:
+        async with app:
+            await app.apply_topology()
+            await app.enqueue_async("test.Echo", {"n": 1})
+            await app.consume(burst=True)
+            return [len(await app.dead_letters(queue).find()) for _ in range(25)]
+
+    assert run(scenario()) == [1] * 25
+    for name in (queue, dlq_name(queue)):
+        assert queue_arguments(name)["x-delivery-limit"] == 2**31 - 1
+
+
+def test_topology_apply_names_the_queues_rabbitmq_4_drops_from_and_the_policy_that_keeps_them(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a job queue and dead-letter queue made as quorum queues without a delivery limit (by
+    # an older bridge, or another service), on RabbitMQ 4 (whose default limit then applies),
+    # When `topology apply` runs, Then its plan names both, with the policy that lifts the limit;
+    # and with that policy set, a dead letter listed 25 times stays.
+    url = brokers["rabbitmq"]
+    if int(rabbitmq_api("overview")["rabbitmq_version"].partition(".")[0]) < 4:
+        pytest.skip("RabbitMQ 3 has no default delivery limit (`make pytest-rabbitmq4` runs this)")
+    app = failing_app(url, queue)
+
+    async def scenario() -> tuple[list[str], list[int]]:
+        async with app:
+            async with await aio_pika.connect(url) as connection:
+                for name in (queue, dlq_name(queue)):
+                    await (await connection.channel()).declare_queue(name, durable=True, arguments=QUORUM)
+            plan = await app.apply_topology()
+            [hint] = [line for line in plan if f"set_policy {dlq_name(queue)}-keep" in line]
+            rabbitmqctl(*shlex.split(hint[hint.index("rabbitmqctl ") :])[1:])  # as printed
+            try:
+                await app.enqueue_async("test.Echo", {"n": 1})
+                await app.consume(burst=True)
+                return plan, [len(await app.dead_letters(queue).find()) for _ in range(25)]
+            finally:
+                rabbitmqctl("clear_policy", f"{dlq_name(queue)}-keep")
+
+    plan, listed = run(scenario())
+    for name in (queue, dlq_name(queue)):
+        assert (
+            f"rabbitmq: queue {name} was made without a delivery limit, so RabbitMQ 4 drops a message"
+            " that comes back to it unsettled 20 times (each `bridge dlq list` of a dead-letter queue"
+            f" counts); unless a policy already lifts it: rabbitmqctl set_policy {name}-keep"
+            f" '^{re.escape(name)}$'"
+        ) in "\n".join(plan)
+    assert listed == [1] * 25

@@ -38,6 +38,7 @@ class Delivery:
     partition: int | None = None
     offset: int | None = None
     redelivered: bool = False
+    returns: int = 0  # times it came back to its queue unsettled, where the broker counts them
     handle: Any = field(default=None, repr=False)  # the transport's own token for settling
 
 

@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -50,7 +51,16 @@ from bridge.transports.base import (
 )
 
 log = logging.getLogger("bridge.rabbitmq")
-QUORUM = {"x-queue-type": "quorum"}
+QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+# The job and dead-letter queues bridge creates. RabbitMQ 4 gives a quorum queue a delivery
+# limit of 20 unless told otherwise: a message that comes back unsettled for the 21st time is
+# dropped, or dead-lettered where the queue has a dead-letter exchange, which these do not.
+# Every `bridge dlq list` takes the dead letters it shows and gives them back, so the 21st
+# list of a dead-letter queue would find it empty. With a limit no message reaches, RabbitMQ
+# counts returns (`x-delivery-count`) but drops nothing, and the worker dead-letters a job that
+# keeps coming back (the `delivery_limit` setting) with a reason instead.
+UNLIMITED = {**QUORUM, "x-delivery-limit": 2**31 - 1}
+DEFAULT_LIMIT_FROM = 4  # RabbitMQ's major version that brought the default limit
 CONNECT_TIMEOUT_S = 10.0
 DRAIN_CHECK_S = 0.1
 RECONNECT_INTERVAL_S = 1.0
@@ -247,8 +257,12 @@ class RabbitTransport:
             async def on_message(message: DeliveredMessage) -> None:
                 arrivals[0] += 1
                 redelivered = bool(message.redelivered)
+                returns = _returns(message) if redelivered else 0
+                delivery = Delivery(
+                    message.body, name, redelivered=redelivered, returns=returns, handle=message
+                )
                 # aiormq already gave this delivery its own task: run it here, not in another.
-                await inflight.run(Delivery(message.body, name, redelivered=redelivered, handle=message))
+                await inflight.run(delivery)
 
             return on_message
 
@@ -377,10 +391,12 @@ class RabbitTransport:
         plan = [f"rabbitmq: exchange {self.exchange_name} (direct, durable)"]
         existing = [name for name in names if await self._queue_exists(name)]
         for name in names:
-            if name in existing:
-                plan.append(f"rabbitmq: queue {name} exists, kept as it is, bound by {name!r}")
-            else:
+            if name not in existing:
                 plan.append(f"rabbitmq: quorum queue {name} create, bound by {name!r}")
+                continue
+            plan.append(f"rabbitmq: queue {name} exists, kept as it is, bound by {name!r}")
+            if await self._drops_returns(name):
+                plan.append(_default_limit(name))
         for tier_s, tier in self._tiers.items():
             state = "exists" if await self._queue_exists(tier) else "create"
             plan.append(
@@ -392,16 +408,43 @@ class RabbitTransport:
         return plan
 
     async def _queue_exists(self, name: str) -> bool:
+        return await self._declares(name, aiormq.exceptions.ChannelNotFoundEntity, passive=True)
+
+    async def _drops_returns(self, name: str) -> bool:
+        """Whether existing queue `name` drops what comes back to it 20 times: a quorum queue
+        without a delivery limit of its own, on a RabbitMQ with a default one.
+
+        Declaring it as a plain quorum queue succeeds only if it has no other arguments (a
+        mismatch is refused with PRECONDITION_FAILED and changes nothing). A policy may have
+        lifted the limit since; RabbitMQ says so only over its HTTP API.
+        """
+        if self._major_version() < DEFAULT_LIMIT_FROM:
+            return False
+        refused = aiormq.exceptions.ChannelPreconditionFailed
+        return await self._declares(name, refused, durable=True, arguments=QUORUM)
+
+    async def _declares(self, name: str, refused: type[Exception], **how: Any) -> bool:
+        """Whether RabbitMQ takes a declaration of queue `name` made `how`, or answers `refused`.
+
+        On a channel of its own: a refused declaration closes its channel.
+        """
         assert self._connection is not None
-        channel = await self._connection.channel()  # a failed passive declare closes its channel
+        channel = await self._connection.channel()
         try:
-            await channel.declare_queue(name, passive=True)
+            await channel.declare_queue(name, **how)
             return True
-        except aiormq.exceptions.ChannelNotFoundEntity:
+        except refused:
             return False
         finally:
             with _ignored():
                 await channel.close()
+
+    def _major_version(self) -> int:
+        """The major version RabbitMQ gave when the connection opened (0 if it did not say)."""
+        assert self._connection is not None and self._connection.transport is not None
+        version = self._connection.transport.connection.server_properties.get("version")
+        major = str(version or "").partition(".")[0]
+        return int(major) if major.isdigit() else 0
 
     async def _declare(self, names: Sequence[str], existing: Collection[str]) -> None:
         """Declare the exchange, the tiers and the queues in `names`, each bound by its name.
@@ -417,7 +460,7 @@ class RabbitTransport:
                 if name in existing:
                     queue = await channel.declare_queue(name, passive=True)
                 else:
-                    queue = await channel.declare_queue(name, durable=True, arguments=QUORUM)
+                    queue = await channel.declare_queue(name, durable=True, arguments=UNLIMITED)
                 await queue.bind(exchange, routing_key=name)
             for tier_s, tier in self._tiers.items():
                 await self._declare_tier(channel, tier, tier_s)
@@ -436,6 +479,27 @@ class RabbitTransport:
         }
         queue = await channel.declare_queue(tier, durable=True, arguments=arguments)
         await queue.bind(exchange)
+
+
+def _default_limit(name: str) -> str:
+    """The plan's line for an existing queue that RabbitMQ's default delivery limit applies to."""
+    pattern, definition = f"'^{re.escape(name)}$'", """'{"delivery-limit":-1}'"""
+    policy = f"rabbitmqctl set_policy {name}-keep {pattern} {definition} --apply-to quorum_queues"
+    return (
+        f"rabbitmq: queue {name} was made without a delivery limit, so RabbitMQ 4 drops a message "
+        f"that comes back to it unsettled 20 times (each `bridge dlq list` of a dead-letter queue "
+        f"counts); unless a policy already lifts it: {policy}"
+    )
+
+
+def _returns(message: DeliveredMessage) -> int:
+    """How many times a quorum queue took `message` back unsettled (its `x-delivery-count`).
+
+    Every return counts: a worker killed or out of memory, a channel or connection closed
+    with the message unacknowledged. A classic queue does not count (no header: 0).
+    """
+    count = (message.header.properties.headers or {}).get("x-delivery-count")
+    return count if isinstance(count, int) else 0
 
 
 @contextmanager
