@@ -305,18 +305,22 @@ def test_dead_letters_stay_however_often_they_are_listed(brokers: dict[str, str]
     # Given a job dead-lettered into a queue that `topology apply` made,
     # When its dead letters are listed 25 times (a list takes them and gives them back; RabbitMQ
     # 4 drops a message given back to a quorum queue the 21st time, unless the queue says otherwise),
-    # Then the 25th list still shows it, and RabbitMQ holds a delivery limit for the job queue
-    # and the dead-letter queue that no message reaches.
+    # Then the 25th list still shows it, RabbitMQ holds a delivery limit for the job queue and
+    # the dead-letter queue that no message reaches, and a second `topology apply` does not name
+    # them as queues RabbitMQ 4 would drop from.
     app = failing_app(brokers["rabbitmq"], queue)
 
-    async def scenario() -> list[int]:
+    async def scenario() -> tuple[list[int], list[str]]:
         async with app:
             await app.apply_topology()
             await app.enqueue_async("test.Echo", {"n": 1})
             await app.consume(burst=True)
-            return [len(await app.dead_letters(queue).find()) for _ in range(25)]
+            listed = [len(await app.dead_letters(queue).find()) for _ in range(25)]
+            return listed, await app.apply_topology()
 
-    assert run(scenario()) == [1] * 25
+    listed, plan = run(scenario())
+    assert listed == [1] * 25
+    assert not [line for line in plan if "without a delivery limit" in line]
     for name in (queue, dlq_name(queue)):
         assert queue_arguments(name)["x-delivery-limit"] == 2**31 - 1
 
