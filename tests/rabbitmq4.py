@@ -6,8 +6,8 @@ Debian 12, which this machine runs, packages RabbitMQ 3.10.8; Debian 13 (trixie)
 whose Erlang 27 needs a newer C library than Debian 12's. So RabbitMQ 4 runs in a chroot of a
 minimal Debian 13 made with debootstrap from the same Debian mirror, on its own ports, all bound
 to loopback: AMQP 5673, HTTP API 15673, Erlang distribution 25673 and epmd 4370. RabbitMQ 4
-changed what services see (quorum queues drop a message that came back 20 times), so the
-RabbitMQ tests run on both. Building the chroot takes about three minutes once; it is kept in
+changed what services see (quorum queues drop a message that comes back a 21st time), so the
+RabbitMQ tests run on both. Building the chroot takes about a minute here, once; it is kept in
 bridge's data folder. Needs root (chroot, mount), as `bridge dev up` does for RabbitMQ 3.
 """
 
@@ -160,7 +160,10 @@ def main(argv: list[str]) -> int:
         print("usage: python -m tests.rabbitmq4 up | down | ctl ARGS... | pytest ARGS...", file=sys.stderr)
         return 2
     try:
-        down() if command == "down" else up()
+        if command == "down":
+            down()
+        else:
+            up()
     except DevError as exc:
         print(f"rabbitmq4: {exc}", file=sys.stderr)
         return 1

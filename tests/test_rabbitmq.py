@@ -356,7 +356,7 @@ def test_topology_apply_names_the_queues_rabbitmq_4_drops_from_and_the_policy_th
     for name in (queue, dlq_name(queue)):
         assert (
             f"rabbitmq: queue {name} was made without a delivery limit, so RabbitMQ 4 drops a message"
-            " that comes back to it unsettled 20 times (each `bridge dlq list` of a dead-letter queue"
+            " that comes back to it unsettled a 21st time (each `bridge dlq list` of a dead-letter queue"
             f" counts); unless a policy already lifts it: rabbitmqctl set_policy {name}-keep"
             f" '^{re.escape(name)}$'"
         ) in "\n".join(plan)

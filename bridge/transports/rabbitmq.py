@@ -55,7 +55,7 @@ QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 # The job and dead-letter queues bridge creates. RabbitMQ 4 gives a quorum queue a delivery
 # limit of 20 unless told otherwise: a message that comes back unsettled for the 21st time is
 # dropped, or dead-lettered where the queue has a dead-letter exchange, which these do not.
-# Every `bridge dlq list` takes the dead letters it shows and gives them back, so the 21st
+# Every `bridge dlq list` takes the dead letters it shows and gives them back, so the 22nd
 # list of a dead-letter queue would find it empty. With a limit no message reaches, RabbitMQ
 # counts returns (`x-delivery-count`) but drops nothing, and the worker dead-letters a job that
 # keeps coming back (the `delivery_limit` setting) with a reason instead.
@@ -411,7 +411,7 @@ class RabbitTransport:
         return await self._declares(name, aiormq.exceptions.ChannelNotFoundEntity, passive=True)
 
     async def _drops_returns(self, name: str) -> bool:
-        """Whether existing queue `name` drops what comes back to it 20 times: a quorum queue
+        """Whether existing queue `name` drops what comes back to it a 21st time: a quorum queue
         without a delivery limit of its own, on a RabbitMQ with a default one.
 
         Declaring it as a plain quorum queue succeeds only if it has no other arguments (a
@@ -487,7 +487,7 @@ def _default_limit(name: str) -> str:
     policy = f"rabbitmqctl set_policy {name}-keep {pattern} {definition} --apply-to quorum_queues"
     return (
         f"rabbitmq: queue {name} was made without a delivery limit, so RabbitMQ 4 drops a message "
-        f"that comes back to it unsettled 20 times (each `bridge dlq list` of a dead-letter queue "
+        f"that comes back to it unsettled a 21st time (each `bridge dlq list` of a dead-letter queue "
         f"counts); unless a policy already lifts it: {policy}"
     )
 
