@@ -33,9 +33,10 @@ class Settings:
     group: str = "bridge"  # Kafka consumer group; the consuming service's name on RabbitMQ
     concurrency: int = 16
     prefetch: int | None = None  # RabbitMQ deliveries held at once; None: twice concurrency
-    # RabbitMQ: a job that came back to its quorum queue this many times without an outcome
-    # (its worker was killed, ran out of memory or lost its connection) is dead-lettered as
-    # `delivery_limit` the next time it arrives, instead of running again.
+    # A job that came back to its queue this many times without an outcome (its worker was
+    # killed, ran out of memory or lost its connection) is dead-lettered as `delivery_limit` the
+    # next time it arrives, instead of running again. RabbitMQ counts the returns; on Kafka,
+    # bridge does (transports/kafka/returns.py).
     delivery_limit: int = 10
     grace_s: float = 30.0
     partitions: int = 3

@@ -12,6 +12,7 @@ from bridge.config import Settings
 from bridge.envelope import uuid7
 from bridge.errors import ConfigError
 from bridge.transports.base import Delivery, InFlight
+from bridge.transports.kafka.returns import Gate
 from bridge.transports.offsets import OffsetTracker
 from bridge.worker import Stats
 from tests.conftest import run
@@ -58,6 +59,53 @@ def test_a_job_finishing_after_its_partition_was_revoked_moves_nothing() -> None
     assert tracker.done(TP, 1, old) is None
     assert tracker.in_flight() == 1
     assert tracker.done(TP, 1, new) == 2
+
+
+def test_only_partitions_with_nothing_in_flight_and_a_known_offset_can_be_handed_over() -> None:
+    # A partition is committed as handed over (`bridge:end`) where it is settled up to; one
+    # with a record in flight is not (that record may be what stopped its owner), nor one
+    # whose offset is unknown (nothing of it came, nor was its committed offset read).
+    tracker = OffsetTracker()
+    busy, idle, unknown = ("jobs", 0), ("jobs", 1), ("jobs", 2)
+    for tp in (busy, idle, unknown):
+        tracker.assign(tp)
+    tracker.found(idle, 40)
+    generation = tracker.started(busy, 7)
+    assert generation is not None
+    tracker.started(busy, 8)
+    assert tracker.settled() == {idle: 40}
+    tracker.done(busy, 7, generation)
+    assert tracker.settled() == {idle: 40}
+    tracker.done(busy, 8, generation)
+    assert tracker.settled() == {busy: 9, idle: 40}
+
+
+@pytest.mark.parametrize(
+    ("note", "returns_at_5", "returns_at_6"),
+    [
+        ("bridge:end", 0, 0),  # handed over: records run side by side
+        ("", 0, 0),  # committed by something else: the same
+        (None, 0, 0),  # never committed
+        ("bridge:run", 1, 1),  # its owner stopped holding records: each may have been running
+        ("bridge:try:3", 4, 1),  # its owner stopped while running offset 5 alone, its 3rd return
+        ("bridge:try:x", 0, 0),  # not bridge's: read as handed over
+    ],
+)
+def test_a_gate_counts_returns_from_the_note_where_its_partition_was_left(
+    note: str | None, returns_at_5: int, returns_at_6: int
+) -> None:
+    gate = Gate(careful=16)
+    gate.learn(5, note)
+    assert (gate.returns(5), gate.returns(6)) == (returns_at_5, returns_at_6)
+
+
+def test_a_careful_start_opens_after_concurrency_records_ran_alone() -> None:
+    gate = Gate(careful=2)
+    gate.learn(5, "bridge:run")
+    gate.passed(gate.returns(5))
+    assert not gate.open and gate.returns(6) == 1
+    gate.passed(gate.returns(6))
+    assert gate.open and gate.returns(7) == 0
 
 
 def test_a_delivery_waiting_for_a_slot_when_finish_begins_is_not_processed() -> None:

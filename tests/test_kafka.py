@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +32,7 @@ from tests.brokerio import (
     topics_made_elsewhere,
 )
 from tests.conftest import SCHEMAS, failing_first, own_app, run
-from tests.processes import publish
+from tests.processes import consumer, finish, ledger_counts, publish, wait_until
 
 
 def test_a_member_joining_mid_run_shares_the_partitions(brokers: dict[str, str], queue: str) -> None:
@@ -289,7 +291,7 @@ def test_a_commit_asked_for_while_the_run_loops_transaction_is_out_waits_for_it(
     out, release = threading.Event(), threading.Event()
     committed: list[dict[Any, int]] = []
 
-    def transact(records: list[Any], offsets: dict[Any, int], metadata: object) -> bool:
+    def transact(records: list[Any], offsets: dict[Any, int], notes: object, metadata: object) -> bool:
         out.set()
         release.wait(10)
         committed.append(offsets)
@@ -460,3 +462,84 @@ async def _made_elsewhere(app: Bridge) -> list[str]:
     topics = [line.split()[3] for line in plan if line.startswith("kafka: create topic")]
     await asyncio.to_thread(topics_made_elsewhere, app.settings.require_broker().partition("://")[2], topics)
     return topics
+
+
+def test_a_job_that_kills_its_worker_is_dead_lettered_once_it_came_back_delivery_limit_times(
+    brokers: dict[str, str], queue: str, tmp_path: Path
+) -> None:
+    # Given 30 jobs on 3 partitions, one of which kills its `bridge consume` with SIGKILL on
+    # every run (Kafka keeps no delivery count: each next owner of the partition reads it again
+    # from the committed offset, and dies too), and a delivery_limit of 2,
+    # When consumers of one group are started one after another until one drains the queue,
+    # Then the killer ran twice and the third consumer dead-lettered it as `delivery_limit`
+    # without running it; every other job ran to success and none was dead-lettered.
+    url, ledger, group = brokers["kafka"], tmp_path / "ledger", f"g-{uuid.uuid4().hex[:12]}"
+    jobs = run(publish(url, queue, 30))
+    killer = jobs[0]
+    env = {"LEDGER_KILL": "0", "BRIDGE_DELIVERY_LIMIT": "2"}
+    codes: list[int] = []
+    while 0 not in codes and len(codes) < 5:
+        code, log = finish(consumer(url, queue, ledger, group, "--burst", env=env), ledger, timeout=90)
+        codes.append(code)
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0], log
+    assert ledger_counts(ledger, "start")[killer] == 2
+    assert set(ledger_counts(ledger, "done")) == set(jobs) - {killer}
+    [letter] = dead_letters(own_app(url), queue)
+    assert letter.reason == "delivery_limit" and letter.envelope is not None
+    assert letter.envelope.id == killer and letter.envelope.attempt == 1
+    assert f"it came back to {queue} 2 times without an outcome" in letter.detail
+
+
+def test_a_job_running_beside_a_killer_in_another_partition_is_not_counted_with_it(
+    brokers: dict[str, str], queue: str, tmp_path: Path
+) -> None:
+    # Given two 1 s jobs on two partitions, one of which kills its `bridge consume` at once on
+    # every run, and a delivery_limit of 2,
+    # When consumers of one group are started one after another until one drains the queue,
+    # Then the killer is dead-lettered and the other job ran to success. (While the records of
+    # a careful start ran one at a time per partition, the slow job ran beside the killer in
+    # the second consumer, was counted with it and dead-lettered with it by the third.)
+    url, ledger, group = brokers["kafka"], tmp_path / "ledger", f"g-{uuid.uuid4().hex[:12]}"
+    keys = ["a", next(k for k in "bcdefgh" if java_partition(k.encode(), 3) != java_partition(b"a", 3))]
+
+    async def enqueue() -> list[str]:
+        app = Bridge(broker=url, registry=str(SCHEMAS))
+        async with app:
+            await app.apply_topology([queue])
+            return [
+                await app.enqueue_async("test.Echo", {"n": n, "sleep_ms": 1000}, queue=queue, key=key)
+                for n, key in enumerate(keys)
+            ]
+
+    innocent, killer = run(enqueue())
+    env = {"LEDGER_KILL": "1", "BRIDGE_DELIVERY_LIMIT": "2"}
+    codes: list[int] = []
+    while 0 not in codes and len(codes) < 5:
+        code, log = finish(consumer(url, queue, ledger, group, "--burst", env=env), ledger, timeout=90)
+        codes.append(code)
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0], log
+    assert innocent in ledger_counts(ledger, "done")
+    assert [letter.envelope.id for letter in dead_letters(own_app(url), queue) if letter.envelope] == [killer]
+
+
+def test_partitions_handed_over_by_a_stop_in_time_count_no_returns(
+    brokers: dict[str, str], queue: str, tmp_path: Path
+) -> None:
+    # Given six 1.5 s jobs, a consumer running three at a time that gets SIGTERM while they
+    # run (they finish; the other three were never started), and a delivery_limit of 1, so
+    # that a single counted return dead-letters a job,
+    # When a second consumer of the group drains the queue,
+    # Then every job ran once, and none was dead-lettered: a partition handed over with nothing
+    # in flight is not taken for one whose owner stopped holding records.
+    url, ledger, group = brokers["kafka"], tmp_path / "ledger", f"g-{uuid.uuid4().hex[:12]}"
+    jobs = run(publish(url, queue, 6, sleep_ms=1500))
+    env = {"BRIDGE_DELIVERY_LIMIT": "1"}
+    process = consumer(url, queue, ledger, group, "--concurrency", "3", "--grace", "20", env=env)
+    wait_until(lambda: len(ledger_counts(ledger, "start")) == 3, 60, "three jobs started")
+    process.send_signal(signal.SIGTERM)
+    code, log = finish(process, ledger, timeout=30)
+    assert code == 0, log
+    code, log = finish(consumer(url, queue, ledger, group, "--burst", env=env), ledger)
+    assert code == 0, log
+    assert ledger_counts(ledger, "done") == {job: 1 for job in jobs}
+    assert dead_letters(own_app(url), queue) == []

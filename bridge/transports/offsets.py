@@ -21,6 +21,7 @@ class _Partition:
         self.generation = generation
         self.order: deque[list[Any]] = deque()  # [offset, settled] in delivery order
         self.by_offset: dict[int, list[Any]] = {}
+        self.position: int | None = None  # the offset everything below is settled, once known
 
 
 class OffsetTracker:
@@ -66,7 +67,22 @@ class OffsetTracker:
         committable = None
         while partition.order and partition.order[0][1]:
             committable = partition.order.popleft()[0] + 1
+        if committable is not None:
+            partition.position = committable
         return committable
+
+    def found(self, tp: TopicPartition, committed: int) -> None:
+        """Note where `tp`'s group offset was when its first record of this assignment came."""
+        partition = self._partitions.get(tp)
+        if partition is not None and partition.position is None:
+            partition.position = committed
+
+    def settled(self) -> dict[TopicPartition, int]:
+        """The assigned partitions with nothing in flight, and the offset each is settled up to
+        (those whose offset is known)."""
+        return {
+            tp: p.position for tp, p in self._partitions.items() if not p.by_offset and p.position is not None
+        }
 
     def assigned(self, tp: TopicPartition) -> bool:
         """Whether `tp` is assigned now."""

@@ -2,9 +2,9 @@
 
 Configured by environment, since `bridge consume` imports it by name:
 LEDGER_FILE (path), LEDGER_QUEUE (queue name), LEDGER_FAIL_ONCE (if set, jobs whose n ends in
-0, 1 or 2 fail their first attempt), LEDGER_KILL (if set, every run of a job kills its process
-with SIGKILL once it has written `start`). Each run writes `start <job id> <attempt>` before and
-`done <job id> <attempt>` after the handler's work.
+0, 1 or 2 fail their first attempt), LEDGER_KILL (n values, comma-separated: every run of a job
+with one of them kills its process with SIGKILL once it has written `start`). Each run writes
+`start <job id> <attempt>` before and `done <job id> <attempt>` after the handler's work.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ def record(line: str) -> None:
 
 
 FAIL_ONCE = bool(os.environ.get("LEDGER_FAIL_ONCE"))
-KILL = bool(os.environ.get("LEDGER_KILL"))
+KILL = {int(n) for n in os.environ.get("LEDGER_KILL", "").split(",") if n}
 
 
 @app.job("test.Echo", queue=os.environ.get("LEDGER_QUEUE", "ledger"), backoff=fixed(0.2))
 async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
     record(f"start {ctx.job_id} {ctx.attempt}")
-    if KILL:
+    if payload["n"] in KILL:
         os.kill(os.getpid(), signal.SIGKILL)
     if payload["sleep_ms"]:
         await asyncio.sleep(payload["sleep_ms"] / 1000)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from typing import Any
 
@@ -12,12 +12,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from bridge.errors import TransportError
 from bridge.transports.kafka.common import METADATA_TIMEOUT_S, Record, log, mapped, new_producer
+from bridge.transports.kafka.returns import HANDED_OVER
 from bridge.transports.offsets import TopicPartition as TP
 
 COMMIT_INTERVAL_S = 0.05
 
 
-Batch = dict[TP, tuple[int, list[tuple[int, list[Record]]]]]  # tp -> (offset, held records)
+Batch = dict[TP, tuple[int, str, list[tuple[int, list[Record]]]]]  # tp -> (offset, note, held records)
 
 
 class Committer:
@@ -29,14 +30,21 @@ class Committer:
     offset of the group goes through here: a plain commit of a higher offset could otherwise be
     overwritten by a lower one from a transaction. A transaction refused because the group is
     rebalancing is aborted and tried again; any other failure stops the consumer, as does one
-    that failed because a topic in it was deleted.
+    that failed because a topic in it was deleted. Each offset is committed with a note, its
+    metadata: `note`, unless `mark` or `commit(leaving=...)` gave another (see returns.py).
     """
 
     def __init__(
-        self, common: dict[str, Any], consumer: Consumer, transactional_id: str, owns: Callable[[TP], bool]
+        self,
+        common: dict[str, Any],
+        consumer: Consumer,
+        transactional_id: str,
+        owns: Callable[[TP], bool],
+        note: str = "",
     ) -> None:
         self.consumer = consumer
         self.owns = owns
+        self.note = note
         self.producer = new_producer(
             common,
             {
@@ -46,10 +54,15 @@ class Committer:
                 # it wrote to until the coordinator aborts it: after 10 s, not the default 60 s.
                 # Transactions here last milliseconds.
                 "transaction.timeout.ms": 10000,
+                # A transaction begun right after another is refused until the last one's
+                # markers are written (CONCURRENT_TRANSACTIONS), and tried again after this:
+                # 100 ms by default, a tenth of a second for each record of a careful start.
+                "retry.backoff.ms": 10,
             },
         )
         self.held: dict[TP, list[tuple[int, list[Record]]]] = {}  # per partition, in offset order
         self.committable: dict[TP, int] = {}
+        self.notes: dict[TP, str] = {}  # the next commit's note, where it is not `note`
         self.failure: BaseException | None = None
         self._lock = threading.Lock()  # one transaction at a time: the loop's or a rebalance's
         self._committing = asyncio.Lock()  # one `commit` at a time: the run loop's or a drain check's
@@ -65,24 +78,32 @@ class Committer:
         if committable is not None:
             self.committable[tp] = committable
 
+    def mark(self, tp: TP, offset: int, note: str) -> None:
+        """Have the next commit put `note` at `offset`, the next record of `tp` to run."""
+        self.committable[tp] = offset
+        self.notes[tp] = note
+
     def forget(self, tp: TP) -> None:
         """Drop what a lost or revoked partition held: its records run again elsewhere."""
         self.held.pop(tp, None)
         self.committable.pop(tp, None)
+        self.notes.pop(tp, None)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set() and self.failure is None:
             await asyncio.sleep(COMMIT_INTERVAL_S)
             await self.commit()
 
-    async def commit(self) -> bool:
+    async def commit(self, leaving: Mapping[TP, int] | None = None) -> bool:
         """Commit what is committable now; whether everything settled so far is committed.
 
         A commit made while another one's transaction is out (the run loop's) waits for it:
         that one took the batch, and finding nothing left to take is no proof it committed.
+        `leaving` maps partitions with nothing in flight to where they are settled up to: they
+        are committed there as handed over.
         """
         async with self._committing:
-            batch = self._take()
+            batch = self._take(leaving)
             if batch is None:
                 return self.failure is None
             if await self.transact(*_flatten(batch)):
@@ -90,33 +111,40 @@ class Committer:
             self._restore(batch)
             return False
 
-    def commit_now(self) -> None:
+    def commit_now(self, leaving: Mapping[TP, int] | None = None) -> None:
         """The same, blocking: for rebalance callbacks, which must finish before returning."""
-        batch = self._take()
+        batch = self._take(leaving)
         if batch is None:
             return
         if not self._transact(*_flatten(batch), self.consumer.consumer_group_metadata()):
             self._restore(batch)
 
-    def _take(self) -> Batch | None:
-        if not self.committable or self.failure is not None:
+    def _take(self, leaving: Mapping[TP, int] | None) -> Batch | None:
+        if self.failure is not None:
             return None
         batch: Batch = {}
         for tp, committable in self.committable.items():
             waiting = self.held.get(tp, [])
-            batch[tp] = (committable, [entry for entry in waiting if entry[0] < committable])
+            note = self.notes.pop(tp, self.note)
+            batch[tp] = (committable, note, [entry for entry in waiting if entry[0] < committable])
             self.held[tp] = [entry for entry in waiting if entry[0] >= committable]
         self.committable = {}
-        return batch
+        for tp, offset in (leaving or {}).items():
+            batch[tp] = (offset, HANDED_OVER, batch[tp][2] if tp in batch else [])
+        return batch or None
 
     def _restore(self, batch: Batch) -> None:
-        for tp, (committable, entries) in batch.items():
+        for tp, (committable, note, entries) in batch.items():
             if self.owns(tp):  # a partition revoked meanwhile runs its records elsewhere
                 self.held[tp] = entries + self.held.get(tp, [])
                 self.committable[tp] = max(committable, self.committable.get(tp, committable))
+                if note != self.note and committable == self.committable[tp]:
+                    self.notes.setdefault(tp, note)
 
-    async def transact(self, records: list[Record], offsets: dict[TP, int]) -> bool:
-        """Publish `records` and commit `offsets` atomically; whether it committed.
+    async def transact(
+        self, records: list[Record], offsets: dict[TP, int], notes: dict[TP, str] | None = None
+    ) -> bool:
+        """Publish `records` and commit `offsets` (with `notes`) atomically; whether it committed.
 
         Call it from the thread that consumes. The group metadata is read here, not in the
         worker thread: a consumer call from another thread can wait on a consume() that is
@@ -124,16 +152,21 @@ class Committer:
         transaction to finish; the two would wait on each other for good.
         """
         metadata = self.consumer.consumer_group_metadata()
-        return await asyncio.to_thread(self._transact, records, offsets, metadata)
+        return await asyncio.to_thread(self._transact, records, offsets, notes or {}, metadata)
 
-    def _transact(self, records: list[Record], offsets: dict[TP, int], metadata: object) -> bool:
+    def _transact(
+        self, records: list[Record], offsets: dict[TP, int], notes: dict[TP, str], metadata: object
+    ) -> bool:
         """Publish and commit in one transaction (blocking); touches only the producer."""
         with self._lock:
             try:
                 self.producer.begin_transaction()
                 for topic, value, key, headers, timestamp in records:
                     self.producer.produce(topic, value, key, headers=headers, timestamp=timestamp)
-                positions = [TopicPartition(t, p, offset) for (t, p), offset in offsets.items()]
+                positions = [
+                    TopicPartition(t, p, offset, metadata=notes.get((t, p), self.note))
+                    for (t, p), offset in offsets.items()
+                ]
                 self.producer.send_offsets_to_transaction(positions, metadata, METADATA_TIMEOUT_S * 6)
                 self.producer.commit_transaction(METADATA_TIMEOUT_S * 6)
                 return True
@@ -185,6 +218,7 @@ class Committer:
         return sorted(topics - set(existing))
 
 
-def _flatten(batch: Batch) -> tuple[list[Record], dict[TP, int]]:
-    records = [record for _, entries in batch.values() for _, held in entries for record in held]
-    return records, {tp: committable for tp, (committable, _) in batch.items()}
+def _flatten(batch: Batch) -> tuple[list[Record], dict[TP, int], dict[TP, str]]:
+    records = [record for _, _, entries in batch.values() for _, held in entries for record in held]
+    offsets = {tp: committable for tp, (committable, _, _) in batch.items()}
+    return records, offsets, {tp: note for tp, (_, note, _) in batch.items()}
