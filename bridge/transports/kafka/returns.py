@@ -59,6 +59,12 @@ class Gate:
         else:  # handed over, never consumed by bridge, or never committed at all
             self._left = 0
 
+    @property
+    def keeps_note(self) -> bool:
+        """Whether the note where the partition was left must stay (not be replaced by
+        `bridge:end`): it is not read yet, or it began a careful start none of whose records ran."""
+        return not self.ready.is_set() or self._left == self._careful > 0
+
     def returns(self, offset: int) -> int:
         """0 if the record at `offset` may run beside others; else the returns to count for it."""
         if not self._left:

@@ -252,6 +252,7 @@ class KafkaTransport:
             self._common, consumer, transactional_id, self._offsets.assigned, note=RUNNING
         )
         self._process, self._careful, self._alone = process, concurrency, asyncio.Lock()
+        self._gates.clear()
         await committer.start()
         consumer.subscribe(
             list(queues), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
@@ -272,7 +273,7 @@ class KafkaTransport:
             await forwarding
             await committing
             # What finished in the grace period; partitions with nothing left are handed over.
-            await committer.commit(leaving=self._offsets.settled())
+            await committer.commit(leaving=self._handed_over())
             await asyncio.to_thread(consumer.close)
             failure = self._failure()
             self._consumer = self._committer = None
@@ -542,10 +543,19 @@ class KafkaTransport:
         if self._committer is not None:
             # What is settled so far, before the partitions move; those with nothing in flight
             # are handed over (their next owner need not start carefully).
-            revoked = {(tp.topic, tp.partition) for tp in partitions}
-            leaving = {tp: at for tp, at in self._offsets.settled().items() if tp in revoked}
-            self._committer.commit_now(leaving=leaving)
+            self._committer.commit_now(leaving=self._handed_over(partitions))
         self._on_lost(consumer, partitions)
+
+    def _handed_over(self, partitions: list[TopicPartition] | None = None) -> dict[TP, int]:
+        """Those of `partitions` (default: all assigned) that can be handed over cleanly, and
+        where: nothing in flight, and no note to keep where they were left (a count of returns
+        for a record that has not run again yet)."""
+        chosen = None if partitions is None else {(tp.topic, tp.partition) for tp in partitions}
+        return {
+            tp: at
+            for tp, at in self._offsets.settled().items()
+            if (chosen is None or tp in chosen) and not (tp in self._gates and self._gates[tp].keeps_note)
+        }
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
