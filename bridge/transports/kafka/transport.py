@@ -721,11 +721,14 @@ class KafkaTransport:
 
 def _where_left(consumer: Consumer, partitions: list[TP]) -> list[tuple[int | None, str | None]]:
     """Each partition's committed offset and its note (blocking). A partition never committed
-    is read from its start, so it counts as left there, with no note."""
+    is read from its start, so it counts as left there, with no note; one whose offset could not
+    be read counts as left by an owner that stopped (a careful start is safe)."""
     found = consumer.committed([TopicPartition(*tp) for tp in partitions], METADATA_TIMEOUT_S)
     left: list[tuple[int | None, str | None]] = []
     for committed in found:
-        if committed.error is None and committed.offset >= 0:
+        if committed.error is not None:
+            left.append((None, RUNNING))
+        elif committed.offset >= 0:
             left.append((committed.offset, committed.metadata))
         else:
             start, _ = consumer.get_watermark_offsets(committed, METADATA_TIMEOUT_S, cached=False)
