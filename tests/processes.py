@@ -32,6 +32,19 @@ def consumer(
         return subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
+def restart_until_drained(
+    broker: str, queue: str, ledger: Path, group: str, env: dict[str, str], tries: int = 5
+) -> tuple[list[int], str]:
+    """Run `bridge consume --burst` again each time one exits, until one drains the queue (exits
+    0) or `tries` have run; return the exit codes and the output."""
+    codes: list[int] = []
+    log = ""
+    while 0 not in codes and len(codes) < tries:
+        code, log = finish(consumer(broker, queue, ledger, group, "--burst", env=env), ledger, timeout=90)
+        codes.append(code)
+    return codes, log
+
+
 def log_of(ledger: Path) -> Path:
     """Where the consumers of `ledger` write their output."""
     return ledger.with_suffix(".log")

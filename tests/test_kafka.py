@@ -32,7 +32,7 @@ from tests.brokerio import (
     topics_made_elsewhere,
 )
 from tests.conftest import SCHEMAS, failing_first, own_app, run
-from tests.processes import consumer, finish, ledger_counts, publish, wait_until
+from tests.processes import consumer, finish, ledger_counts, publish, restart_until_drained, wait_until
 
 
 def test_a_member_joining_mid_run_shares_the_partitions(brokers: dict[str, str], queue: str) -> None:
@@ -477,10 +477,7 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_once_it_came_back_delivery
     jobs = run(publish(url, queue, 30))
     killer = jobs[0]
     env = {"LEDGER_KILL": "0", "BRIDGE_DELIVERY_LIMIT": "2"}
-    codes: list[int] = []
-    while 0 not in codes and len(codes) < 5:
-        code, log = finish(consumer(url, queue, ledger, group, "--burst", env=env), ledger, timeout=90)
-        codes.append(code)
+    codes, log = restart_until_drained(url, queue, ledger, group, env)
     assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0], log
     assert ledger_counts(ledger, "start")[killer] == 2
     assert set(ledger_counts(ledger, "done")) == set(jobs) - {killer}
@@ -513,10 +510,7 @@ def test_a_job_running_beside_a_killer_in_another_partition_is_not_counted_with_
 
     innocent, killer = run(enqueue())
     env = {"LEDGER_KILL": "1", "BRIDGE_DELIVERY_LIMIT": "2"}
-    codes: list[int] = []
-    while 0 not in codes and len(codes) < 5:
-        code, log = finish(consumer(url, queue, ledger, group, "--burst", env=env), ledger, timeout=90)
-        codes.append(code)
+    codes, log = restart_until_drained(url, queue, ledger, group, env)
     assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0], log
     assert innocent in ledger_counts(ledger, "done")
     assert [letter.envelope.id for letter in dead_letters(own_app(url), queue) if letter.envelope] == [killer]

@@ -24,7 +24,7 @@ from bridge.transports.rabbitmq import QUORUM
 from bridge.worker import Stats
 from tests.brokerio import dead_letters, envelopes_in, queue_arguments, rabbitmq_api, rabbitmqctl
 from tests.conftest import SCHEMAS, failing_first, own_app, run
-from tests.processes import consumer, finish, ledger_counts, publish
+from tests.processes import ledger_counts, publish, restart_until_drained
 
 
 def test_consumer_reconnects_after_the_broker_drops_its_connections(
@@ -289,10 +289,7 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_once_it_came_back_delivery
     url, ledger = brokers["rabbitmq"], tmp_path / "ledger"
     [job] = run(publish(url, queue, 1))
     env = {"LEDGER_KILL": "0", "BRIDGE_DELIVERY_LIMIT": "2"}
-    codes: list[int] = []
-    while 0 not in codes and len(codes) < 5:
-        code, log = finish(consumer(url, queue, ledger, "g", "--burst", env=env), ledger, timeout=60)
-        codes.append(code)
+    codes, log = restart_until_drained(url, queue, ledger, "g", env)
     assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0], log
     assert ledger_counts(ledger, "start") == {job: 2}
     [letter] = dead_letters(own_app(url), queue)
