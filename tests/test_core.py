@@ -141,6 +141,52 @@ def test_a_delivery_waiting_for_a_slot_when_finish_begins_is_not_processed() -> 
     assert processed == [first]
 
 
+def test_a_delivery_run_alone_waits_for_the_running_ones_and_nothing_starts_beside_it() -> None:
+    # Given three slots, two deliveries running and one to run alone,
+    # When the running ones end one by one, and one more comes while the one alone runs,
+    # Then the one alone starts only once both ended, and the last one (with slots free)
+    # starts only once the one alone ended.
+    deliveries = [Delivery(name.encode(), "jobs") for name in ("a", "b", "alone", "after")]
+    order: list[str] = []
+    releases = {delivery.body: asyncio.Event() for delivery in deliveries}
+
+    async def process(delivery: Delivery) -> None:
+        order.append(f"start {delivery.body.decode()}")
+        await releases[delivery.body].wait()
+        order.append(f"end {delivery.body.decode()}")
+
+    async def turns() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        inflight = InFlight(process, 3)
+        a, b, alone, after = deliveries
+        tasks = [asyncio.create_task(inflight.run(a)), asyncio.create_task(inflight.run(b))]
+        tasks.append(asyncio.create_task(inflight.run_alone(alone)))
+        for delivery in (a, b):
+            await turns()
+            releases[delivery.body].set()
+        await turns()
+        tasks.append(asyncio.create_task(inflight.run(after)))
+        for delivery in (alone, after):
+            await turns()
+            releases[delivery.body].set()
+        await asyncio.gather(*tasks)
+
+    run(scenario(), timeout=10)
+    assert order == [
+        "start a",
+        "start b",
+        "end a",
+        "end b",
+        "start alone",
+        "end alone",
+        "start after",
+        "end after",
+    ]
+
+
 def test_settings_come_from_arguments_then_environment_then_toml(tmp_path: Path) -> None:
     toml = tmp_path / "bridge.toml"
     toml.write_text('[bridge]\nbroker = "kafka://toml:9092"\nconcurrency = 4\ngroup = "from-toml"\n')

@@ -8,6 +8,7 @@ import logging
 import re
 import shlex
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -296,6 +297,75 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_once_it_came_back_delivery
     assert letter.reason == "delivery_limit" and letter.envelope is not None
     assert letter.envelope.id == job and letter.envelope.attempt == 1
     assert f"it came back to {queue} 2 times without an outcome" in letter.detail
+
+
+def test_a_job_held_beside_a_killer_is_not_counted_with_it(
+    brokers: dict[str, str], queue: str, tmp_path: Path
+) -> None:
+    # Given two 1 s jobs, the second of which kills its `bridge consume` at once on every run,
+    # and a delivery_limit of 2,
+    # When consumers are started one after another until one drains the queue,
+    # Then the killer is dead-lettered and the other job ran to success. (RabbitMQ counts a
+    # return for every message a dead worker held. Taken again with a prefetch, the slow job was
+    # held beside the killer at each crash, counted with it, and dead-lettered with it.)
+    url, ledger = brokers["rabbitmq"], tmp_path / "ledger"
+    innocent, killer = run(publish(url, queue, 2, sleep_ms=1000))
+    env = {"LEDGER_KILL": "1", "BRIDGE_DELIVERY_LIMIT": "2"}
+    codes, log = restart_until_drained(url, queue, ledger, "g", env)
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0], log
+    assert ledger_counts(ledger, "done") == {innocent: 1}
+    assert [letter.envelope.id for letter in dead_letters(own_app(url), queue) if letter.envelope] == [killer]
+
+
+def test_messages_that_come_back_to_a_busy_consumer_run_one_at_a_time_after_the_rest(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given seven 0.3 s jobs, the first three held by another consumer's channel,
+    # When a consumer running four jobs at a time is busy with the other four, and that channel
+    # closes (its three messages come back, counted, as when a worker dies),
+    # Then all seven succeed, and each of the three ran after the four, with nothing beside it:
+    # any of them may be the job that killed the worker that held them.
+    url = brokers["rabbitmq"]
+    app = Bridge(broker=url, registry=str(SCHEMAS))
+    runs: dict[int, tuple[float, float]] = {}
+    busy = asyncio.Event()
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        began = time.monotonic()
+        busy.set()
+        await asyncio.sleep(0.3)
+        runs[payload["n"]] = (began, time.monotonic())
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            for n in range(7):
+                await app.enqueue_async("test.Echo", {"n": n})
+            other = await aio_pika.connect(url)
+            held: list[object] = []
+            three = asyncio.Event()
+
+            async def hold(message: object) -> None:
+                held.append(message)
+                if len(held) == 3:
+                    three.set()
+
+            channel = await other.channel()
+            await channel.set_qos(prefetch_count=3)
+            await (await channel.declare_queue(queue, passive=True)).consume(hold)
+            await three.wait()
+            consuming = asyncio.create_task(app.consume(burst=True, concurrency=4))
+            await busy.wait()
+            await other.close()
+            await consuming
+
+    run(scenario())
+    assert sorted(runs) == list(range(7))
+    came_back = [runs[n] for n in range(3)]
+    assert min(began for began, _ in came_back) >= max(ended for _, ended in (runs[n] for n in range(3, 7)))
+    for began, ended in came_back:
+        assert [n for n, (b, e) in runs.items() if b < ended and e > began and (b, e) != (began, ended)] == []
 
 
 def test_dead_letters_stay_however_often_they_are_listed(brokers: dict[str, str], queue: str) -> None:

@@ -118,7 +118,9 @@ class InFlight:
     per job (the largest per-job cost of a fast handler), while handlers that wait on I/O still
     run side by side. `run` processes one in the caller's task (aiormq already made one per
     delivery), once a slot is free; a delivery still waiting for one when `finish` begins is
-    left alone, unsettled, for the broker to deliver again.
+    left alone, unsettled, for the broker to deliver again. `run_alone` is `run` for a delivery
+    that may have stopped the last process that held it: it waits until nothing runs, and
+    nothing else starts until it is done.
     """
 
     def __init__(self, process: Process, limit: int) -> None:
@@ -135,13 +137,15 @@ class InFlight:
         self._workers: list[asyncio.Task[None]] = []
         self._callers: set[asyncio.Task[Any]] = set()
         self._finishing = False  # `finish` began: `run` starts nothing more
+        self._alone = False  # a `run_alone` delivery is running: nothing else starts
+        self._in_turn = asyncio.Lock()  # the callers of `run_alone`, one after another
 
     def __len__(self) -> int:
         return self._count
 
     def has_room(self) -> bool:
         """Whether a delivery could start now."""
-        return self._count < self._limit
+        return self._count < self._limit and not self._alone
 
     async def wait_for_room(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for a free slot; return whether there is one."""
@@ -200,6 +204,24 @@ class InFlight:
             await self._room.wait()
         if self._finishing:
             return  # shutting down: it was prefetched, not started, and comes back
+        await self._run_here(delivery)
+
+    async def run_alone(self, delivery: Delivery) -> None:
+        """`run`, once nothing else runs; nothing else starts until it is done."""
+        async with self._in_turn:
+            while self._count and not self._finishing:
+                await self._idle.wait()
+            if self._finishing:
+                return  # as in `run`
+            self._alone = True
+            self._room.clear()
+            try:
+                await self._run_here(delivery)
+            finally:  # (`_end` set `_room` already; no one waiting on it runs before this)
+                self._alone = False
+
+    async def _run_here(self, delivery: Delivery) -> None:
+        """Process `delivery` in the calling task, in a slot of its own."""
         self._begin()
         task = asyncio.current_task()
         assert task is not None

@@ -8,7 +8,8 @@ no queue takes comes back and raises instead of being confirmed into the void. M
 may be in flight at once; each returns when its own confirm arrives.
 
 Consuming: a channel whose prefetch equals the concurrency, manual ack only after the outcome
-(and anything it publishes) is confirmed. Deliveries come from aiormq, under aio-pika: building
+(and anything it publishes) is confirmed. A message that came back (its `x-delivery-count`) is
+taken and run alone: see `_take_returns`. Deliveries come from aiormq, under aio-pika: building
 aio-pika's message object cost more than everything bridge does for a no-op job. The
 connection is robust: after a drop it reconnects and reopens the channel, and the consumers
 are started again on it; deliveries of the dead channel are redelivered by the broker.
@@ -251,18 +252,32 @@ class RabbitTransport:
         prefetch = max(self.settings.prefetch or PREFETCH_PER_SLOT * concurrency, concurrency)
         await channel.set_qos(prefetch_count=prefetch)
         inflight = InFlight(process, concurrency)
+        held = Held()
         arrivals = [0]
+        started: set[asyncio.Task[None]] = set()  # those `_take_returns` took (aiormq makes the rest's)
+
+        async def run(delivery: Delivery) -> None:
+            held.add()
+            try:
+                if delivery.returns:  # it may be what stopped the process that held it last
+                    held.came_back.set()
+                    await inflight.run_alone(delivery)
+                else:
+                    await inflight.run(delivery)
+            finally:
+                held.drop()
+
+        def start(delivery: Delivery) -> asyncio.Task[None]:
+            task = asyncio.create_task(run(delivery))
+            started.add(task)
+            task.add_done_callback(started.discard)
+            return task
 
         def on_message_from(name: str) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
             async def on_message(message: DeliveredMessage) -> None:
                 arrivals[0] += 1
-                redelivered = bool(message.redelivered)
-                returns = _returns(message) if redelivered else 0
-                delivery = Delivery(
-                    message.body, name, redelivered=redelivered, returns=returns, handle=message
-                )
                 # aiormq already gave this delivery its own task: run it here, not in another.
-                await inflight.run(delivery)
+                await run(_delivery(message, name))
 
             return on_message
 
@@ -284,18 +299,7 @@ class RabbitTransport:
                 consume_ok = await underlay.basic_consume(name, on_message_from(name))
                 consumers.append((name, underlay, consume_ok.consumer_tag))
 
-        try:
-            for name in queues:
-                await self._existing_queue(channel, name)
-            await subscribe()
-            channel.reopen_callbacks.add(subscribe)  # after a reconnect: consume on the new channel
-            await self._wait(channel, queues, inflight, lambda: arrivals[0], stop, burst)
-            if cancelled:
-                raise TransportError(
-                    f"RabbitMQ ended the consumer of {', '.join(cancelled)}; was it deleted? "
-                    "Run `bridge topology apply`", retriable=False,
-                )  # fmt: skip
-        finally:
+        async def unsubscribe() -> None:
             channel.reopen_callbacks.discard(subscribe)
             # On the channel they were made on: the robust channel's own would first wait for a
             # lost connection to come back.
@@ -303,11 +307,81 @@ class RabbitTransport:
                 with _ignored():
                     if tag is not None:
                         await underlay.basic_cancel(tag)
+            consumers.clear()
+
+        try:
+            for name in queues:
+                await self._existing_queue(channel, name)
+            while not stop.is_set():
+                await self._take_returns(channel, queues, start, stop)
+                if stop.is_set():
+                    break  # (subscribing now would take deliveries only to give them back, counted)
+                held.came_back.clear()
+                await subscribe()
+                channel.reopen_callbacks.add(subscribe)  # after a reconnect: consume on the new channel
+                await self._wait(channel, queues, inflight, lambda: arrivals[0], stop, burst, held.came_back)
+                if not held.came_back.is_set():
+                    break  # stopped, or drained
+                # A message came back (another consumer, or this one's last channel, stopped
+                # holding it): take no more until every message held now is settled (those
+                # that came back one at a time, last), then take the rest of them one by one.
+                await unsubscribe()
+                await _either(held.none(), stop.wait())
+            if cancelled:
+                raise TransportError(
+                    f"RabbitMQ ended the consumer of {', '.join(cancelled)}; was it deleted? "
+                    "Run `bridge topology apply`", retriable=False,
+                )  # fmt: skip
+        finally:
+            await unsubscribe()
             late = await inflight.finish(grace_s)
             if late:
                 log.warning("%d jobs did not finish within %ss; they will run again", late, grace_s)
             with _ignored():
                 await channel.close()
+
+    async def _take_returns(
+        self,
+        channel: AbstractChannel,
+        queues: Sequence[str],
+        start: Callable[[Delivery], asyncio.Task[None]],
+        stop: asyncio.Event,
+    ) -> None:
+        """Take the messages that came back to each queue one at a time, each run alone.
+
+        RabbitMQ counts a return (`x-delivery-count`) for every message a channel held unacked
+        when it died, not only for the one whose job killed its process. Taken with a prefetch,
+        the messages that came back would all be held again beside that job, counted with it
+        each time it kills again, and dead-lettered with it at the `delivery_limit`. Taken one
+        by one (`basic.get`), each runs with nothing else held: the next return counts only the
+        one that ran. A quorum queue gives back what came back before anything else, so the
+        first message that did not come back ends the look at its queue; it runs as usual.
+        """
+        for name in queues:
+            while (message := await self._get(channel, name, stop)) is not None:
+                delivery = _delivery(message, name)
+                running = start(delivery)
+                if not delivery.returns:
+                    break
+                await _either(asyncio.wait([running]), stop.wait())  # (on stop, `finish` waits for it)
+
+    async def _get(self, channel: AbstractChannel, name: str, stop: asyncio.Event) -> DeliveredMessage | None:
+        """The message at the head of queue `name`, taken unacked; None if it is empty, or on stop."""
+        while not stop.is_set():
+            try:
+                underlay = await channel.get_underlay_channel()
+                message = await underlay.basic_get(name, no_ack=False)
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise TransportError(
+                    f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False
+                ) from exc
+            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                log.debug("cannot take from %s until the channel is back: %r", name, exc)
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RECONNECT_INTERVAL_S)
+                continue
+            return None if isinstance(message.delivery, aiormq.spec.Basic.GetEmpty) else message
+        return None
 
     async def _existing_queue(self, channel: AbstractChannel, name: str) -> AbstractQueue:
         with _mapped(f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False):
@@ -321,13 +395,15 @@ class RabbitTransport:
         arrivals: Callable[[], int],
         stop: asyncio.Event,
         burst: bool,
+        came_back: asyncio.Event,
     ) -> None:
+        """Until `stop` or `came_back` is set, or, with `burst`, the queues are drained."""
         if not burst:
-            await stop.wait()
+            await _either(stop.wait(), came_back.wait())
             return
         waiting = [*queues, *self._tiers.values()]  # delayed and retried jobs count too
         quiet = 0
-        while not stop.is_set():
+        while not stop.is_set() and not came_back.is_set():
             # Drained after two looks in a row that find nothing ready, nothing running and
             # nothing arrived. One is not enough: a message can leave a tier and be delivered
             # to us while we count, and its delivery is only seen running by the next look.
@@ -337,7 +413,7 @@ class RabbitTransport:
             if quiet >= 2:
                 return
             with suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), DRAIN_CHECK_S)
+                await asyncio.wait_for(_either(stop.wait(), came_back.wait()), DRAIN_CHECK_S)
 
     async def _ready(self, channel: AbstractChannel, queues: Sequence[str]) -> int | None:
         """Messages ready in `queues`, or None while the connection is being restored."""
@@ -490,6 +566,45 @@ def _default_limit(name: str) -> str:
         f"that comes back to it unsettled a 21st time (each `bridge dlq list` of a dead-letter queue "
         f"counts); unless a policy already lifts it: {policy}"
     )
+
+
+class Held:
+    """The deliveries a consumer holds, from their arrival until they are settled (or left), and
+    whether one that came back arrived while it was subscribed."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._none = asyncio.Event()
+        self._none.set()
+        self.came_back = asyncio.Event()
+
+    def add(self) -> None:
+        self._count += 1
+        self._none.clear()
+
+    def drop(self) -> None:
+        self._count -= 1
+        if not self._count:
+            self._none.set()
+
+    async def none(self) -> None:
+        await self._none.wait()
+
+
+async def _either(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of `waits` is done; cancel the others."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _delivery(message: DeliveredMessage, queue: str) -> Delivery:
+    redelivered = bool(message.redelivered)
+    returns = _returns(message) if redelivered else 0
+    return Delivery(message.body, queue, redelivered=redelivered, returns=returns, handle=message)
 
 
 def _returns(message: DeliveredMessage) -> int:
