@@ -104,6 +104,7 @@ class KafkaTransport:
         self._gates: dict[TP, Gate] = {}  # partitions assigned whose records wait to be marked
         self._opening: set[asyncio.Task[None]] = set()  # each reading where an assignment was left
         self._alone: asyncio.Lock | None = None  # held by the record of a careful start running
+        self._leaving = False  # consumer.close() has begun, in a thread of its own
         self._careful = 0  # how many records run alone after an owner stopped holding some
         self._process: Process | None = None
 
@@ -253,6 +254,7 @@ class KafkaTransport:
         )
         self._process, self._careful, self._alone = process, concurrency, asyncio.Lock()
         self._gates.clear()
+        self._leaving = False
         await committer.start()
         consumer.subscribe(
             list(queues), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
@@ -274,6 +276,7 @@ class KafkaTransport:
             await committing
             # What finished in the grace period; partitions with nothing left are handed over.
             await committer.commit(leaving=self._handed_over())
+            self._leaving = True
             await asyncio.to_thread(consumer.close)
             failure = self._failure()
             self._consumer = self._committer = None
@@ -527,9 +530,16 @@ class KafkaTransport:
         assert self._forwarder is not None
         return await self._forwarder.drained() and await read_to_end(consumer, queues, self._common)
 
-    # Rebalance callbacks run inside consumer.consume(), on the event loop's thread.
+    # Rebalance callbacks run inside consumer.consume(), on the event loop's thread, and inside
+    # consumer.close(), on a thread of its own. (A callback that raises there breaks the
+    # client: close() then fails with a SystemError.)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._leaving:
+            # A rebalance that close() meets may still assign partitions (those of a member
+            # that left just before): close() revokes them before it returns, and nothing of
+            # theirs runs here. (There is no event loop in this thread to open them with.)
+            return
         for tp in partitions:
             self._offsets.assign((tp.topic, tp.partition))
         gates = {(tp.topic, tp.partition): Gate(self._careful) for tp in partitions}
