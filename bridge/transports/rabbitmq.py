@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
@@ -52,6 +52,7 @@ from bridge.transports.base import (
 )
 
 log = logging.getLogger("bridge.rabbitmq")
+T = TypeVar("T")
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 # The job and dead-letter queues bridge creates. RabbitMQ 4 gives a quorum queue a delivery
 # limit of 20 unless told otherwise: a message that comes back unsettled for the 21st time is
@@ -369,7 +370,10 @@ class RabbitTransport:
         """The message at the head of queue `name`, taken unacked; None if it is empty, or on stop."""
         while not stop.is_set():
             try:
-                underlay = await channel.get_underlay_channel()
+                # (A robust channel waits here while its connection is down: for good, but for `stop`.)
+                underlay = await _unless(stop, channel.get_underlay_channel())
+                if underlay is None:
+                    return None
                 message = await underlay.basic_get(name, no_ack=False)
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 raise TransportError(
@@ -599,6 +603,16 @@ async def _either(*waits: Coroutine[Any, Any, Any]) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def _unless(stop: asyncio.Event, waiting: Coroutine[Any, Any, T]) -> T | None:
+    """What `waiting` returns, or None (and `waiting` cancelled) if `stop` is set first."""
+    task = asyncio.ensure_future(waiting)
+    await _either(asyncio.wait([task]), stop.wait())
+    if not task.done():
+        task.cancel()
+        return None
+    return task.result()
 
 
 def _delivery(message: DeliveredMessage, queue: str) -> Delivery:
