@@ -293,7 +293,9 @@ class RabbitTransport:
                 stop.set()
 
         async def subscribe(_: object = None) -> None:
-            underlay = await channel.get_underlay_channel()
+            await subscribe_on(await channel.get_underlay_channel())
+
+        async def subscribe_on(underlay: aiormq.abc.AbstractChannel) -> None:
             underlay.on_consumer_cancel_callbacks.add(on_cancel)
             consumers.clear()
             for name in queues:
@@ -318,7 +320,7 @@ class RabbitTransport:
                 if stop.is_set():
                     break  # (subscribing now would take deliveries only to give them back, counted)
                 held.came_back.clear()
-                await subscribe()
+                await self._on_channel(channel, stop, subscribe_on)
                 channel.reopen_callbacks.add(subscribe)  # after a reconnect: consume on the new channel
                 await self._wait(channel, queues, inflight, lambda: arrivals[0], stop, burst, held.came_back)
                 if not held.came_back.is_set():
@@ -368,23 +370,34 @@ class RabbitTransport:
 
     async def _get(self, channel: AbstractChannel, name: str, stop: asyncio.Event) -> DeliveredMessage | None:
         """The message at the head of queue `name`, taken unacked; None if it is empty, or on stop."""
+        message = await self._on_channel(channel, stop, lambda on: on.basic_get(name, no_ack=False))
+        if message is None or isinstance(message.delivery, aiormq.spec.Basic.GetEmpty):
+            return None
+        return message
+
+    async def _on_channel(
+        self,
+        channel: AbstractChannel,
+        stop: asyncio.Event,
+        call: Callable[[aiormq.abc.AbstractChannel], Coroutine[Any, Any, T]],
+    ) -> T | None:
+        """`call` on the robust `channel`'s current aiormq channel, tried again while its
+        connection is down (aio-pika restores both); None on `stop`."""
         while not stop.is_set():
             try:
                 # (A robust channel waits here while its connection is down: for good, but for `stop`.)
                 underlay = await _unless(stop, channel.get_underlay_channel())
                 if underlay is None:
                     return None
-                message = await underlay.basic_get(name, no_ack=False)
+                return await call(underlay)
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 raise TransportError(
-                    f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False
+                    f"a RabbitMQ queue is gone ({exc}): run `bridge topology apply`", retriable=False
                 ) from exc
             except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-                log.debug("cannot take from %s until the channel is back: %r", name, exc)
+                log.debug("RabbitMQ channel not back yet: %r", exc)
                 with suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), RECONNECT_INTERVAL_S)
-                continue
-            return None if isinstance(message.delivery, aiormq.spec.Basic.GetEmpty) else message
         return None
 
     async def _existing_queue(self, channel: AbstractChannel, name: str) -> AbstractQueue:
