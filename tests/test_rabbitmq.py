@@ -9,8 +9,9 @@ import re
 import shlex
 import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -342,22 +343,9 @@ def test_messages_that_come_back_to_a_busy_consumer_run_one_at_a_time_after_the_
             await app.apply_topology()
             for n in range(7):
                 await app.enqueue_async("test.Echo", {"n": n})
-            other = await aio_pika.connect(url)
-            held: list[object] = []
-            three = asyncio.Event()
-
-            async def hold(message: object) -> None:
-                held.append(message)
-                if len(held) == 3:
-                    three.set()
-
-            channel = await other.channel()
-            await channel.set_qos(prefetch_count=3)
-            await (await channel.declare_queue(queue, passive=True)).consume(hold)
-            await three.wait()
-            consuming = asyncio.create_task(app.consume(burst=True, concurrency=4))
-            await busy.wait()
-            await other.close()
+            async with holding(url, queue, 3):
+                consuming = asyncio.create_task(app.consume(burst=True, concurrency=4))
+                await busy.wait()
             await consuming
 
     run(scenario())
@@ -366,6 +354,67 @@ def test_messages_that_come_back_to_a_busy_consumer_run_one_at_a_time_after_the_
     assert min(began for began, _ in came_back) >= max(ended for _, ended in (runs[n] for n in range(3, 7)))
     for began, ended in came_back:
         assert [n for n, (b, e) in runs.items() if b < ended and e > began and (b, e) != (began, ended)] == []
+
+
+def test_a_connection_cut_while_a_job_that_came_back_runs_alone_loses_nothing(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given twenty jobs, the first five of which came back (another consumer's channel held
+    # them and closed),
+    # When RabbitMQ closes every client connection while the first of them runs alone,
+    # Then the consumer reconnects, takes the rest of what came back, subscribes again and
+    # drains the queue: every job done, the one that was running twice (its ack was lost).
+    url = brokers["rabbitmq"]
+    app = Bridge(broker=url, registry=str(SCHEMAS), concurrency=4)
+    runs: Counter[int] = Counter()
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        if payload["n"] == 0 and not runs[0]:
+            await asyncio.to_thread(rabbitmqctl, "close_all_connections", "test: cut while alone")
+        runs[payload["n"]] += 1
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            for n in range(20):
+                await app.enqueue_async("test.Echo", {"n": n})
+            async with holding(url, queue, 5):
+                pass
+            while await ready(url, queue) < 20:  # what came back is at the head of the queue
+                await asyncio.sleep(0.05)
+            await app.consume(burst=True)
+
+    run(scenario(), timeout=120)
+    assert runs == {0: 2, **{n: 1 for n in range(1, 20)}}
+    assert dead_letters(own_app(url), queue) == []
+
+
+@asynccontextmanager
+async def holding(url: str, queue: str, count: int) -> AsyncIterator[None]:
+    """The first `count` messages of `queue` held by a connection of its own, which closes at
+    the end without settling them: they come back counted, as a dead worker's would."""
+    taken: list[object] = []
+    all_taken = asyncio.Event()
+
+    async def take(message: object) -> None:
+        taken.append(message)
+        if len(taken) == count:
+            all_taken.set()
+
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=count)
+        await (await channel.declare_queue(queue, passive=True)).consume(take)
+        await all_taken.wait()
+        yield
+
+
+async def ready(url: str, queue: str) -> int:
+    """How many messages `queue` holds ready for a consumer."""
+    async with await aio_pika.connect(url) as connection:
+        declared = await (await connection.channel()).declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
 
 
 def test_dead_letters_stay_however_often_they_are_listed(brokers: dict[str, str], queue: str) -> None:
