@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from bridge import Bridge
-from tests.conftest import REPO, SCHEMAS
+from tests.brokerio import dead_letters
+from tests.conftest import REPO, SCHEMAS, own_app
 
 
 def consumer(
@@ -43,6 +44,14 @@ def restart_until_drained(
         code, log = finish(consumer(broker, queue, ledger, group, "--burst", env=env), ledger, timeout=90)
         codes.append(code)
     return codes, log
+
+
+def assert_dead_lettered_for_coming_back(broker: str, queue: str, job: str, times: int) -> None:
+    """`job` is the one dead letter of `queue`: `delivery_limit`, after coming back `times` times."""
+    [letter] = dead_letters(own_app(broker), queue)
+    assert letter.reason == "delivery_limit" and letter.envelope is not None
+    assert letter.envelope.id == job and letter.envelope.attempt == 1
+    assert f"it came back to {queue} {times} times without an outcome" in letter.detail
 
 
 def log_of(ledger: Path) -> Path:

@@ -32,7 +32,15 @@ from tests.brokerio import (
     topics_made_elsewhere,
 )
 from tests.conftest import SCHEMAS, failing_first, own_app, run
-from tests.processes import consumer, finish, ledger_counts, publish, restart_until_drained, wait_until
+from tests.processes import (
+    assert_dead_lettered_for_coming_back,
+    consumer,
+    finish,
+    ledger_counts,
+    publish,
+    restart_until_drained,
+    wait_until,
+)
 
 
 def test_a_member_joining_mid_run_shares_the_partitions(brokers: dict[str, str], queue: str) -> None:
@@ -481,10 +489,7 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_once_it_came_back_delivery
     assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0], log
     assert ledger_counts(ledger, "start")[killer] == 2
     assert set(ledger_counts(ledger, "done")) == set(jobs) - {killer}
-    [letter] = dead_letters(own_app(url), queue)
-    assert letter.reason == "delivery_limit" and letter.envelope is not None
-    assert letter.envelope.id == killer and letter.envelope.attempt == 1
-    assert f"it came back to {queue} 2 times without an outcome" in letter.detail
+    assert_dead_lettered_for_coming_back(url, queue, killer, 2)
 
 
 def test_a_job_running_beside_a_killer_in_another_partition_is_not_counted_with_it(

@@ -26,7 +26,12 @@ from bridge.transports.rabbitmq import QUORUM
 from bridge.worker import Stats
 from tests.brokerio import dead_letters, envelopes_in, queue_arguments, rabbitmq_api, rabbitmqctl
 from tests.conftest import SCHEMAS, failing_first, own_app, run
-from tests.processes import ledger_counts, publish, restart_until_drained
+from tests.processes import (
+    assert_dead_lettered_for_coming_back,
+    ledger_counts,
+    publish,
+    restart_until_drained,
+)
 
 
 def test_consumer_reconnects_after_the_broker_drops_its_connections(
@@ -294,10 +299,7 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_once_it_came_back_delivery
     codes, log = restart_until_drained(url, queue, ledger, "g", env)
     assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0], log
     assert ledger_counts(ledger, "start") == {job: 2}
-    [letter] = dead_letters(own_app(url), queue)
-    assert letter.reason == "delivery_limit" and letter.envelope is not None
-    assert letter.envelope.id == job and letter.envelope.attempt == 1
-    assert f"it came back to {queue} 2 times without an outcome" in letter.detail
+    assert_dead_lettered_for_coming_back(url, queue, job, 2)
 
 
 def test_a_job_held_beside_a_killer_is_not_counted_with_it(

@@ -50,12 +50,13 @@ class Gate:
 
     def learn(self, offset: int | None, note: str | None) -> None:
         """Take where the partition was left (None: unknown) and the note committed there."""
+        count = note.removeprefix(TRYING) if note is not None and note.startswith(TRYING) else None
         if note == RUNNING:
             self._left = self._careful
-        elif note is not None and note.startswith(TRYING) and note[len(TRYING) :].isdigit():
+        elif count is not None and count.isdigit():
             self._left = self._careful
             if offset is not None:
-                self._returned = (offset, int(note[len(TRYING) :]))
+                self._returned = (offset, int(count))
         else:  # handed over, never consumed by bridge, or never committed at all
             self._left = 0
 
