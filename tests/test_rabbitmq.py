@@ -419,6 +419,31 @@ async def ready(url: str, queue: str) -> int:
         return declared.declaration_result.message_count or 0
 
 
+def test_a_burst_consume_returns_when_drained_though_its_delay_tiers_were_never_made(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given three jobs on a queue, and an app whose prefix names delay tiers that do not exist,
+    # When it consumes in burst mode and no job needs a tier,
+    # Then it returns once the jobs ran. (Its drain check counted the tiers' messages with a
+    # passive declare, which RabbitMQ answers for a missing queue by closing the channel: no
+    # count ever came back, and the consume never ended.)
+    url = brokers["rabbitmq"]
+    ids = run(publish(url, queue, 3))
+    app = own_app(url)
+    ran: list[str] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(ctx.job_id)
+
+    async def scenario() -> Stats:
+        async with app:
+            return await app.consume(burst=True)
+
+    stats = run(scenario(), timeout=30)
+    assert sorted(ran) == sorted(ids) and stats.processed == 3
+
+
 def test_dead_letters_stay_however_often_they_are_listed(brokers: dict[str, str], queue: str) -> None:
     # Given a job dead-lettered into a queue that `topology apply` made,
     # When its dead letters are listed 25 times (a list takes them and gives them back; RabbitMQ

@@ -418,7 +418,12 @@ class RabbitTransport:
         if not burst:
             await _either(stop.wait(), came_back.wait())
             return
-        waiting = [*queues, *self._tiers.values()]  # delayed and retried jobs count too
+        # Delayed and retried jobs count too, in the tiers that exist: a passive declare of a
+        # missing one closes the channel, and the count would never come. (Without its tiers,
+        # a job that needs one stops the worker: its publish names the queue to make.)
+        tiers = list(self._tiers.values())
+        missing = await self.missing(tiers)
+        waiting = [*queues, *(tier for tier in tiers if tier not in missing)]
         quiet = 0
         while not stop.is_set() and not came_back.is_set():
             # Drained after two looks in a row that find nothing ready, nothing running and
