@@ -16,6 +16,8 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import aio_pika
@@ -204,6 +206,31 @@ def queue_arguments(queue: str) -> dict[str, Any]:
 def rabbitmqctl(*args: str) -> None:
     """Run `rabbitmqctl -q ARGS` on the node under test."""
     subprocess.run([*RABBITMQCTL, "-q", *args], check=True, capture_output=True)
+
+
+@contextmanager
+def rabbitmq_settings(**values: int) -> Iterator[None]:
+    """RabbitMQ's `rabbit` application settings at `values` (for the channels opened meanwhile),
+    then as they were: e.g. a consumer_timeout that tests can wait out."""
+    before = {name: _rabbitmq_setting(name) for name in values}
+    try:
+        for name, value in values.items():
+            rabbitmqctl("eval", f"application:set_env(rabbit, {name}, {value}).")
+        yield
+    finally:
+        for name, was in before.items():
+            undo = f"unset_env(rabbit, {name})" if was is None else f"set_env(rabbit, {name}, {was})"
+            rabbitmqctl("eval", f"application:{undo}.")
+
+
+def _rabbitmq_setting(name: str) -> str | None:
+    """The value of RabbitMQ's `rabbit` application setting `name` as Erlang writes it; None if unset."""
+    result = subprocess.run(
+        [*RABBITMQCTL, "-q", "eval", f"application:get_env(rabbit, {name})."],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    answer = result.stdout.strip()  # `{ok,1800000}`, or `undefined`
+    return answer.removeprefix("{ok,").removesuffix("}") if answer.startswith("{ok,") else None
 
 
 def _quoted(name: str) -> str:

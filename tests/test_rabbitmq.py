@@ -24,7 +24,14 @@ from bridge.policy import fixed
 from bridge.transports import dlq_name, rabbitmq
 from bridge.transports.rabbitmq import QUORUM
 from bridge.worker import Stats
-from tests.brokerio import dead_letters, envelopes_in, queue_arguments, rabbitmq_api, rabbitmqctl
+from tests.brokerio import (
+    dead_letters,
+    envelopes_in,
+    queue_arguments,
+    rabbitmq_api,
+    rabbitmq_settings,
+    rabbitmqctl,
+)
 from tests.conftest import SCHEMAS, failing_first, own_app, run
 from tests.processes import (
     assert_dead_lettered_for_coming_back,
@@ -442,6 +449,44 @@ def test_a_burst_consume_returns_when_drained_though_its_delay_tiers_were_never_
 
     stats = run(scenario(), timeout=30)
     assert sorted(ran) == sorted(ids) and stats.processed == 3
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["no keys", "keyed"])
+def test_a_delivery_held_past_rabbitmqs_consumer_timeout_runs_again_and_the_log_says_what_to_raise(
+    brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture, tmp_path: Path, keyed: bool
+) -> None:
+    # Given RabbitMQ's consumer_timeout at 2 s (looked at every 0.2 s) and two jobs, the first
+    # of which to start runs for 3 s,
+    # When they are consumed,
+    # Then RabbitMQ closes the channel under the long job, whose acknowledgement is lost: it
+    # comes back and runs again (at least once), or, with an idempotency key, is acknowledged
+    # as a duplicate; the other job runs once; nothing is dead-lettered; and the log names the
+    # queue, the timeout and what to raise.
+    url = brokers["rabbitmq"]
+    app = Bridge(broker=url, registry=str(SCHEMAS), idempotency=f"sqlite:///{tmp_path / 'keys.db'}")
+    runs: Counter[str] = Counter()
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs[ctx.job_id] += 1
+        await asyncio.sleep(3.0 if sum(runs.values()) == 1 else 0.05)
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.apply_topology()
+            for n in range(2):
+                await app.enqueue_async("test.Echo", {"n": n}, idempotency_key=f"{n}" if keyed else None)
+            return await app.consume(burst=True)
+
+    timeout = rabbitmq_settings(consumer_timeout=2000, channel_tick_interval=200)
+    with timeout, caplog.at_level(logging.ERROR, logger="bridge.rabbitmq"):
+        stats = run(scenario(), timeout=60)
+    assert sorted(runs.values()) == ([1, 1] if keyed else [1, 2])
+    assert stats.duplicates == (1 if keyed else 0)
+    assert dead_letters(app, queue) == []
+    [line] = {r.getMessage() for r in caplog.records if "consumer_timeout" in r.getMessage()}
+    assert f"closed the channel consuming {queue}" in line and "consumer_timeout (2000 ms)" in line, line
+    assert "Raise consumer_timeout in rabbitmq.conf" in line, line
 
 
 def test_dead_letters_stay_however_often_they_are_listed(brokers: dict[str, str], queue: str) -> None:

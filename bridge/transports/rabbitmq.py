@@ -78,6 +78,8 @@ PREFETCH_PER_SLOT = 2
 # quorum queue may elect a leader. Left unsettled, the delivery would hold a prefetch slot
 # for as long as the channel lives.
 REFUSED_PATIENCE_S = 10.0
+# How RabbitMQ (3.8.15 to 4.2) words the closing of a channel whose delivery waited too long.
+ACK_TIMEOUT = re.compile(r"delivery acknowledgement on channel \d+ timed out\. Timeout value used: (\d+) ms")
 REFUSED_WAIT_MAX_S = 2.0
 
 
@@ -249,6 +251,7 @@ class RabbitTransport:
     ) -> None:
         assert self._connection is not None, "consume() before connect()"
         channel = await self._connection.channel(publisher_confirms=False)
+        channel.close_callbacks.add(lambda _, exc: _explain_close(queues, exc))
         # (Settings check prefetch >= concurrency; `max` covers a `consume(concurrency=...)` above it.)
         prefetch = max(self.settings.prefetch or PREFETCH_PER_SLOT * concurrency, concurrency)
         await channel.set_qos(prefetch_count=prefetch)
@@ -631,6 +634,31 @@ async def _unless(stop: asyncio.Event, waiting: Coroutine[Any, Any, T]) -> T | N
         task.cancel()
         return None
     return task.result()
+
+
+def _explain_close(queues: Sequence[str], exc: BaseException | None) -> None:
+    """Say what to change when RabbitMQ closed the consuming channel over a delivery held too long.
+
+    RabbitMQ gives a delivery `consumer_timeout` (30 minutes by default) to be acknowledged,
+    counted from its delivery: its job's run, and any wait for a slot before it (in the
+    prefetch, or behind running jobs while one that came back waits to run alone). Then it
+    closes the channel (PRECONDITION_FAILED), which reopens by itself, and every delivery it
+    held comes back counted, to run again: a job that always takes longer runs again and again
+    until it is dead-lettered as `delivery_limit`.
+    """
+    if not isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
+        return
+    timed_out = ACK_TIMEOUT.search(str(exc))
+    if timed_out is None:
+        return
+    log.error(
+        "RabbitMQ closed the channel consuming %s: a delivery went unacknowledged longer than "
+        "consumer_timeout (%s ms), running or waiting for a slot, and every job the channel "
+        "held will run again. Raise consumer_timeout in rabbitmq.conf above your longest job "
+        "(on RabbitMQ 3.12 and later, a consumer-timeout policy on these queues does too); "
+        "for jobs that run for minutes, set prefetch to the concurrency",
+        ", ".join(queues), timed_out.group(1),
+    )  # fmt: skip
 
 
 def _delivery(message: DeliveredMessage, queue: str) -> Delivery:
