@@ -14,9 +14,14 @@ from typing import Any
 
 from bridge.errors import ConfigError
 from bridge.idempotency import check_url
-from bridge.policy import DEFAULT_TIERS_S, parse_duration
+from bridge.policy import DEFAULT_TIERS_S, parse_duration, tier_name
 
 BROKER_SCHEMES = ("kafka", "kafka+ssl", "amqp", "amqps", "memory")
+# A wait shorter than every delay tier is spent in the worker, which holds the job's slot and
+# its delivery meanwhile (see `policy.tier_for`): with tiers starting at an hour, a retry 40
+# minutes away would hold both for 40 minutes, and RabbitMQ closes a channel that holds a
+# delivery past its consumer_timeout (30 minutes by default).
+MAX_SHORTEST_TIER_S = 60.0
 # What bridge may add to a job: the errors of its attempts (10 at most, each message and
 # traceback cut to 2,000 characters) and, in a dead letter, its wrapping and detail.
 ADDED_BYTES = 256 * 1024
@@ -93,6 +98,12 @@ class Settings:
             )
         if self.grace_s < 0:
             problems.append("grace_s must not be negative")
+        if self.delay_tiers and self.delay_tiers[0] > MAX_SHORTEST_TIER_S:
+            problems.append(
+                f"delay_tiers start at {tier_name(self.delay_tiers[0])}: a shorter wait would hold its "
+                f"job's slot in the worker; start them at {tier_name(MAX_SHORTEST_TIER_S)} or less, "
+                "e.g. 1s,5s,30s,2m,10m,1h,6h"
+            )
         if self.idempotency is not None:
             problems += check_url(self.idempotency)
         if not self.prefix or not self.group:
