@@ -6,6 +6,7 @@ import asyncio
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from bridge import Bridge, JobContext, codec
 from bridge.errors import PublishError, TransportError
 from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name
-from bridge.transports.base import Outgoing
+from bridge.transports.base import Outgoing, tier_queue
 from tests.brokerio import dead_letters, delete_queue
 from tests.conftest import run
 
@@ -242,6 +243,41 @@ def test_a_missing_dead_letter_queue_stops_the_consumer_and_loses_nothing(
     [letter] = dead_letters(app, queue)
     assert letter.reason == "exhausted"
     assert letter.envelope is not None and letter.envelope.id == job_id
+
+
+def test_a_consume_whose_delay_tier_is_missing_stops_at_once_naming_it(
+    make_app: Callable[..., Bridge], queue: str, broker: str
+) -> None:
+    # Given a job on its queue, and one of its app's delay tiers deleted,
+    # When consumed, Then consume stops before running anything, with an error naming the tier
+    # and the fix, And once the topology is applied again, the job runs: it was kept.
+    # (On RabbitMQ the consumer ran until a job needed the tier, and a burst consume never
+    # returned: its drain check could not count the tier's messages.)
+    if broker.startswith("memory"):
+        pytest.skip("the in-memory broker creates queues on first use")
+    app = make_app(prefix=f"p{uuid.uuid4().hex[:8]}", delay_tiers="1s,5s")
+    ran: list[str] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(ctx.job_id)
+
+    async def setup() -> str:
+        async with app:
+            await app.apply_topology()
+            return await app.enqueue_async("test.Echo", {"n": 1})
+
+    job_id = run(setup())
+    tier = tier_queue(app.settings.prefix, 5.0)
+    delete_queue(app, tier)
+    with pytest.raises(
+        TransportError, match=f"{re.escape(tier)} does not exist: run `bridge topology apply`"
+    ):
+        run(consume(app))
+    assert ran == []
+    run(apply_topology(app))
+    run(consume(app))
+    assert ran == [job_id]
 
 
 def test_publish_to_a_missing_queue_is_refused(

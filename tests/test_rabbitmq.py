@@ -22,10 +22,12 @@ from bridge import Bridge, JobContext
 from bridge.errors import PublishError, TransportError
 from bridge.policy import fixed
 from bridge.transports import dlq_name, rabbitmq
+from bridge.transports.base import tier_queue
 from bridge.transports.rabbitmq import QUORUM
 from bridge.worker import Stats
 from tests.brokerio import (
     dead_letters,
+    delete_queue,
     envelopes_in,
     queue_arguments,
     rabbitmq_api,
@@ -426,29 +428,34 @@ async def ready(url: str, queue: str) -> int:
         return declared.declaration_result.message_count or 0
 
 
-def test_a_burst_consume_returns_when_drained_though_its_delay_tiers_were_never_made(
+def test_a_delay_tier_deleted_during_a_burst_consume_stops_it_with_an_error_naming_it(
     brokers: dict[str, str], queue: str
 ) -> None:
-    # Given three jobs on a queue, and an app whose prefix names delay tiers that do not exist,
-    # When it consumes in burst mode and no job needs a tier,
-    # Then it returns once the jobs ran. (Its drain check counted the tiers' messages with a
-    # passive declare, which RabbitMQ answers for a missing queue by closing the channel: no
-    # count ever came back, and the consume never ended.)
+    # Given a job whose handler deletes one of its app's delay tiers,
+    # When it is consumed in burst mode,
+    # Then the job succeeds, and consume stops with an error naming the tier and the fix.
+    # (Its drain check counts the tiers' messages with passive declares, which RabbitMQ
+    # answered for the missing queue by closing the channel: the count never came, and the
+    # consume never returned.)
     url = brokers["rabbitmq"]
-    ids = run(publish(url, queue, 3))
     app = own_app(url)
+    tier = tier_queue(app.settings.prefix, 1.0)
     ran: list[str] = []
 
     @app.job("test.Echo", queue=queue)
     async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        await asyncio.to_thread(delete_queue, app, tier)
         ran.append(ctx.job_id)
 
-    async def scenario() -> Stats:
+    async def scenario() -> None:
         async with app:
-            return await app.consume(burst=True)
+            await app.apply_topology()
+            await app.enqueue_async("test.Echo", {"n": 1})
+            await app.consume(burst=True)
 
-    stats = run(scenario(), timeout=30)
-    assert sorted(ran) == sorted(ids) and stats.processed == 3
+    with pytest.raises(TransportError, match=f"no queue '{re.escape(tier)}'.*`bridge topology apply`"):
+        run(scenario(), timeout=30)
+    assert len(ran) == 1 and app.stats is not None and app.stats.processed == 1
 
 
 @pytest.mark.parametrize("keyed", [False, True], ids=["no keys", "keyed"])

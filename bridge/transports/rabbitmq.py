@@ -316,7 +316,9 @@ class RabbitTransport:
             consumers.clear()
 
         try:
-            for name in queues:
+            # The delay tiers too, as on Kafka: a job that needs a missing one would stop the
+            # worker later, mid-run, and a burst consume could not count what waits in it.
+            for name in [*queues, *self._tiers.values()]:
                 await self._existing_queue(channel, name)
             while not stop.is_set():
                 await self._take_returns(channel, queues, start, stop)
@@ -421,12 +423,7 @@ class RabbitTransport:
         if not burst:
             await _either(stop.wait(), came_back.wait())
             return
-        # Delayed and retried jobs count too, in the tiers that exist: a passive declare of a
-        # missing one closes the channel, and the count would never come. (Without its tiers,
-        # a job that needs one stops the worker: its publish names the queue to make.)
-        tiers = list(self._tiers.values())
-        missing = await self.missing(tiers)
-        waiting = [*queues, *(tier for tier in tiers if tier not in missing)]
+        waiting = [*queues, *self._tiers.values()]  # delayed and retried jobs count too
         quiet = 0
         while not stop.is_set() and not came_back.is_set():
             # Drained after two looks in a row that find nothing ready, nothing running and
@@ -447,6 +444,11 @@ class RabbitTransport:
         try:
             underlay = await channel.get_underlay_channel()
             counts = [await underlay.queue_declare(name, passive=True) for name in queues]
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:  # (which closed the channel)
+            raise TransportError(
+                f"a RabbitMQ queue was deleted while bridge consume ran ({exc}): run `bridge topology apply`",
+                retriable=False,
+            ) from exc
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             log.debug("cannot count ready messages yet: %r", exc)
             return None
