@@ -78,9 +78,9 @@ PREFETCH_PER_SLOT = 2
 # quorum queue may elect a leader. Left unsettled, the delivery would hold a prefetch slot
 # for as long as the channel lives.
 REFUSED_PATIENCE_S = 10.0
+REFUSED_WAIT_MAX_S = 2.0
 # How RabbitMQ (3.8.15 to 4.2) words the closing of a channel whose delivery waited too long.
 ACK_TIMEOUT = re.compile(r"delivery acknowledgement on channel \d+ timed out\. Timeout value used: (\d+) ms")
-REFUSED_WAIT_MAX_S = 2.0
 
 
 class RabbitTransport:
