@@ -298,7 +298,7 @@ def test_three_day_delay_with_a_fake_clock(queue: str) -> None:
     # tiers, runs once the clock passes three days and not a moment before.
     from tests.conftest import SCHEMAS
 
-    app = Bridge(broker="memory://", registry=str(SCHEMAS), delay_tiers="1h,6h")
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), delay_tiers="1m,1h,6h")
     now = [1_800_000_000_000]
     app.clock = lambda: now[0]
     ran: list[int] = []
