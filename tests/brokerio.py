@@ -223,6 +223,18 @@ def rabbitmq_settings(**values: int) -> Iterator[None]:
             rabbitmqctl("eval", f"application:{undo}.")
 
 
+@contextmanager
+def rabbitmq_disk_alarm() -> Iterator[None]:
+    """RabbitMQ in a disk alarm (its free-space limit far above the disk): it blocks every
+    connection that publishes until the limit is put back."""
+    limit = _rabbitmq_setting("disk_free_limit") or "50000000"  # (RabbitMQ's default, in bytes)
+    rabbitmqctl("set_disk_free_limit", "1000000GB")
+    try:
+        yield
+    finally:
+        rabbitmqctl("set_disk_free_limit", limit)
+
+
 def _rabbitmq_setting(name: str) -> str | None:
     """The value of RabbitMQ's `rabbit` application setting `name` as Erlang writes it; None if unset."""
     result = subprocess.run(

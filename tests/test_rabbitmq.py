@@ -31,6 +31,7 @@ from tests.brokerio import (
     envelopes_in,
     queue_arguments,
     rabbitmq_api,
+    rabbitmq_disk_alarm,
     rabbitmq_settings,
     rabbitmqctl,
 )
@@ -494,6 +495,38 @@ def test_a_delivery_held_past_rabbitmqs_consumer_timeout_runs_again_and_the_log_
     [line] = {r.getMessage() for r in caplog.records if "consumer_timeout" in r.getMessage()}
     assert f"closed the channel consuming {queue}" in line and "consumer_timeout (2000 ms)" in line, line
     assert "Raise consumer_timeout in rabbitmq.conf" in line, line
+
+
+def test_an_enqueue_that_rabbitmq_blocks_fails_in_bounded_time_and_the_next_goes_through(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an app that has published, and RabbitMQ in a disk alarm (it blocks publishers),
+    # When a job is enqueued, Then the enqueue fails once PUBLISH_TIMEOUT_S passed (1 s here),
+    # with an error saying what to look at, as a Kafka publish fails after message.timeout.ms;
+    # And once the alarm is over, the next enqueue goes through. (It waited for good.)
+    monkeypatch.setattr(rabbitmq, "PUBLISH_TIMEOUT_S", 1.0)
+    app = own_app(brokers["rabbitmq"])
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        """Never runs: the test only enqueues."""
+
+    async def scenario() -> tuple[float, PublishError, str]:
+        async with app:
+            await app.apply_topology()
+            await app.enqueue_async("test.Echo", {"n": 1})
+            with rabbitmq_disk_alarm():
+                started = time.monotonic()
+                with pytest.raises(PublishError) as refused:
+                    await app.enqueue_async("test.Echo", {"n": 2})
+                waited_s = time.monotonic() - started
+            return waited_s, refused.value, await app.enqueue_async("test.Echo", {"n": 3})
+
+    waited_s, error, job_id = run(scenario(), timeout=60)
+    assert 1.0 <= waited_s < 5.0
+    assert f"did not confirm the publish to {queue} within 1 s" in str(error)
+    assert "memory or disk alarm" in str(error) and error.retriable
+    assert job_id in {envelope["id"] for envelope in envelopes_in(app, queue)}
 
 
 def test_dead_letters_stay_however_often_they_are_listed(brokers: dict[str, str], queue: str) -> None:

@@ -17,6 +17,10 @@ from typing import Any, Protocol
 
 from bridge.policy import tier_name
 
+# How long `Transport.publish` (an enqueue, a dead-letter replay) waits for the broker to take a
+# message before it fails: Kafka's `message.timeout.ms`, RabbitMQ's wait for its confirm.
+PUBLISH_TIMEOUT_S = 30.0
+
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:

@@ -42,6 +42,7 @@ from bridge.config import Settings
 from bridge.errors import PublishError, PublishRefused, TransportError, safe_url
 from bridge.policy import tier_for
 from bridge.transports.base import (
+    PUBLISH_TIMEOUT_S,
     Decide,
     Delivery,
     InFlight,
@@ -151,6 +152,24 @@ class RabbitTransport:
     # -- publishing ------------------------------------------------------------------------
 
     async def publish(self, message: Outgoing) -> None:
+        """Publish `message`, or raise PublishError if RabbitMQ has not confirmed it within
+        PUBLISH_TIMEOUT_S (while it is unreachable, or blocks publishers in a memory or disk
+        alarm), as Kafka's `message.timeout.ms` does: an enqueue fails rather than waits for good.
+
+        A worker settling a delivery publishes through `_publish`, without the bound: it waits
+        for the broker, and takes no new work meanwhile.
+        """
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                await self._publish(message)
+        except TimeoutError as exc:
+            raise PublishError(
+                f"RabbitMQ did not confirm the publish to {message.queue} within {PUBLISH_TIMEOUT_S:g} s:"
+                " is it reachable, and not blocking publishers (a memory or disk alarm)? It may"
+                " still be published once RabbitMQ takes it"
+            ) from exc
+
+    async def _publish(self, message: Outgoing) -> None:
         assert self._channel is not None, "publish() before connect()"
         exchange = self.exchange_name
         tier_s = tier_for(message.delay_s, tuple(self._tiers)) if message.delay_s else None
@@ -227,7 +246,7 @@ class RabbitTransport:
         wait_s, deadline = 0.1, time.monotonic() + REFUSED_PATIENCE_S
         while True:
             try:
-                await self.publish(message)
+                await self._publish(message)
                 return
             except PublishRefused as exc:
                 if time.monotonic() + wait_s > deadline:

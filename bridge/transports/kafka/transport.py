@@ -32,6 +32,7 @@ from bridge.config import Settings
 from bridge.errors import PublishError, TransportError
 from bridge.policy import tier_for
 from bridge.transports.base import (
+    PUBLISH_TIMEOUT_S,
     Decide,
     Delivery,
     InFlight,
@@ -117,7 +118,7 @@ class KafkaTransport:
                 "enable.idempotence": True,  # off by default in librdkafka; acks=all comes with it
                 "acks": "all",
                 "linger.ms": 2,
-                "message.timeout.ms": 30000,
+                "message.timeout.ms": int(PUBLISH_TIMEOUT_S * 1000),
             },
         )
         self._topics = await self._topic_names()  # fails fast, with a clear line, if nothing answers
