@@ -160,9 +160,11 @@ class RabbitTransport:
         for the broker, and takes no new work meanwhile.
         """
         try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S) as deadline:
                 await self._publish(message)
         except TimeoutError as exc:
+            if not deadline.expired():
+                raise  # another wait inside it timed out, and says which
             raise PublishError(
                 f"RabbitMQ did not confirm the publish to {message.queue} within {PUBLISH_TIMEOUT_S:g} s:"
                 " is it reachable, and not blocking publishers (a memory or disk alarm)? It may"
