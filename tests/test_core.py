@@ -7,12 +7,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaError
 
 from bridge.config import Settings
 from bridge.envelope import uuid7
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, PublishError
 from bridge.transports.base import Delivery, InFlight
 from bridge.transports.kafka.returns import Gate
+from bridge.transports.kafka.transport import _resolve
 from bridge.transports.offsets import OffsetTracker
 from bridge.worker import Stats
 from tests.conftest import run
@@ -227,3 +229,17 @@ def test_a_consume_stopped_before_its_first_settle_reports_no_time() -> None:
     # Then its summary says 0 settled in 0.00 s (it said "in -8000.00 s").
     stats = Stats(first_s=8000.0)
     assert stats.summary() == "0 settled (0 retried, 0 delayed, 0 dead-lettered, 0 duplicates) in 0.00 s"
+
+
+def test_a_kafka_publish_that_timed_out_says_what_to_look_at() -> None:
+    # Given librdkafka's report that a message was not taken within message.timeout.ms (its
+    # code; a broker that takes nothing cannot be made to answer on cue), When it settles the
+    # publish, Then the error says how long it waited and what to look at, as RabbitMQ's does.
+    async def resolved() -> BaseException | None:
+        future = asyncio.get_running_loop().create_future()
+        _resolve(future, KafkaError(KafkaError._MSG_TIMED_OUT), "billing")
+        return future.exception()
+
+    error = run(resolved())
+    assert isinstance(error, PublishError) and error.retriable
+    assert "publish to billing: not taken within 30 s: is Kafka reachable" in str(error), error

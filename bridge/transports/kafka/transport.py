@@ -757,5 +757,11 @@ def _resolve(future: asyncio.Future[None], err: KafkaError | None, topic: str) -
         return
     if err is None:
         future.set_result(None)
-    else:
-        future.set_exception(PublishError(f"Kafka did not acknowledge a publish to {topic}: {err.str()}"))
+        return
+    detail = err.str()
+    if err.code() == KafkaError._MSG_TIMED_OUT:  # (librdkafka's own code for it)
+        detail = (
+            f"not taken within {PUBLISH_TIMEOUT_S:g} s: is Kafka reachable, and has the topic a "
+            f"leader? It may still be published ({detail})"
+        )
+    future.set_exception(PublishError(f"Kafka did not acknowledge a publish to {topic}: {detail}"))
