@@ -30,7 +30,7 @@ from bench.common import (
     timed_windows,
     timeout_for,
 )
-from bench.throughput import broker_urls
+from bench.throughput import _positive, broker_urls
 
 READY_POLL_S = 0.05
 
@@ -82,16 +82,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Consume rate of RabbitMQ messages that came back, against fresh ones.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--n", type=int, default=2000, help="jobs per measurement")
-    parser.add_argument("--concurrency", type=int, default=16, help="concurrency of the consumer")
-    parser.add_argument("--repeat", type=int, default=2, help="measurements of each kind, alternated")
+    parser.add_argument("--n", type=_positive, default=2000, help="jobs per measurement")
+    parser.add_argument("--concurrency", type=_positive, default=16, help="concurrency of the consumer")
+    parser.add_argument("--repeat", type=_positive, default=2, help="measurements of each kind, alternated")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.n < 1 or args.concurrency < 1 or args.repeat < 1:
-        sys.exit("bench.returns: --n, --concurrency and --repeat must be at least 1")
     url = broker_urls(["rabbitmq"])["rabbitmq"]
     print(f"bench.returns: {args.n:,} no-op jobs per run, concurrency {args.concurrency}", flush=True)
     for _ in range(args.repeat):

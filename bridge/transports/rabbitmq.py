@@ -451,29 +451,24 @@ class RabbitTransport:
             # nothing arrived. One is not enough: a message can leave a tier and be delivered
             # to us while we count, and its delivery is only seen running by the next look.
             seen = arrivals()
-            empty = not inflight and await self._ready(channel, waiting) == 0
+            empty = not inflight and await self._ready(channel, waiting, stop) == 0
             quiet = quiet + 1 if empty and not inflight and arrivals() == seen else 0
             if quiet >= 2:
                 return
             with suppress(TimeoutError):
                 await asyncio.wait_for(_either(stop.wait(), came_back.wait()), DRAIN_CHECK_S)
 
-    async def _ready(self, channel: AbstractChannel, queues: Sequence[str]) -> int | None:
-        """Messages ready in `queues`, or None while the connection is being restored."""
-        # Straight to aiormq: aio-pika's robust channel answers a repeated passive declare from
-        # its cache, with the count of the first one.
-        try:
-            underlay = await channel.get_underlay_channel()
-            counts = [await underlay.queue_declare(name, passive=True) for name in queues]
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:  # (which closed the channel)
-            raise TransportError(
-                f"a RabbitMQ queue was deleted while bridge consume ran ({exc}): run `bridge topology apply`",
-                retriable=False,
-            ) from exc
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-            log.debug("cannot count ready messages yet: %r", exc)
-            return None
-        return sum(declared.message_count or 0 for declared in counts)
+    async def _ready(
+        self, channel: AbstractChannel, queues: Sequence[str], stop: asyncio.Event
+    ) -> int | None:
+        """Messages ready in `queues`, once the connection is back if it is being restored; None on stop."""
+
+        async def count(on: aiormq.abc.AbstractChannel) -> int:
+            # Straight to aiormq: aio-pika's robust channel answers a repeated passive declare
+            # from its cache, with the count of the first one.
+            return sum([(await on.queue_declare(name, passive=True)).message_count or 0 for name in queues])
+
+        return await self._on_channel(channel, stop, count)
 
     # -- dead-letter tools -----------------------------------------------------------------
 
