@@ -22,6 +22,8 @@ BROKER_SCHEMES = ("kafka", "kafka+ssl", "amqp", "amqps", "memory")
 # minutes away would hold both for 40 minutes, and RabbitMQ closes a channel that holds a
 # delivery past its consumer_timeout (30 minutes by default).
 MAX_SHORTEST_TIER_S = 60.0
+# librdkafka's bounds of session.timeout.ms; a broker's own are group.min/max.session.timeout.ms.
+MIN_SESSION_TIMEOUT_S, MAX_SESSION_TIMEOUT_S = 1.0, 3600.0
 # What bridge may add to a job: the errors of its attempts (10 at most, each message and
 # traceback cut to 2,000 characters) and, in a dead letter, its wrapping and detail.
 ADDED_BYTES = 256 * 1024
@@ -44,6 +46,10 @@ class Settings:
     # bridge does (transports/kafka/returns.py).
     delivery_limit: int = 10
     grace_s: float = 30.0
+    # Kafka: how long the group waits for a member that stopped heartbeating (killed, frozen,
+    # cut off) before it hands that member's partitions to the others. Their records wait that
+    # long; too short, and a member the machine starves of CPU is evicted mid-job.
+    session_timeout_s: float = 10.0
     partitions: int = 3
     delay_tiers: tuple[float, ...] = DEFAULT_TIERS_S  # seconds; `1s,5s,30s,2m,10m,1h,6h` in text
     max_message_bytes: int = 1024 * 1024
@@ -98,6 +104,11 @@ class Settings:
             )
         if self.grace_s < 0:
             problems.append("grace_s must not be negative")
+        if not MIN_SESSION_TIMEOUT_S <= self.session_timeout_s <= MAX_SESSION_TIMEOUT_S:
+            problems.append(
+                f"session_timeout_s must be from {MIN_SESSION_TIMEOUT_S:g} to {MAX_SESSION_TIMEOUT_S:g} "
+                "seconds (a Kafka broker takes 6 to 1800 unless configured otherwise)"
+            )
         if self.delay_tiers and self.delay_tiers[0] > MAX_SHORTEST_TIER_S:
             problems.append(
                 f"delay_tiers start at {tier_name(self.delay_tiers[0])}: a shorter wait would hold its "
@@ -145,6 +156,7 @@ _TYPES: dict[str, Any] = {
     "partitions": int,
     "max_message_bytes": int,
     "grace_s": float,
+    "session_timeout_s": float,
     "delay_tiers": _tiers,
 }
 

@@ -27,6 +27,10 @@ REPO = TESTS.parent
 BROKERS = ["memory", "kafka", "rabbitmq"]
 STORES = ["sqlite", "postgres", "redis"]
 T = TypeVar("T")
+# Kafka's shortest session by default (bridge's is 10 s): after each SIGKILL the group waits
+# this long for the killed member, and the killer tests and duplicate storms kill about 25
+# times. Set here, the apps of the tests and the `bridge consume` processes they start read it.
+os.environ.setdefault("BRIDGE_SESSION_TIMEOUT_S", "6")
 
 
 def in_ci() -> bool:

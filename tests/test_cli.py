@@ -107,6 +107,7 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
         ({"BRIDGE_CONCURRENCY": "8", "BRIDGE_PREFETCH": "4"}, ["prefetch (4) must be at least concurrency"]),
         ({"BRIDGE_DELIVERY_LIMIT": "0"}, ["delivery_limit must be at least 1"]),
         ({"BRIDGE_DELAY_TIERS": "1h,6h"}, ["delay_tiers start at 1h", "start them at 1m or less"]),
+        ({"BRIDGE_SESSION_TIMEOUT_S": "0.5"}, ["session_timeout_s must be from 1 to 3600 seconds"]),
     ],
 )
 def test_bad_settings_are_reported_at_once(env: dict[str, str], fragments: list[str]) -> None:

@@ -173,6 +173,32 @@ def test_waiting_for_topics_that_never_come_ends_with_an_error_naming_them(
         wait_until_served(common, [queue], timeout_s=0.3)
 
 
+def test_a_session_timeout_the_broker_refuses_stops_consume_with_an_error_naming_the_setting(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a job waiting and a consumer asking for a 2 s session (the broker takes 6 s at least),
+    # When it consumes,
+    # Then consume stops with an error naming session_timeout_s, and the job has not run. (It
+    # logged "JoinGroup failed: Broker: Invalid session timeout" every few milliseconds, for good.)
+    group = f"g-{uuid.uuid4().hex[:12]}"
+    app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=group, session_timeout_s=2)
+    ran: list[str] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(ctx.job_id)
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+            await app.enqueue_async("test.Echo", {"n": 0}, queue=queue)
+            with pytest.raises(TransportError, match="Kafka refuses session_timeout_s=2: a broker takes"):
+                await asyncio.wait_for(app.consume(), 30)
+
+    run(scenario(), timeout=60)
+    assert ran == []
+
+
 @pytest.mark.parametrize(
     ("busy", "look_s", "error"),
     [

@@ -314,6 +314,7 @@ class KafkaTransport:
 
     def group_consumer(self, group: str, **settings: Any) -> Consumer:
         """A consumer in `group` whose offsets are committed only inside transactions."""
+        session_ms = int(self.settings.session_timeout_s * 1000)
         return Consumer(
             {
                 **self._common,
@@ -323,8 +324,10 @@ class KafkaTransport:
                 "auto.offset.reset": "earliest",
                 "partition.assignment.strategy": "cooperative-sticky",
                 "enable.partition.eof": False,
-                # A member that died is noticed within 10 s (librdkafka's default is 45 s).
-                "session.timeout.ms": 10000,
+                # A member that died is noticed within this (librdkafka's default is 45 s), and
+                # heartbeats go three times in it (librdkafka's default: every 3 s).
+                "session.timeout.ms": session_ms,
+                "heartbeat.interval.ms": min(3000, session_ms // 3),
                 **settings,
             }
         )
@@ -403,6 +406,13 @@ class KafkaTransport:
     def _start(self, record: Message, inflight: InFlight) -> None:
         error = record.error()
         if error is not None:
+            if error.code() == KafkaError.INVALID_SESSION_TIMEOUT:  # it would never join the group
+                raise TransportError(
+                    f"Kafka refuses session_timeout_s={self.settings.session_timeout_s:g}: a broker "
+                    "takes from group.min.session.timeout.ms to group.max.session.timeout.ms "
+                    "(6 s to 30 min unless configured otherwise)",
+                    retriable=False,
+                )
             log.warning("Kafka consumer: %s", error)
             return
         topic, partition, offset = coordinates(record)
