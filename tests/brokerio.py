@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -18,6 +20,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -247,3 +250,34 @@ def _rabbitmq_setting(name: str) -> str | None:
 
 def _quoted(name: str) -> str:
     return urllib.parse.quote(name, safe="")
+
+
+@contextmanager
+def another_kafka(root: Path, settings: dict[str, str]) -> Iterator[str]:
+    """A Kafka node of its own, its files in `root`, on free ports, with broker `settings` over
+    those of `bridge dev up` (a cluster configured as users' may be); its URL. Killed after."""
+    from bridge.dev import kafka
+
+    client_port = _free_port_pair()
+    layout = kafka._Layout(root)
+    pid = kafka._start(layout, client_port, log=lambda _: None, settings=settings)
+    try:
+        kafka._wait_ready(client_port, pid, layout)
+        yield f"kafka://127.0.0.1:{client_port}"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def _free_port_pair() -> int:
+    """A port free on loopback, and the next one too (Kafka's controller takes it)."""
+    while True:
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port: int = first.getsockname()[1]
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port

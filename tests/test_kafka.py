@@ -24,6 +24,7 @@ from bridge.transports.kafka.commit import Committer
 from bridge.transports.kafka.common import Headers, read_to_end, wait_until_served
 from bridge.worker import Stats
 from tests.brokerio import (
+    another_kafka,
     dead_letters,
     delete_queue,
     java_partition,
@@ -173,6 +174,24 @@ def test_waiting_for_topics_that_never_come_ends_with_an_error_naming_them(
         wait_until_served(common, [queue], timeout_s=0.3)
 
 
+def test_a_single_broker_that_cannot_make_kafkas_internal_topics_stops_consume_saying_which_settings(
+    brokers: dict[str, str], queue: str, tmp_path: Path
+) -> None:
+    # Given a fresh one-broker Kafka whose settings give its offsets and transaction topics 3
+    # replicas (Confluent's images unless told otherwise), and a job on it,
+    # When consumed,
+    # Then consume stops at once with an error naming both settings and the fix, and the job
+    # has not run. (It waited 30 s and said only "could not start Kafka transactions: Timed
+    # out waiting for operation to finish", while enqueueing worked.)
+    factors = {"offsets.topic.replication.factor": "3", "transaction.state.log.replication.factor": "3"}
+    with another_kafka(tmp_path / "kafka", factors) as url:
+        error = refused_consume(Bridge(broker=url, registry=str(SCHEMAS)), queue)
+    assert error.startswith("Kafka cannot run bridge consume: offsets.topic.replication.factor is 3")
+    assert "the cluster has 1 broker, so Kafka cannot make __consumer_offsets" in error
+    assert "transaction.state.log.replication.factor is 3 (KAFKA_TRANSACTION_STATE_LOG_" in error
+    assert "set it to at most 1 (and transaction.state.log.min.isr no higher)" in error
+
+
 def test_a_session_timeout_the_broker_refuses_stops_consume_with_an_error_naming_the_setting(
     brokers: dict[str, str], queue: str
 ) -> None:
@@ -182,21 +201,29 @@ def test_a_session_timeout_the_broker_refuses_stops_consume_with_an_error_naming
     # logged "JoinGroup failed: Broker: Invalid session timeout" every few milliseconds, for good.)
     group = f"g-{uuid.uuid4().hex[:12]}"
     app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=group, session_timeout_s=2)
+    error = refused_consume(app, queue)
+    assert error.startswith("Kafka refuses session_timeout_s=2: a broker takes from group.min.session")
+
+
+def refused_consume(app: Bridge, queue: str) -> str:
+    """The error of a consume of one job on `queue`, which must fail without running the job."""
     ran: list[str] = []
 
     @app.job("test.Echo", queue=queue)
     async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
         ran.append(ctx.job_id)
 
-    async def scenario() -> None:
+    async def scenario() -> str:
         async with app:
             await app.apply_topology([queue])
             await app.enqueue_async("test.Echo", {"n": 0}, queue=queue)
-            with pytest.raises(TransportError, match="Kafka refuses session_timeout_s=2: a broker takes"):
+            with pytest.raises(TransportError) as raised:
                 await asyncio.wait_for(app.consume(), 30)
+        return str(raised.value)
 
-    run(scenario(), timeout=60)
+    error = run(scenario(), timeout=60)
     assert ran == []
+    return error
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import base64
 import shutil
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -265,12 +266,13 @@ def _pom() -> str:
     )
 
 
-def _start(layout: _Layout, client_port: int, log: Log) -> int:
+def _start(layout: _Layout, client_port: int, log: Log, settings: Mapping[str, str] | None = None) -> int:
+    """Start a broker on `client_port` with its files in `layout`, `settings` over the defaults."""
     java = find_program("java")
     if java is None:
         raise DevError("Java is not installed: run `sudo apt-get install openjdk-17-jre-headless`")
     lib = ensure_jars(log)
-    _write_config(layout, client_port)
+    _write_config(layout, client_port, settings or {})
     classpath = ["-cp", f"{lib}/*", f"-Dlog4j2.configurationFile={layout.log4j}"]
     classpath.append(f"-Dkafka.logs.dir={layout.logs}")
     _format_storage(layout, [java, "-Xmx256m", *classpath], log)
@@ -281,9 +283,9 @@ def _start(layout: _Layout, client_port: int, log: Log) -> int:
     return pid
 
 
-def _write_config(layout: _Layout, client_port: int) -> None:
+def _write_config(layout: _Layout, client_port: int, settings: Mapping[str, str]) -> None:
     layout.logs.mkdir(parents=True, exist_ok=True)
-    props = server_properties(client_port, layout.log_dir)
+    props = {**server_properties(client_port, layout.log_dir), **settings}
     text = "".join(f"{key}={_escape(value)}\n" for key, value in props.items())
     layout.server_properties.write_text(text, encoding="latin-1")
     layout.log4j.write_text(_LOG4J2)

@@ -68,7 +68,8 @@ class Committer:
         self._committing = asyncio.Lock()  # one `commit` at a time: the run loop's or a drain check's
 
     async def start(self) -> None:
-        with mapped("could not start Kafka transactions"):
+        # (A cluster that cannot make __transaction_state at all is named at start: internal.py.)
+        with mapped("could not start Kafka transactions (is its __transaction_state topic online?)"):
             await asyncio.to_thread(self.producer.init_transactions, METADATA_TIMEOUT_S * 6)
 
     def add(self, tp: TP, offset: int, records: list[Record], committable: int | None) -> None:

@@ -60,6 +60,7 @@ from bridge.transports.kafka.common import (
     wait_until_served,
 )
 from bridge.transports.kafka.forwarder import DelayForwarder
+from bridge.transports.kafka.internal import require_internal_topics
 from bridge.transports.kafka.returns import RUNNING, Gate, trying
 from bridge.transports.offsets import OffsetTracker
 from bridge.transports.offsets import TopicPartition as TP
@@ -247,6 +248,7 @@ class KafkaTransport:
     ) -> None:
         await self._require_topics([*queues, *self._tiers.values()])
         await self._warn_if_too_small([*queues, *self._tiers.values()])
+        await require_internal_topics(self._common)
         consumer = self.group_consumer(self.settings.group)
         self._consumer = consumer
         transactional_id = f"{self.settings.group}.{uuid.uuid4().hex}"
