@@ -258,7 +258,7 @@ def another_kafka(root: Path, settings: dict[str, str]) -> Iterator[str]:
     those of `bridge dev up` (a cluster configured as users' may be); its URL. Killed after."""
     from bridge.dev import kafka
 
-    client_port = _free_port_pair()
+    client_port = free_port_pair()
     layout = kafka._Layout(root)
     pid = kafka._start(layout, client_port, log=lambda _: None, settings=settings)
     try:
@@ -269,7 +269,7 @@ def another_kafka(root: Path, settings: dict[str, str]) -> Iterator[str]:
         os.waitpid(pid, 0)
 
 
-def _free_port_pair() -> int:
+def free_port_pair() -> int:
     """A port free on loopback, and the next one too (Kafka's controller takes it)."""
     while True:
         with socket.socket() as first:

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+import time
 import uuid
 from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import Consumer, KafkaError, Producer
 
 from bridge.config import Settings
 from bridge.envelope import uuid7
 from bridge.errors import ConfigError, PublishError
 from bridge.transports.base import Delivery, InFlight
+from bridge.transports.kafka.common import Repeats
 from bridge.transports.kafka.returns import Gate
 from bridge.transports.kafka.transport import _resolve
 from bridge.transports.offsets import OffsetTracker
 from bridge.worker import Stats
+from tests.brokerio import free_port_pair
 from tests.conftest import run
 
 TP = ("jobs", 0)
@@ -243,3 +248,33 @@ def test_a_kafka_publish_that_timed_out_says_what_to_look_at() -> None:
     error = run(resolved())
     assert isinstance(error, PublishError) and error.retriable
     assert "publish to billing: not taken within 30 s: is Kafka reachable" in str(error), error
+
+
+def test_librdkafkas_lines_while_kafka_is_unreachable_are_logged_once_per_window_with_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a real producer and consumer whose Kafka refuses connections (a free port), their
+    # lines through bridge's client log with a window of 0.5 s,
+    # When they try to connect for 2.6 s (librdkafka logs a refused connect about ten times a
+    # second per client: a Kafka restart gave 900 ERROR lines),
+    # Then the refused connects are logged once per window, whichever client, each after the
+    # first saying how many it stands for, and most are held back.
+    bootstrap = f"127.0.0.1:{free_port_pair()}"
+    log = logging.getLogger(f"bridge.kafka.client.test-{uuid.uuid4().hex[:6]}")
+    repeats = Repeats(0.5)
+    log.addFilter(repeats)
+    common = {"bootstrap.servers": bootstrap, "logger": log, "log.connection.close": False}
+    producer = Producer(common)
+    consumer = Consumer({**common, "group.id": "g"})
+    consumer.subscribe(["t"])
+    with caplog.at_level(logging.INFO, logger=log.name):
+        deadline = time.monotonic() + 2.6
+        while time.monotonic() < deadline:
+            producer.poll(0.05)
+            consumer.consume(1, 0.05)
+    consumer.close()
+    refused = [r.getMessage() for r in caplog.records if "Connection refused" in r.getMessage()]
+    assert 3 <= len(refused) <= 7, refused
+    held = [int(match[1]) for line in refused[1:] if (match := re.search(r"\(and (\d+) like it since", line))]
+    assert len(held) == len(refused) - 1 and "like it since" not in refused[0], refused
+    assert sum(held) > len(refused), refused
