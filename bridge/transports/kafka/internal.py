@@ -53,7 +53,7 @@ def _problems(common: dict[str, Any]) -> list[str]:
     admin = AdminClient(common)
     metadata = admin.list_topics(timeout=METADATA_TIMEOUT_S)
     lacking = [topic for topic in INTERNAL if topic not in metadata.topics]
-    if not lacking:
+    if not lacking or not metadata.brokers:
         return []  # (every healthy cluster that has run a group and a transaction)
     brokers = len(metadata.brokers)
     resource = ConfigResource(ResourceType.BROKER, str(next(iter(metadata.brokers))))
