@@ -19,6 +19,7 @@ from bridge.errors import TransportError
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name
+from bridge.transports.kafka import commit as kafka_commit
 from bridge.transports.kafka import transport as kafka_transport
 from bridge.transports.kafka.commit import Committer
 from bridge.transports.kafka.common import Headers, read_to_end, wait_until_served
@@ -250,6 +251,8 @@ def test_a_topic_deleted_under_the_consumer_stops_it_with_an_error_naming_the_to
     # committed: retrying it every 10 s held back every other queue's commits too, for good.
     # An idle consumer sat there for good.)
     monkeypatch.setattr(kafka_transport, "TOPIC_LOOK_S", look_s)
+    # A transaction with offsets of a deleted topic fails when it times out: sooner, here.
+    monkeypatch.setattr(kafka_commit, "TRANSACTION_TIMEOUT_S", 2.0)
     app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=f"g-{uuid.uuid4().hex[:12]}")
     started, release = asyncio.Event(), asyncio.Event()
 
@@ -286,6 +289,7 @@ def test_a_delayed_job_whose_queue_was_deleted_stops_the_forwarder_with_an_error
     # No look at the topics while idle: it would refresh the consumer's list, and the forwarder
     # would then send the job to the tier's dead letters instead (as after a restart).
     monkeypatch.setattr(kafka_transport, "TOPIC_LOOK_S", 3600.0)
+    monkeypatch.setattr(kafka_commit, "TRANSACTION_TIMEOUT_S", 2.0)  # (when the forward fails)
     prefix, elsewhere = f"p{uuid.uuid4().hex[:8]}", f"t-{uuid.uuid4().hex[:12]}"
     app = Bridge(
         broker=brokers["kafka"], registry=str(SCHEMAS), group=f"g-{uuid.uuid4().hex[:12]}", prefix=prefix

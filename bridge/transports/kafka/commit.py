@@ -16,6 +16,10 @@ from bridge.transports.kafka.returns import HANDED_OVER
 from bridge.transports.offsets import TopicPartition as TP
 
 COMMIT_INTERVAL_S = 0.05
+# A process killed mid-transaction blocks read_committed consumers of the topics it wrote to
+# until the coordinator aborts it: after this, not the default 60 s. Transactions here last
+# milliseconds. (A transaction with offsets of a deleted topic fails after it too.)
+TRANSACTION_TIMEOUT_S = 10.0
 
 
 Batch = dict[TP, tuple[int, str, list[tuple[int, list[Record]]]]]  # tp -> (offset, note, held records)
@@ -50,10 +54,7 @@ class Committer:
             {
                 "transactional.id": transactional_id,
                 "linger.ms": 5,
-                # A process killed mid-transaction blocks read_committed consumers of the topics
-                # it wrote to until the coordinator aborts it: after 10 s, not the default 60 s.
-                # Transactions here last milliseconds.
-                "transaction.timeout.ms": 10000,
+                "transaction.timeout.ms": int(TRANSACTION_TIMEOUT_S * 1000),
                 # A transaction begun right after another is refused until the last one's
                 # markers are written (CONCURRENT_TRANSACTIONS), and tried again after this:
                 # 100 ms by default, a tenth of a second for each record of a careful start.
