@@ -578,6 +578,62 @@ def test_a_job_running_beside_a_killer_in_another_partition_is_not_counted_with_
     assert [letter.envelope.id for letter in dead_letters(own_app(url), queue) if letter.envelope] == [killer]
 
 
+def test_a_transaction_that_fails_for_good_starts_a_new_round_from_the_committed_offsets(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a consumer at work on 300 jobs of 10 ms,
+    # When its transactional producer is fenced after 50 runs (another producer takes its
+    # transactional id: its next transaction fails for good, as one did after a Kafka restart),
+    # Then consume logs the failure, consumes again from the committed offsets with a new
+    # producer, and runs every job; once stopped, nothing is left to run again. (consume
+    # stopped with the error: `bridge consume` exited until something restarted it.)
+    ids = run(publish(brokers["kafka"], queue, 300, sleep_ms=10))
+    monkeypatch.setattr(kafka_transport, "RESTART_AFTER_S", 0.5)
+    group = f"g-{uuid.uuid4().hex[:12]}"
+    producers: list[str] = []  # the consumer's transactional ids, round by round
+
+    class Recorded(Committer):
+        def __init__(
+            self, common: dict[str, Any], consumer: Consumer, producer_id: str, *args: Any, **kw: Any
+        ) -> None:
+            if producer_id.startswith(f"{group}."):  # (not the delay forwarder's)
+                producers.append(producer_id)
+            super().__init__(common, consumer, producer_id, *args, **kw)
+
+    monkeypatch.setattr(kafka_transport, "Committer", Recorded)
+    app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=group, concurrency=4)
+    runs: Counter[str] = Counter()
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        await asyncio.sleep(payload["sleep_ms"] / 1000)
+        runs[ctx.job_id] += 1
+
+    def fence(producer_id: str) -> None:
+        bootstrap = brokers["kafka"].partition("://")[2]
+        Producer({"bootstrap.servers": bootstrap, "transactional.id": producer_id}).init_transactions(30)
+
+    async def scenario() -> None:
+        async with app:
+            stop = asyncio.Event()
+            consuming = asyncio.create_task(app.consume(stop=stop))
+            while len(runs) < 50:
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(fence, producers[0])
+            while len(runs) < len(ids) and not consuming.done():
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.wait_for(consuming, 60)
+            again = await asyncio.wait_for(app.consume(burst=True), 60)
+            assert again.processed == 0, again.summary()
+
+    with caplog.at_level(logging.ERROR, logger="bridge.kafka"):
+        run(scenario(), timeout=150)
+    assert set(runs) == set(ids)
+    assert len(producers) >= 2, producers
+    assert any("consuming again in 0.5 s" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_partitions_handed_over_by_a_stop_in_time_count_no_returns(
     brokers: dict[str, str], queue: str, tmp_path: Path
 ) -> None:

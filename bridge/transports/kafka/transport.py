@@ -8,6 +8,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Collection, Sequence
+from contextlib import suppress
 from typing import Any
 
 from confluent_kafka import (
@@ -68,6 +69,8 @@ from bridge.transports.offsets import TopicPartition as TP
 PAUSE_AFTER_S = 1.0
 DRAIN_CHECK_S = 0.25
 TOPIC_LOOK_S = 5.0  # while idle, how often to look whether the consumed topics still exist
+# After a failed transaction, before a new round consumes again from the committed offsets.
+RESTART_AFTER_S = 5.0
 
 
 class KafkaTransport:
@@ -249,6 +252,32 @@ class KafkaTransport:
         await self._require_topics([*queues, *self._tiers.values()])
         await self._warn_if_too_small([*queues, *self._tiers.values()])
         await require_internal_topics(self._common)
+        while True:
+            try:
+                await self._consume_round(queues, process, concurrency, stop, burst, grace_s)
+                return
+            except _TransactionBroke as exc:
+                if stop.is_set():
+                    raise
+                log.error("%s; consuming again in %g s", exc, RESTART_AFTER_S)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RESTART_AFTER_S)
+            if stop.is_set():
+                return
+
+    async def _consume_round(
+        self,
+        queues: Sequence[str],
+        process: Process,
+        concurrency: int,
+        stop: asyncio.Event,
+        burst: bool,
+        grace_s: float,
+    ) -> None:
+        """Consume with a new group member and transactional producer, from the committed offsets,
+        until `stop` is set, a burst run drains, or a transaction fails."""
+        ending = asyncio.Event()  # set when `stop` is, or when this round ends
+        following = asyncio.create_task(_follow(stop, ending))
         consumer = self.group_consumer(self.settings.group)
         self._consumer = consumer
         transactional_id = f"{self.settings.group}.{uuid.uuid4().hex}"
@@ -258,21 +287,26 @@ class KafkaTransport:
         self._process, self._careful, self._alone = process, concurrency, asyncio.Lock()
         self._gates.clear()
         self._leaving = False
-        await committer.start()
+        try:
+            await committer.start()
+        except BaseException:
+            following.cancel()
+            raise
         consumer.subscribe(
             list(queues), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         self._forwarder = DelayForwarder(self, f"{self.settings.prefix}.delay")
-        forwarding = asyncio.create_task(self._forwarder.run(stop))
-        committing = asyncio.create_task(committer.run(stop))
+        forwarding = asyncio.create_task(self._forwarder.run(ending))
+        committing = asyncio.create_task(committer.run(ending))
         inflight = InFlight(self._run, concurrency)
         try:
-            await self._fetch(consumer, queues, inflight, concurrency, stop, burst)
+            await self._fetch(consumer, queues, inflight, concurrency, ending, burst)
         finally:
             late = await inflight.finish(grace_s)
             if late:
                 log.warning("%d jobs did not finish within %ss; they will run again", late, grace_s)
-            stop.set()  # a burst run ends here: the forwarder and committer stop with it
+            ending.set()  # a burst run ends here: the forwarder and committer stop with it
+            following.cancel()
             for opening in list(self._opening):
                 opening.cancel()
             await forwarding
@@ -284,8 +318,10 @@ class KafkaTransport:
             failure = self._failure()
             self._consumer = self._committer = None
         if failure is not None:
-            raise TransportError(f"Kafka transaction failed; records since the last commit run again: "
-                                 f"{failure}")  # fmt: skip
+            error = f"Kafka transaction failed; records since the last commit run again: {failure}"
+            if isinstance(failure, KafkaException) and not _for_good(failure):
+                raise _TransactionBroke(error)
+            raise TransportError(error, retriable=False)
 
     async def _warn_if_too_small(self, queues: Sequence[str]) -> None:
         """Say so at start when topics that consuming `queues` writes to take smaller records
@@ -757,6 +793,28 @@ def _where_left(consumer: Consumer, partitions: list[TP]) -> list[tuple[int | No
             start, _ = consumer.get_watermark_offsets(committed, METADATA_TIMEOUT_S, cached=False)
             left.append((start if start >= 0 else None, None))
     return left
+
+
+class _TransactionBroke(TransportError):
+    """A transaction failed in a way that a new producer and group member may get past (Kafka
+    restarted, say): the records since the last commit run again, as after a process restart."""
+
+
+# Failed transactions that a new round would fail again: the user must grant a right.
+_FOR_GOOD = {
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+}  # fmt: skip
+
+
+def _for_good(failure: KafkaException) -> bool:
+    error = failure.args[0] if failure.args else None
+    return isinstance(error, KafkaError) and error.code() in _FOR_GOOD
+
+
+async def _follow(stop: asyncio.Event, ending: asyncio.Event) -> None:
+    await stop.wait()
+    ending.set()
 
 
 def done_topic(topic: str) -> str:
