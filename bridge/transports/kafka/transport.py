@@ -276,8 +276,6 @@ class KafkaTransport:
     ) -> None:
         """Consume with a new group member and transactional producer, from the committed offsets,
         until `stop` is set, a burst run drains, or a transaction fails."""
-        ending = asyncio.Event()  # set when `stop` is, or when this round ends
-        following = asyncio.create_task(_follow(stop, ending))
         consumer = self.group_consumer(self.settings.group)
         self._consumer = consumer
         transactional_id = f"{self.settings.group}.{uuid.uuid4().hex}"
@@ -287,11 +285,9 @@ class KafkaTransport:
         self._process, self._careful, self._alone = process, concurrency, asyncio.Lock()
         self._gates.clear()
         self._leaving = False
-        try:
-            await committer.start()
-        except BaseException:
-            following.cancel()
-            raise
+        await committer.start()
+        ending = asyncio.Event()  # set when `stop` is, or when this round ends
+        following = asyncio.create_task(_follow(stop, ending))
         consumer.subscribe(
             list(queues), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
