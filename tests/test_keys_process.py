@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from bridge import Bridge
+from bridge.idempotency import run_key
 from tests.conftest import REPO, SCHEMAS, run
 from tests.effects import effects, new_table
 from tests.processes import wait_until
@@ -152,8 +155,10 @@ def test_a_duplicate_storm_with_a_consumer_killed_over_and_over_has_one_effect_p
 def test_a_key_held_by_a_killed_worker_frees_when_its_lease_ends(real_broker: str, tmp_path: Path) -> None:
     # Given a worker that claimed a key (lease 3 s) and hangs in the handler,
     # When it is killed with SIGKILL and another worker consumes,
-    # Then the other runs the job only after the lease ended, and it has one effect.
-    jobs = Effects(real_broker, f"sqlite:///{tmp_path / 'keys.db'}", tmp_path, lease_s=3.0)
+    # Then the other runs the job only after the lease ended, and it has one effect. (The lease
+    # counts from the claim, made before the handler starts, or from its last renewal.)
+    db = tmp_path / "keys.db"
+    jobs = Effects(real_broker, f"sqlite:///{db}", tmp_path, lease_s=3.0)
     key = f"{jobs.queue}-lease"
     jobs.publish([key])
     hung = jobs.consumer(hang="1")
@@ -161,10 +166,15 @@ def test_a_key_held_by_a_killed_worker_frees_when_its_lease_ends(real_broker: st
         wait_until(lambda: len(jobs.starts()) == 1, 60, "the first worker to start the job")
     finally:
         kill(hung)
+    with closing(sqlite3.connect(db)) as store:
+        [(lease_end_ms,)] = store.execute(
+            "SELECT expires_at FROM bridge_idempotency WHERE name = ?", (run_key("test.Echo", key),)
+        ).fetchall()
     jobs.drain()
     (_, _, first_at, _), (_, _, second_at, by) = jobs.starts()
     assert by != hung.pid
-    assert second_at >= first_at + 3.0
+    assert lease_end_ms / 1000 >= first_at + 2.0  # (a lease of 3 s, claimed just before the start)
+    assert second_at >= lease_end_ms / 1000 - 0.001  # (the ledger's times are rounded to the ms)
     assert effects(jobs.store_url, jobs.table) == {key: 1}
 
 
