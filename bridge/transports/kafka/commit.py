@@ -11,7 +11,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from bridge.errors import TransportError
-from bridge.transports.kafka.common import METADATA_TIMEOUT_S, Record, log, mapped, new_producer
+from bridge.transports.kafka.common import METADATA_TIMEOUT_S, Record, kafka_error, log, mapped, new_producer
 from bridge.transports.kafka.returns import HANDED_OVER
 from bridge.transports.offsets import TopicPartition as TP
 
@@ -176,7 +176,7 @@ class Committer:
                 return self._failed(exc, {record[0] for record in records} | {t for t, _ in offsets})
 
     def _failed(self, exc: KafkaException, topics: set[str]) -> bool:
-        error = exc.args[0] if exc.args else None
+        error = kafka_error(exc)
         with suppress(KafkaException):
             self.producer.abort_transaction(METADATA_TIMEOUT_S)
         gone = self._gone(topics)

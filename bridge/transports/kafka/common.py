@@ -9,7 +9,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import closing, contextmanager
 from typing import Any
 
@@ -216,15 +216,15 @@ class Repeats(logging.Filter):
     line's level and text with its numbers (ports, ms) masked, whichever client logged it.
     """
 
-    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, window_s: float) -> None:
         super().__init__()
-        self.window_s, self.clock = window_s, clock
+        self.window_s = window_s
         self._kinds: dict[tuple[int, str], tuple[float, int]] = {}  # kind -> (when shown, held back)
         self._lock = threading.Lock()  # (librdkafka's lines come in whichever thread polls)
 
     def filter(self, record: logging.LogRecord) -> bool:
         kind = (record.levelno, _NUMBERS.sub("#", _client_text(record)))
-        now = self.clock()
+        now = time.monotonic()
         with self._lock:
             shown, held = self._kinds.get(kind, (-math.inf, 0))
             if now - shown < self.window_s:
@@ -267,7 +267,13 @@ def mapped(what: str) -> Iterator[None]:
     try:
         yield
     except KafkaException as exc:
-        error = exc.args[0] if exc.args else None
-        detail = error.str() if isinstance(error, KafkaError) else str(exc)
-        retriable = bool(isinstance(error, KafkaError) and error.retriable())
+        error = kafka_error(exc)
+        detail = error.str() if error is not None else str(exc)
+        retriable = bool(error is not None and error.retriable())
         raise TransportError(f"{what}: {detail}", retriable=retriable) from exc
+
+
+def kafka_error(exc: KafkaException) -> KafkaError | None:
+    """The KafkaError that librdkafka raised `exc` with, if it gave one."""
+    error = exc.args[0] if exc.args else None
+    return error if isinstance(error, KafkaError) else None

@@ -11,6 +11,7 @@ transactions: Timed out waiting for operation to finish", while enqueueing worke
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from typing import Any
 
 from confluent_kafka import KafkaException
@@ -35,10 +36,13 @@ INTERNAL = {
 }
 
 
-async def require_internal_topics(common: dict[str, Any]) -> None:
-    """Raise TransportError if Kafka lacks an internal topic it cannot make. A cluster that
+async def require_internal_topics(common: dict[str, Any], known: Collection[str]) -> None:
+    """Raise TransportError if Kafka lacks an internal topic it cannot make. `known`: topics
+    seen already (once made, Kafka keeps them: no request when both are there). A cluster that
     does not answer, or does not let bridge read its settings, is taken as able: the consumer
     then fails, or not, as it would have."""
+    if all(topic in known for topic in INTERNAL):
+        return
     try:
         problems = await asyncio.to_thread(_problems, common)
     except (KafkaException, TimeoutError) as exc:
@@ -54,7 +58,7 @@ def _problems(common: dict[str, Any]) -> list[str]:
     metadata = admin.list_topics(timeout=METADATA_TIMEOUT_S)
     lacking = [topic for topic in INTERNAL if topic not in metadata.topics]
     if not lacking or not metadata.brokers:
-        return []  # (every healthy cluster that has run a group and a transaction)
+        return []  # (made since `known` was read)
     brokers = len(metadata.brokers)
     resource = ConfigResource(ResourceType.BROKER, str(next(iter(metadata.brokers))))
     config = admin.describe_configs([resource])[resource].result(timeout=METADATA_TIMEOUT_S)

@@ -53,6 +53,7 @@ from bridge.transports.kafka.common import (
     Record,
     client_log,
     coordinates,
+    kafka_error,
     log,
     mapped,
     new_producer,
@@ -251,7 +252,7 @@ class KafkaTransport:
     ) -> None:
         await self._require_topics([*queues, *self._tiers.values()])
         await self._warn_if_too_small([*queues, *self._tiers.values()])
-        await require_internal_topics(self._common)
+        await require_internal_topics(self._common, self._topics)
         while True:
             try:
                 await self._consume_round(queues, process, concurrency, stop, burst, grace_s)
@@ -804,8 +805,8 @@ _FOR_GOOD = {
 
 
 def _for_good(failure: KafkaException) -> bool:
-    error = failure.args[0] if failure.args else None
-    return isinstance(error, KafkaError) and error.code() in _FOR_GOOD
+    error = kafka_error(failure)
+    return error is not None and error.code() in _FOR_GOOD
 
 
 async def _follow(stop: asyncio.Event, ending: asyncio.Event) -> None:
