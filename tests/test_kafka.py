@@ -585,8 +585,8 @@ def test_a_transaction_that_fails_for_good_starts_a_new_round_from_the_committed
     # When its transactional producer is fenced after 50 runs (another producer takes its
     # transactional id: its next transaction fails for good, as one did after a Kafka restart),
     # Then consume logs the failure, consumes again from the committed offsets with a new
-    # producer, and runs every job; once stopped, nothing is left to run again. (consume
-    # stopped with the error: `bridge consume` exited until something restarted it.)
+    # producer, and runs every job; once a burst run drained, nothing is left to run again.
+    # (consume stopped with the error: `bridge consume` exited until something restarted it.)
     ids = run(publish(brokers["kafka"], queue, 300, sleep_ms=10))
     monkeypatch.setattr(kafka_transport, "RESTART_AFTER_S", 0.5)
     group = f"g-{uuid.uuid4().hex[:12]}"
@@ -615,15 +615,11 @@ def test_a_transaction_that_fails_for_good_starts_a_new_round_from_the_committed
 
     async def scenario() -> None:
         async with app:
-            stop = asyncio.Event()
-            consuming = asyncio.create_task(app.consume(stop=stop))
+            consuming = asyncio.create_task(app.consume(burst=True))
             while len(runs) < 50:
                 await asyncio.sleep(0.01)
             await asyncio.to_thread(fence, producers[0])
-            while len(runs) < len(ids) and not consuming.done():
-                await asyncio.sleep(0.05)
-            stop.set()
-            await asyncio.wait_for(consuming, 60)
+            await asyncio.wait_for(consuming, 90)  # drained: every offset committed
             again = await asyncio.wait_for(app.consume(burst=True), 60)
             assert again.processed == 0, again.summary()
 
