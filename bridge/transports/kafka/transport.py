@@ -253,6 +253,7 @@ class KafkaTransport:
         await self._require_topics([*queues, *self._tiers.values()])
         await self._warn_if_too_small([*queues, *self._tiers.values()])
         await require_internal_topics(self._common, self._topics)
+        restarting = False  # a round ended in a failed transaction: consume was up and running
         while True:
             try:
                 await self._consume_round(queues, process, concurrency, stop, burst, grace_s)
@@ -261,6 +262,14 @@ class KafkaTransport:
                 if stop.is_set():
                     raise
                 log.error("%s; consuming again in %g s", exc, RESTART_AFTER_S)
+            except _NotStarted as exc:
+                # At the first start the error is the user's to see (bridge consume exits with
+                # it). After a Kafka restart, a new round may find Kafka still loading its
+                # transaction coordinator, for minutes: consume keeps trying, as it was running.
+                if not restarting or not exc.retriable or stop.is_set():
+                    raise
+                log.error("%s; trying again in %g s", exc, RESTART_AFTER_S)
+            restarting = True
             with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), RESTART_AFTER_S)
             if stop.is_set():
@@ -286,7 +295,12 @@ class KafkaTransport:
         self._process, self._careful, self._alone = process, concurrency, asyncio.Lock()
         self._gates.clear()
         self._leaving = False
-        await committer.start()
+        try:
+            await committer.start()
+        except TransportError as exc:
+            self._consumer = self._committer = None
+            await asyncio.to_thread(consumer.close)  # (not subscribed yet: it never joined the group)
+            raise _NotStarted(str(exc), retriable=exc.retriable) from exc
         ending = asyncio.Event()  # set when `stop` is, or when this round ends
         following = asyncio.create_task(_follow(stop, ending))
         consumer.subscribe(
@@ -795,6 +809,10 @@ def _where_left(consumer: Consumer, partitions: list[TP]) -> list[tuple[int | No
 class _TransactionBroke(TransportError):
     """A transaction failed in a way that a new producer and group member may get past (Kafka
     restarted, say): the records since the last commit run again, as after a process restart."""
+
+
+class _NotStarted(TransportError):
+    """A round's transactional producer could not start, so the round consumed nothing."""
 
 
 # Failed transactions that a new round would fail again: the user must grant a right.
