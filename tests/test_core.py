@@ -15,8 +15,9 @@ from confluent_kafka import Consumer, KafkaError, Producer
 from bridge.config import Settings
 from bridge.envelope import uuid7
 from bridge.errors import ConfigError, PublishError
+from bridge.logs import Repeats
 from bridge.transports.base import Delivery, InFlight
-from bridge.transports.kafka.common import Repeats
+from bridge.transports.kafka.common import client_text
 from bridge.transports.kafka.returns import Gate
 from bridge.transports.kafka.transport import _resolve
 from bridge.transports.offsets import OffsetTracker
@@ -261,7 +262,7 @@ def test_librdkafkas_lines_while_kafka_is_unreachable_are_logged_once_per_window
     # first saying how many it stands for, and most are held back.
     bootstrap = f"127.0.0.1:{free_port_pair()}"
     log = logging.getLogger(f"bridge.kafka.client.test-{uuid.uuid4().hex[:6]}")
-    repeats = Repeats(0.5)
+    repeats = Repeats(0.5, client_text)
     log.addFilter(repeats)
     common = {"bootstrap.servers": bootstrap, "logger": log, "log.connection.close": False}
     producer = Producer(common)

@@ -42,6 +42,7 @@ from tests.processes import (
     publish,
     restart_until_drained,
 )
+from tests.proxy import FlakyProxy
 
 
 def test_consumer_reconnects_after_the_broker_drops_its_connections(
@@ -69,6 +70,40 @@ def test_consumer_reconnects_after_the_broker_drops_its_connections(
     run(scenario(), timeout=120)
     assert dropped.is_set()
     assert set(ids) <= done
+
+
+def test_a_consumer_waits_out_rabbitmq_unreachable_and_says_so_once_per_kind(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given 300 jobs and a consumer connected to RabbitMQ through a proxy,
+    # When the proxy cuts its connection after 100 runs and refuses new ones for 3 s,
+    # Then the consumer reconnects once RabbitMQ is reachable and every job runs, and aio-pika's
+    # reconnect attempts (a "closed" and a "failed" line a second) are logged once of each kind.
+    monkeypatch.setattr(rabbitmq.reconnects, "_kinds", {})  # no window from a test before
+    ids = run(publish(brokers["rabbitmq"], queue, 300))
+    done: set[str] = set()
+
+    async def scenario() -> None:
+        async with FlakyProxy(brokers["rabbitmq"]) as proxy:
+            app = Bridge(broker=proxy.url, registry=str(SCHEMAS), concurrency=8)
+
+            @app.job("test.Echo", queue=queue)
+            async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+                if len(done) == 100:
+                    proxy.cut(3.0)
+                await asyncio.sleep(0.002)
+                done.add(ctx.job_id)
+
+            async with app:
+                await app.consume(burst=True)
+
+    with caplog.at_level(logging.INFO, logger="aio_pika.robust_connection"):
+        run(scenario(), timeout=120)
+    assert set(ids) <= done
+    lines = [r.getMessage() for r in caplog.records if r.name == "aio_pika.robust_connection"]
+    closed = [line for line in lines if "closed. Reconnecting after" in line]
+    failed = [line for line in lines if line.startswith("Connection attempt to") and "failed" in line]
+    assert len(closed) == 1 and len(failed) == 1, lines
 
 
 def test_a_consumer_whose_queue_is_deleted_stops_with_an_error(brokers: dict[str, str], queue: str) -> None:

@@ -40,6 +40,7 @@ from aiormq.abc import DeliveredMessage
 
 from bridge.config import Settings
 from bridge.errors import PublishError, PublishRefused, TransportError, safe_url
+from bridge.logs import REPEAT_WINDOW_S, Repeats
 from bridge.policy import tier_for
 from bridge.transports.base import (
     PUBLISH_TIMEOUT_S,
@@ -53,6 +54,10 @@ from bridge.transports.base import (
 )
 
 log = logging.getLogger("bridge.rabbitmq")
+# While RabbitMQ is unreachable, aio-pika logs each reconnect attempt (two lines a second, at
+# RECONNECT_INTERVAL_S): one of each kind per window goes out, with a count of those held back.
+reconnects = Repeats(REPEAT_WINDOW_S)
+logging.getLogger("aio_pika.robust_connection").addFilter(reconnects)
 T = TypeVar("T")
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 # The job and dead-letter queues bridge creates. RabbitMQ 4 gives a quorum queue a delivery

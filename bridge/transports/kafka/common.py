@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import re
-import threading
 import time
 import uuid
 from collections.abc import Generator, Iterator, Sequence
@@ -25,10 +22,10 @@ from confluent_kafka import (
 from confluent_kafka.admin import TopicMetadata  # type: ignore[attr-defined]  # not in its __all__
 
 from bridge.errors import TransportError
+from bridge.logs import REPEAT_WINDOW_S, Repeats
 
 log = logging.getLogger("bridge.kafka")
 client_log = logging.getLogger("bridge.kafka.client")  # librdkafka's own lines, through Repeats
-REPEAT_WINDOW_S = 30.0
 FETCH_BATCH = 500
 IDLE_SLEEP_MAX_S = 0.02
 METADATA_TIMEOUT_S = 5.0
@@ -207,42 +204,7 @@ def _serving_error(probe: Consumer, topic: str, found: TopicMetadata | None) -> 
     return None
 
 
-class Repeats(logging.Filter):
-    """Lets one line of each kind through per `window_s`; the next one after it says how many
-    were held back meanwhile.
-
-    While a broker is down, each librdkafka client logs a failed connect about ten times a
-    second: a 20 s Kafka restart gave 900 ERROR lines from one `bridge consume`. A kind is a
-    line's level and text with its numbers (ports, ms) masked, whichever client logged it.
-    """
-
-    def __init__(self, window_s: float) -> None:
-        super().__init__()
-        self.window_s = window_s
-        self._kinds: dict[tuple[int, str], tuple[float, int]] = {}  # kind -> (when shown, held back)
-        self._lock = threading.Lock()  # (librdkafka's lines come in whichever thread polls)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        kind = (record.levelno, _NUMBERS.sub("#", _client_text(record)))
-        now = time.monotonic()
-        with self._lock:
-            shown, held = self._kinds.get(kind, (-math.inf, 0))
-            if now - shown < self.window_s:
-                self._kinds[kind] = (shown, held + 1)
-                return False
-            if len(self._kinds) >= MAX_KINDS:  # forget the kinds not seen within the window
-                self._kinds = {k: v for k, v in self._kinds.items() if now - v[0] < self.window_s}
-            self._kinds[kind] = (now, 0)
-        if held:
-            record.msg = f"{record.msg} (and {held} like it since the last one logged)"
-        return True
-
-
-_NUMBERS = re.compile(r"\d+")
-MAX_KINDS = 256
-
-
-def _client_text(record: logging.LogRecord) -> str:
+def client_text(record: logging.LogRecord) -> str:
     """A librdkafka line's facility and text, without the client's name (confluent-kafka logs
     `"%s [%s] %s"` with the facility, the client's name and the text)."""
     if isinstance(record.args, tuple) and len(record.args) == 3:
@@ -251,7 +213,7 @@ def _client_text(record: logging.LogRecord) -> str:
     return record.getMessage()
 
 
-client_log.addFilter(Repeats(REPEAT_WINDOW_S))
+client_log.addFilter(Repeats(REPEAT_WINDOW_S, client_text))
 
 
 def coordinates(record: Message) -> tuple[str, int, int]:
