@@ -253,12 +253,13 @@ def _quoted(name: str) -> str:
 
 
 @contextmanager
-def another_kafka(root: Path, settings: dict[str, str]) -> Iterator[str]:
-    """A Kafka node of its own, its files in `root`, on free ports, with broker `settings` over
-    those of `bridge dev up` (a cluster configured as users' may be); its URL. Killed after."""
+def another_kafka(root: Path, settings: dict[str, str], client_port: int | None = None) -> Iterator[str]:
+    """A Kafka node of its own, its files in `root`, on free ports (or `client_port` and the next
+    one), with broker `settings` over those of `bridge dev up` (a cluster configured as users'
+    may be); its URL. Killed after."""
     from bridge.dev import kafka
 
-    client_port = free_port_pair()
+    client_port = client_port or free_port_pair()
     layout = kafka._Layout(root)
     pid = kafka._start(layout, client_port, log=lambda _: None, settings=settings)
     try:

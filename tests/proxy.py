@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 
@@ -18,6 +21,7 @@ class FlakyProxy:
         self._down_s: float | None = None  # while cut
         self._healing: asyncio.Task[None] | None = None  # started at the first dropped connection
         self._pipes: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()  # both ends of every connection, to close at exit
 
     @property
     def url(self) -> str:
@@ -43,13 +47,22 @@ class FlakyProxy:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in self._writers:  # (clients still connecting meanwhile: a process's leftovers)
+            writer.close()
+        await asyncio.gather(*(writer.wait_closed() for writer in self._writers), return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         if self._down_s is not None:
             self._healing = self._healing or asyncio.create_task(self._heal_in(self._down_s))
             writer.close()
             return
-        upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+        except OSError:  # the server is not there (stopped, or not started yet): nor is this one
+            writer.close()
+            return
+        self._writers.add(upstream_writer)
         for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
             pipe = asyncio.create_task(_pipe(source, sink))
             self._pipes.add(pipe)
@@ -69,3 +82,37 @@ async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> Non
         pass  # the other side went away: close this one too
     finally:
         sink.close()
+
+
+class ThreadedProxy:
+    """A FlakyProxy serving from a thread and event loop of its own, so that it forwards even
+    while the test's loop is blocked (a blocking client call waits on what the proxy carries)."""
+
+    def __init__(self, proxy: FlakyProxy, loop: asyncio.AbstractEventLoop) -> None:
+        self._proxy, self._loop = proxy, loop
+        self.url = proxy.url
+
+    def cut(self, down_s: float) -> None:
+        self._loop.call_soon_threadsafe(self._proxy.cut, down_s)
+
+
+@contextmanager
+def threaded_proxy(url: str) -> Iterator[ThreadedProxy]:
+    """A ThreadedProxy in front of the server of `url`, stopped after."""
+    started: list[ThreadedProxy] = []
+    ready, done = threading.Event(), asyncio.Event()
+
+    async def serve() -> None:
+        async with FlakyProxy(url) as proxy:
+            started.append(ThreadedProxy(proxy, asyncio.get_running_loop()))
+            ready.set()
+            await done.wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield started[0]
+    finally:
+        started[0]._loop.call_soon_threadsafe(done.set)
+        thread.join(10)

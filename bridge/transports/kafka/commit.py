@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable, Mapping
 from contextlib import suppress
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -20,6 +21,14 @@ COMMIT_INTERVAL_S = 0.05
 # until the coordinator aborts it: after this, not the default 60 s. Transactions here last
 # milliseconds. (A transaction with offsets of a deleted topic fails after it too.)
 TRANSACTION_TIMEOUT_S = 10.0
+CALL_TIMEOUT_S = METADATA_TIMEOUT_S * 6  # what each transactional call of librdkafka may take
+# librdkafka's send_offsets_to_transaction can wait for good, past its own timeout, for a group
+# coordinator that went away (librdkafka issues 5456 and 5511, open in 2.16): seen here after a
+# 15 s network cut between bridge consume and Kafka, which then ran nothing more and could not
+# stop. A transaction still out after this (its calls' timeouts, its abort's, a metadata look,
+# and a margin) has wedged its producer: the consumer's round ends, and a new one takes over.
+WEDGED_AFTER_S = 2 * CALL_TIMEOUT_S + 2 * METADATA_TIMEOUT_S + 10.0
+T = TypeVar("T")
 
 
 Batch = dict[TP, tuple[int, str, list[tuple[int, list[Record]]]]]  # tp -> (offset, note, held records)
@@ -34,7 +43,8 @@ class Committer:
     offset of the group goes through here: a plain commit of a higher offset could otherwise be
     overwritten by a lower one from a transaction. A transaction refused because the group is
     rebalancing is aborted and tried again; any other failure stops the consumer, as does one
-    that failed because a topic in it was deleted. Each offset is committed with a note, its
+    that failed because a topic in it was deleted, and one that never returns (WEDGED_AFTER_S).
+    Each offset is committed with a note, its
     metadata: `note`, unless `mark` or `commit(leaving=...)` gave another (see returns.py).
     """
 
@@ -71,7 +81,7 @@ class Committer:
     async def start(self) -> None:
         # (A cluster that cannot make __transaction_state at all is named at start: internal.py.)
         with mapped("could not start Kafka transactions (is its __transaction_state topic online?)"):
-            await asyncio.to_thread(self.producer.init_transactions, METADATA_TIMEOUT_S * 6)
+            await asyncio.to_thread(self.producer.init_transactions, CALL_TIMEOUT_S)
 
     def add(self, tp: TP, offset: int, records: list[Record], committable: int | None) -> None:
         """Record a settled offset: what it publishes waits for the offset commit past it."""
@@ -118,7 +128,13 @@ class Committer:
         batch = self._take(leaving)
         if batch is None:
             return
-        if not self._transact(*_flatten(batch), self.consumer.consumer_group_metadata()):
+        metadata = self.consumer.consumer_group_metadata()
+        running = _in_own_thread(lambda: self._transact(*_flatten(batch), metadata))
+        try:
+            committed = running.result(timeout=WEDGED_AFTER_S)
+        except concurrent.futures.TimeoutError:
+            committed = self._wedged()
+        if not committed:
             self._restore(batch)
 
     def _take(self, leaving: Mapping[TP, int] | None) -> Batch | None:
@@ -153,8 +169,25 @@ class Committer:
         running a rebalance callback, and that callback (`commit_now`) waits for this
         transaction to finish; the two would wait on each other for good.
         """
+        if self.failure is not None:
+            return False
         metadata = self.consumer.consumer_group_metadata()
-        return await asyncio.to_thread(self._transact, records, offsets, notes or {}, metadata)
+        running = _in_own_thread(lambda: self._transact(records, offsets, notes or {}, metadata))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(running), WEDGED_AFTER_S)
+        except TimeoutError:
+            return self._wedged()
+
+    def _wedged(self) -> bool:
+        """A transaction that never returned (see WEDGED_AFTER_S): this producer is done for."""
+        log.error(
+            "a Kafka transaction did not finish within %g s (librdkafka waits for a coordinator that "
+            "went away); consuming stops, and starts again with a new producer", WEDGED_AFTER_S,
+        )  # fmt: skip
+        self.failure = KafkaException(
+            KafkaError(KafkaError._TIMED_OUT, f"a transaction did not finish within {WEDGED_AFTER_S:g} s")
+        )
+        return False
 
     def _transact(
         self, records: list[Record], offsets: dict[TP, int], notes: dict[TP, str], metadata: object
@@ -169,8 +202,8 @@ class Committer:
                     TopicPartition(t, p, offset, metadata=notes.get((t, p), self.note))
                     for (t, p), offset in offsets.items()
                 ]
-                self.producer.send_offsets_to_transaction(positions, metadata, METADATA_TIMEOUT_S * 6)
-                self.producer.commit_transaction(METADATA_TIMEOUT_S * 6)
+                self.producer.send_offsets_to_transaction(positions, metadata, CALL_TIMEOUT_S)
+                self.producer.commit_transaction(CALL_TIMEOUT_S)
                 return True
             except KafkaException as exc:
                 return self._failed(exc, {record[0] for record in records} | {t for t, _ in offsets})
@@ -224,3 +257,18 @@ def _flatten(batch: Batch) -> tuple[list[Record], dict[TP, int], dict[TP, str]]:
     records = [record for _, _, entries in batch.values() for _, held in entries for record in held]
     offsets = {tp: committable for tp, (committable, _, _) in batch.items()}
     return records, offsets, {tp: note for tp, (_, note, _) in batch.items()}
+
+
+def _in_own_thread(call: Callable[[], T]) -> concurrent.futures.Future[T]:
+    """Run `call` in a daemon thread of its own. A call that never returns (WEDGED_AFTER_S)
+    then holds no worker of a shared pool, and the process can still exit."""
+    result: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            result.set_result(call())
+        except BaseException as exc:  # the caller's to see
+            result.set_exception(exc)
+
+    threading.Thread(target=run, name="bridge-kafka-transaction", daemon=True).start()
+    return result
