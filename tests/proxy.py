@@ -1,4 +1,4 @@
-"""A TCP proxy in front of a real server, to cut a store off from its workers for a while."""
+"""A TCP proxy in front of a real server, to cut a store or a broker off from its workers for a while."""
 
 from __future__ import annotations
 

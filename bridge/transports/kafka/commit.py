@@ -44,8 +44,8 @@ class Committer:
     overwritten by a lower one from a transaction. A transaction refused because the group is
     rebalancing is aborted and tried again; any other failure stops the consumer, as does one
     that failed because a topic in it was deleted, and one that never returns (WEDGED_AFTER_S).
-    Each offset is committed with a note, its
-    metadata: `note`, unless `mark` or `commit(leaving=...)` gave another (see returns.py).
+    Each offset is committed with a note, its metadata: `note`, unless `mark` or
+    `commit(leaving=...)` gave another (see returns.py).
     """
 
     def __init__(
