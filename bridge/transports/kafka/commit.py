@@ -261,8 +261,13 @@ def _flatten(batch: Batch) -> tuple[list[Record], dict[TP, int], dict[TP, str]]:
 
 def _in_own_thread(call: Callable[[], T]) -> concurrent.futures.Future[T]:
     """Run `call` in a daemon thread of its own. A call that never returns (WEDGED_AFTER_S)
-    then holds no worker of a shared pool, and the process can still exit."""
+    then holds no worker of a shared pool, and the process can still exit.
+
+    The future is marked running first, as an executor does: a caller that gave up waiting
+    cancels its end of it, which then leaves this one alone, and a call that returns late
+    is dropped. (Setting the result of a cancelled future raised in the thread.)"""
     result: concurrent.futures.Future[T] = concurrent.futures.Future()
+    result.set_running_or_notify_cancel()
 
     def run() -> None:
         try:
