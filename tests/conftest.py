@@ -27,10 +27,11 @@ REPO = TESTS.parent
 BROKERS = ["memory", "kafka", "rabbitmq"]
 STORES = ["sqlite", "postgres", "redis"]
 T = TypeVar("T")
-# Kafka's shortest session by default (bridge's is 10 s): after each SIGKILL the group waits
-# this long for the killed member, and the killer tests and duplicate storms kill about 25
-# times. Set here, the apps of the tests and the `bridge consume` processes they start read it.
-os.environ.setdefault("BRIDGE_SESSION_TIMEOUT_S", "6")
+# The shortest session `bridge dev up`'s Kafka takes (bridge's default is 10 s, Kafka's floor
+# 6 s): after each SIGKILL the group waits this long for the killed member, and the killer tests
+# and duplicate storms kill about 25 times. Heartbeats go every second. Set here, the apps of
+# the tests and the `bridge consume` processes they start read it.
+os.environ.setdefault("BRIDGE_SESSION_TIMEOUT_S", "3")
 
 
 def in_ci() -> bool:

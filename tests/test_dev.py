@@ -356,3 +356,18 @@ def children(parent: int) -> list[int]:
         if int(fields[1]) == parent:
             found.append(int(stat.parent.name))
     return found
+
+
+def test_a_native_kafka_written_with_other_settings_is_told_apart(tmp_path: Path) -> None:
+    # Given the configuration file `bridge dev up` writes today, and one of an older bridge
+    # (a setting changed, one not there yet), Then only the older one differs, in those two:
+    # `up` restarts a broker it started with them.
+    layout = kafka._Layout(tmp_path)
+    kafka._write_config(layout, kafka.DEFAULT_PORT, {})
+    assert kafka.changed_settings(layout, kafka.DEFAULT_PORT) == []
+    lines = layout.server_properties.read_text().splitlines()
+    older = [line for line in lines if not line.startswith("group.min.session.timeout.ms=")]
+    older = [line.replace("num.partitions=3", "num.partitions=1") for line in older]
+    layout.server_properties.write_text("\n".join(older) + "\n")
+    changed = kafka.changed_settings(layout, kafka.DEFAULT_PORT)
+    assert changed == ["group.min.session.timeout.ms", "num.partitions"]

@@ -196,7 +196,7 @@ def test_a_single_broker_that_cannot_make_kafkas_internal_topics_stops_consume_s
 def test_a_session_timeout_the_broker_refuses_stops_consume_with_an_error_naming_the_setting(
     brokers: dict[str, str], queue: str
 ) -> None:
-    # Given a job waiting and a consumer asking for a 2 s session (the broker takes 6 s at least),
+    # Given a job waiting and a consumer asking for a 2 s session (the broker takes 3 s at least),
     # When it consumes,
     # Then consume stops with an error naming session_timeout_s, and the job has not run. (It
     # logged "JoinGroup failed: Broker: Invalid session timeout" every few milliseconds, for good.)

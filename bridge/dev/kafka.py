@@ -65,6 +65,9 @@ KAFKA_SETTINGS: Final[dict[str, str]] = {
     # the committed offsets of its group, until the coordinator aborts the transaction: checked
     # every second once it timed out, not every 10 s (Kafka's default).
     "transaction.abort.timed.out.transaction.cleanup.interval.ms": "1000",
+    # A consumer may ask for a session of 3 s (Kafka's floor is 6 s): the tests do, so the group
+    # notices a consumer they killed sooner. bridge's own default session is 10 s.
+    "group.min.session.timeout.ms": "3000",
     # No point waiting for more members to join a group on a laptop.
     "group.initial.rebalance.delay.ms": "0",
     # bridge creates its topics with `bridge topology apply`; a typo must not create one.
@@ -167,14 +170,24 @@ def server_properties(client_port: int, log_dir: Path) -> dict[str, str]:
 
 
 def up(log: Log = print) -> ServiceStatus:
-    """Start the broker unless one already answers; wait until it serves metadata."""
+    """Start the broker unless one already answers; wait until it serves metadata.
+
+    A broker this started earlier with other settings (an older bridge's) is restarted with
+    today's, as `docker compose up` recreates a container whose configuration changed: the
+    tests rely on them.
+    """
     client_port = port()
-    if _answers(client_port):
-        return _status(client_port, True, "already up")
     layout = _layout(client_port)
+    ours = _our_pid(layout) is not None
+    if _answers(client_port) and not (ours and changed_settings(layout, client_port)):
+        return _status(client_port, True, "already up")
     started = time.monotonic()
     with file_lock(layout.lock, timeout_s=900, log=log):
         pid = _our_pid(layout)
+        if pid is not None and (changed := changed_settings(layout, client_port)):
+            log(f"kafka: restarting pid {pid}: these settings changed since it started: {', '.join(changed)}")
+            terminate(pid, str(layout.server_properties), timeout_s=STOP_TIMEOUT_S)
+            pid = None
         if pid is None:
             _require_free(client_port)
             pid = _start(layout, client_port, log)
@@ -293,6 +306,17 @@ def _write_config(layout: _Layout, client_port: int, settings: Mapping[str, str]
     text = "".join(f"{key}={_escape(value)}\n" for key, value in props.items())
     layout.server_properties.write_text(text, encoding="latin-1")
     layout.log4j.write_text(_LOG4J2)
+
+
+def changed_settings(layout: _Layout, client_port: int) -> list[str]:
+    """The settings in which the broker's configuration file differs from what `up` writes now."""
+    try:
+        lines = layout.server_properties.read_text(encoding="latin-1").splitlines()
+    except OSError:
+        return []
+    written = dict(line.split("=", 1) for line in lines if "=" in line)
+    wanted = {key: _escape(value) for key, value in server_properties(client_port, layout.log_dir).items()}
+    return sorted(key for key in written.keys() | wanted.keys() if written.get(key) != wanted.get(key))
 
 
 def _escape(value: str) -> str:
