@@ -78,7 +78,10 @@ def test_a_consumer_waits_out_rabbitmq_unreachable_and_says_so_once_per_kind(
     # Given 300 jobs and a consumer connected to RabbitMQ through a proxy,
     # When the proxy cuts its connection after 100 runs and refuses new ones for 3 s,
     # Then the consumer reconnects once RabbitMQ is reachable and every job runs, and aio-pika's
-    # reconnect attempts (a "closed" and a "failed" line a second) are logged once of each kind.
+    # reconnect attempts (a "closed" and a "failed" line a second) are logged once of each kind;
+    # the client libraries log no error and no traceback for the drop. (aio-pika logged an
+    # ERROR for each channel that could not reopen itself on the dropped connection, and aiormq
+    # the reset's traceback.)
     monkeypatch.setattr(rabbitmq.reconnects, "_kinds", {})  # no window from a test before
     ids = run(publish(brokers["rabbitmq"], queue, 300))
     done: set[str] = set()
@@ -107,6 +110,10 @@ def test_a_consumer_waits_out_rabbitmq_unreachable_and_says_so_once_per_kind(
     closed = [line for line in lines if "closed. Reconnecting after" in line]
     failed = [line for line in lines if line.startswith("Connection attempt to") and "failed" in line]
     assert len(closed) == 1 and len(failed) == 1, lines
+    clients = [r for r in caplog.records if r.name.startswith(("aio_pika", "aiormq"))]
+    assert not [r.getMessage() for r in clients if r.levelno >= logging.ERROR]
+    assert not [r.getMessage() for r in clients if r.exc_info], "a traceback for the drop"
+    assert any(r.getMessage().startswith("Cancelling cause reader exited abnormally: ") for r in clients)
 
 
 def test_a_consumer_whose_queue_is_deleted_stops_with_an_error(brokers: dict[str, str], queue: str) -> None:

@@ -58,6 +58,35 @@ log = logging.getLogger("bridge.rabbitmq")
 # RECONNECT_INTERVAL_S): one of each kind per window goes out, with a count of those held back.
 reconnects = Repeats(REPEAT_WINDOW_S)
 logging.getLogger("aio_pika.robust_connection").addFilter(reconnects)
+
+
+def _quiet_channel_restore(record: logging.LogRecord) -> bool:
+    """aio-pika's ERROR line for each robust channel that tries to reopen itself on the
+    connection that just dropped, kept at DEBUG: it happens at every drop, and the connection
+    reopens its channels once it is back (aio-pika issue 305)."""
+    if not (isinstance(record.args, tuple) and len(record.args) == 3):
+        return True
+    callback, kind, error = record.args  # ("Callback %r error: %s: %s")
+    closed = kind == "RuntimeError" and str(error).endswith(" closed")
+    if closed and "RobustChannel._on_close" in repr(callback):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+    return True
+
+
+def _no_traceback_for_a_drop(record: logging.LogRecord) -> bool:
+    """aiormq's warning that its reader stopped, without the traceback when the cause is the
+    network (a reset, a close): its message says enough. A malformed frame keeps it."""
+    error = record.exc_info[1] if record.exc_info else None
+    if type(error) is aiormq.exceptions.AMQPConnectionError and isinstance(
+        error.__cause__, OSError | asyncio.IncompleteReadError
+    ):
+        record.msg, record.exc_info, record.exc_text = f"{record.msg}: {error}", None, None
+    return True
+
+
+logging.getLogger("aio_pika.tools").addFilter(_quiet_channel_restore)
+logging.getLogger("aiormq.connection").addFilter(_no_traceback_for_a_drop)
 T = TypeVar("T")
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 # The job and dead-letter queues bridge creates. RabbitMQ 4 gives a quorum queue a delivery
