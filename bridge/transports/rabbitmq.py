@@ -81,7 +81,8 @@ def _no_traceback_for_a_drop(record: logging.LogRecord) -> bool:
     if type(error) is aiormq.exceptions.AMQPConnectionError and isinstance(
         error.__cause__, OSError | asyncio.IncompleteReadError
     ):
-        record.msg, record.exc_info, record.exc_text = f"{record.msg}: {error}", None, None
+        record.msg, record.args = f"{record.getMessage()}: {error}", ()  # (no % in `error` read as a format)
+        record.exc_info, record.exc_text = None, None
     return True
 
 
