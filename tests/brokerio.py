@@ -177,12 +177,14 @@ RABBITMQCTL = shlex.split(os.environ.get("BRIDGE_TEST_RABBITMQCTL", "rabbitmqctl
 TEST_NAMES = re.compile(r"^(t-[0-9a-f]{12}|p[0-9a-f]{8}\.)")
 
 
-def delete_test_objects(brokers: dict[str, str]) -> None:
-    """Delete the queues, exchanges and topics tests made, so the dev brokers do not fill up."""
-    admin = AdminClient({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
-    topics = [t for t in admin.list_topics(timeout=10).topics if TEST_NAMES.match(t)]
-    for future in admin.delete_topics(topics).values() if topics else ():
-        future.exception()  # wait; a topic already gone is fine
+def delete_test_objects(brokers: dict[str, str], *, kafka: bool = True) -> None:
+    """Delete the queues, exchanges and topics tests made, so the dev brokers do not fill up
+    (with `kafka` false, only the RabbitMQ under test's)."""
+    if kafka:
+        admin = AdminClient({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
+        topics = [t for t in admin.list_topics(timeout=10).topics if TEST_NAMES.match(t)]
+        for future in admin.delete_topics(topics).values() if topics else ():
+            future.exception()  # wait; a topic already gone is fine
     for kind in ("queues", "exchanges"):
         for item in rabbitmq_api(f"{kind}/%2F"):
             if TEST_NAMES.match(item["name"]):

@@ -78,13 +78,16 @@ def brokers() -> Iterator[dict[str, str]]:
             pytest.fail(f"the real brokers are required under CI: {exc}")
         pytest.skip(f"real brokers unavailable: {exc}")
     urls = {s.name: s.url for s in statuses}
-    if os.environ.get("BRIDGE_TEST_RABBITMQ"):  # another RabbitMQ (`make pytest-rabbitmq4`)
-        urls["rabbitmq"] = os.environ["BRIDGE_TEST_RABBITMQ"]
+    another_rabbitmq = os.environ.get("BRIDGE_TEST_RABBITMQ")  # (`make pytest-rabbitmq4`)
+    if another_rabbitmq:
+        urls["rabbitmq"] = another_rabbitmq
     yield urls
     from tests.brokerio import delete_test_objects
 
     try:
-        delete_test_objects(urls)
+        # A RabbitMQ 4 session runs beside the main one (`make test`), whose tests use the dev
+        # Kafka's topics until it ends: it deletes only RabbitMQ 4's queues and exchanges.
+        delete_test_objects(urls, kafka=not another_rabbitmq)
     except OSError as exc:  # hygiene only: a broker that went away has failed its tests already
         print(f"could not delete the test queues and topics: {exc}")
 
