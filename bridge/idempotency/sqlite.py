@@ -25,7 +25,7 @@ from typing import Any
 
 from bridge.errors import StoreError
 from bridge.idempotency.batch import TickBatch
-from bridge.idempotency.sql import SCHEMA, Query, Rows, SqlStore, now_ms
+from bridge.idempotency.sql import CLAIM, LOOK, SCHEMA, Query, Rows, SqlStore, now_ms
 
 BUSY_TIMEOUT_S = 10.0
 WAL_CHECKPOINT_PAGES = 4000  # SQLite's default is 1000
@@ -37,12 +37,15 @@ WAL_CHECKPOINT_PAGES = 4000  # SQLite's default is 1000
 PURGE_ROWS = 1000
 PURGE_RANGE = "DELETE FROM bridge_idempotency WHERE rowid >= ? AND rowid < ? AND expires_at < ?"
 ROWIDS = "SELECT min(rowid), max(rowid) FROM bridge_idempotency"
+# CLAIM, and LOOK in the same transaction if the claim took nothing (see SqlStore.claim_sql).
+CLAIM_OR_LOOK = CLAIM + "\n-- or else LOOK"
 
 
 class SqliteStore(SqlStore):
     """Idempotency keys in a SQLite file (`sqlite:///path`)."""
 
     purge_sql = PURGE_RANGE
+    claim_sql = CLAIM_OR_LOOK
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -93,6 +96,8 @@ class SqliteStore(SqlStore):
     def _run(self, sql: str, params: Sequence[Any]) -> Rows:
         try:  # (not `with _mapped(...)`: twice per keyed job, a context manager was a tenth of it)
             cursor = self._db.execute(sql, params)
+            if sql is CLAIM_OR_LOOK and cursor.rowcount <= 0:
+                return self._db.execute(LOOK, params[:1]).fetchall()
             return cursor.fetchall() if cursor.description else [()] * max(cursor.rowcount, 0)
         except sqlite3.Error as exc:
             raise StoreError(f"idempotency store {self.path}: {exc}") from exc
