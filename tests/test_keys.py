@@ -20,6 +20,7 @@ from bridge.cli import _configure_logging
 from bridge.dlq import Selection
 from bridge.errors import ConfigError, StoreError
 from bridge.idempotency import Claimed, Store, enqueue_key, run_key
+from bridge.idempotency.lease import Lease
 from bridge.idempotency.memory import MemoryStore
 from bridge.idempotency.outage import Outage
 from bridge.registry import ENVELOPE
@@ -376,6 +377,40 @@ class SlowRenewals(MemoryStore):
         finally:
             self.renewing -= 1
         return await super().extend(key, token, lease_s)
+
+
+@pytest.mark.parametrize("end", ["completed", "inbox", "lost"])
+def test_a_renewal_that_finds_the_claim_gone_warns_only_if_it_was_lost(
+    end: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a job's lease, and a renewal of it under way (a renewal round takes the leases of
+    # the jobs running when it starts; this store takes 0.1 s to renew),
+    # When the job ends meanwhile, its key completed after it returned or in its inbox
+    # transaction, Then the renewal, which then finds the claim gone, logs nothing: the key is
+    # done, as it should be. When instead another worker took the key after the lease ended,
+    # Then the renewal warns that the claim was lost.
+    async def scenario() -> None:
+        store = SlowRenewals(0.1, lambda store: True)
+        claim = await store.claim("k", "job-1", 0.05 if end == "lost" else 30)
+        assert isinstance(claim, Claimed)
+        lease = Lease(store, "k", claim.token, "job-1", 30, 60, Outage())
+        if end == "lost":
+            await asyncio.sleep(0.06)
+            assert isinstance(await store.claim("k", "job-2", 30), Claimed)
+        renewal = asyncio.create_task(lease.renew())
+        await store.seen.wait()
+        if end == "completed":
+            await lease.finish(succeeded=True)
+        elif end == "inbox":
+            async with lease.transaction():
+                pass
+        await renewal
+
+    with caplog.at_level(logging.WARNING, logger="bridge.idempotency"):
+        run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if "lost its claim" in r.getMessage()]
+    lost = ["job job-1 lost its claim on 'k': another worker may run it"]
+    assert warnings == (lost if end == "lost" else [])
 
 
 def consume_renewing(store: SlowRenewals, jobs: int, lease_s: float) -> tuple[Stats, Counter[int]]:

@@ -27,14 +27,19 @@ class Lease:
     window_s: float
     outage: Outage  # completing or releasing the key waits out the store's outages
     completed: bool = field(default=False)  # by the handler's inbox transaction
+    # The key's completion or release is under way: a renewal that finds the claim gone then
+    # says nothing, since the key is being done (or the completion says itself that the claim
+    # was lost). A renewal round takes the leases of the jobs running when it starts, so its
+    # renewal of a job that finishes meanwhile may reach the store after the completion.
+    ending: bool = field(default=False)
 
     async def renew(self) -> None:
         """Push the lease's end `lease_s` further out; a lost claim is logged."""
-        if self.completed:
-            return  # by the handler's inbox transaction: there is no claim left to renew
+        if self.ending:
+            return  # there is no claim left to renew, or there will not be
         try:
-            # (`completed` again: the inbox may have committed while the renewal waited for it.)
-            if not await self.store.extend(self.key, self.token, self.lease_s) and not self.completed:
+            # (`ending` again: the job may have finished while the renewal waited for the store.)
+            if not await self.store.extend(self.key, self.token, self.lease_s) and not self.ending:
                 log.warning("job %s lost its claim on %r: another worker may run it", self.job_id, self.key)
         except StoreError as exc:
             log.error("job %s could not renew its claim on %r: %s", self.job_id, self.key, exc)
@@ -44,14 +49,20 @@ class Lease:
         """The inbox (see `Store.transaction`); the key is done once it commits."""
         if self.completed:
             raise StoreError("ctx.transaction() can be used once per job: its commit completes the key")
-        async with self.store.transaction(self.key, self.token, self.job_id, self.window_s) as handle:
-            yield handle
+        try:
+            async with self.store.transaction(self.key, self.token, self.job_id, self.window_s) as handle:
+                yield handle
+                self.ending = True  # the key completes, and the transaction commits, next
+        except BaseException:
+            self.ending = False  # nothing completed: a claim still held is renewed as before
+            raise
         self.completed = True
 
     async def finish(self, succeeded: bool) -> None:
         """Mark the key done (the job succeeded) or give it back (it will be retried)."""
         if self.completed:
             return
+        self.ending = True
         record = self._complete if succeeded else self._release
         try:
             await record()
