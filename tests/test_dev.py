@@ -16,8 +16,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,39 @@ def test_native_kafka_listens_on_loopback_only() -> None:
     assert props["listeners"] == "PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093"
     assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:9092"
     assert kafka.KAFKA_SETTINGS.items() <= props.items()
+
+
+def test_two_rabbitmq_ups_at_once_start_the_node_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given RabbitMQ down, and a node that takes a while to start (the steps that install,
+    # configure and start it stand in for Debian's, which the shared node must not go through),
+    # When two `up` runs begin at once (as `make test`'s two test sessions may),
+    # Then one starts the node, and the other waits for it and finds it up.
+    monkeypatch.setenv("BRIDGE_DATA", str(tmp_path))  # (where the lock is)
+    answers = threading.Event()
+    starts: list[str] = []
+
+    def start(ctl: str) -> None:
+        starts.append(ctl)
+        time.sleep(0.3)
+
+    for name, stand_in in {
+        "_speaks_amqp": lambda _: answers.is_set(),
+        "port_accepts": lambda _: False,
+        "_ensure_installed": lambda _, __: "rabbitmqctl",
+        "_require_root": lambda: None,
+        "_write_config": lambda _: False,
+        "_enable_management": lambda _: None,
+        "_node_running": lambda _: answers.is_set(),
+        "_start": start,
+        "_wait_ready": lambda _, __: answers.set(),
+    }.items():
+        monkeypatch.setattr(rabbitmq, name, stand_in)
+    with ThreadPoolExecutor(2) as pool:
+        details = sorted(s.detail.partition(" in ")[0] for s in pool.map(lambda _: rabbitmq.up(quiet), "ab"))
+    assert starts == ["rabbitmqctl"]
+    assert details == ["already up", "started"]
 
 
 def test_native_rabbitmq_listens_on_loopback_only() -> None:

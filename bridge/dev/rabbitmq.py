@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Final
 
-from bridge.dev._common import ServiceStatus, env_port, is_root
-from bridge.dev._proc import Log, apt_install, find_program, last_line, port_accepts, run, wait_for
+from bridge.dev._common import ServiceStatus, data_root, env_port, is_root
+from bridge.dev._proc import Log, apt_install, file_lock, find_program, last_line, port_accepts, run, wait_for
 from bridge.errors import DevError
 
 DEFAULT_PORT: Final = 5672
@@ -66,6 +66,16 @@ def up(log: Log = print) -> ServiceStatus:
     amqp_port = port()
     if _speaks_amqp(amqp_port):
         return _status(amqp_port, True, "already up")
+    # One `up` at a time (`make test` runs two test sessions, each starting what is down): the
+    # second finds the node the first started.
+    with file_lock(data_root() / "dev" / "rabbitmq.lock", timeout_s=900, log=log):
+        if _speaks_amqp(amqp_port):
+            return _status(amqp_port, True, "already up")
+        return _start_node(amqp_port, log)
+
+
+def _start_node(amqp_port: int, log: Log) -> ServiceStatus:
+    """Install, configure and start the node (under `up`'s lock)."""
     if port_accepts(amqp_port) and not _our_busy_node(amqp_port):
         raise DevError(
             f"port {amqp_port} is in use by another program (not an AMQP broker); stop it or set {PORT_VAR}"
