@@ -57,10 +57,10 @@ pytest-rabbitmq4: $(STAMP)
 
 # The main stage, and beside it the RabbitMQ 4 stage: that one has a broker of its own and its
 # tests mostly wait, as the main ones do (the two cores are idle three quarters of the time), so
-# together they take the main stage's time. Its output is kept in a file and shown after. The
-# dev services are started first, so that the two sessions do not both start them.
+# together they take the main stage's time. Its output is kept in a file and shown after. (Both
+# sessions start the dev services that are down; `bridge dev up` starts each under a lock.)
 RABBITMQ4_LOG := $(VENV)/pytest-rabbitmq4.log
-pytest-and-rabbitmq4: brokers
+pytest-and-rabbitmq4: $(STAMP)
 	$(MAKE) --no-print-directory pytest-rabbitmq4 > $(RABBITMQ4_LOG) 2>&1 & \
 	$(BIN)/pytest; main=$$?; wait $$!; beside=$$?; \
 	echo "--- make pytest-rabbitmq4 (run beside the main stage):"; cat $(RABBITMQ4_LOG); \

@@ -135,6 +135,8 @@ def test_a_claim_that_finds_its_key_done_says_so_in_one_request(
             assert await store.claim(done, "job-3", 30) == Done("job-1")
             assert requests == 1
             busy = await store.claim(held, "job-3", 30)
+            # The held key: its claim, then a look (on Redis GET and PTTL, in one pipeline).
+            assert requests == (3 if kind == "sqlite" else 4)
         finally:
             await store.close()
         assert isinstance(busy, Busy) and 25 < busy.wait_s <= 30
