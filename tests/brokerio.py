@@ -181,14 +181,19 @@ def delete_test_objects(brokers: dict[str, str], *, kafka: bool = True) -> None:
     """Delete the queues, exchanges and topics tests made, so the dev brokers do not fill up
     (with `kafka` false, only the RabbitMQ under test's)."""
     if kafka:
-        admin = AdminClient({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
-        topics = [t for t in admin.list_topics(timeout=10).topics if TEST_NAMES.match(t)]
-        for future in admin.delete_topics(topics).values() if topics else ():
-            future.exception()  # wait; a topic already gone is fine
+        delete_test_topics(brokers["kafka"])
     for kind in ("queues", "exchanges"):
         for item in rabbitmq_api(f"{kind}/%2F"):
             if TEST_NAMES.match(item["name"]):
                 rabbitmq_api(f"{kind}/%2F/{_quoted(item['name'])}", "DELETE")
+
+
+def delete_test_topics(kafka_url: str) -> None:
+    """Delete the topics tests made on the Kafka at `kafka_url`."""
+    admin = AdminClient({"bootstrap.servers": kafka_url.partition("://")[2]})
+    topics = [t for t in admin.list_topics(timeout=10).topics if TEST_NAMES.match(t)]
+    for future in admin.delete_topics(topics).values() if topics else ():
+        future.exception()  # wait; a topic already gone is fine
 
 
 def rabbitmq_api(path: str, method: str = "GET", body: Any = None) -> Any:
@@ -284,3 +289,9 @@ def free_port_pair() -> int:
                 except OSError:
                     continue
         return port
+
+
+if __name__ == "__main__":  # `make test`: the test topics of sessions that ran side by side
+    from bridge.dev import kafka as dev_kafka
+
+    delete_test_topics(dev_kafka.url())
