@@ -14,13 +14,13 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from bridge.app import Bridge
 from bridge.compatibility import LEVELS
 from bridge.dlq import Selection, describe
-from bridge.envelope import REASONS, now_ms
+from bridge.envelope import REASONS, iso_ms, now_ms
 from bridge.errors import BridgeError, ConfigError
 from bridge.policy import parse_duration
 
@@ -309,7 +309,7 @@ def _dlq_list(args: argparse.Namespace) -> int:
             continue
         envelope = item.letter.envelope
         kind = f"{envelope.type} attempt {envelope.attempt}" if envelope else "(raw bytes)"
-        when = datetime.fromtimestamp(item.letter.at / 1000, UTC).isoformat(timespec="seconds")
+        when = iso_ms(item.letter.at, timespec="seconds")
         print(f"{item.id}  {when}  {item.letter.reason:15} {kind}  {item.letter.detail[:80]}")
     if not args.json:
         print(f"{len(letters)} dead letters in {args.queue}.dlq", file=sys.stderr)

@@ -10,6 +10,7 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from typing import Any
 
 UNROUTABLE = "unroutable"  # a job or delay-tier record naming no queue that exists to go to
@@ -44,6 +45,18 @@ LONGEST_S = 100 * 365 * 24 * 3600.0
 def now_ms() -> int:
     """Wall-clock time in epoch milliseconds (the edges call this; the core takes it as input)."""
     return time.time_ns() // 1_000_000
+
+
+def iso_ms(epoch_ms: int, timespec: str = "milliseconds") -> str:
+    """`epoch_ms` as an ISO 8601 UTC time, for people; as the number itself when it has no date.
+
+    An envelope from another producer may hold any 64-bit long, and Python's dates run from year
+    1 to 9999 only: a time that cannot be written must not stop what reports it.
+    """
+    try:
+        return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec=timespec)
+    except (ValueError, OverflowError, OSError):
+        return f"{epoch_ms} ms from 1970 (no calendar date)"
 
 
 @dataclass(slots=True)

@@ -14,13 +14,12 @@ import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from bridge import codec
 from bridge.codec import Schema
 from bridge.config import Settings
-from bridge.envelope import DELIVERY_LIMIT, UNROUTABLE, DeadLetter, Envelope, JobError
+from bridge.envelope import DELIVERY_LIMIT, UNROUTABLE, DeadLetter, Envelope, JobError, iso_ms
 from bridge.errors import (
     ConfigError,
     DecodeError,
@@ -183,10 +182,11 @@ class Worker:
             return [self._dead(delivery, DELIVERY_LIMIT, _returned(delivery), envelope=envelope)]
         if envelope.queue != delivery.queue and await self.transport.missing([envelope.queue]):
             # Bad input (bridge publishes a job to its envelope's queue): its retries and delays
-            # would go there, and a publish to a queue that does not exist stops the worker.
+            # would go there, and a publish to a queue that does not exist stops the worker (on
+            # Kafka, one to Kafka's own topics fails every transaction it is in).
             detail = (
-                f"its envelope names queue {envelope.queue!r}, which does not exist (it came from "
-                f"{delivery.queue!r}): its retries and delays could go nowhere"
+                f"its envelope names queue {envelope.queue!r}, which does not exist or is no queue "
+                f"(it came from {delivery.queue!r}): its retries and delays could go nowhere"
             )
             return [self._dead(delivery, UNROUTABLE, detail, envelope=envelope)]
         job = self._jobs.get(envelope.type)
@@ -209,7 +209,7 @@ class Worker:
         if envelope.expires_at is not None or envelope.run_at is not None:  # most jobs have neither
             now = self.app.clock()
             if envelope.expires_at is not None and envelope.expires_at <= now:
-                detail = f"not started before {_iso(envelope.expires_at)}"
+                detail = f"not started before {iso_ms(envelope.expires_at)}"
                 return [self._dead(delivery, "expired", detail, envelope=envelope)]
             if envelope.run_at is not None and envelope.run_at > now:
                 early_s = (envelope.run_at - now) / 1000
@@ -308,7 +308,7 @@ class Worker:
             return self._dead(delivery, "permanent", detail, envelope=envelope)
         log.info(
             "job %s (%s on %s) failed attempt %d, retrying at %s: %r",
-            envelope.id, envelope.type, envelope.queue, envelope.attempt, _iso(decision.run_at), exc,
+            envelope.id, envelope.type, envelope.queue, envelope.attempt, iso_ms(decision.run_at), exc,
         )  # fmt: skip
         self.stats.retried += 1
         delay_s = (decision.run_at - now) / 1000
@@ -352,10 +352,6 @@ def _returned(delivery: Delivery) -> str:
 
 def _job(envelope: Envelope) -> str:
     return f"job {envelope.id} ({envelope.type} on {envelope.queue})"
-
-
-def _iso(epoch_ms: int) -> str:
-    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def _resolve(app: Bridge, schema_of: Any) -> dict[str, tuple[JobSpec, Schema]]:

@@ -93,19 +93,33 @@ def test_bad_bytes_are_dead_lettered_with_reason_and_original_bytes(
         assert expected in details
 
 
-@pytest.mark.parametrize("broker_name", ["kafka", "rabbitmq"])
+@pytest.mark.parametrize(
+    ("broker_name", "named"),
+    [
+        ("kafka", "a queue that does not exist"),
+        ("rabbitmq", "a queue that does not exist"),
+        ("kafka", "kafka's own topic"),
+        ("kafka", "a delay tier"),
+    ],
+)
 def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming_goes_on(
-    broker_name: str, brokers: dict[str, str], queue: str
+    broker_name: str, named: str, brokers: dict[str, str], queue: str
 ) -> None:
     # Given a job on a queue whose envelope (as a producer in another language might write it)
     # names a queue that does not exist, where its retries and delays would go, then a good job,
     # When consumed, Then the first is in <queue>.dlq as `unroutable`, with its envelope and the
     # missing queue's name, and the good job runs: consuming does not stop for it (it stopped,
-    # and the same message stopped it again at each start).
+    # and the same message stopped it again at each start). The same for a Kafka topic that
+    # exists but takes no job: one of Kafka's own (its retry failed every transaction of the delay
+    # forwarder, which then moved no delayed job again), or a delay tier.
     app = own_app(brokers[broker_name])
     ran = failing_first(app, queue, lambda: Retry(delay_s=1))
 
-    missing = f"no-such-queue-{uuid.uuid4().hex[:8]}"
+    missing = {
+        "a queue that does not exist": f"no-such-queue-{uuid.uuid4().hex[:8]}",
+        "kafka's own topic": "__consumer_offsets",
+        "a delay tier": f"{app.settings.prefix}.delay.1s",
+    }[named]
 
     async def scenario() -> Stats:
         async with app:

@@ -428,13 +428,19 @@ def test_a_foreign_tier_record_without_a_queue_to_return_to_is_dead_lettered_in_
     foreign: list[tuple[bytes, Headers]] = [
         (b"no header", []),
         (b"no such queue", [("bridge-queue", b"t-nowhere")]),
+        (b"not text", [("bridge-queue", b"\xff\xfe")]),
+        (b"kafka's own", [("bridge-queue", b"__consumer_offsets")]),
+        (b"round and round", [("bridge-queue", tier.encode())]),
     ]
     app, ran = _foreign_tier_records_then_a_delayed_job(brokers, queue, prefix, foreign, topology=True)
     assert ran == [1]
     letters = {letter.raw: letter for letter in dead_letters(app, tier)}
-    assert set(letters) == {b"no header", b"no such queue"}
+    assert set(letters) == {value for value, _ in foreign}
     assert "no bridge-queue header" in letters[b"no header"].detail
-    assert "'t-nowhere', which is no topic" in letters[b"no such queue"].detail
+    assert "'t-nowhere', which is no queue" in letters[b"no such queue"].detail
+    assert "bridge-queue header is not UTF-8 text: b'\\xff\\xfe'" in letters[b"not text"].detail
+    assert "'__consumer_offsets', which is no queue" in letters[b"kafka's own"].detail
+    assert f"{tier!r}, which is no queue" in letters[b"round and round"].detail
     for letter in letters.values():
         assert letter.reason == "unroutable" and letter.queue == tier and letter.envelope is None
         assert letter.consumer_group == f"{prefix}.delay" and letter.offset is not None

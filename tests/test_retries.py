@@ -293,6 +293,36 @@ def test_expired_job_is_dead_lettered_not_run(make_app: Callable[..., Bridge], q
     assert letter.reason == "expired" and letter.envelope is not None and letter.envelope.id == job_id
 
 
+def test_a_job_whose_expiry_has_no_calendar_date_is_dead_lettered_expired_naming_it(queue: str) -> None:
+    # Given a job from another producer whose expires_at is the smallest Avro long (-2^63 ms, long
+    # before year 1), When consumed, Then it is dead-lettered `expired`, its detail giving the
+    # number, and never run. (It went round the shortest tier for good, as a bug in bridge: the
+    # detail's date could not be written.)
+    from tests.conftest import SCHEMAS
+
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def never(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+
+    async def scenario() -> Stats:
+        async with app:
+            envelope = app.build_envelope("test.Echo", {"n": 1}, queue=queue, expires_at=-(2**63))
+            body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
+            await (await app.transport()).publish(Outgoing(queue, body, None))
+            return await app.consume(burst=True)
+
+    stats = run(scenario())
+    [letter] = testing.dead_letters(app, queue)
+    assert (letter.reason, letter.detail) == (
+        "expired",
+        "not started before -9223372036854775808 ms from 1970 (no calendar date)",
+    )
+    assert ran == [] and (stats.delayed, stats.dead_lettered) == (0, 1)
+
+
 def test_three_day_delay_with_a_fake_clock(queue: str) -> None:
     # On the in-memory transport, time is the app's clock: a 3-day delay, hopping through 6-hour
     # tiers, runs once the clock passes three days and not a moment before.

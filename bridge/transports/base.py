@@ -78,7 +78,8 @@ class Transport(Protocol):
         """Publish `publish`, then mark `delivery` done so it is never delivered again."""
 
     async def missing(self, queues: Collection[str]) -> list[str]:
-        """Those of `queues` that do not exist (a look at the broker for any not seen before)."""
+        """Those of `queues` that no job can go to (a look at the broker for any not seen before):
+        queues that do not exist, and on Kafka its own topics and the delay tiers."""
 
     async def consume(
         self,

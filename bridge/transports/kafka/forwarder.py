@@ -130,13 +130,16 @@ class DelayForwarder:
                 if queue is None:  # not written by bridge: nothing says where it goes
                     unroutable.append((record, f"it has no {QUEUE_HEADER} header"))
                     continue
-                routed.append((record, queue.decode() if isinstance(queue, bytes) else queue))
+                try:
+                    routed.append((record, queue.decode() if isinstance(queue, bytes) else queue))
+                except UnicodeDecodeError:
+                    unroutable.append((record, f"its {QUEUE_HEADER} header is not UTF-8 text: {queue!r}"))
             missing = await self.transport.missing({queue for _, queue in routed})
             batch: list[Record] = []
             for record, queue in routed:
                 if queue in missing:  # one bad record must not stop every delayed job
                     unroutable.append(
-                        (record, f"its {QUEUE_HEADER} header names {queue!r}, which is no topic")
+                        (record, f"its {QUEUE_HEADER} header names {queue!r}, which is no queue")
                     )
                     continue
                 batch.append((queue, record.value(), record.key(), None, 0))

@@ -105,6 +105,7 @@ class KafkaTransport:
         self._offsets = OffsetTracker()
         self._backlog: deque[Message] = deque()  # fetched while every slot was busy
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
+        self._tier_topics = frozenset(self._tiers.values())
         self._forwarder: DelayForwarder | None = None
         self._committer: Committer | None = None
         self._gates: dict[TP, Gate] = {}  # partitions assigned whose records wait to be marked
@@ -163,17 +164,28 @@ class KafkaTransport:
         return set(metadata.topics)
 
     async def missing(self, queues: Collection[str]) -> list[str]:
-        """Those of `queues` (topics) that do not exist, after a fresh look at any not seen before."""
-        missing = [t for t in queues if t not in self._topics]
-        if missing:
+        """Those of `queues` that no job can go to: topics that do not exist, Kafka's own
+        (`__consumer_offsets`, ...) and the delay tiers.
+
+        A job from another producer may name any topic as its queue, where its retries and delays
+        go: one of Kafka's would fail every transaction it is in (a client may not write there),
+        and a tier would send it round that tier for good.
+        """
+        absent = await self._absent(queues)
+        return [t for t in queues if t in absent or t.startswith("__") or t in self._tier_topics]
+
+    async def _absent(self, topics: Collection[str]) -> list[str]:
+        """Those of `topics` that do not exist, after a fresh look at any not seen before."""
+        absent = [t for t in topics if t not in self._topics]
+        if absent:
             async with self._lookup:  # one metadata request, however many publishes wait on it
-                if any(t not in self._topics for t in missing):
+                if any(t not in self._topics for t in absent):
                     self._topics = await self._topic_names()
-            missing = [t for t in missing if t not in self._topics]
-        return missing
+            absent = [t for t in absent if t not in self._topics]
+        return absent
 
     async def _require_topics(self, topics: Sequence[str]) -> None:
-        missing = await self.missing(topics)
+        missing = await self._absent(topics)
         if missing:
             raise TransportError(
                 f"Kafka topic {', '.join(missing)} does not exist: run `bridge topology apply`",
