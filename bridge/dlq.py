@@ -99,7 +99,7 @@ class DeadLetters:
             item = self.read(body)
             if item not in selection:
                 return None
-            refusal = _refusal(item, max_replays)
+            refusal = _refusal(item, max_replays) or await self._no_queue(item)
             if refusal:
                 report.refused.append((item.id, refusal))
                 return None
@@ -140,6 +140,18 @@ class DeadLetters:
         if letter.envelope is not None:
             return Letter(letter.envelope.id, letter)
         return Letter(f"raw-{hashlib.sha256(letter.raw or body).hexdigest()[:16]}", letter)
+
+    async def _no_queue(self, item: Letter) -> str | None:
+        """Why the job cannot go back to its queue, if it cannot: the queue its envelope names
+        (another producer's, maybe the reason it is here) does not exist, or is no queue."""
+        envelope = item.letter.envelope
+        assert envelope is not None  # (`_refusal` refused it otherwise)
+        if await (await self.app.transport()).missing([envelope.queue]):
+            return (
+                f"its queue {envelope.queue!r} does not exist or is no queue: create it "
+                "(`bridge topology apply`), or purge the letter"
+            )
+        return None
 
     def _replayed(self, item: Letter) -> Outgoing:
         envelope = item.letter.envelope

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
-from bridge import Bridge, JobContext, Permanent
+from bridge import Bridge, JobContext, Permanent, codec
 from bridge.dlq import Selection
 from bridge.errors import BridgeError
+from bridge.registry import ENVELOPE
+from bridge.transports import Outgoing
 from tests.conftest import REPO, SCHEMAS, run
 
 
@@ -104,6 +106,56 @@ def test_a_job_replayed_too_often_is_refused(make_app: Callable[..., Bridge], qu
             assert still.letter.envelope is not None and still.letter.envelope.replays == 2
 
     run(scenario(), timeout=120)
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq", "kafka"], indirect=True)
+def test_a_letter_whose_queue_is_no_queue_is_refused_and_the_others_replayed(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given a job dead-lettered `unroutable` (another producer's envelope named a queue that does
+    # not exist) and one dead-lettered as a permanent failure,
+    # When every letter is replayed, Then the first is refused, saying its queue does not exist,
+    # and the second is replayed and runs. (The replay stopped with an error at the first,
+    # asking for `bridge topology apply`, and left the rest.)
+    app = make_app(partitions=1)
+    failing = {1}
+    runs: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def charge(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(payload["n"])
+        if payload["n"] in failing:
+            raise Permanent("declined")
+
+    nowhere = f"no-such-queue-{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            envelope = app.build_envelope("test.Echo", {"n": 0}, queue=nowhere)
+            body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
+            await (await app.transport()).publish(Outgoing(queue, body, None))
+            declined = await app.enqueue_async("test.Echo", {"n": 1})
+            await app.consume(burst=True)
+            dlq = app.dead_letters(queue)
+            assert {item.letter.reason for item in await dlq.find()} == {"unroutable", "permanent"}
+
+            failing.clear()
+            report = await dlq.replay(Selection())
+            assert report.replayed == [declined]
+            assert report.refused == [
+                (
+                    envelope.id,
+                    f"its queue {nowhere!r} does not exist or is no queue: create it "
+                    "(`bridge topology apply`), or purge the letter",
+                )
+            ]
+            await app.consume(burst=True)
+            [left] = await dlq.find()
+            assert left.id == envelope.id
+
+    run(scenario(), timeout=120)
+    assert runs == [1, 1]
 
 
 def bridge_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
