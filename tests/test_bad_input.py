@@ -7,6 +7,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import aio_pika
 import pytest
 
 from bridge import Bridge, Permanent, Retry, codec
@@ -100,6 +101,7 @@ def test_bad_bytes_are_dead_lettered_with_reason_and_original_bytes(
         ("rabbitmq", "a queue that does not exist"),
         ("kafka", "kafka's own topic"),
         ("kafka", "a delay tier"),
+        ("rabbitmq", "a name longer than AMQP allows"),
     ],
 )
 def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming_goes_on(
@@ -111,7 +113,8 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
     # missing queue's name, and the good job runs: consuming does not stop for it (it stopped,
     # and the same message stopped it again at each start). The same for a Kafka topic that
     # exists but takes no job: one of Kafka's own (its retry failed every transaction of the delay
-    # forwarder, which then moved no delayed job again), or a delay tier.
+    # forwarder, which then moved no delayed job again), or a delay tier; and for a name no
+    # RabbitMQ queue can have (the look for it raised, and the job went round a tier for good).
     app = own_app(brokers[broker_name])
     ran = failing_first(app, queue, lambda: Retry(delay_s=1))
 
@@ -119,6 +122,7 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
         "a queue that does not exist": f"no-such-queue-{uuid.uuid4().hex[:8]}",
         "kafka's own topic": "__consumer_offsets",
         "a delay tier": f"{app.settings.prefix}.delay.1s",
+        "a name longer than AMQP allows": "q" * 256,
     }[named]
 
     async def scenario() -> Stats:
@@ -136,6 +140,34 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
     assert unroutable.reason == "unroutable" and unroutable.envelope is not None
     assert unroutable.envelope.queue == missing
     assert missing in unroutable.detail and queue in unroutable.detail
+
+
+def test_a_job_naming_another_connections_exclusive_queue_is_dead_lettered(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a job whose envelope names a RabbitMQ queue that exists but is another connection's
+    # own (exclusive: RabbitMQ answers RESOURCE_LOCKED to anyone else), then a good job,
+    # When consumed, Then the first is dead-lettered `unroutable` naming it, and the good job
+    # runs. (The look at the queue raised, and the job went round the shortest tier for good.)
+    app = own_app(brokers["rabbitmq"])
+    ran = failing_first(app, queue, lambda: Retry(delay_s=1))
+
+    async def scenario() -> Stats:
+        async with await aio_pika.connect(brokers["rabbitmq"]) as other, app:
+            owned = await (await other.channel()).declare_queue(exclusive=True)
+            await app.apply_topology()
+            envelope = app.build_envelope("test.Echo", {"n": 1}, queue=owned.name)
+            body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
+            await (await app.transport()).publish(Outgoing(queue, body, None))
+            await app.enqueue_async("test.Echo", {"n": 2})
+            return await app.consume(burst=True)
+
+    stats = run(scenario())
+    assert ran == [2] and stats.dead_lettered == 1
+    [unroutable] = dead_letters(app, queue)
+    assert unroutable.reason == "unroutable" and unroutable.envelope is not None
+    assert unroutable.envelope.queue.startswith("amq.gen-")
+    assert unroutable.envelope.queue in unroutable.detail
 
 
 @pytest.mark.parametrize("broker_name", ["kafka", "rabbitmq"])

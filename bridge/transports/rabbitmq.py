@@ -98,6 +98,13 @@ QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 # counts returns (`x-delivery-count`) but drops nothing, and the worker dead-letters a job that
 # keeps coming back (the `delivery_limit` setting) with a reason instead.
 UNLIMITED = {**QUORUM, "x-delivery-limit": 2**31 - 1}
+MAX_NAME_BYTES = 255  # an AMQP short string: the longest queue name there can be
+# What a passive declaration of a name that is no queue bridge may use answers.
+NO_QUEUE = (
+    aiormq.exceptions.ChannelNotFoundEntity,
+    aiormq.exceptions.ChannelLockedResource,
+    aiormq.exceptions.ChannelAccessRefused,
+)
 DEFAULT_LIMIT_FROM = 4  # RabbitMQ's major version that brought the default limit
 CONNECT_TIMEOUT_S = 10.0
 DRAIN_CHECK_S = 0.1
@@ -562,7 +569,12 @@ class RabbitTransport:
         return plan
 
     async def _queue_exists(self, name: str) -> bool:
-        return await self._declares(name, aiormq.exceptions.ChannelNotFoundEntity, passive=True)
+        """Whether queue `name` exists and is one bridge may use. A job from another producer
+        may name anything: a name longer than AMQP allows, or another connection's exclusive
+        queue (RESOURCE_LOCKED) or one bridge's user may not touch (ACCESS_REFUSED), is none."""
+        if len(name.encode()) > MAX_NAME_BYTES:
+            return False
+        return await self._declares(name, NO_QUEUE, passive=True)
 
     async def _drops_returns(self, name: str) -> bool:
         """Whether existing queue `name` drops what comes back to it a 21st time: a quorum queue
@@ -577,7 +589,9 @@ class RabbitTransport:
         refused = aiormq.exceptions.ChannelPreconditionFailed
         return await self._declares(name, refused, durable=True, arguments=QUORUM)
 
-    async def _declares(self, name: str, refused: type[Exception], **how: Any) -> bool:
+    async def _declares(
+        self, name: str, refused: type[Exception] | tuple[type[Exception], ...], **how: Any
+    ) -> bool:
         """Whether RabbitMQ takes a declaration of queue `name` made `how`, or answers `refused`.
 
         On a channel of its own: a refused declaration closes its channel.
