@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import aio_pika
@@ -102,6 +103,7 @@ def test_bad_bytes_are_dead_lettered_with_reason_and_original_bytes(
         ("kafka", "kafka's own topic"),
         ("kafka", "a delay tier"),
         ("rabbitmq", "a name longer than AMQP allows"),
+        ("rabbitmq", "another connection's exclusive queue"),
     ],
 )
 def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming_goes_on(
@@ -114,27 +116,22 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
     # and the same message stopped it again at each start). The same for a Kafka topic that
     # exists but takes no job: one of Kafka's own (its retry failed every transaction of the delay
     # forwarder, which then moved no delayed job again), or a delay tier; and for a name no
-    # RabbitMQ queue can have (the look for it raised, and the job went round a tier for good).
+    # RabbitMQ queue can have, or a queue RabbitMQ keeps for another connection (RESOURCE_LOCKED):
+    # the look at it raised, and the job went round the shortest tier for good.
     app = own_app(brokers[broker_name])
     ran = failing_first(app, queue, lambda: Retry(delay_s=1))
 
-    missing = {
-        "a queue that does not exist": f"no-such-queue-{uuid.uuid4().hex[:8]}",
-        "kafka's own topic": "__consumer_offsets",
-        "a delay tier": f"{app.settings.prefix}.delay.1s",
-        "a name longer than AMQP allows": "q" * 256,
-    }[named]
-
-    async def scenario() -> Stats:
-        async with app:
+    async def scenario() -> tuple[str, Stats]:
+        async with AsyncExitStack() as held, app:
             await app.apply_topology()
+            missing = await queue_named(named, app.settings.prefix, brokers["rabbitmq"], held)
             envelope = app.build_envelope("test.Echo", {"n": 1}, queue=missing)
             body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
             await (await app.transport()).publish(Outgoing(queue, body, None))
             await app.enqueue_async("test.Echo", {"n": 2})
-            return await app.consume(burst=True)
+            return missing, await app.consume(burst=True)
 
-    stats = run(scenario())
+    missing, stats = run(scenario())
     assert ran == [2] and stats.dead_lettered == 1
     [unroutable] = dead_letters(app, queue)
     assert unroutable.reason == "unroutable" and unroutable.envelope is not None
@@ -142,32 +139,17 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
     assert missing in unroutable.detail and queue in unroutable.detail
 
 
-def test_a_job_naming_another_connections_exclusive_queue_is_dead_lettered(
-    brokers: dict[str, str], queue: str
-) -> None:
-    # Given a job whose envelope names a RabbitMQ queue that exists but is another connection's
-    # own (exclusive: RabbitMQ answers RESOURCE_LOCKED to anyone else), then a good job,
-    # When consumed, Then the first is dead-lettered `unroutable` naming it, and the good job
-    # runs. (The look at the queue raised, and the job went round the shortest tier for good.)
-    app = own_app(brokers["rabbitmq"])
-    ran = failing_first(app, queue, lambda: Retry(delay_s=1))
-
-    async def scenario() -> Stats:
-        async with await aio_pika.connect(brokers["rabbitmq"]) as other, app:
-            owned = await (await other.channel()).declare_queue(exclusive=True)
-            await app.apply_topology()
-            envelope = app.build_envelope("test.Echo", {"n": 1}, queue=owned.name)
-            body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
-            await (await app.transport()).publish(Outgoing(queue, body, None))
-            await app.enqueue_async("test.Echo", {"n": 2})
-            return await app.consume(burst=True)
-
-    stats = run(scenario())
-    assert ran == [2] and stats.dead_lettered == 1
-    [unroutable] = dead_letters(app, queue)
-    assert unroutable.reason == "unroutable" and unroutable.envelope is not None
-    assert unroutable.envelope.queue.startswith("amq.gen-")
-    assert unroutable.envelope.queue in unroutable.detail
+async def queue_named(named: str, prefix: str, rabbitmq: str, held: AsyncExitStack) -> str:
+    """The name of a queue no job can go to, of the kind `named` says; what it takes stays in `held`."""
+    if named == "another connection's exclusive queue":
+        other = await held.enter_async_context(await aio_pika.connect(rabbitmq))
+        return (await (await other.channel()).declare_queue(exclusive=True)).name
+    return {
+        "a queue that does not exist": f"no-such-queue-{uuid.uuid4().hex[:8]}",
+        "kafka's own topic": "__consumer_offsets",
+        "a delay tier": f"{prefix}.delay.1s",
+        "a name longer than AMQP allows": "q" * 256,
+    }[named]
 
 
 @pytest.mark.parametrize("broker_name", ["kafka", "rabbitmq"])
