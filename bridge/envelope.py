@@ -102,7 +102,13 @@ class Envelope:
 
     @classmethod
     def from_avro(cls, record: dict[str, Any]) -> Envelope:
-        """The envelope from a record decoded with the envelope's schema (which it takes over)."""
+        """The envelope from a record decoded with the envelope's schema (which it takes over).
+
+        An `attempt` below 1 (another producer counting from 0, or any int) reads as 1: counted
+        up from there, a job that keeps failing would be retried up to 2^31 times.
+        """
+        if record["attempt"] < 1:
+            record["attempt"] = 1
         if record["errors"]:
             record["errors"] = [JobError(**e) for e in record["errors"]]
         envelope = cls.__new__(cls)

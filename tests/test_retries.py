@@ -323,6 +323,35 @@ def test_a_job_whose_expiry_has_no_calendar_date_is_dead_lettered_expired_naming
     assert ran == [] and (stats.delayed, stats.dead_lettered) == (0, 1)
 
 
+@pytest.mark.parametrize("attempt", [0, -(2**31)])
+def test_a_job_whose_attempt_is_below_one_runs_as_a_first_attempt(queue: str, attempt: int) -> None:
+    # Given a job from another producer that counts attempts from 0 (or writes any int below 1),
+    # whose handler always fails, When consumed, Then it runs max_attempts times, attempts 1 to 3,
+    # and is dead-lettered `exhausted`. (It ran from its own attempt up: from -2^31, for good.)
+    from tests.conftest import SCHEMAS
+
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    attempts: list[int] = []
+
+    @app.job("test.Echo", queue=queue, max_attempts=3, backoff=fixed(0))
+    async def broken(payload: dict[str, Any], ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        raise ValueError("always")
+
+    async def scenario() -> Stats:
+        async with app:
+            envelope = app.build_envelope("test.Echo", {"n": 1}, queue=queue)
+            envelope.attempt = attempt
+            body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
+            await (await app.transport()).publish(Outgoing(queue, body, None))
+            return await app.consume(burst=True)
+
+    stats = run(scenario())
+    assert attempts == [1, 2, 3] and (stats.retried, stats.dead_lettered) == (2, 1)
+    [letter] = testing.dead_letters(app, queue)
+    assert letter.reason == "exhausted"
+
+
 def test_three_day_delay_with_a_fake_clock(queue: str) -> None:
     # On the in-memory transport, time is the app's clock: a 3-day delay, hopping through 6-hour
     # tiers, runs once the clock passes three days and not a moment before.
