@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bridge import Bridge, JobContext, codec
-from bridge.errors import TransportError
+from bridge.errors import PublishError, TransportError
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name
@@ -444,6 +444,26 @@ def test_a_foreign_tier_record_without_a_queue_to_return_to_is_dead_lettered_in_
     for letter in letters.values():
         assert letter.reason == "unroutable" and letter.queue == tier and letter.envelope is None
         assert letter.consumer_group == f"{prefix}.delay" and letter.offset is not None
+
+
+def test_an_enqueue_to_a_delay_tier_is_refused_saying_so(brokers: dict[str, str]) -> None:
+    # Given an app whose delay tiers exist, When a job is enqueued to one of them as its queue,
+    # Then the enqueue fails at once, saying the topic is a delay tier and not a queue. (It was
+    # published, without the header that names a queue, and dead-lettered by the forwarder.)
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+    app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers="1s")
+    tier = f"{prefix}.delay.1s"
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([f"t-{uuid.uuid4().hex[:12]}"])
+            await app.enqueue_async("test.Echo", {"n": 1}, queue=tier)
+
+    with pytest.raises(PublishError) as refused:
+        run(scenario())
+    assert str(refused.value) == (
+        f"Kafka topic {tier} is a delay tier, not a queue: enqueue the job to its own queue"
+    )
 
 
 def test_a_tier_without_its_dead_letter_topic_logs_and_skips_a_foreign_record(

@@ -195,6 +195,13 @@ class KafkaTransport:
     # -- publishing ------------------------------------------------------------------------
 
     async def publish(self, message: Outgoing) -> None:
+        # A job put straight in a tier has no header naming its queue: the forwarder would
+        # dead-letter it there.
+        if message.queue in self._tier_topics:
+            raise PublishError(
+                f"Kafka topic {message.queue} is a delay tier, not a queue: enqueue the job to its own queue",
+                retriable=False,
+            )
         topic, headers = await self._route(message)
         await self._produce(topic, message.body, message.key, headers)
 
