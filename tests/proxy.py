@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 class FlakyProxy:
     """Forwards to the server of `url`; `cut(down_s)` closes every forwarded connection and
     drops new ones for `down_s` seconds from the first one it drops (so a consumer that only
-    comes to the store seconds later still finds it down).
+    comes to the store seconds later still finds it down), or until `heal()` with `down_s` None.
     """
 
     def __init__(self, url: str) -> None:
@@ -29,12 +29,18 @@ class FlakyProxy:
         credentials, at, _ = self._url.netloc.rpartition("@")
         return self._url._replace(netloc=f"{credentials}{at}127.0.0.1:{self._port}").geturl()
 
-    def cut(self, down_s: float) -> None:
+    def cut(self, down_s: float | None) -> None:
         if self._healing is not None:  # an earlier cut's timer must not end this one early
             self._healing.cancel()
-        self._down_s, self._healing = down_s, None
+        self._down_s, self._healing = (down_s if down_s is not None else float("inf")), None
         for pipe in self._pipes:
             pipe.cancel()
+
+    def heal(self) -> None:
+        """End the cut now."""
+        if self._healing is not None:
+            self._healing.cancel()
+        self._down_s, self._healing = None, None
 
     async def __aenter__(self) -> FlakyProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -69,6 +75,8 @@ class FlakyProxy:
             pipe.add_done_callback(self._pipes.discard)
 
     async def _heal_in(self, down_s: float) -> None:
+        if down_s == float("inf"):
+            return  # until `heal()`
         await asyncio.sleep(down_s)
         self._down_s = None
 
