@@ -18,8 +18,11 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from bridge import Bridge, JobContext
+from bridge import Bridge, JobContext, codec
+from bridge.envelope import Envelope
 from bridge.errors import BridgeError
+from bridge.registry import ENVELOPE
+from bridge.transports import Outgoing
 
 TESTS = Path(__file__).resolve().parent
 SCHEMAS = TESTS / "schemas"
@@ -145,6 +148,13 @@ def failing_first(app: Bridge, queue: str, error: Callable[[], Exception], **opt
             raise error()
 
     return ran
+
+
+async def publish_envelope(app: Bridge, queue: str, envelope: Envelope) -> None:
+    """Put `envelope` on `queue` as another producer would: its bytes as written, none of
+    enqueue's checks or defaults."""
+    body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
+    await (await app.transport()).publish(Outgoing(queue, body, None))
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:

@@ -15,10 +15,9 @@ from bridge import Bridge, Permanent, Retry, codec
 from bridge.errors import JobTooLarge
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
-from bridge.transports import Outgoing
 from bridge.worker import Stats
 from tests.brokerio import dead_letters
-from tests.conftest import SCHEMAS, failing_first, own_app, run
+from tests.conftest import SCHEMAS, failing_first, own_app, publish_envelope, run
 from tests.processes import consumer, finish, ledger_counts, publish
 
 
@@ -126,8 +125,7 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
             await app.apply_topology()
             missing = await queue_named(named, app.settings.prefix, brokers["rabbitmq"], held)
             envelope = app.build_envelope("test.Echo", {"n": 1}, queue=missing)
-            body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
-            await (await app.transport()).publish(Outgoing(queue, body, None))
+            await publish_envelope(app, queue, envelope)
             await app.enqueue_async("test.Echo", {"n": 2})
             return missing, await app.consume(burst=True)
 

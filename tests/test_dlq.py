@@ -12,12 +12,10 @@ from typing import Any
 
 import pytest
 
-from bridge import Bridge, JobContext, Permanent, codec
+from bridge import Bridge, JobContext, Permanent
 from bridge.dlq import Selection
 from bridge.errors import BridgeError
-from bridge.registry import ENVELOPE
-from bridge.transports import Outgoing
-from tests.conftest import REPO, SCHEMAS, run
+from tests.conftest import REPO, SCHEMAS, publish_envelope, run
 
 
 @pytest.fixture
@@ -133,8 +131,7 @@ def test_a_letter_whose_queue_is_no_queue_is_refused_and_the_others_replayed(
         async with app:
             await app.apply_topology()
             envelope = app.build_envelope("test.Echo", {"n": 0}, queue=nowhere)
-            body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
-            await (await app.transport()).publish(Outgoing(queue, body, None))
+            await publish_envelope(app, queue, envelope)
             declined = await app.enqueue_async("test.Echo", {"n": 1})
             await app.consume(burst=True)
             dlq = app.dead_letters(queue)

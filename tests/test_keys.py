@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bridge import Bridge, JobContext, Permanent, codec
+from bridge import Bridge, JobContext, Permanent
 from bridge.cli import _configure_logging
 from bridge.dlq import Selection
 from bridge.errors import ConfigError, StoreError
@@ -23,10 +23,8 @@ from bridge.idempotency import Claimed, Store, enqueue_key, run_key
 from bridge.idempotency.lease import Lease
 from bridge.idempotency.memory import MemoryStore
 from bridge.idempotency.outage import Outage
-from bridge.registry import ENVELOPE
-from bridge.transports import Outgoing
 from bridge.worker import Stats
-from tests.conftest import SCHEMAS, run
+from tests.conftest import SCHEMAS, publish_envelope, run
 from tests.proxy import FlakyProxy
 
 
@@ -166,8 +164,7 @@ def test_keys_and_job_ids_of_any_length_or_content_run_once_in_every_store(
             for _ in range(2):
                 envelope = app.build_envelope("test.Echo", {"n": 1}, queue=queue, idempotency_key=nul_id_key)
                 envelope.id = f"job\x00{envelope.id}"
-                body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
-                await (await app.transport()).publish(Outgoing(queue, body, None))
+                await publish_envelope(app, queue, envelope)
 
     run(enqueue())
     stats = consume(app)

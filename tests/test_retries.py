@@ -23,7 +23,7 @@ from bridge.registry import ENVELOPE
 from bridge.transports import Delivery, Outgoing
 from bridge.worker import Stats, Worker
 from tests.brokerio import dead_letters
-from tests.conftest import run
+from tests.conftest import publish_envelope, run
 
 TIERS = "1s,2s"
 
@@ -310,8 +310,7 @@ def test_a_job_whose_expiry_has_no_calendar_date_is_dead_lettered_expired_naming
     async def scenario() -> Stats:
         async with app:
             envelope = app.build_envelope("test.Echo", {"n": 1}, queue=queue, expires_at=-(2**63))
-            body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
-            await (await app.transport()).publish(Outgoing(queue, body, None))
+            await publish_envelope(app, queue, envelope)
             return await app.consume(burst=True)
 
     stats = run(scenario())
@@ -342,8 +341,7 @@ def test_a_job_whose_attempt_is_below_one_runs_as_a_first_attempt(queue: str, at
         async with app:
             envelope = app.build_envelope("test.Echo", {"n": 1}, queue=queue)
             envelope.attempt = attempt
-            body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
-            await (await app.transport()).publish(Outgoing(queue, body, None))
+            await publish_envelope(app, queue, envelope)
             return await app.consume(burst=True)
 
     stats = run(scenario())
