@@ -641,7 +641,8 @@ def test_a_transaction_that_fails_for_good_starts_a_new_round_from_the_committed
 ) -> None:
     # Given a consumer at work on 300 jobs of 10 ms,
     # When its transactional producer is fenced after 50 runs (another producer takes its
-    # transactional id: its next transaction fails for good, as one did after a Kafka restart),
+    # transactional id: its next transaction fails for good, as one did after a Kafka restart;
+    # the jobs wait for the fence, which may take longer than the 250 left would),
     # and the next round's producer cannot start its transactions at the first try (Kafka does
     # not answer in time, as while it loads its transaction coordinator after a restart),
     # Then consume logs both, consumes again from the committed offsets with a new producer,
@@ -670,9 +671,12 @@ def test_a_transaction_that_fails_for_good_starts_a_new_round_from_the_committed
     monkeypatch.setattr(kafka_transport, "Committer", Recorded)
     app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=group, concurrency=4)
     runs: Counter[str] = Counter()
+    fenced = asyncio.Event()
 
     @app.job("test.Echo", queue=queue)
     async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        if len(runs) >= 50:
+            await fenced.wait()
         await asyncio.sleep(payload["sleep_ms"] / 1000)
         runs[ctx.job_id] += 1
 
@@ -686,6 +690,7 @@ def test_a_transaction_that_fails_for_good_starts_a_new_round_from_the_committed
             while len(runs) < 50:
                 await asyncio.sleep(0.01)
             await asyncio.to_thread(fence, producers[0])
+            fenced.set()
             await asyncio.wait_for(consuming, 90)  # drained: every offset committed
             again = await asyncio.wait_for(app.consume(burst=True), 60)
             assert again.processed == 0, again.summary()
