@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -272,15 +273,33 @@ def another_kafka(root: Path, settings: dict[str, str], client_port: int | None 
         os.waitpid(pid, 0)
 
 
+_PORTS = random.Random()  # (its own: a test that seeds `random` must not repeat our ports)
+
+
 def free_port_pair() -> int:
-    """A port free on loopback, and the next one too (Kafka's controller takes it)."""
+    """A port free on loopback, and the next one too (Kafka's controller takes it).
+
+    Taken above the ephemeral range, from which the system hands a port to every client
+    connection and every bind to port 0: a port found free there could be a connection's own
+    by the time Kafka, seconds later, binds it (a test failed so while another session ran).
+    """
+    low, high = _ephemeral_range()
+    first_port, last_port = (high + 1, 65534) if high < 65000 else (10000, low - 2)
     while True:
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port: int = first.getsockname()[1]
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
+        port = _PORTS.randint(first_port, last_port)
+        with socket.socket() as first, socket.socket() as second:
+            try:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
         return port
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the system picks for clients and binds to port 0 (Linux's default if unknown)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
