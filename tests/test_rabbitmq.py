@@ -387,12 +387,15 @@ def test_messages_that_come_back_to_a_busy_consumer_run_one_at_a_time_after_the_
     url = brokers["rabbitmq"]
     app = Bridge(broker=url, registry=str(SCHEMAS))
     runs: dict[int, tuple[float, float]] = {}
-    busy = asyncio.Event()
+    began_n: list[int] = []
+    busy = asyncio.Event()  # set once the consumer runs four: it is subscribed, and its slots full
 
     @app.job("test.Echo", queue=queue)
     async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
         began = time.monotonic()
-        busy.set()
+        began_n.append(payload["n"])
+        if len(began_n) == 4:
+            busy.set()
         await asyncio.sleep(0.3)
         runs[payload["n"]] = (began, time.monotonic())
 
