@@ -160,14 +160,18 @@ def test_only_the_holder_can_extend_complete_or_release(store_url: str) -> None:
 
 
 def test_a_lease_ends_unless_renewed_and_the_late_holder_cannot_complete(store_url: str) -> None:
-    # Given a key claimed for 0.6 s and renewed once for 0.6 s more,
-    # Then another job can claim it only after the renewed lease ends,
-    # and the first holder can no longer complete or renew it.
+    # Given a key claimed for 1 s and renewed 0.3 s later for 1 s from then,
+    # Then another job can claim it only after the renewed lease ends (not when the first would
+    # have), and the first holder can no longer complete or renew it. (Timed from before the
+    # renewal, however slow the store's round trips; stamps are whole ms, as in the window test.)
     async def scenario(store: Store) -> None:
         key = new_key()
-        first = claimed(await store.claim(key, "job-1", 0.6))
-        assert await store.extend(key, first.token, 0.6)
-        assert await wait_for_claim(store, key, "job-2") > 0.4
+        first = claimed(await store.claim(key, "job-1", 1.0))
+        await asyncio.sleep(0.3)
+        renewing = time.monotonic()
+        assert await store.extend(key, first.token, 1.0)
+        await wait_for_claim(store, key, "job-2")
+        assert time.monotonic() - renewing >= 1.0 - 0.002
         assert not await store.complete(key, first.token, "job-1", 30)
         assert not await store.extend(key, first.token, 30)
 
