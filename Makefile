@@ -14,7 +14,7 @@ LOWEST_TESTS := tests/test_codec.py tests/test_contract.py tests/test_kafka.py t
 	tests/test_keys.py::test_keyed_jobs_wait_in_place_while_their_store_does_not_answer \
 	tests/test_keys.py::test_keyed_jobs_that_waited_too_long_for_their_store_go_through_the_delay_tiers
 
-.PHONY: demo test lint pytest pytest-lowest pytest-rabbitmq4 pytest-and-rabbitmq4 bench brokers down clean
+.PHONY: demo test lint pytest pytest-lowest pytest-lowest-beside pytest-rabbitmq4 pytest-side-by-side bench brokers down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,18 +55,30 @@ pytest-rabbitmq4: $(STAMP)
 	$(BIN)/python -m tests.rabbitmq4 pytest -p no:cacheprovider tests \
 		-k "rabbitmq and not test_dev and not test_keys_process"
 
-# The main stage, and beside it the RabbitMQ 4 stage: that one has a broker of its own and its
-# tests mostly wait, as the main ones do (the two cores are idle three quarters of the time), so
-# together they take the main stage's time. Its output is kept in a file and shown after. (Both
-# sessions start the dev services that are down; `bridge dev up` starts each under a lock.)
-RABBITMQ4_LOG := $(VENV)/pytest-rabbitmq4.log
-pytest-and-rabbitmq4: $(STAMP)
-	$(MAKE) --no-print-directory pytest-rabbitmq4 > $(RABBITMQ4_LOG) 2>&1 & \
-	$(BIN)/pytest; main=$$?; wait $$!; beside=$$?; \
-	echo "--- make pytest-rabbitmq4 (run beside the main stage):"; cat $(RABBITMQ4_LOG); \
+# The lowest versions' tests as `make test` runs them, beside the main stage: on RabbitMQ 4, since
+# some RabbitMQ tests change the whole node (a disk alarm, consumer_timeout) and would reach the
+# main stage's tests on the dev RabbitMQ, and on the dev Kafka under a prefix of their own (their
+# delay tiers and forwarder group apart from the main stage's).
+pytest-lowest-beside: $(LOWEST_STAMP)
+	BRIDGE_LOWEST_BOUNDS=1 BRIDGE_PREFIX=lowest $(LOWEST)/bin/python -m tests.rabbitmq4 pytest \
+		-p no:cacheprovider $(LOWEST_TESTS)
+
+# The main stage, and beside it the RabbitMQ 4 stage and then the lowest versions' stage: those
+# have a RabbitMQ of their own and their tests mostly wait, as the main ones do (the two cores are
+# idle three quarters of the time), so all three take about the main stage's time. Their output
+# is kept in a file and shown after. (Every session starts the dev services that are down; `bridge
+# dev up` starts each under a lock. They leave the test topics on the dev Kafka to the end.)
+BESIDE_LOG := $(VENV)/pytest-beside.log
+pytest-side-by-side: $(STAMP) $(LOWEST_STAMP)
+	{ $(MAKE) --no-print-directory pytest-rabbitmq4; first=$$?; \
+	  $(MAKE) --no-print-directory pytest-lowest-beside; second=$$?; test $$first = 0 && test $$second = 0; } \
+		> $(BESIDE_LOG) 2>&1 & \
+	BRIDGE_TEST_KEEP_TOPICS=1 $(BIN)/pytest; main=$$?; wait $$!; beside=$$?; \
+	echo "--- make pytest-rabbitmq4 pytest-lowest-beside (run beside the main stage):"; \
+	cat $(BESIDE_LOG); $(BIN)/python -m tests.brokerio; \
 	test $$main = 0 && test $$beside = 0
 
-test: lint pytest-and-rabbitmq4 pytest-lowest
+test: lint pytest-side-by-side
 
 bench: brokers
 	$(BIN)/python -m bench.throughput

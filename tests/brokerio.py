@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType  # type: ignore[attr-defined]
 
 from bridge import Bridge, codec, testing
@@ -182,14 +182,19 @@ def delete_test_objects(brokers: dict[str, str], *, kafka: bool = True) -> None:
     """Delete the queues, exchanges and topics tests made, so the dev brokers do not fill up
     (with `kafka` false, only the RabbitMQ under test's)."""
     if kafka:
-        admin = AdminClient({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
-        topics = [t for t in admin.list_topics(timeout=10).topics if TEST_NAMES.match(t)]
-        for future in admin.delete_topics(topics).values() if topics else ():
-            future.exception()  # wait; a topic already gone is fine
+        delete_test_topics(brokers["kafka"])
     for kind in ("queues", "exchanges"):
         for item in rabbitmq_api(f"{kind}/%2F"):
             if TEST_NAMES.match(item["name"]):
                 rabbitmq_api(f"{kind}/%2F/{_quoted(item['name'])}", "DELETE")
+
+
+def delete_test_topics(kafka_url: str) -> None:
+    """Delete the topics tests made on the Kafka at `kafka_url`."""
+    admin = AdminClient({"bootstrap.servers": kafka_url.partition("://")[2]})
+    topics = [t for t in admin.list_topics(timeout=10).topics if TEST_NAMES.match(t)]
+    for future in admin.delete_topics(topics).values() if topics else ():
+        future.exception()  # wait; a topic already gone is fine
 
 
 def rabbitmq_api(path: str, method: str = "GET", body: Any = None) -> Any:
@@ -303,3 +308,16 @@ def _ephemeral_range() -> tuple[int, int]:
         return int(low), int(high)
     except (OSError, ValueError):
         return 32768, 60999
+
+
+if __name__ == "__main__":  # `make test`: the test topics of sessions that ran side by side
+    from bridge.dev import kafka as dev_kafka
+
+    # Hygiene only, as at a session's end: without a dev Kafka (its tests were skipped) there are
+    # no topics to delete, and `make test` must not fail for it.
+    try:
+        with socket.create_connection(("127.0.0.1", dev_kafka.port()), timeout=1):
+            pass
+        delete_test_topics(dev_kafka.url())
+    except (OSError, KafkaException) as exc:
+        print(f"could not delete the test topics: {exc}")

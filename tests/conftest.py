@@ -88,9 +88,11 @@ def brokers() -> Iterator[dict[str, str]]:
     from tests.brokerio import delete_test_objects
 
     try:
-        # A RabbitMQ 4 session runs beside the main one (`make test`), whose tests use the dev
-        # Kafka's topics until it ends: it deletes only RabbitMQ 4's queues and exchanges.
-        delete_test_objects(urls, kafka=not another_rabbitmq)
+        # Sessions run side by side in `make test`, and use the dev Kafka's topics until each
+        # ends: they leave the topics (BRIDGE_TEST_KEEP_TOPICS, and every RabbitMQ 4 session),
+        # which `make test` deletes once all have ended (`python -m tests.brokerio`).
+        keep_topics = bool(another_rabbitmq or os.environ.get("BRIDGE_TEST_KEEP_TOPICS"))
+        delete_test_objects(urls, kafka=not keep_topics)
     except OSError as exc:  # hygiene only: a broker that went away has failed its tests already
         print(f"could not delete the test queues and topics: {exc}")
 
