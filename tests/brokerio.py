@@ -32,6 +32,7 @@ from bridge import Bridge, codec, testing
 from bridge.envelope import DeadLetter
 from bridge.registry import DEAD_LETTER, ENVELOPE
 from bridge.transports import dlq_name
+from bridge.transports.kafka.common import wait_until_served
 
 
 def read_queue(app: Bridge, queue: str) -> list[bytes]:
@@ -124,10 +125,14 @@ def read_partitions(bootstrap: str, topic: str) -> list[tuple[int, bytes]]:
 
 
 def topics_made_elsewhere(bootstrap: str, topics: list[str], partitions: int = 1) -> None:
-    """Create `topics` as another tool would: with the broker's default config."""
+    """Create `topics` as another tool would: with the broker's default config; return once
+    Kafka serves them. (CreateTopics answers once the controller has recorded a topic; the
+    broker's metadata may lack it a moment longer, as Kafka's AdminClient documents, and a
+    worker started then refused to start: "topic ... does not exist".)"""
     admin = AdminClient({"bootstrap.servers": bootstrap})  # (kept: its futures fail once it is freed)
     for future in admin.create_topics([NewTopic(t, partitions) for t in topics]).values():
         future.result(30)
+    wait_until_served({"bootstrap.servers": bootstrap}, topics, 30)
 
 
 def topic_config(bootstrap: str, topics: list[str], name: str) -> dict[str, str]:
