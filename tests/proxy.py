@@ -75,9 +75,7 @@ class FlakyProxy:
             pipe.add_done_callback(self._pipes.discard)
 
     async def _heal_in(self, down_s: float) -> None:
-        if down_s == float("inf"):
-            return  # until `heal()`
-        await asyncio.sleep(down_s)
+        await asyncio.sleep(down_s)  # (for good when infinite: `heal()` cancels it)
         self._down_s = None
 
 
