@@ -206,6 +206,50 @@ def test_a_session_timeout_the_broker_refuses_stops_consume_with_an_error_naming
     assert error.startswith("Kafka refuses session_timeout_s=2: a broker takes from group.min.session")
 
 
+def test_a_consume_that_starts_before_another_tool_has_made_its_topic_waits_a_moment_for_it(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a consume of a queue whose topic another tool makes only once the consume has found
+    # it absent (as a broker's metadata may lag a topic made a moment before),
+    # When a job is enqueued on it,
+    # Then the consume runs it, instead of refusing to start ("does not exist").
+    app, bootstrap = own_app(brokers["kafka"]), brokers["kafka"].partition("://")[2]
+    ran = asyncio.Event()
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.set()
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([f"{queue}-other"])  # the delay tiers, not the queue
+            transport = await app.transport()
+            found_absent = asyncio.Event()
+            absent = transport._absent  # type: ignore[attr-defined]
+
+            async def watched(topics: list[str]) -> list[str]:
+                missing: list[str] = await absent(topics)
+                if queue in missing:
+                    found_absent.set()
+                return missing
+
+            monkeypatch.setattr(transport, "_absent", watched)
+            stop = asyncio.Event()
+            consuming = asyncio.create_task(app.consume([queue], stop=stop))
+            await asyncio.wait_for(found_absent.wait(), 30)
+            await asyncio.to_thread(topics_made_elsewhere, bootstrap, [queue])
+            await app.enqueue_async("test.Echo", {"n": 0}, queue=queue)
+            running = asyncio.create_task(ran.wait())
+            await asyncio.wait([running, consuming], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            if consuming.done():
+                consuming.result()  # (raises its error: it refused to start)
+            assert running.done(), "the job did not run within 30 s"
+            stop.set()
+            await consuming
+
+    run(scenario(), timeout=60)
+
+
 def refused_consume(app: Bridge, queue: str) -> str:
     """The error of a consume of one job on `queue`, which must fail without running the job."""
     ran: list[str] = []

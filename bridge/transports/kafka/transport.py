@@ -70,6 +70,7 @@ from bridge.transports.offsets import TopicPartition as TP
 PAUSE_AFTER_S = 1.0
 DRAIN_CHECK_S = 0.25
 TOPIC_LOOK_S = 5.0  # while idle, how often to look whether the consumed topics still exist
+NEW_TOPIC_GRACE_S = 2.0  # at consume start, how long a topic may be missing before bridge refuses
 # After a failed transaction, before a new round consumes again from the committed offsets.
 RESTART_AFTER_S = 5.0
 
@@ -192,6 +193,19 @@ class KafkaTransport:
                 retriable=False,
             )
 
+    async def _require_topics_soon(self, topics: Sequence[str]) -> None:
+        """`_require_topics`, after a few looks over NEW_TOPIC_GRACE_S for any that are absent.
+
+        Another tool's CreateTopics answers once Kafka's controller has recorded a topic; the
+        broker bridge asks may leave it out of its metadata a moment longer (Kafka's AdminClient
+        says so). A `bridge consume` started right after such a tool refused to start. Only the
+        consume start waits: a publish to a missing topic, or a job naming one, fails at once.
+        """
+        deadline = time.monotonic() + NEW_TOPIC_GRACE_S
+        while await self._absent(topics) and time.monotonic() < deadline:
+            await asyncio.sleep(SERVED_POLL_S)
+        await self._require_topics(topics)
+
     # -- publishing ------------------------------------------------------------------------
 
     async def publish(self, message: Outgoing) -> None:
@@ -269,7 +283,7 @@ class KafkaTransport:
         burst: bool = False,
         grace_s: float = 30.0,
     ) -> None:
-        await self._require_topics([*queues, *self._tiers.values()])
+        await self._require_topics_soon([*queues, *self._tiers.values()])
         await self._warn_if_too_small([*queues, *self._tiers.values()])
         await require_internal_topics(self._common, self._topics)
         restarting = False  # a round ended in a failed transaction: consume was up and running
