@@ -93,28 +93,41 @@ def test_a_failed_run_releases_its_key_for_the_retry(keyed_app: Callable[..., Br
 def test_a_key_held_by_another_worker_sends_the_job_to_wait(
     keyed_app: Callable[..., Bridge], queue: str
 ) -> None:
-    # Given a consumer at work, and a key that another worker claims for 2 s (and then lets go,
-    # as if it died),
+    # Given a consumer at work, and a key that another worker claims for 2 s and renews until
+    # the job below has gone to wait (then it lets go, as if it died),
     # When a job with that key arrives, Then it waits in a delay tier (the partition or queue
     # keeps flowing) and runs once, after the lease has ended.
     app = keyed_app()
     started: dict[int, float] = {}
     lease_ends: list[float] = []
+    holding: list[asyncio.Task[None]] = []
+
+    async def renew(store: Store, key: str, token: str) -> None:
+        """The other worker renews its claim until job 0 has gone to wait, however long it takes."""
+        while app.stats is not None and not app.stats.delayed:
+            await asyncio.sleep(0.25)
+            lease_ends.append(time.time() + 2.0 - 0.001)
+            assert await store.extend(key, token, 2.0)
 
     @app.job("test.Echo", queue=queue)
     async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
         started[payload["n"]] = time.time()
         if payload["n"] == 1:  # the consumer is running: now the other worker takes the key
-            store = await app.idempotency_store()
-            # Before the claim: the store counts the lease from its own clock, in whole ms.
+            store, key = await app.idempotency_store(), run_key("test.Echo", "held")
+            # Before the claim (and each renewal): the store counts a lease from its own clock, in ms.
             lease_ends.append(time.time() + 2.0 - 0.001)
-            assert isinstance(await store.claim(run_key("test.Echo", "held"), "another-job", 2.0), Claimed)
+            claim = await store.claim(key, "another-job", 2.0)
+            assert isinstance(claim, Claimed)
             await app.enqueue_async("test.Echo", {"n": 0}, idempotency_key="held")
+            holding.append(asyncio.create_task(renew(store, key, claim.token)))
 
     enqueue_all(app, [(1, None)])
     stats = consume(app)
+    [renewing] = holding
+    assert not renewing.cancelled(), "the other worker was still renewing: job 0 never went to wait"
+    assert renewing.exception() is None
     assert sorted(started) == [0, 1]
-    assert started[0] >= lease_ends[0]
+    assert started[0] >= lease_ends[-1]
     assert stats.delayed >= 1 and stats.duplicates == 0
 
 
