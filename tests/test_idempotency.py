@@ -538,11 +538,11 @@ def test_no_completion_waits_for_a_slow_postgres_purge_and_closing_ends_it(broke
 
 
 def test_two_processes_racing_for_the_same_keys_each_win_once(store_url: str) -> None:
-    # Given 3,000 keys, When two processes claim all of them from the same moment (one from
+    # Given 2,000 keys, When two processes claim all of them from the same moment (one from
     # each end, so that they must meet),
-    # Then every key is claimed by exactly one of them. (Each process's claims take half a
-    # second or more: on a loaded machine one may start late, yet while the other still claims.)
-    keys = [new_key() for _ in range(3000)]
+    # Then every key is claimed by exactly one of them. (Each process's claims take a quarter
+    # of a second or more: on a loaded machine one may start late, yet while the other claims.)
+    keys = [new_key() for _ in range(2000)]
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(2, timeout=60)  # both connected to the store, then both go
     results: Results = context.Queue()
@@ -601,7 +601,9 @@ def claim_all(url: str, keys: list[str], start: Barrier, name: str, results: Res
             await store.claim(new_key(), name, 30)  # connected, and the first statement made
             start.wait()
             began = time.monotonic_ns()
-            outcomes = [await store.claim(key, name, 30) for key in keys]
+            # Leases that outlast the race: on a loaded machine, 3,000 claims to PostgreSQL took
+            # 17 s with the lowest psycopg, and a lease of 30 s, once over, frees the key rightly.
+            outcomes = [await store.claim(key, name, 3600) for key in keys]
             ended = time.monotonic_ns()
             won = [key for key, outcome in zip(keys, outcomes, strict=True) if isinstance(outcome, Claimed)]
             return name, won, began, ended
