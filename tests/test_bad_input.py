@@ -101,6 +101,7 @@ def test_bad_bytes_are_dead_lettered_with_reason_and_original_bytes(
         ("rabbitmq", "a queue that does not exist"),
         ("kafka", "kafka's own topic"),
         ("kafka", "a delay tier"),
+        ("rabbitmq", "a delay tier"),
         ("rabbitmq", "a name longer than AMQP allows"),
         ("rabbitmq", "another connection's exclusive queue"),
     ],
@@ -114,9 +115,11 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
     # missing queue's name, and the good job runs: consuming does not stop for it (it stopped,
     # and the same message stopped it again at each start). The same for a Kafka topic that
     # exists but takes no job: one of Kafka's own (its retry failed every transaction of the delay
-    # forwarder, which then moved no delayed job again), or a delay tier; and for a name no
-    # RabbitMQ queue can have, or a queue RabbitMQ keeps for another connection (RESOURCE_LOCKED):
-    # the look at it raised, and the job went round the shortest tier for good.
+    # forwarder, which then moved no delayed job again), or a delay tier (on RabbitMQ too: its
+    # retry came back from the tier under the tier's name, bound to no queue, and was dropped);
+    # and for a name no RabbitMQ queue can have, or a queue RabbitMQ keeps for another
+    # connection (RESOURCE_LOCKED): the look at it raised, and the job went round the shortest
+    # tier for good.
     app = own_app(brokers[broker_name])
     ran = failing_first(app, queue, lambda: Retry(delay_s=1))
 

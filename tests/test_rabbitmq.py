@@ -9,6 +9,7 @@ import re
 import shlex
 import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -115,6 +116,29 @@ def test_a_consumer_waits_out_rabbitmq_unreachable_and_says_so_once_per_kind(
     assert not [r.getMessage() for r in clients if r.exc_info], "a traceback for the drop"
     stopped = [r.getMessage() for r in clients if r.getMessage().startswith("Cancelling cause reader")]
     assert all(line.startswith("Cancelling cause reader exited abnormally: Server") for line in stopped)
+
+
+@pytest.mark.parametrize("delay", [None, 5.0])
+def test_an_enqueue_to_a_delay_tier_as_the_jobs_queue_is_refused(
+    brokers: dict[str, str], delay: float | None
+) -> None:
+    # Given an app whose delay tiers exist, When a job is enqueued to one of them as its queue,
+    # now or delayed, Then the enqueue fails at once, saying the queue is a delay tier. (Delayed,
+    # it was published and confirmed, and dropped when due: it came back to the jobs exchange
+    # under the tier's name, which no queue is bound by.)
+    app = own_app(brokers["rabbitmq"])
+    tier = tier_queue(app.settings.prefix, 1.0)
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([f"t-{uuid.uuid4().hex[:12]}"])
+            await app.enqueue_async("test.Echo", {"n": 1}, queue=tier, delay=delay)
+
+    with pytest.raises(PublishError) as refused:
+        run(scenario())
+    assert str(refused.value) == (
+        f"RabbitMQ queue {tier} is a delay tier, not a queue: enqueue the job to its own queue"
+    )
 
 
 def test_a_consumer_whose_queue_is_deleted_stops_with_an_error(brokers: dict[str, str], queue: str) -> None:

@@ -136,6 +136,7 @@ class RabbitTransport:
         self.settings = settings
         self.exchange_name = f"{settings.prefix}.jobs"
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
+        self._tier_queues = frozenset(self._tiers.values())
         self._known_queues: set[str] = set()
         self._lookup = asyncio.Lock()
         self._connection: AbstractRobustConnection | None = None
@@ -201,6 +202,14 @@ class RabbitTransport:
         A worker settling a delivery publishes through `_publish`, without the bound: it waits
         for the broker, and takes no new work meanwhile.
         """
+        # A job put straight in a tier, delayed, would come back under the tier's name and be
+        # dropped there (see `missing`); not delayed, no queue is bound by that name.
+        if message.queue in self._tier_queues:
+            raise PublishError(
+                f"RabbitMQ queue {message.queue} is a delay tier, not a queue: enqueue the job to its"
+                " own queue",
+                retriable=False,
+            )
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_S) as deadline:
                 await self._publish(message)
@@ -257,6 +266,16 @@ class RabbitTransport:
         return aiormq.spec.Basic.Properties(delivery_mode=2, message_id=message_id)
 
     async def missing(self, queues: Collection[str]) -> list[str]:
+        """Those of `queues` that no job can go to: queues that do not exist, and the delay tiers.
+
+        A job from another producer may name any queue as its own, where its retries and
+        delays go. One sent to a tier comes back from it to the jobs exchange under the tier's
+        name, which no queue is bound by: RabbitMQ would drop it there.
+        """
+        absent = await self._absent(queues)
+        return [name for name in queues if name in absent or name in self._tier_queues]
+
+    async def _absent(self, queues: Collection[str]) -> list[str]:
         """Those of `queues` that do not exist, after a look at any not seen before."""
         async with self._lookup:  # one look per queue, however many publishes wait on it
             for name in queues:
@@ -265,7 +284,7 @@ class RabbitTransport:
         return [name for name in queues if name not in self._known_queues]
 
     async def _require_queue(self, name: str) -> None:
-        if name not in self._known_queues and await self.missing([name]):
+        if name not in self._known_queues and await self._absent([name]):
             raise PublishError(
                 f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False
             )
