@@ -63,12 +63,18 @@ def dead_letters(app: Bridge, queue: str) -> list[DeadLetter]:
 
 
 def delete_queue(app: Bridge, queue: str) -> None:
-    """Delete `queue` (its topic, on Kafka) behind bridge's back."""
+    """Delete `queue` (its topic, on Kafka) behind bridge's back; on Kafka, return once the
+    broker's metadata no longer lists it. (DeleteTopics answers once the controller has
+    recorded the deletion; a consume started a moment later still found the topic there.)"""
     url = app.settings.require_broker()
     if url.startswith("kafka"):
         admin = AdminClient({"bootstrap.servers": url.partition("://")[2]})
         for future in admin.delete_topics([queue]).values():
             future.result(30)
+        deadline = time.monotonic() + 30
+        while queue in admin.list_topics(timeout=10).topics:
+            assert time.monotonic() < deadline, f"Kafka still lists topic {queue} 30 s after deleting it"
+            time.sleep(0.05)
     else:
         asyncio.run(_delete_rabbit_queue(url, queue))
 
