@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,6 +45,15 @@ def restart_until_drained(
         code, log = finish(consumer(broker, queue, ledger, group, "--burst", env=env), ledger, timeout=90)
         codes.append(code)
     return codes, log
+
+
+def stop_while_three_run(process: subprocess.Popen[str], ledger: Path, gate: Path) -> None:
+    """Send SIGTERM to a consumer of the ledger app (LEDGER_GATE=`gate`) once three jobs wait
+    at the gate; open it once the signal has been handled, so those three finish after it."""
+    wait_until(lambda: len(ledger_counts(ledger, "start")) == 3, 60, "three jobs started")
+    process.send_signal(signal.SIGTERM)
+    wait_until(lambda: "stopping" in output(ledger), 10, "the signal to be handled")
+    gate.touch()
 
 
 def assert_dead_lettered_for_coming_back(broker: str, queue: str, job: str, times: int) -> None:

@@ -41,7 +41,7 @@ from tests.processes import (
     ledger_counts,
     publish,
     restart_until_drained,
-    wait_until,
+    stop_while_three_run,
 )
 
 
@@ -760,18 +760,19 @@ def test_a_transaction_that_fails_for_good_starts_a_new_round_from_the_committed
 def test_partitions_handed_over_by_a_stop_in_time_count_no_returns(
     brokers: dict[str, str], queue: str, tmp_path: Path
 ) -> None:
-    # Given six 1.5 s jobs, a consumer running three at a time that gets SIGTERM while they
-    # run (they finish; the other three were never started), and a delivery_limit of 1, so
-    # that a single counted return dead-letters a job,
+    # Given six jobs, a consumer running three at a time that gets SIGTERM while they run
+    # (they finish; the other three were never started), and a delivery_limit of 1, so that a
+    # single counted return dead-letters a job,
     # When a second consumer of the group drains the queue,
     # Then every job ran once, and none was dead-lettered: a partition handed over with nothing
     # in flight is not taken for one whose owner stopped holding records.
     url, ledger, group = brokers["kafka"], tmp_path / "ledger", f"g-{uuid.uuid4().hex[:12]}"
-    jobs = run(publish(url, queue, 6, sleep_ms=1500))
+    gate = tmp_path / "gate"
+    jobs = run(publish(url, queue, 6, sleep_ms=500))
     env = {"BRIDGE_DELIVERY_LIMIT": "1"}
-    process = consumer(url, queue, ledger, group, "--concurrency", "3", "--grace", "20", env=env)
-    wait_until(lambda: len(ledger_counts(ledger, "start")) == 3, 60, "three jobs started")
-    process.send_signal(signal.SIGTERM)
+    gated = {**env, "LEDGER_GATE": str(gate)}
+    process = consumer(url, queue, ledger, group, "--concurrency", "3", "--grace", "20", env=gated)
+    stop_while_three_run(process, ledger, gate)
     code, log = finish(process, ledger, timeout=30)
     assert code == 0, log
     code, log = finish(consumer(url, queue, ledger, group, "--burst", env=env), ledger)

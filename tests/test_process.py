@@ -13,7 +13,15 @@ import pytest
 from bridge import Bridge
 from tests.brokerio import envelopes_in
 from tests.conftest import SCHEMAS, run
-from tests.processes import consumer, finish, ledger_counts, output, publish, wait_until
+from tests.processes import (
+    consumer,
+    finish,
+    ledger_counts,
+    output,
+    publish,
+    stop_while_three_run,
+    wait_until,
+)  # fmt: skip
 
 
 @pytest.fixture(params=["kafka", "rabbitmq"])
@@ -33,7 +41,10 @@ def test_sigkill_mid_run_loses_no_job(real_broker: str, queue: str, group: str, 
     ledger = tmp_path / "ledger"
     ids = run(publish(real_broker, queue, 2000, sleep_ms=2))
     assert_in_topic(real_broker, queue, ids)
-    first = consumer(real_broker, queue, ledger, group, "--concurrency", "32")
+    # After 400 jobs its jobs slow down (128 a second), so the kill comes with most jobs left
+    # however late this test sees the 400, while jobs still run and settle.
+    slow = {"LEDGER_SLOW_AFTER": "400"}
+    first = consumer(real_broker, queue, ledger, group, "--concurrency", "32", env=slow)
     try:
         wait_until(lambda: len(ledger_counts(ledger, "done")) >= 400, 60, "400 jobs done")
     finally:
@@ -50,15 +61,17 @@ def test_sigkill_mid_run_loses_no_job(real_broker: str, queue: str, group: str, 
 
 
 def test_sigterm_lets_in_flight_jobs_finish(real_broker: str, queue: str, group: str, tmp_path: Path) -> None:
-    # Given six 1.5 s jobs and a consumer running three at a time,
+    # Given six jobs and a consumer running three at a time,
     # When it gets SIGTERM while the first three run,
     # Then those three finish, no other starts, the process exits 0,
     # and a second consumer runs only the other three.
-    ledger = tmp_path / "ledger"
-    ids = run(publish(real_broker, queue, 6, sleep_ms=1500))
-    process = consumer(real_broker, queue, ledger, group, "--concurrency", "3", "--grace", "20")
-    wait_until(lambda: len(ledger_counts(ledger, "start")) == 3, 60, "three jobs started")
-    process.send_signal(signal.SIGTERM)
+    ledger, gate = tmp_path / "ledger", tmp_path / "gate"
+    ids = run(publish(real_broker, queue, 6, sleep_ms=500))
+    process = consumer(
+        real_broker, queue, ledger, group, "--concurrency", "3", "--grace", "20",
+        env={"LEDGER_GATE": str(gate)},
+    )  # fmt: skip
+    stop_while_three_run(process, ledger, gate)
     code, log = finish(process, ledger, timeout=30)
     assert code == 0, log
     started, done = ledger_counts(ledger, "start"), ledger_counts(ledger, "done")
@@ -107,7 +120,9 @@ def test_sigkill_during_retries_and_delay_hops_loses_no_job(
     ids = run(publish(real_broker, queue, 2000, sleep_ms=2, **settings))
     assert_in_topic(real_broker, queue, ids, **settings)
     for kill in range(1, 4):
-        process = consumer(real_broker, queue, ledger, group, "--concurrency", "32", env=env)
+        # Each slows down after 350 jobs of its own (as in the test above).
+        slow = {**env, "LEDGER_SLOW_AFTER": "350"}
+        process = consumer(real_broker, queue, ledger, group, "--concurrency", "32", env=slow)
         target = 350 * kill
         try:
             wait_until(lambda: len(ledger_counts(ledger, "done")) >= target, 60, f"{target} done")  # noqa: B023
