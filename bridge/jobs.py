@@ -70,8 +70,15 @@ class JobContext:
 
     @property
     def created_at(self) -> datetime:
-        """When the job was enqueued."""
-        return datetime.fromtimestamp(self._envelope.created_at / 1000, UTC)
+        """When the job was enqueued; ValueError for a time a datetime cannot hold (years 1 to
+        9999), which another producer may have written: `created_at_ms` has it as it came."""
+        try:
+            return datetime.fromtimestamp(self._envelope.created_at / 1000, UTC)
+        except (ValueError, OverflowError, OSError) as exc:
+            raise ValueError(
+                f"job {self.job_id}'s created_at, {self._envelope.created_at} ms, is not a time a "
+                f"datetime holds ({exc}): read ctx.created_at_ms"
+            ) from None
 
     def transaction(self) -> AbstractAsyncContextManager[Any]:
         """The inbox: a transaction of the idempotency store in which the job's key completes.
