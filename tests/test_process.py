@@ -21,7 +21,7 @@ from tests.processes import (
     publish,
     stop_while_three_run,
     wait_until,
-)  # fmt: skip
+)
 
 
 @pytest.fixture(params=["kafka", "rabbitmq"])

@@ -41,10 +41,10 @@ done_here = 0  # `done` lines this process wrote
 
 @app.job("test.Echo", queue=os.environ.get("LEDGER_QUEUE", "ledger"), backoff=fixed(0.2))
 async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+    global done_here
     record(f"start {ctx.job_id} {ctx.attempt}")
     if payload["n"] in KILL:
         os.kill(os.getpid(), signal.SIGKILL)
-    global done_here
     while GATE and not os.path.exists(GATE):
         await asyncio.sleep(0.02)
     if SLOW_AFTER and done_here >= SLOW_AFTER:
