@@ -8,6 +8,7 @@ import signal
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -434,6 +435,80 @@ def test_a_commit_asked_for_while_the_run_loops_transaction_is_out_waits_for_it(
         release.set()
         consumer.close()
     assert committed == [{("jobs", 0): 6}]
+
+
+class FirstTransactionFails:
+    """A committer's `_transact` whose first transaction is held out until `release`, then
+    fails (as one sent with the group's generation before a rebalance does); the others
+    commit, and are recorded in `committed` (records' values, offsets)."""
+
+    def __init__(self) -> None:
+        self.out, self.release = threading.Event(), threading.Event()
+        self.committed: list[tuple[list[bytes], dict[Any, int]]] = []
+        self._first = True
+
+    def __call__(self, records: list[Any], offsets: dict[Any, int], notes: object, metadata: object) -> bool:
+        if self._first:
+            self._first = False
+            self.out.set()
+            self.release.wait(10)
+            return False
+        self.committed.append(([record[1] for record in records], offsets))
+        return True
+
+
+@pytest.fixture
+def first_fails(
+    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Committer, FirstTransactionFails]]:
+    """A committer (of a real consumer) whose first transaction is held out, then fails."""
+    common: dict[str, Any] = {"bootstrap.servers": brokers["kafka"].partition("://")[2]}
+    consumer = Consumer({**common, "group.id": f"g-{uuid.uuid4().hex[:12]}"})
+    committer = Committer(common, consumer, f"test-{uuid.uuid4().hex}", owns=lambda tp: True)
+    monkeypatch.setattr(committer, "_transact", transact := FirstTransactionFails())
+    try:
+        yield committer, transact
+    finally:
+        transact.release.set()
+        consumer.close()
+
+
+def retry_of(n: int) -> tuple[str, bytes, None, None, int]:
+    """A record that a job's settling publishes (as a retry's hop to a delay tier would be)."""
+    return ("bridge.delay.1s", f"retry of {n}".encode(), None, None, 0)
+
+
+@pytest.mark.parametrize("then", ["a rebalance commits", "the commit is cancelled"])
+def test_what_a_failed_transaction_held_goes_out_with_the_next_commit_not_behind_it(
+    first_fails: tuple[Committer, FirstTransactionFails], then: str
+) -> None:
+    # Given a committer whose transaction is out with record 0's retry, and record 1 settled
+    # since with a retry of its own,
+    # When a rebalance commits before the partition goes (on the loop's thread, as its callback
+    # does), or that commit is cancelled (its round ended) and the round's last commit hands the
+    # partition over, and the transaction out then fails,
+    # Then the next transaction publishes both retries with the offset past them. (It committed
+    # offset 2 with record 1's retry alone: record 0's was put back only after that, or never,
+    # and its job was lost.)
+    committer, transact = first_fails
+    tp = ("jobs", 0)
+    committer.add(tp, 0, [retry_of(0)], 1)
+
+    async def scenario() -> None:
+        first = asyncio.create_task(committer.commit())
+        await asyncio.to_thread(transact.out.wait, 10)
+        committer.add(tp, 1, [retry_of(1)], 2)
+        if then == "a rebalance commits":
+            threading.Timer(0.2, transact.release.set).start()  # while the rebalance's commit waits
+            committer.commit_now(leaving={tp: 2})
+            assert await first is False
+        else:
+            first.cancel()
+            transact.release.set()
+            assert await committer.commit(leaving={tp: 2}) is True
+
+    run(scenario(), timeout=20)
+    assert transact.committed == [([b"retry of 0", b"retry of 1"], {tp: 2})]
 
 
 def test_a_transaction_that_returns_after_the_committer_gave_up_on_it_is_dropped_quietly(

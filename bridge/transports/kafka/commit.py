@@ -77,6 +77,12 @@ class Committer:
         self.failure: BaseException | None = None
         self._lock = threading.Lock()  # one transaction at a time: the loop's or a rebalance's
         self._committing = asyncio.Lock()  # one `commit` at a time: the run loop's or a drain check's
+        # The batch whose transaction is out, until its outcome is known: a failed one goes back
+        # (`_restore`) before anything else is taken. A commit past it that did not wait would
+        # commit offsets beyond records it never published: a rebalance's `commit_now` while the
+        # run loop's transaction is out (which fails, sent with the generation before it), or a
+        # `commit` after one cancelled mid-transaction (the round ended).
+        self._out: tuple[Batch, concurrent.futures.Future[bool]] | None = None
 
     async def start(self) -> None:
         # (A cluster that cannot make __transaction_state at all is named at start: internal.py.)
@@ -115,26 +121,64 @@ class Committer:
         are committed there as handed over.
         """
         async with self._committing:
+            if self._out is not None and not await self._outcome(self._out[1]):
+                return False
             batch = self._take(leaving)
             if batch is None:
                 return self.failure is None
-            if await self.transact(*_flatten(batch)):
-                return True
-            self._restore(batch)
-            return False
+            running = self._send(batch)
+            if not await self._outcome(running):
+                return False
+            return running.result()
+
+    async def _outcome(self, running: concurrent.futures.Future[bool]) -> bool:
+        """Wait for the transaction `running` (out, maybe sent by a cancelled `commit`) and
+        settle it, unless a rebalance's `commit_now` did; False if it wedged."""
+        try:
+            # (shielded: a `commit` cancelled here leaves the transaction to the next one)
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), WEDGED_AFTER_S)
+        except TimeoutError:
+            return self._wedged()
+        self._settle(running)
+        return True
 
     def commit_now(self, leaving: Mapping[TP, int] | None = None) -> None:
         """The same, blocking: for rebalance callbacks, which must finish before returning."""
-        batch = self._take(leaving)
-        if batch is None:
-            return
+        if self._wait_out() and (batch := self._take(leaving)) is not None:
+            self._send(batch)
+            self._wait_out()
+
+    def _wait_out(self) -> bool:
+        """Block until the transaction out, if any, is done, and settle it; False if it wedged."""
+        if self._out is None:
+            return True
+        running = self._out[1]
+        try:
+            running.result(timeout=WEDGED_AFTER_S)
+        except concurrent.futures.TimeoutError:
+            return self._wedged()
+        self._settle(running)
+        return True
+
+    def _send(self, batch: Batch) -> concurrent.futures.Future[bool]:
+        """Start `batch`'s transaction in a thread of its own; it is out until `_settle`.
+
+        The group metadata is read here, on the thread that consumes, not in the transaction's
+        thread: a consumer call from another thread can wait on a consume() that is running a
+        rebalance callback, and that callback (`commit_now`) waits for this transaction to
+        finish; the two would wait on each other for good.
+        """
         metadata = self.consumer.consumer_group_metadata()
         running = _in_own_thread(lambda: self._transact(*_flatten(batch), metadata))
-        try:
-            committed = running.result(timeout=WEDGED_AFTER_S)
-        except concurrent.futures.TimeoutError:
-            committed = self._wedged()
-        if not committed:
+        self._out = (batch, running)
+        return running
+
+    def _settle(self, running: concurrent.futures.Future[bool]) -> None:
+        """Once `running` is done: put its batch back if it did not commit (once only)."""
+        if self._out is None or self._out[1] is not running:
+            return  # settled already
+        batch, self._out = self._out[0], None
+        if not running.result():
             self._restore(batch)
 
     def _take(self, leaving: Mapping[TP, int] | None) -> Batch | None:
@@ -164,10 +208,8 @@ class Committer:
     ) -> bool:
         """Publish `records` and commit `offsets` (with `notes`) atomically; whether it committed.
 
-        Call it from the thread that consumes. The group metadata is read here, not in the
-        worker thread: a consumer call from another thread can wait on a consume() that is
-        running a rebalance callback, and that callback (`commit_now`) waits for this
-        transaction to finish; the two would wait on each other for good.
+        For records and offsets of the caller's own (the delay forwarder's), not the batches
+        of `commit`. Call it from the thread that consumes, as `_send` says why.
         """
         if self.failure is not None:
             return False
