@@ -33,6 +33,31 @@ def safe_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def message_of(exc: BaseException) -> str:
+    """`str(exc)`, as an envelope can carry it. A handler's own exception class may have a
+    `__str__` that raises (one that formats a field left None): its job must still retry or
+    dead-letter."""
+    try:
+        return utf8(str(exc))
+    except Exception as broken:
+        return f"(its message could not be read: {type(broken).__name__} in __str__)"
+
+
+def utf8(text: str) -> str:
+    """`text`, with any lone surrogate (a file name that `os.fsdecode` could not decode, say)
+    as its escape `\\udcff`: UTF-8, and so Avro, cannot carry one."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+def describe(exc: BaseException) -> str:
+    """`exc` as `Type: message`, for dead letters' details."""
+    return f"{type(exc).__name__}: {message_of(exc)}"
+
+
 class BridgeError(Exception):
     """Base of every error bridge raises on purpose."""
 

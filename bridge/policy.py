@@ -20,7 +20,7 @@ from tenacity import RetryCallState, wait_exponential_jitter, wait_fixed
 from tenacity.wait import wait_base
 
 from bridge.envelope import LONGEST_S
-from bridge.errors import ConfigError, Permanent, Retry
+from bridge.errors import ConfigError, Permanent, Retry, describe
 
 Backoff = wait_base | Callable[[int], float]  # a tenacity wait, or attempt -> seconds
 
@@ -88,7 +88,7 @@ def decide(
     policy: RetryPolicy, exc: BaseException, attempt: int, max_attempts: int | None, now_ms: int
 ) -> Decision:
     """After attempt `attempt` raised `exc`: retry when, or give up why."""
-    detail = f"{type(exc).__name__}: {exc}"
+    detail = describe(exc)
     if isinstance(exc, (Permanent, *policy.give_up_on)):
         return GiveUp("permanent", detail)
     if not isinstance(exc, (Retry, *policy.retry_on)):

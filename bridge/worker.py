@@ -29,6 +29,9 @@ from bridge.errors import (
     TransportError,
     UnknownJobType,
     UnknownSchema,
+    describe,
+    message_of,
+    utf8,
 )
 from bridge.idempotency import Busy, Claim, Done, Store, run_key
 from bridge.idempotency.lease import Lease
@@ -209,7 +212,10 @@ class Worker:
         if envelope.expires_at is not None or envelope.run_at is not None:  # most jobs have neither
             now = self.app.clock()
             if envelope.expires_at is not None and envelope.expires_at <= now:
-                detail = f"not started before {iso_ms(envelope.expires_at)}"
+                # (A retry too, as Celery's `expires` and Dramatiq's `max_age` do: a job not
+                # worth running after then is not worth retrying either.)
+                attempt = f"attempt {envelope.attempt} " if envelope.attempt > 1 else ""
+                detail = f"{attempt}not started before {iso_ms(envelope.expires_at)}"
                 return [self._dead(delivery, "expired", detail, envelope=envelope)]
             if envelope.run_at is not None and envelope.run_at > now:
                 early_s = (envelope.run_at - now) / 1000
@@ -285,6 +291,14 @@ class Worker:
                 await asyncio.get_running_loop().run_in_executor(self._threads, spec.func, payload, ctx)
         except Exception as exc:
             return [self._failed(spec, envelope, exc, delivery)]
+        except asyncio.CancelledError as exc:
+            if _cancelled_here():  # the worker stops, or lost the delivery's channel
+                raise
+            # The handler's own: it awaited something that another task cancelled (or, in a
+            # thread, a cancelled concurrent future). A failure like any other, to retry.
+            failure = RuntimeError("the handler raised CancelledError: something it awaited was cancelled")
+            failure.__cause__ = exc
+            return [self._failed(spec, envelope, failure, delivery)]
         return ()
 
     def _failed(self, spec: JobSpec, envelope: Envelope, exc: Exception, delivery: Delivery) -> Outgoing:
@@ -297,14 +311,14 @@ class Worker:
         try:
             decision: Decision = decide(spec.policy, exc, envelope.attempt, envelope.max_attempts, now)
         except Exception as broken:  # the job type's own backoff function raised
-            detail = f"{type(exc).__name__}: {exc} (and its retry policy failed: {broken!r})"
+            detail = f"{describe(exc)} (and its retry policy failed: {broken!r})"
             decision = GiveUp("permanent", detail)
         if isinstance(decision, GiveUp):
             return self._dead(delivery, decision.reason, decision.detail, envelope=envelope)
         retry = replace(envelope, attempt=envelope.attempt + 1, run_at=decision.run_at)
         body = codec.encode(self._envelope, retry.to_avro())
         if len(body) > self.settings.queue_bytes:  # (only another producer's errors take that room)
-            detail = f"its retry, {len(body):,} bytes, is too large for a queue: {type(exc).__name__}: {exc}"
+            detail = f"its retry, {len(body):,} bytes, is too large for a queue: {describe(exc)}"
             return self._dead(delivery, "permanent", detail, envelope=envelope)
         log.info(
             "job %s (%s on %s) failed attempt %d, retrying at %s: %r",
@@ -338,8 +352,15 @@ class Worker:
 
 
 def _job_error(attempt: int, exc: BaseException, now: int) -> JobError:
-    trace = "".join(traceback.format_exception(exc, limit=-8))[-TRACEBACK_CHARS:]
-    return JobError(attempt, now, type(exc).__qualname__, str(exc)[:TRACEBACK_CHARS], trace)
+    trace = utf8("".join(traceback.format_exception(exc, limit=-8))[-TRACEBACK_CHARS:])
+    return JobError(attempt, now, type(exc).__qualname__, message_of(exc)[:TRACEBACK_CHARS], trace)
+
+
+def _cancelled_here() -> bool:
+    """Whether the running task was asked to stop (`task.cancel()`), rather than a
+    CancelledError having come out of what it awaited."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _returned(delivery: Delivery) -> str:

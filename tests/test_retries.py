@@ -7,6 +7,7 @@ waits only for its own delayed jobs and a 7-second delay has to hop through tier
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -143,6 +144,76 @@ def test_a_backoff_function_that_raises_dead_letters_the_job_with_both_errors(
     assert letter.detail == (
         "TimeoutError: gateway slow (and its retry policy failed: ZeroDivisionError('backoff bug'))"
     )
+
+
+class GatewayError(Exception):
+    """An exception whose message cannot be read: its __str__ formats a field left None."""
+
+    status: int | None = None
+
+    def __str__(self) -> str:
+        assert self.status is not None
+        return f"gateway answered {self.status}"
+
+
+@pytest.mark.parametrize(
+    ("error", "detail"),
+    [
+        (GatewayError(), "GatewayError: (its message could not be read: AssertionError in __str__)"),
+        # (a file name that is not UTF-8, as os.listdir gives it: UTF-8 cannot carry it)
+        (
+            ValueError("cannot attach " + os.fsdecode(b"invoice-\xff.pdf")),
+            r"ValueError: cannot attach invoice-\udcff.pdf",
+        ),
+    ],
+    ids=["its __str__ raises", "a lone surrogate"],
+)
+def test_a_handler_exception_whose_message_no_envelope_can_carry_retries_then_dead_letters(
+    make_app: Callable[..., Bridge], queue: str, error: Exception, detail: str
+) -> None:
+    # Given a handler raising an exception whose message cannot be read, or holds what UTF-8
+    # cannot carry, When the job runs with max_attempts=2, Then it is retried once and
+    # dead-lettered `exhausted`, the detail saying what the message was. (Reading or encoding
+    # the message failed in the worker: the job went round the shortest tier again at attempt
+    # 1, every second, for good.)
+    app = make_app()
+    attempts: list[int] = []
+
+    @app.job("test.Echo", queue=queue, max_attempts=2, backoff=fixed(1))
+    async def call(payload: dict[str, Any], ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        raise error
+
+    run(enqueue_and_drain(app, {"payload": {"n": 1}}))
+    assert attempts == [1, 2]
+    [letter] = dead_letters(app, queue)
+    assert (letter.reason, letter.detail) == ("exhausted", f"{detail} (attempt 2 of 2)")
+    assert letter.envelope is not None  # (each error's type is the class's qualified name)
+    assert [e.type for e in letter.envelope.errors] == [type(error).__qualname__] * 2
+
+
+def test_a_handler_raising_a_cancelled_error_of_its_own_is_retried_and_the_others_run(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given a handler that, at its first attempt, awaits a task that something else cancelled
+    # (so CancelledError comes out of it, though nobody cancelled the handler), and one worker slot,
+    # When two jobs run, Then that attempt counts as a failure: the job is retried and succeeds,
+    # and the other job runs. (The worker took it for its own cancellation: the job was never
+    # settled, the slot was lost, and the burst run never ended.)
+    app = make_app(concurrency=1)
+    runs: list[tuple[int, int]] = []
+
+    @app.job("test.Echo", queue=queue, backoff=fixed(1))
+    async def fetch(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append((payload["n"], ctx.attempt))
+        if payload["n"] == 1 and ctx.attempt == 1:
+            lookup = asyncio.ensure_future(asyncio.sleep(10))
+            lookup.cancel()
+            await lookup
+
+    run(enqueue_and_drain(app, {"payload": {"n": 1}}, {"payload": {"n": 2}}), timeout=30)
+    assert sorted(runs) == [(1, 1), (1, 2), (2, 1)]
+    assert dead_letters(app, queue) == []
 
 
 def test_a_retry_delay_that_is_no_time_dead_letters_the_job_naming_it(queue: str) -> None:
@@ -292,6 +363,26 @@ def test_expired_job_is_dead_lettered_not_run(make_app: Callable[..., Bridge], q
     assert ran == []
     [letter] = dead_letters(app, queue)
     assert letter.reason == "expired" and letter.envelope is not None and letter.envelope.id == job_id
+
+
+def test_a_retry_due_after_the_jobs_expiry_is_dead_lettered_expired_naming_its_attempt(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given a job with a 1 s time to live whose first attempt fails and retries 2 s later,
+    # Then the retry is dead-lettered `expired`, the detail naming attempt 2. (It said "not
+    # started before", of a job that had started.)
+    app = make_app()
+    attempts: list[int] = []
+
+    @app.job("test.Echo", queue=queue, backoff=fixed(2))
+    async def fail(payload: dict[str, Any], ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        raise ConnectionError("processor hiccup")
+
+    run(enqueue_and_drain(app, {"payload": {"n": 1}, "ttl": 1}))
+    assert attempts == [1]
+    [letter] = dead_letters(app, queue)
+    assert letter.reason == "expired" and letter.detail.startswith("attempt 2 not started before ")
 
 
 def test_a_job_whose_expiry_has_no_calendar_date_is_dead_lettered_expired_naming_it(queue: str) -> None:
