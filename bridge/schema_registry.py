@@ -232,8 +232,16 @@ class HttpRegistry:
             ) from None
         if fetched.references:
             raise UnknownSchema(f"schema id {schema_id} uses schema references, which bridge does not read")
-        definition = json.loads(fetched.schema_str)
+        kind = fetched.schema_type or "AVRO"  # (the registry leaves it out for Avro)
+        if kind != "AVRO":  # a producer of Protobuf or JSON messages, on a bridge topic
+            raise UnknownSchema(f"schema id {schema_id} is a {kind} schema, not an Avro one")
+        try:
+            definition = json.loads(fetched.schema_str)
+        except ValueError as exc:
+            raise UnknownSchema(f"schema id {schema_id} is not JSON, so no Avro schema: {exc}") from None
         name = full_name_of(definition)
+        if name is None:
+            raise UnknownSchema(f"schema id {schema_id} is no named Avro type (a record, enum or fixed)")
         if name not in self._known:
             raise UnknownSchema(f"schema id {schema_id} is a {name}, not a type known to this app")
         try:

@@ -328,15 +328,28 @@ def test_a_handler_type_missing_from_the_registry_stops_the_consumer_at_start(
 
 
 def test_schemas_of_unknown_ids_or_other_records_are_never_decoded(
-    registry_url: str, brokers: dict[str, str], versions: Callable[..., Path], job_type: str, queue: str
+    registry_url: str,
+    brokers: dict[str, str],
+    versions: Callable[..., Path],
+    job_type: str,
+    queue: str,
+    client: SchemaRegistryClient,
 ) -> None:
-    # Given a good job, an envelope naming a schema id the registry lacks, and a job whose
-    # payload names the id of a record this app does not handle,
-    # When consumed, Then both are dead-lettered as unknown_schema with the reason, and the
-    # good job runs.
+    # Given a good job, an envelope naming a schema id the registry lacks, and jobs whose
+    # payloads name the id of a record this app does not handle, of a Protobuf schema and of
+    # a JSON schema (a producer of those on a bridge topic),
+    # When consumed, Then each is dead-lettered as unknown_schema with the reason, and the
+    # good job runs. (The Protobuf one's id made the worker parse Protobuf as JSON: the error
+    # was no decoding error, and the job went round the shortest tier for good.)
     v1 = versions(N)
     other = versions({"name": "x", "type": "int"}, name=f"{job_type}Other")
     other_id = Bridge(registry=registry_url, schemas=str(other)).registry.writer(f"{job_type}Other").schema_id
+    proto = 'syntax = "proto3";\npackage shop;\nmessage Order { string id = 1; }'
+    json_schema = '{"type": "object", "properties": {"id": {"type": "string"}}}'
+    foreign = {
+        "PROTOBUF": client.register_schema(f"{job_type}Proto", RegistrySchema(proto, "PROTOBUF")),
+        "JSON": client.register_schema(f"{job_type}Json", RegistrySchema(json_schema, "JSON")),
+    }
     broker = brokers["kafka"]
     app = Bridge(broker=broker, registry=registry_url, schemas=str(v1), group=f"g-{queue}")
     seen: list[int] = []
@@ -352,10 +365,11 @@ def test_schemas_of_unknown_ids_or_other_records_are_never_decoded(
             envelope = app.build_envelope(job_type, {"n": 2}, queue=queue)
             good = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
             await transport.publish(Outgoing(queue, b"\x00\x7f\xff\xff\xf0" + good[5:], None))
-            envelope.payload = b"\x00" + int(other_id or 0).to_bytes(4, "big") + b"\x02"
-            await transport.publish(
-                Outgoing(queue, codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro()), None)
-            )
+            for schema_id in (other_id or 0, *foreign.values()):
+                envelope.payload = b"\x00" + schema_id.to_bytes(4, "big") + b"\x02"
+                await transport.publish(
+                    Outgoing(queue, codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro()), None)
+                )
             await app.enqueue_async(job_type, {"n": 1}, queue=queue)
             await app.consume(burst=True)
 
@@ -364,11 +378,13 @@ def test_schemas_of_unknown_ids_or_other_records_are_never_decoded(
     details = sorted(
         letter.detail for letter in dead_letters(app, queue) if letter.reason == "unknown_schema"
     )
-    assert len(details) == 2, details
+    assert len(details) == 4, details
     assert any(f"unknown schema id {0x7FFFFFF0}" in d for d in details)
     assert any(
         f"schema id {other_id} is a {job_type}Other, not a type known to this app" in d for d in details
     )
+    for kind, schema_id in foreign.items():
+        assert any(f"schema id {schema_id} is a {kind} schema, not an Avro one" in d for d in details)
 
 
 def test_recursive_schemas_are_refused_at_registration_and_at_start(
