@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -15,12 +16,13 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from bridge import Bridge, JobContext, codec
+from bridge import Bridge, JobContext, Retry, codec
 from bridge.errors import PublishError, TransportError
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name
 from bridge.transports.kafka import commit as kafka_commit
+from bridge.transports.kafka import forwarder as kafka_forwarder
 from bridge.transports.kafka import transport as kafka_transport
 from bridge.transports.kafka.commit import Committer
 from bridge.transports.kafka.common import Headers, mapped, read_to_end, wait_until_served
@@ -574,6 +576,51 @@ def test_a_foreign_tier_record_without_a_queue_to_return_to_is_dead_lettered_in_
         assert letter.consumer_group == f"{prefix}.delay" and letter.offset is not None
 
 
+def test_a_due_record_whose_forward_failed_is_forwarded_again_at_once_not_with_the_next_head(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a tier partition holding a due job, then one not due for two minutes, fetched
+    # together, and a delay forwarder whose first transaction fails (as one does in a rebalance),
+    # When consumed, Then the due job is forwarded again and runs within seconds. (The record
+    # not due had paused the partition: the due one, sought back to, waited two minutes with it.)
+    forwards: list[int] = []
+
+    class FirstFails(Committer):
+        async def transact(self, records: list[Any], offsets: dict[Any, int], notes: Any = None) -> bool:
+            forwards.append(len(records))
+            return len(forwards) > 1 and await super().transact(records, offsets, notes)
+
+    monkeypatch.setattr(kafka_forwarder, "Committer", FirstFails)
+    app = own_app(brokers["kafka"])
+    ran = asyncio.Event()
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.set()
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            tier = f"{app.settings.prefix}.delay.1s"
+            producer = Producer({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
+            now_ms = int(time.time() * 1000)
+            for n, written_ms in [(1, now_ms - 5_000), (2, now_ms + 120_000)]:  # due, not due
+                envelope = app.build_envelope("test.Echo", {"n": n}, queue=queue)
+                body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
+                producer.produce(tier, body, headers=[("bridge-queue", queue.encode())], timestamp=written_ms)
+            producer.flush(10)
+            stop = asyncio.Event()
+            consuming = asyncio.create_task(app.consume(stop=stop))
+            try:
+                await asyncio.wait_for(ran.wait(), 20)
+            finally:
+                stop.set()
+                await consuming
+
+    run(scenario(), timeout=60)
+    assert forwards[:2] == [1, 1]  # the due job, twice
+
+
 def test_an_enqueue_to_a_delay_tier_is_refused_saying_so(brokers: dict[str, str]) -> None:
     # Given an app whose delay tiers exist, When a job is enqueued to one of them as its queue,
     # Then the enqueue fails at once, saying the topic is a delay tier and not a queue. (It was
@@ -762,6 +809,48 @@ def test_a_job_running_beside_a_killer_in_another_partition_is_not_counted_with_
     assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0], log
     assert innocent in ledger_counts(ledger, "done")
     assert [letter.envelope.id for letter in dead_letters(own_app(url), queue) if letter.envelope] == [killer]
+
+
+def test_a_delay_forwarder_that_cannot_start_ends_the_round_and_the_next_one_forwards(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a job whose first attempt asks to be retried in 1 s, and a delay forwarder whose
+    # first producer cannot start its transactions (Kafka does not answer in time, as while it
+    # loads its transaction coordinator after a restart),
+    # When consumed in a burst run, Then consume logs it, consumes again in a new round, and
+    # the retry comes back and runs. (The forwarder's task died unseen: jobs went on running,
+    # but no retry or delayed job came back again, and the burst run never ended.)
+    monkeypatch.setattr(kafka_transport, "RESTART_AFTER_S", 0.5)
+    starts: list[str] = []
+
+    class FailsFirst(Committer):
+        async def start(self) -> None:
+            starts.append("start")
+            if len(starts) == 1:
+                with mapped("could not start Kafka transactions"):  # as `start` maps it
+                    self.producer.init_transactions(0)  # librdkafka's own timeout, with no time given
+            await super().start()
+
+    monkeypatch.setattr(kafka_forwarder, "Committer", FailsFirst)
+    app = own_app(brokers["kafka"])
+    attempts: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise Retry(delay_s=1)
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            await app.enqueue_async("test.Echo", {"n": 1})
+            await app.consume(burst=True)
+
+    with caplog.at_level(logging.ERROR, "bridge"):
+        run(scenario(), timeout=60)
+    assert attempts == [1, 2] and len(starts) == 2
+    assert "the delay forwarder stopped: could not start Kafka transactions" in caplog.text
 
 
 def test_a_transaction_that_fails_for_good_starts_a_new_round_from_the_committed_offsets(

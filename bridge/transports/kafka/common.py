@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Generator, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from typing import Any
 
 from confluent_kafka import (
@@ -214,6 +214,14 @@ def client_text(record: logging.LogRecord) -> str:
 
 
 client_log.addFilter(Repeats(REPEAT_WINDOW_S, client_text))
+
+
+def resume_leaving(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    """Resume `partitions` as they are revoked or lost (in the rebalance callback). A paused
+    partition stays paused in librdkafka after it leaves: assigned here again later, it would
+    never be fetched, and nothing here would know to resume it."""
+    with suppress(KafkaException):  # (gone from the assignment already: nothing to resume)
+        consumer.resume(partitions)
 
 
 def coordinates(record: Message) -> tuple[str, int, int]:

@@ -25,6 +25,7 @@ from bridge.transports.kafka.common import (
     coordinates,
     log,
     read_to_end,
+    resume_leaving,
 )
 from bridge.transports.offsets import TopicPartition as TP
 
@@ -58,9 +59,9 @@ class DelayForwarder:
         self.consumer = consumer
         transactional_id = f"{self.group}.{uuid.uuid4().hex}"
         self.committer = Committer(self.transport._common, consumer, transactional_id, lambda _: True)
-        await self.committer.start()
-        consumer.subscribe(list(self.delay_ms), on_revoke=self._on_lost, on_lost=self._on_lost)
-        try:
+        try:  # (whatever it raises ends the consumer's round: KafkaTransport._failure)
+            await self.committer.start()
+            consumer.subscribe(list(self.delay_ms), on_revoke=self._on_lost, on_lost=self._on_lost)
             idle_s = 0.001
             while not stop.is_set() and self.committer.failure is None:
                 self._resume_due(consumer)
@@ -153,6 +154,9 @@ class DelayForwarder:
             if not await self.committer.transact(batch, offsets):
                 for (topic, partition), offset in first.items():  # aborted: forward them again
                     consumer.seek(TopicPartition(topic, partition, offset))
+                    # (now, not when a later record of the batch, which paused it, is due)
+                    if self.waiting.pop((topic, partition), None) is not None:
+                        consumer.resume([TopicPartition(topic, partition)])
         finally:
             self.forwarding = False
 
@@ -160,6 +164,7 @@ class DelayForwarder:
         # Every forwarded batch is committed before the next fetch: only waiting heads to drop.
         for tp in partitions:
             self.waiting.pop((tp.topic, tp.partition), None)
+        resume_leaving(consumer, partitions)
 
     def _dead_letter(self, record: Message, why: str, no_dlq: Collection[str]) -> Record | None:
         """The dead letter of a tier record no queue owns, for its tier's `.dlq` (bad input).

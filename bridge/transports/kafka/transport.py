@@ -59,6 +59,7 @@ from bridge.transports.kafka.common import (
     new_producer,
     read_committed,
     read_to_end,
+    resume_leaving,
     wait_until_served,
 )
 from bridge.transports.kafka.forwarder import DelayForwarder
@@ -108,6 +109,7 @@ class KafkaTransport:
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
         self._tier_topics = frozenset(self._tiers.values())
         self._forwarder: DelayForwarder | None = None
+        self._forwarding: asyncio.Task[None] | None = None  # the forwarder's run, this round
         self._committer: Committer | None = None
         self._gates: dict[TP, Gate] = {}  # partitions assigned whose records wait to be marked
         self._opening: set[asyncio.Task[None]] = set()  # each reading where an assignment was left
@@ -340,7 +342,7 @@ class KafkaTransport:
             list(queues), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         self._forwarder = DelayForwarder(self, f"{self.settings.prefix}.delay")
-        forwarding = asyncio.create_task(self._forwarder.run(ending))
+        self._forwarding = forwarding = asyncio.create_task(self._forwarder.run(ending))
         committing = asyncio.create_task(committer.run(ending))
         inflight = InFlight(self._run, concurrency)
         try:
@@ -353,7 +355,7 @@ class KafkaTransport:
             following.cancel()
             for opening in list(self._opening):
                 opening.cancel()
-            await forwarding
+            await asyncio.wait([forwarding])  # (what it raised is in `_failure`)
             await committing
             # What finished in the grace period; partitions with nothing left are handed over.
             await committer.commit(leaving=self._handed_over())
@@ -363,7 +365,11 @@ class KafkaTransport:
             self._consumer = self._committer = None
         if failure is not None:
             error = f"Kafka transaction failed; records since the last commit run again: {failure}"
-            if isinstance(failure, KafkaException) and not _for_good(failure):
+            if failure is self._forwarder_failure():
+                error = f"the delay forwarder stopped: {failure}"
+            if (isinstance(failure, KafkaException) and not _for_good(failure)) or (
+                isinstance(failure, TransportError) and failure.retriable
+            ):
                 raise _TransactionBroke(error)
             raise TransportError(error, retriable=False)
 
@@ -387,12 +393,20 @@ class KafkaTransport:
             )
 
     def _failure(self) -> BaseException | None:
-        """A failed transaction of the consumer or the forwarder: the consumer must stop."""
+        """A failed transaction of the consumer or the forwarder, or a forwarder that stopped
+        with an error (its transactions could not start, say): the consumer must stop. With no
+        forwarder, no delayed job or retry would come back, and a burst run would never end."""
         forwarder = self._forwarder.committer if self._forwarder else None
         for committer in (self._committer, forwarder):
             if committer is not None and committer.failure is not None:
                 return committer.failure
-        return None
+        return self._forwarder_failure()
+
+    def _forwarder_failure(self) -> BaseException | None:
+        forwarding = self._forwarding
+        if forwarding is None or not forwarding.done() or forwarding.cancelled():
+            return None
+        return forwarding.exception()
 
     def group_consumer(self, group: str, **settings: Any) -> Consumer:
         """A consumer in `group` whose offsets are committed only inside transactions."""
@@ -661,6 +675,7 @@ class KafkaTransport:
         }
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        resume_leaving(consumer, partitions)  # (paused while every slot was busy)
         gone = {(tp.topic, tp.partition) for tp in partitions}
         for tp in gone:  # another member may own them already: commit nothing more
             self._offsets.revoke(tp)
