@@ -152,6 +152,17 @@ def failing_first(app: Bridge, queue: str, error: Callable[[], Exception], **opt
     return ran
 
 
+def signalling(app: Bridge, queue: str) -> asyncio.Event:
+    """A test.Echo handler on `queue` that sets the event returned each time a job runs."""
+    ran = asyncio.Event()
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.set()
+
+    return ran
+
+
 async def publish_envelope(app: Bridge, queue: str, envelope: Envelope) -> None:
     """Put `envelope` on `queue` as another producer would: its bytes as written, none of
     enqueue's checks or defaults."""

@@ -36,7 +36,7 @@ from tests.brokerio import (
     topic_config,
     topics_made_elsewhere,
 )
-from tests.conftest import SCHEMAS, failing_first, own_app, run
+from tests.conftest import SCHEMAS, failing_first, own_app, run, signalling
 from tests.processes import (
     assert_dead_lettered_for_coming_back,
     consumer,
@@ -219,11 +219,7 @@ def test_a_consume_that_starts_before_another_tool_has_made_its_topic_waits_a_mo
     # (However long this machine takes to make the topic: the grace is not what is tested.)
     monkeypatch.setattr(kafka_transport, "NEW_TOPIC_GRACE_S", 60.0)
     app, bootstrap = own_app(brokers["kafka"]), brokers["kafka"].partition("://")[2]
-    ran = asyncio.Event()
-
-    @app.job("test.Echo", queue=queue)
-    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-        ran.set()
+    ran = signalling(app, queue)
 
     async def scenario() -> None:
         async with app:
@@ -592,11 +588,7 @@ def test_a_due_record_whose_forward_failed_is_forwarded_again_at_once_not_with_t
 
     monkeypatch.setattr(kafka_forwarder, "Committer", FirstFails)
     app = own_app(brokers["kafka"])
-    ran = asyncio.Event()
-
-    @app.job("test.Echo", queue=queue)
-    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-        ran.set()
+    ran = signalling(app, queue)
 
     async def scenario() -> None:
         async with app:

@@ -36,7 +36,7 @@ from tests.brokerio import (
     rabbitmq_settings,
     rabbitmqctl,
 )
-from tests.conftest import SCHEMAS, failing_first, own_app, run
+from tests.conftest import SCHEMAS, failing_first, own_app, run, signalling
 from tests.processes import (
     assert_dead_lettered_for_coming_back,
     ledger_counts,
@@ -146,11 +146,7 @@ def test_a_consumer_whose_queue_is_deleted_stops_with_an_error(brokers: dict[str
     # Then consume raises one clear error naming the queue, instead of waiting for good.
     run(publish(brokers["rabbitmq"], queue, 1))
     app = Bridge(broker=brokers["rabbitmq"], registry=str(SCHEMAS))
-    ran = asyncio.Event()
-
-    @app.job("test.Echo", queue=queue)
-    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-        ran.set()
+    ran = signalling(app, queue)
 
     async def scenario() -> None:
         async with app:
