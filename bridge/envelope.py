@@ -121,7 +121,7 @@ _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 
 @dataclass(slots=True)
 class DeadLetter:
-    """Why a job stopped, where it came from, and the job or its raw bytes."""
+    """Why a job stopped, where it came from, and the job or its raw bytes (see `cut_raw`)."""
 
     reason: str
     detail: str
@@ -142,3 +142,13 @@ class DeadLetter:
         """The dead letter from a decoded record."""
         envelope = record["envelope"]
         return cls(**{**record, "envelope": Envelope.from_avro(envelope) if envelope else None})
+
+
+def cut_raw(raw: bytes, limit: int) -> tuple[bytes, str]:
+    """`raw` as a dead letter can hold it, and what its detail should add. A message larger than
+    `limit` (the largest on a queue) keeps its first `limit` bytes: Kafka takes a record another
+    producer compressed below a topic's limit, and its dead letter, written as it is, would be
+    refused, and stop the consumer, at every start."""
+    if len(raw) <= limit:
+        return raw, ""
+    return raw[:limit], f" (its {len(raw):,} bytes cut to the first {limit:,}: a dead letter holds no more)"

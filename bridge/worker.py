@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from bridge import codec
 from bridge.codec import Schema
 from bridge.config import Settings
-from bridge.envelope import DELIVERY_LIMIT, UNROUTABLE, DeadLetter, Envelope, JobError, iso_ms
+from bridge.envelope import DELIVERY_LIMIT, UNROUTABLE, DeadLetter, Envelope, JobError, cut_raw, iso_ms
 from bridge.errors import (
     ConfigError,
     DecodeError,
@@ -337,6 +337,9 @@ class Worker:
         envelope: Envelope | None = None,
         raw: bytes | None = None,
     ) -> Outgoing:
+        if raw is not None:
+            raw, cut = cut_raw(raw, self.settings.queue_bytes)
+            detail += cut
         if len(detail) > DETAIL_CHARS:  # an exception's message can be any size; a record cannot
             detail = detail[: DETAIL_CHARS - 1] + "…"
         job = f"job {envelope.id} ({envelope.type})" if envelope else "a message"

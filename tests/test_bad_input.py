@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+from confluent_kafka import Producer
 
 from bridge import Bridge, Permanent, Retry, codec
 from bridge.errors import JobTooLarge
@@ -176,6 +177,37 @@ def test_a_job_failing_with_a_huge_error_message_is_dead_lettered_with_it_cut_sh
     [letter] = dead_letters(app, queue)
     assert letter.reason == "permanent" and len(letter.detail) == 2000
     assert letter.detail.startswith("Permanent: xxx") and letter.detail.endswith("x…")
+
+
+def test_a_kafka_record_larger_than_a_dead_letter_holds_is_dead_lettered_cut_and_consuming_goes_on(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a 3 MB record that another producer compressed (gzip) below the topic's limit, so
+    # Kafka took it, then a good job, When consumed, Then the record is dead-lettered
+    # `undecodable` with its first queue_bytes bytes, the detail saying how many it had, and
+    # the good job runs. (Its dead letter, written whole, was larger than the producer sends:
+    # the transaction failed, and `bridge consume` stopped at every start.)
+    app = own_app(brokers["kafka"])
+    ran = failing_first(app, queue, lambda: Permanent("never raised: job 1 is the record"))
+    big = b"\x00" * 3_000_000
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.apply_topology()
+            settings = {"compression.type": "gzip", "message.max.bytes": 10_000_000}
+            producer = Producer({"bootstrap.servers": brokers["kafka"].partition("://")[2], **settings})
+            producer.produce(queue, big)
+            assert producer.flush(10) == 0
+            await app.enqueue_async("test.Echo", {"n": 2})
+            return await app.consume(burst=True)
+
+    stats = run(scenario())
+    assert ran == [2] and stats.dead_lettered == 1
+    [letter] = dead_letters(app, queue)
+    limit = app.settings.queue_bytes
+    assert letter.reason == "undecodable" and letter.raw == big[:limit]
+    cut = f"(its 3,000,000 bytes cut to the first {limit:,}: a dead letter holds no more)"
+    assert letter.detail.endswith(cut)
 
 
 @pytest.mark.parametrize("broker_name", ["kafka", "rabbitmq"])

@@ -13,7 +13,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from bridge import codec
 from bridge.codec import Schema
-from bridge.envelope import UNROUTABLE, DeadLetter, now_ms
+from bridge.envelope import UNROUTABLE, DeadLetter, cut_raw, now_ms
 from bridge.registry import DEAD_LETTER, SchemaDirectory
 from bridge.transports.base import dlq_name
 from bridge.transports.kafka.commit import Committer
@@ -183,10 +183,10 @@ class DelayForwarder:
         log.warning(
             "delay forwarder: dead-lettering record %s of %s partition %s: %s", offset, topic, partition, why
         )
-        detail = f"a delay-tier record bridge cannot route: {why}"
+        raw, cut = cut_raw(record.value() or b"", self.transport.settings.queue_bytes)
         letter = DeadLetter(
-            UNROUTABLE, detail, topic, now_ms(), partition=partition, offset=offset,
-            consumer_group=self.group, raw=record.value() or b"",
+            UNROUTABLE, f"a delay-tier record bridge cannot route: {why}{cut}", topic, now_ms(),
+            partition=partition, offset=offset, consumer_group=self.group, raw=raw,
         )  # fmt: skip
         return (dlq_name(topic), codec.encode(_dead_letter_schema(), letter.to_avro()), record.key(), None, 0)
 
