@@ -206,8 +206,12 @@ def decode(
     if len(data) > max_bytes:
         raise DecodeError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte cap", data)
     writer, start = read_frame(data, lookup)
+    layout = writer  # what the bytes are read with
     if reader is not None and reader.fingerprint == writer.fingerprint:
-        reader = None  # the same schema: nothing to resolve
+        # The same schema, nothing to resolve: read it as the reader declares it. Fingerprints
+        # leave logical types out, and a producer in another language may have registered the
+        # record without them; its handler still gets the datetimes and Decimals it declares.
+        layout, reader = reader, None
     elif reader is not None and reader.name != writer.name:  # Avro resolves records of one name only
         raise SchemaMismatch(f"a {_identity(writer)} cannot be read as a {_identity(reader)}", data)
     elif reader is not None:
@@ -217,10 +221,10 @@ def decode(
                 f"{_identity(writer)} cannot be read with {_identity(reader)}: " + "; ".join(problems), data
             )
     try:
-        if reader is None and writer.read is not None:
-            datum, end = writer.read(data, start)
+        if reader is None and layout.read is not None:
+            datum, end = layout.read(data, start)
         else:
-            datum, end = _read_with_fastavro(data, start, writer, reader)
+            datum, end = _read_with_fastavro(data, start, layout, reader)
     except Exception as exc:  # EOFError, IndexError, UnicodeDecodeError, ValueError, ...
         raise DecodeError(f"body does not decode as {writer.name}: {exc!r}", data) from exc
     if end != len(data):

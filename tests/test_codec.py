@@ -8,6 +8,8 @@ import random
 import resource
 import struct
 import time
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,35 @@ def test_reader_schema_resolves_an_older_writer() -> None:
     assert decoded == {"n": 3, "text": "", "sleep_ms": 0}
 
 
+def test_a_payload_from_a_writer_without_logical_types_reads_with_the_readers_own() -> None:
+    # Given a record whose reader declares timestamp-millis and decimal, and a producer in
+    # another language that registered the same record without the annotations (as hamba/avro
+    # needs), When its payload is read, Then the handler gets a datetime and a Decimal, as from
+    # its own producer. (It got an int and bytes: equal fingerprints skipped resolution, and
+    # the bytes were read with the writer's schema.)
+    money = {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}
+    declared = {
+        "type": "record",
+        "name": "Order",
+        "namespace": "shop",
+        "fields": [
+            {"name": "placed_at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+            {"name": "total", "type": money},
+        ],
+    }
+    reader = Schema.from_definition(declared)
+    writer = Schema.from_definition(codec.strip_logical_types(declared), schema_id=7)
+    assert writer.fingerprint == reader.fingerprint
+    cents = (12345).to_bytes(2, "big", signed=True)
+    data = codec.encode(writer, {"placed_at": 1_700_000_000_000, "total": cents})
+    found, decoded = codec.decode(data, _Both(writer), reader)
+    assert found is writer  # (what wrote it, for the messages that name it)
+    assert decoded == {
+        "placed_at": datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC),
+        "total": Decimal("123.45"),
+    }
+
+
 class _Both:
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
@@ -110,7 +141,7 @@ class _Both:
         return self.schema if fingerprint == self.schema.fingerprint else None
 
     def by_id(self, schema_id: int) -> Schema | None:
-        return None
+        return self.schema if schema_id == self.schema.schema_id else None
 
 
 def test_trailing_bytes_are_rejected() -> None:
