@@ -201,6 +201,8 @@ def _since(text: str) -> int:
         return now_ms() - int(parse_duration(text) * 1000)
     except ConfigError:
         return int(_moment(text).timestamp() * 1000)
+    except OverflowError:  # (a duration no float holds)
+        raise argparse.ArgumentTypeError(f"{text!r} is further back than any time") from None
 
 
 def _names(text: str) -> list[str]:

@@ -168,6 +168,8 @@ def _convert(name: str, value: Any) -> Any:
             return _tiers(value)
         except ConfigError as exc:
             raise ValueError(f"delay_tiers: {exc}") from None
+        except TypeError:  # (a number in bridge.toml, say: a list of durations, or one string)
+            raise ValueError(f'delay_tiers must be durations such as "1s,5s,30s", got {value!r}') from None
     try:
         return kind(value)
     except (TypeError, ValueError):

@@ -29,8 +29,8 @@ def safe_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    host = parts.netloc.rpartition("@")[2]  # as written (a port that is no number stays, not raises)
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def message_of(exc: BaseException) -> str:

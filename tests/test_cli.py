@@ -7,11 +7,14 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
 from bridge import Bridge, codec
+from bridge.config import Settings
+from bridge.errors import ConfigError
 from tests.brokerio import read_queue
 from tests.conftest import REPO, SCHEMAS
 
@@ -108,11 +111,39 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
         ({"BRIDGE_DELIVERY_LIMIT": "0"}, ["delivery_limit must be at least 1"]),
         ({"BRIDGE_DELAY_TIERS": "1h,6h"}, ["delay_tiers start at 1h", "start them at 1m or less"]),
         ({"BRIDGE_SESSION_TIMEOUT_S": "0.5"}, ["session_timeout_s must be from 1 to 3600 seconds"]),
+        # (a store's own options: found when its first keyed job came, which then waited for good)
+        (
+            {"BRIDGE_IDEMPOTENCY": "redis://cache:6379/0?socket_timeout=5s"},
+            ["idempotency 'redis://cache:6379/0?socket_timeout=5s'", "Invalid value for 'socket_timeout'"],
+        ),
+        (
+            {"BRIDGE_IDEMPOTENCY": "postgresql://bridge:secret@db/bridge?timeout=5"},
+            [
+                "idempotency 'postgresql://bridge:***@db/bridge?timeout=5'",
+                'invalid URI query parameter: "timeout"',
+            ],
+        ),
     ],
 )
 def test_bad_settings_are_reported_at_once(env: dict[str, str], fragments: list[str]) -> None:
     done = bridge("enqueue", "billing.ChargeCard", CHARGE, "--registry", "schemas", **env)
     assert_one_line_error(done, *fragments)
+
+
+def test_delay_tiers_given_as_a_number_in_bridge_toml_are_named(tmp_path: Path) -> None:
+    # Given `delay_tiers = 5` in bridge.toml, Then loading the settings says what to write
+    # instead. (It raised TypeError: 'int' object is not iterable.)
+    (tmp_path / "bridge.toml").write_text("[bridge]\ndelay_tiers = 5\n")
+    with pytest.raises(ConfigError) as refused:
+        Settings.load(environ={}, toml_path=tmp_path / "bridge.toml")
+    assert str(refused.value) == 'delay_tiers must be durations such as "1s,5s,30s", got 5'
+
+
+def test_a_since_further_back_than_any_time_gets_one_line() -> None:
+    # (It raised OverflowError.)
+    done = bridge("dlq", "list", "billing", "--since", "9" * 400, "--broker", "memory://")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "argument --since: '999" in done.stderr and "is further back than any time" in done.stderr
 
 
 def test_bad_app_and_missing_broker() -> None:

@@ -169,7 +169,28 @@ def check_url(url: str) -> list[str]:
         ]
     if scheme == "sqlite" and not rest.startswith("/"):
         return [f"idempotency {url!r}: a sqlite URL needs an absolute path, sqlite:///var/lib/bridge/keys.db"]
-    return []
+    problem = _unparsable(scheme, url)
+    return [f"idempotency {safe_url(url)!r}: {problem}"] if problem else []
+
+
+def _unparsable(scheme: str, url: str) -> str | None:
+    """What the store's client finds wrong with `url` without connecting (an option's value,
+    a port that is no number), if its client is installed: else it would be found only at the
+    first keyed job, which would wait for the store for good."""
+    try:
+        if scheme in ("redis", "rediss"):
+            from redis.connection import parse_url
+
+            parse_url(url)  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
+        elif scheme in ("postgresql", "postgres"):
+            from psycopg.conninfo import conninfo_to_dict
+
+            conninfo_to_dict(url)
+    except ImportError:  # open_store says which extra to install
+        return None
+    except Exception as exc:  # ValueError from redis, ProgrammingError from psycopg
+        return str(exc)
+    return None
 
 
 def _require(module: str, extra: str) -> None:
