@@ -17,6 +17,7 @@ import pytest
 from fastavro import schemaless_reader, schemaless_writer
 
 from bridge import codec
+from bridge.avro_writer import write_long
 from bridge.codec import Schema
 from bridge.envelope import DeadLetter, Envelope, JobError, uuid7
 from bridge.errors import DecodeError, SchemaError
@@ -196,6 +197,35 @@ def test_huge_string_length_fails_fast() -> None:
     data = schema.header + b"\x02" + b"\xfe\xff\xff\xff\x0f" + b"abc"  # n=1, text of 2**31-1 bytes
     with pytest.raises(DecodeError):
         codec.decode(data, REGISTRY)
+
+
+def test_a_decimal_longer_than_its_precision_needs_fails_fast() -> None:
+    # Given a decimal of precision 38 (16 bytes at most) whose bytes are 1 MB long, as another
+    # producer may send, When decoded, Then it fails at once, naming the precision; a decimal
+    # of 16 bytes still reads. (It took fastavro 90 s, on the event loop, to make a Decimal.)
+    schema = Schema.from_definition(
+        {
+            "type": "record",
+            "name": "Payment",
+            "namespace": "shop",
+            "fields": [
+                {
+                    "name": "amount",
+                    "type": {"type": "bytes", "logicalType": "decimal", "precision": 38, "scale": 2},
+                }
+            ],
+        }
+    )
+    largest = Decimal("9" * 36 + ".99")
+    assert codec.decode(codec.encode(schema, {"amount": largest}), _Both(schema))[1] == {"amount": largest}
+    length = 1_000_000 - 16
+    data = bytearray(schema.header)
+    write_long(data, length)
+    data += b"\x7f" * length
+    started = time.perf_counter()
+    with pytest.raises(DecodeError, match="a decimal of precision 38 takes 16 bytes at most, not 999984"):
+        codec.decode(bytes(data), _Both(schema))
+    assert time.perf_counter() - started < 1
 
 
 def test_size_cap() -> None:
