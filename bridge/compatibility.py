@@ -39,6 +39,8 @@ _PROMOTIONS = {
 def read_problems(reader: Any, writer: Any) -> list[str]:
     """Why data written with `writer` cannot be read with `reader`; empty when it can."""
     resolution = _Resolution()
+    resolution.readers.learn(reader, None)
+    resolution.writers.learn(writer, None)
     resolution.check(reader, writer, "")
     return resolution.problems
 
@@ -62,10 +64,31 @@ def level_problems(level: str, new: Any, older: Sequence[Any]) -> list[str]:
 
 
 class _Names:
-    """Named types met so far on one side, by full name (a later mention refers back)."""
+    """The named types of one side, by full name, wherever each is defined: a field the
+    other side lacks is never compared, yet may define a type that a later field names."""
 
     def __init__(self) -> None:
         self.defined: dict[str, Any] = {}
+
+    def learn(self, node: Any, namespace: str | None) -> None:
+        """Every named type defined in `node`, at any depth."""
+        if isinstance(node, list):
+            for branch in node:
+                self.learn(branch, namespace)
+            return
+        if not isinstance(node, dict):
+            return
+        if node.get("type") in ("record", "error", "enum", "fixed"):
+            full = full_name(node["name"], node.get("namespace", namespace))
+            self.defined.setdefault(full, node)
+            namespace = full.rpartition(".")[0] or None
+        elif isinstance(node.get("type"), (dict, list)):
+            self.learn(node["type"], namespace)
+        for field in node.get("fields", ()):
+            self.learn(field["type"], namespace)
+        for key in ("items", "values"):
+            if key in node:
+                self.learn(node[key], namespace)
 
     def resolve(self, node: Any, namespace: str | None) -> tuple[Any, str | None]:
         if isinstance(node, str) and node not in PRIMITIVES:

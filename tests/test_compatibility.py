@@ -27,6 +27,21 @@ def test_an_optional_field_added_reads_both_ways() -> None:
     assert level_problems("FULL_TRANSITIVE", v2, [v1]) == []
 
 
+def test_a_named_type_defined_in_a_field_one_side_lacks_still_resolves() -> None:
+    # Given version 1 defining record Address in `shipping`, and a version 2 that adds an
+    # optional `billing` of that record before it, so that `shipping` only names it,
+    # Then each reads the other's data, as fastavro and the registry say. (Named types were
+    # learnt only along compared fields: "shipping: type changed from record shop.Address to
+    # shop.Address", and v1's data was dead-lettered schema_mismatch.)
+    address = {"type": "record", "name": "Address", "fields": [{"name": "city", "type": "string"}]}
+    v1 = record(N, {"name": "shipping", "type": address})
+    billing = {"name": "billing", "type": ["null", address], "default": None}
+    v2 = record(N, billing, {"name": "shipping", "type": "Address"})
+    assert read_problems(v2, v1) == []
+    assert read_problems(v1, v2) == []
+    assert level_problems("FULL", v2, [v1]) == []
+
+
 def test_a_field_added_without_default_cannot_read_old_data() -> None:
     v1, v2 = record(N), record(N, {"name": "total", "type": "long"})
     assert read_problems(v2, v1) == [
