@@ -271,6 +271,29 @@ def test_the_inbox_of_a_lost_lease_writes_nothing(store_url: str) -> None:
     assert effects(store_url, table) == {}
 
 
+def test_an_sqlite_inbox_whose_handler_commits_itself_raises_lease_lost_and_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a SQLite key whose 0.3 s lease ended and that another job claimed,
+    # When the first holder's inbox block calls db.commit() itself (a sqlite3 habit),
+    # Then the transaction raises LeaseLost, and a warning says the writes were committed apart
+    # from the key. (sqlite3's "cannot rollback - no transaction is active" hid the LeaseLost.)
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+
+    async def scenario(store: Store) -> None:
+        key = new_key()
+        token = claimed(await store.claim(key, "job-1", 0.3)).token
+        await wait_for_claim(store, key, "job-2")
+        with pytest.raises(LeaseLost):
+            async with store.transaction(key, token, "job-1", 30) as db:
+                db.execute("CREATE TABLE charges (n INTEGER)")
+                db.commit()
+
+    with caplog.at_level(logging.WARNING, "bridge"):
+        with_store(url, scenario)
+    assert "the handler ended the transaction itself (commit() or rollback())" in caplog.text
+
+
 def test_two_workers_claiming_the_same_keys_in_one_go_from_opposite_ends_each_win_once(
     store_url: str,
 ) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from bridge.errors import StoreError
 from bridge.idempotency.batch import TickBatch
-from bridge.idempotency.sql import CLAIM, LOOK, SCHEMA, Query, Rows, SqlStore, now_ms
+from bridge.idempotency.sql import CLAIM, LOOK, SCHEMA, Query, Rows, SqlStore, log, now_ms
 
 BUSY_TIMEOUT_S = 10.0
 WAL_CHECKPOINT_PAGES = 4000  # SQLite's default is 1000
@@ -120,13 +120,28 @@ class SqliteStore(SqlStore):
             try:
                 yield self._db, query
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                else:  # (ROLLBACK's own error would hide this one)
+                    _warn_ended()
                 raise
+            if not self._db.in_transaction:
+                _warn_ended()
+                return
             self._run("COMMIT", ())
 
     async def close(self) -> None:
         await self._stop_purging()
         self._db.close()
+
+
+def _warn_ended() -> None:
+    """The handler ended bridge's inbox transaction itself (`db.commit()`, a sqlite3 habit)."""
+    log.warning(
+        "ctx.transaction() on SQLite: the handler ended the transaction itself (commit() or "
+        "rollback()), so its writes did not commit with its key, and stay even if the key could "
+        "not be recorded; leave the commit to bridge"
+    )
 
 
 def _use_wal(db: sqlite3.Connection) -> None:
