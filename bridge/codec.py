@@ -423,6 +423,7 @@ def _min_size(node: Any, namespace: str | None, stack: list[str], sizes: dict[st
     if kind == "map":
         _min_size(node["values"], namespace, [*stack, "{}"], sizes)
         return 1
-    if kind == "fixed":
+    if kind == "fixed":  # (its size recorded too, for arrays that name it later)
+        sizes[full_name(node["name"], node.get("namespace", namespace))] = int(node["size"])
         return int(node["size"])
     return 1  # enum

@@ -253,6 +253,12 @@ def test_size_cap() -> None:
                  {"type": "record", "name": "E", "fields": []}}}]},
             "zero bytes",
         ),
+        (  # a fixed of size 0 defined in one field, named by an array's items in the next
+            {"type": "record", "name": "Named", "namespace": "x",
+             "fields": [{"name": "z", "type": {"type": "fixed", "name": "Z", "size": 0}},
+                        {"name": "many", "type": {"type": "array", "items": "Z"}}]},
+            "zero bytes",
+        ),
     ],
 )  # fmt: skip
 def test_schemas_that_would_unbound_decoding_are_refused(definition: dict[str, Any], message: str) -> None:
