@@ -12,7 +12,8 @@ import logging
 import time
 import traceback
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,9 @@ class Worker:
         self._store: Store | None = None  # the app's idempotency store, once a job needs it
         self._outage = Outage()  # keyed jobs wait here while the store does not answer
         self._leases: set[Lease] = set()  # idempotency keys held by running handlers
+        # Handler threads that outlived their task, and their keys' completions (`_in_thread`)
+        self._outliving: set[Future[None]] = set()
+        self._finishing: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()  # `run`'s: set when a delivery cannot ever be settled
         self._failure: TransportError | None = None  # ... and why
         self.stats = Stats()
@@ -103,10 +107,24 @@ class Worker:
                 burst=burst, grace_s=self.settings.grace_s,
             )  # fmt: skip
         finally:
+            await self._wait_for_outliving()
             renewing.cancel()
             self._threads.shutdown(wait=False, cancel_futures=True)
         if self._failure is not None:
             raise self._failure
+
+    async def _wait_for_outliving(self) -> None:
+        """Wait for keyed handlers' threads that outlived the grace period, renewing their
+        keys, then record them (see `_in_thread`): the process could not exit before those
+        threads end anyway, and a key given up early would let a copy of the job run again."""
+        if self._outliving:
+            log.warning(
+                "%d keyed handlers run on in threads past the grace period (a thread cannot be "
+                "stopped); waiting for them, to record their keys (signal again to exit now)",
+                len(self._outliving),
+            )
+        while self._outliving or self._finishing:
+            await asyncio.wait([*map(asyncio.wrap_future, self._outliving), *self._finishing])
 
     async def _renew_leases(self) -> None:
         """Renew the keys held by running handlers, a few times per lease.
@@ -255,7 +273,8 @@ class Worker:
         try:
             outcome = await self._run(spec, payload, envelope, delivery, lease)
         finally:
-            self._leases.discard(lease)
+            if not lease.outlived:
+                self._leases.discard(lease)
         await lease.finish(succeeded=not outcome)
         return outcome
 
@@ -288,7 +307,7 @@ class Worker:
             if spec.is_async:
                 await spec.func(payload, ctx)
             else:
-                await asyncio.get_running_loop().run_in_executor(self._threads, spec.func, payload, ctx)
+                await self._in_thread(spec, payload, ctx, lease)
         except Exception as exc:
             return [self._failed(spec, envelope, exc, delivery)]
         except asyncio.CancelledError as exc:
@@ -300,6 +319,39 @@ class Worker:
             failure.__cause__ = exc
             return [self._failed(spec, envelope, failure, delivery)]
         return ()
+
+    async def _in_thread(self, spec: JobSpec, payload: Any, ctx: JobContext, lease: Lease | None) -> None:
+        """Run a plain `def` handler in one of the worker's threads.
+
+        A thread cannot be stopped. If this task is cancelled (the worker stops past its grace
+        period, or RabbitMQ closed the delivery's channel), the handler runs on, and its key, if
+        it has one, stays claimed and renewed until it ends, then is completed or released as
+        the handler ended. A copy of the job delivered again meanwhile finds the key busy, then
+        done. (The claim lapsed instead, and the copy ran a second time beside the first.)
+        """
+        running = self._threads.submit(spec.func, payload, ctx)
+        try:
+            await asyncio.wrap_future(running)
+        except asyncio.CancelledError:
+            if lease is not None and _cancelled_here() and not running.cancelled():
+                lease.outlived = True
+                self._outliving.add(running)
+                loop = asyncio.get_running_loop()
+                running.add_done_callback(lambda _: self._thread_ended(loop, lease, running))
+            raise
+
+    def _thread_ended(self, loop: asyncio.AbstractEventLoop, lease: Lease, running: Future[None]) -> None:
+        """In the thread of a handler that outlived its task, as it ends: finish its lease."""
+        succeeded = running.exception() is None
+        with suppress(RuntimeError):  # the loop has closed: the claim lapses by itself
+            loop.call_soon_threadsafe(self._finish_outlived, lease, running, succeeded)
+
+    def _finish_outlived(self, lease: Lease, running: Future[None], succeeded: bool) -> None:
+        self._outliving.discard(running)
+        self._leases.discard(lease)
+        finishing = asyncio.create_task(lease.finish(succeeded=succeeded))
+        self._finishing.add(finishing)
+        finishing.add_done_callback(self._finishing.discard)
 
     def _failed(self, spec: JobSpec, envelope: Envelope, exc: Exception, delivery: Delivery) -> Outgoing:
         """A retry through the delay tiers, or a dead letter, with the error recorded."""

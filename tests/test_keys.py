@@ -7,7 +7,9 @@ import contextlib
 import itertools
 import logging
 import os
+import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -129,6 +131,50 @@ def test_a_key_held_by_another_worker_sends_the_job_to_wait(
     assert sorted(started) == [0, 1]
     assert started[0] >= lease_ends[-1]
     assert stats.delayed >= 1 and stats.duplicates == 0
+
+
+@pytest.mark.parametrize("broker", ["kafka", "rabbitmq"], indirect=True)
+def test_a_keyed_plain_handler_that_outlives_the_grace_period_keeps_its_key_until_it_ends(
+    keyed_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given a plain (def) handler of a keyed job that runs 3 s, a 1 s lease and a 0.2 s grace
+    # period, When its consumer is stopped as the handler starts and another consumer of the
+    # group starts at once, Then the job runs once: the first consumer waits for the thread
+    # (nothing can stop it), renewing the key, then records it done, and the job, which went
+    # back unacknowledged, is a duplicate to the second. (The key went with the cancelled task,
+    # unrenewed: it lapsed after 1 s, and the second consumer ran the job beside the first.)
+    group = f"g-{uuid.uuid4().hex[:12]}"
+    first, second = keyed_app(group=group, grace_s=0.2), keyed_app(group=group)
+    started = threading.Event()
+    runs: list[str] = []
+    for app in (first, second):
+
+        @app.job("test.Echo", queue=queue, idempotency_lease_s=1)
+        def slow(payload: dict[str, Any], ctx: JobContext) -> None:
+            runs.append("start")
+            started.set()
+            time.sleep(3)
+            runs.append("end")
+
+    enqueue_all(first, [(1, "invoice-7")])
+
+    async def scenario() -> Stats:
+        async with first, second:
+            stops = asyncio.Event(), asyncio.Event()
+            stopping = asyncio.create_task(first.consume(stop=stops[0]))
+            await asyncio.to_thread(started.wait, 30)
+            stops[0].set()
+            # (not a burst run: it would end at once while the first still holds the job)
+            taking_over = asyncio.create_task(second.consume(stop=stops[1]))
+            while not (second.stats and second.stats.duplicates) and runs.count("start") == 1:
+                await asyncio.sleep(0.1)
+            stops[1].set()
+            await stopping
+            return await taking_over
+
+    stats = run(scenario(), timeout=90)
+    assert runs == ["start", "end"]
+    assert stats.duplicates == 1
 
 
 def test_dedupe_on_enqueue_publishes_one_job(keyed_app: Callable[..., Bridge], queue: str) -> None:

@@ -32,6 +32,9 @@ class Lease:
     # was lost). A renewal round takes the leases of the jobs running when it starts, so its
     # renewal of a job that finishes meanwhile may reach the store after the completion.
     ending: bool = field(default=False)
+    # Its handler's thread runs on after its task was cancelled: the key is finished when the
+    # thread ends (Worker._in_thread), and renewed until then.
+    outlived: bool = field(default=False)
 
     async def renew(self) -> None:
         """Push the lease's end `lease_s` further out; a lost claim is logged."""
