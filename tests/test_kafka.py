@@ -575,7 +575,7 @@ def test_a_foreign_tier_record_without_a_queue_to_return_to_is_dead_lettered_in_
 def test_a_due_record_whose_forward_failed_is_forwarded_again_at_once_not_with_the_next_head(
     brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a tier partition holding a due job, then one not due for two minutes, fetched
+    # Given a 2m tier partition holding a due job, then one not due for two minutes, fetched
     # together, and a delay forwarder whose first transaction fails (as one does in a rebalance),
     # When consumed, Then the due job is forwarded again and runs within seconds. (The record
     # not due had paused the partition: the due one, sought back to, waited two minutes with it.)
@@ -587,19 +587,39 @@ def test_a_due_record_whose_forward_failed_is_forwarded_again_at_once_not_with_t
             return len(forwards) > 1 and await super().transact(records, offsets, notes)
 
     monkeypatch.setattr(kafka_forwarder, "Committer", FirstFails)
-    app = own_app(brokers["kafka"])
+    first_of_tier_records_runs_soon(brokers["kafka"], queue, "2m", written_s_ago=[180, 0])
+    assert forwards[:2] == [1, 1]  # the due job, twice
+
+
+def test_a_tier_record_stamped_in_the_future_waits_one_tier_not_until_then(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a 1s tier record stamped an hour ahead (another host's clock, another producer),
+    # When consumed, Then it is forwarded and runs within seconds. (It was due an hour and a
+    # second from its stamp, and held every record behind it in its partition till then.)
+    first_of_tier_records_runs_soon(brokers["kafka"], queue, "1s", written_s_ago=[-3600])
+
+
+def first_of_tier_records_runs_soon(kafka: str, queue: str, tier: str, written_s_ago: list[float]) -> None:
+    """Write a job for `queue` to delay tier `tier` per entry of `written_s_ago` (its record's
+    timestamp), in one partition, then consume: the first must run within 20 s."""
+    app = Bridge(
+        broker=kafka, registry=str(SCHEMAS), prefix=f"p{uuid.uuid4().hex[:8]}", delay_tiers=f"1s,{tier}",
+        partitions=1, group=f"g-{uuid.uuid4().hex[:12]}",
+    )  # fmt: skip
     ran = signalling(app, queue)
 
     async def scenario() -> None:
         async with app:
             await app.apply_topology()
-            tier = f"{app.settings.prefix}.delay.1s"
-            producer = Producer({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
-            now_ms = int(time.time() * 1000)
-            for n, written_ms in [(1, now_ms - 5_000), (2, now_ms + 120_000)]:  # due, not due
+            producer = Producer({"bootstrap.servers": kafka.partition("://")[2]})
+            now_ms, topic = int(time.time() * 1000), f"{app.settings.prefix}.delay.{tier}"
+            for n, ago_s in enumerate(written_s_ago, 1):
                 envelope = app.build_envelope("test.Echo", {"n": n}, queue=queue)
                 body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
-                producer.produce(tier, body, headers=[("bridge-queue", queue.encode())], timestamp=written_ms)
+                headers: Headers = [("bridge-queue", queue.encode())]
+                stamp = now_ms - int(ago_s * 1000)
+                producer.produce(topic, body, headers=headers, timestamp=stamp)
             producer.flush(10)
             stop = asyncio.Event()
             consuming = asyncio.create_task(app.consume(stop=stop))
@@ -610,7 +630,32 @@ def test_a_due_record_whose_forward_failed_is_forwarded_again_at_once_not_with_t
                 await consuming
 
     run(scenario(), timeout=60)
-    assert forwards[:2] == [1, 1]  # the due job, twice
+
+
+def test_a_publish_kafka_has_not_acknowledged_when_the_app_closes_fails_rather_than_waits(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an app that knows a topic which is then deleted (the client keeps each publish to
+    # it, waiting for the topic, until its 30 s timeout),
+    # When an enqueue to it still waits as the app closes, Then the enqueue fails with a
+    # PublishError saying the client closed first. (It waited for good: with the client gone,
+    # nothing would ever report on it.)
+    monkeypatch.setattr(kafka_transport, "CLOSE_FLUSH_S", 0.5)
+    bootstrap = brokers["kafka"].partition("://")[2]
+    topics_made_elsewhere(bootstrap, [queue])
+    app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS))
+
+    async def scenario() -> None:
+        await app.transport()  # (it learns the topics)
+        await asyncio.to_thread(delete_queue, app, queue)
+        enqueue = asyncio.create_task(app.enqueue_async("test.Echo", {"n": 1}, queue=queue))
+        with pytest.raises(TimeoutError):  # not acknowledged: it cannot be
+            await asyncio.wait_for(asyncio.shield(enqueue), 1.0)
+        await app.aclose()
+        with pytest.raises(PublishError, match="the client closed first; it may still be published"):
+            await enqueue
+
+    run(scenario(), timeout=30)
 
 
 def test_an_enqueue_to_a_delay_tier_is_refused_saying_so(brokers: dict[str, str]) -> None:

@@ -48,6 +48,9 @@ class DelayForwarder:
         self.delay_ms = {topic: int(tier_s * 1000) for tier_s, topic in transport._tiers.items()}
         self.consumer: Consumer | None = None
         self.waiting: dict[tuple[str, int], int] = {}  # paused partition -> when its head is due
+        self.ahead: dict[
+            tuple[str, int], tuple[int, int]
+        ] = {}  # a head stamped in the future: offset, first seen
         self.forwarding = False
         self.committer: Committer | None = None
 
@@ -93,7 +96,8 @@ class DelayForwarder:
             topic, partition, offset = coordinates(record)
             if (topic, partition) in self.waiting:
                 continue  # its partition was rewound to an earlier head; it comes again later
-            ready_at = record.timestamp()[1] + self.delay_ms[topic]
+            ready_at = self._written_at(topic, partition, offset, record.timestamp()[1], now)
+            ready_at += self.delay_ms[topic]
             if ready_at > now:
                 consumer.pause([TopicPartition(topic, partition)])
                 consumer.seek(TopicPartition(topic, partition, offset))
@@ -101,6 +105,18 @@ class DelayForwarder:
                 continue
             due.append(record)
         return due
+
+    def _written_at(self, topic: str, partition: int, offset: int, stamp: int, now: int) -> int:
+        """When a record was written, as far as its timestamp can be trusted: one stamped in
+        the future (another host's clock runs ahead, or another producer's stamp) counts from
+        when this forwarder first saw it, so it waits one tier, not until then with every
+        record behind it."""
+        if stamp <= now:
+            return stamp
+        first = self.ahead.get((topic, partition))
+        if first is None or first[0] != offset:
+            first = self.ahead[(topic, partition)] = (offset, now)
+        return first[1]
 
     def _resume_due(self, consumer: Consumer) -> None:
         now = time.time_ns() // 1_000_000
@@ -164,6 +180,7 @@ class DelayForwarder:
         # Every forwarded batch is committed before the next fetch: only waiting heads to drop.
         for tp in partitions:
             self.waiting.pop((tp.topic, tp.partition), None)
+            self.ahead.pop((tp.topic, tp.partition), None)
         resume_leaving(consumer, partitions)
 
     def _dead_letter(self, record: Message, why: str, no_dlq: Collection[str]) -> Record | None:

@@ -74,6 +74,7 @@ TOPIC_LOOK_S = 5.0  # while idle, how often to look whether the consumed topics 
 NEW_TOPIC_GRACE_S = 2.0  # at consume start, how long a topic may be missing before bridge refuses
 # After a failed transaction, before a new round consumes again from the committed offsets.
 RESTART_AFTER_S = 5.0
+CLOSE_FLUSH_S = 10.0  # how long `close` waits for Kafka to acknowledge what was published
 
 
 class KafkaTransport:
@@ -153,7 +154,12 @@ class KafkaTransport:
 
     async def close(self) -> None:
         if self._producer is not None:
-            await asyncio.to_thread(self._producer.flush, 10)  # serves reports in that thread
+            # (flush serves the delivery reports in its thread)
+            if await asyncio.to_thread(self._producer.flush, CLOSE_FLUSH_S):
+                # Publishes Kafka has not acknowledged by now fail, rather than wait for good:
+                # with the client gone, nothing would ever report them.
+                self._producer.purge()
+                await asyncio.to_thread(self._producer.flush, CLOSE_FLUSH_S)
             self._resolve_reports()
         self._closing.set()
         if self._poller is not None:
@@ -892,7 +898,9 @@ def _resolve(future: asyncio.Future[None], err: KafkaError | None, topic: str) -
         future.set_result(None)
         return
     detail = err.str()
-    if err.code() == KafkaError._MSG_TIMED_OUT:  # (librdkafka's own code for it)
+    if err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):  # (by `close`)
+        detail = f"the client closed first; it may still be published ({detail})"
+    elif err.code() == KafkaError._MSG_TIMED_OUT:  # (librdkafka's own code for it)
         detail = (
             f"not taken within {PUBLISH_TIMEOUT_S:g} s: is Kafka reachable, and has the topic a "
             f"leader? It may still be published ({detail})"
