@@ -66,8 +66,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
+def _common(default: object) -> _Parser:
+    """The options every command takes, before or after the command's name."""
+    common = _Parser(add_help=False, argument_default=default)
     common.add_argument(
         "--broker", help="kafka://host:port or amqp://user:pass@host:port/vhost (BRIDGE_BROKER)"
     )
@@ -82,8 +83,14 @@ def _parser() -> argparse.ArgumentParser:
         help="key store: sqlite:///path (default), postgresql://..., redis://... (BRIDGE_IDEMPOTENCY)",
     )
     common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return common
 
-    parser = _Parser(prog="bridge", description=__doc__, parents=[common])
+
+def _parser() -> argparse.ArgumentParser:
+    # A command's own copy leaves out what it was not given, so `bridge --broker X dlq list`
+    # keeps X (the command's None overwrote it, and the command ran on BRIDGE_BROKER's broker).
+    common = _common(argparse.SUPPRESS)
+    parser = _Parser(prog="bridge", description=__doc__, parents=[_common(None)])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     enqueue = commands.add_parser("enqueue", parents=[common], help="validate and publish one job")

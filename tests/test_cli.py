@@ -146,6 +146,22 @@ def test_a_since_further_back_than_any_time_gets_one_line() -> None:
     assert "argument --since: '999" in done.stderr and "is further back than any time" in done.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--broker", "memory://", "--registry", "schemas", "enqueue", "billing.ChargeCard", CHARGE],
+        ["dlq", "--broker", "memory://", "list", "billing"],
+    ],
+)
+def test_options_before_the_command_count_as_after_it(args: list[str]) -> None:
+    # Given --broker before the command's name (as `bridge --help` shows it), and BRIDGE_BROKER
+    # naming a broker nobody runs, Then the command uses the broker given. (The command's own
+    # default overwrote it: the command ran on BRIDGE_BROKER's broker, so a `dlq purge` could
+    # empty another broker's queue.)
+    done = bridge(*args, BRIDGE_BROKER=f"kafka://127.0.0.1:{closed_port()}")
+    assert done.returncode == 0, done.stderr
+
+
 def test_bad_app_and_missing_broker() -> None:
     assert_one_line_error(bridge("consume", "--app", "nowhere"), "write MODULE:ATTR")
     assert_one_line_error(bridge("consume", "--app", "no.such.module:app"), "cannot import no.such.module")
