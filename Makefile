@@ -17,7 +17,8 @@ LOWEST_TESTS := tests/test_codec.py tests/test_contract.py tests/test_kafka.py t
 .PHONY: demo test lint pytest pytest-lowest pytest-lowest-beside pytest-rabbitmq4 pytest-side-by-side bench brokers down clean
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# (a venv without pip is one whose creation was cut short: made again)
+	test -x $(BIN)/pip || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade "pip>=25.1"
 	$(BIN)/python -m pip install -q -e ".[postgres,redis,registry]" --group test --group lint --group lowest
 	touch $(STAMP)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -108,6 +110,29 @@ def test_compose_apicurio_has_exactly_the_native_settings() -> None:
     env = compose_services()["apicurio"]["environment"]
     # Then it sets the native registry's shared settings, and nothing else
     assert env == {apicurio_env_name(setting): value for setting, value in apicurio.APICURIO_SETTINGS.items()}
+
+
+def test_the_apicurio_archive_unpacks_on_a_python_without_tar_filters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a Python without tarfile's filters (Debian 12's 3.11.2), Then the registry's archive
+    # still unpacks, and one with a member that would land outside its folder is refused.
+    # (extractall(filter=...) raised TypeError, and `make demo` failed at every run.)
+    monkeypatch.delattr(tarfile, "data_filter")
+
+    def archive(name: str) -> tarfile.TarFile:
+        data = io.BytesIO()
+        with tarfile.open(fileobj=data, mode="w:gz") as tar:
+            member = tarfile.TarInfo(name)
+            member.size = 3
+            tar.addfile(member, io.BytesIO(b"jar"))
+        data.seek(0)
+        return tarfile.open(fileobj=data)
+
+    apicurio._extract(archive("app/quarkus-run.jar"), tmp_path)
+    assert (tmp_path / "app" / "quarkus-run.jar").read_bytes() == b"jar"
+    with pytest.raises(DevError, match=re.escape("refusing '../outside' in the Apicurio Registry archive")):
+        apicurio._extract(archive("../outside"), tmp_path / "app")
 
 
 def test_compose_runs_the_native_apicurio_version() -> None:

@@ -194,11 +194,25 @@ def _download_registry(home: Path, log: Log) -> None:
     if result.returncode != 0 or not archive.is_file():
         raise DevError(f"Maven could not download Apicurio Registry {APICURIO_VERSION}: {last_line(result)}")
     with tarfile.open(archive) as tar:
-        tar.extractall(partial, filter="data")
+        _extract(tar, partial)
     archive.unlink()  # Maven keeps its own copy in ~/.m2
     if not (partial / "quarkus-run.jar").is_file():
         raise DevError(f"Apicurio Registry {APICURIO_VERSION}'s archive has no quarkus-run.jar")
     _finish(home, partial, "app", APICURIO_VERSION)
+
+
+def _extract(tar: tarfile.TarFile, into: Path) -> None:
+    """Extract `tar` into `into`, refusing members that would land outside it. Python 3.11.4
+    and later check that themselves (`filter="data"`); Debian 12's 3.11.2 has no such filter."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(into, filter="data")
+        return
+    root = into.resolve()
+    for member in tar.getmembers():
+        target = (root / member.name).resolve()
+        if not target.is_relative_to(root) or member.issym() or member.islnk() or member.isdev():
+            raise DevError(f"refusing {member.name!r} in the Apicurio Registry archive: not a plain file")
+    tar.extractall(into)  # (every member checked above)
 
 
 def _download_java(home: Path, log: Log) -> None:
