@@ -218,6 +218,33 @@ def test_the_inbox_commits_the_write_and_the_key_together(store_url: str) -> Non
     assert list(effects(store_url, table).values()) == [1]
 
 
+def test_a_postgres_inbox_block_s_own_database_error_comes_out_as_it_was_raised(
+    brokers: dict[str, str],
+) -> None:
+    # Given a claimed key, When the handler's write in its inbox transaction violates a unique
+    # constraint, Then the handler (and its job type's give_up_on) sees psycopg's UniqueViolation
+    # and the transaction is rolled back. (It came out as a StoreError, an outage of the store,
+    # so no `except UniqueViolation` or give_up_on matched, and the job retried to exhaustion.)
+    url = brokers["postgres"]
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        conn.execute(f"INSERT INTO {table} VALUES (1)")
+
+    async def scenario(store: Store) -> None:
+        key = new_key()
+        token = claimed(await store.claim(key, "job-1", 30)).token
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            async with store.transaction(key, token, "job-1", 30) as db:
+                await db.execute(f"INSERT INTO {table} VALUES (2)")
+                await db.execute(f"INSERT INTO {table} VALUES (1)")
+        assert isinstance(await store.claim(key, "job-2", 30), Busy)  # still held, not done
+
+    with_store(url, scenario)
+    with psycopg.connect(url) as conn:
+        assert conn.execute(f"SELECT id FROM {table}").fetchall() == [(1,)]
+
+
 def test_sqlite_claims_made_during_an_inbox_transaction_go_out_once_it_commits(tmp_path: Path) -> None:
     # Given a SQLite store whose one connection holds a job's inbox transaction,
     # When other jobs claim their keys meanwhile, Then none of their claims is answered while

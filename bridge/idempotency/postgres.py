@@ -109,13 +109,22 @@ class PostgresStore(SqlStore):
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[tuple[Any, Query]]:
         await self._open()
-        with _mapped(self.url):
-            async with self._pool.connection() as conn, conn.transaction():
+        try:
+            with _mapped(self.url):  # the store's own failures: the connection, the commit
+                async with self._pool.connection() as conn, conn.transaction():
 
-                async def query(sql: str, params: Sequence[Any]) -> Rows:
-                    return await _fetch(conn, sql, params)
+                    async def query(sql: str, params: Sequence[Any]) -> Rows:
+                        with _mapped(self.url):
+                            return await _fetch(conn, sql, params)
 
-                yield conn, query
+                    try:
+                        yield conn, query
+                    except Exception as exc:  # (rolled back on the way out)
+                        raise _Raised(exc) from exc
+        except _Raised as raised:
+            # What the handler's block raised, as it raised it: its own UniqueViolation, say,
+            # which its `except` or the job's give_up_on name, not a StoreError (an outage).
+            raise raised.error from raised.error.__cause__
 
     async def close(self) -> None:
         await self._stop_purging()
@@ -161,6 +170,14 @@ def _dialect(sql: str) -> str:
 
 async def _rows(cursor: psycopg.AsyncCursor[tuple[Any, ...]]) -> Rows:
     return await cursor.fetchall() if cursor.description else [()] * max(cursor.rowcount, 0)
+
+
+class _Raised(Exception):
+    """Carries what an inbox block raised past `_mapped`."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 @contextmanager
