@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
+import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -18,7 +19,7 @@ from bridge import codec
 from bridge.config import Settings
 from bridge.dlq import DeadLetters
 from bridge.envelope import LONGEST_S, Envelope, now_ms, uuid7
-from bridge.errors import ConfigError, JobTooLarge
+from bridge.errors import ConfigError, JobTooLarge, utf8
 from bridge.idempotency import DEFAULT_LEASE_S, DEFAULT_WINDOW_S, Store, default_url, enqueue_key, open_store
 from bridge.jobs import Handler, JobSpec
 from bridge.policy import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, Backoff, RetryPolicy
@@ -26,6 +27,8 @@ from bridge.registry import ENVELOPE, Registry, open_registry
 from bridge.transports import Outgoing, Transport, open_transport
 from bridge.transports.memory import MemoryTransport
 from bridge.worker import Stats, Worker
+
+MAX_INT = 2**31 - 1  # an Avro int: the envelope's max_attempts
 
 DEFAULT_QUEUE = "default"
 H = TypeVar("H", bound=Handler)
@@ -41,6 +44,9 @@ class Bridge:
         self._registry: Registry | None = None
         self.jobs: dict[str, JobSpec] = {}
         self._transports: dict[asyncio.AbstractEventLoop, Transport] = {}
+        self._opening: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
         self._connecting = threading.Lock()
         self._memory: MemoryTransport | None = None
         self.clock: Callable[[], int] = now_ms  # epoch ms; tests may replace it
@@ -79,8 +85,8 @@ class Bridge:
         queue: str | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         backoff: Backoff = DEFAULT_BACKOFF,
-        retry_on: tuple[type[BaseException], ...] = (Exception,),
-        give_up_on: tuple[type[BaseException], ...] = (),
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+        give_up_on: type[BaseException] | tuple[type[BaseException], ...] = (),
         idempotency_ttl_s: float = DEFAULT_WINDOW_S,
         idempotency_lease_s: float = DEFAULT_LEASE_S,
     ) -> Callable[[H], H]:
@@ -99,8 +105,8 @@ class Bridge:
         def register(func: H) -> H:
             if type in self.jobs:
                 raise ConfigError(f"job type {type!r} already has a handler")
-            policy = RetryPolicy(max_attempts, backoff, tuple(retry_on), tuple(give_up_on))
-            is_async = inspect.iscoroutinefunction(func)
+            policy = RetryPolicy(max_attempts, backoff, _classes(retry_on), _classes(give_up_on))
+            is_async = _is_async(func)
             self.jobs[type] = JobSpec(
                 type, queue or DEFAULT_QUEUE, func, is_async, policy, idempotency_ttl_s, idempotency_lease_s
             )
@@ -139,6 +145,7 @@ class Bridge:
         """
         if dedupe and idempotency_key is None:
             raise ConfigError("dedupe=True needs an idempotency_key")
+        _check_options(queue, key, idempotency_key, headers, max_attempts)
         now = self.clock()
         envelope = self.build_envelope(
             type,
@@ -226,7 +233,13 @@ class Bridge:
     ) -> Stats:
         """Run this app's handlers until `stop` is set (or, with `burst`, the queues drain)."""
 
-        settings = self.settings if concurrency is None else replace(self.settings, concurrency=concurrency)
+        if isinstance(queues, str):  # one queue's name, not its letters
+            queues = [queues]
+        settings = self.settings
+        if concurrency is not None:
+            if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+                raise ConfigError(f"concurrency= must be a whole number of at least 1, not {concurrency!r}")
+            settings = replace(settings, concurrency=concurrency)
         worker = Worker(self, await self.transport(), settings)
         self.stats = worker.stats
         await worker.run(list(queues or self.queues()), stop or asyncio.Event(), burst=burst)
@@ -250,9 +263,14 @@ class Bridge:
         loop = asyncio.get_running_loop()
         transport = self._transports.get(loop)
         if transport is None:
-            transport = self._new_transport()
-            await transport.connect()
-            self._transports[loop] = transport
+            # One connect per loop, however many first calls come at once (each made its own
+            # transport, and all but the last were never closed).
+            async with self._opening.setdefault(loop, asyncio.Lock()):
+                transport = self._transports.get(loop)
+                if transport is None:
+                    transport = self._new_transport()
+                    await transport.connect()
+                    self._transports[loop] = transport
         return transport
 
     async def idempotency_store(self) -> Store:
@@ -337,11 +355,50 @@ def _moment(
     if isinstance(after, timedelta):
         after = after.total_seconds()
     if after is not None:
-        if not after <= LONGEST_S:  # (NaN too)
+        if not isinstance(after, (int, float)) or isinstance(after, bool):
+            raise ConfigError(f"{after_name}= must be seconds (a number) or a timedelta, not {after!r}")
+        if not -LONGEST_S <= after <= LONGEST_S:  # (NaN too)
             raise ConfigError(f"{after_name}= must be seconds up to 100 years, not {after:g}")
         return now + int(after * 1000)
     if at is None:
         return None
+    if not isinstance(at, datetime):
+        raise ConfigError(f"{at_name}= needs a timezone-aware datetime, not {at!r}")
     if at.tzinfo is None:
         raise ConfigError(f"{at_name}= needs a timezone-aware datetime, e.g. datetime.now(UTC)")
     return int(at.timestamp() * 1000)
+
+
+def _check_options(
+    queue: object, key: object, idempotency_key: object, headers: object, max_attempts: object
+) -> None:
+    """Refuse what an envelope cannot carry, with a line that names it (it was a traceback
+    from deep in the Avro writer, or, for max_attempts, taken as something else)."""
+    if headers is not None and not isinstance(headers, Mapping):
+        raise ConfigError(f"headers= must be a mapping of strings to strings, not {headers!r}")
+    texts = {"queue": queue, "key": key, "idempotency_key": idempotency_key}
+    texts.update({f"headers[{name!r}]": value for name, value in (headers or {}).items()})
+    for name, value in texts.items():
+        if value is not None and (not isinstance(value, str) or utf8(value) != value):
+            raise ConfigError(f"{name}= must be a string (UTF-8 text), not {value!r}")
+    if max_attempts is None:
+        return
+    if (
+        isinstance(max_attempts, bool)
+        or not isinstance(max_attempts, int)
+        or not 1 <= max_attempts <= MAX_INT
+    ):
+        raise ConfigError(f"max_attempts= must be a whole number from 1 to {MAX_INT:,}, not {max_attempts!r}")
+
+
+def _classes(value: object) -> tuple[Any, ...]:
+    """`retry_on=` or `give_up_on=` as a tuple: one exception class is a tuple of one. (Any
+    other mistake is reported at start, with the job types' other problems.)"""
+    return tuple(value) if isinstance(value, (tuple, list, set, frozenset)) else (value,)
+
+
+def _is_async(func: Callable[..., Any]) -> bool:
+    """Whether calling `func` gives a coroutine to await: an `async def` function, an object
+    whose `__call__` is one, or a plain decorator's wrapper of one (functools.wraps)."""
+    called = type(func).__call__  # (an instance's, for a class that defines it)
+    return any(inspect.iscoroutinefunction(f) for f in (func, called, inspect.unwrap(func)))

@@ -8,6 +8,7 @@ Nothing a message contains can crash this loop.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import traceback
@@ -331,7 +332,7 @@ class Worker:
         """
         running = self._threads.submit(spec.func, payload, ctx)
         try:
-            await asyncio.wrap_future(running)
+            result = await asyncio.wrap_future(running)
         except asyncio.CancelledError:
             if lease is not None and _cancelled_here() and not running.cancelled():
                 lease.outlived = True
@@ -339,6 +340,13 @@ class Worker:
                 loop = asyncio.get_running_loop()
                 running.add_done_callback(lambda _: self._thread_ended(loop, lease, running))
             raise
+        if inspect.isawaitable(result):  # an async handler bridge took for a plain one
+            if inspect.iscoroutine(result):
+                result.close()
+            raise TypeError(
+                f"the {spec.type} handler returned {type(result).__name__} instead of running: make it "
+                "`async def` (a decorator without functools.wraps hides that it is async)"
+            )
 
     def _thread_ended(self, loop: asyncio.AbstractEventLoop, lease: Lease, running: Future[None]) -> None:
         """In the thread of a handler that outlived its task, as it ends: finish its lease."""

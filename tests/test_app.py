@@ -1,0 +1,190 @@
+"""The Bridge API as a user calls it: what it refuses, and handlers of every shape."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from datetime import date
+from typing import Any
+
+import pytest
+
+import bridge.app
+import bridge.transports
+from bridge import Bridge, JobContext
+from bridge.errors import ConfigError
+from bridge.transports import Transport
+from tests.brokerio import dead_letters
+from tests.conftest import SCHEMAS, run
+
+
+def memory_app() -> Bridge:
+    return Bridge(broker="memory://", registry=str(SCHEMAS))
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"delay": "90"}, "delay= must be seconds (a number) or a timedelta, not '90'"),
+        ({"delay": -1e20}, "delay= must be seconds up to 100 years, not -1e+20"),
+        ({"ttl": float("-inf")}, "ttl= must be seconds up to 100 years, not -inf"),
+        ({"at": "2026-12-01T09:00:00Z"}, "at= needs a timezone-aware datetime, not '2026-12-01T09:00:00Z'"),
+        ({"expires_at": date(2030, 1, 1)}, "expires_at= needs a timezone-aware datetime, not datetime.date"),
+        ({"key": 123}, "key= must be a string (UTF-8 text), not 123"),
+        ({"idempotency_key": "\udcff"}, "idempotency_key= must be a string (UTF-8 text), not '\\udcff'"),
+        ({"headers": {"tenant": 7}}, "headers['tenant']= must be a string (UTF-8 text), not 7"),
+        ({"headers": [("tenant", "a")]}, "headers= must be a mapping of strings to strings"),
+        ({"max_attempts": 0}, "max_attempts= must be a whole number from 1 to 2,147,483,647, not 0"),
+        ({"max_attempts": 2**40}, "max_attempts= must be a whole number from 1 to 2,147,483,647"),
+    ],
+)
+def test_an_enqueue_argument_no_envelope_can_carry_is_named(options: dict[str, Any], says: str) -> None:
+    # Given an argument of the wrong type or range, Then the enqueue raises a ConfigError naming
+    # it. (Tracebacks came from deep in the Avro writer or the clock arithmetic; max_attempts=0
+    # fell back to the type's own, and 2**40 was written where an Avro int goes.)
+    app = memory_app()
+
+    async def enqueue() -> None:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, **options)
+
+    with pytest.raises(ConfigError) as refused:
+        run(enqueue())
+    assert str(refused.value).startswith(says)
+
+
+def plain(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A decorator that hides what it wraps (no functools.wraps)."""
+
+    def wrapper(*args: Any) -> Any:
+        return func(*args)
+
+    return wrapper
+
+
+def logged(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A decorator that says what it wraps (functools.wraps)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any) -> Any:
+        return func(*args)
+
+    return wrapper
+
+
+class Charger:
+    """A handler object whose __call__ is async."""
+
+    def __init__(self) -> None:
+        self.ran: list[int] = []
+
+    async def __call__(self, payload: dict[str, Any], ctx: JobContext) -> None:
+        self.ran.append(payload["n"])
+
+
+async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+    RAN.append(payload["n"])
+
+
+RAN: list[int] = []
+
+
+@pytest.mark.parametrize(
+    ("handler", "runs"),
+    [(Charger(), True), (logged(echo), True), (plain(echo), False)],
+    ids=["an object with an async __call__", "behind functools.wraps", "behind a plain decorator"],
+)
+def test_async_handlers_of_every_shape_run_or_fail_saying_why(handler: Any, runs: bool) -> None:
+    # Given an object with an async __call__, or an async function behind functools.wraps, or
+    # behind a decorator that hides it, When it gets a job, Then the first two run their body,
+    # and the third is dead-lettered with a TypeError saying what to do. (All three ran in a
+    # thread as plain functions: their coroutines were dropped unawaited, and the jobs counted
+    # as succeeded without running.)
+    app = memory_app()
+    app.job("test.Echo", queue="q", max_attempts=1)(handler)
+    RAN.clear()
+
+    async def scenario() -> None:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1})
+            await app.consume(burst=True)
+
+    run(scenario())
+    ran = handler.ran if isinstance(handler, Charger) else RAN
+    assert ran == ([1] if runs else [])
+    letters = dead_letters(app, "q")
+    assert [letter.detail.partition(" instead")[0] for letter in letters] == (
+        [] if runs else ["TypeError: the test.Echo handler returned coroutine"]
+    )
+
+
+def test_retry_on_may_name_one_exception_class() -> None:
+    # (A single class raised TypeError: 'type' object is not iterable, at import.)
+    app = memory_app()
+    attempts: list[int] = []
+
+    @app.job("test.Echo", queue="q", retry_on=ConnectionError, backoff=lambda attempt: 0.0)
+    async def flaky(payload: dict[str, Any], ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise ConnectionError("reset")
+
+    async def scenario() -> None:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1})
+            await app.consume(burst=True)
+
+    run(scenario())
+    assert attempts == [1, 2]
+
+
+def test_consume_takes_one_queue_by_name_and_refuses_no_concurrency() -> None:
+    # (A name was taken as its letters, each a queue: nothing ran. concurrency=0 raised
+    # ThreadPoolExecutor's ValueError.)
+    app = memory_app()
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue="jobs")
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+
+    async def scenario() -> None:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1})
+            await app.consume("jobs", burst=True)
+            with pytest.raises(ConfigError, match="concurrency= must be a whole number of at least 1, not 0"):
+                await app.consume(concurrency=0, burst=True)
+
+    run(scenario())
+    assert ran == [1]
+
+
+@pytest.mark.parametrize("broker", ["kafka", "rabbitmq"], indirect=True)
+def test_first_enqueues_at_once_connect_one_transport(
+    broker: str, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a fresh app, When 20 enqueues start at once, Then one transport is connected and
+    # closed. (Each first call connected its own, and all but one were never closed.)
+    made: list[Transport] = []
+
+    def counted(settings: Any) -> Transport:
+        made.append(open_transport(settings))
+        return made[-1]
+
+    open_transport = bridge.transports.open_transport
+    monkeypatch.setattr(bridge.app, "open_transport", counted)
+    app = Bridge(broker=broker, registry=str(SCHEMAS))
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+        made.clear()  # (the topology's own, closed)
+        async with app:
+            enqueues: list[Coroutine[Any, Any, str]] = [
+                app.enqueue_async("test.Echo", {"n": n}, queue=queue) for n in range(20)
+            ]
+            await asyncio.gather(*enqueues)
+
+    run(scenario())
+    assert len(made) == 1
