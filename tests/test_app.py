@@ -160,6 +160,33 @@ def test_consume_takes_one_queue_by_name_and_refuses_no_concurrency() -> None:
     assert ran == [1]
 
 
+def test_a_memory_consume_that_ends_gives_back_only_what_it_held() -> None:
+    # Given two consumes of one in-memory app side by side, one of a slow queue, one of a fast
+    # one, When the fast one drains and ends while the slow job runs, Then the slow job runs
+    # once, as on a broker. (The ending consume gave back every delivery not yet settled,
+    # the other consume's too, and the slow job ran twice.)
+    app = memory_app()
+    runs: list[int] = []
+
+    @app.job("test.Echo", queue="slow")
+    async def slow(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(payload["n"])
+        await asyncio.sleep(0.3)
+
+    @app.job("test.Unhandled", queue="fast")
+    async def fast(payload: dict[str, Any], ctx: JobContext) -> None:
+        pass
+
+    async def scenario() -> None:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1})
+            await app.enqueue_async("test.Unhandled", {"n": 2})
+            await asyncio.gather(app.consume(["slow"], burst=True), app.consume(["fast"], burst=True))
+
+    run(scenario())
+    assert runs == [1]
+
+
 @pytest.mark.parametrize("broker", ["kafka", "rabbitmq"], indirect=True)
 def test_first_enqueues_at_once_connect_one_transport(
     broker: str, queue: str, monkeypatch: pytest.MonkeyPatch

@@ -31,7 +31,7 @@ class MemoryTransport:
         self._queues: dict[str, deque[Outgoing]] = {}
         self._lock = threading.Lock()
         self._wakeups: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self._unsettled: dict[int, Delivery] = {}
+        self._unsettled: dict[int, dict[int, Delivery]] = {}  # a delivery's id -> its consume's `held`
 
     async def connect(self) -> None:
         """Nothing to reach."""
@@ -68,7 +68,9 @@ class MemoryTransport:
         for message in publish:
             await self.publish(message)
         with self._lock:
-            self._unsettled.pop(id(delivery), None)
+            held = self._unsettled.pop(id(delivery), None)
+            if held is not None:
+                held.pop(id(delivery), None)
 
     async def consume(
         self,
@@ -82,22 +84,25 @@ class MemoryTransport:
     ) -> None:
         inflight = InFlight(process, concurrency)
         wakeup = (asyncio.get_running_loop(), asyncio.Event())
+        held: dict[int, Delivery] = {}  # what this consume was given and has not settled
         with self._lock:
             self._wakeups.append(wakeup)
         try:
-            await self._feed(queues, inflight, wakeup[1], stop, burst)
+            await self._feed(queues, inflight, wakeup[1], stop, burst, held)
         finally:
             with self._lock:
                 self._wakeups.remove(wakeup)
             await inflight.finish(grace_s)
-            self._return_unsettled()
+            self._return_unsettled(held)
 
-    def _return_unsettled(self) -> None:
-        # Like a broker: what was delivered but never settled is delivered again.
+    def _return_unsettled(self, held: dict[int, Delivery]) -> None:
+        # Like a broker: what this consumer was given but never settled is delivered again,
+        # first, in the order it was given (another consume's is still its own).
         with self._lock:
-            for delivery in self._unsettled.values():
+            for delivery in reversed(held.values()):
+                self._unsettled.pop(id(delivery), None)
                 self._queues[delivery.queue].appendleft(delivery.handle)
-            self._unsettled.clear()
+            held.clear()
 
     async def _feed(
         self,
@@ -106,12 +111,13 @@ class MemoryTransport:
         wakeup: asyncio.Event,
         stop: asyncio.Event,
         burst: bool,
+        held: dict[int, Delivery],
     ) -> None:
         while not stop.is_set():
             if not inflight.has_room():
                 await inflight.wait_for_room(0.1)  # then look at `stop` again
                 continue
-            delivery = self._pop(queues)
+            delivery = self._pop(queues, held)
             if delivery is not None:
                 inflight.start(delivery)
                 continue
@@ -125,7 +131,7 @@ class MemoryTransport:
             for waiter in waiters:
                 waiter.cancel()
 
-    def _pop(self, queues: Sequence[str]) -> Delivery | None:
+    def _pop(self, queues: Sequence[str], held: dict[int, Delivery]) -> Delivery | None:
         with self._lock:
             now = self.clock()
             while self._delayed and self._delayed[0][0] <= now:
@@ -136,7 +142,8 @@ class MemoryTransport:
                 if pending:
                     message = pending.popleft()
                     delivery = Delivery(message.body, queue, message.key, handle=message)
-                    self._unsettled[id(delivery)] = delivery
+                    self._unsettled[id(delivery)] = held
+                    held[id(delivery)] = delivery
                     return delivery
         return None
 
