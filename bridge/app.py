@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import threading
 import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -324,7 +325,9 @@ class Bridge:
 
     def _run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
         with self._connecting:
-            self._portal = self._portal or _Portal()
+            # (A forked child, a gunicorn worker say, has the parent's portal but not its thread.)
+            if self._portal is None or self._portal.pid != os.getpid():
+                self._portal = _Portal()
         return self._portal.run(coro)
 
 
@@ -332,6 +335,7 @@ class _Portal:
     """An event loop on a daemon thread, so sync code can call the async API."""
 
     def __init__(self) -> None:
+        self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="bridge-sync", daemon=True)
         self._thread.start()

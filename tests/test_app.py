@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import signal
+import time
 from collections.abc import Callable, Coroutine
 from datetime import date
 from typing import Any
@@ -185,6 +188,25 @@ def test_a_memory_consume_that_ends_gives_back_only_what_it_held() -> None:
 
     run(scenario())
     assert runs == [1]
+
+
+def test_the_sync_api_works_in_a_forked_child_of_a_process_that_used_it() -> None:
+    # Given an app whose sync API the parent used, When a forked child (a gunicorn worker, a
+    # multiprocessing one) enqueues, Then the enqueue returns. (The child had the parent's
+    # event-loop thread object but not the thread: the enqueue waited for good.)
+    app = memory_app()
+    app.enqueue("test.Echo", {"n": 1})
+    child = os.fork()
+    if child == 0:  # (the child: its exit code says whether the enqueue returned a job id)
+        os._exit(0 if app.enqueue("test.Echo", {"n": 2}) else 1)
+    deadline = time.monotonic() + 20
+    while (ended := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if ended[0] == 0:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    app.close()
+    assert ended[0] == child and os.waitstatus_to_exitcode(ended[1]) == 0
 
 
 @pytest.mark.parametrize("broker", ["kafka", "rabbitmq"], indirect=True)
