@@ -43,7 +43,8 @@ class MemoryStore:
         return True
 
     async def complete(self, key: str, token: str, job_id: str, window_s: float) -> bool:
-        if not self._held(key, token):
+        # (A claim that lapsed and that nobody took since is still this job's to complete.)
+        if self._live(key) is not None and not self._held(key, token):
             return False
         self._keys[key] = ("done", job_id, None, time.time() + window_s)
         return True

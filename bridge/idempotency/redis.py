@@ -25,11 +25,13 @@ from bridge.errors import LeaseLost, StoreError, safe_url
 from bridge.idempotency import Busy, Claim, Claimed, Done, new_token
 from bridge.idempotency.batch import TickBatch
 
-# If the key holds ARGV[1], run the commands packed in ARGV[4..] (each as a count, then its
-# words), then set the key to ARGV[2] for ARGV[3] ms (or delete it when ARGV[2] is empty).
+# If the key holds ARGV[1] (or, with ARGV[4] '1', is absent), run the commands packed in
+# ARGV[5..] (each as a count, then its words), then set the key to ARGV[2] for ARGV[3] ms (or
+# delete it when ARGV[2] is empty).
 _SWAP = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local i = 4
+local held = redis.call('GET', KEYS[1])
+if held ~= ARGV[1] and not (held == false and ARGV[4] == '1') then return 0 end
+local i = 5
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + n))
@@ -174,15 +176,26 @@ class RedisStore:
         state, holder, *_ = _text(value).split("|")
         return Done(holder) if state == "done" else Busy(max(0.0, ttl_ms / 1000))
 
-    async def _swap_if(self, key: str, expected: str, new: str, px: int, words: Sequence[Any] = ()) -> bool:
-        args = [expected, new, px, *words]
+    async def _swap_if(
+        self,
+        key: str,
+        expected: str,
+        new: str,
+        px: int,
+        words: Sequence[Any] = (),
+        *,
+        or_absent: bool = False,
+    ) -> bool:
+        args = [expected, new, px, "1" if or_absent else "0", *words]
         return bool(await self._call(lambda pipe: pipe.evalsha(_SWAP_SHA1, 1, key, *args)))
 
     async def extend(self, key: str, token: str, lease_s: float) -> bool:
         return await self._swap_if(key, f"running|{token}", f"running|{token}", _ms(lease_s))
 
     async def complete(self, key: str, token: str, job_id: str, window_s: float) -> bool:
-        return await self._swap_if(key, f"running|{token}", _done(job_id), _ms(window_s))
+        # (A claim that lapsed unrenewed, say while Redis was out of reach, and that nobody took
+        # since, is still this job's to complete, as on the SQL stores: its effect happened.)
+        return await self._swap_if(key, f"running|{token}", _done(job_id), _ms(window_s), or_absent=True)
 
     async def release(self, key: str, token: str) -> None:
         await self._swap_if(key, f"running|{token}", "", 0)
@@ -193,7 +206,10 @@ class RedisStore:
     ) -> AsyncIterator[Commands]:
         commands = Commands()
         yield commands
-        if not await self._swap_if(key, f"running|{token}", _done(job_id), _ms(window_s), commands.words):
+        done = _done(job_id)
+        if not await self._swap_if(
+            key, f"running|{token}", done, _ms(window_s), commands.words, or_absent=True
+        ):
             raise LeaseLost(f"the claim on {key!r} ended before the job completed; nothing was applied")
 
     async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
