@@ -344,7 +344,12 @@ def _dlq_replay(args: argparse.Namespace) -> int:
         print(f"{verb} {job_id}")
     for job_id, why in report.refused:
         print(f"refused {job_id}: {why}", file=sys.stderr)
-    print(f"{verb} {len(report.replayed)}, refused {len(report.refused)}", file=sys.stderr)
+    for job_id in report.copies:
+        print(f"{'would remove' if args.dry_run else 'removed'} a second letter of {job_id}, replayed once")
+    summary = f"{verb} {len(report.replayed)}, refused {len(report.refused)}"
+    if report.copies:
+        summary += f", {len(report.copies)} copies of replayed letters removed"
+    print(summary, file=sys.stderr)
     return 1 if report.refused and not report.replayed else 0
 
 

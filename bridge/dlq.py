@@ -59,6 +59,9 @@ class ReplayReport:
 
     replayed: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (id, why)
+    # Letters of a job replayed earlier in the same run (a dead letter written twice, its ack
+    # lost): removed, not replayed, so the job runs once.
+    copies: list[str] = field(default_factory=list)
 
 
 class DeadLetters:
@@ -94,16 +97,21 @@ class DeadLetters:
     ) -> ReplayReport:
         """Put the selected jobs back on their queues (at most `rate` per second)."""
         report = ReplayReport()
+        replayed: set[str] = set()
 
         async def decide(body: bytes) -> list[Outgoing] | None:
             item = self.read(body)
             if item not in selection:
                 return None
+            if item.letter.envelope is not None and item.id in replayed:
+                report.copies.append(item.id)
+                return []
             refusal = _refusal(item, max_replays) or await self._no_queue(item)
             if refusal:
                 report.refused.append((item.id, refusal))
                 return None
             report.replayed.append(item.id)
+            replayed.add(item.id)
             if rate:
                 await asyncio.sleep(1 / rate)
             return [self._replayed(item)]

@@ -15,6 +15,7 @@ import pytest
 from bridge import Bridge, JobContext, Permanent
 from bridge.dlq import Selection
 from bridge.errors import BridgeError
+from bridge.transports import Outgoing, dlq_name
 from tests.conftest import REPO, SCHEMAS, publish_envelope, run
 
 
@@ -104,6 +105,37 @@ def test_a_job_replayed_too_often_is_refused(make_app: Callable[..., Bridge], qu
             assert still.letter.envelope is not None and still.letter.envelope.replays == 2
 
     run(scenario(), timeout=120)
+
+
+def test_two_letters_of_one_job_replay_it_once(make_app: Callable[..., Bridge], queue: str) -> None:
+    # Given a job dead-lettered twice (its dead letter written again, as when the broker lost
+    # the acknowledgement of the message it replaced), When every letter is replayed, Then the
+    # job goes back once, the copy is removed, and the dead-letter queue is empty. (Both were
+    # replayed, and the job ran twice.)
+    app = make_app()
+    runs: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(ctx.attempt)
+        if len(runs) == 1:
+            raise Permanent("declined")
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            job_id = await app.enqueue_async("test.Echo", {"n": 1})
+            await app.consume(burst=True)
+            transport = await app.transport()
+            [letter] = await transport.browse(dlq_name(queue))
+            await transport.publish(Outgoing(dlq_name(queue), letter, None))
+            report = await app.dead_letters(queue).replay(Selection())
+            assert (report.replayed, report.copies, report.refused) == ([job_id], [job_id], [])
+            await app.consume(burst=True)
+            assert await app.dead_letters(queue).find() == []
+
+    run(scenario(), timeout=120)
+    assert runs == [1, 1]
 
 
 @pytest.mark.parametrize("broker", ["rabbitmq", "kafka"], indirect=True)
