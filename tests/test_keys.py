@@ -393,6 +393,32 @@ def test_the_waits_for_a_store_double_up_to_a_limit_and_end_with_its_error() -> 
     assert 0.2 <= tries[-1] - tries[0] < 1.0
 
 
+def test_a_store_outage_after_one_that_every_job_gave_up_on_starts_with_short_waits() -> None:
+    # Given an outage whose waits reached their 40 ms limit and that every waiting job gave up
+    # on (the store answered later jobs at their first try), When the store fails again later,
+    # Then the next wait is the first one, 10 ms, again. (It went on at 40 ms, the old outage's.)
+    outage = Outage()
+    outage.first_s, outage.max_s, outage.give_up_s = 0.01, 0.04, 0.2
+
+    async def down() -> None:
+        raise StoreError("the store is down")
+
+    async def scenario() -> None:
+        with pytest.raises(StoreError):
+            await outage.retry(StoreError("the store is down"), down)
+        assert outage.wait_s == 0.04
+        await asyncio.sleep(0.1)  # (longer than the longest wait: the outage is over)
+        waited: list[float] = []
+
+        async def back() -> None:
+            waited.append(outage.wait_s)  # the wait this try came after
+
+        await outage.retry(StoreError("down again"), back)
+        assert waited == [0.01]
+
+    run(scenario())
+
+
 @pytest.mark.parametrize("level", ["info", "debug"])
 def test_bridge_consume_reports_a_postgres_outage_in_its_own_lines_unless_debugging(
     level: str,

@@ -74,6 +74,10 @@ class Outage:
         """Start the next round, unless one started since this attempt began."""
         if now < self._until:
             return  # another job's failure already started a round: wait for its end
+        if self._since is not None and now - self._until > self.max_s:
+            # Every job of the last outage gave up, and the store answered first tries since:
+            # this is a new outage, whose waits start short again.
+            self._since, self.wait_s = None, 0.0
         self.wait_s = min(self.wait_s * 2, self.max_s) if self.wait_s else self.first_s
         self._since = self._since or now
         self._until = now + self.wait_s
