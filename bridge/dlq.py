@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from bridge import codec
 from bridge.envelope import DeadLetter
-from bridge.errors import BridgeError, DecodeError
+from bridge.errors import BridgeError, DecodeError, UnknownSchema
 from bridge.registry import DEAD_LETTER, ENVELOPE
 from bridge.transports.base import Outgoing, dlq_name
 
 if TYPE_CHECKING:
     from bridge.app import Bridge
+
+UNREADABLE = "unreadable"  # a letter this process cannot decode, though a worker wrote it
 
 DEFAULT_MAX_REPLAYS = 3
 
@@ -138,11 +140,15 @@ class DeadLetters:
         return purged
 
     def read(self, body: bytes) -> Letter:
-        """A letter from its bytes; bytes that are not a dead letter are shown as undecodable."""
+        """A letter from its bytes; bytes that are not a dead letter are shown as undecodable,
+        and a letter in a schema unknown here (a registry's id, say) as `unreadable`."""
         try:
             schema = self.app.registry.schema(DEAD_LETTER)
             _, record = codec.decode(body, self.app.registry, schema, max_bytes=self.app.settings.dlq_bytes)
             letter = DeadLetter.from_avro(record)
+        except UnknownSchema as exc:  # (a worker's letter: not `undecodable`, which a purge may select)
+            detail = f"written in a schema unknown here ({exc}): read it with the workers' --registry"
+            letter = DeadLetter(UNREADABLE, detail, self.name, 0, raw=body)
         except DecodeError as exc:
             letter = DeadLetter("undecodable", f"not a {DEAD_LETTER}: {exc}", self.name, 0, raw=body)
         if letter.envelope is not None:
@@ -171,6 +177,8 @@ class DeadLetters:
 
 def _refusal(item: Letter, max_replays: int) -> str | None:
     envelope = item.letter.envelope
+    if item.letter.reason == UNREADABLE:
+        return "its schema is unknown here; replay it with the registry its workers use (--registry)"
     if envelope is None:
         return "its bytes never decoded as a job; fix the producer, then purge it"
     if envelope.replays >= max_replays:

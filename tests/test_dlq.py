@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
-from bridge import Bridge, JobContext, Permanent
+from bridge import Bridge, JobContext, Permanent, codec
 from bridge.dlq import Selection
+from bridge.envelope import DeadLetter
 from bridge.errors import BridgeError
+from bridge.registry import DEAD_LETTER
 from bridge.transports import Outgoing, dlq_name
 from tests.conftest import REPO, SCHEMAS, publish_envelope, run
 
@@ -136,6 +138,41 @@ def test_two_letters_of_one_job_replay_it_once(make_app: Callable[..., Bridge], 
 
     run(scenario(), timeout=120)
     assert runs == [1, 1]
+
+
+def test_a_letter_in_a_schema_unknown_here_is_unreadable_not_undecodable() -> None:
+    # Given a dead letter framed with a registry's schema id that this process does not know
+    # (its workers use a registry, the command was run without it), and a letter of bytes that
+    # never decoded, When letters are listed, purged by reason `undecodable` and replayed,
+    # Then the first is `unreadable`: the purge leaves it, and the replay refuses it saying what
+    # to give. (It was listed `undecodable`, and that purge deleted a replayable letter.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    queue = "billing"
+
+    async def scenario() -> None:
+        async with app:
+            transport = await app.transport()
+            garbage = DeadLetter("undecodable", "not framed", queue, 0, raw=b"\x01\x02")
+            letters = [
+                b"\x00\x00\x00\x00\x07" + b"\x02" * 20,  # schema id 7: not known here
+                codec.encode(app.registry.schema(DEAD_LETTER), garbage.to_avro()),
+            ]
+            for body in letters:
+                await transport.publish(Outgoing(dlq_name(queue), body, None))
+            dlq = app.dead_letters(queue)
+            assert sorted(item.letter.reason for item in await dlq.find()) == ["undecodable", "unreadable"]
+            assert len(await dlq.purge(Selection(reason="undecodable"))) == 1
+            [left] = await dlq.find()
+            assert (
+                left.letter.reason == "unreadable"
+                and "read it with the workers' --registry" in left.letter.detail
+            )
+            report = await dlq.replay(Selection())
+            assert [why for _, why in report.refused] == [
+                "its schema is unknown here; replay it with the registry its workers use (--registry)"
+            ]
+
+    run(scenario())
 
 
 @pytest.mark.parametrize("broker", ["rabbitmq", "kafka"], indirect=True)
