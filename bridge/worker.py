@@ -312,7 +312,7 @@ class Worker:
         except Exception as exc:
             return [self._failed(spec, envelope, exc, delivery)]
         except asyncio.CancelledError as exc:
-            if _cancelled_here():  # the worker stops, or lost the delivery's channel
+            if _cancelled_here():  # the worker stops
                 raise
             # The handler's own: it awaited something that another task cancelled (or, in a
             # thread, a cancelled concurrent future). A failure like any other, to retry.
@@ -324,11 +324,11 @@ class Worker:
     async def _in_thread(self, spec: JobSpec, payload: Any, ctx: JobContext, lease: Lease | None) -> None:
         """Run a plain `def` handler in one of the worker's threads.
 
-        A thread cannot be stopped. If this task is cancelled (the worker stops past its grace
-        period, or RabbitMQ closed the delivery's channel), the handler runs on, and its key, if
-        it has one, stays claimed and renewed until it ends, then is completed or released as
-        the handler ended. A copy of the job delivered again meanwhile finds the key busy, then
-        done. (The claim lapsed instead, and the copy ran a second time beside the first.)
+        A thread cannot be stopped. If this task is cancelled (the worker stopped, and the grace
+        period ran out), the handler runs on, and its key, if it has one, stays claimed and
+        renewed until it ends, then is completed or released as the handler ended. A copy of
+        the job delivered again meanwhile finds the key busy, then done. (The claim lapsed
+        instead, and the copy ran a second time beside the first.)
         """
         running = self._threads.submit(spec.func, payload, ctx)
         try:

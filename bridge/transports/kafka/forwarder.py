@@ -48,9 +48,8 @@ class DelayForwarder:
         self.delay_ms = {topic: int(tier_s * 1000) for tier_s, topic in transport._tiers.items()}
         self.consumer: Consumer | None = None
         self.waiting: dict[tuple[str, int], int] = {}  # paused partition -> when its head is due
-        self.ahead: dict[
-            tuple[str, int], tuple[int, int]
-        ] = {}  # a head stamped in the future: offset, first seen
+        # A partition's head stamped in the future: its offset, and when this forwarder first saw it
+        self.ahead: dict[tuple[str, int], tuple[int, int]] = {}
         self.forwarding = False
         self.committer: Committer | None = None
 
