@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from bridge import Bridge, JobContext, Retry, codec
+from bridge import Bridge, JobContext, Permanent, Retry, codec
+from bridge.dlq import Selection
 from bridge.errors import PublishError, TransportError
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
@@ -656,6 +657,32 @@ def test_a_publish_kafka_has_not_acknowledged_when_the_app_closes_fails_rather_t
             await enqueue
 
     run(scenario(), timeout=30)
+
+
+def test_a_dead_letter_topic_made_again_shows_its_new_letters(brokers: dict[str, str], queue: str) -> None:
+    # Given a dead-letter topic whose first letter was purged (marked done at 0:0), then the
+    # topic deleted and made again by `bridge topology apply`, as its error message asks,
+    # When a job is dead-lettered there again, Then the DLQ lists it. (The old mark 0:0 hid the
+    # new letter at the same offset from list, show, replay and purge.)
+    app = own_app(brokers["kafka"])
+    failing_first(app, queue, lambda: Permanent("declined"))
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            await app.enqueue_async("test.Echo", {"n": 1})
+            await app.consume(burst=True)
+            dlq = app.dead_letters(queue)
+            assert len(await dlq.purge(Selection())) == 1
+            await asyncio.to_thread(delete_queue, app, dlq_name(queue))
+            plan = await app.apply_topology()
+            cleared = f"kafka: clear the marks in topic {dlq_name(queue)}.done (its dead-letter topic is new)"
+            assert cleared in plan
+            second = await app.enqueue_async("test.Echo", {"n": 1})
+            await app.consume(burst=True)
+            assert [item.id for item in await dlq.find()] == [second]
+
+    run(scenario(), timeout=120)
 
 
 def test_an_enqueue_to_a_delay_tier_is_refused_saying_so(brokers: dict[str, str]) -> None:

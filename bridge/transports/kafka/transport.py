@@ -696,13 +696,13 @@ class KafkaTransport:
     # -- dead-letter tools -----------------------------------------------------------------
     # A record cannot be deleted from a Kafka log: a removed one is marked done in the
     # compacted topic `<topic>.done` (key `partition:offset`), in the same transaction as
-    # whatever is published in its place.
+    # whatever is published in its place. A mark is cleared by a tombstone (`_clear_done`).
 
     async def browse(self, queue: str) -> list[bytes]:
         await self._require_topics([queue, done_topic(queue)])
-        done = {key for key, _ in await asyncio.to_thread(self._read_topic, done_topic(queue))}
+        done = await asyncio.to_thread(self._done_keys, done_topic(queue))
         records = await asyncio.to_thread(self._read_topic, queue)
-        return [body for key, body in records if key not in done]
+        return [body or b"" for key, body in records if key not in done]
 
     async def sweep(self, queue: str, decide: Decide) -> int:
         await self._require_topics([queue, done_topic(queue)])
@@ -711,12 +711,12 @@ class KafkaTransport:
             # Fences any other sweep of this queue (its open transaction is aborted) before the
             # done marks are read, so two runs can never both act on the same record.
             await asyncio.to_thread(producer.init_transactions, METADATA_TIMEOUT_S * 6)
-        done = {key for key, _ in await asyncio.to_thread(self._read_topic, done_topic(queue))}
+        done = await asyncio.to_thread(self._done_keys, done_topic(queue))
         removed = 0
         for key, body in await asyncio.to_thread(self._read_topic, queue):
             if key in done:
                 continue
-            publish = await decide(body)
+            publish = await decide(body or b"")
             if publish is None:
                 continue
             await self._require_topics([m.queue for m in publish])
@@ -729,7 +729,24 @@ class KafkaTransport:
             removed += 1
         return removed
 
-    def _read_topic(self, topic: str) -> list[tuple[str, bytes]]:
+    def _done_keys(self, topic: str) -> set[str]:
+        """The marks of a `.done` topic: each key whose last record is a mark, not a tombstone."""
+        marked: dict[str, bool] = {}
+        for key, value in self._read_topic(topic):
+            marked[key] = value is not None
+        return {key for key, mark in marked.items() if mark}
+
+    def _clear_done(self, topics: list[str]) -> None:
+        """Tombstone every mark of these `.done` topics (blocking): their dead-letter topics
+        were made again, from offset 0, and an old mark `0:0` would hide the new letter there."""
+        assert self._producer is not None
+        for topic in topics:
+            for key in self._done_keys(topic):
+                self._producer.produce(topic, None, key)
+        if self._producer.flush(METADATA_TIMEOUT_S * 6):
+            raise TransportError(f"Kafka did not take the clearing of {', '.join(topics)}")
+
+    def _read_topic(self, topic: str) -> list[tuple[str, bytes | None]]:
         """Every committed record of `topic` as (`partition:offset` or its key, value)."""
         assert self._producer is not None
         metadata = self._producer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
@@ -739,7 +756,7 @@ class KafkaTransport:
             _, partition, offset = coordinates(record)
             key = record.key() if topic.endswith(".done") else None
             name = key.decode() if isinstance(key, bytes) else key or f"{partition}:{offset}"
-            records.append((name, record.value() or b""))
+            records.append((name, record.value()))
         return records
 
     # -- topology --------------------------------------------------------------------------
@@ -758,8 +775,13 @@ class KafkaTransport:
             for t, limit in small.items()
         ]
         plan += [f"kafka: create topic {t} ({self.settings.partitions} partitions)" for t in new]
+        # A dead-letter topic made again (deleted, say) starts at offset 0 beside its old marks.
+        stale = [done_topic(t) for t in new if t.endswith(".dlq") and done_topic(t) in existing]
+        plan += [f"kafka: clear the marks in topic {t} (its dead-letter topic is new)" for t in stale]
         if new and not dry_run:
             await self._create_topics(new)
+        if stale and not dry_run:
+            await asyncio.to_thread(self._clear_done, stale)
         if small and not dry_run:
             await self._raise_limits(list(small))
         return plan
