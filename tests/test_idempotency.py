@@ -160,15 +160,19 @@ def test_only_the_holder_can_extend_complete_or_release(store_url: str) -> None:
     with_store(store_url, scenario)
 
 
-def test_a_holder_whose_lease_lapsed_untaken_still_completes_its_key(store_url: str) -> None:
+@pytest.mark.parametrize("purged", [False, True])
+def test_a_holder_whose_lease_lapsed_untaken_still_completes_its_key(store_url: str, purged: bool) -> None:
     # Given a key claimed for 0.3 s and not renewed (the store was out of reach, say, while
-    # the completion waited for it), When the holder completes it after the lease ended and
-    # nobody took it meanwhile, Then the key is done, by that job. (On Redis the lapsed key was
-    # gone, the completion found nothing, and a copy of the job inside the window ran again.)
+    # the completion waited for it), and maybe purged since (any worker's purge deletes lapsed
+    # rows), When the holder completes it and nobody took it meanwhile, Then the key is done, by
+    # that job. (On Redis, and on SQL once purged, the lapsed key was gone, the completion found
+    # nothing, and a copy of the job inside the window ran again.)
     async def scenario(store: Store) -> None:
         key = new_key()
         first = claimed(await store.claim(key, "job-1", 0.3))
         await asyncio.sleep(0.5)  # (the lease's end, which this test is about)
+        if purged and isinstance(store, SqlStore):
+            await store.purge()
         assert await store.complete(key, first.token, "job-1", 30)
         assert await store.claim(key, "job-2", 30) == Done("job-1")
 

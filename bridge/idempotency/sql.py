@@ -44,6 +44,12 @@ WHERE name = ? AND token = ? AND state = 'running'"""
 COMPLETE = """
 UPDATE bridge_idempotency SET state = 'done', job_id = ?, token = NULL, expires_at = ?, done_at = ?
 WHERE name = ? AND token = ? AND state = 'running'"""
+# A completion whose claim lapsed and was purged (any worker's purge deletes expired rows):
+# nobody holds the key, and the job's effect happened, so it is done. Tried only when COMPLETE
+# changed nothing, so the usual completion costs one statement.
+COMPLETE_ABSENT = """
+INSERT INTO bridge_idempotency (name, state, job_id, token, expires_at, done_at)
+VALUES (?, 'done', ?, NULL, ?, ?) ON CONFLICT (name) DO NOTHING"""
 RELEASE = "DELETE FROM bridge_idempotency WHERE name = ? AND token = ? AND state = 'running'"
 REMEMBER = """
 INSERT INTO bridge_idempotency (name, state, job_id, token, expires_at) VALUES (?, 'enqueued', ?, NULL, ?)
@@ -55,7 +61,7 @@ PURGE_EVERY_S = 3600.0
 # Where each statement that touches one key's row has that key among its parameters. A store
 # that runs several such statements in one transaction takes their rows in key order, so two
 # processes' transactions never wait for each other's rows in a circle (a deadlock).
-KEY_AT = {CLAIM: 0, LOOK: 0, EXTEND: 1, COMPLETE: 3, RELEASE: 0, REMEMBER: 0, FORGET: 0}
+KEY_AT = {CLAIM: 0, LOOK: 0, EXTEND: 1, COMPLETE: 3, COMPLETE_ABSENT: 0, RELEASE: 0, REMEMBER: 0, FORGET: 0}
 
 log = logging.getLogger("bridge.idempotency")
 Rows = list[tuple[Any, ...]]
@@ -109,7 +115,7 @@ class SqlStore:
         return bool(await self._query(EXTEND, (now_ms() + int(lease_s * 1000), key, token)))
 
     async def complete(self, key: str, token: str, job_id: str, window_s: float) -> bool:
-        done = bool(await self._query(COMPLETE, _completion(key, token, job_id, window_s)))
+        done = await _complete(self._query, key, token, job_id, window_s)
         if time.monotonic() >= self._next_purge:
             self._start_purge()
         return done
@@ -121,7 +127,7 @@ class SqlStore:
     async def transaction(self, key: str, token: str, job_id: str, window_s: float) -> AsyncIterator[Any]:
         async with self._begin() as (handle, query):
             yield handle
-            if not await query(COMPLETE, _completion(key, token, job_id, window_s)):
+            if not await _complete(query, key, token, job_id, window_s):
                 raise LeaseLost(f"the claim on {key!r} ended before the job completed; rolled back")
 
     async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
@@ -157,6 +163,16 @@ class SqlStore:
             self._purging.cancel()
             with suppress(asyncio.CancelledError):
                 await self._purging
+
+
+async def _complete(query: Query, key: str, token: str, job_id: str, window_s: float) -> bool:
+    """Mark `key` done if the claim `token` still holds it, or if nobody does (its row lapsed
+    and was purged); whether it is done by this job."""
+    params = _completion(key, token, job_id, window_s)
+    if await query(COMPLETE, params):
+        return True
+    job, expires_at, done_at = params[:3]
+    return bool(await query(COMPLETE_ABSENT, (key, job, expires_at, done_at)))
 
 
 def _completion(key: str, token: str, job_id: str, window_s: float) -> tuple[Any, ...]:
