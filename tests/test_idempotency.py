@@ -53,6 +53,14 @@ async def wait_for_claim(store: Store, key: str, job_id: str, timeout_s: float =
     return time.monotonic() - start
 
 
+async def lost_to_another(store: Store) -> tuple[str, str]:
+    """A new key that job-1 claimed for 0.3 s and job-2 took once that ended: (key, job-1's token)."""
+    key = new_key()
+    token = claimed(await store.claim(key, "job-1", 0.3)).token
+    await wait_for_claim(store, key, "job-2")
+    return key, token
+
+
 def test_a_claimed_key_is_busy_for_others_until_released(store_url: str) -> None:
     # Given a key claimed by job 1 for 30 s,
     # When job 2 claims it, Then it is busy for about 30 s more;
@@ -306,9 +314,7 @@ def test_the_inbox_of_a_lost_lease_writes_nothing(store_url: str) -> None:
     table = new_table(store_url)
 
     async def scenario(store: Store) -> None:
-        key = new_key()
-        token = claimed(await store.claim(key, "job-1", 0.3)).token
-        await wait_for_claim(store, key, "job-2")
+        key, token = await lost_to_another(store)
         with pytest.raises(LeaseLost):
             async with store.transaction(key, token, "job-1", 30) as db:
                 await write_effect(store_url, db, table, key, "job-1")
@@ -327,9 +333,7 @@ def test_an_sqlite_inbox_whose_handler_commits_itself_raises_lease_lost_and_warn
     url = f"sqlite:///{tmp_path / 'keys.db'}"
 
     async def scenario(store: Store) -> None:
-        key = new_key()
-        token = claimed(await store.claim(key, "job-1", 0.3)).token
-        await wait_for_claim(store, key, "job-2")
+        key, token = await lost_to_another(store)
         with pytest.raises(LeaseLost):
             async with store.transaction(key, token, "job-1", 30) as db:
                 db.execute("CREATE TABLE charges (n INTEGER)")
