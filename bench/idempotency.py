@@ -144,7 +144,7 @@ def sqlite_alone_us(
                 claiming = [(name, new_token()) for name in names[first : first + per_commit]]
                 results = store._commit_now(
                     [(CLAIM, (name, job_id, token, now + lease_ms, now)) for name, token in claiming]
-                    + [(COMPLETE, _completion(name, token, job_id, 86_400.0)) for name, token in claimed]
+                    + [(COMPLETE, _completion(name, token, job_id, 86_400.0, now)) for name, token in claimed]
                 )
                 if any(result != [()] for result in results):  # each one changed its key's row
                     raise BenchError(f"sqlite alone: a claim or completion did not take effect: {results}")

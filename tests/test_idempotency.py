@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from bridge.errors import LeaseLost, StoreError
-from bridge.idempotency import Busy, Claim, Claimed, Done, Store, open_store
+from bridge.idempotency import Busy, Claim, Claimed, Done, Store, open_store, postgres
 from bridge.idempotency.sql import SqlStore
 from tests.apps.effects import write_effect
 from tests.conftest import run
@@ -569,6 +569,36 @@ def test_the_postgres_purge_passes_over_a_row_another_transaction_holds(brokers:
             holder.execute("SELECT 1 FROM bridge_idempotency WHERE name = %s FOR UPDATE", (held,))
             await asyncio.wait_for(store.purge(), timeout=5)
             assert stored_names(url, keys) == {held}, f"{gone} was not purged"
+
+    with_store(url, scenario)
+
+
+def test_postgres_leases_keep_the_servers_time_whatever_a_hosts_clock_says(
+    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a key held for 30 s by a worker on a host whose clock is right,
+    # When a worker on a host whose clock runs two minutes ahead claims it and purges,
+    # Then the key is busy for about 30 s more, as the server's clock says, and the holder's
+    # row survives the purge: the holder still completes it. (Each batch reads the server's
+    # clock again here, as one does once a minute.)
+    url = brokers["postgres"]
+    monkeypatch.setattr(postgres, "READ_CLOCK_EVERY_S", 0.0)
+
+    async def scenario(store: Store) -> None:
+        key = new_key()
+        token = claimed(await store.claim(key, "job-1", 30)).token
+        real_time_ns = time.time_ns
+        monkeypatch.setattr(time, "time_ns", lambda: real_time_ns() + 120 * 10**9)
+        ahead = open_store(url)
+        try:
+            busy = await ahead.claim(key, "job-2", 30)
+            assert isinstance(busy, Busy) and 25 < busy.wait_s <= 30, busy
+            assert isinstance(ahead, SqlStore)
+            await ahead.purge()
+        finally:
+            await ahead.close()
+        monkeypatch.setattr(time, "time_ns", real_time_ns)
+        assert await store.complete(key, token, "job-1", 30)
 
     with_store(url, scenario)
 

@@ -5,11 +5,17 @@ one tick of the event loop go to PostgreSQL together, in one round trip (pipelin
 commit together; while one batch is out, the next one gathers. That shares psycopg's CPU time
 per round trip, which here costs more than the round trip itself. The inbox hands the handler
 a connection inside a transaction, in which the key completes too.
+
+Leases and windows start and end by the server's clock, not each host's: a host whose clock
+ran ahead would otherwise take a live lease, and its purge delete live rows. The store reads
+the server's clock when it connects and once a minute after, and carries it forward between
+readings on this host's monotonic clock, so no statement on the hot path waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, nullcontext, suppress
 from typing import Any
@@ -18,10 +24,13 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from bridge.errors import StoreError, safe_url
+from bridge.idempotency import Claim
 from bridge.idempotency.batch import TickBatch
-from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore, now_ms
+from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore
 
 CONNECT_TIMEOUT_S = 10.0
+SERVER_CLOCK = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+READ_CLOCK_EVERY_S = 60.0
 # The purge passes over rows that another transaction holds (a batch re-claiming an expired
 # key): waiting for none, it can never be one half of a deadlock. What it passes over goes
 # at the next purge.
@@ -44,6 +53,18 @@ class PostgresStore(SqlStore):
         self._ready = False
         self._opening = asyncio.Lock()
         self._statements = TickBatch(self._pipeline, asyncio.Lock())
+        self._clock = _ServerClock()
+
+    def _now_ms(self) -> int:
+        return self._clock.now_ms()
+
+    async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
+        await self._open()  # (the first claim's lease needs the server's clock read)
+        return await super().claim(key, job_id, lease_s)
+
+    async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
+        await self._open()  # (as for a claim)
+        return await super().remember(key, job_id, window_s)
 
     async def _open(self) -> None:
         if self._ready:
@@ -68,6 +89,7 @@ class PostgresStore(SqlStore):
                 # UniqueViolation: another process created the table at the same moment.
                 with suppress(psycopg.errors.UniqueViolation):
                     await conn.execute(SCHEMA)
+                await self._clock.read(conn)
             await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
@@ -79,7 +101,7 @@ class PostgresStore(SqlStore):
         await self._open()
         with _mapped(self.url):
             async with self._pool.connection() as conn:
-                await _fetch(conn, self.purge_sql, (now_ms(),))
+                await _fetch(conn, self.purge_sql, (self._now_ms(),))
 
     async def _pipeline(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows | StoreError]:
         """Run `statements` in one transaction and one round trip: each one's rows.
@@ -93,6 +115,8 @@ class PostgresStore(SqlStore):
         await self._open()
         with _mapped(self.url):
             async with self._pool.connection() as conn:
+                if self._clock.stale():
+                    await self._clock.read(conn)
                 try:
                     return list(await _together(conn, statements))
                 except psycopg.Error as exc:
@@ -129,6 +153,29 @@ class PostgresStore(SqlStore):
     async def close(self) -> None:
         await self._stop_purging()
         await self._pool.close()
+
+
+class _ServerClock:
+    """The database server's clock in epoch ms, read now and then and carried forward between
+    readings on this host's monotonic clock (which NTP slews but nobody steps)."""
+
+    def __init__(self) -> None:
+        self._server_ms: int | None = None  # the last reading
+        self._read_at = 0.0  # time.monotonic() of that reading: halfway through its round trip
+
+    def now_ms(self) -> int:
+        if self._server_ms is None:  # (only before the store connected: nothing is timed yet)
+            return time.time_ns() // 1_000_000
+        return self._server_ms + int((time.monotonic() - self._read_at) * 1000)
+
+    def stale(self) -> bool:
+        return time.monotonic() - self._read_at >= READ_CLOCK_EVERY_S
+
+    async def read(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
+        sent = time.monotonic()
+        [(server_ms,)] = await _fetch(conn, SERVER_CLOCK, ())
+        received = time.monotonic()
+        self._server_ms, self._read_at = int(server_ms), (sent + received) / 2
 
 
 async def _together(

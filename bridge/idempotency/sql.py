@@ -94,8 +94,13 @@ class SqlStore:
         """A transaction: the database's own handle, and `_query` inside that transaction."""
         raise NotImplementedError
 
+    def _now_ms(self) -> int:
+        """The store's clock in epoch ms, by which leases and windows start and end: the host's.
+        The PostgreSQL store, shared by many hosts, keeps the server's instead."""
+        return now_ms()
+
     async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
-        token, now = new_token(), now_ms()
+        token, now = new_token(), self._now_ms()
         rows = await self._query(self.claim_sql, (key, _id(job_id), token, now + int(lease_s * 1000), now))
         if rows and not rows[0]:  # (a changed row: the claim took the key)
             return Claimed(token)
@@ -112,10 +117,10 @@ class SqlStore:
         return Busy(max(0.0, (expires_at - now) / 1000))
 
     async def extend(self, key: str, token: str, lease_s: float) -> bool:
-        return bool(await self._query(EXTEND, (now_ms() + int(lease_s * 1000), key, token)))
+        return bool(await self._query(EXTEND, (self._now_ms() + int(lease_s * 1000), key, token)))
 
     async def complete(self, key: str, token: str, job_id: str, window_s: float) -> bool:
-        done = await _complete(self._query, key, token, job_id, window_s)
+        done = await _complete(self._query, _completion(key, token, job_id, window_s, self._now_ms()))
         if time.monotonic() >= self._next_purge:
             self._start_purge()
         return done
@@ -127,11 +132,11 @@ class SqlStore:
     async def transaction(self, key: str, token: str, job_id: str, window_s: float) -> AsyncIterator[Any]:
         async with self._begin() as (handle, query):
             yield handle
-            if not await _complete(query, key, token, job_id, window_s):
+            if not await _complete(query, _completion(key, token, job_id, window_s, self._now_ms())):
                 raise LeaseLost(f"the claim on {key!r} ended before the job completed; rolled back")
 
     async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
-        now = now_ms()
+        now = self._now_ms()
         if await self._query(REMEMBER, (key, _id(job_id), now + int(window_s * 1000), now)):
             return None
         rows = await self._query(LOOK, (key,))
@@ -165,18 +170,16 @@ class SqlStore:
                 await self._purging
 
 
-async def _complete(query: Query, key: str, token: str, job_id: str, window_s: float) -> bool:
-    """Mark `key` done if the claim `token` still holds it, or if nobody does (its row lapsed
-    and was purged); whether it is done by this job."""
-    params = _completion(key, token, job_id, window_s)
+async def _complete(query: Query, params: tuple[Any, ...]) -> bool:
+    """Mark the key done (COMPLETE's `params`, from `_completion`) if the claim's token still
+    holds it, or if nobody does (its row lapsed and was purged); whether it is done by this job."""
     if await query(COMPLETE, params):
         return True
-    job, expires_at, done_at = params[:3]
+    job, expires_at, done_at, key = params[:4]
     return bool(await query(COMPLETE_ABSENT, (key, job, expires_at, done_at)))
 
 
-def _completion(key: str, token: str, job_id: str, window_s: float) -> tuple[Any, ...]:
-    now = now_ms()
+def _completion(key: str, token: str, job_id: str, window_s: float, now: int) -> tuple[Any, ...]:
     return (_id(job_id), now + int(window_s * 1000), now, key, token)
 
 
