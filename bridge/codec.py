@@ -29,7 +29,7 @@ from fastavro.validation import ValidationError, validate
 
 from bridge.avro_reader import Read, compile_reader
 from bridge.avro_writer import Write, compile_writer
-from bridge.compatibility import PRIMITIVES, full_name, read_problems
+from bridge.compatibility import PRIMITIVES, full_name, read_problems, with_readers_logical_types
 from bridge.errors import DecodeError, SchemaError, SchemaMismatch, UnknownSchema
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -245,7 +245,7 @@ def decode(
     elif reader is not None and reader.name != writer.name:  # Avro resolves records of one name only
         raise SchemaMismatch(f"a {_identity(writer)} cannot be read as a {_identity(reader)}", data)
     elif reader is not None:
-        problems = _read_problems(reader, writer)
+        problems, resolved = _resolution(reader, writer)
         if problems:
             raise SchemaMismatch(
                 f"{_identity(writer)} cannot be read with {_identity(reader)}: " + "; ".join(problems), data
@@ -253,8 +253,10 @@ def decode(
     try:
         if reader is None and layout.read is not None:
             datum, end = layout.read(data, start)
+        elif reader is None:
+            datum, end = _read_with_fastavro(data, start, layout.parsed, None)
         else:
-            datum, end = _read_with_fastavro(data, start, layout, reader)
+            datum, end = _read_with_fastavro(data, start, resolved, reader.parsed)
     except Exception as exc:  # EOFError, IndexError, UnicodeDecodeError, ValueError, ...
         raise DecodeError(f"body does not decode as {writer.name}: {exc!r}", data) from exc
     if end != len(data):
@@ -262,25 +264,34 @@ def decode(
     return writer, datum
 
 
-def _read_with_fastavro(data: bytes, start: int, writer: Schema, reader: Schema | None) -> tuple[Any, int]:
+def _read_with_fastavro(data: bytes, start: int, writer: Any, reader: Any) -> tuple[Any, int]:
+    """Read with fastavro's parsed schemas: `writer` lays out the bytes, `reader` resolves."""
     stream = io.BytesIO(data)
     stream.seek(start)
-    datum = schemaless_reader(stream, writer.parsed, reader.parsed if reader else None)
+    datum = schemaless_reader(stream, writer, reader)
     return datum, stream.tell()
 
 
-_RESOLUTIONS: dict[tuple[int, int], list[str]] = {}  # (reader, writer) fingerprints -> problems
+# (reader, writer) fingerprints -> the reader it was for, the problems, the writer to read with
+_RESOLUTIONS: dict[tuple[int, int], tuple[Schema, list[str], Any]] = {}
 _MAX_RESOLUTIONS = 4096
 
 
-def _read_problems(reader: Schema, writer: Schema) -> list[str]:
-    """Why `writer`'s data cannot be read with `reader`, judged once per pair of schemas."""
+def _resolution(reader: Schema, writer: Schema) -> tuple[list[str], Any]:
+    """Why `writer`'s data cannot be read with `reader`, and else `writer` parsed to be read
+    with `reader`'s logical types: worked out once per pair of schemas."""
     pair = (reader.fingerprint, writer.fingerprint)
-    if pair not in _RESOLUTIONS:
+    cached = _RESOLUTIONS.get(pair)
+    # (Fingerprints leave logical types out, so one pair may hold readers annotated otherwise.)
+    if cached is None or (cached[0] is not reader and cached[0].definition != reader.definition):
         if len(_RESOLUTIONS) >= _MAX_RESOLUTIONS:
             _RESOLUTIONS.clear()
-        _RESOLUTIONS[pair] = read_problems(reader.definition, writer.definition)
-    return _RESOLUTIONS[pair]
+        problems = read_problems(reader.definition, writer.definition)
+        resolved = None
+        if not problems:
+            resolved = parse_schema(with_readers_logical_types(reader.definition, writer.definition))
+        cached = _RESOLUTIONS[pair] = (reader, problems, resolved)
+    return cached[1], cached[2]
 
 
 def _identity(schema: Schema) -> str:

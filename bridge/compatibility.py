@@ -25,6 +25,7 @@ LEVELS = (
 )
 
 PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+_LOGICAL_KEYS = ("logicalType", "precision", "scale")
 
 # Writer type -> reader types it promotes to (besides itself).
 _PROMOTIONS = {
@@ -43,6 +44,21 @@ def read_problems(reader: Any, writer: Any) -> list[str]:
     resolution.writers.learn(writer, None)
     resolution.check(reader, writer, "")
     return resolution.problems
+
+
+def with_readers_logical_types(reader: Any, writer: Any) -> Any:
+    """`writer` carrying `reader`'s logical types where the two meet, and no others.
+
+    Avro resolution converts with the reader's logical types, as Java does; fastavro converts
+    with the writer's. Reading with this instead of `writer` gives a handler the datetimes and
+    Decimals it declares from a producer that registered its version without them, and plain
+    ints from one whose version has them where the handler's has none. Assumes `reader` can
+    read `writer`'s data (`read_problems` is empty).
+    """
+    resolution = _Resolution()
+    resolution.readers.learn(reader, None)
+    resolution.writers.learn(writer, None)
+    return resolution.annotate(reader, writer, None, None)
 
 
 def level_problems(level: str, new: Any, older: Sequence[Any]) -> list[str]:
@@ -207,6 +223,48 @@ class _Resolution:
             self.check(reader["items"], writer["items"], f"{path}[]", reader_ns, writer_ns)
         elif r_kind == "map":
             self.check(reader["values"], writer["values"], f"{path}{{}}", reader_ns, writer_ns)
+
+    def annotate(self, reader: Any, writer: Any, reader_ns: str | None, writer_ns: str | None) -> Any:
+        """`writer` with `reader`'s logical types (see `with_readers_logical_types`)."""
+        if isinstance(writer, str) and writer not in PRIMITIVES:
+            return writer  # a named type defined before: annotated where it is defined
+        r_node, reader_ns = self.readers.resolve(_unwrap(reader), reader_ns)
+        w_node = _unwrap(writer)
+        w_kind = _kind(w_node)
+        if w_kind == "union":
+            return [self.annotate(reader, branch, reader_ns, writer_ns) for branch in w_node]
+        if _kind(r_node) == "union":  # the branch the writer's data resolves to
+            fits = (b for b in r_node if self.trial(b, w_node, "", reader_ns, writer_ns))
+            reader = next(fits, "null")
+            r_node, reader_ns = self.readers.resolve(_unwrap(reader), reader_ns)
+        if w_kind in PRIMITIVES:  # its logical type is on the node that wraps it
+            same = isinstance(reader, dict) and _kind(r_node) == w_kind
+            wanted = {k: reader[k] for k in _LOGICAL_KEYS if k in reader} if same else {}
+            return {"type": w_kind, **wanted} if "logicalType" in wanted else w_kind
+        node = {k: v for k, v in w_node.items() if k not in _LOGICAL_KEYS}
+        if w_kind == "fixed" and _kind(r_node) == "fixed" and r_node["size"] == w_node["size"]:
+            node.update({k: r_node[k] for k in _LOGICAL_KEYS if k in r_node})
+        if w_kind in ("record", "error", "enum", "fixed"):
+            w_name = full_name(w_node["name"], w_node.get("namespace", writer_ns))
+            writer_ns = w_name.rpartition(".")[0] or None
+        if w_kind in ("record", "error") and _kind(r_node) in ("record", "error"):
+            r_name = full_name(r_node["name"], r_node.get("namespace", reader_ns))
+            reader_ns = r_name.rpartition(".")[0] or None
+            fields: dict[str, Any] = {}
+            for field in r_node["fields"]:
+                for name in (field["name"], *field.get("aliases", ())):
+                    fields.setdefault(name, field["type"])
+            node["fields"] = [
+                {**f, "type": self.annotate(fields[f["name"]], f["type"], reader_ns, writer_ns)}
+                if f["name"] in fields
+                else f
+                for f in w_node["fields"]
+            ]
+        elif w_kind == "array" and _kind(r_node) == "array":
+            node["items"] = self.annotate(r_node["items"], w_node["items"], reader_ns, writer_ns)
+        elif w_kind == "map" and _kind(r_node) == "map":
+            node["values"] = self.annotate(r_node["values"], w_node["values"], reader_ns, writer_ns)
+        return node
 
     def fields(
         self, reader: Any, writer: Any, path: str, reader_ns: str | None, writer_ns: str | None

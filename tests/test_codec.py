@@ -8,7 +8,7 @@ import random
 import resource
 import struct
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,48 @@ def test_a_payload_from_a_writer_without_logical_types_reads_with_the_readers_ow
     assert decoded == {
         "placed_at": datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC),
         "total": Decimal("123.45"),
+    }
+
+
+def test_a_payload_from_another_version_reads_with_the_readers_logical_types() -> None:
+    # Given a handler's record with a timestamp, an optional timestamp, a decimal, a list of
+    # dates in a nested record, and a count the handler reads as a plain long,
+    # When a producer in another language sends a second version (one more field) registered
+    # without the first four annotations and with one on the count, Then the handler gets what
+    # its own record declares: datetimes, a Decimal, dates and an int, as Avro resolution
+    # (Java's) gives. (fastavro converts by the writer's annotations: ints, bytes, a datetime.)
+    money = {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}
+    day = {"type": "int", "logicalType": "date"}
+    stamp = {"type": "long", "logicalType": "timestamp-millis"}
+    declared = {
+        "type": "record",
+        "name": "Order",
+        "namespace": "shop",
+        "fields": [
+            {"name": "placed_at", "type": stamp},
+            {"name": "shipped_at", "type": ["null", stamp], "default": None},
+            {"name": "total", "type": money},
+            {"name": "plan", "type": {"type": "record", "name": "Plan", "fields": [
+                {"name": "days", "type": {"type": "array", "items": day}}]}},
+            {"name": "count", "type": "long"},
+        ],
+    }  # fmt: skip
+    reader = Schema.from_definition(declared)
+    second = codec.strip_logical_types(declared)
+    second["fields"][-1] = {"name": "count", "type": stamp}
+    second["fields"].append({"name": "note", "type": "string", "default": ""})
+    writer = Schema.from_definition(second, schema_id=8, logical_types=False)
+    assert writer.fingerprint != reader.fingerprint
+    cents = (12345).to_bytes(2, "big", signed=True)
+    datum = {"placed_at": 1_700_000_000_000, "shipped_at": 1_700_000_060_000, "total": cents,
+             "plan": {"days": [19_675]}, "count": 3, "note": "v2"}  # fmt: skip
+    _, decoded = codec.decode(codec.encode(writer, datum), _Both(writer), reader)
+    assert decoded == {
+        "placed_at": datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC),
+        "shipped_at": datetime(2023, 11, 14, 22, 14, 20, tzinfo=UTC),
+        "total": Decimal("123.45"),
+        "plan": {"days": [date(2023, 11, 14)]},
+        "count": 3,
     }
 
 
