@@ -7,6 +7,7 @@ passed in by the caller.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -28,12 +29,37 @@ REASONS = (
 )
 
 
+_last_uuid7 = (-1, 0)  # the millisecond and the 74 random bits of the process's last UUIDv7
+_uuid7_lock = threading.Lock()
+
+
+def _forked() -> None:
+    """A forked child starts from fresh random bits: going on from its parent's, the two would
+    make the same ids in the same millisecond."""
+    global _last_uuid7, _uuid7_lock
+    _last_uuid7, _uuid7_lock = (-1, 0), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def uuid7(now_ms: int | None = None) -> str:
-    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then random bits; sorts by time."""
-    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & (2**48 - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64
-    value |= 0b10 << 62 | rand & (2**62 - 1)
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits; sorts by time.
+
+    Within one millisecond the process's ids go up by one from the first one's random bits
+    (RFC 9562's monotonic random, method 2), so that the jobs one process enqueues sort in
+    the order it enqueued them.
+    """
+    global _last_uuid7
+    ms = (time.time_ns() // 1_000_000 if now_ms is None else now_ms) & (2**48 - 1)
+    with _uuid7_lock:
+        last_ms, last_rand = _last_uuid7
+        if ms == last_ms and last_rand + 1 < 2**74:
+            rand = last_rand + 1
+        else:
+            rand = int.from_bytes(os.urandom(10), "big") >> 7  # (74 bits, the top one clear)
+        _last_uuid7 = (ms, rand)
+    value = ms << 80 | 0x7 << 76 | (rand >> 62) << 64 | 0b10 << 62 | rand & (2**62 - 1)
     return str(uuid.UUID(int=value))
 
 

@@ -93,7 +93,8 @@ def decide(
         return GiveUp("permanent", detail)
     if not isinstance(exc, (Retry, *policy.retry_on)):
         return GiveUp("permanent", f"{detail} (not in retry_on)")
-    limit = max_attempts or policy.max_attempts
+    # (an envelope's 0, or a negative such as another language's "unlimited" -1, is unset)
+    limit = max_attempts if max_attempts is not None and max_attempts > 0 else policy.max_attempts
     if attempt >= limit:
         return GiveUp("exhausted", f"{detail} (attempt {attempt} of {limit})")
     chosen = exc.delay_s if isinstance(exc, Retry) else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 import uuid
@@ -16,6 +17,7 @@ from bridge.config import Settings
 from bridge.envelope import uuid7
 from bridge.errors import ConfigError, PublishError
 from bridge.logs import Repeats
+from bridge.policy import GiveUp, RetryAt, RetryPolicy, decide, fixed
 from bridge.transports.base import Delivery, InFlight
 from bridge.transports.kafka.common import client_text
 from bridge.transports.kafka.returns import Gate
@@ -228,6 +230,37 @@ def test_uuid7_is_version_7_and_sorts_by_time() -> None:
     assert ids == sorted(ids)
     assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
     assert len({uuid7(now_ms=1) for _ in range(1000)}) == 1000
+    # Within one millisecond, in the order they were made (they sorted at random)
+    same_ms = [uuid7(now_ms=1_900_000_000_000) for _ in range(1000)]
+    assert same_ms == sorted(same_ms)
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in same_ms)
+    assert all(uuid.UUID(i).int >> 80 == 1_900_000_000_000 for i in same_ms)
+
+
+@pytest.mark.parametrize("from_envelope", [None, 0, -1, -(2**31)])
+def test_an_envelope_s_max_attempts_below_one_leaves_the_handler_s_limit(from_envelope: int | None) -> None:
+    # Given a handler allowing 3 attempts and an envelope from another producer whose
+    # max_attempts is unset, 0, or negative (-1 meaning "unlimited" in many libraries),
+    # Then attempt 1 and 2 retry and attempt 3 is the last. (-1 dead-lettered attempt 1.)
+    policy, now = RetryPolicy(max_attempts=3, backoff=fixed(1)), 1_700_000_000_000
+    decisions = [decide(policy, RuntimeError("x"), n, from_envelope, now) for n in (1, 2, 3)]
+    assert decisions[:2] == [RetryAt(now + 1000)] * 2
+    assert isinstance(decisions[2], GiveUp) and decisions[2].reason == "exhausted"
+
+
+def test_a_forked_child_makes_other_uuid7s_than_its_parent_in_the_same_millisecond() -> None:
+    ms = 1_900_000_000_000
+    uuid7(now_ms=ms)  # the parent has a last id in this millisecond
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:  # (the child writes its next ids and exits at once)
+        os.write(writing, "\n".join(uuid7(now_ms=ms) for _ in range(3)).encode())
+        os._exit(0)
+    os.close(writing)
+    os.waitpid(child, 0)
+    with os.fdopen(reading) as pipe:
+        childs = set(pipe.read().split())
+    assert len(childs) == 3 and not childs & {uuid7(now_ms=ms) for _ in range(3)}
 
 
 def test_a_consume_stopped_before_its_first_settle_reports_no_time() -> None:
