@@ -227,7 +227,7 @@ class Worker:
             return [self._dead(delivery, "undecodable", f"payload: {exc}", envelope=envelope)]
         except RegistryUnavailable as exc:
             log.error("job %s (%s) waits: %s", envelope.id, envelope.type, exc)
-            return [self._later(envelope, 0.0)]
+            return [self._later(envelope, delivery, 0.0)]
         if envelope.expires_at is not None or envelope.run_at is not None:  # most jobs have neither
             now = self.app.clock()
             if envelope.expires_at is not None and envelope.expires_at <= now:
@@ -240,7 +240,7 @@ class Worker:
                 early_s = (envelope.run_at - now) / 1000
                 if tier_for(early_s, self.settings.delay_tiers) is not None:  # back to a tier
                     self.stats.delayed += 1
-                    return [Outgoing(envelope.queue, delivery.body, envelope.key, early_s)]
+                    return [Outgoing(envelope.queue, delivery.body, _key(envelope, delivery), early_s)]
                 await asyncio.sleep(early_s)  # less than any tier early: waiting here is more precise
         if envelope.idempotency_key is not None:
             return await self._run_once(spec, payload, envelope, delivery)
@@ -260,13 +260,13 @@ class Worker:
                 claim = await self._outage.retry(exc, lambda: self._claim(key, envelope.id, lease_s))
             except StoreError as last:  # it waited GIVE_UP_S: the delay tiers take it from here
                 log.error("%s waits in a delay tier: its key could not be claimed: %s", _job(envelope), last)
-                return [self._later(envelope, self._outage.wait_s)]
+                return [self._later(envelope, delivery, self._outage.wait_s)]
         if isinstance(claim, Done):
             log.info("%s is a duplicate: its key was done by job %s", _job(envelope), claim.job_id)
             self.stats.duplicates += 1
             return ()
         if isinstance(claim, Busy):
-            return [self._later(envelope, claim.wait_s)]
+            return [self._later(envelope, delivery, claim.wait_s)]
         store = self._store
         assert store is not None  # the claim opened it
         lease = Lease(store, key, claim.token, envelope.id, lease_s, spec.idempotency_ttl_s, self._outage)
@@ -292,13 +292,13 @@ class Worker:
         self.stats.delayed += 1
         return Outgoing(delivery.queue, delivery.body, delivery.key, self.settings.delay_tiers[0])
 
-    def _later(self, envelope: Envelope, wait_s: float) -> Outgoing:
+    def _later(self, envelope: Envelope, delivery: Delivery, wait_s: float) -> Outgoing:
         """The job again, through a delay tier: at least the shortest one, so never a busy loop."""
         self.stats.delayed += 1
         delay_s = max(wait_s, self.settings.delay_tiers[0])
         envelope.run_at = self.app.clock() + int(delay_s * 1000)
         body = codec.encode(self._envelope, envelope.to_avro())
-        return Outgoing(envelope.queue, body, envelope.key, delay_s)
+        return Outgoing(envelope.queue, body, _key(envelope, delivery), delay_s)
 
     async def _run(
         self, spec: JobSpec, payload: Any, envelope: Envelope, delivery: Delivery, lease: Lease | None = None
@@ -386,7 +386,7 @@ class Worker:
         )  # fmt: skip
         self.stats.retried += 1
         delay_s = (decision.run_at - now) / 1000
-        return Outgoing(retry.queue, body, retry.key, delay_s if delay_s > 0 else None)
+        return Outgoing(retry.queue, body, _key(retry, delivery), delay_s if delay_s > 0 else None)
 
     def _dead(
         self,
@@ -424,6 +424,12 @@ def _cancelled_here() -> bool:
     CancelledError having come out of what it awaited."""
     task = asyncio.current_task()
     return task is None or task.cancelling() > 0
+
+
+def _key(envelope: Envelope, delivery: Delivery) -> str | bytes | None:
+    """The key a job goes on with: its envelope's, or else the record key it came with (a
+    producer in another language may set only that one), as it came."""
+    return envelope.key if envelope.key is not None else delivery.key
 
 
 def _returned(delivery: Delivery) -> str:

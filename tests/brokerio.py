@@ -95,6 +95,11 @@ def _read_topic(bootstrap: str, topic: str) -> list[bytes]:
 
 def read_partitions(bootstrap: str, topic: str) -> list[tuple[int, bytes]]:
     """Every committed record of `topic` with its partition, oldest first by timestamp."""
+    return [(partition, body) for partition, _, body in read_records(bootstrap, topic)]
+
+
+def read_records(bootstrap: str, topic: str) -> list[tuple[int, bytes | None, bytes]]:
+    """Every committed record of `topic` as (partition, key, value), oldest first by timestamp."""
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
          "enable.auto.commit": False, "isolation.level": "read_committed", "enable.partition.eof": True,
@@ -103,7 +108,7 @@ def read_partitions(bootstrap: str, topic: str) -> list[tuple[int, bytes]]:
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        bodies: list[tuple[int, int, int, bytes]] = []
+        bodies: list[tuple[int, int, int, bytes | None, bytes]] = []
         at_end: set[int | None] = set()
         deadline = time.monotonic() + 30
         # Transaction markers take offsets too and are never delivered: the end of a partition
@@ -120,12 +125,14 @@ def read_partitions(bootstrap: str, topic: str) -> list[tuple[int, bytes]]:
                         record.timestamp()[1],
                         record.offset() or 0,
                         record.partition() or 0,
+                        record.key(),
                         record.value() or b"",
                     )
                 )
             elif error.code() == KafkaError._PARTITION_EOF:
                 at_end.add(record.partition())
-        return [(partition, body) for _, _, partition, body in sorted(bodies)]
+        bodies.sort(key=lambda record: record[:3])
+        return [(partition, key, body) for _, _, partition, key, body in bodies]
     finally:
         consumer.close()
 

@@ -34,6 +34,7 @@ from tests.brokerio import (
     delete_queue,
     java_partition,
     read_partitions,
+    read_records,
     topic_config,
     topics_made_elsewhere,
 )
@@ -118,6 +119,49 @@ def test_a_key_goes_to_the_partition_the_java_client_would_choose(
         placed[codec.decode(body, app.registry, schema)[1]["key"]] = partition
     assert len(placed) == 41
     assert {key: placed[key] for key in keys} == {key: java_partition(key.encode(), 3) for key in keys}
+
+
+def test_another_producers_record_key_goes_on_with_the_job_byte_for_byte(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given jobs from another producer whose envelopes have no key and whose record keys are
+    # bytes that are not UTF-8 (a Java LongSerializer's, say), on a 3-partition queue,
+    # When one fails once (its retry goes back to the queue) and one fails for good,
+    # Then the retry and the dead letter carry the record key as it came, so the retry lands on
+    # the partition of the job it repeats (the producer partitions as docs/envelope.md asks:
+    # murmur2, as Java's client does, and so does bridge). (The key was decoded as UTF-8 with
+    # replacement characters, and a retry whose envelope had no key went out with none, to any
+    # partition.)
+    app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), partitions=3, delay_tiers="1s")
+    keys = {1: (2**63 - 5).to_bytes(8, "big"), 2: b"\xff\xfe order 2"}
+    runs: list[int] = []
+
+    @app.job("test.Echo", queue=queue, max_attempts=2, backoff=fixed(0))
+    async def flaky(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(payload["n"])
+        if payload["n"] == 2:
+            raise Permanent("no")
+        if runs.count(1) == 1:
+            raise RuntimeError("once")
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+            bootstrap = brokers["kafka"].partition("://")[2]
+            foreign = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random"})
+            for n, key in keys.items():
+                envelope = app.build_envelope("test.Echo", {"n": n}, queue=queue)
+                foreign.produce(queue, codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro()), key)
+            assert foreign.flush(10) == 0
+            await app.consume(burst=True)
+
+    run(scenario(), timeout=60)
+    assert sorted(runs) == [1, 1, 2]
+    bootstrap = brokers["kafka"].partition("://")[2]
+    on_queue = [(key, partition) for partition, key, _ in read_records(bootstrap, queue)]
+    assert sorted(key or b"" for key, _ in on_queue) == sorted([keys[1], keys[1], keys[2]])  # (1's retry)
+    assert all(partition == java_partition(key or b"", 3) for key, partition in on_queue)
+    assert [key for _, key, _ in read_records(bootstrap, dlq_name(queue))] == [keys[2]]
 
 
 def test_apply_topology_returns_once_every_new_partition_is_served(

@@ -28,7 +28,7 @@ class Outgoing:
 
     queue: str
     body: bytes
-    key: str | None = None
+    key: str | bytes | None = None  # Kafka's record key (bytes: another producer's, passed on as they came)
     delay_s: float | None = None
 
 
@@ -38,7 +38,7 @@ class Delivery:
 
     body: bytes
     queue: str  # the queue or topic it was consumed from
-    key: str | None = None
+    key: str | bytes | None = None  # Kafka's record key, as it came
     partition: int | None = None
     offset: int | None = None
     redelivered: bool = False

@@ -521,9 +521,7 @@ class KafkaTransport:
         generation = self._offsets.started((topic, partition), offset)
         if generation is None:
             return  # its partition was revoked since it was fetched: the next owner runs it
-        key = record.key()
-        text_key = key.decode("utf-8", "replace") if key else None
-        delivery = Delivery(record.value() or b"", topic, text_key, partition, offset, handle=generation)
+        delivery = Delivery(record.value() or b"", topic, record.key(), partition, offset, handle=generation)
         inflight.start(delivery)
 
     def _run(self, delivery: Delivery) -> Awaitable[None]:
