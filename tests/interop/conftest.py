@@ -1,4 +1,4 @@
-"""The Java and Go programs of the interop tests, built once per version of their sources.
+"""The Java, Go and Node programs of the interop tests, built once per version of their sources.
 
 A build lands in ~/.cache/bridge/interop/<name>-<hash of its sources>, never in the repository,
 so a rerun with unchanged sources starts at once. With CI set, a missing toolchain or a failed
@@ -24,7 +24,8 @@ from tests.conftest import REPO, SCHEMAS, in_ci
 HERE = Path(__file__).resolve().parent
 SCHEMA_DIRS = f"{REPO / 'bridge' / 'schemas'},{SCHEMAS}"  # how every program takes them
 JAVA_MAINS = ("Fingerprint", "ReadDeadLetter", "KafkaEnqueue", "RegistryEnqueue")
-SOURCE_SUFFIXES = (".java", ".xml", ".go", ".mod", ".sum")
+SOURCE_SUFFIXES = (".java", ".xml", ".go", ".mod", ".sum", ".mjs", ".json")
+BUILD_OUTPUT = ("target", "node_modules")  # (of builds run by hand in the source folders)
 BUILD_TIMEOUT_S = 240
 
 
@@ -59,6 +60,44 @@ def go_enqueue() -> Program:
     return Program((str(built("go", ["go"], build_go) / "enqueue"),))
 
 
+@pytest.fixture(scope="session")
+def node() -> Program:
+    """The Node program (avsc, amqplib) that enqueues and reads jobs on RabbitMQ."""
+    return Program(("node", str(built("node", ["node", "npm"], build_node) / "main.mjs")))
+
+
+@dataclass(frozen=True)
+class Enqueue:
+    """A program of another language that enqueues one test.Echo job on RabbitMQ, with flags
+    of the same names (Go's `-queue`, Node's `--queue`)."""
+
+    language: str
+    program: Program
+    dash: str
+    command: tuple[str, ...] = ()
+
+    def run(self, **flags: str) -> subprocess.CompletedProcess[str]:
+        args = [
+            arg
+            for name, value in {"schemas": SCHEMA_DIRS, **flags}.items()
+            for arg in (self.dash + name, value)
+        ]
+        return self.program.run(*self.command, *args)
+
+    def __call__(self, **flags: str) -> str:
+        done = self.run(**flags)
+        assert done.returncode == 0, f"{' '.join(done.args)} exited {done.returncode}:\n{done.stderr}"
+        return done.stdout
+
+
+@pytest.fixture(params=["go", "node"])
+def rabbitmq_enqueue(request: pytest.FixtureRequest) -> Enqueue:
+    """Go's producer and Node's, in turn."""
+    if request.param == "go":
+        return Enqueue("go", request.getfixturevalue("go_enqueue"), "-")
+    return Enqueue("node", request.getfixturevalue("node"), "--", ("enqueue",))
+
+
 def build_java(out: Path) -> None:
     # `process-classes` compiles and copies the dependencies to lib/ (see pom.xml), no jar.
     pom = HERE / "java" / "pom.xml"
@@ -68,6 +107,13 @@ def build_java(out: Path) -> None:
 
 def build_go(out: Path) -> None:
     _run(["go", "build", "-o", str(out / "enqueue"), "."], HERE / "go")
+
+
+def build_node(out: Path) -> None:
+    out.mkdir(parents=True)
+    for name in ("main.mjs", "package.json", "package-lock.json"):
+        shutil.copy(HERE / "node" / name, out / name)
+    _run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], out)  # the lockfile's versions
 
 
 def built(name: str, tools: list[str], build: Callable[[Path], None]) -> Path:
@@ -98,7 +144,7 @@ def source_hash(folder: Path) -> str:
     """A digest of the sources under `folder`: their paths and contents, not build output."""
     digest = hashlib.sha256()
     for path in sorted(folder.rglob("*")):
-        if path.suffix in SOURCE_SUFFIXES and "target" not in path.relative_to(folder).parts:
+        if path.suffix in SOURCE_SUFFIXES and not set(BUILD_OUTPUT) & set(path.relative_to(folder).parts):
             digest.update(f"{path.relative_to(folder)}\0".encode() + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 

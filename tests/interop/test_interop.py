@@ -1,10 +1,12 @@
 """Services in other languages produce and read bridge jobs: Java with Apache Avro and
-kafka-clients, Go with hamba/avro and amqp091-go, against the real brokers (docs/envelope.md).
+kafka-clients, Go with hamba/avro and amqp091-go, Node with avsc and amqplib, against the real
+brokers (docs/envelope.md).
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from bridge.transports import Outgoing, dlq_name
 from tests.brokerio import java_partition, read_partitions, read_queue
 from tests.conftest import SCHEMAS, run
 from tests.interop.app import runs
-from tests.interop.conftest import SCHEMA_DIRS, Program
+from tests.interop.conftest import SCHEMA_DIRS, Enqueue, Program
 from tests.processes import consumer, finish, publish
 
 APP = "tests.interop.app:app"
@@ -182,45 +184,78 @@ def test_job_enqueued_by_java_through_the_registry_runs_in_bridge_consume(
     assert "dead-lettering" not in log
 
 
-def test_job_enqueued_by_go_on_rabbitmq_runs_in_bridge_consume(
-    go_enqueue: Program, brokers: dict[str, str], queue: str, tmp_path: Path
+def test_node_fingerprints_schemas_as_bridge_does(node: Program) -> None:
+    names = ["bridge.JobError", "bridge.JobEnvelope", "bridge.DeadLetter", "test.Echo"]
+    assert fingerprints(node("fingerprints", "--schemas", SCHEMA_DIRS)) == bridge_fingerprints(names)
+
+
+def test_node_reads_a_job_that_bridge_enqueued(node: Program, brokers: dict[str, str], queue: str) -> None:
+    # Given a job enqueued by bridge on RabbitMQ, with a key and headers, that no worker ran,
+    app = Bridge(broker=brokers["rabbitmq"], registry=str(SCHEMAS), prefix=own_prefix(), delay_tiers=TIERS)
+
+    async def enqueue() -> str:
+        async with app:
+            await app.apply_topology([queue])
+            return await app.enqueue_async(
+                "test.Echo", {"n": 7, "text": "from Python"}, queue=queue, key="order-7",
+                headers={"producer": "python"},
+            )  # fmt: skip
+
+    job_id = run(enqueue())
+    # When a Node service takes it from the queue and decodes it (avsc),
+    read = json.loads(node("read", "--schemas", SCHEMA_DIRS, "--url", brokers["rabbitmq"], "--queue", queue))
+    # Then it reads the job as bridge wrote it: the envelope's fields and the payload inside.
+    created_at = read.pop("createdAt")
+    assert read == {
+        "id": job_id, "type": "test.Echo", "queue": queue, "key": "order-7", "attempt": 1,
+        "headers": {"producer": "python"}, "payload": {"n": 7, "text": "from Python", "sleep_ms": 0},
+    }  # fmt: skip
+    assert abs(created_at / 1000 - time.time()) < 60
+
+
+def test_job_enqueued_on_rabbitmq_by_go_or_node_runs_in_bridge_consume(
+    rabbitmq_enqueue: Enqueue, brokers: dict[str, str], queue: str, tmp_path: Path
 ) -> None:
     # Given a bridge queue on RabbitMQ under a prefix of its own,
-    # When a Go producer (hamba/avro, amqp091-go) publishes a test.Echo job to <prefix>.jobs,
-    # routed by the queue's name, and `bridge consume --burst` runs,
-    # Then the handler ran the job once, with the payload, key and headers Go gave it.
+    # When a Go producer (hamba/avro, amqp091-go) or a Node one (avsc, amqplib) publishes a
+    # test.Echo job to <prefix>.jobs, routed by the queue's name, and `bridge consume --burst` runs,
+    # Then the handler ran the job once, with the payload, key and headers the producer gave it.
     broker, prefix, ledger = brokers["rabbitmq"], own_prefix(), tmp_path / "ledger"
     run(publish(broker, queue, 0, prefix=prefix, delay_tiers=TIERS))  # creates the queues
-    job_id = go_enqueue(
-        "-schemas", SCHEMA_DIRS, "-url", broker, "-prefix", prefix,
-        "-queue", queue, "-n", "8", "-text", "from Go", "-key", "order-8",
-    ).strip()  # fmt: skip
+    language = rabbitmq_enqueue.language
+    job_id = rabbitmq_enqueue(
+        url=broker, prefix=prefix, queue=queue, n="8", text=f"from {language}", key="order-8"
+    ).strip()
 
     log = consume_burst(broker, queue, prefix, ledger)
 
     assert runs(ledger) == [
         {"id": job_id, "queue": queue, "key": "order-8", "attempt": 1,
-         "headers": {"producer": "go"}, "payload": {"n": 8, "text": "from Go", "sleep_ms": 0}}
+         "headers": {"producer": language}, "payload": {"n": 8, "text": f"from {language}", "sleep_ms": 0}}
     ]  # fmt: skip
     assert "dead-lettering" not in log
 
 
-def test_go_producer_fails_when_no_queue_takes_its_job(go_enqueue: Program, brokers: dict[str, str]) -> None:
+def test_a_go_or_node_producer_fails_when_no_queue_takes_its_job(
+    rabbitmq_enqueue: Enqueue, brokers: dict[str, str]
+) -> None:
     # Given a prefix's exchange with one queue bound, but not the one the job names,
     broker, prefix = brokers["rabbitmq"], own_prefix()
     run(publish(broker, f"t-{uuid.uuid4().hex[:12]}", 0, prefix=prefix, delay_tiers=TIERS))
     missing = f"t-{uuid.uuid4().hex[:12]}"
-    # When the Go producer publishes a job to that queue (mandatory),
-    done = go_enqueue.run("-schemas", SCHEMA_DIRS, "-url", broker, "-prefix", prefix, "-queue", missing)
+    # When the producer publishes a job to that queue (mandatory),
+    done = rabbitmq_enqueue.run(url=broker, prefix=prefix, queue=missing)
     # Then RabbitMQ returns the message and the producer fails instead of reporting it enqueued.
-    assert done.returncode != 0
+    assert done.returncode != 0 and done.stdout == ""
     assert f'no queue "{missing}" is bound to {prefix}.jobs: NO_ROUTE' in done.stderr
 
 
-def test_go_producer_says_which_exchange_is_missing(go_enqueue: Program, brokers: dict[str, str]) -> None:
-    # Given a prefix whose topology was never applied, When the Go producer publishes to it,
+def test_a_go_or_node_producer_says_which_exchange_is_missing(
+    rabbitmq_enqueue: Enqueue, brokers: dict[str, str]
+) -> None:
+    # Given a prefix whose topology was never applied, When the producer publishes to it,
     broker, prefix = brokers["rabbitmq"], own_prefix()
-    done = go_enqueue.run("-schemas", SCHEMA_DIRS, "-url", broker, "-prefix", prefix, "-queue", "t")
+    done = rabbitmq_enqueue.run(url=broker, prefix=prefix, queue="t")
     # Then it fails with RabbitMQ's reason, which names the exchange.
-    assert done.returncode != 0
+    assert done.returncode != 0 and done.stdout == ""
     assert f"NOT_FOUND - no exchange '{prefix}.jobs'" in done.stderr
