@@ -29,7 +29,13 @@ from fastavro.validation import ValidationError, validate
 
 from bridge.avro_reader import Read, compile_reader
 from bridge.avro_writer import Write, compile_writer
-from bridge.compatibility import PRIMITIVES, full_name, read_problems, with_readers_logical_types
+from bridge.compatibility import (
+    PRIMITIVES,
+    full_name,
+    read_problems,
+    strip_logical_types,
+    with_readers_logical_types,
+)
 from bridge.errors import DecodeError, SchemaError, SchemaMismatch, UnknownSchema
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -105,6 +111,7 @@ class Schema:
     field_names: frozenset[str] = frozenset()  # the record's own fields
     read: Read | None = None  # bridge's own faster reader, when fastavro would change nothing
     write: Write | None = None  # and writer
+    logical_types: bool = True  # whether reading makes datetimes, Decimals, ... (not for bridge's own)
 
     @classmethod
     def from_definition(
@@ -128,8 +135,9 @@ class Schema:
         name = full_name(definition["name"], definition.get("namespace"))
         field_names = frozenset(f["name"] for f in definition["fields"])
         return cls(
-            name, definition, parsed, canonical, fingerprint, schema_id, header, field_names, read, write
-        )
+            name, definition, parsed, canonical, fingerprint, schema_id, header, field_names, read, write,
+            logical_types,
+        )  # fmt: skip
 
 
 class SchemaLookup(Protocol):
@@ -283,15 +291,21 @@ def _resolution(reader: Schema, writer: Schema) -> tuple[list[str], Any]:
     pair = (reader.fingerprint, writer.fingerprint)
     cached = _RESOLUTIONS.get(pair)
     # (Fingerprints leave logical types out, so one pair may hold readers annotated otherwise.)
-    if cached is None or (cached[0] is not reader and cached[0].definition != reader.definition):
+    if cached is None or (cached[0] is not reader and not _reads_alike(cached[0], reader)):
         if len(_RESOLUTIONS) >= _MAX_RESOLUTIONS:
             _RESOLUTIONS.clear()
         problems = read_problems(reader.definition, writer.definition)
         resolved = None
         if not problems:
-            resolved = parse_schema(with_readers_logical_types(reader.definition, writer.definition))
+            # (bridge's own records are read without logical types: their times stay ints)
+            wanted = reader.definition if reader.logical_types else strip_logical_types(reader.definition)
+            resolved = parse_schema(with_readers_logical_types(wanted, writer.definition))
         cached = _RESOLUTIONS[pair] = (reader, problems, resolved)
     return cached[1], cached[2]
+
+
+def _reads_alike(one: Schema, other: Schema) -> bool:
+    return one.definition == other.definition and one.logical_types == other.logical_types
 
 
 def _identity(schema: Schema) -> str:
@@ -378,18 +392,6 @@ def inline_named_types(schema: Any, defined: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(result, dict) or result.get("type") not in ("record", "error"):
         raise SchemaError("a job type must be an Avro record schema")
     return result
-
-
-def strip_logical_types(schema: Any) -> Any:
-    """The same schema without logicalType annotations, so timestamps stay integers."""
-    if isinstance(schema, list):
-        return [strip_logical_types(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: strip_logical_types(v) for k, v in schema.items() if k != "logicalType"}
-    if "fields" in schema:
-        out["fields"] = [{**f, "type": strip_logical_types(f["type"])} for f in schema["fields"]]
-    return out
 
 
 def check_schema(schema: dict[str, Any]) -> None:

@@ -61,6 +61,27 @@ def with_readers_logical_types(reader: Any, writer: Any) -> Any:
     return resolution.annotate(reader, writer, None, None)
 
 
+def _logical(reader: dict[str, Any], writer: dict[str, Any]) -> dict[str, Any]:
+    """The logical type to read a value with: the reader's, or none; but the writer's where
+    both have one and they differ (a decimal's scale, a timestamp's unit), as the bytes mean
+    what the writer's says."""
+    ours, theirs = ({k: node[k] for k in _LOGICAL_KEYS if k in node} for node in (reader, writer))
+    ours, theirs = (keys if "logicalType" in keys else {} for keys in (ours, theirs))
+    return theirs if ours and theirs and ours != theirs else ours
+
+
+def strip_logical_types(schema: Any) -> Any:
+    """The same schema without logicalType annotations, so timestamps stay integers."""
+    if isinstance(schema, list):
+        return [strip_logical_types(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strip_logical_types(v) for k, v in schema.items() if k != "logicalType"}
+    if "fields" in schema:
+        out["fields"] = [{**f, "type": strip_logical_types(f["type"])} for f in schema["fields"]]
+    return out
+
+
 def level_problems(level: str, new: Any, older: Sequence[Any]) -> list[str]:
     """Why `new` breaks `level` against `older` versions (oldest first); empty when it does not."""
     level = level.upper()
@@ -239,11 +260,11 @@ class _Resolution:
             r_node, reader_ns = self.readers.resolve(_unwrap(reader), reader_ns)
         if w_kind in PRIMITIVES:  # its logical type is on the node that wraps it
             same = isinstance(reader, dict) and _kind(r_node) == w_kind
-            wanted = {k: reader[k] for k in _LOGICAL_KEYS if k in reader} if same else {}
-            return {"type": w_kind, **wanted} if "logicalType" in wanted else w_kind
+            wanted = _logical(reader if same else {}, writer if isinstance(writer, dict) else {})
+            return {"type": w_kind, **wanted} if wanted else w_kind
         node = {k: v for k, v in w_node.items() if k not in _LOGICAL_KEYS}
         if w_kind == "fixed" and _kind(r_node) == "fixed" and r_node["size"] == w_node["size"]:
-            node.update({k: r_node[k] for k in _LOGICAL_KEYS if k in r_node})
+            node.update(_logical(r_node, w_node))
         if w_kind in ("record", "error", "enum", "fixed"):
             w_name = full_name(w_node["name"], w_node.get("namespace", writer_ns))
             writer_ns = w_name.rpartition(".")[0] or None
@@ -257,7 +278,7 @@ class _Resolution:
             node["fields"] = [
                 {**f, "type": self.annotate(fields[f["name"]], f["type"], reader_ns, writer_ns)}
                 if f["name"] in fields
-                else f
+                else {**f, "type": strip_logical_types(f["type"])}  # (skipped, but may define a type)
                 for f in w_node["fields"]
             ]
         elif w_kind == "array" and _kind(r_node) == "array":

@@ -19,6 +19,7 @@ from fastavro import schemaless_reader, schemaless_writer
 from bridge import codec
 from bridge.avro_writer import write_long
 from bridge.codec import Schema
+from bridge.compatibility import strip_logical_types
 from bridge.envelope import DeadLetter, Envelope, JobError, uuid7
 from bridge.errors import DecodeError, SchemaError
 from bridge.registry import DEAD_LETTER, ENVELOPE, SchemaDirectory
@@ -122,7 +123,7 @@ def test_a_payload_from_a_writer_without_logical_types_reads_with_the_readers_ow
         ],
     }
     reader = Schema.from_definition(declared)
-    writer = Schema.from_definition(codec.strip_logical_types(declared), schema_id=7)
+    writer = Schema.from_definition(strip_logical_types(declared), schema_id=7)
     assert writer.fingerprint == reader.fingerprint
     cents = (12345).to_bytes(2, "big", signed=True)
     data = codec.encode(writer, {"placed_at": 1_700_000_000_000, "total": cents})
@@ -158,7 +159,7 @@ def test_a_payload_from_another_version_reads_with_the_readers_logical_types() -
         ],
     }  # fmt: skip
     reader = Schema.from_definition(declared)
-    second = codec.strip_logical_types(declared)
+    second = strip_logical_types(declared)
     second["fields"][-1] = {"name": "count", "type": stamp}
     second["fields"].append({"name": "note", "type": "string", "default": ""})
     writer = Schema.from_definition(second, schema_id=8, logical_types=False)
@@ -174,6 +175,45 @@ def test_a_payload_from_another_version_reads_with_the_readers_logical_types() -
         "plan": {"days": [date(2023, 11, 14)]},
         "count": 3,
     }
+
+
+def test_where_both_versions_annotate_a_value_differently_the_writers_annotation_reads_it() -> None:
+    # Given a writer whose decimal has scale 3 and whose time is in microseconds, and a reader
+    # whose decimal has scale 2 and whose time is in milliseconds (the bytes mean what the
+    # writer's annotations say), When its payload is read, Then the values are the writer's:
+    # 1.234, not 12.34; the microseconds' moment, not one 1,000 times later.
+    def order(scale: int, unit: str, extra: list[dict[str, Any]]) -> dict[str, Any]:
+        money = {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": scale}
+        at = {"type": "long", "logicalType": f"timestamp-{unit}"}
+        fields = [{"name": "total", "type": money}, {"name": "at", "type": at}, *extra]
+        return {"type": "record", "name": "Order", "namespace": "shop", "fields": fields}
+
+    reader = Schema.from_definition(order(2, "millis", []))
+    writer = Schema.from_definition(order(3, "micros", [{"name": "note", "type": "string"}]), schema_id=9)
+    at = datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC)
+    data = codec.encode(writer, {"total": Decimal("1.234"), "at": at, "note": ""})
+    _, decoded = codec.decode(data, _Both(writer), reader)
+    assert decoded == {"total": Decimal("1.234"), "at": at}
+
+
+def test_an_envelope_of_another_version_keeps_its_times_as_integers() -> None:
+    # Given bridge's envelope (read without logical types: its times are epoch ms) and another
+    # registered version of it with one more optional field, When an envelope of that version
+    # is read, Then its times are ints, as bridge's own are, and it can be written again (as a
+    # retry is). (They came back as datetimes, and writing the retry raised TypeError.)
+    ours = ENVELOPE_SCHEMA.definition
+    theirs = {
+        **ours,
+        "fields": [*ours["fields"], {"name": "trace", "type": ["null", "string"], "default": None}],
+    }
+    writer = Schema.from_definition(theirs, schema_id=11, logical_types=False)
+    reader = Schema.from_definition(ours, schema_id=10, logical_types=False)
+    envelope = Envelope(id=uuid7(), type="test.Echo", payload=b"", queue="q", created_at=1_700_000_000_000)
+    _, decoded = codec.decode(
+        codec.encode(writer, {**envelope.to_avro(), "trace": None}), _Both(writer), reader
+    )
+    assert decoded["created_at"] == 1_700_000_000_000
+    codec.encode(reader, Envelope.from_avro(decoded).to_avro())
 
 
 class _Both:
