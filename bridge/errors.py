@@ -21,16 +21,20 @@ Messages name servers by `safe_url`, which never shows a password.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
-
 
 def safe_url(url: str) -> str:
-    """`url` without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """`url` without its password, for messages and logs.
+
+    The password ends at the last `@`, not where a URL parser ends the authority: a password
+    written with a `/`, `?`, `#` or `@` that should have been percent-encoded (`p/ss`) would
+    otherwise show in part. Whatever else stands before that `@` goes too (masking too much
+    is the safe side).
+    """
+    scheme, separator, rest = url.partition("://")
+    user_info, at, host = rest.rpartition("@")
+    if not separator or not at or ":" not in user_info:
         return url
-    host = parts.netloc.rpartition("@")[2]  # as written (a port that is no number stays, not raises)
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    return f"{scheme}://{user_info.partition(':')[0]}:***@{host}"
 
 
 def message_of(exc: BaseException) -> str:
