@@ -10,6 +10,7 @@ import asyncio
 import importlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -198,7 +199,7 @@ def _dlq_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
         filters(parser)
     replay = actions.choices["replay"]
     replay.add_argument("--dry-run", action="store_true", help="print what would be replayed, change nothing")
-    replay.add_argument("--rate", type=float, help="at most this many replays per second")
+    replay.add_argument("--rate", type=_rate, help="at most this many replays per second")
     replay.add_argument("--max-replays", type=_positive, default=3, help="refuse jobs replayed this often")
     actions.choices["purge"].add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
@@ -236,6 +237,16 @@ def _moment(text: str) -> datetime:
     if moment.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r}: add a timezone, e.g. Z or +01:00")
     return moment
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not 0 < rate < math.inf:  # (0 read as "no limit" once, a surprise for a safety valve)
+        raise argparse.ArgumentTypeError(f"expected a number of replays per second above 0, got {text!r}")
+    return rate
 
 
 def _positive(text: str) -> int:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from bridge import codec
 from bridge.envelope import DeadLetter
-from bridge.errors import BridgeError, DecodeError, UnknownSchema
+from bridge.errors import BridgeError, ConfigError, DecodeError, UnknownSchema
 from bridge.registry import DEAD_LETTER, ENVELOPE
 from bridge.transports.base import Outgoing, dlq_name
 
@@ -98,6 +99,8 @@ class DeadLetters:
         max_replays: int = DEFAULT_MAX_REPLAYS,
     ) -> ReplayReport:
         """Put the selected jobs back on their queues (at most `rate` per second)."""
+        if rate is not None and not 0 < rate < math.inf:
+            raise ConfigError(f"rate must be a number of replays per second above 0, not {rate!r}")
         report = ReplayReport()
         replayed: set[str] = set()
 
@@ -114,7 +117,7 @@ class DeadLetters:
                 return None
             report.replayed.append(item.id)
             replayed.add(item.id)
-            if rate:
+            if rate and not dry_run:
                 await asyncio.sleep(1 / rate)
             return [self._replayed(item)]
 

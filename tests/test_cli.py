@@ -146,6 +146,14 @@ def test_a_since_further_back_than_any_time_gets_one_line() -> None:
     assert "argument --since: '999" in done.stderr and "is further back than any time" in done.stderr
 
 
+@pytest.mark.parametrize("rate", ["0", "-5", "nan", "inf", "fast"])
+def test_a_replay_rate_that_is_no_rate_gets_one_line(rate: str) -> None:
+    # (0 and below meant no limit; nan and inf passed too.)
+    done = bridge("dlq", "replay", "billing", "--all", "--rate", rate, "--broker", "memory://")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"argument --rate: expected a number of replays per second above 0, got '{rate}'" in done.stderr
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from bridge import Bridge, JobContext, Permanent, codec
 from bridge.dlq import Selection
 from bridge.envelope import DeadLetter
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, ConfigError
 from bridge.registry import DEAD_LETTER
 from bridge.transports import Outgoing, dlq_name
 from tests.conftest import REPO, SCHEMAS, publish_envelope, run
@@ -62,7 +63,8 @@ def test_list_show_replay_and_purge(make_app: Callable[..., Bridge], queue: str)
             shown = await dlq.show(second)
             assert shown.letter.detail == "Permanent: declined 2" and shown.letter.queue == queue
 
-            dry = await dlq.replay(Selection(), dry_run=True)
+            # (a dry run at one replay in 1,000 s does not wait: nothing is published)
+            dry = await asyncio.wait_for(dlq.replay(Selection(), dry_run=True, rate=0.001), timeout=10)
             assert sorted(dry.replayed) == sorted([first, second])
             assert len(await dlq.find()) == 2
 
@@ -273,6 +275,14 @@ def test_dlq_commands(make_app: Callable[..., Bridge], queue: str, broker: str) 
     assert purged.stdout.strip() == f"purged 1 dead letters from {queue}.dlq"
     emptied = bridge_cli("dlq", "list", queue, "--json", **env)
     assert emptied.returncode == 0 and emptied.stdout == "", emptied.stderr
+
+
+@pytest.mark.parametrize("rate", [0, -1, float("nan"), float("inf")])
+def test_a_replay_rate_that_is_no_rate_is_refused(rate: float) -> None:
+    # (0 and below meant no limit, in the API as on the command line)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    with pytest.raises(ConfigError, match="rate must be a number of replays per second above 0"):
+        run(app.dead_letters("q").replay(Selection(), rate=rate))
 
 
 async def scenario_consume(app: Bridge) -> None:
