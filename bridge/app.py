@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 import threading
 import weakref
@@ -20,18 +21,24 @@ from bridge import codec
 from bridge.config import Settings
 from bridge.dlq import DeadLetters
 from bridge.envelope import LONGEST_S, Envelope, now_ms, uuid7
-from bridge.errors import ConfigError, JobTooLarge, utf8
+from bridge.errors import ConfigError, JobTooLarge, StoreError, utf8
 from bridge.idempotency import DEFAULT_LEASE_S, DEFAULT_WINDOW_S, Store, default_url, enqueue_key, open_store
 from bridge.jobs import Handler, JobSpec
 from bridge.policy import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, Backoff, RetryPolicy
 from bridge.registry import ENVELOPE, Registry, open_registry
 from bridge.transports import Outgoing, Transport, open_transport
+from bridge.transports.base import PUBLISH_TIMEOUT_S
 from bridge.transports.memory import MemoryTransport
 from bridge.worker import Stats, Worker
 
+log = logging.getLogger("bridge.app")
 MAX_INT = 2**31 - 1  # an Avro int: the envelope's max_attempts
 
 DEFAULT_QUEUE = "default"
+# How long a dedupe enqueue holds its key while its publish is out (a publish gives up after
+# PUBLISH_TIMEOUT_S), and how often an enqueue of the same key looks whether it was confirmed.
+PUBLISH_HOLD_S = 2 * PUBLISH_TIMEOUT_S
+PUBLISH_POLL_S = 0.05
 H = TypeVar("H", bound=Handler)
 T = TypeVar("T")
 
@@ -175,19 +182,26 @@ class Bridge:
         return envelope.id
 
     async def _publish_once(self, envelope: Envelope, key: str, outgoing: Outgoing) -> str:
-        """Publish unless `key` was enqueued within the window; the id of the job that was."""
+        """Publish unless `key` was enqueued within the window; the id of the job that was.
+
+        An enqueue whose key another one is publishing right now waits for that publish: it
+        returns that job's id once the broker confirmed it, and publishes its own if it failed
+        (or if its publisher died: the key's hold ends after PUBLISH_HOLD_S).
+        """
         spec = self.jobs.get(envelope.type)
         if spec is not None and (problems := spec.problems()):  # (a worker reports them at start)
             raise ConfigError("; ".join(problems))
-        store = await self.idempotency_store()
-        earlier = await store.remember(key, envelope.id, spec.idempotency_ttl_s if spec else DEFAULT_WINDOW_S)
-        if earlier is not None:
-            return earlier
+        store, transport = await self.idempotency_store(), await self.transport()  # (connected first)
+        while (earlier := await store.remember(key, envelope.id, PUBLISH_HOLD_S)) is not None:
+            if earlier.confirmed:
+                return earlier.job_id
+            await asyncio.sleep(PUBLISH_POLL_S)
         try:
-            await (await self.transport()).publish(outgoing)
+            await transport.publish(outgoing)
         except BaseException:
             await store.forget(key, envelope.id)  # not published: the next enqueue must publish
             raise
+        await _confirm(store, key, envelope.id, spec.idempotency_ttl_s if spec else DEFAULT_WINDOW_S)
         return envelope.id
 
     def enqueue(self, type: str, payload: Mapping[str, Any], **options: Any) -> str:
@@ -371,6 +385,24 @@ def _moment(
     if at.tzinfo is None:
         raise ConfigError(f"{at_name}= needs a timezone-aware datetime, e.g. datetime.now(UTC)")
     return int(at.timestamp() * 1000)
+
+
+async def _confirm(store: Store, key: str, job_id: str, window_s: float) -> None:
+    """Tell the store that `job_id`, enqueued under `key`, was published: a store that does not
+    answer is asked three more times, 3.5 s in all, and then the key's hold ends by itself."""
+    for wait_s in (0.5, 1.0, 2.0, None):
+        try:
+            if not await store.confirm(key, job_id, window_s):
+                log.warning(
+                    "job %s was enqueued after its key's hold of %g s ended: another enqueue of the "
+                    "key may have published it again", job_id, PUBLISH_HOLD_S,
+                )  # fmt: skip
+            return
+        except StoreError as exc:
+            if wait_s is None:
+                log.warning("job %s was enqueued, but its key could not be confirmed: %s", job_id, exc)
+                return
+            await asyncio.sleep(wait_s)
 
 
 def _check_options(

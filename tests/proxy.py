@@ -22,6 +22,8 @@ class FlakyProxy:
         self._healing: asyncio.Task[None] | None = None  # started at the first dropped connection
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()  # both ends of every connection, to close at exit
+        self._flowing = asyncio.Event()  # cleared by `stall()`: data is taken in and not passed on
+        self._flowing.set()
 
     @property
     def url(self) -> str:
@@ -36,11 +38,17 @@ class FlakyProxy:
         for pipe in self._pipes:
             pipe.cancel()
 
+    def stall(self) -> None:
+        """Pass nothing on, either way, and close nothing: as a network that drops packets
+        looks to a client (until `heal()`)."""
+        self._flowing.clear()
+
     def heal(self) -> None:
-        """End the cut now."""
+        """End the cut, or the stall, now."""
         if self._healing is not None:
             self._healing.cancel()
         self._down_s, self._healing = None, None
+        self._flowing.set()
 
     async def __aenter__(self) -> FlakyProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -70,7 +78,7 @@ class FlakyProxy:
             return
         self._writers.add(upstream_writer)
         for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
-            pipe = asyncio.create_task(_pipe(source, sink))
+            pipe = asyncio.create_task(_pipe(source, sink, self._flowing))
             self._pipes.add(pipe)
             pipe.add_done_callback(self._pipes.discard)
 
@@ -79,9 +87,10 @@ class FlakyProxy:
         self._down_s = None
 
 
-async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, flowing: asyncio.Event) -> None:
     try:
         while data := await source.read(65536):
+            await flowing.wait()
             sink.write(data)
             await sink.drain()
     except ConnectionError:

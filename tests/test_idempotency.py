@@ -17,11 +17,13 @@ import psycopg
 import pytest
 
 from bridge.errors import LeaseLost, StoreError
-from bridge.idempotency import Busy, Claim, Claimed, Done, Store, open_store, postgres
+from bridge.idempotency import Busy, Claim, Claimed, Done, Enqueued, Store, open_store, postgres
+from bridge.idempotency import redis as redis_store
 from bridge.idempotency.sql import SqlStore
 from tests.apps.effects import write_effect
 from tests.conftest import run
 from tests.effects import effects, new_table
+from tests.proxy import FlakyProxy
 
 
 def with_store(url: str, scenario: Callable[[Store], Awaitable[None]]) -> None:
@@ -207,17 +209,30 @@ def test_a_lease_ends_unless_renewed_and_the_late_holder_cannot_complete(store_u
     with_store(store_url, scenario)
 
 
-def test_an_enqueue_key_is_remembered_once_until_forgotten(store_url: str) -> None:
-    # Given job a enqueued under a key,
-    # Then enqueuing b under it returns a; forgetting b changes nothing; forgetting a frees it.
+def test_an_enqueue_key_is_held_while_publishing_then_remembered_for_its_window(store_url: str) -> None:
+    # Given job a being enqueued under a key (its publish out),
+    # Then enqueuing b under it finds a unconfirmed; b's forget or confirm changes nothing;
+    # once a's publish is confirmed, c finds a confirmed, and a's forget no longer frees it.
+    # A hold that ends frees its key, and so does the forget of a publish that failed.
     async def scenario(store: Store) -> None:
-        key = new_key()
+        key, lapsed, failed = new_key(), new_key(), new_key()
         assert await store.remember(key, "a", 30) is None
-        assert await store.remember(key, "b", 30) == "a"
+        assert await store.remember(key, "b", 30) == Enqueued("a", confirmed=False)
         await store.forget(key, "b")
-        assert await store.remember(key, "c", 30) == "a"
+        assert not await store.confirm(key, "b", 30)
+        assert await store.remember(key, "c", 30) == Enqueued("a", confirmed=False)
+        assert await store.confirm(key, "a", 30)
+        assert await store.remember(key, "c", 30) == Enqueued("a", confirmed=True)
         await store.forget(key, "a")
-        assert await store.remember(key, "c", 30) is None
+        assert await store.remember(key, "c", 30) == Enqueued("a", confirmed=True)
+
+        assert await store.remember(lapsed, "d", 0.2) is None
+        await asyncio.sleep(0.3)
+        assert await store.remember(lapsed, "e", 30) is None
+        assert not await store.confirm(lapsed, "d", 30)  # (its hold ended: e's now)
+        assert await store.remember(failed, "f", 30) is None
+        await store.forget(failed, "f")
+        assert await store.remember(failed, "g", 30) is None
 
     with_store(store_url, scenario)
 
@@ -602,6 +617,46 @@ def test_postgres_leases_keep_the_servers_time_whatever_a_hosts_clock_says(
         assert await store.complete(key, token, "job-1", 30)
 
     with_store(url, scenario)
+
+
+@pytest.mark.parametrize("name", ["postgres", "redis"])
+def test_a_store_behind_a_network_that_drops_everything_fails_in_time_and_recovers(
+    brokers: dict[str, str], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a PostgreSQL or Redis store reached through a proxy, its calls given 1 s,
+    # When the network passes nothing more, either way, and closes nothing (dropped packets),
+    # Then a claim fails with a StoreError (an outage, which keyed jobs wait out) in about
+    # that time, and once the network is back claims work again. (A claim waited for good:
+    # TCP gives up on a silent peer after hours.)
+    monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(redis_store, "CALL_TIMEOUT_S", 1.0)
+
+    async def main() -> None:
+        async with FlakyProxy(brokers[name]) as proxy:
+            store = open_store(proxy.url)
+            try:
+                claimed(await store.claim(new_key(), "job-1", 30))
+                proxy.stall()
+                with pytest.raises(StoreError):
+                    await asyncio.wait_for(store.claim(new_key(), "job-2", 30), timeout=10)
+                proxy.heal()
+                claimed(await asyncio.wait_for(store.claim(new_key(), "job-3", 30), timeout=10))
+            finally:
+                await store.close()
+
+    run(main(), timeout=30)
+
+
+def test_the_server_clock_is_read_again_after_the_host_was_suspended(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a reading of the server's clock just now, Then it is not due again for a minute;
+    # When the wall clock jumps 5 s ahead of the monotonic clock (the host slept: the monotonic
+    # clock stood still), Then it is due at once: the time carried forward lags by the sleep.
+    clock = postgres._ServerClock()
+    clock._server_ms, clock._read_at, clock._wall_at = 1_700_000_000_000, time.monotonic(), time.time()
+    assert not clock.stale()
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 5)
+    assert clock.stale()
 
 
 def test_a_purge_that_fails_is_logged_and_the_completion_stands(

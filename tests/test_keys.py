@@ -20,11 +20,12 @@ import pytest
 from bridge import Bridge, JobContext, Permanent
 from bridge.cli import _configure_logging
 from bridge.dlq import Selection
-from bridge.errors import ConfigError, StoreError
+from bridge.errors import ConfigError, PublishError, StoreError
 from bridge.idempotency import Claimed, Store, enqueue_key, run_key
 from bridge.idempotency.lease import Lease
 from bridge.idempotency.memory import MemoryStore
 from bridge.idempotency.outage import Outage
+from bridge.transports import Outgoing
 from bridge.worker import Stats
 from tests.conftest import SCHEMAS, publish_envelope, run
 from tests.proxy import FlakyProxy
@@ -192,6 +193,62 @@ def test_dedupe_on_enqueue_publishes_one_job(keyed_app: Callable[..., Bridge], q
     assert len(set(ids)) == 1
     assert ran == ids[:1]
     assert stats.processed == 1
+
+
+@pytest.mark.parametrize("first_publish", ["fails", "is confirmed"])
+def test_a_dedupe_enqueue_racing_the_first_publish_of_its_key_waits_for_its_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_publish: str
+) -> None:
+    # Given an enqueue with dedupe=True whose publish is out (held here),
+    # When a second enqueue of the same key comes meanwhile, Then it returns only once that
+    # publish is settled: with the first job's id if the broker confirmed it, or having
+    # published its own if it failed; either way the job of the id returned is the one that
+    # runs. (It returned the first id at once, and was never told that publish failed: no job.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), idempotency=f"sqlite:///{tmp_path / 'keys.db'}")
+    ran: list[str] = []
+
+    @app.job("test.Echo", queue="q")
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(ctx.job_id)
+
+    async def scenario() -> str:
+        async with app:
+            transport = await app.transport()
+            publish, release, publishes = transport.publish, asyncio.Event(), 0
+
+            async def first_held(message: Outgoing) -> None:
+                nonlocal publishes
+                publishes += 1
+                if publishes == 1:
+                    await release.wait()
+                    if first_publish == "fails":
+                        raise PublishError("the broker went away")
+                await publish(message)
+
+            monkeypatch.setattr(transport, "publish", first_held)
+
+            async def enqueue() -> str:
+                return await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="k", dedupe=True)
+
+            first = asyncio.create_task(enqueue())
+            while publishes == 0:
+                await asyncio.sleep(0.01)
+            second = asyncio.create_task(enqueue())
+            await asyncio.sleep(0.3)  # (what the second does while the first publish is out)
+            assert not second.done()
+            release.set()
+            if first_publish == "fails":
+                with pytest.raises(PublishError):
+                    await first
+                returned = await second
+            else:
+                returned = await second
+                assert await first == returned
+            await app.consume(burst=True)
+            return returned
+
+    returned = run(scenario(), timeout=30)
+    assert ran == [returned]
 
 
 def test_keys_and_job_ids_of_any_length_or_content_run_once_in_every_store(

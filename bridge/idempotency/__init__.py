@@ -56,6 +56,14 @@ class Busy:
 Claim = Claimed | Done | Busy
 
 
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """A job enqueued under the key: its publish `confirmed` within the window, or not yet."""
+
+    job_id: str
+    confirmed: bool
+
+
 class Store(Protocol):
     """Where idempotency keys are claimed, completed, released and remembered."""
 
@@ -87,8 +95,14 @@ class Store(Protocol):
         """
         ...
 
-    async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
-        """Record that `job_id` was enqueued under `key`; the earlier job id if there is one."""
+    async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
+        """Record that `job_id` is being enqueued under `key`, for `hold_s` unless `confirmed`
+        (or `forget`); the earlier job if there is one."""
+        ...
+
+    async def confirm(self, key: str, job_id: str, window_s: float) -> bool:
+        """`job_id`'s publish under `key` was confirmed: it counts for `window_s` from now.
+        False if its hold had ended (another enqueue may have published the job again)."""
         ...
 
     async def forget(self, key: str, job_id: str) -> None:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from bridge.errors import LeaseLost
-from bridge.idempotency import Busy, Claim, Claimed, Done, new_token
+from bridge.idempotency import Busy, Claim, Claimed, Done, Enqueued, new_token
 
 
 class MemoryStore:
@@ -59,16 +59,23 @@ class MemoryStore:
         if not await self.complete(key, token, job_id, window_s):
             raise LeaseLost(f"the claim on {key!r} ended before the job completed")
 
-    async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
+    async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
         entry = self._live(key)
         if entry is not None:
-            return entry[1]
-        self._keys[key] = ("enqueued", job_id, None, time.time() + window_s)
+            return Enqueued(entry[1], entry[0] == "enqueued")
+        self._keys[key] = ("enqueuing", job_id, None, time.time() + hold_s)
         return None
+
+    async def confirm(self, key: str, job_id: str, window_s: float) -> bool:
+        entry = self._live(key)
+        if entry is None or entry[:2] != ("enqueuing", job_id):
+            return False
+        self._keys[key] = ("enqueued", job_id, None, time.time() + window_s)
+        return True
 
     async def forget(self, key: str, job_id: str) -> None:
         entry = self._live(key)
-        if entry is not None and entry[:2] == ("enqueued", job_id):
+        if entry is not None and entry[:2] == ("enqueuing", job_id):
             del self._keys[key]
 
     async def close(self) -> None:

@@ -15,6 +15,7 @@ readings on this host's monotonic clock, so no statement on the hot path waits f
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, nullcontext, suppress
@@ -24,11 +25,15 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from bridge.errors import StoreError, safe_url
-from bridge.idempotency import Claim
+from bridge.idempotency import Claim, Enqueued
 from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore
 
 CONNECT_TIMEOUT_S = 10.0
+# How long a batch of claims and completions may take before its connection is given up: a
+# network that drops packets gives no error, and TCP would wait for hours. (Not an inbox
+# transaction's: the handler's own statements take what they take.)
+CALL_TIMEOUT_S = 15.0
 SERVER_CLOCK = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 READ_CLOCK_EVERY_S = 60.0
 # The purge passes over rows that another transaction holds (a batch re-claiming an expired
@@ -62,9 +67,9 @@ class PostgresStore(SqlStore):
         await self._open()  # (the first claim's lease needs the server's clock read)
         return await super().claim(key, job_id, lease_s)
 
-    async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
+    async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
         await self._open()  # (as for a claim)
-        return await super().remember(key, job_id, window_s)
+        return await super().remember(key, job_id, hold_s)
 
     async def _open(self) -> None:
         if self._ready:
@@ -115,11 +120,14 @@ class PostgresStore(SqlStore):
         await self._open()
         with _mapped(self.url):
             async with self._pool.connection() as conn:
-                if self._clock.stale():
-                    await self._clock.read(conn)
+                deadline = _Deadline(conn)
                 try:
+                    if self._clock.stale():
+                        await self._clock.read(conn)
                     return list(await _together(conn, statements))
                 except psycopg.Error as exc:
+                    if deadline.passed:
+                        raise TimeoutError(f"no answer within {CALL_TIMEOUT_S:g} s") from exc
                     # psycopg 3.2.1 (not 3.3.9) takes a statement it prepared in a failed
                     # pipeline for prepared, and every later use of it on this connection
                     # fails ("prepared statement _pg3_0 does not exist"): the pool replaces it.
@@ -127,6 +135,8 @@ class PostgresStore(SqlStore):
                     await conn.close()
                     if broken or len(statements) == 1 or (exc.sqlstate or "").startswith("40"):
                         raise
+                finally:
+                    deadline.cancel()
             async with self._pool.connection() as conn:
                 return [await _alone(conn, sql, params, self.url) for sql, params in statements]
 
@@ -155,6 +165,32 @@ class PostgresStore(SqlStore):
         await self._pool.close()
 
 
+class _Deadline:
+    """Shuts a connection's socket down if it is still in use CALL_TIMEOUT_S from now.
+
+    Not a cancellation: psycopg answers one by sending the server a cancel request, on a new
+    connection over the same silent network, and waits up to 10 s more. A socket shut down
+    (not closed: psycopg is waiting on it) makes the call fail at once, and the pool replaces
+    the connection.
+    """
+
+    def __init__(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
+        self.passed = False
+        self._timer = asyncio.get_running_loop().call_later(CALL_TIMEOUT_S, self._shut_down, conn)
+
+    def _shut_down(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
+        self.passed = True
+        with suppress(OSError, psycopg.Error):
+            sock = socket.socket(fileno=conn.pgconn.socket)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.detach()  # (the descriptor stays psycopg's to close)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 class _ServerClock:
     """The database server's clock in epoch ms, read now and then and carried forward between
     readings on this host's monotonic clock (which NTP slews but nobody steps)."""
@@ -162,6 +198,7 @@ class _ServerClock:
     def __init__(self) -> None:
         self._server_ms: int | None = None  # the last reading
         self._read_at = 0.0  # time.monotonic() of that reading: halfway through its round trip
+        self._wall_at = 0.0  # and time.time() then
 
     def now_ms(self) -> int:
         if self._server_ms is None:  # (only before the store connected: nothing is timed yet)
@@ -169,13 +206,17 @@ class _ServerClock:
         return self._server_ms + int((time.monotonic() - self._read_at) * 1000)
 
     def stale(self) -> bool:
-        return time.monotonic() - self._read_at >= READ_CLOCK_EVERY_S
+        """Due for a reading: a minute on, or the host was suspended meanwhile (the monotonic
+        clock stands still then, and the wall clock does not)."""
+        elapsed = time.monotonic() - self._read_at
+        return elapsed >= READ_CLOCK_EVERY_S or abs(time.time() - self._wall_at - elapsed) > 1.0
 
     async def read(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
         sent = time.monotonic()
         [(server_ms,)] = await _fetch(conn, SERVER_CLOCK, ())
         received = time.monotonic()
         self._server_ms, self._read_at = int(server_ms), (sent + received) / 2
+        self._wall_at = time.time() - (received - self._read_at)
 
 
 async def _together(

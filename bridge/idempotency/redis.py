@@ -1,7 +1,8 @@
 """The Redis store (redis-py): idempotency keys shared by workers on many hosts.
 
-A key's value says its state: `running|<token>`, `done|<job id>|<epoch ms>` or `enqueued|<job id>`; its
-expiry is the lease or the window, so Redis forgets old keys by itself. Checks of the holder's
+A key's value says its state: `running|<token>`, `done|<job id>|<epoch ms>`, or for dedupe on
+enqueue `enqueuing|<job id>` then `enqueued|<job id>`; its expiry is the lease, the publish's
+hold or the window, so Redis forgets old keys by itself. Checks of the holder's
 token run in Lua scripts, atomically on the server. The commands that jobs ask for in one tick
 of the event loop go to Redis in one pipeline (not a transaction: each stands alone), one
 pipeline at a time: while one is out, the next gathers what jobs ask for meanwhile.
@@ -22,7 +23,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from bridge.errors import LeaseLost, StoreError, safe_url
-from bridge.idempotency import Busy, Claim, Claimed, Done, new_token
+from bridge.idempotency import Busy, Claim, Claimed, Done, Enqueued, new_token
 from bridge.idempotency.batch import TickBatch
 
 # If the key holds ARGV[1] (or, with ARGV[4] '1', is absent), run the commands packed in
@@ -53,6 +54,7 @@ _SWAP_SHA1, _CLAIM_SHA1 = (hashlib.sha1(script.encode()).hexdigest() for script 
 
 MAX_CONNECTIONS = 64
 CONNECTION_WAIT_S = 10.0
+CALL_TIMEOUT_S = 15.0
 
 log = logging.getLogger("bridge.idempotency")
 
@@ -79,9 +81,11 @@ class RedisStore:
         self.url = url
         # A command waits for a free connection rather than failing: redis-py's default pool
         # raises "Too many connections" past 100, fewer than a consumer's --concurrency may be.
+        # A reply that never comes (a network that drops packets) fails after CALL_TIMEOUT_S.
         self._pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=MAX_CONNECTIONS, timeout=CONNECTION_WAIT_S
-        )
+            url, max_connections=MAX_CONNECTIONS, timeout=CONNECTION_WAIT_S,
+            socket_timeout=CALL_TIMEOUT_S, socket_connect_timeout=CALL_TIMEOUT_S,
+        )  # fmt: skip
         self._redis = aioredis.Redis(connection_pool=self._pool)
         self._commands = TickBatch(self._pipeline, asyncio.Lock())
         self._eviction_checked = False
@@ -212,14 +216,20 @@ class RedisStore:
         ):
             raise LeaseLost(f"the claim on {key!r} ended before the job completed; nothing was applied")
 
-    async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
-        if await self._call(lambda pipe: pipe.set(key, f"enqueued|{job_id}", nx=True, px=_ms(window_s))):
+    async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
+        if await self._call(lambda pipe: pipe.set(key, f"enqueuing|{job_id}", nx=True, px=_ms(hold_s))):
             return None
         value = await self._call(lambda pipe: pipe.get(key))
-        return _text(value).partition("|")[2] if value is not None else None
+        if value is None:  # it expired or was forgotten just now: the caller asks again
+            return Enqueued("", confirmed=False)
+        state, _, earlier = _text(value).partition("|")
+        return Enqueued(earlier, state == "enqueued")
+
+    async def confirm(self, key: str, job_id: str, window_s: float) -> bool:
+        return await self._swap_if(key, f"enqueuing|{job_id}", f"enqueued|{job_id}", _ms(window_s))
 
     async def forget(self, key: str, job_id: str) -> None:
-        await self._swap_if(key, f"enqueued|{job_id}", "", 0)
+        await self._swap_if(key, f"enqueuing|{job_id}", "", 0)
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -2,7 +2,8 @@
 
 One table, `bridge_idempotency`; a row per key, with the job that holds or completed it and
 `done_at` (epoch ms). `expires_at` is when the row stops counting: a lease's end while a job
-runs, the window's end once it is done. An expired row is as good as absent, so claims
+runs, the window's end once it is done. A dedupe enqueue's row is `enqueuing` while its
+publish is out, then `enqueued` for the window. An expired row is as good as absent, so claims
 and enqueues overwrite it, and `purge` deletes old ones from time to time.
 
 Writes say whether they took effect by the rows they changed, not with RETURNING (which made
@@ -21,7 +22,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppres
 from typing import Any
 
 from bridge.errors import LeaseLost, StoreError
-from bridge.idempotency import Busy, Claim, Claimed, Done, new_token
+from bridge.idempotency import Busy, Claim, Claimed, Done, Enqueued, new_token
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bridge_idempotency (
@@ -52,16 +53,22 @@ INSERT INTO bridge_idempotency (name, state, job_id, token, expires_at, done_at)
 VALUES (?, 'done', ?, NULL, ?, ?) ON CONFLICT (name) DO NOTHING"""
 RELEASE = "DELETE FROM bridge_idempotency WHERE name = ? AND token = ? AND state = 'running'"
 REMEMBER = """
-INSERT INTO bridge_idempotency (name, state, job_id, token, expires_at) VALUES (?, 'enqueued', ?, NULL, ?)
-ON CONFLICT (name) DO UPDATE SET state = 'enqueued', job_id = excluded.job_id, token = NULL,
+INSERT INTO bridge_idempotency (name, state, job_id, token, expires_at) VALUES (?, 'enqueuing', ?, NULL, ?)
+ON CONFLICT (name) DO UPDATE SET state = 'enqueuing', job_id = excluded.job_id, token = NULL,
     expires_at = excluded.expires_at, done_at = NULL
 WHERE bridge_idempotency.expires_at <= ?"""
-FORGET = "DELETE FROM bridge_idempotency WHERE name = ? AND job_id = ? AND state = 'enqueued'"
+CONFIRM = """
+UPDATE bridge_idempotency SET state = 'enqueued', expires_at = ?
+WHERE name = ? AND job_id = ? AND state = 'enqueuing'"""
+FORGET = "DELETE FROM bridge_idempotency WHERE name = ? AND job_id = ? AND state = 'enqueuing'"
 PURGE_EVERY_S = 3600.0
 # Where each statement that touches one key's row has that key among its parameters. A store
 # that runs several such statements in one transaction takes their rows in key order, so two
 # processes' transactions never wait for each other's rows in a circle (a deadlock).
-KEY_AT = {CLAIM: 0, LOOK: 0, EXTEND: 1, COMPLETE: 3, COMPLETE_ABSENT: 0, RELEASE: 0, REMEMBER: 0, FORGET: 0}
+KEY_AT = {
+    CLAIM: 0, LOOK: 0, EXTEND: 1, COMPLETE: 3, COMPLETE_ABSENT: 0, RELEASE: 0,
+    REMEMBER: 0, CONFIRM: 1, FORGET: 0,
+}  # fmt: skip
 
 log = logging.getLogger("bridge.idempotency")
 Rows = list[tuple[Any, ...]]
@@ -135,12 +142,18 @@ class SqlStore:
             if not await _complete(query, _completion(key, token, job_id, window_s, self._now_ms())):
                 raise LeaseLost(f"the claim on {key!r} ended before the job completed; rolled back")
 
-    async def remember(self, key: str, job_id: str, window_s: float) -> str | None:
+    async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
         now = self._now_ms()
-        if await self._query(REMEMBER, (key, _id(job_id), now + int(window_s * 1000), now)):
+        if await self._query(REMEMBER, (key, _id(job_id), now + int(hold_s * 1000), now)):
             return None
         rows = await self._query(LOOK, (key,))
-        return str(rows[0][1]) if rows else None
+        if not rows:  # it expired or was forgotten just now: the caller asks again
+            return Enqueued("", confirmed=False)
+        state, earlier, _ = rows[0]
+        return Enqueued(str(earlier), state == "enqueued")
+
+    async def confirm(self, key: str, job_id: str, window_s: float) -> bool:
+        return bool(await self._query(CONFIRM, (self._now_ms() + int(window_s * 1000), key, _id(job_id))))
 
     async def forget(self, key: str, job_id: str) -> None:
         await self._query(FORGET, (key, _id(job_id)))
