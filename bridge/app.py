@@ -61,6 +61,7 @@ class Bridge:
         self._portal: _Portal | None = None
         self._stores: dict[asyncio.AbstractEventLoop, Store] = {}
         self._memory_store: Store | None = None
+        self._warned_closed_loops = False
         self.stats: Stats | None = None  # of the running or the last consume()
 
     # -- configuration -----------------------------------------------------------------
@@ -278,6 +279,7 @@ class Bridge:
         loop = asyncio.get_running_loop()
         transport = self._transports.get(loop)
         if transport is None:
+            self._let_go_of_closed_loops()
             # One connect per loop, however many first calls come at once (each made its own
             # transport, and all but the last were never closed).
             async with self._opening.setdefault(loop, asyncio.Lock()):
@@ -293,6 +295,7 @@ class Bridge:
         loop = asyncio.get_running_loop()
         store = self._stores.get(loop)
         if store is None:
+            self._let_go_of_closed_loops()
             url = self.settings.idempotency
             if url is None and self.settings.require_broker().startswith("memory://"):
                 url = "memory://"  # users' unit tests: nothing written to disk
@@ -304,6 +307,22 @@ class Bridge:
                 store = open_store(url or default_url(), pool_size=self.settings.concurrency)
             self._stores[loop] = store
         return store
+
+    def _let_go_of_closed_loops(self) -> None:
+        """Drop the transports and stores of event loops that closed without `aclose()`
+        (`asyncio.run(app.enqueue_async(...))`, again and again): they can be closed no more,
+        and each one kept would hold its connections (on Kafka, a client and its threads)."""
+        closed = [loop for loop in (*self._transports, *self._stores) if loop.is_closed()]
+        for loop in closed:
+            self._transports.pop(loop, None)
+            self._stores.pop(loop, None)
+        if closed and not self._warned_closed_loops:
+            self._warned_closed_loops = True
+            log.warning(
+                "this app was used on an event loop that closed without `async with app` (or "
+                "`await app.aclose()`): its connections were dropped, not closed. Use `async with "
+                "app:` inside asyncio.run(), or the sync app.enqueue()"
+            )
 
     def _new_transport(self) -> Transport:
         if self.settings.require_broker().startswith("memory://"):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from datetime import date
@@ -237,3 +239,31 @@ def test_first_enqueues_at_once_connect_one_transport(
 
     run(scenario())
     assert len(made) == 1
+
+
+def test_an_app_used_in_asyncio_run_again_and_again_keeps_no_kafka_client_of_a_closed_loop(
+    brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given an app used as `asyncio.run(app.enqueue_async(...))` five times, never closed,
+    # Then no Kafka client of the loops that closed is left polling (each kept its thread, and
+    # librdkafka's threads and connections, for good), and one warning says what to write.
+    app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS))
+    run(_applied(app, queue))
+    before = set(threading.enumerate())
+    with caplog.at_level(logging.WARNING, logger="bridge.app"):
+        for n in range(5):
+            asyncio.run(app.enqueue_async("test.Echo", {"n": n}, queue=queue))
+    deadline = time.monotonic() + 5
+    while any(t.name == "bridge-kafka" and t.is_alive() for t in set(threading.enumerate()) - before):
+        assert time.monotonic() < deadline, "a Kafka client of a closed event loop is still polling"
+        time.sleep(0.05)
+    assert len(app._transports) == 1  # the last loop's, let go of at the next use
+    [warning] = [
+        r.getMessage() for r in caplog.records if "closed without `async with app`" in r.getMessage()
+    ]
+    assert "Use `async with app:` inside asyncio.run()" in warning
+
+
+async def _applied(app: Bridge, queue: str) -> None:
+    async with app:
+        await app.apply_topology([queue])

@@ -143,10 +143,13 @@ class KafkaTransport:
         to the loop's self-pipe each time, a system call, and was a tenth of a publish's cost.
         """
         assert self._producer is not None and self._loop is not None
-        while not self._closing.is_set():
+        # (It ends with its loop too: an app used in `asyncio.run(app.enqueue_async(...))`
+        # without `async with app` never closes this transport.)
+        while not self._closing.is_set() and not self._loop.is_closed():
             self._producer.poll(0.05)
             if self._reports:
-                self._loop.call_soon_threadsafe(self._resolve_reports)
+                with suppress(RuntimeError):  # the loop closed just now
+                    self._loop.call_soon_threadsafe(self._resolve_reports)
 
     def _resolve_reports(self) -> None:
         while self._reports:
