@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -259,6 +260,32 @@ def test_the_inbox_commits_the_write_and_the_key_together(store_url: str) -> Non
 
     with_store(store_url, scenario)
     assert list(effects(store_url, table).values()) == [1]
+
+
+def test_postgres_inbox_transactions_holding_every_slot_leave_room_for_renewals(
+    brokers: dict[str, str],
+) -> None:
+    # Given a PostgreSQL store for a worker of concurrency 2, and two keyed jobs in inbox
+    # transactions (each holds a connection while its handler runs),
+    # When their leases are renewed meanwhile (every third of the lease, beside the handler),
+    # Then the renewals go through at once. (The pool had 2 connections, both held: renewals
+    # waited out the pool's 10 s and failed, and the leases of long handlers lapsed.)
+    async def main() -> None:
+        store = open_store(brokers["postgres"], pool_size=2)
+        try:
+            keys = [new_key(), new_key()]
+            tokens = [claimed(await store.claim(key, "job", 30)).token for key in keys]
+            async with contextlib.AsyncExitStack() as transactions:
+                for key, token in zip(keys, tokens, strict=True):
+                    await transactions.enter_async_context(store.transaction(key, token, "job", 30))
+                renewed = await asyncio.wait_for(
+                    asyncio.gather(*(store.extend(k, t, 30) for k, t in zip(keys, tokens, strict=True))), 5
+                )
+                assert renewed == [True, True]
+        finally:
+            await store.close()
+
+    run(main(), timeout=30)
 
 
 def test_a_postgres_inbox_block_s_own_database_error_comes_out_as_it_was_raised(

@@ -50,9 +50,12 @@ class PostgresStore(SqlStore):
     purge_sql = PURGE_SKIPPING_LOCKED
 
     def __init__(self, url: str, *, pool_size: int = 16) -> None:
+        """`pool_size`: the inbox transactions that may be open at once (a worker's concurrency).
+        The pool holds two connections more, for the batches and the purge: inbox handlers that
+        hold every connection must not keep their own leases from being renewed."""
         self.url = url
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] = AsyncConnectionPool(
-            url, min_size=1, max_size=max(2, pool_size), open=False,
+            url, min_size=1, max_size=max(1, pool_size) + 2, open=False,
             kwargs={"autocommit": True}, timeout=CONNECT_TIMEOUT_S,
         )  # fmt: skip
         self._ready = False
