@@ -26,6 +26,9 @@ LEVELS = (
 
 PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
 _LOGICAL_KEYS = ("logicalType", "precision", "scale")
+# Promotions whose two types encode a value in the same bytes (a zigzag varint; a length and
+# the bytes): the writer's data reads as the reader's type, logical type and all.
+_SAME_BYTES = {("int", "long"), ("string", "bytes"), ("bytes", "string")}
 
 # Writer type -> reader types it promotes to (besides itself).
 _PROMOTIONS = {
@@ -259,7 +262,10 @@ class _Resolution:
             reader = next(fits, "null")
             r_node, reader_ns = self.readers.resolve(_unwrap(reader), reader_ns)
         if w_kind in PRIMITIVES:  # its logical type is on the node that wraps it
-            same = isinstance(reader, dict) and _kind(r_node) == w_kind
+            r_kind = _kind(r_node)
+            if (w_kind, r_kind) in _SAME_BYTES and isinstance(reader, dict) and "logicalType" in reader:
+                w_kind = r_kind  # (read as the reader's type, so its logical type applies)
+            same = isinstance(reader, dict) and r_kind == w_kind
             wanted = _logical(reader if same else {}, writer if isinstance(writer, dict) else {})
             return {"type": w_kind, **wanted} if wanted else w_kind
         node = {k: v for k, v in w_node.items() if k not in _LOGICAL_KEYS}

@@ -8,6 +8,7 @@ import random
 import resource
 import struct
 import time
+import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -175,6 +176,25 @@ def test_a_payload_from_another_version_reads_with_the_readers_logical_types() -
         "plan": {"days": [date(2023, 11, 14)]},
         "count": 3,
     }
+
+
+def test_a_promoted_value_reads_with_the_readers_logical_type() -> None:
+    # Given a writer whose time is an int and whose id is bytes, and a reader whose time is a
+    # long timestamp-millis and whose id a string uuid (Avro promotes int to long and bytes to
+    # string), When its payload is read, Then the handler gets a datetime and a UUID. (It got
+    # the promoted int and str: fastavro has no conversion for an int timestamp.)
+    def record(at: Any, ident: Any) -> dict[str, Any]:
+        fields = [{"name": "at", "type": at}, {"name": "ident", "type": ident}]
+        return {"type": "record", "name": "Tick", "namespace": "shop", "fields": fields}
+
+    reader = Schema.from_definition(
+        record({"type": "long", "logicalType": "timestamp-millis"}, {"type": "string", "logicalType": "uuid"})
+    )
+    writer = Schema.from_definition(record("int", "bytes"), schema_id=12)
+    ident = uuid.uuid4()
+    data = codec.encode(writer, {"at": 86_400_000, "ident": str(ident).encode()})
+    _, decoded = codec.decode(data, _Both(writer), reader)
+    assert decoded == {"at": datetime(1970, 1, 2, tzinfo=UTC), "ident": ident}
 
 
 def test_where_both_versions_annotate_a_value_differently_the_writers_annotation_reads_it() -> None:
