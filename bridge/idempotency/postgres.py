@@ -27,7 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 from bridge.errors import StoreError, safe_url
 from bridge.idempotency import Claim, Enqueued
 from bridge.idempotency.batch import TickBatch
-from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore
+from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore, now_ms
 
 CONNECT_TIMEOUT_S = 10.0
 # How long a batch of claims and completions may take before its connection is given up: a
@@ -205,7 +205,7 @@ class _ServerClock:
 
     def now_ms(self) -> int:
         if self._server_ms is None:  # (only before the store connected: nothing is timed yet)
-            return time.time_ns() // 1_000_000
+            return now_ms()
         return self._server_ms + int((time.monotonic() - self._read_at) * 1000)
 
     def stale(self) -> bool:
