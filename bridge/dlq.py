@@ -104,7 +104,7 @@ class DeadLetters:
         report = ReplayReport()
         replayed: set[str] = set()
 
-        async def decide(body: bytes) -> list[Outgoing] | None:
+        async def decide(body: bytes, key: str | bytes | None) -> list[Outgoing] | None:
             item = self.read(body)
             if item not in selection:
                 return None
@@ -119,11 +119,11 @@ class DeadLetters:
             replayed.add(item.id)
             if rate and not dry_run:
                 await asyncio.sleep(1 / rate)
-            return [self._replayed(item)]
+            return [self._replayed(item, key)]
 
         if dry_run:
             for body in await (await self.app.transport()).browse(self.name):
-                await decide(body)
+                await decide(body, None)
         else:
             await (await self.app.transport()).sweep(self.name, decide)
         return report
@@ -132,7 +132,7 @@ class DeadLetters:
         """Remove the selected letters for good; return their ids."""
         purged: list[str] = []
 
-        async def decide(body: bytes) -> list[Outgoing] | None:
+        async def decide(body: bytes, key: str | bytes | None) -> list[Outgoing] | None:
             item = self.read(body)
             if item not in selection:
                 return None
@@ -170,12 +170,14 @@ class DeadLetters:
             )
         return None
 
-    def _replayed(self, item: Letter) -> Outgoing:
+    def _replayed(self, item: Letter, key: str | bytes | None) -> Outgoing:
+        """The job back on its queue, with its envelope's key, or else with the record key its
+        letter kept (the source record's: another producer may set only that one)."""
         envelope = item.letter.envelope
         assert envelope is not None
         fresh = replace(envelope, attempt=1, run_at=None, expires_at=None, replays=envelope.replays + 1)
         body = codec.encode(self.app.registry.schema(ENVELOPE), fresh.to_avro())
-        return Outgoing(fresh.queue, body, fresh.key)
+        return Outgoing(fresh.queue, body, fresh.key if fresh.key is not None else key)
 
 
 def _refusal(item: Letter, max_replays: int) -> str | None:

@@ -131,7 +131,8 @@ def test_another_producers_record_key_goes_on_with_the_job_byte_for_byte(
     # the partition of the job it repeats (the producer partitions as docs/envelope.md asks:
     # murmur2, as Java's client does, and so does bridge). (The key was decoded as UTF-8 with
     # replacement characters, and a retry whose envelope had no key went out with none, to any
-    # partition.)
+    # partition.) And when the dead letter is replayed, the job goes back with that key too
+    # (it went back with none).
     app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), partitions=3, delay_tiers="1s")
     keys = {1: (2**63 - 5).to_bytes(8, "big"), 2: b"\xff\xfe order 2"}
     runs: list[int] = []
@@ -154,14 +155,18 @@ def test_another_producers_record_key_goes_on_with_the_job_byte_for_byte(
                 foreign.produce(queue, codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro()), key)
             assert foreign.flush(10) == 0
             await app.consume(burst=True)
+            bootstrap = brokers["kafka"].partition("://")[2]
+            assert [key for _, key, _ in read_records(bootstrap, dlq_name(queue))] == [keys[2]]
+            report = await app.dead_letters(queue).replay(Selection())
+            assert len(report.replayed) == 1
 
     run(scenario(), timeout=60)
     assert sorted(runs) == [1, 1, 2]
     bootstrap = brokers["kafka"].partition("://")[2]
     on_queue = [(key, partition) for partition, key, _ in read_records(bootstrap, queue)]
-    assert sorted(key or b"" for key, _ in on_queue) == sorted([keys[1], keys[1], keys[2]])  # (1's retry)
+    # (1's retry, and 2 replayed)
+    assert sorted(key or b"" for key, _ in on_queue) == sorted([keys[1], keys[1], keys[2], keys[2]])
     assert all(partition == java_partition(key or b"", 3) for key, partition in on_queue)
-    assert [key for _, key, _ in read_records(bootstrap, dlq_name(queue))] == [keys[2]]
 
 
 def test_apply_topology_returns_once_every_new_partition_is_served(

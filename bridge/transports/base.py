@@ -47,7 +47,8 @@ class Delivery:
 
 
 Process = Callable[[Delivery], Awaitable[None]]
-Decide = Callable[[bytes], Awaitable[Sequence["Outgoing"] | None]]
+# A sweep's choice for one message: its body and its record key (Kafka's; None elsewhere).
+Decide = Callable[[bytes, str | bytes | None], Awaitable[Sequence["Outgoing"] | None]]
 
 
 def dlq_name(queue: str) -> str:

@@ -163,7 +163,7 @@ class MemoryTransport:
             pending = list(self._queues.get(queue, ()))
         removed = 0
         for message in pending:
-            publish = await decide(message.body)
+            publish = await decide(message.body, message.key)
             if publish is None:
                 continue
             for outgoing in publish:

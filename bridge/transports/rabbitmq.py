@@ -536,7 +536,7 @@ class RabbitTransport:
     async def browse(self, queue: str) -> list[bytes]:
         bodies: list[bytes] = []
 
-        async def keep(body: bytes) -> None:
+        async def keep(body: bytes, key: str | bytes | None) -> None:
             bodies.append(body)
 
         await self.sweep(queue, keep)
@@ -551,7 +551,7 @@ class RabbitTransport:
         try:
             declared = await self._existing_queue(channel, queue)
             while (message := await declared.get(no_ack=False, fail=False)) is not None:
-                publish = await decide(message.body)
+                publish = await decide(message.body, None)
                 if publish is None:
                     continue
                 for outgoing in publish:

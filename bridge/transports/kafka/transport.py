@@ -703,7 +703,7 @@ class KafkaTransport:
         await self._require_topics([queue, done_topic(queue)])
         done = await asyncio.to_thread(self._done_keys, done_topic(queue))
         records = await asyncio.to_thread(self._read_topic, queue)
-        return [body or b"" for key, body in records if key not in done]
+        return [body or b"" for name, _, body in records if name not in done]
 
     async def sweep(self, queue: str, decide: Decide) -> int:
         await self._require_topics([queue, done_topic(queue)])
@@ -714,10 +714,10 @@ class KafkaTransport:
             await asyncio.to_thread(producer.init_transactions, METADATA_TIMEOUT_S * 6)
         done = await asyncio.to_thread(self._done_keys, done_topic(queue))
         removed = 0
-        for key, body in await asyncio.to_thread(self._read_topic, queue):
-            if key in done:
+        for name, key, body in await asyncio.to_thread(self._read_topic, queue):
+            if name in done:
                 continue
-            publish = await decide(body or b"")
+            publish = await decide(body or b"", key)
             if publish is None:
                 continue
             await self._require_topics([m.queue for m in publish])
@@ -725,7 +725,7 @@ class KafkaTransport:
                 producer.begin_transaction()
                 for message in publish:
                     producer.produce(message.queue, message.body, message.key)
-                producer.produce(done_topic(queue), b"", key)
+                producer.produce(done_topic(queue), b"", name)
                 await asyncio.to_thread(producer.commit_transaction, METADATA_TIMEOUT_S * 6)
             removed += 1
         return removed
@@ -733,8 +733,8 @@ class KafkaTransport:
     def _done_keys(self, topic: str) -> set[str]:
         """The marks of a `.done` topic: each key whose last record is a mark, not a tombstone."""
         marked: dict[str, bool] = {}
-        for key, value in self._read_topic(topic):
-            marked[key] = value is not None
+        for name, _, value in self._read_topic(topic):
+            marked[name] = value is not None
         return {key for key, mark in marked.items() if mark}
 
     def _clear_done(self, topics: list[str]) -> None:
@@ -747,17 +747,19 @@ class KafkaTransport:
         if self._producer.flush(METADATA_TIMEOUT_S * 6):
             raise TransportError(f"Kafka did not take the clearing of {', '.join(topics)}")
 
-    def _read_topic(self, topic: str) -> list[tuple[str, bytes | None]]:
-        """Every committed record of `topic` as (`partition:offset` or its key, value)."""
+    def _read_topic(self, topic: str) -> list[tuple[str, bytes | None, bytes | None]]:
+        """Every committed record of `topic` as (its name, key, value). A record is named by
+        `partition:offset`, or in a `.done` topic by its key (the record it marks)."""
         assert self._producer is not None
         metadata = self._producer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
         start = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.topics[topic].partitions]
         records = []
         for record in read_committed(self._common, start):
             _, partition, offset = coordinates(record)
-            key = record.key() if topic.endswith(".done") else None
-            name = key.decode() if isinstance(key, bytes) else key or f"{partition}:{offset}"
-            records.append((name, record.value()))
+            key = record.key()
+            marked = key if topic.endswith(".done") else None
+            name = marked.decode() if isinstance(marked, bytes) else marked or f"{partition}:{offset}"
+            records.append((name, key, record.value()))
         return records
 
     # -- topology --------------------------------------------------------------------------
