@@ -5,14 +5,16 @@ Frozen and validated at start, with every problem reported at once.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, safe_url
 from bridge.idempotency import check_url
 from bridge.policy import DEFAULT_TIERS_S, parse_duration, tier_name
 
@@ -27,6 +29,10 @@ MIN_SESSION_TIMEOUT_S, MAX_SESSION_TIMEOUT_S = 1.0, 3600.0
 # What bridge may add to a job: the errors of its attempts (10 at most, each message and
 # traceback cut to 2,000 characters) and, in a dead letter, its wrapping and detail.
 ADDED_BYTES = 256 * 1024
+# Kafka takes no record over 1,000,000,000 bytes (message.max.bytes), and a dead letter is the
+# largest message bridge writes: a job and twice what bridge adds.
+MAX_MESSAGE_BYTES = 1_000_000_000 - 2 * ADDED_BYTES
+MAX_PREFETCH = 65535  # AMQP's basic.qos prefetch-count is a 16-bit number
 
 
 @dataclass(frozen=True)
@@ -90,18 +96,26 @@ class Settings:
 
     def _problems(self) -> list[str]:
         problems = []
-        if self.broker is not None and self.broker.partition("://")[0] not in BROKER_SCHEMES:
+        if self.broker is not None and (problem := _broker_problem(self.broker)):
             problems.append(
-                f"broker {self.broker!r}: use kafka://host:port or amqp://user:pass@host:port/vhost"
+                f"broker {safe_url(self.broker)!r}: {problem}; use kafka://host:port or "
+                "amqp://user:pass@host:port/vhost (with / ? # @ in the password percent-encoded)"
             )
         for name in ("concurrency", "partitions", "max_message_bytes", "delivery_limit"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if self.max_message_bytes > MAX_MESSAGE_BYTES:
+            problems.append(
+                f"max_message_bytes must be at most {MAX_MESSAGE_BYTES:,}: Kafka takes no record over "
+                "1,000,000,000 bytes, and a dead letter adds 512 KiB to a job"
+            )
         if self.prefetch is not None and self.prefetch < self.concurrency:
             problems.append(
                 f"prefetch ({self.prefetch}) must be at least concurrency ({self.concurrency}):"
                 " RabbitMQ would never hand this process enough jobs to fill its slots"
             )
+        if self.prefetch is not None and self.prefetch > MAX_PREFETCH:
+            problems.append(f"prefetch must be at most {MAX_PREFETCH} (AMQP's limit)")
         if self.grace_s < 0:
             problems.append("grace_s must not be negative")
         if not MIN_SESSION_TIMEOUT_S <= self.session_timeout_s <= MAX_SESSION_TIMEOUT_S:
@@ -141,28 +155,82 @@ class Settings:
 _FIELDS = {f.name: f for f in fields(Settings)}
 
 
+def _broker_problem(url: str) -> str | None:
+    """What is wrong with a broker URL, found before connecting: the clients would retry a
+    URL without a host for good (aio-pika), or report it as a broker that is down (Kafka)."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme not in BROKER_SCHEMES:
+        return "unknown kind of broker"
+    if scheme == "memory":
+        return None
+    if scheme.startswith("kafka"):
+        if "@" in rest:
+            return "a Kafka URL takes no user or password"
+        servers = [server for server in rest.rstrip("/").split(",")]
+        return next(filter(None, (_address_problem(f"//{server}") for server in servers)), None)
+    return _address_problem(url)
+
+
+def _address_problem(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # (a port that is no number, or out of range)
+        return "its port must be a number from 1 to 65535"
+    if not parts.hostname:
+        return "it names no host"
+    if port == 0:
+        return "its port must be a number from 1 to 65535"
+    return None
+
+
 def _tiers(value: Any) -> tuple[float, ...]:
     parts = value.split(",") if isinstance(value, str) else list(value)
     tiers = tuple(sorted({parse_duration(part) for part in parts}))
-    if not tiers or tiers[0] <= 0:
+    if not tiers or not all(0 < tier < math.inf for tier in tiers):
         raise ValueError("delay_tiers must be durations above zero, e.g. 1s,5s,30s,2m,10m,1h,6h")
+    # A tier is named by its length in whole ms (`policy.tier_name`): two that round alike would
+    # share a queue, and one under 1 ms would be named 0ms.
+    if any(abs(tier * 1000 - round(tier * 1000)) > 1e-6 for tier in tiers):
+        raise ValueError("delay_tiers must be whole milliseconds, e.g. 1s,5s,30s,2m,10m,1h,6h or 250ms")
     return tiers
 
 
+def _whole(value: Any) -> int:
+    """A whole number from text or a number; not True, 3.7 or inf."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError
+    return int(value)
+
+
+def _finite(value: Any) -> float:
+    """A number from text or a number; not True, NaN or infinity."""
+    number = float(value) if not isinstance(value, bool) else math.nan
+    if not math.isfinite(number):
+        raise ValueError
+    return number
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str | os.PathLike):  # (a path: the registry's or the schemas' folder)
+        raise TypeError
+    return os.fspath(value)
+
+
 _TYPES: dict[str, Any] = {
-    "concurrency": int,
-    "prefetch": int,
-    "delivery_limit": int,
-    "partitions": int,
-    "max_message_bytes": int,
-    "grace_s": float,
-    "session_timeout_s": float,
+    "concurrency": _whole,
+    "prefetch": _whole,
+    "delivery_limit": _whole,
+    "partitions": _whole,
+    "max_message_bytes": _whole,
+    "grace_s": _finite,
+    "session_timeout_s": _finite,
     "delay_tiers": _tiers,
 }
 
 
 def _convert(name: str, value: Any) -> Any:
-    kind = _TYPES.get(name, str)
+    kind = _TYPES.get(name, _text)
     if kind is _tiers:
         try:
             return _tiers(value)
@@ -172,16 +240,24 @@ def _convert(name: str, value: Any) -> Any:
             raise ValueError(f'delay_tiers must be durations such as "1s,5s,30s", got {value!r}') from None
     try:
         return kind(value)
-    except (TypeError, ValueError):
-        what = {int: "a whole number", float: "a number"}.get(kind, "text")
+    except (TypeError, ValueError, OverflowError):
+        what = {_whole: "a whole number", _finite: "a finite number"}.get(kind, "text")
         raise ValueError(f"{name} must be {what}, got {value!r}") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    """The settings in bridge.toml: its `[bridge]` table, or, without one, the whole file."""
     if not path.is_file():
         return {}
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return dict(data.get("bridge", data))
+    if "bridge" not in data:
+        return data
+    settings, others = data.pop("bridge"), sorted(data)
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: bridge must be a table of settings ([bridge]), not {settings!r}")
+    if others:  # (they would be dropped unread: a setting there does nothing)
+        raise ConfigError(f"{path}: {', '.join(others)} outside the [bridge] table; move settings into it")
+    return settings

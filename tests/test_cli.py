@@ -111,6 +111,21 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
         ({"BRIDGE_DELIVERY_LIMIT": "0"}, ["delivery_limit must be at least 1"]),
         ({"BRIDGE_DELAY_TIERS": "1h,6h"}, ["delay_tiers start at 1h", "start them at 1m or less"]),
         ({"BRIDGE_SESSION_TIMEOUT_S": "0.5"}, ["session_timeout_s must be from 1 to 3600 seconds"]),
+        # (aio-pika retried a URL without a host for good, saying nothing; Kafka waited 5 s, then
+        # called a malformed URL a broker that is down; a port out of range raised ValueError)
+        ({"BRIDGE_BROKER": "amqp://"}, ["broker 'amqp://': it names no host", "amqp://user:pass@host"]),
+        ({"BRIDGE_BROKER": "amqp://guest:pa/ss@rabbit/"}, ["'amqp://guest:***@rabbit/': its port must be"]),
+        ({"BRIDGE_BROKER": "amqp://rabbit:70000/"}, ["its port must be a number from 1 to 65535"]),
+        ({"BRIDGE_BROKER": "kafka://a:9092,:9"}, ["broker 'kafka://a:9092,:9': it names no host"]),
+        (
+            {"BRIDGE_BROKER": "kafka://u:pw@kafka:9092"},
+            ["'kafka://u:***@kafka:9092': a Kafka URL takes no user"],
+        ),
+        # (NaN meant a grace without end; Kafka refused the size with a traceback)
+        ({"BRIDGE_GRACE_S": "nan"}, ["grace_s must be a finite number, got 'nan'"]),
+        ({"BRIDGE_MAX_MESSAGE_BYTES": "2000000000"}, ["max_message_bytes must be at most 999,475,712"]),
+        ({"BRIDGE_PREFETCH": "70000"}, ["prefetch must be at most 65535"]),
+        ({"BRIDGE_DELAY_TIERS": "1s,1001ms,1.0004s"}, ["delay_tiers must be whole milliseconds"]),
         # (a store's own options: found when its first keyed job came, which then waited for good)
         (
             {"BRIDGE_IDEMPOTENCY": "redis://cache:6379/0?socket_timeout=5s"},
@@ -128,6 +143,31 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
 def test_bad_settings_are_reported_at_once(env: dict[str, str], fragments: list[str]) -> None:
     done = bridge("enqueue", "billing.ChargeCard", CHARGE, "--registry", "schemas", **env)
     assert_one_line_error(done, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        # (TypeError: 'int' object is not iterable)
+        (b"bridge = 5\n", "bridge must be a table of settings ([bridge]), not 5"),
+        # (UnicodeDecodeError)
+        (b"\xff[bridge]\n", "'utf-8' codec can't decode byte 0xff"),
+        # (the broker beside [bridge] was dropped unread: "no broker: ... or broker in bridge.toml")
+        (b'broker = "memory://"\n[bridge]\ngroup = "g"\n[worker]\n', "broker, worker outside the [bridge]"),
+        # (OverflowError; 3.7 became 3; a list became its repr as text)
+        (b"[bridge]\nconcurrency = inf\n", "concurrency must be a whole number, got inf"),
+        (b"[bridge]\nconcurrency = 3.7\n", "concurrency must be a whole number, got 3.7"),
+        (b"[bridge]\nconcurrency = true\n", "concurrency must be a whole number, got True"),
+        (b'[bridge]\nprefix = ["a", "b"]\n', "prefix must be text, got ['a', 'b']"),
+        # (passed, then OverflowError naming the tier's Kafka topic)
+        (b"[bridge]\ndelay_tiers = [1, inf]\n", "delay_tiers must be durations above zero"),
+    ],
+)
+def test_a_bridge_toml_of_the_wrong_shape_is_named(tmp_path: Path, toml: bytes, message: str) -> None:
+    (tmp_path / "bridge.toml").write_bytes(toml)
+    with pytest.raises(ConfigError) as refused:
+        Settings.load(environ={}, toml_path=tmp_path / "bridge.toml")
+    assert message in str(refused.value)
 
 
 def test_delay_tiers_given_as_a_number_in_bridge_toml_are_named(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ from aio_pika.abc import (
 )
 from aiormq.abc import DeliveredMessage
 
-from bridge.config import Settings
+from bridge.config import MAX_PREFETCH, Settings
 from bridge.errors import PublishError, PublishRefused, TransportError, safe_url
 from bridge.logs import REPEAT_WINDOW_S, Repeats
 from bridge.policy import tier_for
@@ -334,8 +334,10 @@ class RabbitTransport:
         assert self._connection is not None, "consume() before connect()"
         channel = await self._connection.channel(publisher_confirms=False)
         channel.close_callbacks.add(lambda _, exc: _explain_close(queues, exc))
-        # (Settings check prefetch >= concurrency; `max` covers a `consume(concurrency=...)` above it.)
+        # (Settings check prefetch >= concurrency; `max` covers a `consume(concurrency=...)` above
+        # it, and `min` AMQP's limit, which twice a large concurrency may pass.)
         prefetch = max(self.settings.prefetch or PREFETCH_PER_SLOT * concurrency, concurrency)
+        prefetch = min(prefetch, MAX_PREFETCH)
         await channel.set_qos(prefetch_count=prefetch)
         inflight = InFlight(process, concurrency)
         held = Held()
