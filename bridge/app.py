@@ -96,8 +96,8 @@ class Bridge:
         backoff: Backoff = DEFAULT_BACKOFF,
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
         give_up_on: type[BaseException] | tuple[type[BaseException], ...] = (),
-        idempotency_ttl_s: float = DEFAULT_WINDOW_S,
-        idempotency_lease_s: float = DEFAULT_LEASE_S,
+        idempotency_ttl_s: float | timedelta = DEFAULT_WINDOW_S,
+        idempotency_lease_s: float | timedelta = DEFAULT_LEASE_S,
     ) -> Callable[[H], H]:
         """Register the decorated `(payload, ctx)` function, sync or async, as `type`'s handler.
 
@@ -111,14 +111,19 @@ class Bridge:
         handler runs, so a key held by a worker that died frees itself after that long.
         """
 
+        for name, text in (("type", type), ("queue", queue)):
+            if text is not None and not (isinstance(text, str) and text):
+                raise ConfigError(f"app.job({name}=...) must be a name, not {text!r}")
+
         def register(func: H) -> H:
             if type in self.jobs:
                 raise ConfigError(f"job type {type!r} already has a handler")
             policy = RetryPolicy(max_attempts, backoff, _classes(retry_on), _classes(give_up_on))
             is_async = _is_async(func)
             self.jobs[type] = JobSpec(
-                type, queue or DEFAULT_QUEUE, func, is_async, policy, idempotency_ttl_s, idempotency_lease_s
-            )
+                type, queue or DEFAULT_QUEUE, func, is_async, policy,
+                _seconds(idempotency_ttl_s), _seconds(idempotency_lease_s),
+            )  # fmt: skip
             return func
 
         return register
@@ -433,6 +438,9 @@ def _check_options(
         raise ConfigError(f"headers= must be a mapping of strings to strings, not {headers!r}")
     texts = {"queue": queue, "key": key, "idempotency_key": idempotency_key}
     texts.update({f"headers[{name!r}]": value for name, value in (headers or {}).items()})
+    for name in headers or {}:
+        if not isinstance(name, str) or utf8(name) != name:
+            raise ConfigError(f"headers= must be a mapping of strings to strings; a key is {name!r}")
     for name, value in texts.items():
         if value is not None and (not isinstance(value, str) or utf8(value) != value):
             raise ConfigError(f"{name}= must be a string (UTF-8 text), not {value!r}")
@@ -444,6 +452,12 @@ def _check_options(
         or not 1 <= max_attempts <= MAX_INT
     ):
         raise ConfigError(f"max_attempts= must be a whole number from 1 to {MAX_INT:,}, not {max_attempts!r}")
+
+
+def _seconds(value: Any) -> Any:
+    """Seconds from a number or a timedelta (as `delay=` takes); anything else is left for
+    `JobSpec.problems` to report at start."""
+    return value.total_seconds() if isinstance(value, timedelta) else value
 
 
 def _classes(value: object) -> tuple[Any, ...]:

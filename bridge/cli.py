@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -463,6 +464,8 @@ def _http_registry(args: argparse.Namespace, *, local: bool) -> tuple[Bridge, Ht
         raise ConfigError("which schemas? pass a directory, --schemas DIR, or set BRIDGE_SCHEMAS")
     registry = app.registry
     assert isinstance(registry, HttpRegistry)
+    if local and not registry.local.job_types():  # (a wrong path checked nothing, and passed)
+        raise ConfigError(f"no job types in {app.settings.schemas}: it holds no <full name>.avsc files")
     return app, registry
 
 
@@ -494,10 +497,20 @@ def load_app(spec: str) -> Bridge:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"--app {spec!r}: cannot import {module_name} ({exc})") from None
+    except Exception as exc:  # the module itself failed: say where, in one line
+        raise ConfigError(f"--app {spec!r}: importing {module_name} failed: {_raised_at(exc)}") from None
     app = getattr(module, attr, None)
     if not isinstance(app, Bridge):
         raise ConfigError(f"--app {spec!r}: {module_name}.{attr} is not a bridge.Bridge")
     return app
+
+
+def _raised_at(exc: Exception) -> str:
+    """`exc` and the line that raised it (a SyntaxError's own, or the innermost frame's)."""
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{type(exc).__name__}: {exc} ({frame.filename}, line {frame.lineno})"
 
 
 async def _closing(app: Bridge, work: Any) -> Any:

@@ -36,7 +36,7 @@ from bridge.compatibility import (
     strip_logical_types,
     with_readers_logical_types,
 )
-from bridge.errors import DecodeError, SchemaError, SchemaMismatch, UnknownSchema
+from bridge.errors import DecodeError, SchemaError, SchemaMismatch, UnknownSchema, utf8
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
@@ -171,7 +171,29 @@ def encode_validated(schema: Schema, datum: Any) -> bytes:
     problems = validation_problems(schema, datum)
     if problems:
         raise SchemaError(f"payload does not match {schema.name}: " + "; ".join(problems))
-    return encode(schema, datum)
+    try:
+        return encode(schema, datum)
+    except UnicodeEncodeError:  # (validation takes any str; UTF-8 cannot carry a lone surrogate)
+        where = _not_utf8(datum, schema.name) or schema.name
+        raise SchemaError(f"payload does not match {schema.name}: {where}: not UTF-8 text") from None
+
+
+def _not_utf8(value: Any, path: str) -> str | None:
+    """Where in `value` a string (or a map's key) holds what UTF-8 cannot (a lone surrogate
+    from a file name or `surrogateescape`), as a path from `path`; None if nowhere."""
+    if isinstance(value, str):
+        return None if utf8(value) == value else path
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if isinstance(name, str) and utf8(name) != name:
+                return f"{path}[{utf8(name)!r}]"
+            if found := _not_utf8(item, f"{path}.{name}"):
+                return found
+    if isinstance(value, list | tuple):
+        for n, item in enumerate(value):
+            if found := _not_utf8(item, f"{path}[{n}]"):
+                return found
+    return None
 
 
 def validation_problems(schema: Schema, datum: Any) -> list[str]:

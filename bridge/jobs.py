@@ -113,9 +113,13 @@ class JobSpec:
     def problems(self) -> list[str]:
         """Every way this job's settings cannot work, for reporting at start."""
         problems = self.policy.problems(self.type)
+        if not callable(self.func):
+            problems.append(f"{self.type}: the handler must be a function, not {self.func!r}")
         for name, seconds in (("idempotency_ttl_s", self.idempotency_ttl_s),
                               ("idempotency_lease_s", self.idempotency_lease_s)):  # fmt: skip
-            if not 0 < seconds <= LONGEST_S:  # (NaN too)
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+                problems.append(f"{self.type}: {name} must be a number of seconds, not {seconds!r}")
+            elif not 0 < seconds <= LONGEST_S:  # (NaN too)
                 limits = "must be above zero and at most 100 years"
                 problems.append(f"{self.type}: {name} {limits}, not {seconds!r}")
         return problems

@@ -42,8 +42,11 @@ class RetryPolicy:
     def problems(self, job_type: str) -> list[str]:
         """Every way this policy cannot work, for reporting at start."""
         problems = []
-        if self.max_attempts < 1:
-            problems.append(f"{job_type}: max_attempts must be at least 1")
+        attempts = self.max_attempts
+        if (
+            isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1
+        ):  # (NaN retried for good)
+            problems.append(f"{job_type}: max_attempts must be a whole number, at least 1, not {attempts!r}")
         if not (isinstance(self.backoff, wait_base) or callable(self.backoff)):
             problems.append(f"{job_type}: backoff must be a tenacity wait or a function of the attempt")
         for name in ("retry_on", "give_up_on"):

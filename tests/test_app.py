@@ -40,6 +40,7 @@ def memory_app() -> Bridge:
         ({"idempotency_key": "\udcff"}, "idempotency_key= must be a string (UTF-8 text), not '\\udcff'"),
         ({"headers": {"tenant": 7}}, "headers['tenant']= must be a string (UTF-8 text), not 7"),
         ({"headers": [("tenant", "a")]}, "headers= must be a mapping of strings to strings"),
+        ({"headers": {1: "a"}}, "headers= must be a mapping of strings to strings; a key is 1"),
         ({"max_attempts": 0}, "max_attempts= must be a whole number from 1 to 2,147,483,647, not 0"),
         ({"max_attempts": 2**40}, "max_attempts= must be a whole number from 1 to 2,147,483,647"),
     ],
@@ -57,6 +58,18 @@ def test_an_enqueue_argument_no_envelope_can_carry_is_named(options: dict[str, A
     with pytest.raises(ConfigError) as refused:
         run(enqueue())
     assert str(refused.value).startswith(says)
+
+
+@pytest.mark.parametrize("text", ["\udcff", "ok \ud800"])
+def test_a_payload_string_utf8_cannot_carry_is_named(text: str) -> None:
+    # Given a payload whose string holds a lone surrogate (from a file name, say, or JSON's
+    # "\ud800"), Then the enqueue raises a SchemaError naming the field. (UnicodeEncodeError
+    # came out of the Avro writer.)
+    from bridge.errors import SchemaError
+
+    with pytest.raises(SchemaError) as refused:
+        memory_app().enqueue("test.Echo", {"n": 1, "text": text})
+    assert str(refused.value) == "payload does not match test.Echo: test.Echo.text: not UTF-8 text"
 
 
 def plain(func: Callable[..., Any]) -> Callable[..., Any]:

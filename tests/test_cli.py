@@ -217,6 +217,28 @@ def test_bad_app_and_missing_broker() -> None:
     assert_one_line_error(bridge("consume", "--app", "consumers.billing:app"), "no broker", "BRIDGE_BROKER")
 
 
+@pytest.mark.parametrize(
+    ("source", "says"),
+    [
+        ("import os\n\nraise RuntimeError('no DATABASE_URL')\n", "RuntimeError: no DATABASE_URL ("),
+        ("def handler(:\n", "SyntaxError: invalid syntax ("),
+    ],
+)
+def test_an_app_module_that_fails_to_import_gets_one_line(tmp_path: Path, source: str, says: str) -> None:
+    # (Its traceback was printed instead.)
+    (tmp_path / "broken_jobs.py").write_text(source)
+    done = bridge("consume", "--app", "broken_jobs:app", PYTHONPATH=str(tmp_path))
+    where = f"{tmp_path / 'broken_jobs.py'}, line {3 if 'raise' in source else 1})"
+    assert_one_line_error(done, "--app 'broken_jobs:app': importing broken_jobs failed: " + says + where)
+
+
+def test_schemas_check_of_a_folder_without_schemas_fails(tmp_path: Path) -> None:
+    # (It checked nothing and exited 0: a wrong path passed as a CI gate.)
+    for command in ("check", "register"):
+        done = bridge("schemas", command, str(tmp_path), "--registry", f"http://127.0.0.1:{closed_port()}")
+        assert_one_line_error(done, f"no job types in {tmp_path}: it holds no <full name>.avsc files")
+
+
 @pytest.mark.parametrize("broker_name", ["kafka", "rabbitmq"])
 def test_topology_apply_and_enqueue_on_a_real_broker(
     broker_name: str, brokers: dict[str, str], queue: str

@@ -492,8 +492,36 @@ def test_bad_retry_settings_are_reported_together_at_start(queue: str) -> None:
     with pytest.raises(ConfigError) as caught:
         run(app.consume(burst=True))
     message = str(caught.value)
-    assert "test.Echo: max_attempts must be at least 1" in message
+    assert "test.Echo: max_attempts must be a whole number, at least 1, not 0" in message
     assert "test.Echo: idempotency_lease_s must be above zero and at most 100 years, not 0" in message
     assert "test.Echo: idempotency_ttl_s must be above zero and at most 100 years, not inf" in message
     assert "test.Numbers: backoff must be a tenacity wait" in message
     assert "test.Numbers: retry_on must be a tuple of exception classes" in message
+
+
+def test_settings_of_the_wrong_kind_are_reported_at_start_too(queue: str) -> None:
+    # Given handlers whose settings are of the wrong kind (a NaN count retried its job for good,
+    # text raised TypeError from a comparison, a handler that is no function was taken),
+    # When consuming starts, Then one ConfigError names each; and a timedelta, as `delay=`
+    # takes, is taken as a number of seconds.
+    from datetime import timedelta
+
+    from bridge.errors import ConfigError
+    from tests.conftest import SCHEMAS
+
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    app.job("test.Echo", queue=queue, max_attempts=float("nan"), idempotency_ttl_s="1h")(5)  # type: ignore[arg-type, type-var]
+
+    @app.job("test.Numbers", queue=queue, max_attempts=None, idempotency_lease_s=timedelta(minutes=2))  # type: ignore[arg-type]
+    async def numbers(payload: dict[str, Any], ctx: JobContext) -> None: ...
+
+    with pytest.raises(ConfigError) as caught:
+        run(app.consume(burst=True))
+    message = str(caught.value)
+    assert "test.Echo: max_attempts must be a whole number, at least 1, not nan" in message
+    assert "test.Echo: the handler must be a function, not 5" in message
+    assert "test.Echo: idempotency_ttl_s must be a number of seconds, not '1h'" in message
+    assert "test.Numbers: max_attempts must be a whole number, at least 1, not None" in message
+    assert "idempotency_lease_s" not in message and app.jobs["test.Numbers"].idempotency_lease_s == 120
+    with pytest.raises(ConfigError, match=r"app.job\(queue=...\) must be a name, not 7"):
+        app.job("test.Unhandled", queue=7)  # type: ignore[arg-type]
