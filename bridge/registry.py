@@ -115,6 +115,9 @@ def _read_definitions(directory: Path) -> dict[str, Any]:
             problems.append(f"{file}: not JSON ({exc})")
             continue
         name = full_name_of(definition)
+        if name is None:
+            problems.append(f"{file}: not a named Avro schema (a record, enum or fixed with a name)")
+            continue
         if name != file.stem:
             problems.append(f"{file}: defines {name!r}; name the file {name}.avsc")
             continue

@@ -395,6 +395,10 @@ def test_schema_directory_checks_file_names(tmp_path: Path) -> None:
     )
     with pytest.raises(SchemaError, match=r"name the file x\.A\.avsc"):
         SchemaDirectory(tmp_path)
+    # (A file that holds no named schema was told to be called None.avsc.)
+    (tmp_path / "wrong.avsc").write_text("[1, 2]")
+    with pytest.raises(SchemaError, match=r"wrong\.avsc: not a named Avro schema \(a record, enum or fixed"):
+        SchemaDirectory(tmp_path)
 
 
 # -- bridge's compiled reader against fastavro's ------------------------------------------------
