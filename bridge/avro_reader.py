@@ -68,6 +68,13 @@ def _read_string(data: bytes, at: int) -> tuple[str, int]:
     return raw.decode(), at
 
 
+def _read_int(data: bytes, at: int) -> tuple[int, int]:
+    value, at = read_long(data, at)
+    if not -(2**31) <= value < 2**31:  # (a long where an int goes: a Java reader refuses it)
+        raise ValueError(f"an int of {value}, beyond 32 bits")
+    return value, at
+
+
 def _read_null(data: bytes, at: int) -> tuple[None, int]:
     return None, at
 
@@ -87,7 +94,7 @@ def _read_double(data: bytes, at: int) -> tuple[float, int]:
 _PRIMITIVES: dict[str, Read] = {
     "null": _read_null,
     "boolean": _read_boolean,
-    "int": read_long,
+    "int": _read_int,
     "long": read_long,
     "float": _read_float,
     "double": _read_double,

@@ -24,6 +24,7 @@ from bridge.compatibility import LEVELS
 from bridge.dlq import Selection, describe
 from bridge.envelope import REASONS, iso_ms, now_ms
 from bridge.errors import BridgeError, ConfigError
+from bridge.logs import OneLine
 from bridge.policy import parse_duration
 
 if TYPE_CHECKING:
@@ -47,9 +48,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _configure_logging(level: str | None, *, daemon: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLine("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(
-        level=getattr(logging, (level or ("info" if daemon else "warning")).upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        level=getattr(logging, (level or ("info" if daemon else "warning")).upper()), handlers=[handler]
     )
     if not daemon and level != "debug":
         # A one-shot command reports a failure in one line; the clients' own logs would repeat it.

@@ -288,10 +288,23 @@ def decode(
         else:
             datum, end = _read_with_fastavro(data, start, resolved, reader.parsed)
     except Exception as exc:  # EOFError, IndexError, UnicodeDecodeError, ValueError, ...
-        raise DecodeError(f"body does not decode as {writer.name}: {exc!r}", data) from exc
+        raise DecodeError(f"body does not decode as {writer.name}: {_why(exc)}", data) from exc
     if end != len(data):
         raise DecodeError(f"{len(data) - end} trailing bytes after a {writer.name}", data)
     return writer, datum
+
+
+def _why(exc: Exception) -> str:
+    """Why bytes did not decode, for a person: the readers raise what Python raises."""
+    if isinstance(exc, IndexError | EOFError | struct.error):
+        return "it ends early (cut short, or a length or count in it is wrong)"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a string in it is not UTF-8 text (byte {exc.object[exc.start]:#04x})"
+    if isinstance(exc, OverflowError):
+        return "a number in it is out of range"
+    if type(exc) is ValueError:  # (bridge's reader says what it found)
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _read_with_fastavro(data: bytes, start: int, writer: Any, reader: Any) -> tuple[Any, int]:

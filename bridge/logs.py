@@ -45,3 +45,17 @@ class Repeats(logging.Filter):
         if held:
             record.msg = f"{record.msg} (and {held} like it since the last one logged)"
         return True
+
+
+class OneLine(logging.Formatter):
+    """Each message on its own line: control characters in it (a newline in a job type that a
+    producer wrote, say) are shown escaped, so no input can forge a line of the log. A
+    traceback still follows on lines of its own."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if not record.message.isprintable():
+            record.message = _CONTROL.sub(lambda found: repr(found.group())[1:-1], record.message)
+        return super().formatMessage(record)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")

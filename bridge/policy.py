@@ -28,6 +28,11 @@ DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_BACKOFF = wait_exponential_jitter(multiplier=2, max=600, exp_base=2, jitter=2)
 MAX_ERRORS_KEPT = 10
 DEFAULT_TIERS_S = (1, 5, 30, 120, 600, 3600, 21600)
+# The largest attempt a backoff is asked about. An envelope may say any attempt up to 2**31 - 1,
+# and tenacity's exponential wait computes its base to that power exactly before capping it:
+# at 2**31 the event loop stalled for seconds and grew by gigabytes. Every backoff has long
+# reached its cap by this attempt.
+MAX_BACKOFF_ATTEMPT = 10_000
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,9 @@ class RetryPolicy:
         return problems
 
     def delay_s(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt `attempt` (1 for the first run)."""
+        """Seconds to wait after failed attempt `attempt` (1 for the first run; at most
+        MAX_BACKOFF_ATTEMPT is asked about)."""
+        attempt = min(attempt, MAX_BACKOFF_ATTEMPT)
         if isinstance(self.backoff, wait_base):
             state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
             state.attempt_number = attempt

@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any
 from bridge import codec
 from bridge.codec import Schema
 from bridge.config import Settings
-from bridge.envelope import DELIVERY_LIMIT, UNROUTABLE, DeadLetter, Envelope, JobError, cut_raw, iso_ms
+from bridge.envelope import (
+    DELIVERY_LIMIT,
+    LONGEST_S,
+    UNROUTABLE,
+    DeadLetter,
+    Envelope,
+    JobError,
+    cut_raw,
+    iso_ms,
+)
 from bridge.errors import (
     ConfigError,
     DecodeError,
@@ -238,6 +247,12 @@ class Worker:
                 return [self._dead(delivery, "expired", detail, envelope=envelope)]
             if envelope.run_at is not None and envelope.run_at > now:
                 early_s = (envelope.run_at - now) / 1000
+                if early_s > LONGEST_S:  # (it would go round the delay tiers for good)
+                    detail = (
+                        f"its run_at, {iso_ms(envelope.run_at)}, is more than 100 years ahead: an "
+                        "envelope's times are epoch milliseconds (was it written in microseconds?)"
+                    )
+                    return [self._dead(delivery, "undecodable", detail, envelope=envelope)]
                 if tier_for(early_s, self.settings.delay_tiers) is not None:  # back to a tier
                     self.stats.delayed += 1
                     return [Outgoing(envelope.queue, delivery.body, _key(envelope, delivery), early_s)]

@@ -6,13 +6,17 @@ import os
 import subprocess
 import uuid
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
 from confluent_kafka import Producer
 
-from bridge import Bridge, Permanent, Retry, codec
+from bridge import Bridge, JobContext, Permanent, Retry, codec
+from bridge import testing as bridge_testing
+from bridge.envelope import now_ms
 from bridge.errors import JobTooLarge
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
@@ -236,3 +240,51 @@ def test_a_job_as_large_as_allowed_is_retried_and_dead_lettered_and_a_larger_one
     [letter] = dead_letters(app, queue)
     assert letter.reason == "exhausted" and letter.envelope is not None
     assert len(letter.envelope.errors) == 3
+
+
+def test_bad_bytes_inside_an_envelope_are_dead_lettered_with_a_reason_a_person_can_read() -> None:
+    # Given envelopes from another producer whose payload is cut short, holds a string that is
+    # not UTF-8 or an int beyond 32 bits (which a Java reader refuses), and one whose run_at
+    # was written in microseconds (year 58,000), then a good job,
+    # When the worker consumes them (decoding is the same on every broker: memory://),
+    # Then each is dead-lettered as undecodable with a reason in words, and the good job runs.
+    # (The details were Python reprs such as IndexError('index out of range'); the int was
+    # taken; the far run_at went round the delay tiers for good.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue="q")
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+
+    zeros = codec.encode(app.registry.schema("test.Echo"), {"n": 0, "text": "", "sleep_ms": 0})
+    header = zeros[:-3]  # (n, text and sleep_ms are a byte each)
+    payloads = {
+        "cut short": zeros[:-1],
+        "not UTF-8": header + b"\x00\x02\xff\x00",
+        "beyond 32 bits": header + b"\x80\x80\x80\x80\x80\x40\x00\x00",  # zig-zag 2**40
+    }
+    job = app.build_envelope("test.Echo", {"n": 1}, queue="q")
+    far = replace(app.build_envelope("test.Echo", {"n": 2}, queue="q"), run_at=now_ms() * 1000)
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology(["q"])
+            for payload in payloads.values():
+                await publish_envelope(app, "q", replace(job, payload=payload))
+            await publish_envelope(app, "q", far)
+            await app.enqueue_async("test.Echo", {"n": 3}, queue="q")
+            await app.consume(burst=True)
+
+    run(scenario())
+    assert ran == [3]
+    letters = bridge_testing.dead_letters(app, "q")
+    assert [letter.reason for letter in letters] == ["undecodable"] * 4
+    prefix = "payload: body does not decode as test.Echo: "
+    assert [letter.detail for letter in letters[:3]] == [
+        prefix + "it ends early (cut short, or a length or count in it is wrong)",
+        prefix + "a string in it is not UTF-8 text (byte 0xff)",
+        prefix + "an int of 1099511627776, beyond 32 bits",
+    ]
+    assert letters[3].envelope is not None and letters[3].envelope.id == far.id
+    assert "is more than 100 years ahead: an envelope's times are epoch milliseconds" in letters[3].detail

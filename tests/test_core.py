@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import re
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -16,8 +17,8 @@ from confluent_kafka import Consumer, KafkaError, Producer
 from bridge.config import Settings
 from bridge.envelope import uuid7
 from bridge.errors import ConfigError, PublishError, safe_url
-from bridge.logs import Repeats
-from bridge.policy import GiveUp, RetryAt, RetryPolicy, decide, fixed
+from bridge.logs import OneLine, Repeats
+from bridge.policy import DEFAULT_BACKOFF, MAX_BACKOFF_ATTEMPT, GiveUp, RetryAt, RetryPolicy, decide, fixed
 from bridge.transports.base import Delivery, InFlight
 from bridge.transports.kafka.common import client_text
 from bridge.transports.kafka.returns import Gate
@@ -263,6 +264,40 @@ def test_an_envelope_s_max_attempts_below_one_leaves_the_handler_s_limit(from_en
     decisions = [decide(policy, RuntimeError("x"), n, from_envelope, now) for n in (1, 2, 3)]
     assert decisions[:2] == [RetryAt(now + 1000)] * 2
     assert isinstance(decisions[2], GiveUp) and decisions[2].reason == "exhausted"
+
+
+def test_a_backoff_is_asked_about_an_attempt_no_larger_than_it_can_cost() -> None:
+    # Given an envelope from another producer at attempt 2**31 - 2 of 2**31 - 1 (valid ints),
+    # Then its backoff is asked about attempt MAX_BACKOFF_ATTEMPT at most, and the default one
+    # answers its cap. (tenacity's exponential wait computed 2 ** (2**31 - 3) exactly: the
+    # event loop stalled for 15 s and grew by 860 MB; at 2**40, by 22 GB.)
+    asked: list[int] = []
+
+    def backoff(attempt: int) -> float:
+        asked.append(attempt)
+        return 1.0
+
+    policy = RetryPolicy(max_attempts=3, backoff=backoff)
+    assert decide(policy, RuntimeError("x"), 2**31 - 2, 2**31 - 1, 0) == RetryAt(1000)
+    assert asked == [MAX_BACKOFF_ATTEMPT]
+    delay_ms = decide(RetryPolicy(backoff=DEFAULT_BACKOFF), RuntimeError("x"), 2**31 - 2, 2**31 - 1, 0)
+    assert isinstance(delay_ms, RetryAt) and 600_000 <= delay_ms.run_at <= 602_000
+
+
+def test_a_log_line_cannot_be_forged_by_a_newline_in_what_it_quotes() -> None:
+    # Given a job type with a newline and a forged line after it (another producer's input),
+    # Then the daemon's log shows it escaped on one line; a traceback still takes its lines.
+    formatter = OneLine("%(levelname)s %(message)s")
+    forged = "billing.Charge\n2026-01-01 INFO bridge.worker job 42 done\r\x1b[2J"
+    record = logging.LogRecord("bridge.worker", logging.WARNING, __file__, 1, "job %s", (forged,), None)
+    assert formatter.format(record) == (
+        "WARNING job billing.Charge\\n2026-01-01 INFO bridge.worker job 42 done\\r\\x1b[2J"
+    )
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("bridge", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert formatter.format(record).startswith("ERROR failed\nTraceback (most recent call last):\n")
 
 
 def test_a_forked_child_makes_other_uuid7s_than_its_parent_in_the_same_millisecond() -> None:
