@@ -444,6 +444,8 @@ def _check_options(
     for name, value in texts.items():
         if value is not None and (not isinstance(value, str) or utf8(value) != value):
             raise ConfigError(f"{name}= must be a string (UTF-8 text), not {value!r}")
+    if queue == "":  # (it went to the type's queue, or `default`, unsaid)
+        raise ConfigError("queue= must name a queue, or be left out for the job type's own")
     if max_attempts is None:
         return
     if (

@@ -37,6 +37,7 @@ def memory_app() -> Bridge:
         ({"at": "2026-12-01T09:00:00Z"}, "at= needs a timezone-aware datetime, not '2026-12-01T09:00:00Z'"),
         ({"expires_at": date(2030, 1, 1)}, "expires_at= needs a timezone-aware datetime, not datetime.date"),
         ({"key": 123}, "key= must be a string (UTF-8 text), not 123"),
+        ({"queue": ""}, "queue= must name a queue, or be left out for the job type's own"),
         ({"idempotency_key": "\udcff"}, "idempotency_key= must be a string (UTF-8 text), not '\\udcff'"),
         ({"headers": {"tenant": 7}}, "headers['tenant']= must be a string (UTF-8 text), not 7"),
         ({"headers": [("tenant", "a")]}, "headers= must be a mapping of strings to strings"),
