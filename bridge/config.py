@@ -166,7 +166,7 @@ def _broker_problem(url: str) -> str | None:
     if scheme.startswith("kafka"):
         if "@" in rest:
             return "a Kafka URL takes no user or password"
-        servers = [server for server in rest.rstrip("/").split(",")]
+        servers = rest.rstrip("/").split(",")
         return next(filter(None, (_address_problem(f"//{server}") for server in servers)), None)
     return _address_problem(url)
 

@@ -48,9 +48,8 @@ class RetryPolicy:
         """Every way this policy cannot work, for reporting at start."""
         problems = []
         attempts = self.max_attempts
-        if (
-            isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1
-        ):  # (NaN retried for good)
+        # (not a float: NaN was never reached, so its job retried for good)
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             problems.append(f"{job_type}: max_attempts must be a whole number, at least 1, not {attempts!r}")
         if not (isinstance(self.backoff, wait_base) or callable(self.backoff)):
             problems.append(f"{job_type}: backoff must be a tenacity wait or a function of the attempt")
