@@ -126,6 +126,8 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
         ({"BRIDGE_MAX_MESSAGE_BYTES": "2000000000"}, ["max_message_bytes must be at most 999,475,712"]),
         ({"BRIDGE_PREFETCH": "70000"}, ["prefetch must be at most 65535"]),
         ({"BRIDGE_DELAY_TIERS": "1s,1001ms,1.0004s"}, ["delay_tiers must be whole milliseconds"]),
+        # (a file named `keys.db?mode=ro` was made)
+        ({"BRIDGE_IDEMPOTENCY": "sqlite:///tmp/keys.db?mode=ro"}, ["takes a path and no options (?...)"]),
         # (a store's own options: found when its first keyed job came, which then waited for good)
         (
             {"BRIDGE_IDEMPOTENCY": "redis://cache:6379/0?socket_timeout=5s"},

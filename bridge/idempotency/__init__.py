@@ -183,6 +183,8 @@ def check_url(url: str) -> list[str]:
         ]
     if scheme == "sqlite" and not rest.startswith("/"):
         return [f"idempotency {url!r}: a sqlite URL needs an absolute path, sqlite:///var/lib/bridge/keys.db"]
+    if scheme == "sqlite" and "?" in rest:  # (the file was made with the options in its name)
+        return [f"idempotency {url!r}: a sqlite URL takes a path and no options (?...)"]
     problem = _unparsable(scheme, url)
     return [f"idempotency {safe_url(url)!r}: {problem}"] if problem else []
 
