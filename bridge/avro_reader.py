@@ -6,10 +6,11 @@ from the bytes at an index reads bridge's envelope in about two thirds of the ti
 envelope is read for every job consumed.
 
 Only what fastavro would return unchanged is read here: a schema with logical types, or data
-written with another version of a schema (which needs resolution), goes to fastavro. The
-reader is strict: a length, union branch or enum index that does not fit the bytes or the
-schema raises ValueError, reading past the end raises IndexError, and tests/test_codec.py
-checks it against fastavro on valid and corrupted input. A huge count costs no more than the
+written with another version of a schema (which needs resolution), goes to fastavro, once
+this reader has checked the bytes (fastavro is laxer). The reader is strict: a length, union
+branch or enum index that does not fit the bytes or the schema raises ValueError, reading past
+the end raises IndexError, and tests/test_codec.py checks it against fastavro on valid and
+corrupted input. A huge count costs no more than the
 bytes present: `codec.check_schema` refuses arrays whose items could be zero bytes, and a map
 entry holds at least its key's length, so every item read consumes input.
 
@@ -146,7 +147,12 @@ def _union(branches: list[Read]) -> Read:
                 return None, at + 1
             if branch == 2:  # zig-zag 1
                 return other(data, at + 1)
-            raise ValueError(f"union branch {read_long(data, at)[0]} of 2")
+            branch, at = read_long(data, at)  # (a branch written in more bytes than it needs)
+            if branch == 0:
+                return None, at
+            if branch == 1:
+                return other(data, at)
+            raise ValueError(f"union branch {branch} of 2")
 
         return read_optional
 

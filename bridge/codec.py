@@ -106,6 +106,7 @@ class Schema:
     parsed: Any  # fastavro's parsed form
     canonical: str
     fingerprint: int
+    check: Read  # bridge's reader without logical types: it checks the bytes fastavro reads
     schema_id: int | None = None
     header: bytes = field(default=b"")
     field_names: frozenset[str] = frozenset()  # the record's own fields
@@ -126,7 +127,8 @@ class Schema:
         # fastavro turns logical types into datetimes, decimals, ... and back; without them, the
         # compiled reader and writer do what it does.
         compiled = not logical_types or plain == definition
-        read = compile_reader(canonical) if compiled else None
+        check = compile_reader(canonical)
+        read = check if compiled else None
         write = compile_writer(canonical) if compiled else None
         if schema_id is None:
             header = SINGLE_OBJECT_MAGIC + fingerprint.to_bytes(8, "little")
@@ -135,8 +137,8 @@ class Schema:
         name = full_name(definition["name"], definition.get("namespace"))
         field_names = frozenset(f["name"] for f in definition["fields"])
         return cls(
-            name, definition, parsed, canonical, fingerprint, schema_id, header, field_names, read, write,
-            logical_types,
+            name, definition, parsed, canonical, fingerprint, check, schema_id, header, field_names, read,
+            write, logical_types,
         )  # fmt: skip
 
 
@@ -283,10 +285,16 @@ def decode(
     try:
         if reader is None and layout.read is not None:
             datum, end = layout.read(data, start)
-        elif reader is None:
-            datum, end = _read_with_fastavro(data, start, layout.parsed, None)
         else:
-            datum, end = _read_with_fastavro(data, start, resolved, reader.parsed)
+            # fastavro takes a negative enum index or union branch for one counted from the end,
+            # and wraps a varint beyond 64 bits round: bridge's strict reader checks the bytes first.
+            _, end = writer.check(data, start)
+            if end == len(data):
+                datum, end = (
+                    _read_with_fastavro(data, start, layout.parsed, None)
+                    if reader is None
+                    else _read_with_fastavro(data, start, resolved, reader.parsed)
+                )
     except Exception as exc:  # EOFError, IndexError, UnicodeDecodeError, ValueError, ...
         raise DecodeError(f"body does not decode as {writer.name}: {_why(exc)}", data) from exc
     if end != len(data):

@@ -529,6 +529,49 @@ def test_the_compiled_reader_serves_plain_schemas_only() -> None:
     assert ENVELOPE_SCHEMA.read is not None  # bridge's own records are read without logical types
 
 
+STAMPED = {
+    "type": "record", "name": "Stamped", "namespace": "x",
+    "fields": [
+        {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "color", "type": {"type": "enum", "name": "Color", "symbols": ["RED", "GREEN", "BLUE"]}},
+        {"name": "either", "type": ["null", "string", "long"]},
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"\x00\x01\x00", "enum index -1 of 3"),  # fastavro read it as BLUE
+        (b"\x00\x00\x01\x00", "union branch -1 of 3"),  # fastavro read it as the long 0
+        (b"\x00\x00" + b"\x82" + b"\x80" * 8 + b"\x02" + b"\x00", "beyond 64 bits"),  # fastavro: 1
+    ],
+)
+def test_a_schema_with_logical_types_is_read_as_strictly(body: bytes, message: str) -> None:
+    # Given a schema with a logical type (which fastavro reads, for its datetimes), and bodies
+    # with an index below zero or a varint too long for 64 bits, which fastavro reads as
+    # something else, When decoded, alone or resolved against a reader schema,
+    # Then each fails with what is wrong, and its job goes to the dead-letter queue.
+    writer = Schema.from_definition(STAMPED)
+    newer = {**STAMPED, "fields": [*STAMPED["fields"], {"name": "note", "type": "string", "default": ""}]}
+    for reader in (None, writer, Schema.from_definition(newer)):
+        with pytest.raises(DecodeError, match=message):
+            codec.decode(writer.header + body, _Both(writer), reader)
+    good = writer.header + b"\x00\x04\x04\x06"  # 1970-01-01, BLUE, the long 3
+    at = datetime(1970, 1, 1, tzinfo=UTC)
+    assert codec.decode(good, _Both(writer))[1] == {"at": at, "color": "BLUE", "either": 3}
+
+
+def test_an_optional_fields_branch_in_more_bytes_than_it_needs_reads_as_fastavro_reads_it() -> None:
+    # Given ["null", T] branches written as 80 00 (0) and 82 00 (1): longer than needed, as
+    # Avro allows, When decoded, Then they read as fastavro and Java read them.
+    fields = {"type": "record", "name": "Opt", "fields": [{"name": "maybe", "type": ["null", "string"]}]}
+    opt = Schema.from_definition(fields)
+    for body, expected in [(b"\x80\x00", None), (b"\x82\x00\x02a", "a")]:
+        data = opt.header + body
+        assert codec.decode(data, _Both(opt))[1] == {"maybe": expected} == _fastavro_read(opt, data)[0]
+
+
 def test_a_varint_that_never_ends_fails_fast() -> None:
     # Given a body of a megabyte of 0xff (every byte says "more of this number follows"),
     # When decoded, Then it fails at the eleventh byte rather than building a huge integer.
