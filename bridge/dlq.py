@@ -62,8 +62,8 @@ class ReplayReport:
 
     replayed: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (id, why)
-    # Letters of a job replayed earlier in the same run (a dead letter written twice, its ack
-    # lost): removed, not replayed, so the job runs once.
+    # Letters of a job replayed earlier in the same run, at the same attempt and replay count
+    # (a dead letter written twice, its ack lost): removed, not replayed, so the job runs once.
     copies: list[str] = field(default_factory=list)
 
 
@@ -102,21 +102,23 @@ class DeadLetters:
         if rate is not None and not 0 < rate < math.inf:
             raise ConfigError(f"rate must be a number of replays per second above 0, not {rate!r}")
         report = ReplayReport()
-        replayed: set[str] = set()
+        replayed: set[tuple[str, int, int]] = set()  # (id, attempt, replays) of each job put back
 
         async def decide(body: bytes, key: str | bytes | None) -> list[Outgoing] | None:
             item = self.read(body)
             if item not in selection:
                 return None
-            if item.letter.envelope is not None and item.id in replayed:
+            envelope = item.letter.envelope
+            if envelope is not None and (item.id, envelope.attempt, envelope.replays) in replayed:
                 report.copies.append(item.id)
                 return []
             refusal = _refusal(item, max_replays) or await self._no_queue(item)
             if refusal:
                 report.refused.append((item.id, refusal))
                 return None
+            assert envelope is not None  # (`_refusal` refused it otherwise)
             report.replayed.append(item.id)
-            replayed.add(item.id)
+            replayed.add((item.id, envelope.attempt, envelope.replays))
             if rate and not dry_run:
                 await asyncio.sleep(1 / rate)
             return [self._replayed(item, key)]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -140,6 +141,57 @@ def test_two_letters_of_one_job_replay_it_once(make_app: Callable[..., Bridge], 
 
     run(scenario(), timeout=120)
     assert runs == [1, 1]
+
+
+def test_a_job_that_fails_again_while_its_replay_runs_keeps_its_new_letter(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given two letters, and workers that dead-letter the first job again as soon as the replay
+    # puts it back (its handler still broken), When every letter is replayed, Then both jobs go
+    # back once, and the first job's new letter stays for the next look, its replay counted.
+    # (RabbitMQ's replay went on taking letters until the queue was empty, took the new one for
+    # a copy of the job it had just replayed, and deleted it.)
+    app = make_app()
+
+    @app.job("test.Echo", queue=queue)
+    async def broken(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise Permanent("still broken")
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            first, second = [await app.enqueue_async("test.Echo", {"n": n}) for n in (1, 2)]
+            await app.consume(burst=True)
+            transport = await app.transport()
+            [first_letter] = await app.dead_letters(queue).find(Selection(ids={first}))
+            missing, written = transport.missing, list[str]()
+
+            async def failed_again(queues: list[str]) -> list[str]:
+                # (the replay looks for the job's queue just before it puts the job back: here
+                # the second's turn comes once the first's new letter is written, as a worker
+                # writes it)
+                if first not in written:
+                    written.append(first)
+                    await transport.publish(_letter_again(app, queue, first_letter.letter))
+                return await missing(queues)
+
+            transport.missing = failed_again  # type: ignore[method-assign,assignment]
+            report = await app.dead_letters(queue).replay(Selection())
+            transport.missing = missing  # type: ignore[method-assign]
+            assert (sorted(report.replayed), report.copies) == (sorted([first, second]), [])
+            [again] = await app.dead_letters(queue).find()
+            assert again.id == first and again.letter.envelope is not None
+            assert again.letter.envelope.replays == 1
+
+    run(scenario(), timeout=120)
+
+
+def _letter_again(app: Bridge, queue: str, letter: DeadLetter) -> Outgoing:
+    """`letter`'s job dead-lettered again after one replay."""
+    assert letter.envelope is not None
+    envelope = replace(letter.envelope, attempt=1, replays=letter.envelope.replays + 1)
+    again = replace(letter, detail="Permanent: still broken, again", envelope=envelope)
+    return Outgoing(dlq_name(queue), codec.encode(app.registry.schema(DEAD_LETTER), again.to_avro()), None)
 
 
 def test_a_letter_in_a_schema_unknown_here_is_unreadable_not_undecodable() -> None:
