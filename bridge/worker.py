@@ -308,10 +308,13 @@ class Worker:
         return Outgoing(delivery.queue, delivery.body, delivery.key, self.settings.delay_tiers[0])
 
     def _later(self, envelope: Envelope, delivery: Delivery, wait_s: float) -> Outgoing:
-        """The job again, through a delay tier: at least the shortest one, so never a busy loop."""
+        """The job again, through a delay tier: at least the shortest one, so never a busy loop,
+        and not before its own time (a job that waits for the registry may be early)."""
         self.stats.delayed += 1
-        delay_s = max(wait_s, self.settings.delay_tiers[0])
-        envelope.run_at = self.app.clock() + int(delay_s * 1000)
+        now = self.app.clock()
+        early_s = (envelope.run_at - now) / 1000 if envelope.run_at is not None else 0.0
+        delay_s = max(wait_s, early_s, self.settings.delay_tiers[0])
+        envelope.run_at = now + int(delay_s * 1000)
         body = codec.encode(self._envelope, envelope.to_avro())
         return Outgoing(envelope.queue, body, _key(envelope, delivery), delay_s)
 

@@ -475,6 +475,53 @@ def test_three_day_delay_with_a_fake_clock(queue: str) -> None:
     assert 3 * 86_400_000 <= ran[0] - start <= 3 * 86_400_000 + 1_200_000
 
 
+def test_a_delayed_job_that_waits_out_a_registry_outage_keeps_its_time(
+    queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job due in three days, and the schema registry not answering, once, when the job
+    # is back from its first hop, When the worker cannot read its payload, Then the job waits
+    # for the registry in a delay tier and still runs at its time. (Waiting set its run_at to
+    # the shortest tier's end: it ran about three days early.)
+    from bridge.errors import RegistryUnavailable
+    from tests.conftest import SCHEMAS
+
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), delay_tiers="1m,1h,6h")
+    now = [1_800_000_000_000]
+    app.clock = lambda: now[0]
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def later(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(now[0])
+
+    decode, down = codec.decode, [True]
+
+    def registry_down_once(data: bytes, *args: Any, **kwargs: Any) -> Any:
+        if data == payload and down:
+            down.clear()
+            raise RegistryUnavailable("the schema registry did not answer")
+        return decode(data, *args, **kwargs)
+
+    monkeypatch.setattr(codec, "decode", registry_down_once)
+    envelope = app.build_envelope("test.Echo", {"n": 1}, queue=queue, run_at=now[0] + 3 * 86_400_000)
+    payload = envelope.payload
+
+    async def scenario() -> None:
+        async with app:
+            await publish_envelope(app, queue, envelope)
+            consuming = asyncio.create_task(app.consume(burst=True))
+            while not ran:
+                await asyncio.sleep(0.01)
+                now[0] += 600_000  # ten minutes per step
+            await consuming
+
+    start = now[0]
+    run(scenario())
+    assert not down  # (the registry was down as the job came back)
+    assert len(ran) == 1
+    assert 3 * 86_400_000 <= ran[0] - start <= 3 * 86_400_000 + 1_200_000
+
+
 def test_bad_retry_settings_are_reported_together_at_start(queue: str) -> None:
     # Given two handlers with impossible retry (and idempotency) settings, When consuming starts,
     # Then one ConfigError names every problem, before anything runs.
