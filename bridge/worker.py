@@ -337,6 +337,12 @@ class Worker:
             failure = RuntimeError("the handler raised CancelledError: something it awaited was cancelled")
             failure.__cause__ = exc
             return [self._failed(spec, envelope, failure, delivery)]
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a library's SystemExit, or an abort of its own
+            # A failure of the job, not the worker's: raised on, it left the delivery unsettled
+            # (a Kafka partition's commits held back for good), and SystemExit ended the worker.
+            return [self._failed(spec, envelope, exc, delivery)]
         return ()
 
     async def _in_thread(self, spec: JobSpec, payload: Any, ctx: JobContext, lease: Lease | None) -> None:
@@ -379,7 +385,7 @@ class Worker:
         self._finishing.add(finishing)
         finishing.add_done_callback(self._finishing.discard)
 
-    def _failed(self, spec: JobSpec, envelope: Envelope, exc: Exception, delivery: Delivery) -> Outgoing:
+    def _failed(self, spec: JobSpec, envelope: Envelope, exc: BaseException, delivery: Delivery) -> Outgoing:
         """A retry through the delay tiers, or a dead letter, with the error recorded."""
         now = self.app.clock()
         # A copy: the handler's JobContext is a view of the envelope it ran with.

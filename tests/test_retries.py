@@ -216,6 +216,42 @@ def test_a_handler_raising_a_cancelled_error_of_its_own_is_retried_and_the_other
     assert dead_letters(app, queue) == []
 
 
+class Abort(BaseException):
+    """A library's own way out, not an Exception (as gevent's Timeout is not)."""
+
+
+@pytest.mark.parametrize("how", ["async", "thread"])
+def test_a_handler_raising_what_is_no_exception_dead_letters_its_job_and_the_others_run(
+    make_app: Callable[..., Bridge], queue: str, how: str
+) -> None:
+    # Given a handler that raises SystemExit (a library calling sys.exit()) for one job and a
+    # BaseException of its own for another, and one worker slot, When three jobs run, Then
+    # those two are dead-lettered as failures outside retry_on (Exception, by default), and the
+    # third runs. (Their deliveries were never settled and the slot lost, so the burst run
+    # never ended; SystemExit ended the worker.)
+    app = make_app(concurrency=1)
+    runs: list[int] = []
+
+    def abort(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(payload["n"])
+        if payload["n"] == 1:
+            raise SystemExit("a library gave up")
+        if payload["n"] == 2:
+            raise Abort("aborted")
+
+    async def in_loop(payload: dict[str, Any], ctx: JobContext) -> None:
+        abort(payload, ctx)
+
+    app.job("test.Echo", queue=queue)(in_loop if how == "async" else abort)
+    run(enqueue_and_drain(app, *({"payload": {"n": n}} for n in (1, 2, 3))), timeout=30)
+    assert sorted(runs) == [1, 2, 3]
+    letters = sorted(dead_letters(app, queue), key=lambda letter: letter.detail)
+    assert [(letter.reason, letter.detail) for letter in letters] == [
+        ("permanent", "Abort: aborted (not in retry_on)"),
+        ("permanent", "SystemExit: a library gave up (not in retry_on)"),
+    ]
+
+
 def test_a_retry_delay_that_is_no_time_dead_letters_the_job_naming_it(queue: str) -> None:
     # Given handlers that ask to be retried after 10^20 s and after NaN s,
     # When they run, Then each job is dead-lettered as permanent, its detail naming the delay.
