@@ -239,9 +239,11 @@ class Worker:
             return [self._later(envelope, delivery, 0.0)]
         if envelope.expires_at is not None or envelope.run_at is not None:  # most jobs have neither
             now = self.app.clock()
-            if envelope.expires_at is not None and envelope.expires_at <= now:
+            starts = max(now, envelope.run_at or now)  # (the soonest it may start)
+            if envelope.expires_at is not None and envelope.expires_at <= starts:
                 # (A retry too, as Celery's `expires` and Dramatiq's `max_age` do: a job not
-                # worth running after then is not worth retrying either.)
+                # worth running after then is not worth retrying either. One due then or later
+                # goes now: the worker would wait for it, if its time is less than a tier away.)
                 attempt = f"attempt {envelope.attempt} " if envelope.attempt > 1 else ""
                 detail = f"{attempt}not started before {iso_ms(envelope.expires_at)}"
                 return [self._dead(delivery, "expired", detail, envelope=envelope)]

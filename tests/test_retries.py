@@ -425,6 +425,29 @@ def test_a_retry_due_after_the_jobs_expiry_is_dead_lettered_expired_naming_its_a
     assert letter.reason == "expired" and letter.detail.startswith("attempt 2 not started before ")
 
 
+def test_a_retry_due_after_the_jobs_expiry_but_within_a_tier_is_not_run(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given a job with a 3 s time to live whose first attempt fails 0.3 s before then, asking
+    # to be retried 0.6 s later (less than the shortest tier: the worker waits for it itself),
+    # Then the retry is dead-lettered `expired`, never run. (The worker waited, then ran it
+    # after its expiry.)
+    app = make_app()
+    attempts: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def late(payload: dict[str, Any], ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            await asyncio.sleep(ctx.created_at_ms / 1000 + 3 - 0.3 - time.time())
+            raise Retry(delay_s=0.6)
+
+    run(enqueue_and_drain(app, {"payload": {"n": 1}, "ttl": 3}))
+    assert attempts == [1]
+    [letter] = dead_letters(app, queue)
+    assert letter.reason == "expired" and letter.detail.startswith("attempt 2 not started before ")
+
+
 def test_a_job_whose_expiry_has_no_calendar_date_is_dead_lettered_expired_naming_it(queue: str) -> None:
     # Given a job from another producer whose expires_at is the smallest Avro long (-2^63 ms, long
     # before year 1), When consumed, Then it is dead-lettered `expired`, its detail giving the
