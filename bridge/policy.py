@@ -59,13 +59,15 @@ class RetryPolicy:
                 problems.append(f"{job_type}: {name} must be a tuple of exception classes")
         return problems
 
-    def delay_s(self, attempt: int) -> float:
+    def delay_s(self, attempt: int, exc: BaseException | None = None) -> float:
         """Seconds to wait after failed attempt `attempt` (1 for the first run; at most
-        MAX_BACKOFF_ATTEMPT is asked about)."""
+        MAX_BACKOFF_ATTEMPT is asked about), which raised `exc`."""
         attempt = min(attempt, MAX_BACKOFF_ATTEMPT)
         if isinstance(self.backoff, wait_base):
             state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
             state.attempt_number = attempt
+            if exc is not None:  # (for a wait that looks at it, as `wait_exception` does)
+                state.set_exception((type(exc), exc, exc.__traceback__))
             return float(self.backoff(state))
         return float(self.backoff(attempt))
 
@@ -107,7 +109,7 @@ def decide(
     if attempt >= limit:
         return GiveUp("exhausted", f"{detail} (attempt {attempt} of {limit})")
     chosen = exc.delay_s if isinstance(exc, Retry) else None
-    delay_s = chosen if chosen is not None else policy.delay_s(attempt)
+    delay_s = chosen if chosen is not None else policy.delay_s(attempt, exc)
     if not delay_s <= LONGEST_S:  # (NaN too)
         return GiveUp(
             "permanent", f"{detail} (its retry delay, {delay_s!r} s, is not a time up to 100 years)"

@@ -284,6 +284,17 @@ def test_a_backoff_is_asked_about_an_attempt_no_larger_than_it_can_cost() -> Non
     assert isinstance(delay_ms, RetryAt) and 600_000 <= delay_ms.run_at <= 602_000
 
 
+def test_a_tenacity_wait_that_looks_at_the_exception_chooses_the_delay() -> None:
+    # Given a backoff of tenacity's wait_exception, 7 s after a timeout and 1 s after anything
+    # else, Then each failure waits what its exception chooses. (It raised "called before
+    # outcome was set", and every failure was dead-lettered `permanent` at its first attempt.)
+    from tenacity import wait_exception
+
+    policy = RetryPolicy(backoff=wait_exception(lambda exc: 7 if isinstance(exc, TimeoutError) else 1))
+    assert decide(policy, TimeoutError("slow"), 1, None, 0) == RetryAt(7000)
+    assert decide(policy, KeyError("x"), 2, None, 0) == RetryAt(1000)
+
+
 def test_a_log_line_cannot_be_forged_by_a_newline_in_what_it_quotes() -> None:
     # Given a job type with a newline and a forged line after it (another producer's input),
     # Then the daemon's log shows it escaped on one line; a traceback still takes its lines.
