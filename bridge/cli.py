@@ -24,7 +24,7 @@ from bridge.compatibility import LEVELS
 from bridge.dlq import Selection, describe
 from bridge.envelope import REASONS, iso_ms, now_ms
 from bridge.errors import BridgeError, ConfigError
-from bridge.logs import OneLine
+from bridge.logs import OneLine, one_line
 from bridge.policy import parse_duration
 
 if TYPE_CHECKING:
@@ -333,7 +333,9 @@ def _dlq_list(args: argparse.Namespace) -> int:
         envelope = item.letter.envelope
         kind = f"{envelope.type} attempt {envelope.attempt}" if envelope else "(raw bytes)"
         when = iso_ms(item.letter.at, timespec="seconds")
-        print(f"{item.id}  {when}  {item.letter.reason:15} {kind}  {item.letter.detail[:80]}")
+        # (Text from handlers and other producers: escaped, so it cannot forge a line of its own.)
+        line = f"{item.id}  {when}  {item.letter.reason:15} {kind}  {item.letter.detail[:80]}"
+        print(one_line(line))
     if not args.json:
         print(f"{len(letters)} dead letters in {args.queue}.dlq", file=sys.stderr)
     return 0
@@ -355,11 +357,12 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     report = asyncio.run(_closing(app, work))
     verb = "would replay" if args.dry_run else "replayed"
     for job_id in report.replayed:
-        print(f"{verb} {job_id}")
+        print(one_line(f"{verb} {job_id}"))
     for job_id, why in report.refused:
-        print(f"refused {job_id}: {why}", file=sys.stderr)
+        print(one_line(f"refused {job_id}: {why}"), file=sys.stderr)
     for job_id in report.copies:
-        print(f"{'would remove' if args.dry_run else 'removed'} a second letter of {job_id}, replayed once")
+        removed = "would remove" if args.dry_run else "removed"
+        print(one_line(f"{removed} a second letter of {job_id}, replayed once"))
     summary = f"{verb} {len(report.replayed)}, refused {len(report.refused)}"
     if report.copies:
         summary += f", {len(report.copies)} copies of replayed letters removed"

@@ -53,9 +53,16 @@ class OneLine(logging.Formatter):
     traceback still follows on lines of its own."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        if not record.message.isprintable():
-            record.message = _CONTROL.sub(lambda found: repr(found.group())[1:-1], record.message)
+        record.message = one_line(record.message)
         return super().formatMessage(record)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters shown escaped (`\\n`, `\\x1b`): on one line, and
+    no terminal escape sequence from another producer's input reaches a person's terminal."""
+    if text.isprintable():
+        return text
+    return _CONTROL.sub(lambda found: repr(found.group())[1:-1], text)

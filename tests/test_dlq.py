@@ -288,12 +288,13 @@ def bridge_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("broker", ["rabbitmq", "kafka"], indirect=True)
 def test_dlq_commands(make_app: Callable[..., Bridge], queue: str, broker: str) -> None:
     # Given one dead letter, the CLI lists it (as JSON too), shows its decoded payload,
-    # refuses to purge without --yes, replays it once, and purges what is left.
+    # refuses to purge without --yes, replays it once, and purges what is left. A newline in
+    # the letter's detail is listed escaped: it could forge a second letter's line.
     app = make_app()
 
     @app.job("test.Echo", queue=queue)
     async def refuse(payload: dict[str, Any], ctx: JobContext) -> None:
-        raise Permanent("no")
+        raise Permanent("no\nforged-id  2026-01-01T00:00:00  exhausted")
 
     async def scenario() -> str:
         async with app:
@@ -309,6 +310,10 @@ def test_dlq_commands(make_app: Callable[..., Bridge], queue: str, broker: str) 
     assert listed.returncode == 0, listed.stderr
     [entry] = [json.loads(line) for line in listed.stdout.splitlines()]
     assert entry["id"] == job_id and entry["reason"] == "permanent"
+    [line] = bridge_cli("dlq", "list", queue, **env).stdout.splitlines()
+    assert line.startswith(job_id) and line.endswith(
+        "Permanent: no\\nforged-id  2026-01-01T00:00:00  exhausted"
+    )
     shown = bridge_cli("dlq", "show", queue, job_id, **env)
     assert json.loads(shown.stdout)["job"]["payload"] == {"n": 42, "text": "", "sleep_ms": 0}
 
