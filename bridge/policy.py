@@ -114,7 +114,7 @@ def decide(
         return GiveUp(
             "permanent", f"{detail} (its retry delay, {delay_s!r} s, is not a time up to 100 years)"
         )
-    return RetryAt(now_ms + max(0, int(delay_s * 1000)))
+    return RetryAt(now_ms + int(max(0.0, delay_s) * 1000))  # (below zero, -inf too: at once)
 
 
 def tier_for(remaining_s: float, tiers_s: tuple[float, ...]) -> float | None:

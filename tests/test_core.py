@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, KafkaError, Producer
 
 from bridge.config import Settings
 from bridge.envelope import uuid7
-from bridge.errors import ConfigError, PublishError, safe_url
+from bridge.errors import ConfigError, PublishError, Retry, safe_url
 from bridge.logs import OneLine, Repeats
 from bridge.policy import DEFAULT_BACKOFF, MAX_BACKOFF_ATTEMPT, GiveUp, RetryAt, RetryPolicy, decide, fixed
 from bridge.transports.base import Delivery, InFlight
@@ -293,6 +293,12 @@ def test_a_tenacity_wait_that_looks_at_the_exception_chooses_the_delay() -> None
     policy = RetryPolicy(backoff=wait_exception(lambda exc: 7 if isinstance(exc, TimeoutError) else 1))
     assert decide(policy, TimeoutError("slow"), 1, None, 0) == RetryAt(7000)
     assert decide(policy, KeyError("x"), 2, None, 0) == RetryAt(1000)
+
+
+@pytest.mark.parametrize("delay_s", [-1.0, float("-inf")])
+def test_a_retry_asked_for_before_now_is_retried_at_once(delay_s: float) -> None:
+    # (-inf raised OverflowError, and the job was dead-lettered: its retry policy failed)
+    assert decide(RetryPolicy(), Retry(delay_s=delay_s), 1, None, 5) == RetryAt(5)
 
 
 def test_a_log_line_cannot_be_forged_by_a_newline_in_what_it_quotes() -> None:
