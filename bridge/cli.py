@@ -211,7 +211,7 @@ def _since(text: str) -> int:
     try:
         return now_ms() - int(parse_duration(text) * 1000)
     except ConfigError:
-        return int(_moment(text).timestamp() * 1000)
+        return int(_moment(text, "how long ago, e.g. 2h or 3d, or an ISO 8601 time").timestamp() * 1000)
     except OverflowError:  # (a duration no float holds)
         raise argparse.ArgumentTypeError(f"{text!r} is further back than any time") from None
 
@@ -230,13 +230,11 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _moment(text: str) -> datetime:
+def _moment(text: str, what: str = "an ISO 8601 time") -> datetime:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: write an ISO 8601 time, e.g. 2026-12-01T09:00:00Z"
-        ) from None
+        raise argparse.ArgumentTypeError(f"{text!r}: write {what}, e.g. 2026-12-01T09:00:00Z") from None
     if moment.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r}: add a timezone, e.g. Z or +01:00")
     return moment

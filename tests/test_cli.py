@@ -133,6 +133,12 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
             {"BRIDGE_IDEMPOTENCY": "redis://cache:6379/0?socket_timeout=5s"},
             ["idempotency 'redis://cache:6379/0?socket_timeout=5s'", "Invalid value for 'socket_timeout'"],
         ),
+        # (redis-py took port 0 for 6379; PostgreSQL's port 0 waited for good, as a store outage)
+        ({"BRIDGE_IDEMPOTENCY": "redis://cache:0/0"}, ["'redis://cache:0/0': its port must be"]),
+        (
+            {"BRIDGE_IDEMPOTENCY": "postgresql://db:5432,db2:0/b"},
+            ["'postgresql://db:5432,db2:0/b': its port"],
+        ),
         (
             {"BRIDGE_IDEMPOTENCY": "postgresql://bridge:secret@db/bridge?timeout=5"},
             [
@@ -186,6 +192,13 @@ def test_a_since_further_back_than_any_time_gets_one_line() -> None:
     done = bridge("dlq", "list", "billing", "--since", "9" * 400, "--broker", "memory://")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "argument --since: '999" in done.stderr and "is further back than any time" in done.stderr
+
+
+def test_a_since_that_is_neither_a_duration_nor_a_time_says_both_will_do() -> None:
+    # (It asked for an ISO 8601 time only, though `--since 2h` is the usual way.)
+    done = bridge("dlq", "list", "billing", "--since", "yesterday", "--broker", "memory://")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "'yesterday': write how long ago, e.g. 2h or 3d, or an ISO 8601 time" in done.stderr
 
 
 @pytest.mark.parametrize("rate", ["0", "-5", "nan", "inf", "fast"])

@@ -23,6 +23,7 @@ import os
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from bridge.errors import ConfigError, safe_url
 
@@ -193,19 +194,23 @@ def _unparsable(scheme: str, url: str) -> str | None:
     """What the store's client finds wrong with `url` without connecting (an option's value,
     a port that is no number), if its client is installed: else it would be found only at the
     first keyed job, which would wait for the store for good."""
+    ports: list[str] = []
     try:
         if scheme in ("redis", "rediss"):
             from redis.connection import parse_url
 
+            ports = [str(urlsplit(url).port)]  # (redis-py takes port 0 for none: 6379)
             parse_url(url)  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
         elif scheme in ("postgresql", "postgres"):
             from psycopg.conninfo import conninfo_to_dict
 
-            conninfo_to_dict(url)
+            ports = str(conninfo_to_dict(url).get("port", "")).split(",")  # (one per host)
     except ImportError:  # open_store says which extra to install
         return None
-    except Exception as exc:  # ValueError from redis, ProgrammingError from psycopg
+    except Exception as exc:  # ValueError from redis or urlsplit, ProgrammingError from psycopg
         return str(exc)
+    if "0" in ports:
+        return "its port must be a number from 1 to 65535"
     return None
 
 
