@@ -10,9 +10,9 @@ written with another version of a schema (which needs resolution), goes to fasta
 this reader has checked the bytes (fastavro is laxer). The reader is strict: a length, union
 branch or enum index that does not fit the bytes or the schema raises ValueError, reading past
 the end raises IndexError, and tests/test_codec.py checks it against fastavro on valid and
-corrupted input. A huge count costs no more than the
-bytes present: `codec.check_schema` refuses arrays whose items could be zero bytes, and a map
-entry holds at least its key's length, so every item read consumes input.
+corrupted input. A huge count costs no more than the bytes present: `codec.check_schema`
+refuses arrays whose items could be zero bytes, and a map entry holds at least its key's
+length, so every item read consumes input.
 
 Pure: no I/O.
 """
