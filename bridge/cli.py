@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     where = enqueue.add_mutually_exclusive_group()
     where.add_argument("--queue", help="queue to publish to (default: the handler's, else 'default')")
     where.add_argument("--app", help="MODULE:ATTR of a Bridge whose handler names the queue")
-    enqueue.add_argument("--key", help="ordering and partition key")
+    enqueue.add_argument("--key", help="partition key: on Kafka, one key's jobs go to one partition")
     enqueue.add_argument("--idempotency-key", help="jobs sharing it have their effect once")
     enqueue.add_argument(
         "--dedupe", action="store_true",

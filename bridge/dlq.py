@@ -217,6 +217,7 @@ def describe(app: Bridge, item: Letter) -> dict[str, Any]:
 
 def _payload(app: Bridge, job_type: str, payload: bytes) -> Any:
     try:
-        return codec.decode(payload, app.registry, app.registry.schema(job_type))[1]
+        largest = app.settings.max_message_bytes
+        return codec.decode(payload, app.registry, app.registry.schema(job_type), max_bytes=largest)[1]
     except BridgeError as exc:
         return {"undecoded": payload.hex(), "why": str(exc)}

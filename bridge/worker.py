@@ -226,7 +226,9 @@ class Worker:
             return [self._dead(delivery, "unknown_type", detail, envelope=envelope)]
         spec, schema = job
         try:
-            _, payload = codec.decode(envelope.payload, self._registry, schema)
+            _, payload = codec.decode(
+                envelope.payload, self._registry, schema, max_bytes=self.settings.max_message_bytes
+            )
         except SchemaMismatch as exc:
             detail = f"payload of a {envelope.type} envelope: {exc}"
             return [self._dead(delivery, "schema_mismatch", detail, envelope=envelope)]

@@ -9,6 +9,7 @@ bridge consume --app consumers.billing:app
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ from bridge import Bridge, JobContext, Permanent
 
 log = logging.getLogger("consumers.billing")
 
-# Broker from BRIDGE_BROKER (or bridge.toml); job types from the schemas beside this package.
-app = Bridge(registry=str(Path(__file__).resolve().parent.parent / "schemas"))
+# Broker from BRIDGE_BROKER (or bridge.toml); job types from BRIDGE_REGISTRY when it is set (a
+# registry URL, with BRIDGE_SCHEMAS), else from the schemas beside this package.
+SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+app = Bridge(registry=os.environ.get("BRIDGE_REGISTRY") or str(SCHEMAS))
 
 
 @app.job("billing.ChargeCard", queue="billing")

@@ -242,6 +242,26 @@ def test_a_job_as_large_as_allowed_is_retried_and_dead_lettered_and_a_larger_one
     assert len(letter.envelope.errors) == 3
 
 
+def test_a_payload_larger_than_the_default_cap_runs_when_max_message_bytes_allows_it() -> None:
+    # Given max_message_bytes raised to 3 MiB and a job with a 2 MiB payload, When consumed,
+    # Then it runs. (enqueue took it, and every worker dead-lettered it: the payload inside
+    # was held to 1 MiB whatever the setting.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), max_message_bytes=3 * 1024 * 1024)
+    sizes: list[int] = []
+
+    @app.job("test.Echo", queue="q")
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        sizes.append(len(payload["text"]))
+
+    async def scenario() -> None:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1, "text": "x" * (2 * 1024 * 1024)})
+            await app.consume(burst=True)
+
+    run(scenario())
+    assert sizes == [2 * 1024 * 1024] and bridge_testing.dead_letters(app, "q") == []
+
+
 def test_bad_bytes_inside_an_envelope_are_dead_lettered_with_a_reason_a_person_can_read() -> None:
     # Given envelopes from another producer whose payload is cut short, holds a string that is
     # not UTF-8 or an int beyond 32 bits (which a Java reader refuses), and one whose run_at
