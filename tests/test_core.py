@@ -9,6 +9,7 @@ import re
 import sys
 import time
 import uuid
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,24 @@ def test_a_delivery_waiting_for_a_slot_when_finish_begins_is_not_processed() -> 
 
     assert run(scenario(), timeout=10) == 0
     assert processed == [first]
+
+
+def test_finish_ends_when_a_cancelled_delivery_swallows_its_cancellation() -> None:
+    # Given a delivery whose processing catches CancelledError and returns (a handler's
+    # cleanup that does not raise again; asyncio.wait_for can swallow one too),
+    # When finish cancels it after the grace period, Then finish returns, counting it late.
+    # (Its worker task went back to wait for the next delivery, and finish waited for good.)
+    async def process(delivery: Delivery) -> None:
+        with suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+
+    async def scenario() -> int:
+        inflight = InFlight(process, 2)
+        inflight.start(Delivery(b"stubborn", "jobs"))
+        await asyncio.sleep(0)
+        return await inflight.finish(grace_s=0.05)
+
+    assert run(scenario(), timeout=10) == 1
 
 
 def test_a_delivery_run_alone_waits_for_the_running_ones_and_nothing_starts_beside_it() -> None:

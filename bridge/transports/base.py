@@ -189,7 +189,11 @@ class InFlight:
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        task = asyncio.current_task()
+        assert task is not None
+        # (A cancelled delivery may swallow the CancelledError, a handler's own cleanup that
+        # returns; `finish` still waits for this task to end.)
+        while not task.cancelling():
             if not self._waiting:
                 sleeper = loop.create_future()
                 self._sleepers.append(sleeper)
