@@ -487,6 +487,33 @@ def test_a_commit_asked_for_while_the_run_loops_transaction_is_out_waits_for_it(
     assert committed == [{("jobs", 0): 6}]
 
 
+def test_a_transaction_larger_than_librdkafka_queues_stops_the_consumer_with_its_error(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a committer whose producer queues at most 2 records (100,000 by default, which one
+    # transaction can hold: a slow job at the head of a partition holds back every later job's
+    # retry behind it), When a transaction holds 3, Then the commit fails and the committer's
+    # failure is the error, which stops the consumer (its records run again). (BufferError went
+    # past the committer: its loop ended, every later commit raised it again, and the consumer
+    # ran on, committing nothing.)
+    common: dict[str, Any] = {"bootstrap.servers": brokers["kafka"].partition("://")[2]}
+    consumer = Consumer({**common, "group.id": f"g-{uuid.uuid4().hex[:12]}"})
+    committer = Committer(
+        {**common, "queue.buffering.max.messages": 2}, consumer, f"test-{uuid.uuid4().hex}", lambda tp: True
+    )
+    committer.add((queue, 0), 0, [(queue, b"retry", None, None, 0)] * 3, 1)
+
+    async def scenario() -> bool:
+        await committer.start()
+        return await committer.commit()
+
+    try:
+        assert run(scenario(), timeout=60) is False
+        assert isinstance(committer.failure, BufferError), committer.failure
+    finally:
+        consumer.close()
+
+
 class FirstTransactionFails:
     """A committer's `_transact` whose first transaction is held out until `release`, then
     fails (as one sent with the group's generation before a rebalance does); the others

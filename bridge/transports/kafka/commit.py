@@ -249,6 +249,14 @@ class Committer:
                 return True
             except KafkaException as exc:
                 return self._failed(exc, {record[0] for record in records} | {t for t, _ in offsets})
+            except Exception as exc:  # BufferError: more records than librdkafka queues (100,000)
+                # Raised on, it ended the commit loop and came back from every later commit,
+                # while the consumer ran on, committing nothing.
+                with suppress(KafkaException):
+                    self.producer.abort_transaction(METADATA_TIMEOUT_S)
+                log.error("Kafka transaction failed (%r); stopping so its records run again", exc)
+                self.failure = exc
+                return False
 
     def _failed(self, exc: KafkaException, topics: set[str]) -> bool:
         error = kafka_error(exc)
