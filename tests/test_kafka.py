@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bridge import Bridge, JobContext, Permanent, Retry, codec
 from bridge.dlq import Selection
-from bridge.errors import PublishError, TransportError
+from bridge.errors import ConfigError, PublishError, TransportError
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name
@@ -92,6 +92,37 @@ def test_a_member_joining_mid_run_shares_the_partitions(brokers: dict[str, str],
     assert set(ids) == set(runs)
     assert by_member["first"] > 0 and by_member["second"] > 0
     assert sum(runs.values()) - len(ids) <= 2 * 2  # at most what was in flight at the handover
+
+
+def test_a_second_consume_at_once_on_one_app_is_refused_and_the_first_runs_on(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given an app consuming a queue, When it is asked to consume again before the first ends,
+    # Then the second is refused saying what to do instead, and the first consume still runs
+    # and commits its jobs. (The second took over the first's commits; once it stopped, the
+    # first ran its jobs and committed none, and a burst run never ended.)
+    app = own_app(brokers["kafka"])
+    ran = failing_first(app, queue, lambda: ValueError("unused"))
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            stop = asyncio.Event()
+            first = asyncio.create_task(app.consume([queue], stop=stop))
+            await app.enqueue_async("test.Echo", {"n": 2})
+            while not ran:
+                await asyncio.sleep(0.05)
+            with pytest.raises(ConfigError, match="consuming already"):
+                await app.consume([queue], burst=True)
+            await app.enqueue_async("test.Echo", {"n": 3})
+            while len(ran) < 2:
+                await asyncio.sleep(0.05)
+            stop.set()
+            await first
+            await app.consume([queue], burst=True)  # (their offsets were committed: none runs again)
+
+    run(scenario(), timeout=90)
+    assert ran == [2, 3]
 
 
 def test_a_key_goes_to_the_partition_the_java_client_would_choose(

@@ -30,7 +30,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not in its 
 )
 
 from bridge.config import Settings
-from bridge.errors import PublishError, TransportError
+from bridge.errors import ConfigError, PublishError, TransportError
 from bridge.policy import tier_for
 from bridge.transports.base import (
     PUBLISH_TIMEOUT_S,
@@ -105,6 +105,7 @@ class KafkaTransport:
         # resolved on the event loop in batches (deque: both ends are thread-safe).
         self._reports: deque[tuple[asyncio.Future[None], KafkaError | None, str]] = deque()
         self._consumer: Consumer | None = None
+        self._consuming = False  # a consume() is running
         self._offsets = OffsetTracker()
         self._backlog: deque[Message] = deque()  # fetched while every slot was busy
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
@@ -293,6 +294,29 @@ class KafkaTransport:
         stop: asyncio.Event,
         burst: bool = False,
         grace_s: float = 30.0,
+    ) -> None:
+        if self._consuming:
+            # (Each consume's consumer and committer live on the transport, which an app's
+            # consumes share: a second one took over the first's commits, and stopping left
+            # the first committing nothing.)
+            raise ConfigError(
+                "this app is consuming already, and a Kafka app consumes once at a time: give "
+                "that consume() every queue, or make an app for each"
+            )
+        self._consuming = True
+        try:
+            await self._consume(queues, process, concurrency, stop, burst, grace_s)
+        finally:
+            self._consuming = False
+
+    async def _consume(
+        self,
+        queues: Sequence[str],
+        process: Process,
+        concurrency: int,
+        stop: asyncio.Event,
+        burst: bool,
+        grace_s: float,
     ) -> None:
         await self._require_topics_soon([*queues, *self._tiers.values()])
         await self._warn_if_too_small([*queues, *self._tiers.values()])
