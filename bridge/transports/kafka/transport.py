@@ -7,8 +7,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Collection, Sequence
-from contextlib import suppress
+from collections.abc import Awaitable, Collection, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from confluent_kafka import (
@@ -295,53 +295,47 @@ class KafkaTransport:
         burst: bool = False,
         grace_s: float = 30.0,
     ) -> None:
+        with self._alone_consuming():
+            await self._require_topics_soon([*queues, *self._tiers.values()])
+            await self._warn_if_too_small([*queues, *self._tiers.values()])
+            await require_internal_topics(self._common, self._topics)
+            restarting = False  # a round ended in a failed transaction: consume was up and running
+            while True:
+                try:
+                    await self._consume_round(queues, process, concurrency, stop, burst, grace_s)
+                    return
+                except _TransactionBroke as exc:
+                    if stop.is_set():
+                        raise
+                    log.error("%s; consuming again in %g s", exc, RESTART_AFTER_S)
+                except _NotStarted as exc:
+                    # At the first start the error is the user's to see (bridge consume exits with
+                    # it). After a Kafka restart, a new round may find Kafka still loading its
+                    # transaction coordinator, for minutes: consume keeps trying, as it was running.
+                    if not restarting or not exc.retriable or stop.is_set():
+                        raise
+                    log.error("%s; trying again in %g s", exc, RESTART_AFTER_S)
+                restarting = True
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RESTART_AFTER_S)
+                if stop.is_set():
+                    return
+
+    @contextmanager
+    def _alone_consuming(self) -> Iterator[None]:
+        """While a consume() runs: a second one of the app at once is refused. (Each consume's
+        consumer and committer live on the transport, which an app's consumes share: a second
+        one took over the first's commits, and stopping left the first committing nothing.)"""
         if self._consuming:
-            # (Each consume's consumer and committer live on the transport, which an app's
-            # consumes share: a second one took over the first's commits, and stopping left
-            # the first committing nothing.)
             raise ConfigError(
                 "this app is consuming already, and a Kafka app consumes once at a time: give "
                 "that consume() every queue, or make an app for each"
             )
         self._consuming = True
         try:
-            await self._consume(queues, process, concurrency, stop, burst, grace_s)
+            yield
         finally:
             self._consuming = False
-
-    async def _consume(
-        self,
-        queues: Sequence[str],
-        process: Process,
-        concurrency: int,
-        stop: asyncio.Event,
-        burst: bool,
-        grace_s: float,
-    ) -> None:
-        await self._require_topics_soon([*queues, *self._tiers.values()])
-        await self._warn_if_too_small([*queues, *self._tiers.values()])
-        await require_internal_topics(self._common, self._topics)
-        restarting = False  # a round ended in a failed transaction: consume was up and running
-        while True:
-            try:
-                await self._consume_round(queues, process, concurrency, stop, burst, grace_s)
-                return
-            except _TransactionBroke as exc:
-                if stop.is_set():
-                    raise
-                log.error("%s; consuming again in %g s", exc, RESTART_AFTER_S)
-            except _NotStarted as exc:
-                # At the first start the error is the user's to see (bridge consume exits with
-                # it). After a Kafka restart, a new round may find Kafka still loading its
-                # transaction coordinator, for minutes: consume keeps trying, as it was running.
-                if not restarting or not exc.retriable or stop.is_set():
-                    raise
-                log.error("%s; trying again in %g s", exc, RESTART_AFTER_S)
-            restarting = True
-            with suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), RESTART_AFTER_S)
-            if stop.is_set():
-                return
 
     async def _consume_round(
         self,
