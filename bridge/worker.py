@@ -133,6 +133,12 @@ class Worker:
                 "stopped); waiting for them, to record their keys (signal again to exit now)",
                 len(self._outliving),
             )
+        elif self._finishing:
+            log.warning(
+                "recording the keys of %d finished jobs past the grace period (waiting for the "
+                "store; signal again to exit now)",
+                len(self._finishing),
+            )
         while self._outliving or self._finishing:
             await asyncio.wait([*map(asyncio.wrap_future, self._outliving), *self._finishing])
 
@@ -295,7 +301,14 @@ class Worker:
         finally:
             if not lease.outlived:
                 self._leases.discard(lease)
-        await lease.finish(succeeded=not outcome)
+        try:
+            await lease.finish(succeeded=not outcome)
+        except asyncio.CancelledError:
+            if _cancelled_here():  # the grace period ended while the key was being recorded
+                # (Cut off, a success whose key the store did not take yet, waiting out an
+                # outage, ran again once the claim lapsed. The first try may have landed.)
+                self._finish_later(lease, not outcome, again=True)
+            raise
         return outcome
 
     async def _claim(self, key: str, job_id: str, lease_s: float) -> Claim:
@@ -385,7 +398,11 @@ class Worker:
     def _finish_outlived(self, lease: Lease, running: Future[None], succeeded: bool) -> None:
         self._outliving.discard(running)
         self._leases.discard(lease)
-        finishing = asyncio.create_task(lease.finish(succeeded=succeeded))
+        self._finish_later(lease, succeeded)
+
+    def _finish_later(self, lease: Lease, succeeded: bool, *, again: bool = False) -> None:
+        """Complete or release `lease`'s key in a task of its own, which a stop waits for."""
+        finishing = asyncio.create_task(lease.finish(succeeded=succeeded, again=again))
         self._finishing.add(finishing)
         finishing.add_done_callback(self._finishing.discard)
 

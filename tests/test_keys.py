@@ -178,6 +178,46 @@ def test_a_keyed_plain_handler_that_outlives_the_grace_period_keeps_its_key_unti
     assert stats.duplicates == 1
 
 
+def test_a_success_whose_key_is_being_recorded_when_the_grace_period_ends_runs_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a keyed job that succeeds while its consumer stops, and a store that refuses its
+    # completion until 1 s after the 0.3 s grace period ended (a database failover, say),
+    # When the consumer stops and then consumes again, Then the job ran once: the stop waited
+    # to record the key, and the job, back in its queue, is a duplicate. (The recording was cut
+    # off with the grace period: the key lapsed with its 1 s lease, and the job ran again.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), grace_s=0.3, idempotency="memory://")
+    effects: list[int] = []
+
+    @app.job("test.Echo", queue="q", idempotency_lease_s=1)
+    async def charge(payload: dict[str, Any], ctx: JobContext) -> None:
+        await asyncio.sleep(0.1)
+        effects.append(payload["n"])
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="charge-1")
+            store = await app.idempotency_store()
+            complete, down = store.complete, [True]
+
+            async def refused(*args: Any) -> bool:
+                if down:
+                    raise StoreError("connection refused")
+                return await complete(*args)
+
+            monkeypatch.setattr(store, "complete", refused)
+            loop, stop = asyncio.get_running_loop(), asyncio.Event()
+            loop.call_later(0.05, stop.set)  # as the job runs
+            loop.call_later(1.35, down.clear)
+            await app.consume(["q"], stop=stop)
+            assert not down  # (the stop waited for the store)
+            return await app.consume(["q"], burst=True)
+
+    stats = run(scenario(), timeout=30)
+    assert effects == [1]
+    assert stats.duplicates == 1
+
+
 def test_dedupe_on_enqueue_publishes_one_job(keyed_app: Callable[..., Bridge], queue: str) -> None:
     # Given three enqueues of one key with dedupe=True,
     # Then all three return the same id, and one job is published and runs.

@@ -61,12 +61,16 @@ class Lease:
             raise
         self.completed = True
 
-    async def finish(self, succeeded: bool) -> None:
-        """Mark the key done (the job succeeded) or give it back (it will be retried)."""
+    async def finish(self, succeeded: bool, *, again: bool = False) -> None:
+        """Mark the key done (the job succeeded) or give it back (it will be retried).
+
+        `again`: a first try was cut off, and may have landed; a completion that then finds
+        the key done already says nothing.
+        """
         if self.completed:
             return
         self.ending = True
-        record = self._complete if succeeded else self._release
+        record = (self._complete_again if again else self._complete) if succeeded else self._release
         try:
             await record()
         except StoreError as exc:  # wait for the store, beside the worker's other keyed jobs
@@ -82,6 +86,9 @@ class Lease:
                 "job %s succeeded after its claim on %r ended: another worker may have run it too",
                 self.job_id, self.key,
             )  # fmt: skip
+
+    async def _complete_again(self) -> None:
+        await self.store.complete(self.key, self.token, self.job_id, self.window_s)
 
     async def _release(self) -> None:
         await self.store.release(self.key, self.token)
