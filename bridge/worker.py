@@ -102,6 +102,7 @@ class Worker:
         # Handler threads that outlived their task, and their keys' completions (`_in_thread`)
         self._outliving: set[Future[None]] = set()
         self._finishing: set[asyncio.Task[None]] = set()
+        self._unkeyed_outliving = 0  # handlers without a key, cut off while their threads ran
         self._stop = asyncio.Event()  # `run`'s: set when a delivery cannot ever be settled
         self._failure: TransportError | None = None  # ... and why
         self.stats = Stats()
@@ -120,6 +121,13 @@ class Worker:
             await self._wait_for_outliving()
             renewing.cancel()
             self._threads.shutdown(wait=False, cancel_futures=True)
+            if self._unkeyed_outliving:
+                log.warning(
+                    "%d handlers run on in threads past the grace period (a thread cannot be "
+                    "stopped), and their jobs run again elsewhere; the process exits when they "
+                    "end (signal again to exit now)",
+                    self._unkeyed_outliving,
+                )
         if self._failure is not None:
             raise self._failure
 
@@ -375,6 +383,8 @@ class Worker:
         try:
             result = await asyncio.wrap_future(running)
         except asyncio.CancelledError:
+            if lease is None and _cancelled_here() and not running.done():
+                self._unkeyed_outliving += 1  # (the process cannot exit before it ends: said at stop)
             if lease is not None and _cancelled_here() and not running.cancelled():
                 lease.outlived = True
                 self._outliving.add(running)

@@ -281,3 +281,32 @@ def test_an_app_used_in_asyncio_run_again_and_again_keeps_no_kafka_client_of_a_c
 async def _applied(app: Bridge, queue: str) -> None:
     async with app:
         await app.apply_topology([queue])
+
+
+def test_a_stop_says_when_plain_handlers_run_on_past_the_grace_period(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a plain (def) handler without a key that runs 1 s and a 0.1 s grace period, When
+    # its consumer stops as it runs, Then consume returns, saying that a handler runs on and
+    # that the process exits when it ends. (It said nothing, and the process hung at exit.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), grace_s=0.1)
+    ended = threading.Event()
+
+    @app.job("test.Echo", queue="q")
+    def slow(payload: dict[str, Any], ctx: JobContext) -> None:
+        time.sleep(1)
+        ended.set()
+
+    async def scenario() -> None:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1})
+            stop = asyncio.Event()
+            asyncio.get_running_loop().call_later(0.05, stop.set)
+            await app.consume(["q"], stop=stop)
+
+    with caplog.at_level(logging.WARNING, logger="bridge.worker"):
+        run(scenario(), timeout=10)
+    assert not ended.is_set()
+    assert "1 handlers run on in threads past the grace period" in caplog.text
+    assert "the process exits when they end" in caplog.text
+    ended.wait(5)
