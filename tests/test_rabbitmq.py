@@ -528,6 +528,35 @@ def test_a_delay_tier_deleted_during_a_burst_consume_stops_it_with_an_error_nami
     assert len(ran) == 1 and app.stats is not None and app.stats.processed == 1
 
 
+def test_a_delay_tiers_exchange_deleted_during_a_consume_stops_it_with_an_error_naming_it(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a job whose first attempt deletes its app's delay tier exchange, then fails,
+    # When it is consumed in burst mode, Then the retry's publish is refused, and consume stops
+    # with an error naming the exchange and the fix; the job, unacknowledged, is still there.
+    # (The publish error counted as a broker gone away: the delivery was left unacknowledged
+    # for good, holding a prefetch slot, and the burst run ended as if all were done.)
+    url = brokers["rabbitmq"]
+    app = own_app(url)
+    tier = tier_queue(app.settings.prefix, 1.0)
+
+    @app.job("test.Echo", queue=queue, backoff=fixed(1))
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        async with await aio_pika.connect(url) as connection:
+            await (await connection.channel()).exchange_delete(tier)
+        raise ConnectionError("the processor hung up")
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            await app.enqueue_async("test.Echo", {"n": 1})
+            await app.consume(burst=True)
+
+    with pytest.raises(TransportError, match=f"no exchange {re.escape(tier)}.*`bridge topology apply`"):
+        run(scenario(), timeout=30)
+    assert run(ready(url, queue)) == 1
+
+
 @pytest.mark.parametrize("keyed", [False, True], ids=["no keys", "keyed"])
 def test_a_delivery_held_past_rabbitmqs_consumer_timeout_runs_again_and_the_log_says_what_to_raise(
     brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture, tmp_path: Path, keyed: bool

@@ -255,6 +255,11 @@ class RabbitTransport:
                 f"RabbitMQ refused the publish to {into}: is it at a length limit (a max-length "
                 f"policy with reject-publish), or without a quorum? ({exc.frame!r})"
             ) from exc
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:  # 404: the exchange is gone
+            # (Retried, it left its delivery unacknowledged for good, holding a prefetch slot.)
+            raise PublishError(
+                f"RabbitMQ has no exchange {exchange}: run `bridge topology apply`", retriable=False
+            ) from exc
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishError(f"publish to {message.queue} not confirmed: {exc!r}") from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):  # (aiormq raises for a nack)
