@@ -383,7 +383,7 @@ class Worker:
         try:
             result = await asyncio.wrap_future(running)
         except asyncio.CancelledError:
-            if lease is None and _cancelled_here() and not running.done():
+            if lease is None and _cancelled_here() and running.running():
                 self._unkeyed_outliving += 1  # (the process cannot exit before it ends: said at stop)
             if lease is not None and _cancelled_here() and not running.cancelled():
                 lease.outlived = True
