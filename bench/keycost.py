@@ -137,7 +137,7 @@ async def consume(broker: str, queue: str, jobs: int, concurrency: int, store: s
     if isinstance(store, MemoryStore):
         given = store
 
-        async def the_store() -> Store:
+        async def the_store(concurrency: int | None = None) -> Store:
             return given
 
         app.idempotency_store = the_store  # type: ignore[method-assign]

@@ -295,8 +295,9 @@ class Bridge:
                     self._transports[loop] = transport
         return transport
 
-    async def idempotency_store(self) -> Store:
-        """This event loop's idempotency store, opened on first use (see `bridge.idempotency`)."""
+    async def idempotency_store(self, *, concurrency: int | None = None) -> Store:
+        """This event loop's idempotency store, opened on first use (see `bridge.idempotency`),
+        with room for `concurrency` inbox transactions at once (the settings' by default)."""
         loop = asyncio.get_running_loop()
         store = self._stores.get(loop)
         if store is None:
@@ -309,7 +310,10 @@ class Bridge:
                     self._memory_store = self._memory_store or open_store(url)
                 store = self._memory_store
             else:
-                store = open_store(url or default_url(), pool_size=self.settings.concurrency)
+                # (`consume(concurrency=...)`'s: with the settings', PostgreSQL's pool held fewer
+                # connections than inbox transactions could be open, and keys' batches waited.)
+                pool_size = max(concurrency or 0, self.settings.concurrency)
+                store = open_store(url or default_url(), pool_size=pool_size)
             self._stores[loop] = store
         return store
 

@@ -324,7 +324,7 @@ class Worker:
         return await (self._store or await self._open_store()).claim(key, job_id, lease_s)
 
     async def _open_store(self) -> Store:
-        self._store = await self.app.idempotency_store()
+        self._store = await self.app.idempotency_store(concurrency=self.settings.concurrency)
         return self._store
 
     def _again(self, delivery: Delivery) -> Outgoing:

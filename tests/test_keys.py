@@ -629,7 +629,7 @@ def consume_renewing(store: SlowRenewals, jobs: int, lease_s: float) -> tuple[St
     app = Bridge(broker="memory://", registry=str(SCHEMAS), concurrency=jobs)
     runs: Counter[int] = Counter()
 
-    async def the_store() -> Store:
+    async def the_store(concurrency: int | None = None) -> Store:
         return store
 
     app.idempotency_store = the_store  # type: ignore[method-assign]
@@ -676,3 +676,33 @@ def test_a_renewal_that_fails_unexpectedly_is_logged_and_the_renewals_go_on(
     failures = [r for r in caplog.records if "could not renew" in r.getMessage()]
     assert len(failures) == 1 and "'run:test.Echo:k0'" in failures[0].getMessage()
     assert failures[0].exc_info is not None and "a bug in the store" in str(failures[0].exc_info[1])
+
+
+def test_a_consume_with_more_concurrency_than_the_settings_opens_its_store_with_room_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given an app whose settings say concurrency 16, consuming keyed jobs with concurrency=64,
+    # Then its store is opened with room for 64 inbox transactions. (It had the settings' 16:
+    # PostgreSQL's pool held 18 connections, and once inbox handlers held them, the batches of
+    # claims, renewals and completions waited 10 s for one and failed.)
+    import bridge.app
+
+    opened: list[int] = []
+
+    def recording(url: str, *, pool_size: int = 16) -> Store:
+        opened.append(pool_size)
+        return MemoryStore()
+
+    monkeypatch.setattr(bridge.app, "open_store", recording)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), idempotency="postgresql://db/keys")
+
+    @app.job("test.Echo", queue="q")
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None: ...
+
+    async def scenario() -> None:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="once")
+            await app.consume(["q"], concurrency=64, burst=True)
+
+    run(scenario())
+    assert opened == [64]
