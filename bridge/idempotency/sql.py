@@ -45,12 +45,16 @@ WHERE name = ? AND token = ? AND state = 'running'"""
 COMPLETE = """
 UPDATE bridge_idempotency SET state = 'done', job_id = ?, token = NULL, expires_at = ?, done_at = ?
 WHERE name = ? AND token = ? AND state = 'running'"""
-# A completion whose claim lapsed and was purged (any worker's purge deletes expired rows):
-# nobody holds the key, and the job's effect happened, so it is done. Tried only when COMPLETE
-# changed nothing, so the usual completion costs one statement.
+# A completion whose claim lapsed and was purged (any worker's purge deletes expired rows), or
+# taken by another claim that lapsed too: nobody holds the key, and the job's effect happened,
+# so it is done (as on Redis, whose lapsed keys are gone). Tried only when COMPLETE changed
+# nothing, so the usual completion costs one statement.
 COMPLETE_ABSENT = """
 INSERT INTO bridge_idempotency (name, state, job_id, token, expires_at, done_at)
-VALUES (?, 'done', ?, NULL, ?, ?) ON CONFLICT (name) DO NOTHING"""
+VALUES (?, 'done', ?, NULL, ?, ?)
+ON CONFLICT (name) DO UPDATE SET state = 'done', job_id = excluded.job_id, token = NULL,
+    expires_at = excluded.expires_at, done_at = excluded.done_at
+WHERE bridge_idempotency.expires_at <= excluded.done_at"""
 RELEASE = "DELETE FROM bridge_idempotency WHERE name = ? AND token = ? AND state = 'running'"
 REMEMBER = """
 INSERT INTO bridge_idempotency (name, state, job_id, token, expires_at) VALUES (?, 'enqueuing', ?, NULL, ?)
