@@ -706,3 +706,28 @@ def test_a_consume_with_more_concurrency_than_the_settings_opens_its_store_with_
 
     run(scenario())
     assert opened == [64]
+
+
+def test_a_dedupe_enqueue_inside_a_sqlite_inbox_transaction_joins_it(tmp_path: Path) -> None:
+    # Given a keyed handler that, inside its inbox transaction on SQLite, enqueues a follow-up
+    # job with dedupe (write, and enqueue the next step once), When it runs, Then the follow-up
+    # is published once and runs. (The enqueue waited for the store's connection, which the
+    # handler held: the handler, and every keyed job of the process with it, waited for good.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), idempotency=f"sqlite:///{tmp_path / 'keys.db'}")
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue="q")
+    async def step(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+        if payload["n"] == 1:
+            async with ctx.transaction():
+                for _ in range(2):  # (the second finds the first, in the same transaction)
+                    await app.enqueue_async("test.Echo", {"n": 2}, idempotency_key="next", dedupe=True)
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="first")
+            return await app.consume(["q"], burst=True)
+
+    stats = run(scenario(), timeout=20)
+    assert ran == [1, 2] and stats.processed == 2

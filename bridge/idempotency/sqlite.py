@@ -68,8 +68,13 @@ class SqliteStore(SqlStore):
             self._db.execute(SCHEMA)
         self._lock = asyncio.Lock()  # the connection: a group commit's, or an inbox transaction's
         self._statements = TickBatch(self._commit, self._lock, send_now=self._commit_now)
+        self._inbox: asyncio.Task[Any] | None = None  # the task whose inbox transaction is open
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
+        if self._inbox is not None and asyncio.current_task() is self._inbox:
+            # The handler itself, inside its inbox (an enqueue with dedupe, say): its statement
+            # joins that transaction. (It waited for the connection the handler held, for good.)
+            return self._run(sql, params)
         rows: Rows = await self._statements.call((sql, params))
         return rows
 
@@ -117,14 +122,17 @@ class SqliteStore(SqlStore):
 
         async with self._lock:
             self._run("BEGIN IMMEDIATE", ())
+            self._inbox = asyncio.current_task()
             try:
                 yield self._db, query
             except BaseException:
+                self._inbox = None
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 else:  # (ROLLBACK's own error would hide this one)
                     _warn_ended()
                 raise
+            self._inbox = None
             if not self._db.in_transaction:
                 _warn_ended()
                 return
