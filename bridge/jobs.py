@@ -119,7 +119,7 @@ class JobSpec:
                               ("idempotency_lease_s", self.idempotency_lease_s)):  # fmt: skip
             if isinstance(seconds, bool) or not isinstance(seconds, int | float):
                 problems.append(f"{self.type}: {name} must be a number of seconds, not {seconds!r}")
-            elif not 0 < seconds <= LONGEST_S:  # (NaN too)
-                limits = "must be above zero and at most 100 years"
+            elif not 0.001 <= seconds <= LONGEST_S:  # (NaN too; the SQL stores count whole ms)
+                limits = "must be from 1 ms to 100 years"
                 problems.append(f"{self.type}: {name} {limits}, not {seconds!r}")
         return problems

@@ -235,6 +235,18 @@ def test_dedupe_on_enqueue_publishes_one_job(keyed_app: Callable[..., Bridge], q
     assert stats.processed == 1
 
 
+def test_a_lease_shorter_than_the_stores_can_count_is_refused_at_start() -> None:
+    # (0.4 ms: the SQL stores keep whole ms, so two claims of one key in one ms both won, and
+    # renewals every third of it spun the loop)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+
+    @app.job("test.Echo", queue="q", idempotency_lease_s=0.0004)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None: ...
+
+    with pytest.raises(ConfigError, match=r"idempotency_lease_s must be from 1 ms to 100 years, not 0\.0004"):
+        run(app.consume(["q"], burst=True))
+
+
 @pytest.mark.parametrize("first_publish", ["fails", "is confirmed"])
 def test_a_dedupe_enqueue_racing_the_first_publish_of_its_key_waits_for_its_outcome(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_publish: str
@@ -353,7 +365,7 @@ def test_a_dedupe_enqueue_of_a_job_type_with_an_impossible_window_says_what_to_f
 
     with pytest.raises(ConfigError) as caught:
         run(enqueue())
-    expected = "test.Echo: idempotency_ttl_s must be above zero and at most 100 years, not inf"
+    expected = "test.Echo: idempotency_ttl_s must be from 1 ms to 100 years, not inf"
     assert str(caught.value) == expected
 
 

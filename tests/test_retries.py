@@ -599,8 +599,8 @@ def test_bad_retry_settings_are_reported_together_at_start(queue: str) -> None:
         run(app.consume(burst=True))
     message = str(caught.value)
     assert "test.Echo: max_attempts must be a whole number, at least 1, not 0" in message
-    assert "test.Echo: idempotency_lease_s must be above zero and at most 100 years, not 0" in message
-    assert "test.Echo: idempotency_ttl_s must be above zero and at most 100 years, not inf" in message
+    assert "test.Echo: idempotency_lease_s must be from 1 ms to 100 years, not 0" in message
+    assert "test.Echo: idempotency_ttl_s must be from 1 ms to 100 years, not inf" in message
     assert "test.Numbers: backoff must be a tenacity wait" in message
     assert "test.Numbers: retry_on must be a tuple of exception classes" in message
 
