@@ -103,10 +103,13 @@ class DeadLetters:
             raise ConfigError(f"rate must be a number of replays per second above 0, not {rate!r}")
         report = ReplayReport()
         replayed: set[tuple[str, int, int]] = set()  # (id, attempt, replays) of each job put back
+        began = self.app.clock()
 
         async def decide(body: bytes, key: str | bytes | None) -> list[Outgoing] | None:
             item = self.read(body)
-            if item not in selection:
+            if item not in selection or item.letter.at > began:
+                # (A letter written since this run began, by a job it replayed that failed again,
+                # say, is left for the next run: RabbitMQ's sweep takes letters until none is left.)
                 return None
             envelope = item.letter.envelope
             if envelope is not None and (item.id, envelope.attempt, envelope.replays) in replayed:
@@ -133,10 +136,11 @@ class DeadLetters:
     async def purge(self, selection: Selection) -> list[str]:
         """Remove the selected letters for good; return their ids."""
         purged: list[str] = []
+        began = self.app.clock()
 
         async def decide(body: bytes, key: str | bytes | None) -> list[Outgoing] | None:
             item = self.read(body)
-            if item not in selection:
+            if item not in selection or item.letter.at > began:  # (as in `replay`)
                 return None
             purged.append(item.id)
             return []

@@ -16,7 +16,7 @@ import pytest
 
 from bridge import Bridge, JobContext, Permanent, codec
 from bridge.dlq import Selection
-from bridge.envelope import DeadLetter
+from bridge.envelope import DeadLetter, now_ms
 from bridge.errors import BridgeError, ConfigError
 from bridge.registry import DEAD_LETTER
 from bridge.transports import Outgoing, dlq_name
@@ -190,7 +190,7 @@ def _letter_again(app: Bridge, queue: str, letter: DeadLetter) -> Outgoing:
     """`letter`'s job dead-lettered again after one replay."""
     assert letter.envelope is not None
     envelope = replace(letter.envelope, attempt=1, replays=letter.envelope.replays + 1)
-    again = replace(letter, detail="Permanent: still broken, again", envelope=envelope)
+    again = replace(letter, detail="Permanent: still broken, again", at=now_ms(), envelope=envelope)
     return Outgoing(dlq_name(queue), codec.encode(app.registry.schema(DEAD_LETTER), again.to_avro()), None)
 
 

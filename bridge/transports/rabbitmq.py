@@ -552,16 +552,13 @@ class RabbitTransport:
     async def sweep(self, queue: str, decide: Decide) -> int:
         assert self._connection is not None, "sweep() before connect()"
         # Messages are taken unacked; those kept go back when the channel closes, so each one
-        # is offered exactly once per sweep. Only those there when it began: a job it replays
-        # that fails again meanwhile has a new letter, at the queue's end, for the next sweep.
+        # is offered exactly once per sweep. (Taken until none is left: a quorum queue's count
+        # in a passive declare can leave out messages another channel's close is putting back.)
         channel = await self._connection.channel()
         removed = 0
         try:
             declared = await self._existing_queue(channel, queue)
-            for _ in range(declared.declaration_result.message_count or 0):
-                message = await declared.get(no_ack=False, fail=False)
-                if message is None:  # (another sweep took the rest)
-                    break
+            while (message := await declared.get(no_ack=False, fail=False)) is not None:
                 publish = await decide(message.body, None)
                 if publish is None:
                     continue
