@@ -103,18 +103,21 @@ class DeadLetters:
             raise ConfigError(f"rate must be a number of replays per second above 0, not {rate!r}")
         report = ReplayReport()
         replayed: set[tuple[str, int, int]] = set()  # (id, attempt, replays) of each job put back
+        put_back: set[str] = set()  # their ids
         began = self.app.clock()
 
         async def decide(body: bytes, key: str | bytes | None) -> list[Outgoing] | None:
             item = self.read(body)
-            if item not in selection or item.letter.at > began:
-                # (A letter written since this run began, by a job it replayed that failed again,
-                # say, is left for the next run: RabbitMQ's sweep takes letters until none is left.)
+            if item not in selection:
                 return None
             envelope = item.letter.envelope
             if envelope is not None and (item.id, envelope.attempt, envelope.replays) in replayed:
                 report.copies.append(item.id)
                 return []
+            if item.id in put_back and item.letter.at > began:
+                # A job put back by this run that failed again meanwhile: its new letter is left
+                # for the next run (RabbitMQ's sweep takes letters until none is left).
+                return None
             refusal = _refusal(item, max_replays) or await self._no_queue(item)
             if refusal:
                 report.refused.append((item.id, refusal))
@@ -122,6 +125,7 @@ class DeadLetters:
             assert envelope is not None  # (`_refusal` refused it otherwise)
             report.replayed.append(item.id)
             replayed.add((item.id, envelope.attempt, envelope.replays))
+            put_back.add(item.id)
             if rate and not dry_run:
                 await asyncio.sleep(1 / rate)
             return [self._replayed(item, key)]
@@ -136,11 +140,10 @@ class DeadLetters:
     async def purge(self, selection: Selection) -> list[str]:
         """Remove the selected letters for good; return their ids."""
         purged: list[str] = []
-        began = self.app.clock()
 
         async def decide(body: bytes, key: str | bytes | None) -> list[Outgoing] | None:
             item = self.read(body)
-            if item not in selection or item.letter.at > began:  # (as in `replay`)
+            if item not in selection:
                 return None
             purged.append(item.id)
             return []
