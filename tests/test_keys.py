@@ -188,17 +188,20 @@ def test_a_success_whose_key_is_being_recorded_when_the_grace_period_ends_runs_o
     # off with the grace period: the key lapsed with its 1 s lease, and the job ran again.)
     app = Bridge(broker="memory://", registry=str(SCHEMAS), grace_s=0.3, idempotency="memory://")
     effects: list[int] = []
+    stop, down = asyncio.Event(), [True]
 
     @app.job("test.Echo", queue="q", idempotency_lease_s=1)
     async def charge(payload: dict[str, Any], ctx: JobContext) -> None:
+        stop.set()  # (the consumer stops as the job runs)
         await asyncio.sleep(0.1)
         effects.append(payload["n"])
+        asyncio.get_running_loop().call_later(1.3, down.clear)
 
     async def scenario() -> Stats:
         async with app:
             await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="charge-1")
             store = await app.idempotency_store()
-            complete, down = store.complete, [True]
+            complete = store.complete
 
             async def refused(*args: Any) -> bool:
                 if down:
@@ -206,9 +209,6 @@ def test_a_success_whose_key_is_being_recorded_when_the_grace_period_ends_runs_o
                 return await complete(*args)
 
             monkeypatch.setattr(store, "complete", refused)
-            loop, stop = asyncio.get_running_loop(), asyncio.Event()
-            loop.call_later(0.05, stop.set)  # as the job runs
-            loop.call_later(1.35, down.clear)
             await app.consume(["q"], stop=stop)
             assert not down  # (the stop waited for the store)
             return await app.consume(["q"], burst=True)
