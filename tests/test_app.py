@@ -290,18 +290,18 @@ def test_a_stop_says_when_plain_handlers_run_on_past_the_grace_period(
     # its consumer stops as it runs, Then consume returns, saying that a handler runs on and
     # that the process exits when it ends. (It said nothing, and the process hung at exit.)
     app = Bridge(broker="memory://", registry=str(SCHEMAS), grace_s=0.1)
-    ended = threading.Event()
+    ended, stop, loops = threading.Event(), asyncio.Event(), list[asyncio.AbstractEventLoop]()
 
     @app.job("test.Echo", queue="q")
     def slow(payload: dict[str, Any], ctx: JobContext) -> None:
+        loops[0].call_soon_threadsafe(stop.set)  # (the consumer stops as it runs)
         time.sleep(1)
         ended.set()
 
     async def scenario() -> None:
+        loops.append(asyncio.get_running_loop())
         async with app:
             await app.enqueue_async("test.Echo", {"n": 1})
-            stop = asyncio.Event()
-            asyncio.get_running_loop().call_later(0.05, stop.set)
             await app.consume(["q"], stop=stop)
 
     with caplog.at_level(logging.WARNING, logger="bridge.worker"):

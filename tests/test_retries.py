@@ -428,8 +428,9 @@ def test_a_retry_due_after_the_jobs_expiry_is_dead_lettered_expired_naming_its_a
 def test_a_retry_due_after_the_jobs_expiry_but_within_a_tier_is_not_run(
     make_app: Callable[..., Bridge], queue: str
 ) -> None:
-    # Given a job with a 3 s time to live whose first attempt fails 0.3 s before then, asking
-    # to be retried 0.6 s later (less than the shortest tier: the worker waits for it itself),
+    # Given a job with an 8 s time to live (its first attempt starts well within it, however
+    # long a consumer takes to join) whose first attempt fails 0.3 s before then, asking to be
+    # retried 0.6 s later (less than the shortest tier: the worker waits for it itself),
     # Then the retry is dead-lettered `expired`, never run. (The worker waited, then ran it
     # after its expiry.)
     app = make_app()
@@ -439,10 +440,10 @@ def test_a_retry_due_after_the_jobs_expiry_but_within_a_tier_is_not_run(
     async def late(payload: dict[str, Any], ctx: JobContext) -> None:
         attempts.append(ctx.attempt)
         if ctx.attempt == 1:
-            await asyncio.sleep(ctx.created_at_ms / 1000 + 3 - 0.3 - time.time())
+            await asyncio.sleep(ctx.created_at_ms / 1000 + 8 - 0.3 - time.time())
             raise Retry(delay_s=0.6)
 
-    run(enqueue_and_drain(app, {"payload": {"n": 1}, "ttl": 3}))
+    run(enqueue_and_drain(app, {"payload": {"n": 1}, "ttl": 8}))
     assert attempts == [1]
     [letter] = dead_letters(app, queue)
     assert letter.reason == "expired" and letter.detail.startswith("attempt 2 not started before ")
