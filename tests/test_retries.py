@@ -506,9 +506,12 @@ def test_a_job_whose_attempt_is_below_one_runs_as_a_first_attempt(queue: str, at
     assert letter.reason == "exhausted"
 
 
-def test_three_day_delay_with_a_fake_clock(queue: str) -> None:
-    # On the in-memory transport, time is the app's clock: a 3-day delay, hopping through 6-hour
-    # tiers, runs once the clock passes three days and not a moment before.
+THREE_DAYS_MS = 3 * 86_400_000
+
+
+def app_on_a_fake_clock(queue: str) -> tuple[Bridge, list[int], list[int]]:
+    # An in-memory app whose time is now[0], with a handler that records the time it ran at.
+    # On the in-memory transport, time is the app's clock.
     from tests.conftest import SCHEMAS
 
     app = Bridge(broker="memory://", registry=str(SCHEMAS), delay_tiers="1m,1h,6h")
@@ -520,19 +523,31 @@ def test_three_day_delay_with_a_fake_clock(queue: str) -> None:
     async def later(payload: dict[str, Any], ctx: JobContext) -> None:
         ran.append(now[0])
 
+    return app, now, ran
+
+
+async def consume_ten_minutes_a_step(app: Bridge, now: list[int], ran: list[int]) -> None:
+    consuming = asyncio.create_task(app.consume(burst=True))
+    while not ran:
+        await asyncio.sleep(0.01)
+        now[0] += 600_000
+    await consuming
+
+
+def test_three_day_delay_with_a_fake_clock(queue: str) -> None:
+    # A 3-day delay, hopping through 6-hour tiers, runs once the clock passes three days and not
+    # a moment before.
+    app, now, ran = app_on_a_fake_clock(queue)
+
     async def scenario() -> None:
         async with app:
             await app.enqueue_async("test.Echo", {"n": 1}, delay=timedelta(days=3))
-            consuming = asyncio.create_task(app.consume(burst=True))
-            while not ran:
-                await asyncio.sleep(0.01)
-                now[0] += 600_000  # ten minutes per step
-            await consuming
+            await consume_ten_minutes_a_step(app, now, ran)
 
     start = now[0]
     run(scenario())
     assert len(ran) == 1
-    assert 3 * 86_400_000 <= ran[0] - start <= 3 * 86_400_000 + 1_200_000
+    assert THREE_DAYS_MS <= ran[0] - start <= THREE_DAYS_MS + 1_200_000
 
 
 def test_a_delayed_job_that_waits_out_a_registry_outage_keeps_its_time(
@@ -543,17 +558,8 @@ def test_a_delayed_job_that_waits_out_a_registry_outage_keeps_its_time(
     # for the registry in a delay tier and still runs at its time. (Waiting set its run_at to
     # the shortest tier's end: it ran about three days early.)
     from bridge.errors import RegistryUnavailable
-    from tests.conftest import SCHEMAS
 
-    app = Bridge(broker="memory://", registry=str(SCHEMAS), delay_tiers="1m,1h,6h")
-    now = [1_800_000_000_000]
-    app.clock = lambda: now[0]
-    ran: list[int] = []
-
-    @app.job("test.Echo", queue=queue)
-    async def later(payload: dict[str, Any], ctx: JobContext) -> None:
-        ran.append(now[0])
-
+    app, now, ran = app_on_a_fake_clock(queue)
     decode, down = codec.decode, [True]
 
     def registry_down_once(data: bytes, *args: Any, **kwargs: Any) -> Any:
@@ -563,23 +569,19 @@ def test_a_delayed_job_that_waits_out_a_registry_outage_keeps_its_time(
         return decode(data, *args, **kwargs)
 
     monkeypatch.setattr(codec, "decode", registry_down_once)
-    envelope = app.build_envelope("test.Echo", {"n": 1}, queue=queue, run_at=now[0] + 3 * 86_400_000)
+    envelope = app.build_envelope("test.Echo", {"n": 1}, queue=queue, run_at=now[0] + THREE_DAYS_MS)
     payload = envelope.payload
 
     async def scenario() -> None:
         async with app:
             await publish_envelope(app, queue, envelope)
-            consuming = asyncio.create_task(app.consume(burst=True))
-            while not ran:
-                await asyncio.sleep(0.01)
-                now[0] += 600_000  # ten minutes per step
-            await consuming
+            await consume_ten_minutes_a_step(app, now, ran)
 
     start = now[0]
     run(scenario())
     assert not down  # (the registry was down as the job came back)
     assert len(ran) == 1
-    assert 3 * 86_400_000 <= ran[0] - start <= 3 * 86_400_000 + 1_200_000
+    assert THREE_DAYS_MS <= ran[0] - start <= THREE_DAYS_MS + 1_200_000
 
 
 def test_bad_retry_settings_are_reported_together_at_start(queue: str) -> None:
