@@ -9,7 +9,7 @@ a connection inside a transaction, in which the key completes too.
 Leases and windows start and end by the server's clock, not each host's: a host whose clock
 ran ahead would otherwise take a live lease, and its purge delete live rows. The store reads
 the server's clock when it connects and once a minute after, and carries it forward between
-readings on this host's monotonic clock, so no statement on the hot path waits for it.
+readings on this host's clock since boot, so no statement on the hot path waits for it.
 """
 
 from __future__ import annotations
@@ -194,30 +194,41 @@ class _Deadline:
         self._timer.cancel()
 
 
+# A clock that nobody steps and that counts the time a suspended host slept: Linux's
+# CLOCK_BOOTTIME; macOS's CLOCK_MONOTONIC counts it too. time.monotonic() stands still while
+# the host sleeps: the server's time carried forward on it lagged by the sleep, and the first
+# claims after a sleep were written with leases that had already ended.
+SINCE_BOOT = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def _since_boot() -> float:
+    return time.clock_gettime(SINCE_BOOT)
+
+
 class _ServerClock:
     """The database server's clock in epoch ms, read now and then and carried forward between
-    readings on this host's monotonic clock (which NTP slews but nobody steps)."""
+    readings on this host's clock since boot (which NTP slews but nobody steps)."""
 
     def __init__(self) -> None:
         self._server_ms: int | None = None  # the last reading
-        self._read_at = 0.0  # time.monotonic() of that reading: halfway through its round trip
+        self._read_at = 0.0  # _since_boot() of that reading: halfway through its round trip
         self._wall_at = 0.0  # and time.time() then
 
     def now_ms(self) -> int:
         if self._server_ms is None:  # (only before the store connected: nothing is timed yet)
             return now_ms()
-        return self._server_ms + int((time.monotonic() - self._read_at) * 1000)
+        return self._server_ms + int((_since_boot() - self._read_at) * 1000)
 
     def stale(self) -> bool:
-        """Due for a reading: a minute on, or the host was suspended meanwhile (the monotonic
-        clock stands still then, and the wall clock does not)."""
-        elapsed = time.monotonic() - self._read_at
+        """Due for a reading: a minute on, or the wall clock moved on by another time than the
+        clock since boot (it was set, or that clock does not count a sleep after all)."""
+        elapsed = _since_boot() - self._read_at
         return elapsed >= READ_CLOCK_EVERY_S or abs(time.time() - self._wall_at - elapsed) > 1.0
 
     async def read(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
-        sent = time.monotonic()
+        sent = _since_boot()
         [(server_ms,)] = await _fetch(conn, SERVER_CLOCK, ())
-        received = time.monotonic()
+        received = _since_boot()
         self._server_ms, self._read_at = int(server_ms), (sent + received) / 2
         self._wall_at = time.time() - (received - self._read_at)
 
