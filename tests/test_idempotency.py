@@ -461,6 +461,55 @@ def test_a_key_too_long_for_the_postgres_index_fails_alone(brokers: dict[str, st
     with_store(brokers["postgres"], scenario)
 
 
+def test_a_postgres_batch_run_statement_by_statement_keeps_the_deadline(
+    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a key whose row another transaction holds, and calls given 1 s,
+    # When it is claimed in one batch with a key too long for the index (the batch fails on
+    # that one, and its statements run again one by one),
+    # Then its claim fails as an outage in about that time, and the long key with its reason.
+    # (Run one by one, statements had no deadline: the claim waited as long as the row was
+    # held, and over a silent network for TCP's retransmission time.)
+    monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0)
+    too_long = f"test:00~{os.urandom(6000).hex()}"
+    held = f"test:01:{uuid.uuid4().hex}"  # (sorts after the long key: the batch fails first)
+
+    async def scenario(store: Store) -> None:
+        claimed(await store.claim(new_key(), "job-0", 30))  # (the table exists)
+        async with await psycopg.AsyncConnection.connect(brokers["postgres"]) as holder:
+            await holder.execute(
+                "INSERT INTO bridge_idempotency (name, state, job_id, expires_at)"
+                " VALUES (%s, 'running', 'holder', 0)",
+                (held,),
+            )  # (and the transaction stays open)
+            claims = await asyncio.wait_for(
+                asyncio.gather(
+                    store.claim(too_long, "job-1", 30), store.claim(held, "job-2", 30), return_exceptions=True
+                ),
+                timeout=10,
+            )
+        assert isinstance(claims[0], StoreError) and "index row" in str(claims[0]), claims[0]
+        assert isinstance(claims[1], StoreError) and "no answer within 1 s" in str(claims[1]), claims[1]
+
+    with_store(brokers["postgres"], scenario)
+
+
+def test_creating_the_postgres_table_keeps_the_deadline(
+    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given calls given 1 s, When creating the table does not answer (a statement that sleeps
+    # stands in for a silent network), Then the first claim fails as an outage in about that
+    # time. (Creating the table had no deadline.)
+    monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(postgres, "SCHEMA", "SELECT pg_sleep(20)")
+
+    async def scenario(store: Store) -> None:
+        with pytest.raises(StoreError, match="no answer within 1 s"):
+            await asyncio.wait_for(store.claim(new_key(), "job-1", 30), timeout=10)
+
+    with_store(brokers["postgres"], scenario)
+
+
 def test_a_wrong_postgres_password_fails_at_once_with_the_servers_reason(brokers: dict[str, str]) -> None:
     # Given the local PostgreSQL's URL with a wrong password,
     user, _, where = brokers["postgres"].removeprefix("postgresql://").partition("@")

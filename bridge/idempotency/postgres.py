@@ -94,10 +94,11 @@ class PostgresStore(SqlStore):
                 self.url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
             )
             async with conn:
-                # UniqueViolation: another process created the table at the same moment.
-                with suppress(psycopg.errors.UniqueViolation):
-                    await conn.execute(SCHEMA)
-                await self._clock.read(conn)
+                with _answered_within(conn):
+                    # UniqueViolation: another process created the table at the same moment.
+                    with suppress(psycopg.errors.UniqueViolation):
+                        await conn.execute(SCHEMA)
+                    await self._clock.read(conn)
             await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
@@ -123,14 +124,12 @@ class PostgresStore(SqlStore):
         await self._open()
         with _mapped(self.url):
             async with self._pool.connection() as conn:
-                deadline = _Deadline(conn)
                 try:
-                    if self._clock.stale():
-                        await self._clock.read(conn)
-                    return list(await _together(conn, statements))
+                    with _answered_within(conn):
+                        if self._clock.stale():
+                            await self._clock.read(conn)
+                        return list(await _together(conn, statements))
                 except psycopg.Error as exc:
-                    if deadline.passed:
-                        raise TimeoutError(f"no answer within {CALL_TIMEOUT_S:g} s") from exc
                     # psycopg 3.2.1 (not 3.3.9) takes a statement it prepared in a failed
                     # pipeline for prepared, and every later use of it on this connection
                     # fails ("prepared statement _pg3_0 does not exist"): the pool replaces it.
@@ -138,8 +137,6 @@ class PostgresStore(SqlStore):
                     await conn.close()
                     if broken or len(statements) == 1 or (exc.sqlstate or "").startswith("40"):
                         raise
-                finally:
-                    deadline.cancel()
             async with self._pool.connection() as conn:
                 return [await _alone(conn, sql, params, self.url) for sql, params in statements]
 
@@ -168,21 +165,20 @@ class PostgresStore(SqlStore):
         await self._pool.close()
 
 
-class _Deadline:
-    """Shuts a connection's socket down if it is still in use CALL_TIMEOUT_S from now.
+@contextmanager
+def _answered_within(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> Iterator[None]:
+    """Shuts the connection's socket down if the block still runs CALL_TIMEOUT_S from now, and
+    raises TimeoutError then.
 
     Not a cancellation: psycopg answers one by sending the server a cancel request, on a new
     connection over the same silent network, and waits up to 10 s more. A socket shut down
     (not closed: psycopg is waiting on it) makes the call fail at once, and the pool replaces
     the connection.
     """
+    passed = []
 
-    def __init__(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
-        self.passed = False
-        self._timer = asyncio.get_running_loop().call_later(CALL_TIMEOUT_S, self._shut_down, conn)
-
-    def _shut_down(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
-        self.passed = True
+    def shut_down() -> None:
+        passed.append(True)
         with suppress(OSError, psycopg.Error):
             sock = socket.socket(fileno=conn.pgconn.socket)
             try:
@@ -190,8 +186,15 @@ class _Deadline:
             finally:
                 sock.detach()  # (the descriptor stays psycopg's to close)
 
-    def cancel(self) -> None:
-        self._timer.cancel()
+    timer = asyncio.get_running_loop().call_later(CALL_TIMEOUT_S, shut_down)
+    try:
+        yield
+    except psycopg.Error as exc:
+        if passed:
+            raise TimeoutError(f"no answer within {CALL_TIMEOUT_S:g} s") from exc
+        raise
+    finally:
+        timer.cancel()
 
 
 # A clock that nobody steps and that counts the time a suspended host slept: Linux's
@@ -256,7 +259,7 @@ async def _alone(
 ) -> Rows | StoreError:
     """One statement in its own transaction: its rows, or its error."""
     try:
-        with _mapped(url):
+        with _mapped(url), _answered_within(conn):
             return await _fetch(conn, sql, params)
     except StoreError as exc:
         return exc
