@@ -159,6 +159,22 @@ def test_a_claim_that_finds_its_key_done_says_so_in_one_request(
     with_store(store_url, scenario)
 
 
+def test_a_claim_given_up_before_its_batch_went_out_holds_nothing(store_url: str) -> None:
+    # Given a claim asked for, When its caller is cancelled before its batch goes out (a stop
+    # while the loop was busy), Then the key is free for the next claim. (The cancelled claim
+    # was sent all the same, and held the key, for no one, until its lease ended.)
+    async def scenario(store: Store) -> None:
+        claimed(await store.claim(new_key(), "job-0", 30))  # (the store is open)
+        key = new_key()
+        given_up = asyncio.create_task(store.claim(key, "job-1", 30))
+        await asyncio.sleep(0)  # (one loop pass: it asked, and its batch goes out on the next)
+        given_up.cancel()
+        claimed(await store.claim(key, "job-2", 30))
+        assert given_up.cancelled()
+
+    with_store(store_url, scenario)
+
+
 def test_only_the_holder_can_extend_complete_or_release(store_url: str) -> None:
     # Given a key claimed by job 1,
     # When someone without its token extends, completes or releases it,

@@ -73,7 +73,9 @@ class TickBatch(Generic[Request]):
             asyncio.create_task(self._flush())  # noqa: RUF006 -- as in `call`
             return
         assert self._send_now is not None
-        batch, self._pending = self._pending, []
+        batch = self._take()
+        if not batch:
+            return
         replies: list[Any]
         try:
             replies = self._send_now([request for request, _ in batch])
@@ -83,7 +85,9 @@ class TickBatch(Generic[Request]):
 
     async def _flush(self) -> None:
         async with self._lock or nullcontext():
-            batch, self._pending = self._pending, []
+            batch = self._take()
+            if not batch:
+                return
             replies: list[Any]
             try:
                 replies = await self._send([request for request, _ in batch])
@@ -94,6 +98,12 @@ class TickBatch(Generic[Request]):
                     done.cancel()
                 raise
         _answer(batch, replies)
+
+    def _take(self) -> Pending[Request]:
+        """The batch to send: what was asked since the last, but what its caller gave up on
+        meanwhile (a cancelled claim would hold its key, unknown to anyone, for its lease)."""
+        batch, self._pending = self._pending, []
+        return [(request, done) for request, done in batch if not done.done()]
 
 
 def _busy(loop: asyncio.AbstractEventLoop) -> bool:
@@ -110,7 +120,7 @@ def _answer(batch: Pending[Any], replies: list[Any]) -> None:
         replies = [RuntimeError(f"{len(replies)} replies to {len(batch)} requests")] * len(batch)
     for (_, done), reply in zip(batch, replies, strict=True):
         if done.done():
-            continue  # its caller was cancelled
+            continue  # its caller was cancelled once the batch had gone out
         if isinstance(reply, BaseException):
             done.set_exception(reply)
         else:
