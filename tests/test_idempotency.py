@@ -374,6 +374,33 @@ def test_sqlite_claims_made_during_an_inbox_transaction_go_out_once_it_commits(t
     assert list(effects(url, table).values()) == [1]
 
 
+def test_a_sqlite_claim_waiting_for_another_process_s_inbox_leaves_the_event_loop_free(
+    tmp_path: Path,
+) -> None:
+    # Given two SQLite stores on one file (as two processes have), one holding an inbox
+    # transaction (and SQLite's write lock), When the other claims a key, Then that claim waits
+    # while its event loop turns, and succeeds once the transaction commits. (SQLite's busy
+    # handler waited inside the call: the loop stood still for up to 10 s, then the claim failed.)
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+
+    async def main() -> None:
+        holder, other = open_store(url), open_store(url)
+        try:
+            key = new_key()
+            token = claimed(await holder.claim(key, "job-1", 30)).token
+            async with holder.transaction(key, token, "job-1", 30):
+                waiting = asyncio.ensure_future(other.claim(new_key(), "job-2", 30))
+                for _ in range(20):  # turns of the loop, in which its batch goes out and waits
+                    await asyncio.sleep(0)
+                assert not waiting.done()
+            claimed(await asyncio.wait_for(waiting, timeout=5))
+        finally:
+            await holder.close()
+            await other.close()
+
+    run(main())
+
+
 def test_a_sqlite_batch_that_fails_in_an_unexpected_way_leaves_the_store_working(tmp_path: Path) -> None:
     # Given a SQLite store, When a claim fails in a way that is not SQLite's (a lease too long
     # for a 64-bit integer: Python's OverflowError), Then that claim fails, and the next claims

@@ -32,16 +32,17 @@ class TickBatch(Generic[Request]):
     for a request that failed alone. A `send` that raises fails the whole batch. With `lock`,
     a batch is taken only once the lock is held, so requests made meanwhile go out together.
 
-    `send_now` is `send` for a store whose sends never wait (SQLite): a batch whose lock is
+    `send_now` is `send` for a store whose sends seldom wait (SQLite): a batch whose lock is
     free goes out from a plain callback, with no task to create and step through, once the loop
-    has nothing else ready to run (or after MAX_PASSES passes).
+    has nothing else ready to run (or after MAX_PASSES passes). It returns None for a batch it
+    cannot send without waiting, which then goes to `send` in a task.
     """
 
     def __init__(
         self,
         send: Callable[[list[Request]], Awaitable[list[Any]]],
         lock: asyncio.Lock | None = None,
-        send_now: Callable[[list[Request]], list[Any]] | None = None,
+        send_now: Callable[[list[Request]], list[Any] | None] | None = None,
     ) -> None:
         self._send = send
         self._send_now = send_now
@@ -76,16 +77,20 @@ class TickBatch(Generic[Request]):
         batch = self._take()
         if not batch:
             return
-        replies: list[Any]
+        replies: list[Any] | None
         try:
             replies = self._send_now([request for request, _ in batch])
         except Exception as exc:  # every caller must hear of it
             replies = [exc] * len(batch)
+        if replies is None:  # it would have to wait
+            asyncio.create_task(self._flush(batch))  # noqa: RUF006 -- as in `call`
+            return
         _answer(batch, replies)
 
-    async def _flush(self) -> None:
+    async def _flush(self, batch: Pending[Request] | None = None) -> None:
+        """Send `batch`, or what was asked since the last one, once the lock is free."""
         async with self._lock or nullcontext():
-            batch = self._take()
+            batch = batch or self._take()
             if not batch:
                 return
             replies: list[Any]

@@ -10,7 +10,8 @@ B-tree, not to Python.) A commit costs more than the statements, so the claims a
 that jobs ask for while the loop is busy are written in one transaction (group commit), a few
 milliseconds at most. The one long transaction is the inbox, which holds this process's
 connection (other jobs' statements wait their turn) and SQLite's write lock (other processes
-wait up to BUSY_TIMEOUT_S): keep inbox transactions short.
+wait up to BUSY_TIMEOUT_S): keep inbox transactions short. They wait on their event loop, which
+runs on meanwhile, not in SQLite's busy handler, which would stop it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.sql import CLAIM, LOOK, SCHEMA, Query, Rows, SqlStore, log, now_ms
 
 BUSY_TIMEOUT_S = 10.0
+BUSY_RETRY_S = (0.001, 0.05)  # how long to wait before trying again for the write lock: from, to
 WAL_CHECKPOINT_PAGES = 4000  # SQLite's default is 1000
 # The purge goes through the table a range of rowids at a time, each range a statement of its
 # own among the jobs' statements: one statement for the whole table would stop the event loop,
@@ -66,6 +68,8 @@ class SqliteStore(SqlStore):
             # steady stream of commits the WAL was never reset: 230 MB after 60,000 keys.)
             self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             self._db.execute(SCHEMA)
+            # From now on the write lock is waited for on the event loop (`_write_lock`).
+            self._db.execute("PRAGMA busy_timeout=0")
         self._lock = asyncio.Lock()  # the connection: a group commit's, or an inbox transaction's
         self._statements = TickBatch(self._commit, self._lock, send_now=self._commit_now)
         self._inbox: asyncio.Task[Any] | None = None  # the task whose inbox transaction is open
@@ -79,13 +83,39 @@ class SqliteStore(SqlStore):
         return rows
 
     async def _commit(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows | StoreError]:
-        return self._commit_now(statements)
+        await self._write_lock()
+        return self._in_transaction(statements)
 
-    def _commit_now(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows | StoreError]:
-        """Run `statements` in one transaction: each one's rows, or its error."""
+    def _commit_now(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows | StoreError] | None:
+        """`_commit` if the write lock is free now; None if another process holds it."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            if _busy(exc):
+                return None
+            raise StoreError(f"idempotency store {self.path}: {exc}") from exc
+        return self._in_transaction(statements)
+
+    async def _write_lock(self) -> None:
+        """BEGIN IMMEDIATE, waiting on the event loop while another process writes, up to
+        BUSY_TIMEOUT_S. (SQLite's busy handler waits inside the call: the loop stood still, and
+        every job of this process with it, as long as another process's inbox was open.)"""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        wait_s, most_s = BUSY_RETRY_S
+        while True:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.Error as exc:
+                if not _busy(exc) or time.monotonic() + wait_s > deadline:
+                    raise StoreError(f"idempotency store {self.path}: {exc}") from exc
+            await asyncio.sleep(wait_s)
+            wait_s = min(2 * wait_s, most_s)
+
+    def _in_transaction(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows | StoreError]:
+        """Run `statements` in the transaction just begun, and commit: each one's rows, or its error."""
         results: list[Rows | StoreError] = []
         try:
-            self._run("BEGIN IMMEDIATE", ())
             for sql, params in statements:
                 try:
                     results.append(self._run(sql, params))
@@ -121,7 +151,7 @@ class SqliteStore(SqlStore):
             return self._run(sql, params)
 
         async with self._lock:
-            self._run("BEGIN IMMEDIATE", ())
+            await self._write_lock()
             self._inbox = asyncio.current_task()
             try:
                 yield self._db, query
@@ -150,6 +180,11 @@ def _warn_ended() -> None:
         "rollback()), so its writes did not commit with its key, and stay even if the key could "
         "not be recorded; leave the commit to bridge"
     )
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """Whether another connection holds the lock (SQLITE_BUSY, or one of its extended codes)."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
 
 
 def _use_wal(db: sqlite3.Connection) -> None:
