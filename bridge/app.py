@@ -23,6 +23,7 @@ from bridge.dlq import DeadLetters
 from bridge.envelope import LONGEST_S, Envelope, now_ms, uuid7
 from bridge.errors import ConfigError, JobTooLarge, StoreError, utf8
 from bridge.idempotency import DEFAULT_LEASE_S, DEFAULT_WINDOW_S, Store, default_url, enqueue_key, open_store
+from bridge.idempotency.sql import SqlStore
 from bridge.jobs import Handler, JobSpec
 from bridge.policy import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, Backoff, RetryPolicy
 from bridge.registry import ENVELOPE, Registry, open_registry
@@ -315,6 +316,8 @@ class Bridge:
                 pool_size = max(concurrency or 0, self.settings.concurrency)
                 store = open_store(url or default_url(), pool_size=pool_size)
             self._stores[loop] = store
+        elif concurrency is not None and isinstance(store, SqlStore):
+            await store.make_room(concurrency)  # (opened earlier: by a dedupe enqueue, say)
         return store
 
     def _let_go_of_closed_loops(self) -> None:

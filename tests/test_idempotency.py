@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 
+from bridge import Bridge
 from bridge.errors import LeaseLost, StoreError
 from bridge.idempotency import Busy, Claim, Claimed, Done, Enqueued, Store, open_store, postgres
 from bridge.idempotency import redis as redis_store
@@ -298,6 +299,18 @@ def test_the_inbox_commits_the_write_and_the_key_together(store_url: str) -> Non
     assert list(effects(store_url, table).values()) == [1]
 
 
+async def renewals_in_inbox_transactions(store: Store, jobs: int) -> list[bool]:
+    """Claim `jobs` keys, open an inbox transaction for each (each holds a connection while its
+    handler runs), and renew their leases meanwhile: whether each renewal took, within 5 s."""
+    keys = [new_key() for _ in range(jobs)]
+    tokens = [claimed(await store.claim(key, "job", 30)).token for key in keys]
+    async with contextlib.AsyncExitStack() as transactions:
+        for key, token in zip(keys, tokens, strict=True):
+            await transactions.enter_async_context(store.transaction(key, token, "job", 30))
+        renewals = (store.extend(k, t, 30) for k, t in zip(keys, tokens, strict=True))
+        return await asyncio.wait_for(asyncio.gather(*renewals), 5)
+
+
 def test_postgres_inbox_transactions_holding_every_slot_leave_room_for_renewals(
     brokers: dict[str, str],
 ) -> None:
@@ -309,17 +322,34 @@ def test_postgres_inbox_transactions_holding_every_slot_leave_room_for_renewals(
     async def main() -> None:
         store = open_store(brokers["postgres"], pool_size=2)
         try:
-            keys = [new_key(), new_key()]
-            tokens = [claimed(await store.claim(key, "job", 30)).token for key in keys]
-            async with contextlib.AsyncExitStack() as transactions:
-                for key, token in zip(keys, tokens, strict=True):
-                    await transactions.enter_async_context(store.transaction(key, token, "job", 30))
-                renewed = await asyncio.wait_for(
-                    asyncio.gather(*(store.extend(k, t, 30) for k, t in zip(keys, tokens, strict=True))), 5
-                )
-                assert renewed == [True, True]
+            assert await renewals_in_inbox_transactions(store, 2) == [True, True]
         finally:
             await store.close()
+
+    run(main(), timeout=30)
+
+
+@pytest.mark.parametrize("connected", [True, False])
+def test_a_postgres_store_opened_before_consume_makes_room_for_its_concurrency(
+    brokers: dict[str, str], connected: bool
+) -> None:
+    # Given an app of concurrency 2 whose PostgreSQL store is open already (a dedupe enqueue
+    # opens it; connected, or not yet), When a consume of concurrency 4 asks for it, and four
+    # keyed jobs are in inbox transactions, Then their leases' renewals go through at once.
+    # (The store kept its pool of 2 + 2 connections, all held: renewals waited out the pool's
+    # 10 s and failed.)
+    from tests.conftest import SCHEMAS
+
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), idempotency=brokers["postgres"], concurrency=2)
+
+    async def main() -> None:
+        async with app:
+            opened = await app.idempotency_store()
+            if connected:
+                claimed(await opened.claim(new_key(), "job", 30))
+            store = await app.idempotency_store(concurrency=4)
+            assert store is opened
+            assert await renewals_in_inbox_transactions(store, 4) == [True] * 4
 
     run(main(), timeout=30)
 

@@ -54,10 +54,7 @@ class PostgresStore(SqlStore):
         The pool holds two connections more, for the batches and the purge: inbox handlers that
         hold every connection must not keep their own leases from being renewed."""
         self.url = url
-        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] = AsyncConnectionPool(
-            url, min_size=1, max_size=max(1, pool_size) + 2, open=False,
-            kwargs={"autocommit": True}, timeout=CONNECT_TIMEOUT_S,
-        )  # fmt: skip
+        self._pool = self._new_pool(max(1, pool_size) + 2)
         self._ready = False
         self._opening = asyncio.Lock()
         self._statements = TickBatch(self._pipeline, asyncio.Lock())
@@ -65,6 +62,22 @@ class PostgresStore(SqlStore):
 
     def _now_ms(self) -> int:
         return self._clock.now_ms()
+
+    def _new_pool(self, size: int) -> AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]]:
+        return AsyncConnectionPool(
+            self.url, min_size=1, max_size=size, open=False, kwargs={"autocommit": True},
+            timeout=CONNECT_TIMEOUT_S,
+        )  # fmt: skip
+
+    async def make_room(self, transactions: int) -> None:
+        size = transactions + 2  # (as in __init__)
+        if size <= self._pool.max_size:
+            return
+        async with self._opening:  # (not while the pool opens)
+            if self._ready:
+                await self._pool.resize(self._pool.min_size, size)
+            else:
+                self._pool = self._new_pool(size)
 
     async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
         await self._open()  # (the first claim's lease needs the server's clock read)

@@ -105,6 +105,10 @@ class SqlStore:
         """A transaction: the database's own handle, and `_query` inside that transaction."""
         raise NotImplementedError
 
+    async def make_room(self, transactions: int) -> None:
+        """Room for `transactions` inbox transactions at once, from now on (a store with a pool
+        of connections grows it)."""
+
     def _now_ms(self) -> int:
         """The store's clock in epoch ms, by which leases and windows start and end: the host's.
         The PostgreSQL store, shared by many hosts, keeps the server's instead."""
