@@ -415,7 +415,10 @@ def _moment(
         raise ConfigError(f"{at_name}= needs a timezone-aware datetime, not {at!r}")
     if at.tzinfo is None:
         raise ConfigError(f"{at_name}= needs a timezone-aware datetime, e.g. datetime.now(UTC)")
-    return int(at.timestamp() * 1000)
+    moment = int(at.timestamp() * 1000)
+    if not -LONGEST_S <= (moment - now) / 1000 <= LONGEST_S:  # (as for after=: the envelope holds it)
+        raise ConfigError(f"{at_name}= must be within 100 years of now, not {at.isoformat()}")
+    return moment
 
 
 async def _confirm(store: Store, key: str, job_id: str, window_s: float) -> None:

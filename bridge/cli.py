@@ -263,8 +263,9 @@ def _enqueue(args: argparse.Namespace) -> int:
     app = _app(args)
     try:
         payload = json.loads(args.payload)
-    except ValueError as exc:
-        raise ConfigError(f"payload is not valid JSON ({exc}); quote it, e.g. '{{\"id\": 1}}'") from None
+    except (ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ConfigError(f"payload is not valid JSON ({why}); quote it, e.g. '{{\"id\": 1}}'") from None
     options = {
         "queue": args.queue, "key": args.key, "idempotency_key": args.idempotency_key,
         "delay": args.delay, "at": args.at, "ttl": args.ttl, "dedupe": args.dedupe,

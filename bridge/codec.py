@@ -20,7 +20,9 @@ import io
 import json
 import math
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Protocol
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
@@ -31,6 +33,7 @@ from bridge.avro_reader import Read, compile_reader
 from bridge.avro_writer import Write, compile_writer
 from bridge.compatibility import (
     PRIMITIVES,
+    Names,
     full_name,
     read_problems,
     strip_logical_types,
@@ -46,6 +49,10 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_SCHEMA_DEPTH = 32
 # What the compiled writer raises for a datum it cannot write as it is.
 _NOT_AS_IT_IS = (KeyError, TypeError, ValueError, AttributeError, OverflowError, struct.error)
+# The largest finite value of an Avro float (IEEE 754 single precision).
+_FLOAT_MAX = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]
+# A time of day as an int counts from midnight, in these units in a day.
+_IN_A_DAY = {"time-millis": 86_400_000, "time-micros": 86_400_000_000}
 
 
 def _bounded_decimal(read: Any) -> Any:
@@ -113,6 +120,8 @@ class Schema:
     read: Read | None = None  # bridge's own faster reader, when fastavro would change nothing
     write: Write | None = None  # and writer
     logical_types: bool = True  # whether reading makes datetimes, Decimals, ... (not for bridge's own)
+    # whether a value that validates may still not read back (see `validation_problems`)
+    values_checked: bool = False
 
     @classmethod
     def from_definition(
@@ -136,9 +145,10 @@ class Schema:
             header = CONFLUENT_MAGIC + schema_id.to_bytes(4, "big")
         name = full_name(definition["name"], definition.get("namespace"))
         field_names = frozenset(f["name"] for f in definition["fields"])
+        values_checked = not compiled or '"float"' in canonical  # (or a field named float: harmless)
         return cls(
             name, definition, parsed, canonical, fingerprint, check, schema_id, header, field_names, read,
-            write, logical_types,
+            write, logical_types, values_checked,
         )  # fmt: skip
 
 
@@ -206,8 +216,83 @@ def validation_problems(schema: Schema, datum: Any) -> list[str]:
     try:
         validate(datum, schema.parsed, raise_errors=True)
     except ValidationError as exc:
-        problems += [_describe(error) for error in exc.errors]
+        return problems + [_describe(error) for error in exc.errors]
+    except (ValueError, TypeError, OverflowError) as exc:  # a logical type's conversion refused a value
+        return problems + (_unreadable_values(schema, datum) or [f"{schema.name}: {exc}"])
+    return problems + (_unreadable_values(schema, datum) if schema.values_checked else [])
+
+
+def _unreadable_values(schema: Schema, datum: Any) -> list[str]:
+    """What in a valid `datum` a consumer could not read back as it was written.
+
+    fastavro's validation takes any int for a date or a time of day, any string for a uuid and
+    any number for a float; the consumer's reader then fails on a time past midnight or a year
+    beyond 9999 (the job is dead-lettered), or reads a float beyond its range as infinity. Each
+    value with a logical type is written and read back alone, naming its field; the whole datum
+    too, for a value under a union of several types, which the walk does not follow.
+    """
+    names = Names()
+    names.learn(schema.definition, None)
+    problems = list(_value_problems(schema.definition, datum, schema.name, names, None))
+    if not problems and schema.read is None:
+        try:
+            stream = io.BytesIO()
+            schemaless_writer(stream, schema.parsed, datum)
+            _read_with_fastavro(stream.getvalue(), 0, schema.parsed, None)
+        except Exception as exc:
+            problems.append(f"{schema.name}: a consumer could not read it back: {_why(exc)}")
     return problems
+
+
+def _value_problems(node: Any, value: Any, path: str, names: Names, namespace: str | None) -> Iterator[str]:
+    node, namespace = names.resolve(node, namespace)
+    if isinstance(node, list):  # a union: followed when it is null or one other type
+        others = [branch for branch in node if branch != "null"]
+        if value is not None and len(others) == 1:
+            yield from _value_problems(others[0], value, path, names, namespace)
+        return
+    if isinstance(node, str):
+        node = {"type": node}
+    kind = node["type"]
+    if isinstance(kind, dict | list):
+        yield from _value_problems(kind, value, path, names, namespace)
+    elif kind == "record" and isinstance(value, dict):
+        for field_ in node["fields"]:
+            if field_["name"] in value:
+                item = value[field_["name"]]
+                yield from _value_problems(field_["type"], item, f"{path}.{field_['name']}", names, namespace)
+    elif kind == "array" and isinstance(value, list | tuple):
+        for n, item in enumerate(value):
+            yield from _value_problems(node["items"], item, f"{path}[{n}]", names, namespace)
+    elif kind == "map" and isinstance(value, dict):
+        for key, item in value.items():
+            yield from _value_problems(node["values"], item, f"{path}[{key!r}]", names, namespace)
+    elif "logicalType" in node:
+        if problem := _logical_problem(node, value):
+            yield f"{path}: {problem}"
+    elif kind == "float" and isinstance(value, int | float) and _FLOAT_MAX < abs(value) < math.inf:
+        yield f"{path}: {value!r} is beyond a float's range (±{_FLOAT_MAX:.7g}); a double holds it"
+
+
+def _logical_problem(node: dict[str, Any], value: Any) -> str | None:
+    """Why `value` does not survive being written and read as `node`, a logical type."""
+    logical = node["logicalType"]
+    in_a_day = _IN_A_DAY.get(logical)
+    if in_a_day and isinstance(value, int) and not 0 <= value < in_a_day:
+        return f"{value} is not a time of day in {logical} (0 to {in_a_day - 1})"
+    parsed = _parsed(json.dumps(node, sort_keys=True))
+    try:
+        stream = io.BytesIO()
+        schemaless_writer(stream, parsed, value)
+        _read_with_fastavro(stream.getvalue(), 0, parsed, None)
+    except Exception as exc:
+        return f"{value!r} is not a {logical}: {'out of range' if isinstance(exc, OverflowError) else exc}"
+    return None
+
+
+@lru_cache(maxsize=256)
+def _parsed(definition: str) -> Any:
+    return parse_schema(json.loads(definition))
 
 
 def _describe(error: Any) -> str:

@@ -103,7 +103,7 @@ def level_problems(level: str, new: Any, older: Sequence[Any]) -> list[str]:
     return problems
 
 
-class _Names:
+class Names:
     """The named types of one side, by full name, wherever each is defined: a field the
     other side lacks is never compared, yet may define a type that a later field names."""
 
@@ -178,7 +178,7 @@ class _Resolution:
     """One comparison of a reader with a writer schema, gathering every problem on the way."""
 
     def __init__(self) -> None:
-        self.readers, self.writers = _Names(), _Names()
+        self.readers, self.writers = Names(), Names()
         self.pairs: set[tuple[str, str]] = set()  # named types already being compared
         self.problems: list[str] = []
 

@@ -111,8 +111,9 @@ def _read_definitions(directory: Path) -> dict[str, Any]:
     for file in sorted(directory.rglob("*.avsc")):
         try:
             definition = json.loads(file.read_text())
-        except (OSError, ValueError) as exc:
-            problems.append(f"{file}: not JSON ({exc})")
+        except (OSError, ValueError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            problems.append(f"{file}: not JSON ({why})")
             continue
         name = full_name_of(definition)
         if name is None:

@@ -51,6 +51,11 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: st
     [
         (["billing.Nope", "{}"], ["unknown job type 'billing.Nope'"]),
         (["billing.ChargeCard", "{not json"], ["payload is not valid JSON"]),
+        (["billing.ChargeCard", "[" * 10_000 + "]" * 10_000], ["not valid JSON (nested too deeply)"]),
+        (
+            ["billing.ChargeCard", CHARGE, "--at", "9999-12-31T00:00:00Z"],
+            ["at= must be within 100 years of now, not 9999-12-31T00:00:00+00:00"],
+        ),
         (
             ["billing.ChargeCard", '{"invoice_id": 5}'],
             ["billing.ChargeCard.invoice_id: expected string, got 5"],

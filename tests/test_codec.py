@@ -10,6 +10,7 @@ import struct
 import time
 import uuid
 from datetime import UTC, date, datetime
+from datetime import time as dt_time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -389,6 +390,46 @@ def test_validation_names_the_offending_field() -> None:
         codec.encode_validated(schema, {})
 
 
+LOGICAL = Schema.from_definition({
+    "type": "record", "name": "t.Logical", "fields": [
+        {"name": "id", "type": {"type": "string", "logicalType": "uuid"}},
+        {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "on", "type": ["null", {"type": "int", "logicalType": "date"}], "default": None},
+        {"name": "times", "type": {"type": "array", "items": {"type": "int", "logicalType": "time-millis"}}},
+        {"name": "ratio", "type": "float"},
+        {"name": "price", "type": {"type": "bytes", "logicalType": "decimal", "precision": 4, "scale": 2}},
+        {"name": "either", "type": ["string", {"type": "int", "logicalType": "date"}]},
+    ],
+})  # fmt: skip
+GOOD_LOGICAL = {
+    "id": str(uuid.uuid4()), "at": datetime(2026, 12, 4, tzinfo=UTC), "on": date(2026, 12, 4),
+    "times": [0, 86_399_999], "ratio": 3.4e38, "price": Decimal("12.34"), "either": 1,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("id", "not-a-uuid", r"t\.Logical\.id: 'not-a-uuid' is not a uuid: badly formed"),
+        ("at", 2**62, r"t\.Logical\.at: 4611686018427387904 is not a timestamp-millis: out of range"),
+        ("on", 10**9, r"t\.Logical\.on: 1000000000 is not a date: year 2739877 is out of range"),
+        ("on", "2020-13-01", r"t\.Logical\.on: '2020-13-01' is not a date: month must be in 1\.\.12"),
+        ("times", [1, -1], r"t\.Logical\.times\[1\]: -1 is not a time of day in time-millis \(0 to 86399999"),
+        ("times", [86_400_000], r"t\.Logical\.times\[0\]: 86400000 is not a time of day"),
+        ("ratio", 1e300, r"t\.Logical\.ratio: 1e\+300 is beyond a float's range"),
+        ("price", Decimal("123.45"), r"t\.Logical\.price: Decimal\('123\.45'\) is not a decimal: .*preci"),
+        ("either", 10**9, r"t\.Logical: a consumer could not read it back: .*year 2739877 is out of range"),
+    ],
+)
+def test_a_value_no_consumer_reads_back_is_refused_at_enqueue(field: str, value: Any, message: str) -> None:
+    # Given a value that fastavro's validation takes but that no consumer reads back as written
+    # (it would be dead-lettered, or read as another value), Then encoding refuses it by name.
+    _, read = codec.decode(codec.encode_validated(LOGICAL, GOOD_LOGICAL), _Both(LOGICAL))
+    assert read["times"] == [dt_time(0), dt_time(23, 59, 59, 999_000)] and read["either"] == date(1970, 1, 2)
+    with pytest.raises(SchemaError, match=message):
+        codec.encode_validated(LOGICAL, {**GOOD_LOGICAL, field: value})
+
+
 def test_schema_directory_checks_file_names(tmp_path: Path) -> None:
     (tmp_path / "wrong.avsc").write_text(
         json.dumps({"type": "record", "name": "A", "namespace": "x", "fields": []})
@@ -398,6 +439,10 @@ def test_schema_directory_checks_file_names(tmp_path: Path) -> None:
     # (A file that holds no named schema was told to be called None.avsc.)
     (tmp_path / "wrong.avsc").write_text("[1, 2]")
     with pytest.raises(SchemaError, match=r"wrong\.avsc: not a named Avro schema \(a record, enum or fixed"):
+        SchemaDirectory(tmp_path)
+    # (A file nested deeper than Python's stack raised RecursionError.)
+    (tmp_path / "wrong.avsc").write_text("[" * 10_000 + "]" * 10_000)
+    with pytest.raises(SchemaError, match=r"wrong\.avsc: not JSON \(nested too deeply\)"):
         SchemaDirectory(tmp_path)
 
 
