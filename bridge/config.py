@@ -131,6 +131,11 @@ class Settings:
             )
         if self.idempotency is not None:
             problems += check_url(self.idempotency)
+        if isinstance(self.registry, str) and (problem := _registry_problem(self.registry)):
+            problems.append(
+                f"registry {safe_url(self.registry)!r}: {problem}; use http(s)://host:port/path "
+                "(several, comma-separated), or a directory of .avsc files"
+            )
         if not self.prefix or not self.group:
             problems.append("prefix and group must not be empty")
         return problems
@@ -171,9 +176,25 @@ def _broker_problem(url: str) -> str | None:
     return _address_problem(url)
 
 
+def _registry_problem(url: str) -> str | None:
+    """What is wrong with a registry server's URL (none for a directory's path), found before
+    its client raised ValueError at the first schema, or called a port of 99999 silent."""
+    if not url.startswith(("http://", "https://")):
+        return None
+    for one in url.split(","):  # (confluent-kafka's client takes several, comma-separated)
+        if not one.startswith(("http://", "https://")):
+            return f"{one!r} is not an http:// or https:// URL"
+        if problem := _address_problem(one):
+            return problem
+    return None
+
+
 def _address_problem(url: str) -> str | None:
     try:
         parts = urlsplit(url)
+    except ValueError as exc:  # (an unclosed [ of an IPv6 address)
+        return f"it is not a URL ({exc})"
+    try:
         port = parts.port
     except ValueError:  # (a port that is no number, or out of range)
         return "its port must be a number from 1 to 65535"

@@ -159,6 +159,22 @@ def test_bad_settings_are_reported_at_once(env: dict[str, str], fragments: list[
 
 
 @pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        # (tracebacks: ValueError from urllib and from confluent-kafka's client at the first schema)
+        ("http://[::1", "it is not a URL (Invalid IPv6 URL)"),
+        ("http://a,/tmp", "'/tmp' is not an http:// or https:// URL"),
+        # (called a registry that did not answer)
+        ("http://localhost:99999", "its port must be a number from 1 to 65535"),
+    ],
+)
+def test_a_malformed_registry_url_is_reported_before_any_request(url: str, problem: str) -> None:
+    app = ("--app", "consumers.billing:app", "--broker", "memory://", "--registry", url)
+    done = bridge("enqueue", "billing.ChargeCard", CHARGE, *app)
+    assert_one_line_error(done, f"registry {url!r}: {problem}; use http(s)://host:port/path")
+
+
+@pytest.mark.parametrize(
     ("toml", "message"),
     [
         # (TypeError: 'int' object is not iterable)
