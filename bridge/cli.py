@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
@@ -496,11 +497,17 @@ def load_app(spec: str) -> Bridge:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"--app {spec!r}: write MODULE:ATTR, e.g. consumers.billing:app")
-    sys.path.insert(0, os.getcwd())
+    with contextlib.suppress(FileNotFoundError):  # (a deleted directory: the app may be installed)
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"--app {spec!r}: cannot import {module_name} ({exc})") from None
+    except SystemExit as exc:  # (`bridge consume` exited 0 at once, saying nothing)
+        raise ConfigError(
+            f"--app {spec!r}: importing {module_name} called sys.exit({exc.code!r}); "
+            'put its script part under `if __name__ == "__main__":`'
+        ) from None
     except Exception as exc:  # the module itself failed: say where, in one line
         raise ConfigError(f"--app {spec!r}: importing {module_name} failed: {_raised_at(exc)}") from None
     app = getattr(module, attr, None)

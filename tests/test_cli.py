@@ -158,6 +158,29 @@ def test_bad_settings_are_reported_at_once(env: dict[str, str], fragments: list[
     assert_one_line_error(done, *fragments)
 
 
+def test_an_app_module_that_exits_when_imported_is_reported(tmp_path: Path) -> None:
+    # Given an app module that runs a script when imported, ending in sys.exit(0),
+    (tmp_path / "script.py").write_text("import sys\nimport bridge\napp = bridge.Bridge()\nsys.exit(0)\n")
+    # When it is consumed, Then one line says why nothing runs (consume exited 0, silent).
+    done = bridge("consume", "--app", "script:app", "--broker", "memory://", PYTHONPATH=str(tmp_path))
+    assert_one_line_error(done, "--app 'script:app': importing script called sys.exit(0)", "__main__")
+
+
+def test_an_app_is_found_from_a_working_directory_that_was_deleted(tmp_path: Path) -> None:
+    # Given a shell whose working directory was deleted (FileNotFoundError from os.getcwd),
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    command = f'cd "{gone}" && rmdir "{gone}" && exec "$0" -m bridge "$@"'
+    args = ["enqueue", "billing.ChargeCard", "{}", "--app", "consumers.billing:app", "--broker", "memory://"]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    done = subprocess.run(
+        ["sh", "-c", command, sys.executable, *args], env={**environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    # Then the app on the Python path is imported all the same: its payload is what is refused.
+    assert_one_line_error(done, "billing.ChargeCard.invoice_id: missing")
+
+
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
