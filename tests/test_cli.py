@@ -133,6 +133,11 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
         ({"BRIDGE_DELAY_TIERS": "1s,1001ms,1.0004s"}, ["delay_tiers must be whole milliseconds"]),
         # (a file named `keys.db?mode=ro` was made)
         ({"BRIDGE_IDEMPOTENCY": "sqlite:///tmp/keys.db?mode=ro"}, ["takes a path and no options (?...)"]),
+        # (a worker took each for a store that did not answer, and its keyed jobs waited for good)
+        ({"BRIDGE_IDEMPOTENCY": "sqlite:///tmp"}, ["'sqlite:///tmp': /tmp is a directory"]),
+        ({"BRIDGE_IDEMPOTENCY": "sqlite:///dev/null"}, ["/dev/null is not a regular file"]),
+        ({"BRIDGE_IDEMPOTENCY": "sqlite:///dev/null/keys.db"}, ["/dev/null is not a directory"]),
+        ({"BRIDGE_IDEMPOTENCY": f"sqlite://{REPO / 'README.md'}"}, ["README.md is not a SQLite database"]),
         # (a store's own options: found when its first keyed job came, which then waited for good)
         (
             {"BRIDGE_IDEMPOTENCY": "redis://cache:6379/0?socket_timeout=5s"},

@@ -22,6 +22,7 @@ import hashlib
 import os
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -186,6 +187,11 @@ def check_url(url: str) -> list[str]:
         return [f"idempotency {url!r}: a sqlite URL needs an absolute path, sqlite:///var/lib/bridge/keys.db"]
     if scheme == "sqlite" and "?" in rest:  # (the file was made with the options in its name)
         return [f"idempotency {url!r}: a sqlite URL takes a path and no options (?...)"]
+    if scheme == "sqlite":
+        from bridge.idempotency.sqlite import path_problem
+
+        problem = path_problem(Path(rest))
+        return [f"idempotency {url!r}: {problem}; give a database file's path"] if problem else []
     problem = _unparsable(scheme, url)
     return [f"idempotency {safe_url(url)!r}: {problem}"] if problem else []
 

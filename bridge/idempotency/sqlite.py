@@ -29,6 +29,7 @@ from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.sql import CLAIM, LOOK, SCHEMA, Query, Rows, SqlStore, log, now_ms
 
 BUSY_TIMEOUT_S = 10.0
+SQLITE_HEADER = b"SQLite format 3\x00"  # how every SQLite database file begins
 BUSY_RETRY_S = (0.001, 0.05)  # how long to wait before trying again for the write lock: from, to
 WAL_CHECKPOINT_PAGES = 4000  # SQLite's default is 1000
 # The purge goes through the table a range of rowids at a time, each range a statement of its
@@ -203,6 +204,26 @@ def _use_wal(db: sqlite3.Connection) -> None:
             if "locked" not in str(exc) or time.monotonic() >= deadline:
                 raise
             time.sleep(0.01)
+
+
+def path_problem(path: Path) -> str | None:
+    """Why `path` cannot hold a SQLite database, found without creating anything: at the first
+    keyed job, a worker would take it for a store that does not answer, and wait for good."""
+    try:
+        if path.exists():
+            if path.is_dir():
+                return f"{path} is a directory"
+            if not path.is_file():
+                return f"{path} is not a regular file"
+            with path.open("rb") as file:
+                header = file.read(len(SQLITE_HEADER))
+            if header and header != SQLITE_HEADER[: len(header)]:
+                return f"{path} is not a SQLite database"
+            return None
+        folder = next(parent for parent in path.parents if parent.exists())
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    return None if folder.is_dir() else f"{folder} is not a directory"
 
 
 @contextmanager
