@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from bridge import codec
 from bridge.config import Settings
 from bridge.dlq import DeadLetters
-from bridge.envelope import LONGEST_S, Envelope, now_ms, uuid7
+from bridge.envelope import LONGEST_S, MAX_INT, Envelope, now_ms, uuid7
 from bridge.errors import ConfigError, JobTooLarge, StoreError, utf8
 from bridge.idempotency import DEFAULT_LEASE_S, DEFAULT_WINDOW_S, Store, default_url, enqueue_key, open_store
 from bridge.idempotency.sql import SqlStore
@@ -33,7 +33,6 @@ from bridge.transports.memory import MemoryTransport
 from bridge.worker import Stats, Worker
 
 log = logging.getLogger("bridge.app")
-MAX_INT = 2**31 - 1  # an Avro int: the envelope's max_attempts
 
 DEFAULT_QUEUE = "default"
 # How long a dedupe enqueue holds its key while its publish is out (a publish gives up after

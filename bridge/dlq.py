@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from bridge import codec
-from bridge.envelope import DeadLetter
+from bridge.envelope import MAX_INT, DeadLetter
 from bridge.errors import BridgeError, ConfigError, DecodeError, UnknownSchema
 from bridge.registry import DEAD_LETTER, ENVELOPE
 from bridge.transports.base import Outgoing, dlq_name
@@ -101,6 +101,11 @@ class DeadLetters:
         """Put the selected jobs back on their queues (at most `rate` per second)."""
         if rate is not None and not 0 < rate < math.inf:
             raise ConfigError(f"rate must be a number of replays per second above 0, not {rate!r}")
+        if type(max_replays) is not int or not 1 <= max_replays <= MAX_INT:  # (not True either)
+            # (a job replayed 2**31 - 1 times would be replayed with a count no reader takes)
+            raise ConfigError(
+                f"max_replays must be a whole number from 1 to {MAX_INT:,}, not {max_replays!r}"
+            )
         report = ReplayReport()
         replayed: set[tuple[str, int, int]] = set()  # (id, attempt, replays) of each job put back
         put_back: set[str] = set()  # their ids

@@ -66,6 +66,7 @@ def uuid7(now_ms: int | None = None) -> str:
 # The furthest ahead bridge takes a time to be (a delay, a retry's delay, an idempotency window
 # or lease): envelopes and stores keep times as 64-bit epoch ms, and Python's dates end in 9999.
 LONGEST_S = 100 * 365 * 24 * 3600.0
+MAX_INT = 2**31 - 1  # an Avro int: the envelope's attempt, max_attempts and replays
 
 
 def now_ms() -> int:

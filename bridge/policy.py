@@ -134,9 +134,9 @@ _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 def parse_duration(text: str | float) -> float:
     """Seconds from `90s`, `5m`, `2h`, `3d`, `250ms` or a plain number of seconds."""
-    if isinstance(text, int | float):
+    if isinstance(text, int | float) and not isinstance(text, bool):  # (True was 1 s)
         return float(text)
-    match = _DURATION.match(text)
+    match = _DURATION.match(text) if isinstance(text, str) else None
     if not match:
         raise ConfigError(f"duration {text!r}: write a number with s, m, h or d, e.g. 90s, 5m, 2h, 3d")
     return float(match.group(1)) * _UNIT_S[match.group(2)]

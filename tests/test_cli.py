@@ -130,6 +130,8 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
         ({"BRIDGE_GRACE_S": "nan"}, ["grace_s must be a finite number, got 'nan'"]),
         ({"BRIDGE_MAX_MESSAGE_BYTES": "2000000000"}, ["max_message_bytes must be at most 999,475,712"]),
         ({"BRIDGE_PREFETCH": "70000"}, ["prefetch must be at most 65535"]),
+        ({"BRIDGE_PARTITIONS": str(2**31)}, ["partitions must be at most 10,000"]),  # (OverflowError)
+        ({"BRIDGE_CONCURRENCY": "70000"}, ["concurrency must be at most 65,535"]),
         ({"BRIDGE_DELAY_TIERS": "1s,1001ms,1.0004s"}, ["delay_tiers must be whole milliseconds"]),
         # (a file named `keys.db?mode=ro` was made)
         ({"BRIDGE_IDEMPOTENCY": "sqlite:///tmp/keys.db?mode=ro"}, ["takes a path and no options (?...)"]),
@@ -218,6 +220,8 @@ def test_a_malformed_registry_url_is_reported_before_any_request(url: str, probl
         (b'[bridge]\nprefix = ["a", "b"]\n', "prefix must be text, got ['a', 'b']"),
         # (passed, then OverflowError naming the tier's Kafka topic)
         (b"[bridge]\ndelay_tiers = [1, inf]\n", "delay_tiers must be durations above zero"),
+        (b"[bridge]\ndelay_tiers = [true, 5]\n", "duration True: write a number with s, m, h or d"),  # (1 s)
+        (b"[bridge]\nconcurrency = 1e300\n", "concurrency must be at most 65,535"),
     ],
 )
 def test_a_bridge_toml_of_the_wrong_shape_is_named(tmp_path: Path, toml: bytes, message: str) -> None:
@@ -248,6 +252,14 @@ def test_a_since_that_is_neither_a_duration_nor_a_time_says_both_will_do() -> No
     done = bridge("dlq", "list", "billing", "--since", "yesterday", "--broker", "memory://")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "'yesterday': write how long ago, e.g. 2h or 3d, or an ISO 8601 time" in done.stderr
+
+
+def test_a_max_replays_beyond_an_avro_int_gets_one_line() -> None:
+    # (A job replayed 2**31 - 1 times was put back with a count beyond an Avro int, which no
+    # reader takes: it came back as undecodable.)
+    args = ("dlq", "replay", "billing", "--all", "--broker", "memory://", "--max-replays")
+    assert_one_line_error(bridge(*args, str(2**31)), "max_replays must be a whole number from 1 to 2,147")
+    assert bridge(*args, str(2**31 - 1)).returncode == 0
 
 
 @pytest.mark.parametrize("rate", ["0", "-5", "nan", "inf", "fast"])
