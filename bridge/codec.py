@@ -22,8 +22,10 @@ import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
+from datetime import date, datetime, time
+from decimal import Decimal
 from typing import Any, Protocol
+from uuid import UUID
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.read import LOGICAL_READERS
@@ -53,6 +55,12 @@ _NOT_AS_IT_IS = (KeyError, TypeError, ValueError, AttributeError, OverflowError,
 _FLOAT_MAX = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]
 # A time of day as an int counts from midnight, in these units in a day.
 _IN_A_DAY = {"time-millis": 86_400_000, "time-micros": 86_400_000_000}
+# What fastavro reads each logical type as: a valid value of that type reads back as written.
+_READS_AS: dict[str, type | tuple[type, ...]] = {
+    "date": date, "time-millis": time, "time-micros": time, "uuid": UUID, "decimal": Decimal,
+    **dict.fromkeys(("timestamp-millis", "timestamp-micros", "local-timestamp-millis",
+                     "local-timestamp-micros"), datetime),
+}  # fmt: skip
 
 
 def _bounded_decimal(read: Any) -> Any:
@@ -120,8 +128,7 @@ class Schema:
     read: Read | None = None  # bridge's own faster reader, when fastavro would change nothing
     write: Write | None = None  # and writer
     logical_types: bool = True  # whether reading makes datetimes, Decimals, ... (not for bridge's own)
-    # whether a value that validates may still not read back (see `validation_problems`)
-    values_checked: bool = False
+    readback: _Readback | None = None  # where a value that validates may not read back
 
     @classmethod
     def from_definition(
@@ -145,10 +152,11 @@ class Schema:
             header = CONFLUENT_MAGIC + schema_id.to_bytes(4, "big")
         name = full_name(definition["name"], definition.get("namespace"))
         field_names = frozenset(f["name"] for f in definition["fields"])
-        values_checked = not compiled or '"float"' in canonical  # (or a field named float: harmless)
+        # (a field named float too: harmless)
+        readback = _Readback(definition, parsed) if not compiled or '"float"' in canonical else None
         return cls(
             name, definition, parsed, canonical, fingerprint, check, schema_id, header, field_names, read,
-            write, logical_types, values_checked,
+            write, logical_types, readback,
         )  # fmt: skip
 
 
@@ -218,81 +226,106 @@ def validation_problems(schema: Schema, datum: Any) -> list[str]:
     except ValidationError as exc:
         return problems + [_describe(error) for error in exc.errors]
     except (ValueError, TypeError, OverflowError) as exc:  # a logical type's conversion refused a value
-        return problems + (_unreadable_values(schema, datum) or [f"{schema.name}: {exc}"])
-    return problems + (_unreadable_values(schema, datum) if schema.values_checked else [])
+        readback = schema.readback.problems(schema.name, datum, valid=False) if schema.readback else []
+        return problems + (readback or [f"{schema.name}: {exc}"])
+    return problems + (schema.readback.problems(schema.name, datum) if schema.readback else [])
 
 
-def _unreadable_values(schema: Schema, datum: Any) -> list[str]:
-    """What in a valid `datum` a consumer could not read back as it was written.
+class _Readback:
+    """Finds what in a valid datum of one schema a consumer could not read back as written.
 
     fastavro's validation takes any int for a date or a time of day, any string for a uuid and
     any number for a float; the consumer's reader then fails on a time past midnight or a year
     beyond 9999 (the job is dead-lettered), or reads a float beyond its range as infinity. Each
     value with a logical type is written and read back alone, naming its field; the whole datum
-    too, for a value under a union of several types, which the walk does not follow.
+    too where a union of several types holds logical types, as the walk does not follow those.
     """
-    names = Names()
-    names.learn(schema.definition, None)
-    problems = list(_value_problems(schema.definition, datum, schema.name, names, None))
-    if not problems and schema.read is None:
+
+    def __init__(self, definition: dict[str, Any], parsed: Any) -> None:
+        self.definition, self.parsed = definition, parsed
+        self.names = Names()
+        self.names.learn(definition, None)
+        self.alone: dict[int, Any] = {}  # id() of a logical type's node -> the node parsed alone
+        self.whole = self._mixed_union(definition)
+
+    def problems(self, name: str, datum: Any, *, valid: bool = True) -> list[str]:
+        """`valid`: whether fastavro's validation took `datum`; if not, the walk names the value
+        it refused (a Decimal of too many digits), which a valid one would be trusted to be."""
+        reads_as = _READS_AS if valid else {}
+        problems = list(self._walk(self.definition, datum, name, None, reads_as))
+        if not problems and self.whole:
+            try:
+                stream = io.BytesIO()
+                schemaless_writer(stream, self.parsed, datum)
+                _read_with_fastavro(stream.getvalue(), 0, self.parsed, None)
+            except Exception as exc:
+                problems.append(f"{name}: a consumer could not read it back: {_why(exc)}")
+        return problems
+
+    def _walk(
+        self, node: Any, value: Any, path: str, namespace: str | None, reads_as: dict[str, Any]
+    ) -> Iterator[str]:
+        node, namespace = self.names.resolve(node, namespace)
+        if isinstance(node, list):  # a union: followed when it is null or one other type
+            others = [branch for branch in node if branch != "null"]
+            if value is not None and len(others) == 1:
+                yield from self._walk(others[0], value, path, namespace, reads_as)
+            return
+        if isinstance(node, str):
+            node = {"type": node}
+        kind = node["type"]
+        if isinstance(kind, dict | list):
+            yield from self._walk(kind, value, path, namespace, reads_as)
+        elif kind == "record" and isinstance(value, dict):
+            for field_ in node["fields"]:
+                if field_["name"] in value:
+                    item = value[field_["name"]]
+                    yield from self._walk(
+                        field_["type"], item, f"{path}.{field_['name']}", namespace, reads_as
+                    )
+        elif kind == "array" and isinstance(value, list | tuple):
+            for n, item in enumerate(value):
+                yield from self._walk(node["items"], item, f"{path}[{n}]", namespace, reads_as)
+        elif kind == "map" and isinstance(value, dict):
+            for key, item in value.items():
+                yield from self._walk(node["values"], item, f"{path}[{key!r}]", namespace, reads_as)
+        elif "logicalType" in node:
+            if problem := self._logical(node, value, reads_as):
+                yield f"{path}: {problem}"
+        elif kind == "float" and isinstance(value, int | float) and _FLOAT_MAX < abs(value) < math.inf:
+            yield f"{path}: {value!r} is beyond a float's range (±{_FLOAT_MAX:.7g}); a double holds it"
+
+    def _logical(self, node: dict[str, Any], value: Any, reads_as: dict[str, Any]) -> str | None:
+        """Why `value` does not survive being written and read as `node`, a logical type."""
+        logical = node["logicalType"]
+        in_a_day = _IN_A_DAY.get(logical)
+        if in_a_day and isinstance(value, int) and not 0 <= value < in_a_day:
+            return f"{value} is not a time of day in {logical} (0 to {in_a_day - 1})"
+        if isinstance(value, reads_as.get(logical, ())):  # (valid, so it reads back as it is)
+            return None
+        if (alone := self.alone.get(id(node))) is None:
+            alone = self.alone[id(node)] = parse_schema(node)
         try:
             stream = io.BytesIO()
-            schemaless_writer(stream, schema.parsed, datum)
-            _read_with_fastavro(stream.getvalue(), 0, schema.parsed, None)
+            schemaless_writer(stream, alone, value)
+            _read_with_fastavro(stream.getvalue(), 0, alone, None)
         except Exception as exc:
-            problems.append(f"{schema.name}: a consumer could not read it back: {_why(exc)}")
-    return problems
+            why = "out of range" if isinstance(exc, OverflowError) else exc
+            return f"{value!r} is not a {logical}: {why}"
+        return None
 
-
-def _value_problems(node: Any, value: Any, path: str, names: Names, namespace: str | None) -> Iterator[str]:
-    node, namespace = names.resolve(node, namespace)
-    if isinstance(node, list):  # a union: followed when it is null or one other type
-        others = [branch for branch in node if branch != "null"]
-        if value is not None and len(others) == 1:
-            yield from _value_problems(others[0], value, path, names, namespace)
-        return
-    if isinstance(node, str):
-        node = {"type": node}
-    kind = node["type"]
-    if isinstance(kind, dict | list):
-        yield from _value_problems(kind, value, path, names, namespace)
-    elif kind == "record" and isinstance(value, dict):
-        for field_ in node["fields"]:
-            if field_["name"] in value:
-                item = value[field_["name"]]
-                yield from _value_problems(field_["type"], item, f"{path}.{field_['name']}", names, namespace)
-    elif kind == "array" and isinstance(value, list | tuple):
-        for n, item in enumerate(value):
-            yield from _value_problems(node["items"], item, f"{path}[{n}]", names, namespace)
-    elif kind == "map" and isinstance(value, dict):
-        for key, item in value.items():
-            yield from _value_problems(node["values"], item, f"{path}[{key!r}]", names, namespace)
-    elif "logicalType" in node:
-        if problem := _logical_problem(node, value):
-            yield f"{path}: {problem}"
-    elif kind == "float" and isinstance(value, int | float) and _FLOAT_MAX < abs(value) < math.inf:
-        yield f"{path}: {value!r} is beyond a float's range (±{_FLOAT_MAX:.7g}); a double holds it"
-
-
-def _logical_problem(node: dict[str, Any], value: Any) -> str | None:
-    """Why `value` does not survive being written and read as `node`, a logical type."""
-    logical = node["logicalType"]
-    in_a_day = _IN_A_DAY.get(logical)
-    if in_a_day and isinstance(value, int) and not 0 <= value < in_a_day:
-        return f"{value} is not a time of day in {logical} (0 to {in_a_day - 1})"
-    parsed = _parsed(json.dumps(node, sort_keys=True))
-    try:
-        stream = io.BytesIO()
-        schemaless_writer(stream, parsed, value)
-        _read_with_fastavro(stream.getvalue(), 0, parsed, None)
-    except Exception as exc:
-        return f"{value!r} is not a {logical}: {'out of range' if isinstance(exc, OverflowError) else exc}"
-    return None
-
-
-@lru_cache(maxsize=256)
-def _parsed(definition: str) -> Any:
-    return parse_schema(json.loads(definition))
+    def _mixed_union(self, node: Any) -> bool:
+        """Whether `node` holds a union of several types one of which holds a logical type."""
+        if isinstance(node, list):
+            others = [self.names.resolve(branch, None)[0] for branch in node if branch != "null"]
+            return (len(others) > 1 and '"logicalType"' in json.dumps(others)) or any(
+                map(self._mixed_union, node)
+            )
+        if not isinstance(node, dict):
+            return False
+        inside = [field_["type"] for field_ in node.get("fields", ())]
+        inside += [node[key] for key in ("type", "items", "values") if key in node]
+        return any(map(self._mixed_union, inside))
 
 
 def _describe(error: Any) -> str:
