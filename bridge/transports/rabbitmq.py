@@ -551,21 +551,28 @@ class RabbitTransport:
 
     async def sweep(self, queue: str, decide: Decide) -> int:
         assert self._connection is not None, "sweep() before connect()"
-        # Messages are taken unacked; those kept go back when the channel closes, so each one
-        # is offered exactly once per sweep. (Taken until none is left: a quorum queue's count
-        # in a passive declare can leave out messages another channel's close is putting back.)
+        # Messages are taken unacked, and those kept are put back at the end, so each one is
+        # offered exactly once per sweep. (Taken until none is left: a quorum queue's count in
+        # a passive declare can leave out messages another channel's close is putting back.)
         channel = await self._connection.channel()
-        removed = 0
+        removed, kept = 0, None
         try:
             declared = await self._existing_queue(channel, queue)
             while (message := await declared.get(no_ack=False, fail=False)) is not None:
                 publish = await decide(message.body, None)
                 if publish is None:
+                    kept = message
                     continue
                 for outgoing in publish:
                     await self.publish(outgoing)  # confirmed before the original is acked
                 await message.ack()
                 removed += 1
+            if kept is not None:
+                # Put back by this channel before it closes, so that the queue has them back
+                # before the next sweep's first get. Left to the channel's close, a quorum queue
+                # took them back when it saw the channel gone, which under load came after the
+                # next sweep (on a channel of its own) had found the queue empty.
+                await kept.nack(multiple=True, requeue=True)
         finally:
             with _ignored():
                 await channel.close()
