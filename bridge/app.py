@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from bridge import codec
-from bridge.config import Settings
+from bridge.config import MAX_CONCURRENCY, Settings
 from bridge.dlq import DeadLetters
 from bridge.envelope import LONGEST_S, MAX_INT, Envelope, now_ms, uuid7
 from bridge.errors import ConfigError, JobTooLarge, StoreError, utf8
@@ -258,8 +258,10 @@ class Bridge:
             queues = [queues]
         settings = self.settings
         if concurrency is not None:
-            if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-                raise ConfigError(f"concurrency= must be a whole number of at least 1, not {concurrency!r}")
+            if type(concurrency) is not int or not 1 <= concurrency <= MAX_CONCURRENCY:  # (not True)
+                raise ConfigError(
+                    f"concurrency= must be a whole number from 1 to {MAX_CONCURRENCY:,}, not {concurrency!r}"
+                )
             settings = replace(settings, concurrency=concurrency)
         worker = Worker(self, await self.transport(), settings)
         self.stats = worker.stats

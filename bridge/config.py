@@ -33,6 +33,7 @@ ADDED_BYTES = 256 * 1024
 # largest message bridge writes: a job and twice what bridge adds.
 MAX_MESSAGE_BYTES = 1_000_000_000 - 2 * ADDED_BYTES
 MAX_PREFETCH = 65535  # AMQP's basic.qos prefetch-count is a 16-bit number
+MAX_CONCURRENCY = MAX_PREFETCH  # (a RabbitMQ channel would never hand a process more jobs)
 # Each queue's topics (its own, its dead letters', the delay tiers') get this many partitions
 # each: more than this is a typing mistake (Kafka's own limit is 2**31 - 1, but a cluster
 # holds a few hundred thousand partitions at most; at 2**31, OverflowError).
@@ -108,8 +109,8 @@ class Settings:
         for name in ("concurrency", "partitions", "max_message_bytes", "delivery_limit"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
-        if self.concurrency > MAX_PREFETCH:  # (1e300 in bridge.toml was taken)
-            problems.append(f"concurrency must be at most {MAX_PREFETCH:,}: a RabbitMQ channel hands no more")
+        if self.concurrency > MAX_CONCURRENCY:  # (1e300 in bridge.toml was taken)
+            problems.append(f"concurrency must be at most {MAX_CONCURRENCY:,} (a RabbitMQ channel's most)")
         if self.max_message_bytes > MAX_MESSAGE_BYTES:
             problems.append(
                 f"max_message_bytes must be at most {MAX_MESSAGE_BYTES:,}: Kafka takes no record over "

@@ -172,8 +172,11 @@ def test_consume_takes_one_queue_by_name_and_refuses_no_concurrency() -> None:
         async with app:
             await app.enqueue_async("test.Echo", {"n": 1})
             await app.consume("jobs", burst=True)
-            with pytest.raises(ConfigError, match="concurrency= must be a whole number of at least 1, not 0"):
+            whole = "concurrency= must be a whole number from 1 to 65,535"
+            with pytest.raises(ConfigError, match=f"{whole}, not 0"):
                 await app.consume(concurrency=0, burst=True)
+            with pytest.raises(ConfigError, match="from 1 to 65,535, not 100000"):  # (as the settings)
+                await app.consume(concurrency=100_000, burst=True)
 
     run(scenario())
     assert ran == [1]
