@@ -255,9 +255,7 @@ class _Readback:
         problems = list(self._walk(self.definition, datum, name, None, reads_as))
         if not problems and self.whole:
             try:
-                stream = io.BytesIO()
-                schemaless_writer(stream, self.parsed, datum)
-                _read_with_fastavro(stream.getvalue(), 0, self.parsed, None)
+                _round_trip(self.parsed, datum)
             except Exception as exc:
                 problems.append(f"{name}: a consumer could not read it back: {_why(exc)}")
         return problems
@@ -306,9 +304,7 @@ class _Readback:
         if (alone := self.alone.get(id(node))) is None:
             alone = self.alone[id(node)] = parse_schema(node)
         try:
-            stream = io.BytesIO()
-            schemaless_writer(stream, alone, value)
-            _read_with_fastavro(stream.getvalue(), 0, alone, None)
+            _round_trip(alone, value)
         except Exception as exc:
             why = "out of range" if isinstance(exc, OverflowError) else exc
             return f"{value!r} is not a {logical}: {why}"
@@ -326,6 +322,13 @@ class _Readback:
         inside = [field_["type"] for field_ in node.get("fields", ())]
         inside += [node[key] for key in ("type", "items", "values") if key in node]
         return any(map(self._mixed_union, inside))
+
+
+def _round_trip(parsed: Any, datum: Any) -> None:
+    """Write `datum` with fastavro's `parsed` schema and read it back: what either raises."""
+    stream = io.BytesIO()
+    schemaless_writer(stream, parsed, datum)
+    _read_with_fastavro(stream.getvalue(), 0, parsed, None)
 
 
 def _describe(error: Any) -> str:
