@@ -393,8 +393,7 @@ def test_sqlite_claims_made_during_an_inbox_transaction_go_out_once_it_commits(t
         token = claimed(await store.claim(key, "job-1", 30)).token
         async with store.transaction(key, token, "job-1", 30) as db:
             claims = asyncio.gather(*(store.claim(other, "job-2", 30) for other in others))
-            for _ in range(5):  # turns of the loop, in which a batch would have gone out
-                await asyncio.sleep(0)
+            await asyncio.sleep(0.05)  # the loop goes idle: a batch free to go would go now
             assert not claims.done()
             await write_effect(url, db, table, key, "job-1")
         assert all(isinstance(claim, Claimed) for claim in await asyncio.wait_for(claims, timeout=5))
@@ -420,8 +419,9 @@ def test_a_sqlite_claim_waiting_for_another_process_s_inbox_leaves_the_event_loo
             token = claimed(await holder.claim(key, "job-1", 30)).token
             async with holder.transaction(key, token, "job-1", 30):
                 waiting = asyncio.ensure_future(other.claim(new_key(), "job-2", 30))
-                for _ in range(20):  # turns of the loop, in which its batch goes out and waits
-                    await asyncio.sleep(0)
+                started = time.monotonic()
+                await asyncio.sleep(0.05)  # the loop goes idle: its batch goes out and waits
+                assert time.monotonic() - started < 1  # the loop turned (a busy handler: 10 s)
                 assert not waiting.done()
             claimed(await asyncio.wait_for(waiting, timeout=5))
         finally:
