@@ -340,7 +340,8 @@ class Bridge:
     def _new_transport(self) -> Transport:
         if self.settings.require_broker().startswith("memory://"):
             with self._connecting:  # one shared in-memory broker per app, whatever the loop
-                self._memory = self._memory or MemoryTransport(lambda: self.clock())
+                tiers = self.settings.delay_tiers
+                self._memory = self._memory or MemoryTransport(lambda: self.clock(), tiers)
             return self._memory
         return open_transport(self.settings)
 

@@ -2,7 +2,10 @@
 
 Queues are deques shared by every event loop of the process (the sync API runs on its own loop
 thread), so access goes through one lock and consumers are woken thread-safely. Delayed
-messages wait in a heap until the clock (which a test may replace) reaches their time.
+messages wait in a heap until the clock (which a test may replace) reaches their time; as on a
+broker, each waits in a delay tier (the longest not past its delay), so a job due later than
+that comes back early and the worker sends it round again: a unit test sees the hops it would
+see on Kafka or RabbitMQ.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 
 from bridge.envelope import now_ms
+from bridge.policy import tier_for
 from bridge.transports.base import Decide, Delivery, InFlight, Outgoing, Process, dlq_name
 
 
@@ -24,8 +28,9 @@ class MemoryTransport:
 
     name = "memory"
 
-    def __init__(self, clock: Callable[[], int] = now_ms) -> None:
+    def __init__(self, clock: Callable[[], int] = now_ms, tiers: tuple[float, ...] = ()) -> None:
         self.clock = clock
+        self._tiers = tiers  # seconds; none: a delay is held as given
         self._delayed: list[tuple[int, int, Outgoing]] = []  # (due ms, sequence, message)
         self._sequence = itertools.count()
         self._queues: dict[str, deque[Outgoing]] = {}
@@ -55,8 +60,11 @@ class MemoryTransport:
 
     async def publish(self, message: Outgoing) -> None:
         with self._lock:
-            if message.delay_s:
-                due = self.clock() + int(message.delay_s * 1000)
+            wait_s = message.delay_s
+            if wait_s and self._tiers:  # None when shorter than every tier: straight to the queue
+                wait_s = tier_for(wait_s, self._tiers)
+            if wait_s:
+                due = self.clock() + int(wait_s * 1000)
                 heapq.heappush(self._delayed, (due, next(self._sequence), replace(message, delay_s=None)))
             else:
                 self._queues.setdefault(message.queue, deque()).append(message)
