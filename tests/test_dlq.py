@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -49,17 +50,24 @@ def test_list_show_replay_and_purge(make_app: Callable[..., Bridge], queue: str)
         if payload["n"] in failing:
             raise Permanent(f"declined {payload['n']}")
 
+    began = now_ms()
+
     async def scenario() -> None:
         async with app:
             await app.apply_topology()
             first, second, _ = [await app.enqueue_async("test.Echo", {"n": n}) for n in (1, 2, 3)]
+            # each reading of the clock a second before the last: the last letter is the oldest
+            readings = itertools.count()
+            app.clock = lambda: began - 1_000 * next(readings)
             await app.consume(burst=True)
+            app.clock = now_ms
             dlq = app.dead_letters(queue)
 
             letters = await dlq.find()
             assert sorted(item.id for item in letters) == sorted([first, second])
+            assert letters[0].letter.at < letters[1].letter.at  # oldest first, not as queued
             [oldest] = await dlq.find(Selection(reason="permanent"), limit=1)
-            assert oldest.letter.at == min(item.letter.at for item in letters)
+            assert oldest.id == letters[0].id
             assert await dlq.find(Selection(type="test.Other")) == []
             shown = await dlq.show(second)
             assert shown.letter.detail == "Permanent: declined 2" and shown.letter.queue == queue
