@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 import json
 import random
-import resource
 import struct
 import time
+import tracemalloc
 import uuid
 from datetime import UTC, date, datetime
 from datetime import time as dt_time
@@ -286,13 +286,17 @@ def test_a_five_byte_body_claiming_a_huge_array_fails_fast_without_allocating() 
     huge_count = b"\xfe\xff\xff\xff\xff\xff\xff\xff\x7f"  # zig-zag varint of 2**62 - 1
     data = schema.header + huge_count[:5]
     data_full = schema.header + huge_count
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tracemalloc.start()  # (the process's peak RSS would hide it under an earlier test's peak)
     started = time.perf_counter()
-    for attempt in (data, data_full):
-        with pytest.raises(DecodeError):
-            codec.decode(attempt, REGISTRY)
-    assert time.perf_counter() - started < 0.1
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 10_000  # KiB
+    try:
+        for attempt in (data, data_full):
+            with pytest.raises(DecodeError):
+                codec.decode(attempt, REGISTRY)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 1  # (reading 2**62 items: never)
+    assert peak < 1_000_000  # bytes
 
 
 def test_huge_string_length_fails_fast() -> None:
@@ -625,7 +629,7 @@ def test_a_varint_that_never_ends_fails_fast() -> None:
     started = time.perf_counter()
     with pytest.raises(DecodeError, match="longer than 10 bytes"):
         codec.decode(data, REGISTRY)
-    assert time.perf_counter() - started < 0.1
+    assert time.perf_counter() - started < 1
 
 
 # -- bridge's compiled writer against fastavro's ------------------------------------------------
