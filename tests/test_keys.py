@@ -138,15 +138,16 @@ def test_a_key_held_by_another_worker_sends_the_job_to_wait(
 def test_a_keyed_plain_handler_that_outlives_the_grace_period_keeps_its_key_until_it_ends(
     keyed_app: Callable[..., Bridge], queue: str
 ) -> None:
-    # Given a plain (def) handler of a keyed job that runs 3 s, a 1 s lease and a 0.2 s grace
-    # period, When its consumer is stopped as the handler starts and another consumer of the
-    # group starts at once, Then the job runs once: the first consumer waits for the thread
-    # (nothing can stop it), renewing the key, then records it done, and the job, which went
-    # back unacknowledged, is a duplicate to the second. (The key went with the cancelled task,
-    # unrenewed: it lapsed after 1 s, and the second consumer ran the job beside the first.)
+    # Given a plain (def) handler of a keyed job that runs until released, a 1 s lease and a
+    # 0.2 s grace period, When its consumer is stopped as the handler starts and another
+    # consumer of the group starts at once, Then the job runs once: the first consumer waits for
+    # the thread (nothing can stop it), renewing the key, then records it done; the job, which
+    # went back unacknowledged, finds the key held at the second past the lease's end, then is a
+    # duplicate. (The key went with the cancelled task, unrenewed: it lapsed after 1 s, and the
+    # second consumer ran the job beside the first.)
     group = f"g-{uuid.uuid4().hex[:12]}"
     first, second = keyed_app(group=group, grace_s=0.2), keyed_app(group=group)
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
     runs: list[str] = []
     for app in (first, second):
 
@@ -154,24 +155,39 @@ def test_a_keyed_plain_handler_that_outlives_the_grace_period_keeps_its_key_unti
         def slow(payload: dict[str, Any], ctx: JobContext) -> None:
             runs.append("start")
             started.set()
-            time.sleep(3)
+            release.wait(60)
             runs.append("end")
 
     enqueue_all(first, [(1, "invoice-7")])
 
+    def delayed(app: Bridge) -> int:
+        return app.stats.delayed if app.stats else 0
+
     async def scenario() -> Stats:
-        async with first, second:
-            stops = asyncio.Event(), asyncio.Event()
-            stopping = asyncio.create_task(first.consume(stop=stops[0]))
-            await asyncio.to_thread(started.wait, 30)
-            stops[0].set()
-            # (not a burst run: it would end at once while the first still holds the job)
-            taking_over = asyncio.create_task(second.consume(stop=stops[1]))
-            while not (second.stats and second.stats.duplicates) and runs.count("start") == 1:
-                await asyncio.sleep(0.1)
-            stops[1].set()
-            await stopping
-            return await taking_over
+        try:
+            async with first, second:
+                stops = asyncio.Event(), asyncio.Event()
+                stopping = asyncio.create_task(first.consume(stop=stops[0]))
+                await asyncio.to_thread(started.wait, 30)
+                stops[0].set()
+                lapsed_at = time.monotonic() + 1.5  # an unrenewed 1 s lease has ended by then
+                # (not a burst run: it would end at once while the first still holds the job)
+                taking_over = asyncio.create_task(second.consume(stop=stops[1]))
+                # The handler runs on until the second has found the key held after that (once the
+                # group gave it the job: on Kafka, a rebalance of a few seconds), or ran the job.
+                while time.monotonic() < lapsed_at:
+                    await asyncio.sleep(0.1)
+                held_before = delayed(second)
+                while delayed(second) == held_before and runs.count("start") == 1:
+                    await asyncio.sleep(0.1)
+                release.set()
+                while not (second.stats and second.stats.duplicates) and runs.count("start") == 1:
+                    await asyncio.sleep(0.1)
+                stops[1].set()
+                await stopping
+                return await taking_over
+        finally:
+            release.set()  # (the handler's thread must not outlive the test)
 
     stats = run(scenario(), timeout=90)
     assert runs == ["start", "end"]
