@@ -289,16 +289,18 @@ async def _applied(app: Bridge, queue: str) -> None:
 def test_a_stop_says_when_plain_handlers_run_on_past_the_grace_period(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Given a plain (def) handler without a key that runs 1 s and a 0.1 s grace period, When
-    # its consumer stops as it runs, Then consume returns, saying that a handler runs on and
-    # that the process exits when it ends. (It said nothing, and the process hung at exit.)
+    # Given a plain (def) handler without a key that runs until released and a 0.1 s grace
+    # period, When its consumer stops as it runs, Then consume returns, saying that a handler
+    # runs on and that the process exits when it ends. (It said nothing, and the process hung
+    # at exit.)
     app = Bridge(broker="memory://", registry=str(SCHEMAS), grace_s=0.1)
-    ended, stop, loops = threading.Event(), asyncio.Event(), list[asyncio.AbstractEventLoop]()
+    release, ended, stop = threading.Event(), threading.Event(), asyncio.Event()
+    loops: list[asyncio.AbstractEventLoop] = []
 
     @app.job("test.Echo", queue="q")
     def slow(payload: dict[str, Any], ctx: JobContext) -> None:
         loops[0].call_soon_threadsafe(stop.set)  # (the consumer stops as it runs)
-        time.sleep(1)
+        release.wait(30)
         ended.set()
 
     async def scenario() -> None:
@@ -307,9 +309,12 @@ def test_a_stop_says_when_plain_handlers_run_on_past_the_grace_period(
             await app.enqueue_async("test.Echo", {"n": 1})
             await app.consume(["q"], stop=stop)
 
-    with caplog.at_level(logging.WARNING, logger="bridge.worker"):
-        run(scenario(), timeout=10)
-    assert not ended.is_set()
-    assert "1 handlers run on in threads past the grace period" in caplog.text
-    assert "the process exits when they end" in caplog.text
-    ended.wait(5)
+    try:
+        with caplog.at_level(logging.WARNING, logger="bridge.worker"):
+            run(scenario(), timeout=10)
+        assert not ended.is_set()
+        assert "1 handlers run on in threads past the grace period" in caplog.text
+        assert "the process exits when they end" in caplog.text
+    finally:
+        release.set()
+    assert ended.wait(5)

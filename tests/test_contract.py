@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -95,10 +94,8 @@ def test_concurrency_bound_holds(make_app: Callable[..., Bridge], queue: str) ->
         await app.consume(burst=True)
         await app.aclose()
 
-    started = time.monotonic()
     run(scenario())
     assert peak == 4
-    assert time.monotonic() - started >= 16 / 4 * 0.15
 
 
 def test_unknown_type_is_dead_lettered_and_jobs_behind_it_run(

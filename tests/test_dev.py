@@ -179,13 +179,21 @@ def test_two_rabbitmq_ups_at_once_start_the_node_once(
     monkeypatch.setenv("BRIDGE_DATA", str(tmp_path))  # (where the lock is)
     answers = threading.Event()
     starts: list[str] = []
+    looked, both_looked = set[int](), threading.Barrier(2)
+
+    def speaks_amqp(_: int) -> bool:
+        up = answers.is_set()
+        if threading.get_ident() not in looked:  # each `up` looks first outside the lock:
+            looked.add(threading.get_ident())  # both find the node down before either goes on
+            both_looked.wait(5)
+        return up
 
     def start(ctl: str) -> None:
         starts.append(ctl)
-        time.sleep(0.3)
+        time.sleep(0.3)  # (the other `up` looks again meanwhile, or waits for the lock)
 
     for name, stand_in in {
-        "_speaks_amqp": lambda _: answers.is_set(),
+        "_speaks_amqp": speaks_amqp,
         "port_accepts": lambda _: False,
         "_ensure_installed": lambda _, __: "rabbitmqctl",
         "_require_root": lambda: None,
