@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -115,6 +116,8 @@ class JobSpec:
         problems = self.policy.problems(self.type)
         if not callable(self.func):
             problems.append(f"{self.type}: the handler must be a function, not {self.func!r}")
+        elif (takes := _parameters(self.func)) is not None:
+            problems.append(f"{self.type}: the handler must take (payload, ctx), not {takes}")
         for name, seconds in (("idempotency_ttl_s", self.idempotency_ttl_s),
                               ("idempotency_lease_s", self.idempotency_lease_s)):  # fmt: skip
             if isinstance(seconds, bool) or not isinstance(seconds, int | float):
@@ -123,3 +126,18 @@ class JobSpec:
                 limits = "must be from 1 ms to 100 years"
                 problems.append(f"{self.type}: {name} {limits}, not {seconds!r}")
         return problems
+
+
+def _parameters(func: Callable[..., Any]) -> str | None:
+    """`func`'s parameters if a worker cannot call it with a payload and a context (every one
+    of its jobs would fail, retry and be dead-lettered); None if it can, or cannot be told."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # (some built-in and C functions have none to read)
+        return None
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        parameters = [p.replace(annotation=p.empty) for p in signature.parameters.values()]
+        return str(signature.replace(parameters=parameters, return_annotation=signature.empty))
+    return None

@@ -641,3 +641,25 @@ def test_settings_of_the_wrong_kind_are_reported_at_start_too(queue: str) -> Non
     assert "idempotency_lease_s" not in message and app.jobs["test.Numbers"].idempotency_lease_s == 120
     with pytest.raises(ConfigError, match=r"app.job\(queue=...\) must be a name, not 7"):
         app.job("test.Unhandled", queue=7)  # type: ignore[arg-type]
+
+
+def test_a_handler_that_cannot_take_a_payload_and_a_context_is_reported_at_start(queue: str) -> None:
+    # Given a handler that takes only the payload, and a callable object that takes more than
+    # the two (with defaults), When consuming starts, Then one ConfigError names the first and
+    # its parameters, not the second. (Every job of the first failed with a TypeError, retried,
+    # and was dead-lettered.)
+    from bridge.errors import ConfigError
+    from tests.conftest import SCHEMAS
+
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+
+    @app.job("test.Echo", queue=queue)  # type: ignore[type-var]
+    async def echo(payload: dict[str, Any]) -> None: ...
+
+    class Handler:
+        def __call__(self, payload: Any, ctx: JobContext, *more: Any, extra: int = 0) -> None: ...
+
+    app.job("test.Numbers", queue=queue)(Handler())
+    with pytest.raises(ConfigError) as caught:
+        run(app.consume(burst=True))
+    assert str(caught.value) == "test.Echo: the handler must take (payload, ctx), not (payload)"
