@@ -108,8 +108,7 @@ class DeadLetters:
             )
         report = ReplayReport()
         replayed: set[tuple[str, int, int]] = set()  # (id, attempt, replays) of each job put back
-        put_back: set[str] = set()  # their ids
-        began = self.app.clock()
+        put_back: dict[str, int] = {}  # their ids, and the replay count each went back with
 
         async def decide(body: bytes, key: str | bytes | None) -> list[Outgoing] | None:
             item = self.read(body)
@@ -119,9 +118,10 @@ class DeadLetters:
             if envelope is not None and (item.id, envelope.attempt, envelope.replays) in replayed:
                 report.copies.append(item.id)
                 return []
-            if item.id in put_back and item.letter.at > began:
+            if envelope is not None and envelope.replays >= put_back.get(item.id, MAX_INT + 1):
                 # A job put back by this run that failed again meanwhile: its new letter is left
-                # for the next run (RabbitMQ's sweep takes letters until none is left).
+                # for the next run (RabbitMQ's sweep takes letters until none is left). Told by
+                # its replay count, not its time: the workers' clocks may be behind this host's.
                 return None
             refusal = _refusal(item, max_replays) or await self._no_queue(item)
             if refusal:
@@ -130,7 +130,7 @@ class DeadLetters:
             assert envelope is not None  # (`_refusal` refused it otherwise)
             report.replayed.append(item.id)
             replayed.add((item.id, envelope.attempt, envelope.replays))
-            put_back.add(item.id)
+            put_back[item.id] = envelope.replays + 1
             if rate and not dry_run:
                 await asyncio.sleep(1 / rate)
             return [self._replayed(item, key)]

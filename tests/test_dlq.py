@@ -151,14 +151,17 @@ def test_two_letters_of_one_job_replay_it_once(make_app: Callable[..., Bridge], 
     assert runs == [1, 1]
 
 
+@pytest.mark.parametrize("clock", ["same", "an hour ahead"])
 def test_a_job_that_fails_again_while_its_replay_runs_keeps_its_new_letter(
-    make_app: Callable[..., Bridge], queue: str
+    make_app: Callable[..., Bridge], queue: str, clock: str
 ) -> None:
     # Given two letters, and workers that dead-letter the first job again as soon as the replay
-    # puts it back (its handler still broken), When every letter is replayed, Then both jobs go
-    # back once, and the first job's new letter stays for the next look, its replay counted.
-    # (RabbitMQ's replay went on taking letters until the queue was empty, took the new one for
-    # a copy of the job it had just replayed, and deleted it.)
+    # puts it back (its handler still broken), When every letter is replayed, from a host whose
+    # clock is the workers' or an hour ahead of theirs, Then both jobs go back once, and the
+    # first job's new letter stays for the next look, its replay counted. (RabbitMQ's replay went
+    # on taking letters until the queue was empty, took the new one for a copy of the job it had
+    # just replayed, and deleted it; from a host ahead, the new letter, stamped before the replay
+    # began by that host's clock, was replayed again in the same run.)
     app = make_app()
 
     @app.job("test.Echo", queue=queue)
@@ -184,6 +187,8 @@ def test_a_job_that_fails_again_while_its_replay_runs_keeps_its_new_letter(
                 return await missing(queues)
 
             transport.missing = failed_again  # type: ignore[method-assign,assignment]
+            if clock == "an hour ahead":  # (the letters are stamped by the workers' clock, now_ms)
+                app.clock = lambda: now_ms() + 3_600_000
             report = await app.dead_letters(queue).replay(Selection())
             transport.missing = missing  # type: ignore[method-assign]
             assert (sorted(report.replayed), report.copies) == (sorted([first, second]), [])
