@@ -1100,6 +1100,61 @@ def test_a_transaction_that_fails_for_good_starts_a_new_round_from_the_committed
     )
 
 
+def test_a_stop_whose_last_transaction_fails_ends_well_and_its_jobs_run_again(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a consumer running four of 20 jobs, When it is stopped (as by SIGTERM) and its
+    # transactional producer is fenced before the jobs end, so that the stop's last transaction
+    # fails, Then consume returns (`bridge consume` exits 0: the stop was asked for), logging
+    # that the records since the last commit run again, and a second consume runs them again.
+    # (consume raised the failure, and `bridge consume` exited 1.)
+    ids = run(publish(brokers["kafka"], queue, 20))
+    group = f"g-{uuid.uuid4().hex[:12]}"
+    producers: list[str] = []  # the consumer's transactional ids, round by round
+
+    class Recorded(Committer):
+        def __init__(
+            self, common: dict[str, Any], consumer: Consumer, producer_id: str, *args: Any, **kw: Any
+        ) -> None:
+            if producer_id.startswith(f"{group}."):  # (not the delay forwarder's)
+                producers.append(producer_id)
+            super().__init__(common, consumer, producer_id, *args, **kw)
+
+    monkeypatch.setattr(kafka_transport, "Committer", Recorded)
+    app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=group, concurrency=4)
+    runs: Counter[str] = Counter()
+    fenced = asyncio.Event()
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs[ctx.job_id] += 1
+        await fenced.wait()
+
+    def fence(producer_id: str) -> None:
+        bootstrap = brokers["kafka"].partition("://")[2]
+        Producer({"bootstrap.servers": bootstrap, "transactional.id": producer_id}).init_transactions(30)
+
+    async def scenario() -> Counter[str]:
+        async with app:
+            stop = asyncio.Event()
+            consuming = asyncio.create_task(app.consume(stop=stop))
+            while sum(runs.values()) < 4:
+                await asyncio.sleep(0.01)
+            first = Counter(runs)
+            stop.set()
+            await asyncio.to_thread(fence, producers[0])
+            fenced.set()
+            await asyncio.wait_for(consuming, 60)
+            await asyncio.wait_for(app.consume(burst=True), 60)
+            return first
+
+    with caplog.at_level(logging.ERROR, logger="bridge.kafka"):
+        first = run(scenario(), timeout=150)
+    assert set(runs) == set(ids)
+    assert {job: runs[job] for job in first} == {job: 2 for job in first}, runs
+    assert any(r.getMessage().endswith("; stopping, as asked") for r in caplog.records), caplog.text
+
+
 def test_partitions_handed_over_by_a_stop_in_time_count_no_returns(
     brokers: dict[str, str], queue: str, tmp_path: Path
 ) -> None:

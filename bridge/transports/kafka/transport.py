@@ -305,8 +305,9 @@ class KafkaTransport:
                     await self._consume_round(queues, process, concurrency, stop, burst, grace_s)
                     return
                 except _TransactionBroke as exc:
-                    if stop.is_set():
-                        raise
+                    if stop.is_set():  # (a stop that was asked for ends well: nothing is lost)
+                        log.error("%s; stopping, as asked", exc)
+                        return
                     log.error("%s; consuming again in %g s", exc, RESTART_AFTER_S)
                 except _NotStarted as exc:
                     # At the first start the error is the user's to see (bridge consume exits with
