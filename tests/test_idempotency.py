@@ -818,6 +818,34 @@ def test_a_store_behind_a_network_that_drops_everything_fails_in_time_and_recove
     run(main(), timeout=30)
 
 
+def test_a_postgres_purge_behind_a_network_that_drops_everything_fails_in_time(
+    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a PostgreSQL store reached through a proxy, its purges given 1 s, When the network
+    # passes nothing more, Then a purge fails with a StoreError in about that time, and once
+    # the network is back the next purge works. (A purge waited for good, holding its
+    # connection: TCP gives up on a silent peer after hours.)
+    monkeypatch.setattr(postgres, "PURGE_TIMEOUT_S", 1.0)
+
+    async def main() -> None:
+        async with FlakyProxy(brokers["postgres"]) as proxy:
+            store = open_store(proxy.url)
+            assert isinstance(store, SqlStore)
+            try:
+                claimed(await store.claim(new_key(), "job-1", 30))  # (the store is open)
+                proxy.stall()
+                stalled = time.monotonic()
+                with pytest.raises(StoreError):
+                    await asyncio.wait_for(store.purge(), timeout=10)
+                assert time.monotonic() - stalled < 3  # (1 s, the purge's timeout, and a margin)
+                proxy.heal()
+                await asyncio.wait_for(store.purge(), timeout=10)
+            finally:
+                await store.close()
+
+    run(main(), timeout=30)
+
+
 def test_the_server_clock_carried_forward_counts_the_time_the_host_slept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

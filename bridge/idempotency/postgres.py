@@ -34,6 +34,9 @@ CONNECT_TIMEOUT_S = 10.0
 # network that drops packets gives no error, and TCP would wait for hours. (Not an inbox
 # transaction's: the handler's own statements take what they take.)
 CALL_TIMEOUT_S = 15.0
+# The purge's, which reads the whole table (0.4 s for 2 million rows): one that hung on a silent
+# network held its connection for good, and each hour's next purge might too.
+PURGE_TIMEOUT_S = 600.0
 SERVER_CLOCK = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 READ_CLOCK_EVERY_S = 60.0
 # The purge passes over rows that another transaction holds (a batch re-claiming an expired
@@ -123,7 +126,8 @@ class PostgresStore(SqlStore):
         await self._open()
         with _mapped(self.url):
             async with self._pool.connection() as conn:
-                await _fetch(conn, self.purge_sql, (self._now_ms(),))
+                with _answered_within(conn, PURGE_TIMEOUT_S):
+                    await _fetch(conn, self.purge_sql, (self._now_ms(),))
 
     async def _pipeline(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows | StoreError]:
         """Run `statements` in one transaction and one round trip: each one's rows.
@@ -179,9 +183,11 @@ class PostgresStore(SqlStore):
 
 
 @contextmanager
-def _answered_within(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> Iterator[None]:
-    """Shuts the connection's socket down if the block still runs CALL_TIMEOUT_S from now, and
-    raises TimeoutError then.
+def _answered_within(
+    conn: psycopg.AsyncConnection[tuple[Any, ...]], timeout_s: float | None = None
+) -> Iterator[None]:
+    """Shuts the connection's socket down if the block still runs `timeout_s` (CALL_TIMEOUT_S)
+    from now, and raises TimeoutError then.
 
     Not a cancellation: psycopg answers one by sending the server a cancel request, on a new
     connection over the same silent network, and waits up to 10 s more. A socket shut down
@@ -199,12 +205,13 @@ def _answered_within(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> Iterator
             finally:
                 sock.detach()  # (the descriptor stays psycopg's to close)
 
-    timer = asyncio.get_running_loop().call_later(CALL_TIMEOUT_S, shut_down)
+    timeout_s = CALL_TIMEOUT_S if timeout_s is None else timeout_s
+    timer = asyncio.get_running_loop().call_later(timeout_s, shut_down)
     try:
         yield
     except psycopg.Error as exc:
         if passed:
-            raise TimeoutError(f"no answer within {CALL_TIMEOUT_S:g} s") from exc
+            raise TimeoutError(f"no answer within {timeout_s:g} s") from exc
         raise
     finally:
         timer.cancel()
