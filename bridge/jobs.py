@@ -132,8 +132,9 @@ def _parameters(func: Callable[..., Any]) -> str | None:
     """`func`'s parameters if a worker cannot call it with a payload and a context (every one
     of its jobs would fail, retry and be dead-lettered); None if it can, or cannot be told."""
     try:
-        signature = inspect.signature(func)
-    except (TypeError, ValueError):  # (some built-in and C functions have none to read)
+        # (not the function a functools.wraps decorator wraps: the wrapper is what is called)
+        signature = inspect.signature(func, follow_wrapped=False)
+    except Exception:  # (some built-in and C functions have none to read; an annotation may fail)
         return None
     try:
         signature.bind(None, None)

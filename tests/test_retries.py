@@ -7,6 +7,7 @@ waits only for its own delayed jobs and a 7-second delay has to hop through tier
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 import uuid
@@ -532,11 +533,13 @@ def app_on_a_fake_clock(queue: str) -> tuple[Bridge, list[int], list[int]]:
     return app, now, ran
 
 
-async def consume_ten_minutes_a_step(app: Bridge, now: list[int], ran: list[int]) -> None:
+async def consume_ten_minutes_a_step(
+    app: Bridge, now: list[int], ran: list[int], step_ms: int = 600_000
+) -> None:
     consuming = asyncio.create_task(app.consume(burst=True))
     while not ran:
         await asyncio.sleep(0.01)
-        now[0] += 600_000
+        now[0] += step_ms
     await consuming
 
 
@@ -555,6 +558,25 @@ def test_three_day_delay_with_a_fake_clock(queue: str) -> None:
     assert len(ran) == 1
     assert THREE_DAYS_MS <= ran[0] - start <= THREE_DAYS_MS + 1_200_000
     assert app.stats is not None and app.stats.delayed >= 11, app.stats
+
+
+@pytest.mark.parametrize("delay_s", [30, 90])
+def test_a_wait_shorter_than_every_tier_keeps_to_a_fake_clock(queue: str, delay_s: int) -> None:
+    # Given tiers from 1 minute and a clock that moves 10 s every 10 ms, When a job is delayed
+    # 30 s (less than every tier) or 90 s (a minute's tier, then 30 s more), Then it runs once
+    # the clock has passed its time, not before, within a few real seconds. (The worker slept
+    # the 30 s that were left in real time, whatever the app's clock said.)
+    app, now, ran = app_on_a_fake_clock(queue)
+
+    async def scenario() -> None:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, delay=delay_s)
+            await consume_ten_minutes_a_step(app, now, ran, step_ms=10_000)
+
+    start = now[0]
+    run(scenario(), timeout=10)
+    assert len(ran) == 1
+    assert delay_s * 1000 <= ran[0] - start <= delay_s * 1000 + 20_000
 
 
 def test_a_delayed_job_that_waits_out_a_registry_outage_keeps_its_time(
@@ -644,10 +666,11 @@ def test_settings_of_the_wrong_kind_are_reported_at_start_too(queue: str) -> Non
 
 
 def test_a_handler_that_cannot_take_a_payload_and_a_context_is_reported_at_start(queue: str) -> None:
-    # Given a handler that takes only the payload, and a callable object that takes more than
-    # the two (with defaults), When consuming starts, Then one ConfigError names the first and
-    # its parameters, not the second. (Every job of the first failed with a TypeError, retried,
-    # and was dead-lettered.)
+    # Given a handler that takes only the payload, a callable object that takes more than the
+    # two (with defaults), and a functools.wraps decorator's wrapper that passes its function a
+    # third, When consuming starts, Then one ConfigError names the first and its parameters,
+    # not the others. (Every job of the first failed with a TypeError, retried, and was
+    # dead-lettered.)
     from bridge.errors import ConfigError
     from tests.conftest import SCHEMAS
 
@@ -660,6 +683,18 @@ def test_a_handler_that_cannot_take_a_payload_and_a_context_is_reported_at_start
         def __call__(self, payload: Any, ctx: JobContext, *more: Any, extra: int = 0) -> None: ...
 
     app.job("test.Numbers", queue=queue)(Handler())
+
+    def with_session(func: Callable[..., Any]) -> Callable[[Any, JobContext], Any]:
+        @functools.wraps(func)
+        def wrapper(payload: Any, ctx: JobContext) -> Any:
+            return func(payload, ctx, "session")
+
+        return wrapper
+
+    @app.job("test.Unhandled", queue=queue)
+    @with_session
+    def unhandled(payload: Any, ctx: JobContext, session: str) -> None: ...
+
     with pytest.raises(ConfigError) as caught:
         run(app.consume(burst=True))
     assert str(caught.value) == "test.Echo: the handler must take (payload, ctx), not (payload)"

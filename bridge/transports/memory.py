@@ -5,7 +5,8 @@ thread), so access goes through one lock and consumers are woken thread-safely. 
 messages wait in a heap until the clock (which a test may replace) reaches their time; as on a
 broker, each waits in a delay tier (the longest not past its delay), so a job due later than
 that comes back early and the worker sends it round again: a unit test sees the hops it would
-see on Kafka or RabbitMQ.
+see on Kafka or RabbitMQ. A delay shorter than every tier, which a broker's queue would hand
+the worker at once to wait out, waits here by the clock too.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ class MemoryTransport:
     async def publish(self, message: Outgoing) -> None:
         with self._lock:
             wait_s = message.delay_s
-            if wait_s and self._tiers:  # None when shorter than every tier: straight to the queue
-                wait_s = tier_for(wait_s, self._tiers)
+            if wait_s and self._tiers:  # (held as it is if shorter than every tier, by the clock)
+                wait_s = tier_for(wait_s, self._tiers) or wait_s
             if wait_s:
                 due = self.clock() + int(wait_s * 1000)
                 heapq.heappush(self._delayed, (due, next(self._sequence), replace(message, delay_s=None)))
