@@ -314,6 +314,10 @@ class Worker:
         self._leases.add(lease)
         try:
             outcome = await self._run(spec, payload, envelope, delivery, lease)
+        except asyncio.CancelledError:
+            if _cancelled_here() and not lease.outlived:  # cut off by a stop: it runs again
+                self._finish_later(lease, False)  # (held, its copy waited for the lease's end)
+            raise
         finally:
             if not lease.outlived:
                 self._leases.discard(lease)
@@ -361,7 +365,7 @@ class Worker:
             else:
                 await self._in_thread(spec, payload, ctx, lease)
         except Exception as exc:
-            return [self._failed(spec, envelope, exc, delivery)]
+            return self._outcome_of_failure(spec, envelope, exc, delivery, lease)
         except asyncio.CancelledError as exc:
             if _cancelled_here():  # the worker stops
                 raise
@@ -369,13 +373,27 @@ class Worker:
             # thread, a cancelled concurrent future). A failure like any other, to retry.
             failure = RuntimeError("the handler raised CancelledError: something it awaited was cancelled")
             failure.__cause__ = exc
-            return [self._failed(spec, envelope, failure, delivery)]
+            return self._outcome_of_failure(spec, envelope, failure, delivery, lease)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # a library's SystemExit, or an abort of its own
             # A failure of the job, not the worker's: raised on, it left the delivery unsettled
             # (a Kafka partition's commits held back for good), and SystemExit ended the worker.
+            return self._outcome_of_failure(spec, envelope, exc, delivery, lease)
+        return ()
+
+    def _outcome_of_failure(
+        self, spec: JobSpec, envelope: Envelope, exc: BaseException, delivery: Delivery, lease: Lease | None
+    ) -> Sequence[Outgoing]:
+        """A retry or a dead letter; nothing once the job's inbox committed, which marked its key
+        done: a retry would be dropped as a duplicate, and so would a replay of its letter."""
+        if lease is None or not lease.completed:
             return [self._failed(spec, envelope, exc, delivery)]
+        log.error(
+            "%s raised after its ctx.transaction() committed, which recorded its key as done: "
+            "it is not retried (what it does after the block runs once at most): %r",
+            _job(envelope), exc,
+        )  # fmt: skip
         return ()
 
     async def _in_thread(self, spec: JobSpec, payload: Any, ctx: JobContext, lease: Lease | None) -> None:

@@ -391,8 +391,15 @@ def test_sqlite_claims_made_during_an_inbox_transaction_go_out_once_it_commits(t
     async def scenario(store: Store) -> None:
         key, others = new_key(), [new_key() for _ in range(10)]
         token = claimed(await store.claim(key, "job-1", 30)).token
+        go = asyncio.Event()
+
+        async def other_jobs() -> list[Claim]:  # (tasks of their own, not ones the inbox starts)
+            await go.wait()
+            return await asyncio.gather(*(store.claim(other, "job-2", 30) for other in others))
+
+        claims = asyncio.ensure_future(other_jobs())
         async with store.transaction(key, token, "job-1", 30) as db:
-            claims = asyncio.gather(*(store.claim(other, "job-2", 30) for other in others))
+            go.set()
             await asyncio.sleep(0.05)  # the loop goes idle: a batch free to go would go now
             assert not claims.done()
             await write_effect(url, db, table, key, "job-1")

@@ -25,6 +25,7 @@ from bridge.idempotency import Claimed, Store, enqueue_key, run_key
 from bridge.idempotency.lease import Lease
 from bridge.idempotency.memory import MemoryStore
 from bridge.idempotency.outage import Outage
+from bridge.policy import fixed
 from bridge.transports import Outgoing
 from bridge.worker import Stats
 from tests.conftest import SCHEMAS, publish_envelope, run
@@ -759,3 +760,170 @@ def test_a_dedupe_enqueue_inside_a_sqlite_inbox_transaction_joins_it(tmp_path: P
 
     stats = run(scenario(), timeout=20)
     assert ran == [1, 2] and stats.processed == 2
+
+
+def sqlite_app(tmp_path: Path, **settings: Any) -> Bridge:
+    """An in-memory app whose keys live in a fresh SQLite store (whose inbox holds its connection)."""
+    return Bridge(
+        broker="memory://", registry=str(SCHEMAS), idempotency=f"sqlite:///{tmp_path / 'keys.db'}", **settings
+    )
+
+
+def test_tasks_a_sqlite_inbox_starts_join_its_transaction(tmp_path: Path) -> None:
+    # Given a keyed job whose SQLite inbox block enqueues two follow-ups with dedupe through
+    # asyncio.gather (tasks of their own), and another keyed job, When they are consumed, Then
+    # all four jobs run, and the follow-ups' keys commit with the first job's. (The tasks waited
+    # for the connection the inbox held, the inbox for them: every keyed job stood still.)
+    app = sqlite_app(tmp_path)
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue="q")
+    async def step(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+        if payload["n"] == 1:
+            async with ctx.transaction():
+                await asyncio.gather(*(
+                    app.enqueue_async("test.Echo", {"n": n}, idempotency_key=f"next-{n}", dedupe=True)
+                    for n in (2, 3)
+                ))  # fmt: skip
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="first")
+            await app.enqueue_async("test.Echo", {"n": 9}, idempotency_key="other")
+            return await app.consume(["q"], burst=True)
+
+    stats = run(scenario(), timeout=10)
+    assert sorted(ran) == [1, 2, 3, 9] and stats.processed == 4
+
+
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+def test_a_transaction_inside_a_transaction_fails_rather_than_waiting_for_good(
+    tmp_path: Path, store: str
+) -> None:
+    # Given a keyed handler that opens ctx.transaction() inside its own, When it runs, Then the
+    # inner one raises StoreError at once, naming the mistake, and the job fails (to retry),
+    # while another keyed job runs. (On SQLite it waited for the connection the outer one held:
+    # every keyed job of the process stood still.)
+    app = (
+        sqlite_app(tmp_path)
+        if store == "sqlite"
+        else Bridge(broker="memory://", registry=str(SCHEMAS), idempotency="memory://")
+    )
+    ran: list[int] = []
+    raised: list[str] = []
+
+    @app.job("test.Echo", queue="q", max_attempts=1)
+    async def nested(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+        if payload["n"] == 1:
+            async with ctx.transaction():
+                try:
+                    async with ctx.transaction():
+                        pass
+                except StoreError as exc:
+                    raised.append(str(exc))
+                    raise
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="first")
+            await app.enqueue_async("test.Echo", {"n": 9}, idempotency_key="other")
+            return await app.consume(["q"], burst=True)
+
+    stats = run(scenario(), timeout=10)
+    assert sorted(ran) == [1, 9] and stats.dead_lettered == 1
+    assert raised == ["ctx.transaction() inside ctx.transaction(): the first one is still open"]
+
+
+def test_a_job_that_raises_after_its_inbox_committed_is_not_retried_and_the_log_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a keyed job whose handler raises after its SQLite inbox committed (which recorded
+    # its key as done), When it runs, Then it is neither retried nor dead-lettered, and an error
+    # says why. (A retry was logged and published, then dropped as a duplicate of itself.)
+    app = sqlite_app(tmp_path)
+    attempts: list[int] = []
+
+    @app.job("test.Echo", queue="q", backoff=fixed(0))
+    async def notify(payload: dict[str, Any], ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        async with ctx.transaction():
+            pass
+        raise RuntimeError("the notification after the write failed")
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="k")
+            return await app.consume(["q"], burst=True)
+
+    with caplog.at_level(logging.INFO, logger="bridge.worker"):
+        stats = run(scenario(), timeout=10)
+    assert attempts == [1]
+    assert (stats.retried, stats.dead_lettered, stats.duplicates) == (0, 0, 0)
+    assert "raised after its ctx.transaction() committed" in caplog.text
+    assert "RuntimeError('the notification after the write failed')" in caplog.text
+
+
+def test_a_keyed_job_cut_off_by_a_stop_gives_its_key_back_so_it_runs_again_at_once(
+    tmp_path: Path,
+) -> None:
+    # Given a keyed async job with a 60 s lease that runs past a 0.1 s grace period, When its
+    # consumer stops and consumes again, Then the job, back in its queue, runs again at once:
+    # the stop gave its key back. (The key stayed held for the rest of its lease, and the job
+    # went round the delay tiers for a minute.)
+    app = sqlite_app(tmp_path, grace_s=0.1)
+    started: list[int] = []
+    stop = asyncio.Event()
+
+    @app.job("test.Echo", queue="q", idempotency_lease_s=60)
+    async def slow(payload: dict[str, Any], ctx: JobContext) -> None:
+        started.append(payload["n"])
+        if len(started) == 1:
+            stop.set()
+            await asyncio.sleep(30)
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="k")
+            await app.consume(["q"], stop=stop)
+            return await app.consume(["q"], burst=True)
+
+    stats = run(scenario(), timeout=20)
+    assert started == [1, 1]
+    assert (stats.processed, stats.delayed) == (1, 0), stats
+
+
+def test_a_completion_that_landed_but_whose_answer_was_lost_raises_no_false_alarm(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a store whose first completion is recorded but whose answer is lost (a PostgreSQL
+    # batch past its deadline, a Redis socket timeout), When a keyed job succeeds, Then the
+    # completion tried again finds the key done by this job and says nothing of a lost claim.
+    # (It warned that another worker may have run the job too.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), idempotency="memory://")
+
+    @app.job("test.Echo", queue="q")
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None: ...
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="k")
+            store = await app.idempotency_store()
+            complete, lost = store.complete, [True]
+
+            async def answer_lost(*args: Any) -> bool:
+                done = await complete(*args)
+                if lost:
+                    lost.clear()
+                    raise StoreError("batch unanswered for 15 s")
+                return done
+
+            monkeypatch.setattr(store, "complete", answer_lost)
+            return await app.consume(["q"], burst=True)
+
+    with caplog.at_level(logging.WARNING):
+        stats = run(scenario(), timeout=10)
+    assert stats.processed == 1
+    assert "the idempotency store answers again" in caplog.text  # (it was tried again)
+    assert "another worker may have run it" not in caplog.text

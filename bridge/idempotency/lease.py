@@ -27,6 +27,7 @@ class Lease:
     window_s: float
     outage: Outage  # completing or releasing the key waits out the store's outages
     completed: bool = field(default=False)  # by the handler's inbox transaction
+    inbox_open: bool = field(default=False)  # that transaction is open
     # The key's completion or release is under way: a renewal that finds the claim gone then
     # says nothing, since the key is being done (or the completion says itself that the claim
     # was lost). A renewal round takes the leases of the jobs running when it starts, so its
@@ -52,6 +53,9 @@ class Lease:
         """The inbox (see `Store.transaction`); the key is done once it commits."""
         if self.completed:
             raise StoreError("ctx.transaction() can be used once per job: its commit completes the key")
+        if self.inbox_open:  # (waiting for the connection it holds would wait for good)
+            raise StoreError("ctx.transaction() inside ctx.transaction(): the first one is still open")
+        self.inbox_open = True
         try:
             async with self.store.transaction(self.key, self.token, self.job_id, self.window_s) as handle:
                 yield handle
@@ -59,6 +63,8 @@ class Lease:
         except BaseException:
             self.ending = False  # nothing completed: a claim still held is renewed as before
             raise
+        finally:
+            self.inbox_open = False
         self.completed = True
 
     async def finish(self, succeeded: bool, *, again: bool = False) -> None:
@@ -74,6 +80,8 @@ class Lease:
         try:
             await record()
         except StoreError as exc:  # wait for the store, beside the worker's other keyed jobs
+            if succeeded:  # (the first try may have landed, its answer lost: no false alarm)
+                record = self._complete_again
             try:
                 await self.outage.retry(exc, record)
             except StoreError as last:  # it waited GIVE_UP_S

@@ -21,6 +21,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ BUSY_TIMEOUT_S = 10.0
 SQLITE_HEADER = b"SQLite format 3\x00"  # how every SQLite database file begins
 BUSY_RETRY_S = (0.001, 0.05)  # how long to wait before trying again for the write lock: from, to
 WAL_CHECKPOINT_PAGES = 4000  # SQLite's default is 1000
+# The open inbox transaction's mark, carried by the task that opened it and by the tasks it
+# starts (an `asyncio.gather` of enqueues with dedupe, say), whose statements join it.
+_INBOX: ContextVar[object | None] = ContextVar("bridge_sqlite_inbox", default=None)
 # The purge goes through the table a range of rowids at a time, each range a statement of its
 # own among the jobs' statements: one statement for the whole table would stop the event loop,
 # and hold the write lock, for as long as it runs (0.1 s to read a million rows, 0.5 s to
@@ -73,12 +77,13 @@ class SqliteStore(SqlStore):
             self._db.execute("PRAGMA busy_timeout=0")
         self._lock = asyncio.Lock()  # the connection: a group commit's, or an inbox transaction's
         self._statements = TickBatch(self._commit, self._lock, send_now=self._commit_now)
-        self._inbox: asyncio.Task[Any] | None = None  # the task whose inbox transaction is open
+        self._inbox: object | None = None  # the open inbox transaction's mark (_INBOX)
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
-        if self._inbox is not None and asyncio.current_task() is self._inbox:
-            # The handler itself, inside its inbox (an enqueue with dedupe, say): its statement
-            # joins that transaction. (It waited for the connection the handler held, for good.)
+        if self._inbox is not None and _INBOX.get() is self._inbox:
+            # The handler itself, inside its inbox (an enqueue with dedupe, say), or a task it
+            # started there: its statement joins that transaction. (It waited for the
+            # connection the handler held, for good; a task it started, until then did too.)
             return self._run(sql, params)
         rows: Rows = await self._statements.call((sql, params))
         return rows
@@ -151,9 +156,12 @@ class SqliteStore(SqlStore):
         async def query(sql: str, params: Sequence[Any]) -> Rows:
             return self._run(sql, params)
 
+        if self._inbox is not None and _INBOX.get() is self._inbox:  # (the lock is its own)
+            raise StoreError("ctx.transaction() inside ctx.transaction(): the first one is still open")
         async with self._lock:
             await self._write_lock()
-            self._inbox = asyncio.current_task()
+            self._inbox = object()
+            _INBOX.set(self._inbox)
             try:
                 yield self._db, query
             except BaseException:
