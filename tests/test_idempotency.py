@@ -438,6 +438,35 @@ def test_a_sqlite_claim_waiting_for_another_process_s_inbox_leaves_the_event_loo
     run(main())
 
 
+def test_a_sqlite_claim_given_up_while_it_waits_for_another_process_holds_nothing(
+    tmp_path: Path,
+) -> None:
+    # Given two SQLite stores on one file, one holding an inbox transaction (and SQLite's write
+    # lock), When the other's claim, its batch waiting for that lock, is cancelled (a stop's
+    # grace period ending), Then once the transaction commits the key is free: the claim went
+    # out with its batch and was released. (It held the key, for nobody, for its whole lease.)
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+
+    async def main() -> None:
+        holder, other = open_store(url), open_store(url)
+        try:
+            held = new_key()
+            token = claimed(await holder.claim(held, "job-1", 30)).token
+            key = new_key()
+            async with holder.transaction(held, token, "job-1", 30):
+                given_up = asyncio.ensure_future(other.claim(key, "job-2", 30))
+                await asyncio.sleep(0.05)  # the loop goes idle: its batch goes out and waits
+                given_up.cancel()
+                await asyncio.sleep(0.05)
+            assert given_up.cancelled()
+            claimed(await asyncio.wait_for(other.claim(key, "job-3", 30), timeout=5))
+        finally:
+            await holder.close()
+            await other.close()
+
+    run(main())
+
+
 def test_a_sqlite_batch_that_fails_in_an_unexpected_way_leaves_the_store_working(tmp_path: Path) -> None:
     # Given a SQLite store, When a claim fails in a way that is not SQLite's (a lease too long
     # for a 64-bit integer: Python's OverflowError), Then that claim fails, and the next claims

@@ -178,7 +178,7 @@ class PostgresStore(SqlStore):
             raise raised.error from raised.error.__cause__
 
     async def close(self) -> None:
-        await self._stop_purging()
+        await self._stop_background()
         await self._pool.close()
 
 

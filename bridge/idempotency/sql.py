@@ -66,6 +66,7 @@ UPDATE bridge_idempotency SET state = 'enqueued', expires_at = ?
 WHERE name = ? AND job_id = ? AND state = 'enqueuing'"""
 FORGET = "DELETE FROM bridge_idempotency WHERE name = ? AND job_id = ? AND state = 'enqueuing'"
 PURGE_EVERY_S = 3600.0
+RELEASE_WAIT_S = 2.0  # how long closing the store waits for the releases of cancelled claims
 # Where each statement that touches one key's row has that key among its parameters. A store
 # that runs several such statements in one transaction takes their rows in key order, so two
 # processes' transactions never wait for each other's rows in a circle (a deadlock).
@@ -96,6 +97,7 @@ class SqlStore:
     claim_sql = CLAIM
     _next_purge = 0.0  # time.monotonic() of the next purge: at the first completion, then hourly
     _purging: asyncio.Task[None] | None = None
+    _releasing: set[asyncio.Task[None]] | None = None  # of claims whose callers gave up
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
         """Run one statement in its own transaction and return its rows."""
@@ -116,7 +118,15 @@ class SqlStore:
 
     async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
         token, now = new_token(), self._now_ms()
-        rows = await self._query(self.claim_sql, (key, _id(job_id), token, now + int(lease_s * 1000), now))
+        try:
+            rows = await self._query(
+                self.claim_sql, (key, _id(job_id), token, now + int(lease_s * 1000), now)
+            )
+        except asyncio.CancelledError:
+            # Its statement may have gone out, or go out yet (its batch waiting for the write
+            # lock): a claim nobody holds kept the key from the job's copy until its lease ended.
+            self._release_later(key, token)
+            raise
         if rows and not rows[0]:  # (a changed row: the claim took the key)
             return Claimed(token)
         if not rows or rows[0][0] != "done":
@@ -183,8 +193,26 @@ class SqlStore:
         except StoreError as exc:  # the keys it missed go at the next purge
             log.warning("could not purge old keys: %s; trying again in %.0f s", exc, PURGE_EVERY_S)
 
-    async def _stop_purging(self) -> None:
-        """For `close`: a purge still running is cancelled, and the next one deletes the rest."""
+    def _release_later(self, key: str, token: str) -> None:
+        """Release a claim whose caller gave up, in the background (a no-op if it never landed:
+        the release names its token). A later batch than the claim's, so it comes after it."""
+        if self._releasing is None:
+            self._releasing = set()
+        releasing = asyncio.get_running_loop().create_task(self._release_or_log(key, token))
+        self._releasing.add(releasing)
+        releasing.add_done_callback(self._releasing.discard)
+
+    async def _release_or_log(self, key: str, token: str) -> None:
+        try:
+            await self.release(key, token)
+        except StoreError as exc:  # the key frees itself when the lease ends
+            log.warning("could not release the claim on %r that a cancelled job made: %s", key, exc)
+
+    async def _stop_background(self) -> None:
+        """For `close`: the releases of cancelled claims get RELEASE_WAIT_S; a purge still
+        running is cancelled, and the next one deletes the rest."""
+        if self._releasing:
+            await asyncio.wait(self._releasing, timeout=RELEASE_WAIT_S)
         if self._purging is not None:
             self._purging.cancel()
             with suppress(asyncio.CancelledError):

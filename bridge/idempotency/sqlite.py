@@ -178,7 +178,7 @@ class SqliteStore(SqlStore):
             self._run("COMMIT", ())
 
     async def close(self) -> None:
-        await self._stop_purging()
+        await self._stop_background()
         self._db.close()
 
 
