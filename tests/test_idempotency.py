@@ -11,9 +11,9 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -410,6 +410,21 @@ def test_sqlite_claims_made_during_an_inbox_transaction_go_out_once_it_commits(t
     assert list(effects(url, table).values()) == [1]
 
 
+@contextlib.asynccontextmanager
+async def beside_another_process(tmp_path: Path) -> AsyncIterator[tuple[Store, Any]]:
+    """A SQLite store, and an inbox transaction to open of another store on its file (as
+    another process has), which holds SQLite's write lock while it is open."""
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    holder, other = open_store(url), open_store(url)
+    try:
+        key = new_key()
+        token = claimed(await holder.claim(key, "job-1", 30)).token
+        yield other, holder.transaction(key, token, "job-1", 30)
+    finally:
+        await holder.close()
+        await other.close()
+
+
 def test_a_sqlite_claim_waiting_for_another_process_s_inbox_leaves_the_event_loop_free(
     tmp_path: Path,
 ) -> None:
@@ -417,23 +432,15 @@ def test_a_sqlite_claim_waiting_for_another_process_s_inbox_leaves_the_event_loo
     # transaction (and SQLite's write lock), When the other claims a key, Then that claim waits
     # while its event loop turns, and succeeds once the transaction commits. (SQLite's busy
     # handler waited inside the call: the loop stood still for up to 10 s, then the claim failed.)
-    url = f"sqlite:///{tmp_path / 'keys.db'}"
-
     async def main() -> None:
-        holder, other = open_store(url), open_store(url)
-        try:
-            key = new_key()
-            token = claimed(await holder.claim(key, "job-1", 30)).token
-            async with holder.transaction(key, token, "job-1", 30):
+        async with beside_another_process(tmp_path) as (other, inbox):
+            async with inbox:
                 waiting = asyncio.ensure_future(other.claim(new_key(), "job-2", 30))
                 started = time.monotonic()
                 await asyncio.sleep(0.05)  # the loop goes idle: its batch goes out and waits
                 assert time.monotonic() - started < 1  # the loop turned (a busy handler: 10 s)
                 assert not waiting.done()
             claimed(await asyncio.wait_for(waiting, timeout=5))
-        finally:
-            await holder.close()
-            await other.close()
 
     run(main())
 
@@ -445,24 +452,16 @@ def test_a_sqlite_claim_given_up_while_it_waits_for_another_process_holds_nothin
     # lock), When the other's claim, its batch waiting for that lock, is cancelled (a stop's
     # grace period ending), Then once the transaction commits the key is free: the claim went
     # out with its batch and was released. (It held the key, for nobody, for its whole lease.)
-    url = f"sqlite:///{tmp_path / 'keys.db'}"
-
     async def main() -> None:
-        holder, other = open_store(url), open_store(url)
-        try:
-            held = new_key()
-            token = claimed(await holder.claim(held, "job-1", 30)).token
-            key = new_key()
-            async with holder.transaction(held, token, "job-1", 30):
+        key = new_key()
+        async with beside_another_process(tmp_path) as (other, inbox):
+            async with inbox:
                 given_up = asyncio.ensure_future(other.claim(key, "job-2", 30))
                 await asyncio.sleep(0.05)  # the loop goes idle: its batch goes out and waits
                 given_up.cancel()
                 await asyncio.sleep(0.05)
             assert given_up.cancelled()
             claimed(await asyncio.wait_for(other.claim(key, "job-3", 30), timeout=5))
-        finally:
-            await holder.close()
-            await other.close()
 
     run(main())
 
