@@ -853,6 +853,34 @@ def test_a_store_behind_a_network_that_drops_everything_fails_in_time_and_recove
     run(main(), timeout=30)
 
 
+@pytest.mark.parametrize("name", ["postgres", "redis"])
+def test_a_claim_given_up_while_its_batch_is_out_is_released_once_it_lands(
+    brokers: dict[str, str], name: str
+) -> None:
+    # Given a PostgreSQL or Redis store behind a network that holds what it is given (a slow
+    # link), When a claim whose batch is out is cancelled (a stop's grace period ending), and
+    # the network then passes the batch on, Then the claim lands and is released: the key is
+    # free for the job's copy. (It held the key, for nobody, until its lease ended.)
+    async def main() -> None:
+        async with FlakyProxy(brokers[name]) as proxy:
+            store = open_store(proxy.url)
+            try:
+                claimed(await store.claim(new_key(), "job-0", 30))  # (the store is open)
+                key = new_key()
+                proxy.stall()
+                given_up = asyncio.ensure_future(store.claim(key, "job-1", 30))
+                await asyncio.sleep(0.05)  # the loop goes idle: its batch goes out, and is held
+                given_up.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await given_up  # (what it does as it is cancelled comes before the copy's claim)
+                proxy.heal()
+                claimed(await asyncio.wait_for(store.claim(key, "job-2", 30), timeout=10))
+            finally:
+                await store.close()
+
+    run(main(), timeout=30)
+
+
 def test_a_postgres_purge_behind_a_network_that_drops_everything_fails_in_time(
     brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

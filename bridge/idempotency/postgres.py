@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 from bridge.errors import StoreError, safe_url
 from bridge.idempotency import Claim, Enqueued
 from bridge.idempotency.batch import TickBatch
+from bridge.idempotency.given_up import GivenUp
 from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore, now_ms
 
 CONNECT_TIMEOUT_S = 10.0
@@ -62,6 +63,7 @@ class PostgresStore(SqlStore):
         self._opening = asyncio.Lock()
         self._statements = TickBatch(self._pipeline, asyncio.Lock())
         self._clock = _ServerClock()
+        self._given_up = GivenUp(self.release)
 
     def _now_ms(self) -> int:
         return self._clock.now_ms()

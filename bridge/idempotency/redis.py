@@ -25,6 +25,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from bridge.errors import LeaseLost, StoreError, safe_url
 from bridge.idempotency import Busy, Claim, Claimed, Done, Enqueued, new_token
 from bridge.idempotency.batch import TickBatch
+from bridge.idempotency.given_up import GivenUp
 
 # If the key holds ARGV[1] (or, with ARGV[4] '1', is absent), run the commands packed in
 # ARGV[5..] (each as a count, then its words), then set the key to ARGV[2] for ARGV[3] ms (or
@@ -88,6 +89,7 @@ class RedisStore:
         )  # fmt: skip
         self._redis = aioredis.Redis(connection_pool=self._pool)
         self._commands = TickBatch(self._pipeline, asyncio.Lock())
+        self._given_up = GivenUp(self.release)
         self._eviction_checked = False
 
     async def _call(self, command: Callable[[Pipeline], object]) -> Any:
@@ -167,7 +169,11 @@ class RedisStore:
     async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
         token = new_token()
         args = (f"running|{token}", _ms(lease_s))
-        reply = await self._call(lambda pipe: pipe.evalsha(_CLAIM_SHA1, 1, key, *args))
+        try:
+            reply = await self._call(lambda pipe: pipe.evalsha(_CLAIM_SHA1, 1, key, *args))
+        except asyncio.CancelledError:  # (its pipeline may be out: see GivenUp)
+            self._given_up.release(key, token)
+            raise
         if reply == 1:
             return Claimed(token)
         value, ttl_ms = reply
@@ -232,6 +238,7 @@ class RedisStore:
         await self._swap_if(key, f"enqueuing|{job_id}", "", 0)
 
     async def close(self) -> None:
+        await self._given_up.wait()
         await self._redis.aclose()
         await self._pool.disconnect()  # a pool given to Redis() is not closed with it
 

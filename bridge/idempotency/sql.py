@@ -23,6 +23,7 @@ from typing import Any
 
 from bridge.errors import LeaseLost, StoreError
 from bridge.idempotency import Busy, Claim, Claimed, Done, Enqueued, new_token
+from bridge.idempotency.given_up import GivenUp
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bridge_idempotency (
@@ -66,7 +67,6 @@ UPDATE bridge_idempotency SET state = 'enqueued', expires_at = ?
 WHERE name = ? AND job_id = ? AND state = 'enqueuing'"""
 FORGET = "DELETE FROM bridge_idempotency WHERE name = ? AND job_id = ? AND state = 'enqueuing'"
 PURGE_EVERY_S = 3600.0
-RELEASE_WAIT_S = 2.0  # how long closing the store waits for the releases of cancelled claims
 # Where each statement that touches one key's row has that key among its parameters. A store
 # that runs several such statements in one transaction takes their rows in key order, so two
 # processes' transactions never wait for each other's rows in a circle (a deadlock).
@@ -97,7 +97,7 @@ class SqlStore:
     claim_sql = CLAIM
     _next_purge = 0.0  # time.monotonic() of the next purge: at the first completion, then hourly
     _purging: asyncio.Task[None] | None = None
-    _releasing: set[asyncio.Task[None]] | None = None  # of claims whose callers gave up
+    _given_up: GivenUp  # the subclass's __init__ makes it
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
         """Run one statement in its own transaction and return its rows."""
@@ -122,10 +122,8 @@ class SqlStore:
             rows = await self._query(
                 self.claim_sql, (key, _id(job_id), token, now + int(lease_s * 1000), now)
             )
-        except asyncio.CancelledError:
-            # Its statement may have gone out, or go out yet (its batch waiting for the write
-            # lock): a claim nobody holds kept the key from the job's copy until its lease ended.
-            self._release_later(key, token)
+        except asyncio.CancelledError:  # (its batch may be out, or wait for SQLite's write lock)
+            self._given_up.release(key, token)
             raise
         if rows and not rows[0]:  # (a changed row: the claim took the key)
             return Claimed(token)
@@ -193,26 +191,10 @@ class SqlStore:
         except StoreError as exc:  # the keys it missed go at the next purge
             log.warning("could not purge old keys: %s; trying again in %.0f s", exc, PURGE_EVERY_S)
 
-    def _release_later(self, key: str, token: str) -> None:
-        """Release a claim whose caller gave up, in the background (a no-op if it never landed:
-        the release names its token). A later batch than the claim's, so it comes after it."""
-        if self._releasing is None:
-            self._releasing = set()
-        releasing = asyncio.get_running_loop().create_task(self._release_or_log(key, token))
-        self._releasing.add(releasing)
-        releasing.add_done_callback(self._releasing.discard)
-
-    async def _release_or_log(self, key: str, token: str) -> None:
-        try:
-            await self.release(key, token)
-        except StoreError as exc:  # the key frees itself when the lease ends
-            log.warning("could not release the claim on %r that a cancelled job made: %s", key, exc)
-
     async def _stop_background(self) -> None:
-        """For `close`: the releases of cancelled claims get RELEASE_WAIT_S; a purge still
-        running is cancelled, and the next one deletes the rest."""
-        if self._releasing:
-            await asyncio.wait(self._releasing, timeout=RELEASE_WAIT_S)
+        """For `close`: the releases of cancelled claims get a moment (GivenUp.wait); a purge
+        still running is cancelled, and the next one deletes the rest."""
+        await self._given_up.wait()
         if self._purging is not None:
             self._purging.cancel()
             with suppress(asyncio.CancelledError):

@@ -27,6 +27,7 @@ from typing import Any
 
 from bridge.errors import StoreError
 from bridge.idempotency.batch import TickBatch
+from bridge.idempotency.given_up import GivenUp
 from bridge.idempotency.sql import CLAIM, LOOK, SCHEMA, Query, Rows, SqlStore, log, now_ms
 
 BUSY_TIMEOUT_S = 10.0
@@ -78,6 +79,7 @@ class SqliteStore(SqlStore):
         self._lock = asyncio.Lock()  # the connection: a group commit's, or an inbox transaction's
         self._statements = TickBatch(self._commit, self._lock, send_now=self._commit_now)
         self._inbox: object | None = None  # the open inbox transaction's mark (_INBOX)
+        self._given_up = GivenUp(self.release)
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
         if self._inbox is not None and _INBOX.get() is self._inbox:
