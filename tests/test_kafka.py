@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
@@ -1028,6 +1029,28 @@ def test_a_delay_forwarder_that_cannot_start_ends_the_round_and_the_next_one_for
     assert "the delay forwarder stopped: could not start Kafka transactions" in caplog.text
 
 
+class Recorded(Committer):
+    """A Committer that records the transactional ids of `group`'s consumer, round by round,
+    in `producers` (not the delay forwarder's): give the transport
+    `functools.partial(Recorded, group, producers)`."""
+
+    def __init__(
+        self, group: str, producers: list[str], common: dict[str, Any], consumer: Consumer, producer_id: str,
+        *args: Any, **kw: Any,
+    ) -> None:  # fmt: skip
+        self.ours = producer_id.startswith(f"{group}.")
+        if self.ours:
+            producers.append(producer_id)
+        super().__init__(common, consumer, producer_id, *args, **kw)
+
+
+def fence(broker: str, producer_id: str) -> None:
+    """Fence `producer_id`'s transactions: another producer takes its transactional id (its
+    next transaction fails for good, as one did after a Kafka restart)."""
+    bootstrap = broker.partition("://")[2]
+    Producer({"bootstrap.servers": bootstrap, "transactional.id": producer_id}).init_transactions(30)
+
+
 def test_a_transaction_that_fails_for_good_starts_a_new_round_from_the_committed_offsets(
     brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1045,22 +1068,14 @@ def test_a_transaction_that_fails_for_good_starts_a_new_round_from_the_committed
     group = f"g-{uuid.uuid4().hex[:12]}"
     producers: list[str] = []  # the consumer's transactional ids, round by round
 
-    class Recorded(Committer):
-        def __init__(
-            self, common: dict[str, Any], consumer: Consumer, producer_id: str, *args: Any, **kw: Any
-        ) -> None:
-            self.ours = producer_id.startswith(f"{group}.")  # (not the delay forwarder's)
-            if self.ours:
-                producers.append(producer_id)
-            super().__init__(common, consumer, producer_id, *args, **kw)
-
+    class SlowToStart(Recorded):
         async def start(self) -> None:
             if self.ours and len(producers) == 2:  # the round after the fenced one
                 with mapped("could not start Kafka transactions"):  # as `start` maps it
                     self.producer.init_transactions(0)  # librdkafka's own timeout, with no time given
             await super().start()
 
-    monkeypatch.setattr(kafka_transport, "Committer", Recorded)
+    monkeypatch.setattr(kafka_transport, "Committer", functools.partial(SlowToStart, group, producers))
     app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=group, concurrency=4)
     runs: Counter[str] = Counter()
     fenced = asyncio.Event()
@@ -1072,16 +1087,12 @@ def test_a_transaction_that_fails_for_good_starts_a_new_round_from_the_committed
         await asyncio.sleep(payload["sleep_ms"] / 1000)
         runs[ctx.job_id] += 1
 
-    def fence(producer_id: str) -> None:
-        bootstrap = brokers["kafka"].partition("://")[2]
-        Producer({"bootstrap.servers": bootstrap, "transactional.id": producer_id}).init_transactions(30)
-
     async def scenario() -> None:
         async with app:
             consuming = asyncio.create_task(app.consume(burst=True))
             while len(runs) < 50:
                 await asyncio.sleep(0.01)
-            await asyncio.to_thread(fence, producers[0])
+            await asyncio.to_thread(fence, brokers["kafka"], producers[0])
             fenced.set()
             await asyncio.wait_for(consuming, 90)  # drained: every offset committed
             again = await asyncio.wait_for(app.consume(burst=True), 60)
@@ -1110,16 +1121,7 @@ def test_a_stop_whose_last_transaction_fails_ends_well_and_its_jobs_run_again(
     ids = run(publish(brokers["kafka"], queue, 20))
     group = f"g-{uuid.uuid4().hex[:12]}"
     producers: list[str] = []  # the consumer's transactional ids, round by round
-
-    class Recorded(Committer):
-        def __init__(
-            self, common: dict[str, Any], consumer: Consumer, producer_id: str, *args: Any, **kw: Any
-        ) -> None:
-            if producer_id.startswith(f"{group}."):  # (not the delay forwarder's)
-                producers.append(producer_id)
-            super().__init__(common, consumer, producer_id, *args, **kw)
-
-    monkeypatch.setattr(kafka_transport, "Committer", Recorded)
+    monkeypatch.setattr(kafka_transport, "Committer", functools.partial(Recorded, group, producers))
     app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=group, concurrency=4)
     runs: Counter[str] = Counter()
     fenced = asyncio.Event()
@@ -1129,10 +1131,6 @@ def test_a_stop_whose_last_transaction_fails_ends_well_and_its_jobs_run_again(
         runs[ctx.job_id] += 1
         await fenced.wait()
 
-    def fence(producer_id: str) -> None:
-        bootstrap = brokers["kafka"].partition("://")[2]
-        Producer({"bootstrap.servers": bootstrap, "transactional.id": producer_id}).init_transactions(30)
-
     async def scenario() -> Counter[str]:
         async with app:
             stop = asyncio.Event()
@@ -1141,7 +1139,7 @@ def test_a_stop_whose_last_transaction_fails_ends_well_and_its_jobs_run_again(
                 await asyncio.sleep(0.01)
             first = Counter(runs)
             stop.set()
-            await asyncio.to_thread(fence, producers[0])
+            await asyncio.to_thread(fence, brokers["kafka"], producers[0])
             fenced.set()
             await asyncio.wait_for(consuming, 60)
             await asyncio.wait_for(app.consume(burst=True), 60)

@@ -158,8 +158,6 @@ class SqliteStore(SqlStore):
         async def query(sql: str, params: Sequence[Any]) -> Rows:
             return self._run(sql, params)
 
-        if self._inbox is not None and _INBOX.get() is self._inbox:  # (the lock is its own)
-            raise StoreError("ctx.transaction() inside ctx.transaction(): the first one is still open")
         async with self._lock:
             await self._write_lock()
             self._inbox = object()
