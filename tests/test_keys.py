@@ -802,9 +802,9 @@ def test_a_transaction_inside_a_transaction_fails_rather_than_waiting_for_good(
     tmp_path: Path, store: str
 ) -> None:
     # Given a keyed handler that opens ctx.transaction() inside its own, When it runs, Then the
-    # inner one raises StoreError at once, naming the mistake, and the job fails (to retry),
-    # while another keyed job runs. (On SQLite it waited for the connection the outer one held:
-    # every keyed job of the process stood still.)
+    # inner one raises Permanent at once, naming the mistake, and the job is dead-lettered
+    # without a retry (each would repeat it), while another keyed job runs. (On SQLite it waited
+    # for the connection the outer one held: every keyed job of the process stood still.)
     app = (
         sqlite_app(tmp_path)
         if store == "sqlite"
@@ -813,7 +813,7 @@ def test_a_transaction_inside_a_transaction_fails_rather_than_waiting_for_good(
     ran: list[int] = []
     raised: list[str] = []
 
-    @app.job("test.Echo", queue="q", max_attempts=1)
+    @app.job("test.Echo", queue="q", max_attempts=3, backoff=fixed(0))
     async def nested(payload: dict[str, Any], ctx: JobContext) -> None:
         ran.append(payload["n"])
         if payload["n"] == 1:
@@ -821,7 +821,7 @@ def test_a_transaction_inside_a_transaction_fails_rather_than_waiting_for_good(
                 try:
                     async with ctx.transaction():
                         pass
-                except StoreError as exc:
+                except Permanent as exc:
                     raised.append(str(exc))
                     raise
 
@@ -832,7 +832,7 @@ def test_a_transaction_inside_a_transaction_fails_rather_than_waiting_for_good(
             return await app.consume(["q"], burst=True)
 
     stats = run(scenario(), timeout=10)
-    assert sorted(ran) == [1, 9] and stats.dead_lettered == 1
+    assert sorted(ran) == [1, 9] and stats.dead_lettered == 1 and stats.retried == 0
     assert raised == ["ctx.transaction() inside ctx.transaction(): the first one is still open"]
 
 

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.errors import StoreError
+from bridge.errors import Permanent, StoreError
 from bridge.idempotency import Store
 from bridge.idempotency.outage import Outage
 
@@ -50,11 +50,14 @@ class Lease:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Any]:
-        """The inbox (see `Store.transaction`); the key is done once it commits."""
+        """The inbox (see `Store.transaction`); the key is done once it commits.
+
+        Used twice, it raises `Permanent`: a mistake in the handler, which every retry repeats.
+        """
         if self.completed:
-            raise StoreError("ctx.transaction() can be used once per job: its commit completes the key")
+            raise Permanent("ctx.transaction() can be used once per job: its commit completes the key")
         if self.inbox_open:  # (waiting for the connection it holds would wait for good)
-            raise StoreError("ctx.transaction() inside ctx.transaction(): the first one is still open")
+            raise Permanent("ctx.transaction() inside ctx.transaction(): the first one is still open")
         self.inbox_open = True
         try:
             async with self.store.transaction(self.key, self.token, self.job_id, self.window_s) as handle:
