@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bridge.envelope import LONGEST_S, Envelope, JobError
-from bridge.errors import ConfigError
+from bridge.errors import Permanent
 from bridge.idempotency import DEFAULT_LEASE_S, DEFAULT_WINDOW_S
 from bridge.policy import RetryPolicy
 
@@ -86,10 +86,11 @@ class JobContext:
 
         `async with ctx.transaction() as db:` gives the store's own handle (a psycopg
         connection, a sqlite3 connection, or a Redis command recorder); writes made through it
-        and the key's completion commit together or not at all. Jobs with an idempotency key only.
+        and the key's completion commit together or not at all. Jobs with an idempotency key
+        only: without one it raises `Permanent`, as no retry of the job would have one either.
         """
         if self._inbox is None:
-            raise ConfigError(f"ctx.transaction() needs an idempotency key on the job ({self.type})")
+            raise Permanent(f"ctx.transaction() needs an idempotency key on the job ({self.type})")
         return self._inbox()
 
     def __repr__(self) -> str:

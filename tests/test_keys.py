@@ -798,13 +798,15 @@ def test_tasks_a_sqlite_inbox_starts_join_its_transaction(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("store", ["sqlite", "memory"])
-def test_a_transaction_inside_a_transaction_fails_rather_than_waiting_for_good(
+def test_a_misused_transaction_is_dead_lettered_at_once_rather_than_waiting_for_good(
     tmp_path: Path, store: str
 ) -> None:
-    # Given a keyed handler that opens ctx.transaction() inside its own, When it runs, Then the
-    # inner one raises Permanent at once, naming the mistake, and the job is dead-lettered
-    # without a retry (each would repeat it), while another keyed job runs. (On SQLite it waited
-    # for the connection the outer one held: every keyed job of the process stood still.)
+    # Given a keyed handler that opens ctx.transaction() inside its own, and the same handler in
+    # a job without a key, which opens one too, When they run, Then each ctx.transaction() that
+    # cannot be raises Permanent at once, naming the mistake, and both jobs are dead-lettered
+    # without a retry (each would repeat it), while another keyed job runs. (On SQLite the
+    # inner one waited for the connection the outer one held: every keyed job of the process
+    # stood still. Without a key it raised ConfigError, which was retried.)
     app = (
         sqlite_app(tmp_path)
         if store == "sqlite"
@@ -814,10 +816,12 @@ def test_a_transaction_inside_a_transaction_fails_rather_than_waiting_for_good(
     raised: list[str] = []
 
     @app.job("test.Echo", queue="q", max_attempts=3, backoff=fixed(0))
-    async def nested(payload: dict[str, Any], ctx: JobContext) -> None:
+    async def misused(payload: dict[str, Any], ctx: JobContext) -> None:
         ran.append(payload["n"])
-        if payload["n"] == 1:
-            async with ctx.transaction():
+        if payload["n"] in (1, 2):
+            async with contextlib.AsyncExitStack() as outer:
+                if ctx.idempotency_key:
+                    await outer.enter_async_context(ctx.transaction())
                 try:
                     async with ctx.transaction():
                         pass
@@ -828,12 +832,16 @@ def test_a_transaction_inside_a_transaction_fails_rather_than_waiting_for_good(
     async def scenario() -> Stats:
         async with app:
             await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="first")
+            await app.enqueue_async("test.Echo", {"n": 2})
             await app.enqueue_async("test.Echo", {"n": 9}, idempotency_key="other")
             return await app.consume(["q"], burst=True)
 
     stats = run(scenario(), timeout=10)
-    assert sorted(ran) == [1, 9] and stats.dead_lettered == 1 and stats.retried == 0
-    assert raised == ["ctx.transaction() inside ctx.transaction(): the first one is still open"]
+    assert sorted(ran) == [1, 2, 9] and stats.dead_lettered == 2 and stats.retried == 0
+    assert sorted(raised) == [
+        "ctx.transaction() inside ctx.transaction(): the first one is still open",
+        "ctx.transaction() needs an idempotency key on the job (test.Echo)",
+    ]
 
 
 def test_a_job_that_raises_after_its_inbox_committed_is_not_retried_and_the_log_says_so(
