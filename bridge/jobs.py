@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -87,14 +88,24 @@ class JobContext:
         `async with ctx.transaction() as db:` gives the store's own handle (a psycopg
         connection, a sqlite3 connection, or a Redis command recorder); writes made through it
         and the key's completion commit together or not at all. Jobs with an idempotency key
-        only: without one it raises `Permanent`, as no retry of the job would have one either.
+        only, in async handlers: otherwise it raises `Permanent`, as every retry would too.
         """
         if self._inbox is None:
             raise Permanent(f"ctx.transaction() needs an idempotency key on the job ({self.type})")
+        if not _in_event_loop():  # a plain `def` handler, in one of the worker's threads
+            raise Permanent(f"ctx.transaction() needs an `async def` handler ({self.type})")
         return self._inbox()
 
     def __repr__(self) -> str:
         return f"JobContext(job_id={self.job_id!r}, type={self.type!r}, attempt={self.attempt})"
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 Handler = Callable[[Any, "JobContext"], Any]

@@ -801,12 +801,14 @@ def test_tasks_a_sqlite_inbox_starts_join_its_transaction(tmp_path: Path) -> Non
 def test_a_misused_transaction_is_dead_lettered_at_once_rather_than_waiting_for_good(
     tmp_path: Path, store: str
 ) -> None:
-    # Given a keyed handler that opens ctx.transaction() inside its own, and the same handler in
-    # a job without a key, which opens one too, When they run, Then each ctx.transaction() that
+    # Given a keyed handler that opens ctx.transaction() inside its own, the same handler in a
+    # job without a key, which opens one too, and a plain `def` handler that asks for one, When
+    # they run, Then each ctx.transaction() that
     # cannot be raises Permanent at once, naming the mistake, and both jobs are dead-lettered
     # without a retry (each would repeat it), while another keyed job runs. (On SQLite the
     # inner one waited for the connection the outer one held: every keyed job of the process
-    # stood still. Without a key it raised ConfigError, which was retried.)
+    # stood still. Without a key it raised ConfigError, which was retried; in a thread, the
+    # `with` that a plain handler would write failed with a TypeError, also retried.)
     app = (
         sqlite_app(tmp_path)
         if store == "sqlite"
@@ -829,17 +831,27 @@ def test_a_misused_transaction_is_dead_lettered_at_once_rather_than_waiting_for_
                     raised.append(str(exc))
                     raise
 
+    @app.job("test.Numbers", queue="q", max_attempts=3, backoff=fixed(0))
+    def plain(payload: dict[str, Any], ctx: JobContext) -> None:
+        try:
+            ctx.transaction()
+        except Permanent as exc:
+            raised.append(str(exc))
+            raise
+
     async def scenario() -> Stats:
         async with app:
             await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="first")
             await app.enqueue_async("test.Echo", {"n": 2})
+            await app.enqueue_async("test.Numbers", {"values": []}, idempotency_key="plain")
             await app.enqueue_async("test.Echo", {"n": 9}, idempotency_key="other")
             return await app.consume(["q"], burst=True)
 
     stats = run(scenario(), timeout=10)
-    assert sorted(ran) == [1, 2, 9] and stats.dead_lettered == 2 and stats.retried == 0
+    assert sorted(ran) == [1, 2, 9] and stats.dead_lettered == 3 and stats.retried == 0
     assert sorted(raised) == [
         "ctx.transaction() inside ctx.transaction(): the first one is still open",
+        "ctx.transaction() needs an `async def` handler (test.Numbers)",
         "ctx.transaction() needs an idempotency key on the job (test.Echo)",
     ]
 
