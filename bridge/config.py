@@ -32,6 +32,7 @@ ADDED_BYTES = 256 * 1024
 # Kafka takes no record over 1,000,000,000 bytes (message.max.bytes), and a dead letter is the
 # largest message bridge writes: a job and twice what bridge adds.
 MAX_MESSAGE_BYTES = 1_000_000_000 - 2 * ADDED_BYTES
+LARGEST_LETTER_BYTES = MAX_MESSAGE_BYTES + 2 * ADDED_BYTES  # what any worker may dead-letter
 MAX_PREFETCH = 65535  # AMQP's basic.qos prefetch-count is a 16-bit number
 MAX_CONCURRENCY = MAX_PREFETCH  # (a RabbitMQ channel would never hand a process more jobs)
 # Each queue's topics (its own, its dead letters', the delay tiers') get this many partitions

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from bridge import codec
+from bridge.config import LARGEST_LETTER_BYTES
 from bridge.envelope import MAX_INT, DeadLetter
 from bridge.errors import BridgeError, ConfigError, DecodeError, UnknownSchema
 from bridge.registry import DEAD_LETTER, ENVELOPE
@@ -158,10 +159,13 @@ class DeadLetters:
 
     def read(self, body: bytes) -> Letter:
         """A letter from its bytes; bytes that are not a dead letter are shown as undecodable,
-        and a letter in a schema unknown here (a registry's id, say) as `unreadable`."""
+        and a letter in a schema unknown here (a registry's id, say) as `unreadable`.
+
+        Any size a worker may write is read: workers with a larger `max_message_bytes` than
+        this process's write larger letters, which a purge of `undecodable` must not select."""
         try:
             schema = self.app.registry.schema(DEAD_LETTER)
-            _, record = codec.decode(body, self.app.registry, schema, max_bytes=self.app.settings.dlq_bytes)
+            _, record = codec.decode(body, self.app.registry, schema, max_bytes=LARGEST_LETTER_BYTES)
             letter = DeadLetter.from_avro(record)
         except UnknownSchema as exc:  # (a worker's letter: not `undecodable`, which a purge may select)
             detail = f"written in a schema unknown here ({exc}): read it with the workers' --registry"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bridge import Bridge, JobContext, Permanent, codec
+from bridge import Bridge, JobContext, Permanent, codec, testing
 from bridge.dlq import Selection
 from bridge.envelope import DeadLetter, now_ms
 from bridge.errors import BridgeError, ConfigError
@@ -238,6 +238,33 @@ def test_a_letter_in_a_schema_unknown_here_is_unreadable_not_undecodable() -> No
             assert [why for _, why in report.refused] == [
                 "its schema is unknown here; replay it with the registry its workers use (--registry)"
             ]
+
+    run(scenario())
+
+
+def test_a_letter_larger_than_this_process_writes_is_read_not_undecodable() -> None:
+    # Given workers with max_message_bytes of 8 MiB whose job of 2 MiB was dead-lettered, and a
+    # `bridge dlq` with the default (1 MiB), When it lists, purges `undecodable` and replays,
+    # Then it reads the letter as the job's: the purge leaves it, and the replay puts the job
+    # back. (It was listed `undecodable`, the replay refused it, and that purge deleted it.)
+    workers = Bridge(broker="memory://", registry=str(SCHEMAS), max_message_bytes=8 * 1024 * 1024)
+    tool = Bridge(broker="memory://", registry=str(SCHEMAS))
+
+    @workers.job("test.Echo", queue="q")
+    async def fail(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise Permanent("broken")
+
+    async def scenario() -> None:
+        async with workers, tool:
+            job_id = await workers.enqueue_async("test.Echo", {"n": 1, "text": "x" * (2 * 1024 * 1024)})
+            await workers.consume(["q"], burst=True)
+            [letter] = testing.memory_transport(workers).messages(dlq_name("q"))
+            assert len(letter) > tool.settings.dlq_bytes
+            await (await tool.transport()).publish(Outgoing(dlq_name("q"), letter, None))
+            dlq = tool.dead_letters("q")
+            assert [(item.id, item.letter.reason) for item in await dlq.find()] == [(job_id, "permanent")]
+            assert await dlq.purge(Selection(reason="undecodable")) == []
+            assert (await dlq.replay(Selection())).replayed == [job_id]
 
     run(scenario())
 
