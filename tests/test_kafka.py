@@ -293,6 +293,41 @@ def test_a_session_timeout_the_broker_refuses_stops_consume_with_an_error_naming
     assert error.startswith("Kafka refuses session_timeout_s=2: a broker takes from group.min.session")
 
 
+def test_a_session_timeout_over_five_minutes_runs_jobs(brokers: dict[str, str], queue: str) -> None:
+    # Given a consumer asking for a 400 s session (the broker takes up to 30 minutes),
+    # When it consumes a job,
+    # Then the job runs. (librdkafka refused to make the consumer: its max.poll.interval.ms,
+    # 300 s, must be at least the session timeout.)
+    group = f"g-{uuid.uuid4().hex[:12]}"
+    app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=group, session_timeout_s=400)
+    ran = signalling(app, queue)
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+            await app.enqueue_async("test.Echo", {"n": 1}, queue=queue)
+            await asyncio.wait_for(app.consume(burst=True), 60)
+
+    run(scenario(), timeout=90)
+    assert ran.is_set()
+
+
+@pytest.mark.parametrize(("grace_s", "poll_s"), [(30, 300), (900, 960), (10**9, 86_400)])
+def test_a_consumer_is_polled_often_enough_for_its_grace_period(
+    grace_s: float, poll_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a stop's grace period, during which nothing polls the consumer,
+    # When the transport makes its group consumer,
+    # Then librdkafka is told to wait that long and a minute more (300 s at least, a day at
+    # most) before it takes the member for dead. (It waited librdkafka's 300 s: a grace period
+    # longer than that had the group run its jobs elsewhere and refuse its last commit.)
+    made: list[dict[str, Any]] = []
+    monkeypatch.setattr(kafka_transport, "Consumer", made.append)
+    app = Bridge(broker="kafka://127.0.0.1:1", registry=str(SCHEMAS), grace_s=grace_s)
+    kafka_transport.KafkaTransport(app.settings.require_broker(), app.settings).group_consumer("g")
+    assert made[0]["max.poll.interval.ms"] == poll_s * 1000
+
+
 def test_a_consume_that_starts_before_another_tool_has_made_its_topic_waits_a_moment_for_it(
     brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -586,7 +621,7 @@ def retry_of(n: int) -> tuple[str, bytes, None, None, int]:
     return ("bridge.delay.1s", f"retry of {n}".encode(), None, None, 0)
 
 
-@pytest.mark.parametrize("then", ["a rebalance commits", "the commit is cancelled"])
+@pytest.mark.parametrize("then", ["a rebalance commits", "the commit is cancelled", "the partition is lost"])
 def test_what_a_failed_transaction_held_goes_out_with_the_next_commit_not_behind_it(
     first_fails: tuple[Committer, FirstTransactionFails], then: str
 ) -> None:
@@ -598,6 +633,10 @@ def test_what_a_failed_transaction_held_goes_out_with_the_next_commit_not_behind
     # Then the next transaction publishes both retries with the offset past them. (It committed
     # offset 2 with record 1's retry alone: record 0's was put back only after that, or never,
     # and its job was lost.)
+    # When instead the partition is lost (no commit waits for that transaction, as a revoke's
+    # does) and assigned here again before the transaction fails,
+    # Then nothing of the old assignment goes out: the new one runs records 0 and 1 again from
+    # the committed offset. (The batch was put back: record 0's retry went out twice.)
     committer, transact = first_fails
     tp = ("jobs", 0)
     committer.add(tp, 0, [retry_of(0)], 1)
@@ -610,13 +649,19 @@ def test_what_a_failed_transaction_held_goes_out_with_the_next_commit_not_behind
             threading.Timer(0.2, transact.release.set).start()  # while the rebalance's commit waits
             committer.commit_now(leaving={tp: 2})
             assert await first is False
-        else:
+        elif then == "the commit is cancelled":
             first.cancel()
             transact.release.set()
             assert await committer.commit(leaving={tp: 2}) is True
+        else:
+            committer.forget(tp)  # lost; `owns` says it is assigned again at once
+            transact.release.set()
+            assert await first is False
+            assert await committer.commit() is True
 
     run(scenario(), timeout=20)
-    assert transact.committed == [([b"retry of 0", b"retry of 1"], {tp: 2})]
+    both = [([b"retry of 0", b"retry of 1"], {tp: 2})]
+    assert transact.committed == ([] if then == "the partition is lost" else both)
 
 
 @pytest.mark.parametrize("sent_by", ["commit", "transact"])
@@ -626,9 +671,11 @@ def test_a_transaction_that_returns_after_the_committer_gave_up_on_it_is_dropped
     # Given a committer whose transaction is out past WEDGED_AFTER_S (held here), sent by a
     # commit (the run loop's batch) or by transact (the delay forwarder's records),
     # When the committer gives up on it, and then it returns,
-    # Then the commit counted as failed (the producer is done for) and the late return is
-    # dropped without an error in its thread. (It raised InvalidStateError there, setting the
-    # result of the future the wait had cancelled: pytest failed the chaos test for it.)
+    # Then the commit counted as failed (the producer is done for), the round's last commit and
+    # a rebalance's come back at once, failed too, and the late return is dropped without an
+    # error in its thread. (It raised InvalidStateError there, setting the result of the future
+    # the wait had cancelled: pytest failed the chaos test for it. The commits after it each
+    # waited WEDGED_AFTER_S more for it, 160 s in all, before a stop or a new round went on.)
     monkeypatch.setattr(kafka_commit, "WEDGED_AFTER_S", 0.2)
     common: dict[str, Any] = {"bootstrap.servers": brokers["kafka"].partition("://")[2]}
     consumer = Consumer({**common, "group.id": f"g-{uuid.uuid4().hex[:12]}"})
@@ -638,7 +685,7 @@ def test_a_transaction_that_returns_after_the_committer_gave_up_on_it_is_dropped
 
     def transact(records: list[Any], offsets: dict[Any, int], notes: object, metadata: object) -> bool:
         threads.append(threading.current_thread())
-        release.wait(10)
+        release.wait(60)  # (released by the test)
         return True
 
     monkeypatch.setattr(committer, "_transact", transact)
@@ -647,6 +694,9 @@ def test_a_transaction_that_returns_after_the_committer_gave_up_on_it_is_dropped
     try:
         assert run(sent, timeout=10) is False
         assert committer.failure is not None
+        monkeypatch.setattr(kafka_commit, "WEDGED_AFTER_S", 30.0)  # a wait for it again takes this
+        assert run(committer.commit(leaving={("jobs", 0): 6}), timeout=10) is False
+        committer.commit_now(leaving={("jobs", 0): 6})
     finally:
         release.set()
         consumer.close()
@@ -1150,6 +1200,51 @@ def test_a_stop_whose_last_transaction_fails_ends_well_and_its_jobs_run_again(
     assert set(runs) == set(ids)
     assert {job: runs[job] for job in first} == {job: 2 for job in first}, runs
     assert any(r.getMessage().endswith("; stopping, as asked") for r in caplog.records), caplog.text
+
+
+def test_a_careful_start_does_not_commit_past_a_record_whose_settling_failed(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a partition whose last owner stopped holding records (its note says `bridge:run`),
+    # so that its next records run one at a time, and two jobs on it: the first fails for good,
+    # and its dead-letter topic is gone,
+    # When a consumer starts on it (the first job's dead letter cannot be written: it stops),
+    # Then the second job does not run, and the committed offset stays at the first job, which
+    # runs again once the topology is back. (The second job's turn committed its own offset,
+    # past the first, which was lost.)
+    app = own_app(brokers["kafka"])
+    group, bootstrap = app.settings.group, brokers["kafka"].partition("://")[2]
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+        if payload["n"] == 1:
+            raise Permanent("broken for good")
+
+    # (Another app sets it up: the consumer's must not have seen the dead-letter topic.)
+    setup = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), prefix=app.settings.prefix, partitions=1)
+
+    async def scenario() -> None:
+        async with setup:
+            await setup.apply_topology([queue])
+            await asyncio.to_thread(delete_queue, setup, dlq_name(queue))
+            left = [TopicPartition(queue, 0, 0, metadata="bridge:run")]
+            await asyncio.to_thread(marker.commit, offsets=left, asynchronous=False)
+            for n in (1, 2):
+                await setup.enqueue_async("test.Echo", {"n": n}, queue=queue)
+        async with app:
+            with pytest.raises(TransportError, match=f"{dlq_name(queue)} does not exist"):
+                await asyncio.wait_for(app.consume(), 60)
+
+    marker = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        run(scenario(), timeout=90)
+        [committed] = marker.committed([TopicPartition(queue, 0)], timeout=30)
+    finally:
+        marker.close()
+    assert ran == [1]
+    assert committed.offset == 0
 
 
 def test_partitions_handed_over_by_a_stop_in_time_count_no_returns(

@@ -84,6 +84,11 @@ class OffsetTracker:
             tp: p.position for tp, p in self._partitions.items() if not p.by_offset and p.position is not None
         }
 
+    def first_unsettled(self, tp: TopicPartition) -> int | None:
+        """The lowest handed-out offset of `tp` not settled yet, if any."""
+        partition = self._partitions.get(tp)
+        return partition.order[0][0] if partition is not None and partition.order else None
+
     def assigned(self, tp: TopicPartition) -> bool:
         """Whether `tp` is assigned now."""
         return tp in self._partitions

@@ -10,7 +10,8 @@ A partition's committable offset is one past its lowest record not yet settled
 with what the records below it published (retries, delay hops, dead letters), every 50 ms, on
 revoke (synchronously) and on close; on a lost partition nothing is committed. Consumers read
 `read_committed`. When every slot is busy the assigned partitions are paused and polling goes
-on, so a long job never pushes the consumer past `max.poll.interval.ms`.
+on, so a long job never pushes the consumer past `max.poll.interval.ms`; nothing polls during a
+stop's grace period, so that interval is the grace period and a minute (at least 300 s).
 
 Delays: `<prefix>.delay.<tier>` topics; `_DelayForwarder`, inside every `bridge consume`, moves
 due records to their queues (see its docstring).

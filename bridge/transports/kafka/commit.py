@@ -83,6 +83,10 @@ class Committer:
         # run loop's transaction is out (which fails, sent with the generation before it), or a
         # `commit` after one cancelled mid-transaction (the round ended).
         self._out: tuple[Batch, concurrent.futures.Future[bool]] | None = None
+        # Partitions lost or revoked while a transaction was out: if it fails, their part of
+        # its batch is not put back, even if they are assigned here again by then (their new
+        # assignment runs those records again, from the committed offset).
+        self._forgotten: set[TP] = set()
 
     async def start(self) -> None:
         # (A cluster that cannot make __transaction_state at all is named at start: internal.py.)
@@ -106,6 +110,8 @@ class Committer:
         self.held.pop(tp, None)
         self.committable.pop(tp, None)
         self.notes.pop(tp, None)
+        if self._out is not None:
+            self._forgotten.add(tp)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set() and self.failure is None:
@@ -121,6 +127,8 @@ class Committer:
         are committed there as handed over.
         """
         async with self._committing:
+            if self.failure is not None:  # (one that wedged would be waited for again)
+                return False
             if self._out is not None and not await self._outcome(self._out[1]):
                 return False
             batch = self._take(leaving)
@@ -149,7 +157,10 @@ class Committer:
             self._wait_out()
 
     def _wait_out(self) -> bool:
-        """Block until the transaction out, if any, is done, and settle it; False if it wedged."""
+        """Block until the transaction out, if any, is done, and settle it; False if it wedged
+        (now, or before: a producer that failed is not waited for again)."""
+        if self.failure is not None:
+            return False
         if self._out is None:
             return True
         running = self._out[1]
@@ -178,8 +189,9 @@ class Committer:
         if self._out is None or self._out[1] is not running:
             return  # settled already
         batch, self._out = self._out[0], None
+        forgotten, self._forgotten = self._forgotten, set()
         if not running.result():
-            self._restore(batch)
+            self._restore({tp: part for tp, part in batch.items() if tp not in forgotten})
 
     def _take(self, leaving: Mapping[TP, int] | None) -> Batch | None:
         if self.failure is not None:

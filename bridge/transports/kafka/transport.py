@@ -75,6 +75,7 @@ NEW_TOPIC_GRACE_S = 2.0  # at consume start, how long a topic may be missing bef
 # After a failed transaction, before a new round consumes again from the committed offsets.
 RESTART_AFTER_S = 5.0
 CLOSE_FLUSH_S = 10.0  # how long `close` waits for Kafka to acknowledge what was published
+MAX_POLL_INTERVAL_S = 86_400.0  # librdkafka's largest max.poll.interval.ms
 
 
 class KafkaTransport:
@@ -439,6 +440,10 @@ class KafkaTransport:
     def group_consumer(self, group: str, **settings: Any) -> Consumer:
         """A consumer in `group` whose offsets are committed only inside transactions."""
         session_ms = int(self.settings.session_timeout_s * 1000)
+        # Nothing polls while a stop's grace period lasts: a member not polled for this long
+        # leaves its group, which reruns its jobs elsewhere and refuses its last commit.
+        # librdkafka's default is 300 s; it must be at least the session timeout, and at most a day.
+        poll_ms = int(min(MAX_POLL_INTERVAL_S, max(300.0, self.settings.grace_s + 60.0)) * 1000)
         return Consumer(
             {
                 **self._common,
@@ -452,6 +457,7 @@ class KafkaTransport:
                 # heartbeats go three times in it (librdkafka's default: every 3 s).
                 "session.timeout.ms": session_ms,
                 "heartbeat.interval.ms": min(3000, session_ms // 3),
+                "max.poll.interval.ms": max(poll_ms, session_ms),
                 **settings,
             }
         )
@@ -578,9 +584,16 @@ class KafkaTransport:
         await self._process(delivery)
 
     async def _pass(self, gate: Gate, delivery: Delivery) -> bool:
-        """Commit the note `delivery` runs under; whether it may run."""
+        """Commit the note `delivery` runs under; whether it may run.
+
+        Not while a record before it is unsettled: one whose settling failed (its worker then
+        stops) would be committed past, and lost.
+        """
         assert delivery.partition is not None and delivery.offset is not None
         tp = (delivery.queue, delivery.partition)
+        earlier = self._offsets.first_unsettled(tp)
+        if earlier is not None and earlier < delivery.offset:
+            return False
         returns = gate.returns(delivery.offset)
         note = trying(returns) if returns else RUNNING
         if not await self._mark({tp: (delivery.offset, note)}, {tp: gate}):
