@@ -20,7 +20,8 @@ import io
 import json
 import math
 import struct
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -53,6 +54,7 @@ MAX_SCHEMA_DEPTH = 32
 _NOT_AS_IT_IS = (KeyError, TypeError, ValueError, AttributeError, OverflowError, struct.error)
 # The largest finite value of an Avro float (IEEE 754 single precision).
 _FLOAT_MAX = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]
+_DOUBLE_MAX = sys.float_info.max
 # A time of day as an int counts from midnight, in these units in a day.
 _IN_A_DAY = {"time-millis": 86_400_000, "time-micros": 86_400_000_000}
 # What fastavro reads each logical type as: a valid value of that type reads back as written.
@@ -194,26 +196,40 @@ def encode_validated(schema: Schema, datum: Any) -> bytes:
     try:
         return encode(schema, datum)
     except UnicodeEncodeError:  # (validation takes any str; UTF-8 cannot carry a lone surrogate)
-        where = _not_utf8(datum, schema.name) or schema.name
+        where = _first(datum, schema.name, _not_utf8) or schema.name
         raise SchemaError(f"payload does not match {schema.name}: {where}: not UTF-8 text") from None
+    except OverflowError:  # (validation takes any int for a double)
+        where = _first(datum, schema.name, _beyond_double) or schema.name
+        raise SchemaError(
+            f"payload does not match {schema.name}: {where}: beyond a double's range (±{_DOUBLE_MAX:.7g})"
+        ) from None
 
 
-def _not_utf8(value: Any, path: str) -> str | None:
-    """Where in `value` a string (or a map's key) holds what UTF-8 cannot (a lone surrogate
-    from a file name or `surrogateescape`), as a path from `path`; None if nowhere."""
-    if isinstance(value, str):
-        return None if utf8(value) == value else path
+def _first(value: Any, path: str, wrong: Callable[[Any], bool]) -> str | None:
+    """Where in `value` the first value or map key that is `wrong` is, as a path from `path`;
+    None if nowhere."""
     if isinstance(value, dict):
         for name, item in value.items():
-            if isinstance(name, str) and utf8(name) != name:
-                return f"{path}[{utf8(name)!r}]"
-            if found := _not_utf8(item, f"{path}.{name}"):
+            if wrong(name):
+                return f"{path}[{utf8(str(name))!r}]"
+            if found := _first(item, f"{path}.{name}", wrong):
                 return found
+        return None
     if isinstance(value, list | tuple):
         for n, item in enumerate(value):
-            if found := _not_utf8(item, f"{path}[{n}]"):
+            if found := _first(item, f"{path}[{n}]", wrong):
                 return found
-    return None
+        return None
+    return path if wrong(value) else None
+
+
+def _not_utf8(value: Any) -> bool:
+    """A string holding what UTF-8 cannot (a lone surrogate from a file name or `surrogateescape`)."""
+    return isinstance(value, str) and utf8(value) != value
+
+
+def _beyond_double(value: Any) -> bool:
+    return isinstance(value, int) and abs(value) > _DOUBLE_MAX
 
 
 def validation_problems(schema: Schema, datum: Any) -> list[str]:
@@ -571,6 +587,8 @@ def _min_size(node: Any, namespace: str | None, stack: list[str], sizes: dict[st
     if len(stack) > MAX_SCHEMA_DEPTH:
         raise SchemaError(f"{stack[0]} nests deeper than {MAX_SCHEMA_DEPTH} levels")
     if isinstance(node, list):
+        if not node:  # (no value fits it: every write of the job type would fail)
+            raise SchemaError(f"a union in {stack[-1] if stack else 'the schema'} has no types; refused")
         for branch in node:
             _min_size(branch, namespace, stack, sizes)
         return 1
@@ -601,6 +619,9 @@ def _min_size(node: Any, namespace: str | None, stack: list[str], sizes: dict[st
         _min_size(node["values"], namespace, [*stack, "{}"], sizes)
         return 1
     if kind == "fixed":  # (its size recorded too, for arrays that name it later)
-        sizes[full_name(node["name"], node.get("namespace", namespace))] = int(node["size"])
-        return int(node["size"])
+        full, size = full_name(node["name"], node.get("namespace", namespace)), node["size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:  # (-1 read backwards for good)
+            raise SchemaError(f"fixed {full} has size {size!r}: a number of bytes, 0 or more")
+        sizes[full] = size
+        return size
     return 1  # enum

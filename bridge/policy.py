@@ -19,7 +19,7 @@ from typing import Any
 from tenacity import RetryCallState, wait_exponential_jitter, wait_fixed
 from tenacity.wait import wait_base
 
-from bridge.envelope import LONGEST_S
+from bridge.envelope import LONGEST_S, MAX_INT
 from bridge.errors import ConfigError, Permanent, Retry, describe
 
 Backoff = wait_base | Callable[[int], float]  # a tenacity wait, or attempt -> seconds
@@ -49,8 +49,11 @@ class RetryPolicy:
         problems = []
         attempts = self.max_attempts
         # (not a float: NaN was never reached, so its job retried for good)
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            problems.append(f"{job_type}: max_attempts must be a whole number, at least 1, not {attempts!r}")
+        # (nor over an Avro int: an envelope whose attempt passed it could not be read back)
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= MAX_INT:
+            problems.append(
+                f"{job_type}: max_attempts must be a whole number from 1 to {MAX_INT:,}, not {attempts!r}"
+            )
         if not (isinstance(self.backoff, wait_base) or callable(self.backoff)):
             problems.append(f"{job_type}: backoff must be a tenacity wait or a function of the attempt")
         for name in ("retry_on", "give_up_on"):

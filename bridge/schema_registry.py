@@ -237,8 +237,9 @@ class HttpRegistry:
             raise UnknownSchema(f"schema id {schema_id} is a {kind} schema, not an Avro one")
         try:
             definition = json.loads(fetched.schema_str)
-        except ValueError as exc:
-            raise UnknownSchema(f"schema id {schema_id} is not JSON, so no Avro schema: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            raise UnknownSchema(f"schema id {schema_id} is not JSON, so no Avro schema: {why}") from None
         name = full_name_of(definition)
         if name is None:
             raise UnknownSchema(f"schema id {schema_id} is no named Avro type (a record, enum or fixed)")

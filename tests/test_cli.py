@@ -270,6 +270,14 @@ def test_a_replay_rate_that_is_no_rate_gets_one_line(rate: str) -> None:
     assert f"argument --rate: expected a number of replays per second above 0, got '{rate}'" in done.stderr
 
 
+@pytest.mark.parametrize("count", ["0", "-1", "many", "²", "1.5"])
+def test_a_count_that_is_no_whole_number_gets_one_line_saying_so(count: str) -> None:
+    # ("²" is a digit to str.isdigit, not to int(): argparse said "invalid _positive value".)
+    done = bridge("dlq", "list", "billing", "--limit", count, "--broker", "memory://")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"argument --limit: expected a whole number of at least 1, got '{count}'" in done.stderr
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -366,6 +366,16 @@ def test_size_cap() -> None:
                         {"name": "many", "type": {"type": "array", "items": "Z"}}]},
             "zero bytes",
         ),
+        (  # read backwards: 19 bytes held a decode for good, its memory growing
+            {"type": "record", "name": "Backwards", "namespace": "x",
+             "fields": [{"name": "many", "type": {"type": "array", "items":
+                 {"type": "fixed", "name": "F", "size": -1}}}]},
+            "fixed x.F has size -1: a number of bytes, 0 or more",
+        ),
+        (  # no value fits it: every enqueue failed with a traceback
+            {"type": "record", "name": "Nothing", "namespace": "x", "fields": [{"name": "n", "type": []}]},
+            "a union in x.Nothing has no types",
+        ),
     ],
 )  # fmt: skip
 def test_schemas_that_would_unbound_decoding_are_refused(definition: dict[str, Any], message: str) -> None:
@@ -382,6 +392,29 @@ def test_deep_nesting_is_refused() -> None:
         node = child
     with pytest.raises(SchemaError, match="nests deeper"):
         Schema.from_definition(definition)
+
+
+@pytest.mark.parametrize(
+    ("payload", "where"),
+    [({"v": -(10**400), "m": {}}, "x.Measure.v"), ({"v": 1.5, "m": {"a": 2, "b": 10**309}}, "x.Measure.m.b")],
+)
+def test_an_int_beyond_a_doubles_range_is_refused_naming_its_field(
+    payload: dict[str, Any], where: str
+) -> None:
+    # Given a payload whose double (or a map of doubles) holds an int no double holds, When it
+    # is enqueued, Then a SchemaError names the field. (Validation took it, and the writer's
+    # OverflowError came out as a traceback.)
+    schema = Schema.from_definition({
+        "type": "record", "name": "Measure", "namespace": "x",
+        "fields": [{"name": "v", "type": "double"},
+                   {"name": "m", "type": {"type": "map", "values": "double"}}],
+    })  # fmt: skip
+    with pytest.raises(SchemaError) as refused:
+        codec.encode_validated(schema, payload)
+    assert (
+        str(refused.value)
+        == f"payload does not match x.Measure: {where}: beyond a double's range (±1.797693e+308)"
+    )
 
 
 def test_validation_names_the_offending_field() -> None:

@@ -11,6 +11,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,12 +20,13 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from bridge import Bridge, JobContext, codec
 from bridge.cli import main
-from bridge.errors import ConfigError, SchemaError
-from bridge.registry import ENVELOPE
+from bridge.errors import ConfigError, SchemaError, UnknownSchema
+from bridge.registry import ENVELOPE, SchemaDirectory
+from bridge.schema_registry import HttpRegistry
 from bridge.transports import Outgoing
 from bridge.worker import Stats
 from tests.brokerio import dead_letters
-from tests.conftest import run
+from tests.conftest import SCHEMAS, run
 
 N = {"name": "n", "type": "int"}
 NOTE = {"name": "note", "type": ["null", "string"], "default": None}
@@ -416,3 +418,23 @@ def test_recursive_schemas_are_refused_at_registration_and_at_start(
 
     with pytest.raises(ConfigError, match="recursive"):
         run(consume_once(app))
+
+
+def test_a_registered_schema_nested_too_deeply_to_parse_is_an_unknown_schema() -> None:
+    # Given a registry (a stand-in client: no registry accepts such a schema to store) whose
+    # schema id 10 is JSON nested 3,000 levels deep, When a message framed with that id is
+    # decoded, Then it raises UnknownSchema saying so, which dead-letters its job. (Python's
+    # RecursionError came out of decode: the worker took it for a bug of its own and sent the
+    # job round the shortest tier, again and again, for good.)
+    deep = '{"type": "record", "name": "x.Deep", "fields": [{"name": "x", "type": ' + "[" * 3000 + '"null"'
+    deep += "]" * 3000 + "}]}"
+
+    class Client:
+        def get_schema(self, schema_id: int) -> SimpleNamespace:
+            return SimpleNamespace(schema_str=deep, references=[], schema_type="AVRO")
+
+        def __exit__(self, *exc: object) -> None: ...
+
+    registry = HttpRegistry("http://127.0.0.1:1", SchemaDirectory(SCHEMAS), client=Client())
+    with pytest.raises(UnknownSchema, match="schema id 10 is not JSON, so no Avro schema: nested too deeply"):
+        codec.decode(b"\x00" + (10).to_bytes(4, "big") + b"\x02", registry)

@@ -43,7 +43,7 @@ def env_port(var: str, default: int, *, span: int = 1) -> int:
     raw = os.environ.get(var, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= 65536 - span:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65536 - span:
         raise DevError(f"{var}={raw!r} is not a usable port: set a number from 1 to {65536 - span}")
     return int(raw)
 

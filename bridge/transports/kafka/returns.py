@@ -53,7 +53,7 @@ class Gate:
         count = note.removeprefix(TRYING) if note is not None and note.startswith(TRYING) else None
         if note == RUNNING:
             self._left = self._careful
-        elif count is not None and count.isdigit():
+        elif count is not None and count.isascii() and count.isdigit():
             self._left = self._careful
             if offset is not None:
                 self._returned = (offset, int(count))
