@@ -104,7 +104,9 @@ class Worker:
         # Handler threads that outlived their task, and their keys' completions (`_in_thread`)
         self._outliving: set[Future[None]] = set()
         self._finishing: set[asyncio.Task[None]] = set()
-        self._unkeyed_outliving = 0  # handlers without a key, cut off while their threads ran
+        # Threads of handlers without a key whose tasks were cancelled (a stop's grace period
+        # ending) while they ran; each leaves the set as it ends.
+        self._unkeyed_outliving: set[Future[None]] = set()
         self._stop = asyncio.Event()  # `run`'s: set when a delivery cannot ever be settled
         self._failure: TransportError | None = None  # ... and why
         self.stats = Stats()
@@ -123,12 +125,12 @@ class Worker:
             await self._wait_for_outliving()
             renewing.cancel()
             self._threads.shutdown(wait=False, cancel_futures=True)
-            if self._unkeyed_outliving:
+            if outliving := sum(not running.done() for running in list(self._unkeyed_outliving)):
                 log.warning(
                     "%d handlers run on in threads past the grace period (a thread cannot be "
                     "stopped), and their jobs run again elsewhere; the process exits when they "
                     "end (signal again to exit now)",
-                    self._unkeyed_outliving,
+                    outliving,
                 )
         if self._failure is not None:
             raise self._failure
@@ -410,7 +412,8 @@ class Worker:
             result = await asyncio.wrap_future(running)
         except asyncio.CancelledError:
             if lease is None and _cancelled_here() and running.running():
-                self._unkeyed_outliving += 1  # (the process cannot exit before it ends: said at stop)
+                self._unkeyed_outliving.add(running)  # (the process cannot exit before it ends: said at stop)
+                running.add_done_callback(self._unkeyed_outliving.discard)
             if lease is not None and _cancelled_here() and not running.cancelled():
                 lease.outlived = True
                 self._outliving.add(running)

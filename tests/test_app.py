@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -17,9 +18,10 @@ import pytest
 
 import bridge.app
 import bridge.transports
-from bridge import Bridge, JobContext
+from bridge import Bridge, JobContext, testing
 from bridge.errors import ConfigError
-from bridge.transports import Transport
+from bridge.transports import Delivery, Transport
+from bridge.worker import Worker
 from tests.brokerio import dead_letters
 from tests.conftest import SCHEMAS, run
 
@@ -318,3 +320,40 @@ def test_a_stop_says_when_plain_handlers_run_on_past_the_grace_period(
     finally:
         release.set()
     assert ended.wait(5)
+
+
+def test_a_plain_handler_cut_off_while_running_and_since_ended_is_not_reported_at_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a plain (def) handler without a key whose delivery's task is cancelled while its
+    # thread runs, and whose thread then ends, When the worker later runs and stops, Then it
+    # does not say that a handler runs on past the grace period. (It counted the cuts, not the
+    # threads still running at the stop.)
+    # (One thread: the job's second run starts once the first has ended, its future done.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), concurrency=1)
+    started, release = threading.Event(), threading.Event()
+    runs: list[int] = []
+
+    @app.job("test.Echo", queue="q")
+    def slow(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(payload["n"])
+        started.set()
+        release.wait(30)
+
+    async def scenario() -> None:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1})
+            [body] = testing.memory_transport(app).messages("q")
+            worker = Worker(app, await app.transport(), app.settings)
+            cut = asyncio.create_task(worker.process(Delivery(body, "q")))
+            await asyncio.to_thread(started.wait, 10)
+            cut.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cut
+            release.set()
+            await worker.run(["q"], asyncio.Event(), burst=True)
+
+    with caplog.at_level(logging.WARNING, logger="bridge.worker"):
+        run(scenario(), timeout=20)
+    assert runs == [1, 1]  # (the job ran again, as its redelivery would)
+    assert "run on in threads" not in caplog.text
