@@ -13,6 +13,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -61,6 +62,7 @@ class Bridge:
         self._portal: _Portal | None = None
         self._stores: dict[asyncio.AbstractEventLoop, Store] = {}
         self._memory_store: Store | None = None
+        self._confirming: set[asyncio.Future[None]] = set()  # dedupe publishes being recorded
         self._warned_closed_loops = False
         self.stats: Stats | None = None  # of the running or the last consume()
 
@@ -205,9 +207,16 @@ class Bridge:
         try:
             await transport.publish(outgoing)
         except BaseException:
-            await store.forget(key, envelope.id)  # not published: the next enqueue must publish
+            with suppress(StoreError):  # (it would hide why; the hold then ends by itself)
+                await store.forget(key, envelope.id)  # not published: the next enqueue must publish
             raise
-        await _confirm(store, key, envelope.id, spec.idempotency_ttl_s if spec else DEFAULT_WINDOW_S)
+        # Published: the confirmation goes on if this caller gives up now (a timeout around the
+        # enqueue), else the next enqueue of the key would publish again once the hold ended.
+        window_s = spec.idempotency_ttl_s if spec else DEFAULT_WINDOW_S
+        confirming = asyncio.ensure_future(_confirm(store, key, envelope.id, window_s))
+        self._confirming.add(confirming)
+        confirming.add_done_callback(self._confirming.discard)
+        await asyncio.shield(confirming)
         return envelope.id
 
     def enqueue(self, type: str, payload: Mapping[str, Any], **options: Any) -> str:
@@ -359,7 +368,10 @@ class Bridge:
         transport = self._transports.pop(asyncio.get_running_loop(), None)
         if transport is not None:
             await transport.close()
-        store = self._stores.pop(asyncio.get_running_loop(), None)
+        loop = asyncio.get_running_loop()
+        if confirming := [task for task in self._confirming if task.get_loop() is loop]:
+            await asyncio.wait(confirming)  # (each gives up within 3.5 s: see _confirm)
+        store = self._stores.pop(loop, None)
         if store is not None and store is not self._memory_store:
             await store.close()
 

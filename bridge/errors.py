@@ -21,6 +21,8 @@ Messages name servers by `safe_url`, which never shows a password.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 
 def safe_url(url: str) -> str:
     """`url` without its password, for messages and logs.
@@ -137,7 +139,9 @@ class DevError(BridgeError):
 class Retry(Exception):
     """Raised by a handler to ask for another attempt after `delay_s` seconds."""
 
-    def __init__(self, delay_s: float | None = None, reason: str = "") -> None:
+    def __init__(self, delay_s: float | timedelta | None = None, reason: str = "") -> None:
+        if isinstance(delay_s, timedelta):  # (as enqueue's `delay=` takes; compared, it failed the job)
+            delay_s = delay_s.total_seconds()
         super().__init__(reason or f"retry requested (delay_s={delay_s})")
         self.delay_s = delay_s
 

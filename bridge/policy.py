@@ -150,7 +150,7 @@ def tier_name(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds * 1000)}ms"
+    return f"{round(seconds * 1000)}ms"  # (int() cut 4.007 s to 4006 ms)
 
 
 def keep_recent(errors: list[Any], limit: int = MAX_ERRORS_KEPT) -> list[Any]:

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from contextlib import suppress
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,16 @@ from bridge.config import Settings
 from bridge.envelope import uuid7
 from bridge.errors import ConfigError, PublishError, Retry, safe_url
 from bridge.logs import OneLine, Repeats
-from bridge.policy import DEFAULT_BACKOFF, MAX_BACKOFF_ATTEMPT, GiveUp, RetryAt, RetryPolicy, decide, fixed
+from bridge.policy import (
+    DEFAULT_BACKOFF,
+    MAX_BACKOFF_ATTEMPT,
+    GiveUp,
+    RetryAt,
+    RetryPolicy,
+    decide,
+    fixed,
+    tier_name,
+)
 from bridge.transports.base import Delivery, InFlight
 from bridge.transports.kafka.common import client_text
 from bridge.transports.kafka.returns import Gate
@@ -283,6 +293,19 @@ def test_an_envelope_s_max_attempts_below_one_leaves_the_handler_s_limit(from_en
     decisions = [decide(policy, RuntimeError("x"), n, from_envelope, now) for n in (1, 2, 3)]
     assert decisions[:2] == [RetryAt(now + 1000)] * 2
     assert isinstance(decisions[2], GiveUp) and decisions[2].reason == "exhausted"
+
+
+def test_a_retry_asked_for_with_a_timedelta_waits_that_long() -> None:
+    # (As enqueue's delay= takes one. Compared with a number in `decide`, it raised TypeError,
+    # and the job was dead-lettered with "its retry policy failed".)
+    policy, now = RetryPolicy(max_attempts=3, backoff=fixed(1)), 1_700_000_000_000
+    assert decide(policy, Retry(delay_s=timedelta(minutes=2)), 1, None, now) == RetryAt(now + 120_000)
+
+
+def test_a_tier_of_whole_milliseconds_is_named_by_them() -> None:
+    # (int() cut 4.007 s to 4006 ms: tiers of 4006 and 4007 ms shared one topic and queue.)
+    names = [tier_name(s) for s in (4.006, 4.007, 0.25, 90, 7200)]
+    assert names == ["4006ms", "4007ms", "250ms", "90s", "2h"]
 
 
 def test_a_backoff_is_asked_about_an_attempt_no_larger_than_it_can_cost() -> None:

@@ -40,6 +40,17 @@ def with_store(url: str, scenario: Callable[[Store], Awaitable[None]]) -> None:
     run(main())
 
 
+@contextlib.asynccontextmanager
+async def behind_proxy(url: str) -> AsyncIterator[tuple[FlakyProxy, Store]]:
+    """A store reached through a FlakyProxy in front of `url`'s server, and the proxy."""
+    async with FlakyProxy(url) as proxy:
+        store = open_store(proxy.url)
+        try:
+            yield proxy, store
+        finally:
+            await store.close()
+
+
 def new_key() -> str:
     return f"test:{uuid.uuid4().hex}"
 
@@ -275,6 +286,22 @@ def test_an_enqueue_key_is_held_while_publishing_then_remembered_for_its_window(
     with_store(store_url, scenario)
 
 
+def test_a_publish_confirmed_after_its_hold_ended_untaken_is_remembered(store_url: str) -> None:
+    # Given a dedupe enqueue's hold that ends while its publish is out (a slow broker), and no
+    # other enqueue of the key meanwhile, When the publish is confirmed, Then the store records
+    # it, on every store alike (the memory store too), and the next enqueue finds it. (The SQL
+    # stores did; Redis and the memory store refused, so the next enqueue published it again.)
+    async def scenario(store: Store) -> None:
+        key = new_key()
+        assert await store.remember(key, "h", 0.2) is None
+        await asyncio.sleep(0.3)
+        assert await store.confirm(key, "h", 30)
+        assert await store.remember(key, "i", 30) == Enqueued("h", confirmed=True)
+
+    with_store(store_url, scenario)
+    with_store("memory://", scenario)
+
+
 def test_the_inbox_commits_the_write_and_the_key_together(store_url: str) -> None:
     # Given a claimed key,
     # When a write in its transaction succeeds, Then the write exists and the key is done;
@@ -475,6 +502,51 @@ def test_a_sqlite_batch_that_fails_in_an_unexpected_way_leaves_the_store_working
         with pytest.raises(OverflowError):
             await store.claim(new_key(), "job-1", 1e17)
         claimed(await store.claim(new_key(), "job-2", 30))
+
+    with_store(f"sqlite:///{tmp_path / 'keys.db'}", scenario)
+
+
+def test_a_sqlite_inbox_whose_commit_fails_rolls_back_and_leaves_the_store_working(tmp_path: Path) -> None:
+    # Given a SQLite inbox block that leaves a cursor of its own unread (an INSERT ... RETURNING
+    # it never fetched), so that its COMMIT fails, When the block ends, Then it raises a
+    # StoreError, its write is gone, the key is not done, and the next claims succeed while
+    # another connection can write. (The connection stayed in the transaction, holding SQLite's
+    # write lock: every later batch failed, and every other process on the file waited.)
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    kept: list[sqlite3.Cursor] = []
+
+    async def scenario(store: Store) -> None:
+        key = new_key()
+        claim = claimed(await store.claim(key, "job-1", 30))
+        with pytest.raises(StoreError, match="SQL statements in progress"):
+            async with store.transaction(key, claim.token, "job-1", 30) as db:
+                db.execute("CREATE TABLE charges (n INTEGER)")
+                kept.append(db.execute("INSERT INTO charges VALUES (100) RETURNING rowid"))
+        kept.clear()
+        assert await store.complete(key, claim.token, "job-1", 30)  # (still held, not done)
+        claimed(await store.claim(new_key(), "job-2", 30))
+        with contextlib.closing(sqlite3.connect(tmp_path / "keys.db", timeout=0.5)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            assert other.execute("SELECT name FROM sqlite_master WHERE name = 'charges'").fetchall() == []
+            other.rollback()
+
+    with_store(url, scenario)
+
+
+def test_a_sqlite_inbox_enqueue_of_a_key_being_published_fails_rather_than_waits(tmp_path: Path) -> None:
+    # Given a key whose dedupe enqueue is being published (its hold unconfirmed), When a
+    # handler's SQLite inbox block enqueues it with dedupe too, Then that raises a StoreError at
+    # once, and the first publish is confirmed once the block ends. (It polled for the first
+    # publish's confirmation, which waits for the block's write lock: after the hold's 60 s it
+    # published the job a second time, every keyed job of the process standing still meanwhile.)
+    async def scenario(store: Store) -> None:
+        key, held = new_key(), new_key()
+        assert await store.remember(held, "first", 60) is None
+        claim = claimed(await store.claim(key, "job-1", 30))
+        with pytest.raises(StoreError, match=f"{held!r} is being enqueued by job first"):
+            async with store.transaction(key, claim.token, "job-1", 30):
+                await store.remember(held, "second", 60)
+        assert await store.confirm(held, "first", 30)
 
     with_store(f"sqlite:///{tmp_path / 'keys.db'}", scenario)
 
@@ -836,47 +908,46 @@ def test_a_store_behind_a_network_that_drops_everything_fails_in_time_and_recove
     monkeypatch.setattr(redis_store, "CALL_TIMEOUT_S", 1.0)
 
     async def main() -> None:
-        async with FlakyProxy(brokers[name]) as proxy:
-            store = open_store(proxy.url)
-            try:
-                claimed(await store.claim(new_key(), "job-1", 30))
-                proxy.stall()
-                stalled = time.monotonic()
-                with pytest.raises(StoreError):
-                    await asyncio.wait_for(store.claim(new_key(), "job-2", 30), timeout=10)
-                assert time.monotonic() - stalled < 3  # (1 s, the call's timeout, and a margin)
-                proxy.heal()
-                claimed(await asyncio.wait_for(store.claim(new_key(), "job-3", 30), timeout=10))
-            finally:
-                await store.close()
+        async with behind_proxy(brokers[name]) as (proxy, store):
+            claimed(await store.claim(new_key(), "job-1", 30))
+            proxy.stall()
+            stalled = time.monotonic()
+            with pytest.raises(StoreError):
+                await asyncio.wait_for(store.claim(new_key(), "job-2", 30), timeout=10)
+            assert time.monotonic() - stalled < 3  # (1 s, the call's timeout, and a margin)
+            proxy.heal()
+            claimed(await asyncio.wait_for(store.claim(new_key(), "job-3", 30), timeout=10))
 
     run(main(), timeout=30)
 
 
+@pytest.mark.parametrize("asked", ["claim", "remember"])
 @pytest.mark.parametrize("name", ["postgres", "redis"])
-def test_a_claim_given_up_while_its_batch_is_out_is_released_once_it_lands(
-    brokers: dict[str, str], name: str
+def test_a_claim_or_hold_given_up_while_its_batch_is_out_is_undone_once_it_lands(
+    brokers: dict[str, str], name: str, asked: str
 ) -> None:
     # Given a PostgreSQL or Redis store behind a network that holds what it is given (a slow
-    # link), When a claim whose batch is out is cancelled (a stop's grace period ending), and
-    # the network then passes the batch on, Then the claim lands and is released: the key is
-    # free for the job's copy. (It held the key, for nobody, until its lease ended.)
+    # link), When a claim whose batch is out is cancelled (a stop's grace period ending), or a
+    # dedupe enqueue's hold (a timeout around the enqueue), and the network then passes the
+    # batch on, Then the claim or hold lands and is undone: the key is free for the job's copy,
+    # or for the next enqueue. (It held the key, for nobody, until its lease ended; an
+    # enqueue's hold made every enqueue of the key wait 60 s for a publish that never came.)
     async def main() -> None:
-        async with FlakyProxy(brokers[name]) as proxy:
-            store = open_store(proxy.url)
-            try:
-                claimed(await store.claim(new_key(), "job-0", 30))  # (the store is open)
-                key = new_key()
-                proxy.stall()
-                given_up = asyncio.ensure_future(store.claim(key, "job-1", 30))
-                await asyncio.sleep(0.05)  # the loop goes idle: its batch goes out, and is held
-                given_up.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await given_up  # (what it does as it is cancelled comes before the copy's claim)
-                proxy.heal()
+        async with behind_proxy(brokers[name]) as (proxy, store):
+            claimed(await store.claim(new_key(), "job-0", 30))  # (the store is open)
+            key = new_key()
+            proxy.stall()
+            first = store.claim(key, "job-1", 30) if asked == "claim" else store.remember(key, "job-1", 60)
+            given_up = asyncio.ensure_future(first)
+            await asyncio.sleep(0.05)  # the loop goes idle: its batch goes out, and is held
+            given_up.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await given_up  # (what it does as it is cancelled comes before the copy's claim)
+            proxy.heal()
+            if asked == "claim":
                 claimed(await asyncio.wait_for(store.claim(key, "job-2", 30), timeout=10))
-            finally:
-                await store.close()
+            else:
+                assert await asyncio.wait_for(store.remember(key, "job-2", 60), timeout=10) is None
 
     run(main(), timeout=30)
 
@@ -891,20 +962,45 @@ def test_a_postgres_purge_behind_a_network_that_drops_everything_fails_in_time(
     monkeypatch.setattr(postgres, "PURGE_TIMEOUT_S", 1.0)
 
     async def main() -> None:
-        async with FlakyProxy(brokers["postgres"]) as proxy:
-            store = open_store(proxy.url)
+        async with behind_proxy(brokers["postgres"]) as (proxy, store):
             assert isinstance(store, SqlStore)
-            try:
-                claimed(await store.claim(new_key(), "job-1", 30))  # (the store is open)
-                proxy.stall()
-                stalled = time.monotonic()
-                with pytest.raises(StoreError):
-                    await asyncio.wait_for(store.purge(), timeout=10)
-                assert time.monotonic() - stalled < 3  # (1 s, the purge's timeout, and a margin)
-                proxy.heal()
+            claimed(await store.claim(new_key(), "job-1", 30))  # (the store is open)
+            proxy.stall()
+            stalled = time.monotonic()
+            with pytest.raises(StoreError):
                 await asyncio.wait_for(store.purge(), timeout=10)
-            finally:
-                await store.close()
+            assert time.monotonic() - stalled < 3  # (1 s, the purge's timeout, and a margin)
+            proxy.heal()
+            await asyncio.wait_for(store.purge(), timeout=10)
+
+    run(main(), timeout=30)
+
+
+def test_a_postgres_pool_that_could_not_fill_at_first_is_tried_again(
+    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a PostgreSQL store whose first connection (the one that makes the table) works,
+    # and whose pool then cannot connect (the network drops new connections for a while),
+    # When the first claim fails, and the network is back, Then the next claim works. (The
+    # pool that timed out was closed by psycopg_pool, and every later claim failed at once,
+    # "pool has already been opened/closed and cannot be reused", until a restart.)
+    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT_S", 1.0)
+
+    async def main() -> None:
+        async with behind_proxy(brokers["postgres"]) as (proxy, store):
+            assert isinstance(store, postgres.PostgresStore)
+            read = store._clock.read
+
+            async def read_then_cut(conn: Any) -> None:
+                await read(conn)
+                proxy.cut(None)  # (once the table is made: only the pool's connections meet it)
+
+            monkeypatch.setattr(store._clock, "read", read_then_cut)
+            with pytest.raises(StoreError):
+                await store.claim(new_key(), "job-1", 30)
+            monkeypatch.setattr(store._clock, "read", read)
+            proxy.heal()
+            claimed(await store.claim(new_key(), "job-2", 30))
 
     run(main(), timeout=30)
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from bridge import Bridge, JobContext, Permanent
+import bridge.app
+from bridge import Bridge, JobContext, Permanent, testing
 from bridge.cli import _configure_logging
 from bridge.dlq import Selection
 from bridge.errors import ConfigError, PublishError, StoreError
@@ -318,6 +319,68 @@ def test_a_dedupe_enqueue_racing_the_first_publish_of_its_key_waits_for_its_outc
 
     returned = run(scenario(), timeout=30)
     assert ran == [returned]
+
+
+def test_a_dedupe_enqueue_given_up_after_its_publish_still_records_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an enqueue with dedupe whose job was published and whose key's confirmation waits
+    # for a slow store, When its caller gives up (a timeout around the enqueue), Then the
+    # confirmation still lands, and the next enqueue of the key publishes nothing. (It was
+    # cancelled with the caller: the key stayed unconfirmed, and once its hold ended, here
+    # after 0.5 s, the next enqueue published the job again.)
+    monkeypatch.setattr(bridge.app, "PUBLISH_HOLD_S", 0.5)
+    app = sqlite_app(tmp_path)
+
+    async def scenario() -> None:
+        async with app:
+            store = await app.idempotency_store()
+            confirm, asked, release = store.confirm, asyncio.Event(), asyncio.Event()
+
+            async def slow_confirm(*args: Any) -> bool:
+                asked.set()
+                await release.wait()
+                return await confirm(*args)
+
+            monkeypatch.setattr(store, "confirm", slow_confirm)
+            first = asyncio.create_task(
+                app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="k", dedupe=True, queue="q")
+            )
+            await asyncio.wait_for(asked.wait(), 10)
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            release.set()
+            await app.enqueue_async("test.Echo", {"n": 2}, idempotency_key="k", dedupe=True, queue="q")
+            assert len(testing.memory_transport(app).messages("q")) == 1
+
+    run(scenario(), timeout=20)
+
+
+def test_a_dedupe_enqueue_whose_publish_failed_says_so_when_its_store_fails_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an enqueue with dedupe whose publish fails, and whose store then fails to end the
+    # key's hold, Then the enqueue raises the PublishError (the hold ends by itself). (The
+    # StoreError of that cleanup came out instead, and hid why nothing was published.)
+    app = sqlite_app(tmp_path)
+
+    async def scenario() -> None:
+        async with app:
+            store, transport = await app.idempotency_store(), await app.transport()
+
+            async def refused(message: Outgoing) -> None:
+                raise PublishError("the broker went away")
+
+            async def store_down(key: str, job_id: str) -> None:
+                raise StoreError("the store went away too")
+
+            monkeypatch.setattr(transport, "publish", refused)
+            monkeypatch.setattr(store, "forget", store_down)
+            with pytest.raises(PublishError, match="the broker went away"):
+                await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="k", dedupe=True)
+
+    run(scenario(), timeout=20)
 
 
 def test_keys_and_job_ids_of_any_length_or_content_run_once_in_every_store(

@@ -67,8 +67,10 @@ class MemoryStore:
         return None
 
     async def confirm(self, key: str, job_id: str, window_s: float) -> bool:
-        entry = self._live(key)
-        if entry is None or entry[:2] != ("enqueuing", job_id):
+        # (A hold that lapsed, and that no other enqueue took since, is still this job's, as on
+        # the other stores: the job was published.)
+        entry = self._keys.get(key)
+        if entry is not None and entry[:2] != ("enqueuing", job_id):
             return False
         self._keys[key] = ("enqueued", job_id, None, time.time() + window_s)
         return True

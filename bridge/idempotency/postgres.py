@@ -63,7 +63,7 @@ class PostgresStore(SqlStore):
         self._opening = asyncio.Lock()
         self._statements = TickBatch(self._pipeline, asyncio.Lock())
         self._clock = _ServerClock()
-        self._given_up = GivenUp(self.release)
+        self._given_up = GivenUp(self)
 
     def _now_ms(self) -> int:
         return self._clock.now_ms()
@@ -117,7 +117,11 @@ class PostgresStore(SqlStore):
                     with suppress(psycopg.errors.UniqueViolation):
                         await conn.execute(SCHEMA)
                     await self._clock.read(conn)
-            await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+            try:
+                await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+            except BaseException:  # psycopg_pool closed it, for good: the next try needs a new one
+                self._pool = self._new_pool(self._pool.max_size)
+                raise
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
         rows: Rows = await self._statements.call((sql, params))

@@ -89,7 +89,7 @@ class RedisStore:
         )  # fmt: skip
         self._redis = aioredis.Redis(connection_pool=self._pool)
         self._commands = TickBatch(self._pipeline, asyncio.Lock())
-        self._given_up = GivenUp(self.release)
+        self._given_up = GivenUp(self)
         self._eviction_checked = False
 
     async def _call(self, command: Callable[[Pipeline], object]) -> Any:
@@ -223,8 +223,12 @@ class RedisStore:
             raise LeaseLost(f"the claim on {key!r} ended before the job completed; nothing was applied")
 
     async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
-        if await self._call(lambda pipe: pipe.set(key, f"enqueuing|{job_id}", nx=True, px=_ms(hold_s))):
-            return None
+        try:
+            if await self._call(lambda pipe: pipe.set(key, f"enqueuing|{job_id}", nx=True, px=_ms(hold_s))):
+                return None
+        except asyncio.CancelledError:  # (its pipeline may be out: see GivenUp)
+            self._given_up.forget(key, job_id)
+            raise
         value = await self._call(lambda pipe: pipe.get(key))
         if value is None:  # it expired or was forgotten just now: the caller asks again
             return Enqueued("", confirmed=False)
@@ -232,7 +236,11 @@ class RedisStore:
         return Enqueued(earlier, state == "enqueued")
 
     async def confirm(self, key: str, job_id: str, window_s: float) -> bool:
-        return await self._swap_if(key, f"enqueuing|{job_id}", f"enqueued|{job_id}", _ms(window_s))
+        # (A hold that lapsed, and that no other enqueue took since, is still this job's, as on
+        # the SQL stores: the job was published.)
+        return await self._swap_if(
+            key, f"enqueuing|{job_id}", f"enqueued|{job_id}", _ms(window_s), or_absent=True
+        )
 
     async def forget(self, key: str, job_id: str) -> None:
         await self._swap_if(key, f"enqueuing|{job_id}", "", 0)

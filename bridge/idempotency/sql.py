@@ -160,8 +160,12 @@ class SqlStore:
 
     async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
         now = self._now_ms()
-        if await self._query(REMEMBER, (key, _id(job_id), now + int(hold_s * 1000), now)):
-            return None
+        try:
+            if await self._query(REMEMBER, (key, _id(job_id), now + int(hold_s * 1000), now)):
+                return None
+        except asyncio.CancelledError:  # (its batch may be out: see GivenUp)
+            self._given_up.forget(key, job_id)
+            raise
         rows = await self._query(LOOK, (key,))
         if not rows:  # it expired or was forgotten just now: the caller asks again
             return Enqueued("", confirmed=False)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.errors import StoreError
+from bridge.idempotency import Enqueued
 from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.given_up import GivenUp
 from bridge.idempotency.sql import CLAIM, LOOK, SCHEMA, Query, Rows, SqlStore, log, now_ms
@@ -79,7 +80,7 @@ class SqliteStore(SqlStore):
         self._lock = asyncio.Lock()  # the connection: a group commit's, or an inbox transaction's
         self._statements = TickBatch(self._commit, self._lock, send_now=self._commit_now)
         self._inbox: object | None = None  # the open inbox transaction's mark (_INBOX)
-        self._given_up = GivenUp(self.release)
+        self._given_up = GivenUp(self)
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
         if self._inbox is not None and _INBOX.get() is self._inbox:
@@ -89,6 +90,19 @@ class SqliteStore(SqlStore):
             return self._run(sql, params)
         rows: Rows = await self._statements.call((sql, params))
         return rows
+
+    async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
+        earlier = await super().remember(key, job_id, hold_s)
+        in_inbox = self._inbox is not None and _INBOX.get() is self._inbox
+        if in_inbox and earlier is not None and earlier.job_id and not earlier.confirmed:
+            # An enqueue with dedupe inside a ctx.transaction(), of a key another enqueue is
+            # publishing right now: that one's confirmation waits for this transaction's write
+            # lock, so waiting for it here would wait until its hold ended, then publish again.
+            raise StoreError(
+                f"idempotency key {key!r} is being enqueued by job {earlier.job_id}, which cannot "
+                "record it while this ctx.transaction() is open: try again after the block"
+            )
+        return earlier
 
     async def _commit(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows | StoreError]:
         await self._write_lock()
@@ -175,7 +189,11 @@ class SqliteStore(SqlStore):
             if not self._db.in_transaction:
                 _warn_ended()
                 return
-            self._run("COMMIT", ())
+            try:  # (a cursor the handler left unread makes COMMIT fail: nothing of it commits)
+                self._run("COMMIT", ())
+            except BaseException:  # the connection must not stay in the transaction, holding the lock
+                self._db.execute("ROLLBACK")
+                raise
 
     async def close(self) -> None:
         await self._stop_background()

@@ -674,7 +674,7 @@ class RabbitTransport:
         exchange = await channel.declare_exchange(tier, aio_pika.ExchangeType.FANOUT, durable=True)
         arguments: dict[str, Any] = {
             **QUORUM,
-            "x-message-ttl": int(tier_s * 1000),
+            "x-message-ttl": round(tier_s * 1000),
             "x-dead-letter-exchange": self.exchange_name,
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
