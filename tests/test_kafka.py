@@ -237,10 +237,15 @@ def test_apply_topology_returns_once_every_new_partition_is_served(
 def test_dead_letter_topics_keep_their_records_until_replayed_or_purged(
     brokers: dict[str, str], queue: str
 ) -> None:
-    # Given a queue's topology applied, Then its dead-letter topic, and its delay tier's, delete
-    # nothing by age (a broker's default retention, 7 days, would lose dead letters nobody
-    # looked at yet), while the job and tier topics keep the broker's retention.
-    app = own_app(brokers["kafka"])
+    # Given a queue's topology applied, with tiers of 1 s and 4 days, Then its dead-letter
+    # topics (the queue's, and each tier's) delete nothing by age (a broker's default retention,
+    # 7 days, would lose dead letters nobody looked at yet), each tier keeps its records a week,
+    # or twice the tier if longer (the cluster's default, which may be shorter than a tier, had
+    # the 4-day tier's jobs deleted before they were due), and the queue keeps the broker's.
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+    app = Bridge(
+        broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers="1s,4d", partitions=1
+    )
 
     async def apply() -> list[str]:
         async with app:
@@ -249,7 +254,10 @@ def test_dead_letter_topics_keep_their_records_until_replayed_or_purged(
     created = [line.split()[3] for line in run(apply()) if line.startswith("kafka: create topic")]
     kept = topic_config(brokers["kafka"].partition("://")[2], created, "retention.ms")
     assert {t for t, ms in kept.items() if ms == "-1"} == {t for t in created if t.endswith(".dlq")}
-    assert len([t for t in created if t.endswith(".dlq")]) == 2  # the queue's and the tier's
+    assert len([t for t in created if t.endswith(".dlq")]) == 3  # the queue's and the tiers'
+    week = 7 * 86_400_000
+    assert kept[f"{prefix}.delay.1s"] == str(week) and kept[f"{prefix}.delay.4d"] == str(8 * 86_400_000)
+    assert kept[queue] not in ("-1", str(8 * 86_400_000))
 
 
 def test_waiting_for_topics_that_never_come_ends_with_an_error_naming_them(

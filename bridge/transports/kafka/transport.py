@@ -75,6 +75,9 @@ NEW_TOPIC_GRACE_S = 2.0  # at consume start, how long a topic may be missing bef
 # After a failed transaction, before a new round consumes again from the committed offsets.
 RESTART_AFTER_S = 5.0
 CLOSE_FLUSH_S = 10.0  # how long `close` waits for Kafka to acknowledge what was published
+# A delay tier's records are kept a week (Kafka's usual default, which a cluster may lower), or
+# twice the tier if that is longer: long enough for workers stopped a while to find them.
+TIER_RETENTION_MS = 7 * 86_400_000
 MAX_POLL_INTERVAL_S = 86_400.0  # librdkafka's largest max.poll.interval.ms
 
 
@@ -838,6 +841,10 @@ class KafkaTransport:
         config = {"max.message.bytes": str(largest)}
         if topic.endswith(".dlq"):  # dead letters stay until replayed or purged, as on RabbitMQ
             config["retention.ms"] = "-1"  # (a broker's default, 7 days, would delete them unseen)
+        tier_s = next((tier_s for tier_s, tier in self._tiers.items() if tier == topic), None)
+        if tier_s is not None:  # a delayed job waits here for its forwarder, however long its tier
+            # (a cluster's default may be shorter than a tier: its jobs were deleted before due)
+            config["retention.ms"] = str(max(TIER_RETENTION_MS, round(2 * tier_s * 1000)))
         return NewTopic(topic, self.settings.partitions, config=config)
 
     async def _too_small(self, topics: Sequence[str]) -> dict[str, int]:
