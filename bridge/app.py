@@ -369,7 +369,8 @@ class Bridge:
         if transport is not None:
             await transport.close()
         loop = asyncio.get_running_loop()
-        if confirming := [task for task in self._confirming if task.get_loop() is loop]:
+        # (a copy first: the sync API's thread may add to the set meanwhile)
+        if confirming := [task for task in list(self._confirming) if task.get_loop() is loop]:
             await asyncio.wait(confirming)  # (each gives up within 3.5 s: see _confirm)
         store = self._stores.pop(loop, None)
         if store is not None and store is not self._memory_store:

@@ -802,9 +802,10 @@ def test_a_consume_with_more_concurrency_than_the_settings_opens_its_store_with_
 
 def test_a_dedupe_enqueue_inside_a_sqlite_inbox_transaction_joins_it(tmp_path: Path) -> None:
     # Given a keyed handler that, inside its inbox transaction on SQLite, enqueues a follow-up
-    # job with dedupe (write, and enqueue the next step once), When it runs, Then the follow-up
-    # is published once and runs. (The enqueue waited for the store's connection, which the
-    # handler held: the handler, and every keyed job of the process with it, waited for good.)
+    # job with dedupe twice (write, and enqueue the next step once), then another twice at once,
+    # When it runs, Then each follow-up is published once and runs. (The enqueue waited for the
+    # store's connection, which the handler held: the handler, and every keyed job of the
+    # process with it, waited for good.)
     app = Bridge(broker="memory://", registry=str(SCHEMAS), idempotency=f"sqlite:///{tmp_path / 'keys.db'}")
     ran: list[int] = []
 
@@ -815,6 +816,9 @@ def test_a_dedupe_enqueue_inside_a_sqlite_inbox_transaction_joins_it(tmp_path: P
             async with ctx.transaction():
                 for _ in range(2):  # (the second finds the first, in the same transaction)
                     await app.enqueue_async("test.Echo", {"n": 2}, idempotency_key="next", dedupe=True)
+                # (the second waits for the first's publish, which the block itself confirms)
+                also: dict[str, Any] = {"idempotency_key": "also", "dedupe": True}
+                await asyncio.gather(*(app.enqueue_async("test.Echo", {"n": 3}, **also) for _ in range(2)))
 
     async def scenario() -> Stats:
         async with app:
@@ -822,7 +826,7 @@ def test_a_dedupe_enqueue_inside_a_sqlite_inbox_transaction_joins_it(tmp_path: P
             return await app.consume(["q"], burst=True)
 
     stats = run(scenario(), timeout=20)
-    assert ran == [1, 2] and stats.processed == 2
+    assert ran == [1, 2, 3] and stats.processed == 3
 
 
 def sqlite_app(tmp_path: Path, **settings: Any) -> Bridge:

@@ -119,8 +119,10 @@ class PostgresStore(SqlStore):
                     await self._clock.read(conn)
             try:
                 await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
-            except BaseException:  # psycopg_pool closed it, for good: the next try needs a new one
-                self._pool = self._new_pool(self._pool.max_size)
+            except BaseException:  # (a pool, once closed, cannot open again: the next try needs a new one)
+                failed, self._pool = self._pool, self._new_pool(self._pool.max_size)
+                if not failed.closed:  # psycopg_pool closes one that timed out, not one cancelled
+                    await failed.close()
                 raise
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:

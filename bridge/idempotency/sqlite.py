@@ -80,6 +80,7 @@ class SqliteStore(SqlStore):
         self._lock = asyncio.Lock()  # the connection: a group commit's, or an inbox transaction's
         self._statements = TickBatch(self._commit, self._lock, send_now=self._commit_now)
         self._inbox: object | None = None  # the open inbox transaction's mark (_INBOX)
+        self._inbox_holds: set[str] = set()  # the jobs whose dedupe holds it took
         self._given_up = GivenUp(self)
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
@@ -93,11 +94,15 @@ class SqliteStore(SqlStore):
 
     async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
         earlier = await super().remember(key, job_id, hold_s)
-        in_inbox = self._inbox is not None and _INBOX.get() is self._inbox
-        if in_inbox and earlier is not None and earlier.job_id and not earlier.confirmed:
+        if self._inbox is None or _INBOX.get() is not self._inbox:
+            return earlier
+        if earlier is None:
+            self._inbox_holds.add(job_id)
+        elif earlier.job_id and not earlier.confirmed and earlier.job_id not in self._inbox_holds:
             # An enqueue with dedupe inside a ctx.transaction(), of a key another enqueue is
             # publishing right now: that one's confirmation waits for this transaction's write
             # lock, so waiting for it here would wait until its hold ended, then publish again.
+            # (One the block itself is publishing, in another task, confirms in the block.)
             raise StoreError(
                 f"idempotency key {key!r} is being enqueued by job {earlier.job_id}, which cannot "
                 "record it while this ctx.transaction() is open: try again after the block"
@@ -175,6 +180,7 @@ class SqliteStore(SqlStore):
         async with self._lock:
             await self._write_lock()
             self._inbox = object()
+            self._inbox_holds = set()
             _INBOX.set(self._inbox)
             try:
                 yield self._db, query

@@ -105,6 +105,12 @@ class Committer:
         self.committable[tp] = offset
         self.notes[tp] = note
 
+    def fail(self, failure: BaseException) -> None:
+        """End the consumer's round with `failure` (retriable: a new round consumes again from
+        the committed offsets), unless it ends already."""
+        if self.failure is None:
+            self.failure = failure
+
     def forget(self, tp: TP) -> None:
         """Drop what a lost or revoked partition held: its records run again elsewhere."""
         self.held.pop(tp, None)

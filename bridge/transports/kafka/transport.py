@@ -278,10 +278,15 @@ class KafkaTransport:
         # Stamped now: a tier's wait counts from here, not from when the transaction goes out.
         now = time.time_ns() // 1_000_000
         outgoing: list[Record] = []
-        for message in publish:
-            topic, headers = await self._route(message)
-            outgoing.append((topic, message.body, message.key, headers, now))
         tp = (delivery.queue, delivery.partition)
+        for message in publish:
+            try:
+                topic, headers = await self._route(message)
+            except TransportError as exc:
+                if exc.retriable:  # (else its worker stops) unsettled, it held back tp for good
+                    self._committer.fail(_unsettled(tp, delivery.offset, exc))
+                raise
+            outgoing.append((topic, message.body, message.key, headers, now))
         committable = self._offsets.done(tp, delivery.offset, delivery.handle)
         if committable is None and not self._offsets.owns(tp, delivery.handle):
             return  # revoked meanwhile: its next owner runs it again
@@ -589,13 +594,15 @@ class KafkaTransport:
     async def _pass(self, gate: Gate, delivery: Delivery) -> bool:
         """Commit the note `delivery` runs under; whether it may run.
 
-        Not while a record before it is unsettled: one whose settling failed (its worker then
-        stops) would be committed past, and lost.
+        Not while a record before it is unsettled, one whose settling failed: it would be
+        committed past, and lost. The round ends instead (if its worker is not stopping
+        already), and the next one runs both again.
         """
-        assert delivery.partition is not None and delivery.offset is not None
+        assert delivery.partition is not None and delivery.offset is not None and self._committer
         tp = (delivery.queue, delivery.partition)
         earlier = self._offsets.first_unsettled(tp)
         if earlier is not None and earlier < delivery.offset:
+            self._committer.fail(_unsettled(tp, earlier, None))
             return False
         returns = gate.returns(delivery.offset)
         note = trying(returns) if returns else RUNNING
@@ -934,6 +941,14 @@ class _NotStarted(TransportError):
 
 
 # Failed transactions that a new round would fail again: the user must grant a right.
+def _unsettled(tp: TP, offset: int, why: TransportError | None) -> TransportError:
+    """Why a round ends: a record that could not be settled, which then runs again."""
+    because = f" ({why})" if why is not None else ""
+    return TransportError(
+        f"the record at offset {offset} of {tp[0]} [{tp[1]}] could not be settled{because}", retriable=True
+    )
+
+
 _FOR_GOOD = {
     KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
     KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
