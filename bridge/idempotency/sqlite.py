@@ -198,7 +198,8 @@ class SqliteStore(SqlStore):
             try:  # (a cursor the handler left unread makes COMMIT fail: nothing of it commits)
                 self._run("COMMIT", ())
             except BaseException:  # the connection must not stay in the transaction, holding the lock
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # (SQLite may have rolled back already)
+                    self._db.execute("ROLLBACK")
                 raise
 
     async def close(self) -> None:
