@@ -137,13 +137,16 @@ def read_records(bootstrap: str, topic: str) -> list[tuple[int, bytes | None, by
         consumer.close()
 
 
-def topics_made_elsewhere(bootstrap: str, topics: list[str], partitions: int = 1) -> None:
-    """Create `topics` as another tool would: with the broker's default config; return once
+def topics_made_elsewhere(
+    bootstrap: str, topics: list[str], partitions: int = 1, config: dict[str, str] | None = None
+) -> None:
+    """Create `topics` as another tool would: with the broker's default config (or `config`); return once
     Kafka serves them. (CreateTopics answers once the controller has recorded a topic; the
     broker's metadata may lack it a moment longer, as Kafka's AdminClient documents, and a
     worker started then refused to start: "topic ... does not exist".)"""
     admin = AdminClient({"bootstrap.servers": bootstrap})  # (kept: its futures fail once it is freed)
-    for future in admin.create_topics([NewTopic(t, partitions) for t in topics]).values():
+    made = admin.create_topics([NewTopic(t, partitions, config=config or {}) for t in topics])
+    for future in made.values():
         future.result(30)
     wait_until_served({"bootstrap.servers": bootstrap}, topics, 30)
 

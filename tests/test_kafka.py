@@ -968,6 +968,32 @@ def test_topology_apply_raises_the_record_size_of_topics_made_elsewhere(
     assert letter.reason == "exhausted" and letter.envelope is not None and len(letter.envelope.errors) == 3
 
 
+def test_topology_apply_raises_the_retention_of_tier_topics_made_elsewhere(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a delay tier topic made by another tool, or a bridge from before tiers had their
+    # own retention, keeping records an hour, When `topology apply --dry-run` runs, Then it
+    # plans to raise the tier's retention.ms to a week and changes nothing; When `topology
+    # apply` runs, Then the broker reports a week. (A tier kept what it was made with, which
+    # may be shorter than the tier: its jobs were deleted before they were due.)
+    app = own_app(brokers["kafka"])
+    tier, bootstrap = f"{app.settings.prefix}.delay.1s", brokers["kafka"].partition("://")[2]
+    topics_made_elsewhere(bootstrap, [tier], config={"retention.ms": "3600000"})
+
+    async def scenario() -> tuple[list[str], dict[str, str]]:
+        async with app:
+            plan = await app.apply_topology([queue], dry_run=True)
+            before = await asyncio.to_thread(topic_config, bootstrap, [tier], "retention.ms")
+            await app.apply_topology([queue])
+            return plan, before
+
+    plan, before = run(scenario(), timeout=60)
+    assert f"kafka: raise retention.ms of topic {tier} from 3600000 to 604800000" in plan
+    assert f"kafka: topic {tier} exists" not in plan
+    assert before == {tier: "3600000"}
+    assert topic_config(bootstrap, [tier], "retention.ms") == {tier: "604800000"}
+
+
 def test_a_record_too_large_for_its_topic_stops_consuming_with_what_to_run(
     brokers: dict[str, str], queue: str
 ) -> None:

@@ -814,10 +814,15 @@ class KafkaTransport:
         wanted += [name for name in tiers if name not in wanted]
         new = [t for t in wanted if t not in existing]
         small = await self._too_small([t for t in wanted if t in existing])
-        plan = [f"kafka: topic {t} exists" for t in wanted if t in existing and t not in small]
+        short = await self._too_short([t for t in wanted if t in existing])
+        plan = [f"kafka: topic {t} exists" for t in wanted if t in existing and t not in {*small, *short}]
         plan += [
             f"kafka: raise max.message.bytes of topic {t} from {limit} to {self._largest(t)}"
             for t, limit in small.items()
+        ]
+        plan += [
+            f"kafka: raise retention.ms of topic {t} from {ms} to {self._tier_retention_ms(t)}"
+            for t, ms in short.items()
         ]
         plan += [f"kafka: create topic {t} ({self.settings.partitions} partitions)" for t in new]
         # A dead-letter topic made again (deleted, say) starts at offset 0 beside its old marks.
@@ -828,7 +833,9 @@ class KafkaTransport:
         if stale and not dry_run:
             await asyncio.to_thread(self._clear_done, stale)
         if small and not dry_run:
-            await self._raise_limits(list(small))
+            await self._set_configs("max.message.bytes", {t: str(self._largest(t)) for t in small})
+        if short and not dry_run:
+            await self._set_configs("retention.ms", {t: str(self._tier_retention_ms(t)) for t in short})
         return plan
 
     def _largest(self, topic: str) -> int | None:
@@ -848,55 +855,68 @@ class KafkaTransport:
         config = {"max.message.bytes": str(largest)}
         if topic.endswith(".dlq"):  # dead letters stay until replayed or purged, as on RabbitMQ
             config["retention.ms"] = "-1"  # (a broker's default, 7 days, would delete them unseen)
-        tier_s = next((tier_s for tier_s, tier in self._tiers.items() if tier == topic), None)
-        if tier_s is not None:  # a delayed job waits here for its forwarder, however long its tier
-            # (a cluster's default may be shorter than a tier: its jobs were deleted before due)
-            config["retention.ms"] = str(max(TIER_RETENTION_MS, round(2 * tier_s * 1000)))
+        if (keep_ms := self._tier_retention_ms(topic)) is not None:
+            config["retention.ms"] = str(keep_ms)
         return NewTopic(topic, self.settings.partitions, config=config)
+
+    def _tier_retention_ms(self, topic: str) -> int | None:
+        """How long delay tier `topic` keeps records (None: not a tier). A delayed job waits
+        there for its forwarder, however long its tier; a cluster's default retention may be
+        shorter than a tier, and its jobs were deleted before they were due."""
+        tier_s = next((tier_s for tier_s, tier in self._tiers.items() if tier == topic), None)
+        return None if tier_s is None else max(TIER_RETENTION_MS, round(2 * tier_s * 1000))
 
     async def _too_small(self, topics: Sequence[str]) -> dict[str, int]:
         """Those of `topics` (existing) that take smaller records than bridge writes to them,
         each with its `max.message.bytes`: topics made by hand or by another tool, or by a
         bridge from before it sized them, keep the broker's limit."""
         largest = {t: size for t in topics if (size := self._largest(t)) is not None}
-        if not largest:
+        limits = await self._configs(list(largest), "max.message.bytes")
+        return {t: int(limit) for t, limit in limits.items() if int(limit) < largest[t]}
+
+    async def _too_short(self, topics: Sequence[str]) -> dict[str, int]:
+        """Those of `topics` (existing) that are delay tiers keeping records for less time than
+        `_tier_retention_ms`, each with its `retention.ms`: made by another tool, or by a
+        bridge from before it set it."""
+        wanted = {t: ms for t in topics if (ms := self._tier_retention_ms(t)) is not None}
+        kept = await self._configs(list(wanted), "retention.ms")
+        return {t: int(ms) for t, ms in kept.items() if int(ms) != -1 and int(ms) < wanted[t]}
+
+    async def _configs(self, topics: list[str], name: str) -> dict[str, str]:
+        """Each of `topics`' setting `name`, as the broker reports it."""
+        if not topics:
             return {}
         admin = AdminClient(self._common)  # (kept until its futures are done: they fail once it is freed)
-        futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in largest])
-        small: dict[str, int] = {}
+        futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in topics])
+        values: dict[str, str] = {}
         for resource, future in futures.items():
             with mapped(f"could not read the config of Kafka topic {resource.name}"):
                 config = await asyncio.wrap_future(future)
-            limit = int(config["max.message.bytes"].value)
-            if limit < largest[resource.name]:
-                small[resource.name] = limit
-        return small
+            values[resource.name] = config[name].value
+        return values
 
-    async def _raise_limits(self, topics: list[str]) -> None:
-        """Set each topic's `max.message.bytes` to what bridge writes to it, and wait until the
-        broker applies it: a record written before then would still be refused."""
+    async def _set_configs(self, name: str, values: dict[str, str]) -> None:
+        """Set each topic's setting `name` to its value in `values`, and wait until the broker
+        applies them (a record written before then would still be refused, say)."""
         admin = AdminClient(self._common)
         changes = [
             ConfigResource(
                 ResourceType.TOPIC,
                 t,
-                incremental_configs=[
-                    ConfigEntry(
-                        "max.message.bytes",
-                        str(self._largest(t)),
-                        incremental_operation=AlterConfigOpType.SET,
-                    )
-                ],
+                incremental_configs=[ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)],
             )
-            for t in topics
+            for t, value in values.items()
         ]
         for resource, future in admin.incremental_alter_configs(changes).items():
-            with mapped(f"could not raise max.message.bytes of Kafka topic {resource.name}"):
+            with mapped(f"could not set {name} of Kafka topic {resource.name}"):
                 await asyncio.wrap_future(future)
         deadline = time.monotonic() + METADATA_TIMEOUT_S * 6
-        while still := await self._too_small(topics):
+        while True:
+            reported = await self._configs(list(values), name)
+            if not (still := [t for t, value in reported.items() if value != values[t]]):
+                return
             if time.monotonic() >= deadline:
-                raise TransportError(f"Kafka topic {', '.join(still)} did not take the new max.message.bytes")
+                raise TransportError(f"Kafka topic {', '.join(still)} did not take the new {name}")
             await asyncio.sleep(SERVED_POLL_S)
 
     async def _create_topics(self, topics: list[str]) -> None:
