@@ -371,7 +371,7 @@ class Bridge:
         loop = asyncio.get_running_loop()
         # (a copy first: the sync API's thread may add to the set meanwhile)
         if confirming := [task for task in list(self._confirming) if task.get_loop() is loop]:
-            await asyncio.wait(confirming)  # (each gives up within 3.5 s: see _confirm)
+            await asyncio.wait(confirming)  # (each ends once its store answers or fails: see _confirm)
         store = self._stores.pop(loop, None)
         if store is not None and store is not self._memory_store:
             await store.close()
