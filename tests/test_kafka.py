@@ -1253,13 +1253,7 @@ def test_a_careful_start_does_not_commit_past_a_record_whose_settling_failed(
     monkeypatch.setattr(kafka_transport, "RESTART_AFTER_S", 0.2)
     app = own_app(brokers["kafka"])
     group, bootstrap = app.settings.group, brokers["kafka"].partition("://")[2]
-    ran: list[int] = []
-
-    @app.job("test.Echo", queue=queue)
-    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-        ran.append(payload["n"])
-        if payload["n"] == 1:
-            raise Permanent("broken for good")
+    ran = failing_first(app, queue, lambda: Permanent("broken for good"))
 
     # (Another app sets it up: the consumer's must not have seen the dead-letter topic.)
     setup = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), prefix=app.settings.prefix, partitions=1)
