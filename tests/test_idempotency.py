@@ -129,6 +129,19 @@ def test_hundreds_of_claims_at_once_all_take_effect(store_url: str) -> None:
     with_store(store_url, scenario)
 
 
+def test_a_done_key_names_its_job_whatever_characters_the_id_holds(store_url: str) -> None:
+    # Given a key completed by a job whose id, from another producer, holds separators,
+    # Then a later claim names that job in full.
+    async def scenario(store: Store) -> None:
+        key = new_key()
+        odd = "order|42|retry 2 ✓"
+        first = claimed(await store.claim(key, odd, 30))
+        assert await store.complete(key, first.token, odd, 30)
+        assert await store.claim(key, "job-2", 30) == Done(odd)
+
+    with_store(store_url, scenario)
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_a_claim_that_finds_its_key_done_says_so_in_one_request(
     kind: str, tmp_path: Path, brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch

@@ -183,8 +183,10 @@ class RedisStore:
             )
             if value is None:  # it expired or was released just now: look again soon
                 return Busy(0.0)
-        state, holder, *_ = _text(value).split("|")
-        return Done(holder) if state == "done" else Busy(max(0.0, ttl_ms / 1000))
+        state, _, rest = _text(value).partition("|")
+        if state == "done":  # done|<job id>|<epoch ms>, and another producer's job id may hold a |
+            return Done(rest.rpartition("|")[0])
+        return Busy(max(0.0, ttl_ms / 1000))
 
     async def _swap_if(
         self,
