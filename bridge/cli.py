@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--idempotency-key", help="jobs sharing it have their effect once")
     enqueue.add_argument(
         "--dedupe", action="store_true",
-        help="publish nothing if --idempotency-key was enqueued within its window; print that job's id",
+        help="publish nothing if --idempotency-key was enqueued within its window (the job type's, "
+        "with --app; else 24 h); print that job's id",
     )  # fmt: skip
     when = enqueue.add_mutually_exclusive_group()
     when.add_argument("--delay", type=_duration, help="run no sooner than this from now: 90s, 5m, 2h, 3d")
