@@ -35,6 +35,7 @@ from fastavro.validation import ValidationError, validate
 from bridge.avro_reader import Read, compile_reader
 from bridge.avro_writer import Write, compile_writer
 from bridge.compatibility import (
+    LOGICAL_KEYS,
     PRIMITIVES,
     Names,
     full_name,
@@ -131,6 +132,7 @@ class Schema:
     write: Write | None = None  # and writer
     logical_types: bool = True  # whether reading makes datetimes, Decimals, ... (not for bridge's own)
     readback: _Readback | None = None  # where a value that validates may not read back
+    annotated: str = ""  # the canonical form with logical types kept: what the bytes mean
 
     @classmethod
     def from_definition(
@@ -158,7 +160,7 @@ class Schema:
         readback = _Readback(definition, parsed) if not compiled or '"float"' in canonical else None
         return cls(
             name, definition, parsed, canonical, fingerprint, check, schema_id, header, field_names, read,
-            write, logical_types, readback,
+            write, logical_types, readback, annotated_form(definition),
         )  # fmt: skip
 
 
@@ -406,10 +408,15 @@ def decode(
         raise DecodeError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte cap", data)
     writer, start = read_frame(data, lookup)
     layout = writer  # what the bytes are read with
-    if reader is not None and reader.fingerprint == writer.fingerprint:
+    if (
+        reader is not None
+        and reader.fingerprint == writer.fingerprint
+        and writer.annotated in (reader.annotated, writer.canonical)
+    ):
         # The same schema, nothing to resolve: read it as the reader declares it. Fingerprints
         # leave logical types out, and a producer in another language may have registered the
         # record without them; its handler still gets the datetimes and Decimals it declares.
+        # (Where the writer's say otherwise, a decimal's scale, say, resolution reads with them.)
         layout, reader = reader, None
     elif reader is not None and reader.name != writer.name:  # Avro resolves records of one name only
         raise SchemaMismatch(f"a {_identity(writer)} cannot be read as a {_identity(reader)}", data)
@@ -461,7 +468,7 @@ def _read_with_fastavro(data: bytes, start: int, writer: Any, reader: Any) -> tu
 
 
 # (reader, writer) fingerprints -> the reader it was for, the problems, the writer to read with
-_RESOLUTIONS: dict[tuple[int, int], tuple[Schema, list[str], Any]] = {}
+_RESOLUTIONS: dict[tuple[int, int], tuple[Schema, str, list[str], Any]] = {}
 _MAX_RESOLUTIONS = 4096
 
 
@@ -470,8 +477,12 @@ def _resolution(reader: Schema, writer: Schema) -> tuple[list[str], Any]:
     with `reader`'s logical types: worked out once per pair of schemas."""
     pair = (reader.fingerprint, writer.fingerprint)
     cached = _RESOLUTIONS.get(pair)
-    # (Fingerprints leave logical types out, so one pair may hold readers annotated otherwise.)
-    if cached is None or (cached[0] is not reader and not _reads_alike(cached[0], reader)):
+    # (Fingerprints leave logical types out, so one pair may hold schemas annotated otherwise.)
+    if (
+        cached is None
+        or (cached[0] is not reader and not _reads_alike(cached[0], reader))
+        or cached[1] != writer.annotated
+    ):
         if len(_RESOLUTIONS) >= _MAX_RESOLUTIONS:
             _RESOLUTIONS.clear()
         problems = read_problems(reader.definition, writer.definition)
@@ -480,8 +491,8 @@ def _resolution(reader: Schema, writer: Schema) -> tuple[list[str], Any]:
             # (bridge's own records are read without logical types: their times stay ints)
             wanted = reader.definition if reader.logical_types else strip_logical_types(reader.definition)
             resolved = parse_schema(with_readers_logical_types(wanted, writer.definition))
-        cached = _RESOLUTIONS[pair] = (reader, problems, resolved)
-    return cached[1], cached[2]
+        cached = _RESOLUTIONS[pair] = (reader, writer.annotated, problems, resolved)
+    return cached[2], cached[3]
 
 
 def _reads_alike(one: Schema, other: Schema) -> bool:
@@ -505,14 +516,25 @@ def parsing_canonical_form(definition: Any) -> str:
 _CANONICAL_KEYS = ("name", "type", "fields", "symbols", "items", "values", "size")
 
 
-def _canonical(schema: Any, namespace: str | None) -> Any:
+def annotated_form(definition: Any) -> str:
+    """The Parsing Canonical Form with logical types (and a decimal's precision and scale) kept:
+    two schemas of one fingerprint whose bytes mean the same values have the same one."""
+    return json.dumps(_canonical(definition, None, logical=True), separators=(",", ":"))
+
+
+def _canonical(schema: Any, namespace: str | None, *, logical: bool = False) -> Any:
     if isinstance(schema, list):
-        return [_canonical(s, namespace) for s in schema]
+        return [_canonical(s, namespace, logical=logical) for s in schema]
     if isinstance(schema, str):
         return full_name(schema, namespace) if schema not in PRIMITIVES else schema
     kind = schema["type"]
+    annotation = {k: schema[k] for k in LOGICAL_KEYS if k in schema} if logical else {}
+    if "logicalType" not in annotation:
+        annotation = {}
+    if isinstance(kind, str) and kind in PRIMITIVES and annotation:
+        return {"type": kind, **annotation}
     if not isinstance(kind, str) or kind in PRIMITIVES:
-        return _canonical(kind, namespace)
+        return _canonical(kind, namespace, logical=logical)
     out: dict[str, Any] = {}
     if "name" in schema:
         full = full_name(schema["name"], schema.get("namespace", namespace))
@@ -521,17 +543,18 @@ def _canonical(schema: Any, namespace: str | None) -> Any:
     out["type"] = kind
     if "fields" in schema:
         out["fields"] = [
-            {"name": f["name"], "type": _canonical(f["type"], namespace)} for f in schema["fields"]
+            {"name": f["name"], "type": _canonical(f["type"], namespace, logical=logical)}
+            for f in schema["fields"]
         ]
     if "symbols" in schema:
         out["symbols"] = schema["symbols"]
     if "items" in schema:
-        out["items"] = _canonical(schema["items"], namespace)
+        out["items"] = _canonical(schema["items"], namespace, logical=logical)
     if "values" in schema:
-        out["values"] = _canonical(schema["values"], namespace)
+        out["values"] = _canonical(schema["values"], namespace, logical=logical)
     if "size" in schema:
         out["size"] = schema["size"]
-    return out
+    return {**out, **annotation}
 
 
 def inline_named_types(schema: Any, defined: dict[str, Any]) -> dict[str, Any]:

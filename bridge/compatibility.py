@@ -25,7 +25,7 @@ LEVELS = (
 )
 
 PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
-_LOGICAL_KEYS = ("logicalType", "precision", "scale")
+LOGICAL_KEYS = ("logicalType", "precision", "scale")
 # Promotions whose two types encode a value in the same bytes (a zigzag varint; a length and
 # the bytes): the writer's data reads as the reader's type, logical type and all.
 _SAME_BYTES = {("int", "long"), ("string", "bytes"), ("bytes", "string")}
@@ -68,7 +68,7 @@ def _logical(reader: dict[str, Any], writer: dict[str, Any]) -> dict[str, Any]:
     """The logical type to read a value with: the reader's, or none; but the writer's where
     both have one and they differ (a decimal's scale, a timestamp's unit), as the bytes mean
     what the writer's says."""
-    ours, theirs = ({k: node[k] for k in _LOGICAL_KEYS if k in node} for node in (reader, writer))
+    ours, theirs = ({k: node[k] for k in LOGICAL_KEYS if k in node} for node in (reader, writer))
     ours, theirs = (keys if "logicalType" in keys else {} for keys in (ours, theirs))
     return theirs if ours and theirs and ours != theirs else ours
 
@@ -268,7 +268,7 @@ class _Resolution:
             same = isinstance(reader, dict) and r_kind == w_kind
             wanted = _logical(reader if same else {}, writer if isinstance(writer, dict) else {})
             return {"type": w_kind, **wanted} if wanted else w_kind
-        node = {k: v for k, v in w_node.items() if k not in _LOGICAL_KEYS}
+        node = {k: v for k, v in w_node.items() if k not in LOGICAL_KEYS}
         if w_kind == "fixed" and _kind(r_node) == "fixed" and r_node["size"] == w_node["size"]:
             node.update(_logical(r_node, w_node))
         if w_kind in ("record", "error", "enum", "fixed"):

@@ -202,7 +202,9 @@ def test_where_both_versions_annotate_a_value_differently_the_writers_annotation
     # Given a writer whose decimal has scale 3 and whose time is in microseconds, and a reader
     # whose decimal has scale 2 and whose time is in milliseconds (the bytes mean what the
     # writer's annotations say), When its payload is read, Then the values are the writer's:
-    # 1.234, not 12.34; the microseconds' moment, not one 1,000 times later.
+    # 1.234, not 12.34; the microseconds' moment, not one 1,000 times later. (A writer of the
+    # reader's fingerprint was read with the reader's annotations; one of another writer's
+    # fingerprint with that writer's.)
     def order(scale: int, unit: str, extra: list[dict[str, Any]]) -> dict[str, Any]:
         money = {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": scale}
         at = {"type": "long", "logicalType": f"timestamp-{unit}"}
@@ -210,11 +212,15 @@ def test_where_both_versions_annotate_a_value_differently_the_writers_annotation
         return {"type": "record", "name": "Order", "namespace": "shop", "fields": fields}
 
     reader = Schema.from_definition(order(2, "millis", []))
-    writer = Schema.from_definition(order(3, "micros", [{"name": "note", "type": "string"}]), schema_id=9)
     at = datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC)
-    data = codec.encode(writer, {"total": Decimal("1.234"), "at": at, "note": ""})
-    _, decoded = codec.decode(data, _Both(writer), reader)
-    assert decoded == {"total": Decimal("1.234"), "at": at}
+    note = [{"name": "note", "type": "string"}]
+    # With a field more, with the reader's very fields (one fingerprint: it leaves logical types
+    # out), and with a field more and a scale of 4 (the first writer's fingerprint):
+    for scale, extra, schema_id in ((3, note, 9), (3, [], 10), (4, note, 11)):
+        writer = Schema.from_definition(order(scale, "micros", extra), schema_id=schema_id)
+        data = codec.encode(writer, {"total": Decimal("1.234"), "at": at, "note": ""})
+        _, decoded = codec.decode(data, _Both(writer), reader)
+        assert decoded == {"total": Decimal("1.234"), "at": at}, schema_id
 
 
 def test_an_envelope_of_another_version_keeps_its_times_as_integers() -> None:
