@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from bridge import codec
+from bridge.codec import Schema
 from bridge.compatibility import level_problems, read_problems
 
 
@@ -15,7 +18,7 @@ def record(*fields: dict[str, Any], name: str = "Order") -> dict[str, Any]:
 
 N = {"name": "n", "type": "int"}
 NOTE = {"name": "note", "type": ["null", "string"], "default": None}
-SIZE = {"name": "size", "type": {"type": "enum", "name": "Size", "symbols": ["S", "M", "L"]}}
+SIZE: dict[str, Any] = {"name": "size", "type": {"type": "enum", "name": "Size", "symbols": ["S", "M", "L"]}}
 
 
 def test_an_optional_field_added_reads_both_ways() -> None:
@@ -83,6 +86,28 @@ def test_unions_nested_records_and_renames_are_named_by_path() -> None:
         "the record: record shop.Order is now named shop.Purchase; add the old name to aliases"
     ]
     assert read_problems({**renamed, "aliases": ["Order"]}, record(N)) == []
+
+
+def test_a_nested_type_may_change_its_namespace_but_the_record_may_not() -> None:
+    # Given a nested enum and record moved to another namespace, as Avro (which matches named
+    # types by unqualified name), Java and a Confluent registry allow,
+    # Then the versions read each other, and data written with one decodes with the other;
+    # but the record itself, whose full name is its job type, keeps its namespace.
+    def version(namespace: str) -> dict[str, Any]:
+        size = {**SIZE["type"], "namespace": namespace}
+        line = {**record(N, name="Line"), "namespace": namespace}
+        return record({"name": "size", "type": size}, {"name": "line", "type": line})
+
+    old, moved = version("shop"), version("shop.v2")
+    assert read_problems(moved, old) == []
+    assert read_problems(old, moved) == []
+    writer = Schema.from_definition(old, schema_id=1)
+    data = codec.encode(writer, {"size": "M", "line": {"n": 3}})
+    lookup = SimpleNamespace(by_id=lambda _: writer, by_fingerprint=lambda _: None)
+    assert codec.decode(data, lookup, Schema.from_definition(moved))[1] == {"size": "M", "line": {"n": 3}}
+    assert read_problems({**record(N), "namespace": "shop.v2"}, record(N)) == [
+        "the record: record shop.Order is now named shop.v2.Order; add the old name to aliases"
+    ]
 
 
 def test_levels_compare_with_the_latest_or_every_version() -> None:
