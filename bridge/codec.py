@@ -39,8 +39,10 @@ from bridge.compatibility import (
     PRIMITIVES,
     Names,
     full_name,
+    kind_of,
     read_problems,
     strip_logical_types,
+    unwrap,
     with_readers_logical_types,
 )
 from bridge.errors import DecodeError, SchemaError, SchemaMismatch, UnknownSchema, utf8
@@ -604,6 +606,60 @@ def check_schema(schema: dict[str, Any]) -> None:
     interpreter crashed); an array of zero-byte items lets five bytes claim billions of items.
     """
     _min_size(schema, None, [], {})
+
+
+def check_defaults(schema: dict[str, Any]) -> None:
+    """Refuse a default its field's type cannot hold, as Java's parser and a Confluent registry
+    do: read from a version without the field, it would reach the handler as it is. (Checked
+    on the schemas an app reads with; a producer's registered version is read whatever its
+    defaults, which reading never uses.)"""
+    names = Names()
+    names.learn(schema, None)
+    for full, node in names.defined.items():
+        namespace = full.rpartition(".")[0] or None
+        if node["type"] == "enum" and "default" in node and node["default"] not in node["symbols"]:
+            raise SchemaError(f"enum {full}: its default {_brief(node['default'])} is not one of its symbols")
+        for f in node.get("fields", ()) if node["type"] in ("record", "error") else ():
+            if "default" in f and not _holds(names, f["type"], f["default"], namespace):
+                kind = kind_of(f["type"])
+                why = "fits no type of its union" if kind == "union" else f"is no {kind}"
+                raise SchemaError(f"{full}.{f['name']}: its default {_brief(f['default'])} {why}")
+
+
+def _holds(names: Names, node: Any, value: Any, namespace: str | None) -> bool:
+    """Whether `value`, a default in Avro's JSON encoding, is a value of `node`."""
+    node, namespace = names.resolve(unwrap(node), namespace)
+    kind = kind_of(node)
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "union":  # (Avro 1.11: any branch; before, the first)
+        return any(_holds(names, branch, value, namespace) for branch in node)
+    if kind in ("int", "long"):
+        bits = 32 if kind == "int" else 64
+        return numeric and isinstance(value, int) and -(2 ** (bits - 1)) <= value < 2 ** (bits - 1)
+    if kind in ("float", "double"):
+        return numeric or value in ("NaN", "Infinity", "-Infinity")
+    if kind in ("bytes", "fixed"):  # (a string of code points 0 to 255, one per byte)
+        fits = isinstance(value, str) and all(ord(c) < 256 for c in value)
+        return fits and (kind == "bytes" or len(value) == node["size"])
+    if kind == "enum":
+        return value in node["symbols"]
+    if kind == "array":
+        return isinstance(value, list) and all(_holds(names, node["items"], v, namespace) for v in value)
+    if kind == "map":
+        return isinstance(value, dict) and all(
+            _holds(names, node["values"], v, namespace) for v in value.values()
+        )
+    if kind in ("record", "error"):
+        return isinstance(value, dict) and all(
+            _holds(names, f["type"], value[f["name"]], namespace) if f["name"] in value else "default" in f
+            for f in node["fields"]
+        )
+    return {"null": value is None, "boolean": isinstance(value, bool), "string": isinstance(value, str)}[kind]
+
+
+def _brief(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _min_size(node: Any, namespace: str | None, stack: list[str], sizes: dict[str, int]) -> int:

@@ -142,16 +142,16 @@ class Names:
         return node, namespace
 
 
-def _kind(node: Any) -> str:
+def kind_of(node: Any) -> str:
     if isinstance(node, list):
         return "union"
     if isinstance(node, str):
         return node
     kind = node["type"]
-    return _kind(kind) if not isinstance(kind, str) or kind in PRIMITIVES else kind
+    return kind_of(kind) if not isinstance(kind, str) or kind in PRIMITIVES else kind
 
 
-def _unwrap(node: Any) -> Any:
+def unwrap(node: Any) -> Any:
     """`{"type": "int"}` and friends as the primitive they annotate."""
     while isinstance(node, dict) and (not isinstance(node["type"], str) or node["type"] in PRIMITIVES):
         node = node["type"]
@@ -164,7 +164,7 @@ def full_name(name: str, namespace: str | None) -> str:
 
 
 def _describe(node: Any, namespace: str | None = None) -> str:
-    node = _unwrap(node)
+    node = unwrap(node)
     if isinstance(node, list):
         return " or ".join(_describe(branch, namespace) for branch in node)
     if isinstance(node, str):
@@ -196,10 +196,10 @@ class _Resolution:
     def check(
         self, reader: Any, writer: Any, path: str, reader_ns: str | None = None, writer_ns: str | None = None
     ) -> None:
-        reader, reader_ns = self.readers.resolve(_unwrap(reader), reader_ns)
-        writer, writer_ns = self.writers.resolve(_unwrap(writer), writer_ns)
+        reader, reader_ns = self.readers.resolve(unwrap(reader), reader_ns)
+        writer, writer_ns = self.writers.resolve(unwrap(writer), writer_ns)
         where = path or "the record"
-        r_kind, w_kind = _kind(reader), _kind(writer)
+        r_kind, w_kind = kind_of(reader), kind_of(writer)
 
         if w_kind == "union":  # every branch the writer may have used must be readable
             for branch in writer:
@@ -255,29 +255,29 @@ class _Resolution:
         """`writer` with `reader`'s logical types (see `with_readers_logical_types`)."""
         if isinstance(writer, str) and writer not in PRIMITIVES:
             return writer  # a named type defined before: annotated where it is defined
-        r_node, reader_ns = self.readers.resolve(_unwrap(reader), reader_ns)
-        w_node = _unwrap(writer)
-        w_kind = _kind(w_node)
+        r_node, reader_ns = self.readers.resolve(unwrap(reader), reader_ns)
+        w_node = unwrap(writer)
+        w_kind = kind_of(w_node)
         if w_kind == "union":
             return [self.annotate(reader, branch, reader_ns, writer_ns) for branch in w_node]
-        if _kind(r_node) == "union":  # the branch the writer's data resolves to
+        if kind_of(r_node) == "union":  # the branch the writer's data resolves to
             fits = (b for b in r_node if self.trial(b, w_node, "", reader_ns, writer_ns))
             reader = next(fits, "null")
-            r_node, reader_ns = self.readers.resolve(_unwrap(reader), reader_ns)
+            r_node, reader_ns = self.readers.resolve(unwrap(reader), reader_ns)
         if w_kind in PRIMITIVES:  # its logical type is on the node that wraps it
-            r_kind = _kind(r_node)
+            r_kind = kind_of(r_node)
             if (w_kind, r_kind) in _SAME_BYTES and isinstance(reader, dict) and "logicalType" in reader:
                 w_kind = r_kind  # (read as the reader's type, so its logical type applies)
             same = isinstance(reader, dict) and r_kind == w_kind
             wanted = _logical(reader if same else {}, writer if isinstance(writer, dict) else {})
             return {"type": w_kind, **wanted} if wanted else w_kind
         node = {k: v for k, v in w_node.items() if k not in LOGICAL_KEYS}
-        if w_kind == "fixed" and _kind(r_node) == "fixed" and r_node["size"] == w_node["size"]:
+        if w_kind == "fixed" and kind_of(r_node) == "fixed" and r_node["size"] == w_node["size"]:
             node.update(_logical(r_node, w_node))
         if w_kind in ("record", "error", "enum", "fixed"):
             w_name = full_name(w_node["name"], w_node.get("namespace", writer_ns))
             writer_ns = w_name.rpartition(".")[0] or None
-        if w_kind in ("record", "error") and _kind(r_node) in ("record", "error"):
+        if w_kind in ("record", "error") and kind_of(r_node) in ("record", "error"):
             r_name = full_name(r_node["name"], r_node.get("namespace", reader_ns))
             reader_ns = r_name.rpartition(".")[0] or None
             fields: dict[str, Any] = {}
@@ -290,9 +290,9 @@ class _Resolution:
                 else {**f, "type": strip_logical_types(f["type"])}  # (skipped, but may define a type)
                 for f in w_node["fields"]
             ]
-        elif w_kind == "array" and _kind(r_node) == "array":
+        elif w_kind == "array" and kind_of(r_node) == "array":
             node["items"] = self.annotate(r_node["items"], w_node["items"], reader_ns, writer_ns)
-        elif w_kind == "map" and _kind(r_node) == "map":
+        elif w_kind == "map" and kind_of(r_node) == "map":
             node["values"] = self.annotate(r_node["values"], w_node["values"], reader_ns, writer_ns)
         return node
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from bridge.codec import Schema, SchemaLookup, inline_named_types
+from bridge.codec import Schema, SchemaLookup, check_defaults, inline_named_types
 from bridge.compatibility import full_name
 from bridge.errors import ConfigError, SchemaError, UnknownJobType
 
@@ -142,6 +142,7 @@ def _build(definitions: dict[str, Any]) -> dict[str, Schema]:
             continue  # enums and fixed types are only referenced from records
         try:
             expanded = inline_named_types(definition, definitions)
+            check_defaults(expanded)
             # Our own records keep timestamps as integers: faster, and the same on every wire.
             own = name.startswith("bridge.")
             schemas[name] = Schema.from_definition(expanded, logical_types=not own)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import struct
 import time
 import tracemalloc
@@ -487,6 +488,52 @@ def test_schema_directory_checks_file_names(tmp_path: Path) -> None:
     (tmp_path / "wrong.avsc").write_text("[" * 10_000 + "]" * 10_000)
     with pytest.raises(SchemaError, match=r"wrong\.avsc: not JSON \(nested too deeply\)"):
         SchemaDirectory(tmp_path)
+
+
+SUB = {"type": "record", "name": "Sub", "fields": [{"name": "q", "type": "int"}]}
+GOOD_DEFAULTS: list[tuple[Any, Any]] = [
+    ("int", 2**31 - 1), ("long", -(2**63)), ("double", 1), ("float", "NaN"), ("bytes", "\u00ff\u0000"),
+    ({"type": "fixed", "name": "F", "size": 2}, "ab"), (["null", "string"], None),
+    (["null", "string"], "x"),  # (Avro 1.11: any branch; before, the first)
+    ({"type": "array", "items": "int"}, [1, 2]), ({"type": "map", "values": "long"}, {"a": 1}),
+    (SUB, {"q": 1}), ({"type": "enum", "name": "E", "symbols": ["A", "B"]}, "B"),
+    ({"type": "long", "logicalType": "timestamp-millis"}, 0),
+]  # fmt: skip
+BAD_DEFAULTS: list[tuple[Any, Any, str]] = [
+    ("int", 2**40, "1099511627776 is no int"), ("int", True, "true is no int"),
+    ("long", 1.5, "1.5 is no long"), ("double", "1", '"1" is no double'),
+    ("bytes", "\u0100", "is no bytes"), ("string", 7, "7 is no string"),
+    ({"type": "fixed", "name": "F", "size": 4}, "ab", '"ab" is no fixed'),
+    (["null", "int"], "x", '"x" fits no type of its union'), (SUB, {}, "{} is no record"),
+    ({"type": "array", "items": "int"}, ["x"], "is no array"),
+    ({"type": "map", "values": "int"}, [], "is no map"),
+    ({"type": "enum", "name": "E", "symbols": ["A", "B"]}, "Z", '"Z" is no enum'),
+    ({"type": "enum", "name": "E", "symbols": ["A"], "default": "Z"}, "A", 'x.E: its default "Z" is not'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "default"), GOOD_DEFAULTS)
+def test_a_schema_directory_takes_defaults_their_fields_hold(tmp_path: Path, kind: Any, default: Any) -> None:
+    write_order(tmp_path, kind, default)
+    SchemaDirectory(tmp_path)
+
+
+@pytest.mark.parametrize(("kind", "default", "message"), BAD_DEFAULTS)
+def test_a_schema_directory_refuses_a_default_its_field_cannot_hold(
+    tmp_path: Path, kind: Any, default: Any, message: str
+) -> None:
+    # Given a field added with a default its type cannot hold (Java's parser refuses it),
+    # Then the schema is refused when loaded, naming the field; it used to reach the handlers
+    # of jobs written without the field as it was: 2**40 in an int, "Z" in an enum.
+    write_order(tmp_path, kind, default)
+    with pytest.raises(SchemaError, match=re.escape(message)):
+        SchemaDirectory(tmp_path)
+
+
+def write_order(folder: Path, kind: Any, default: Any) -> None:
+    fields = [{"name": "n", "type": "int"}, {"name": "added", "type": kind, "default": default}]
+    order = {"type": "record", "name": "Order", "namespace": "x", "fields": fields}
+    (folder / "x.Order.avsc").write_text(json.dumps(order))
 
 
 # -- bridge's compiled reader against fastavro's ------------------------------------------------
