@@ -81,7 +81,10 @@ def _read_null(data: bytes, at: int) -> tuple[None, int]:
 
 
 def _read_boolean(data: bytes, at: int) -> tuple[bool, int]:
-    return data[at] != 0, at + 1
+    byte = data[at]
+    if byte > 1:  # (fastavro reads it as true, a Java reader as false)
+        raise ValueError(f"a boolean byte of {byte}, neither 0 nor 1")
+    return byte == 1, at + 1
 
 
 def _read_float(data: bytes, at: int) -> tuple[float, int]:

@@ -697,6 +697,22 @@ def test_a_schema_with_logical_types_is_read_as_strictly(body: bytes, message: s
     assert codec.decode(good, _Both(writer))[1] == {"at": at, "color": "BLUE", "either": 3}
 
 
+def test_a_boolean_byte_other_than_0_or_1_is_refused() -> None:
+    # Given a boolean written as the byte 2 (the spec allows 0 and 1 only; fastavro reads it
+    # as true, Java's decoder as false, so two consumers of one job would disagree),
+    # Then it fails to decode, and its job goes to the dead-letter queue.
+    flagged = {
+        "type": "record",
+        "name": "Flagged",
+        "namespace": "x",
+        "fields": [{"name": "on", "type": "boolean"}],
+    }
+    writer = Schema.from_definition(flagged)
+    assert codec.decode(writer.header + b"\x01", _Both(writer))[1] == {"on": True}
+    with pytest.raises(DecodeError, match="a boolean byte of 2, neither 0 nor 1"):
+        codec.decode(writer.header + b"\x02", _Both(writer))
+
+
 def test_an_optional_fields_branch_in_more_bytes_than_it_needs_reads_as_fastavro_reads_it() -> None:
     # Given ["null", T] branches written as 80 00 (0) and 82 00 (1): longer than needed, as
     # Avro allows, When decoded, Then they read as fastavro and Java read them.
