@@ -41,7 +41,8 @@ class Repeats(logging.Filter):
                 return False
             if len(self._kinds) >= MAX_KINDS:  # forget the kinds not seen within the window
                 self._kinds = {k: v for k, v in self._kinds.items() if now - v[0] < self.window_s}
-            self._kinds[kind] = (now, 0)
+            if len(self._kinds) < MAX_KINDS:  # (else too many kinds at once: none more is held back)
+                self._kinds[kind] = (now, 0)
         if held:
             record.msg = f"{record.msg} (and {held} like it since the last one logged)"
         return True
@@ -57,7 +58,8 @@ class OneLine(logging.Formatter):
         return super().formatMessage(record)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# (and the marks that turn text right to left, which could make a quoted id read otherwise)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def one_line(text: str) -> str:

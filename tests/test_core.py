@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, KafkaError, Producer
 from bridge.config import Settings
 from bridge.envelope import uuid7
 from bridge.errors import ConfigError, PublishError, Retry, safe_url
-from bridge.logs import OneLine, Repeats
+from bridge.logs import MAX_KINDS, OneLine, Repeats
 from bridge.policy import (
     DEFAULT_BACKOFF,
     MAX_BACKOFF_ATTEMPT,
@@ -357,6 +357,11 @@ def test_a_log_line_cannot_be_forged_by_a_newline_in_what_it_quotes() -> None:
     except ValueError:
         record = logging.LogRecord("bridge", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     assert formatter.format(record).startswith("ERROR failed\nTraceback (most recent call last):\n")
+    # Nor can a mark that turns text right to left make a quoted id read as something else.
+    record = logging.LogRecord(
+        "bridge", logging.INFO, __file__, 1, "job %s ok", ("\u202egnp.exe\u202c",), None
+    )
+    assert formatter.format(record) == "INFO job \\u202egnp.exe\\u202c ok"
 
 
 def test_a_forked_child_makes_other_uuid7s_than_its_parent_in_the_same_millisecond() -> None:
@@ -393,6 +398,22 @@ def test_a_kafka_publish_that_timed_out_says_what_to_look_at() -> None:
     error = run(resolved())
     assert isinstance(error, PublishError) and error.retriable
     assert "publish to billing: not taken within 30 s: is Kafka reachable" in str(error), error
+
+
+def test_more_kinds_of_line_at_once_than_held_back_pass_and_take_no_more_memory() -> None:
+    # Given a filter with a long window, When more kinds of line arrive within it than it
+    # keeps (each a client's line with other words), Then every one is logged, a kind seen
+    # before its cap is still held back, and the kinds kept stay within the cap (they grew
+    # without end, and every new kind rebuilt them all).
+    repeats = Repeats(60)
+
+    def passes(text: str) -> bool:
+        return repeats.filter(logging.LogRecord("c", logging.ERROR, __file__, 1, text, (), None))
+
+    kinds = [f"broker {word} is down" for word in (uuid.uuid4().hex for _ in range(MAX_KINDS * 2))]
+    assert all(passes(kind) for kind in kinds)
+    assert not passes(kinds[0])
+    assert len(repeats._kinds) <= MAX_KINDS
 
 
 def test_librdkafkas_lines_while_kafka_is_unreachable_are_logged_once_per_window_with_a_count(
