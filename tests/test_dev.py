@@ -6,6 +6,7 @@ stores of its own, on other ports.
 
 from __future__ import annotations
 
+import http.server
 import importlib
 import importlib.util
 import io
@@ -20,6 +21,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -439,3 +441,173 @@ def test_a_native_kafka_written_with_other_settings_is_told_apart(tmp_path: Path
     layout.server_properties.write_text("\n".join(older) + "\n")
     changed = kafka.changed_settings(layout, kafka.DEFAULT_PORT)
     assert changed == ["group.min.session.timeout.ms", "num.partitions"]
+
+
+def test_compose_uses_the_bridge_checkouts_file_not_the_current_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a user's own project with a docker-compose.yml, as the current folder
+    (tmp_path / "docker-compose.yml").write_text("services: {}\n")
+    monkeypatch.chdir(tmp_path)
+    # Then `bridge dev` drives the bridge checkout's file, never the user's project
+    assert compose.compose_file() == COMPOSE_FILE
+    # And without a checkout around the module (a non-editable install) it says so
+    monkeypatch.setattr(
+        compose, "__file__", str(tmp_path / "site-packages" / "bridge" / "dev" / "compose.py")
+    )
+    with pytest.raises(DevError, match="needs an editable install of a bridge checkout"):
+        compose.compose_file()
+
+
+class _Subjects(http.server.BaseHTTPRequestHandler):
+    """A registry that lists no subjects."""
+
+    def do_GET(self) -> None:
+        body = b"[]" if self.path == f"{apicurio.CCOMPAT_PATH}/subjects" else b"{}"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_apicurio_status_ignores_http_proxy_on_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a registry on loopback, and an http_proxy that answers nothing (no_proxy=localhost
+    # does not cover 127.0.0.1)
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        dead_proxy = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    for var in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, dead_proxy)
+    monkeypatch.setenv("no_proxy", "localhost")
+    monkeypatch.setattr(urllib.request, "_opener", None)  # (urlopen keeps the opener it built first)
+    monkeypatch.setenv("BRIDGE_DATA", str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Subjects)
+    monkeypatch.setenv(apicurio.PORT_VAR, str(server.server_address[1]))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        # When its status is asked for, Then it is up: asked directly, not through the proxy
+        assert apicurio.status().running
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_failed_maven_run_is_told_by_its_error_line() -> None:
+    # Given Maven's output of a failed download, ending in a colour reset as Maven's always does
+    output = "\n".join(
+        [
+            "\x1b[0m\x1b[0m[ERROR] Failed to execute goal copy: Could not find artifact x -> [Help 1]",
+            "[ERROR] ",
+            "[ERROR] To see the full stack trace of the errors, re-run Maven with the -e switch.",
+            "[ERROR] Re-run Maven using the -X switch to enable full debug logging.",
+            "[ERROR] For more information about the errors and possible solutions, please read:",
+            "[ERROR] [Help 1] http://cwiki.apache.org/confluence/display/MAVEN/MojoExecutionException",
+            "\x1b[0m\x1b[0m",
+        ]
+    )
+    maven = subprocess.CompletedProcess(["mvn"], 1, stdout=output, stderr="")
+    # Then the error message carries the line that says what went wrong
+    assert (
+        _proc.last_line(maven) == "[ERROR] Failed to execute goal copy: Could not find artifact x -> [Help 1]"
+    )
+    # And another program's last visible line is chosen, colour codes removed
+    other = subprocess.CompletedProcess(
+        ["x"], 1, stdout="", stderr="\x1b[31merror: no space left\x1b[0m\n\x1b[0m"
+    )
+    assert _proc.last_line(other) == "error: no space left"
+
+
+def test_apicurio_download_ignores_a_pom_in_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a current folder with a pom.xml of its own (tests/interop/java, say)
+    (tmp_path / "pom.xml").write_text("<project>not bridge's</project>\n")
+    monkeypatch.chdir(tmp_path)
+    argvs: list[list[str]] = []
+
+    def maven(argv: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        argvs.append(list(argv))
+        return subprocess.CompletedProcess(argv, 1, stdout="[ERROR] offline", stderr="")
+
+    monkeypatch.setattr(apicurio, "find_program", lambda _: "mvn")
+    monkeypatch.setattr(apicurio, "run", maven)
+    # When the registry is downloaded with Maven (here a run that fails at once)
+    home = tmp_path / "cache"
+    with pytest.raises(DevError, match="offline"):
+        apicurio._download_registry(home, quiet)
+    # Then Maven is pointed at a project of bridge's own, not at the current folder's
+    [argv] = argvs
+    pom = Path(argv[argv.index("-f") + 1])
+    assert pom.parent == home
+    assert "local.bridge" in pom.read_text()
+
+
+def fake_postgres_install(lib: Path, *majors: str) -> None:
+    """Debian's layout of installed PostgreSQL majors: <lib>/<major>/bin/pg_ctl."""
+    for major in majors:
+        (lib / major / "bin").mkdir(parents=True)
+        (lib / major / "bin" / "pg_ctl").touch()
+
+
+def test_postgres_starts_an_existing_cluster_with_its_own_major_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a cluster made by PostgreSQL 15, and 17 installed since (the steps that would reach
+    # the real server stand in, as for RabbitMQ above)
+    lib = tmp_path / "lib"
+    fake_postgres_install(lib, "15", "17")
+    layout = postgres._Layout(tmp_path / "postgres")
+    layout.data.mkdir(parents=True)
+    (layout.data / "PG_VERSION").write_text("15\n")
+    started: list[Path] = []
+    monkeypatch.setattr(postgres, "PG_LIB", lib, raising=False)
+    for name, stand_in in {
+        "_speaks_postgres": lambda _: False,
+        "port_accepts": lambda _: False,
+        "_ensure_installed": lambda _: lib / "17" / "bin",
+        "_layout": lambda _: layout,
+        "_our_pid": lambda _: None,
+        "_make_room": lambda _, __: None,
+        "_start": lambda _, bin_dir, __, ___: started.append(bin_dir),
+        "_create_login": lambda _, __, ___: None,
+        "_answers": lambda _: True,
+    }.items():
+        monkeypatch.setattr(postgres, name, stand_in)
+    # When up starts it
+    postgres.up(quiet)
+    # Then with 15's programs, which can run its data
+    assert started == [lib / "15" / "bin"]
+    # And a cluster whose major is no longer installed is refused, naming the package to install
+    (layout.data / "PG_VERSION").write_text("16\n")
+    with pytest.raises(DevError, match=re.escape("run `sudo apt-get install postgresql-16`")):
+        postgres.up(quiet)
+
+
+def test_rabbitmq_down_leaves_a_node_it_did_not_configure_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given, as root, a RabbitMQ node that answers (stand-ins: the shared node must not stop)
+    shutdowns: list[str] = []
+    monkeypatch.setattr(rabbitmq, "CONF_DIR", tmp_path)
+    for name, stand_in in {
+        "is_root": lambda: True,
+        "find_program": lambda _: "rabbitmqctl",
+        "_node_running": lambda _: True,
+        "_speaks_amqp": lambda _: True,
+        "_shutdown": shutdowns.append,
+    }.items():
+        monkeypatch.setattr(rabbitmq, name, stand_in)
+    # When it runs with a configuration of the user's own, Then down leaves it running
+    (tmp_path / "rabbitmq.conf").write_text("listeners.tcp.default = 5672\n")
+    left = rabbitmq.down(quiet)
+    assert (left.running, left.detail, shutdowns) == (True, "left alone: not started by bridge dev", [])
+    # And when it runs with the configuration `up` writes, down stops it
+    (tmp_path / "rabbitmq.conf").write_text(rabbitmq.rabbitmq_conf(rabbitmq.port()))
+    assert not rabbitmq.down(quiet).running
+    assert shutdowns == ["rabbitmqctl"]

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,12 @@ from pathlib import Path
 from bridge.errors import DevError
 
 Log = Callable[[str], None]
+
+# Colour and cursor codes: Maven ends its output with a reset (ESC [0m) even with colours off.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+# Maven's advice after every failure, the same whatever went wrong, and headings (ending in a
+# colon) of the lines that follow them.
+_ERROR_BOILERPLATE = re.compile(r"re-run Maven|\[Help \d+\] http|:$", re.IGNORECASE)
 
 
 def run(
@@ -38,8 +45,16 @@ def run(
 
 
 def last_line(result: subprocess.CompletedProcess[str]) -> str:
-    """The most telling line of a failed command: its last non-empty line of output."""
-    lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+    """The most telling line of a failed command, colours removed: the first Maven-style
+    `[ERROR]` (or `[FATAL]`) line that says what went wrong, else the last non-empty line."""
+    text = _ANSI_ESCAPE.sub("", result.stderr + result.stdout)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    tagged = [line for line in lines if line.startswith(("[ERROR]", "[FATAL]"))]
+    errors = [
+        line for line in tagged if line not in ("[ERROR]", "[FATAL]") and not _ERROR_BOILERPLATE.search(line)
+    ]
+    if errors:
+        return errors[0]
     return lines[-1] if lines else f"exit status {result.returncode}"
 
 

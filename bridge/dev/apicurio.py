@@ -54,6 +54,15 @@ APICURIO_SETTINGS: Final[dict[str, str]] = {
     "apicurio.rules.global.compatibility": "BACKWARD",
 }
 
+# The project Maven runs the download in; it needs none of its own dependencies.
+_POM: Final = """\
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+<modelVersion>4.0.0</modelVersion>
+<groupId>local.bridge</groupId><artifactId>apicurio-dev</artifactId>
+<version>1</version><packaging>pom</packaging>
+</project>
+"""
+
 # Heap capped for a laptop: an idle registry holding a few schemas stays near 250 MB RSS.
 _JVM_FLAGS: Final = ("-Xms64m", "-Xmx512m", "-Djava.awt.headless=true")
 
@@ -186,9 +195,10 @@ def _download_registry(home: Path, log: Log) -> None:
     log(f"apicurio: downloading Apicurio Registry {APICURIO_VERSION} with Maven into {home} (first run only)")
     partial = _fresh(home, "app")
     artifact = f"io.apicurio:apicurio-registry-app:{APICURIO_VERSION}:tar.gz:all"
-    # `copy`, not `unpack`: without a project, `unpack` leaves its markers in a literal
-    # `${project.basedir}` folder in the current directory.
-    argv = [mvn, "-B", "-q", "-Dstyle.color=never", f"{DEPENDENCY_PLUGIN}:copy", f"-Dartifact={artifact}"]
+    # A project of our own (-f): otherwise Maven loads any pom.xml of the current folder.
+    (home / "pom.xml").write_text(_POM)
+    argv = [mvn, "-B", "-q", "-Dstyle.color=never", "-f", str(home / "pom.xml")]
+    argv += [f"{DEPENDENCY_PLUGIN}:copy", f"-Dartifact={artifact}"]
     result = run([*argv, f"-DoutputDirectory={home}"], timeout_s=900)
     archive = home / f"apicurio-registry-app-{APICURIO_VERSION}-all.tar.gz"
     if result.returncode != 0 or not archive.is_file():
@@ -278,8 +288,10 @@ def _answers(http_port: int, timeout_s: float = 3.0) -> bool:
     """True when the Confluent-compatible API lists subjects (a JSON array) on the port."""
     if not port_accepts(http_port):
         return False
+    # No proxy: urlopen sends even 127.0.0.1 through http_proxy (no_proxy=localhost misses it).
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(f"{_url(http_port)}/subjects", timeout=timeout_s) as response:
+        with opener.open(f"{_url(http_port)}/subjects", timeout=timeout_s) as response:
             return isinstance(json.loads(response.read()), list)
     except (OSError, ValueError):  # URLError and timeouts are OSErrors; bad JSON a ValueError
         return False

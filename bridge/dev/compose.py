@@ -40,12 +40,16 @@ def engine_available() -> bool:
 
 
 def compose_file() -> Path:
-    """docker-compose.yml of the current folder, else of the bridge checkout."""
-    for folder in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = folder / "docker-compose.yml"
-        if candidate.is_file():
-            return candidate
-    raise DevError("docker-compose.yml not found: run `bridge dev` from the bridge checkout")
+    """docker-compose.yml of the bridge checkout this module runs from.
+
+    Never the current folder's: `down` would tear down the user's own compose project.
+    """
+    candidate = Path(__file__).resolve().parents[2] / "docker-compose.yml"
+    if not candidate.is_file():
+        raise DevError(
+            f"{candidate} not found: `bridge dev` with Docker needs an editable install of a bridge checkout"
+        )
+    return candidate
 
 
 def up(names: Sequence[str], log: Log) -> list[ServiceStatus]:

@@ -49,6 +49,8 @@ SERVER_USER: Final = "postgres"
 # Where root's clusters go when the postgres user cannot reach root's data folder.
 SYSTEM_DATA_ROOT: Final = Path("/var/lib/bridge")
 DEBIAN_CONF: Final = Path("/etc/postgresql")
+# Debian installs each major version's programs in a folder of its own: <PG_LIB>/<major>/bin.
+PG_LIB: Final = Path("/usr/lib/postgresql")
 
 # SSLRequest: a PostgreSQL server answers it with one byte, S or N, before any login.
 _SSL_REQUEST: Final = struct.pack("!ii", 8, 80877103)
@@ -147,8 +149,9 @@ def up(log: Log = print) -> ServiceStatus:
         # Ours answers the protocol as soon as it listens, even while it recovers.
         raise _port_taken(pg_port, "another program (not a PostgreSQL server)")
     started = time.monotonic()
-    bin_dir = _ensure_installed(log)
+    newest = _ensure_installed(log)  # (first: _layout, as root, asks the postgres user it makes)
     layout = _layout(pg_port)
+    bin_dir = _cluster_bin_dir(layout) or newest
     if _our_pid(layout) is None:
         _make_room(pg_port, log)
     with file_lock(layout.lock, timeout_s=300, log=log):
@@ -171,7 +174,8 @@ def down(log: Log = print) -> ServiceStatus:
         if _speaks_postgres(pg_port):
             return _status(pg_port, True, "left alone: not started by bridge dev")
         return _status(pg_port, False, "not running")
-    pg_ctl = _newest("pg_ctl")
+    bin_dir = _cluster_bin_dir(layout)  # (a running cluster has its PG_VERSION)
+    pg_ctl = _newest("pg_ctl") if bin_dir is None else bin_dir / "pg_ctl"
     if pg_ctl is None:
         raise DevError(f"pg_ctl is missing, so pid {pid} cannot be stopped: reinstall postgresql")
     log(f"postgres: stopping pid {pid}")
@@ -213,9 +217,27 @@ def _ensure_installed(log: Log) -> Path:
     return pg_ctl.parent
 
 
+def _cluster_bin_dir(layout: _Layout) -> Path | None:
+    """The programs of our cluster's major version, None while there is no cluster.
+
+    Not the newest installed: a server refuses a data folder of another major version.
+    """
+    try:
+        major = (layout.data / "PG_VERSION").read_text().strip()
+    except OSError:
+        return None
+    bin_dir = PG_LIB / major / "bin"
+    if not (bin_dir / "pg_ctl").is_file():
+        raise DevError(
+            f"the cluster in {layout.data} is PostgreSQL {major}, whose programs are not installed:"
+            f" run `sudo apt-get install postgresql-{major}`"
+        )
+    return bin_dir
+
+
 def _newest(program: str) -> Path | None:
     """A program of the newest PostgreSQL version installed (Debian keeps each in its own folder)."""
-    found = [path for path in Path("/usr/lib/postgresql").glob(f"*/bin/{program}") if _version(path)]
+    found = [path for path in PG_LIB.glob(f"*/bin/{program}") if _version(path)]
     return max(found, key=_version, default=None)
 
 

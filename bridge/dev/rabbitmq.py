@@ -99,18 +99,20 @@ def _start_node(amqp_port: int, log: Log) -> ServiceStatus:
 
 
 def down(log: Log = print) -> ServiceStatus:
-    """Stop the local RabbitMQ node (as root); stopping one that is not running is fine."""
+    """Stop the node `up` configured (as root); a node configured some other way is left alone."""
     amqp_port = port()
     ctl = find_program("rabbitmqctl")
-    if ctl is not None and is_root() and _node_running(ctl):
+    ours = _our_config(amqp_port)
+    if ours and ctl is not None and is_root() and _node_running(ctl):
         log("rabbitmq: stopping")
         started = time.monotonic()
         _shutdown(ctl)
         return _status(amqp_port, False, f"stopped in {time.monotonic() - started:.1f}s")
     if not _speaks_amqp(amqp_port):
         return _status(amqp_port, False, "not running")
-    # Not ours to stop: another broker, or a node only root may stop.
-    return _status(amqp_port, True, "left alone: not a node bridge dev can stop")
+    if ours and not is_root():
+        return _status(amqp_port, True, "left alone: stopping it needs root (`sudo bridge dev down`)")
+    return _status(amqp_port, True, "left alone: not started by bridge dev")
 
 
 def status() -> ServiceStatus:
@@ -152,10 +154,21 @@ def _our_busy_node(amqp_port: int) -> bool:
     A busy node can take seconds to answer the protocol header; it is ours only if our
     configuration already names this port (a node on another port must not be restarted).
     """
-    conf = CONF_DIR / "rabbitmq.conf"
     ctl = find_program("rabbitmqctl")
-    ours = conf.is_file() and conf.read_text() == rabbitmq_conf(amqp_port)
-    return ours and ctl is not None and _node_running(ctl)
+    return _our_config(amqp_port) and ctl is not None and _node_running(ctl)
+
+
+def _our_config(amqp_port: int) -> bool:
+    """Whether /etc/rabbitmq holds the configuration `up` writes for this port.
+
+    The node has no pid file or data folder of ours: it is Debian's, started with Debian's
+    wrappers, and the node `rabbitmqctl` reaches is the one these files configure. A user's
+    own RabbitMQ has files of its own, and must not be stopped.
+    """
+    try:
+        return (CONF_DIR / "rabbitmq.conf").read_text() == rabbitmq_conf(amqp_port)
+    except OSError:  # missing, or not readable without root
+        return False
 
 
 def _write_config(amqp_port: int) -> bool:
