@@ -413,12 +413,13 @@ def decode(
     if (
         reader is not None
         and reader.fingerprint == writer.fingerprint
-        and writer.annotated in (reader.annotated, writer.canonical)
+        and (reader.annotated == writer.annotated or not _annotated(reader) or not _annotated(writer))
     ):
         # The same schema, nothing to resolve: read it as the reader declares it. Fingerprints
         # leave logical types out, and a producer in another language may have registered the
         # record without them; its handler still gets the datetimes and Decimals it declares.
-        # (Where the writer's say otherwise, a decimal's scale, say, resolution reads with them.)
+        # (Where both annotate and the writer's say otherwise, a decimal's scale, say,
+        # resolution reads with the writer's.)
         layout, reader = reader, None
     elif reader is not None and reader.name != writer.name:  # Avro resolves records of one name only
         raise SchemaMismatch(f"a {_identity(writer)} cannot be read as a {_identity(reader)}", data)
@@ -470,21 +471,18 @@ def _read_with_fastavro(data: bytes, start: int, writer: Any, reader: Any) -> tu
 
 
 # (reader, writer) fingerprints -> the reader it was for, the problems, the writer to read with
-_RESOLUTIONS: dict[tuple[int, int], tuple[Schema, str, list[str], Any]] = {}
+_RESOLUTIONS: dict[tuple[int, str], tuple[Schema, list[str], Any]] = {}
 _MAX_RESOLUTIONS = 4096
 
 
 def _resolution(reader: Schema, writer: Schema) -> tuple[list[str], Any]:
     """Why `writer`'s data cannot be read with `reader`, and else `writer` parsed to be read
     with `reader`'s logical types: worked out once per pair of schemas."""
-    pair = (reader.fingerprint, writer.fingerprint)
+    # (Fingerprints leave logical types out: writers of one fingerprint annotated otherwise
+    # each have their own, and a reader annotated otherwise replaces the one cached.)
+    pair = (reader.fingerprint, writer.annotated)
     cached = _RESOLUTIONS.get(pair)
-    # (Fingerprints leave logical types out, so one pair may hold schemas annotated otherwise.)
-    if (
-        cached is None
-        or (cached[0] is not reader and not _reads_alike(cached[0], reader))
-        or cached[1] != writer.annotated
-    ):
+    if cached is None or (cached[0] is not reader and not _reads_alike(cached[0], reader)):
         if len(_RESOLUTIONS) >= _MAX_RESOLUTIONS:
             _RESOLUTIONS.clear()
         problems = read_problems(reader.definition, writer.definition)
@@ -493,8 +491,13 @@ def _resolution(reader: Schema, writer: Schema) -> tuple[list[str], Any]:
             # (bridge's own records are read without logical types: their times stay ints)
             wanted = reader.definition if reader.logical_types else strip_logical_types(reader.definition)
             resolved = parse_schema(with_readers_logical_types(wanted, writer.definition))
-        cached = _RESOLUTIONS[pair] = (reader, writer.annotated, problems, resolved)
-    return cached[2], cached[3]
+        cached = _RESOLUTIONS[pair] = (reader, problems, resolved)
+    return cached[1], cached[2]
+
+
+def _annotated(schema: Schema) -> bool:
+    """Whether reading with `schema` makes values of logical types (not bridge's own records)."""
+    return schema.logical_types and schema.annotated != schema.canonical
 
 
 def _reads_alike(one: Schema, other: Schema) -> bool:
@@ -609,8 +612,8 @@ def check_schema(schema: dict[str, Any]) -> None:
 
 
 def check_defaults(schema: dict[str, Any]) -> None:
-    """Refuse a default its field's type cannot hold, as Java's parser and a Confluent registry
-    do: read from a version without the field, it would reach the handler as it is. (Checked
+    """Refuse a default its field's type cannot hold (the Avro spec asks for a value of the
+    field's type): read from a version without the field, it would reach the handler as it is. (Checked
     on the schemas an app reads with; a producer's registered version is read whatever its
     defaults, which reading never uses.)"""
     names = Names()

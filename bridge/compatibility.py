@@ -225,8 +225,9 @@ class _Resolution:
             w_name = full_name(writer["name"], writer.get("namespace", writer_ns))
             aliases = {full_name(a, r_name.rpartition(".")[0] or None) for a in reader.get("aliases", ())}
             # (Avro matches named types by unqualified name, so a nested type's namespace may
-            # change; the record itself keeps its full name, which is its job type.)
-            unqualified = path != "" and r_name.rpartition(".")[2] == w_name.rpartition(".")[2]
+            # change. A job's record itself keeps its full name, its job type: codec.decode
+            # refuses another.)
+            unqualified = r_name.rpartition(".")[2] == w_name.rpartition(".")[2]
             if r_name != w_name and not unqualified and w_name not in aliases:
                 self.problems.append(
                     f"{where}: {r_kind} {w_name} is now named {r_name}; add the old name to aliases"

@@ -22,7 +22,7 @@ from fastavro import schemaless_reader, schemaless_writer
 from bridge import codec
 from bridge.avro_writer import write_long
 from bridge.codec import Schema
-from bridge.compatibility import strip_logical_types
+from bridge.compatibility import read_problems, strip_logical_types
 from bridge.envelope import DeadLetter, Envelope, JobError, uuid7
 from bridge.errors import DecodeError, SchemaError
 from bridge.registry import DEAD_LETTER, ENVELOPE, SchemaDirectory
@@ -222,6 +222,45 @@ def test_where_both_versions_annotate_a_value_differently_the_writers_annotation
         data = codec.encode(writer, {"total": Decimal("1.234"), "at": at, "note": ""})
         _, decoded = codec.decode(data, _Both(writer), reader)
         assert decoded == {"total": Decimal("1.234"), "at": at}, schema_id
+
+
+def test_writers_of_one_fingerprint_annotated_otherwise_are_each_resolved_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given two writer versions of one fingerprint, a decimal's scale apart, and a reader of
+    # another, When their jobs arrive in turn, Then each pair is resolved once (they took one
+    # cache slot and evicted each other: every job was resolved again), and the annotations
+    # that do not change what a value means cost no resolution: bridge's own envelope, which is
+    # read without logical types, from a producer that annotated its id as a uuid.
+    resolved: list[str] = []
+
+    def counted(reader: Any, writer: Any) -> list[str]:
+        resolved.append(writer["name"])
+        return read_problems(reader, writer)
+
+    monkeypatch.setattr(codec, "read_problems", counted)
+
+    def paid(scale: int, extra: list[dict[str, Any]]) -> dict[str, Any]:
+        money = {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": scale}
+        return {"type": "record", "name": "Paid", "fields": [{"name": "total", "type": money}, *extra]}
+
+    reader = Schema.from_definition(paid(2, []))
+    note = [{"name": "note", "type": "string"}]
+    writers = {Decimal("1.234"): Schema.from_definition(paid(3, note), schema_id=23),
+               Decimal("1.2345"): Schema.from_definition(paid(4, note), schema_id=24)}  # fmt: skip
+    for _ in range(3):
+        for total, writer in writers.items():
+            data = codec.encode(writer, {"total": total, "note": ""})
+            assert codec.decode(data, _Both(writer), reader)[1] == {"total": total}
+    assert resolved == ["Paid", "Paid"]
+    ours = ENVELOPE_SCHEMA.definition
+    uuid_id = [{**f, "type": {"type": "string", "logicalType": "uuid"}} if f["name"] == "id" else f
+               for f in ours["fields"]]  # fmt: skip
+    theirs = Schema.from_definition({**ours, "fields": uuid_id}, schema_id=30, logical_types=False)
+    envelope = Envelope(id=uuid7(), type="test.Echo", payload=b"", queue="q", created_at=1)
+    data = codec.encode(theirs, envelope.to_avro())
+    assert codec.decode(data, _Both(theirs), ENVELOPE_SCHEMA)[1] == envelope.to_avro()
+    assert resolved == ["Paid", "Paid"]
 
 
 def test_an_envelope_of_another_version_keeps_its_times_as_integers() -> None:
@@ -522,7 +561,7 @@ def test_a_schema_directory_takes_defaults_their_fields_hold(tmp_path: Path, kin
 def test_a_schema_directory_refuses_a_default_its_field_cannot_hold(
     tmp_path: Path, kind: Any, default: Any, message: str
 ) -> None:
-    # Given a field added with a default its type cannot hold (Java's parser refuses it),
+    # Given a field added with a default its type cannot hold (the Avro spec asks for a value of its type),
     # Then the schema is refused when loaded, naming the field; it used to reach the handlers
     # of jobs written without the field as it was: 2**40 in an int, "Z" in an enum.
     write_order(tmp_path, kind, default)

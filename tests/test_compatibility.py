@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from bridge import codec
 from bridge.codec import Schema
 from bridge.compatibility import level_problems, read_problems
+from bridge.errors import SchemaMismatch
 
 
 def record(*fields: dict[str, Any], name: str = "Order") -> dict[str, Any]:
@@ -89,25 +91,28 @@ def test_unions_nested_records_and_renames_are_named_by_path() -> None:
 
 
 def test_a_nested_type_may_change_its_namespace_but_the_record_may_not() -> None:
-    # Given a nested enum and record moved to another namespace, as Avro (which matches named
-    # types by unqualified name), Java and a Confluent registry allow,
-    # Then the versions read each other, and data written with one decodes with the other;
-    # but the record itself, whose full name is its job type, keeps its namespace.
-    def version(namespace: str) -> dict[str, Any]:
+    # Given a nested enum and an optional record moved to another namespace, as Avro (which
+    # matches named types by unqualified name), Java and a Confluent registry allow,
+    # Then the versions read each other, and data written with one decodes with the other,
+    # with the reader's logical types (a union's branch is found by the same rule); but the
+    # job's record itself, whose full name is its job type, keeps its namespace.
+    def version(namespace: str, at: Any) -> dict[str, Any]:
         size = {**SIZE["type"], "namespace": namespace}
-        line = {**record(N, name="Line"), "namespace": namespace}
-        return record({"name": "size", "type": size}, {"name": "line", "type": line})
+        line = {**record({"name": "at", "type": at}, name="Line"), "namespace": namespace}
+        return record({"name": "size", "type": size}, {"name": "line", "type": ["null", line]})
 
-    old, moved = version("shop"), version("shop.v2")
+    old = version("shop", "long")
+    moved = version("shop.v2", {"type": "long", "logicalType": "timestamp-millis"})
     assert read_problems(moved, old) == []
     assert read_problems(old, moved) == []
     writer = Schema.from_definition(old, schema_id=1)
-    data = codec.encode(writer, {"size": "M", "line": {"n": 3}})
+    data = codec.encode(writer, {"size": "M", "line": {"at": 1_700_000_000_000}})
     lookup = SimpleNamespace(by_id=lambda _: writer, by_fingerprint=lambda _: None)
-    assert codec.decode(data, lookup, Schema.from_definition(moved))[1] == {"size": "M", "line": {"n": 3}}
-    assert read_problems({**record(N), "namespace": "shop.v2"}, record(N)) == [
-        "the record: record shop.Order is now named shop.v2.Order; add the old name to aliases"
-    ]
+    at = datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
+    assert codec.decode(data, lookup, Schema.from_definition(moved))[1] == {"size": "M", "line": {"at": at}}
+    elsewhere = Schema.from_definition({**old, "namespace": "shop.v2"})
+    with pytest.raises(SchemaMismatch, match=r"shop\.Order schema id 1 cannot be read as a shop\.v2\.Order"):
+        codec.decode(data, lookup, elsewhere)
 
 
 def test_levels_compare_with_the_latest_or_every_version() -> None:
