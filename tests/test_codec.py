@@ -530,10 +530,11 @@ def test_schema_directory_checks_file_names(tmp_path: Path) -> None:
 
 
 SUB = {"type": "record", "name": "Sub", "fields": [{"name": "q", "type": "int"}]}
+# (A union's default from a branch other than the first is left out: Avro 1.11 allows it,
+# and fastavro, which bridge lets decide, refuses it in its oldest versions that bridge takes.)
 GOOD_DEFAULTS: list[tuple[Any, Any]] = [
     ("int", 2**31 - 1), ("long", -(2**63)), ("double", 1), ("float", "NaN"), ("bytes", "\u00ff\u0000"),
     ({"type": "fixed", "name": "F", "size": 2}, "ab"), (["null", "string"], None),
-    (["null", "string"], "x"),  # (Avro 1.11: any branch; before, the first)
     ({"type": "array", "items": "int"}, [1, 2]), ({"type": "map", "values": "long"}, {"a": 1}),
     (SUB, {"q": 1}), ({"type": "enum", "name": "E", "symbols": ["A", "B"]}, "B"),
     ({"type": "long", "logicalType": "timestamp-millis"}, 0),
