@@ -470,7 +470,8 @@ def _read_with_fastavro(data: bytes, start: int, writer: Any, reader: Any) -> tu
     return datum, stream.tell()
 
 
-# (reader, writer) fingerprints -> the reader it was for, the problems, the writer to read with
+# (reader fingerprint, writer annotated form) -> the reader it was for, the problems, the
+# writer to read with
 _RESOLUTIONS: dict[tuple[int, str], tuple[Schema, list[str], Any]] = {}
 _MAX_RESOLUTIONS = 4096
 
@@ -613,9 +614,9 @@ def check_schema(schema: dict[str, Any]) -> None:
 
 def check_defaults(schema: dict[str, Any]) -> None:
     """Refuse a default its field's type cannot hold (the Avro spec asks for a value of the
-    field's type): read from a version without the field, it would reach the handler as it is. (Checked
-    on the schemas an app reads with; a producer's registered version is read whatever its
-    defaults, which reading never uses.)"""
+    field's type): read from a version without the field, it would reach the handler as it is.
+    (Checked on the schemas an app reads with; a producer's registered version is read
+    whatever its defaults, which reading never uses.)"""
     names = Names()
     names.learn(schema, None)
     for full, node in names.defined.items():
