@@ -534,9 +534,9 @@ def _canonical(schema: Any, namespace: str | None, *, logical: bool = False) -> 
     if isinstance(schema, str):
         return full_name(schema, namespace) if schema not in PRIMITIVES else schema
     kind = schema["type"]
-    annotation = {k: schema[k] for k in LOGICAL_KEYS if k in schema} if logical else {}
-    if "logicalType" not in annotation:
-        annotation = {}
+    annotation = (
+        {k: schema[k] for k in LOGICAL_KEYS if k in schema} if logical and "logicalType" in schema else {}
+    )
     if isinstance(kind, str) and kind in PRIMITIVES and annotation:
         return {"type": kind, **annotation}
     if not isinstance(kind, str) or kind in PRIMITIVES:
