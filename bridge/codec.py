@@ -32,6 +32,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.read import LOGICAL_READERS
 from fastavro.validation import ValidationError, validate
 
+from bridge.avro_defaults import fill_defaults, reader_with_defaults
 from bridge.avro_reader import Read, compile_reader
 from bridge.avro_writer import Write, compile_writer
 from bridge.compatibility import (
@@ -39,10 +40,8 @@ from bridge.compatibility import (
     PRIMITIVES,
     Names,
     full_name,
-    kind_of,
     read_problems,
     strip_logical_types,
-    unwrap,
     with_readers_logical_types,
 )
 from bridge.errors import DecodeError, SchemaError, SchemaMismatch, UnknownSchema, utf8
@@ -424,7 +423,7 @@ def decode(
     elif reader is not None and reader.name != writer.name:  # Avro resolves records of one name only
         raise SchemaMismatch(f"a {_identity(writer)} cannot be read as a {_identity(reader)}", data)
     elif reader is not None:
-        problems, resolved = _resolution(reader, writer)
+        problems, resolved, defaults = _resolution(reader, writer)
         if problems:
             raise SchemaMismatch(
                 f"{_identity(writer)} cannot be read with {_identity(reader)}: " + "; ".join(problems), data
@@ -436,12 +435,12 @@ def decode(
             # fastavro takes a negative enum index or union branch for one counted from the end,
             # and wraps a varint beyond 64 bits round: bridge's strict reader checks the bytes first.
             _, end = writer.check(data, start)
-            if end == len(data):
-                datum, end = (
-                    _read_with_fastavro(data, start, layout.parsed, None)
-                    if reader is None
-                    else _read_with_fastavro(data, start, resolved, reader.parsed)
-                )
+            if end == len(data) and reader is None:
+                datum, end = _read_with_fastavro(data, start, layout.parsed, None)
+            elif end == len(data) and reader is not None:
+                datum, end = _read_with_fastavro(data, start, resolved, defaults or reader.parsed)
+                if defaults is not None:  # (fastavro left the defaults that need it as markers)
+                    fill_defaults(datum)
     except Exception as exc:  # EOFError, IndexError, UnicodeDecodeError, ValueError, ...
         raise DecodeError(f"body does not decode as {writer.name}: {_why(exc)}", data) from exc
     if end != len(data):
@@ -471,14 +470,15 @@ def _read_with_fastavro(data: bytes, start: int, writer: Any, reader: Any) -> tu
 
 
 # (reader fingerprint, writer annotated form) -> the reader it was for, the problems, the
-# writer to read with
-_RESOLUTIONS: dict[tuple[int, str], tuple[Schema, list[str], Any]] = {}
+# writer to read with, the reader to read with if its defaults need filling in
+_RESOLUTIONS: dict[tuple[int, str], tuple[Schema, list[str], Any, Any]] = {}
 _MAX_RESOLUTIONS = 4096
 
 
-def _resolution(reader: Schema, writer: Schema) -> tuple[list[str], Any]:
+def _resolution(reader: Schema, writer: Schema) -> tuple[list[str], Any, Any]:
     """Why `writer`'s data cannot be read with `reader`, and else `writer` parsed to be read
-    with `reader`'s logical types: worked out once per pair of schemas."""
+    with `reader`'s logical types, and `reader` parsed to fill in its fields' defaults (None
+    when fastavro's own serve): worked out once per pair of schemas."""
     # (Fingerprints leave logical types out: writers of one fingerprint annotated otherwise
     # each have their own, and a reader annotated otherwise replaces the one cached.)
     pair = (reader.fingerprint, writer.annotated)
@@ -487,13 +487,14 @@ def _resolution(reader: Schema, writer: Schema) -> tuple[list[str], Any]:
         if len(_RESOLUTIONS) >= _MAX_RESOLUTIONS:
             _RESOLUTIONS.clear()
         problems = read_problems(reader.definition, writer.definition)
-        resolved = None
+        resolved = defaults = None
         if not problems:
             # (bridge's own records are read without logical types: their times stay ints)
             wanted = reader.definition if reader.logical_types else strip_logical_types(reader.definition)
             resolved = parse_schema(with_readers_logical_types(wanted, writer.definition))
-        cached = _RESOLUTIONS[pair] = (reader, problems, resolved)
-    return cached[1], cached[2]
+            defaults = reader_with_defaults(reader.definition, logical=reader.logical_types)
+        cached = _RESOLUTIONS[pair] = (reader, problems, resolved, defaults)
+    return cached[1], cached[2], cached[3]
 
 
 def _annotated(schema: Schema) -> bool:
@@ -610,60 +611,6 @@ def check_schema(schema: dict[str, Any]) -> None:
     interpreter crashed); an array of zero-byte items lets five bytes claim billions of items.
     """
     _min_size(schema, None, [], {})
-
-
-def check_defaults(schema: dict[str, Any]) -> None:
-    """Refuse a default its field's type cannot hold (the Avro spec asks for a value of the
-    field's type): read from a version without the field, it would reach the handler as it is.
-    (Checked on the schemas an app reads with; a producer's registered version is read
-    whatever its defaults, which reading never uses.)"""
-    names = Names()
-    names.learn(schema, None)
-    for full, node in names.defined.items():
-        namespace = full.rpartition(".")[0] or None
-        if node["type"] == "enum" and "default" in node and node["default"] not in node["symbols"]:
-            raise SchemaError(f"enum {full}: its default {_brief(node['default'])} is not one of its symbols")
-        for f in node.get("fields", ()) if node["type"] in ("record", "error") else ():
-            if "default" in f and not _holds(names, f["type"], f["default"], namespace):
-                kind = kind_of(f["type"])
-                why = "fits no type of its union" if kind == "union" else f"is no {kind}"
-                raise SchemaError(f"{full}.{f['name']}: its default {_brief(f['default'])} {why}")
-
-
-def _holds(names: Names, node: Any, value: Any, namespace: str | None) -> bool:
-    """Whether `value`, a default in Avro's JSON encoding, is a value of `node`."""
-    node, namespace = names.resolve(unwrap(node), namespace)
-    kind = kind_of(node)
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind == "union":  # (Avro 1.11: any branch; before, the first)
-        return any(_holds(names, branch, value, namespace) for branch in node)
-    if kind in ("int", "long"):
-        bits = 32 if kind == "int" else 64
-        return numeric and isinstance(value, int) and -(2 ** (bits - 1)) <= value < 2 ** (bits - 1)
-    if kind in ("float", "double"):
-        return numeric or value in ("NaN", "Infinity", "-Infinity")
-    if kind in ("bytes", "fixed"):  # (a string of code points 0 to 255, one per byte)
-        fits = isinstance(value, str) and all(ord(c) < 256 for c in value)
-        return fits and (kind == "bytes" or len(value) == node["size"])
-    if kind == "enum":
-        return value in node["symbols"]
-    if kind == "array":
-        return isinstance(value, list) and all(_holds(names, node["items"], v, namespace) for v in value)
-    if kind == "map":
-        return isinstance(value, dict) and all(
-            _holds(names, node["values"], v, namespace) for v in value.values()
-        )
-    if kind in ("record", "error"):
-        return isinstance(value, dict) and all(
-            _holds(names, f["type"], value[f["name"]], namespace) if f["name"] in value else "default" in f
-            for f in node["fields"]
-        )
-    return {"null": value is None, "boolean": isinstance(value, bool), "string": isinstance(value, str)}[kind]
-
-
-def _brief(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _min_size(node: Any, namespace: str | None, stack: list[str], sizes: dict[str, int]) -> int:

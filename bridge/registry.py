@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from bridge.codec import Schema, SchemaLookup, check_defaults, inline_named_types
+from bridge.avro_defaults import check_defaults
+from bridge.codec import Schema, SchemaLookup, inline_named_types
 from bridge.compatibility import full_name
 from bridge.errors import ConfigError, SchemaError, UnknownJobType
 

@@ -530,6 +530,7 @@ def test_schema_directory_checks_file_names(tmp_path: Path) -> None:
 
 
 SUB = {"type": "record", "name": "Sub", "fields": [{"name": "q", "type": "int"}]}
+MONEY = {"type": "bytes", "logicalType": "decimal", "precision": 4, "scale": 2}
 # (A union's default from a branch other than the first is left out: Avro 1.11 allows it,
 # and fastavro, which bridge lets decide, refuses it in its oldest versions that bridge takes.)
 GOOD_DEFAULTS: list[tuple[Any, Any]] = [
@@ -549,6 +550,8 @@ BAD_DEFAULTS: list[tuple[Any, Any, str]] = [
     ({"type": "map", "values": "int"}, [], "is no map"),
     ({"type": "enum", "name": "E", "symbols": ["A", "B"]}, "Z", '"Z" is no enum'),
     ({"type": "enum", "name": "E", "symbols": ["A"], "default": "Z"}, "A", 'x.E: its default "Z" is not'),
+    ({"type": "string", "logicalType": "uuid"}, "nope", '"nope" cannot be read as a uuid'),
+    (MONEY, "\u0001" * 9, "cannot be read as a decimal"),
 ]  # fmt: skip
 
 
@@ -568,6 +571,54 @@ def test_a_schema_directory_refuses_a_default_its_field_cannot_hold(
     write_order(tmp_path, kind, default)
     with pytest.raises(SchemaError, match=re.escape(message)):
         SchemaDirectory(tmp_path)
+
+
+# A field's type, its default, and the value a job written without the field reads it as.
+ADDED_DEFAULTS: list[tuple[Any, Any, Any]] = [
+    ("bytes", "\u00ff\u0000", b"\xff\x00"), ("double", 1, 1.0), ("long", 7, 7),
+    ({"type": "fixed", "name": "F", "size": 2}, "ab", b"ab"),
+    ({"type": "long", "logicalType": "timestamp-millis"}, 1000, datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)),
+    (MONEY, "\u0004\u00d2", Decimal("12.34")),
+    ({"type": "array", "items": {"type": "int", "logicalType": "date"}}, [1], [date(1970, 1, 2)]),
+    (["null", {"type": "int", "logicalType": "date"}], None, None),
+    ({**SUB, "fields": [*SUB["fields"], {"name": "b", "type": "bytes", "default": "z"}]}, {"q": 1},
+     {"q": 1, "b": b"z"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "default", "value"), ADDED_DEFAULTS)
+def test_a_field_added_with_a_default_reaches_handlers_as_a_value_of_its_type(
+    tmp_path: Path, kind: Any, default: Any, value: Any
+) -> None:
+    # Given a version that added a field with a default, When a job written before it is read,
+    # Then the handler gets the value a producer writing the default would give. fastavro handed
+    # the default over as the schema's JSON holds it: bytes as a str, a timestamp as an int.
+    _, read = codec.decode(*older_order_read_with(tmp_path, kind, default))
+    assert read == {"n": 1, "added": value} and type(read["added"]) is type(value)
+
+
+def test_a_float_default_of_nan_reaches_handlers_as_a_float(tmp_path: Path) -> None:
+    _, read = codec.decode(*older_order_read_with(tmp_path, "double", "NaN"))
+    assert isinstance(read["added"], float) and read["added"] != read["added"]
+
+
+def test_each_job_read_without_a_field_gets_a_default_of_its_own(tmp_path: Path) -> None:
+    # Given a field added as an array of records with the default [{"q": 1}], When one handler
+    # changes its job's, Then the next job's is still the default: fastavro gave every datum
+    # the one list in the schema, so a handler's append reached every later job.
+    args = older_order_read_with(tmp_path, {"type": "array", "items": SUB}, [{"q": 1}])
+    _, first = codec.decode(*args)
+    first["added"].append({"q": 2})
+    first["added"][0]["q"] = 3
+    assert codec.decode(*args)[1]["added"] == [{"q": 1}]
+
+
+def older_order_read_with(folder: Path, kind: Any, default: Any) -> tuple[bytes, Any, Schema]:
+    """The arguments to decode a job written without the field `write_order` adds."""
+    write_order(folder, kind, default)
+    reader = SchemaDirectory(folder).schema("x.Order")
+    older = Schema.from_definition({**reader.definition, "fields": reader.definition["fields"][:1]})
+    return codec.encode(older, {"n": 1}), _Both(older), reader
 
 
 def write_order(folder: Path, kind: Any, default: Any) -> None:
