@@ -86,9 +86,9 @@ def iso_ms(epoch_ms: int, timespec: str = "milliseconds") -> str:
         return f"{epoch_ms} ms from 1970 (no calendar date)"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class JobError:
-    """One failed attempt."""
+    """One failed attempt (frozen: a handler sees its job's through `ctx.errors`)."""
 
     attempt: int
     at: int

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 from bridge.envelope import LONGEST_S, Envelope, JobError
@@ -50,7 +51,9 @@ class JobContext:
 
     @property
     def headers(self) -> Mapping[str, str]:
-        return self._envelope.headers
+        """Read-only: a handler's write went into the job's retry, or, not a string, failed it
+        every time before its attempt was counted."""
+        return MappingProxyType(self._envelope.headers)
 
     @property
     def key(self) -> str | None:
@@ -68,7 +71,7 @@ class JobContext:
     @property
     def errors(self) -> Sequence[JobError]:
         """One per earlier failed attempt (capped)."""
-        return self._envelope.errors
+        return tuple(self._envelope.errors)
 
     @property
     def created_at(self) -> datetime:

@@ -12,7 +12,7 @@ import inspect
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, replace
@@ -264,9 +264,7 @@ class Worker:
                 # (A retry too, as Celery's `expires` and Dramatiq's `max_age` do: a job not
                 # worth running after then is not worth retrying either. One due then or later
                 # goes now: the worker would wait for it, if its time is less than a tier away.)
-                attempt = f"attempt {envelope.attempt} " if envelope.attempt > 1 else ""
-                detail = f"{attempt}not started before {iso_ms(envelope.expires_at)}"
-                return [self._dead(delivery, "expired", detail, envelope=envelope)]
+                return [self._expired(envelope, delivery)]
             if envelope.run_at is not None and envelope.run_at > now:
                 early_s = (envelope.run_at - now) / 1000
                 if early_s > LONGEST_S:  # (it would go round the delay tiers for good)
@@ -313,6 +311,9 @@ class Worker:
         store = self._store
         assert store is not None  # the claim opened it
         lease = Lease(store, key, claim.token, envelope.id, lease_s, spec.idempotency_ttl_s, self._outage)
+        if envelope.expires_at is not None and envelope.expires_at <= self.app.clock():
+            await lease.finish(succeeded=False)  # (its claim waited out a store outage past then)
+            return [self._expired(envelope, delivery)]
         self._leases.add(lease)
         try:
             outcome = await self._run(spec, payload, envelope, delivery, lease)
@@ -340,6 +341,11 @@ class Worker:
     async def _open_store(self) -> Store:
         self._store = await self.app.idempotency_store(concurrency=self.settings.concurrency)
         return self._store
+
+    def _expired(self, envelope: Envelope, delivery: Delivery) -> Outgoing:
+        attempt = f"attempt {envelope.attempt} " if envelope.attempt > 1 else ""
+        detail = f"{attempt}not started before {iso_ms(envelope.expires_at or 0)}"
+        return self._dead(delivery, "expired", detail, envelope=envelope)
 
     def _again(self, delivery: Delivery) -> Outgoing:
         """The delivery's bytes as they are, back through the shortest tier."""
@@ -407,7 +413,7 @@ class Worker:
         the job delivered again meanwhile finds the key busy, then done. (The claim lapsed
         instead, and the copy ran a second time beside the first.)
         """
-        running = self._threads.submit(spec.func, payload, ctx)
+        running = self._threads.submit(_in_a_thread, spec.func, payload, ctx)
         try:
             result = await asyncio.wrap_future(running)
         except asyncio.CancelledError:
@@ -501,6 +507,17 @@ class Worker:
 def _job_error(attempt: int, exc: BaseException, now: int) -> JobError:
     trace = utf8("".join(traceback.format_exception(exc, limit=-8))[-TRACEBACK_CHARS:])
     return JobError(attempt, now, type(exc).__qualname__, message_of(exc)[:TRACEBACK_CHARS], trace)
+
+
+def _in_a_thread(func: Callable[[Any, JobContext], Any], payload: Any, ctx: JobContext) -> Any:
+    """`func(payload, ctx)`, with a StopIteration or GeneratorExit it lets out (`next()` on an
+    empty iterator, say) as a RuntimeError: an asyncio future refuses to hold the one, so the
+    await never returned and the job was never settled, and the other ended the awaiting task.
+    (In an `async def` handler, Python makes the same change to a StopIteration.)"""
+    try:
+        return func(payload, ctx)
+    except (StopIteration, GeneratorExit) as exc:
+        raise RuntimeError(f"the handler raised {type(exc).__name__}: {exc}") from exc
 
 
 def _cancelled_here() -> bool:

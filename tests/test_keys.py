@@ -562,6 +562,44 @@ def test_keyed_jobs_that_waited_too_long_for_their_store_go_through_the_delay_ti
     assert len(waited()) == 5 and stats.delayed >= 5
 
 
+def test_a_keyed_job_whose_claim_waited_out_a_store_outage_past_its_expiry_is_not_run(
+    queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a keyed job that expires in a minute, and a store that refuses its first claim
+    # while two minutes pass, When consumed, Then the job does not run: it is dead-lettered
+    # expired, and its key is free. (Expiry was checked before the claim only: a job that waited
+    # out an outage in place, up to five minutes, ran after its time.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), idempotency="memory://")
+    now = [1_800_000_000_000]
+    app.clock = lambda: now[0]
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+
+    async def scenario() -> Any:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="k", ttl=60)
+            store = await app.idempotency_store()
+            claim, refusals = store.claim, iter([StoreError("connection refused")])
+
+            async def refused(*args: Any) -> Any:
+                if (refusal := next(refusals, None)) is not None:
+                    now[0] += 120_000
+                    raise refusal
+                return await claim(*args)
+
+            monkeypatch.setattr(store, "claim", refused)
+            await app.consume([queue], burst=True)
+            return await claim(run_key("test.Echo", "k"), "another", 30)
+
+    assert isinstance(run(scenario(), timeout=30), Claimed)
+    assert ran == []
+    [letter] = testing.dead_letters(app, queue)
+    assert letter.reason == "expired", letter.detail
+
+
 def test_the_waits_for_a_store_double_up_to_a_limit_and_end_with_its_error() -> None:
     # Given a store call that always fails, and waits of 10 ms doubling up to 40 ms,
     # When it is called, Then it is tried again after at least 10, 20, 40, 40 ... ms, and

@@ -253,6 +253,67 @@ def test_a_handler_raising_what_is_no_exception_dead_letters_its_job_and_the_oth
     ]
 
 
+@pytest.mark.parametrize("how", ["async", "thread"])
+def test_a_handler_letting_out_stop_iteration_or_generator_exit_fails_its_job_and_the_others_run(
+    make_app: Callable[..., Bridge], queue: str, how: str
+) -> None:
+    # Given a handler whose `next()` finds nothing for one job (StopIteration) and that raises
+    # GeneratorExit for another, and one worker slot, When three jobs run once each, Then those
+    # two fail (dead-lettered, naming what was raised) and the third runs. (From a plain `def`
+    # handler, StopIteration never reached the worker, as an asyncio future cannot hold it: the
+    # job was never settled and the burst run never ended; GeneratorExit ended the task.)
+    app = make_app(concurrency=1)
+    runs: list[int] = []
+
+    def stop(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(payload["n"])
+        if payload["n"] == 1:
+            next(n for n in range(3) if n > 5)
+        if payload["n"] == 2:
+            raise GeneratorExit("closed")
+
+    async def in_loop(payload: dict[str, Any], ctx: JobContext) -> None:
+        stop(payload, ctx)
+
+    app.job("test.Echo", queue=queue, max_attempts=1)(in_loop if how == "async" else stop)
+    run(enqueue_and_drain(app, *({"payload": {"n": n}} for n in (1, 2, 3))), timeout=30)
+    assert sorted(runs) == [1, 2, 3]
+    details = sorted(letter.detail for letter in dead_letters(app, queue))
+    assert len(details) == 2
+    assert "GeneratorExit" in details[0] and "StopIteration" in details[1], details
+
+
+def test_a_handler_cannot_change_its_jobs_headers_or_errors(queue: str) -> None:
+    # Given a handler that tries to write into its context's headers and errors, then fails,
+    # When its job runs with max_attempts=2, Then each write raises, the job runs twice and is
+    # dead-lettered with its headers as enqueued. (The context handed out the envelope's own
+    # dict and list: a value that was no string made every retry fail to encode, and the job ran
+    # again and again at attempt 1; a string went into the retry.)
+    from tests.conftest import SCHEMAS
+
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), delay_tiers="1s")
+    refused: list[int] = []
+
+    @app.job("test.Echo", queue=queue, max_attempts=2, backoff=fixed(1))
+    async def meddle(payload: dict[str, Any], ctx: JobContext) -> None:
+        for write in (
+            lambda: ctx.headers.update(seen=True),  # type: ignore[attr-defined]
+            lambda: ctx.errors.append(ctx.errors[0]),  # type: ignore[attr-defined]
+            lambda: setattr(ctx.errors[0], "message", None),
+        ):
+            try:
+                write()
+            except (TypeError, AttributeError, IndexError):
+                refused.append(ctx.attempt)
+        raise ValueError("failed")
+
+    run(enqueue_and_drain(app, {"payload": {"n": 1}, "headers": {"from": "test"}}), timeout=30)
+    assert refused == [1, 1, 1, 2, 2, 2]
+    [letter] = testing.dead_letters(app, queue)
+    assert letter.reason == "exhausted" and letter.envelope is not None
+    assert letter.envelope.headers == {"from": "test"} and len(letter.envelope.errors) == 2
+
+
 def test_a_retry_delay_that_is_no_time_dead_letters_the_job_naming_it(queue: str) -> None:
     # Given handlers that ask to be retried after 10^20 s and after NaN s,
     # When they run, Then each job is dead-lettered as permanent, its detail naming the delay.
