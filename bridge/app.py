@@ -378,6 +378,10 @@ class Bridge:
 
     def close(self) -> None:
         """Close the sync API's transport and its loop thread."""
+        if self._portal is not None and self._portal.pid != os.getpid():
+            self._portal = (
+                None  # a forked child's: the parent's thread, which closing waited for, is not here
+            )
         if self._portal is not None:
             self._portal.run(self.aclose())
             self._portal.stop()
@@ -422,13 +426,14 @@ def _moment(
         if not isinstance(after, (int, float)) or isinstance(after, bool):
             raise ConfigError(f"{after_name}= must be seconds (a number) or a timedelta, not {after!r}")
         if not -LONGEST_S <= after <= LONGEST_S:  # (NaN too)
-            raise ConfigError(f"{after_name}= must be seconds up to 100 years, not {after:g}")
+            shown = f"{after:g}" if isinstance(after, float) or abs(after) < 2**1000 else "a larger number"
+            raise ConfigError(f"{after_name}= must be seconds up to 100 years, not {shown}")
         return now + int(after * 1000)
     if at is None:
         return None
     if not isinstance(at, datetime):
         raise ConfigError(f"{at_name}= needs a timezone-aware datetime, not {at!r}")
-    if at.tzinfo is None:
+    if at.utcoffset() is None:  # (a tzinfo may give none)
         raise ConfigError(f"{at_name}= needs a timezone-aware datetime, e.g. datetime.now(UTC)")
     moment = int(at.timestamp() * 1000)
     if not -LONGEST_S <= (moment - now) / 1000 <= LONGEST_S:  # (as for after=: the envelope holds it)
@@ -462,10 +467,12 @@ def _check_options(
     if headers is not None and not isinstance(headers, Mapping):
         raise ConfigError(f"headers= must be a mapping of strings to strings, not {headers!r}")
     texts = {"queue": queue, "key": key, "idempotency_key": idempotency_key}
-    texts.update({f"headers[{name!r}]": value for name, value in (headers or {}).items()})
-    for name in headers or {}:
+    for name, value in (headers or {}).items():
         if not isinstance(name, str) or utf8(name) != name:
             raise ConfigError(f"headers= must be a mapping of strings to strings; a key is {name!r}")
+        if value is None:  # (None is no text, but leaves the other options out)
+            raise ConfigError(f"headers[{name!r}]= must be a string (UTF-8 text), not None")
+        texts[f"headers[{name!r}]"] = value
     for name, value in texts.items():
         if value is not None and (not isinstance(value, str) or utf8(value) != value):
             raise ConfigError(f"{name}= must be a string (UTF-8 text), not {value!r}")

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from datetime import date
+from datetime import date, datetime, tzinfo
 from typing import Any
 
 import pytest
@@ -30,12 +30,27 @@ def memory_app() -> Bridge:
     return Bridge(broker="memory://", registry=str(SCHEMAS))
 
 
+class NoOffset(tzinfo):
+    """A timezone that knows no offset (a tzinfo may say None): the datetime is naive."""
+
+    def utcoffset(self, moment: datetime | None) -> None:
+        return None
+
+    def dst(self, moment: datetime | None) -> None:
+        return None
+
+    def tzname(self, moment: datetime | None) -> None:
+        return None
+
+
 @pytest.mark.parametrize(
     ("options", "says"),
     [
         ({"delay": "90"}, "delay= must be seconds (a number) or a timedelta, not '90'"),
         ({"delay": -1e20}, "delay= must be seconds up to 100 years, not -1e+20"),
         ({"ttl": float("-inf")}, "ttl= must be seconds up to 100 years, not -inf"),
+        ({"delay": 10**400}, "delay= must be seconds up to 100 years, not a larger number"),
+        ({"at": datetime(2030, 1, 1, tzinfo=NoOffset())}, "at= needs a timezone-aware datetime, e.g."),
         ({"at": "2026-12-01T09:00:00Z"}, "at= needs a timezone-aware datetime, not '2026-12-01T09:00:00Z'"),
         ({"expires_at": date(2030, 1, 1)}, "expires_at= needs a timezone-aware datetime, not datetime.date"),
         ({"key": 123}, "key= must be a string (UTF-8 text), not 123"),
@@ -44,6 +59,7 @@ def memory_app() -> Bridge:
         ({"headers": {"tenant": 7}}, "headers['tenant']= must be a string (UTF-8 text), not 7"),
         ({"headers": [("tenant", "a")]}, "headers= must be a mapping of strings to strings"),
         ({"headers": {1: "a"}}, "headers= must be a mapping of strings to strings; a key is 1"),
+        ({"headers": {"tenant": None}}, "headers['tenant']= must be a string (UTF-8 text), not None"),
         ({"max_attempts": 0}, "max_attempts= must be a whole number from 1 to 2,147,483,647, not 0"),
         ({"max_attempts": 2**40}, "max_attempts= must be a whole number from 1 to 2,147,483,647"),
     ],
@@ -211,13 +227,17 @@ def test_a_memory_consume_that_ends_gives_back_only_what_it_held() -> None:
     assert runs == [1]
 
 
-def test_the_sync_api_works_in_a_forked_child_of_a_process_that_used_it() -> None:
+@pytest.mark.parametrize("does", ["enqueue", "close"])
+def test_the_sync_api_works_in_a_forked_child_of_a_process_that_used_it(does: str) -> None:
     # Given an app whose sync API the parent used, When a forked child (a gunicorn worker, a
-    # multiprocessing one) enqueues, Then the enqueue returns. (The child had the parent's
-    # event-loop thread object but not the thread: the enqueue waited for good.)
+    # multiprocessing one) enqueues, or closes the app, Then that returns. (The child had the
+    # parent's event-loop thread object but not the thread: it waited for it for good.)
     app = memory_app()
     app.enqueue("test.Echo", {"n": 1})
     child = os.fork()
+    if child == 0 and does == "close":
+        app.close()
+        os._exit(0)
     if child == 0:  # (the child: its exit code says whether the enqueue returned a job id)
         os._exit(0 if app.enqueue("test.Echo", {"n": 2}) else 1)
     deadline = time.monotonic() + 20

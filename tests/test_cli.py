@@ -165,6 +165,25 @@ def test_bad_settings_are_reported_at_once(env: dict[str, str], fragments: list[
     assert_one_line_error(done, *fragments)
 
 
+@pytest.mark.parametrize(
+    ("url", "client"), [("redis://127.0.0.1/0", "redis"), ("postgresql://db/b", "psycopg")]
+)
+def test_a_store_whose_client_is_not_installed_is_reported_at_once(
+    tmp_path: Path, url: str, client: str
+) -> None:
+    # Given a store whose client cannot be imported (a package first on the path that refuses),
+    (tmp_path / client).mkdir()
+    (tmp_path / client / "__init__.py").write_text("raise ImportError('not installed')\n")
+    # When a job is enqueued, Then one line names the extra to install. (It was found at the
+    # first keyed job only, whose every copy then went round the delay tiers for good.)
+    done = bridge(
+        "enqueue", "billing.ChargeCard", CHARGE, "--registry", "schemas",
+        BRIDGE_IDEMPOTENCY=url, PYTHONPATH=f"{tmp_path}:{REPO}",
+    )  # fmt: skip
+    extra = "redis" if client == "redis" else "postgres"
+    assert_one_line_error(done, f"needs {client}: pip install 'bridge-jobs[{extra}]'")
+
+
 def test_an_app_module_that_exits_when_imported_is_reported(tmp_path: Path) -> None:
     # Given an app module that runs a script when imported, ending in sys.exit(0),
     (tmp_path / "script.py").write_text("import sys\nimport bridge\napp = bridge.Bridge()\nsys.exit(0)\n")

@@ -198,8 +198,8 @@ def check_url(url: str) -> list[str]:
 
 def _unparsable(scheme: str, url: str) -> str | None:
     """What the store's client finds wrong with `url` without connecting (an option's value,
-    a port that is no number), if its client is installed: else it would be found only at the
-    first keyed job, which would wait for the store for good."""
+    a port that is no number), or that the client is not installed: else it would be found
+    only at the first keyed job, which would wait for the store for good."""
     ports: list[str] = []
     try:
         if scheme in ("redis", "rediss"):
@@ -211,8 +211,8 @@ def _unparsable(scheme: str, url: str) -> str | None:
             from psycopg.conninfo import conninfo_to_dict
 
             ports = str(conninfo_to_dict(url).get("port", "")).split(",")  # (one per host)
-    except ImportError:  # open_store says which extra to install
-        return None
+    except ImportError:  # (found only at the first keyed job, it sent each round the tiers for good)
+        return _needs("redis", "redis") if scheme.startswith("redis") else _needs("psycopg", "postgres")
     except Exception as exc:  # ValueError from redis or urlsplit, ProgrammingError from psycopg
         return str(exc)
     if "0" in ports:
@@ -224,9 +224,11 @@ def _require(module: str, extra: str) -> None:
     try:
         __import__(module)
     except ImportError:
-        raise ConfigError(
-            f"the {extra} idempotency store needs {module}: pip install 'bridge-jobs[{extra}]'"
-        ) from None
+        raise ConfigError(_needs(module, extra)) from None
+
+
+def _needs(module: str, extra: str) -> str:
+    return f"the {extra} idempotency store needs {module}: pip install 'bridge-jobs[{extra}]'"
 
 
 __all__ = [
