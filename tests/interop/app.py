@@ -2,7 +2,8 @@
 
 Configured like tests/apps/ledger.py, by LEDGER_FILE and LEDGER_QUEUE, so that
 `tests.processes.consumer` starts it when given `--app tests.interop.app:app`. A line holds what
-the handler was given: the job's id, queue, key, attempt and headers, and the decoded payload.
+the handler was given: the job's id, queue, key, attempt, headers and created_at (milliseconds
+since the epoch, as the producer wrote it), and the decoded payload.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ LEDGER = os.environ.get("LEDGER_FILE", os.devnull)
 @app.job("test.Echo", queue=os.environ.get("LEDGER_QUEUE", "interop"))
 async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
     given = {"id": ctx.job_id, "queue": ctx.queue, "key": ctx.key, "attempt": ctx.attempt}
+    given["created_at"] = ctx.created_at_ms  # ms since the epoch, as the producer wrote it
     append_line(LEDGER, json.dumps({**given, "headers": dict(ctx.headers), "payload": payload}))
 
 

@@ -85,11 +85,19 @@ async function enqueue(types, args) {
   };
   const body = frame(types["bridge.JobEnvelope"], envelope);
   const connection = await amqp.connect(args.url);
+  // amqplib emits 'error' when RabbitMQ closes the connection or a channel (publishing to a
+  // missing exchange closes the channel: 404). Unheard, that is an uncaught exception, past the
+  // catch that prints "enqueue: ..." and the close below; heard, it fails the publish. (Before
+  // the publish, a closed connection fails createConfirmChannel by itself.)
+  let fail = () => {};
+  connection.on("error", (error) => fail(error));
   try {
     const channel = await connection.createConfirmChannel();
+    channel.on("error", (error) => fail(error));
     let returned = null;
     channel.on("return", (message) => { returned = message.fields.replyText; });
     await new Promise((resolve, reject) => {
+      fail = reject;
       channel.publish(`${args.prefix}.jobs`, args.queue, body, { persistent: true, mandatory: true },
         (error) => (error ? reject(error) : resolve()));
     });

@@ -10,6 +10,7 @@ import java.util.HexFormat;
 import java.util.LinkedHashMap;
 import java.util.Map;
 import java.util.TreeMap;
+import org.apache.avro.AvroRuntimeException;
 import org.apache.avro.Schema;
 import org.apache.avro.generic.GenericData;
 import org.apache.avro.generic.GenericRecord;
@@ -20,6 +21,11 @@ import org.apache.avro.message.SchemaStore;
  * Reads bridge dead letters (single-object encoded bridge.DeadLetter records) with Apache Avro's
  * own decoder, and the job payload nested in each, found by the fingerprint in its own header.
  * Prints one JSON object per file: {"dead_letter": {...}, "payload": {...} or null}, bytes as hex.
+ * A payload that does not decode (the letter's reason may be just that: unknown_schema,
+ * undecodable, unknown_type) is null, and "payload_error" says why.
+ *
+ * <p>Only the single-object framing: letters that workers with a registry URL wrote in the
+ * Confluent wire format are not read.
  *
  * <p>Usage: ReadDeadLetter DIR[,DIR...] FILE...
  */
@@ -37,7 +43,14 @@ public final class ReadDeadLetter {
       GenericRecord envelope = (GenericRecord) letter.get("envelope");
       Map<String, Object> out = new LinkedHashMap<>();
       out.put("dead_letter", plain(letter));
-      out.put("payload", envelope == null ? null : plain(payload(envelope, schemas, store)));
+      out.put("payload", null);
+      if (envelope != null) {
+        try {
+          out.put("payload", plain(payload(envelope, schemas, store)));
+        } catch (IOException | AvroRuntimeException e) {
+          out.put("payload_error", e.toString()); // and read on: one bad payload hides no letter
+        }
+      }
       System.out.println(json.writeValueAsString(out));
     }
   }
@@ -46,6 +59,9 @@ public final class ReadDeadLetter {
   static GenericRecord payload(GenericRecord envelope, Map<String, Schema> schemas, SchemaStore store)
       throws IOException {
     Schema reader = schemas.get(envelope.get("type").toString());
+    if (reader == null) {
+      throw new AvroRuntimeException("no schema named " + envelope.get("type"));
+    }
     ByteBuffer bytes = ((ByteBuffer) envelope.get("payload")).duplicate();
     return new BinaryMessageDecoder<GenericRecord>(GenericData.get(), reader, store).decode(bytes);
   }
