@@ -81,8 +81,10 @@ pytest-side-by-side: $(STAMP) $(LOWEST_STAMP)
 
 test: lint pytest-side-by-side
 
+# `make bench BENCH_ARGS="--n 20000 --repeat 3"`: bench.throughput's flags (see its --help).
+BENCH_ARGS ?=
 bench: brokers
-	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LOWEST) .pytest_cache .mypy_cache

@@ -1,5 +1,9 @@
 """What every benchmark shares: the no-op job, fresh names, timing, and the bridge side of a run.
 
+Each measurement's apps run under a prefix of their own (`fresh_prefix`), never the default
+`bridge`: delayed jobs left in the shared tiers would keep a burst consume waiting, and on Kafka
+the delay forwarder would join the shared `bridge.delay` group.
+
 The bridge side is the same code on both brokers (a `Bridge` app with an `async def` no-op
 handler); only the raw baselines differ per broker, in `bench.rabbitmq` and `bench.kafka`.
 """
@@ -67,6 +71,14 @@ def fresh(role: str) -> str:
     return f"bench-{role}-{uuid.uuid4().hex[:10]}"
 
 
+def fresh_prefix() -> str:
+    """A topology prefix no earlier run used: its own jobs exchange, delay tiers and forwarder group.
+
+    Not `p<hex>.`: the tests' clean-up deletes names of that shape (tests/brokerio.py).
+    """
+    return f"bench{uuid.uuid4().hex[:8]}"
+
+
 def warm_up_queue(queue: str) -> str:
     """Where a publisher sends one message before its clock starts: `queue`'s dead-letter queue.
 
@@ -90,21 +102,25 @@ def bench_app(
     broker: str,
     queue: str,
     *,
+    prefix: str,
     concurrency: int = 16,
     group: str | None = None,
     handler: Callable[[dict[str, Any], JobContext], Awaitable[None]] = noop,
     **settings: Any,
 ) -> Bridge:
-    """A Bridge on `broker` whose handler (the no-op) runs `queue`, in a consumer group of its own."""
+    """A Bridge on `broker` under `prefix` whose handler (the no-op) runs `queue`, in a consumer
+    group of its own."""
     group = group or fresh("group")
-    app = Bridge(broker=broker, registry=str(SCHEMAS), group=group, concurrency=concurrency, **settings)
+    app = Bridge(
+        broker=broker, registry=str(SCHEMAS), prefix=prefix, group=group, concurrency=concurrency, **settings
+    )
     app.job(JOB_TYPE, queue=queue)(handler)
     return app
 
 
 def envelope_bodies(broker: str, queue: str, jobs: int) -> list[bytes]:
     """`jobs` framed bridge envelopes, byte for byte what `enqueue` would publish to `queue`."""
-    app = bench_app(broker, queue)
+    app = bench_app(broker, queue, prefix=fresh_prefix())  # (never connects: any prefix will do)
     schema = app.registry.schema(ENVELOPE)
     return [codec.encode(schema, app.build_envelope(JOB_TYPE, {"n": n}).to_avro()) for n in range(jobs)]
 
@@ -122,20 +138,20 @@ async def timed_windows(jobs: int, window: int, publish: Callable[[int], Awaitab
     return Timing(jobs, time.monotonic() - started)
 
 
-async def bridge_publish(broker: str, queue: str, jobs: int) -> Timing:
+async def bridge_publish(broker: str, queue: str, jobs: int, *, prefix: str) -> Timing:
     """`enqueue_async` of `jobs` no-op jobs, IN_FLIGHT at a time, onto a queue it creates first."""
-    async with bench_app(broker, queue) as app:
+    async with bench_app(broker, queue, prefix=prefix) as app:
         await app.apply_topology()  # also connects: the clock starts on a running service
         await app.enqueue_async(JOB_TYPE, {"n": -1}, queue=warm_up_queue(queue))
         return await timed_windows(jobs, IN_FLIGHT, lambda n: app.enqueue_async(JOB_TYPE, {"n": n}))
 
 
-async def bridge_consume(broker: str, queue: str, jobs: int, concurrency: int) -> Timing:
+async def bridge_consume(broker: str, queue: str, jobs: int, concurrency: int, *, prefix: str) -> Timing:
     """`consume(burst=True)` of a queue holding `jobs` jobs, from its first delivery to its last settle.
 
     Starting the clock at the first delivery leaves out connecting and, on Kafka, joining the group.
     """
-    async with bench_app(broker, queue, concurrency=concurrency) as app:
+    async with bench_app(broker, queue, prefix=prefix, concurrency=concurrency) as app:
         stats = await asyncio.wait_for(app.consume(burst=True), timeout_for(jobs))
     if stats.processed != jobs or stats.dead_lettered:
         raise BenchError(

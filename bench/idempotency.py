@@ -32,8 +32,18 @@ from pathlib import Path
 from typing import Any
 
 from bench import kafka, rabbitmq
-from bench.common import IN_FLIGHT, JOB_TYPE, BenchError, Timing, bench_app, fresh, timed_windows, timeout_for
-from bench.throughput import BROKERS, Row, Table, _positive, broker_urls, render
+from bench.common import (
+    IN_FLIGHT,
+    JOB_TYPE,
+    BenchError,
+    Timing,
+    bench_app,
+    fresh,
+    fresh_prefix,
+    timed_windows,
+    timeout_for,
+)
+from bench.throughput import BROKERS, TIMED_OUT, Row, Table, _positive, broker_urls, render
 from bridge.errors import BridgeError
 from bridge.idempotency import new_token, run_key
 from bridge.idempotency.sql import CLAIM, COMPLETE, _completion, now_ms
@@ -45,9 +55,9 @@ DEFAULT_JOBS = 5000
 DEFAULT_CONCURRENCY = 16
 
 
-async def publish(broker: str, queue: str, jobs: int, keyed: bool) -> None:
+async def publish(broker: str, queue: str, jobs: int, keyed: bool, *, prefix: str) -> None:
     """Create `queue` and put `jobs` no-op jobs on it, each with a key of its own if `keyed`."""
-    async with bench_app(broker, queue) as app:
+    async with bench_app(broker, queue, prefix=prefix) as app:
         await app.apply_topology()
         run = uuid.uuid4().hex  # keys never seen by an earlier run
         await timed_windows(
@@ -56,10 +66,20 @@ async def publish(broker: str, queue: str, jobs: int, keyed: bool) -> None:
         )  # fmt: skip
 
 
-async def consume(broker: str, queue: str, jobs: int, concurrency: int, store: str | None) -> Timing:
-    """`consume(burst=True)` of `queue`, from its first delivery to its last settle."""
+async def consume(
+    broker: str, queue: str, jobs: int, concurrency: int, store: str | None, *, prefix: str
+) -> Timing:
+    """`consume(burst=True)` of `queue`, from its first delivery to its last settle.
+
+    With a store, the worker would open it at its first keyed claim, inside the timed window:
+    the app's store is opened here first (the worker takes that one), and one key claimed, so
+    that its connections and tables are ready before the clock starts (as bench.duplicates does).
+    """
     settings: dict[str, Any] = {"idempotency": store} if store else {}
-    async with bench_app(broker, queue, concurrency=concurrency, **settings) as app:
+    async with bench_app(broker, queue, prefix=prefix, concurrency=concurrency, **settings) as app:
+        if store:
+            opened = await app.idempotency_store(concurrency=concurrency)
+            await opened.claim(f"bench-warm-up:{uuid.uuid4().hex}", "warm-up", 1)
         stats = await asyncio.wait_for(app.consume(burst=True), timeout_for(jobs))
     if stats.processed != jobs or stats.dead_lettered or stats.duplicates or stats.delayed:
         raise BenchError(f"consume of {queue}: {stats.summary()}, expected {jobs} settled and run")
@@ -74,28 +94,30 @@ def measure(broker: str, url: str, stores: dict[str, str], jobs: int, concurrenc
     ones look better or worse than they are. Every queue is deleted afterwards: quorum queues left
     behind keep costing RabbitMQ CPU, and made later rounds (and other benchmarks) slower.
     """
+    prefix = fresh_prefix()
     queues: list[str] = []
     try:
         for name, store in stores.items():
             plain, keyed = fresh(f"{broker}-nokey"), fresh(f"{broker}-{name}")
             queues += [plain, keyed]
-            asyncio.run(publish(url, plain, jobs, keyed=False))
-            asyncio.run(publish(url, keyed, jobs, keyed=True))
-            timing = asyncio.run(consume(url, plain, jobs, concurrency, None))
+            asyncio.run(publish(url, plain, jobs, keyed=False, prefix=prefix))
+            asyncio.run(publish(url, keyed, jobs, keyed=True, prefix=prefix))
+            timing = asyncio.run(consume(url, plain, jobs, concurrency, None, prefix=prefix))
             baseline = table.add(broker, "consume", f"no keys, before {name}", timing)
-            timing = asyncio.run(consume(url, keyed, jobs, concurrency, store))
+            timing = asyncio.run(consume(url, keyed, jobs, concurrency, store, prefix=prefix))
             target = 1 - SQLITE_MAX_COST if name == "sqlite" else None
             table.add(broker, "consume", f"keys in {name}", timing, baseline=baseline, min_ratio=target)
     finally:
-        drop(broker, url, queues)
+        drop(broker, url, queues, prefix)
 
 
-def drop(broker: str, url: str, queues: Sequence[str]) -> None:
-    """Delete `queues` (topics on Kafka) that a measurement made."""
+def drop(broker: str, url: str, queues: Sequence[str], prefix: str) -> None:
+    """Delete `queues` (topics on Kafka) that a measurement made, and its prefix's delay tiers."""
     if broker == "rabbitmq":
         asyncio.run(rabbitmq.delete_queues(url, queues))
+        asyncio.run(rabbitmq.delete_prefix(url, prefix))
     else:
-        kafka.delete_topics(url, queues)
+        kafka.delete_topics(url, [*queues, prefix])
 
 
 def allowed_us(job_us: float) -> float:
@@ -225,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sqlite_us.append(sqlite_alone_us(alone, args.n, args.concurrency))
         except (BenchError, BridgeError) as exc:
             print(f"bench: {exc}", file=sys.stderr)
+            return 1
+        except TimeoutError:
+            print(TIMED_OUT, file=sys.stderr)
             return 1
     rows = list(table.rows.values())
     print("\n".join([*render(rows), "", *costs(rows), "", *allowances(rows, statistics.median(sqlite_us))]))

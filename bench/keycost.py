@@ -40,9 +40,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench import cpu
-from bench.common import BenchError, bench_app, fresh, timeout_for
+from bench.common import BenchError, bench_app, fresh, fresh_prefix, timeout_for
 from bench.idempotency import DEFAULT_CONCURRENCY, SQLITE_MAX_COST, allowed_us, drop, publish, sqlite_alone_us
-from bench.throughput import BROKERS, _positive, broker_urls
+from bench.throughput import BROKERS, TIMED_OUT, _positive, broker_urls
 from bridge import JobContext
 from bridge.errors import BridgeError
 from bridge.idempotency import Claim, Store
@@ -129,11 +129,13 @@ class LoopClock:
         return Usage.between(self.first, self.last, self.jobs - 1)
 
 
-async def consume(broker: str, queue: str, jobs: int, concurrency: int, store: str | Store | None) -> Usage:
+async def consume(
+    broker: str, queue: str, jobs: int, concurrency: int, store: str | Store | None, *, prefix: str
+) -> Usage:
     """Consume `queue` (`jobs` jobs) with `store`; what each job cost."""
     clock = LoopClock(jobs, cpu.listener_pid(urlsplit(broker).port or 0))
     settings = {"idempotency": store} if isinstance(store, str) else {}
-    app = bench_app(broker, queue, concurrency=concurrency, handler=clock.handler, **settings)
+    app = bench_app(broker, queue, prefix=prefix, concurrency=concurrency, handler=clock.handler, **settings)
     if isinstance(store, MemoryStore):
         given = store
 
@@ -153,15 +155,16 @@ def measure(broker: str, url: str, sqlite: str, jobs: int, concurrency: int) -> 
     """One round on `broker`: what a job costs each of the four ways."""
     stores: list[str | Store | None] = [None, "memory://", WaitingMemoryStore(), sqlite]
     queues = [fresh(f"{broker}-{n}") for n in range(len(stores))]  # a RabbitMQ queue is read once
+    prefix = fresh_prefix()
     try:
         for queue, store in zip(queues, stores, strict=True):
-            asyncio.run(publish(url, queue, jobs, keyed=store is not None))
+            asyncio.run(publish(url, queue, jobs, keyed=store is not None, prefix=prefix))
         return [
-            asyncio.run(consume(url, queue, jobs, concurrency, store))
+            asyncio.run(consume(url, queue, jobs, concurrency, store, prefix=prefix))
             for queue, store in zip(queues, stores, strict=True)
         ]
     finally:
-        drop(broker, url, queues)
+        drop(broker, url, queues, prefix)
 
 
 def report(broker: str, rounds: list[list[Usage]], sqlite_cpu_us: float) -> list[str]:
@@ -256,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lines += report(broker, rounds, sqlite_cpu_us)
         except (BenchError, BridgeError) as exc:
             print(f"bench: {exc}", file=sys.stderr)
+            return 1
+        except TimeoutError:
+            print(TIMED_OUT, file=sys.stderr)
             return 1
     print("\n".join(lines))
     return 0

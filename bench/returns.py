@@ -23,21 +23,24 @@ from bench import rabbitmq
 from bench.common import (
     IN_FLIGHT,
     JOB_TYPE,
+    BenchError,
     Timing,
     bench_app,
     bridge_consume,
     fresh,
+    fresh_prefix,
     timed_windows,
     timeout_for,
 )
-from bench.throughput import _positive, broker_urls
+from bench.throughput import TIMED_OUT, _positive, broker_urls
+from bridge.errors import BridgeError
 
 READY_POLL_S = 0.05
 
 
-async def fill(url: str, queue: str, jobs: int) -> None:
+async def fill(url: str, queue: str, jobs: int, *, prefix: str) -> None:
     """Create `queue` and enqueue `jobs` no-op jobs onto it."""
-    async with bench_app(url, queue) as app:
+    async with bench_app(url, queue, prefix=prefix) as app:
         await app.apply_topology()
         await timed_windows(jobs, IN_FLIGHT, lambda n: app.enqueue_async(JOB_TYPE, {"n": n}))
 
@@ -66,14 +69,15 @@ async def give_back(url: str, queue: str, jobs: int) -> None:
 
 
 def measure(url: str, jobs: int, concurrency: int, *, came_back: bool) -> Timing:
-    queue = fresh("rabbitmq-returns")
+    queue, prefix = fresh("rabbitmq-returns"), fresh_prefix()
     try:
-        asyncio.run(fill(url, queue, jobs))
+        asyncio.run(fill(url, queue, jobs, prefix=prefix))
         if came_back:
             asyncio.run(give_back(url, queue, jobs))
-        return asyncio.run(bridge_consume(url, queue, jobs, concurrency))
+        return asyncio.run(bridge_consume(url, queue, jobs, concurrency, prefix=prefix))
     finally:
         asyncio.run(rabbitmq.delete_queues(url, [queue]))
+        asyncio.run(rabbitmq.delete_prefix(url, prefix))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -92,12 +96,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     url = broker_urls(["rabbitmq"])["rabbitmq"]
     print(f"bench.returns: {args.n:,} no-op jobs per run, concurrency {args.concurrency}", flush=True)
-    for _ in range(args.repeat):
-        fresh_rate = measure(url, args.n, args.concurrency, came_back=False).rate
-        print(f"rabbitmq consume  fresh      {fresh_rate:>8,.0f} jobs/s", flush=True)
-        back_rate = measure(url, args.n, args.concurrency, came_back=True).rate
-        ratio = back_rate / fresh_rate
-        print(f"rabbitmq consume  came back  {back_rate:>8,.0f} jobs/s   ratio {ratio:.2f}", flush=True)
+    try:
+        for _ in range(args.repeat):
+            fresh_rate = measure(url, args.n, args.concurrency, came_back=False).rate
+            print(f"rabbitmq consume  fresh      {fresh_rate:>8,.0f} jobs/s", flush=True)
+            back_rate = measure(url, args.n, args.concurrency, came_back=True).rate
+            ratio = back_rate / fresh_rate
+            print(f"rabbitmq consume  came back  {back_rate:>8,.0f} jobs/s   ratio {ratio:.2f}", flush=True)
+    except (BenchError, BridgeError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(TIMED_OUT, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,13 +3,14 @@
 Bridge adds job semantics (an Avro envelope, decoding, dispatch, dead letters, offsets settled
 only after the outcome) on top of aio-pika and confluent-kafka. This measures what that costs:
 in one invocation, on each broker, N no-op jobs go through bridge and through a raw baseline
-that moves the same bytes, each on a fresh queue or topic made by bridge's own topology
-(RabbitMQ: a quorum queue bound to `bridge.jobs`; Kafka: a topic with 3 partitions). It prints
-the rates and their ratio, next to the targets of the issue.
+that moves the same bytes, each on a fresh queue or topic made by bridge's own topology under a
+prefix of the round's own (RabbitMQ: a quorum queue bound to `<prefix>.jobs`; Kafka: a topic
+with 3 partitions). It prints the rates and their ratio, next to the targets of the issue.
 
 consume: jobs settled per second, timed from the first delivery to the last settle, so that
     connecting and Kafka's group join are not counted. The queue already holds N jobs.
-    - RabbitMQ raw: an aio-pika consumer, prefetch 100, acking each message (no decoding).
+    - RabbitMQ raw: an aio-pika consumer acking each message (no decoding), with the prefetch
+      of bridge's consumer at --concurrency (twice it).
     - Kafka raw: confluent-kafka `consume(500)` batches; each envelope decoded with fastavro,
       a no-op call, `store_offsets` per record; librdkafka commits the stored offsets.
     - bridge: `await app.consume(burst=True)` with an `async def` no-op handler at
@@ -17,15 +18,19 @@ consume: jobs settled per second, timed from the first delivery to the last sett
 publish: confirmed publishes per second, from the first publish to the last acknowledgement.
     - RabbitMQ raw: aio-pika with publisher confirms, each confirm awaited in turn, then 1000 in
       flight (windows of 1000 awaited together); persistent and mandatory, as bridge publishes.
-    - Kafka raw: an idempotent confluent-kafka producer (acks=all), `flush()` at the end.
+    - Kafka raw: an idempotent confluent-kafka producer (acks=all), 1000 in flight, every
+      delivery report of a window served before the next (the baseline of bridge's ratio); and,
+      on a topic of its own, with no window and `flush()` at the end (shown, not a baseline).
     - bridge: `enqueue_async` (validate, build and encode the envelope, publish) 1000 in flight.
+    Every publisher sends one message elsewhere (the queue's dead-letter queue) before its clock
+    starts, so that no first publish pays for setting up the connection or producer.
 
 The publish measurements fill the queues that the consume measurements then drain. Each
-measurement runs in its own `asyncio.run`. The RabbitMQ queues and Kafka topics are deleted at
-the end. Numbers on a small machine, where the brokers share the cores, are noisy: compare rows
-of the same run, not runs, and use `--repeat` (rounds of every measurement, raw and bridge
-interleaved; the table shows median rates, and the median of the rounds' ratios) before drawing
-a conclusion from one ratio.
+measurement runs in its own `asyncio.run`. The RabbitMQ queues and Kafka topics, and the
+prefix's exchange and delay tiers, are deleted at the end of each round. Numbers on a small
+machine, where the brokers share the cores, are noisy: compare rows of the same run, not runs,
+and use `--repeat` (rounds of every measurement, raw and bridge interleaved; the table shows
+median rates, and the median of the rounds' ratios) before drawing a conclusion from one ratio.
 """
 
 from __future__ import annotations
@@ -48,14 +53,16 @@ from bench.common import (
     bridge_publish,
     envelope_bodies,
     fresh,
+    fresh_prefix,
 )
 from bridge import BridgeError, dev
 
 DEFAULT_JOBS = 20_000
 # 16 (bridge's own default) was clearly slower on RabbitMQ in a sweep of 16 to 256 on two cores;
-# 64 to 256 were within noise on both brokers, and 64 keeps the RabbitMQ prefetch near the raw 100.
+# 64 to 256 were within noise on both brokers. The raw RabbitMQ consumer's prefetch follows it.
 DEFAULT_CONCURRENCY = 64
 BROKERS = ("rabbitmq", "kafka")
+TIMED_OUT = "bench: a measurement did not finish in time (jobs lost, or a broker stalled); no numbers"
 
 
 @dataclass
@@ -133,49 +140,58 @@ class Table:
 
 def run_rabbitmq(url: str, jobs: int, concurrency: int, table: Table) -> None:
     """Three publishes, each onto a fresh queue, then the raw and bridge consumes of two of them."""
+    prefix = fresh_prefix()
     one_by_one, raw, ours = fresh("rabbitmq-raw1"), fresh("rabbitmq-raw"), fresh("rabbitmq-bridge")
-    asyncio.run(rabbitmq.create_queues(url, [one_by_one, raw]))  # bridge_publish makes `ours`
     try:
+        asyncio.run(rabbitmq.create_queues(url, [one_by_one, raw], prefix=prefix))  # bridge_publish: `ours`
         bodies = envelope_bodies(url, raw, jobs)
 
-        timing = asyncio.run(rabbitmq.raw_publish(url, one_by_one, bodies, 1))
+        timing = asyncio.run(rabbitmq.raw_publish(url, one_by_one, bodies, 1, prefix=prefix))
         table.add("rabbitmq", "publish", "raw aio-pika, confirm each in turn", timing)
-        timing = asyncio.run(rabbitmq.raw_publish(url, raw, bodies, IN_FLIGHT))
+        timing = asyncio.run(rabbitmq.raw_publish(url, raw, bodies, IN_FLIGHT, prefix=prefix))
         raw_publish = table.add("rabbitmq", "publish", f"raw aio-pika, {IN_FLIGHT} in flight", timing)
-        timing = asyncio.run(bridge_publish(url, ours, jobs))
+        timing = asyncio.run(bridge_publish(url, ours, jobs, prefix=prefix))
         label = f"bridge enqueue_async, {IN_FLIGHT} in flight"
         table.add("rabbitmq", "publish", label, timing, baseline=raw_publish, min_rate=5000)
 
-        timing = asyncio.run(rabbitmq.raw_consume(url, raw, jobs))
-        label = f"raw aio-pika (prefetch {rabbitmq.PREFETCH}, ack each)"
+        prefetch = rabbitmq.prefetch_for(concurrency)
+        timing = asyncio.run(rabbitmq.raw_consume(url, raw, jobs, prefetch))
+        label = f"raw aio-pika (prefetch {prefetch}, ack each)"
         raw_consume = table.add("rabbitmq", "consume", label, timing)
-        timing = asyncio.run(bridge_consume(url, ours, jobs, concurrency))
-        label = f"bridge consume (concurrency {concurrency})"
+        timing = asyncio.run(bridge_consume(url, ours, jobs, concurrency, prefix=prefix))
+        label = f"bridge consume (concurrency {concurrency}, prefetch {prefetch})"
         table.add("rabbitmq", "consume", label, timing, baseline=raw_consume, min_ratio=0.70)
     finally:
         asyncio.run(rabbitmq.delete_queues(url, [one_by_one, raw, ours]))
+        asyncio.run(rabbitmq.delete_prefix(url, prefix))
 
 
 def run_kafka(url: str, jobs: int, concurrency: int, table: Table) -> None:
-    """Two publishes, each onto a fresh topic, then the raw and bridge consumes of them."""
-    raw, ours = fresh("kafka-raw"), fresh("kafka-bridge")
-    asyncio.run(kafka.create_topics(url, [raw]))  # bridge_publish makes `ours`
+    """Three publishes, each onto a fresh topic, then the raw and bridge consumes of two of them."""
+    prefix = fresh_prefix()
+    unbounded, raw, ours = fresh("kafka-raw-flush"), fresh("kafka-raw"), fresh("kafka-bridge")
     try:
+        asyncio.run(kafka.create_topics(url, [unbounded, raw], prefix=prefix))  # bridge_publish: `ours`
         bodies = envelope_bodies(url, raw, jobs)
 
-        timing = kafka.raw_publish(url, raw, bodies)
-        raw_publish = table.add("kafka", "publish", "raw confluent-kafka, flush at the end", timing)
-        timing = asyncio.run(bridge_publish(url, ours, jobs))
+        timing = kafka.raw_publish(url, unbounded, bodies)
+        table.add(
+            "kafka", "publish", "raw confluent-kafka, no window, flush at the end (not the baseline)", timing
+        )
+        timing = kafka.raw_publish_windowed(url, raw, bodies, IN_FLIGHT)
+        label = f"raw confluent-kafka, {IN_FLIGHT} in flight, each delivery awaited"
+        raw_publish = table.add("kafka", "publish", label, timing)
+        timing = asyncio.run(bridge_publish(url, ours, jobs, prefix=prefix))
         label = f"bridge enqueue_async, {IN_FLIGHT} in flight"
         table.add("kafka", "publish", label, timing, baseline=raw_publish)
 
         timing = kafka.raw_consume(url, raw, jobs)
         raw_consume = table.add("kafka", "consume", f"raw confluent-kafka batch loop ({kafka.BATCH})", timing)
-        timing = asyncio.run(bridge_consume(url, ours, jobs, concurrency))
+        timing = asyncio.run(bridge_consume(url, ours, jobs, concurrency, prefix=prefix))
         label = f"bridge consume (concurrency {concurrency})"
         table.add("kafka", "consume", label, timing, baseline=raw_consume, min_ratio=0.50)
     finally:
-        kafka.delete_topics(url, [raw, ours])
+        kafka.delete_topics(url, [unbounded, raw, ours, prefix])  # the prefix: its delay tiers
 
 
 def render(rows: Sequence[Row]) -> list[str]:
@@ -251,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runners[name](urls[name], args.n, args.concurrency, table)
     except (BenchError, BridgeError) as exc:  # a broker went away mid-run, or jobs were lost
         print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(TIMED_OUT, file=sys.stderr)
         return 1
     print("\n".join(render(list(table.rows.values()))))
     return 0
