@@ -58,6 +58,23 @@ def test_commits_only_up_to_the_lowest_unfinished_offset() -> None:
     assert tracker.in_flight() == 0
 
 
+def test_an_offset_handed_out_twice_in_one_assignment_settles_twice_and_commits_go_on() -> None:
+    # Given offsets 5 and 6 handed out, then 5 again before they settled (the log went back
+    # under the consumer: a broker lost records and auto.offset.reset moved the position back),
+    # When all three settle, Then the commits follow delivery order, ending where the consumer
+    # is (after the second 5), and the partition is settled. (The second 5 replaced the first
+    # in the tracker, which then stayed unsettled: the partition never committed again.)
+    tracker = OffsetTracker()
+    tracker.assign(TP)
+    generation = tracker.started(TP, 5)
+    assert generation is not None
+    tracker.started(TP, 6)
+    tracker.started(TP, 5)
+    assert tracker.in_flight() == 3
+    assert [tracker.done(TP, offset, generation) for offset in (5, 6, 5)] == [6, 7, 6]
+    assert tracker.in_flight() == 0 and tracker.settled() == {TP: 6}
+
+
 def test_gaps_in_offsets_do_not_stall_commits() -> None:
     # Transaction markers and compaction leave gaps: the next delivered offset is what counts.
     tracker = OffsetTracker()

@@ -20,7 +20,10 @@ class _Partition:
     def __init__(self, generation: int) -> None:
         self.generation = generation
         self.order: deque[list[Any]] = deque()  # [offset, settled] in delivery order
-        self.by_offset: dict[int, list[Any]] = {}
+        # The unsettled entries of each offset: one, unless the log went back under the consumer
+        # (a broker that lost records, and auto.offset.reset) and handed an offset out again.
+        self.by_offset: dict[int, list[list[Any]]] = {}
+        self.unsettled = 0
         self.position: int | None = None  # the offset everything below is settled, once known
 
 
@@ -52,7 +55,8 @@ class OffsetTracker:
             return None
         entry = [offset, False]
         partition.order.append(entry)
-        partition.by_offset[offset] = entry
+        partition.by_offset.setdefault(offset, []).append(entry)
+        partition.unsettled += 1
         return partition.generation
 
     def done(self, tp: TopicPartition, offset: int, generation: int) -> int | None:
@@ -60,10 +64,13 @@ class OffsetTracker:
         partition = self._partitions.get(tp)
         if partition is None or partition.generation != generation:
             return None
-        entry = partition.by_offset.pop(offset, None)
-        if entry is None:
+        entries = partition.by_offset.get(offset)
+        if not entries:
             return None
-        entry[1] = True
+        entries.pop(0)[1] = True  # (an offset handed out again settles in turn: none is left behind)
+        if not entries:
+            del partition.by_offset[offset]
+        partition.unsettled -= 1
         committable = None
         while partition.order and partition.order[0][1]:
             committable = partition.order.popleft()[0] + 1
@@ -100,4 +107,4 @@ class OffsetTracker:
 
     def in_flight(self) -> int:
         """How many handed-out records are not settled yet."""
-        return sum(len(p.by_offset) for p in self._partitions.values())
+        return sum(p.unsettled for p in self._partitions.values())
