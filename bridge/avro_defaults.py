@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import struct
 from typing import Any
 
 from fastavro import parse_schema
@@ -40,8 +41,8 @@ def check_defaults(schema: dict[str, Any]) -> None:
         for f in node.get("fields", ()) if node["type"] in ("record", "error") else ():
             if "default" not in f:
                 continue
-            try:
-                value_of(names, f["type"], f["default"], namespace, logical=True)
+            try:  # (the underlying type only, as Java's Avro: a logical type's sentinel loads)
+                value_of(names, f["type"], f["default"], namespace, logical=False)
             except _NotAValue as exc:
                 kind = kind_of(f["type"])
                 why = str(exc) or ("fits no type of its union" if kind == "union" else f"is no {kind}")
@@ -71,8 +72,8 @@ def value_of(names: Names, node: Any, default: Any, namespace: str | None, *, lo
         return value
     try:  # (fastavro's own reader of the logical type: the value decoding would give)
         return read(value, annotated, annotated)
-    except Exception as exc:  # ValueError, OverflowError, ...: whatever the reader raises
-        raise _NotAValue(f"cannot be read as a {annotation}: {exc}") from None
+    except Exception:  # ValueError, OverflowError, ...: a sentinel (a uuid of "") reads as it is
+        return value
 
 
 def _plain(names: Names, node: Any, kind: str, default: Any, namespace: str | None, logical: bool) -> Any:
@@ -84,9 +85,10 @@ def _plain(names: Names, node: Any, kind: str, default: Any, namespace: str | No
             return default
     elif kind in ("float", "double"):
         if numeric or default in ("NaN", "Infinity", "-Infinity"):
-            try:
-                return float(default)
-            except OverflowError:  # (an integer beyond any double)
+            try:  # (a float reads back rounded to 32 bits, as a producer's write of it would)
+                number = float(default)
+                return struct.unpack("<f", struct.pack("<f", number))[0] if kind == "float" else number
+            except OverflowError:  # (an integer beyond any double, or a float's range)
                 pass
     elif kind in ("bytes", "fixed"):  # (a string of code points 0 to 255, one per byte)
         fits = isinstance(default, str) and all(ord(c) < 256 for c in default)
@@ -127,6 +129,9 @@ class _Default:
     def __init__(self, value: Any) -> None:
         self.value = value
         self.shared = not isinstance(value, (list, dict))  # (immutable: one object serves all)
+
+    def __float__(self) -> float:  # (fastavro 1.9's parse calls float() on a float's default)
+        return 0.0
 
     def fresh(self) -> Any:
         return self.value if self.shared else copy.deepcopy(self.value)

@@ -8,7 +8,6 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import MappingProxyType
 from typing import Any
 
 from bridge.envelope import LONGEST_S, Envelope, JobError
@@ -51,9 +50,9 @@ class JobContext:
 
     @property
     def headers(self) -> Mapping[str, str]:
-        """Read-only: a handler's write went into the job's retry, or, not a string, failed it
+        """A copy: a handler's write went into the job's retry, or, not a string, failed it
         every time before its attempt was counted."""
-        return MappingProxyType(self._envelope.headers)
+        return dict(self._envelope.headers)
 
     @property
     def key(self) -> str | None:

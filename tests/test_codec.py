@@ -550,8 +550,6 @@ BAD_DEFAULTS: list[tuple[Any, Any, str]] = [
     ({"type": "map", "values": "int"}, [], "is no map"),
     ({"type": "enum", "name": "E", "symbols": ["A", "B"]}, "Z", '"Z" is no enum'),
     ({"type": "enum", "name": "E", "symbols": ["A"], "default": "Z"}, "A", 'x.E: its default "Z" is not'),
-    ({"type": "string", "logicalType": "uuid"}, "nope", '"nope" cannot be read as a uuid'),
-    (MONEY, "\u0001" * 9, "cannot be read as a decimal"),
 ]  # fmt: skip
 
 
@@ -575,7 +573,8 @@ def test_a_schema_directory_refuses_a_default_its_field_cannot_hold(
 
 # A field's type, its default, and the value a job written without the field reads it as.
 ADDED_DEFAULTS: list[tuple[Any, Any, Any]] = [
-    ("bytes", "\u00ff\u0000", b"\xff\x00"), ("double", 1, 1.0), ("long", 7, 7),
+    ("bytes", "\u00ff\u0000", b"\xff\x00"), ("double", 1, 1.0), ("float", 0.1, 0.10000000149011612),
+    ({"type": "string", "logicalType": "uuid"}, "", ""),  # (a sentinel Java loads: read as it is)
     ({"type": "fixed", "name": "F", "size": 2}, "ab", b"ab"),
     ({"type": "long", "logicalType": "timestamp-millis"}, 1000, datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)),
     (MONEY, "\u0004\u00d2", Decimal("12.34")),

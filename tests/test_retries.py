@@ -285,7 +285,8 @@ def test_a_handler_letting_out_stop_iteration_or_generator_exit_fails_its_job_an
 
 def test_a_handler_cannot_change_its_jobs_headers_or_errors(queue: str) -> None:
     # Given a handler that tries to write into its context's headers and errors, then fails,
-    # When its job runs with max_attempts=2, Then each write raises, the job runs twice and is
+    # When its job runs with max_attempts=2, Then the writes to errors raise, the headers it
+    # gets are a copy, and the job runs twice and is
     # dead-lettered with its headers as enqueued. (The context handed out the envelope's own
     # dict and list: a value that was no string made every retry fail to encode, and the job ran
     # again and again at attempt 1; a string went into the retry.)
@@ -308,7 +309,7 @@ def test_a_handler_cannot_change_its_jobs_headers_or_errors(queue: str) -> None:
         raise ValueError("failed")
 
     run(enqueue_and_drain(app, {"payload": {"n": 1}, "headers": {"from": "test"}}), timeout=30)
-    assert refused == [1, 1, 1, 2, 2, 2]
+    assert refused == [1, 1, 2, 2]  # (headers are a copy: a write reaches nothing)
     [letter] = testing.dead_letters(app, queue)
     assert letter.reason == "exhausted" and letter.envelope is not None
     assert letter.envelope.headers == {"from": "test"} and len(letter.envelope.errors) == 2
