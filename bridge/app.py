@@ -379,9 +379,8 @@ class Bridge:
     def close(self) -> None:
         """Close the sync API's transport and its loop thread."""
         if self._portal is not None and self._portal.pid != os.getpid():
-            self._portal = (
-                None  # a forked child's: the parent's thread, which closing waited for, is not here
-            )
+            # (a forked child's: the parent's loop thread, which closing waited for, is not here)
+            self._portal = None
         if self._portal is not None:
             self._portal.run(self.aclose())
             self._portal.stop()
