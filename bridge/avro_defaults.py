@@ -99,12 +99,12 @@ def _plain(names: Names, node: Any, kind: str, default: Any, namespace: str | No
     elif kind == "map" and isinstance(default, dict):
         return {k: value_of(names, node["values"], v, namespace, logical=logical) for k, v in default.items()}
     elif kind in ("record", "error") and isinstance(default, dict):
-        fields = node["fields"]
-        if all(f["name"] in default or "default" in f for f in fields):
+        # (each field given, or with a default of its own)
+        given = {f["name"]: default.get(f["name"], f.get("default")) for f in node["fields"]}
+        if all(f["name"] in default or "default" in f for f in node["fields"]):
             return {
-                f["name"]: value_of(names, f["type"], v, namespace, logical=logical)
-                for f in fields
-                for v in [default[f["name"]] if f["name"] in default else f["default"]]
+                f["name"]: value_of(names, f["type"], given[f["name"]], namespace, logical=logical)
+                for f in node["fields"]
             }
     elif (
         (kind == "enum" and default in node["symbols"])
