@@ -536,8 +536,9 @@ def _key(envelope: Envelope, delivery: Delivery) -> str | bytes | None:
 def _returned(delivery: Delivery) -> str:
     return (
         f"it came back to {delivery.queue} {delivery.returns} times without an outcome: each time "
-        "the worker holding it stopped first (killed, out of memory, a crash outside Python) or "
-        "lost its connection to the broker; dead-lettered so that it stops doing that again"
+        "the worker holding it stopped first (killed, out of memory, a crash outside Python), "
+        "lost its connection to the broker or could not publish its outcome; dead-lettered so "
+        "that it stops doing that again"
     )
 
 

@@ -240,6 +240,18 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run([*RABBITMQCTL, "-q", *args], check=True, capture_output=True)
 
 
+def close_rabbitmq_connections(named: str) -> int:
+    """Have RabbitMQ close every connection whose client named it `named`; how many it closed."""
+    listed = subprocess.run(
+        [*RABBITMQCTL, "-q", "list_connections", "pid", "client_properties"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    pids = [line.split("\t")[0] for line in listed.stdout.splitlines() if f'"{named}"' in line]
+    for pid in pids:
+        rabbitmqctl("close_connection", pid, "closed by a test")
+    return len(pids)
+
+
 @contextmanager
 def rabbitmq_settings(**values: int) -> Iterator[None]:
     """RabbitMQ's `rabbit` application settings at `values` (for the channels opened meanwhile),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import shlex
 import signal
+import socket
 import time
 import uuid
 from collections import Counter
@@ -27,6 +29,7 @@ from bridge.transports.base import tier_queue
 from bridge.transports.rabbitmq import QUORUM
 from bridge.worker import Stats
 from tests.brokerio import (
+    close_rabbitmq_connections,
     dead_letters,
     delete_queue,
     envelopes_in,
@@ -216,6 +219,13 @@ def test_deliveries_held_for_a_slot_when_consume_stops_go_back_unrun(
     assert sorted(e["id"] for e in envelopes_in(app, queue)) == sorted(ids)
 
 
+def _unacked(queue: str) -> int | None:
+    """Messages of `queue` not acknowledged yet, ready or delivered; None before RabbitMQ's HTTP
+    API has a figure (its figures lag by up to its statistics interval, 5 s)."""
+    messages = rabbitmq_api(f"queues/%2F/{queue}").get("messages")
+    return messages if isinstance(messages, int) else None
+
+
 async def _ready_count(url: str, queue: str) -> int:
     """Messages in `queue` ready for delivery (not counting those delivered and unacknowledged)."""
     connection = await aio_pika.connect(url)
@@ -232,11 +242,11 @@ def test_a_dead_letter_rabbitmq_keeps_refusing_stops_the_consumer_and_loses_noth
 ) -> None:
     # Given a job that must be dead-lettered, and its dead-letter queue full (a max-length
     # policy with reject-publish: RabbitMQ nacks every publish to it),
-    # When consumed, Then settling tries the dead letter again for REFUSED_PATIENCE_S (0.5 s
+    # When consumed, Then settling tries the dead letter again for SETTLE_PATIENCE_S (0.5 s
     # here), then consume stops with an error naming the queue and the refusal,
     # And once the queue takes publishes again, the next run dead-letters the job: it was kept.
     # (The nack was reported as "no queue is bound ...: run `bridge topology apply`".)
-    monkeypatch.setattr(rabbitmq, "REFUSED_PATIENCE_S", 0.5)
+    monkeypatch.setattr(rabbitmq, "SETTLE_PATIENCE_S", 0.5)
     url = brokers["rabbitmq"]
     [job_id] = run(publish(url, queue, 1))
     app = failing_app(url, queue)
@@ -263,20 +273,60 @@ def test_a_dead_letter_refused_until_its_queue_drains_goes_out_then(
     async def scenario() -> int:
         async with app:
             consuming = asyncio.create_task(app.consume(burst=True))
-            deadline = asyncio.get_running_loop().time() + 30
-            while not any("refused the publish" in r.getMessage() for r in caplog.records):
-                if consuming.done():
-                    await consuming  # it ended before any refusal: its error, if any, says why
-                    raise AssertionError("consume ended, and no dead letter was refused")
-                assert asyncio.get_running_loop().time() < deadline, "the dead letter was never refused"
-                await asyncio.sleep(0.02)
-            await purge(url, dlq_name(queue))
-            return (await consuming).dead_lettered
+            return await _purged_once_refused(consuming, caplog, url, dlq_name(queue))
 
     with caplog.at_level(logging.WARNING, logger="bridge.rabbitmq"), full(url, dlq_name(queue)):
         assert run(scenario()) == 1
     [letter] = dead_letters(app, queue)
     assert letter.envelope is not None and letter.envelope.id == job_id
+
+
+def test_a_dead_letter_blocked_in_an_alarm_longer_than_refusals_are_tried_is_still_tried_again(
+    brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given refused publishes tried again for 1 s, a job that must be dead-lettered, its
+    # dead-letter queue full, and RabbitMQ in a disk alarm for 1.5 s after the job ran,
+    # When the dead letter, blocked until then, is refused, and the queue is purged,
+    # Then the dead letter goes out: the 1 s counts from the refusal, not from the publish.
+    # (The alarm had used it up: the first refusal stopped the consumer.)
+    monkeypatch.setattr(rabbitmq, "SETTLE_PATIENCE_S", 1.0)
+    url = brokers["rabbitmq"]
+    [job_id] = run(publish(url, queue, 1))
+    app = Bridge(broker=url, registry=str(SCHEMAS))
+    ran = asyncio.Event()
+
+    @app.job("test.Echo", queue=queue, max_attempts=1)
+    async def broken(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.set()
+        raise ValueError("bad")
+
+    async def scenario() -> int:
+        async with app:
+            with rabbitmq_disk_alarm():
+                consuming = asyncio.create_task(app.consume(burst=True))
+                await asyncio.wait_for(ran.wait(), 30)
+                await asyncio.sleep(1.5)
+            return await _purged_once_refused(consuming, caplog, url, dlq_name(queue))
+
+    with caplog.at_level(logging.WARNING, logger="bridge.rabbitmq"), full(url, dlq_name(queue)):
+        assert run(scenario(), timeout=60) == 1
+    [letter] = dead_letters(app, queue)
+    assert letter.envelope is not None and letter.envelope.id == job_id
+
+
+async def _purged_once_refused(
+    consuming: asyncio.Task[Stats], caplog: pytest.LogCaptureFixture, url: str, dlq: str
+) -> int:
+    """Purge `dlq` once the log says a publish was refused; the jobs `consuming` dead-lettered."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while not any("refused the publish" in r.getMessage() for r in caplog.records):
+        if consuming.done():
+            await consuming  # it ended before any refusal: its error, if any, says why
+            raise AssertionError("consume ended, and no dead letter was refused")
+        assert asyncio.get_running_loop().time() < deadline, "the dead letter was never refused"
+        await asyncio.sleep(0.02)
+    await purge(url, dlq)
+    return (await consuming).dead_lettered
 
 
 def test_topology_apply_binds_a_queue_made_elsewhere_as_it_is_and_retries_come_back_to_it(
@@ -631,6 +681,124 @@ def test_an_enqueue_that_rabbitmq_blocks_fails_in_bounded_time_and_the_next_goes
     assert f"did not confirm the publish to {queue} within 1 s" in str(error)
     assert "memory or disk alarm" in str(error) and error.retriable
     assert job_id in {envelope["id"] for envelope in envelopes_in(app, queue)}
+
+
+@pytest.mark.parametrize("patience_s", [10.0, 0.0], ids=["goes out", "given back"])
+def test_a_retry_whose_connection_is_lost_goes_out_once_it_is_back_or_its_job_runs_again(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch, patience_s: float
+) -> None:
+    # Given settling that tries a failed publish again for `patience_s`, and five jobs, of
+    # which job 1, on its first run, has RabbitMQ close the app's publishing connection (its
+    # consuming one stays) and then fails,
+    # When they are consumed, the connection coming back 5 s after it was lost,
+    # Then with 10 s, its retry goes out once the connection is back, and runs as attempt 2;
+    # with none, its delivery is given back at once, and runs again as attempt 1. The others
+    # run once, and nothing is dead-lettered.
+    # (Left unacknowledged, it came back only at RabbitMQ's consumer_timeout.)
+    monkeypatch.setattr(rabbitmq, "SETTLE_PATIENCE_S", patience_s)
+    monkeypatch.setattr(rabbitmq, "RECONNECT_INTERVAL_S", 5.0)  # (rabbitmqctl returns well within it)
+    url = brokers["rabbitmq"]
+    app = own_app(url)
+    attempts: dict[int, list[int]] = {n: [] for n in range(5)}
+    publishing = f"bridge publish {socket.gethostname()}:{os.getpid()}"
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        attempts[payload["n"]].append(ctx.attempt)
+        if payload["n"] == 1 and attempts[1] == [1]:
+            assert await asyncio.to_thread(close_rabbitmq_connections, publishing) == 1
+            raise ValueError("its retry finds no connection to go out on")
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.apply_topology()
+            for n in range(5):
+                await app.enqueue_async("test.Echo", {"n": n})
+            return await app.consume(burst=True, concurrency=2)
+
+    stats = run(scenario(), timeout=60)
+    again = 2 if patience_s else 1
+    assert attempts == {0: [1], 1: [1, again], 2: [1], 3: [1], 4: [1]}
+    assert stats.dead_lettered == 0
+    assert dead_letters(app, queue) == []
+
+
+def test_a_worker_whose_user_may_not_publish_to_a_delay_tier_stops_saying_so_and_keeps_the_job(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a RabbitMQ user that may publish anywhere but to the delay tiers, and a job that fails,
+    # When it is consumed with that user,
+    # Then consume stops with an error naming the tier and the permission to grant (RabbitMQ
+    # refuses every retry there alike: going on would run job after job to no end),
+    # And the job is kept: it is in its queue again. (It was taken for a passing fault.)
+    url = brokers["rabbitmq"]
+    app = own_app(url)
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    tiers = re.escape(f"{app.settings.prefix}.delay.")
+    app_as_user = Bridge(
+        broker=url.replace("guest:guest@", f"{user}:{user}@"), registry=str(SCHEMAS),
+        prefix=app.settings.prefix, delay_tiers="1s",
+    )  # fmt: skip
+    failing_first(app_as_user, queue, lambda: ValueError("again, later"))
+
+    async def enqueue() -> str:
+        async with app:
+            await app.apply_topology([queue])
+            return await app.enqueue_async("test.Echo", {"n": 1}, queue=queue)
+
+    job_id = run(enqueue())
+    rabbitmqctl("add_user", user, user)
+    try:
+        rabbitmqctl("set_permissions", "-p", "/", user, ".*", f"^(?!{tiers}).*", ".*")
+        with pytest.raises(TransportError, match=f"refused this user a publish to exchange {tiers}1s: grant"):
+            run(consume(app_as_user), timeout=60)
+    finally:
+        rabbitmqctl("delete_user", user)
+    assert [envelope["id"] for envelope in envelopes_in(app, queue)] == [job_id]
+
+
+def test_a_worker_in_a_disk_alarm_acknowledges_what_needs_no_publish_and_stops_when_asked(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given four jobs, of which job 1 fails, and RabbitMQ in a disk alarm (it stops reading
+    # from a connection once it publishes): job 1's retry waits for the alarm to end,
+    # When the others have run, 0.5 s after job 1, and consume is stopped (0.5 s of grace),
+    # Then consume ends within seconds, and so does the app's close, in the alarm still;
+    # And once the alarm is over, only job 1 is back in the queue: the other three were
+    # acknowledged during the alarm. (Acks shared job 1's blocked connection: they waited,
+    # and so did the stop, for the alarm's end.)
+    url = brokers["rabbitmq"]
+    ids = run(publish(url, queue, 4))
+    app = Bridge(broker=url, registry=str(SCHEMAS), concurrency=4, grace_s=0.5)
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+        if payload["n"] == 1:
+            raise ValueError("its retry waits for the alarm")
+        await asyncio.sleep(0.5)  # (job 1's retry went out, and its connection is blocked)
+
+    async def scenario() -> tuple[float, float]:
+        stop = asyncio.Event()
+        async with app:
+            consuming = asyncio.create_task(app.consume(stop=stop))
+            deadline = asyncio.get_running_loop().time() + 20
+            while len(ran) < 4 or _unacked(queue) != 1:
+                assert not consuming.done(), consuming.result()
+                assert asyncio.get_running_loop().time() < deadline, f"ran {ran}; acks never went out"
+                await asyncio.sleep(0.05)
+            started = time.monotonic()
+            stop.set()
+            await consuming
+            stopped = time.monotonic()
+        return stopped - started, time.monotonic() - stopped
+
+    with rabbitmq_disk_alarm():
+        stopped_in_s, closed_in_s = run(scenario(), timeout=30)
+    assert stopped_in_s < 3.0  # (0.5 s of grace)
+    assert closed_in_s < 6.0  # (no answer to the close: 1 s for the channel, 2 s for the connection)
+    assert [e["id"] for e in envelopes_in(app, queue)] == [ids[1]]
 
 
 def test_dead_letters_stay_however_often_they_are_listed(brokers: dict[str, str], queue: str) -> None:

@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -107,6 +108,10 @@ NO_QUEUE = (
 )
 DEFAULT_LIMIT_FROM = 4  # RabbitMQ's major version that brought the default limit
 CONNECT_TIMEOUT_S = 10.0
+# How long close() waits for RabbitMQ to close the publish channel. In a memory or disk alarm
+# nothing more is sent on a connection that published (aiormq waits for the unblock), and
+# closing the connection closes the channel anyway.
+CHANNEL_CLOSE_TIMEOUT_S = 1.0
 DRAIN_CHECK_S = 0.1
 RECONNECT_INTERVAL_S = 1.0
 # Deliveries held per slot, unless the `prefetch` setting says otherwise (Dramatiq's default;
@@ -117,11 +122,12 @@ RECONNECT_INTERVAL_S = 1.0
 # waiting for a slot when consume stops is not started: it goes back to the queue.
 PREFETCH_PER_SLOT = 2
 # How long settling a delivery tries again a publish (a retry, delay or dead letter) that
-# RabbitMQ refuses, before the consumer stops: a queue at its length limit may drain, and a
-# quorum queue may elect a leader. Left unsettled, the delivery would hold a prefetch slot
-# for as long as the channel lives.
-REFUSED_PATIENCE_S = 10.0
-REFUSED_WAIT_MAX_S = 2.0
+# RabbitMQ refuses, or that finds the publishing connection lost or its channel closed: a
+# queue at its length limit may drain, a quorum queue may elect a leader, a connection comes
+# back within a second or two. Then a refusal stops the consumer, and the delivery is left
+# unsettled; any other failure gives the delivery back to run again.
+SETTLE_PATIENCE_S = 10.0
+SETTLE_WAIT_MAX_S = 2.0
 # How RabbitMQ (3.8.15 to 4.2) words the closing of a channel whose delivery waited too long.
 ACK_TIMEOUT = re.compile(r"delivery acknowledgement on channel \d+ timed out\. Timeout value used: (\d+) ms")
 
@@ -152,15 +158,23 @@ class RabbitTransport:
         with _mapped(
             f"cannot reach RabbitMQ at {safe_url(self.url)}; is it running? (`bridge dev up` starts one)"
         ):
-            self._connection = await self._open_connection()
+            self._connection = await self._open_connection("publish")
             self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._exchange = await self._declare_exchange(self._channel)
 
-    async def _open_connection(self) -> AbstractRobustConnection:
-        """A connection, or a TransportError that says what RabbitMQ refused, if it answered."""
+    async def _open_connection(self, role: str) -> AbstractRobustConnection:
+        """A connection, or a TransportError that says what RabbitMQ refused, if it answered.
+
+        Named for its `role` and process, as RabbitMQ's management UI and `rabbitmqctl
+        list_connections client_properties` show it: `bridge publish host:pid`.
+        """
+        name = f"bridge {role} {socket.gethostname()}:{os.getpid()}"
         try:
             return await aio_pika.connect_robust(
-                self.url, timeout=CONNECT_TIMEOUT_S, reconnect_interval=RECONNECT_INTERVAL_S
+                self.url,
+                timeout=CONNECT_TIMEOUT_S,
+                reconnect_interval=RECONNECT_INTERVAL_S,
+                client_properties={"connection_name": name},
             )
         except aiormq.exceptions.ProbableAuthenticationError as exc:
             raise TransportError(
@@ -185,7 +199,8 @@ class RabbitTransport:
     async def close(self) -> None:
         if self._channel is not None:
             with _ignored():
-                await self._channel.close()
+                async with asyncio.timeout(CHANNEL_CLOSE_TIMEOUT_S):
+                    await self._channel.close()
         if self._connection is not None:
             await self._connection.close()
             # aio-pika runs close callbacks in tasks of their own: let them finish on this loop.
@@ -255,6 +270,12 @@ class RabbitTransport:
                 f"RabbitMQ refused the publish to {into}: is it at a length limit (a max-length "
                 f"policy with reject-publish), or without a quorum? ({exc.frame!r})"
             ) from exc
+        except aiormq.exceptions.ChannelAccessRefused as exc:  # 403: no write permission there
+            raise PublishError(
+                f"RabbitMQ refused this user a publish to exchange {exchange}: grant it write"
+                f" permission there (rabbitmqctl set_permissions) ({exc})",
+                retriable=False,
+            ) from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:  # 404: the exchange is gone
             # (Retried, it left its delivery unacknowledged for good, holding a prefetch slot.)
             raise PublishError(
@@ -295,10 +316,18 @@ class RabbitTransport:
             )
 
     async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
-        for message in publish:
-            await self._publish_patiently(message)  # confirmed before the original is acked
         incoming: DeliveredMessage = delivery.handle
         assert incoming.delivery_tag is not None  # (None only on returned messages)
+        try:
+            for message in publish:
+                await self._publish_patiently(message)  # confirmed before the original is acked
+        except TransportError as exc:
+            if exc.retriable:  # (else the worker stops, and its channel closes)
+                # Left unacknowledged on a channel that lives on, it would hold a prefetch
+                # slot until RabbitMQ's consumer_timeout (30 min) gave it back.
+                with _ignored():  # (its channel gone, the broker gives it back anyway)
+                    await incoming.channel.basic_nack(incoming.delivery_tag, requeue=True)
+            raise
         try:
             await incoming.channel.basic_ack(incoming.delivery_tag)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
@@ -306,23 +335,30 @@ class RabbitTransport:
             log.warning("ack lost for a delivery from %s (%r); it will be redelivered", delivery.queue, exc)
 
     async def _publish_patiently(self, message: Outgoing) -> None:
-        """Publish, trying again while RabbitMQ refuses it, for up to REFUSED_PATIENCE_S.
+        """Publish, trying again for up to SETTLE_PATIENCE_S after the first failure that may
+        pass (a refusal, a lost connection, a closed channel): a publish that waited out an
+        alarm did not fail.
 
         Still refused then, it raises a PublishRefused that is not retriable: the consumer
         stops, and the delivery comes back once the queue takes publishes again.
         """
-        wait_s, deadline = 0.1, time.monotonic() + REFUSED_PATIENCE_S
+        wait_s, deadline = 0.1, None
         while True:
             try:
                 await self._publish(message)
                 return
-            except PublishRefused as exc:
+            except TransportError as exc:
+                if not exc.retriable:
+                    raise
+                deadline = deadline or time.monotonic() + SETTLE_PATIENCE_S
                 if time.monotonic() + wait_s > deadline:
-                    last = f"{exc}; refused for {REFUSED_PATIENCE_S:g} s"
-                    raise PublishRefused(last, retriable=False) from exc
+                    if isinstance(exc, PublishRefused):
+                        last = f"{exc}; refused for {SETTLE_PATIENCE_S:g} s"
+                        raise PublishRefused(last, retriable=False) from exc
+                    raise
                 log.warning("%s; trying again in %.1f s", exc, wait_s)
                 await asyncio.sleep(wait_s)
-                wait_s = min(wait_s * 2, REFUSED_WAIT_MAX_S)
+                wait_s = min(wait_s * 2, SETTLE_WAIT_MAX_S)
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -337,7 +373,29 @@ class RabbitTransport:
         grace_s: float = 30.0,
     ) -> None:
         assert self._connection is not None, "consume() before connect()"
-        channel = await self._connection.channel(publisher_confirms=False)
+        # A connection of its own, as RabbitMQ advises: in a memory or disk alarm it stops
+        # reading from a connection that publishes, and the acks and cancels sent on it would
+        # wait with the publish. Apart, a worker acknowledges what needs no publish, and stops
+        # when asked, alarm or not.
+        with _mapped(f"cannot reach RabbitMQ at {safe_url(self.url)} to consume"):
+            connection = await self._open_connection("consume")
+        try:
+            await self._consume_on(connection, queues, process, concurrency, stop, burst, grace_s)
+        finally:
+            with _ignored():
+                await connection.close()
+
+    async def _consume_on(
+        self,
+        connection: AbstractRobustConnection,
+        queues: Sequence[str],
+        process: Process,
+        concurrency: int,
+        stop: asyncio.Event,
+        burst: bool,
+        grace_s: float,
+    ) -> None:
+        channel = await connection.channel(publisher_confirms=False)
         channel.close_callbacks.add(lambda _, exc: _explain_close(queues, exc))
         # (Settings check prefetch >= concurrency; `max` covers a `consume(concurrency=...)` above
         # it, and `min` AMQP's limit, which twice a large concurrency may pass.)
@@ -628,18 +686,22 @@ class RabbitTransport:
     ) -> bool:
         """Whether RabbitMQ takes a declaration of queue `name` made `how`, or answers `refused`.
 
-        On a channel of its own: a refused declaration closes its channel.
+        On a channel of its own: a refused declaration closes its channel. No answer (the
+        connection lost) is a TransportError that may be retried.
         """
         assert self._connection is not None
-        channel = await self._connection.channel()
         try:
-            await channel.declare_queue(name, **how)
-            return True
-        except refused:
-            return False
-        finally:
-            with _ignored():
-                await channel.close()
+            channel = await self._connection.channel()
+            try:
+                await channel.declare_queue(name, **how)
+                return True
+            except refused:
+                return False
+            finally:
+                with _ignored():
+                    await channel.close()
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            raise TransportError(f"RabbitMQ did not say whether queue {name} exists ({exc!r})") from exc
 
     def _major_version(self) -> int:
         """The major version RabbitMQ gave when the connection opened (0 if it did not say)."""
