@@ -82,7 +82,8 @@ def test_a_consumer_waits_out_rabbitmq_unreachable_and_says_so_once_per_kind(
     # Given 300 jobs and a consumer connected to RabbitMQ through a proxy,
     # When the proxy cuts its connection after 100 runs and refuses new ones for 3 s,
     # Then the consumer reconnects once RabbitMQ is reachable and every job runs, and aio-pika's
-    # reconnect attempts (a "closed" and a "failed" line a second) are logged once of each kind;
+    # reconnect attempts (a "closed" and a "failed" line a second) are logged once of each kind
+    # for each of the app's two connections (publishing and consuming, each named in its URL);
     # the client libraries log no error and no traceback for the drop. (aio-pika logged an
     # ERROR for each channel that could not reopen itself on the dropped connection, and aiormq
     # the reset's traceback.)
@@ -111,9 +112,10 @@ def test_a_consumer_waits_out_rabbitmq_unreachable_and_says_so_once_per_kind(
     assert cut.is_set()
     assert set(ids) <= done
     lines = [r.getMessage() for r in caplog.records if r.name == "aio_pika.robust_connection"]
-    closed = [line for line in lines if "closed. Reconnecting after" in line]
-    failed = [line for line in lines if line.startswith("Connection attempt to") and "failed" in line]
-    assert len(closed) == 1 and len(failed) == 1, lines
+    for role in ("publish", "consume"):
+        closed = [line for line in lines if "closed. Reconnecting after" in line and role in line]
+        failed = [line for line in lines if line.startswith("Connection attempt to") and role in line]
+        assert len(closed) == 1 and len(failed) == 1, lines
     clients = [r for r in caplog.records if r.name.startswith(("aio_pika", "aiormq"))]
     assert not [r.getMessage() for r in clients if r.levelno >= logging.ERROR]
     assert not [r.getMessage() for r in clients if r.exc_info], "a traceback for the drop"

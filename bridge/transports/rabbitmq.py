@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
@@ -166,15 +166,16 @@ class RabbitTransport:
         """A connection, or a TransportError that says what RabbitMQ refused, if it answered.
 
         Named for its `role` and process, as RabbitMQ's management UI and `rabbitmqctl
-        list_connections client_properties` show it: `bridge publish host:pid`.
+        list_connections client_properties` show it: `bridge publish host:pid`, unless the
+        URL names its connections itself (`?name=`, which aiormq reads).
         """
-        name = f"bridge {role} {socket.gethostname()}:{os.getpid()}"
+        url, parts = self.url, urlsplit(self.url)
+        if "name" not in dict(parse_qsl(parts.query)):
+            name = urlencode({"name": f"bridge {role} {socket.gethostname()}:{os.getpid()}"}, quote_via=quote)
+            url = urlunsplit(parts._replace(query=f"{parts.query}&{name}".lstrip("&")))
         try:
             return await aio_pika.connect_robust(
-                self.url,
-                timeout=CONNECT_TIMEOUT_S,
-                reconnect_interval=RECONNECT_INTERVAL_S,
-                client_properties={"connection_name": name},
+                url, timeout=CONNECT_TIMEOUT_S, reconnect_interval=RECONNECT_INTERVAL_S
             )
         except aiormq.exceptions.ProbableAuthenticationError as exc:
             raise TransportError(
