@@ -7,12 +7,13 @@ Publishing: one channel with publisher confirms; every publish is mandatory, so 
 no queue takes comes back and raises instead of being confirmed into the void. Many publishes
 may be in flight at once; each returns when its own confirm arrives.
 
-Consuming: a channel whose prefetch equals the concurrency, manual ack only after the outcome
-(and anything it publishes) is confirmed. A message that came back (its `x-delivery-count`) is
-taken and run alone: see `_take_returns`. Deliveries come from aiormq, under aio-pika: building
-aio-pika's message object cost more than everything bridge does for a no-op job. The
-connection is robust: after a drop it reconnects and reopens the channel, and the consumers
-are started again on it; deliveries of the dead channel are redelivered by the broker.
+Consuming: on a connection of its own (see `consume`), a channel with a prefetch of twice the
+concurrency unless set, manual ack only after the outcome (and anything it publishes) is
+confirmed. A message that came back (its `x-delivery-count`) is taken and run alone: see
+`_take_returns`. Deliveries come from aiormq, under aio-pika: building aio-pika's message
+object cost more than everything bridge does for a no-op job. The connections are robust:
+after a drop each reconnects and reopens its channel, and the consumers are started again on
+it; deliveries of the dead channel are redelivered by the broker.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ ACK_TIMEOUT = re.compile(r"delivery acknowledgement on channel \d+ timed out\. T
 
 
 class RabbitTransport:
-    """A robust connection with a confirming publish channel and, while consuming, a consume channel."""
+    """A robust connection with a confirming publish channel and, while consuming, another
+    connection with a consume channel."""
 
     name = "rabbitmq"
 
@@ -190,7 +192,8 @@ class RabbitTransport:
             vhost = unquote(urlsplit(self.url).path.removeprefix("/")) or "/"
             raise TransportError(
                 f"RabbitMQ at {safe_url(self.url)} would not open virtual host {vhost!r} for this"
-                " user: does it exist, and may the user use it?",
+                " user: does it exist, may the user use it, and is it below its connection limit"
+                " (a worker holds two)?",
                 retriable=False,
             ) from exc
 
@@ -215,8 +218,8 @@ class RabbitTransport:
         PUBLISH_TIMEOUT_S (while it is unreachable, or blocks publishers in a memory or disk
         alarm), as Kafka's `message.timeout.ms` does: an enqueue fails rather than waits for good.
 
-        A worker settling a delivery publishes through `_publish`, without the bound: it waits
-        for the broker, and takes no new work meanwhile.
+        A worker settling a delivery publishes through `_publish_patiently`, without the bound:
+        it waits for the broker, holding the delivery's slot meanwhile.
         """
         # A job put straight in a tier, delayed, would come back under the tier's name and be
         # dropped there (see `missing`); not delayed, no queue is bound by that name.
@@ -272,9 +275,10 @@ class RabbitTransport:
                 f"policy with reject-publish), or without a quorum? ({exc.frame!r})"
             ) from exc
         except aiormq.exceptions.ChannelAccessRefused as exc:  # 403: no write permission there
+            # (Not naming `exchange`: every publish in flight on the channel gets the one error.)
             raise PublishError(
-                f"RabbitMQ refused this user a publish to exchange {exchange}: grant it write"
-                f" permission there (rabbitmqctl set_permissions) ({exc})",
+                f"RabbitMQ refused this user a publish: grant it write permission on the exchange"
+                f" RabbitMQ names (rabbitmqctl set_permissions): {exc}",
                 retriable=False,
             ) from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:  # 404: the exchange is gone
