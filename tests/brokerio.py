@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import random
@@ -195,7 +196,6 @@ async def _drain_rabbit_queue(url: str, queue: str) -> list[bytes]:
 
 # The RabbitMQ under test: the local one, or the one `make pytest-rabbitmq4` starts beside it.
 RABBITMQ_API = os.environ.get("BRIDGE_TEST_RABBITMQ_API", "http://127.0.0.1:15672/api")
-RABBITMQCTL = shlex.split(os.environ.get("BRIDGE_TEST_RABBITMQCTL", "rabbitmqctl"))
 TEST_NAMES = re.compile(r"^(t-[0-9a-f]{12}|p[0-9a-f]{8}\.)")
 
 
@@ -235,15 +235,31 @@ def queue_arguments(queue: str) -> dict[str, Any]:
     return arguments
 
 
+@functools.cache
+def _rabbitmqctl() -> list[str]:
+    """`rabbitmqctl` of the RabbitMQ under test: BRIDGE_TEST_RABBITMQCTL if set (RabbitMQ 4's, in
+    its chroot), the container's if `bridge dev` runs RabbitMQ with docker compose, else the
+    local one."""
+    given = os.environ.get("BRIDGE_TEST_RABBITMQCTL")
+    if given:
+        return shlex.split(given)
+    from bridge.dev import compose
+
+    if compose.engine_available() and "rabbitmq" in compose.running_here():
+        in_container = ["exec", "-T", "rabbitmq", "rabbitmqctl"]
+        return ["docker", "compose", "-f", str(compose.compose_file()), *in_container]
+    return ["rabbitmqctl"]
+
+
 def rabbitmqctl(*args: str) -> None:
     """Run `rabbitmqctl -q ARGS` on the node under test."""
-    subprocess.run([*RABBITMQCTL, "-q", *args], check=True, capture_output=True)
+    subprocess.run([*_rabbitmqctl(), "-q", *args], check=True, capture_output=True)
 
 
 def close_rabbitmq_connections(named: str) -> int:
     """Have RabbitMQ close every connection whose client named it `named`; how many it closed."""
     listed = subprocess.run(
-        [*RABBITMQCTL, "-q", "list_connections", "pid", "client_properties"],
+        [*_rabbitmqctl(), "-q", "list_connections", "pid", "client_properties"],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     pids = [line.split("\t")[0] for line in listed.stdout.splitlines() if f'"{named}"' in line]
@@ -282,7 +298,7 @@ def rabbitmq_disk_alarm() -> Iterator[None]:
 def _rabbitmq_setting(name: str) -> str | None:
     """The value of RabbitMQ's `rabbit` application setting `name` as Erlang writes it; None if unset."""
     result = subprocess.run(
-        [*RABBITMQCTL, "-q", "eval", f"application:get_env(rabbit, {name})."],
+        [*_rabbitmqctl(), "-q", "eval", f"application:get_env(rabbit, {name})."],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     answer = result.stdout.strip()  # `{ok,1800000}`, or `undefined`

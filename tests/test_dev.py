@@ -34,6 +34,7 @@ import yaml
 
 from bridge import dev
 from bridge.dev import _proc, apicurio, compose, kafka, postgres, rabbitmq, redis
+from bridge.dev._common import ServiceStatus
 from bridge.errors import DevError
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
@@ -441,6 +442,66 @@ def test_a_native_kafka_written_with_other_settings_is_told_apart(tmp_path: Path
     layout.server_properties.write_text("\n".join(older) + "\n")
     changed = kafka.changed_settings(layout, kafka.DEFAULT_PORT)
     assert changed == ["group.min.session.timeout.ms", "num.partitions"]
+
+
+def test_compose_up_brings_its_own_containers_up_to_date_and_leaves_a_native_broker_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given Kafka answering as a native broker, RabbitMQ answering as a container of
+    # docker-compose.yml, and Redis not answering,
+    answering = {"kafka": True, "rabbitmq": True, "redis": False}
+    statuses = {
+        name: (lambda name=name: ServiceStatus(name, f"{name}://", answering[name], "")) for name in answering
+    }
+    monkeypatch.setattr(compose, "_STATUS", statuses)
+    monkeypatch.setattr(compose, "running_here", lambda: {"rabbitmq"})
+    calls: list[list[str]] = []
+    monkeypatch.setattr(compose, "_compose", lambda args, log: calls.append(list(args)))
+    # When `bridge dev up` runs with Docker,
+    reported = compose.up(["kafka", "rabbitmq", "redis"], quiet)
+    # Then compose is asked for RabbitMQ (it recreates a container whose settings changed, as
+    # the native path restarts such a Kafka) and Redis, never for the native Kafka, and only
+    # Redis is reported started. (A running container was skipped: it kept an older file's settings.)
+    assert calls == [["up", "-d", "--wait", "rabbitmq", "redis"]]
+    assert [(s.name, s.detail.split(" in ")[0]) for s in reported] == [
+        ("kafka", "already up"), ("rabbitmq", "already up"), ("redis", "started with docker compose"),
+    ]  # fmt: skip
+
+
+def test_compose_down_removes_the_data_its_containers_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given compose's commands recorded instead of run,
+    calls: list[list[str]] = []
+    monkeypatch.setattr(compose, "_compose", lambda args, log: calls.append(list(args)))
+    # When `bridge dev down` runs with Docker, for every service and then for one,
+    compose.down(list(compose._STATUS), quiet)
+    compose.down(["redis"], quiet)
+    # Then the containers' anonymous volumes go with them (they were left on disk, never
+    # mounted again), as README says: "`down` removes the containers and what they held".
+    assert calls == [["down", "--volumes"], ["rm", "--stop", "--force", "--volumes", "redis"]]
+
+
+def test_compose_rabbitmq_is_healthy_only_once_it_takes_connections() -> None:
+    # Given the rabbitmq service's healthcheck, Then it checks RabbitMQ's ports take connections
+    # (`rabbitmq-diagnostics ping` passes once the Erlang node runs, before they do, and the
+    # consume service and `bridge dev up` went on against a closed port).
+    [kind, command] = compose_services()["rabbitmq"]["healthcheck"]["test"]
+    assert kind == "CMD-SHELL" and "check_port_connectivity" in command and "ping" not in command
+
+
+def test_compose_runs_the_rabbitmq_and_redis_versions_the_native_path_installs(
+    brokers: dict[str, str],
+) -> None:
+    # Given the versions the native RabbitMQ and Redis report,
+    import redis as redis_py
+
+    from tests.brokerio import rabbitmq_api
+
+    native_rabbitmq = rabbitmq_api("overview")["rabbitmq_version"]
+    native_redis = redis_py.Redis.from_url(brokers["redis"]).info("server")["redis_version"]
+    # Then docker-compose.yml runs the same ones (floating tags drifted to newer patches)
+    services = compose_services()
+    assert services["rabbitmq"]["image"] == f"rabbitmq:{native_rabbitmq}-management"
+    assert services["redis"]["image"] == f"redis:{native_redis}"
 
 
 def test_compose_uses_the_bridge_checkouts_file_not_the_current_folders(

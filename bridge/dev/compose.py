@@ -53,9 +53,13 @@ def compose_file() -> Path:
 
 
 def up(names: Sequence[str], log: Log) -> list[ServiceStatus]:
-    """Start the named services that do not answer yet and wait for their healthchecks."""
+    """Start the named services that do not answer yet, bring those running as this file's
+    containers up to date with it (compose recreates one whose settings changed, as the native
+    path restarts such a Kafka), and wait for their healthchecks. A service that answers but is
+    no container of this file (a native broker) is left as it is."""
     before = {name: _STATUS[name]() for name in names}
-    todo = [name for name in names if not before[name].running]
+    ours = running_here()
+    todo = [name for name in names if not before[name].running or name in ours]
     if not todo:
         return [dataclasses.replace(before[name], detail="already up") for name in names]
     log(f"docker compose: starting {', '.join(todo)}")
@@ -63,17 +67,27 @@ def up(names: Sequence[str], log: Log) -> list[ServiceStatus]:
     _compose(["up", "-d", "--wait", *todo], log)
     detail = f"started with docker compose in {time.monotonic() - started:.1f}s"
     return [
-        dataclasses.replace(_STATUS[name](), detail=detail if name in todo else "already up")
+        dataclasses.replace(_STATUS[name](), detail="already up" if before[name].running else detail)
         for name in names
     ]
 
 
+def running_here() -> set[str]:
+    """The services of docker-compose.yml whose containers run."""
+    argv = ["docker", "compose", "-f", str(compose_file()), "ps", "--services", "--status", "running"]
+    result = run(argv, timeout_s=30)
+    if result.returncode != 0:
+        raise DevError(f"`{' '.join(argv)}` failed: {last_line(result)}")
+    return set(result.stdout.split())
+
+
 def down(names: Sequence[str], log: Log) -> list[ServiceStatus]:
-    """Stop and remove the named services' containers."""
+    """Stop and remove the named services' containers, and the anonymous volumes of their data
+    (which no later `up` would mount again)."""
     if set(names) >= set(_STATUS):
-        _compose(["down"], log)
+        _compose(["down", "--volumes"], log)
     else:
-        _compose(["rm", "--stop", "--force", *names], log)
+        _compose(["rm", "--stop", "--force", "--volumes", *names], log)
     return [_stopped(_STATUS[name]()) for name in names]
 
 
