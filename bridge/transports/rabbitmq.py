@@ -123,10 +123,11 @@ RECONNECT_INTERVAL_S = 1.0
 # waiting for a slot when consume stops is not started: it goes back to the queue.
 PREFETCH_PER_SLOT = 2
 # How long settling a delivery tries again a publish (a retry, delay or dead letter) that
-# RabbitMQ refuses, or that finds the publishing connection lost or its channel closed: a
-# queue at its length limit may drain, a quorum queue may elect a leader, a connection comes
-# back within a second or two. Then a refusal stops the consumer, and the delivery is left
-# unsettled; any other failure gives the delivery back to run again.
+# RabbitMQ refuses, or that fails in another way that may pass (its channel closed under it, a
+# look at its queue on a lost connection): a queue at its length limit may drain, a quorum
+# queue may elect a leader, a channel reopens. Then a refusal stops the consumer, and the
+# delivery is left unsettled; any other failure gives the delivery back to run again. (A
+# publish on a lost connection does not fail: aio-pika waits for the connection to be back.)
 SETTLE_PATIENCE_S = 10.0
 SETTLE_WAIT_MAX_S = 2.0
 # How RabbitMQ (3.8.15 to 4.2) words the closing of a channel whose delivery waited too long.
@@ -341,8 +342,8 @@ class RabbitTransport:
 
     async def _publish_patiently(self, message: Outgoing) -> None:
         """Publish, trying again for up to SETTLE_PATIENCE_S after the first failure that may
-        pass (a refusal, a lost connection, a closed channel): a publish that waited out an
-        alarm did not fail.
+        pass (see SETTLE_PATIENCE_S): a publish that waited out an alarm, or a lost connection,
+        did not fail.
 
         Still refused then, it raises a PublishRefused that is not retriable: the consumer
         stops, and the delivery comes back once the queue takes publishes again.
