@@ -107,6 +107,9 @@ NO_QUEUE = (
     aiormq.exceptions.ChannelLockedResource,
     aiormq.exceptions.ChannelAccessRefused,
 )
+# What aiormq raises when a channel or its connection is closed, or closes, under a call:
+# an AMQP error (the broker's close), a reset socket, or a RuntimeError saying "closed".
+GONE = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 DEFAULT_LIMIT_FROM = 4  # RabbitMQ's major version that brought the default limit
 CONNECT_TIMEOUT_S = 10.0
 # How long close() waits for RabbitMQ to close the publish channel. In a memory or disk alarm
@@ -287,7 +290,7 @@ class RabbitTransport:
             raise PublishError(
                 f"RabbitMQ has no exchange {exchange}: run `bridge topology apply`", retriable=False
             ) from exc
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        except GONE as exc:
             raise PublishError(f"publish to {message.queue} not confirmed: {exc!r}") from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):  # (aiormq raises for a nack)
             raise PublishRefused(f"RabbitMQ refused the publish to {message.queue}: {confirmation!r}")
@@ -336,7 +339,7 @@ class RabbitTransport:
             raise
         try:
             await incoming.channel.basic_ack(incoming.delivery_tag)
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        except GONE as exc:
             # The channel it came on is gone: the broker delivers it again (at least once).
             log.warning("ack lost for a delivery from %s (%r); it will be redelivered", delivery.queue, exc)
 
@@ -552,7 +555,7 @@ class RabbitTransport:
                 raise TransportError(
                     f"a RabbitMQ queue is gone ({exc}): run `bridge topology apply`", retriable=False
                 ) from exc
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            except GONE as exc:
                 log.debug("RabbitMQ channel not back yet: %r", exc)
                 with suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), RECONNECT_INTERVAL_S)
@@ -706,7 +709,7 @@ class RabbitTransport:
             finally:
                 with _ignored():
                     await channel.close()
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        except GONE as exc:
             raise TransportError(f"RabbitMQ did not say whether queue {name} exists ({exc!r})") from exc
 
     def _major_version(self) -> int:
