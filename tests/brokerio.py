@@ -77,10 +77,11 @@ def delete_queue(app: Bridge, queue: str) -> None:
             assert time.monotonic() < deadline, f"Kafka still lists topic {queue} 30 s after deleting it"
             time.sleep(0.05)
     else:
-        asyncio.run(_delete_rabbit_queue(url, queue))
+        asyncio.run(delete_rabbitmq_queue(url, queue))
 
 
-async def _delete_rabbit_queue(url: str, queue: str) -> None:
+async def delete_rabbitmq_queue(url: str, queue: str) -> None:
+    """Delete RabbitMQ queue `queue` behind bridge's back."""
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel()

@@ -21,7 +21,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from bridge import Bridge, JobContext
+from bridge import Bridge, JobContext, Retry
 from bridge.errors import PublishError, TransportError
 from bridge.policy import fixed
 from bridge.transports import dlq_name, rabbitmq
@@ -32,6 +32,7 @@ from tests.brokerio import (
     close_rabbitmq_connections,
     dead_letters,
     delete_queue,
+    delete_rabbitmq_queue,
     envelopes_in,
     queue_arguments,
     rabbitmq_api,
@@ -39,12 +40,13 @@ from tests.brokerio import (
     rabbitmq_settings,
     rabbitmqctl,
 )
-from tests.conftest import SCHEMAS, failing_first, own_app, run, signalling
+from tests.conftest import SCHEMAS, failing_first, own_app, publish_envelope, run, signalling
 from tests.processes import (
     assert_dead_lettered_for_coming_back,
     ledger_counts,
     publish,
     restart_until_drained,
+    wait_until,
 )
 from tests.proxy import FlakyProxy
 
@@ -166,17 +168,20 @@ def test_a_consumer_whose_queue_is_deleted_stops_with_an_error(brokers: dict[str
 
 
 def test_a_returned_publish_fails_itself_not_another_in_flight(brokers: dict[str, str], queue: str) -> None:
-    # Given 200 publishes in flight to an existing queue, and one among them to a queue that
-    # does not exist (RabbitMQ returns it, as it is mandatory),
+    # Given 200 publishes in flight to an existing queue, and one among them to a queue
+    # deleted since the app first published to it (RabbitMQ returns it, as it is mandatory),
     # When all are awaited, Then exactly that one fails, saying what to do, and the other 200
     # were confirmed and are in their queue. (aiormq matches a return to its publish by
     # message id: ids shared between publishes would fail another one and confirm the lost one.)
-    app = Bridge(broker=brokers["rabbitmq"], registry=str(SCHEMAS))
+    url = brokers["rabbitmq"]
+    app = Bridge(broker=url, registry=str(SCHEMAS))
     missing = f"{queue}-missing"
 
     async def scenario() -> list[Any]:
         async with app:
-            await app.apply_topology([queue])
+            await app.apply_topology([queue, missing])
+            await app.enqueue_async("test.Echo", {"n": -2}, queue=missing)
+            await delete_rabbitmq_queue(url, missing)
             publishes = [app.enqueue_async("test.Echo", {"n": n}, queue=queue) for n in range(200)]
             publishes.insert(100, app.enqueue_async("test.Echo", {"n": -1}, queue=missing))
             return await asyncio.gather(*publishes, return_exceptions=True)
@@ -357,6 +362,88 @@ def test_topology_apply_binds_a_queue_made_elsewhere_as_it_is_and_retries_come_b
     assert sorted(ran) == [1, 1, 2] and stats.retried == 1 and stats.dead_lettered == 1
     [letter] = dead_letters(app, queue)
     assert letter.reason == "exhausted"
+
+
+@pytest.mark.parametrize("delay_s", [1.5, 0.2], ids=["through a tier", "straight back"])
+def test_a_retry_to_a_queue_made_and_left_unbound_elsewhere_reaches_it(
+    brokers: dict[str, str], queue: str, delay_s: float
+) -> None:
+    # Given a queue another service made without binding it to bridge's jobs exchange, and a
+    # job on a bridge queue whose envelope names it (retries and delays go to the envelope's queue),
+    # When the job fails with a retry, one a tier long or one shorter than any tier,
+    # Then the retry is in that queue: bridge bound it by its name when it first looked at it.
+    # (Through a tier, the retry stayed in the tier until something bound the queue:
+    # RabbitMQ's at-least-once dead-lettering keeps what it cannot route. Straight back, it
+    # was returned, and the worker stopped.)
+    url = brokers["rabbitmq"]
+    app = own_app(url)
+    failing_first(app, queue, lambda: Retry(delay_s=delay_s))
+    elsewhere = f"{queue}.elsewhere"
+
+    async def scenario() -> str:
+        async with app:
+            await app.apply_topology()
+            async with await aio_pika.connect(url) as connection:
+                await (await connection.channel()).declare_queue(elsewhere, durable=True)
+            envelope = app.build_envelope("test.Echo", {"n": 1}, queue=elsewhere)
+            await publish_envelope(app, queue, envelope)
+            await app.consume(burst=True)
+            return envelope.id
+
+    job_id = run(scenario())
+    retries: list[dict[str, Any]] = []
+
+    def arrived() -> bool:
+        retries.extend(envelopes_in(app, elsewhere))  # (taken off the queue)
+        return bool(retries)
+
+    wait_until(arrived, 10, f"the retry in {elsewhere}")
+    [retry] = retries
+    assert (retry["id"], retry["attempt"]) == (job_id, 2)
+
+
+def test_a_producer_that_may_not_bind_a_queue_still_enqueues_to_it_and_is_told_once(
+    brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a queue `topology apply` made, and a RabbitMQ user that may publish but not read
+    # (binding a queue needs read permission on the exchange),
+    # When that user enqueues two jobs to the queue, one delayed through a tier and one not,
+    # Then both are in the queue, and the log says once that the queue could not be bound and
+    # what binds it.
+    url = brokers["rabbitmq"]
+    app = own_app(url)
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    producer = Bridge(
+        broker=url.replace("guest:guest@", f"{user}:{user}@"), registry=str(SCHEMAS),
+        prefix=app.settings.prefix, delay_tiers="1s",
+    )  # fmt: skip
+
+    async def enqueue() -> list[str]:
+        async with app:
+            await app.apply_topology([queue])
+        async with producer:
+            return [
+                await producer.enqueue_async("test.Echo", {"n": 1}, queue=queue, delay=1.5),
+                await producer.enqueue_async("test.Echo", {"n": 2}, queue=queue),
+            ]
+
+    rabbitmqctl("add_user", user, user)
+    try:
+        rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", "^$")
+        with caplog.at_level(logging.INFO, logger="bridge.rabbitmq"):
+            ids = run(enqueue())
+    finally:
+        rabbitmqctl("delete_user", user)
+    found: list[str] = []
+
+    def arrived() -> bool:
+        found.extend(envelope["id"] for envelope in envelopes_in(app, queue))  # (taken off the queue)
+        return len(found) == 2
+
+    wait_until(arrived, 10, f"both jobs in {queue}")
+    assert sorted(found) == sorted(ids)
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("could not bind")]
+    assert len(told) == 1 and f"`bridge topology apply --queues {queue}` binds it" in told[0]
 
 
 def failing_app(url: str, queue: str) -> Bridge:
@@ -692,8 +779,8 @@ def test_a_retry_whose_connection_is_lost_goes_out_once_it_is_back_or_its_job_ru
     # Given settling that tries a failed publish again for `patience_s`, and five jobs, of
     # which job 1, on its first run, has RabbitMQ close the app's publishing connection (its
     # consuming one stays) and then fails,
-    # When they are consumed, and its retry's first step (a look at whether its queue exists,
-    # not seen before) fails at once on the lost connection,
+    # When they are consumed, and its retry's first step (a look at whether its queue exists:
+    # another app enqueued them, so this one has not seen it) fails at once on the lost connection,
     # Then with 10 s, its retry goes out once the connection is back, and runs as attempt 2;
     # with none, its delivery is given back at once, and runs again as attempt 1. The others
     # run once, and nothing is dead-lettered.
@@ -715,11 +802,14 @@ def test_a_retry_whose_connection_is_lost_goes_out_once_it_is_back_or_its_job_ru
             closed.append(await asyncio.to_thread(close_rabbitmq_connections, publishing))
             raise ValueError("its retry finds no connection to go out on")
 
+    producer = Bridge(broker=url, registry=str(SCHEMAS), prefix=app.settings.prefix, delay_tiers="1s")
+
     async def scenario() -> Stats:
-        async with app:
-            await app.apply_topology()
+        async with producer:
+            await producer.apply_topology([queue])
             for n in range(5):
-                await app.enqueue_async("test.Echo", {"n": n})
+                await producer.enqueue_async("test.Echo", {"n": n}, queue=queue)
+        async with app:
             return await app.consume(burst=True, concurrency=2)
 
     stats = run(scenario(), timeout=60)

@@ -247,12 +247,12 @@ class RabbitTransport:
 
     async def _publish(self, message: Outgoing) -> None:
         assert self._channel is not None, "publish() before connect()"
+        # The queue must exist now, and be bound: a tier routes anything, and a job would be
+        # dropped when its time comes. (One look per queue; see `_absent`.)
+        await self._require_queue(message.queue)
         exchange = self.exchange_name
         tier_s = tier_for(message.delay_s, tuple(self._tiers)) if message.delay_s else None
         if tier_s is not None:  # shorter than every tier: straight to the queue (see `tier_for`)
-            # The tier routes anything; the queue it comes back to must exist now, or the job
-            # would be dropped when its time comes.
-            await self._require_queue(message.queue)
             exchange = self._tiers[tier_s]
         try:
             # aiormq directly: aio-pika's Message costs more than the rest of a publish. Not
@@ -311,12 +311,44 @@ class RabbitTransport:
         return [name for name in queues if name in absent or name in self._tier_queues]
 
     async def _absent(self, queues: Collection[str]) -> list[str]:
-        """Those of `queues` that do not exist, after a look at any not seen before."""
+        """Those of `queues` that do not exist, after a look at any not seen before.
+
+        One that exists is bound to the jobs exchange by its name when first seen, as `bridge
+        topology apply` binds it (and as Celery declares a queue before it first sends to it).
+        Made by another service, it may have no such binding; a job sent to it through the
+        exchange would come back unroutable, or stay in its delay tier until something bound the
+        queue (at-least-once dead-lettering keeps what it cannot route). A delay tier is never
+        bound so: what it sends back under its own name would come back to it, round and round.
+        """
         async with self._lookup:  # one look per queue, however many publishes wait on it
             for name in queues:
                 if name not in self._known_queues and await self._queue_exists(name):
+                    if name not in self._tier_queues:
+                        await self._bind(name)
                     self._known_queues.add(name)
         return [name for name in queues if name not in self._known_queues]
+
+    async def _bind(self, name: str) -> None:
+        """Bind existing queue `name` to the jobs exchange by its name (the binding, if there
+        already, stays as it is). A user that may not bind (it needs read permission on the
+        exchange and write on the queue) is told once, and goes on as before."""
+        assert self._connection is not None
+        try:
+            channel = await self._connection.channel()
+            try:
+                underlay = await channel.get_underlay_channel()
+                await underlay.queue_bind(name, self.exchange_name, routing_key=name)
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                log.info(
+                    "could not bind queue %s to %s (%s): if it is not bound there by its name, jobs"
+                    " sent to it go nowhere; `bridge topology apply --queues %s` binds it",
+                    name, self.exchange_name, exc, name,
+                )  # fmt: skip
+            finally:
+                with _ignored():
+                    await channel.close()
+        except GONE as exc:
+            raise TransportError(f"RabbitMQ did not bind queue {name} ({exc!r})") from exc
 
     async def _require_queue(self, name: str) -> None:
         if name not in self._known_queues and await self._absent([name]):
