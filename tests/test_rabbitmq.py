@@ -125,6 +125,34 @@ def test_a_consumer_waits_out_rabbitmq_unreachable_and_says_so_once_per_kind(
     assert all(line.startswith("Cancelling cause reader exited abnormally: Server") for line in stopped)
 
 
+def test_a_first_enqueue_to_a_queue_while_rabbitmq_is_unreachable_waits_for_it(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given an app connected to RabbitMQ through a proxy, and a queue it has not enqueued to,
+    # When the proxy cuts the connection and an enqueue to that queue starts,
+    # Then the enqueue waits, and goes through once RabbitMQ is reachable again, as any enqueue
+    # does (within 30 s). (Its first look at the queue opened a channel on the lost connection,
+    # and failed at once.)
+    async def scenario() -> tuple[str, list[dict[str, Any]]]:
+        async with FlakyProxy(brokers["rabbitmq"]) as proxy:
+            app = own_app(proxy.url)
+            async with app:
+                await app.apply_topology([queue])
+                connection = (await app.transport())._connection  # type: ignore[attr-defined]
+                proxy.cut(None)
+                while connection.connected.is_set():  # (until the client sees the loss)
+                    await asyncio.sleep(0.01)
+                enqueue = asyncio.create_task(app.enqueue_async("test.Echo", {"n": 1}, queue=queue))
+                done, _ = await asyncio.wait([enqueue], timeout=0.5)
+                assert not done, f"the enqueue ended while RabbitMQ was unreachable: {enqueue}"
+                proxy.heal()
+                job_id = await enqueue
+            return job_id, await asyncio.to_thread(envelopes_in, app, queue)
+
+    job_id, found = run(scenario())
+    assert [envelope["id"] for envelope in found] == [job_id]
+
+
 @pytest.mark.parametrize("delay", [None, 5.0])
 def test_an_enqueue_to_a_delay_tier_as_the_jobs_queue_is_refused(
     brokers: dict[str, str], delay: float | None

@@ -148,7 +148,8 @@ class RabbitTransport:
         self.settings = settings
         self.exchange_name = f"{settings.prefix}.jobs"
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
-        self._tier_queues = frozenset(self._tiers.values())
+        # Any tier's, these settings' or not: one left by an earlier setting is a tier all the same.
+        self._tier_names = f"{settings.prefix}.delay."  # (see `tier_queue`)
         self._known_queues: set[str] = set()
         self._lookup = asyncio.Lock()
         self._connection: AbstractRobustConnection | None = None
@@ -227,7 +228,7 @@ class RabbitTransport:
         """
         # A job put straight in a tier, delayed, would come back under the tier's name and be
         # dropped there (see `missing`); not delayed, no queue is bound by that name.
-        if message.queue in self._tier_queues:
+        if message.queue.startswith(self._tier_names):
             raise PublishError(
                 f"RabbitMQ queue {message.queue} is a delay tier, not a queue: enqueue the job to its"
                 " own queue",
@@ -235,6 +236,11 @@ class RabbitTransport:
             )
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_S) as deadline:
+                if message.queue not in self._known_queues:
+                    # (Its first look opens channels of its own, which fail at once on a lost
+                    # connection: an enqueue waits for the reconnect, as its publish would.)
+                    assert self._connection is not None, "publish() before connect()"
+                    await self._connection.ready()
                 await self._publish(message)
         except TimeoutError as exc:
             if not deadline.expired():
@@ -301,14 +307,15 @@ class RabbitTransport:
         return aiormq.spec.Basic.Properties(delivery_mode=2, message_id=message_id)
 
     async def missing(self, queues: Collection[str]) -> list[str]:
-        """Those of `queues` that no job can go to: queues that do not exist, and the delay tiers.
+        """Those of `queues` that no job can go to: queues that do not exist, and delay tiers'
+        names (those of tiers other settings made too).
 
         A job from another producer may name any queue as its own, where its retries and
         delays go. One sent to a tier comes back from it to the jobs exchange under the tier's
         name, which no queue is bound by: RabbitMQ would drop it there.
         """
         absent = await self._absent(queues)
-        return [name for name in queues if name in absent or name in self._tier_queues]
+        return [name for name in queues if name in absent or name.startswith(self._tier_names)]
 
     async def _absent(self, queues: Collection[str]) -> list[str]:
         """Those of `queues` that do not exist, after a look at any not seen before.
@@ -322,22 +329,29 @@ class RabbitTransport:
         """
         async with self._lookup:  # one look per queue, however many publishes wait on it
             for name in queues:
-                if name not in self._known_queues and await self._queue_exists(name):
-                    if name not in self._tier_queues:
-                        await self._bind(name)
+                if name in self._known_queues or not await self._queue_exists(name):
+                    continue
+                if name.startswith(self._tier_names) or await self._bind(name):
                     self._known_queues.add(name)
         return [name for name in queues if name not in self._known_queues]
 
-    async def _bind(self, name: str) -> None:
+    async def _bind(self, name: str) -> bool:
         """Bind existing queue `name` to the jobs exchange by its name (the binding, if there
-        already, stays as it is). A user that may not bind (it needs read permission on the
-        exchange and write on the queue) is told once, and goes on as before."""
+        already, stays as it is); False if RabbitMQ says there is no such queue after all
+        (`amq.rabbitmq.reply-to`, which a passive declaration takes, or one deleted since).
+
+        A user that may not bind (it needs read permission on the exchange and write on the
+        queue) is told once, and goes on as before. With the exchange gone, the publish that
+        follows says so.
+        """
         assert self._connection is not None
         try:
             channel = await self._connection.channel()
             try:
                 underlay = await channel.get_underlay_channel()
                 await underlay.queue_bind(name, self.exchange_name, routing_key=name)
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                return " no queue " not in str(exc)  # (else "no exchange")
             except aiormq.exceptions.ChannelAccessRefused as exc:
                 log.info(
                     "could not bind queue %s to %s (%s): if it is not bound there by its name, jobs"
@@ -349,9 +363,16 @@ class RabbitTransport:
                     await channel.close()
         except GONE as exc:
             raise TransportError(f"RabbitMQ did not bind queue {name} ({exc!r})") from exc
+        return True
 
     async def _require_queue(self, name: str) -> None:
-        if name not in self._known_queues and await self._absent([name]):
+        if name in self._known_queues:
+            return
+        try:
+            absent = await self._absent([name])
+        except TransportError as exc:  # (no answer: what a publish raises, retriable as it is)
+            raise PublishError(str(exc), retriable=exc.retriable) from exc
+        if absent:
             raise PublishError(
                 f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False
             )
