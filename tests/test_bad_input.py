@@ -59,8 +59,9 @@ def send_with_kcat(bootstrap: str, topic: str, bodies: list[bytes], folder: Path
 def send_with_amqp_publish(url: str, queue: str, bodies: list[bytes]) -> None:
     # amqp-tools read the empty path of `amqp://host:port/` as vhost "", not the default "/".
     url = url.rstrip("/")
+    exchange = f"{Bridge(broker=url).settings.prefix}.jobs"  # (BRIDGE_PREFIX may set it)
     for body in bodies:
-        command = ["amqp-publish", f"--url={url}", "-e", "bridge.jobs", "-r", queue, "-p"]
+        command = ["amqp-publish", f"--url={url}", "-e", exchange, "-r", queue, "-p"]
         subprocess.run(command, input=body, check=True)
 
 
