@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import uuid
@@ -21,7 +22,7 @@ from bridge.errors import JobTooLarge
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.worker import Stats
-from tests.brokerio import dead_letters, rabbitmq_api
+from tests.brokerio import dead_letters, rabbitmq_api, topics_made_elsewhere
 from tests.conftest import SCHEMAS, failing_first, own_app, publish_envelope, run
 from tests.processes import consumer, finish, ledger_counts, publish
 
@@ -108,6 +109,7 @@ def test_bad_bytes_are_dead_lettered_with_reason_and_original_bytes(
         ("kafka", "kafka's own topic"),
         ("kafka", "a delay tier"),
         ("rabbitmq", "a delay tier"),
+        ("kafka", "a delay tier of other settings"),
         ("rabbitmq", "a delay tier of other settings"),
         ("rabbitmq", "the direct reply-to pseudo-queue"),
         ("rabbitmq", "a name longer than AMQP allows"),
@@ -136,7 +138,7 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
     async def scenario() -> tuple[str, Stats]:
         async with AsyncExitStack() as held, app:
             await app.apply_topology()
-            missing = await queue_named(named, app.settings.prefix, brokers["rabbitmq"], held)
+            missing = await queue_named(named, broker_name, app.settings.prefix, brokers, held)
             envelope = app.build_envelope("test.Echo", {"n": 1}, queue=missing)
             await publish_envelope(app, queue, envelope)
             await app.enqueue_async("test.Echo", {"n": 2})
@@ -153,14 +155,20 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
         assert f"{app.settings.prefix}.jobs" not in {binding["source"] for binding in bindings}
 
 
-async def queue_named(named: str, prefix: str, rabbitmq: str, held: AsyncExitStack) -> str:
+async def queue_named(
+    named: str, broker_name: str, prefix: str, brokers: dict[str, str], held: AsyncExitStack
+) -> str:
     """The name of a queue no job can go to, of the kind `named` says; what it takes stays in `held`."""
     if named == "another connection's exclusive queue":
-        other = await held.enter_async_context(await aio_pika.connect(rabbitmq))
+        other = await held.enter_async_context(await aio_pika.connect(brokers["rabbitmq"]))
         return (await (await other.channel()).declare_queue(exclusive=True)).name
     if named == "a delay tier of other settings":  # (these have only 1s)
-        async with await aio_pika.connect(rabbitmq) as connection:
-            return (await (await connection.channel()).declare_queue(f"{prefix}.delay.5s", durable=True)).name
+        tier = f"{prefix}.delay.5s"
+        if broker_name == "kafka":
+            await asyncio.to_thread(topics_made_elsewhere, brokers["kafka"].partition("://")[2], [tier])
+            return tier
+        async with await aio_pika.connect(brokers["rabbitmq"]) as connection:
+            return (await (await connection.channel()).declare_queue(tier, durable=True)).name
     return {
         "a queue that does not exist": f"no-such-queue-{uuid.uuid4().hex[:8]}",
         "kafka's own topic": "__consumer_offsets",

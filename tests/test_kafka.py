@@ -353,7 +353,7 @@ def test_a_consume_that_starts_before_another_tool_has_made_its_topic_waits_a_mo
             await app.apply_topology([f"{queue}-other"])  # the delay tiers, not the queue
             transport = await app.transport()
             found_absent = asyncio.Event()
-            absent = transport._absent  # type: ignore[attr-defined]
+            absent = transport.absent  # type: ignore[attr-defined]
 
             async def watched(topics: list[str]) -> list[str]:
                 missing: list[str] = await absent(topics)
@@ -361,7 +361,7 @@ def test_a_consume_that_starts_before_another_tool_has_made_its_topic_waits_a_mo
                     found_absent.set()
                 return missing
 
-            monkeypatch.setattr(transport, "_absent", watched)
+            monkeypatch.setattr(transport, "absent", watched)
             stop = asyncio.Event()
             consuming = asyncio.create_task(app.consume([queue], stop=stop))
             await asyncio.wait_for(found_absent.wait(), 30)

@@ -161,7 +161,7 @@ class DelayForwarder:
                 batch.append((queue, record.value(), record.key(), None, 0))
             if unroutable:  # (only then: each look for a missing topic is a metadata request)
                 tiers = {coordinates(record)[0] for record, _ in unroutable}
-                no_dlq = await self.transport.missing([dlq_name(tier) for tier in tiers])
+                no_dlq = await self.transport.absent([dlq_name(tier) for tier in tiers])
                 for record, why in unroutable:
                     letter = self._dead_letter(record, why, no_dlq)
                     if letter is not None:

@@ -113,7 +113,8 @@ class KafkaTransport:
         self._offsets = OffsetTracker()
         self._backlog: deque[Message] = deque()  # fetched while every slot was busy
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
-        self._tier_topics = frozenset(self._tiers.values())
+        # Any tier's, these settings' or not: one left by an earlier setting is a tier all the same.
+        self._tier_names = f"{settings.prefix}.delay."  # (see `tier_queue`)
         self._forwarder: DelayForwarder | None = None
         self._forwarding: asyncio.Task[None] | None = None  # the forwarder's run, this round
         self._committer: Committer | None = None
@@ -182,16 +183,17 @@ class KafkaTransport:
 
     async def missing(self, queues: Collection[str]) -> list[str]:
         """Those of `queues` that no job can go to: topics that do not exist, Kafka's own
-        (`__consumer_offsets`, ...) and the delay tiers.
+        (`__consumer_offsets`, ...) and delay tiers' (those of tiers other settings made too,
+        and their dead-letter topics).
 
         A job from another producer may name any topic as its queue, where its retries and delays
         go: one of Kafka's would fail every transaction it is in (a client may not write there),
         and a tier would send it round that tier for good.
         """
-        absent = await self._absent(queues)
-        return [t for t in queues if t in absent or t.startswith("__") or t in self._tier_topics]
+        absent = await self.absent(queues)
+        return [t for t in queues if t in absent or t.startswith(("__", self._tier_names))]
 
-    async def _absent(self, topics: Collection[str]) -> list[str]:
+    async def absent(self, topics: Collection[str]) -> list[str]:
         """Those of `topics` that do not exist, after a fresh look at any not seen before."""
         absent = [t for t in topics if t not in self._topics]
         if absent:
@@ -202,7 +204,7 @@ class KafkaTransport:
         return absent
 
     async def _require_topics(self, topics: Sequence[str]) -> None:
-        missing = await self._absent(topics)
+        missing = await self.absent(topics)
         if missing:
             raise TransportError(
                 f"Kafka topic {', '.join(missing)} does not exist: run `bridge topology apply`",
@@ -218,7 +220,7 @@ class KafkaTransport:
         consume start waits: a publish to a missing topic, or a job naming one, fails at once.
         """
         deadline = time.monotonic() + NEW_TOPIC_GRACE_S
-        while await self._absent(topics) and time.monotonic() < deadline:
+        while await self.absent(topics) and time.monotonic() < deadline:
             await asyncio.sleep(SERVED_POLL_S)
         await self._require_topics(topics)
 
@@ -227,7 +229,7 @@ class KafkaTransport:
     async def publish(self, message: Outgoing) -> None:
         # A job put straight in a tier has no header naming its queue: the forwarder would
         # dead-letter it there.
-        if message.queue in self._tier_topics:
+        if message.queue.startswith(self._tier_names):
             raise PublishError(
                 f"Kafka topic {message.queue} is a delay tier, not a queue: enqueue the job to its own queue",
                 retriable=False,
