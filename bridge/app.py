@@ -29,7 +29,7 @@ from bridge.jobs import Handler, JobSpec
 from bridge.policy import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, Backoff, RetryPolicy
 from bridge.registry import ENVELOPE, Registry, open_registry
 from bridge.transports import Outgoing, Transport, open_transport
-from bridge.transports.base import PUBLISH_TIMEOUT_S
+from bridge.transports.base import PUBLISH_TIMEOUT_S, tier_names
 from bridge.transports.memory import MemoryTransport
 from bridge.worker import Stats, Worker
 
@@ -272,19 +272,30 @@ class Bridge:
                     f"concurrency= must be a whole number from 1 to {MAX_CONCURRENCY:,}, not {concurrency!r}"
                 )
             settings = replace(settings, concurrency=concurrency)
+        queues = self._job_queues(queues or self.queues())
         worker = Worker(self, await self.transport(), settings)
         self.stats = worker.stats
-        await worker.run(list(queues or self.queues()), stop or asyncio.Event(), burst=burst)
+        await worker.run(queues, stop or asyncio.Event(), burst=burst)
         return worker.stats
 
     async def apply_topology(
         self, queues: Sequence[str] | None = None, *, dry_run: bool = False
     ) -> list[str]:
         """Create the queues of this app (or `queues`) and their dead-letter queues."""
-        names = list(queues or self.queues())
+        names = self._job_queues(queues or self.queues())
         if not names:
             raise ConfigError("no queues: register handlers with @app.job or pass --queues")
         return await (await self.transport()).apply_topology(names, dry_run=dry_run)
+
+    def _job_queues(self, queues: Sequence[str]) -> list[str]:
+        """`queues`, unless one is named as a delay tier is: bridge's own, never a job queue."""
+        tiers = [name for name in queues if tier_names(self.settings.prefix).fullmatch(name)]
+        if tiers:
+            raise ConfigError(
+                f"queue {', '.join(tiers)} is named as a delay tier is (<prefix>.delay.<time>):"
+                " give it another name"
+            )
+        return list(queues)
 
     def dead_letters(self, queue: str) -> DeadLetters:
         """The dead-letter queue of `queue`: list, show, replay and purge its letters."""

@@ -20,9 +20,11 @@ import pytest
 
 from bridge import Bridge, JobContext, Permanent, Retry, codec, testing
 from bridge.envelope import JobError
+from bridge.errors import ConfigError
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.transports import Delivery, Outgoing
+from bridge.transports.base import tier_queue
 from bridge.worker import Stats, Worker
 from tests.brokerio import dead_letters
 from tests.conftest import publish_envelope, run
@@ -413,6 +415,46 @@ def test_retry_with_chosen_delay(make_app: Callable[..., Bridge], queue: str) ->
 
     run(enqueue_and_drain(app, {"payload": {"n": 1}}))
     assert len(runs) == 2 and runs[1] - runs[0] >= 2.0 - 0.001
+
+
+def test_a_queue_named_under_the_delay_prefix_but_no_tiers_is_a_queue_like_any(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given a job type on queue `<prefix>.delay.<name>` (a tier is `<prefix>.delay.<time>`),
+    # When a job there is enqueued delayed and fails once, Then it runs twice, and its retry
+    # came back to it through a tier. (Any name under `<prefix>.delay.` counted as a tier's:
+    # the enqueue was refused.)
+    app = make_app()
+    attempts: list[int] = []
+
+    @app.job("test.Echo", queue=f"{app.settings.prefix}.delay.{queue}", backoff=fixed(1))
+    async def once_failing(payload: dict[str, Any], ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise ConnectionError("not yet")
+
+    run(enqueue_and_drain(app, {"payload": {"n": 1}, "delay": 1}))
+    assert attempts == [1, 2]
+
+
+@pytest.mark.parametrize("queues", [["{tier}"], ["ok", "{prefix}.delay.5m.dlq"]])
+@pytest.mark.parametrize("step", ["apply_topology", "consume"])
+def test_a_queue_named_as_a_delay_tier_is_refused_at_start(queues: list[str], step: str) -> None:
+    # Given queues one of which is named as a delay tier is (one of these settings or not),
+    # When the topology is applied or a worker starts on them,
+    # Then it stops at once with a ConfigError naming it.
+    from tests.conftest import SCHEMAS
+
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), delay_tiers="1s")
+    names = [name.format(tier=tier_queue("bridge", 1), prefix="bridge") for name in queues]
+
+    async def start() -> None:
+        async with app:
+            await getattr(app, step)(names)
+
+    with pytest.raises(ConfigError, match=r"is named as a delay tier is .*: give it another name") as told:
+        run(start())
+    assert names[-1] in str(told.value)
 
 
 @pytest.mark.parametrize("how", ["delay", "at"])

@@ -9,6 +9,7 @@ Kafka later, atomically with) the acknowledgement: a dead letter, a retry, a del
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from contextlib import suppress
@@ -59,6 +60,13 @@ def dlq_name(queue: str) -> str:
 def tier_queue(prefix: str, tier_s: float) -> str:
     """The queue or topic of a delay tier: `<prefix>.delay.<tier>`, e.g. bridge.delay.30s."""
     return f"{prefix}.delay.{tier_name(tier_s)}"
+
+
+def tier_names(prefix: str) -> re.Pattern[str]:
+    """What a delay tier's queue or topic, or a tier's dead-letter topic, is called under
+    `prefix`, whatever tiers the settings make: one an earlier setting made is a tier all the
+    same. (`<prefix>.delay.reports` is not one: a job queue may be called so.)"""
+    return re.compile(rf"{re.escape(prefix)}\.delay\.\d+(ms|s|m|h|d)(\.dlq(\.done)?)?")
 
 
 class Transport(Protocol):

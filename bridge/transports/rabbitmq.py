@@ -52,6 +52,7 @@ from bridge.transports.base import (
     Outgoing,
     Process,
     dlq_name,
+    tier_names,
     tier_queue,
 )
 
@@ -148,8 +149,7 @@ class RabbitTransport:
         self.settings = settings
         self.exchange_name = f"{settings.prefix}.jobs"
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
-        # Any tier's, these settings' or not: one left by an earlier setting is a tier all the same.
-        self._tier_names = f"{settings.prefix}.delay."  # (see `tier_queue`)
+        self._tier_names = tier_names(settings.prefix)
         self._known_queues: set[str] = set()
         self._lookup = asyncio.Lock()
         self._connection: AbstractRobustConnection | None = None
@@ -228,7 +228,7 @@ class RabbitTransport:
         """
         # A job put straight in a tier, delayed, would come back under the tier's name and be
         # dropped there (see `missing`); not delayed, no queue is bound by that name.
-        if message.queue.startswith(self._tier_names):
+        if self._tier_names.fullmatch(message.queue):
             raise PublishError(
                 f"RabbitMQ queue {message.queue} is a delay tier, not a queue: enqueue the job to its"
                 " own queue",
@@ -315,7 +315,7 @@ class RabbitTransport:
         name, which no queue is bound by: RabbitMQ would drop it there.
         """
         absent = await self._absent(queues)
-        return [name for name in queues if name in absent or name.startswith(self._tier_names)]
+        return [name for name in queues if name in absent or self._tier_names.fullmatch(name)]
 
     async def _absent(self, queues: Collection[str]) -> list[str]:
         """Those of `queues` that do not exist, after a look at any not seen before.
@@ -331,7 +331,7 @@ class RabbitTransport:
             for name in queues:
                 if name in self._known_queues or not await self._queue_exists(name):
                     continue
-                if name.startswith(self._tier_names) or await self._bind(name):
+                if self._tier_names.fullmatch(name) or await self._bind(name):
                     self._known_queues.add(name)
         return [name for name in queues if name not in self._known_queues]
 

@@ -40,6 +40,7 @@ from bridge.transports.base import (
     Outgoing,
     Process,
     dlq_name,
+    tier_names,
     tier_queue,
 )
 from bridge.transports.kafka.commit import COMMIT_INTERVAL_S, Committer
@@ -113,8 +114,7 @@ class KafkaTransport:
         self._offsets = OffsetTracker()
         self._backlog: deque[Message] = deque()  # fetched while every slot was busy
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
-        # Any tier's, these settings' or not: one left by an earlier setting is a tier all the same.
-        self._tier_names = f"{settings.prefix}.delay."  # (see `tier_queue`)
+        self._tier_names = tier_names(settings.prefix)
         self._forwarder: DelayForwarder | None = None
         self._forwarding: asyncio.Task[None] | None = None  # the forwarder's run, this round
         self._committer: Committer | None = None
@@ -191,7 +191,7 @@ class KafkaTransport:
         and a tier would send it round that tier for good.
         """
         absent = await self.absent(queues)
-        return [t for t in queues if t in absent or t.startswith(("__", self._tier_names))]
+        return [t for t in queues if t in absent or t.startswith("__") or self._tier_names.fullmatch(t)]
 
     async def absent(self, topics: Collection[str]) -> list[str]:
         """Those of `topics` that do not exist, after a fresh look at any not seen before."""
@@ -229,7 +229,7 @@ class KafkaTransport:
     async def publish(self, message: Outgoing) -> None:
         # A job put straight in a tier has no header naming its queue: the forwarder would
         # dead-letter it there.
-        if message.queue.startswith(self._tier_names):
+        if self._tier_names.fullmatch(message.queue):
             raise PublishError(
                 f"Kafka topic {message.queue} is a delay tier, not a queue: enqueue the job to its own queue",
                 retriable=False,
