@@ -21,7 +21,8 @@ from typing import Any
 import aio_pika
 import pytest
 
-from bridge import Bridge, JobContext, Retry
+from bridge import Bridge, JobContext, Permanent, Retry
+from bridge.dlq import Selection
 from bridge.errors import PublishError, TransportError
 from bridge.policy import fixed
 from bridge.transports import dlq_name, rabbitmq
@@ -125,19 +126,21 @@ def test_a_consumer_waits_out_rabbitmq_unreachable_and_says_so_once_per_kind(
     assert all(line.startswith("Cancelling cause reader exited abnormally: Server") for line in stopped)
 
 
-def test_a_first_enqueue_to_a_queue_while_rabbitmq_is_unreachable_waits_for_it(
-    brokers: dict[str, str], queue: str
+@pytest.mark.parametrize("first", [True, False], ids=["its first to the queue", "after one"])
+def test_an_enqueue_while_rabbitmq_is_unreachable_waits_for_it(
+    brokers: dict[str, str], queue: str, first: bool
 ) -> None:
-    # Given an app connected to RabbitMQ through a proxy, and a queue it has not enqueued to,
+    # Given an app connected to RabbitMQ through a proxy, that has enqueued to a queue or not,
     # When the proxy cuts the connection and an enqueue to that queue starts,
-    # Then the enqueue waits, and goes through once RabbitMQ is reachable again, as any enqueue
-    # does (within 30 s). (Its first look at the queue opened a channel on the lost connection,
-    # and failed at once.)
-    async def scenario() -> tuple[str, list[dict[str, Any]]]:
+    # Then the enqueue waits, and goes through once RabbitMQ is reachable again (within 30 s).
+    # (Its first look at the queue opened a channel on the lost connection, and failed at once;
+    # after one, the publish found its channel closed, and failed at once.)
+    async def scenario() -> tuple[list[str], list[dict[str, Any]]]:
         async with FlakyProxy(brokers["rabbitmq"]) as proxy:
             app = own_app(proxy.url)
             async with app:
-                await app.apply_topology([queue])
+                await topology_made_elsewhere(app, [queue])
+                ids = [] if first else [await app.enqueue_async("test.Echo", {"n": 0}, queue=queue)]
                 connection = (await app.transport())._connection  # type: ignore[attr-defined]
                 proxy.cut(None)
                 while connection.connected.is_set():  # (until the client sees the loss)
@@ -146,11 +149,19 @@ def test_a_first_enqueue_to_a_queue_while_rabbitmq_is_unreachable_waits_for_it(
                 done, _ = await asyncio.wait([enqueue], timeout=0.5)
                 assert not done, f"the enqueue ended while RabbitMQ was unreachable: {enqueue}"
                 proxy.heal()
-                job_id = await enqueue
-            return job_id, await asyncio.to_thread(envelopes_in, app, queue)
+                ids.append(await enqueue)
+            return ids, await asyncio.to_thread(envelopes_in, app, queue)
 
-    job_id, found = run(scenario())
-    assert [envelope["id"] for envelope in found] == [job_id]
+    ids, found = run(scenario())
+    assert [envelope["id"] for envelope in found] == ids
+
+
+async def topology_made_elsewhere(app: Bridge, queues: list[str]) -> None:
+    """`queues` made by another process with `app`'s settings: `app` has seen none of them."""
+    settings = {"prefix": app.settings.prefix, "delay_tiers": "1s"}  # (as `own_app`)
+    other = Bridge(broker=app.settings.broker, registry=str(SCHEMAS), **settings)
+    async with other:
+        await other.apply_topology(queues)
 
 
 @pytest.mark.parametrize("delay", [None, 5.0])
@@ -408,17 +419,7 @@ def test_a_retry_to_a_queue_made_and_left_unbound_elsewhere_reaches_it(
     failing_first(app, queue, lambda: Retry(delay_s=delay_s))
     elsewhere = f"{queue}.elsewhere"
 
-    async def scenario() -> str:
-        async with app:
-            await app.apply_topology()
-            async with await aio_pika.connect(url) as connection:
-                await (await connection.channel()).declare_queue(elsewhere, durable=True)
-            envelope = app.build_envelope("test.Echo", {"n": 1}, queue=elsewhere)
-            await publish_envelope(app, queue, envelope)
-            await app.consume(burst=True)
-            return envelope.id
-
-    job_id = run(scenario())
+    job_id, _ = run(consume_a_job_naming_a_queue_made_elsewhere(app, queue, elsewhere))
     retries: list[dict[str, Any]] = []
 
     def arrived() -> bool:
@@ -428,6 +429,86 @@ def test_a_retry_to_a_queue_made_and_left_unbound_elsewhere_reaches_it(
     wait_until(arrived, 10, f"the retry in {elsewhere}")
     [retry] = retries
     assert (retry["id"], retry["attempt"]) == (job_id, 2)
+
+
+async def declare_unbound(url: str, queue: str) -> None:
+    """Make classic queue `queue` as another service would: bound to nothing of bridge's."""
+    async with await aio_pika.connect(url) as connection:
+        await (await connection.channel()).declare_queue(queue, durable=True)
+
+
+async def consume_a_job_naming_a_queue_made_elsewhere(
+    app: Bridge, queue: str, elsewhere: str
+) -> tuple[str, Stats]:
+    """Apply `app`'s topology, make `elsewhere` unbound, put a job on `queue` whose envelope
+    names `elsewhere`, and consume in burst: the job's id, and the stats."""
+    async with app:
+        await app.apply_topology()
+        await declare_unbound(app.settings.broker or "", elsewhere)
+        envelope = app.build_envelope("test.Echo", {"n": 1}, queue=elsewhere)
+        await publish_envelope(app, queue, envelope)
+        return envelope.id, await app.consume(burst=True)
+
+
+@pytest.mark.parametrize("delay", [1.5, None], ids=["through a tier", "straight"])
+def test_an_enqueue_to_a_queue_made_and_left_unbound_elsewhere_reaches_it(
+    brokers: dict[str, str], queue: str, delay: float | None
+) -> None:
+    # Given a queue another service made without binding it to bridge's jobs exchange,
+    # When a producer that has not seen it before enqueues a job to it, delayed through a tier or not,
+    # Then the job is in that queue: the producer bound it by its name before its first publish.
+    # (Through a tier, the job would stay in the tier; straight, it would be returned.)
+    url = brokers["rabbitmq"]
+    app = own_app(url)
+    producer = Bridge(broker=url, registry=str(SCHEMAS), prefix=app.settings.prefix, delay_tiers="1s")
+    elsewhere = f"{queue}.elsewhere"
+
+    async def enqueue() -> str:
+        async with app:
+            await app.apply_topology([queue])  # (the exchange and the tier)
+        await declare_unbound(url, elsewhere)
+        async with producer:
+            return await producer.enqueue_async("test.Echo", {"n": 1}, queue=elsewhere, delay=delay)
+
+    job_id = run(enqueue())
+    found: list[str] = []
+
+    def arrived() -> bool:
+        found.extend(envelope["id"] for envelope in envelopes_in(app, elsewhere))  # (taken off the queue)
+        return bool(found)
+
+    wait_until(arrived, 10, f"the job in {elsewhere}")
+    assert found == [job_id]
+
+
+def test_a_dry_run_replay_binds_nothing_and_the_replay_binds_the_queue_it_puts_a_job_on(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a dead letter of a job whose envelope names a queue another service made and left
+    # unbound,
+    # When its replay is dry run, Then the queue is still unbound: a dry run changes nothing;
+    # When it is replayed, Then the job is in that queue, bound by its name at the first publish.
+    url = brokers["rabbitmq"]
+    app = own_app(url)
+    failing_first(app, queue, lambda: Permanent("no"))
+    elsewhere = f"{queue}.elsewhere"
+
+    def bound() -> bool:
+        bindings = rabbitmq_api(f"queues/%2F/{elsewhere}/bindings")
+        return f"{app.settings.prefix}.jobs" in {binding["source"] for binding in bindings}
+
+    async def replay(dry_run: bool) -> list[str]:
+        async with app:
+            return (await app.dead_letters(queue).replay(Selection(), dry_run=dry_run)).replayed
+
+    job_id, stats = run(consume_a_job_naming_a_queue_made_elsewhere(app, queue, elsewhere))
+    assert stats.dead_lettered == 1
+    assert run(replay(dry_run=True)) == [job_id]
+    assert not bound()
+    assert run(replay(dry_run=False)) == [job_id]
+    assert bound()
+    [replayed] = envelopes_in(app, elsewhere)
+    assert replayed["id"] == job_id
 
 
 def test_a_producer_that_may_not_bind_a_queue_still_enqueues_to_it_and_is_told_once(
@@ -458,7 +539,7 @@ def test_a_producer_that_may_not_bind_a_queue_still_enqueues_to_it_and_is_told_o
     rabbitmqctl("add_user", user, user)
     try:
         rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", "^$")
-        with caplog.at_level(logging.INFO, logger="bridge.rabbitmq"):
+        with caplog.at_level(logging.WARNING, logger="bridge.rabbitmq"):  # (a CLI's level)
             ids = run(enqueue())
     finally:
         rabbitmqctl("delete_user", user)

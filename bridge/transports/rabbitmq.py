@@ -102,6 +102,7 @@ QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 # keeps coming back (the `delivery_limit` setting) with a reason instead.
 UNLIMITED = {**QUORUM, "x-delivery-limit": 2**31 - 1}
 MAX_NAME_BYTES = 255  # an AMQP short string: the longest queue name there can be
+REPLY_TO = "amq.rabbitmq.reply-to"  # the direct reply-to pseudo-queue (and its replies' names)
 # What a passive declaration of a name that is no queue bridge may use answers.
 NO_QUEUE = (
     aiormq.exceptions.ChannelNotFoundEntity,
@@ -119,6 +120,7 @@ CONNECT_TIMEOUT_S = 10.0
 CHANNEL_CLOSE_TIMEOUT_S = 1.0
 DRAIN_CHECK_S = 0.1
 RECONNECT_INTERVAL_S = 1.0
+RECONNECT_POLL_S = 0.05  # how often an enqueue looks again for a publish channel being restored
 # Deliveries held per slot, unless the `prefetch` setting says otherwise (Dramatiq's default;
 # Celery's is 4). With one per slot, every slot that finished waited a round trip to the
 # broker for its next job, and keyed jobs, which finish a batch at a time when their store's
@@ -150,7 +152,8 @@ class RabbitTransport:
         self.exchange_name = f"{settings.prefix}.jobs"
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
         self._tier_names = tier_names(settings.prefix)
-        self._known_queues: set[str] = set()
+        self._existing: set[str] = set()  # queues seen to exist (a look binds nothing)
+        self._bound: set[str] = set()  # queues bound by this process, or tried: ready to publish to
         self._lookup = asyncio.Lock()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -234,27 +237,42 @@ class RabbitTransport:
                 " own queue",
                 retriable=False,
             )
+        failed: list[PublishError] = []
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_S) as deadline:
-                if message.queue not in self._known_queues:
-                    # (Its first look opens channels of its own, which fail at once on a lost
-                    # connection: an enqueue waits for the reconnect, as its publish would.)
-                    assert self._connection is not None, "publish() before connect()"
-                    await self._connection.ready()
-                await self._publish(message)
+                await self._publish_when_connected(message, failed)
         except TimeoutError as exc:
             if not deadline.expired():
                 raise  # another wait inside it timed out, and says which
+            last = f" (last: {failed[-1]})" if failed else ""
             raise PublishError(
-                f"RabbitMQ did not confirm the publish to {message.queue} within {PUBLISH_TIMEOUT_S:g} s:"
-                " is it reachable, and not blocking publishers (a memory or disk alarm)? It may"
-                " still be published once RabbitMQ takes it"
-            ) from exc
+                f"RabbitMQ did not confirm the publish to {message.queue} within {PUBLISH_TIMEOUT_S:g} s"
+                f"{last}: is it reachable, and not blocking publishers (a memory or disk alarm)? It"
+                " may still be published once RabbitMQ takes it"
+            ) from (failed[-1] if failed else exc)
+
+    async def _publish_when_connected(self, message: Outgoing, failed: list[PublishError]) -> None:
+        """Publish once the connection is up; a publish the lost connection took with it goes
+        again once it is back, each failure added to `failed`. (At least once: one whose confirm
+        was lost may arrive twice, as from Celery, which publishes again after a connection error.)
+        """
+        assert self._connection is not None, "publish() before connect()"
+        while True:
+            await self._connection.ready()
+            try:
+                await self._publish(message)
+                return
+            except PublishError as exc:
+                if not exc.retriable or isinstance(exc, PublishRefused):
+                    raise
+                failed.append(exc)
+            # (The connection is up before its channels are restored on it.)
+            await asyncio.sleep(RECONNECT_POLL_S)
 
     async def _publish(self, message: Outgoing) -> None:
         assert self._channel is not None, "publish() before connect()"
         # The queue must exist now, and be bound: a tier routes anything, and a job would be
-        # dropped when its time comes. (One look per queue; see `_absent`.)
+        # dropped when its time comes. (One look and one bind per queue; see `_require_queue`.)
         await self._require_queue(message.queue)
         exchange = self.exchange_name
         tier_s = tier_for(message.delay_s, tuple(self._tiers)) if message.delay_s else None
@@ -308,7 +326,7 @@ class RabbitTransport:
 
     async def missing(self, queues: Collection[str]) -> list[str]:
         """Those of `queues` that no job can go to: queues that do not exist, and delay tiers'
-        names (those of tiers other settings made too).
+        names (those of tiers other settings made too). A look: it binds nothing.
 
         A job from another producer may name any queue as its own, where its retries and
         delays go. One sent to a tier comes back from it to the jobs exchange under the tier's
@@ -318,30 +336,48 @@ class RabbitTransport:
         return [name for name in queues if name in absent or self._tier_names.fullmatch(name)]
 
     async def _absent(self, queues: Collection[str]) -> list[str]:
-        """Those of `queues` that do not exist, after a look at any not seen before.
-
-        One that exists is bound to the jobs exchange by its name when first seen, as `bridge
-        topology apply` binds it (and as Celery declares a queue before it first sends to it).
-        Made by another service, it may have no such binding; a job sent to it through the
-        exchange would come back unroutable, or stay in its delay tier until something bound the
-        queue (at-least-once dead-lettering keeps what it cannot route). A delay tier is never
-        bound so: what it sends back under its own name would come back to it, round and round.
-        """
+        """Those of `queues` that do not exist, after a look at any not seen before."""
         async with self._lookup:  # one look per queue, however many publishes wait on it
             for name in queues:
-                if name in self._known_queues or not await self._queue_exists(name):
-                    continue
-                if self._tier_names.fullmatch(name) or await self._bind(name):
-                    self._known_queues.add(name)
-        return [name for name in queues if name not in self._known_queues]
+                if name not in self._existing and await self._queue_exists(name):
+                    self._existing.add(name)
+        return [name for name in queues if name not in self._existing]
+
+    async def _require_queue(self, name: str) -> None:
+        """Raise PublishError unless queue `name` exists; on the first publish to it, bind it.
+
+        It is bound to the jobs exchange by its name, as `bridge topology apply` binds it (and
+        as Celery declares a queue before it first sends to it). Made by another service, it may
+        have no such binding; a job sent to it through the exchange would come back unroutable,
+        or stay in its delay tier until something bound the queue (at-least-once dead-lettering
+        keeps what it cannot route). A delay tier is never bound so: what it sends back under
+        its own name would come back to it, round and round.
+        """
+        if name in self._bound:
+            return
+        try:
+            exists = not await self._absent([name])
+            async with self._lookup:  # one bind per queue, however many publishes wait on it
+                if exists and name not in self._bound:
+                    exists = bool(self._tier_names.fullmatch(name)) or await self._bind(name)
+                    if exists:
+                        self._bound.add(name)
+                    else:
+                        self._existing.discard(name)
+        except TransportError as exc:  # (no answer: what a publish raises, retriable as it is)
+            raise PublishError(str(exc), retriable=exc.retriable) from exc
+        if not exists:
+            raise PublishError(
+                f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False
+            )
 
     async def _bind(self, name: str) -> bool:
         """Bind existing queue `name` to the jobs exchange by its name (the binding, if there
-        already, stays as it is); False if RabbitMQ says there is no such queue after all
-        (`amq.rabbitmq.reply-to`, which a passive declaration takes, or one deleted since).
+        already, stays as it is); False if RabbitMQ says there is no such queue after all (one
+        deleted since it was seen).
 
         A user that may not bind (it needs read permission on the exchange and write on the
-        queue) is told once, and goes on as before. With the exchange gone, the publish that
+        queue) is warned once, and goes on as before. With the exchange gone, the publish that
         follows says so.
         """
         assert self._connection is not None
@@ -353,7 +389,7 @@ class RabbitTransport:
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 return " no queue " not in str(exc)  # (else "no exchange")
             except aiormq.exceptions.ChannelAccessRefused as exc:
-                log.info(
+                log.warning(
                     "could not bind queue %s to %s (%s): if it is not bound there by its name, jobs"
                     " sent to it go nowhere; `bridge topology apply --queues %s` binds it",
                     name, self.exchange_name, exc, name,
@@ -364,18 +400,6 @@ class RabbitTransport:
         except GONE as exc:
             raise TransportError(f"RabbitMQ did not bind queue {name} ({exc!r})") from exc
         return True
-
-    async def _require_queue(self, name: str) -> None:
-        if name in self._known_queues:
-            return
-        try:
-            absent = await self._absent([name])
-        except TransportError as exc:  # (no answer: what a publish raises, retriable as it is)
-            raise PublishError(str(exc), retriable=exc.retriable) from exc
-        if absent:
-            raise PublishError(
-                f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False
-            )
 
     async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
         incoming: DeliveredMessage = delivery.handle
@@ -720,13 +744,17 @@ class RabbitTransport:
         if not dry_run:
             with _mapped("could not apply the RabbitMQ topology", retriable=False):
                 await self._declare(names, existing)
+            self._existing.update(names)
+            self._bound.update(names)
         return plan
 
     async def _queue_exists(self, name: str) -> bool:
         """Whether queue `name` exists and is one bridge may use. A job from another producer
         may name anything: a name longer than AMQP allows, or another connection's exclusive
-        queue (RESOURCE_LOCKED) or one bridge's user may not touch (ACCESS_REFUSED), is none."""
-        if len(name.encode()) > MAX_NAME_BYTES:
+        queue (RESOURCE_LOCKED) or one bridge's user may not touch (ACCESS_REFUSED), is none;
+        so is the direct reply-to pseudo-queue, which a passive declaration takes but nothing
+        can be bound to."""
+        if len(name.encode()) > MAX_NAME_BYTES or name.startswith(REPLY_TO):
             return False
         return await self._declares(name, NO_QUEUE, passive=True)
 
