@@ -36,6 +36,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aiormq.abc import DeliveredMessage
@@ -120,7 +121,7 @@ CONNECT_TIMEOUT_S = 10.0
 CHANNEL_CLOSE_TIMEOUT_S = 1.0
 DRAIN_CHECK_S = 0.1
 RECONNECT_INTERVAL_S = 1.0
-RECONNECT_POLL_S = 0.05  # how often an enqueue looks again for a publish channel being restored
+RECONNECT_POLL_S = 0.05  # an enqueue's pause between publishes the lost connection took
 # Deliveries held per slot, unless the `prefetch` setting says otherwise (Dramatiq's default;
 # Celery's is 4). With one per slot, every slot that finished waited a round trip to the
 # broker for its next job, and keyed jobs, which finish a batch at a time when their store's
@@ -156,7 +157,7 @@ class RabbitTransport:
         self._bound: set[str] = set()  # queues bound by this process, or tried: ready to publish to
         self._lookup = asyncio.Lock()
         self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
         # Every publish gets its own message id: aiormq matches a returned (unroutable) publish
         # to its confirmation by message id, so a shared one would fail the wrong publish and
@@ -252,13 +253,14 @@ class RabbitTransport:
             ) from (failed[-1] if failed else exc)
 
     async def _publish_when_connected(self, message: Outgoing, failed: list[PublishError]) -> None:
-        """Publish once the connection is up; a publish the lost connection took with it goes
-        again once it is back, each failure added to `failed`. (At least once: one whose confirm
-        was lost may arrive twice, as from Celery, which publishes again after a connection error.)
+        """Publish once the connection and its publish channel are up; a publish the lost
+        connection took with it goes again once they are back, each failure added to `failed`.
+        (At least once: one whose confirm was lost may arrive twice, as from Celery, which
+        publishes again after a connection error.)
         """
-        assert self._connection is not None, "publish() before connect()"
+        assert self._channel is not None, "publish() before connect()"
         while True:
-            await self._connection.ready()
+            await self._channel.ready()
             try:
                 await self._publish(message)
                 return
@@ -266,8 +268,7 @@ class RabbitTransport:
                 if not exc.retriable or isinstance(exc, PublishRefused):
                     raise
                 failed.append(exc)
-            # (The connection is up before its channels are restored on it.)
-            await asyncio.sleep(RECONNECT_POLL_S)
+            await asyncio.sleep(RECONNECT_POLL_S)  # (the channel may not know yet that it is lost)
 
     async def _publish(self, message: Outgoing) -> None:
         assert self._channel is not None, "publish() before connect()"
