@@ -446,7 +446,8 @@ def test_a_queue_named_as_a_delay_tier_is_refused_at_start(queues: list[str], st
     from tests.conftest import SCHEMAS
 
     app = Bridge(broker="memory://", registry=str(SCHEMAS), delay_tiers="1s")
-    names = [name.format(tier=tier_queue("bridge", 1), prefix="bridge") for name in queues]
+    prefix = app.settings.prefix  # (BRIDGE_PREFIX's, if set)
+    names = [name.format(tier=tier_queue(prefix, 1), prefix=prefix) for name in queues]
 
     async def start() -> None:
         async with app:
