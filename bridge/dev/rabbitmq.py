@@ -20,16 +20,25 @@ MANAGEMENT_PORT: Final = 15672
 PORT_VAR: Final = "BRIDGE_DEV_AMQP_PORT"
 START_TIMEOUT_S: Final = 90.0
 CONF_DIR: Final = Path("/etc/rabbitmq")
+# Every quorum queue holds files open (about three each here). With the shell's usual limit of
+# 1,024, a node holding some 300 queues (a test run makes more) stopped accepting connections,
+# and `rabbitmqctl` hung. Debian's systemd unit gives it 65,536, as RabbitMQ advises (see
+# `_ENV_CONF`). A node an earlier `up` started keeps its limit until `bridge dev down` stops it.
+OPEN_FILES: Final = 65536
 
 # The node is named rabbit@localhost and its Erlang ports (epmd 4369, distribution 25672)
 # are bound to loopback too: with the default rabbit@<hostname>, a host whose name resolves
 # to 127.0.1.1 (Debian's habit) could not reach a loopback-only node.
-_ENV_CONF = """\
+_ENV_CONF = f"""\
 # written by `bridge dev up`
 NODENAME=rabbit@localhost
 ERL_EPMD_ADDRESS=127.0.0.1
-SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
-CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {{127,0,0,1}}"
+CTL_ERL_ARGS="-kernel inet_dist_use_interface {{127,0,0,1}}"
+# Room for every quorum queue's open files (OPEN_FILES in bridge/dev/rabbitmq.py); where the
+# hard limit is lower and may not be raised, up to it. Here, after Debian's `su rabbitmq`,
+# whose pam_limits resets the limit `up`'s own process would pass on.
+ulimit -n {OPEN_FILES} 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 """
 
 # AMQP 0-9-1 protocol header; a broker answers it with a Connection.Start method frame.
