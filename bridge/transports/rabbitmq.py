@@ -258,9 +258,10 @@ class RabbitTransport:
         (At least once: one whose confirm was lost may arrive twice, as from Celery, which
         publishes again after a connection error.)
         """
-        assert self._channel is not None, "publish() before connect()"
+        channel = self._channel  # (the one to wait on, even if close() lets go of it meanwhile)
+        assert channel is not None, "publish() before connect()"
         while True:
-            await self._channel.ready()
+            await channel.ready()
             try:
                 await self._publish(message)
                 return
