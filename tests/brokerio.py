@@ -285,6 +285,24 @@ def rabbitmq_settings(**values: int) -> Iterator[None]:
 
 
 @contextmanager
+def rabbitmq_max_message_size(size: int) -> Iterator[None]:
+    """RabbitMQ taking messages up to `size` bytes (for the channels opened meanwhile), then as
+    many as before. RabbitMQ 4 reads the setting once, at boot, into a persistent term."""
+    term = "persistent_term:get(max_message_size, undefined)"
+    was = subprocess.run(
+        [*_rabbitmqctl(), "-q", "eval", f"{term}."], check=True, capture_output=True, text=True
+    ).stdout.strip()  # (`undefined` before RabbitMQ 4)
+    with rabbitmq_settings(max_message_size=size):
+        if was != "undefined":
+            rabbitmqctl("eval", f"persistent_term:put(max_message_size, {size}).")
+        try:
+            yield
+        finally:
+            if was != "undefined":
+                rabbitmqctl("eval", f"persistent_term:put(max_message_size, {was}).")
+
+
+@contextmanager
 def rabbitmq_disk_alarm() -> Iterator[None]:
     """RabbitMQ in a disk alarm (its free-space limit far above the disk): it blocks every
     connection that publishes until the limit is put back."""

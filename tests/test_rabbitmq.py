@@ -38,6 +38,7 @@ from tests.brokerio import (
     queue_arguments,
     rabbitmq_api,
     rabbitmq_disk_alarm,
+    rabbitmq_max_message_size,
     rabbitmq_settings,
     rabbitmqctl,
 )
@@ -879,6 +880,61 @@ def test_an_enqueue_that_rabbitmq_blocks_fails_in_bounded_time_and_the_next_goes
     assert f"did not confirm the publish to {queue} within 1 s" in str(error)
     assert "memory or disk alarm" in str(error) and error.retriable
     assert job_id in {envelope["id"] for envelope in envelopes_in(app, queue)}
+
+
+def test_an_enqueue_over_rabbitmqs_max_message_size_fails_at_once_and_one_beside_it_goes_through(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given RabbitMQ taking messages up to 4,096 bytes (its max_message_size), and an app taking
+    # jobs up to 1 MiB (max_message_bytes),
+    # When a job of about 8 KB and a small one are enqueued together on the one publish channel,
+    # Then the large one fails, not retriable, naming both settings; the small one, which the
+    # channel RabbitMQ closed over the large one took with it, goes again and through.
+    # (Retried like a lost connection, the large one failed only at PUBLISH_TIMEOUT_S.)
+    monkeypatch.setattr(rabbitmq, "PUBLISH_TIMEOUT_S", 5.0)
+    app = own_app(brokers["rabbitmq"])
+
+    async def scenario() -> tuple[str | BaseException, str | BaseException]:
+        async with app:
+            await app.apply_topology([queue])
+            large = app.enqueue_async("test.Echo", {"n": 1, "text": "x" * 8000}, queue=queue)
+            small = app.enqueue_async("test.Echo", {"n": 2}, queue=queue)
+            return await asyncio.gather(large, small, return_exceptions=True)
+
+    with rabbitmq_max_message_size(4096):
+        large, small = run(scenario(), timeout=60)
+    assert isinstance(large, PublishError) and not large.retriable, large
+    refused = rf"refused a job of 8,\d{{3}} bytes for {queue}: over its max_message_size \(4,096 bytes\)"
+    assert re.search(refused, str(large)), large
+    assert "or lower max_message_bytes" in str(large), large
+    assert [envelope["id"] for envelope in envelopes_in(app, queue)] == [small]
+
+
+def test_a_worker_whose_retry_is_over_rabbitmqs_max_message_size_stops_and_keeps_the_job(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given RabbitMQ taking messages up to 4,096 bytes, and a job of about 3 KB whose handler
+    # fails with a 2 KB error,
+    # When it is consumed, and its retry (the job and the error: over 4,096 bytes) is refused,
+    # Then the worker stops, saying what to change, and the job stays in its queue, to run once
+    # that is fixed. (Retried like a lost connection, the worker went on without it.)
+    app = own_app(brokers["rabbitmq"])
+    failing_first(app, queue, lambda: RuntimeError("e" * 2000))
+
+    ids: list[str] = []
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+            ids.append(await app.enqueue_async("test.Echo", {"n": 1, "text": "x" * 3000}, queue=queue))
+            await app.consume(burst=True)
+
+    with rabbitmq_max_message_size(4096), pytest.raises(TransportError) as stopped:
+        run(scenario(), timeout=60)
+    assert not stopped.value.retriable
+    assert f"a delivery from {queue} could not be settled" in str(stopped.value)
+    assert "over its max_message_size (4,096 bytes)" in str(stopped.value), stopped.value
+    assert [envelope["id"] for envelope in envelopes_in(app, queue)] == ids
 
 
 @pytest.mark.parametrize("patience_s", [10.0, 0.0], ids=["goes out", "given back"])

@@ -137,6 +137,8 @@ PREFETCH_PER_SLOT = 2
 # publish on a lost connection does not fail: aio-pika waits for the connection to be back.)
 SETTLE_PATIENCE_S = 10.0
 SETTLE_WAIT_MAX_S = 2.0
+# How RabbitMQ (3.8 to 4.2) words the closing of a channel over a message larger than it takes.
+TOO_LARGE = re.compile(r"message size (\d+) is larger than (?:configured )?max size (\d+)")
 # How RabbitMQ (3.8.15 to 4.2) words the closing of a channel whose delivery waited too long.
 ACK_TIMEOUT = re.compile(r"delivery acknowledgement on channel \d+ timed out\. Timeout value used: (\d+) ms")
 
@@ -315,6 +317,19 @@ class RabbitTransport:
             # (Retried, it left its delivery unacknowledged for good, holding a prefetch slot.)
             raise PublishError(
                 f"RabbitMQ has no exchange {exchange}: run `bridge topology apply`", retriable=False
+            ) from exc
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            # RabbitMQ closes the channel over a message larger than it takes, and every
+            # publish in flight on it fails with this one error: only the large one is refused.
+            too_large = TOO_LARGE.search(str(exc))
+            if too_large is None or int(too_large[1]) != len(message.body):
+                raise PublishError(f"publish to {message.queue} not confirmed: {exc!r}") from exc
+            raise PublishError(
+                f"RabbitMQ refused a job of {len(message.body):,} bytes for {message.queue}: over"
+                f" its max_message_size ({int(too_large[2]):,} bytes). Raise that in rabbitmq.conf above"
+                " max_message_bytes plus 256 KiB (the errors of its attempts), or lower"
+                " max_message_bytes",
+                retriable=False,
             ) from exc
         except GONE as exc:
             raise PublishError(f"publish to {message.queue} not confirmed: {exc!r}") from exc
