@@ -213,6 +213,44 @@ def test_two_rabbitmq_ups_at_once_start_the_node_once(
     assert details == ["already up", "started"]
 
 
+def test_rabbitmq_up_restarts_a_node_an_older_up_configured_and_then_leaves_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given, as root, a node that answers, configured by an older `up` (its rabbitmq-env.conf
+    # without the open-files limit; stand-ins: the shared node must not restart),
+    # When `up` runs, Then it writes this configuration and restarts the node with it;
+    # And when `up` runs again, the node is left as it is.
+    # (It was "already up", with 1,024 open files: too few for some 300 quorum queues.)
+    monkeypatch.setenv("BRIDGE_DATA", str(tmp_path))  # (where the lock is)
+    monkeypatch.setattr(rabbitmq, "CONF_DIR", tmp_path)
+    (tmp_path / "rabbitmq.conf").write_text(rabbitmq.rabbitmq_conf(rabbitmq.port()))
+    older = rabbitmq._ENV_CONF.partition("# Room for")[0]
+    (tmp_path / "rabbitmq-env.conf").write_text(older)
+    (tmp_path / "enabled_plugins").write_text("[rabbitmq_management].\n")
+    steps: list[str] = []
+    for name, stand_in in {
+        "is_root": lambda: True,
+        "find_program": lambda _: "rabbitmqctl",
+        "_speaks_amqp": lambda _: True,
+        "port_accepts": lambda _: True,
+        "_node_running": lambda _: True,
+        "_shutdown": lambda _: steps.append("shutdown"),
+        "_start": lambda _: steps.append("start"),
+        "_wait_ready": lambda _, __: None,
+    }.items():
+        monkeypatch.setattr(rabbitmq, name, stand_in)
+    restarted = rabbitmq.up(quiet)
+    assert (restarted.running, restarted.detail.partition(" in ")[0], steps) == (
+        True,
+        "started",
+        ["shutdown", "start"],
+    )
+    assert (tmp_path / "rabbitmq-env.conf").read_text() == rabbitmq._ENV_CONF
+    assert f"ulimit -n {rabbitmq.OPEN_FILES}" in rabbitmq._ENV_CONF
+    left = rabbitmq.up(quiet)
+    assert (left.detail, steps) == ("already up", ["shutdown", "start"])
+
+
 def test_native_rabbitmq_listens_on_loopback_only() -> None:
     conf = rabbitmq.rabbitmq_conf(rabbitmq.DEFAULT_PORT)
     assert "listeners.tcp.default = 127.0.0.1:5672" in conf

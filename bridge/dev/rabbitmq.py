@@ -23,7 +23,7 @@ CONF_DIR: Final = Path("/etc/rabbitmq")
 # Every quorum queue holds files open (about three each here). With the shell's usual limit of
 # 1,024, a node holding some 300 queues (a test run makes more) stopped accepting connections,
 # and `rabbitmqctl` hung. Debian's systemd unit gives it 65,536, as RabbitMQ advises (see
-# `_ENV_CONF`). A node an earlier `up` started keeps its limit until `bridge dev down` stops it.
+# `_ENV_CONF`). `up` restarts a node that an older `up` configured without it.
 OPEN_FILES: Final = 65536
 
 # The node is named rabbit@localhost and its Erlang ports (epmd 4369, distribution 25672)
@@ -71,16 +71,25 @@ def rabbitmq_conf(amqp_port: int) -> str:
 
 
 def up(log: Log = print) -> ServiceStatus:
-    """Install, configure and start RabbitMQ unless a broker already answers on the port."""
+    """Install, configure and start RabbitMQ unless a broker already answers on the port; a
+    node an older `up` configured is restarted with this one's configuration."""
     amqp_port = port()
-    if _speaks_amqp(amqp_port):
+    if _speaks_amqp(amqp_port) and not _outdated(amqp_port):
         return _status(amqp_port, True, "already up")
     # One `up` at a time (`make test` runs two test sessions, each starting what is down): the
     # second finds the node the first started.
     with file_lock(data_root() / "dev" / "rabbitmq.lock", timeout_s=900, log=log):
-        if _speaks_amqp(amqp_port):
+        if _speaks_amqp(amqp_port) and not _outdated(amqp_port):
             return _status(amqp_port, True, "already up")
         return _start_node(amqp_port, log)
+
+
+def _outdated(amqp_port: int) -> bool:
+    """Whether the node is ours, but configured by an older `up` (one that started it without
+    room for its open files, say), and may be restarted (as root) to apply this one's."""
+    if not (_our_config(amqp_port) and is_root()):
+        return False
+    return any(not path.is_file() or path.read_text() != text for path, text in _config(amqp_port).items())
 
 
 def _start_node(amqp_port: int, log: Log) -> ServiceStatus:
@@ -183,13 +192,17 @@ def _our_config(amqp_port: int) -> bool:
 def _write_config(amqp_port: int) -> bool:
     """Write the configuration files; True when one changed."""
     CONF_DIR.mkdir(parents=True, exist_ok=True)
-    wanted = {CONF_DIR / "rabbitmq.conf": rabbitmq_conf(amqp_port), CONF_DIR / "rabbitmq-env.conf": _ENV_CONF}
     changed = False
-    for path, text in wanted.items():
+    for path, text in _config(amqp_port).items():
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
             changed = True
     return changed
+
+
+def _config(amqp_port: int) -> dict[Path, str]:
+    """The configuration files `up` writes, and their contents."""
+    return {CONF_DIR / "rabbitmq.conf": rabbitmq_conf(amqp_port), CONF_DIR / "rabbitmq-env.conf": _ENV_CONF}
 
 
 def _enable_management(log: Log) -> None:
