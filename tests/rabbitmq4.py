@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bridge.dev._common import data_root, is_root
 from bridge.dev._proc import apt_install, find_program, last_line, run, wait_for
-from bridge.dev.rabbitmq import _speaks_amqp
+from bridge.dev.rabbitmq import OPEN_FILES, _speaks_amqp
 from bridge.errors import DevError
 
 ROOT = data_root() / "rabbitmq4"
@@ -44,21 +44,27 @@ listeners.tcp.default = 127.0.0.1:{AMQP_PORT}
 management.tcp.ip = 127.0.0.1
 management.tcp.port = {API_PORT}
 """,
-    "etc/rabbitmq/rabbitmq-env.conf": """\
+    # Room for every quorum queue's open files, as `bridge dev up` gives RabbitMQ 3 (see OPEN_FILES).
+    "etc/rabbitmq/rabbitmq-env.conf": f"""\
 DIST_PORT=25673
-SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
-CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {{127,0,0,1}}"
+CTL_ERL_ARGS="-kernel inet_dist_use_interface {{127,0,0,1}}"
+ulimit -n {OPEN_FILES} 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 """,
     "etc/rabbitmq/enabled_plugins": "[rabbitmq_management].\n",
 }
 
 
 def up() -> None:
-    """Build the chroot if it is not there, and start RabbitMQ 4 in it unless it answers."""
-    if _speaks_amqp(AMQP_PORT):
+    """Build the chroot if it is not there, and start RabbitMQ 4 in it unless it answers with
+    this configuration (one an older `up` started, it restarts)."""
+    if _speaks_amqp(AMQP_PORT) and (_configured() or not is_root()):
         return
     if not is_root():
         raise DevError("RabbitMQ 4 runs in a chroot, which needs root: run it with sudo")
+    if _speaks_amqp(AMQP_PORT):
+        print("rabbitmq4: restarting RabbitMQ 4 with a new configuration")
+        down()
     if not (ROOT / "usr/sbin/rabbitmq-server").exists():
         _build()
     for path, text in CONFIG.items():
@@ -74,6 +80,11 @@ def up() -> None:
     booted = _in_root(["rabbitmqctl", "-q", "await_startup", "--timeout", "60"], timeout_s=90)
     if booted.returncode != 0:  # (the HTTP API starts with the node's plugins, after AMQP)
         raise DevError(f"RabbitMQ 4 did not finish starting: {last_line(booted)}")
+
+
+def _configured() -> bool:
+    """Whether the chroot's configuration files hold CONFIG."""
+    return all((ROOT / path).is_file() and (ROOT / path).read_text() == text for path, text in CONFIG.items())
 
 
 def down() -> None:
