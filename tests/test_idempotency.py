@@ -989,6 +989,72 @@ def test_a_postgres_purge_behind_a_network_that_drops_everything_fails_in_time(
     run(main(), timeout=30)
 
 
+@pytest.mark.parametrize("block", ["ends", "raises"])
+def test_a_postgres_inbox_ending_on_a_network_that_drops_everything_ends_in_time_all_or_nothing(
+    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch, block: str
+) -> None:
+    # Given a PostgreSQL store reached through a proxy, its calls given 1 s, and a handler's
+    # write in the inbox transaction of a claimed key,
+    # When the network passes nothing more as the block ends (the key's completion and the
+    # commit go out next) or raises (the rollback goes out next),
+    # Then the block raises in about that time: a StoreError, or the handler's own error;
+    # and once the network is back, the write and the key's completion exist both or neither.
+    # (bridge's own statements in the inbox had no deadline: the job waited for TCP to give up
+    # on a silent peer, hours.)
+    monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0)
+    url = f"{brokers['postgres']}?application_name=inbox-{uuid.uuid4().hex[:8]}"
+    table, key = new_table(url), new_key()
+
+    async def main() -> None:
+        async with behind_proxy(url) as (proxy, store):
+            token = claimed(await store.claim(key, "job-1", 30)).token
+            stalled = time.monotonic()
+            raised = (StoreError, "no answer within 1 s") if block == "ends" else (RuntimeError, "its write")
+            with pytest.raises(raised[0], match=raised[1]):
+                async with store.transaction(key, token, "job-1", 30) as db:
+                    await write_effect(url, db, table, key, "job-1")
+                    proxy.stall()
+                    stalled = time.monotonic()
+                    if block == "raises":
+                        raise RuntimeError("the handler failed after its write")
+            assert time.monotonic() - stalled < 3  # (1 s, the call's timeout, and a margin)
+            proxy.heal()
+        await wait_out_transactions(url)
+        done = await wait_for_answer(open_store(brokers["postgres"]), key)
+        assert effects(url, table) == ({key: 1} if done else {}), done
+
+    run(main(), timeout=30)
+
+
+async def wait_out_transactions(url: str, timeout_s: float = 10) -> None:
+    """Until no session of `url`'s application_name is in a transaction (one whose client went
+    away ends once its server finds out)."""
+    name = url.partition("application_name=")[2]
+    async with await psycopg.AsyncConnection.connect(url.partition("?")[0], autocommit=True) as conn:
+        start = time.monotonic()
+        while (
+            await (
+                await conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                    " AND xact_start IS NOT NULL",
+                    (name,),
+                )
+            ).fetchone()
+        ) != (0,):
+            assert time.monotonic() - start < timeout_s, f"{name}'s transactions never ended"
+            await asyncio.sleep(0.05)
+
+
+async def wait_for_answer(store: Store, key: str) -> bool:
+    """Whether `key` is done (else it is held still: its claim never completed)."""
+    try:
+        claim = await store.claim(key, "job-2", 30)
+    finally:
+        await store.close()
+    assert isinstance(claim, Done | Busy), claim
+    return isinstance(claim, Done)
+
+
 def test_a_postgres_pool_that_could_not_fill_at_first_is_tried_again(
     brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

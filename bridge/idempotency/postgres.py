@@ -32,8 +32,9 @@ from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore, now_ms
 
 CONNECT_TIMEOUT_S = 10.0
 # How long a batch of claims and completions may take before its connection is given up: a
-# network that drops packets gives no error, and TCP would wait for hours. (Not an inbox
-# transaction's: the handler's own statements take what they take.)
+# network that drops packets gives no error, and TCP would wait for hours. In an inbox
+# transaction, from the end of the handler's block: the key's completion and the commit (or
+# the rollback) together. The handler's own statements take what they take.
 CALL_TIMEOUT_S = 15.0
 # The purge's, which reads the whole table (0.4 s for 2 million rows): one that hung on a silent
 # network held its connection for good, and each hour's next purge might too.
@@ -170,16 +171,23 @@ class PostgresStore(SqlStore):
         await self._open()
         try:
             with _mapped(self.url):  # the store's own failures: the connection, the commit
-                async with self._pool.connection() as conn, conn.transaction():
+                async with self._pool.connection() as conn:
+                    # From the block's end, or bridge's first statement after it, to the commit
+                    # or rollback (a silent network held the job, and a connection, for hours).
+                    with _answered_within(conn, start=False) as ending:
+                        async with conn.transaction():
 
-                    async def query(sql: str, params: Sequence[Any]) -> Rows:
-                        with _mapped(self.url):
-                            return await _fetch(conn, sql, params)
+                            async def query(sql: str, params: Sequence[Any]) -> Rows:
+                                ending.start()
+                                with _mapped(self.url), ending:
+                                    return await _fetch(conn, sql, params)
 
-                    try:
-                        yield conn, query
-                    except Exception as exc:  # (rolled back on the way out)
-                        raise _Raised(exc) from exc
+                            try:
+                                yield conn, query
+                            except Exception as exc:  # (rolled back on the way out)
+                                raise _Raised(exc) from exc
+                            finally:
+                                ending.start()
         except _Raised as raised:
             # What the handler's block raised, as it raised it: its own UniqueViolation, say,
             # which its `except` or the job's give_up_on name, not a StoreError (an outage).
@@ -192,37 +200,62 @@ class PostgresStore(SqlStore):
 
 @contextmanager
 def _answered_within(
-    conn: psycopg.AsyncConnection[tuple[Any, ...]], timeout_s: float | None = None
-) -> Iterator[None]:
+    conn: psycopg.AsyncConnection[tuple[Any, ...]], timeout_s: float | None = None, *, start: bool = True
+) -> Iterator[_Deadline]:
     """Shuts the connection's socket down if the block still runs `timeout_s` (CALL_TIMEOUT_S)
-    from now, and raises TimeoutError then.
+    from now (or, with `start` False, from when the block calls `start()` on what it is given),
+    and raises TimeoutError then.
 
     Not a cancellation: psycopg answers one by sending the server a cancel request, on a new
     connection over the same silent network, and waits up to 10 s more. A socket shut down
     (not closed: psycopg is waiting on it) makes the call fail at once, and the pool replaces
     the connection.
     """
-    passed = []
+    deadline = _Deadline(conn, CALL_TIMEOUT_S if timeout_s is None else timeout_s)
+    if start:
+        deadline.start()
+    try:
+        with deadline:
+            yield deadline
+    finally:
+        deadline.cancel()
 
-    def shut_down() -> None:
-        passed.append(True)
+
+class _Deadline:
+    """A timer that shuts `conn`'s socket down `timeout_s` after `start()` (see `_answered_within`).
+
+    A `with` block of it raises TimeoutError for a psycopg error once the timer went off.
+    """
+
+    def __init__(self, conn: psycopg.AsyncConnection[tuple[Any, ...]], timeout_s: float) -> None:
+        self.conn, self.timeout_s = conn, timeout_s
+        self.passed = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Start the timer, unless it runs already."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.timeout_s, self._shut_down)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def __enter__(self) -> _Deadline:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
+        if isinstance(exc, psycopg.Error) and self.passed:
+            raise TimeoutError(f"no answer within {self.timeout_s:g} s") from exc
+
+    def _shut_down(self) -> None:
+        self.passed = True
         with suppress(OSError, psycopg.Error):
-            sock = socket.socket(fileno=conn.pgconn.socket)
+            sock = socket.socket(fileno=self.conn.pgconn.socket)
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             finally:
                 sock.detach()  # (the descriptor stays psycopg's to close)
-
-    timeout_s = CALL_TIMEOUT_S if timeout_s is None else timeout_s
-    timer = asyncio.get_running_loop().call_later(timeout_s, shut_down)
-    try:
-        yield
-    except psycopg.Error as exc:
-        if passed:
-            raise TimeoutError(f"no answer within {timeout_s:g} s") from exc
-        raise
-    finally:
-        timer.cancel()
 
 
 # A clock that nobody steps and that counts the time a suspended host slept: Linux's
