@@ -1,12 +1,20 @@
-"""A TCP proxy in front of a real server, to cut a store or a broker off from its workers for a while."""
+"""A TCP proxy in front of a real server, to cut a store or a broker off from its workers for a
+while; and `silenced`, which drops one loopback connection's packets in the kernel."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import in_ci
 
 
 class FlakyProxy:
@@ -131,3 +139,40 @@ def threaded_proxy(url: str) -> Iterator[ThreadedProxy]:
     finally:
         started[0]._loop.call_soon_threadsafe(done.set)
         thread.join(10)
+
+
+@contextmanager
+def silenced(port: int) -> Iterator[None]:
+    """Hold every packet to or from `port` on loopback, either way, until the block ends (and
+    drop them then): a network gone silent, as both ends' kernels see it. A proxy cannot do
+    that: its kernel acknowledges what the server sends, keepalive probes included.
+
+    Needs root and tc (iproute2). This kernel has no netem and no drop action, so the packets
+    go to a class that passes 1 byte a second: the first one may still go through (its bucket
+    starts full), and the block is over long before the next does. Loopback's other traffic
+    passes as before.
+    """
+    lo = ["dev", "lo"]
+    commands = [
+        ["tc", "qdisc", "add", *lo, "root", "handle", "1:", "htb"],  # (unclassified: straight through)
+        ["tc", "class", "add", *lo, "parent", "1:", "classid", "1:2",
+         "htb", "rate", "8bit", "burst", "1", "cburst", "1"],
+        *(
+            ["tc", "filter", "add", *lo, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+             "match", "ip", end, str(port), "0xffff", "flowid", "1:2"]
+            for end in ("sport", "dport")
+        ),
+    ]  # fmt: skip
+    if os.geteuid() != 0 or not shutil.which("tc"):  # (a teammate's machine; CI runs as root)
+        reason = "silencing a connection needs root and tc (iproute2)"
+        if in_ci():
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        for command in commands:
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
+        yield
+    finally:
+        subprocess.run(["tc", "qdisc", "del", *lo, "root"], capture_output=True, check=False)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import socket
 import sqlite3
 import sys
 import time
@@ -26,7 +27,7 @@ from bridge.idempotency.sql import SqlStore
 from tests.apps.effects import write_effect
 from tests.conftest import run
 from tests.effects import effects, new_table
-from tests.proxy import FlakyProxy
+from tests.proxy import FlakyProxy, silenced
 
 
 def with_store(url: str, scenario: Callable[[Store], Awaitable[None]]) -> None:
@@ -1024,6 +1025,56 @@ def test_a_postgres_inbox_ending_on_a_network_that_drops_everything_ends_in_time
         assert effects(url, table) == ({key: 1} if done else {}), done
 
     run(main(), timeout=30)
+
+
+def test_a_postgres_session_whose_client_went_silent_ends_and_lets_go_of_its_rows(
+    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a PostgreSQL store whose calls are given 1 s and whose server is asked to end a
+    # silent client's session after about 3 s, and a handler's inbox block that updated a row,
+    # When the network drops everything of that block's connection, either way, as it ends,
+    # Then the block fails in about 1 s, and the job's retry updates the row within seconds: the
+    # server ended the session and rolled back what it held. (It held the row, and the key's
+    # batch-mates, for two hours: the server's TCP only looks for a silent client that late.)
+    monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0)
+    tcp = {"tcp_keepalives_idle": 1, "tcp_keepalives_interval": 1, "tcp_keepalives_count": 2}
+    monkeypatch.setattr(postgres, "SERVER_TCP", tcp)
+    monkeypatch.setattr(postgres, "SERVER_TCP_USER_TIMEOUT_MS", 3000)
+    url, table = brokers["postgres"], f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, runs int NOT NULL)")
+        conn.execute(f"INSERT INTO {table} VALUES (1, 0)")
+
+    async def main() -> None:
+        store = open_store(url)
+        try:
+            key = new_key()
+            token = claimed(await store.claim(key, "job-1", 30)).token
+            with contextlib.ExitStack() as network:  # (silent until the retry is done)
+                with pytest.raises(StoreError, match="no answer within 1 s"):
+                    async with store.transaction(key, token, "job-1", 30) as db:
+                        await db.execute(f"UPDATE {table} SET runs = runs + 1 WHERE id = 1")
+                        network.enter_context(silenced(local_port(db)))
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as retry:
+                    await retry.execute("SET statement_timeout = '10s'")
+                    started = time.monotonic()
+                    await retry.execute(f"UPDATE {table} SET runs = runs + 1 WHERE id = 1")
+                    assert time.monotonic() - started < 8, "the silent client's session held the row"
+        finally:
+            await store.close()
+
+    run(main(), timeout=30)
+    with psycopg.connect(url) as conn:
+        assert conn.execute(f"SELECT runs FROM {table}").fetchall() == [(1,)]
+
+
+def local_port(conn: psycopg.AsyncConnection[Any]) -> int:
+    """The client's end of `conn`: its port on this host."""
+    sock = socket.socket(fileno=conn.pgconn.socket)
+    try:
+        return int(sock.getsockname()[1])
+    finally:
+        sock.detach()  # (the descriptor stays psycopg's)
 
 
 async def wait_out_transactions(url: str, timeout_s: float = 10) -> None:
