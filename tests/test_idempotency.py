@@ -1003,7 +1003,8 @@ def test_a_postgres_inbox_ending_on_a_network_that_drops_everything_ends_in_time
     # (bridge's own statements in the inbox had no deadline: the job waited for TCP to give up
     # on a silent peer, hours.)
     monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0)
-    url = f"{brokers['postgres']}?application_name=inbox-{uuid.uuid4().hex[:8]}"
+    base = brokers["postgres"]
+    url = f"{base}{'&' if '?' in base else '?'}application_name=inbox-{uuid.uuid4().hex[:8]}"
     table, key = new_table(url), new_key()
 
     async def main() -> None:
@@ -1021,7 +1022,7 @@ def test_a_postgres_inbox_ending_on_a_network_that_drops_everything_ends_in_time
             assert time.monotonic() - stalled < 3  # (1 s, the call's timeout, and a margin)
             proxy.heal()
         await wait_out_transactions(url)
-        done = await wait_for_answer(open_store(brokers["postgres"]), key)
+        done = await done_or_held(open_store(base), key)
         assert effects(url, table) == ({key: 1} if done else {}), done
 
     run(main(), timeout=30)
@@ -1081,13 +1082,13 @@ async def wait_out_transactions(url: str, timeout_s: float = 10) -> None:
     """Until no session of `url`'s application_name is in a transaction (one whose client went
     away ends once its server finds out)."""
     name = url.partition("application_name=")[2]
-    async with await psycopg.AsyncConnection.connect(url.partition("?")[0], autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         start = time.monotonic()
         while (
             await (
                 await conn.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-                    " AND xact_start IS NOT NULL",
+                    " AND xact_start IS NOT NULL AND pid <> pg_backend_pid()",
                     (name,),
                 )
             ).fetchone()
@@ -1096,7 +1097,7 @@ async def wait_out_transactions(url: str, timeout_s: float = 10) -> None:
             await asyncio.sleep(0.05)
 
 
-async def wait_for_answer(store: Store, key: str) -> bool:
+async def done_or_held(store: Store, key: str) -> bool:
     """Whether `key` is done (else it is held still: its claim never completed)."""
     try:
         claim = await store.claim(key, "job-2", 30)
