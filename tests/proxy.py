@@ -7,13 +7,16 @@ import asyncio
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
+from bridge.dev._proc import file_lock
 from tests.conftest import in_ci
 
 
@@ -142,37 +145,41 @@ def threaded_proxy(url: str) -> Iterator[ThreadedProxy]:
 
 
 @contextmanager
-def silenced(port: int) -> Iterator[None]:
-    """Hold every packet to or from `port` on loopback, either way, until the block ends (and
-    drop them then): a network gone silent, as both ends' kernels see it. A proxy cannot do
-    that: its kernel acknowledges what the server sends, keepalive probes included.
+def silenced(port: int, server_port: int) -> Iterator[None]:
+    """Drop every IPv4 packet between this host's `port` and `server_port` on loopback, either way,
+    until the block ends: a network gone silent, as both ends' kernels see it. A proxy cannot
+    do that: its kernel acknowledges what the server sends, keepalive probes included.
 
-    Needs root and tc (iproute2). This kernel has no netem and no drop action, so the packets
-    go to a class that passes 1 byte a second: the first one may still go through (its bucket
-    starts full), and the block is over long before the next does. Loopback's other traffic
-    passes as before.
+    Needs root and tc (iproute2). This kernel has no netem and no drop action, so the packets go
+    to a class whose queue holds none. Loopback's other traffic passes as before. Loopback is
+    the host's: a lock keeps two test sessions (`make test` runs two at once) from taking turns
+    at its qdisc, and a qdisc that a killed run left behind goes first.
     """
-    lo = ["dev", "lo"]
-    commands = [
-        ["tc", "qdisc", "add", *lo, "root", "handle", "1:", "htb"],  # (unclassified: straight through)
-        ["tc", "class", "add", *lo, "parent", "1:", "classid", "1:2",
-         "htb", "rate", "8bit", "burst", "1", "cburst", "1"],
-        *(
-            ["tc", "filter", "add", *lo, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
-             "match", "ip", end, str(port), "0xffff", "flowid", "1:2"]
-            for end in ("sport", "dport")
-        ),
-    ]  # fmt: skip
     if os.geteuid() != 0 or not shutil.which("tc"):  # (a teammate's machine; CI runs as root)
         reason = "silencing a connection needs root and tc (iproute2)"
         if in_ci():
             pytest.fail(reason)
         pytest.skip(reason)
-    try:
-        for command in commands:
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
-            if done.returncode:
-                raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
-        yield
-    finally:
-        subprocess.run(["tc", "qdisc", "del", *lo, "root"], capture_output=True, check=False)
+    lo = ["dev", "lo"]
+    commands = [
+        ["tc", "qdisc", "add", *lo, "root", "handle", "1:", "htb"],  # (unclassified: straight through)
+        ["tc", "class", "add", *lo, "parent", "1:", "classid", "1:2", "htb", "rate", "8bit"],
+        ["tc", "qdisc", "add", *lo, "parent", "1:2", "handle", "20:", "pfifo", "limit", "0"],
+        *(
+            ["tc", "filter", "add", *lo, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+             "match", "ip", "sport", str(source), "0xffff", "match", "ip", "dport", str(to), "0xffff",
+             "flowid", "1:2"]
+            for source, to in ((port, server_port), (server_port, port))
+        ),
+    ]  # fmt: skip
+    lock = Path(tempfile.gettempdir()) / "bridge-tests-lo-qdisc.lock"
+    with file_lock(lock, timeout_s=60, log=lambda _: None):
+        try:
+            subprocess.run(["tc", "qdisc", "del", *lo, "root"], capture_output=True, check=False)
+            for command in commands:
+                done = subprocess.run(command, capture_output=True, text=True, check=False)
+                if done.returncode:
+                    raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
+            yield
+        finally:
+            subprocess.run(["tc", "qdisc", "del", *lo, "root"], capture_output=True, check=False)

@@ -28,7 +28,7 @@ from bridge.errors import StoreError, safe_url
 from bridge.idempotency import Claim, Enqueued
 from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.given_up import GivenUp
-from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore, log, now_ms
+from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore, now_ms
 
 CONNECT_TIMEOUT_S = 10.0
 # How long a batch of claims and completions may take before its connection is given up: a
@@ -39,13 +39,16 @@ CALL_TIMEOUT_S = 15.0
 # The purge's, which reads the whole table (0.4 s for 2 million rows): one that hung on a silent
 # network held its connection for good, and each hour's next purge might too.
 PURGE_TIMEOUT_S = 600.0
-# How soon the server ends the session of a client gone silent (its host or the network
-# between them down): a client that gave up on a call (CALL_TIMEOUT_S) left its transaction
+# How soon the server ends the session of a client gone silent (its host, or the network
+# between them, down): a client that gave up on a call (CALL_TIMEOUT_S) left its transaction
 # open there, an inbox's or a batch's, holding its row locks (its keys', and the handler's own,
 # which the job's retry then waits for) until the server's TCP found it gone: by Linux's
-# defaults, two hours after its last word. With these, about 30 s. (Session settings, sent
-# once per connection; tcp_user_timeout, for an answer the client never acknowledged, is
-# PostgreSQL 12's.)
+# defaults, two hours after its last word (keepalives), or 15 minutes after an answer the
+# client never acknowledged (retransmissions). With these, about 30 s on a Linux server.
+# tcp_user_timeout (PostgreSQL 12 on) also ends the session of a live client whose receive
+# window stays shut that long: a handler that stops reading a streamed result (cursor.stream(),
+# COPY) inside its inbox for 30 s. Session settings, sent once per connection; through a
+# pooler (PgBouncer), the server's client is the pooler, and silence is the pooler's to notice.
 SERVER_TCP = {"tcp_keepalives_idle": 15, "tcp_keepalives_interval": 5, "tcp_keepalives_count": 3}
 SERVER_TCP_USER_TIMEOUT_MS = 30_000
 SERVER_CLOCK = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint"
@@ -228,6 +231,8 @@ def _answered_within(
             yield deadline
     finally:
         deadline.cancel()
+        if deadline.passed:  # (its answer may have come in the very pass its socket was shut:
+            conn.pgconn.finish()  # closed, the pool discards it instead of lending it out)
 
 
 class _Deadline:
@@ -308,18 +313,12 @@ class _ServerClock:
 
 async def _notice_silence(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
     """Ask the server to end this session soon after its client went silent (SERVER_TCP)."""
-    settings = [(name, str(value)) for name, value in SERVER_TCP.items()]
+    settings = {name: str(value) for name, value in SERVER_TCP.items()}
     if conn.info.server_version >= 120000:
-        settings.append(("tcp_user_timeout", str(SERVER_TCP_USER_TIMEOUT_MS)))
+        settings["tcp_user_timeout"] = str(SERVER_TCP_USER_TIMEOUT_MS)
+    query = "SELECT " + ", ".join("set_config(%s, %s, false)" for _ in settings)
     with _answered_within(conn):
-        for name, value in settings:
-            try:
-                await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
-            except psycopg.Error as exc:
-                if exc.sqlstate is None:  # the connection failed, not the setting
-                    raise
-                # A server that refuses it (one on Windows, tcp_user_timeout): the others stand.
-                log.debug("PostgreSQL session setting %s: %s", name, exc)
+        await conn.execute(query, [part for setting in settings.items() for part in setting])
 
 
 async def _together(
