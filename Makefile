@@ -74,9 +74,9 @@ pytest-side-by-side: $(STAMP) $(LOWEST_STAMP)
 	{ $(MAKE) --no-print-directory pytest-rabbitmq4; first=$$?; \
 	  $(MAKE) --no-print-directory pytest-lowest-beside; second=$$?; test $$first = 0 && test $$second = 0; } \
 		> $(BESIDE_LOG) 2>&1 & \
-	BRIDGE_TEST_KEEP_TOPICS=1 $(BIN)/pytest; main=$$?; wait $$!; beside=$$?; \
+	$(BIN)/pytest; main=$$?; wait $$!; beside=$$?; \
 	echo "--- make pytest-rabbitmq4 pytest-lowest-beside (run beside the main stage):"; \
-	cat $(BESIDE_LOG); $(BIN)/python -m tests.brokerio; \
+	cat $(BESIDE_LOG); \
 	test $$main = 0 && test $$beside = 0
 
 test: lint pytest-side-by-side

@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import random
-import re
 import shlex
 import signal
 import socket
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType  # type: ignore[attr-defined]
 
 from bridge import Bridge, codec, testing
@@ -34,6 +33,7 @@ from bridge.envelope import DeadLetter
 from bridge.registry import DEAD_LETTER, ENVELOPE
 from bridge.transports import dlq_name
 from bridge.transports.kafka.common import wait_until_served
+from tests.names import left_behind
 
 
 def read_queue(app: Bridge, queue: str) -> list[bytes]:
@@ -197,26 +197,19 @@ async def _drain_rabbit_queue(url: str, queue: str) -> list[bytes]:
 
 # The RabbitMQ under test: the local one, or the one `make pytest-rabbitmq4` starts beside it.
 RABBITMQ_API = os.environ.get("BRIDGE_TEST_RABBITMQ_API", "http://127.0.0.1:15672/api")
-TEST_NAMES = re.compile(r"^(t-[0-9a-f]{12}|p[0-9a-f]{8}\.)")
 
 
-def delete_test_objects(brokers: dict[str, str], *, kafka: bool = True) -> None:
-    """Delete the queues, exchanges and topics tests made, so the dev brokers do not fill up
-    (with `kafka` false, only the RabbitMQ under test's)."""
-    if kafka:
-        delete_test_topics(brokers["kafka"])
-    for kind in ("queues", "exchanges"):
-        for item in rabbitmq_api(f"{kind}/%2F"):
-            if TEST_NAMES.match(item["name"]):
-                rabbitmq_api(f"{kind}/%2F/{_quoted(item['name'])}", "DELETE")
-
-
-def delete_test_topics(kafka_url: str) -> None:
-    """Delete the topics tests made on the Kafka at `kafka_url`."""
-    admin = AdminClient({"bootstrap.servers": kafka_url.partition("://")[2]})
-    topics = [t for t in admin.list_topics(timeout=10).topics if TEST_NAMES.match(t)]
+def delete_test_objects(brokers: dict[str, str]) -> None:
+    """Delete the queues, exchanges and topics that this session made, and those that sessions
+    no longer running left behind (tests.names), so the dev brokers do not fill up."""
+    admin = AdminClient({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
+    topics = [t for t in admin.list_topics(timeout=10).topics if left_behind(t)]
     for future in admin.delete_topics(topics).values() if topics else ():
         future.exception()  # wait; a topic already gone is fine
+    for kind in ("queues", "exchanges"):
+        for item in rabbitmq_api(f"{kind}/%2F"):
+            if left_behind(item["name"]):
+                rabbitmq_api(f"{kind}/%2F/{_quoted(item['name'])}", "DELETE")
 
 
 def rabbitmq_api(path: str, method: str = "GET", body: Any = None) -> Any:
@@ -376,16 +369,3 @@ def _ephemeral_range() -> tuple[int, int]:
         return int(low), int(high)
     except (OSError, ValueError):
         return 32768, 60999
-
-
-if __name__ == "__main__":  # `make test`: the test topics of sessions that ran side by side
-    from bridge.dev import kafka as dev_kafka
-
-    # Hygiene only, as at a session's end: without a dev Kafka (its tests were skipped) there are
-    # no topics to delete, and `make test` must not fail for it.
-    try:
-        with socket.create_connection(("127.0.0.1", dev_kafka.port()), timeout=1):
-            pass
-        delete_test_topics(dev_kafka.url())
-    except (OSError, KafkaException) as exc:
-        print(f"could not delete the test topics: {exc}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from confluent_kafka import KafkaException
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -23,6 +24,7 @@ from bridge.envelope import Envelope
 from bridge.errors import BridgeError
 from bridge.registry import ENVELOPE
 from bridge.transports import Outgoing
+from tests import names
 
 TESTS = Path(__file__).resolve().parent
 SCHEMAS = TESTS / "schemas"
@@ -47,9 +49,15 @@ def pytest_configure(config: pytest.Config) -> None:
     """With BRIDGE_LOWEST_BOUNDS (`make pytest-lowest`), refuse to run above the lower bounds.
 
     Otherwise a resolver that quietly picked newer versions would prove nothing about them.
+    Then mark this session as running, so that another's end leaves its queues alone.
     """
     if os.environ.get("BRIDGE_LOWEST_BOUNDS") and (problems := above_lower_bounds()):
         raise pytest.UsageError(f"BRIDGE_LOWEST_BOUNDS is set, but {'; '.join(problems)}")
+    names.register()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    names.unregister()
 
 
 def above_lower_bounds() -> list[str]:
@@ -88,12 +96,11 @@ def brokers() -> Iterator[dict[str, str]]:
     from tests.brokerio import delete_test_objects
 
     try:
-        # Sessions run side by side in `make test`, and use the dev Kafka's topics until each
-        # ends: they leave the topics (BRIDGE_TEST_KEEP_TOPICS, and every RabbitMQ 4 session),
-        # which `make test` deletes once all have ended (`python -m tests.brokerio`).
-        keep_topics = bool(another_rabbitmq or os.environ.get("BRIDGE_TEST_KEEP_TOPICS"))
-        delete_test_objects(urls, kafka=not keep_topics)
-    except OSError as exc:  # hygiene only: a broker that went away has failed its tests already
+        delete_test_objects(urls)
+    except (
+        OSError,
+        KafkaException,
+    ) as exc:  # hygiene only: a broker that went away has failed its tests already
         print(f"could not delete the test queues and topics: {exc}")
 
 
@@ -118,7 +125,7 @@ def broker(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def queue() -> str:
     """A queue name no other test uses."""
-    return f"t-{uuid.uuid4().hex[:12]}"
+    return names.queue()
 
 
 @pytest.fixture
@@ -134,7 +141,7 @@ def make_app(broker: str) -> Callable[..., Bridge]:
 
 def own_app(broker: str) -> Bridge:
     """An app on `broker` with a prefix (so delay tiers) and a consumer group of its own."""
-    prefix, group = f"p{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:12]}"
+    prefix, group = names.prefix(), f"g-{uuid.uuid4().hex[:12]}"
     settings = {"prefix": prefix, "delay_tiers": "1s", "partitions": 1, "group": group}
     return Bridge(broker=broker, registry=str(SCHEMAS), **settings)
 

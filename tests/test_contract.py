@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name
 from bridge.transports.base import Outgoing, tier_queue
 from bridge.transports.kafka import commit as kafka_commit
+from tests import names
 from tests.brokerio import dead_letters, delete_queue
 from tests.conftest import run
 
@@ -255,7 +255,7 @@ def test_a_consume_whose_delay_tier_is_missing_stops_at_once_naming_it(
     # returned: its drain check could not count the tier's messages.)
     if broker.startswith("memory"):
         pytest.skip("the in-memory broker creates queues on first use")
-    app = make_app(prefix=f"p{uuid.uuid4().hex[:8]}", delay_tiers="1s,5s")
+    app = make_app(prefix=names.prefix(), delay_tiers="1s,5s")
     ran: list[str] = []
 
     @app.job("test.Echo", queue=queue)

@@ -21,12 +21,13 @@ from bridge.envelope import DeadLetter, now_ms
 from bridge.errors import BridgeError, ConfigError
 from bridge.registry import DEAD_LETTER
 from bridge.transports import Outgoing, dlq_name
+from tests import names
 from tests.conftest import REPO, SCHEMAS, publish_envelope, run
 
 
 @pytest.fixture
 def make_app(broker: str) -> Callable[..., Bridge]:
-    prefix = f"p{uuid.uuid4().hex[:8]}"
+    prefix = names.prefix()
 
     def make(**settings: Any) -> Bridge:
         settings.setdefault("group", f"g-{uuid.uuid4().hex[:12]}")

@@ -29,6 +29,7 @@ from bridge.transports.kafka import transport as kafka_transport
 from bridge.transports.kafka.commit import Committer
 from bridge.transports.kafka.common import Headers, mapped, read_to_end, wait_until_served
 from bridge.worker import Stats
+from tests import names
 from tests.brokerio import (
     another_kafka,
     dead_letters,
@@ -242,7 +243,7 @@ def test_dead_letter_topics_keep_their_records_until_replayed_or_purged(
     # 7 days, would lose dead letters nobody looked at yet), each tier keeps its records a week,
     # or twice the tier if longer (the cluster's default, which may be shorter than a tier, had
     # the 4-day tier's jobs deleted before they were due), and the queue keeps the broker's.
-    prefix = f"p{uuid.uuid4().hex[:8]}"
+    prefix = names.prefix()
     app = Bridge(
         broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers="1s,4d", partitions=1
     )
@@ -469,7 +470,7 @@ def test_a_delayed_job_whose_queue_was_deleted_stops_the_forwarder_with_an_error
     # would then send the job to the tier's dead letters instead (as after a restart).
     monkeypatch.setattr(kafka_transport, "TOPIC_LOOK_S", 3600.0)
     monkeypatch.setattr(kafka_commit, "TRANSACTION_TIMEOUT_S", 2.0)  # (when the forward fails)
-    prefix, elsewhere = f"p{uuid.uuid4().hex[:8]}", f"t-{uuid.uuid4().hex[:12]}"
+    prefix, elsewhere = names.prefix(), names.queue()
     app = Bridge(
         broker=brokers["kafka"], registry=str(SCHEMAS), group=f"g-{uuid.uuid4().hex[:12]}", prefix=prefix
     )
@@ -720,7 +721,7 @@ def test_a_foreign_tier_record_without_a_queue_to_return_to_is_dead_lettered_in_
     # When consumed, Then the delayed job still comes back and runs, the consumer ends
     # normally, and each foreign record is in the tier's own dead-letter topic with the
     # reason, where it came from and its bytes (docs/envelope.md).
-    prefix = f"p{uuid.uuid4().hex[:8]}"
+    prefix = names.prefix()
     tier = f"{prefix}.delay.1s"
     foreign: list[tuple[bytes, Headers]] = [
         (b"no header", []),
@@ -775,7 +776,7 @@ def first_of_tier_records_runs_soon(kafka: str, queue: str, tier: str, written_s
     """Write a job for `queue` to delay tier `tier` per entry of `written_s_ago` (its record's
     timestamp), in one partition, then consume: the first must run within 20 s."""
     app = Bridge(
-        broker=kafka, registry=str(SCHEMAS), prefix=f"p{uuid.uuid4().hex[:8]}", delay_tiers=f"1s,{tier}",
+        broker=kafka, registry=str(SCHEMAS), prefix=names.prefix(), delay_tiers=f"1s,{tier}",
         partitions=1, group=f"g-{uuid.uuid4().hex[:12]}",
     )  # fmt: skip
     ran = signalling(app, queue)
@@ -859,13 +860,13 @@ def test_an_enqueue_to_a_delay_tier_is_refused_saying_so(brokers: dict[str, str]
     # Given an app whose delay tiers exist, When a job is enqueued to one of them as its queue,
     # Then the enqueue fails at once, saying the topic is a delay tier and not a queue. (It was
     # published, without the header that names a queue, and dead-lettered by the forwarder.)
-    prefix = f"p{uuid.uuid4().hex[:8]}"
+    prefix = names.prefix()
     app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers="1s")
     tier = f"{prefix}.delay.1s"
 
     async def scenario() -> None:
         async with app:
-            await app.apply_topology([f"t-{uuid.uuid4().hex[:12]}"])
+            await app.apply_topology([names.queue()])
             await app.enqueue_async("test.Echo", {"n": 1}, queue=tier)
 
     with pytest.raises(PublishError) as refused:
@@ -882,7 +883,7 @@ def test_a_tier_without_its_dead_letter_topic_logs_and_skips_a_foreign_record(
     # only) and a foreign tier record with no bridge-queue header, then a job delayed by
     # bridge, When consumed, Then the job runs and the record is skipped with an error that
     # says what to run: nothing is written to a topic that does not exist.
-    prefix = f"p{uuid.uuid4().hex[:8]}"
+    prefix = names.prefix()
     tier = f"{prefix}.delay.1s"
     topics_made_elsewhere(brokers["kafka"].partition("://")[2], [queue, dlq_name(queue), tier], partitions=3)
     with caplog.at_level(logging.ERROR, logger="bridge.kafka"):

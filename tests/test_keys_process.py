@@ -15,6 +15,7 @@ import pytest
 
 from bridge import Bridge
 from bridge.idempotency import run_key
+from tests import names
 from tests.conftest import REPO, SCHEMAS, run
 from tests.effects import effects, new_table
 from tests.processes import wait_until
@@ -32,10 +33,10 @@ class Effects:
 
     def __init__(self, broker: str, store_url: str, tmp_path: Path, lease_s: float = 2.0) -> None:
         self.broker, self.store_url = broker, store_url
-        self.queue = f"t-{uuid.uuid4().hex[:12]}"
+        self.queue = names.queue()
         # Delay tiers (and on Kafka their forwarder group) of its own: a burst run waits for
         # every job in its prefix's tiers, which a consumer left over elsewhere may be holding.
-        self.prefix = f"p{uuid.uuid4().hex[:8]}"
+        self.prefix = names.prefix()
         self.group = f"g-{uuid.uuid4().hex[:12]}"
         self.table = new_table(store_url)
         self.ledger = tmp_path / "ledger"

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from bridge import Bridge
+from tests import names
 from tests.brokerio import envelopes_in
 from tests.conftest import SCHEMAS, run
 from tests.processes import (
@@ -114,7 +115,7 @@ def test_sigkill_during_retries_and_delay_hops_loses_no_job(
     # When the consumer is killed with SIGKILL three times part-way and restarted,
     # Then every job ends done, none is lost and none is dead-lettered.
     ledger = tmp_path / "ledger"
-    prefix = f"p{uuid.uuid4().hex[:8]}"
+    prefix = names.prefix()
     settings = {"prefix": prefix, "delay_tiers": "1s"}
     env = {"BRIDGE_PREFIX": prefix, "BRIDGE_DELAY_TIERS": "1s", "LEDGER_FAIL_ONCE": "1"}
     ids = run(publish(real_broker, queue, 2000, sleep_ms=2, **settings))

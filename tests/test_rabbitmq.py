@@ -29,6 +29,7 @@ from bridge.transports import dlq_name, rabbitmq
 from bridge.transports.base import tier_queue
 from bridge.transports.rabbitmq import QUORUM
 from bridge.worker import Stats
+from tests import names
 from tests.brokerio import (
     close_rabbitmq_connections,
     dead_letters,
@@ -178,7 +179,7 @@ def test_an_enqueue_to_a_delay_tier_as_the_jobs_queue_is_refused(
 
     async def scenario() -> None:
         async with app:
-            await app.apply_topology([f"t-{uuid.uuid4().hex[:12]}"])
+            await app.apply_topology([names.queue()])
             await app.enqueue_async("test.Echo", {"n": 1}, queue=tier, delay=delay)
 
     with pytest.raises(PublishError) as refused:

@@ -26,6 +26,7 @@ from bridge.registry import ENVELOPE
 from bridge.transports import Delivery, Outgoing
 from bridge.transports.base import tier_queue
 from bridge.worker import Stats, Worker
+from tests import names
 from tests.brokerio import dead_letters
 from tests.conftest import publish_envelope, run
 
@@ -37,7 +38,7 @@ def make_app(broker: str) -> Callable[..., Bridge]:
     """Apps on the current broker under a prefix (and delay tiers) of their own."""
     from tests.conftest import SCHEMAS
 
-    prefix = f"p{uuid.uuid4().hex[:8]}"
+    prefix = names.prefix()
 
     def make(**settings: Any) -> Bridge:
         settings.setdefault("group", f"g-{uuid.uuid4().hex[:12]}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from bridge import Bridge, JobContext, Permanent, codec
 from bridge.registry import DEAD_LETTER, ENVELOPE, SchemaDirectory
 from bridge.transports import Outgoing, dlq_name
+from tests import names
 from tests.brokerio import java_partition, read_partitions, read_queue
 from tests.conftest import SCHEMAS, run
 from tests.interop.app import runs
@@ -29,7 +29,7 @@ TIERS = "1s"
 
 def own_prefix() -> str:
     """A prefix of the test's own, so that a burst run waits for nobody else's delayed jobs."""
-    return f"p{uuid.uuid4().hex[:8]}"
+    return names.prefix()
 
 
 def consume_burst(broker: str, queue: str, prefix: str, ledger: Path, *flags: str) -> str:
@@ -252,8 +252,8 @@ def test_a_go_or_node_producer_fails_when_no_queue_takes_its_job(
 ) -> None:
     # Given a prefix's exchange with one queue bound, but not the one the job names,
     broker, prefix = brokers["rabbitmq"], own_prefix()
-    run(publish(broker, f"t-{uuid.uuid4().hex[:12]}", 0, prefix=prefix, delay_tiers=TIERS))
-    missing = f"t-{uuid.uuid4().hex[:12]}"
+    run(publish(broker, names.queue(), 0, prefix=prefix, delay_tiers=TIERS))
+    missing = names.queue()
     # When the producer publishes a job to that queue (mandatory),
     done = rabbitmq_enqueue.run(url=broker, prefix=prefix, queue=missing)
     # Then RabbitMQ returns the message and the producer fails instead of reporting it enqueued.
