@@ -4,6 +4,7 @@ while; and `silenced`, which drops one loopback connection's packets in the kern
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import subprocess
@@ -16,7 +17,6 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from bridge.dev._proc import file_lock
 from tests.conftest import in_ci
 
 
@@ -144,6 +144,28 @@ def threaded_proxy(url: str) -> Iterator[ThreadedProxy]:
         thread.join(10)
 
 
+# Loopback is the host's, and `make test` runs two sessions at once: one test at a time changes
+# its qdisc. While one does, every loopback packet passes through that qdisc (lo has none of its
+# own), a timing test's of the other session too: a packet still queued when it goes is lost,
+# and its sender's retransmission comes 200 ms or more later.
+QDISC_LOCK = Path(tempfile.gettempdir()) / "bridge-tests-lo-qdisc.lock"
+_qdisc_held = False
+
+
+@contextmanager
+def loopback_qdisc() -> Iterator[None]:
+    """Loopback's qdisc, this test's until the block ends (waiting for another session's test:
+    take it before the test's event loop runs, which waiting would block)."""
+    global _qdisc_held
+    with QDISC_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # (let go when the file closes, or the process ends)
+        _qdisc_held = True
+        try:
+            yield
+        finally:
+            _qdisc_held = False
+
+
 @contextmanager
 def silenced(port: int, server_port: int) -> Iterator[None]:
     """Drop every IPv4 packet between this host's `port` and `server_port` on loopback, either way,
@@ -152,9 +174,10 @@ def silenced(port: int, server_port: int) -> Iterator[None]:
 
     Needs root and tc (iproute2). This kernel has no netem and no drop action, so the packets go
     to a class whose queue holds none. Loopback's other traffic passes as before. Loopback is
-    the host's: a lock keeps two test sessions (`make test` runs two at once) from taking turns
-    at its qdisc, and a qdisc that a killed run left behind goes first.
+    the host's: the caller holds `loopback_qdisc()`, and a qdisc that a killed run left behind
+    goes first.
     """
+    assert _qdisc_held, "silenced() needs loopback_qdisc() held, taken before the test's event loop runs"
     if os.geteuid() != 0 or not shutil.which("tc"):  # (a teammate's machine; CI runs as root)
         reason = "silencing a connection needs root and tc (iproute2)"
         if in_ci():
@@ -162,7 +185,9 @@ def silenced(port: int, server_port: int) -> Iterator[None]:
         pytest.skip(reason)
     lo = ["dev", "lo"]
     commands = [
-        ["tc", "qdisc", "add", *lo, "root", "handle", "1:", "htb"],  # (unclassified: straight through)
+        # (unclassified: straight through; a direct queue of HTB's default length, lo's 1,000
+        # packets, could drop some of the other session's in a burst)
+        ["tc", "qdisc", "add", *lo, "root", "handle", "1:", "htb", "direct_qlen", "100000"],
         ["tc", "class", "add", *lo, "parent", "1:", "classid", "1:2", "htb", "rate", "8bit"],
         ["tc", "qdisc", "add", *lo, "parent", "1:2", "handle", "20:", "pfifo", "limit", "0"],
         *(
@@ -172,14 +197,12 @@ def silenced(port: int, server_port: int) -> Iterator[None]:
             for source, to in ((port, server_port), (server_port, port))
         ),
     ]  # fmt: skip
-    lock = Path(tempfile.gettempdir()) / "bridge-tests-lo-qdisc.lock"
-    with file_lock(lock, timeout_s=60, log=lambda _: None):
-        try:
-            subprocess.run(["tc", "qdisc", "del", *lo, "root"], capture_output=True, check=False)
-            for command in commands:
-                done = subprocess.run(command, capture_output=True, text=True, check=False)
-                if done.returncode:
-                    raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
-            yield
-        finally:
-            subprocess.run(["tc", "qdisc", "del", *lo, "root"], capture_output=True, check=False)
+    try:
+        subprocess.run(["tc", "qdisc", "del", *lo, "root"], capture_output=True, check=False)
+        for command in commands:
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
+        yield
+    finally:
+        subprocess.run(["tc", "qdisc", "del", *lo, "root"], capture_output=True, check=False)
