@@ -27,7 +27,7 @@ from bridge.idempotency.sql import SqlStore
 from tests.apps.effects import write_effect
 from tests.conftest import run
 from tests.effects import effects, new_table
-from tests.proxy import FlakyProxy, silenced
+from tests.proxy import FlakyProxy, loopback_qdisc, silenced
 
 
 def with_store(url: str, scenario: Callable[[Store], Awaitable[None]]) -> None:
@@ -990,21 +990,19 @@ def test_a_postgres_purge_behind_a_network_that_drops_everything_fails_in_time(
     run(main(), timeout=30)
 
 
-@pytest.mark.parametrize("block", ["ends", "completes", "raises"])
-def test_a_postgres_inbox_ending_on_a_network_that_drops_everything_ends_in_time_all_or_nothing(
+@pytest.mark.parametrize("block", ["begins", "ends", "completes", "raises"])
+def test_a_postgres_inbox_on_a_network_that_drops_everything_ends_in_time_all_or_nothing(
     brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch, block: str
 ) -> None:
-    # Given a PostgreSQL store reached through a proxy, its calls given 1 s, and a handler's
-    # write in the inbox transaction of a claimed key,
-    # When the network passes nothing more as the block ends (the key's completion goes out
-    # next), once the key's completion was answered (the commit goes out next), or as the block
-    # raises (the rollback goes out next),
+    # Given a PostgreSQL store reached through a proxy, its calls given 1 s, and a claimed key,
+    # When the network passes nothing more as the inbox transaction begins, as its block ends
+    # after the handler's write (the key's completion goes out next), once the key's completion
+    # was answered (the commit goes out next), or as the block raises (the rollback goes next),
     # Then the block raises in about that time: a StoreError, or the handler's own error;
-    # and once the network is back, the write and the key's completion exist both or neither
-    # (the commit held by the network may land then, as it can on any network).
+    # and once the network is back, the write and the key's completion exist both or neither:
+    # neither, unless the commit went out (the network may deliver it then, as any can).
     # (bridge's own statements in the inbox had no deadline: the job waited for TCP to give up
-    # on a silent peer, hours.)
-    monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0)
+    # on a silent peer, hours; then the BEGIN still had none.)
     base = brokers["postgres"]
     url = f"{base}{'&' if '?' in base else '?'}application_name=inbox-{uuid.uuid4().hex[:8]}"
     table, key = new_table(url), new_key()
@@ -1019,7 +1017,12 @@ def test_a_postgres_inbox_ending_on_a_network_that_drops_everything_ends_in_time
                 return done
 
             token = claimed(await store.claim(key, "job-1", 30)).token
+            monkeypatch.setattr(
+                postgres, "CALL_TIMEOUT_S", 1.0
+            )  # (after the claim: a disk's fsync may take that)
             stalled = time.monotonic()
+            if block == "begins":
+                proxy.stall()
             error, says = (RuntimeError, "its write") if block == "raises" else (StoreError, "within 1 s")
             with pytest.raises(error, match=says):
                 async with store.transaction(key, token, "job-1", 30) as db:
@@ -1036,6 +1039,44 @@ def test_a_postgres_inbox_ending_on_a_network_that_drops_everything_ends_in_time
         await wait_out_transactions(url)
         done = await done_or_held(open_store(base), key)
         assert effects(url, table) == ({key: 1} if done else {}), done
+        assert not done or block == "completes", "done, though its commit never went out"
+
+    run(main(), timeout=30)
+
+
+def test_a_postgres_inbox_cancelled_on_a_network_that_drops_everything_ends_cancelled(
+    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an inbox transaction through a proxy, its calls given 1 s, whose block has ended
+    # after the handler's write and whose network then passes nothing more,
+    # When its task is cancelled (a worker stopping), Then the task ends cancelled, within
+    # psycopg's 5 s for a cancel request, and once the network is back nothing is done.
+    # (psycopg 3.2 answers a cancellation with a cancel request, then waits for the query
+    # with no limit; what ended that wait, the deadline's shut socket, came out as a StoreError.)
+    base = brokers["postgres"]
+    url = f"{base}{'&' if '?' in base else '?'}application_name=inbox-{uuid.uuid4().hex[:8]}"
+    table, key = new_table(url), new_key()
+
+    async def main() -> None:
+        async with behind_proxy(url) as (proxy, store):
+            token = claimed(await store.claim(key, "job-1", 30)).token
+            monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0)  # (after the claim: its fsync may take 1 s)
+
+            async def job() -> None:
+                async with store.transaction(key, token, "job-1", 30) as db:
+                    await write_effect(url, db, table, key, "job-1")
+                    proxy.stall()
+                    asyncio.get_running_loop().call_later(0.2, running.cancel)
+
+            running = asyncio.create_task(job())
+            started = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            assert time.monotonic() - started < 8  # (psycopg's 5 s, and a margin)
+            proxy.heal()
+        await wait_out_transactions(url)
+        assert not await done_or_held(open_store(base), key)
+        assert effects(url, table) == {}
 
     run(main(), timeout=30)
 
@@ -1049,7 +1090,6 @@ def test_a_postgres_session_whose_client_went_silent_ends_and_lets_go_of_its_row
     # Then the block fails in about 1 s, and the job's retry updates the row within seconds: the
     # server ended the session and rolled back what it held. (It held the row, and the key's
     # batch-mates, for two hours: the server's TCP only looks for a silent client that late.)
-    monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0)
     tcp = {"tcp_keepalives_idle": 1, "tcp_keepalives_interval": 1, "tcp_keepalives_count": 2}
     monkeypatch.setattr(postgres, "SERVER_TCP", tcp)
     monkeypatch.setattr(postgres, "SERVER_TCP_USER_TIMEOUT_MS", 3000)
@@ -1063,6 +1103,9 @@ def test_a_postgres_session_whose_client_went_silent_ends_and_lets_go_of_its_row
         try:
             key = new_key()
             token = claimed(await store.claim(key, "job-1", 30)).token
+            monkeypatch.setattr(
+                postgres, "CALL_TIMEOUT_S", 1.0
+            )  # (after the claim: a disk's fsync may take that)
             with contextlib.ExitStack() as network:  # (silent until the retry is done)
                 with pytest.raises(StoreError, match="no answer within 1 s"):
                     async with store.transaction(key, token, "job-1", 30) as db:
@@ -1076,9 +1119,31 @@ def test_a_postgres_session_whose_client_went_silent_ends_and_lets_go_of_its_row
         finally:
             await store.close()
 
-    run(main(), timeout=30)
+    with loopback_qdisc():
+        run(main(), timeout=30)
     with psycopg.connect(url) as conn:
         assert conn.execute(f"SELECT runs FROM {table}").fetchall() == [(1,)]
+
+
+def test_a_postgres_server_refusing_a_session_setting_is_reported_at_once_with_its_reason(
+    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a server that refuses a setting bridge asks of each session (a stand-in: a setting
+    # no server has), When the store's first claim connects, Then it fails at once, naming it.
+    # (The pool, which asks it of each connection, said 10 s later that it had timed out.)
+    monkeypatch.setattr(postgres, "SERVER_TCP", {"bridge_no_such_setting": 1})
+
+    async def main() -> None:
+        store = open_store(brokers["postgres"])
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="bridge_no_such_setting"):
+                await store.claim(new_key(), "job-1", 30)
+            assert time.monotonic() - started < 5  # (10 s, the pool's wait, and it said only that)
+        finally:
+            await store.close()
+
+    run(main(), timeout=30)
 
 
 def local_port(conn: psycopg.AsyncConnection[Any]) -> int:

@@ -125,6 +125,7 @@ class PostgresStore(SqlStore):
                 self.url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
             )
             async with conn:
+                await _notice_silence(conn)  # (as the pool's do: a refusal, with its reason)
                 with _answered_within(conn):
                     # UniqueViolation: another process created the table at the same moment.
                     with suppress(psycopg.errors.UniqueViolation):
@@ -184,10 +185,12 @@ class PostgresStore(SqlStore):
         try:
             with _mapped(self.url):  # the store's own failures: the connection, the commit
                 async with self._pool.connection() as conn:
-                    # From the block's end, or bridge's first statement after it, to the commit
-                    # or rollback (a silent network held the job, and a connection, for hours).
-                    with _answered_within(conn, start=False) as ending:
+                    # The BEGIN, then from the block's end, or bridge's first statement after it,
+                    # to the commit or rollback (a silent network held the job, and a connection,
+                    # for hours). The handler's own statements take what they take.
+                    with _answered_within(conn) as ending:
                         async with conn.transaction():
+                            ending.cancel()
 
                             async def query(sql: str, params: Sequence[Any]) -> Rows:
                                 ending.start()
@@ -252,14 +255,22 @@ class _Deadline:
             self._timer = asyncio.get_running_loop().call_later(self.timeout_s, self._shut_down)
 
     def cancel(self) -> None:
+        """Stop the timer; `start()` starts it afresh."""
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
 
     def __enter__(self) -> _Deadline:
         return self
 
     def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
         if isinstance(exc, psycopg.Error) and self.passed:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # psycopg 3.2 answers a cancellation by asking the server to cancel, then waits
+                # for its answer with no time limit: what ends that wait is the shut socket's
+                # error, which must not stand for the cancellation the task is in.
+                raise asyncio.CancelledError(f"cancelled; no answer within {self.timeout_s:g} s") from exc
             raise TimeoutError(f"no answer within {self.timeout_s:g} s") from exc
 
     def _shut_down(self) -> None:
