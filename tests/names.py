@@ -46,6 +46,8 @@ def register() -> None:
     """Mark this process's session as running, under a tag no running session has."""
     global TAG
     SESSIONS.mkdir(parents=True, exist_ok=True)
+    for other in SESSIONS.iterdir():  # (the marks of sessions killed, whose names are all gone)
+        _running(other)
     while True:
         try:
             with (SESSIONS / TAG).open("x") as mark:
