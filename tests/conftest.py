@@ -97,10 +97,8 @@ def brokers() -> Iterator[dict[str, str]]:
 
     try:
         delete_test_objects(urls)
-    except (
-        OSError,
-        KafkaException,
-    ) as exc:  # hygiene only: a broker that went away has failed its tests already
+    # (hygiene only: a broker that went away has failed its tests already)
+    except (OSError, KafkaException) as exc:
         print(f"could not delete the test queues and topics: {exc}")
 
 
