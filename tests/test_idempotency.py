@@ -1004,7 +1004,7 @@ def test_a_postgres_inbox_on_a_network_that_drops_everything_ends_in_time_all_or
     # (bridge's own statements in the inbox had no deadline: the job waited for TCP to give up
     # on a silent peer, hours; then the BEGIN still had none.)
     base = brokers["postgres"]
-    url = f"{base}{'&' if '?' in base else '?'}application_name=inbox-{uuid.uuid4().hex[:8]}"
+    url = named_sessions(base)
     table, key = new_table(url), new_key()
     complete = sql._complete
 
@@ -1017,9 +1017,8 @@ def test_a_postgres_inbox_on_a_network_that_drops_everything_ends_in_time_all_or
                 return done
 
             token = claimed(await store.claim(key, "job-1", 30)).token
-            monkeypatch.setattr(
-                postgres, "CALL_TIMEOUT_S", 1.0
-            )  # (after the claim: a disk's fsync may take that)
+            # (after the claim: its commit waits on the disk's fsync, which may take 1 s)
+            monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0)
             stalled = time.monotonic()
             if block == "begins":
                 proxy.stall()
@@ -1054,13 +1053,14 @@ def test_a_postgres_inbox_cancelled_on_a_network_that_drops_everything_ends_canc
     # (psycopg 3.2 answers a cancellation with a cancel request, then waits for the query
     # with no limit; what ended that wait, the deadline's shut socket, came out as a StoreError.)
     base = brokers["postgres"]
-    url = f"{base}{'&' if '?' in base else '?'}application_name=inbox-{uuid.uuid4().hex[:8]}"
+    url = named_sessions(base)
     table, key = new_table(url), new_key()
 
     async def main() -> None:
         async with behind_proxy(url) as (proxy, store):
             token = claimed(await store.claim(key, "job-1", 30)).token
-            monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0)  # (after the claim: its fsync may take 1 s)
+            # (after the claim: its commit waits on the disk's fsync, which may take 1 s)
+            monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0)
 
             async def job() -> None:
                 async with store.transaction(key, token, "job-1", 30) as db:
@@ -1103,9 +1103,8 @@ def test_a_postgres_session_whose_client_went_silent_ends_and_lets_go_of_its_row
         try:
             key = new_key()
             token = claimed(await store.claim(key, "job-1", 30)).token
-            monkeypatch.setattr(
-                postgres, "CALL_TIMEOUT_S", 1.0
-            )  # (after the claim: a disk's fsync may take that)
+            # (after the claim: its commit waits on the disk's fsync, which may take 1 s)
+            monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0)
             with contextlib.ExitStack() as network:  # (silent until the retry is done)
                 with pytest.raises(StoreError, match="no answer within 1 s"):
                     async with store.transaction(key, token, "job-1", 30) as db:
@@ -1144,6 +1143,11 @@ def test_a_postgres_server_refusing_a_session_setting_is_reported_at_once_with_i
             await store.close()
 
     run(main(), timeout=30)
+
+
+def named_sessions(url: str) -> str:
+    """`url` with an application_name of its own: wait_out_transactions counts its sessions only."""
+    return f"{url}{'&' if '?' in url else '?'}application_name=inbox-{uuid.uuid4().hex[:8]}"
 
 
 def local_port(conn: psycopg.AsyncConnection[Any]) -> int:
