@@ -158,6 +158,49 @@ def test_an_enqueue_while_rabbitmq_is_unreachable_waits_for_it(
     assert [envelope["id"] for envelope in found] == ids
 
 
+def test_closing_an_app_lets_its_enqueues_be_confirmed_and_ends_one_waiting_for_rabbitmq_saying_so(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an app connected to RabbitMQ through a proxy,
+    # When 200 enqueues start and the app closes at once, Then each is confirmed, and in the queue;
+    # When the proxy cuts the connection, an enqueue starts and the app closes,
+    # Then the enqueue fails once CLOSE_FLUSH_S passed (1 s here), not retriable, saying that the
+    # transport closed and that the job may still be published.
+    # (Closing the channel under them failed some that were published; the one waiting for
+    # the connection waited for PUBLISH_TIMEOUT_S, and then blamed RabbitMQ.)
+    monkeypatch.setattr(rabbitmq, "CLOSE_FLUSH_S", 1.0)
+
+    async def scenario() -> tuple[list[str | BaseException], float, BaseException | str]:
+        async with FlakyProxy(brokers["rabbitmq"]) as proxy:
+            app = own_app(proxy.url)
+            async with app:
+                await topology_made_elsewhere(app, [queue])
+                await app.enqueue_async("test.Echo", {"n": 0}, queue=queue)  # (the queue seen and bound)
+                enqueues = [app.enqueue_async("test.Echo", {"n": n}, queue=queue) for n in range(1, 201)]
+                burst = asyncio.gather(*enqueues, return_exceptions=True)
+                await asyncio.sleep(0)  # (each one out, waiting for its confirm)
+            ids = await burst
+            async with app:
+                await app.enqueue_async("test.Echo", {"n": 201}, queue=queue)
+                connection = (await app.transport())._connection  # type: ignore[attr-defined]
+                proxy.cut(None)
+                while connection.connected.is_set():  # (until the client sees the loss)
+                    await asyncio.sleep(0.01)
+                waiting = asyncio.create_task(app.enqueue_async("test.Echo", {"n": 202}, queue=queue))
+                await asyncio.sleep(0.2)
+                started = time.monotonic()
+            [ended] = await asyncio.gather(waiting, return_exceptions=True)
+            return ids, time.monotonic() - started, ended
+
+    ids, closed_s, ended = run(scenario(), timeout=60)
+    assert [job_id for job_id in ids if not isinstance(job_id, str)] == []
+    assert set(ids) <= {envelope["id"] for envelope in envelopes_in(own_app(brokers["rabbitmq"]), queue)}
+    assert isinstance(ended, PublishError) and not ended.retriable, ended
+    assert f"transport closed before RabbitMQ confirmed the publish to {queue}" in str(ended), ended
+    assert "it may still be published" in str(ended), ended
+    assert 1.0 <= closed_s < 5.0
+
+
 async def topology_made_elsewhere(app: Bridge, queues: list[str]) -> None:
     """`queues` made by another process with `app`'s settings: `app` has seen none of them."""
     settings = {"prefix": app.settings.prefix, "delay_tiers": "1s"}  # (as `own_app`)
@@ -778,6 +821,12 @@ def test_a_delay_tier_deleted_during_a_burst_consume_stops_it_with_an_error_nami
     assert len(ran) == 1 and app.stats is not None and app.stats.processed == 1
 
 
+async def delete_exchange(url: str, name: str) -> None:
+    """Delete exchange `name` behind the app's back."""
+    async with await aio_pika.connect(url) as connection:
+        await (await connection.channel()).exchange_delete(name)
+
+
 def test_a_delay_tiers_exchange_deleted_during_a_consume_stops_it_with_an_error_naming_it(
     brokers: dict[str, str], queue: str
 ) -> None:
@@ -792,8 +841,7 @@ def test_a_delay_tiers_exchange_deleted_during_a_consume_stops_it_with_an_error_
 
     @app.job("test.Echo", queue=queue, backoff=fixed(1))
     async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-        async with await aio_pika.connect(url) as connection:
-            await (await connection.channel()).exchange_delete(tier)
+        await delete_exchange(url, tier)
         raise ConnectionError("the processor hung up")
 
     async def scenario() -> None:
@@ -911,6 +959,65 @@ def test_an_enqueue_over_rabbitmqs_max_message_size_fails_at_once_and_one_beside
     assert [envelope["id"] for envelope in envelopes_in(app, queue)] == [small]
 
 
+def test_after_rabbitmq_refused_one_job_over_its_max_message_size_larger_ones_are_refused_before_they_go(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given RabbitMQ taking messages up to 4,096 bytes, and an app that has had a job of about
+    # 8 KB refused,
+    # When 100 small jobs, another large one, and 100 more small ones are enqueued together,
+    # Then the large one fails as the first did, and each small one is in the queue once.
+    # (RabbitMQ closed the publish channel over each large one: the small ones sent before it
+    # on the channel arrived, but their confirms were lost, so they went again, and arrived twice.)
+    app = own_app(brokers["rabbitmq"])
+
+    async def scenario() -> tuple[PublishError, BaseException | str, list[str | BaseException]]:
+        async with app:
+            await app.apply_topology([queue])
+            with pytest.raises(PublishError) as first:
+                await app.enqueue_async("test.Echo", {"n": 0, "text": "x" * 8000}, queue=queue)
+            small = [app.enqueue_async("test.Echo", {"n": n}, queue=queue) for n in range(1, 201)]
+            large = app.enqueue_async("test.Echo", {"n": 201, "text": "x" * 8000}, queue=queue)
+            ended = await asyncio.gather(*small[:100], large, *small[100:], return_exceptions=True)
+            return first.value, ended.pop(100), ended
+
+    with rabbitmq_max_message_size(4096):
+        first, large, small = run(scenario(), timeout=60)
+    assert "over its max_message_size (4,096 bytes)" in str(first), first
+    assert isinstance(large, PublishError) and not large.retriable, large
+    sized = re.compile(r"a job of [\d,]+ bytes")
+    assert sized.sub("", str(large)) == sized.sub("", str(first)), (large, first)
+    assert Counter(envelope["id"] for envelope in envelopes_in(app, queue)) == Counter(small)
+
+
+def test_an_enqueue_to_a_missing_delay_tier_fails_alone_and_those_beside_it_go_through(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given an app whose delay tier's exchange was deleted behind its back,
+    # When a delayed job is enqueued among 200 that are not,
+    # Then the delayed one fails, naming the missing exchange, and the 200 are in the queue.
+    # (RabbitMQ closed the publish channel over the delayed one, and each publish out on it
+    # failed for good, told that the jobs exchange was missing.)
+    url = brokers["rabbitmq"]
+    app = own_app(url)
+    tier = tier_queue(app.settings.prefix, 1.0)
+
+    async def scenario() -> tuple[BaseException | str, list[str | BaseException]]:
+        async with app:
+            await app.apply_topology([queue])
+            await app.enqueue_async("test.Echo", {"n": 0}, queue=queue)
+            await delete_exchange(url, tier)
+            plain = [app.enqueue_async("test.Echo", {"n": n}, queue=queue) for n in range(1, 201)]
+            delayed = app.enqueue_async("test.Echo", {"n": 201}, queue=queue, delay=1.5)
+            delayed_one, *others = await asyncio.gather(delayed, *plain, return_exceptions=True)
+            return delayed_one, others
+
+    delayed, others = run(scenario(), timeout=60)
+    assert isinstance(delayed, PublishError) and not delayed.retriable, delayed
+    assert f"no exchange {tier}" in str(delayed), delayed
+    assert [job_id for job_id in others if not isinstance(job_id, str)] == []
+    assert set(others) <= {envelope["id"] for envelope in envelopes_in(app, queue)}
+
+
 def test_a_worker_whose_retry_is_over_rabbitmqs_max_message_size_stops_and_keeps_the_job(
     brokers: dict[str, str], queue: str
 ) -> None:
@@ -1013,7 +1120,7 @@ def test_a_worker_whose_user_may_not_publish_to_a_delay_tier_stops_saying_so_and
     rabbitmqctl("add_user", user, user)
     try:
         rabbitmqctl("set_permissions", "-p", "/", user, ".*", f"^(?!{tiers}).*", ".*")
-        refused = f"refused this user a publish: grant it write .*access to exchange '{tiers}1s'"
+        refused = f"refused this user a publish to exchange {tiers}1s: grant it write permission there"
         with pytest.raises(TransportError, match=refused):
             run(consume(app_as_user), timeout=60)
     finally:
@@ -1063,6 +1170,48 @@ def test_a_worker_in_a_disk_alarm_acknowledges_what_needs_no_publish_and_stops_w
     assert stopped_in_s < 3.0  # (0.5 s of grace)
     assert closed_in_s < 6.0  # (no answer to the close: 1 s for the channel, 2 s for the connection)
     assert [e["id"] for e in envelopes_in(app, queue)] == [ids[1]]
+
+
+def test_a_replay_whose_publish_connection_is_lost_takes_each_letter_once(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given three dead letters,
+    # When they are replayed, and RabbitMQ closes the app's publish connection as the first
+    # replay is about to be published,
+    # Then each job is back in its queue once, and the dead-letter queue is empty.
+    # (The letters were taken on the publish connection: the first letter went back to the
+    # dead-letter queue with the connection, once its replay had gone out after the reconnect,
+    # and the replay ended with aiormq's ChannelInvalidStateError.)
+    app = own_app(brokers["rabbitmq"])
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise Permanent("dead-lettered, to be replayed")
+
+    publishing = f"bridge publish {socket.gethostname()}:{os.getpid()}"
+    closed: list[int] = []
+
+    async def scenario() -> list[str]:
+        async with app:
+            await app.apply_topology()
+            ids = [await app.enqueue_async("test.Echo", {"n": n}) for n in range(3)]
+            assert (await app.consume(burst=True)).dead_lettered == 3
+            transport = await app.transport()
+            publish = transport.publish
+
+            async def publish_after_a_cut(message: Any) -> None:
+                if not closed:
+                    closed.append(await asyncio.to_thread(close_rabbitmq_connections, publishing))
+                await publish(message)
+
+            monkeypatch.setattr(transport, "publish", publish_after_a_cut)
+            assert sorted((await app.dead_letters(queue).replay(Selection())).replayed) == sorted(ids)
+            return ids
+
+    ids = run(scenario(), timeout=60)
+    assert closed == [1]
+    assert sorted(envelope["id"] for envelope in envelopes_in(app, queue)) == sorted(ids)
+    assert dead_letters(app, queue) == []
 
 
 def test_dead_letters_stay_however_often_they_are_listed(brokers: dict[str, str], queue: str) -> None:

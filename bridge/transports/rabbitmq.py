@@ -35,6 +35,7 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
+    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
@@ -139,6 +140,12 @@ SETTLE_PATIENCE_S = 10.0
 SETTLE_WAIT_MAX_S = 2.0
 # How RabbitMQ (3.8 to 4.2) words the closing of a channel over a message larger than it takes.
 TOO_LARGE = re.compile(r"message size (\d+) is larger than (?:configured )?max size (\d+)")
+# How it names the exchange when it closes a channel over a publish to one that does not exist
+# (404) or that the user may not write to (403). (AMQP names cannot hold a quote.)
+EXCHANGE_NAMED = re.compile(r"exchange '([^']*)' in vhost")
+# How long close() waits for RabbitMQ to confirm the publishes still out (or waiting for a
+# reconnect), as Kafka's close waits for its acknowledgements; then they fail.
+CLOSE_FLUSH_S = 10.0
 # How RabbitMQ (3.8.15 to 4.2) words the closing of a channel whose delivery waited too long.
 ACK_TIMEOUT = re.compile(r"delivery acknowledgement on channel \d+ timed out\. Timeout value used: (\d+) ms")
 
@@ -166,6 +173,13 @@ class RabbitTransport:
         # confirm the returned one. The id names the publish; the job id is in the envelope.
         self._publisher = os.urandom(6).hex()
         self._publishes = itertools.count()
+        self._publishing: set[asyncio.Timeout] = set()  # the deadlines of enqueues not yet confirmed
+        self._all_confirmed = asyncio.Event()  # set while `_publishing` is empty
+        self._all_confirmed.set()
+        self._closing = False
+        # RabbitMQ's max_message_size, once it refused a message over it: larger ones are refused
+        # here, since each refusal closes the publish channel under the publishes beside it.
+        self._max_message_size: int | None = None
 
     async def connect(self) -> None:
         with _mapped(
@@ -174,6 +188,7 @@ class RabbitTransport:
             self._connection = await self._open_connection("publish")
             self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._exchange = await self._declare_exchange(self._channel)
+        self._closing = False
 
     async def _open_connection(self, role: str) -> AbstractRobustConnection:
         """A connection, or a TransportError that says what RabbitMQ refused, if it answered.
@@ -212,6 +227,13 @@ class RabbitTransport:
         return await channel.declare_exchange(self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True)
 
     async def close(self) -> None:
+        self._closing = True
+        if self._publishing:  # they end, confirmed or failed, by CLOSE_FLUSH_S from now
+            ends = asyncio.get_running_loop().time() + CLOSE_FLUSH_S
+            for deadline in self._publishing:
+                if (when := deadline.when()) is None or when > ends:
+                    deadline.reschedule(ends)
+            await self._all_confirmed.wait()
         if self._channel is not None:
             with _ignored():
                 async with asyncio.timeout(CHANNEL_CLOSE_TIMEOUT_S):
@@ -240,14 +262,31 @@ class RabbitTransport:
                 " own queue",
                 retriable=False,
             )
+        if self._closing:
+            raise PublishError(
+                f"cannot publish to {message.queue}: the RabbitMQ transport is closed", retriable=False
+            )
         failed: list[PublishError] = []
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_S) as deadline:
-                await self._publish_when_connected(message, failed)
+                self._publishing.add(deadline)  # (close() may end it sooner)
+                self._all_confirmed.clear()
+                try:
+                    await self._publish_when_connected(message, failed)
+                finally:
+                    self._publishing.discard(deadline)
+                    if not self._publishing:
+                        self._all_confirmed.set()
         except TimeoutError as exc:
             if not deadline.expired():
                 raise  # another wait inside it timed out, and says which
             last = f" (last: {failed[-1]})" if failed else ""
+            if self._closing:
+                raise PublishError(
+                    f"the RabbitMQ transport closed before RabbitMQ confirmed the publish to"
+                    f" {message.queue}{last}: it may still be published",
+                    retriable=False,
+                ) from (failed[-1] if failed else exc)
             raise PublishError(
                 f"RabbitMQ did not confirm the publish to {message.queue} within {PUBLISH_TIMEOUT_S:g} s"
                 f"{last}: is it reachable, and not blocking publishers (a memory or disk alarm)? It"
@@ -275,6 +314,8 @@ class RabbitTransport:
 
     async def _publish(self, message: Outgoing) -> None:
         assert self._channel is not None, "publish() before connect()"
+        if self._max_message_size is not None and len(message.body) > self._max_message_size:
+            raise self._too_large(message, self._max_message_size)
         # The queue must exist now, and be bound: a tier routes anything, and a job would be
         # dropped when its time comes. (One look and one bind per queue; see `_require_queue`.)
         await self._require_queue(message.queue)
@@ -306,35 +347,47 @@ class RabbitTransport:
                 f"RabbitMQ refused the publish to {into}: is it at a length limit (a max-length "
                 f"policy with reject-publish), or without a quorum? ({exc.frame!r})"
             ) from exc
-        except aiormq.exceptions.ChannelAccessRefused as exc:  # 403: no write permission there
-            # (Not naming `exchange`: every publish in flight on the channel gets the one error.)
+        except (aiormq.exceptions.ChannelAccessRefused, aiormq.exceptions.ChannelNotFoundEntity) as exc:
+            # RabbitMQ closes the channel over a publish to an exchange that is gone (404) or
+            # that the user may not write to (403), and every publish in flight on it fails with
+            # that one's error: only those to the exchange it names are refused; the others
+            # go again. (Retried, a refused one left its delivery unacknowledged for good,
+            # holding a prefetch slot.)
+            named = EXCHANGE_NAMED.search(str(exc))
+            if named is not None and named[1] != exchange:
+                raise PublishError(f"publish to {message.queue} not confirmed: {exc!r}") from exc
+            if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+                raise PublishError(
+                    f"RabbitMQ has no exchange {exchange}: run `bridge topology apply`", retriable=False
+                ) from exc
             raise PublishError(
-                f"RabbitMQ refused this user a publish: grant it write permission on the exchange"
-                f" RabbitMQ names (rabbitmqctl set_permissions): {exc}",
+                f"RabbitMQ refused this user a publish to exchange {exchange}: grant it write"
+                f" permission there (rabbitmqctl set_permissions): {exc}",
                 retriable=False,
-            ) from exc
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:  # 404: the exchange is gone
-            # (Retried, it left its delivery unacknowledged for good, holding a prefetch slot.)
-            raise PublishError(
-                f"RabbitMQ has no exchange {exchange}: run `bridge topology apply`", retriable=False
             ) from exc
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             # RabbitMQ closes the channel over a message larger than it takes, and every
             # publish in flight on it fails with this one error: only the large one is refused.
+            # (Those sent on the channel before it were taken, but their confirms are lost: they
+            # go again, and arrive twice. Larger ones are refused here from now on.)
             too_large = TOO_LARGE.search(str(exc))
             if too_large is None or int(too_large[1]) != len(message.body):
                 raise PublishError(f"publish to {message.queue} not confirmed: {exc!r}") from exc
-            raise PublishError(
-                f"RabbitMQ refused a job of {len(message.body):,} bytes for {message.queue}: over"
-                f" its max_message_size ({int(too_large[2]):,} bytes). Raise that in rabbitmq.conf above"
-                " max_message_bytes plus 256 KiB (the errors of its attempts), or lower"
-                " max_message_bytes",
-                retriable=False,
-            ) from exc
+            self._max_message_size = int(too_large[2])
+            raise self._too_large(message, self._max_message_size) from exc
         except GONE as exc:
             raise PublishError(f"publish to {message.queue} not confirmed: {exc!r}") from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):  # (aiormq raises for a nack)
             raise PublishRefused(f"RabbitMQ refused the publish to {message.queue}: {confirmation!r}")
+
+    def _too_large(self, message: Outgoing, limit: int) -> PublishError:
+        return PublishError(
+            f"RabbitMQ refused a job of {len(message.body):,} bytes for {message.queue}: over"
+            f" its max_message_size ({limit:,} bytes). Raise that in rabbitmq.conf above"
+            " max_message_bytes plus 256 KiB (the errors of its attempts), or lower"
+            " max_message_bytes",
+            retriable=False,
+        )
 
     def _properties(self) -> aiormq.spec.Basic.Properties:
         """Persistent, with a message id of its own (see `__init__`)."""
@@ -715,28 +768,37 @@ class RabbitTransport:
         # Messages are taken unacked, and those kept are put back at the end, so each one is
         # offered exactly once per sweep. (Taken until none is left: a quorum queue's count in
         # a passive declare can leave out messages another channel's close is putting back.)
-        channel = await self._connection.channel()
+        # They are taken on a connection of their own: on the publish connection, a reconnect
+        # that a replay's publish waited out took the letter's channel with it, so the letter
+        # went back to its queue, its replay published, to be replayed again.
+        connection = await self._open_connection("dlq")
         removed, kept = 0, None
         try:
+            channel = await connection.channel()
             declared = await self._existing_queue(channel, queue)
-            while (message := await declared.get(no_ack=False, fail=False)) is not None:
+            while (message := await _taken(declared, queue)) is not None:
                 publish = await decide(message.body, None)
                 if publish is None:
                     kept = message
                     continue
                 for outgoing in publish:
                     await self.publish(outgoing)  # confirmed before the original is acked
-                await message.ack()
+                with _lost(
+                    f"lost the connection to RabbitMQ after a replay from {queue} was published:"
+                    " the letter stays there, and a replay would publish it again"
+                ):
+                    await message.ack()
                 removed += 1
             if kept is not None:
                 # Put back by this channel before it closes, so that the queue has them back
                 # before the next sweep's first get. Left to the channel's close, a quorum queue
                 # took them back when it saw the channel gone, which under load came after the
                 # next sweep (on a channel of its own) had found the queue empty.
-                await kept.nack(multiple=True, requeue=True)
+                with _lost(f"lost the connection to RabbitMQ while going through {queue}"):
+                    await kept.nack(multiple=True, requeue=True)
         finally:
             with _ignored():
-                await channel.close()
+                await connection.close()
         return removed
 
     # -- topology --------------------------------------------------------------------------
@@ -886,6 +948,12 @@ class Held:
         await self._none.wait()
 
 
+async def _taken(queue: AbstractQueue, name: str) -> AbstractIncomingMessage | None:
+    """The next message of `queue`, unacknowledged; None when none is left."""
+    with _lost(f"lost the connection to RabbitMQ while going through {name}"):
+        return await queue.get(no_ack=False, fail=False)
+
+
 async def _either(*waits: Coroutine[Any, Any, Any]) -> None:
     """Wait until the first of `waits` is done; cancel the others."""
     tasks = [asyncio.ensure_future(wait) for wait in waits]
@@ -954,6 +1022,15 @@ def _mapped(what: str, *, retriable: bool = True) -> Iterator[None]:
         yield
     except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
         raise TransportError(f"{what} ({exc!r})", retriable=retriable) from exc
+
+
+@contextmanager
+def _lost(what: str) -> Iterator[None]:
+    """A channel or connection closed under a call, as a TransportError that says `what`."""
+    try:
+        yield
+    except GONE as exc:
+        raise TransportError(f"{what} ({exc!r})") from exc
 
 
 @contextmanager
