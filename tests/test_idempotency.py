@@ -1043,15 +1043,18 @@ def test_a_postgres_inbox_on_a_network_that_drops_everything_ends_in_time_all_or
     run(main(), timeout=30)
 
 
+@pytest.mark.parametrize("ended_by", ["its deadline", "a reset"])
 def test_a_postgres_inbox_cancelled_on_a_network_that_drops_everything_ends_cancelled(
-    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch, ended_by: str
 ) -> None:
-    # Given an inbox transaction through a proxy, its calls given 1 s, whose block has ended
-    # after the handler's write and whose network then passes nothing more,
-    # When its task is cancelled (a worker stopping), Then the task ends cancelled, within
-    # psycopg's 5 s for a cancel request, and once the network is back nothing is done.
+    # Given an inbox transaction through a proxy whose block has ended after the handler's
+    # write and whose network then passes nothing more,
+    # When its task is cancelled (a worker stopping), and then its calls' 1 s passes, or the
+    # proxy resets the connection (a restarted pooler, say; the calls given 10 s),
+    # Then the task ends cancelled, within seconds, and once the network is back nothing is done.
     # (psycopg 3.2 answers a cancellation with a cancel request, then waits for the query
-    # with no limit; what ended that wait, the deadline's shut socket, came out as a StoreError.)
+    # with no limit; what ended that wait, the deadline's shut socket or the reset, came out
+    # as a StoreError, and a worker took it for the job's failure.)
     base = brokers["postgres"]
     url = named_sessions(base)
     table, key = new_table(url), new_key()
@@ -1060,25 +1063,65 @@ def test_a_postgres_inbox_cancelled_on_a_network_that_drops_everything_ends_canc
         async with behind_proxy(url) as (proxy, store):
             token = claimed(await store.claim(key, "job-1", 30)).token
             # (after the claim: its commit waits on the disk's fsync, which may take 1 s)
-            monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0)
+            monkeypatch.setattr(postgres, "CALL_TIMEOUT_S", 1.0 if ended_by == "its deadline" else 10.0)
 
             async def job() -> None:
                 async with store.transaction(key, token, "job-1", 30) as db:
                     await write_effect(url, db, table, key, "job-1")
                     proxy.stall()
-                    asyncio.get_running_loop().call_later(0.2, running.cancel)
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(0.2, running.cancel)
+                    if ended_by == "a reset":
+                        loop.call_later(1.0, proxy.cut, None)
 
             running = asyncio.create_task(job())
             started = time.monotonic()
             with pytest.raises(asyncio.CancelledError):
                 await running
-            assert time.monotonic() - started < 8  # (psycopg's 5 s, and a margin)
+            assert time.monotonic() - started < 8  # (1 s, or the reset's, and a margin)
             proxy.heal()
         await wait_out_transactions(url)
         assert not await done_or_held(open_store(base), key)
         assert effects(url, table) == {}
 
     run(main(), timeout=30)
+
+
+def test_a_postgres_inbox_whose_begin_is_answered_as_its_deadline_passes_fails_before_its_block(
+    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a claimed key, and the BEGIN's deadline going off in the loop pass that brings
+    # BEGIN's answer (a loop busy past it: forced here, the timer's callback runs just before
+    # the task goes on),
+    # When the inbox transaction begins, Then it fails with a StoreError before its block runs.
+    # (The block ran on a connection whose socket was shut: the handler's first statement
+    # failed with psycopg's own error, which the job took for the handler's.)
+    url = named_sessions(brokers["postgres"])
+    table, key = new_table(url), new_key()
+    ran: list[str] = []
+
+    async def main() -> None:
+        store = open_store(url)
+        try:
+            token = claimed(await store.claim(key, "job-1", 30)).token
+            cancel = postgres._Deadline.cancel
+
+            def passed_first(deadline: postgres._Deadline) -> None:
+                monkeypatch.setattr(postgres._Deadline, "cancel", cancel)  # (the BEGIN's only)
+                deadline._shut_down()
+                cancel(deadline)
+
+            monkeypatch.setattr(postgres._Deadline, "cancel", passed_first)
+            with pytest.raises(StoreError, match="no answer within 15 s"):
+                async with store.transaction(key, token, "job-1", 30) as db:
+                    ran.append("the block")
+                    await write_effect(url, db, table, key, "job-1")
+        finally:
+            await store.close()
+
+    run(main(), timeout=30)
+    assert ran == []
+    assert effects(url, table) == {}
 
 
 def test_a_postgres_session_whose_client_went_silent_ends_and_lets_go_of_its_rows(

@@ -191,6 +191,8 @@ class PostgresStore(SqlStore):
                     with _answered_within(conn) as ending:
                         async with conn.transaction():
                             ending.cancel()
+                            if ending.passed:  # (BEGIN's answer came in the pass that shut its socket)
+                                raise TimeoutError(f"no answer within {ending.timeout_s:g} s")
 
                             async def query(sql: str, params: Sequence[Any]) -> Rows:
                                 ending.start()
@@ -264,13 +266,14 @@ class _Deadline:
         return self
 
     def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
-        if isinstance(exc, psycopg.Error) and self.passed:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # psycopg 3.2 answers a cancellation by asking the server to cancel, then waits
-                # for its answer with no time limit: what ends that wait is the shut socket's
-                # error, which must not stand for the cancellation the task is in.
-                raise asyncio.CancelledError(f"cancelled; no answer within {self.timeout_s:g} s") from exc
+        if not isinstance(exc, psycopg.Error):
+            return
+        if isinstance(exc.__context__, asyncio.CancelledError):
+            # psycopg 3.2 answers a cancellation by asking the server to cancel, then waits for
+            # its answer with no time limit: what ends that wait (the shut socket, a connection
+            # reset) raises an error that must not stand for the cancellation the task is in.
+            raise asyncio.CancelledError(f"cancelled, then: {exc}") from exc
+        if self.passed:
             raise TimeoutError(f"no answer within {self.timeout_s:g} s") from exc
 
     def _shut_down(self) -> None:
