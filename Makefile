@@ -68,7 +68,8 @@ pytest-lowest-beside: $(LOWEST_STAMP)
 # have a RabbitMQ of their own and their tests mostly wait, as the main ones do (the two cores are
 # idle three quarters of the time), so all three take about the main stage's time. Their output
 # is kept in a file and shown after. (Every session starts the dev services that are down; `bridge
-# dev up` starts each under a lock. They leave the test topics on the dev Kafka to the end.)
+# dev up` starts each under a lock. Each deletes at its end the test queues and topics it made,
+# and those of sessions ended, never a running one's: tests/names.py.)
 BESIDE_LOG := $(VENV)/pytest-beside.log
 pytest-side-by-side: $(STAMP) $(LOWEST_STAMP)
 	{ $(MAKE) --no-print-directory pytest-rabbitmq4; first=$$?; \

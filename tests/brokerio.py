@@ -33,7 +33,7 @@ from bridge.envelope import DeadLetter
 from bridge.registry import DEAD_LETTER, ENVELOPE
 from bridge.transports import dlq_name
 from bridge.transports.kafka.common import wait_until_served
-from tests.names import left_behind
+from tests.names import ended_sessions, left_behind
 
 
 def read_queue(app: Bridge, queue: str) -> list[bytes]:
@@ -200,16 +200,17 @@ RABBITMQ_API = os.environ.get("BRIDGE_TEST_RABBITMQ_API", "http://127.0.0.1:1567
 
 
 def delete_test_objects(brokers: dict[str, str]) -> None:
-    """Delete the queues, exchanges and topics that this session made, and those that sessions
-    no longer running left behind (tests.names), so the dev brokers do not fill up."""
-    admin = AdminClient({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
-    topics = [t for t in admin.list_topics(timeout=10).topics if left_behind(t)]
-    for future in admin.delete_topics(topics).values() if topics else ():
-        future.exception()  # wait; a topic already gone is fine
-    for kind in ("queues", "exchanges"):
-        for item in rabbitmq_api(f"{kind}/%2F"):
-            if left_behind(item["name"]):
-                rabbitmq_api(f"{kind}/%2F/{_quoted(item['name'])}", "DELETE")
+    """Delete the queues, exchanges and topics that this session made, and those of sessions
+    that have ended (tests.names), so the dev brokers do not fill up."""
+    with ended_sessions() as ended:
+        admin = AdminClient({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
+        topics = [t for t in admin.list_topics(timeout=10).topics if left_behind(t, ended)]
+        for future in admin.delete_topics(topics).values() if topics else ():
+            future.exception()  # wait; a topic already gone is fine
+        for kind in ("queues", "exchanges"):
+            for item in rabbitmq_api(f"{kind}/%2F"):
+                if left_behind(item["name"], ended):
+                    rabbitmq_api(f"{kind}/%2F/{_quoted(item['name'])}", "DELETE")
 
 
 def rabbitmq_api(path: str, method: str = "GET", body: Any = None) -> Any:
