@@ -365,6 +365,12 @@ class Bridge:
             return self._memory
         return open_transport(self.settings)
 
+    def __enter__(self) -> Bridge:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     async def __aenter__(self) -> Bridge:
         return self
 

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -40,11 +40,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     _configure_logging(args.log_level, daemon=args.run is _consume)
     try:
         code = args.run(args)
+        sys.stdout.flush()  # (here, so a reader gone is a BrokenPipeError below)
     except BridgeError as exc:
         print(f"bridge: {exc}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:  # (`bridge dlq list | head`: the reader went away; so do we, quietly)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (for the flush at exit)
+        code = 1
     sys.exit(code)
 
 
@@ -59,6 +63,9 @@ def _configure_logging(level: str | None, *, daemon: bool) -> None:
         for name in ("aiormq", "aio_pika", "bridge.kafka.client"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     if level != "debug":
+        # The registry client logs each HTTP request at INFO.
+        for name in ("httpx", "httpx2", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         # While PostgreSQL is down, bridge logs a line per round of tries (idempotency/outage.py);
         # psycopg's pool would add a warning of several lines at each of its reconnect attempts.
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
@@ -262,6 +269,8 @@ def _positive(text: str) -> int:
 
 
 def _enqueue(args: argparse.Namespace) -> int:
+    if args.dedupe and args.idempotency_key is None:
+        raise ConfigError("--dedupe needs --idempotency-key")
     app = _app(args)
     try:
         payload = json.loads(args.payload)
@@ -326,7 +335,8 @@ def _selection(args: argparse.Namespace) -> Selection:
 
 def _dlq_list(args: argparse.Namespace) -> int:
     app = _app(args)
-    letters = asyncio.run(_closing(app, app.dead_letters(args.queue).find(_selection(args), args.limit)))
+    with _job_queue(args.queue):
+        letters = asyncio.run(_closing(app, app.dead_letters(args.queue).find(_selection(args), args.limit)))
     for item in letters:
         if args.json:
             print(json.dumps(describe(app, item), default=_jsonable))
@@ -344,7 +354,8 @@ def _dlq_list(args: argparse.Namespace) -> int:
 
 def _dlq_show(args: argparse.Namespace) -> int:
     app = _app(args)
-    item = asyncio.run(_closing(app, app.dead_letters(args.queue).show(args.id)))
+    with _job_queue(args.queue):
+        item = asyncio.run(_closing(app, app.dead_letters(args.queue).show(args.id)))
     print(json.dumps(describe(app, item), default=_jsonable, indent=2))
     return 0
 
@@ -355,7 +366,8 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     work = letters.replay(
         _selection(args), dry_run=args.dry_run, rate=args.rate, max_replays=args.max_replays
     )
-    report = asyncio.run(_closing(app, work))
+    with _job_queue(args.queue):
+        report = asyncio.run(_closing(app, work))
     verb = "would replay" if args.dry_run else "replayed"
     for job_id in report.replayed:
         print(one_line(f"{verb} {job_id}"))
@@ -379,9 +391,23 @@ def _dlq_purge(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             return 1
     app = _app(args)
-    purged = asyncio.run(_closing(app, app.dead_letters(args.queue).purge(_selection(args))))
+    with _job_queue(args.queue):
+        purged = asyncio.run(_closing(app, app.dead_letters(args.queue).purge(_selection(args))))
     print(f"purged {len(purged)} dead letters from {args.queue}.dlq")
     return 0
+
+
+@contextlib.contextmanager
+def _job_queue(queue: str) -> Iterator[None]:
+    """Say so when a dead-letter command was given the dead-letter queue's name: the letters of
+    `<queue>.dlq` are in `<queue>.dlq.dlq`, which does not exist."""
+    try:
+        yield
+    except BridgeError as exc:
+        if queue.endswith(".dlq") and "does not exist" in str(exc):
+            job_queue = queue.removesuffix(".dlq")
+            raise ConfigError(f"{exc} (the dlq commands take the job queue's name: {job_queue})") from None
+        raise
 
 
 def _jsonable(value: Any) -> Any:
@@ -511,7 +537,9 @@ def load_app(spec: str) -> Bridge:
         ) from None
     except Exception as exc:  # the module itself failed: say where, in one line
         raise ConfigError(f"--app {spec!r}: importing {module_name} failed: {_raised_at(exc)}") from None
-    app = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        raise ConfigError(f"--app {spec!r}: {module_name} has no {attr!r}")
+    app = getattr(module, attr)
     if not isinstance(app, Bridge):
         raise ConfigError(f"--app {spec!r}: {module_name}.{attr} is not a bridge.Bridge")
     return app

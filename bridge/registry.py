@@ -59,8 +59,12 @@ class SchemaDirectory:
         try:
             return self._schemas[name]
         except KeyError:
-            where = f" in {self.path}" if self.path else ""
-            raise UnknownJobType(f"unknown job type {name!r}: no {name}.avsc{where}") from None
+            if self.path is None:
+                raise UnknownJobType(
+                    f"unknown job type {name!r}: no registry is set (--registry or BRIDGE_REGISTRY:"
+                    f" the folder of {name}.avsc, or a registry URL)"
+                ) from None
+            raise UnknownJobType(f"unknown job type {name!r}: no {name}.avsc in {self.path}") from None
 
     def job_types(self) -> list[str]:
         """Every job type: the records that are not bridge's own."""

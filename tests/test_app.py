@@ -227,6 +227,17 @@ def test_a_memory_consume_that_ends_gives_back_only_what_it_held() -> None:
     assert runs == [1]
 
 
+def test_a_with_block_closes_the_sync_api_at_its_end() -> None:
+    # Given an app used from sync code in a `with` block, When the block ends,
+    # Then the sync API's loop thread has ended (its transport and store closed on it).
+    # (`with app:` raised TypeError: there was only `async with`, for async code.)
+    with memory_app() as app:
+        assert app.enqueue("test.Echo", {"n": 1})
+        thread = app._portal._thread  # type: ignore[union-attr]
+        assert thread.is_alive()
+    assert not thread.is_alive()
+
+
 @pytest.mark.parametrize("does", ["enqueue", "close"])
 def test_the_sync_api_works_in_a_forked_child_of_a_process_that_used_it(does: str) -> None:
     # Given an app whose sync API the parent used, When a forked child (a gunicorn worker, a

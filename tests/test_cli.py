@@ -317,6 +317,7 @@ def test_bad_app_and_missing_broker() -> None:
     assert_one_line_error(bridge("consume", "--app", "nowhere"), "write MODULE:ATTR")
     assert_one_line_error(bridge("consume", "--app", "no.such.module:app"), "cannot import no.such.module")
     assert_one_line_error(bridge("consume", "--app", "consumers.billing:log"), "is not a bridge.Bridge")
+    assert_one_line_error(bridge("consume", "--app", "consumers.billing:ap"), "consumers.billing has no 'ap'")
     assert_one_line_error(bridge("consume", "--app", "consumers.billing:app"), "no broker", "BRIDGE_BROKER")
 
 
@@ -361,6 +362,9 @@ def test_topology_apply_and_enqueue_on_a_real_broker(
     assert bridge("topology", "apply", "--queues", queue, **env).returncode == 0
     again = bridge("topology", "apply", "--queues", queue, **env)
     assert "create" not in again.stdout and again.stdout.count("exists") >= 4, again.stdout
+    # (The dead-letter queue's own name: told to run topology apply, which would make its own.)
+    listed = bridge("dlq", "list", f"{queue}.dlq", **env)
+    assert_one_line_error(listed, "does not exist", f"(the dlq commands take the job queue's name: {queue})")
 
     done = bridge("enqueue", "test.Echo", '{"n": 1}', "--queue", queue, "--key", "k1", **env)
     assert done.returncode == 0, done.stderr
@@ -373,6 +377,47 @@ def test_topology_apply_and_enqueue_on_a_real_broker(
     [body] = read_queue(app, f"{env['BRIDGE_PREFIX']}.delay.1m")
     envelope = codec.decode(body, app.registry)[1]
     assert envelope["id"] == delayed.stdout.strip() and envelope["run_at"] - envelope["created_at"] == 90_000
+
+
+def test_enqueue_mistakes_name_the_flag_that_mends_them() -> None:
+    # (Without a registry, the type was said to have no .avsc, as if a folder had been searched;
+    # --dedupe alone was told of `dedupe=True` and `idempotency_key`, the Python API's names.)
+    no_registry = bridge(
+        "enqueue", "billing.ChargeCard", CHARGE, "--queue", "billing", "--broker", "memory://"
+    )
+    assert_one_line_error(
+        no_registry, "unknown job type 'billing.ChargeCard': no registry is set (--registry"
+    )
+    alone = bridge("enqueue", "billing.ChargeCard", CHARGE, "--dedupe", "--app", "consumers.billing:app")
+    assert_one_line_error(alone, "--dedupe needs --idempotency-key")
+
+
+def test_output_to_a_reader_that_goes_away_ends_quietly() -> None:
+    # Given a command printing some 400 KB (more than a pipe holds), When its reader stops
+    # reading and goes away (`| head`), Then it ends, exit code 1, with nothing on stderr.
+    # (It ended with a traceback of BrokenPipeError.)
+    queues = ",".join(f"q{n}" for n in range(10_000))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    command = [
+        sys.executable,
+        "-m",
+        "bridge",
+        "topology",
+        "apply",
+        "--queues",
+        queues,
+        "--broker",
+        "memory://",
+    ]
+    with subprocess.Popen(
+        command, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.read(100)
+        process.stdout.close()
+        stderr = process.stderr.read()
+        assert process.wait(timeout=60) == 1
+    assert stderr == ""
 
 
 def test_python_dash_m_bridge_shows_help() -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +28,7 @@ from bridge.schema_registry import HttpRegistry
 from bridge.transports import Outgoing
 from bridge.worker import Stats
 from tests.brokerio import dead_letters
-from tests.conftest import SCHEMAS, run
+from tests.conftest import REPO, SCHEMAS, run
 
 N = {"name": "n", "type": "int"}
 NOTE = {"name": "note", "type": ["null", "string"], "default": None}
@@ -142,6 +144,21 @@ def test_a_url_that_is_not_the_registrys_api_is_named_as_such(
     assert code != 0
     assert f"registry {url} is not a schema registry's API" in err and "/apis/ccompat/v7" in err
     assert "unknown job type" not in err
+
+
+def test_the_registry_clients_requests_are_not_logged_unless_debugging(registry_url: str) -> None:
+    # Given a registry URL, When `bridge schemas list` runs at --log-level info, Then no line of
+    # the registry client's HTTP requests is logged; at debug, they are.
+    # (Each request was a line at INFO: eight before a `bridge consume` began.)
+    def listed(level: str) -> str:
+        command = [sys.executable, "-m", "bridge", "schemas", "list", "--registry", registry_url]
+        done = subprocess.run(
+            [*command, "--log-level", level], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+        )
+        return done.stderr
+
+    assert "HTTP Request" not in listed("info")
+    assert "HTTP Request" in listed("debug")
 
 
 def test_a_registry_url_with_a_password_is_named_without_it(
