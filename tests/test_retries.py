@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import time
 import uuid
@@ -28,7 +29,7 @@ from bridge.transports.base import tier_queue
 from bridge.worker import Stats, Worker
 from tests import names
 from tests.brokerio import dead_letters
-from tests.conftest import publish_envelope, run
+from tests.conftest import SCHEMAS, publish_envelope, run, signalling
 
 TIERS = "1s,2s"
 
@@ -486,6 +487,38 @@ def test_delayed_job_runs_on_time(make_app: Callable[..., Bridge], queue: str, h
     [(start, enqueued)] = runs
     due = enqueued + 3 if how == "delay" else at.timestamp()
     assert -0.01 <= start - due <= 1.0 + 0.25
+
+
+@pytest.mark.parametrize("broker", ["kafka", "rabbitmq"], indirect=True)
+def test_a_burst_run_says_it_waits_for_another_queues_delayed_job(
+    broker: str, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a job on this queue, and one delayed an hour on another queue under the same prefix,
+    # When a burst run of this queue has run its job, Then it says that it waits for a delayed
+    # job in the tiers that the prefix's queues share. (It waited without a word.)
+    prefix, group = names.prefix(), f"g-{uuid.uuid4().hex[:12]}"
+    app = Bridge(broker=broker, registry=str(SCHEMAS), prefix=prefix, delay_tiers="1s,1h", group=group)
+    ran = signalling(app, queue)
+    other = names.queue()
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue, other])
+            await app.enqueue_async("test.Echo", {"n": 1}, queue=other, delay=3600)
+            await app.enqueue_async("test.Echo", {"n": 2})
+            stop = asyncio.Event()
+            consuming = asyncio.create_task(app.consume(burst=True, stop=stop))
+            await ran.wait()
+            while not [r for r in caplog.records if r.getMessage().startswith("burst:")]:
+                await asyncio.sleep(0.05)
+            stop.set()
+            await consuming
+
+    with caplog.at_level(logging.INFO, logger="bridge.worker"):
+        run(scenario(), timeout=30)
+    [said] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("burst:")]
+    assert "the queues are drained, but" in said and "delayed job" in said, said
+    assert f"which every queue under prefix '{app.settings.prefix}' shares" in said, said
 
 
 def test_delay_longer_than_the_largest_tier_hops(make_app: Callable[..., Bridge], queue: str) -> None:

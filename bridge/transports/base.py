@@ -9,13 +9,16 @@ Kafka later, atomically with) the acknowledgement: a dead letter, a retry, a del
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bridge.logs import REPEAT_WINDOW_S
 from bridge.policy import tier_name
 
 # How long `Transport.publish` (an enqueue, a dead-letter replay) waits for the broker to take a
@@ -50,6 +53,28 @@ class Delivery:
 Process = Callable[[Delivery], Awaitable[None]]
 # A sweep's choice for one message: its body and its record key (Kafka's; None elsewhere).
 Decide = Callable[[bytes, str | bytes | None], Awaitable[Sequence["Outgoing"] | None]]
+
+
+class BurstWait:
+    """Says why a burst run whose queues are drained goes on: delayed jobs in the tiers, which
+    every queue under the prefix shares (a job delayed by hours elsewhere holds it for hours).
+    Once per REPEAT_WINDOW_S at most."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._said_at: float | None = None
+
+    def delayed(self, what: str) -> None:
+        """`what` waits in the tiers: "3 delayed jobs", say."""
+        now = time.monotonic()
+        if self._said_at is not None and now - self._said_at < REPEAT_WINDOW_S:
+            return
+        self._said_at = now
+        logging.getLogger("bridge.worker").info(
+            "burst: the queues are drained, but %s wait in the delay tiers, which every queue"
+            " under prefix %r shares; the run ends once they have run",
+            what, self.prefix,
+        )  # fmt: skip
 
 
 def dlq_name(queue: str) -> str:

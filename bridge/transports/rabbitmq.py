@@ -48,6 +48,7 @@ from bridge.logs import REPEAT_WINDOW_S, Repeats
 from bridge.policy import tier_for
 from bridge.transports.base import (
     PUBLISH_TIMEOUT_S,
+    BurstWait,
     Decide,
     Delivery,
     InFlight,
@@ -728,12 +729,16 @@ class RabbitTransport:
             return
         waiting = [*queues, *self._tiers.values()]  # delayed and retried jobs count too
         quiet = 0
+        said = BurstWait(self.settings.prefix)
         while not stop.is_set() and not came_back.is_set():
             # Drained after two looks in a row that find nothing ready, nothing running and
             # nothing arrived. One is not enough: a message can leave a tier and be delivered
             # to us while we count, and its delivery is only seen running by the next look.
             seen = arrivals()
-            empty = not inflight and await self._ready(channel, waiting, stop) == 0
+            ready = None if inflight else await self._ready(channel, waiting, stop)
+            if ready and not any(ready[: len(queues)]) and not inflight:
+                said.delayed(f"{sum(ready):,} delayed jobs")
+            empty = ready is not None and not any(ready)
             quiet = quiet + 1 if empty and not inflight and arrivals() == seen else 0
             if quiet >= 2:
                 return
@@ -742,13 +747,14 @@ class RabbitTransport:
 
     async def _ready(
         self, channel: AbstractChannel, queues: Sequence[str], stop: asyncio.Event
-    ) -> int | None:
-        """Messages ready in `queues`, once the connection is back if it is being restored; None on stop."""
+    ) -> list[int] | None:
+        """Messages ready in each of `queues`, once the connection is back if it is being
+        restored; None on stop."""
 
-        async def count(on: aiormq.abc.AbstractChannel) -> int:
+        async def count(on: aiormq.abc.AbstractChannel) -> list[int]:
             # Straight to aiormq: aio-pika's robust channel answers a repeated passive declare
             # from its cache, with the count of the first one.
-            return sum([(await on.queue_declare(name, passive=True)).message_count or 0 for name in queues])
+            return [(await on.queue_declare(name, passive=True)).message_count or 0 for name in queues]
 
         return await self._on_channel(channel, stop, count)
 

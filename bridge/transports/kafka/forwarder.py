@@ -124,6 +124,10 @@ class DelayForwarder:
                 del self.waiting[tp]
                 consumer.resume([TopicPartition(*tp)])
 
+    def next_due_ms(self) -> int | None:
+        """When the next record waiting in a tier is due (epoch ms); None if none is known to wait."""
+        return min(self.waiting.values(), default=None)
+
     def _until_next_due_s(self) -> float:
         if not self.waiting:
             return IDLE_SLEEP_MAX_S

@@ -30,10 +30,12 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not in its 
 )
 
 from bridge.config import Settings
+from bridge.envelope import iso_ms
 from bridge.errors import ConfigError, PublishError, TransportError
 from bridge.policy import tier_for
 from bridge.transports.base import (
     PUBLISH_TIMEOUT_S,
+    BurstWait,
     Decide,
     Delivery,
     InFlight,
@@ -116,6 +118,7 @@ class KafkaTransport:
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
         self._tier_names = tier_names(settings.prefix)
         self._forwarder: DelayForwarder | None = None
+        self._burst_wait = BurstWait(settings.prefix)  # (says what a burst run waits for)
         self._forwarding: asyncio.Task[None] | None = None  # the forwarder's run, this round
         self._committer: Committer | None = None
         self._gates: dict[TP, Gate] = {}  # partitions assigned whose records wait to be marked
@@ -686,7 +689,11 @@ class KafkaTransport:
         # The tiers first: anything they forward before they are found empty is then counted
         # in the queues' high watermarks.
         assert self._forwarder is not None
-        return await self._forwarder.drained() and await read_to_end(consumer, queues, self._common)
+        if await self._forwarder.drained():
+            return await read_to_end(consumer, queues, self._common)
+        if (due_ms := self._forwarder.next_due_ms()) is not None:
+            self._burst_wait.delayed(f"delayed jobs (the next due at {iso_ms(due_ms, timespec='seconds')})")
+        return False
 
     # Rebalance callbacks run inside consumer.consume(), on the event loop's thread, and inside
     # consumer.close(), on a thread of its own. (A callback that raises there breaks the
