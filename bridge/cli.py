@@ -343,9 +343,10 @@ def _dlq_list(args: argparse.Namespace) -> int:
             continue
         envelope = item.letter.envelope
         kind = f"{envelope.type} attempt {envelope.attempt}" if envelope else "(raw bytes)"
-        when = iso_ms(item.letter.at, timespec="seconds")
+        # (0 for bytes that never decoded: when they were written is not known)
+        when = iso_ms(item.letter.at, timespec="seconds") if item.letter.at else f"{'-':25}"
         # (Text from handlers and other producers: escaped, so it cannot forge a line of its own.)
-        line = f"{item.id}  {when}  {item.letter.reason:15} {kind}  {item.letter.detail[:80]}"
+        line = f"{item.id}  {when}  {item.letter.reason:15} {kind}  {item.letter.detail[:100]}"
         print(one_line(line))
     if not args.json:
         print(f"{len(letters)} dead letters in {args.queue}.dlq", file=sys.stderr)
@@ -489,8 +490,10 @@ def _http_registry(args: argparse.Namespace, *, local: bool) -> tuple[Bridge, Ht
         args.schemas = args.dir
     app = _app(args)
     if not (app.settings.registry or "").startswith(("http://", "https://")):
+        given = f", not {app.settings.registry!r}" if app.settings.registry else ""
         raise ConfigError(
-            "bridge schemas needs a registry URL: pass --registry http://... or set BRIDGE_REGISTRY"
+            f"bridge schemas needs a registry URL (http:// or https://){given}: pass --registry"
+            " http://... or set BRIDGE_REGISTRY"
         )
     if local and not app.settings.schemas:
         raise ConfigError("which schemas? pass a directory, --schemas DIR, or set BRIDGE_SCHEMAS")

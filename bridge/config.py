@@ -5,6 +5,7 @@ Frozen and validated at start, with every problem reported at once.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import tomllib
@@ -79,6 +80,8 @@ class Settings:
         """Settings from arguments, then BRIDGE_* variables, then bridge.toml; validated."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = _read_toml(Path(toml_path))
+        if unknown := [_unknown(name) for name in values if name not in _FIELDS]:
+            raise ConfigError(f"{toml_path}: {'; '.join(unknown)}")
         for f in fields(cls):
             if f"BRIDGE_{f.name.upper()}" in environ:
                 values[f.name] = environ[f"BRIDGE_{f.name.upper()}"]
@@ -87,7 +90,7 @@ class Settings:
 
     @classmethod
     def _validated(cls, values: dict[str, Any]) -> Settings:
-        problems = [f"unknown setting {k!r}" for k in values if k not in _FIELDS]
+        problems = [_unknown(name) for name in values if name not in _FIELDS]
         converted: dict[str, Any] = {}
         for name, value in values.items():
             if name in _FIELDS:
@@ -276,6 +279,12 @@ def _convert(name: str, value: Any) -> Any:
         raise ValueError(f"{name} must be {what}, got {value!r}") from None
 
 
+def _unknown(name: str) -> str:
+    """A setting that does not exist, with the one it may have meant."""
+    close = difflib.get_close_matches(name, _FIELDS, n=1)
+    return f"unknown setting {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     """The settings in bridge.toml: its `[bridge]` table, or, without one, the whole file."""
     if not path.is_file():
@@ -283,7 +292,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        # (TOML's "Invalid value" is most often text without its quotes)
+        quote = (
+            ' (text goes in quotes: broker = "kafka://127.0.0.1:9092")' if "Invalid value" in str(exc) else ""
+        )
+        raise ConfigError(f"{path}: {exc}{quote}") from None
     if "bridge" not in data:
         return data
     settings, others = data.pop("bridge"), sorted(data)

@@ -213,10 +213,11 @@ def _refusal(item: Letter, max_replays: int) -> str | None:
 def describe(app: Bridge, item: Letter) -> dict[str, Any]:
     """A letter as plain data for people and JSON: payload decoded when its schema is known."""
     letter = item.letter
+    # (`at` is None for bytes that never decoded: when they were written is not known)
     out: dict[str, Any] = {
         "id": item.id, "reason": letter.reason, "detail": letter.detail, "queue": letter.queue,
         "partition": letter.partition, "offset": letter.offset,
-        "consumer_group": letter.consumer_group, "at": letter.at,
+        "consumer_group": letter.consumer_group, "at": letter.at or None,
     }  # fmt: skip
     envelope = letter.envelope
     if envelope is None:

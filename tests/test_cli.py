@@ -85,6 +85,22 @@ def test_unreachable_broker_gets_one_line(scheme: str) -> None:
     assert "secret" not in done.stderr
 
 
+@pytest.mark.parametrize("scheme", ["kafka", "amqp"])
+def test_a_broker_host_that_does_not_resolve_is_named(scheme: str) -> None:
+    # (.invalid never resolves. librdkafka said only "Broker transport failure".)
+    url = "kafka://nowhere.invalid:9092" if scheme == "kafka" else "amqp://guest:guest@nowhere.invalid:5672/"
+    done = bridge("enqueue", "billing.ChargeCard", CHARGE, "--app", "consumers.billing:app", "--broker", url)
+    assert_one_line_error(done, "cannot reach")
+    assert re.search(r"(nowhere.invalid does not resolve|'Name or service not known')", done.stderr), (
+        done.stderr
+    )
+
+
+def test_bridge_schemas_with_a_registry_that_is_no_url_says_what_it_was_given() -> None:
+    done = bridge("schemas", "list", "--registry", "htp://127.0.0.1:8081/x")
+    assert_one_line_error(done, "needs a registry URL (http:// or https://), not 'htp://127.0.0.1:8081/x'")
+
+
 @pytest.mark.parametrize(
     ("change", "fragments"),
     [
@@ -241,6 +257,13 @@ def test_a_malformed_registry_url_is_reported_before_any_request(url: str, probl
         (b"[bridge]\ndelay_tiers = [1, inf]\n", "delay_tiers must be durations above zero"),
         (b"[bridge]\ndelay_tiers = [true, 5]\n", "duration True: write a number with s, m, h or d"),  # (1 s)
         (b"[bridge]\nconcurrency = 1e300\n", "concurrency must be at most 65,535"),
+        # (it said "unknown setting 'concurency'", naming neither the file nor the setting meant)
+        (
+            b"[bridge]\nconcurency = 4\n",
+            "bridge.toml: unknown setting 'concurency' (did you mean 'concurrency'?)",
+        ),
+        # (TOML's own "Invalid value (at line 2, column 10)")
+        (b"[bridge]\nbroker = kafka://x:9092\n", "Invalid value (at line 2, column 10) (text goes in quotes"),
     ],
 )
 def test_a_bridge_toml_of_the_wrong_shape_is_named(tmp_path: Path, toml: bytes, message: str) -> None:

@@ -386,3 +386,29 @@ def test_a_replay_rate_that_is_no_rate_is_refused(rate: float) -> None:
 async def scenario_consume(app: Bridge) -> None:
     async with app:
         await app.consume(burst=True)
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_letters_that_never_decoded_are_listed_with_no_time_and_the_whole_hint(
+    make_app: Callable[..., Bridge], queue: str, broker: str
+) -> None:
+    # Given a dead letter in a schema unknown here (a registry's id) in a queue's dead-letter queue,
+    # When the CLI lists it, Then its time is "-" ("at" null in JSON), not 1970, and its line
+    # ends with the whole hint, the flag to give. (The hint was cut off at 80 characters.)
+    app = make_app()
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+            unknown = b"\x00\x00\x00\x00\x07" + b"\x02" * 20  # schema id 7: not known here
+            await (await app.transport()).publish(Outgoing(dlq_name(queue), unknown, None))
+
+    run(scenario())
+    env = {"BRIDGE_BROKER": broker, "BRIDGE_REGISTRY": str(SCHEMAS), "BRIDGE_PREFIX": app.settings.prefix}
+    [line] = bridge_cli("dlq", "list", queue, **env).stdout.splitlines()
+    assert line.split()[1:3] == ["-", "unreadable"], line
+    assert line.endswith("read it with the workers' --registry"), line
+    [entry] = [
+        json.loads(each) for each in bridge_cli("dlq", "list", queue, "--json", **env).stdout.splitlines()
+    ]
+    assert entry["at"] is None and entry["reason"] == "unreadable"

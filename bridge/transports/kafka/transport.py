@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 import uuid
@@ -179,9 +180,15 @@ class KafkaTransport:
         self._producer = self._poller = None
 
     async def _topic_names(self) -> set[str]:
-        with mapped(f"cannot reach Kafka at {self.url}; is it running? (`bridge dev up` starts one)"):
-            assert self._producer is not None
-            metadata = await asyncio.to_thread(self._producer.list_topics, timeout=METADATA_TIMEOUT_S)
+        try:
+            with mapped(f"cannot reach Kafka at {self.url}; is it running? (`bridge dev up` starts one)"):
+                assert self._producer is not None
+                metadata = await asyncio.to_thread(self._producer.list_topics, timeout=METADATA_TIMEOUT_S)
+        except TransportError as exc:
+            # (librdkafka says "Broker transport failure" whatever it was: say a name that does not resolve)
+            if unresolved := await asyncio.to_thread(_unresolved, self._common["bootstrap.servers"]):
+                raise TransportError(f"{exc} ({unresolved})", retriable=exc.retriable) from exc
+            raise
         return set(metadata.topics)
 
     async def missing(self, queues: Collection[str]) -> list[str]:
@@ -1014,3 +1021,16 @@ def _resolve(future: asyncio.Future[None], err: KafkaError | None, topic: str) -
             f"leader? It may still be published ({detail})"
         )
     future.set_exception(PublishError(f"Kafka did not acknowledge a publish to {topic}: {detail}"))
+
+
+def _unresolved(servers: str) -> str | None:
+    """Why none of `servers` (host:port,...) can be reached by name, if none resolves."""
+    reasons = []
+    for server in servers.split(","):
+        host, _, port = server.rpartition(":")
+        try:
+            socket.getaddrinfo(host.strip("[]"), port or None)
+            return None
+        except (OSError, UnicodeError) as exc:
+            reasons.append(f"{host} does not resolve: {getattr(exc, 'strerror', None) or exc}")
+    return "; ".join(reasons) or None
