@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import threading
+import time
 import tomllib
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -56,8 +59,37 @@ def pytest_configure(config: pytest.Config) -> None:
     names.register()
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     names.unregister()
+    _exit_if_threads_hold_it_up(config.stash.get(EXIT_STATUS, 1))
+
+
+# How long the process may take to exit once the session is over. Python waits at exit for
+# every thread that is not a daemon: once, a call into librdkafka 2.8 never returned (its
+# group thread spinning for good), and the run, CI's included, never ended.
+EXIT_STATUS = pytest.StashKey[int]()
+EXIT_WAIT_S = float(os.environ.get("BRIDGE_TEST_EXIT_WAIT_S", "60"))
+
+
+def _exit_if_threads_hold_it_up(status: int) -> None:
+    """Exit with `status` (1 if the tests passed) EXIT_WAIT_S from now, naming the threads
+    still running, unless the process has exited by itself by then."""
+
+    def watch() -> None:
+        time.sleep(EXIT_WAIT_S)
+        running = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+        print(
+            f"tests: the process has not exited {EXIT_WAIT_S:g} s after the session ended; threads"
+            f" still running: {', '.join(running) or 'none but the main one'}. Exiting without them",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+        os._exit(status or 1)
+
+    threading.Thread(target=watch, name="tests-exit-watch", daemon=True).start()
 
 
 def above_lower_bounds() -> list[str]:
