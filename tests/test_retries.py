@@ -29,7 +29,7 @@ from bridge.transports.base import tier_queue
 from bridge.worker import Stats, Worker
 from tests import names
 from tests.brokerio import dead_letters
-from tests.conftest import SCHEMAS, publish_envelope, run, signalling
+from tests.conftest import SCHEMAS, own_app, publish_envelope, run, signalling
 
 TIERS = "1s,2s"
 
@@ -519,6 +519,25 @@ def test_a_burst_run_says_it_waits_for_another_queues_delayed_job(
     [said] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("burst:")]
     assert "the queues are drained, but" in said and "delayed job" in said, said
     assert f"which every queue under prefix '{app.settings.prefix}' shares" in said, said
+
+
+@pytest.mark.parametrize("broker", ["kafka", "rabbitmq"], indirect=True)
+def test_a_burst_run_with_nothing_delayed_says_nothing_of_the_tiers(
+    broker: str, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (On RabbitMQ it said that 0 delayed jobs waited, at the end of every burst run.)
+    app = own_app(broker)
+    signalling(app, queue)
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            await app.enqueue_async("test.Echo", {"n": 1})
+            assert (await app.consume(burst=True)).processed == 1
+
+    with caplog.at_level(logging.INFO, logger="bridge.worker"):
+        run(scenario(), timeout=30)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("burst:")] == []
 
 
 def test_delay_longer_than_the_largest_tier_hops(make_app: Callable[..., Bridge], queue: str) -> None:

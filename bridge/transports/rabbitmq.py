@@ -736,7 +736,7 @@ class RabbitTransport:
             # to us while we count, and its delivery is only seen running by the next look.
             seen = arrivals()
             ready = None if inflight else await self._ready(channel, waiting, stop)
-            if ready and not any(ready[: len(queues)]) and not inflight:
+            if ready and any(ready[len(queues) :]) and not any(ready[: len(queues)]):
                 said.delayed(f"{sum(ready):,} delayed jobs")
             empty = ready is not None and not any(ready)
             quiet = quiet + 1 if empty and not inflight and arrivals() == seen else 0
