@@ -49,6 +49,16 @@ class FlakyProxy:
         for pipe in self._pipes:
             pipe.cancel()
 
+    async def reset(self) -> None:
+        """Close every forwarded connection, as a server that restarts (or a pooler's idle
+        timeout) does, and go on forwarding new ones: the clients' sockets have their end."""
+        pipes = list(self._pipes)
+        for pipe in pipes:
+            pipe.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)
+        closing = [writer.wait_closed() for writer in self._writers if writer.is_closing()]
+        await asyncio.gather(*closing, return_exceptions=True)
+
     def stall(self) -> None:
         """Pass nothing on, either way, and close nothing: as a network that drops packets
         looks to a client (until `heal()`)."""

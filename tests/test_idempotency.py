@@ -396,6 +396,30 @@ def test_a_postgres_store_opened_before_consume_makes_room_for_its_concurrency(
     run(main(), timeout=30)
 
 
+def test_a_postgres_store_whose_idle_connections_the_server_closed_goes_on_without_an_error(
+    brokers: dict[str, str],
+) -> None:
+    # Given a PostgreSQL store whose pool holds four connections idle,
+    # When the server's end closes them all (as a restart does, or an idle timeout of the
+    # server's or a pooler's), Then four inbox transactions at once, and their claims, succeed
+    # on new connections. (Each connection closed while idle failed the next job lent it.)
+    async def inboxes(store: Store) -> None:
+        keys = [new_key() for _ in range(4)]
+        tokens = [claimed(await store.claim(key, "job-1", 30)).token for key in keys]
+        async with contextlib.AsyncExitStack() as transactions:  # (each holds a connection)
+            for key, token in zip(keys, tokens, strict=True):
+                await transactions.enter_async_context(store.transaction(key, token, "job-1", 30))
+        assert [await store.claim(key, "job-2", 30) for key in keys] == [Done("job-1")] * 4
+
+    async def main() -> None:
+        async with behind_proxy(brokers["postgres"]) as (proxy, store):
+            await inboxes(store)
+            await proxy.reset()
+            await inboxes(store)
+
+    run(main(), timeout=30)
+
+
 def test_a_postgres_inbox_block_s_own_database_error_comes_out_as_it_was_raised(
     brokers: dict[str, str],
 ) -> None:

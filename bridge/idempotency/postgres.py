@@ -15,6 +15,7 @@ readings on this host's clock since boot, so no statement on the hot path waits 
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -139,6 +140,27 @@ class PostgresStore(SqlStore):
                     await failed.close()
                 raise
 
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
+        """A connection of the pool's, as `pool.connection()` lends it, but not one the server
+        closed while it sat idle: that would fail the job it went to. Those are given back for
+        the pool to replace. (The pool's own `check` option waits 1 s, then 2, 4 ... after
+        each, and after a restart each idle connection is one.)"""
+        while True:
+            conn = await self._pool.getconn()
+            try:
+                if not await _closed_while_idle(conn):
+                    break
+            except BaseException:  # (cancelled while asking)
+                await self._pool.putconn(conn)
+                raise
+            await self._pool.putconn(conn)
+        try:
+            async with conn:
+                yield conn
+        finally:
+            await self._pool.putconn(conn)
+
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
         rows: Rows = await self._statements.call((sql, params))
         return rows
@@ -147,7 +169,7 @@ class PostgresStore(SqlStore):
         """In a transaction of its own, not a batch's: it touches many rows, and takes a while."""
         await self._open()
         with _mapped(self.url):
-            async with self._pool.connection() as conn:
+            async with self._connection() as conn:
                 with _answered_within(conn, PURGE_TIMEOUT_S):
                     await _fetch(conn, self.purge_sql, (self._now_ms(),))
 
@@ -162,7 +184,7 @@ class PostgresStore(SqlStore):
         """
         await self._open()
         with _mapped(self.url):
-            async with self._pool.connection() as conn:
+            async with self._connection() as conn:
                 try:
                     with _answered_within(conn):
                         if self._clock.stale():
@@ -176,7 +198,7 @@ class PostgresStore(SqlStore):
                     await conn.close()
                     if broken or len(statements) == 1 or (exc.sqlstate or "").startswith("40"):
                         raise
-            async with self._pool.connection() as conn:
+            async with self._connection() as conn:
                 return [await _alone(conn, sql, params, self.url) for sql, params in statements]
 
     @asynccontextmanager
@@ -184,7 +206,7 @@ class PostgresStore(SqlStore):
         await self._open()
         try:
             with _mapped(self.url):  # the store's own failures: the connection, the commit
-                async with self._pool.connection() as conn:
+                async with self._connection() as conn:
                     # The BEGIN, then from the block's end, or bridge's first statement after it,
                     # to the commit or rollback (a silent network held the job, and a connection,
                     # for hours). The handler's own statements take what they take.
@@ -213,6 +235,24 @@ class PostgresStore(SqlStore):
     async def close(self) -> None:
         await self._stop_background()
         await self._pool.close()
+
+
+async def _closed_while_idle(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> bool:
+    """Whether the server closed `conn` while it sat in the pool, as a restart does, or an
+    idle timeout of the server's or a pooler's. Asked only of one whose socket has something
+    to read: the server's last words and the end, or else a notice or a parameter's new value.
+    (libpq, reading the last words, does not yet see the end.)"""
+    try:
+        poll = select.poll()
+        poll.register(conn.pgconn.socket, select.POLLIN)  # (OperationalError if it has none)
+        if not poll.poll(0):
+            return False
+        with _answered_within(conn):
+            await conn.execute("SELECT 1")
+    except (psycopg.Error, TimeoutError):
+        await conn.close()  # (the pool replaces a closed one)
+        return True
+    return False
 
 
 @contextmanager
