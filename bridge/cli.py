@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import importlib
 import json
 import logging
@@ -36,7 +37,9 @@ log = logging.getLogger("bridge.cli")
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `bridge` console script."""
-    args = _parser().parse_args(argv)
+    args, unknown = _parser().parse_known_args(argv)
+    if unknown:  # (named by the command they were given to, not by `bridge`, as argparse does)
+        args.command_parser.error(_unknown_arguments(args.command_parser, unknown))
     _configure_logging(args.log_level, daemon=args.run is _consume)
     try:
         code = args.run(args)
@@ -76,6 +79,23 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace or argparse.Namespace())
+        if not hasattr(parsed, "command_parser"):  # (the innermost command's parser is first here)
+            parsed.command_parser = self
+        return parsed, extras
+
+
+def _unknown_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """What a command was given that it does not take, with the option it may have meant."""
+    option = unknown[0].partition("=")[0]
+    if not option.startswith("-"):
+        return f"unrecognized arguments: {' '.join(unknown)}"
+    close = difflib.get_close_matches(option, list(parser._option_string_actions), n=1)
+    return f"unknown option {option}" + (f": did you mean {close[0]}?" if close else "")
 
 
 def _common(default: object) -> _Parser:

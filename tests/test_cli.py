@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from bridge import Bridge, codec
+from bridge import Bridge, cli, codec
 from bridge.config import Settings
 from bridge.errors import ConfigError
 from tests.brokerio import read_queue
@@ -413,6 +413,38 @@ def test_enqueue_mistakes_name_the_flag_that_mends_them() -> None:
     )
     alone = bridge("enqueue", "billing.ChargeCard", CHARGE, "--dedupe", "--app", "consumers.billing:app")
     assert_one_line_error(alone, "--dedupe needs --idempotency-key")
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (
+            "consume --app consumers.billing:app --concurency 4",
+            "bridge consume: unknown option --concurency: did you mean --concurrency?",
+        ),
+        (
+            "dlq list billing --reasn=exhausted",
+            "bridge dlq list: unknown option --reasn: did you mean --reason?",
+        ),
+        (
+            "enqueue t {} --idempotency_key k",
+            "bridge enqueue: unknown option --idempotency_key: did you mean --idempotency-key?",
+        ),
+        ("dev up --colour", "bridge dev: unknown option --colour"),
+        ("topology apply --queues q extra", "bridge topology apply: unrecognized arguments: extra"),
+    ],
+    ids=["consume", "dlq list", "enqueue", "no close one", "not an option"],
+)
+def test_an_unknown_option_is_named_by_its_command_with_the_one_it_may_have_meant(
+    args: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (It was `bridge: unrecognized arguments: --concurency 4 (see `bridge --help`)`: no hint,
+    # and the help of a command that does not have the option.)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(args.split())
+    assert exited.value.code == 2
+    command = says.partition(":")[0]
+    assert capsys.readouterr().err == f"{says} (see `{command} --help`)\n"
 
 
 def test_output_to_a_reader_that_goes_away_ends_quietly() -> None:
