@@ -431,8 +431,10 @@ def test_a_topic_deleted_under_the_consumer_stops_it_with_an_error_naming_the_to
     # load, the consume not stopping within the 40 s this test then gave it, and the failed
     # transaction was logged only after that, while the test cleaned up.) A transaction's
     # calls may each wait CALL_TIMEOUT_S before they fail; the consumer stops at the latest
-    # once WEDGED_AFTER_S has passed, with another error, which this test would report.
+    # once one runs WEDGED_PAST_TIMEOUT_S past that, with another error, which this test would
+    # report.
     caplog.set_level(logging.INFO, logger="bridge.kafka")
+    wedged_s = kafka_commit.CALL_TIMEOUT_S + kafka_commit.WEDGED_PAST_TIMEOUT_S
     app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=f"g-{uuid.uuid4().hex[:12]}")
     started, release = asyncio.Event(), asyncio.Event()
 
@@ -451,10 +453,10 @@ def test_a_topic_deleted_under_the_consumer_stops_it_with_an_error_naming_the_to
             await asyncio.to_thread(delete_queue, app, queue)
             release.set()
             with pytest.raises(TransportError, match=error.format(queue=queue)):
-                await asyncio.wait_for(consuming, kafka_commit.WEDGED_AFTER_S + 10)
+                await asyncio.wait_for(consuming, 2 * wedged_s + 10)
             assert queue in str(consuming.exception())
 
-    run(scenario(), timeout=kafka_commit.WEDGED_AFTER_S + 60)
+    run(scenario(), timeout=2 * wedged_s + 60)
 
 
 def test_a_delayed_job_whose_queue_was_deleted_stops_the_forwarder_with_an_error_naming_it(
@@ -530,9 +532,7 @@ def test_a_commit_asked_for_while_the_run_loops_transaction_is_out_waits_for_it(
     # the loop's transaction is done. (It returned "all committed" at once, having found nothing
     # left to take; the drain check then found the tiers empty while the transaction's delay
     # hops were not in Kafka yet, and the run ended before they came back.)
-    common: dict[str, Any] = {"bootstrap.servers": brokers["kafka"].partition("://")[2]}
-    consumer = Consumer({**common, "group.id": f"g-{uuid.uuid4().hex[:12]}"})
-    committer = Committer(common, consumer, f"test-{uuid.uuid4().hex}", owns=lambda tp: True)
+    committer, consumer = a_committer(brokers["kafka"])
     out, release = threading.Event(), threading.Event()
     committed: list[dict[Any, int]] = []
 
@@ -614,9 +614,7 @@ def first_fails(
     brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[Committer, FirstTransactionFails]]:
     """A committer (of a real consumer) whose first transaction is held out, then fails."""
-    common: dict[str, Any] = {"bootstrap.servers": brokers["kafka"].partition("://")[2]}
-    consumer = Consumer({**common, "group.id": f"g-{uuid.uuid4().hex[:12]}"})
-    committer = Committer(common, consumer, f"test-{uuid.uuid4().hex}", owns=lambda tp: True)
+    committer, consumer = a_committer(brokers["kafka"])
     monkeypatch.setattr(committer, "_transact", transact := FirstTransactionFails())
     try:
         yield committer, transact
@@ -675,42 +673,86 @@ def test_what_a_failed_transaction_held_goes_out_with_the_next_commit_not_behind
 
 @pytest.mark.parametrize("sent_by", ["commit", "transact"])
 def test_a_transaction_that_returns_after_the_committer_gave_up_on_it_is_dropped_quietly(
-    brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch, sent_by: str
+    quick_to_wedge: Committer, monkeypatch: pytest.MonkeyPatch, sent_by: str
 ) -> None:
-    # Given a committer whose transaction is out past WEDGED_AFTER_S (held here), sent by a
-    # commit (the run loop's batch) or by transact (the delay forwarder's records),
+    # Given a committer whose transaction's call runs on past its timeout and past
+    # WEDGED_PAST_TIMEOUT_S (held here), sent by a commit (the run loop's batch) or by transact
+    # (the delay forwarder's records),
     # When the committer gives up on it, and then it returns,
     # Then the commit counted as failed (the producer is done for), the round's last commit and
     # a rebalance's come back at once, failed too, and the late return is dropped without an
     # error in its thread. (It raised InvalidStateError there, setting the result of the future
     # the wait had cancelled: pytest failed the chaos test for it. The commits after it each
-    # waited WEDGED_AFTER_S more for it, 160 s in all, before a stop or a new round went on.)
-    monkeypatch.setattr(kafka_commit, "WEDGED_AFTER_S", 0.2)
-    common: dict[str, Any] = {"bootstrap.servers": brokers["kafka"].partition("://")[2]}
-    consumer = Consumer({**common, "group.id": f"g-{uuid.uuid4().hex[:12]}"})
-    committer = Committer(common, consumer, f"test-{uuid.uuid4().hex}", owns=lambda tp: True)
+    # waited the wedge limit again for it, 160 s in all, before a stop or a new round went on.)
+    committer = quick_to_wedge
     release = threading.Event()
     threads: list[threading.Thread] = []
 
     def transact(records: list[Any], offsets: dict[Any, int], notes: object, metadata: object) -> bool:
         threads.append(threading.current_thread())
-        release.wait(60)  # (released by the test)
-        return True
+        return committer._call(lambda timeout: release.wait(60), timeout=0.1)  # (released by the test)
 
     monkeypatch.setattr(committer, "_transact", transact)
-    committer.add(("jobs", 0), 5, [], 6)
     sent = committer.commit() if sent_by == "commit" else committer.transact([], {("jobs", 0): 6})
     try:
         assert run(sent, timeout=10) is False
         assert committer.failure is not None
-        monkeypatch.setattr(kafka_commit, "WEDGED_AFTER_S", 30.0)  # a wait for it again takes this
+        monkeypatch.setattr(kafka_commit, "WEDGED_PAST_TIMEOUT_S", 30.0)  # a wait for it again takes this
         assert run(committer.commit(leaving={("jobs", 0): 6}), timeout=10) is False
         committer.commit_now(leaving={("jobs", 0): 6})
     finally:
         release.set()
-        consumer.close()
     threads[0].join(10)  # its error, if any, fails this test (pytest's unhandled thread exception)
     assert not threads[0].is_alive()
+
+
+@pytest.mark.parametrize("sent_by", ["commit", "transact", "commit_now"])
+def test_a_transaction_whose_calls_each_return_within_their_timeout_is_waited_for_however_long_in_all(
+    quick_to_wedge: Committer, monkeypatch: pytest.MonkeyPatch, sent_by: str
+) -> None:
+    # Given a committer whose transaction makes two calls, each returning within its timeout,
+    # that take longer in all than one call's timeout and WEDGED_PAST_TIMEOUT_S together,
+    # When a commit, transact or a rebalance's commit_now waits for it,
+    # Then it commits, and the committer goes on. (A limit on the whole transaction, not per
+    # call, held consumers up to 100 s after a Kafka restart: it had to allow for every call.)
+    committer = quick_to_wedge
+    calls: list[str] = []
+
+    def transact(records: list[Any], offsets: dict[Any, int], notes: object, metadata: object) -> bool:
+        for call in ("send_offsets", "commit"):
+            committer._call(lambda timeout: time.sleep(0.4), timeout=0.5)
+            calls.append(call)
+        return True
+
+    monkeypatch.setattr(committer, "_transact", transact)
+    if sent_by == "commit_now":
+        committer.commit_now()
+    else:
+        sent = committer.commit() if sent_by == "commit" else committer.transact([], {("jobs", 0): 6})
+        assert run(sent, timeout=10) is True
+    assert calls == ["send_offsets", "commit"]
+    assert committer.failure is None and committer._out is None
+
+
+@pytest.fixture
+def quick_to_wedge(brokers: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Committer]:
+    """A committer (of a real consumer) that gives up on a call 0.2 s past its timeout, with
+    offset 5 of ("jobs", 0) settled."""
+    monkeypatch.setattr(kafka_commit, "WEDGED_PAST_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(kafka_commit, "WEDGE_LOOK_S", 0.05)
+    committer, consumer = a_committer(brokers["kafka"])
+    committer.add(("jobs", 0), 5, [], 6)
+    try:
+        yield committer
+    finally:
+        consumer.close()
+
+
+def a_committer(kafka: str) -> tuple[Committer, Consumer]:
+    """A Committer of a new group's consumer (close the consumer when done)."""
+    common: dict[str, Any] = {"bootstrap.servers": kafka.partition("://")[2]}
+    consumer = Consumer({**common, "group.id": f"g-{uuid.uuid4().hex[:12]}"})
+    return Committer(common, consumer, f"test-{uuid.uuid4().hex}", owns=lambda tp: True), consumer
 
 
 def test_a_foreign_tier_record_without_a_queue_to_return_to_is_dead_lettered_in_its_tier(
@@ -1093,14 +1135,8 @@ def test_a_delay_forwarder_that_cannot_start_ends_the_round_and_the_next_one_for
             await super().start()
 
     monkeypatch.setattr(kafka_forwarder, "Committer", FailsFirst)
-    app = own_app(brokers["kafka"])
     attempts: list[int] = []
-
-    @app.job("test.Echo", queue=queue)
-    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-        attempts.append(ctx.attempt)
-        if ctx.attempt == 1:
-            raise Retry(delay_s=1)
+    app = retried_in_1_s(brokers["kafka"], queue, attempts)
 
     async def scenario() -> None:
         async with app:
@@ -1112,6 +1148,61 @@ def test_a_delay_forwarder_that_cannot_start_ends_the_round_and_the_next_one_for
         run(scenario(), timeout=60)
     assert attempts == [1, 2] and len(starts) == 2
     assert "the delay forwarder stopped: could not start Kafka transactions" in caplog.text
+
+
+def test_a_round_ends_without_waiting_for_a_forward_whose_transaction_does_not_return(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job whose first attempt asks to be retried in 1 s, and a delay forwarder whose
+    # first transaction's call does not return (as librdkafka's may not, after a Kafka restart),
+    # When consume is stopped while it is out, Then consume returns before that call could even
+    # time out, and the next run forwards the retry, which runs. (The round waited for the
+    # forwarder until its call wedged: 80 s and more after Kafka was back, with nothing consumed.)
+    out, release = threading.Event(), threading.Event()
+
+    class FirstHangs(Committer):
+        def _transact(
+            self, records: list[Any], offsets: dict[Any, int], notes: Any, metadata: object
+        ) -> bool:
+            if out.is_set():
+                return super()._transact(records, offsets, notes, metadata)
+            out.set()
+            return self._call(lambda timeout: release.wait(60) and False, timeout=kafka_commit.CALL_TIMEOUT_S)
+
+    monkeypatch.setattr(kafka_forwarder, "Committer", FirstHangs)
+    attempts: list[int] = []
+    app = retried_in_1_s(brokers["kafka"], queue, attempts)
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            await app.enqueue_async("test.Echo", {"n": 1})
+            stop = asyncio.Event()
+            consuming = asyncio.create_task(app.consume(stop=stop))
+            await asyncio.to_thread(out.wait, 30)
+            stop.set()
+            await asyncio.wait_for(consuming, kafka_commit.CALL_TIMEOUT_S)
+            await app.consume(burst=True)
+
+    try:
+        run(scenario(), timeout=90)
+    finally:
+        release.set()
+    assert out.is_set() and attempts == [1, 2]
+
+
+def retried_in_1_s(kafka: str, queue: str, attempts: list[int]) -> Bridge:
+    """An app of its own whose test.Echo jobs ask to be retried in 1 s at their first attempt;
+    each attempt's number goes to `attempts`."""
+    app = own_app(kafka)
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise Retry(delay_s=1)
+
+    return app
 
 
 class Recorded(Committer):

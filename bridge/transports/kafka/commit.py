@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from typing import Any, TypeVar
@@ -25,9 +26,11 @@ CALL_TIMEOUT_S = METADATA_TIMEOUT_S * 6  # what each transactional call of librd
 # librdkafka's send_offsets_to_transaction can wait for good, past its own timeout, for a group
 # coordinator that went away (librdkafka issues 5456 and 5511, open in 2.16): seen here after a
 # 15 s network cut between bridge consume and Kafka, which then ran nothing more and could not
-# stop. A transaction still out after this (its calls' timeouts, its abort's, a metadata look,
-# and a margin) has wedged its producer: the consumer's round ends, and a new one takes over.
-WEDGED_AFTER_S = 2 * CALL_TIMEOUT_S + 2 * METADATA_TIMEOUT_S + 10.0
+# stop, and after Kafka restarts. A call still running this long past its own timeout has
+# wedged its producer: the consumer's round ends, and a new one takes over. (Judged per call:
+# a limit on the whole transaction, 80 s, held consumers up to 100 s after Kafka was back.)
+WEDGED_PAST_TIMEOUT_S = METADATA_TIMEOUT_S
+WEDGE_LOOK_S = 0.5  # how often a wait for a transaction looks whether it wedged
 T = TypeVar("T")
 
 
@@ -43,7 +46,8 @@ class Committer:
     offset of the group goes through here: a plain commit of a higher offset could otherwise be
     overwritten by a lower one from a transaction. A transaction refused because the group is
     rebalancing is aborted and tried again; any other failure stops the consumer, as does one
-    that failed because a topic in it was deleted, and one that never returns (WEDGED_AFTER_S).
+    that failed because a topic in it was deleted, and one whose call never returns
+    (WEDGED_PAST_TIMEOUT_S).
     Each offset is committed with a note, its metadata: `note`, unless `mark` or
     `commit(leaving=...)` gave another (see returns.py).
     """
@@ -76,6 +80,7 @@ class Committer:
         self.notes: dict[TP, str] = {}  # the next commit's note, where it is not `note`
         self.failure: BaseException | None = None
         self._lock = threading.Lock()  # one transaction at a time: the loop's or a rebalance's
+        self._due: float | None = None  # when the librdkafka call running now should return by
         self._committing = asyncio.Lock()  # one `commit` at a time: the run loop's or a drain check's
         # The batch whose transaction is out, until its outcome is known: a failed one goes back
         # (`_restore`) before anything else is taken. A commit past it that did not wait would
@@ -148,13 +153,23 @@ class Committer:
     async def _outcome(self, running: concurrent.futures.Future[bool]) -> bool:
         """Wait for the transaction `running` (out, maybe sent by a cancelled `commit`) and
         settle it, unless a rebalance's `commit_now` did; False if it wedged."""
-        try:
-            # (shielded: a `commit` cancelled here leaves the transaction to the next one)
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), WEDGED_AFTER_S)
-        except TimeoutError:
-            return self._wedged()
+        if not await self._returned(running):
+            return False
         self._settle(running)
         return True
+
+    async def _returned(self, running: concurrent.futures.Future[Any]) -> bool:
+        """Wait for `running`; False if it wedged (`_overdue`). A wait cancelled, or given up,
+        leaves the transaction running: it is out until it returns, and its result is dropped
+        if nobody waits any more (even after the event loop closed)."""
+        waiting = asyncio.wrap_future(running)
+        try:
+            while not (await asyncio.wait([waiting], timeout=WEDGE_LOOK_S))[0]:
+                if self._overdue():
+                    return self._wedged()
+            return True
+        finally:
+            waiting.cancel()  # (only this end of it: `running` runs on)
 
     def commit_now(self, leaving: Mapping[TP, int] | None = None) -> None:
         """The same, blocking: for rebalance callbacks, which must finish before returning."""
@@ -170,10 +185,9 @@ class Committer:
         if self._out is None:
             return True
         running = self._out[1]
-        try:
-            running.result(timeout=WEDGED_AFTER_S)
-        except concurrent.futures.TimeoutError:
-            return self._wedged()
+        while not concurrent.futures.wait([running], timeout=WEDGE_LOOK_S).done:
+            if self._overdue():
+                return self._wedged()
         self._settle(running)
         return True
 
@@ -233,19 +247,32 @@ class Committer:
             return False
         metadata = self.consumer.consumer_group_metadata()
         running = _in_own_thread(lambda: self._transact(records, offsets, notes or {}, metadata))
+        return await self._returned(running) and running.result()
+
+    def _call(self, call: Callable[..., T], *args: Any, timeout: float) -> T:
+        """`call(*args, timeout)`, a blocking librdkafka call, watched for a wedge (`_overdue`)."""
+        self._due = time.monotonic() + timeout
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(running), WEDGED_AFTER_S)
-        except TimeoutError:
-            return self._wedged()
+            return call(*args, timeout)
+        finally:
+            self._due = None
+
+    def _overdue(self) -> bool:
+        """Whether the librdkafka call running now outlived its timeout (see WEDGED_PAST_TIMEOUT_S)."""
+        due = self._due
+        return due is not None and time.monotonic() > due + WEDGED_PAST_TIMEOUT_S
 
     def _wedged(self) -> bool:
-        """A transaction that never returned (see WEDGED_AFTER_S): this producer is done for."""
+        """A transaction whose call never returned: this producer is done for."""
         log.error(
-            "a Kafka transaction did not finish within %g s (librdkafka waits for a coordinator that "
-            "went away); consuming stops, and starts again with a new producer", WEDGED_AFTER_S,
+            "a Kafka transaction's call ran %g s past its timeout (librdkafka waits for a coordinator "
+            "that went away); consuming stops, and starts again with a new producer", WEDGED_PAST_TIMEOUT_S,
         )  # fmt: skip
         self.failure = KafkaException(
-            KafkaError(KafkaError._TIMED_OUT, f"a transaction did not finish within {WEDGED_AFTER_S:g} s")
+            KafkaError(
+                KafkaError._TIMED_OUT,
+                f"a transaction's call ran {WEDGED_PAST_TIMEOUT_S:g} s past its timeout",
+            )
         )
         return False
 
@@ -262,8 +289,10 @@ class Committer:
                     TopicPartition(t, p, offset, metadata=notes.get((t, p), self.note))
                     for (t, p), offset in offsets.items()
                 ]
-                self.producer.send_offsets_to_transaction(positions, metadata, CALL_TIMEOUT_S)
-                self.producer.commit_transaction(CALL_TIMEOUT_S)
+                self._call(
+                    self.producer.send_offsets_to_transaction, positions, metadata, timeout=CALL_TIMEOUT_S
+                )
+                self._call(self.producer.commit_transaction, timeout=CALL_TIMEOUT_S)
                 return True
             except KafkaException as exc:
                 return self._failed(exc, {record[0] for record in records} | {t for t, _ in offsets})
@@ -271,7 +300,7 @@ class Committer:
                 # Raised on, it ended the commit loop and came back from every later commit,
                 # while the consumer ran on, committing nothing.
                 with suppress(KafkaException):
-                    self.producer.abort_transaction(METADATA_TIMEOUT_S)
+                    self._call(self.producer.abort_transaction, timeout=METADATA_TIMEOUT_S)
                 log.error("Kafka transaction failed (%r); stopping so its records run again", exc)
                 self.failure = exc
                 return False
@@ -279,7 +308,7 @@ class Committer:
     def _failed(self, exc: KafkaException, topics: set[str]) -> bool:
         error = kafka_error(exc)
         with suppress(KafkaException):
-            self.producer.abort_transaction(METADATA_TIMEOUT_S)
+            self._call(self.producer.abort_transaction, timeout=METADATA_TIMEOUT_S)
         gone = self._gone(topics)
         if gone:
             # A topic it commits offsets for or publishes to was deleted: the transaction can
@@ -315,7 +344,9 @@ class Committer:
     def _gone(self, topics: set[str]) -> list[str]:
         """Those of `topics` that Kafka no longer has: none, when it does not answer."""
         try:
-            existing = self.producer.list_topics(timeout=METADATA_TIMEOUT_S).topics
+            existing = self._call(
+                lambda timeout: self.producer.list_topics(timeout=timeout), timeout=METADATA_TIMEOUT_S
+            ).topics
         except KafkaException:
             return []
         return sorted(topics - set(existing))
@@ -328,7 +359,7 @@ def _flatten(batch: Batch) -> tuple[list[Record], dict[TP, int], dict[TP, str]]:
 
 
 def _in_own_thread(call: Callable[[], T]) -> concurrent.futures.Future[T]:
-    """Run `call` in a daemon thread of its own. A call that never returns (WEDGED_AFTER_S)
+    """Run `call` in a daemon thread of its own. A call that never returns (WEDGED_PAST_TIMEOUT_S)
     then holds no worker of a shared pool, and the process can still exit.
 
     The future is marked running first, as an executor does: a caller that gave up waiting

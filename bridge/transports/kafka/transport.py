@@ -78,6 +78,11 @@ TOPIC_LOOK_S = 5.0  # while idle, how often to look whether the consumed topics 
 NEW_TOPIC_GRACE_S = 2.0  # at consume start, how long a topic may be missing before bridge refuses
 # After a failed transaction, before a new round consumes again from the committed offsets.
 RESTART_AFTER_S = 5.0
+# At a round's end, how long the delay forwarder may take to stop before it is cancelled. A
+# transaction it had out then commits or aborts on its own, records and offsets together: nothing
+# is lost or forwarded twice. (Waited for, one out when Kafka went away held the next round back
+# until its call wedged, for 80 s and more after Kafka was back.)
+FORWARDER_END_S = METADATA_TIMEOUT_S
 CLOSE_FLUSH_S = 10.0  # how long `close` waits for Kafka to acknowledge what was published
 # A delay tier's records are kept a week (Kafka's usual default, which a cluster may lower), or
 # twice the tier if that is longer: long enough for workers stopped a while to find them.
@@ -404,7 +409,10 @@ class KafkaTransport:
             following.cancel()
             for opening in list(self._opening):
                 opening.cancel()
-            await asyncio.wait([forwarding])  # (what it raised is in `_failure`)
+            if not (await asyncio.wait([forwarding], timeout=FORWARDER_END_S))[0]:
+                forwarding.cancel()
+                await asyncio.wait([forwarding])  # (its consumer closes)
+            # (what it raised is in `_failure`)
             await committing
             # What finished in the grace period; partitions with nothing left are handed over.
             await committer.commit(leaving=self._handed_over())
