@@ -35,6 +35,8 @@ class FlakyProxy:
         self._writers: set[asyncio.StreamWriter] = set()  # both ends of every connection, to close at exit
         self._flowing = asyncio.Event()  # cleared by `stall()`: data is taken in and not passed on
         self._flowing.set()
+        self._port = 0  # any, until it listens
+        self._listening: asyncio.Task[None] | None = None  # started by `refuse`
 
     @property
     def url(self) -> str:
@@ -59,6 +61,13 @@ class FlakyProxy:
         closing = [writer.wait_closed() for writer in self._writers if writer.is_closing()]
         await asyncio.gather(*closing, return_exceptions=True)
 
+    async def refuse(self, down_s: float) -> None:
+        """Close every forwarded connection and listen to nothing for `down_s` seconds: a new
+        one is refused, as by a host whose server is stopped."""
+        self._server.close()
+        await self.reset()
+        self._listening = asyncio.create_task(self._listen(after_s=down_s))
+
     def stall(self) -> None:
         """Pass nothing on, either way, and close nothing: as a network that drops packets
         looks to a client (until `heal()`)."""
@@ -72,13 +81,17 @@ class FlakyProxy:
         self._flowing.set()
 
     async def __aenter__(self) -> FlakyProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self._port = self._server.sockets[0].getsockname()[1]
+        await self._listen()
         return self
+
+    async def _listen(self, after_s: float = 0.0) -> None:
+        await asyncio.sleep(after_s)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self._port)
+        self._port = self._server.sockets[0].getsockname()[1]
 
     async def __aexit__(self, *exc: object) -> None:
         self._server.close()
-        tasks = [*self._pipes, *([self._healing] if self._healing else [])]
+        tasks = [*self._pipes, *(task for task in (self._healing, self._listening) if task)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

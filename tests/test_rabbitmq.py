@@ -55,10 +55,13 @@ from tests.proxy import FlakyProxy
 
 
 def test_consumer_reconnects_after_the_broker_drops_its_connections(
-    brokers: dict[str, str], queue: str
+    brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given 300 jobs, When RabbitMQ closes every client connection part-way through,
     # Then the consumer reconnects, and every job still runs (some perhaps twice: at least once).
+    # The client libraries log the server's reason, and no traceback or ERROR besides. (aiormq
+    # logged the traceback of the ConnectionClosed it raised for each connection, and aio-pika
+    # an ERROR for each channel that could not reopen itself on one.)
     ids = run(publish(brokers["rabbitmq"], queue, 300))
     app = Bridge(broker=brokers["rabbitmq"], registry=str(SCHEMAS), concurrency=8)
     done: set[str] = set()
@@ -76,24 +79,36 @@ def test_consumer_reconnects_after_the_broker_drops_its_connections(
         async with app:
             await app.consume(burst=True)
 
-    run(scenario(), timeout=120)
+    with caplog.at_level(logging.INFO):
+        run(scenario(), timeout=120)
     assert dropped.is_set()
     assert set(ids) <= done
+    clients = [r for r in caplog.records if r.name.startswith(("aio_pika", "aiormq"))]
+    assert not [r.getMessage() for r in clients if r.exc_info], "a traceback for the drop"
+    errors = [r.getMessage() for r in clients if r.levelno >= logging.ERROR]
+    assert errors and all(line.startswith("Unexpected connection close from remote") for line in errors)
+    assert all("test: dropped connection" in line for line in errors)
 
 
+@pytest.mark.parametrize("unreachable", ["dropped", "refused"])
 def test_a_consumer_waits_out_rabbitmq_unreachable_and_says_so_once_per_kind(
-    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    brokers: dict[str, str],
+    queue: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    unreachable: str,
 ) -> None:
     # Given 300 jobs and a consumer connected to RabbitMQ through a proxy,
-    # When the proxy cuts its connection after 100 runs and refuses new ones for 3 s,
+    # When the proxy cuts its connection after 100 runs and, for 3 s, drops new ones as it
+    # takes them or refuses them (listening to nothing, as a stopped node's host),
     # Then the consumer reconnects once RabbitMQ is reachable and every job runs, and aio-pika's
     # reconnect attempts (a "closed" and a "failed" line a second) are logged once of each kind
     # for each of the app's two connections (publishing and consuming, each named in its URL);
     # the client libraries log no error and no traceback for the drop. (aio-pika logged an
-    # ERROR for each channel that could not reopen itself on the dropped connection, and aiormq
-    # the reset's traceback.) A kind is the line with its numbers masked: the proxy's dropped
-    # connection reads as a reset or, under load, as a close before the client wrote, and
-    # those are two kinds, each logged once.
+    # ERROR for each channel that could not reopen itself on the dropped connection; aiormq
+    # the reset's traceback, and an ERROR for each refused connect, two a second.) A kind is
+    # the line with its numbers masked: the proxy's dropped connection reads as a reset or,
+    # under load, as a close before the client wrote, and those are two kinds, each logged once.
     monkeypatch.setattr(rabbitmq.reconnects, "_kinds", {})  # no window from a test before
     ids = run(publish(brokers["rabbitmq"], queue, 300))
     done: set[str] = set()
@@ -107,7 +122,10 @@ def test_a_consumer_waits_out_rabbitmq_unreachable_and_says_so_once_per_kind(
             async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
                 if len(done) >= 100 and not cut.is_set():  # (another job may finish first: >=)
                     cut.set()
-                    proxy.cut(3.0)
+                    if unreachable == "refused":
+                        await proxy.refuse(3.0)
+                    else:
+                        proxy.cut(3.0)
                 await asyncio.sleep(0.002)
                 done.add(ctx.job_id)
 

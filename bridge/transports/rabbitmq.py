@@ -69,27 +69,42 @@ logging.getLogger("aio_pika.robust_connection").addFilter(reconnects)
 def _quiet_channel_restore(record: logging.LogRecord) -> bool:
     """aio-pika's ERROR line for each robust channel that tries to reopen itself on the
     connection that just dropped, kept at DEBUG: it happens at every drop, and the connection
-    reopens its channels once it is back (aio-pika issue 305)."""
+    reopens its channels once it is back (aio-pika issue 305). It fails as closed, or, when
+    the server closed the connection, as having no transport."""
     if not (isinstance(record.args, tuple) and len(record.args) == 3):
         return True
     callback, kind, error = record.args  # ("Callback %r error: %s: %s")
     closed = kind == "RuntimeError" and str(error).endswith(" closed")
+    closed |= kind == "ChannelInvalidStateError" and str(error) == "No active transport in channel"
     if closed and "RobustChannel._on_close" in repr(callback):
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return _debug(record)
     return True
 
 
 def _no_traceback_for_a_drop(record: logging.LogRecord) -> bool:
-    """aiormq's warning that its reader stopped, without the traceback when the cause is the
-    network (a reset, a close): its message says enough. A malformed frame keeps it."""
+    """aiormq's lines about a dropped connection, without what says nothing more:
+    - its warning that its reader stopped, without the traceback when the cause is the network
+      (a reset, a close) or the server's Connection.Close (its ERROR line just before names the
+      code and the reason); a malformed frame, or a protocol error, keeps it;
+    - its ERROR line for each failed connect, kept at DEBUG: aio-pika's reconnect warning says
+      the same (held back by `reconnects`), and a first connect's failure is bridge's to report.
+    """
+    if record.msg == "error when creating transport: %r":
+        return _debug(record)
     error = record.exc_info[1] if record.exc_info else None
-    if type(error) is aiormq.exceptions.AMQPConnectionError and isinstance(
+    dropped = type(error) is aiormq.exceptions.AMQPConnectionError and isinstance(
         error.__cause__, OSError | asyncio.IncompleteReadError
-    ):
+    )
+    if dropped or type(error) is aiormq.exceptions.ConnectionClosed:
         record.msg, record.args = f"{record.getMessage()}: {error}", ()  # (no % in `error` read as a format)
         record.exc_info, record.exc_text = None, None
     return True
+
+
+def _debug(record: logging.LogRecord) -> bool:
+    """`record`, made a DEBUG one: logged only where its logger logs DEBUG."""
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 logging.getLogger("aio_pika.tools").addFilter(_quiet_channel_restore)
