@@ -90,6 +90,50 @@ def test_consumer_reconnects_after_the_broker_drops_its_connections(
     assert all("test: dropped connection" in line for line in errors)
 
 
+def test_a_handler_running_when_its_connection_closes_runs_to_its_end_and_its_job_runs_again(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a consumer subscribed to a queue, and a job that arrives then (delivered to the
+    # subscription, not taken one by one as at start),
+    # When RabbitMQ closes the consuming connection while the job's handler runs (as a node that
+    # shuts down does), and the handler goes on for a second,
+    # Then the handler runs to its end, and the job runs again once the consumer is back: its
+    # acknowledgement was lost with the connection. (aiormq runs each delivery in a task that it
+    # cancels when the connection closes: handlers were ended midway, at their next await.)
+    app = own_app(brokers["rabbitmq"])
+    consuming = f"bridge consume {socket.gethostname()}:{os.getpid()}"
+    closed: list[int] = []
+    runs: list[str] = []
+    stop = asyncio.Event()
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        if payload["n"] == 0:  # (taken at start: it has the job that matters sent while subscribed)
+            await app.enqueue_async("test.Echo", {"n": 1}, queue=queue)
+            return
+        runs.append("started")
+        try:
+            if not closed:
+                closed.append(await asyncio.to_thread(close_rabbitmq_connections, consuming))
+                await asyncio.sleep(1.0)  # the handler's work after the close
+        except asyncio.CancelledError:
+            runs.append("cancelled")
+            raise
+        runs.append("ended")
+        if runs.count("ended") == 2:
+            stop.set()
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+            await app.enqueue_async("test.Echo", {"n": 0}, queue=queue)
+            await app.consume(stop=stop)
+
+    run(scenario(), timeout=60)
+    assert closed == [1]
+    assert runs == ["started", "ended", "started", "ended"]
+
+
 @pytest.mark.parametrize("unreachable", ["dropped", "refused"])
 def test_a_consumer_waits_out_rabbitmq_unreachable_and_says_so_once_per_kind(
     brokers: dict[str, str],

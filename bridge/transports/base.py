@@ -155,8 +155,8 @@ class InFlight:
     worker before running its own, and `spread` wakes one for each still waiting. So handlers
     that never suspend let one worker run a whole fetched batch in one step, with no task switch
     per job (the largest per-job cost of a fast handler), while handlers that wait on I/O still
-    run side by side. `run` processes one in the caller's task (aiormq already made one per
-    delivery), once a slot is free; a delivery still waiting for one when `finish` begins is
+    run side by side. `run` processes one in the caller's task (the RabbitMQ transport makes one
+    per delivery), once a slot is free; a delivery still waiting for one when `finish` begins is
     left alone, unsettled, for the broker to deliver again. `run_alone` is `run` for a delivery
     that may have stopped the last process that held it: it waits until nothing runs, and
     nothing else starts until it is done.

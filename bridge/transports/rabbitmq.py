@@ -574,10 +574,16 @@ class RabbitTransport:
         prefetch = max(self.settings.prefetch or PREFETCH_PER_SLOT * concurrency, concurrency)
         prefetch = min(prefetch, MAX_PREFETCH)
         await channel.set_qos(prefetch_count=prefetch)
-        inflight = InFlight(process, concurrency)
+
+        async def process_live(delivery: Delivery) -> None:
+            if delivery.handle.channel.is_closed:
+                return  # its channel closed while it waited for a slot: it comes back, unsettled
+            await process(delivery)
+
+        inflight = InFlight(process_live, concurrency)
         held = Held()
         arrivals = [0]
-        started: set[asyncio.Task[None]] = set()  # those `_take_returns` took (aiormq makes the rest's)
+        started: set[asyncio.Task[None]] = set()  # each delivery's (the loop keeps no strong reference)
 
         async def run(delivery: Delivery) -> None:
             held.add()
@@ -599,8 +605,10 @@ class RabbitTransport:
         def on_message_from(name: str) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
             async def on_message(message: DeliveredMessage) -> None:
                 arrivals[0] += 1
-                # aiormq already gave this delivery its own task: run it here, not in another.
-                await run(_delivery(message, name))
+                # In a task of bridge's own, not in aiormq's: aiormq cancels its consumer tasks
+                # when the connection or the channel closes, which ended running handlers
+                # midway. Left to finish (its ack lost), a delivery comes back, as promised.
+                start(_delivery(message, name))
 
             return on_message
 
