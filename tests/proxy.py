@@ -68,6 +68,11 @@ class FlakyProxy:
         await self.reset()
         self._listening = asyncio.create_task(self._listen(after_s=down_s))
 
+    async def listening(self) -> None:
+        """Wait until it listens again, after `refuse`."""
+        if self._listening is not None:
+            await asyncio.shield(self._listening)
+
     def stall(self) -> None:
         """Pass nothing on, either way, and close nothing: as a network that drops packets
         looks to a client (until `heal()`)."""
