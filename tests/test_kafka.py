@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from bridge import Bridge, JobContext, Permanent, Retry, codec
 from bridge.dlq import Selection
@@ -732,6 +732,28 @@ def test_a_transaction_whose_calls_each_return_within_their_timeout_is_waited_fo
         assert run(sent, timeout=10) is True
     assert calls == ["send_offsets", "commit"]
     assert committer.failure is None and committer._out is None
+
+
+@pytest.mark.parametrize("abort", ["aborts", "cannot abort"])
+def test_a_failed_transaction_is_tried_again_only_by_a_producer_that_could_abort_it(
+    brokers: dict[str, str], abort: str
+) -> None:
+    # Given a committer whose transaction failed as one that may be tried again (timed out),
+    # When its abort goes through, or fails (here: a producer whose transactions never started),
+    # Then the committer tries again in the first case, and in the second fails (the round
+    # ends; a new one takes over with a new producer). (A producer whose abort was still out
+    # refused every transaction after it, "Conflicting abort_transaction API call is already in
+    # progress": a consumer tried again every 10 s after a Kafka restart, committing nothing.)
+    committer, consumer = a_committer(brokers["kafka"])
+    try:
+        if abort == "aborts":
+            run(committer.start(), timeout=60)
+            committer.producer.begin_transaction()
+        timed_out = KafkaException(KafkaError(KafkaError._TIMED_OUT, "a stand-in", retriable=True))
+        assert committer._failed(timed_out, set()) is False
+        assert (committer.failure is None) == (abort == "aborts")
+    finally:
+        consumer.close()
 
 
 @pytest.fixture

@@ -22,7 +22,11 @@ COMMIT_INTERVAL_S = 0.05
 # until the coordinator aborts it: after this, not the default 60 s. Transactions here last
 # milliseconds. (A transaction with offsets of a deleted topic fails after it too.)
 TRANSACTION_TIMEOUT_S = 10.0
-CALL_TIMEOUT_S = METADATA_TIMEOUT_S * 6  # what each transactional call of librdkafka may take
+# What each call of a transaction may take. librdkafka's own requests to the coordinator time
+# out after TRANSACTION_TIMEOUT_S ("Local: Timed out (after 9995ms)"), so a call still out
+# after this is not waiting for an answer.
+CALL_TIMEOUT_S = METADATA_TIMEOUT_S * 3
+START_TIMEOUT_S = METADATA_TIMEOUT_S * 6  # init_transactions', which may wait for a coordinator to load
 # librdkafka's send_offsets_to_transaction can wait for good, past its own timeout, for a group
 # coordinator that went away (librdkafka issues 5456 and 5511, open in 2.16): seen here after a
 # 15 s network cut between bridge consume and Kafka, which then ran nothing more and could not
@@ -96,7 +100,7 @@ class Committer:
     async def start(self) -> None:
         # (A cluster that cannot make __transaction_state at all is named at start: internal.py.)
         with mapped("could not start Kafka transactions (is its __transaction_state topic online?)"):
-            await asyncio.to_thread(self.producer.init_transactions, CALL_TIMEOUT_S)
+            await asyncio.to_thread(self.producer.init_transactions, START_TIMEOUT_S)
 
     def add(self, tp: TP, offset: int, records: list[Record], committable: int | None) -> None:
         """Record a settled offset: what it publishes waits for the offset commit past it."""
@@ -307,8 +311,16 @@ class Committer:
 
     def _failed(self, exc: KafkaException, topics: set[str]) -> bool:
         error = kafka_error(exc)
-        with suppress(KafkaException):
+        try:
             self._call(self.producer.abort_transaction, timeout=METADATA_TIMEOUT_S)
+        except KafkaException as not_aborted:
+            # A producer with an abort still out refuses every later call ("Conflicting
+            # abort_transaction API call is already in progress"), and one resumed may never
+            # leave librdkafka: a consumer tried again every 10 s, committing nothing, for good.
+            log.error("Kafka transaction failed (%s), and could not be aborted (%s); stopping so"
+                      " its records run again", exc, not_aborted)  # fmt: skip
+            self.failure = not_aborted
+            return False
         gone = self._gone(topics)
         if gone:
             # A topic it commits offsets for or publishes to was deleted: the transaction can

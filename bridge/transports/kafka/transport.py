@@ -676,7 +676,7 @@ class KafkaTransport:
         """Commit each `notes` (offset, note) of the partitions whose `gates` are still theirs;
         whether they are committed (False: a partition moved on, or the consumer failed)."""
         assert self._committer is not None
-        while all(self._gates.get(tp) is gates[tp] for tp in notes) and self._committer.failure is None:
+        while all(self._gates.get(tp) is gates[tp] for tp in notes) and self._failure() is None:
             for tp, (offset, note) in notes.items():
                 self._committer.mark(tp, offset, note)
             if await self._committer.commit():
