@@ -22,9 +22,9 @@ COMMIT_INTERVAL_S = 0.05
 # until the coordinator aborts it: after this, not the default 60 s. Transactions here last
 # milliseconds. (A transaction with offsets of a deleted topic fails after it too.)
 TRANSACTION_TIMEOUT_S = 10.0
-# What each call of a transaction may take. librdkafka's own requests to the coordinator time
-# out after TRANSACTION_TIMEOUT_S ("Local: Timed out (after 9995ms)"), so a call still out
-# after this is not waiting for an answer.
+# What each call of a transaction may take. Its requests to a coordinator that does not answer
+# were seen to time out after TRANSACTION_TIMEOUT_S ("Local: Timed out (after 9995ms)"): a call
+# out much longer is not waiting for an answer any more.
 CALL_TIMEOUT_S = METADATA_TIMEOUT_S * 3
 START_TIMEOUT_S = METADATA_TIMEOUT_S * 6  # init_transactions', which may wait for a coordinator to load
 # librdkafka's send_offsets_to_transaction can wait for good, past its own timeout, for a group
