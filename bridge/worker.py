@@ -174,11 +174,14 @@ class Worker:
                     log.error("could not renew job %s's claim on %r", job, key, exc_info=outcome)
 
     async def process(self, delivery: Delivery) -> None:
-        """Run one delivery to its outcome and settle it; never raises."""
+        """Run one delivery to its outcome and settle it; never raises. One that the broker took
+        back while it waited (for a slot, or for its run_at) is left as it is: it comes again."""
         try:
             self.stats.first_s = self.stats.first_s or time.monotonic()
             try:
-                publish = await self._outcome(delivery)
+                publish = await self._outcome(delivery) if self.transport.held(delivery) else None
+                if publish is None:
+                    return
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -212,7 +215,7 @@ class Worker:
             )
         self._stop.set()
 
-    async def _outcome(self, delivery: Delivery) -> Sequence[Outgoing]:
+    async def _outcome(self, delivery: Delivery) -> Sequence[Outgoing] | None:
         try:
             _, record = codec.decode(
                 delivery.body, self._registry, self._envelope, max_bytes=self.settings.queue_bytes
@@ -277,6 +280,8 @@ class Worker:
                     self.stats.delayed += 1
                     return [Outgoing(envelope.queue, delivery.body, _key(envelope, delivery), early_s)]
                 await self._until(envelope.run_at)  # less than any tier early: more precise here
+                if not self.transport.held(delivery):
+                    return None
         if envelope.idempotency_key is not None:
             return await self._run_once(spec, payload, envelope, delivery)
         return await self._run(spec, payload, envelope, delivery)

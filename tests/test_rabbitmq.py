@@ -134,6 +134,47 @@ def test_a_handler_running_when_its_connection_closes_runs_to_its_end_and_its_jo
     assert runs == ["started", "ended", "started", "ended"]
 
 
+@pytest.mark.parametrize("waiting_for", ["its run_at", "a slot"])
+def test_a_job_waiting_to_start_when_its_connection_closes_runs_once_when_it_comes_back(
+    brokers: dict[str, str], queue: str, waiting_for: str
+) -> None:
+    # Given a job whose handler has RabbitMQ close the consuming connection, and another job
+    # that the worker holds meanwhile: until its run_at, 4 s ahead (sooner than the shortest
+    # delay tier, 5 s), or until a slot is free (concurrency 1, the first handler going on 1 s),
+    # When consumed in a burst run, Then the held job does not start on the delivery that went
+    # back with the connection, but once, when it comes back. (It ran then, its ack was lost,
+    # and it ran again.)
+    prefix = names.prefix()
+    app = Bridge(broker=brokers["rabbitmq"], registry=str(SCHEMAS), prefix=prefix, delay_tiers="5s")
+    consuming = f"bridge consume {socket.gethostname()}:{os.getpid()}"
+    closed: list[int] = []
+    runs: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(payload["n"])
+        if payload["n"] == 0 and not closed:
+            closed.append(await asyncio.to_thread(close_rabbitmq_connections, consuming))
+            if waiting_for == "a slot":
+                await asyncio.sleep(1.0)  # the handler's work after the close
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+            if waiting_for == "its run_at":
+                await app.enqueue_async("test.Echo", {"n": 1}, queue=queue, delay=4.0)
+                await app.enqueue_async("test.Echo", {"n": 0}, queue=queue)
+                await app.consume(burst=True)
+            else:
+                await app.enqueue_async("test.Echo", {"n": 0}, queue=queue)
+                await app.enqueue_async("test.Echo", {"n": 1}, queue=queue)
+                await app.consume(burst=True, concurrency=1)
+
+    run(scenario(), timeout=60)
+    assert closed == [1]
+    assert runs.count(1) == 1, runs
+
+
 @pytest.mark.parametrize("unreachable", ["dropped", "refused"])
 def test_a_consumer_waits_out_rabbitmq_unreachable_and_says_so_once_per_kind(
     brokers: dict[str, str],

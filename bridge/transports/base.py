@@ -111,6 +111,10 @@ class Transport(Protocol):
     async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
         """Publish `publish`, then mark `delivery` done so it is never delivered again."""
 
+    def held(self, delivery: Delivery) -> bool:
+        """Whether this consumer still holds `delivery`: False once the broker has taken it back
+        (its RabbitMQ channel closed), when running its job would only run it twice."""
+
     async def missing(self, queues: Collection[str]) -> list[str]:
         """Those of `queues` that no job can go to (a look at the broker for any not seen before):
         queues that do not exist, and on Kafka its own topics and the delay tiers."""

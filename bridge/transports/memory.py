@@ -55,6 +55,9 @@ class MemoryTransport:
         with self._lock:
             return len(self._delayed)
 
+    def held(self, delivery: Delivery) -> bool:
+        return True
+
     async def missing(self, queues: Collection[str]) -> list[str]:
         """None: a queue is made by the first message published to it."""
         return []

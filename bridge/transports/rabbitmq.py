@@ -410,6 +410,9 @@ class RabbitTransport:
         message_id = f"{self._publisher}-{next(self._publishes)}"
         return aiormq.spec.Basic.Properties(delivery_mode=2, message_id=message_id)
 
+    def held(self, delivery: Delivery) -> bool:
+        return not delivery.handle.channel.is_closed  # (a closed channel's deliveries go back)
+
     async def missing(self, queues: Collection[str]) -> list[str]:
         """Those of `queues` that no job can go to: queues that do not exist, and delay tiers'
         names (those of tiers other settings made too). A look: it binds nothing.
@@ -574,13 +577,7 @@ class RabbitTransport:
         prefetch = max(self.settings.prefetch or PREFETCH_PER_SLOT * concurrency, concurrency)
         prefetch = min(prefetch, MAX_PREFETCH)
         await channel.set_qos(prefetch_count=prefetch)
-
-        async def process_live(delivery: Delivery) -> None:
-            if delivery.handle.channel.is_closed:
-                return  # its channel closed while it waited for a slot: it comes back, unsettled
-            await process(delivery)
-
-        inflight = InFlight(process_live, concurrency)
+        inflight = InFlight(process, concurrency)
         held = Held()
         arrivals = [0]
         started: set[asyncio.Task[None]] = set()  # each delivery's (the loop keeps no strong reference)

@@ -196,6 +196,9 @@ class KafkaTransport:
             raise
         return set(metadata.topics)
 
+    def held(self, delivery: Delivery) -> bool:
+        return True  # (a record of a partition lost meanwhile may run twice: at least once)
+
     async def missing(self, queues: Collection[str]) -> list[str]:
         """Those of `queues` that no job can go to: topics that do not exist, Kafka's own
         (`__consumer_offsets`, ...) and delay tiers' (those of tiers other settings made too,
