@@ -59,9 +59,10 @@ def test_consumer_reconnects_after_the_broker_drops_its_connections(
 ) -> None:
     # Given 300 jobs, When RabbitMQ closes every client connection part-way through,
     # Then the consumer reconnects, and every job still runs (some perhaps twice: at least once).
-    # The client libraries log the server's reason, and no traceback or ERROR besides. (aiormq
-    # logged the traceback of the ConnectionClosed it raised for each connection, and aio-pika
-    # an ERROR for each channel that could not reopen itself on one.)
+    # The client libraries log the server's reason, and no traceback or ERROR besides; bridge
+    # says when each connection is back. (aiormq logged the traceback of the ConnectionClosed it
+    # raised for each connection, and aio-pika an ERROR for each channel that could not reopen
+    # itself on one. Nothing said the connections were back.)
     ids = run(publish(brokers["rabbitmq"], queue, 300))
     app = Bridge(broker=brokers["rabbitmq"], registry=str(SCHEMAS), concurrency=8)
     done: set[str] = set()
@@ -83,6 +84,10 @@ def test_consumer_reconnects_after_the_broker_drops_its_connections(
         run(scenario(), timeout=120)
     assert dropped.is_set()
     assert set(ids) <= done
+    back = [
+        r.getMessage() for r in caplog.records if r.getMessage().endswith("connection to RabbitMQ is back")
+    ]
+    assert sorted(back) == [f"the {role} connection to RabbitMQ is back" for role in ("consume", "publish")]
     clients = [r for r in caplog.records if r.name.startswith(("aio_pika", "aiormq"))]
     assert not [r.getMessage() for r in clients if r.exc_info], "a traceback for the drop"
     errors = [r.getMessage() for r in clients if r.levelno >= logging.ERROR]

@@ -218,9 +218,14 @@ class RabbitTransport:
             name = urlencode({"name": f"bridge {role} {socket.gethostname()}:{os.getpid()}"}, quote_via=quote)
             url = urlunsplit(parts._replace(query=f"{parts.query}&{name}".lstrip("&")))
         try:
-            return await aio_pika.connect_robust(
+            connection = await aio_pika.connect_robust(
                 url, timeout=CONNECT_TIMEOUT_S, reconnect_interval=RECONNECT_INTERVAL_S
             )
+            # (aio-pika says when a connection drops and each failed try, but not when it is back)
+            connection.reconnect_callbacks.add(
+                lambda _: log.info("the %s connection to RabbitMQ is back", role)
+            )
+            return connection
         except aiormq.exceptions.ProbableAuthenticationError as exc:
             raise TransportError(
                 f"RabbitMQ at {safe_url(self.url)} refused the login: check the user and password"
