@@ -749,11 +749,32 @@ def test_a_failed_transaction_is_tried_again_only_by_a_producer_that_could_abort
         if abort == "aborts":
             run(committer.start(), timeout=60)
             committer.producer.begin_transaction()
-        timed_out = KafkaException(KafkaError(KafkaError._TIMED_OUT, "a stand-in", retriable=True))
-        assert committer._failed(timed_out, set()) is False
+        assert committer._failed(TIMED_OUT, set()) is False
         assert (committer.failure is None) == (abort == "aborts")
     finally:
         consumer.close()
+
+
+TIMED_OUT = KafkaException(KafkaError(KafkaError._TIMED_OUT, "a stand-in", retriable=True))
+
+
+@pytest.mark.parametrize("retired", [False, True], ids=["its round runs", "its round ended"])
+def test_a_late_failure_of_a_committer_whose_round_ended_is_logged_at_debug(
+    brokers: dict[str, str], caplog: pytest.LogCaptureFixture, retired: bool
+) -> None:
+    # Given a committer whose round runs, or has ended (a call of it was stuck then),
+    # When its transaction fails and cannot be aborted, Then that is an ERROR of the round that
+    # runs, and only a DEBUG line of one that ended. (Calls stuck in rounds long gone returned at
+    # the next Kafka restart and logged "stopping so its records run again": nothing stopped.)
+    committer, consumer = a_committer(brokers["kafka"])
+    committer.retired = retired
+    try:
+        with caplog.at_level(logging.DEBUG, logger="bridge.kafka"):
+            committer._failed(TIMED_OUT, set())
+    finally:
+        consumer.close()
+    said = [r.levelno for r in caplog.records if "could not be aborted" in r.getMessage()]
+    assert said == [logging.DEBUG if retired else logging.ERROR]
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -83,6 +84,9 @@ class Committer:
         self.committable: dict[TP, int] = {}
         self.notes: dict[TP, str] = {}  # the next commit's note, where it is not `note`
         self.failure: BaseException | None = None
+        # Set when its round has ended. A call stuck then may return much later (at the next
+        # Kafka restart): what it says then is logged at DEBUG, as it concerns a round long gone.
+        self.retired = False
         self._lock = threading.Lock()  # one transaction at a time: the loop's or a rebalance's
         self._due: float | None = None  # when the librdkafka call running now should return by
         self._committing = asyncio.Lock()  # one `commit` at a time: the run loop's or a drain check's
@@ -305,7 +309,9 @@ class Committer:
                 # while the consumer ran on, committing nothing.
                 with suppress(KafkaException):
                     self._call(self.producer.abort_transaction, timeout=METADATA_TIMEOUT_S)
-                log.error("Kafka transaction failed (%r); stopping so its records run again", exc)
+                self._say(
+                    logging.ERROR, "Kafka transaction failed (%r); stopping so its records run again", exc
+                )
                 self.failure = exc
                 return False
 
@@ -317,8 +323,8 @@ class Committer:
             # A producer with an abort still out refuses every later call ("Conflicting
             # abort_transaction API call is already in progress"), and one resumed may never
             # leave librdkafka: a consumer tried again every 10 s, committing nothing, for good.
-            log.error("Kafka transaction failed (%s), and could not be aborted (%s); stopping so"
-                      " its records run again", exc, not_aborted)  # fmt: skip
+            self._say(logging.ERROR, "Kafka transaction failed (%s), and could not be aborted (%s); "
+                      "stopping so its records run again", exc, not_aborted)  # fmt: skip
             self.failure = not_aborted
             return False
         gone = self._gone(topics)
@@ -326,7 +332,7 @@ class Committer:
             # A topic it commits offsets for or publishes to was deleted: the transaction can
             # never commit, and trying again would hold back every other topic's commits too.
             # (Each try took 10 s, the transaction's timeout, and its error named no topic.)
-            log.error("Kafka transaction failed: topic %s is gone (%s)", ", ".join(gone), exc)
+            self._say(logging.ERROR, "Kafka transaction failed: topic %s is gone (%s)", ", ".join(gone), exc)
             self.failure = TransportError(
                 f"Kafka topic {', '.join(gone)} was deleted; `bridge topology apply` makes it again",
                 retriable=False,
@@ -335,7 +341,7 @@ class Committer:
         if isinstance(error, KafkaError) and error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
             # A topic takes smaller records than bridge writes to it: every try would fail the
             # same way and hold back every other commit, in a loop.
-            log.error("Kafka transaction failed: %s", error.str())
+            self._say(logging.ERROR, "Kafka transaction failed: %s", error.str())
             self.failure = TransportError(
                 f"a topic refused a record as too large ({error.str()}); `bridge topology apply`"
                 " raises the topics' max.message.bytes to what bridge writes",
@@ -347,11 +353,14 @@ class Committer:
             and not error.fatal()
             and (error.txn_requires_abort() or error.retriable())
         ):
-            log.info("Kafka transaction aborted (%s); it is tried again", error.str())
+            self._say(logging.INFO, "Kafka transaction aborted (%s); it is tried again", error.str())
             return False
-        log.error("Kafka transaction failed (%s); stopping so its records run again", exc)
+        self._say(logging.ERROR, "Kafka transaction failed (%s); stopping so its records run again", exc)
         self.failure = exc
         return False
+
+    def _say(self, level: int, message: str, *args: object) -> None:
+        log.log(logging.DEBUG if self.retired else level, message, *args)
 
     def _gone(self, topics: set[str]) -> list[str]:
         """Those of `topics` that Kafka no longer has: none, when it does not answer."""

@@ -77,6 +77,7 @@ class DelayForwarder:
                 await asyncio.sleep(min(idle_s, self._until_next_due_s()))
                 idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
         finally:
+            self.committer.retired = True
             await asyncio.to_thread(consumer.close)
 
     async def drained(self) -> bool:

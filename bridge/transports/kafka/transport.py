@@ -421,6 +421,7 @@ class KafkaTransport:
             await committer.commit(leaving=self._handed_over())
             self._leaving = True
             await asyncio.to_thread(consumer.close)
+            committer.retired = True
             failure = self._failure()
             self._consumer = self._committer = None
         if failure is not None:
