@@ -758,6 +758,23 @@ def test_a_failed_transaction_is_tried_again_only_by_a_producer_that_could_abort
 TIMED_OUT = KafkaException(KafkaError(KafkaError._TIMED_OUT, "a stand-in", retriable=True))
 
 
+def test_a_failed_transaction_that_could_not_be_aborted_still_names_a_topic_it_wrote_to_that_is_gone(
+    brokers: dict[str, str],
+) -> None:
+    # Given a committer whose transaction failed and cannot be aborted (here: a producer whose
+    # transactions never started), When a topic the transaction wrote to is gone,
+    # Then its failure names the topic, and is not one a new round tries again. (In CI such an
+    # abort failed, fenced, and the consumer went round every 5 s saying only that.)
+    committer, consumer = a_committer(brokers["kafka"])
+    gone = f"gone-{uuid.uuid4().hex[:12]}"
+    try:
+        assert committer._failed(TIMED_OUT, {gone}) is False
+    finally:
+        consumer.close()
+    assert isinstance(committer.failure, TransportError) and not committer.failure.retriable
+    assert f"Kafka topic {gone} was deleted" in str(committer.failure)
+
+
 @pytest.mark.parametrize("retired", [False, True], ids=["its round runs", "its round ended"])
 def test_a_late_failure_of_a_committer_whose_round_ended_is_logged_at_debug(
     brokers: dict[str, str], caplog: pytest.LogCaptureFixture, retired: bool

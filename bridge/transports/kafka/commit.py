@@ -317,16 +317,11 @@ class Committer:
 
     def _failed(self, exc: KafkaException, topics: set[str]) -> bool:
         error = kafka_error(exc)
+        not_aborted: KafkaException | None = None
         try:
             self._call(self.producer.abort_transaction, timeout=METADATA_TIMEOUT_S)
-        except KafkaException as not_aborted:
-            # A producer with an abort still out refuses every later call ("Conflicting
-            # abort_transaction API call is already in progress"), and one resumed may never
-            # leave librdkafka: a consumer tried again every 10 s, committing nothing, for good.
-            self._say(logging.ERROR, "Kafka transaction failed (%s), and could not be aborted (%s); "
-                      "stopping so its records run again", exc, not_aborted)  # fmt: skip
-            self.failure = not_aborted
-            return False
+        except KafkaException as abort_failed:
+            not_aborted = abort_failed  # (said below, unless a cause that says more is found)
         gone = self._gone(topics)
         if gone:
             # A topic it commits offsets for or publishes to was deleted: the transaction can
@@ -347,6 +342,14 @@ class Committer:
                 " raises the topics' max.message.bytes to what bridge writes",
                 retriable=False,
             )
+            return False
+        if not_aborted is not None:
+            # A producer with an abort still out refuses every later call ("Conflicting
+            # abort_transaction API call is already in progress"), and one resumed may never
+            # leave librdkafka: a consumer tried again every 10 s, committing nothing, for good.
+            self._say(logging.ERROR, "Kafka transaction failed (%s), and could not be aborted (%s); "
+                      "stopping so its records run again", exc, not_aborted)  # fmt: skip
+            self.failure = not_aborted
             return False
         if (
             isinstance(error, KafkaError)
