@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,7 @@ class FlakyProxy:
         self._flowing.set()
         self._port = 0  # any, until it listens
         self._listening: asyncio.Task[None] | None = None  # started by `refuse`
+        self._swallowing_until = 0.0  # time.monotonic() up to which `swallow` holds new connections
 
     @property
     def url(self) -> str:
@@ -68,10 +70,12 @@ class FlakyProxy:
         await self.reset()
         self._listening = asyncio.create_task(self._listen(after_s=down_s))
 
-    async def listening(self) -> None:
-        """Wait until it listens again, after `refuse`."""
-        if self._listening is not None:
-            await asyncio.shield(self._listening)
+    async def swallow(self, down_s: float) -> None:
+        """Close every forwarded connection, and for `down_s` seconds take new ones in and
+        never answer them, nor later: connects whose packets a network dropped (a host gone,
+        a partition), which wait on their own timeout however soon the network heals."""
+        self._swallowing_until = time.monotonic() + down_s
+        await self.reset()
 
     def stall(self) -> None:
         """Pass nothing on, either way, and close nothing: as a network that drops packets
@@ -106,6 +110,8 @@ class FlakyProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        if time.monotonic() < self._swallowing_until:
+            return  # (held open, unread, until the proxy closes)
         if self._down_s is not None:
             self._healing = self._healing or asyncio.create_task(self._heal_in(self._down_s))
             writer.close()

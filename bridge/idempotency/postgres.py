@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager, contextmanager, nullcontext, suppres
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from bridge.errors import StoreError, safe_url
@@ -32,6 +33,11 @@ from bridge.idempotency.given_up import GivenUp
 from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore, now_ms
 
 CONNECT_TIMEOUT_S = 10.0
+# How long one attempt to connect may take, unless the URL says (`connect_timeout`). psycopg's
+# default is 130 s, and a connect whose packets a network drops (a host gone, a partition)
+# waits that long on the kernel's retries: the pool made no other attempt meanwhile, so claims
+# failed for up to two minutes after the network was back. A connect here takes milliseconds.
+CONNECT_ATTEMPT_S = 5
 # How long a batch of claims and completions may take before its connection is given up: a
 # network that drops packets gives no error, and TCP would wait for hours. In an inbox
 # transaction, from the end of the handler's block: the key's completion and the commit (or
@@ -79,6 +85,9 @@ class PostgresStore(SqlStore):
         The pool holds two connections more, for the batches and the purge: inbox handlers that
         hold every connection must not keep their own leases from being renewed."""
         self.url = url
+        self._connect: dict[str, Any] = {"autocommit": True, "connect_timeout": CONNECT_ATTEMPT_S}
+        if "connect_timeout" in _conninfo(url):
+            del self._connect["connect_timeout"]  # (the user's, in the URL)
         self._pool = self._new_pool(max(1, pool_size) + 2)
         self._ready = False
         self._opening = asyncio.Lock()
@@ -91,7 +100,7 @@ class PostgresStore(SqlStore):
 
     def _new_pool(self, size: int) -> AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]]:
         return AsyncConnectionPool(
-            self.url, min_size=1, max_size=size, open=False, kwargs={"autocommit": True},
+            self.url, min_size=1, max_size=size, open=False, kwargs=self._connect,
             timeout=CONNECT_TIMEOUT_S, configure=_notice_silence,
             reconnect_timeout=RECONNECT_S, reconnect_failed=_start_over,
         )  # fmt: skip
@@ -130,9 +139,7 @@ class PostgresStore(SqlStore):
         password, a missing database).
         """
         with _mapped(self.url):
-            conn = await psycopg.AsyncConnection.connect(
-                self.url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)
-            )
+            conn = await psycopg.AsyncConnection.connect(self.url, **self._connect)
             async with conn:
                 await _notice_silence(conn)  # (as the pool's do: a refusal, with its reason)
                 with _answered_within(conn):
@@ -446,3 +453,11 @@ def _mapped(url: str) -> Iterator[None]:
     except (psycopg.Error, TimeoutError) as exc:
         reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
         raise StoreError(f"idempotency store {safe_url(url)}: {reason}") from exc
+
+
+def _conninfo(url: str) -> dict[str, Any]:
+    """`url`'s connection parameters; none if it does not parse (the first connect says why)."""
+    try:
+        return conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return {}
