@@ -98,6 +98,7 @@ def test_a_job_finishing_after_its_partition_was_revoked_moves_nothing() -> None
     assert tracker.done(TP, 1, old) is None
     assert tracker.in_flight() == 1
     assert tracker.done(TP, 1, new) == 2
+    assert old.ended and not new.ended  # (a record of the old one no longer starts: Transport.held)
 
 
 def test_only_partitions_with_nothing_in_flight_and_a_known_offset_can_be_handed_over() -> None:

@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from bridge.transports.kafka import forwarder as kafka_forwarder
 from bridge.transports.kafka import transport as kafka_transport
 from bridge.transports.kafka.commit import Committer
 from bridge.transports.kafka.common import Headers, mapped, read_to_end, wait_until_served
-from bridge.worker import Stats
+from bridge.worker import Stats, Worker
 from tests import names
 from tests.brokerio import (
     another_kafka,
@@ -50,6 +50,15 @@ from tests.processes import (
     restart_until_drained,
     stop_while_three_run,
 )
+
+
+async def second_joins_once(first: Bridge, second: Bridge, ready: Callable[[], bool]) -> None:
+    """A burst consume of `first`, and of `second` (of the same group) once `ready()`."""
+    running = asyncio.create_task(first.consume(burst=True))
+    while not ready():
+        await asyncio.sleep(0.05)
+    await second.consume(burst=True)
+    await running
 
 
 def test_a_member_joining_mid_run_shares_the_partitions(brokers: dict[str, str], queue: str) -> None:
@@ -84,16 +93,57 @@ def test_a_member_joining_mid_run_shares_the_partitions(brokers: dict[str, str],
     async def scenario() -> None:
         first, second = member("first"), member("second")
         async with first, second:
-            running = asyncio.create_task(first.consume(burst=True))
-            while len(runs) < 60:
-                await asyncio.sleep(0.05)
-            await second.consume(burst=True)
-            await running
+            await second_joins_once(first, second, lambda: len(runs) >= 60)
 
     run(scenario(), timeout=120)
     assert set(ids) == set(runs)
     assert by_member["first"] > 0 and by_member["second"] > 0
     assert sum(runs.values()) - len(ids) <= 2 * 2  # at most what was in flight at the handover
+
+
+def test_a_job_waiting_for_its_run_at_when_its_partition_moves_runs_once(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 30 jobs due 12 s ahead (sooner than the shortest tier, 30 s) on 3 partitions, each
+    # waiting for its run_at in a first consumer, When a second consumer of the same group
+    # joins (a cooperative rebalance moves partitions to it, which it reads from their committed
+    # offsets), Then each job runs once: the first consumer's copies of the records of the
+    # partitions it gave up do not run. (They ran at their run_at, beside the second's.)
+    group = f"g-{uuid.uuid4().hex[:12]}"
+    runs: Counter[int] = Counter()
+    by_member: Counter[str] = Counter()
+    waiting: list[int] = []
+    until = Worker._until
+
+    async def recording(worker: Worker, run_at: int) -> None:
+        waiting.append(run_at)
+        await until(worker, run_at)
+
+    monkeypatch.setattr(Worker, "_until", recording)
+
+    def member(name: str) -> Bridge:
+        app = Bridge(
+            broker=brokers["kafka"], registry=str(SCHEMAS), group=group, concurrency=32, delay_tiers="30s"
+        )
+
+        @app.job("test.Echo", queue=queue)
+        async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+            runs[payload["n"]] += 1
+            by_member[name] += 1
+
+        return app
+
+    async def scenario() -> None:
+        first, second = member("first"), member("second")
+        async with first, second:
+            await first.apply_topology([queue])
+            for n in range(30):
+                await first.enqueue_async("test.Echo", {"n": n}, queue=queue, delay=12.0)
+            await second_joins_once(first, second, lambda: len(waiting) == 30)
+
+    run(scenario(), timeout=90)
+    assert by_member["second"] > 0, "the second consumer took no partition before the jobs were due"
+    assert runs == Counter(range(30)), runs
 
 
 def test_a_second_consume_at_once_on_one_app_is_refused_and_the_first_runs_on(

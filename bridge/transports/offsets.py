@@ -1,9 +1,9 @@
 """Which Kafka offset may be committed when jobs of one partition finish out of order.
 
 Pure bookkeeping: a partition's committable offset is one past the highest offset below which
-every delivered record is settled. Each assignment of a partition gets a new generation, so a
-job that finishes after its partition was revoked (and maybe assigned back) cannot move the
-new assignment's offset.
+every delivered record is settled. Each assignment of a partition is an `Assignment` of its
+own, which its records carry, so a job that finishes after its partition was revoked (and
+maybe assigned back) cannot move the new assignment's offset.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 TopicPartition = tuple[str, int]
 
 
-class _Partition:
+class Assignment:
     """One assignment of a partition: its records in delivery order, and which are settled."""
 
-    def __init__(self, generation: int) -> None:
-        self.generation = generation
+    def __init__(self) -> None:
+        self.ended = False  # the partition was revoked (or lost) since: its records are not ours
         self.order: deque[list[Any]] = deque()  # [offset, settled] in delivery order
         # The unsettled entries of each offset: one, unless the log went back under the consumer
         # (a broker that lost records, and auto.offset.reset) and handed an offset out again.
@@ -31,20 +31,21 @@ class OffsetTracker:
     """In-flight offsets per assigned partition, in delivery order."""
 
     def __init__(self) -> None:
-        self._partitions: dict[TopicPartition, _Partition] = {}
-        self._generations: dict[TopicPartition, int] = {}
+        self._partitions: dict[TopicPartition, Assignment] = {}
 
     def assign(self, tp: TopicPartition) -> None:
         """Start tracking `tp` afresh."""
-        self._generations[tp] = self._generations.get(tp, 0) + 1
-        self._partitions[tp] = _Partition(self._generations[tp])
+        self.revoke(tp)
+        self._partitions[tp] = Assignment()
 
     def revoke(self, tp: TopicPartition) -> None:
         """Forget `tp`: its unsettled records will be delivered again to its next owner."""
-        self._partitions.pop(tp, None)
+        partition = self._partitions.pop(tp, None)
+        if partition is not None:
+            partition.ended = True
 
-    def started(self, tp: TopicPartition, offset: int) -> int | None:
-        """Record that `offset` was handed out; return the generation to settle it with.
+    def started(self, tp: TopicPartition, offset: int) -> Assignment | None:
+        """Record that `offset` was handed out; return the assignment to settle it with.
 
         None when `tp` is not assigned: a record fetched before its partition was revoked
         belongs to the partition's next owner, and must not run here. (Counting it in a later
@@ -57,12 +58,12 @@ class OffsetTracker:
         partition.order.append(entry)
         partition.by_offset.setdefault(offset, []).append(entry)
         partition.unsettled += 1
-        return partition.generation
+        return partition
 
-    def done(self, tp: TopicPartition, offset: int, generation: int) -> int | None:
+    def done(self, tp: TopicPartition, offset: int, assignment: Assignment) -> int | None:
         """Mark `offset` settled; return the new committable offset if it moved."""
         partition = self._partitions.get(tp)
-        if partition is None or partition.generation != generation:
+        if partition is None or partition is not assignment:
             return None
         entries = partition.by_offset.get(offset)
         if not entries:
@@ -100,10 +101,9 @@ class OffsetTracker:
         """Whether `tp` is assigned now."""
         return tp in self._partitions
 
-    def owns(self, tp: TopicPartition, generation: int) -> bool:
-        """Whether `tp` is still assigned in `generation`."""
-        partition = self._partitions.get(tp)
-        return partition is not None and partition.generation == generation
+    def owns(self, tp: TopicPartition, assignment: Assignment) -> bool:
+        """Whether `tp` is still assigned in `assignment`."""
+        return self._partitions.get(tp) is assignment
 
     def in_flight(self) -> int:
         """How many handed-out records are not settled yet."""

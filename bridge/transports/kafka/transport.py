@@ -197,7 +197,9 @@ class KafkaTransport:
         return set(metadata.topics)
 
     def held(self, delivery: Delivery) -> bool:
-        return True  # (a record of a partition lost meanwhile may run twice: at least once)
+        # Its partition's assignment has not ended: one revoked (even if given straight back)
+        # is read again from its committed offset, by whoever owns it now.
+        return not delivery.handle.ended
 
     async def missing(self, queues: Collection[str]) -> list[str]:
         """Those of `queues` that no job can go to: topics that do not exist, Kafka's own
@@ -578,10 +580,10 @@ class KafkaTransport:
             log.warning("Kafka consumer: %s", error)
             return
         topic, partition, offset = coordinates(record)
-        generation = self._offsets.started((topic, partition), offset)
-        if generation is None:
+        assignment = self._offsets.started((topic, partition), offset)
+        if assignment is None:
             return  # its partition was revoked since it was fetched: the next owner runs it
-        delivery = Delivery(record.value() or b"", topic, record.key(), partition, offset, handle=generation)
+        delivery = Delivery(record.value() or b"", topic, record.key(), partition, offset, handle=assignment)
         inflight.start(delivery)
 
     def _run(self, delivery: Delivery) -> Awaitable[None]:
