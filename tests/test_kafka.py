@@ -34,6 +34,7 @@ from tests.brokerio import (
     another_kafka,
     dead_letters,
     delete_queue,
+    free_port_pair,
     java_partition,
     read_partitions,
     read_records,
@@ -50,6 +51,7 @@ from tests.processes import (
     restart_until_drained,
     stop_while_three_run,
 )
+from tests.proxy import threaded_proxy
 
 
 async def second_joins_once(first: Bridge, second: Bridge, ready: Callable[[], bool]) -> None:
@@ -1436,6 +1438,63 @@ def test_a_stop_whose_last_transaction_fails_ends_well_and_its_jobs_run_again(
     assert set(runs) == set(ids)
     assert {job: runs[job] for job in first} == {job: 2 for job in first}, runs
     assert any(r.getMessage().endswith("; stopping, as asked") for r in caplog.records), caplog.text
+
+
+# The producer of a round that ended may still be connecting to the proxy when its loop closes
+# (a ResourceWarning about the proxy's socket, not bridge's).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_consumer_whose_partitions_were_lost_consumes_again_with_a_new_producer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a Kafka of its own that clients reach only through a proxy (the address it
+    # advertises), and a consumer (sessions of 3 s) that ran a job and has nothing to commit,
+    # When the proxy cuts every connection for 10 s (its group session ends: its partitions
+    # are lost, as when Kafka restarts),
+    # Then its round ends, saying so, and a job enqueued after runs in a new round, with a new
+    # transactional producer. (The producer that lived through a Kafka restart was seen to
+    # wedge at its first transaction after it: nothing ran for 20 s more, 3 restarts in 8.)
+    monkeypatch.setattr(kafka_transport, "RESTART_AFTER_S", 0.5)
+    group = f"g-{uuid.uuid4().hex[:12]}"
+    producers: list[str] = []  # the consumer's transactional ids, round by round
+    monkeypatch.setattr(kafka_transport, "Committer", functools.partial(Recorded, group, producers))
+    port = free_port_pair()
+    with threaded_proxy(f"kafka://127.0.0.1:{port}") as proxy:
+        proxy_port = proxy.url.rpartition(":")[2]
+        advertised = {"advertised.listeners": f"PLAINTEXT://127.0.0.1:{proxy_port}"}
+        with another_kafka(tmp_path / "kafka", advertised, client_port=port):
+            queue = f"q-{uuid.uuid4().hex[:8]}"
+            app = Bridge(broker=proxy.url, registry=str(SCHEMAS), group=group, session_timeout_s=3)
+            ran: list[int] = []
+
+            @app.job("test.Echo", queue=queue)
+            async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+                ran.append(payload["n"])
+
+            async def until_ran(jobs: list[int]) -> None:
+                while ran != jobs:
+                    await asyncio.sleep(0.05)
+
+            async def scenario() -> None:
+                async with app:
+                    await app.apply_topology([queue])
+                    stop = asyncio.Event()
+                    consuming = asyncio.create_task(app.consume(stop=stop))
+                    await app.enqueue_async("test.Echo", {"n": 1, "sleep_ms": 0}, queue=queue)
+                    await asyncio.wait_for(until_ran([1]), 30)
+                    await asyncio.sleep(1.0)  # (its commit, within 50 ms, is not cut off)
+                    proxy.cut(10.0)
+                    await asyncio.sleep(12.0)
+                    await app.enqueue_async("test.Echo", {"n": 2, "sleep_ms": 0}, queue=queue)
+                    # (before a call stuck in the old producer could even time out)
+                    await asyncio.wait_for(until_ran([1, 2]), kafka_commit.CALL_TIMEOUT_S)
+                    stop.set()
+                    await asyncio.wait_for(consuming, 30)
+
+            with caplog.at_level(logging.ERROR, logger="bridge.kafka"):
+                run(scenario(), timeout=150)
+    assert len(producers) >= 2, producers
+    lost = "the Kafka consumer's group session ended, and its partitions with it; records since"
+    assert any(r.getMessage().startswith(lost) for r in caplog.records), caplog.text
 
 
 @pytest.mark.parametrize("settling", ["fails for good", "fails once"])

@@ -430,6 +430,8 @@ class KafkaTransport:
             error = f"Kafka transaction failed; records since the last commit run again: {failure}"
             if failure is self._forwarder_failure():
                 error = f"the delay forwarder stopped: {failure}"
+            elif isinstance(failure, _Lost):
+                error = f"{failure}; records since the last commit run again"
             if (isinstance(failure, KafkaException) and not _for_good(failure)) or (
                 isinstance(failure, TransportError) and failure.retriable
             ):
@@ -740,7 +742,7 @@ class KafkaTransport:
             # What is settled so far, before the partitions move; those with nothing in flight
             # are handed over (their next owner need not start carefully).
             self._committer.commit_now(leaving=self._handed_over(partitions))
-        self._on_lost(consumer, partitions)
+        self._drop(consumer, partitions)
 
     def _handed_over(self, partitions: list[TopicPartition] | None = None) -> dict[TP, int]:
         """Those of `partitions` (default: all assigned) that can be handed over cleanly, and
@@ -754,6 +756,22 @@ class KafkaTransport:
         }
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """The group session ended (Kafka was away longer than the session timeout, say): the
+        round ends, and the next one consumes with a new producer and group member.
+
+        The producer that lived through a Kafka restart was seen to wedge on its first
+        send_offsets_to_transaction after it (see WEDGED_PAST_TIMEOUT_S): nothing ran for
+        the 20 s until that was judged, 3 restarts in 8. Nothing more runs again for the
+        round's end: this member could not commit the lost partitions' records any more.
+        """
+        self._drop(consumer, partitions)
+        if partitions and self._committer is not None and not self._leaving:
+            self._committer.fail(
+                _Lost("the Kafka consumer's group session ended, and its partitions with it")
+            )
+
+    def _drop(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Forget partitions revoked or lost: what they hold runs again at their next owner."""
         resume_leaving(consumer, partitions)  # (paused while every slot was busy)
         gone = {(tp.topic, tp.partition) for tp in partitions}
         for tp in gone:  # another member may own them already: commit nothing more
@@ -984,6 +1002,11 @@ def _where_left(consumer: Consumer, partitions: list[TP]) -> list[tuple[int | No
 class _TransactionBroke(TransportError):
     """A transaction failed in a way that a new producer and group member may get past (Kafka
     restarted, say): the records since the last commit run again, as after a process restart."""
+
+
+class _Lost(TransportError):
+    """The consumer's group session ended (its partitions may be another member's): the round
+    is over. (Retriable, as TransportError is by default: the next round joins again.)"""
 
 
 class _NotStarted(TransportError):
