@@ -178,6 +178,19 @@ def threaded_proxy(url: str) -> Iterator[ThreadedProxy]:
         thread.join(10)
 
 
+@contextmanager
+def kafka_behind_proxy(root: Path) -> Iterator[ThreadedProxy]:
+    """A Kafka node of its own (its files in `root`) that clients reach only through a
+    ThreadedProxy, the address it advertises: `cut` cuts it off from every client."""
+    from tests.brokerio import another_kafka, free_port_pair
+
+    port = free_port_pair()
+    with threaded_proxy(f"kafka://127.0.0.1:{port}") as proxy:
+        advertised = {"advertised.listeners": f"PLAINTEXT://127.0.0.1:{proxy.url.rpartition(':')[2]}"}
+        with another_kafka(root, advertised, client_port=port):
+            yield proxy
+
+
 # Loopback is the host's, and `make test` runs two sessions at once: one test at a time changes
 # its qdisc. While one does, every loopback packet passes through that qdisc (lo has none of its
 # own), a timing test's of the other session too: a packet still queued when it goes is lost,

@@ -15,10 +15,9 @@ import pytest
 
 from bridge import Bridge, JobContext
 from bridge.transports.kafka import transport as kafka_transport
-from tests.brokerio import another_kafka, free_port_pair
 from tests.conftest import SCHEMAS, run
 from tests.processes import publish
-from tests.proxy import threaded_proxy
+from tests.proxy import kafka_behind_proxy
 
 
 # The producer of a wedged transaction cannot be destroyed while its call is stuck: it lives on,
@@ -37,33 +36,29 @@ def test_a_consumer_cut_off_from_kafka_for_15_s_drains_the_queue_once_kafka_is_r
     # coordinator that went away, past its own timeout: nothing more was committed, and the
     # consumer could not even stop.)
     monkeypatch.setattr(kafka_transport, "RESTART_AFTER_S", 0.5)
-    port = free_port_pair()
-    with threaded_proxy(f"kafka://127.0.0.1:{port}") as proxy:
-        proxy_port = proxy.url.rpartition(":")[2]
-        advertised = {"advertised.listeners": f"PLAINTEXT://127.0.0.1:{proxy_port}"}
-        with another_kafka(tmp_path / "kafka", advertised, client_port=port):
-            queue = f"q-{uuid.uuid4().hex[:8]}"
-            ids = run(publish(proxy.url, queue, 600, sleep_ms=5), timeout=90)
-            settings: dict[str, Any] = {"group": f"g-{uuid.uuid4().hex[:8]}", "session_timeout_s": 30}
-            app = Bridge(broker=proxy.url, registry=str(SCHEMAS), concurrency=8, **settings)
-            runs: Counter[str] = Counter()
-            cut = asyncio.Event()
+    with kafka_behind_proxy(tmp_path / "kafka") as proxy:
+        queue = f"q-{uuid.uuid4().hex[:8]}"
+        ids = run(publish(proxy.url, queue, 600, sleep_ms=5), timeout=90)
+        settings: dict[str, Any] = {"group": f"g-{uuid.uuid4().hex[:8]}", "session_timeout_s": 30}
+        app = Bridge(broker=proxy.url, registry=str(SCHEMAS), concurrency=8, **settings)
+        runs: Counter[str] = Counter()
+        cut = asyncio.Event()
 
-            @app.job("test.Echo", queue=queue)
-            async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-                if len(runs) >= 100 and not cut.is_set():
-                    cut.set()
-                    proxy.cut(15.0)
-                await asyncio.sleep(payload["sleep_ms"] / 1000)
-                runs[ctx.job_id] += 1
+        @app.job("test.Echo", queue=queue)
+        async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+            if len(runs) >= 100 and not cut.is_set():
+                cut.set()
+                proxy.cut(15.0)
+            await asyncio.sleep(payload["sleep_ms"] / 1000)
+            runs[ctx.job_id] += 1
 
-            async def scenario() -> None:
-                async with app:
-                    await asyncio.wait_for(app.consume(burst=True), 150)  # drained: all committed
-                    again = await asyncio.wait_for(app.consume(burst=True), 60)
-                    assert again.processed == 0, again.summary()
+        async def scenario() -> None:
+            async with app:
+                await asyncio.wait_for(app.consume(burst=True), 150)  # drained: all committed
+                again = await asyncio.wait_for(app.consume(burst=True), 60)
+                assert again.processed == 0, again.summary()
 
-            with caplog.at_level(logging.INFO, logger="bridge.kafka"):
-                run(scenario(), timeout=240)
+        with caplog.at_level(logging.INFO, logger="bridge.kafka"):
+            run(scenario(), timeout=240)
     assert cut.is_set()
     assert set(runs) == set(ids)

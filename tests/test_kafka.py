@@ -34,7 +34,6 @@ from tests.brokerio import (
     another_kafka,
     dead_letters,
     delete_queue,
-    free_port_pair,
     java_partition,
     read_partitions,
     read_records,
@@ -51,7 +50,7 @@ from tests.processes import (
     restart_until_drained,
     stop_while_three_run,
 )
-from tests.proxy import threaded_proxy
+from tests.proxy import kafka_behind_proxy
 
 
 async def second_joins_once(first: Bridge, second: Bridge, ready: Callable[[], bool]) -> None:
@@ -1468,44 +1467,40 @@ def test_a_consumer_whose_partitions_were_lost_consumes_again_with_a_new_produce
             return done
 
     monkeypatch.setattr(kafka_transport, "Committer", functools.partial(Committing, group, producers))
-    port = free_port_pair()
-    with threaded_proxy(f"kafka://127.0.0.1:{port}") as proxy:
-        proxy_port = proxy.url.rpartition(":")[2]
-        advertised = {"advertised.listeners": f"PLAINTEXT://127.0.0.1:{proxy_port}"}
-        with another_kafka(tmp_path / "kafka", advertised, client_port=port):
-            queue = f"q-{uuid.uuid4().hex[:8]}"
-            app = Bridge(broker=proxy.url, registry=str(SCHEMAS), group=group, session_timeout_s=3)
-            ran: list[int] = []
+    with kafka_behind_proxy(tmp_path / "kafka") as proxy:
+        queue = f"q-{uuid.uuid4().hex[:8]}"
+        app = Bridge(broker=proxy.url, registry=str(SCHEMAS), group=group, session_timeout_s=3)
+        ran: list[int] = []
 
-            @app.job("test.Echo", queue=queue)
-            async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-                ran.append(payload["n"])
+        @app.job("test.Echo", queue=queue)
+        async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+            ran.append(payload["n"])
 
-            async def until_ran(jobs: list[int]) -> None:
-                while ran != jobs:
+        async def until_ran(jobs: list[int]) -> None:
+            while ran != jobs:
+                await asyncio.sleep(0.05)
+
+        async def scenario() -> None:
+            async with app:
+                await app.apply_topology([queue])
+                stop = asyncio.Event()
+                consuming = asyncio.create_task(app.consume(stop=stop))
+                await app.enqueue_async("test.Echo", {"n": 1, "sleep_ms": 0}, queue=queue)
+                await asyncio.wait_for(until_ran([1]), 30)
+                # Its commit is not cut off: a transaction out at the cut would fail and end
+                # the round by itself, with or without the loss.
+                while not any(tp[0] == queue and at > 0 for tp, at in committed.items()):
                     await asyncio.sleep(0.05)
+                proxy.cut(10.0)
+                await asyncio.sleep(12.0)
+                await app.enqueue_async("test.Echo", {"n": 2, "sleep_ms": 0}, queue=queue)
+                # (before a call stuck in the old producer could even time out)
+                await asyncio.wait_for(until_ran([1, 2]), kafka_commit.CALL_TIMEOUT_S)
+                stop.set()
+                await asyncio.wait_for(consuming, 30)
 
-            async def scenario() -> None:
-                async with app:
-                    await app.apply_topology([queue])
-                    stop = asyncio.Event()
-                    consuming = asyncio.create_task(app.consume(stop=stop))
-                    await app.enqueue_async("test.Echo", {"n": 1, "sleep_ms": 0}, queue=queue)
-                    await asyncio.wait_for(until_ran([1]), 30)
-                    # Its commit is not cut off: a transaction out at the cut would fail and end
-                    # the round by itself, with or without the loss.
-                    while not any(tp[0] == queue and at > 0 for tp, at in committed.items()):
-                        await asyncio.sleep(0.05)
-                    proxy.cut(10.0)
-                    await asyncio.sleep(12.0)
-                    await app.enqueue_async("test.Echo", {"n": 2, "sleep_ms": 0}, queue=queue)
-                    # (before a call stuck in the old producer could even time out)
-                    await asyncio.wait_for(until_ran([1, 2]), kafka_commit.CALL_TIMEOUT_S)
-                    stop.set()
-                    await asyncio.wait_for(consuming, 30)
-
-            with caplog.at_level(logging.ERROR, logger="bridge.kafka"):
-                run(scenario(), timeout=150)
+        with caplog.at_level(logging.ERROR, logger="bridge.kafka"):
+            run(scenario(), timeout=150)
     assert len(producers) >= 2, producers
     lost = "the Kafka consumer's group session ended, and its partitions with it; records since"
     assert any(r.getMessage().startswith(lost) for r in caplog.records), caplog.text
