@@ -113,7 +113,8 @@ class Transport(Protocol):
 
     def held(self, delivery: Delivery) -> bool:
         """Whether this consumer still holds `delivery`: False once the broker has taken it back
-        (its RabbitMQ channel closed), when running its job would only run it twice."""
+        (its RabbitMQ channel closed, its Kafka partition was revoked), when running its job
+        would only run it twice."""
 
     async def missing(self, queues: Collection[str]) -> list[str]:
         """Those of `queues` that no job can go to (a look at the broker for any not seen before):
