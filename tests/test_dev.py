@@ -446,6 +446,24 @@ def own_instance(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     shutil.rmtree(folder)
 
 
+@pytest.mark.slow
+def test_postgres_up_after_kill_9_waits_for_a_backend_that_lingers(own_instance: Path) -> None:
+    # Given a PostgreSQL of our own whose postmaster was killed, and one of its backends still
+    # holding its shared memory for 1.5 s more (stopped, then killed: as one slow to exit),
+    # When up runs at once, Then it waits for that backend and starts the server. (pg_ctl
+    # start failed at once: "pre-existing shared memory block ... is still in use".)
+    postgres.up(log=quiet)
+    main, lingering, *others = server_pids(postgres, own_instance)
+    os.kill(lingering, signal.SIGSTOP)
+    os.kill(main, signal.SIGKILL)
+    for pid in others:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    threading.Timer(1.5, os.kill, (lingering, signal.SIGKILL)).start()
+    again = postgres.up(log=quiet)
+    assert again.running and postgres.status().running
+
+
 def server_pids(store: Any, folder: Path) -> list[int]:
     """The pids of a store's server under `folder`, the main process first."""
     if store is redis:

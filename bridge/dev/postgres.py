@@ -36,6 +36,9 @@ from bridge.errors import DevError
 DEFAULT_PORT: Final = 5432
 PORT_VAR: Final = "BRIDGE_DEV_PG_PORT"
 START_TIMEOUT_S: Final = 60.0
+# How long `up` waits for the processes of a server that was killed to let go of its shared
+# memory (`_wait_for_old_backends`): they exit within a second of finding it gone.
+BACKENDS_GONE_S: Final = 10.0
 STOP_TIMEOUT_S: Final = 60.0
 
 # The login of url(); docker-compose.yml sets the same (a test compares them).
@@ -317,6 +320,7 @@ def _start(layout: _Layout, bin_dir: Path, pg_port: int, log: Log) -> None:
     if not (layout.data / "PG_VERSION").is_file():
         _initdb(layout, bin_dir, log)
     _write_config(layout, pg_port)
+    _wait_for_old_backends(layout)
     _remove_stale_locks(layout, pg_port)
     log(f"postgres: starting on 127.0.0.1:{pg_port} (log {layout.log_file})")
     # -w: pg_ctl returns once the server accepts connections, or fails with its exit status.
@@ -325,6 +329,38 @@ def _start(layout: _Layout, bin_dir: Path, pg_port: int, log: Log) -> None:
     if result.returncode != 0:
         detail = tail(layout.log_file) or last_line(result)
         raise DevError(f"PostgreSQL did not start; see {layout.log_file}: {detail}")
+
+
+def _wait_for_old_backends(layout: _Layout) -> None:
+    """Wait, up to BACKENDS_GONE_S, for the processes of a killed server to let go of its shared
+    memory segment (named in the postmaster.pid it left). Its backends exit by themselves once
+    they find it gone, and one killed a moment ago may not have exited yet: until the last
+    has, a new server refuses to start ("pre-existing shared memory block is still in use").
+    One that lingers longer is left to that error, which says what to do."""
+    segment = _segment(layout.data / "postmaster.pid")
+    deadline = time.monotonic() + BACKENDS_GONE_S
+    while segment is not None and _attached(segment) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _segment(pid_file: Path) -> int | None:
+    """The id of the System V shared memory segment a postmaster.pid names (its seventh line:
+    the key, then the id), if any."""
+    try:
+        fields = pid_file.read_text().splitlines()[6].split()
+        return int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _attached(segment: int) -> bool:
+    """Whether a process is still attached to System V shared memory segment `segment`."""
+    try:
+        rows = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    except OSError:
+        return False  # (then pg_ctl finds out)
+    # Columns: key shmid perms size cpid lpid nattch ...
+    return any(int(row.split()[1]) == segment and int(row.split()[6]) > 0 for row in rows)
 
 
 def _remove_stale_locks(layout: _Layout, pg_port: int) -> None:
