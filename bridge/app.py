@@ -26,6 +26,7 @@ from bridge.errors import ConfigError, JobTooLarge, StoreError, utf8
 from bridge.idempotency import DEFAULT_LEASE_S, DEFAULT_WINDOW_S, Store, default_url, enqueue_key, open_store
 from bridge.idempotency.sql import SqlStore
 from bridge.jobs import Handler, JobSpec
+from bridge.keys import Keys
 from bridge.policy import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, Backoff, RetryPolicy
 from bridge.registry import ENVELOPE, Registry, open_registry
 from bridge.transports import Outgoing, Transport, open_transport
@@ -300,6 +301,10 @@ class Bridge:
     def dead_letters(self, queue: str) -> DeadLetters:
         """The dead-letter queue of `queue`: list, show, replay and purge its letters."""
         return DeadLetters(self, queue)
+
+    def idempotency_keys(self, job_type: str) -> Keys:
+        """The idempotency keys of `job_type` in this app's store: show and forget them."""
+        return Keys(self, job_type)
 
     async def transport(self) -> Transport:
         """This event loop's transport, connected on first use."""

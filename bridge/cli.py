@@ -1,4 +1,4 @@
-"""The `bridge` command: enqueue, consume, topology apply, dlq, schemas, dev up|down|status.
+"""The `bridge` command: enqueue, consume, topology apply, dlq, keys, schemas, dev up|down|status.
 
 Every failure a user can fix prints one line on stderr and exits non-zero; no traceback.
 """
@@ -26,10 +26,12 @@ from bridge.compatibility import LEVELS
 from bridge.dlq import Selection, describe
 from bridge.envelope import REASONS, iso_ms, now_ms
 from bridge.errors import BridgeError, ConfigError
+from bridge.idempotency import default_url
 from bridge.logs import OneLine, one_line
 from bridge.policy import parse_duration
 
 if TYPE_CHECKING:
+    from bridge.keys import Keys
     from bridge.schema_registry import HttpRegistry
 
 log = logging.getLogger("bridge.cli")
@@ -165,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     apply.set_defaults(run=_topology_apply)
 
     _dlq_parsers(commands, common)
+    _keys_parsers(commands, common)
     _schemas_parsers(commands, common)
 
     dev = commands.add_parser(
@@ -234,6 +237,24 @@ def _dlq_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
     replay.add_argument("--rate", type=_rate, help="at most this many replays per second")
     replay.add_argument("--max-replays", type=_positive, default=3, help="refuse jobs replayed this often")
     actions.choices["purge"].add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _keys_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
+    keys = commands.add_parser(
+        "keys", parents=[common], help="idempotency keys in the store (--idempotency): show, forget"
+    )
+    actions = keys.add_subparsers(required=True, metavar="ACTION")
+    for name, run, text in (
+        ("show", _keys_show, "what the store holds for a key: running, done, enqueued, and until when"),
+        ("forget", _keys_forget, "delete a key's records, so that its next job runs again"),
+    ):
+        action = actions.add_parser(name, parents=[common], help=text)
+        action.add_argument("type", help="the job type the key belongs to, e.g. billing.ChargeCard")
+        action.add_argument("key", help="the idempotency key, e.g. welcome:42")
+        action.set_defaults(run=run)
+    actions.choices["forget"].add_argument(
+        "--force", action="store_true", help="even while a job with the key runs (a copy may run beside it)"
+    )
 
 
 def _since(text: str) -> int:
@@ -415,6 +436,41 @@ def _dlq_purge(args: argparse.Namespace) -> int:
     with _job_queue(args.queue):
         purged = asyncio.run(_closing(app, app.dead_letters(args.queue).purge(_selection(args))))
     print(f"purged {len(purged)} dead letters from {args.queue}.dlq")
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> tuple[Bridge, Keys]:
+    """The app of the flags, and the keys of the job type named, in a store workers share."""
+    app = _app(args)
+    url = app.settings.idempotency  # (the workers' default, without needing a broker to say it)
+    url = url or ("memory://" if (app.settings.broker or "").startswith("memory:") else default_url())
+    if url.startswith("memory:"):  # (this process's own store, empty: it would show nothing, wrongly)
+        raise ConfigError(
+            "the memory:// idempotency store lives in one process, not the workers': give theirs, "
+            "--idempotency sqlite:///... (or BRIDGE_IDEMPOTENCY)"
+        )
+    app.configure(idempotency=url)
+    return app, app.idempotency_keys(args.type)
+
+
+def _keys_show(args: argparse.Namespace) -> int:
+    app, keys = _keys(args)
+    entries = asyncio.run(_closing(app, keys.show(args.key)))
+    if not entries:
+        print(one_line(f"no record of idempotency key {args.key!r} of {args.type}: its next job runs "
+                       "(never used, or its window ended)"))  # fmt: skip
+    for entry in entries:
+        print(one_line(f"{entry.kind:8} {entry.describe()}"))
+    return 0
+
+
+def _keys_forget(args: argparse.Namespace) -> int:
+    app, keys = _keys(args)
+    forgotten = asyncio.run(_closing(app, keys.forget(args.key, force=args.force)))
+    if not forgotten:
+        print(one_line(f"no record of idempotency key {args.key!r} of {args.type}: nothing to forget"))
+    for entry in forgotten:
+        print(one_line(f"forgot {entry.kind:8} {entry.describe()}"))
     return 0
 
 

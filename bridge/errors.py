@@ -13,6 +13,7 @@
     ├── RegistryUnavailable  the schema registry did not answer (what needed it waits)
     ├── StoreError           the idempotency store could not be reached or refused
     │   └── LeaseLost        a job's claim on its idempotency key ended before it completed
+    ├── KeyInFlight          an idempotency key to forget is held by a job or a publish under way
     └── DevError             `bridge dev` could not provision or start a local broker
 
 Handlers steer retries with `Retry` and `Permanent`, which are not errors of bridge itself.
@@ -130,6 +131,10 @@ class StoreError(BridgeError):
 
 class LeaseLost(StoreError):
     """A claim on an idempotency key ended (its lease ran out) before the job completed."""
+
+
+class KeyInFlight(BridgeError):
+    """An idempotency key to forget is held by a job or a publish under way (`bridge keys forget`)."""
 
 
 class DevError(BridgeError):

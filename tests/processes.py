@@ -1,4 +1,5 @@
-"""Run `bridge consume` as a real process on the ledger app, and read its ledger."""
+"""Run `bridge` as a real process: its one-shot commands, and `bridge consume` on the ledger
+app, whose ledger it reads."""
 
 from __future__ import annotations
 
@@ -16,6 +17,24 @@ from typing import Any
 from bridge import Bridge
 from tests.brokerio import dead_letters
 from tests.conftest import REPO, SCHEMAS, own_app
+
+
+def bridge(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m bridge` from the repository, as a user would."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args], cwd=REPO, env={**environ, **env},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("bridge: ") and "Traceback" not in done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
 
 
 def consumer(

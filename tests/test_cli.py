@@ -17,33 +17,16 @@ from bridge.config import Settings
 from bridge.errors import ConfigError
 from tests.brokerio import read_queue
 from tests.conftest import REPO, SCHEMAS
+from tests.processes import assert_one_line_error, bridge
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 CHARGE = '{"invoice_id": "inv-1", "customer_id": "cus-1", "amount_cents": 1999, "card_token": "tok"}'
-
-
-def bridge(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m bridge` from the repository, as a user would."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", *args], cwd=REPO, env={**environ, **env},
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
 
 
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("bridge: ") and "Traceback" not in done.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 @pytest.mark.parametrize(

@@ -15,13 +15,29 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import psycopg
 import pytest
 
 from bridge import Bridge
 from bridge.errors import LeaseLost, StoreError
-from bridge.idempotency import Busy, Claim, Claimed, Done, Enqueued, Store, open_store, postgres, sql
+from bridge.idempotency import (
+    DONE,
+    ENQUEUED,
+    ENQUEUING,
+    RUNNING,
+    Busy,
+    Claim,
+    Claimed,
+    Done,
+    Enqueued,
+    Record,
+    Store,
+    open_store,
+    postgres,
+    sql,
+)
 from bridge.idempotency import redis as redis_store
 from bridge.idempotency.sql import SqlStore
 from tests.apps.effects import write_effect
@@ -312,6 +328,52 @@ def test_a_publish_confirmed_after_its_hold_ended_untaken_is_remembered(store_ur
         await asyncio.sleep(0.3)
         assert await store.confirm(key, "h", 30)
         assert await store.remember(key, "i", 30) == Enqueued("h", confirmed=True)
+
+    with_store(store_url, scenario)
+    with_store("memory://", scenario)
+
+
+def test_a_key_s_record_is_shown_as_it_stands_and_forgotten_only_once_settled(store_url: str) -> None:
+    # Given a key held by job 1, Then inspect says it runs (by job 1 where the store keeps the
+    # holder: not Redis), until its lease ends, and drop leaves it, unless forced;
+    # When job 1 completes it, Then inspect says done by job 1, with when, until the window
+    # ends; drop deletes it, and the next claim takes the key: the job would run again.
+    # Likewise for an enqueue's hold and, once confirmed, its record. A record that ended
+    # (a lapsed lease) is shown as none, and there is nothing to drop.
+    async def scenario(store: Store) -> None:
+        key, enqueued, lapsed = new_key(), new_key(), new_key()
+        first = claimed(await store.claim(key, "job-1", 30))
+        before_ms = time.time_ns() // 1_000_000
+        held = await store.inspect(key)
+        assert held is not None and held.state == RUNNING and held.job_id in ("job-1", "")
+        assert before_ms + 25_000 < held.expires_ms <= before_ms + 31_000, held
+        assert not await store.drop(key)
+        # (On Redis the end is now plus the key's TTL, read to the ms: it may move by one.)
+        assert await store.inspect(key) == Record(held.state, held.job_id, mock.ANY)
+        assert await store.complete(key, first.token, "job-1", 3600)
+        after_ms = time.time_ns() // 1_000_000
+        done = await store.inspect(key)
+        assert done is not None and (done.state, done.job_id) == (DONE, "job-1"), done
+        assert done.done_ms is not None and before_ms - 1000 <= done.done_ms <= after_ms + 1000, done
+        assert 3590 * 1000 < done.expires_ms - done.done_ms <= 3601 * 1000, done
+        assert await store.drop(key)
+        assert await store.inspect(key) is None and not await store.drop(key)
+        claimed(await store.claim(key, "job-2", 30))
+        assert await store.drop(key, in_flight=True)  # (forced: job 2's claim goes)
+        assert await store.inspect(key) is None
+
+        assert await store.remember(enqueued, "job-3", 30) is None
+        assert await store.inspect(enqueued) == Record(ENQUEUING, "job-3", mock.ANY)
+        assert not await store.drop(enqueued)
+        assert await store.confirm(enqueued, "job-3", 3600)
+        assert await store.inspect(enqueued) == Record(ENQUEUED, "job-3", mock.ANY)
+        assert await store.drop(enqueued)
+        assert await store.remember(enqueued, "job-4", 30) is None  # (it would publish again)
+
+        claimed(await store.claim(lapsed, "job-5", 0.2))
+        await asyncio.sleep(0.3)
+        assert await store.inspect(lapsed) is None
+        assert not await store.drop(lapsed, in_flight=True)
 
     with_store(store_url, scenario)
     with_store("memory://", scenario)

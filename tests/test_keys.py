@@ -22,7 +22,7 @@ from bridge import Bridge, JobContext, Permanent, testing
 from bridge.cli import _configure_logging
 from bridge.dlq import Selection
 from bridge.errors import ConfigError, PublishError, StoreError
-from bridge.idempotency import Claimed, Store, enqueue_key, run_key
+from bridge.idempotency import Claimed, Store, enqueue_key, open_store, run_key
 from bridge.idempotency.lease import Lease
 from bridge.idempotency.memory import MemoryStore
 from bridge.idempotency.outage import Outage
@@ -30,6 +30,8 @@ from bridge.policy import fixed
 from bridge.transports import Outgoing
 from bridge.worker import Stats
 from tests.conftest import SCHEMAS, publish_envelope, run
+from tests.processes import assert_one_line_error
+from tests.processes import bridge as bridge_command
 from tests.proxy import FlakyProxy
 
 
@@ -251,6 +253,66 @@ def test_dedupe_on_enqueue_publishes_one_job(keyed_app: Callable[..., Bridge], q
     assert len(set(ids)) == 1
     assert ran == ids[:1]
     assert stats.processed == 1
+
+
+def test_bridge_keys_forget_lets_a_key_s_job_run_again(
+    keyed_app: Callable[..., Bridge], queue: str, tmp_path: Path
+) -> None:
+    # Given a job of key k that ran, enqueued with dedupe,
+    # When `bridge keys show` is asked, Then it says k is done by that job and its enqueue
+    # recorded, and a copy is skipped as a duplicate;
+    # When `bridge keys forget` deletes k, Then the next enqueue with dedupe publishes a new
+    # job, and it runs.
+    app = keyed_app()
+    ran: list[str] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(ctx.job_id)
+
+    store = {"BRIDGE_IDEMPOTENCY": f"sqlite:///{tmp_path / 'keys.db'}"}
+    [first] = enqueue_all(app, [(0, "k")], dedupe=True)
+    consume(app)
+    shown = bridge_command("keys", "show", "test.Echo", "k", **store)
+    assert shown.returncode == 0, shown.stderr
+    run_line, enqueue_line = shown.stdout.splitlines()
+    assert run_line.startswith(f"run      done by job {first} at "), shown.stdout
+    assert enqueue_line.startswith(f"enqueue  enqueued as job {first}; "), shown.stdout
+    enqueue_all(app, [(1, "k")])  # (a copy, without dedupe)
+    assert consume(app).duplicates == 1
+
+    forgot = bridge_command("keys", "forget", "test.Echo", "k", **store)
+    assert forgot.returncode == 0, forgot.stderr
+    forgotten = [line.split()[:2] for line in forgot.stdout.splitlines()]
+    assert forgotten == [["forgot", "run"], ["forgot", "enqueue"]], forgot.stdout
+    [again] = enqueue_all(app, [(2, "k")], dedupe=True)
+    consume(app)
+    assert again != first and ran == [first, again]
+
+
+def test_bridge_keys_forget_leaves_a_key_held_by_a_running_job_unless_forced(tmp_path: Path) -> None:
+    # Given key k held by a running job, When `bridge keys forget` is asked, Then it refuses in
+    # one line that names the job and --force, and the key stays held; with --force it goes.
+    # The memory store, which no worker shares, is refused in one line.
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+
+    async def hold() -> None:
+        store = open_store(url)
+        assert isinstance(await store.claim(run_key("test.Echo", "k"), "job-1", 60), Claimed)
+        await store.close()
+
+    run(hold())
+    refused = bridge_command("keys", "forget", "test.Echo", "k", BRIDGE_IDEMPOTENCY=url)
+    assert_one_line_error(refused, "'k' of test.Echo: running: job job-1 holds it", "--force")
+    held = bridge_command("keys", "show", "test.Echo", "k", BRIDGE_IDEMPOTENCY=url)
+    assert held.stdout.startswith("run      running: job job-1 holds it"), held
+    forced = bridge_command("keys", "forget", "test.Echo", "k", "--force", BRIDGE_IDEMPOTENCY=url)
+    assert forced.stdout.startswith("forgot run      running: job job-1 holds it"), forced
+    shown = bridge_command("keys", "show", "test.Echo", "k", BRIDGE_IDEMPOTENCY=url)
+    assert shown.stdout.startswith("no record of idempotency key 'k' of test.Echo"), shown
+    # (A store of the command's own process: it would say "no record" of every key.)
+    in_memory = bridge_command("keys", "show", "test.Echo", "k", BRIDGE_BROKER="memory://")
+    assert_one_line_error(in_memory, "the memory:// idempotency store lives in one process")
 
 
 def test_a_lease_shorter_than_the_stores_can_count_is_refused_at_start() -> None:

@@ -56,6 +56,10 @@ class Busy:
 
 
 Claim = Claimed | Done | Busy
+# The states a key's record can be in: a job holds it (its lease), or one succeeded (the
+# window); for dedupe on enqueue, a publish is out (its hold), or it was confirmed (the window).
+RUNNING, DONE, ENQUEUING, ENQUEUED = "running", "done", "enqueuing", "enqueued"
+IN_FLIGHT = (RUNNING, ENQUEUING)  # what `drop` leaves alone unless told otherwise
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,16 @@ class Enqueued:
 
     job_id: str
     confirmed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What a store holds for a key, as `bridge keys show` tells it."""
+
+    state: str  # RUNNING, DONE, ENQUEUING or ENQUEUED
+    job_id: str  # the job that holds, completed or enqueued it ("" where the store keeps none)
+    expires_ms: int  # epoch ms when it stops counting: the lease's, the hold's or the window's end
+    done_ms: int | None = None  # epoch ms of the success, for DONE
 
 
 class Store(Protocol):
@@ -109,6 +123,15 @@ class Store(Protocol):
 
     async def forget(self, key: str, job_id: str) -> None:
         """Undo `remember` (the publish failed), so that the next enqueue publishes."""
+        ...
+
+    async def inspect(self, key: str) -> Record | None:
+        """What the store holds for `key` now; None when nothing counts (never seen, or ended)."""
+        ...
+
+    async def drop(self, key: str, *, in_flight: bool = False) -> bool:
+        """Delete `key`'s record, so that its next job runs (or its next enqueue publishes);
+        one IN_FLIGHT (a job or a publish under way) only with `in_flight`. Whether one went."""
         ...
 
     async def close(self) -> None:
@@ -238,6 +261,7 @@ __all__ = [
     "Claim",
     "Claimed",
     "Done",
+    "Record",
     "Store",
     "default_url",
     "enqueue_key",

@@ -7,7 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from bridge.errors import LeaseLost
-from bridge.idempotency import Busy, Claim, Claimed, Done, Enqueued, new_token
+from bridge.idempotency import IN_FLIGHT, Busy, Claim, Claimed, Done, Enqueued, Record, new_token
+
+# A key's entry: state, job id, token (a running key's), until (time.time()), and when it was
+# done (epoch ms). A plain tuple: a NamedTuple cost 0.2 µs more to make, twice per keyed job.
+_Entry = tuple[str, str, str | None, float, int | None]
 
 
 class MemoryStore:
@@ -16,9 +20,9 @@ class MemoryStore:
     url = "memory://"
 
     def __init__(self) -> None:
-        self._keys: dict[str, tuple[str, str, str | None, float]] = {}  # state, job id, token, until
+        self._keys: dict[str, _Entry] = {}
 
-    def _live(self, key: str) -> tuple[str, str, str | None, float] | None:
+    def _live(self, key: str) -> _Entry | None:
         entry = self._keys.get(key)
         return entry if entry is not None and entry[3] > time.time() else None
 
@@ -26,9 +30,9 @@ class MemoryStore:
         entry = self._live(key)
         if entry is None:
             token = new_token()
-            self._keys[key] = ("running", job_id, token, time.time() + lease_s)
+            self._keys[key] = ("running", job_id, token, time.time() + lease_s, None)
             return Claimed(token)
-        state, holder, _, until = entry
+        state, holder, _, until, _ = entry
         return Done(holder) if state == "done" else Busy(until - time.time())
 
     def _held(self, key: str, token: str) -> bool:
@@ -38,15 +42,16 @@ class MemoryStore:
     async def extend(self, key: str, token: str, lease_s: float) -> bool:
         if not self._held(key, token):
             return False
-        state, job_id, _, _ = self._keys[key]
-        self._keys[key] = (state, job_id, token, time.time() + lease_s)
+        state, job_id, _, _, _ = self._keys[key]
+        self._keys[key] = (state, job_id, token, time.time() + lease_s, None)
         return True
 
     async def complete(self, key: str, token: str, job_id: str, window_s: float) -> bool:
         # (A claim that lapsed and that nobody took since is still this job's to complete.)
         if self._live(key) is not None and not self._held(key, token):
             return False
-        self._keys[key] = ("done", job_id, None, time.time() + window_s)
+        now = time.time()
+        self._keys[key] = ("done", job_id, None, now + window_s, int(now * 1000))
         return True
 
     async def release(self, key: str, token: str) -> None:
@@ -63,7 +68,7 @@ class MemoryStore:
         entry = self._live(key)
         if entry is not None:
             return Enqueued(entry[1], entry[0] == "enqueued")
-        self._keys[key] = ("enqueuing", job_id, None, time.time() + hold_s)
+        self._keys[key] = ("enqueuing", job_id, None, time.time() + hold_s, None)
         return None
 
     async def confirm(self, key: str, job_id: str, window_s: float) -> bool:
@@ -72,13 +77,27 @@ class MemoryStore:
         entry = self._keys.get(key)
         if entry is not None and entry[:2] != ("enqueuing", job_id):
             return False
-        self._keys[key] = ("enqueued", job_id, None, time.time() + window_s)
+        self._keys[key] = ("enqueued", job_id, None, time.time() + window_s, None)
         return True
 
     async def forget(self, key: str, job_id: str) -> None:
         entry = self._live(key)
         if entry is not None and entry[:2] == ("enqueuing", job_id):
             del self._keys[key]
+
+    async def inspect(self, key: str) -> Record | None:
+        entry = self._live(key)
+        if entry is None:
+            return None
+        state, job_id, _, until, done_ms = entry
+        return Record(state, job_id, int(until * 1000), done_ms)
+
+    async def drop(self, key: str, *, in_flight: bool = False) -> bool:
+        entry = self._live(key)
+        if entry is None or (entry[0] in IN_FLIGHT and not in_flight):
+            return False
+        del self._keys[key]
+        return True
 
     async def close(self) -> None:
         self._keys.clear()

@@ -23,7 +23,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from bridge.errors import LeaseLost, StoreError, safe_url
-from bridge.idempotency import Busy, Claim, Claimed, Done, Enqueued, new_token
+from bridge.idempotency import DONE, RUNNING, Busy, Claim, Claimed, Done, Enqueued, Record, new_token
 from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.given_up import GivenUp
 
@@ -48,9 +48,16 @@ _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
-_SCRIPTS = (_SWAP, _CLAIM)
+# Delete the key unless it is absent or, with ARGV[1] '0', a job or a publish is under way.
+_DROP = """
+local held = redis.call('GET', KEYS[1])
+if not held then return 0 end
+if ARGV[1] == '0' and (held:sub(1, 8) == 'running|' or held:sub(1, 10) == 'enqueuing|') then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+_SCRIPTS = (_SWAP, _CLAIM, _DROP)
 # How EVALSHA names them:
-_SWAP_SHA1, _CLAIM_SHA1 = (hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS)
+_SWAP_SHA1, _CLAIM_SHA1, _DROP_SHA1 = (hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS)
 
 
 MAX_CONNECTIONS = 64
@@ -246,6 +253,24 @@ class RedisStore:
 
     async def forget(self, key: str, job_id: str) -> None:
         await self._swap_if(key, f"enqueuing|{job_id}", "", 0)
+
+    async def inspect(self, key: str) -> Record | None:
+        value, ttl_ms = await asyncio.gather(
+            self._call(lambda pipe: pipe.get(key)), self._call(lambda pipe: pipe.pttl(key))
+        )
+        if value is None or ttl_ms < 0:  # (-2: it expired between the two)
+            return None
+        state, _, rest = _text(value).partition("|")
+        expires_ms = time.time_ns() // 1_000_000 + ttl_ms
+        if state == DONE:  # done|<job id>|<epoch ms>
+            job_id, _, done_ms = rest.rpartition("|")
+            return Record(state, job_id, expires_ms, int(done_ms))
+        # running|<token> names no job; enqueuing|<job id> and enqueued|<job id> do
+        return Record(state, "" if state == RUNNING else rest, expires_ms)
+
+    async def drop(self, key: str, *, in_flight: bool = False) -> bool:
+        flag = "1" if in_flight else "0"
+        return bool(await self._call(lambda pipe: pipe.evalsha(_DROP_SHA1, 1, key, flag)))
 
     async def close(self) -> None:
         await self._given_up.wait()

@@ -22,7 +22,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppres
 from typing import Any
 
 from bridge.errors import LeaseLost, StoreError
-from bridge.idempotency import Busy, Claim, Claimed, Done, Enqueued, new_token
+from bridge.idempotency import Busy, Claim, Claimed, Done, Enqueued, Record, new_token
 from bridge.idempotency.given_up import GivenUp
 
 SCHEMA = """
@@ -66,13 +66,19 @@ CONFIRM = """
 UPDATE bridge_idempotency SET state = 'enqueued', expires_at = ?
 WHERE name = ? AND job_id = ? AND state = 'enqueuing'"""
 FORGET = "DELETE FROM bridge_idempotency WHERE name = ? AND job_id = ? AND state = 'enqueuing'"
+# For `bridge keys show|forget`: a key's record, while it counts; deleting it, and deleting it
+# unless a job or a publish is under way (IN_FLIGHT). An expired row is left to the purge.
+INSPECT = """
+SELECT state, job_id, expires_at, done_at FROM bridge_idempotency WHERE name = ? AND expires_at > ?"""
+DROP = "DELETE FROM bridge_idempotency WHERE name = ? AND expires_at > ?"
+DROP_SETTLED = DROP + " AND state NOT IN ('running', 'enqueuing')"
 PURGE_EVERY_S = 3600.0
 # Where each statement that touches one key's row has that key among its parameters. A store
 # that runs several such statements in one transaction takes their rows in key order, so two
 # processes' transactions never wait for each other's rows in a circle (a deadlock).
 KEY_AT = {
     CLAIM: 0, LOOK: 0, EXTEND: 1, COMPLETE: 3, COMPLETE_ABSENT: 0, RELEASE: 0,
-    REMEMBER: 0, CONFIRM: 1, FORGET: 0,
+    REMEMBER: 0, CONFIRM: 1, FORGET: 0, INSPECT: 0, DROP: 0, DROP_SETTLED: 0,
 }  # fmt: skip
 
 log = logging.getLogger("bridge.idempotency")
@@ -177,6 +183,16 @@ class SqlStore:
 
     async def forget(self, key: str, job_id: str) -> None:
         await self._query(FORGET, (key, _id(job_id)))
+
+    async def inspect(self, key: str) -> Record | None:
+        rows = await self._query(INSPECT, (key, self._now_ms()))
+        if not rows:
+            return None
+        state, job_id, expires_at, done_at = rows[0]
+        return Record(state, job_id, expires_at, done_at)
+
+    async def drop(self, key: str, *, in_flight: bool = False) -> bool:
+        return bool(await self._query(DROP if in_flight else DROP_SETTLED, (key, self._now_ms())))
 
     async def purge(self) -> None:
         """Delete the rows that stopped counting: their lease or their window ended."""

@@ -1,0 +1,80 @@
+"""An operator's look at idempotency keys: `bridge keys show` and `bridge keys forget`.
+
+An idempotency key of a job type has up to two records in the store: the run's (a job holds
+the key while it runs, then the key is done for the window) and, for dedupe on enqueue, the
+enqueue's. Forgetting a key deletes both, so that its next job runs and its next enqueue
+publishes: to run a job again after fixing what its handler did, say. A record of a job or a
+publish under way is kept unless forced: forgetting it would let a copy run beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bridge.envelope import iso_ms
+from bridge.errors import KeyInFlight
+from bridge.idempotency import DONE, ENQUEUED, ENQUEUING, IN_FLIGHT, RUNNING, Record, enqueue_key, run_key
+
+if TYPE_CHECKING:
+    from bridge.app import Bridge
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One record of a key: its `kind`, "run" or "enqueue", and what the store holds."""
+
+    kind: str
+    record: Record
+
+    def describe(self) -> str:
+        """The record in a line, for people."""
+        record, until = self.record, iso_ms(self.record.expires_ms, timespec="seconds")
+        job = f"job {record.job_id}" if record.job_id else "a worker"
+        if record.state == RUNNING:
+            return f"running: {job} holds it; its lease ends {until} unless renewed"
+        if record.state == DONE:
+            at = f" at {iso_ms(record.done_ms, timespec='seconds')}" if record.done_ms is not None else ""
+            return f"done by {job}{at}; a job with this key is skipped until {until}"
+        if record.state == ENQUEUING:
+            return f"enqueuing: {job} is being published; its hold ends {until}"
+        if record.state == ENQUEUED:
+            return f"enqueued as {job}; an enqueue with dedupe publishes nothing until {until}"
+        return f"{record.state}: {job}, until {until}"  # (a state from a later bridge)
+
+
+class Keys:
+    """The idempotency keys of `job_type` in an app's store (`app.idempotency_keys(type)`)."""
+
+    def __init__(self, app: Bridge, job_type: str) -> None:
+        self.app = app
+        self.job_type = job_type
+
+    def _names(self, key: str) -> dict[str, str]:
+        return {"run": run_key(self.job_type, key), "enqueue": enqueue_key(self.job_type, key)}
+
+    async def show(self, key: str) -> list[Entry]:
+        """`key`'s records that count now; none if no job or enqueue used it within its window."""
+        store = await self.app.idempotency_store()
+        entries = []
+        for kind, name in self._names(key).items():
+            record = await store.inspect(name)
+            if record is not None:
+                entries.append(Entry(kind, record))
+        return entries
+
+    async def forget(self, key: str, *, force: bool = False) -> list[Entry]:
+        """Delete `key`'s records, so that its next job runs and its next enqueue publishes;
+        the records deleted. Raises KeyInFlight, deleting nothing, when a job or a publish of
+        it is under way, unless `force`."""
+        store = await self.app.idempotency_store()
+        entries = await self.show(key)
+        busy = [entry for entry in entries if entry.record.state in IN_FLIGHT]
+        if busy and not force:
+            raise KeyInFlight(
+                f"idempotency key {key!r} of {self.job_type}: {busy[0].describe()}. Forgetting it "
+                "now would let another job with it run beside that one: wait for it to end, or "
+                "force it (--force)"
+            )
+        names = self._names(key)
+        return [entry for entry in entries if await store.drop(names[entry.kind], in_flight=force)]
