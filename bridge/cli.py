@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import difflib
 import importlib
 import json
@@ -252,6 +253,9 @@ def _keys_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
         action.add_argument("type", help="the job type the key belongs to, e.g. billing.ChargeCard")
         action.add_argument("key", help="the idempotency key, e.g. welcome:42")
         action.set_defaults(run=run)
+    actions.choices["show"].add_argument(
+        "--json", action="store_true", help="one JSON object per record (none if there is none)"
+    )
     actions.choices["forget"].add_argument(
         "--force", action="store_true", help="even while a job with the key runs (a copy may run beside it)"
     )
@@ -456,6 +460,10 @@ def _keys(args: argparse.Namespace) -> tuple[Bridge, Keys]:
 def _keys_show(args: argparse.Namespace) -> int:
     app, keys = _keys(args)
     entries = asyncio.run(_closing(app, keys.show(args.key)))
+    if args.json:
+        for entry in entries:  # (times in epoch ms, as in `bridge dlq list --json`)
+            print(json.dumps({"kind": entry.kind, **dataclasses.asdict(entry.record)}))
+        return 0
     if not entries:
         print(one_line(f"no record of idempotency key {args.key!r} of {args.type}: its next job runs "
                        "(never used, or its window ended)"))  # fmt: skip

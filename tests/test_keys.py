@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import threading
@@ -14,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -278,6 +280,13 @@ def test_bridge_keys_forget_lets_a_key_s_job_run_again(
     run_line, enqueue_line = shown.stdout.splitlines()
     assert run_line.startswith(f"run      done by job {first} at "), shown.stdout
     assert enqueue_line.startswith(f"enqueue  enqueued as job {first}; "), shown.stdout
+    as_json = bridge_command("keys", "show", "test.Echo", "k", "--json", **store)
+    run_record, enqueue_record = map(json.loads, as_json.stdout.splitlines())
+    assert run_record == {
+        "kind": "run", "state": "done", "job_id": first, "expires_ms": mock.ANY, "done_ms": mock.ANY,
+    }  # fmt: skip
+    assert run_record["expires_ms"] - run_record["done_ms"] == 24 * 3600 * 1000  # (the default window)
+    assert enqueue_record["kind"] == "enqueue" and enqueue_record["job_id"] == first
     enqueue_all(app, [(1, "k")])  # (a copy, without dedupe)
     assert consume(app).duplicates == 1
 
