@@ -20,6 +20,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from bridge.app import Bridge
@@ -452,6 +453,12 @@ def _keys(args: argparse.Namespace) -> tuple[Bridge, Keys]:
         raise ConfigError(
             "the memory:// idempotency store lives in one process, not the workers': give theirs, "
             "--idempotency sqlite:///... (or BRIDGE_IDEMPOTENCY)"
+        )
+    path = Path(url.removeprefix("sqlite://"))
+    if url.startswith("sqlite:") and not path.exists():  # (made now, it would hold no key: say so)
+        raise ConfigError(
+            f"no idempotency store at {path}: no worker has used it. Give the workers' store, "
+            "--idempotency sqlite:///path (or BRIDGE_IDEMPOTENCY; the default is in BRIDGE_DATA)"
         )
     app.configure(idempotency=url)
     return app, app.idempotency_keys(args.type)

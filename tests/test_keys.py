@@ -302,7 +302,7 @@ def test_bridge_keys_forget_lets_a_key_s_job_run_again(
 def test_bridge_keys_forget_leaves_a_key_held_by_a_running_job_unless_forced(tmp_path: Path) -> None:
     # Given key k held by a running job, When `bridge keys forget` is asked, Then it refuses in
     # one line that names the job and --force, and the key stays held; with --force it goes.
-    # The memory store, which no worker shares, is refused in one line.
+    # The memory store, which no worker shares, and a SQLite file not there, are refused in one line.
     url = f"sqlite:///{tmp_path / 'keys.db'}"
 
     async def hold() -> None:
@@ -319,9 +319,14 @@ def test_bridge_keys_forget_leaves_a_key_held_by_a_running_job_unless_forced(tmp
     assert forced.stdout.startswith("forgot run      running: job job-1 holds it"), forced
     shown = bridge_command("keys", "show", "test.Echo", "k", BRIDGE_IDEMPOTENCY=url)
     assert shown.stdout.startswith("no record of idempotency key 'k' of test.Echo"), shown
-    # (A store of the command's own process: it would say "no record" of every key.)
+    # (A store of the command's own process, or one no worker made: it would say "no record"
+    # of every key, as if the key were free.)
     in_memory = bridge_command("keys", "show", "test.Echo", "k", BRIDGE_BROKER="memory://")
     assert_one_line_error(in_memory, "the memory:// idempotency store lives in one process")
+    elsewhere = tmp_path / "other" / "keys.db"
+    absent = bridge_command("keys", "forget", "test.Echo", "k", BRIDGE_IDEMPOTENCY=f"sqlite:///{elsewhere}")
+    assert_one_line_error(absent, "no idempotency store at ", "other/keys.db: no worker has used it")
+    assert not elsewhere.parent.exists()
 
 
 def test_a_lease_shorter_than_the_stores_can_count_is_refused_at_start() -> None:
