@@ -28,12 +28,12 @@ from bridge.compatibility import LEVELS
 from bridge.dlq import Selection, describe
 from bridge.envelope import REASONS, iso_ms, now_ms
 from bridge.errors import BridgeError, ConfigError
-from bridge.idempotency import default_url
+from bridge.idempotency import DONE, ENQUEUED, ENQUEUING, RUNNING, default_url
+from bridge.keys import DEFAULT_LIMIT, Entry, Keys
 from bridge.logs import OneLine, one_line
 from bridge.policy import parse_duration
 
 if TYPE_CHECKING:
-    from bridge.keys import Keys
     from bridge.schema_registry import HttpRegistry
 
 log = logging.getLogger("bridge.cli")
@@ -243,7 +243,7 @@ def _dlq_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def _keys_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
     keys = commands.add_parser(
-        "keys", parents=[common], help="idempotency keys in the store (--idempotency): show, forget"
+        "keys", parents=[common], help="idempotency keys in the store (--idempotency): show, list, forget"
     )
     actions = keys.add_subparsers(required=True, metavar="ACTION")
     for name, run, text in (
@@ -254,9 +254,17 @@ def _keys_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
         action.add_argument("type", help="the job type the key belongs to, e.g. billing.ChargeCard")
         action.add_argument("key", help="the idempotency key, e.g. welcome:42")
         action.set_defaults(run=run)
-    actions.choices["show"].add_argument(
-        "--json", action="store_true", help="one JSON object per record (none if there is none)"
+    listing = actions.add_parser("list", parents=[common], help="the job type's keys that count now, by key")
+    listing.add_argument("type", help="the job type, e.g. billing.ChargeCard")
+    listing.add_argument(
+        "--state", choices=[RUNNING, DONE, ENQUEUING, ENQUEUED], help="only keys in this state"
     )
+    listing.add_argument(
+        "--limit", type=_positive, default=DEFAULT_LIMIT, help="at most this many (default 100)"
+    )
+    listing.set_defaults(run=_keys_list)
+    for action in (actions.choices["show"], listing):
+        action.add_argument("--json", action="store_true", help="one JSON object per record")
     actions.choices["forget"].add_argument(
         "--force", action="store_true", help="even while a job with the key runs (a copy may run beside it)"
     )
@@ -468,8 +476,7 @@ def _keys_show(args: argparse.Namespace) -> int:
     app, keys = _keys(args)
     entries = asyncio.run(_closing(app, keys.show(args.key)))
     if args.json:
-        for entry in entries:  # (times in epoch ms, as in `bridge dlq list --json`)
-            print(json.dumps({"kind": entry.kind, **dataclasses.asdict(entry.record)}))
+        _print_json(entries)
         return 0
     if not entries:
         print(one_line(f"no record of idempotency key {args.key!r} of {args.type}: its next job runs "
@@ -477,6 +484,25 @@ def _keys_show(args: argparse.Namespace) -> int:
     for entry in entries:
         print(one_line(f"{entry.kind:8} {entry.describe()}"))
     return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    app, keys = _keys(args)
+    entries = asyncio.run(_closing(app, keys.find(args.state, args.limit)))
+    if args.json:
+        _print_json(entries)
+        return 0
+    for entry in entries:
+        print(one_line(f"{entry.key}  {entry.kind:8} {entry.describe()}"))
+    more = " (--limit: there may be more)" if len(entries) == args.limit else ""
+    records = "record" if len(entries) == 1 else "records"
+    print(f"{len(entries)} idempotency {records} of {args.type}{more}", file=sys.stderr)
+    return 0
+
+
+def _print_json(entries: list[Entry]) -> None:
+    for entry in entries:  # (times in epoch ms, as in `bridge dlq list --json`)
+        print(json.dumps({"key": entry.key, "kind": entry.kind, **dataclasses.asdict(entry.record)}))
 
 
 def _keys_forget(args: argparse.Namespace) -> int:

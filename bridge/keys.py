@@ -1,4 +1,4 @@
-"""An operator's look at idempotency keys: `bridge keys show` and `bridge keys forget`.
+"""An operator's look at idempotency keys: `bridge keys show`, `list` and `forget`.
 
 An idempotency key of a job type has up to two records in the store: the run's (a job holds
 the key while it runs, then the key is done for the window) and, for dedupe on enqueue, the
@@ -20,10 +20,17 @@ if TYPE_CHECKING:
     from bridge.app import Bridge
 
 
+KINDS = {"run": (RUNNING, DONE), "enqueue": (ENQUEUING, ENQUEUED)}  # a record's kind: its states
+DEFAULT_LIMIT = 100
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One record of a key: its `kind`, "run" or "enqueue", and what the store holds."""
+    """One record of a key: the key, its `kind` ("run" or "enqueue") and what the store holds.
 
+    A key longer than MAX_KEY_CHARS, or with a NUL, is kept (and listed) by its digest."""
+
+    key: str
     kind: str
     record: Record
 
@@ -53,6 +60,18 @@ class Keys:
     def _names(self, key: str) -> dict[str, str]:
         return {"run": run_key(self.job_type, key), "enqueue": enqueue_key(self.job_type, key)}
 
+    async def find(self, state: str | None = None, limit: int = DEFAULT_LIMIT) -> list[Entry]:
+        """The records of this job type's keys that count now, of `state` if given: the first
+        `limit` in the store's order of names, sorted by key. (The store reads them all for it.)"""
+        store = await self.app.idempotency_store()
+        entries: list[Entry] = []
+        for kind, states in KINDS.items():
+            if state is None or state in states:
+                prefix = self._names("")[kind]
+                found = await store.records(prefix, state, limit)
+                entries += [Entry(name.removeprefix(prefix), kind, record) for name, record in found]
+        return sorted(entries, key=lambda entry: (entry.key, entry.kind))[:limit]
+
     async def show(self, key: str) -> list[Entry]:
         """`key`'s records that count now; none if no job or enqueue used it within its window."""
         store = await self.app.idempotency_store()
@@ -60,7 +79,7 @@ class Keys:
         for kind, name in self._names(key).items():
             record = await store.inspect(name)
             if record is not None:
-                entries.append(Entry(kind, record))
+                entries.append(Entry(key, kind, record))
         return entries
 
     async def forget(self, key: str, *, force: bool = False) -> list[Entry]:

@@ -379,6 +379,32 @@ def test_a_key_s_record_is_shown_as_it_stands_and_forgotten_only_once_settled(st
     with_store("memory://", scenario)
 
 
+def test_the_records_of_keys_with_a_prefix_are_found_by_name_and_state(store_url: str) -> None:
+    # Given, under one prefix, keys b and c done, a held and d lapsed, and a key beside the prefix
+    # that would match it were its "?" taken for any character (Redis's SCAN matches globs),
+    # Then the records found are a, b and c by name; of state done, b and c; at most 2, a and b.
+    async def scenario(store: Store) -> None:
+        prefix = f"{new_key()}:?"
+        a, b, c, d = (f"{prefix}{name}" for name in "abcd")
+        for key in (b, c):
+            assert await store.complete(
+                key, claimed(await store.claim(key, f"job-{key[-1]}", 30)).token, "done-by", 60
+            )
+        claimed(await store.claim(a, "job-a", 30))
+        claimed(await store.claim(d, "job-d", 0.2))
+        claimed(await store.claim(f"{prefix[:-1]}Xa", "job-beside", 30))
+        await asyncio.sleep(0.3)
+        found = await store.records(prefix, None, 10)
+        assert [(name, record.state) for name, record in found] == [(a, RUNNING), (b, DONE), (c, DONE)]
+        assert [record.job_id for _, record in found[1:]] == ["done-by", "done-by"]
+        assert [name for name, _ in await store.records(prefix, DONE, 10)] == [b, c]
+        assert [name for name, _ in await store.records(prefix, None, 2)] == [a, b]
+        assert await store.records(prefix, ENQUEUED, 10) == []
+
+    with_store(store_url, scenario)
+    with_store("memory://", scenario)
+
+
 def test_the_inbox_commits_the_write_and_the_key_together(store_url: str) -> None:
     # Given a claimed key,
     # When a write in its transaction succeeds, Then the write exists and the key is done;

@@ -262,7 +262,7 @@ def test_bridge_keys_forget_lets_a_key_s_job_run_again(
 ) -> None:
     # Given a job of key k that ran, enqueued with dedupe,
     # When `bridge keys show` is asked, Then it says k is done by that job and its enqueue
-    # recorded, and a copy is skipped as a duplicate;
+    # recorded (`bridge keys list` finds it done), and a copy is skipped as a duplicate;
     # When `bridge keys forget` deletes k, Then the next enqueue with dedupe publishes a new
     # job, and it runs.
     app = keyed_app()
@@ -283,10 +283,13 @@ def test_bridge_keys_forget_lets_a_key_s_job_run_again(
     as_json = bridge_command("keys", "show", "test.Echo", "k", "--json", **store)
     run_record, enqueue_record = map(json.loads, as_json.stdout.splitlines())
     assert run_record == {
-        "kind": "run", "state": "done", "job_id": first, "expires_ms": mock.ANY, "done_ms": mock.ANY,
+        "key": "k", "kind": "run", "state": "done", "job_id": first, "expires_ms": mock.ANY,
+        "done_ms": mock.ANY,
     }  # fmt: skip
     assert run_record["expires_ms"] - run_record["done_ms"] == 24 * 3600 * 1000  # (the default window)
     assert enqueue_record["kind"] == "enqueue" and enqueue_record["job_id"] == first
+    listed = bridge_command("keys", "list", "test.Echo", "--state", "done", **store)
+    assert listed.stdout == f"k  {run_line}\n" and listed.stderr == "1 idempotency record of test.Echo\n"
     enqueue_all(app, [(1, "k")])  # (a copy, without dedupe)
     assert consume(app).duplicates == 1
 

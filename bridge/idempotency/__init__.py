@@ -129,6 +129,11 @@ class Store(Protocol):
         """What the store holds for `key` now; None when nothing counts (never seen, or ended)."""
         ...
 
+    async def records(self, prefix: str, state: str | None, limit: int) -> list[tuple[str, Record]]:
+        """The first `limit` keys starting with `prefix` whose records count now (of `state` if
+        given), by name, and what each holds: `bridge keys list`."""
+        ...
+
     async def drop(self, key: str, *, in_flight: bool = False) -> bool:
         """Delete `key`'s record, so that its next job runs (or its next enqueue publishes);
         one IN_FLIGHT (a job or a publish under way) only with `in_flight`. Whether one went."""

@@ -92,6 +92,16 @@ class MemoryStore:
         state, job_id, _, until, done_ms = entry
         return Record(state, job_id, int(until * 1000), done_ms)
 
+    async def records(self, prefix: str, state: str | None, limit: int) -> list[tuple[str, Record]]:
+        found = []
+        for name in sorted(key for key in self._keys if key.startswith(prefix)):
+            record = await self.inspect(name)
+            if record is not None and state in (None, record.state):
+                found.append((name, record))
+                if len(found) == limit:
+                    break
+        return found
+
     async def drop(self, key: str, *, in_flight: bool = False) -> bool:
         entry = self._live(key)
         if entry is None or (entry[0] in IN_FLIGHT and not in_flight):

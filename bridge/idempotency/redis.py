@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -63,6 +64,7 @@ _SWAP_SHA1, _CLAIM_SHA1, _DROP_SHA1 = (hashlib.sha1(script.encode()).hexdigest()
 MAX_CONNECTIONS = 64
 CONNECTION_WAIT_S = 10.0
 CALL_TIMEOUT_S = 15.0
+SCAN_READ = 1000  # keys found by `records` read per pipeline
 
 log = logging.getLogger("bridge.idempotency")
 
@@ -258,15 +260,30 @@ class RedisStore:
         value, ttl_ms = await asyncio.gather(
             self._call(lambda pipe: pipe.get(key)), self._call(lambda pipe: pipe.pttl(key))
         )
-        if value is None or ttl_ms < 0:  # (-2: it expired between the two)
-            return None
-        state, _, rest = _text(value).partition("|")
-        expires_ms = time.time_ns() // 1_000_000 + ttl_ms
-        if state == DONE:  # done|<job id>|<epoch ms>
-            job_id, _, done_ms = rest.rpartition("|")
-            return Record(state, job_id, expires_ms, int(done_ms))
-        # running|<token> names no job; enqueuing|<job id> and enqueued|<job id> do
-        return Record(state, "" if state == RUNNING else rest, expires_ms)
+        return _record(value, ttl_ms)
+
+    async def records(self, prefix: str, state: str | None, limit: int) -> list[tuple[str, Record]]:
+        # SCAN goes through the whole database a thousand keys at a time, between other clients'
+        # commands; then the keys found are read, a thousand to a pipeline.
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"  # (the prefix's own globs escaped)
+        with self._mapped():
+            names = sorted({_text(name) async for name in self._redis.scan_iter(match=pattern, count=1000)})
+        found: list[tuple[str, Record]] = []
+        for start in range(0, len(names), SCAN_READ):
+            chunk = names[start : start + SCAN_READ]
+            with self._mapped():
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for name in chunk:
+                        pipe.get(name)
+                        pipe.pttl(name)
+                    replies = await pipe.execute()
+            for name, value, ttl_ms in zip(chunk, replies[::2], replies[1::2], strict=True):
+                record = _record(value, ttl_ms)
+                if record is not None and state in (None, record.state):
+                    found.append((name, record))
+                    if len(found) == limit:
+                        return found
+        return found
 
     async def drop(self, key: str, *, in_flight: bool = False) -> bool:
         flag = "1" if in_flight else "0"
@@ -276,6 +293,19 @@ class RedisStore:
         await self._given_up.wait()
         await self._redis.aclose()
         await self._pool.disconnect()  # a pool given to Redis() is not closed with it
+
+
+def _record(value: bytes | str | None, ttl_ms: int) -> Record | None:
+    """A key's record from its value and its PTTL; None if it is gone (-2: it expired between)."""
+    if value is None or ttl_ms < 0:
+        return None
+    state, _, rest = _text(value).partition("|")
+    expires_ms = time.time_ns() // 1_000_000 + ttl_ms
+    if state == DONE:  # done|<job id>|<epoch ms>
+        job_id, _, done_ms = rest.rpartition("|")
+        return Record(state, job_id, expires_ms, int(done_ms))
+    # running|<token> names no job; enqueuing|<job id> and enqueued|<job id> do
+    return Record(state, "" if state == RUNNING else rest, expires_ms)
 
 
 def _done(job_id: str) -> str:

@@ -66,10 +66,15 @@ CONFIRM = """
 UPDATE bridge_idempotency SET state = 'enqueued', expires_at = ?
 WHERE name = ? AND job_id = ? AND state = 'enqueuing'"""
 FORGET = "DELETE FROM bridge_idempotency WHERE name = ? AND job_id = ? AND state = 'enqueuing'"
-# For `bridge keys show|forget`: a key's record, while it counts; deleting it, and deleting it
+# For `bridge keys show|list|forget`: a key's record, while it counts; deleting it, and deleting it
 # unless a job or a publish is under way (IN_FLIGHT). An expired row is left to the purge.
 INSPECT = """
 SELECT state, job_id, expires_at, done_at FROM bridge_idempotency WHERE name = ? AND expires_at > ?"""
+_RECORDS = """
+SELECT name, state, job_id, expires_at, done_at FROM bridge_idempotency
+WHERE substr(name, 1, ?) = ? AND expires_at > ?"""  # (it reads the whole table: an operator's command)
+RECORDS = _RECORDS + " ORDER BY name LIMIT ?"
+RECORDS_OF_STATE = _RECORDS + " AND state = ? ORDER BY name LIMIT ?"
 DROP = "DELETE FROM bridge_idempotency WHERE name = ? AND expires_at > ?"
 DROP_SETTLED = DROP + " AND state NOT IN ('running', 'enqueuing')"
 PURGE_EVERY_S = 3600.0
@@ -78,7 +83,8 @@ PURGE_EVERY_S = 3600.0
 # processes' transactions never wait for each other's rows in a circle (a deadlock).
 KEY_AT = {
     CLAIM: 0, LOOK: 0, EXTEND: 1, COMPLETE: 3, COMPLETE_ABSENT: 0, RELEASE: 0,
-    REMEMBER: 0, CONFIRM: 1, FORGET: 0, INSPECT: 0, DROP: 0, DROP_SETTLED: 0,
+    REMEMBER: 0, CONFIRM: 1, FORGET: 0,
+    INSPECT: 0, DROP: 0, DROP_SETTLED: 0, RECORDS: 1, RECORDS_OF_STATE: 1,
 }  # fmt: skip
 
 log = logging.getLogger("bridge.idempotency")
@@ -190,6 +196,14 @@ class SqlStore:
             return None
         state, job_id, expires_at, done_at = rows[0]
         return Record(state, job_id, expires_at, done_at)
+
+    async def records(self, prefix: str, state: str | None, limit: int) -> list[tuple[str, Record]]:
+        which = (len(prefix), prefix, self._now_ms())
+        if state is None:
+            rows = await self._query(RECORDS, (*which, limit))
+        else:
+            rows = await self._query(RECORDS_OF_STATE, (*which, state, limit))
+        return [(name, Record(*record)) for name, *record in rows]
 
     async def drop(self, key: str, *, in_flight: bool = False) -> bool:
         return bool(await self._query(DROP if in_flight else DROP_SETTLED, (key, self._now_ms())))
