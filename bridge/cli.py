@@ -248,26 +248,32 @@ def _keys_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
     actions = keys.add_subparsers(required=True, metavar="ACTION")
     for name, run, text in (
         ("show", _keys_show, "what the store holds for a key: running, done, enqueued, and until when"),
-        ("forget", _keys_forget, "delete a key's records, so that its next job runs again"),
+        ("forget", _keys_forget, "delete a key's records (or --all), so that its next job runs again"),
     ):
         action = actions.add_parser(name, parents=[common], help=text)
         action.add_argument("type", help="the job type the key belongs to, e.g. billing.ChargeCard")
-        action.add_argument("key", help="the idempotency key, e.g. welcome:42")
+        action.add_argument(
+            "key", nargs="?" if name == "forget" else None, help="the idempotency key, e.g. welcome:42"
+        )
         action.set_defaults(run=run)
     listing = actions.add_parser("list", parents=[common], help="the job type's keys that count now, by key")
     listing.add_argument("type", help="the job type, e.g. billing.ChargeCard")
-    listing.add_argument(
-        "--state", choices=[RUNNING, DONE, ENQUEUING, ENQUEUED], help="only keys in this state"
-    )
     listing.add_argument(
         "--limit", type=_positive, default=DEFAULT_LIMIT, help="at most this many (default 100)"
     )
     listing.set_defaults(run=_keys_list)
     for action in (actions.choices["show"], listing):
         action.add_argument("--json", action="store_true", help="one JSON object per record")
-    actions.choices["forget"].add_argument(
+    forget = actions.choices["forget"]
+    forget.add_argument("--all", action="store_true", help="every key of the job type (see --state)")
+    forget.add_argument("--yes", action="store_true", help="with --all: do not ask for confirmation")
+    forget.add_argument(
         "--force", action="store_true", help="even while a job with the key runs (a copy may run beside it)"
     )
+    for action in (listing, forget):
+        action.add_argument(
+            "--state", choices=[RUNNING, DONE, ENQUEUING, ENQUEUED], help="only keys in this state"
+        )
 
 
 def _since(text: str) -> int:
@@ -495,9 +501,12 @@ def _keys_list(args: argparse.Namespace) -> int:
     for entry in entries:
         print(one_line(f"{entry.key}  {entry.kind:8} {entry.describe()}"))
     more = " (--limit: there may be more)" if len(entries) == args.limit else ""
-    records = "record" if len(entries) == 1 else "records"
-    print(f"{len(entries)} idempotency {records} of {args.type}{more}", file=sys.stderr)
+    print(f"{_records(len(entries))} of {args.type}{more}", file=sys.stderr)
     return 0
+
+
+def _records(count: int) -> str:
+    return f"{count} idempotency record{'' if count == 1 else 's'}"
 
 
 def _print_json(entries: list[Entry]) -> None:
@@ -506,12 +515,41 @@ def _print_json(entries: list[Entry]) -> None:
 
 
 def _keys_forget(args: argparse.Namespace) -> int:
+    if (args.key is None) == (not args.all):
+        raise ConfigError("give one idempotency KEY to forget, or --all (the job type's every key)")
+    if args.state and not args.all:
+        raise ConfigError("--state picks the keys --all forgets: add --all, or leave out --state")
+    if args.all:
+        return _keys_forget_all(args)
     app, keys = _keys(args)
     forgotten = asyncio.run(_closing(app, keys.forget(args.key, force=args.force)))
     if not forgotten:
         print(one_line(f"no record of idempotency key {args.key!r} of {args.type}: nothing to forget"))
     for entry in forgotten:
         print(one_line(f"forgot {entry.kind:8} {entry.describe()}"))
+    return 0
+
+
+def _keys_forget_all(args: argparse.Namespace) -> int:
+    which = f"{args.state} " if args.state else ""
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError(
+                f"forget --all lets a copy of every {which}job of {args.type} run again: add --yes to confirm"
+            )
+        answer = input(
+            f"forget every {which}idempotency key of {args.type}, so their copies run again? [y/N] "
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            return 1
+    app, keys = _keys(args)
+    forgotten, left = asyncio.run(_closing(app, keys.forget_all(args.state, force=args.force)))
+    for entry in forgotten:
+        print(one_line(f"forgot {entry.key}  {entry.kind:8} {entry.describe()}"))
+    summary = f"forgot {_records(len(forgotten))} of {args.type}"
+    if left:
+        summary += f"; left {len(left)} whose job or publish is under way (--force forgets them too)"
+    print(summary, file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,7 @@ publish under way is kept unless forced: forgetting it would let a copy run besi
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
 KINDS = {"run": (RUNNING, DONE), "enqueue": (ENQUEUING, ENQUEUED)}  # a record's kind: its states
 DEFAULT_LIMIT = 100
+EVERY = 2**62  # a limit no store reaches
+DROPS_AT_ONCE = 1000
 
 
 @dataclass(frozen=True)
@@ -97,3 +100,23 @@ class Keys:
             )
         names = self._names(key)
         return [entry for entry in entries if await store.drop(names[entry.kind], in_flight=force)]
+
+    async def forget_all(
+        self, state: str | None = None, *, force: bool = False
+    ) -> tuple[list[Entry], list[Entry]]:
+        """Delete the records of every key of this job type that counts now (of `state` if
+        given): those deleted, and those left because a job or a publish of theirs is under
+        way (unless `force`)."""
+        store = await self.app.idempotency_store()
+        entries = await self.find(state, limit=EVERY)
+        chosen, left = entries, []
+        if not force:
+            chosen = [entry for entry in entries if entry.record.state not in IN_FLIGHT]
+            left = [entry for entry in entries if entry.record.state in IN_FLIGHT]
+        forgotten: list[Entry] = []
+        for start in range(0, len(chosen), DROPS_AT_ONCE):  # (a store batches the drops of a tick)
+            batch = chosen[start : start + DROPS_AT_ONCE]
+            names = [self._names("")[entry.kind] + entry.key for entry in batch]  # (keys as stored)
+            dropped = await asyncio.gather(*(store.drop(name, in_flight=force) for name in names))
+            forgotten += [entry for entry, gone in zip(batch, dropped, strict=True) if gone]
+        return forgotten, left

@@ -344,6 +344,59 @@ def test_a_lease_shorter_than_the_stores_can_count_is_refused_at_start() -> None
         run(app.consume(["q"], burst=True))
 
 
+def test_bridge_keys_forget_all_forgets_every_settled_key_of_the_job_type(tmp_path: Path) -> None:
+    # Given 1,200 keys of test.Echo done (more than one round of drops), one held by a running
+    # job and one enqueued, and a done key of another job type,
+    # When `bridge keys forget test.Echo --all --state done --yes` runs, Then the done ones go
+    # and the others stay; When `--all --yes` runs, Then the enqueued one goes and the held one
+    # stays, said in the summary; with --force it goes too; the other type's key stays throughout.
+    # Without --yes, and with neither KEY nor --all, it says what to add in one line.
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    done = [f"k{n:04}" for n in range(1200)]
+
+    async def given() -> None:
+        store = open_store(url)
+        for job_type, key in [*(("test.Echo", key) for key in done), ("test.Other", "k0000")]:
+            claim = await store.claim(run_key(job_type, key), "job", 60)
+            assert isinstance(claim, Claimed) and await store.complete(
+                run_key(job_type, key), claim.token, "job", 60
+            )
+        assert isinstance(await store.claim(run_key("test.Echo", "held"), "job-held", 60), Claimed)
+        assert await store.remember(enqueue_key("test.Echo", "sent"), "job-sent", 60) is None
+        assert await store.confirm(enqueue_key("test.Echo", "sent"), "job-sent", 60)
+        await store.close()
+
+    def forget(*flags: str) -> list[str]:
+        forgot = bridge_command("keys", "forget", "test.Echo", *flags, BRIDGE_IDEMPOTENCY=url)
+        assert forgot.returncode == 0, forgot.stderr
+        return [line.split()[1] for line in forgot.stdout.splitlines()] + [forgot.stderr.strip()]
+
+    def left() -> list[str]:
+        listed = bridge_command("keys", "list", "test.Echo", "--limit", "5000", BRIDGE_IDEMPOTENCY=url)
+        return [line.split()[0] for line in listed.stdout.splitlines()]
+
+    run(given())
+    assert forget("--all", "--state", "done", "--yes") == [
+        *done,
+        "forgot 1200 idempotency records of test.Echo",
+    ]
+    assert left() == ["held", "sent"]
+    assert forget("--all", "--yes") == [
+        "sent", "forgot 1 idempotency record of test.Echo; left 1 whose job or publish is under way"
+        " (--force forgets them too)",
+    ]  # fmt: skip
+    assert forget("--all", "--yes", "--force") == ["held", "forgot 1 idempotency record of test.Echo"]
+    assert left() == []
+    other = bridge_command("keys", "list", "test.Other", BRIDGE_IDEMPOTENCY=url)
+    assert other.stdout.startswith("k0000  run      done by job job"), other
+    unconfirmed = bridge_command("keys", "forget", "test.Echo", "--all", BRIDGE_IDEMPOTENCY=url)
+    assert_one_line_error(
+        unconfirmed, "forget --all lets a copy of every job of test.Echo run again: add --yes"
+    )
+    neither = bridge_command("keys", "forget", "test.Echo", BRIDGE_IDEMPOTENCY=url)
+    assert_one_line_error(neither, "give one idempotency KEY to forget, or --all")
+
+
 @pytest.mark.parametrize("first_publish", ["fails", "is confirmed"])
 def test_a_dedupe_enqueue_racing_the_first_publish_of_its_key_waits_for_its_outcome(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_publish: str
