@@ -658,6 +658,31 @@ def test_a_sqlite_claim_waiting_for_another_process_s_inbox_leaves_the_event_loo
     run(main())
 
 
+def test_bridge_keys_reads_a_sqlite_store_without_waiting_for_its_write_lock(tmp_path: Path) -> None:
+    # Given two SQLite stores on one file, one holding an inbox transaction (and SQLite's write
+    # lock, as a worker's group commit does for a moment), When the other lists and inspects keys
+    # (`bridge keys list|show`), Then both answer at once: a read takes no lock in WAL mode.
+    # Inside an inbox of its own, a read joins it.
+    # (They went through a group commit, whose write transaction waited for the lock: a scan of
+    # a large table held every worker's commits as long as it ran.)
+    async def main() -> None:
+        key = new_key()
+        async with beside_another_process(tmp_path) as (other, inbox):
+            claimed(await other.claim(key, "job-1", 30))
+            async with inbox:
+                found = await asyncio.wait_for(other.records(key, None, 10), timeout=1)
+                assert [(name, record.state) for name, record in found] == [(key, RUNNING)]
+                assert await asyncio.wait_for(other.inspect(key), timeout=1) == found[0][1]
+            # Inside an inbox of its own (a handler's), a read goes in the handler's transaction
+            # rather than waiting for the connection the handler holds, for good.
+            token = claimed(await other.claim(inside := new_key(), "job-2", 30)).token
+            async with other.transaction(inside, token, "job-2", 30):
+                record = await asyncio.wait_for(other.inspect(inside), timeout=1)
+                assert record is not None and record.state == RUNNING
+
+    run(main())
+
+
 def test_a_sqlite_claim_given_up_while_it_waits_for_another_process_holds_nothing(
     tmp_path: Path,
 ) -> None:

@@ -115,6 +115,10 @@ class SqlStore:
         """Run one statement in its own transaction and return its rows."""
         raise NotImplementedError
 
+    async def _read(self, sql: str, params: Sequence[Any]) -> Rows:
+        """Run a statement that only reads (`bridge keys show|list`) and return its rows."""
+        return await self._query(sql, params)
+
     def _begin(self) -> AbstractAsyncContextManager[tuple[Any, Query]]:
         """A transaction: the database's own handle, and `_query` inside that transaction."""
         raise NotImplementedError
@@ -191,7 +195,7 @@ class SqlStore:
         await self._query(FORGET, (key, _id(job_id)))
 
     async def inspect(self, key: str) -> Record | None:
-        rows = await self._query(INSPECT, (key, self._now_ms()))
+        rows = await self._read(INSPECT, (key, self._now_ms()))
         if not rows:
             return None
         state, job_id, expires_at, done_at = rows[0]
@@ -200,9 +204,9 @@ class SqlStore:
     async def records(self, prefix: str, state: str | None, limit: int) -> list[tuple[str, Record]]:
         which = (len(prefix), prefix, self._now_ms())
         if state is None:
-            rows = await self._query(RECORDS, (*which, limit))
+            rows = await self._read(RECORDS, (*which, limit))
         else:
-            rows = await self._query(RECORDS_OF_STATE, (*which, state, limit))
+            rows = await self._read(RECORDS_OF_STATE, (*which, state, limit))
         return [(name, Record(*record)) for name, *record in rows]
 
     async def drop(self, key: str, *, in_flight: bool = False) -> bool:

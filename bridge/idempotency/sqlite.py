@@ -92,6 +92,16 @@ class SqliteStore(SqlStore):
         rows: Rows = await self._statements.call((sql, params))
         return rows
 
+    async def _read(self, sql: str, params: Sequence[Any]) -> Rows:
+        # Not in a group commit: its write transaction would hold SQLite's write lock, and every
+        # worker's commits, while `bridge keys list` reads the table (a second or so for a few
+        # million keys). A read of its own takes no lock in WAL mode. The event loop waits for
+        # it meanwhile: for an operator's command, not for a worker's jobs.
+        if self._inbox is not None and _INBOX.get() is self._inbox:  # (a handler's, in its inbox)
+            return self._run(sql, params)
+        async with self._lock:
+            return self._run(sql, params)
+
     async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
         earlier = await super().remember(key, job_id, hold_s)
         if self._inbox is None or _INBOX.get() is not self._inbox:
