@@ -1083,25 +1083,39 @@ def test_postgres_leases_keep_the_servers_time_whatever_a_hosts_clock_says(
     # When a worker on a host whose clock runs two minutes ahead claims it and purges,
     # Then the key is busy for about 30 s more, as the server's clock says, and the holder's
     # row survives the purge: the holder still completes it. (Each batch reads the server's
-    # clock again here, as one does once a minute.)
+    # clock again here, as one does once a minute.) `bridge keys show|list|forget` on that
+    # host, each a process whose first statement is the one that counts, see the key as the
+    # server's clock has it too. (They took the host's clock: the held key was none.)
     url = brokers["postgres"]
     monkeypatch.setattr(postgres, "READ_CLOCK_EVERY_S", 0.0)
 
-    async def scenario(store: Store) -> None:
-        key = new_key()
-        token = claimed(await store.claim(key, "job-1", 30)).token
+    @contextlib.asynccontextmanager
+    async def on_the_host_ahead() -> AsyncIterator[Store]:
         real_time_ns = time.time_ns
         monkeypatch.setattr(time, "time_ns", lambda: real_time_ns() + 120 * 10**9)
         ahead = open_store(url)
         try:
+            yield ahead
+        finally:
+            await ahead.close()
+            monkeypatch.setattr(time, "time_ns", real_time_ns)
+
+    async def scenario(store: Store) -> None:
+        key = new_key()
+        token = claimed(await store.claim(key, "job-1", 30)).token
+        async with on_the_host_ahead() as ahead:
             busy = await ahead.claim(key, "job-2", 30)
             assert isinstance(busy, Busy) and 25 < busy.wait_s <= 30, busy
             assert isinstance(ahead, SqlStore)
             await ahead.purge()
-        finally:
-            await ahead.close()
-        monkeypatch.setattr(time, "time_ns", real_time_ns)
+        async with on_the_host_ahead() as ahead:
+            held = await ahead.inspect(key)
+            assert held is not None and held.state == RUNNING, held
+        async with on_the_host_ahead() as ahead:
+            assert [name for name, _ in await ahead.records(key, None, 10)] == [key]
         assert await store.complete(key, token, "job-1", 30)
+        async with on_the_host_ahead() as ahead:
+            assert await ahead.drop(key)
 
     with_store(url, scenario)
 

@@ -27,7 +27,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from bridge.errors import StoreError, safe_url
-from bridge.idempotency import Claim, Enqueued
+from bridge.idempotency import Claim, Enqueued, Record
 from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.given_up import GivenUp
 from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore, now_ms
@@ -122,6 +122,18 @@ class PostgresStore(SqlStore):
     async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
         await self._open()  # (as for a claim)
         return await super().remember(key, job_id, hold_s)
+
+    async def inspect(self, key: str) -> Record | None:
+        await self._open()  # (as for a claim: whether the record counts is the server's clock's)
+        return await super().inspect(key)
+
+    async def records(self, prefix: str, state: str | None, limit: int) -> list[tuple[str, Record]]:
+        await self._open()  # (as for a claim)
+        return await super().records(prefix, state, limit)
+
+    async def drop(self, key: str, *, in_flight: bool = False) -> bool:
+        await self._open()  # (as for a claim)
+        return await super().drop(key, in_flight=in_flight)
 
     async def _open(self) -> None:
         if self._ready:
