@@ -48,8 +48,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = args.run(args)
         sys.stdout.flush()  # (here, so a reader gone is a BrokenPipeError below)
-    except BridgeError as exc:
-        print(f"bridge: {exc}", file=sys.stderr)
+    except BridgeError as exc:  # (one line whatever it quotes: a job id from another producer, say)
+        print(one_line(f"bridge: {exc}"), file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130
@@ -517,8 +517,9 @@ def _print_json(entries: list[Entry]) -> None:
 def _keys_forget(args: argparse.Namespace) -> int:
     if (args.key is None) == (not args.all):
         raise ConfigError("give one idempotency KEY to forget, or --all (the job type's every key)")
-    if args.state and not args.all:
-        raise ConfigError("--state picks the keys --all forgets: add --all, or leave out --state")
+    for flag, given in (("--state", args.state), ("--yes", args.yes)):
+        if given and not args.all:
+            raise ConfigError(f"{flag} goes with --all: add --all, or leave out {flag}")
     if args.all:
         return _keys_forget_all(args)
     app, keys = _keys(args)
@@ -532,25 +533,34 @@ def _keys_forget(args: argparse.Namespace) -> int:
 
 def _keys_forget_all(args: argparse.Namespace) -> int:
     which = f"{args.state} " if args.state else ""
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise ConfigError(
-                f"forget --all lets a copy of every {which}job of {args.type} run again: add --yes to confirm"
-            )
-        answer = input(
-            f"forget every {which}idempotency key of {args.type}, so their copies run again? [y/N] "
-        )
-        if answer.strip().lower() not in ("y", "yes"):
-            return 1
-    app, keys = _keys(args)
-    forgotten, left = asyncio.run(_closing(app, keys.forget_all(args.state, force=args.force)))
+    app, keys = _keys(args)  # (the store checked before asking)
+    if not args.yes and not _confirmed(
+        f"forget every {which}idempotency key of {args.type}, so their copies run again?",
+        f"forget --all lets a copy of every {which}job of {args.type} run again: add --yes to confirm",
+    ):
+        return 1
+    forgotten, left, changed = asyncio.run(_closing(app, keys.forget_all(args.state, force=args.force)))
     for entry in forgotten:
         print(one_line(f"forgot {entry.key}  {entry.kind:8} {entry.describe()}"))
     summary = f"forgot {_records(len(forgotten))} of {args.type}"
     if left:
         summary += f"; left {len(left)} whose job or publish is under way (--force forgets them too)"
+    if changed:
+        summary += f"; left {len(changed)} that changed after they were listed (taken by a job, or ended)"
     print(summary, file=sys.stderr)
     return 0
+
+
+def _confirmed(question: str, refusal: str) -> bool:
+    """Whether the person at the terminal answers yes; without one, `refusal` as the error."""
+    if not sys.stdin.isatty():
+        raise ConfigError(refusal)
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:  # (Ctrl-D: no)
+        print(file=sys.stderr)
+        return False
+    return answer.strip().lower() in ("y", "yes")
 
 
 @contextlib.contextmanager

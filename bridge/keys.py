@@ -15,10 +15,22 @@ from typing import TYPE_CHECKING
 
 from bridge.envelope import iso_ms
 from bridge.errors import KeyInFlight
-from bridge.idempotency import DONE, ENQUEUED, ENQUEUING, IN_FLIGHT, RUNNING, Record, enqueue_key, run_key
+from bridge.idempotency import (
+    DONE,
+    ENQUEUED,
+    ENQUEUING,
+    IN_FLIGHT,
+    RUNNING,
+    SETTLED,
+    STATES,
+    Record,
+    enqueue_key,
+    run_key,
+)
 
 if TYPE_CHECKING:
     from bridge.app import Bridge
+    from bridge.idempotency import Store
 
 
 KINDS = {"run": (RUNNING, DONE), "enqueue": (ENQUEUING, ENQUEUED)}  # a record's kind: its states
@@ -67,6 +79,7 @@ class Keys:
         """The records of this job type's keys that count now, of `state` if given: the first
         `limit` in the store's order of names, sorted by key. (The store reads them all for it.)"""
         store = await self.app.idempotency_store()
+        limit = min(limit, EVERY)  # (SQLite takes no larger number)
         entries: list[Entry] = []
         for kind, states in KINDS.items():
             if state is None or state in states:
@@ -99,14 +112,17 @@ class Keys:
                 "force it (--force)"
             )
         names = self._names(key)
-        return [entry for entry in entries if await store.drop(names[entry.kind], in_flight=force)]
+        return [
+            entry for entry in entries if await store.drop(names[entry.kind], STATES if force else SETTLED)
+        ]
 
     async def forget_all(
         self, state: str | None = None, *, force: bool = False
-    ) -> tuple[list[Entry], list[Entry]]:
+    ) -> tuple[list[Entry], list[Entry], list[Entry]]:
         """Delete the records of every key of this job type that counts now (of `state` if
-        given): those deleted, and those left because a job or a publish of theirs is under
-        way (unless `force`)."""
+        given), each only if it is still in the state it was listed in. Returns those deleted;
+        those left because a job or a publish of theirs is under way (unless `force`); and those
+        that changed after they were listed (a job took the key, or it ended), also left."""
         store = await self.app.idempotency_store()
         entries = await self.find(state, limit=EVERY)
         chosen, left = entries, []
@@ -114,9 +130,14 @@ class Keys:
             chosen = [entry for entry in entries if entry.record.state not in IN_FLIGHT]
             left = [entry for entry in entries if entry.record.state in IN_FLIGHT]
         forgotten: list[Entry] = []
+        changed: list[Entry] = []
         for start in range(0, len(chosen), DROPS_AT_ONCE):  # (a store batches the drops of a tick)
             batch = chosen[start : start + DROPS_AT_ONCE]
-            names = [self._names("")[entry.kind] + entry.key for entry in batch]  # (keys as stored)
-            dropped = await asyncio.gather(*(store.drop(name, in_flight=force) for name in names))
-            forgotten += [entry for entry, gone in zip(batch, dropped, strict=True) if gone]
-        return forgotten, left
+            dropped = await asyncio.gather(*(self._drop_as_listed(store, entry) for entry in batch))
+            for entry, gone in zip(batch, dropped, strict=True):
+                (forgotten if gone else changed).append(entry)
+        return forgotten, left, changed
+
+    async def _drop_as_listed(self, store: Store, entry: Entry) -> bool:
+        name = self._names("")[entry.kind] + entry.key  # (the key as stored: a long one's digest)
+        return await store.drop(name, (entry.record.state,))

@@ -13,9 +13,11 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
+from unittest.mock import AsyncMock
 
 import pytest
 
@@ -28,6 +30,7 @@ from bridge.idempotency import Claimed, Store, enqueue_key, open_store, run_key
 from bridge.idempotency.lease import Lease
 from bridge.idempotency.memory import MemoryStore
 from bridge.idempotency.outage import Outage
+from bridge.keys import Entry, Keys
 from bridge.policy import fixed
 from bridge.transports import Outgoing
 from bridge.worker import Stats
@@ -311,11 +314,15 @@ def test_bridge_keys_forget_leaves_a_key_held_by_a_running_job_unless_forced(tmp
     async def hold() -> None:
         store = open_store(url)
         assert isinstance(await store.claim(run_key("test.Echo", "k"), "job-1", 60), Claimed)
+        forged = "job-2\nbridge: a line of its own\x1b[31m"  # (another producer's job id)
+        assert isinstance(await store.claim(run_key("test.Echo", "odd"), forged, 60), Claimed)
         await store.close()
 
     run(hold())
     refused = bridge_command("keys", "forget", "test.Echo", "k", BRIDGE_IDEMPOTENCY=url)
     assert_one_line_error(refused, "'k' of test.Echo: running: job job-1 holds it", "--force")
+    odd = bridge_command("keys", "forget", "test.Echo", "odd", BRIDGE_IDEMPOTENCY=url)
+    assert_one_line_error(odd, "running: job job-2\\nbridge: a line of its own\\x1b[31m holds it")
     held = bridge_command("keys", "show", "test.Echo", "k", BRIDGE_IDEMPOTENCY=url)
     assert held.stdout.startswith("run      running: job job-1 holds it"), held
     forced = bridge_command("keys", "forget", "test.Echo", "k", "--force", BRIDGE_IDEMPOTENCY=url)
@@ -372,7 +379,8 @@ def test_bridge_keys_forget_all_forgets_every_settled_key_of_the_job_type(tmp_pa
         return [line.split()[1] for line in forgot.stdout.splitlines()] + [forgot.stderr.strip()]
 
     def left() -> list[str]:
-        listed = bridge_command("keys", "list", "test.Echo", "--limit", "5000", BRIDGE_IDEMPOTENCY=url)
+        # (a limit past any number SQLite takes: all of them)
+        listed = bridge_command("keys", "list", "test.Echo", "--limit", "9" * 20, BRIDGE_IDEMPOTENCY=url)
         return [line.split()[0] for line in listed.stdout.splitlines()]
 
     run(given())
@@ -395,6 +403,32 @@ def test_bridge_keys_forget_all_forgets_every_settled_key_of_the_job_type(tmp_pa
     )
     neither = bridge_command("keys", "forget", "test.Echo", BRIDGE_IDEMPOTENCY=url)
     assert_one_line_error(neither, "give one idempotency KEY to forget, or --all")
+    one_key = bridge_command("keys", "forget", "test.Echo", "k0000", "--yes", BRIDGE_IDEMPOTENCY=url)
+    assert_one_line_error(one_key, "--yes goes with --all")
+
+
+def test_forget_all_leaves_a_key_that_changed_after_it_was_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a key listed as done that a job has claimed since (its window ended, say),
+    # When forget_all drops what it listed, even forced, Then that key's claim stays, counted
+    # as changed; a key still as listed goes.
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    keys = app.idempotency_keys("test.Echo")
+
+    async def scenario() -> None:
+        store = await app.idempotency_store()
+        claim = await store.claim(run_key("test.Echo", "still"), "job-1", 60)
+        assert isinstance(claim, Claimed)
+        assert await store.complete(run_key("test.Echo", "still"), claim.token, "job-1", 60)
+        [listed] = await keys.find()
+        assert isinstance(await store.claim(run_key("test.Echo", "taken"), "job-2", 60), Claimed)
+        taken = Entry("taken", "run", replace(listed.record, job_id="job-0"))  # (as listed: done)
+        monkeypatch.setattr(keys, "find", AsyncMock(return_value=[listed, taken]))
+        forgotten, left, changed = await keys.forget_all(force=True)
+        assert (forgotten, left, changed) == ([listed], [], [taken])
+        unpatched = Keys.find(keys)  # (the store's listing, not the stale one)
+        assert [entry.key for entry in await unpatched] == ["taken"]
+
+    run(scenario())
 
 
 @pytest.mark.parametrize("first_publish", ["fails", "is confirmed"])

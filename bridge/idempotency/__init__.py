@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,9 @@ Claim = Claimed | Done | Busy
 # The states a key's record can be in: a job holds it (its lease), or one succeeded (the
 # window); for dedupe on enqueue, a publish is out (its hold), or it was confirmed (the window).
 RUNNING, DONE, ENQUEUING, ENQUEUED = "running", "done", "enqueuing", "enqueued"
-IN_FLIGHT = (RUNNING, ENQUEUING)  # what `drop` leaves alone unless told otherwise
+STATES = (RUNNING, DONE, ENQUEUING, ENQUEUED)
+IN_FLIGHT = (RUNNING, ENQUEUING)  # a job or a publish under way
+SETTLED = (DONE, ENQUEUED)  # what `drop` deletes unless told otherwise
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +137,10 @@ class Store(Protocol):
         given), by name, and what each holds: `bridge keys list`."""
         ...
 
-    async def drop(self, key: str, *, in_flight: bool = False) -> bool:
-        """Delete `key`'s record, so that its next job runs (or its next enqueue publishes);
-        one IN_FLIGHT (a job or a publish under way) only with `in_flight`. Whether one went."""
+    async def drop(self, key: str, states: Sequence[str] = SETTLED) -> bool:
+        """Delete `key`'s record if it is in one of `states` (of STATES), so that its next job
+        runs (or its next enqueue publishes); whether one went. By default not while a job or a
+        publish is under way: its copy would run beside it."""
         ...
 
     async def close(self) -> None:

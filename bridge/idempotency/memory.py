@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from bridge.errors import LeaseLost
-from bridge.idempotency import IN_FLIGHT, Busy, Claim, Claimed, Done, Enqueued, Record, new_token
+from bridge.idempotency import SETTLED, Busy, Claim, Claimed, Done, Enqueued, Record, new_token
 
 # A key's entry: state, job id, token (a running key's), until (time.time()), and when it was
 # done (epoch ms). A plain tuple: a NamedTuple cost 0.2 µs more to make, twice per keyed job.
@@ -102,9 +102,9 @@ class MemoryStore:
                     break
         return found
 
-    async def drop(self, key: str, *, in_flight: bool = False) -> bool:
+    async def drop(self, key: str, states: Sequence[str] = SETTLED) -> bool:
         entry = self._live(key)
-        if entry is None or (entry[0] in IN_FLIGHT and not in_flight):
+        if entry is None or entry[0] not in states:
             return False
         del self._keys[key]
         return True

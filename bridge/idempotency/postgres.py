@@ -27,10 +27,19 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from bridge.errors import StoreError, safe_url
-from bridge.idempotency import Claim, Enqueued, Record
+from bridge.idempotency import SETTLED, Claim, Enqueued, Record
 from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.given_up import GivenUp
-from bridge.idempotency.sql import KEY_AT, SCHEMA, Query, Rows, SqlStore, now_ms
+from bridge.idempotency.sql import (
+    KEY_AT,
+    PG_RECORDS,
+    PG_RECORDS_OF_STATE,
+    SCHEMA,
+    Query,
+    Rows,
+    SqlStore,
+    now_ms,
+)
 
 CONNECT_TIMEOUT_S = 10.0
 # How long one attempt to connect may take, unless the URL says (`connect_timeout`). psycopg's
@@ -79,6 +88,7 @@ class PostgresStore(SqlStore):
     """Idempotency keys in a PostgreSQL table (`postgresql://user:pass@host:port/db`)."""
 
     purge_sql = PURGE_SKIPPING_LOCKED
+    records_sql = (PG_RECORDS, PG_RECORDS_OF_STATE)
 
     def __init__(self, url: str, *, pool_size: int = 16) -> None:
         """`pool_size`: the inbox transactions that may be open at once (a worker's concurrency).
@@ -131,9 +141,9 @@ class PostgresStore(SqlStore):
         await self._open()  # (as for a claim)
         return await super().records(prefix, state, limit)
 
-    async def drop(self, key: str, *, in_flight: bool = False) -> bool:
+    async def drop(self, key: str, states: Sequence[str] = SETTLED) -> bool:
         await self._open()  # (as for a claim)
-        return await super().drop(key, in_flight=in_flight)
+        return await super().drop(key, states)
 
     async def _open(self) -> None:
         if self._ready:

@@ -24,7 +24,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from bridge.errors import LeaseLost, StoreError, safe_url
-from bridge.idempotency import DONE, RUNNING, Busy, Claim, Claimed, Done, Enqueued, Record, new_token
+from bridge.idempotency import DONE, RUNNING, SETTLED, Busy, Claim, Claimed, Done, Enqueued, Record, new_token
 from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.given_up import GivenUp
 
@@ -49,12 +49,15 @@ _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
-# Delete the key unless it is absent or, with ARGV[1] '0', a job or a publish is under way.
+# Delete the key if its state (its value up to the first |) is one of ARGV.
 _DROP = """
 local held = redis.call('GET', KEYS[1])
 if not held then return 0 end
-if ARGV[1] == '0' and (held:sub(1, 8) == 'running|' or held:sub(1, 10) == 'enqueuing|') then return 0 end
-return redis.call('DEL', KEYS[1])
+local state = held:match('^[^|]*')
+for _, wanted in ipairs(ARGV) do
+  if state == wanted then return redis.call('DEL', KEYS[1]) end
+end
+return 0
 """
 _SCRIPTS = (_SWAP, _CLAIM, _DROP)
 # How EVALSHA names them:
@@ -285,9 +288,8 @@ class RedisStore:
                         return found
         return found
 
-    async def drop(self, key: str, *, in_flight: bool = False) -> bool:
-        flag = "1" if in_flight else "0"
-        return bool(await self._call(lambda pipe: pipe.evalsha(_DROP_SHA1, 1, key, flag)))
+    async def drop(self, key: str, states: Sequence[str] = SETTLED) -> bool:
+        return bool(await self._call(lambda pipe: pipe.evalsha(_DROP_SHA1, 1, key, *states)))
 
     async def close(self) -> None:
         await self._given_up.wait()

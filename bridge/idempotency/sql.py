@@ -22,7 +22,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppres
 from typing import Any
 
 from bridge.errors import LeaseLost, StoreError
-from bridge.idempotency import Busy, Claim, Claimed, Done, Enqueued, Record, new_token
+from bridge.idempotency import SETTLED, Busy, Claim, Claimed, Done, Enqueued, Record, new_token
 from bridge.idempotency.given_up import GivenUp
 
 SCHEMA = """
@@ -66,8 +66,8 @@ CONFIRM = """
 UPDATE bridge_idempotency SET state = 'enqueued', expires_at = ?
 WHERE name = ? AND job_id = ? AND state = 'enqueuing'"""
 FORGET = "DELETE FROM bridge_idempotency WHERE name = ? AND job_id = ? AND state = 'enqueuing'"
-# For `bridge keys show|list|forget`: a key's record, while it counts; deleting it, and deleting it
-# unless a job or a publish is under way (IN_FLIGHT). An expired row is left to the purge.
+# For `bridge keys show|list|forget`: a key's record, while it counts; deleting it if its state
+# is one of four given (some repeated when fewer). An expired row is left to the purge.
 INSPECT = """
 SELECT state, job_id, expires_at, done_at FROM bridge_idempotency WHERE name = ? AND expires_at > ?"""
 _RECORDS = """
@@ -75,8 +75,12 @@ SELECT name, state, job_id, expires_at, done_at FROM bridge_idempotency
 WHERE substr(name, 1, ?) = ? AND expires_at > ?"""  # (it reads the whole table: an operator's command)
 RECORDS = _RECORDS + " ORDER BY name LIMIT ?"
 RECORDS_OF_STATE = _RECORDS + " AND state = ? ORDER BY name LIMIT ?"
-DROP = "DELETE FROM bridge_idempotency WHERE name = ? AND expires_at > ?"
-DROP_SETTLED = DROP + " AND state NOT IN ('running', 'enqueuing')"
+# PostgreSQL orders text by the column's collation, which may not go by code point, as SQLite
+# and Python do (en_US puts "ab" before "aC"): the first `limit` would be another set of keys.
+PG_RECORDS, PG_RECORDS_OF_STATE = (
+    sql.replace("ORDER BY name", 'ORDER BY name COLLATE "C"') for sql in (RECORDS, RECORDS_OF_STATE)
+)
+DROP = "DELETE FROM bridge_idempotency WHERE name = ? AND expires_at > ? AND state IN (?, ?, ?, ?)"
 PURGE_EVERY_S = 3600.0
 # Where each statement that touches one key's row has that key among its parameters. A store
 # that runs several such statements in one transaction takes their rows in key order, so two
@@ -84,7 +88,7 @@ PURGE_EVERY_S = 3600.0
 KEY_AT = {
     CLAIM: 0, LOOK: 0, EXTEND: 1, COMPLETE: 3, COMPLETE_ABSENT: 0, RELEASE: 0,
     REMEMBER: 0, CONFIRM: 1, FORGET: 0,
-    INSPECT: 0, DROP: 0, DROP_SETTLED: 0, RECORDS: 1, RECORDS_OF_STATE: 1,
+    INSPECT: 0, DROP: 0, RECORDS: 1, RECORDS_OF_STATE: 1, PG_RECORDS: 1, PG_RECORDS_OF_STATE: 1,
 }  # fmt: skip
 
 log = logging.getLogger("bridge.idempotency")
@@ -107,6 +111,7 @@ class SqlStore:
     # statement doing both (a data-modifying WITH) measured no cheaper, maybe dearer, for new
     # keys, which most claims are.
     claim_sql = CLAIM
+    records_sql = (RECORDS, RECORDS_OF_STATE)  # `records`: all states, one state
     _next_purge = 0.0  # time.monotonic() of the next purge: at the first completion, then hourly
     _purging: asyncio.Task[None] | None = None
     _given_up: GivenUp  # the subclass's __init__ makes it
@@ -204,13 +209,16 @@ class SqlStore:
     async def records(self, prefix: str, state: str | None, limit: int) -> list[tuple[str, Record]]:
         which = (len(prefix), prefix, self._now_ms())
         if state is None:
-            rows = await self._read(RECORDS, (*which, limit))
+            rows = await self._read(self.records_sql[0], (*which, limit))
         else:
-            rows = await self._read(RECORDS_OF_STATE, (*which, state, limit))
+            rows = await self._read(self.records_sql[1], (*which, state, limit))
         return [(name, Record(*record)) for name, *record in rows]
 
-    async def drop(self, key: str, *, in_flight: bool = False) -> bool:
-        return bool(await self._query(DROP if in_flight else DROP_SETTLED, (key, self._now_ms())))
+    async def drop(self, key: str, states: Sequence[str] = SETTLED) -> bool:
+        if not states:
+            return False
+        four = (list(states) * 4)[:4]
+        return bool(await self._query(DROP, (key, self._now_ms(), *four)))
 
     async def purge(self) -> None:
         """Delete the rows that stopped counting: their lease or their window ended."""
