@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import sqlite3
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -468,14 +469,29 @@ def _keys(args: argparse.Namespace) -> tuple[Bridge, Keys]:
             "the memory:// idempotency store lives in one process, not the workers': give theirs, "
             "--idempotency sqlite:///... (or BRIDGE_IDEMPOTENCY)"
         )
-    path = Path(url.removeprefix("sqlite://"))
-    if url.startswith("sqlite:") and not path.exists():  # (made now, it would hold no key: say so)
+    if url.startswith("sqlite:") and (
+        problem := _not_a_store(Path("/" + url.removeprefix("sqlite://").lstrip("/")))
+    ):
         raise ConfigError(
-            f"no idempotency store at {path}: no worker has used it. Give the workers' store, "
-            "--idempotency sqlite:///path (or BRIDGE_IDEMPOTENCY; the default is in BRIDGE_DATA)"
+            f"{problem}. Give the workers' store, --idempotency sqlite:///path (or "
+            "BRIDGE_IDEMPOTENCY; the default is in BRIDGE_DATA)"
         )
     app.configure(idempotency=url)
     return app, app.idempotency_keys(args.type)
+
+
+def _not_a_store(path: Path) -> str | None:
+    """Why the SQLite file at `path` holds no worker's keys, read without changing it: opened as
+    a store, a file that is not there would be made, and another database given a table (and
+    switched to WAL), both to answer "no record" for every key."""
+    if not path.exists():
+        return f"no idempotency store at {path}: no worker has used it"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            found = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'bridge_idempotency'").fetchone()
+    except sqlite3.Error as exc:
+        return f"{path} is no idempotency store ({exc})"
+    return None if found else f"{path} is no idempotency store: it has no table bridge_idempotency"
 
 
 def _keys_show(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -308,7 +309,8 @@ def test_bridge_keys_forget_lets_a_key_s_job_run_again(
 def test_bridge_keys_forget_leaves_a_key_held_by_a_running_job_unless_forced(tmp_path: Path) -> None:
     # Given key k held by a running job, When `bridge keys forget` is asked, Then it refuses in
     # one line that names the job and --force, and the key stays held; with --force it goes.
-    # The memory store, which no worker shares, and a SQLite file not there, are refused in one line.
+    # The memory store, which no worker shares, a SQLite file not there and another SQLite
+    # database are refused in one line.
     url = f"sqlite:///{tmp_path / 'keys.db'}"
 
     async def hold() -> None:
@@ -337,6 +339,14 @@ def test_bridge_keys_forget_leaves_a_key_held_by_a_running_job_unless_forced(tmp
     absent = bridge_command("keys", "forget", "test.Echo", "k", BRIDGE_IDEMPOTENCY=f"sqlite:///{elsewhere}")
     assert_one_line_error(absent, "no idempotency store at ", "other/keys.db: no worker has used it")
     assert not elsewhere.parent.exists()
+    another = tmp_path / "another.db"  # (an application's own database, given by mistake)
+    with contextlib.closing(sqlite3.connect(another)) as db:
+        db.execute("CREATE TABLE orders (id INTEGER)")
+    refused = bridge_command("keys", "list", "test.Echo", BRIDGE_IDEMPOTENCY=f"sqlite:///{another}")
+    assert_one_line_error(refused, "another.db is no idempotency store: it has no table bridge_idempotency")
+    with contextlib.closing(sqlite3.connect(another)) as db:  # (left as it was: no table added, no WAL)
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("orders",)]
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
 
 
 def test_a_lease_shorter_than_the_stores_can_count_is_refused_at_start() -> None:
