@@ -446,12 +446,11 @@ def _dlq_replay(args: argparse.Namespace) -> int:
 
 
 def _dlq_purge(args: argparse.Namespace) -> int:
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise ConfigError("purge removes dead letters for good: add --yes to confirm")
-        answer = input(f"remove the selected dead letters of {args.queue} for good? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            return 1
+    if not args.yes and not _confirmed(
+        f"remove the selected dead letters of {args.queue} for good?",
+        "purge removes dead letters for good: add --yes to confirm",
+    ):
+        return 1
     app = _app(args)
     with _job_queue(args.queue):
         purged = asyncio.run(_closing(app, app.dead_letters(args.queue).purge(_selection(args))))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pty
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 from bridge import Bridge, cli, codec
 from bridge.config import Settings
 from bridge.errors import ConfigError
+from bridge.idempotency import sql as idempotency_sql
 from tests.brokerio import read_queue
 from tests.conftest import REPO, SCHEMAS
 from tests.processes import assert_one_line_error, bridge
@@ -461,3 +465,31 @@ def test_output_to_a_reader_that_goes_away_ends_quietly() -> None:
 def test_python_dash_m_bridge_shows_help() -> None:
     done = bridge("--help")
     assert done.returncode == 0 and "enqueue" in done.stdout and "consume" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "command", [["dlq", "purge", "q", "--all"], ["keys", "forget", "test.Echo", "--all"]]
+)
+def test_ctrl_d_at_a_confirmation_is_a_no(command: list[str], tmp_path: Path) -> None:
+    # Given a command that asks before it removes for good, at a terminal,
+    # When the person answers Ctrl-D (end of input), Then it exits 1, having removed nothing,
+    # with no traceback. (EOFError came out as a traceback.)
+    store = tmp_path / "keys.db"  # (a store of the workers', for `keys`)
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        db.execute(idempotency_sql.SCHEMA)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    environ.update(BRIDGE_BROKER="memory://", BRIDGE_IDEMPOTENCY=f"sqlite:///{store}")
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child, at the terminal's other end
+        os.chdir(REPO)
+        os.execve(sys.executable, [sys.executable, "-m", "bridge", *command], environ)
+    seen = b""
+    while not seen.endswith(b"[y/N] "):  # (the question; a command that never asks fails the read)
+        seen += os.read(terminal, 1024)
+    os.write(terminal, b"\x04")
+    with contextlib.suppress(OSError):  # (EIO once the child has gone)
+        while chunk := os.read(terminal, 1024):
+            seen += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 1, seen
+    assert b"Traceback" not in seen, seen
