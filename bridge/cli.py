@@ -28,7 +28,7 @@ from bridge.app import Bridge
 from bridge.compatibility import LEVELS
 from bridge.dlq import Selection, describe
 from bridge.envelope import REASONS, iso_ms, now_ms
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import BridgeError, ConfigError, safe_url
 from bridge.idempotency import DONE, ENQUEUED, ENQUEUING, RUNNING, default_url
 from bridge.keys import DEFAULT_LIMIT, Entry, Keys
 from bridge.logs import OneLine, one_line
@@ -475,6 +475,8 @@ def _keys(args: argparse.Namespace) -> tuple[Bridge, Keys]:
             f"{problem}. Give the workers' store, --idempotency sqlite:///path (or "
             "BRIDGE_IDEMPOTENCY; the default is in BRIDGE_DATA)"
         )
+    if url.startswith("postgres") and (problem := _no_table_in(url)):
+        raise ConfigError(f"{problem}. Give the workers' database, --idempotency postgresql://...")
     app.configure(idempotency=url)
     return app, app.idempotency_keys(args.type)
 
@@ -491,6 +493,25 @@ def _not_a_store(path: Path) -> str | None:
     except sqlite3.Error as exc:
         return f"{path} is no idempotency store ({exc})"
     return None if found else f"{path} is no idempotency store: it has no table bridge_idempotency"
+
+
+def _no_table_in(url: str) -> str | None:
+    """Why the PostgreSQL database at `url` holds no worker's keys: it has no table of bridge's
+    (opened as a store, it would be given one, and answer "no record" for every key). A
+    database that cannot be read is the store's to report, in its own words."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from bridge.idempotency.postgres import CONNECT_ATTEMPT_S
+
+    try:
+        given = conninfo_to_dict(url)  # (a connect_timeout in the URL stands, as for the store)
+        timeout: dict[str, Any] = {} if "connect_timeout" in given else {"connect_timeout": CONNECT_ATTEMPT_S}
+        with psycopg.connect(url, **timeout) as conn:
+            (table,) = conn.execute("SELECT to_regclass('bridge_idempotency')").fetchone() or (None,)
+    except psycopg.Error:
+        return None
+    return None if table else f"{safe_url(url)} has no table bridge_idempotency: no worker has used it"
 
 
 def _keys_show(args: argparse.Namespace) -> int:

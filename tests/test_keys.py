@@ -20,6 +20,7 @@ from typing import Any
 from unittest import mock
 from unittest.mock import AsyncMock
 
+import psycopg
 import pytest
 
 import bridge.app
@@ -415,6 +416,35 @@ def test_bridge_keys_forget_all_forgets_every_settled_key_of_the_job_type(tmp_pa
     assert_one_line_error(neither, "give one idempotency KEY to forget, or --all")
     one_key = bridge_command("keys", "forget", "test.Echo", "k0000", "--yes", BRIDGE_IDEMPOTENCY=url)
     assert_one_line_error(one_key, "--yes goes with --all")
+
+
+def test_bridge_keys_refuses_a_postgres_database_no_worker_has_used(brokers: dict[str, str]) -> None:
+    # Given a PostgreSQL database (here a schema of its own) without bridge's table,
+    # When `bridge keys list` is pointed at it, Then it says so in one line and makes no table;
+    # once a worker's store has used it, the keys are listed. (It made the table, and answered
+    # "no record" for every key, as if the keys were free.)
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(brokers["postgres"], autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    url = f"{brokers['postgres']}?options=-csearch_path%3D{schema}"
+
+    async def used() -> None:
+        store = open_store(url)
+        assert isinstance(await store.claim(run_key("test.Echo", "k"), "job-1", 60), Claimed)
+        await store.close()
+
+    try:
+        refused = bridge_command("keys", "list", "test.Echo", BRIDGE_IDEMPOTENCY=url)
+        assert_one_line_error(refused, "has no table bridge_idempotency: no worker has used it")
+        with psycopg.connect(brokers["postgres"]) as conn:
+            made = conn.execute(f"SELECT to_regclass('{schema}.bridge_idempotency')").fetchone()
+        assert made == (None,)
+        run(used())
+        listed = bridge_command("keys", "list", "test.Echo", BRIDGE_IDEMPOTENCY=url)
+        assert listed.stdout.startswith("k  run      running: job job-1 holds it"), listed
+    finally:
+        with psycopg.connect(brokers["postgres"], autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def test_forget_all_leaves_a_key_that_changed_after_it_was_listed(monkeypatch: pytest.MonkeyPatch) -> None:
