@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import signal
-import sqlite3
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -28,8 +27,9 @@ from bridge.app import Bridge
 from bridge.compatibility import LEVELS
 from bridge.dlq import Selection, describe
 from bridge.envelope import REASONS, iso_ms, now_ms
-from bridge.errors import BridgeError, ConfigError, safe_url
+from bridge.errors import BridgeError, ConfigError
 from bridge.idempotency import DONE, ENQUEUED, ENQUEUING, RUNNING, default_url
+from bridge.idempotency import sqlite as sqlite_store
 from bridge.keys import DEFAULT_LIMIT, Entry, Keys
 from bridge.logs import OneLine, one_line
 from bridge.policy import parse_duration
@@ -469,49 +469,19 @@ def _keys(args: argparse.Namespace) -> tuple[Bridge, Keys]:
             "--idempotency sqlite:///... (or BRIDGE_IDEMPOTENCY)"
         )
     if url.startswith("sqlite:") and (
-        problem := _not_a_store(Path("/" + url.removeprefix("sqlite://").lstrip("/")))
+        problem := sqlite_store.unused(Path("/" + url.removeprefix("sqlite://").lstrip("/")))
     ):
         raise ConfigError(
             f"{problem}. Give the workers' store, --idempotency sqlite:///path (or "
             "BRIDGE_IDEMPOTENCY; the default is in BRIDGE_DATA)"
         )
-    if url.startswith("postgres") and (problem := _no_table_in(url)):
-        raise ConfigError(f"{problem}. Give the workers' database, --idempotency postgresql://...")
+    if url.startswith("postgres"):
+        from bridge.idempotency import postgres  # (psycopg: only for its URLs)
+
+        if problem := postgres.unused(url):
+            raise ConfigError(f"{problem}. Give the workers' database, --idempotency postgresql://...")
     app.configure(idempotency=url)
     return app, app.idempotency_keys(args.type)
-
-
-def _not_a_store(path: Path) -> str | None:
-    """Why the SQLite file at `path` holds no worker's keys, read without changing it: opened as
-    a store, a file that is not there would be made, and another database given a table (and
-    switched to WAL), both to answer "no record" for every key."""
-    if not path.exists():
-        return f"no idempotency store at {path}: no worker has used it"
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
-            found = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'bridge_idempotency'").fetchone()
-    except sqlite3.Error as exc:
-        return f"{path} is no idempotency store ({exc})"
-    return None if found else f"{path} is no idempotency store: it has no table bridge_idempotency"
-
-
-def _no_table_in(url: str) -> str | None:
-    """Why the PostgreSQL database at `url` holds no worker's keys: it has no table of bridge's
-    (opened as a store, it would be given one, and answer "no record" for every key). A
-    database that cannot be read is the store's to report, in its own words."""
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict
-
-    from bridge.idempotency.postgres import CONNECT_ATTEMPT_S
-
-    try:
-        given = conninfo_to_dict(url)  # (a connect_timeout in the URL stands, as for the store)
-        timeout: dict[str, Any] = {} if "connect_timeout" in given else {"connect_timeout": CONNECT_ATTEMPT_S}
-        with psycopg.connect(url, **timeout) as conn:
-            (table,) = conn.execute("SELECT to_regclass('bridge_idempotency')").fetchone() or (None,)
-    except psycopg.Error:
-        return None
-    return None if table else f"{safe_url(url)} has no table bridge_idempotency: no worker has used it"
 
 
 def _keys_show(args: argparse.Namespace) -> int:

@@ -95,9 +95,7 @@ class PostgresStore(SqlStore):
         The pool holds two connections more, for the batches and the purge: inbox handlers that
         hold every connection must not keep their own leases from being renewed."""
         self.url = url
-        self._connect: dict[str, Any] = {"autocommit": True, "connect_timeout": CONNECT_ATTEMPT_S}
-        if "connect_timeout" in _conninfo(url):
-            del self._connect["connect_timeout"]  # (the user's, in the URL)
+        self._connect = connect_options(url)
         self._pool = self._new_pool(max(1, pool_size) + 2)
         self._ready = False
         self._opening = asyncio.Lock()
@@ -475,6 +473,27 @@ def _mapped(url: str) -> Iterator[None]:
     except (psycopg.Error, TimeoutError) as exc:
         reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
         raise StoreError(f"idempotency store {safe_url(url)}: {reason}") from exc
+
+
+def connect_options(url: str) -> dict[str, Any]:
+    """What every connection to `url` is opened with: autocommit, and CONNECT_ATTEMPT_S for a
+    connect unless the URL gives its own `connect_timeout`."""
+    options: dict[str, Any] = {"autocommit": True, "connect_timeout": CONNECT_ATTEMPT_S}
+    if "connect_timeout" in _conninfo(url):
+        del options["connect_timeout"]  # (the user's, in the URL)
+    return options
+
+
+def unused(url: str) -> str | None:
+    """Why the PostgreSQL database at `url` holds no worker's keys (`bridge keys`): it has no
+    table of bridge's (opened as a store, it would be given one, and answer "no record" for
+    every key). A database that cannot be read is the store's to report, in its own words."""
+    try:
+        with psycopg.connect(url, **connect_options(url)) as conn:
+            (table,) = conn.execute("SELECT to_regclass('bridge_idempotency')").fetchone() or (None,)
+    except psycopg.Error:
+        return None
+    return None if table else f"{safe_url(url)} has no table bridge_idempotency: no worker has used it"
 
 
 def _conninfo(url: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, closing, contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -267,6 +267,20 @@ def path_problem(path: Path) -> str | None:
     except OSError as exc:
         return f"{path}: {exc.strerror or exc}"
     return None if folder.is_dir() else f"{folder} is not a directory"
+
+
+def unused(path: Path) -> str | None:
+    """Why the SQLite file at `path` holds no worker's keys (`bridge keys`), read without
+    changing it: opened as a store, a file that is not there would be made, and another
+    database given the table (and switched to WAL), both to answer "no record" for every key."""
+    if not path.exists():
+        return f"no idempotency store at {path}: no worker has used it"
+    try:
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            found = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'bridge_idempotency'").fetchone()
+    except sqlite3.Error as exc:
+        return f"{path} is no idempotency store ({exc})"
+    return None if found else f"{path} is no idempotency store: it has no table bridge_idempotency"
 
 
 @contextmanager
