@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -462,6 +462,51 @@ def test_postgres_up_after_kill_9_waits_for_a_backend_that_lingers(own_instance:
     threading.Timer(1.5, os.kill, (lingering, signal.SIGKILL)).start()
     again = postgres.up(log=quiet)
     assert again.running and postgres.status().running
+
+
+@pytest.mark.slow
+def test_two_postgres_ups_at_once_start_the_server_once(
+    own_instance: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given PostgreSQL down, and a second `up` that begins while the first starts the server
+    # and, if it may, looks at the port once the server answers but before the first has made
+    # the bridge login (the two test sessions of `make test` on a fresh machine),
+    # When both run, Then the server starts once and both find the bridge login working. (The
+    # second took the first's server for a stranger's: "port ... is in use by another
+    # PostgreSQL server, where the bridge login fails".)
+    real_start, real_clusters = postgres._start, postgres._debian_clusters
+    first = threading.get_ident()
+    second_looks, second_waits, server_runs = threading.Event(), threading.Event(), threading.Event()
+    pool = ThreadPoolExecutor(1)
+    seconds: list[Future[ServiceStatus]] = []
+
+    def second_log(line: str) -> None:
+        if line.startswith("waiting for another `bridge dev` run"):
+            second_waits.set()
+            second_looks.set()
+
+    def clusters(pg_port: int) -> Any:
+        if threading.get_ident() != first:  # the second `up`, making room on the port
+            second_looks.set()
+            assert server_runs.wait(60)
+        return real_clusters(pg_port)
+
+    def start(layout: Any, bin_dir: Path, pg_port: int, log: Any) -> None:
+        seconds.append(pool.submit(postgres.up, second_log))
+        assert second_looks.wait(60), "the second `up` neither looked at the port nor waited"
+        real_start(layout, bin_dir, pg_port, log)
+        server_runs.set()
+        # (the login is made once the second has looked, or waits for the lock)
+        assert _proc.wait_for(lambda: seconds[0].done() or second_waits.is_set(), timeout_s=60)
+
+    monkeypatch.setattr(postgres, "_start", start)
+    monkeypatch.setattr(postgres, "_debian_clusters", clusters)
+    with pool:
+        started = postgres.up(log=quiet)
+        second = seconds[0].result(timeout=120)
+    assert started.detail.startswith("started in")
+    assert second.running and second.detail == "already up"
+    assert postgres.status().running
 
 
 def server_pids(store: Any, folder: Path) -> list[int]:

@@ -154,11 +154,15 @@ def up(log: Log = print) -> ServiceStatus:
     started = time.monotonic()
     newest = _ensure_installed(log)  # (first: _layout, as root, asks the postgres user it makes)
     layout = _layout(pg_port)
-    bin_dir = _cluster_bin_dir(layout) or newest
-    if _our_pid(layout) is None:
-        _make_room(pg_port, log)
+    # One `up` at a time (`make test` runs two test sessions, each starting what is down). The
+    # port is looked at only under the lock: another `up`'s server answers before its login
+    # exists, and would pass for a stranger's.
     with file_lock(layout.lock, timeout_s=300, log=log):
+        if _answers(pg_port):
+            return _status(pg_port, True, "already up")
+        bin_dir = _cluster_bin_dir(layout) or newest
         if _our_pid(layout) is None:
+            _make_room(pg_port, log)
             _start(layout, bin_dir, pg_port, log)
         _create_login(layout, bin_dir, pg_port)
     if not wait_for(lambda: _answers(pg_port), timeout_s=20):
