@@ -509,6 +509,46 @@ def test_two_postgres_ups_at_once_start_the_server_once(
     assert postgres.status().running
 
 
+@pytest.mark.slow
+def test_two_redis_ups_at_once_start_the_server_once(
+    own_instance: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given Redis down, and a second `up` that begins while the first starts the server and,
+    # if it may, looks for the server's pid once it listens but has not written its pid file
+    # yet (Redis writes it after binding the port),
+    # When both run, Then the server starts once and both find it answering. (The second took
+    # it for a stranger's: "port ... is in use by another program (not a Redis server)".)
+    real_start, real_our_pid = redis._start, redis._our_pid
+    first = threading.get_ident()
+    second_waits = threading.Event()
+    pool = ThreadPoolExecutor(1)
+    seconds: list[Future[ServiceStatus]] = []
+
+    def second_log(line: str) -> None:
+        if line.startswith("waiting for another `bridge dev` run"):
+            second_waits.set()
+
+    def our_pid(layout: Any) -> int | None:
+        if threading.get_ident() == first:
+            return real_our_pid(layout)
+        # the second `up`: the server listens, and its pid file is not there yet
+        assert _proc.wait_for(lambda: redis._pong(redis.port()), timeout_s=60)
+        return None
+
+    def start(server: str, layout: Any, redis_port: int, log: Any) -> None:
+        seconds.append(pool.submit(redis.up, second_log))
+        assert second_waits.wait(60), "the second `up` did not wait for the first's lock"
+        real_start(server, layout, redis_port, log)
+
+    monkeypatch.setattr(redis, "_start", start)
+    monkeypatch.setattr(redis, "_our_pid", our_pid)
+    with pool:
+        started = redis.up(log=quiet)
+        second = seconds[0].result(timeout=120)
+    assert started.detail.startswith("started in")
+    assert second.running and second.detail == "already up"
+
+
 def server_pids(store: Any, folder: Path) -> list[int]:
     """The pids of a store's server under `folder`, the main process first."""
     if store is redis:

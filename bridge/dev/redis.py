@@ -100,11 +100,15 @@ def up(log: Log = print) -> ServiceStatus:
         return _status(redis_port, True, "already up")
     started = time.monotonic()
     layout = _layout(redis_port)
+    # One `up` at a time, each holding the lock until its server answers: a server that has
+    # just started listens before it writes its pid file, and would pass for a stranger's.
     with file_lock(layout.lock, timeout_s=900, log=log):
+        if _pong(redis_port):
+            return _status(redis_port, True, "already up")
         if _our_pid(layout) is None:
             _require_free(redis_port)
             _start(_ensure_installed(log), layout, redis_port, log)
-    _wait_ready(redis_port, layout)
+        _wait_ready(redis_port, layout)
     return _status(redis_port, True, f"started in {time.monotonic() - started:.1f}s")
 
 
