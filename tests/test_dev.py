@@ -778,7 +778,7 @@ def test_postgres_starts_an_existing_cluster_with_its_own_major_version(
         "_make_room": lambda _, __: None,
         "_start": lambda _, bin_dir, __, ___: started.append(bin_dir),
         "_create_login": lambda _, __, ___: None,
-        "_answers": lambda _: True,
+        "_answers": lambda _: bool(started),  # (once started)
     }.items():
         monkeypatch.setattr(postgres, name, stand_in)
     # When up starts it
@@ -786,6 +786,7 @@ def test_postgres_starts_an_existing_cluster_with_its_own_major_version(
     # Then with 15's programs, which can run its data
     assert started == [lib / "15" / "bin"]
     # And a cluster whose major is no longer installed is refused, naming the package to install
+    started.clear()
     (layout.data / "PG_VERSION").write_text("16\n")
     with pytest.raises(DevError, match=re.escape("run `sudo apt-get install postgresql-16`")):
         postgres.up(quiet)
