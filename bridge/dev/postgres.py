@@ -94,10 +94,6 @@ class _Layout:
     def setup_sql(self) -> Path:
         return self.root / "setup.sql"
 
-    @property
-    def lock(self) -> Path:
-        return self.root / ".lock"
-
 
 @dataclass(frozen=True)
 class _DebianCluster:
@@ -152,14 +148,15 @@ def up(log: Log = print) -> ServiceStatus:
         # Ours answers the protocol as soon as it listens, even while it recovers.
         raise _port_taken(pg_port, "another program (not a PostgreSQL server)")
     started = time.monotonic()
-    newest = _ensure_installed(log)  # (first: _layout, as root, asks the postgres user it makes)
-    layout = _layout(pg_port)
-    # One `up` at a time (`make test` runs two test sessions, each starting what is down). The
-    # port is looked at only under the lock: another `up`'s server answers before its login
-    # exists, and would pass for a stranger's.
-    with file_lock(layout.lock, timeout_s=300, log=log):
+    # One `up` at a time, from the install on (`make test` runs two test sessions, each starting
+    # what is down): the package's programs are there before its postinst has made the postgres
+    # user and Debian's cluster, and another `up`'s server answers before its login exists, and
+    # would pass for a stranger's. So the port is looked at again only under the lock.
+    with file_lock(_lock_file(pg_port), timeout_s=900, log=log):
         if _answers(pg_port):
             return _status(pg_port, True, "already up")
+        newest = _ensure_installed(log)  # (first: _layout, as root, asks the postgres user it makes)
+        layout = _layout(pg_port)
         bin_dir = _cluster_bin_dir(layout) or newest
         if _our_pid(layout) is None:
             _make_room(pg_port, log)
@@ -476,6 +473,12 @@ def _our_pid(layout: _Layout) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if str(layout.data) in process_cmdline(pid) else None
+
+
+def _lock_file(pg_port: int) -> Path:
+    # Not in _layout's folder, which, as root, is known only once the postgres user exists.
+    name = "postgres" if pg_port == DEFAULT_PORT else f"postgres-{pg_port}"
+    return data_root() / "dev" / f"{name}.lock"
 
 
 def _layout(pg_port: int) -> _Layout:
