@@ -402,6 +402,41 @@ def test_a_process_started_elsewhere_is_known_by_its_command_line() -> None:
     assert _proc.exited(os.getpid(), "a marker its command line lacks")
 
 
+def test_two_apt_installs_at_once_take_turns(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Given package lists too old to install from until `apt-get update` has run, and apt-get
+    # failing at once on the lists' lock while another apt-get holds it (what `update` does; a
+    # stand-in for apt-get, which the machine's packages must not go through),
+    # When two `up`s install at once (`make test`'s two sessions on a fresh machine),
+    # Then both install. (The second's update failed beside the first's, and so did its retry.)
+    monkeypatch.setattr(_proc, "APT_LOCK", tmp_path / "apt.lock")
+    guard, running, updated = threading.Lock(), [0], threading.Event()
+
+    def apt_get(argv: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        with guard:
+            if running[0] and argv[1] == "update":
+                return subprocess.CompletedProcess(
+                    argv, 100, "", "E: Could not get lock /var/lib/apt/lists/lock"
+                )
+            running[0] += 1
+        try:
+            time.sleep(0.2)
+            if argv[1] == "update":
+                updated.set()
+            ok = updated.is_set()
+            return subprocess.CompletedProcess(argv, 0 if ok else 100, "", "" if ok else "E: 404  Not Found")
+        finally:
+            with guard:
+                running[0] -= 1
+
+    monkeypatch.setattr(_proc, "run", apt_get)
+    with ThreadPoolExecutor(2) as pool:
+        installs = [
+            pool.submit(_proc.apt_install, [package], quiet) for package in ("postgresql", "redis-server")
+        ]
+        for install in installs:
+            install.result(timeout=30)
+
+
 def test_unknown_service_is_refused() -> None:
     with pytest.raises(DevError, match="unknown service 'kafak'"):
         dev.status(["kafak"])
@@ -507,6 +542,47 @@ def test_two_postgres_ups_at_once_start_the_server_once(
     assert started.detail.startswith("started in")
     assert second.running and second.detail == "already up"
     assert postgres.status().running
+
+
+@pytest.mark.slow
+def test_a_second_postgres_up_waits_for_the_first_s_install(
+    own_instance: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given PostgreSQL down, and a second `up` that begins while the first installs the package
+    # (whose programs are there before its postinst has made the postgres user and cluster),
+    # When both run, Then the second looks at nothing until the first is done, and finds the
+    # server up. (It went on beside the install, into a half-installed package.)
+    real_install = postgres._ensure_installed
+    first = threading.get_ident()
+    installing, second_waits, second_arrived = threading.Event(), threading.Event(), threading.Event()
+    beside: list[str] = []
+    pool = ThreadPoolExecutor(1)
+    seconds: list[Future[ServiceStatus]] = []
+
+    def second_log(line: str) -> None:
+        if line.startswith("waiting for another `bridge dev` run"):
+            second_waits.set()
+
+    def ensure_installed(log: Any) -> Path:
+        if threading.get_ident() != first:
+            second_arrived.set()
+            if installing.is_set():
+                beside.append("the second `up` looked at the install while the first installed")
+            return real_install(log)
+        installing.set()
+        seconds.append(pool.submit(postgres.up, second_log))
+        arrived = _proc.wait_for(lambda: second_waits.is_set() or second_arrived.is_set(), timeout_s=60)
+        assert arrived, "the second `up` neither waited nor went on"
+        installing.clear()
+        return real_install(log)
+
+    monkeypatch.setattr(postgres, "_ensure_installed", ensure_installed)
+    with pool:
+        started = postgres.up(log=quiet)
+        second = seconds[0].result(timeout=120)
+    assert beside == []
+    assert started.detail.startswith("started in")
+    assert second.running and second.detail == "already up"
 
 
 @pytest.mark.slow

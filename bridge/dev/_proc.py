@@ -19,6 +19,9 @@ from bridge.errors import DevError
 
 Log = Callable[[str], None]
 
+# apt is the machine's, so its lock is too (not in a data folder BRIDGE_DATA may move).
+APT_LOCK = Path("/var/lib/bridge/apt.lock")
+
 # Colour and cursor codes: Maven ends its output with a reset (ESC [0m) even with colours off.
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 # Maven's advice after every failure, the same whatever went wrong, and headings (ending in a
@@ -64,16 +67,26 @@ def find_program(name: str) -> str | None:
 
 
 def apt_install(packages: Sequence[str], log: Log) -> None:
-    """Install Debian packages as root, refreshing the package lists only when needed."""
-    log(f"installing {' '.join(packages)} with apt-get")
-    # Waiting on dpkg's lock (instead of failing) lets this run beside another apt-get.
+    """Install Debian packages as root, refreshing the package lists only when needed.
+
+    One of bridge's at a time (`make test`'s two sessions may install at once): apt-get can
+    wait for dpkg's lock, but `apt-get update` fails at once on the lists' lock another holds.
+    """
+    # Waiting on dpkg's lock (instead of failing) lets this run beside another program's apt-get.
     argv = ["apt-get", "install", "-y", "-o", "DPkg::Lock::Timeout=300", *packages]
     env = {"DEBIAN_FRONTEND": "noninteractive"}
-    result = run(argv, timeout_s=900, env=env)
-    if result.returncode != 0:
-        log("apt-get install failed; running apt-get update and trying again")
-        run(["apt-get", "update"], timeout_s=600, env=env)
+    with file_lock(APT_LOCK, timeout_s=1800, log=log):
+        log(f"installing {' '.join(packages)} with apt-get")
         result = run(argv, timeout_s=900, env=env)
+        if result.returncode != 0:
+            log("apt-get install failed; running apt-get update and trying again")
+            update = run(["apt-get", "update"], timeout_s=600, env=env)
+            result = run(argv, timeout_s=900, env=env)
+            if result.returncode != 0 and update.returncode != 0:
+                raise DevError(
+                    f"`apt-get install {' '.join(packages)}` failed: {last_line(result)}"
+                    f" (and `apt-get update`: {last_line(update)})"
+                )
     if result.returncode != 0:
         raise DevError(f"`apt-get install {' '.join(packages)}` failed: {last_line(result)}")
 
