@@ -213,6 +213,46 @@ def test_two_rabbitmq_ups_at_once_start_the_node_once(
     assert details == ["already up", "started"]
 
 
+@pytest.mark.parametrize("service", [kafka, apicurio], ids=["kafka", "apicurio"])
+def test_a_second_up_finds_the_first_s_jvm_answering(
+    service: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given the service down, and a second `up` that begins while the first starts it and
+    # cannot read the started process's command line (empty, as /proc once gave on a machine
+    # under load), so does not know the process for its own (the steps that reach the JVM
+    # stand in, as for RabbitMQ above),
+    # When both run, Then the process starts once, and the second finds it answering. (The
+    # second took the listening port for a stranger's: "port ... is in use by another program".)
+    monkeypatch.setenv("BRIDGE_DATA", str(tmp_path))  # (where the lock is)
+    listening, answering, second_waits = threading.Event(), threading.Event(), threading.Event()
+    pool = ThreadPoolExecutor(1)
+    seconds: list[Future[ServiceStatus]] = []
+
+    def second_log(line: str) -> None:
+        if line.startswith("waiting for another `bridge dev` run"):
+            second_waits.set()
+
+    def start(*_: Any) -> int:
+        seconds.append(pool.submit(service.up, second_log))
+        assert second_waits.wait(60), "the second `up` did not wait for the first's lock"
+        listening.set()
+        return 4242
+
+    for name, stand_in in {
+        "_our_pid": lambda _: None,
+        "port_accepts": lambda _: listening.is_set(),
+        "_answers": lambda *_, **__: answering.is_set(),
+        "_start": start,
+        "_wait_ready": lambda *_: answering.set(),
+    }.items():
+        monkeypatch.setattr(service, name, stand_in)
+    with pool:
+        started = service.up(quiet)
+        second = seconds[0].result(timeout=60)
+    assert started.detail.startswith("started in")
+    assert second.running and second.detail == "already up"
+
+
 def test_rabbitmq_up_restarts_a_node_an_older_up_configured_and_then_leaves_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -122,12 +122,15 @@ def up(log: Log = print) -> ServiceStatus:
         return _status(http_port, True, "already up")
     layout = _layout(http_port)
     started = time.monotonic()
+    # One `up` at a time, each holding the lock until its registry answers (as Kafka's `up`).
     with file_lock(layout.lock, timeout_s=900, log=log):
+        if _answers(http_port):
+            return _status(http_port, True, "already up")
         pid = _our_pid(layout)
         if pid is None:
             _require_free(http_port)
             pid = _start(layout, http_port, log)
-    _wait_ready(http_port, pid, layout)
+        _wait_ready(http_port, pid, layout)
     return _status(http_port, True, f"started in {time.monotonic() - started:.1f}s")
 
 

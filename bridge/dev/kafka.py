@@ -178,11 +178,15 @@ def up(log: Log = print) -> ServiceStatus:
     """
     client_port = port()
     layout = _layout(client_port)
-    ours = _our_pid(layout) is not None
-    if _answers(client_port) and not (ours and changed_settings(layout, client_port)):
+    if _up_to_date(layout, client_port):
         return _status(client_port, True, "already up")
     started = time.monotonic()
+    # One `up` at a time, each holding the lock until its broker answers: a second `up` then
+    # finds the first's broker answering, even where it cannot read the broker's command line
+    # (a machine under load once gave an empty one), and does not take it for a stranger's.
     with file_lock(layout.lock, timeout_s=900, log=log):
+        if _up_to_date(layout, client_port):
+            return _status(client_port, True, "already up")
         pid = _our_pid(layout)
         if pid is not None and (changed := changed_settings(layout, client_port)):
             log(f"kafka: restarting pid {pid}: these settings changed since it started: {', '.join(changed)}")
@@ -191,8 +195,15 @@ def up(log: Log = print) -> ServiceStatus:
         if pid is None:
             _require_free(client_port)
             pid = _start(layout, client_port, log)
-    _wait_ready(client_port, pid, layout)
+        _wait_ready(client_port, pid, layout)
     return _status(client_port, True, f"started in {time.monotonic() - started:.1f}s")
+
+
+def _up_to_date(layout: _Layout, client_port: int) -> bool:
+    """Whether a broker answers that `up` leaves as it is: any but one of ours that an older
+    `up` started with other settings."""
+    ours = _our_pid(layout) is not None
+    return _answers(client_port) and not (ours and changed_settings(layout, client_port))
 
 
 def down(log: Log = print) -> ServiceStatus:
