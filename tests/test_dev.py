@@ -878,6 +878,7 @@ def test_postgres_starts_an_existing_cluster_with_its_own_major_version(
 ) -> None:
     # Given a cluster made by PostgreSQL 15, and 17 installed since (the steps that would reach
     # the real server stand in, as for RabbitMQ above)
+    monkeypatch.setenv("BRIDGE_DATA", str(tmp_path))  # (where the lock is)
     lib = tmp_path / "lib"
     fake_postgres_install(lib, "15", "17")
     layout = postgres._Layout(tmp_path / "postgres")

@@ -162,10 +162,10 @@ def up(log: Log = print) -> ServiceStatus:
             _make_room(pg_port, log)
             _start(layout, bin_dir, pg_port, log)
         _create_login(layout, bin_dir, pg_port)
-    if not wait_for(lambda: _answers(pg_port), timeout_s=20):
-        raise DevError(
-            f"PostgreSQL runs but the bridge login fails on 127.0.0.1:{pg_port}; see {layout.log_file}"
-        )
+        if not wait_for(lambda: _answers(pg_port), timeout_s=20):
+            raise DevError(
+                f"PostgreSQL runs but the bridge login fails on 127.0.0.1:{pg_port}; see {layout.log_file}"
+            )
     return _status(pg_port, True, f"started in {time.monotonic() - started:.1f}s")
 
 
@@ -477,18 +477,21 @@ def _our_pid(layout: _Layout) -> int | None:
 
 def _lock_file(pg_port: int) -> Path:
     # Not in _layout's folder, which, as root, is known only once the postgres user exists.
-    name = "postgres" if pg_port == DEFAULT_PORT else f"postgres-{pg_port}"
-    return data_root() / "dev" / f"{name}.lock"
+    return data_root() / "dev" / f"{_name(pg_port)}.lock"
 
 
 def _layout(pg_port: int) -> _Layout:
     # One folder per port, so a second cluster on another port never shares files.
-    name = "postgres" if pg_port == DEFAULT_PORT else f"postgres-{pg_port}"
+    name = _name(pg_port)
     folder = data_root() / "dev"
     if is_root() and not _server_can_reach(folder):
         # Root's home is private (0700 on Debian), and the server runs as postgres.
         folder = SYSTEM_DATA_ROOT / "dev"
     return _Layout(folder / name)
+
+
+def _name(pg_port: int) -> str:
+    return "postgres" if pg_port == DEFAULT_PORT else f"postgres-{pg_port}"
 
 
 def _server_can_reach(folder: Path) -> bool:
