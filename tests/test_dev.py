@@ -540,6 +540,39 @@ def test_postgres_up_after_kill_9_waits_for_a_backend_that_lingers(own_instance:
 
 
 @pytest.mark.slow
+def test_postgres_up_waits_for_a_server_of_ours_that_takes_no_connections_yet(own_instance: Path) -> None:
+    # Given our PostgreSQL running but refusing connections for now (a standby with hot standby
+    # off, promoted a second after `up` says it waits: as a server recovering after a kill),
+    # When up runs, Then it waits and makes the login. (It made the login at once, which failed:
+    # "creating the bridge role and database failed: DETAIL:  Hot standby mode is disabled.";
+    # for a server recovering, "the database system is starting up".)
+    postgres.up(log=quiet)
+    postgres.down(log=quiet)
+    layout = postgres._layout(postgres.port())
+    bin_dir = postgres._cluster_bin_dir(layout)
+    assert bin_dir is not None
+    pg_ctl = str(bin_dir / "pg_ctl")
+    (layout.data / "standby.signal").touch()
+    start = [pg_ctl, "start", "-D", str(layout.data), "-l", str(layout.log_file), "-s"]
+    subprocess.run(postgres._as_server([*start, "-o", "-c hot_standby=off"]), check=True, timeout=60)
+    assert _proc.wait_for(lambda: postgres._our_pid(layout) is not None, timeout_s=30)
+    promote = [pg_ctl, "promote", "-D", str(layout.data)]
+    promoting = threading.Timer(1.0, subprocess.run, (postgres._as_server(promote),))
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if line.startswith("postgres: waiting for pid"):
+            promoting.start()
+
+    started = postgres.up(log=log)
+    assert promoting.ident is not None, f"up did not wait: {lines}"
+    promoting.join()
+    assert started.running and started.detail.startswith("started in")
+    assert postgres._answers(postgres.port())
+
+
+@pytest.mark.slow
 def test_two_postgres_ups_at_once_start_the_server_once(
     own_instance: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -158,9 +158,12 @@ def up(log: Log = print) -> ServiceStatus:
         newest = _ensure_installed(log)  # (first: _layout, as root, asks the postgres user it makes)
         layout = _layout(pg_port)
         bin_dir = _cluster_bin_dir(layout) or newest
-        if _our_pid(layout) is None:
+        pid = _our_pid(layout)
+        if pid is None:
             _make_room(pg_port, log)
             _start(layout, bin_dir, pg_port, log)
+        else:
+            _wait_until_accepting(layout, bin_dir, pg_port, pid, log)
         _create_login(layout, bin_dir, pg_port)
         if not wait_for(lambda: _answers(pg_port), timeout_s=20):
             raise DevError(
@@ -330,6 +333,22 @@ def _start(layout: _Layout, bin_dir: Path, pg_port: int, log: Log) -> None:
     if result.returncode != 0:
         detail = tail(layout.log_file) or last_line(result)
         raise DevError(f"PostgreSQL did not start; see {layout.log_file}: {detail}")
+
+
+def _wait_until_accepting(layout: _Layout, bin_dir: Path, pg_port: int, pid: int, log: Log) -> None:
+    """Wait, up to START_TIMEOUT_S, for a server of ours that runs but may not take connections
+    yet: one recovering after an `up` or a host that was killed, started by another, say. (The
+    login was made at once and failed: "the database system is starting up".)"""
+    argv = [str(bin_dir / "pg_isready"), "-q", "-h", str(layout.socket_dir), "-p", str(pg_port)]
+    if run(argv, timeout_s=30).returncode == 0:
+        return
+    log(f"postgres: waiting for pid {pid} to accept connections (log {layout.log_file})")
+    if not wait_for(lambda: run(argv, timeout_s=30).returncode == 0, timeout_s=START_TIMEOUT_S):
+        detail = tail(layout.log_file)
+        raise DevError(
+            f"PostgreSQL pid {pid} runs but took no connections in {START_TIMEOUT_S:.0f} s; "
+            f"see {layout.log_file}: {detail}"
+        )
 
 
 def _wait_for_old_backends(layout: _Layout) -> None:
