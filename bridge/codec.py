@@ -369,6 +369,13 @@ def _type_name(schema: Any) -> str:
 # -- decoding ------------------------------------------------------------------------------
 
 
+def frame_id(data: bytes) -> int | None:
+    """The registry id a Confluent frame names, if `data` has one."""
+    if data.startswith(CONFLUENT_MAGIC) and len(data) >= 5:
+        return int(_SCHEMA_ID.unpack_from(data, 1)[0])
+    return None
+
+
 def read_frame(data: bytes, lookup: SchemaLookup) -> tuple[Schema, int]:
     """The writer schema named by `data`'s frame and where its body starts."""
     if data.startswith(SINGLE_OBJECT_MAGIC):

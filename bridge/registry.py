@@ -35,6 +35,10 @@ class Registry(SchemaLookup, Protocol):
 
     def job_types(self) -> list[str]: ...
 
+    def cached(self, schema_id: int) -> bool:
+        """Whether `by_id(schema_id)` answers without asking a server (so without waiting)."""
+        ...
+
     def prepare(self, types: Iterable[str]) -> None:
         """Check, before consuming, that the handlers' types can be read; ConfigError if not."""
         ...
@@ -81,6 +85,9 @@ class SchemaDirectory:
 
     def by_fingerprint(self, fingerprint: int) -> Schema | None:
         return self._by_fingerprint.get(fingerprint)
+
+    def cached(self, schema_id: int) -> bool:
+        return True
 
     def by_id(self, schema_id: int) -> Schema | None:
         return None  # a directory has no ids; Confluent-framed input needs a registry server

@@ -37,6 +37,7 @@ from bridge.registry import DEAD_LETTER, ENVELOPE, SchemaDirectory, full_name_of
 
 NOT_FOUND_RETRY_S = 30.0  # an id the registry did not know is asked again after this long
 MAX_REFUSED = 10_000
+REQUEST_TIMEOUT_S = 10.0  # for each HTTP request (the client tries a request up to 4 times)
 
 
 class _Rejected(Exception):
@@ -100,11 +101,14 @@ class HttpRegistry:
     def by_fingerprint(self, fingerprint: int) -> Schema | None:
         return self.local.by_fingerprint(fingerprint)
 
+    def cached(self, schema_id: int) -> bool:
+        return schema_id in self._by_id or self._still_refused(schema_id) is not None
+
     def by_id(self, schema_id: int) -> Schema | None:
         """The schema registered as `schema_id`, when it is one of a known record."""
-        refused = self._refused.get(schema_id)
-        if refused is not None and time.monotonic() - refused[1] < NOT_FOUND_RETRY_S:
-            raise UnknownSchema(refused[0])
+        refused = self._still_refused(schema_id)
+        if refused is not None:
+            raise UnknownSchema(refused)
         try:
             return self._fetch(schema_id)
         except UnknownSchema as exc:
@@ -112,6 +116,13 @@ class HttpRegistry:
                 self._refused.clear()  # a flood of made-up ids costs memory no more than this
             self._refused[schema_id] = (str(exc), time.monotonic())
             raise
+
+    def _still_refused(self, schema_id: int) -> str | None:
+        """Why the registry refused `schema_id`, if it did less than NOT_FOUND_RETRY_S ago."""
+        refused = self._refused.get(schema_id)
+        if refused is not None and time.monotonic() - refused[1] < NOT_FOUND_RETRY_S:
+            return refused[0]
+        return None
 
     # -- checks at start and before deploy -------------------------------------------------
 
@@ -309,7 +320,8 @@ def _client(url: str) -> Any:
             f"registry {safe_url(url)}: HTTP registries need confluent-kafka's schema registry client: "
             f"pip install 'bridge-jobs[registry]' ({exc})"
         ) from None
-    return SchemaRegistryClient({"url": url})
+    # Without a timeout the client waits for an answer for good (httpx's default when given None).
+    return SchemaRegistryClient({"url": url, "timeout": REQUEST_TIMEOUT_S})
 
 
 def _wire(schema: Schema) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -60,6 +61,7 @@ log = logging.getLogger("bridge.worker")
 TRACEBACK_CHARS = 2000
 DETAIL_CHARS = 2000  # of a dead letter's detail
 TEST_CLOCK_STEP_S = 0.01  # how often a wait looks at an app clock that is not the real one
+SCHEMA_FETCH_S = 30.0  # a job waits this long for the registry to answer for a new schema id
 
 
 @dataclass
@@ -107,6 +109,7 @@ class Worker:
         # Threads of handlers without a key whose tasks were cancelled (a stop's grace period
         # ending) while they ran; each leaves the set as it ends.
         self._unkeyed_outliving: set[Future[None]] = set()
+        self._fetching: dict[int, asyncio.Future[Exception | None]] = {}  # schema ids asked for now
         self._stop = asyncio.Event()  # `run`'s: set when a delivery cannot ever be settled
         self._failure: TransportError | None = None  # ... and why
         self.stats = Stats()
@@ -217,9 +220,7 @@ class Worker:
 
     async def _outcome(self, delivery: Delivery) -> Sequence[Outgoing] | None:
         try:
-            _, record = codec.decode(
-                delivery.body, self._registry, self._envelope, max_bytes=self.settings.queue_bytes
-            )
+            record = await self._decode(delivery.body, self._envelope, self.settings.queue_bytes)
             envelope = Envelope.from_avro(record)
         except UnknownSchema as exc:  # nothing of it is decoded: it names no schema known here
             return [self._dead(delivery, "unknown_schema", str(exc), raw=delivery.body)]
@@ -247,9 +248,7 @@ class Worker:
             return [self._dead(delivery, "unknown_type", detail, envelope=envelope)]
         spec, schema = job
         try:
-            _, payload = codec.decode(
-                envelope.payload, self._registry, schema, max_bytes=self.settings.max_message_bytes
-            )
+            payload = await self._decode(envelope.payload, schema, self.settings.max_message_bytes)
         except SchemaMismatch as exc:
             detail = f"payload of a {envelope.type} envelope: {exc}"
             return [self._dead(delivery, "schema_mismatch", detail, envelope=envelope)]
@@ -285,6 +284,48 @@ class Worker:
         if envelope.idempotency_key is not None:
             return await self._run_once(spec, payload, envelope, delivery)
         return await self._run(spec, payload, envelope, delivery)
+
+    async def _decode(self, data: bytes, reader: Schema, max_bytes: int) -> Any:
+        """`codec.decode`'s datum, once the registry has been asked off the event loop for a
+        schema id it is not known to have answered for: one slow to answer held up every job,
+        and the worker's stop with them, and one down slept the loop between its tries."""
+        schema_id = codec.frame_id(data)
+        if schema_id is not None and len(data) <= max_bytes and not self._registry.cached(schema_id):
+            await self._fetch(schema_id)
+        return codec.decode(data, self._registry, reader, max_bytes=max_bytes)[1]
+
+    async def _fetch(self, schema_id: int) -> None:
+        """Have the registry answer for `schema_id` (one request for the jobs that wait for it);
+        RegistryUnavailable after SCHEMA_FETCH_S, while the request runs on and is remembered."""
+        fetching = self._fetching.get(schema_id)
+        if fetching is None:
+            fetching = self._fetching[schema_id] = asyncio.get_running_loop().create_future()
+            fetching.add_done_callback(lambda _: self._fetching.pop(schema_id, None))
+            # A daemon thread: a request that hangs keeps no pool's thread, nor the exit, waiting.
+            threading.Thread(
+                target=self._ask_registry, args=(schema_id, fetching), name="bridge-registry", daemon=True
+            ).start()
+        try:
+            failure = await asyncio.wait_for(asyncio.shield(fetching), SCHEMA_FETCH_S)
+        except TimeoutError:
+            raise RegistryUnavailable(
+                f"the schema registry did not answer for schema id {schema_id} in {SCHEMA_FETCH_S:g} s"
+            ) from None
+        if failure is not None:
+            raise failure
+
+    def _ask_registry(self, schema_id: int, answered: asyncio.Future[Exception | None]) -> None:
+        """In a thread: ask for `schema_id`, and settle `answered` with what that raised, except
+        the refusal the registry remembers (decoding raises it again, with the bytes)."""
+        failure: Exception | None = None
+        try:
+            self._registry.by_id(schema_id)
+        except UnknownSchema:
+            pass
+        except Exception as exc:  # RegistryUnavailable, or ConfigError: not a registry's API
+            failure = exc
+        with suppress(RuntimeError):  # the event loop closed meanwhile: nobody waits
+            answered.get_loop().call_soon_threadsafe(_settle, answered, failure)
 
     async def _until(self, run_at: int) -> None:
         """Wait until `run_at` by the app's clock: in one sleep on the real clock, in steps on a
@@ -566,3 +607,8 @@ def _resolve(app: Bridge, schema_of: Any) -> dict[str, tuple[JobSpec, Schema]]:
     if missing:
         raise UnknownJobType(f"no schema for {', '.join(missing)} in the registry ({app.settings.registry})")
     return jobs
+
+
+def _settle(future: asyncio.Future[Exception | None], result: Exception | None) -> None:
+    if not future.done():
+        future.set_result(result)

@@ -7,22 +7,28 @@ Every test defines job types of its own (a fresh namespace), since the registry 
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import subprocess
 import sys
+import threading
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from confluent_kafka.schema_registry import Schema as RegistrySchema
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from bridge import Bridge, JobContext, codec
+from bridge import Bridge, JobContext, codec, schema_registry
 from bridge.cli import main
-from bridge.errors import ConfigError, SchemaError, UnknownSchema
+from bridge.envelope import Envelope
+from bridge.errors import ConfigError, RegistryUnavailable, SchemaError, UnknownSchema
 from bridge.registry import ENVELOPE, SchemaDirectory
 from bridge.schema_registry import HttpRegistry
 from bridge.transports import Outgoing
@@ -346,6 +352,15 @@ def test_a_handler_type_missing_from_the_registry_stops_the_consumer_at_start(
     )
 
 
+async def publish_framed_as(app: Bridge, job_type: str, queue: str, schema_id: int) -> Envelope:
+    """Publish a job's envelope framed with `schema_id` instead of its own; the envelope."""
+    envelope = app.build_envelope(job_type, {"n": 2}, queue=queue)
+    good = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
+    framed = b"\x00" + schema_id.to_bytes(4, "big") + good[5:]
+    await (await app.transport()).publish(Outgoing(queue, framed, None))
+    return envelope
+
+
 def test_schemas_of_unknown_ids_or_other_records_are_never_decoded(
     registry_url: str,
     brokers: dict[str, str],
@@ -381,9 +396,7 @@ def test_schemas_of_unknown_ids_or_other_records_are_never_decoded(
         async with app:
             await app.apply_topology([queue])
             transport = await app.transport()
-            envelope = app.build_envelope(job_type, {"n": 2}, queue=queue)
-            good = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
-            await transport.publish(Outgoing(queue, b"\x00\x7f\xff\xff\xf0" + good[5:], None))
+            envelope = await publish_framed_as(app, job_type, queue, 0x7FFFFFF0)
             for schema_id in (other_id or 0, *foreign.values()):
                 envelope.payload = b"\x00" + schema_id.to_bytes(4, "big") + b"\x02"
                 await transport.publish(
@@ -404,6 +417,119 @@ def test_schemas_of_unknown_ids_or_other_records_are_never_decoded(
     )
     for kind, schema_id in foreign.items():
         assert any(f"schema id {schema_id} is a {kind} schema, not an Avro one" in d for d in details)
+
+
+class HoldingRegistry(http.server.ThreadingHTTPServer):
+    """An HTTP proxy to the registry at `target` (its paths as they are) that holds the request
+    for schema id `held` until `release` is set (HOLD_S at most), then answers that the
+    registry has no such id: a registry slow to answer for one id."""
+
+    HOLD_S = 30.0
+
+    def __init__(self, target: str, held: int) -> None:
+        super().__init__(("127.0.0.1", 0), _Forward)
+        parts = urlsplit(target)
+        self.target, self.held = f"{parts.scheme}://{parts.netloc}", held
+        self.asked, self.release, self.answered = threading.Event(), threading.Event(), threading.Event()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+class _Forward(http.server.BaseHTTPRequestHandler):
+    server: HoldingRegistry
+
+    def do_GET(self) -> None:
+        if self.path.endswith(f"/schemas/ids/{self.server.held}"):
+            self.server.asked.set()
+            self.server.release.wait(HoldingRegistry.HOLD_S)
+            self.server.answered.set()
+            self._answer(404, json.dumps({"error_code": 40403, "message": "Schema not found"}).encode())
+        else:
+            self._forward(None)
+
+    def do_POST(self) -> None:
+        self._forward(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+
+    def _forward(self, body: bytes | None) -> None:
+        headers = {name: self.headers[name] for name in ("Content-Type", "Accept") if name in self.headers}
+        request = urllib.request.Request(self.server.target + self.path, body, headers, method=self.command)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                self._answer(answer.status, answer.read())
+        except urllib.error.HTTPError as refused:
+            self._answer(refused.code, refused.read())
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def holding_registry(registry_url: str) -> Iterator[HoldingRegistry]:
+    proxy = HoldingRegistry(registry_url, held=0x7FFFFFF1)
+    yield proxy
+    proxy.close()
+
+
+def test_jobs_run_on_while_the_registry_is_slow_to_answer_for_a_new_schema_id(
+    holding_registry: HoldingRegistry,
+    brokers: dict[str, str],
+    versions: Callable[..., Path],
+    job_type: str,
+    queue: str,
+) -> None:
+    # Given a worker whose registry holds its answer for one schema id, and an envelope naming
+    # that id before a good job,
+    # When consumed, Then the good job runs while the registry still holds the answer, and the
+    # envelope is dead-lettered once the registry says it has no such id. (The worker asked on
+    # its event loop, with no timeout: nothing else ran, nor a SIGTERM, until the registry
+    # answered.)
+    path = urlsplit(brokers["apicurio"]).path  # the proxy forwards the API's own paths
+    app = Bridge(broker=brokers["rabbitmq"], registry=holding_registry.url + path, schemas=str(versions(N)))
+    held_while_running: list[bool] = []
+
+    @app.job(job_type, queue=queue)
+    async def handle(payload: dict[str, Any], ctx: JobContext) -> None:
+        assert await asyncio.to_thread(holding_registry.asked.wait, 30)
+        held_while_running.append(not holding_registry.answered.is_set())
+        holding_registry.release.set()
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+            await publish_framed_as(app, job_type, queue, holding_registry.held)
+            await app.enqueue_async(job_type, {"n": 1}, queue=queue)
+            await app.consume(burst=True)
+
+    run(scenario(), timeout=90)
+    assert held_while_running == [True]
+    [letter] = dead_letters(app, queue)
+    assert letter.reason == "unknown_schema"
+    assert f"unknown schema id {0x7FFFFFF1}" in letter.detail
+
+
+def test_a_registry_that_does_not_answer_is_unavailable_after_the_request_timeout(
+    holding_registry: HoldingRegistry, registry_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a registry that holds its answer for one schema id (up to 30 s), and a request
+    # timeout of 0.2 s, When that id is asked for, Then the registry is unavailable well within
+    # the hold. (The client had no timeout: it waited for as long as the registry did.)
+    monkeypatch.setattr(schema_registry, "REQUEST_TIMEOUT_S", 0.2)
+    registry = HttpRegistry(holding_registry.url + urlsplit(registry_url).path, SchemaDirectory())
+    with pytest.raises(RegistryUnavailable, match="did not answer"):
+        registry.by_id(holding_registry.held)
+    assert not holding_registry.answered.is_set()
 
 
 def test_recursive_schemas_are_refused_at_registration_and_at_start(
