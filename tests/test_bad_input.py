@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import subprocess
 import uuid
@@ -21,8 +22,9 @@ from bridge.envelope import now_ms
 from bridge.errors import JobTooLarge
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
+from bridge.transports.base import dlq_name
 from bridge.worker import Stats
-from tests.brokerio import dead_letters, rabbitmq_api, topics_made_elsewhere
+from tests.brokerio import dead_letters, rabbitmq_api, read_records, topics_made_elsewhere
 from tests.conftest import SCHEMAS, failing_first, own_app, publish_envelope, run
 from tests.processes import consumer, finish, ledger_counts, publish
 
@@ -232,6 +234,46 @@ def test_a_kafka_record_larger_than_a_dead_letter_holds_is_dead_lettered_cut_and
     assert letter.reason == "undecodable" and letter.raw == big[:limit]
     cut = f"(its 3,000,000 bytes cut to the first {limit:,}: a dead letter holds no more)"
     assert letter.detail.endswith(cut)
+
+
+def test_kafka_record_keys_longer_than_a_topic_takes_go_on_as_their_digest_and_consuming_goes_on(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a record of bytes that are no job, whose 3 MB key another producer compressed
+    # (gzip) below the topic's limit, so Kafka took it, and a job enqueued with a 700 KB key
+    # that fails both its attempts, When consumed, Then the job is enqueued, retried and
+    # dead-lettered, and the record dead-lettered, each under the SHA-256 digest of its key,
+    # and the next job runs. (Each went out with its key as it came, larger than its topic
+    # takes: the transaction failed, and `bridge consume` stopped at every start.)
+    app = own_app(brokers["kafka"])
+    ran = failing_first(app, queue, lambda: RuntimeError("no"), max_attempts=2, backoff=fixed(0))
+    big_key, long_key = b"k" * 3_000_000, "j" * 700_000
+    bootstrap = brokers["kafka"].partition("://")[2]
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.apply_topology()
+            settings = {"compression.type": "gzip", "message.max.bytes": 10_000_000}
+            producer = Producer({"bootstrap.servers": bootstrap, **settings})
+            producer.produce(queue, b"not avro", big_key)
+            assert producer.flush(10) == 0
+            await app.enqueue_async("test.Echo", {"n": 1}, key=long_key)
+            await app.enqueue_async("test.Echo", {"n": 2})
+            return await app.consume(burst=True)
+
+    stats = run(scenario())
+    assert sorted(ran) == [1, 1, 2] and (stats.retried, stats.dead_lettered) == (1, 2)
+    assert [letter.raw for letter in dead_letters(app, queue) if letter.reason == "undecodable"] == [
+        b"not avro"
+    ]
+    big_digest, long_digest = (
+        b"sha256:" + hashlib.sha256(k).hexdigest().encode() for k in (big_key, long_key.encode())
+    )
+    assert sorted(key or b"" for _, key, _ in read_records(bootstrap, dlq_name(queue))) == [
+        big_digest,
+        long_digest,
+    ]
+    assert [key for _, key, _ in read_records(bootstrap, queue)].count(long_digest) == 2  # enqueued, retried
 
 
 @pytest.mark.parametrize("broker_name", ["kafka", "rabbitmq"])

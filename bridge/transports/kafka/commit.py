@@ -14,7 +14,15 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from bridge.errors import TransportError
-from bridge.transports.kafka.common import METADATA_TIMEOUT_S, Record, kafka_error, log, mapped, new_producer
+from bridge.transports.kafka.common import (
+    METADATA_TIMEOUT_S,
+    Record,
+    kafka_error,
+    log,
+    mapped,
+    new_producer,
+    record_key,
+)
 from bridge.transports.kafka.returns import HANDED_OVER
 from bridge.transports.offsets import TopicPartition as TP
 
@@ -292,7 +300,7 @@ class Committer:
             try:
                 self.producer.begin_transaction()
                 for topic, value, key, headers, timestamp in records:
-                    self.producer.produce(topic, value, key, headers=headers, timestamp=timestamp)
+                    self.producer.produce(topic, value, record_key(key), headers=headers, timestamp=timestamp)
                 positions = [
                     TopicPartition(t, p, offset, metadata=notes.get((t, p), self.note))
                     for (t, p), offset in offsets.items()

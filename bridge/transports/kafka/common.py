@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -42,6 +43,7 @@ QUEUE_HEADER = "bridge-queue"  # on records in a delay tier: the topic they retu
 Headers = list[tuple[str, str | bytes | None]]
 # topic, value, key, headers, timestamp (epoch ms; 0 lets the producer stamp it)
 Record = tuple[str, bytes | None, str | bytes | None, Headers | None, int]
+MAX_KEY_BYTES = 4096  # a longer record key is written as its digest (`record_key`)
 
 
 def new_producer(common: dict[str, Any], settings: dict[str, Any]) -> Producer:
@@ -247,3 +249,20 @@ def kafka_error(exc: KafkaException) -> KafkaError | None:
     """The KafkaError that librdkafka raised `exc` with, if it gave one."""
     error = exc.args[0] if exc.args else None
     return error if isinstance(error, KafkaError) else None
+
+
+def record_key(key: str | bytes | None) -> str | bytes | None:
+    """The record key bridge writes for `key`: itself, or when longer than MAX_KEY_BYTES its
+    SHA-256 digest (`sha256:` and 64 hex digits), which keeps to one partition as the key does.
+
+    A topic's record size is made for a job and the errors of its attempts, not for a key as
+    large: another producer's long key (compressed, Kafka took it) made its job's dead letter,
+    retry or delay larger than its topic takes, and every commit of its partition failed, at
+    every start.
+    """
+    if key is None or len(key) <= MAX_KEY_BYTES // 4:  # (at most 4 bytes a character)
+        return key
+    raw = key.encode() if isinstance(key, str) else key
+    if len(raw) <= MAX_KEY_BYTES:
+        return key
+    return "sha256:" + hashlib.sha256(raw).hexdigest()

@@ -63,6 +63,7 @@ from bridge.transports.kafka.common import (
     new_producer,
     read_committed,
     read_to_end,
+    record_key,
     resume_leaving,
     wait_until_served,
 )
@@ -282,7 +283,7 @@ class KafkaTransport:
         assert self._producer is not None, "publish() before connect()"
         while True:
             try:
-                self._producer.produce(topic, body, key, headers=headers, on_delivery=report)
+                self._producer.produce(topic, body, record_key(key), headers=headers, on_delivery=report)
                 break
             except BufferError:  # librdkafka's local queue is full: let deliveries drain
                 await asyncio.sleep(0.005)
@@ -814,7 +815,7 @@ class KafkaTransport:
             with mapped(f"could not remove a record from {queue}"):
                 producer.begin_transaction()
                 for message in publish:
-                    producer.produce(message.queue, message.body, message.key)
+                    producer.produce(message.queue, message.body, record_key(message.key))
                 producer.produce(done_topic(queue), b"", name)
                 await asyncio.to_thread(producer.commit_transaction, METADATA_TIMEOUT_S * 6)
             removed += 1
