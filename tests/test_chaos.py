@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from bridge import Bridge, JobContext
+from bridge.errors import TransportError
 from bridge.transports.kafka import transport as kafka_transport
 from tests.conftest import SCHEMAS, run
 from tests.processes import publish
@@ -62,3 +63,24 @@ def test_a_consumer_cut_off_from_kafka_for_15_s_drains_the_queue_once_kafka_is_r
             run(scenario(), timeout=240)
     assert cut.is_set()
     assert set(runs) == set(ids)
+
+
+def test_a_topic_looked_up_while_kafka_is_unreachable_fails_to_be_tried_again(tmp_path: Path) -> None:
+    # Given a transport connected to a Kafka of its own through a proxy,
+    # When the proxy cuts it off and a topic it has not seen yet is looked up (for a tier
+    # record's queue made after it started, say), Then the look fails as an error to try again:
+    # the round ends, and the next one starts once Kafka is back. (librdkafka calls an
+    # unreachable Kafka no retriable error: the forward, or the outcome, that waited on the
+    # look stopped `bridge consume` for good.)
+    with kafka_behind_proxy(tmp_path / "kafka") as proxy:
+        app = Bridge(broker=proxy.url, registry=str(SCHEMAS))
+
+        async def scenario() -> None:
+            async with app:
+                transport = await app.transport()
+                proxy.cut(60.0)
+                with pytest.raises(TransportError) as failed:
+                    await transport.missing([f"q-{uuid.uuid4().hex[:8]}"])
+                assert failed.value.retriable, failed.value
+
+        run(scenario(), timeout=60)

@@ -215,12 +215,20 @@ class KafkaTransport:
         return [t for t in queues if t in absent or t.startswith("__") or self._tier_names.fullmatch(t)]
 
     async def absent(self, topics: Collection[str]) -> list[str]:
-        """Those of `topics` that do not exist, after a fresh look at any not seen before."""
+        """Those of `topics` that do not exist, after a fresh look at any not seen before.
+
+        A look that fails is retriable, whatever librdkafka says: it calls an unreachable Kafka
+        (`_TRANSPORT`) no retriable error, and an outcome or a forward waiting on the look
+        stopped `bridge consume` for good, where a new round was due once Kafka is back.
+        """
         absent = [t for t in topics if t not in self._topics]
         if absent:
             async with self._lookup:  # one metadata request, however many publishes wait on it
                 if any(t not in self._topics for t in absent):
-                    self._topics = await self._topic_names()
+                    try:
+                        self._topics = await self._topic_names()
+                    except TransportError as exc:
+                        raise TransportError(str(exc), retriable=True) from exc
             absent = [t for t in absent if t not in self._topics]
         return absent
 
