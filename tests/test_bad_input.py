@@ -116,6 +116,9 @@ def test_bad_bytes_are_dead_lettered_with_reason_and_original_bytes(
         ("rabbitmq", "the direct reply-to pseudo-queue"),
         ("rabbitmq", "a name longer than AMQP allows"),
         ("rabbitmq", "another connection's exclusive queue"),
+        ("kafka", "its own dead-letter queue"),
+        ("rabbitmq", "its own dead-letter queue"),
+        ("kafka", "its dead-letter topic's done marks"),
     ],
 )
 def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming_goes_on(
@@ -134,13 +137,15 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
     # tier for good. A tier that these settings do not make (an earlier setting's) is a tier
     # too, and RabbitMQ's direct reply-to, which a passive declaration takes, is no queue: bound
     # by its name, the tier would take its retry back to itself, and the bind to reply-to failed.
+    # And its own dead-letter queue, or on Kafka that queue's `.done` topic: the retry went
+    # there as a bare job, which `bridge dlq` called undecodable.
     app = own_app(brokers[broker_name])
     ran = failing_first(app, queue, lambda: Retry(delay_s=1))
 
     async def scenario() -> tuple[str, Stats]:
         async with AsyncExitStack() as held, app:
             await app.apply_topology()
-            missing = await queue_named(named, broker_name, app.settings.prefix, brokers, held)
+            missing = await queue_named(named, broker_name, app.settings.prefix, brokers, held, queue)
             envelope = app.build_envelope("test.Echo", {"n": 1}, queue=missing)
             await publish_envelope(app, queue, envelope)
             await app.enqueue_async("test.Echo", {"n": 2})
@@ -158,7 +163,7 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
 
 
 async def queue_named(
-    named: str, broker_name: str, prefix: str, brokers: dict[str, str], held: AsyncExitStack
+    named: str, broker_name: str, prefix: str, brokers: dict[str, str], held: AsyncExitStack, queue: str
 ) -> str:
     """The name of a queue no job can go to, of the kind `named` says; what it takes stays in `held`."""
     if named == "another connection's exclusive queue":
@@ -177,6 +182,8 @@ async def queue_named(
         "a delay tier": f"{prefix}.delay.1s",
         "the direct reply-to pseudo-queue": "amq.rabbitmq.reply-to",
         "a name longer than AMQP allows": "q" * 256,
+        "its own dead-letter queue": f"{queue}.dlq",
+        "its dead-letter topic's done marks": f"{queue}.dlq.done",
     }[named]
 
 

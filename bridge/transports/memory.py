@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from bridge.envelope import now_ms
 from bridge.policy import tier_for
-from bridge.transports.base import Decide, Delivery, InFlight, Outgoing, Process, dlq_name
+from bridge.transports.base import Decide, Delivery, InFlight, Outgoing, Process, dlq_name, is_dead_letters
 
 
 class MemoryTransport:
@@ -59,8 +59,8 @@ class MemoryTransport:
         return True
 
     async def missing(self, queues: Collection[str]) -> list[str]:
-        """None: a queue is made by the first message published to it."""
-        return []
+        """Dead-letter queues: any other queue is made by the first message published to it."""
+        return [name for name in queues if is_dead_letters(name)]
 
     async def publish(self, message: Outgoing) -> None:
         with self._lock:

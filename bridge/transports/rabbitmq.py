@@ -55,6 +55,7 @@ from bridge.transports.base import (
     Outgoing,
     Process,
     dlq_name,
+    is_dead_letters,
     tier_names,
     tier_queue,
 )
@@ -419,15 +420,15 @@ class RabbitTransport:
         return not delivery.handle.channel.is_closed  # (a closed channel's deliveries go back)
 
     async def missing(self, queues: Collection[str]) -> list[str]:
-        """Those of `queues` that no job can go to: queues that do not exist, and delay tiers'
-        names (those of tiers other settings made too). A look: it binds nothing.
+        """Those of `queues` that no job can go to: queues that do not exist, dead-letter queues
+        and delay tiers' names (those of tiers other settings made too). A look: it binds nothing.
 
         A job from another producer may name any queue as its own, where its retries and
         delays go. One sent to a tier comes back from it to the jobs exchange under the tier's
         name, which no queue is bound by: RabbitMQ would drop it there.
         """
         absent = await self._absent(queues)
-        return [name for name in queues if name in absent or self._tier_names.fullmatch(name)]
+        return [n for n in queues if n in absent or is_dead_letters(n) or self._tier_names.fullmatch(n)]
 
     async def _absent(self, queues: Collection[str]) -> list[str]:
         """Those of `queues` that do not exist, after a look at any not seen before."""

@@ -43,6 +43,7 @@ from bridge.transports.base import (
     Outgoing,
     Process,
     dlq_name,
+    is_dead_letters,
     tier_names,
     tier_queue,
 )
@@ -204,15 +205,19 @@ class KafkaTransport:
 
     async def missing(self, queues: Collection[str]) -> list[str]:
         """Those of `queues` that no job can go to: topics that do not exist, Kafka's own
-        (`__consumer_offsets`, ...) and delay tiers' (those of tiers other settings made too,
-        and their dead-letter topics).
+        (`__consumer_offsets`, ...), dead-letter topics and delay tiers' (those of tiers other
+        settings made too, and their dead-letter topics).
 
         A job from another producer may name any topic as its queue, where its retries and delays
         go: one of Kafka's would fail every transaction it is in (a client may not write there),
         and a tier would send it round that tier for good.
         """
         absent = await self.absent(queues)
-        return [t for t in queues if t in absent or t.startswith("__") or self._tier_names.fullmatch(t)]
+        return [
+            t
+            for t in queues
+            if t in absent or t.startswith("__") or is_dead_letters(t) or self._tier_names.fullmatch(t)
+        ]
 
     async def absent(self, topics: Collection[str]) -> list[str]:
         """Those of `topics` that do not exist, after a fresh look at any not seen before.
