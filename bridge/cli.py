@@ -400,7 +400,7 @@ def _dlq_list(args: argparse.Namespace) -> int:
         letters = asyncio.run(_closing(app, app.dead_letters(args.queue).find(_selection(args), args.limit)))
     for item in letters:
         if args.json:
-            print(json.dumps(describe(app, item), default=_jsonable))
+            print(_json(describe(app, item)))
             continue
         envelope = item.letter.envelope
         kind = f"{envelope.type} attempt {envelope.attempt}" if envelope else "(raw bytes)"
@@ -418,7 +418,7 @@ def _dlq_show(args: argparse.Namespace) -> int:
     app = _app(args)
     with _job_queue(args.queue):
         item = asyncio.run(_closing(app, app.dead_letters(args.queue).show(args.id)))
-    print(json.dumps(describe(app, item), default=_jsonable, indent=2))
+    print(_json(describe(app, item), indent=2))
     return 0
 
 
@@ -580,6 +580,23 @@ def _job_queue(queue: str) -> Iterator[None]:
             job_queue = queue.removesuffix(".dlq")
             raise ConfigError(f"{exc} (the dlq commands take the job queue's name: {job_queue})") from None
         raise
+
+
+def _json(value: Any, indent: int | None = None) -> str:
+    """`value` as JSON that every parser reads: bytes as hex, what JSON has no type for as text,
+    and a float that is no number as its name, "NaN", "Infinity" or "-Infinity" (as Avro's
+    JSON encoding in Java writes them): Python wrote NaN, which JavaScript, Go and jq refuse."""
+    return json.dumps(_finite(value), default=_jsonable, allow_nan=False, indent=indent)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _jsonable(value: Any) -> Any:

@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -373,6 +374,44 @@ def test_dlq_commands(make_app: Callable[..., Bridge], queue: str, broker: str) 
     assert purged.stdout.strip() == f"purged 1 dead letters from {queue}.dlq"
     emptied = bridge_cli("dlq", "list", queue, "--json", **env)
     assert emptied.returncode == 0 and emptied.stdout == "", emptied.stderr
+
+
+def test_dlq_json_names_floats_that_are_no_number_so_any_json_parser_reads_it(
+    brokers: dict[str, str], queue: str, tmp_path: Path
+) -> None:
+    # Given a dead letter whose payload holds a NaN double and a -Infinity float,
+    # When `bridge dlq list --json` and `dlq show` print it, Then a strict JSON parser reads
+    # both, with the values named "NaN" and "-Infinity". (They were printed as NaN and
+    # -Infinity, which are no JSON: JavaScript, Go and jq refuse the line.)
+    schema = {"type": "record", "name": "Reading", "namespace": "test",
+              "fields": [{"name": "x", "type": "double"}, {"name": "y", "type": "float"}]}  # fmt: skip
+    (tmp_path / "test.Reading.avsc").write_text(json.dumps(schema))
+    app = Bridge(broker=brokers["rabbitmq"], registry=str(tmp_path), prefix=names.prefix(), delay_tiers="1s")
+
+    @app.job("test.Reading", queue=queue)
+    async def refuse(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise Permanent("out of range")
+
+    async def scenario() -> str:
+        async with app:
+            await app.apply_topology()
+            job_id = await app.enqueue_async("test.Reading", {"x": float("nan"), "y": float("-inf")})
+            await app.consume(burst=True)
+            return job_id
+
+    job_id = run(scenario())
+    env = {"BRIDGE_BROKER": brokers["rabbitmq"], "BRIDGE_REGISTRY": str(tmp_path),
+           "BRIDGE_PREFIX": app.settings.prefix, "BRIDGE_DELAY_TIERS": "1s"}  # fmt: skip
+
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"not JSON: {name}"))
+
+    listed = bridge_cli("dlq", "list", queue, "--json", **env)
+    assert listed.returncode == 0, listed.stderr
+    [entry] = [strict(line) for line in listed.stdout.splitlines()]
+    assert entry["id"] == job_id and entry["job"]["payload"] == {"x": "NaN", "y": "-Infinity"}
+    shown = bridge_cli("dlq", "show", queue, job_id, **env)
+    assert strict(shown.stdout)["job"]["payload"] == {"x": "NaN", "y": "-Infinity"}
 
 
 @pytest.mark.parametrize("rate", [0, -1, float("nan"), float("inf")])
