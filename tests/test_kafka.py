@@ -18,16 +18,19 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from bridge import Bridge, JobContext, Permanent, Retry, codec
+from bridge.config import Settings
 from bridge.dlq import Selection
 from bridge.errors import ConfigError, PublishError, TransportError
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.transports import Outgoing, dlq_name
+from bridge.transports.base import Delivery, InFlight
 from bridge.transports.kafka import commit as kafka_commit
 from bridge.transports.kafka import forwarder as kafka_forwarder
 from bridge.transports.kafka import transport as kafka_transport
 from bridge.transports.kafka.commit import Committer
 from bridge.transports.kafka.common import Headers, mapped, read_to_end, wait_until_served
+from bridge.transports.kafka.returns import RUNNING, Gate
 from bridge.worker import Stats, Worker
 from tests import names
 from tests.brokerio import (
@@ -1588,3 +1591,56 @@ def test_partitions_handed_over_by_a_stop_in_time_count_no_returns(
     assert code == 0, log
     assert ledger_counts(ledger, "done") == {job: 1 for job in jobs}
     assert dead_letters(own_app(url), queue) == []
+
+
+def test_records_of_a_careful_start_pass_its_gate_in_the_order_they_were_started() -> None:
+    # Given a partition whose last owner stopped holding records (its note says `bridge:run`
+    # at offset 10), and records 10 and 11 waiting at its gate while the consumer reads that,
+    # When record 12 is started in the same loop pass as the read ends (the fetch loop's step,
+    # then the read's), Then 10, 11 and 12 run in that order and the round goes on. (12 took
+    # the gate's lock before 10 and 11 woke, found 10 unsettled, as after a failed settling,
+    # and ended the round.) No Kafka takes part: the order is the transport's own; a committer
+    # that commits every note stands in for Kafka's transactions.
+    class Committing:
+        failure: BaseException | None = None
+
+        def mark(self, tp: Any, offset: int, note: str) -> None:
+            pass
+
+        async def commit(self) -> bool:
+            return True
+
+        def fail(self, failure: BaseException) -> None:
+            self.failure = self.failure or failure
+
+    url = "kafka://127.0.0.1:9"  # (never connected)
+    transport = kafka_transport.KafkaTransport(url, Settings(broker=url))
+    transport._committer = committer = Committing()  # type: ignore[assignment]
+    tp, ran = ("q", 0), []
+
+    async def process(delivery: Delivery) -> None:
+        assert delivery.offset is not None
+        ran.append(delivery.offset)
+        await asyncio.sleep(0)
+        transport._offsets.done(tp, delivery.offset, delivery.handle)
+
+    async def scenario() -> None:
+        transport._process, transport._alone = process, asyncio.Lock()
+        transport._offsets.assign(tp)
+        gate = transport._gates[tp] = Gate(careful=8)
+        inflight = InFlight(transport._run, 8)
+
+        def start(offset: int) -> None:
+            inflight.start(Delivery(b"", "q", None, 0, offset, handle=transport._offsets.started(tp, offset)))
+
+        start(10)
+        start(11)
+        await asyncio.sleep(0.01)  # both wait at the gate
+        start(12)
+        gate.learn(10, RUNNING)  # what the read of the committed offset ends with
+        transport._offsets.found(tp, 10)
+        gate.ready.set()
+        assert await inflight.finish(5) == 0  # (none left running)
+
+    run(scenario(), timeout=10)
+    assert ran == [10, 11, 12] and committer.failure is None

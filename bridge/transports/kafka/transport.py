@@ -622,8 +622,12 @@ class KafkaTransport:
         and dead-lettered with it.) The records of partitions that opened run meanwhile.
         """
         assert self._process is not None and self._alone is not None
-        await gate.ready.wait()
-        async with gate.lock:  # taken in the order the records were started
+        # The lock first, in the order the records were started (asyncio's locks are fair), and
+        # only then the wait for the gate to learn where the partition was left: a record
+        # started as the gate learnt it could go first, and find the records before it
+        # unsettled, as after a failed settling (the round ended, for nothing).
+        async with gate.lock:
+            await gate.ready.wait()
             if not gate.open:
                 async with self._alone:
                     if not await self._pass(gate, delivery):
@@ -641,6 +645,8 @@ class KafkaTransport:
         already), and the next one runs both again.
         """
         assert delivery.partition is not None and delivery.offset is not None and self._committer
+        if delivery.handle.ended:  # revoked while it waited: the records before it are another
+            return False  # assignment's, and its partition's next owner runs it
         tp = (delivery.queue, delivery.partition)
         earlier = self._offsets.first_unsettled(tp)
         if earlier is not None and earlier < delivery.offset:
