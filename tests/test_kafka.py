@@ -900,6 +900,28 @@ def test_a_foreign_tier_record_without_a_queue_to_return_to_is_dead_lettered_in_
         assert letter.consumer_group == f"{prefix}.delay" and letter.offset is not None
 
 
+def test_a_tier_record_larger_than_a_queue_takes_is_dead_lettered_in_its_tier(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a 3 MB delay-tier record for a queue, which another producer compressed (gzip)
+    # below the tier's limit, so Kafka took it, then a job delayed by bridge,
+    # When consumed, Then the delayed job runs, and the record is in the tier's dead-letter
+    # topic, cut, saying how large it was. (Forwarded whole, the queue refused it: every
+    # transaction of the forwarder failed, and `bridge consume` stopped at every start.)
+    prefix = names.prefix()
+    big = b"\x00" * 3_000_000
+    settings = {"compression.type": "gzip", "message.max.bytes": 10_000_000}
+    records: list[tuple[bytes, Headers]] = [(big, [("bridge-queue", queue.encode())])]
+    app, ran = _foreign_tier_records_then_a_delayed_job(
+        brokers, queue, prefix, records, topology=True, producer=settings
+    )
+    assert ran == [1]
+    [letter] = dead_letters(app, f"{prefix}.delay.1s")
+    limit = app.settings.queue_bytes
+    assert letter.reason == "unroutable" and letter.raw == big[:limit]
+    assert f"it is 3,000,000 bytes, more than a queue takes ({limit:,})" in letter.detail
+
+
 def test_a_due_record_whose_forward_failed_is_forwarded_again_at_once_not_with_the_next_head(
     brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1058,9 +1080,11 @@ def _foreign_tier_records_then_a_delayed_job(
     records: list[tuple[bytes, Headers]],
     *,
     topology: bool,
+    producer: dict[str, Any] | None = None,
 ) -> tuple[Bridge, list[int]]:
-    """Put `records` (value, headers) in the 1s tier of `prefix` with a plain producer, enqueue
-    a job delayed by 1 s, and consume to the end: the app, and the jobs that ran."""
+    """Put `records` (value, headers) in the 1s tier of `prefix` with a plain producer (of
+    `producer`'s settings), enqueue a job delayed by 1 s, and consume to the end: the app, and
+    the jobs that ran."""
     app = Bridge(
         broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers="1s", group=f"g-{prefix}"
     )
@@ -1074,7 +1098,9 @@ def _foreign_tier_records_then_a_delayed_job(
         async with app:
             if topology:
                 await app.apply_topology([queue])
-            foreign = Producer({"bootstrap.servers": brokers["kafka"].partition("://")[2]})
+            foreign = Producer(
+                {"bootstrap.servers": brokers["kafka"].partition("://")[2], **(producer or {})}
+            )
             for value, headers in records:
                 foreign.produce(f"{prefix}.delay.1s", value, headers=headers)
             assert foreign.flush(10) == 0

@@ -157,11 +157,17 @@ class DelayForwarder:
                     unroutable.append((record, f"its {QUEUE_HEADER} header is not UTF-8 text: {queue!r}"))
             missing = await self.transport.missing({queue for _, queue in routed})
             batch: list[Record] = []
+            largest = self.transport.settings.queue_bytes
             for record, queue in routed:
                 if queue in missing:  # one bad record must not stop every delayed job
                     unroutable.append(
                         (record, f"its {QUEUE_HEADER} header names {queue!r}, which is no queue")
                     )
+                    continue
+                if (size := len(record.value() or b"")) > largest:  # (compressed, the tier took it)
+                    # Forwarded, the queue would refuse it, and so every forward of the tier.
+                    why = f"it is {size:,} bytes, more than a queue takes ({largest:,})"
+                    unroutable.append((record, why))
                     continue
                 batch.append((queue, record.value(), record.key(), None, 0))
             if unroutable:  # (only then: each look for a missing topic is a metadata request)
