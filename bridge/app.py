@@ -27,6 +27,7 @@ from bridge.idempotency import DEFAULT_LEASE_S, DEFAULT_WINDOW_S, Store, default
 from bridge.idempotency.sql import SqlStore
 from bridge.jobs import Handler, JobSpec
 from bridge.keys import Keys
+from bridge.names import name_problem
 from bridge.policy import DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, Backoff, RetryPolicy
 from bridge.registry import ENVELOPE, Registry, open_registry
 from bridge.transports import Outgoing, Transport, open_transport
@@ -176,6 +177,8 @@ class Bridge:
             expires_at=_moment(ttl, expires_at, now, "ttl", "expires_at"),
             created_at=now,
         )
+        if problem := name_problem(envelope.queue):  # (on Kafka a `.dlq.done` one hid a letter)
+            raise ConfigError(problem)
         body = codec.encode(self.registry.schema(ENVELOPE), envelope.to_avro())
         if len(body) > self.settings.max_message_bytes:
             raise JobTooLarge(
@@ -289,7 +292,11 @@ class Bridge:
         return await (await self.transport()).apply_topology(names, dry_run=dry_run)
 
     def _job_queues(self, queues: Sequence[str]) -> list[str]:
-        """`queues`, unless one is named as a delay tier is: bridge's own, never a job queue."""
+        """`queues`, unless one is no name for a job queue, or is named as a delay tier is:
+        bridge's own, never a job queue."""
+        problems = [problem for name in queues if (problem := name_problem(name))]
+        if problems:
+            raise ConfigError("; ".join(problems))
         tiers = [name for name in queues if tier_names(self.settings.prefix).fullmatch(name)]
         if tiers:
             raise ConfigError(

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -30,7 +30,7 @@ from bridge.envelope import REASONS, iso_ms, now_ms
 from bridge.errors import BridgeError, ConfigError
 from bridge.idempotency import DONE, ENQUEUED, ENQUEUING, RUNNING, default_url
 from bridge.idempotency import sqlite as sqlite_store
-from bridge.keys import DEFAULT_LIMIT, Entry, Keys
+from bridge.keys import DEFAULT_LIMIT, Entry, Keys, check_job_type
 from bridge.logs import OneLine, one_line
 from bridge.policy import parse_duration
 
@@ -396,8 +396,7 @@ def _selection(args: argparse.Namespace) -> Selection:
 
 def _dlq_list(args: argparse.Namespace) -> int:
     app = _app(args)
-    with _job_queue(args.queue):
-        letters = asyncio.run(_closing(app, app.dead_letters(args.queue).find(_selection(args), args.limit)))
+    letters = asyncio.run(_closing(app, app.dead_letters(args.queue).find(_selection(args), args.limit)))
     for item in letters:
         if args.json:
             print(_json(describe(app, item)))
@@ -416,8 +415,7 @@ def _dlq_list(args: argparse.Namespace) -> int:
 
 def _dlq_show(args: argparse.Namespace) -> int:
     app = _app(args)
-    with _job_queue(args.queue):
-        item = asyncio.run(_closing(app, app.dead_letters(args.queue).show(args.id)))
+    item = asyncio.run(_closing(app, app.dead_letters(args.queue).show(args.id)))
     print(_json(describe(app, item), indent=2))
     return 0
 
@@ -428,8 +426,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     work = letters.replay(
         _selection(args), dry_run=args.dry_run, rate=args.rate, max_replays=args.max_replays
     )
-    with _job_queue(args.queue):
-        report = asyncio.run(_closing(app, work))
+    report = asyncio.run(_closing(app, work))
     verb = "would replay" if args.dry_run else "replayed"
     for job_id in report.replayed:
         print(one_line(f"{verb} {job_id}"))
@@ -452,14 +449,14 @@ def _dlq_purge(args: argparse.Namespace) -> int:
     ):
         return 1
     app = _app(args)
-    with _job_queue(args.queue):
-        purged = asyncio.run(_closing(app, app.dead_letters(args.queue).purge(_selection(args))))
+    purged = asyncio.run(_closing(app, app.dead_letters(args.queue).purge(_selection(args))))
     print(f"purged {len(purged)} dead letters from {args.queue}.dlq")
     return 0
 
 
 def _keys(args: argparse.Namespace) -> tuple[Bridge, Keys]:
     """The app of the flags, and the keys of the job type named, in a store workers share."""
+    check_job_type(args.type)
     app = _app(args)
     url = app.settings.idempotency  # (the workers' default, without needing a broker to say it)
     url = url or ("memory://" if (app.settings.broker or "").startswith("memory:") else default_url())
@@ -567,19 +564,6 @@ def _confirmed(question: str, refusal: str) -> bool:
         print(file=sys.stderr)
         return False
     return answer.strip().lower() in ("y", "yes")
-
-
-@contextlib.contextmanager
-def _job_queue(queue: str) -> Iterator[None]:
-    """Say so when a dead-letter command was given the dead-letter queue's name: the letters of
-    `<queue>.dlq` are in `<queue>.dlq.dlq`, which does not exist."""
-    try:
-        yield
-    except BridgeError as exc:
-        if queue.endswith(".dlq") and "does not exist" in str(exc):
-            job_queue = queue.removesuffix(".dlq")
-            raise ConfigError(f"{exc} (the dlq commands take the job queue's name: {job_queue})") from None
-        raise
 
 
 def _json(value: Any, indent: int | None = None) -> str:

@@ -16,7 +16,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bridge.errors import ConfigError, safe_url
-from bridge.idempotency import check_url
+from bridge.idempotency import check_url, default_url
+from bridge.names import name_problem
 from bridge.policy import DEFAULT_TIERS_S, parse_duration, tier_name
 
 BROKER_SCHEMES = ("kafka", "kafka+ssl", "amqp", "amqps", "memory")
@@ -30,6 +31,7 @@ MIN_SESSION_TIMEOUT_S, MAX_SESSION_TIMEOUT_S = 1.0, 3600.0
 # What bridge may add to a job: the errors of its attempts (10 at most, each message and
 # traceback cut to 2,000 characters) and, in a dead letter, its wrapping and detail.
 ADDED_BYTES = 256 * 1024
+LONGEST_TIER_S = 365 * 86400.0
 # Kafka takes no record over 1,000,000,000 bytes (message.max.bytes), and a dead letter is the
 # largest message bridge writes: a job and twice what bridge adds.
 MAX_MESSAGE_BYTES = 1_000_000_000 - 2 * ADDED_BYTES
@@ -144,6 +146,11 @@ class Settings:
             )
         if self.idempotency is not None:
             problems += check_url(self.idempotency)
+        elif not (self.broker or "").startswith("memory://") and (default := check_url(default_url())):
+            # (found at the first keyed job, the folder kept it waiting for the store for good)
+            problems.append(
+                f"{default[0]} (the default store: set BRIDGE_DATA to a folder, or BRIDGE_IDEMPOTENCY)"
+            )
         if isinstance(self.registry, str) and (problem := _registry_problem(self.registry)):
             problems.append(
                 f"registry {safe_url(self.registry)!r}: {problem}; use http(s)://host:port/path "
@@ -151,6 +158,8 @@ class Settings:
             )
         if not self.prefix or not self.group:
             problems.append("prefix and group must not be empty")
+        elif problem := name_problem(self.prefix, "prefix"):
+            problems.append(problem)
         return problems
 
     @property
@@ -227,6 +236,11 @@ def _tiers(value: Any) -> tuple[float, ...]:
     # share a queue, and one under 1 ms would be named 0ms.
     if any(abs(tier * 1000 - round(tier * 1000)) > 1e-6 for tier in tiers):
         raise ValueError("delay_tiers must be whole milliseconds, e.g. 1s,5s,30s,2m,10m,1h,6h or 250ms")
+    if tiers[-1] > LONGEST_TIER_S:  # (RabbitMQ takes a queue TTL of some 6 years at most)
+        raise ValueError(
+            f"delay_tiers must be at most 365d, not {tier_name(tiers[-1])}: a longer wait goes round "
+            "the longest tier again"
+        )
     return tiers
 
 
@@ -287,9 +301,13 @@ def _unknown(name: str) -> str:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     """The settings in bridge.toml: its `[bridge]` table, or, without one, the whole file."""
-    if not path.is_file():
-        return {}
+    if not path.exists() and not path.is_symlink():
+        return {}  # (one that is a directory, or a link to nothing, is said below: it was ignored)
     try:
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory, not a settings file")
+        if not path.exists():
+            raise ConfigError(f"{path} links to {path.readlink()}, which does not exist")
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         # (TOML's "Invalid value" is most often text without its quotes)

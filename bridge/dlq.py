@@ -19,6 +19,7 @@ from bridge import codec
 from bridge.config import LARGEST_LETTER_BYTES
 from bridge.envelope import MAX_INT, DeadLetter
 from bridge.errors import BridgeError, ConfigError, DecodeError, UnknownSchema
+from bridge.names import is_dead_letters, name_problem
 from bridge.registry import DEAD_LETTER, ENVELOPE
 from bridge.transports.base import Outgoing, dlq_name
 
@@ -72,6 +73,13 @@ class DeadLetters:
     """The dead-letter queue of `queue` in `app`."""
 
     def __init__(self, app: Bridge, queue: str) -> None:
+        if is_dead_letters(queue):
+            raise ConfigError(
+                f"{queue} is a dead-letter queue: the dlq commands take the job queue's name: "
+                f"{queue.removesuffix('.done').removesuffix('.dlq')}"
+            )
+        if problem := name_problem(queue):
+            raise ConfigError(problem)
         self.app = app
         self.queue = queue
         self.name = dlq_name(queue)

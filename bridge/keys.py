@@ -10,11 +10,12 @@ publish under way is kept unless forced: forgetting it would let a copy run besi
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bridge.envelope import iso_ms
-from bridge.errors import KeyInFlight
+from bridge.errors import ConfigError, KeyInFlight
 from bridge.idempotency import (
     DONE,
     ENQUEUED,
@@ -37,6 +38,7 @@ KINDS = {"run": (RUNNING, DONE), "enqueue": (ENQUEUING, ENQUEUED)}  # a record's
 DEFAULT_LIMIT = 100
 EVERY = 2**62  # a limit no store reaches
 DROPS_AT_ONCE = 1000
+JOB_TYPE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")  # an Avro full name
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Keys:
     """The idempotency keys of `job_type` in an app's store (`app.idempotency_keys(type)`)."""
 
     def __init__(self, app: Bridge, job_type: str) -> None:
+        check_job_type(job_type)
         self.app = app
         self.job_type = job_type
 
@@ -141,3 +144,10 @@ class Keys:
     async def _drop_as_listed(self, store: Store, entry: Entry) -> bool:
         name = self._names("")[entry.kind] + entry.key  # (the key as stored: a long one's digest)
         return await store.drop(name, (entry.record.state,))
+
+
+def check_job_type(name: str) -> None:
+    """Raise ConfigError unless `name` is a record's full name: a store names a key's record
+    `run:<type>:<key>`, so `billing.ChargeCard:tenant` reached billing.ChargeCard's keys."""
+    if not JOB_TYPE.fullmatch(name):
+        raise ConfigError(f"job type {name!r}: give a record's full name, e.g. billing.ChargeCard")

@@ -54,8 +54,13 @@ class OneLine(logging.Formatter):
     traceback still follows on lines of its own."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = one_line(record.message)
+        record.message = one_line(_PASSWORD.sub(r"\1***@", record.message))
         return super().formatMessage(record)
+
+
+# A URL's password: bridge's own lines name URLs without it (`errors.safe_url`), but a client's
+# may not (httpx logs each registry request, URL and all, at --log-level debug).
+_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^\s@]+@", re.IGNORECASE)
 
 
 # (and the marks that turn text right to left, which could make a quoted id read otherwise)

@@ -40,8 +40,9 @@ MAX_REFUSED = 10_000
 REQUEST_TIMEOUT_S = 10.0  # for each HTTP request (the client tries a request up to 4 times)
 
 
-class _Rejected(Exception):
-    """The registry answered with a 4xx: no such subject, version or id, or an incompatible schema."""
+class _Rejected(ConfigError):
+    """The registry answered with a 4xx: no such subject, version or id, or an incompatible schema.
+    (A ConfigError where no caller expects it: one line with the registry's answer.)"""
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,11 @@ class HttpRegistry:
                 raise ConfigError(
                     f"registry {self.shown_url} is not a schema registry's API: it answered 404 without"
                     " a registry error code (for Apicurio, the URL ends in /apis/ccompat/v7)"
+                ) from None
+            if exc.http_status_code in (401, 403):  # (every command that asked was a traceback)
+                raise ConfigError(
+                    f"registry {self.shown_url} refused the request ({exc.http_status_code} "
+                    f"{exc.error_message}): check the user and password in its URL"
                 ) from None
             if 400 <= exc.http_status_code < 500:
                 raise _Rejected(exc.error_message) from None

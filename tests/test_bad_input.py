@@ -115,6 +115,7 @@ def test_bad_bytes_are_dead_lettered_with_reason_and_original_bytes(
         ("rabbitmq", "a delay tier of other settings"),
         ("rabbitmq", "the direct reply-to pseudo-queue"),
         ("rabbitmq", "a name longer than AMQP allows"),
+        ("rabbitmq", "a name AMQP refuses"),
         ("rabbitmq", "another connection's exclusive queue"),
         ("kafka", "its own dead-letter queue"),
         ("rabbitmq", "its own dead-letter queue"),
@@ -138,7 +139,8 @@ def test_a_job_naming_a_queue_that_does_not_exist_is_dead_lettered_and_consuming
     # too, and RabbitMQ's direct reply-to, which a passive declaration takes, is no queue: bound
     # by its name, the tier would take its retry back to itself, and the bind to reply-to failed.
     # And its own dead-letter queue, or on Kafka that queue's `.done` topic: the retry went
-    # there as a bare job, which `bridge dlq` called undecodable.
+    # there as a bare job, which `bridge dlq` called undecodable. And a name aiormq's frames
+    # refuse: the look at it raised ValueError, and the job went round the shortest tier for good.
     app = own_app(brokers[broker_name])
     ran = failing_first(app, queue, lambda: Retry(delay_s=1))
 
@@ -182,6 +184,7 @@ async def queue_named(
         "a delay tier": f"{prefix}.delay.1s",
         "the direct reply-to pseudo-queue": "amq.rabbitmq.reply-to",
         "a name longer than AMQP allows": "q" * 256,
+        "a name AMQP refuses": "bad name!",
         "its own dead-letter queue": f"{queue}.dlq",
         "its dead-letter topic's done marks": f"{queue}.dlq.done",
     }[named]

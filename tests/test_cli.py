@@ -18,6 +18,7 @@ import pytest
 from bridge import Bridge, cli, codec
 from bridge.config import Settings
 from bridge.errors import ConfigError
+from bridge.idempotency import default_url
 from bridge.idempotency import sql as idempotency_sql
 from tests.brokerio import read_queue
 from tests.conftest import REPO, SCHEMAS
@@ -58,6 +59,38 @@ def closed_port() -> int:
 def test_enqueue_mistakes_get_one_line(args: list[str], fragments: list[str]) -> None:
     done = bridge("enqueue", *args, "--app", "consumers.billing:app", "--broker", "memory://")
     assert_one_line_error(done, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        # (on Kafka a job in `billing.dlq.done` hid the dead letter its key named from every dlq
+        # command; one in `billing.dlq` was a letter that `dlq replay` refused as undecodable)
+        (
+            ["enqueue", "--queue", "billing.dlq.done"],
+            "queue 'billing.dlq.done' is 'billing''s dead-letter queue",
+        ),
+        (["enqueue", "--queue", "billing.dlq"], "queue 'billing.dlq' is 'billing''s dead-letter queue"),
+        # (RabbitMQ: a traceback from pamqp; Kafka: "does not exist: run `bridge topology apply`",
+        # which Kafka then refused)
+        (["enqueue", "--queue", "bad name!"], "queue 'bad name!': use letters, digits, '.', '_' and '-'"),
+        (["enqueue", "--queue", "q" * 241], "at most 240 characters, not 241"),
+        (["enqueue", "--queue", "__consumer_offsets"], "names starting with __ are Kafka's own"),
+        (["topology", "apply", "--queues", "billing,bad name!"], "queue 'bad name!': use letters"),
+        (
+            ["consume", "--app", "consumers.billing:app", "--queues", "amq.orders", "--burst"],
+            "with amq. RabbitMQ's",
+        ),
+        (["dlq", "list", "bad name!"], "queue 'bad name!': use letters"),
+        (["dlq", "list", "billing.dlq"], "the dlq commands take the job queue's name: billing"),
+    ],
+)
+def test_a_queue_name_either_broker_refuses_gets_one_line(args: list[str], fragment: str) -> None:
+    if args[0] == "enqueue":
+        args = ["enqueue", "billing.ChargeCard", CHARGE, *args[1:]]
+    registry = [] if "--app" in args else ["--registry", "schemas"]
+    done = bridge(*args, *registry, "--broker", "memory://")
+    assert_one_line_error(done, fragment)
 
 
 @pytest.mark.parametrize("scheme", ["kafka", "amqp"])
@@ -153,6 +186,29 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
         (
             {"BRIDGE_IDEMPOTENCY": "postgresql://db:5432,db2:0/b"},
             ["'postgresql://db:5432,db2:0/b': its port"],
+        ),
+        # (0: libpq waited for a connection without end; every redis-py read timed out at once,
+        # an outage without end: keyed jobs waited for good)
+        (
+            {"BRIDGE_IDEMPOTENCY": "redis://cache:6379/0?socket_timeout=0"},
+            ["its socket_timeout must be seconds above 0, not 0.0"],
+        ),
+        (
+            {"BRIDGE_IDEMPOTENCY": "postgresql://db/bridge?connect_timeout=0"},
+            ["its connect_timeout must be seconds above 0, not '0'"],
+        ),
+        # (the default store in a folder that is a file: found at the first keyed job, which
+        # waited for good)
+        (
+            {"BRIDGE_DATA": "/dev/null"},
+            ["/dev/null is not a directory", "the default store: set BRIDGE_DATA"],
+        ),
+        # (RabbitMQ: a traceback from pamqp; Kafka: topics it then refused to make)
+        ({"BRIDGE_PREFIX": "my jobs"}, ["prefix 'my jobs': use letters, digits, '.', '_' and '-'"]),
+        # (RabbitMQ refused the tier's TTL with a traceback, Kafka its retention)
+        (
+            {"BRIDGE_DELAY_TIERS": "1s,1000000000000d"},
+            ["delay_tiers must be at most 365d, not 1000000000000d"],
         ),
         (
             {"BRIDGE_IDEMPOTENCY": "postgresql://bridge:secret@db/bridge?timeout=5"},
@@ -258,6 +314,42 @@ def test_a_bridge_toml_of_the_wrong_shape_is_named(tmp_path: Path, toml: bytes, 
     with pytest.raises(ConfigError) as refused:
         Settings.load(environ={}, toml_path=tmp_path / "bridge.toml")
     assert message in str(refused.value)
+
+
+@pytest.mark.parametrize("shape", ["a directory", "a link to nothing"])
+def test_a_bridge_toml_that_is_no_file_is_named(tmp_path: Path, shape: str) -> None:
+    # Given a bridge.toml that is a directory, or a link whose file is gone, When the settings
+    # are loaded, Then they say so. (Either was ignored: "no broker: ... or broker in bridge.toml".)
+    path = tmp_path / "bridge.toml"
+    if shape == "a directory":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "moved.toml")
+    with pytest.raises(ConfigError) as refused:
+        Settings.load(environ={}, toml_path=path)
+    expected = (
+        "is a directory" if shape == "a directory" else f"links to {tmp_path / 'moved.toml'}, which does not"
+    )
+    assert expected in str(refused.value)
+
+
+def test_a_relative_bridge_data_is_taken_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given BRIDGE_DATA=data, run from tmp_path, Then the default store is tmp_path/data's.
+    # (It was /data's: `sqlite:///` and the relative path, read from /.)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BRIDGE_DATA", "data")
+    assert default_url() == f"sqlite://{tmp_path / 'data' / 'idempotency.db'}"
+
+
+def test_a_keys_job_type_that_is_no_record_name_gets_one_line() -> None:
+    # (`billing.ChargeCard:tenant` reached billing.ChargeCard's keys that began `tenant:`:
+    # records are named `run:<type>:<key>`)
+    done = bridge(
+        "keys", "forget", "billing.ChargeCard:tenant", "--all", "--yes", "--idempotency", "memory://"
+    )
+    assert_one_line_error(done, "job type 'billing.ChargeCard:tenant': give a record's full name")
 
 
 def test_delay_tiers_given_as_a_number_in_bridge_toml_are_named(tmp_path: Path) -> None:
@@ -374,7 +466,9 @@ def test_topology_apply_and_enqueue_on_a_real_broker(
     assert "create" not in again.stdout and again.stdout.count("exists") >= 4, again.stdout
     # (The dead-letter queue's own name: told to run topology apply, which would make its own.)
     listed = bridge("dlq", "list", f"{queue}.dlq", **env)
-    assert_one_line_error(listed, "does not exist", f"(the dlq commands take the job queue's name: {queue})")
+    assert_one_line_error(
+        listed, f"is a dead-letter queue: the dlq commands take the job queue's name: {queue}"
+    )
 
     done = bridge("enqueue", "test.Echo", '{"n": 1}', "--queue", queue, "--key", "k1", **env)
     assert done.returncode == 0, done.stderr

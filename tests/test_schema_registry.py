@@ -154,10 +154,11 @@ def test_a_url_that_is_not_the_registrys_api_is_named_as_such(
 
 def test_the_registry_clients_requests_are_not_logged_unless_debugging(registry_url: str) -> None:
     # Given a registry URL, When `bridge schemas list` runs at --log-level info, Then no line of
-    # the registry client's HTTP requests is logged; at debug, they are.
-    # (Each request was a line at INFO: eight before a `bridge consume` began.)
-    def listed(level: str) -> str:
-        command = [sys.executable, "-m", "bridge", "schemas", "list", "--registry", registry_url]
+    # the registry client's HTTP requests is logged; at debug, they are, without the password of
+    # a URL that has one. (Each request was a line at INFO: eight before a `bridge consume`
+    # began; at debug, each line showed the password.)
+    def listed(level: str, url: str = registry_url) -> str:
+        command = [sys.executable, "-m", "bridge", "schemas", "list", "--registry", url]
         done = subprocess.run(
             [*command, "--log-level", level], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
         )
@@ -165,6 +166,8 @@ def test_the_registry_clients_requests_are_not_logged_unless_debugging(registry_
 
     assert "HTTP Request" not in listed("info")
     assert "HTTP Request" in listed("debug")
+    logged = listed("debug", registry_url.replace("://", "://someone:not-the-password@"))
+    assert "HTTP Request: GET http://someone:***@" in logged and "not-the-password" not in logged
 
 
 def test_a_registry_url_with_a_password_is_named_without_it(
@@ -176,6 +179,32 @@ def test_a_registry_url_with_a_password_is_named_without_it(
     code, _, err = bridge_cli(capsys, "schemas", "list", "--registry", url)
     assert code != 0
     assert "registry http://someone:***@" in err and "not-the-password" not in err
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_registry_that_refuses_the_credentials_gets_one_line(
+    capsys: pytest.CaptureFixture[str], status: int
+) -> None:
+    # Given a registry that refuses every request as unauthorized (a wrong password, say),
+    # When `bridge schemas list` runs, Then one line says so and what to check. (A traceback:
+    # schema_registry._Rejected: Unauthorized.)
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            answer(self, status, json.dumps({"error_code": status, "message": "Unauthorized"}).encode())
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        code, _, err = bridge_cli(capsys, "schemas", "list", "--registry", url)
+        server.shutdown()
+    assert code == 1
+    assert err.strip() == (
+        f"bridge: registry {url} refused the request ({status} Unauthorized): check the user and"
+        " password in its URL"
+    )
 
 
 def test_check_follows_the_subjects_own_compatibility_level(
@@ -448,7 +477,7 @@ class _Forward(http.server.BaseHTTPRequestHandler):
             self.server.asked.set()
             self.server.release.wait(HoldingRegistry.HOLD_S)
             self.server.answered.set()
-            self._answer(404, json.dumps({"error_code": 40403, "message": "Schema not found"}).encode())
+            answer(self, 404, json.dumps({"error_code": 40403, "message": "Schema not found"}).encode())
         else:
             self._forward(None)
 
@@ -459,20 +488,22 @@ class _Forward(http.server.BaseHTTPRequestHandler):
         headers = {name: self.headers[name] for name in ("Content-Type", "Accept") if name in self.headers}
         request = urllib.request.Request(self.server.target + self.path, body, headers, method=self.command)
         try:
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                self._answer(answer.status, answer.read())
+            with urllib.request.urlopen(request, timeout=30) as answered:
+                answer(self, answered.status, answered.read())
         except urllib.error.HTTPError as refused:
-            self._answer(refused.code, refused.read())
-
-    def _answer(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+            answer(self, refused.code, refused.read())
 
     def log_message(self, *args: Any) -> None:
         pass
+
+
+def answer(handler: http.server.BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+    """Answer a registry's request with `status` and the JSON `body`."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
 
 
 @pytest.fixture

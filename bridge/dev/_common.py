@@ -32,7 +32,7 @@ def data_root() -> Path:
 def _xdg_folder(own_var: str, xdg_var: str, home_default: str) -> Path:
     own = os.environ.get(own_var)
     if own:
-        return Path(own).expanduser()
+        return Path(own).expanduser().absolute()  # (a relative one was taken from /, by sqlite's URL)
     xdg = os.environ.get(xdg_var)
     base = Path(xdg).expanduser() if xdg else Path.home() / home_default
     return base / "bridge"

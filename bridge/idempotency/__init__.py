@@ -179,7 +179,7 @@ def default_url() -> str:
     """`sqlite:///` in bridge's data folder (BRIDGE_DATA, else XDG_DATA_HOME/bridge)."""
     from bridge.dev._common import data_root
 
-    return f"sqlite:///{data_root() / 'idempotency.db'}"
+    return f"sqlite://{data_root() / 'idempotency.db'}"  # (an absolute path: its own / is the third)
 
 
 def open_store(url: str, *, pool_size: int = 16) -> Store:
@@ -228,28 +228,48 @@ def check_url(url: str) -> list[str]:
     return [f"idempotency {safe_url(url)!r}: {problem}"] if problem else []
 
 
+REDIS_TIMEOUTS = ("socket_timeout", "socket_connect_timeout")
+
+
 def _unparsable(scheme: str, url: str) -> str | None:
     """What the store's client finds wrong with `url` without connecting (an option's value,
     a port that is no number), or that the client is not installed: else it would be found
     only at the first keyed job, which would wait for the store for good."""
     ports: list[str] = []
+    timeouts: dict[str, Any] = {}
     try:
         if scheme in ("redis", "rediss"):
             from redis.connection import parse_url
 
             ports = [str(urlsplit(url).port)]  # (redis-py takes port 0 for none: 6379)
-            parse_url(url)  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
+            options = parse_url(url)  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
+            timeouts = {name: options[name] for name in REDIS_TIMEOUTS if name in options}
         elif scheme in ("postgresql", "postgres"):
             from psycopg.conninfo import conninfo_to_dict
 
-            ports = str(conninfo_to_dict(url).get("port", "")).split(",")  # (one per host)
+            options = conninfo_to_dict(url)
+            ports = str(options.get("port", "")).split(",")  # (one per host)
+            if "connect_timeout" in options:
+                timeouts["connect_timeout"] = options["connect_timeout"]
     except ImportError:  # (found only at the first keyed job, it sent each round the tiers for good)
         return _needs("redis", "redis") if scheme.startswith("redis") else _needs("psycopg", "postgres")
     except Exception as exc:  # ValueError from redis or urlsplit, ProgrammingError from psycopg
         return str(exc)
     if "0" in ports:
         return "its port must be a number from 1 to 65535"
+    for name, value in timeouts.items():
+        # (0 or less: libpq waited for a connection without end, and redis-py's every read
+        # timed out at once, an outage that never ended: keyed jobs waited for good)
+        if value is not None and not _above_zero(value):
+            return f"its {name} must be seconds above 0, not {value!r}"
     return None
+
+
+def _above_zero(value: Any) -> bool:
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _require(module: str, extra: str) -> None:

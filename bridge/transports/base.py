@@ -82,14 +82,6 @@ def dlq_name(queue: str) -> str:
     return f"{queue}.dlq"
 
 
-def is_dead_letters(name: str) -> bool:
-    """Whether `name` is a dead-letter queue's (or on Kafka its `.done` topic's): no job goes there.
-
-    An envelope naming one as its queue (another producer's, hostile or confused) had its retries
-    and delays put there as bare jobs, which the dead-letter tools could only call undecodable."""
-    return name.endswith((".dlq", ".dlq.done"))
-
-
 def tier_queue(prefix: str, tier_s: float) -> str:
     """The queue or topic of a delay tier: `<prefix>.delay.<tier>`, e.g. bridge.delay.30s."""
     return f"{prefix}.delay.{tier_name(tier_s)}"

@@ -20,8 +20,9 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 
 from bridge.envelope import now_ms
+from bridge.names import is_dead_letters
 from bridge.policy import tier_for
-from bridge.transports.base import Decide, Delivery, InFlight, Outgoing, Process, dlq_name, is_dead_letters
+from bridge.transports.base import Decide, Delivery, InFlight, Outgoing, Process, dlq_name
 
 
 class MemoryTransport:

@@ -32,6 +32,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 import aio_pika
 import aiormq
+import pamqp.constants
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -45,6 +46,7 @@ from aiormq.abc import DeliveredMessage
 from bridge.config import MAX_PREFETCH, Settings
 from bridge.errors import PublishError, PublishRefused, TransportError, safe_url
 from bridge.logs import REPEAT_WINDOW_S, Repeats
+from bridge.names import is_dead_letters
 from bridge.policy import tier_for
 from bridge.transports.base import (
     PUBLISH_TIMEOUT_S,
@@ -55,7 +57,6 @@ from bridge.transports.base import (
     Outgoing,
     Process,
     dlq_name,
-    is_dead_letters,
     tier_names,
     tier_queue,
 )
@@ -122,6 +123,7 @@ QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 UNLIMITED = {**QUORUM, "x-delivery-limit": 2**31 - 1}
 MAX_NAME_BYTES = 255  # an AMQP short string: the longest queue name there can be
 REPLY_TO = "amq.rabbitmq.reply-to"  # the direct reply-to pseudo-queue (and its replies' names)
+AMQP_NAME = pamqp.constants.DOMAIN_REGEX["queue-name"]  # what aiormq's frames take as a queue's name
 # What a passive declaration of a name that is no queue bridge may use answers.
 NO_QUEUE = (
     aiormq.exceptions.ChannelNotFoundEntity,
@@ -865,8 +867,8 @@ class RabbitTransport:
         queue (RESOURCE_LOCKED) or one bridge's user may not touch (ACCESS_REFUSED), is none;
         so is the direct reply-to pseudo-queue, which a passive declaration takes but nothing
         can be bound to."""
-        if len(name.encode()) > MAX_NAME_BYTES or name.startswith(REPLY_TO):
-            return False
+        if len(name.encode()) > MAX_NAME_BYTES or name.startswith(REPLY_TO) or not AMQP_NAME.fullmatch(name):
+            return False  # (a name pamqp refuses was a ValueError, which no caller expected)
         return await self._declares(name, NO_QUEUE, passive=True)
 
     async def _drops_returns(self, name: str) -> bool:

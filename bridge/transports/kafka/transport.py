@@ -33,6 +33,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not in its 
 from bridge.config import Settings
 from bridge.envelope import iso_ms
 from bridge.errors import ConfigError, PublishError, TransportError
+from bridge.names import is_dead_letters
 from bridge.policy import tier_for
 from bridge.transports.base import (
     PUBLISH_TIMEOUT_S,
@@ -43,7 +44,6 @@ from bridge.transports.base import (
     Outgoing,
     Process,
     dlq_name,
-    is_dead_letters,
     tier_names,
     tier_queue,
 )
