@@ -292,17 +292,17 @@ class Bridge:
         return await (await self.transport()).apply_topology(names, dry_run=dry_run)
 
     def _job_queues(self, queues: Sequence[str]) -> list[str]:
-        """`queues`, unless one is no name for a job queue, or is named as a delay tier is:
-        bridge's own, never a job queue."""
-        problems = [problem for name in queues if (problem := name_problem(name))]
-        if problems:
-            raise ConfigError("; ".join(problems))
+        """`queues`, unless one is named as a delay tier is (bridge's own, never a job queue),
+        or is no name for a job queue."""
         tiers = [name for name in queues if tier_names(self.settings.prefix).fullmatch(name)]
         if tiers:
             raise ConfigError(
                 f"queue {', '.join(tiers)} is named as a delay tier is (<prefix>.delay.<time>):"
                 " give it another name"
             )
+        problems = [problem for name in queues if (problem := name_problem(name))]
+        if problems:
+            raise ConfigError("; ".join(problems))
         return list(queues)
 
     def dead_letters(self, queue: str) -> DeadLetters:

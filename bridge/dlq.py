@@ -20,7 +20,7 @@ from bridge.config import LARGEST_LETTER_BYTES
 from bridge.envelope import MAX_INT, DeadLetter
 from bridge.errors import BridgeError, ConfigError, DecodeError, UnknownSchema
 from bridge.names import is_dead_letters, name_problem
-from bridge.registry import DEAD_LETTER, ENVELOPE
+from bridge.registry import DEAD_LETTER, ENVELOPE, own_schema
 from bridge.transports.base import Outgoing, dlq_name
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ class DeadLetters:
             put_back[item.id] = envelope.replays + 1
             if rate and not dry_run:
                 await asyncio.sleep(1 / rate)
-            return [self._replayed(item, key)]
+            return [self._replayed(item, key, body)]
 
         if dry_run:
             for body in await (await self.app.transport()).browse(self.name):
@@ -196,13 +196,20 @@ class DeadLetters:
             )
         return None
 
-    def _replayed(self, item: Letter, key: str | bytes | None) -> Outgoing:
+    def _replayed(self, item: Letter, key: str | bytes | None, letter: bytes) -> Outgoing:
         """The job back on its queue, with its envelope's key, or else with the record key its
-        letter kept (the source record's: another producer may set only that one)."""
+        letter kept (the source record's: another producer may set only that one).
+
+        Framed as the worker that wrote the `letter` frames: a letter in single-object framing
+        (a worker with a schema directory) gets its envelope so too. (With a registry's id, a
+        replay by a tool given a registry URL came back to those workers as `unknown_schema`,
+        raw bytes that no replay takes.)"""
         envelope = item.letter.envelope
         assert envelope is not None
         fresh = replace(envelope, attempt=1, run_at=None, expires_at=None, replays=envelope.replays + 1)
-        body = codec.encode(self.app.registry.schema(ENVELOPE), fresh.to_avro())
+        single = letter.startswith(codec.SINGLE_OBJECT_MAGIC)
+        schema = own_schema(ENVELOPE) if single else self.app.registry.schema(ENVELOPE)
+        body = codec.encode(schema, fresh.to_avro())
         return Outgoing(fresh.queue, body, fresh.key if fresh.key is not None else key)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -91,6 +92,13 @@ class SchemaDirectory:
 
     def by_id(self, schema_id: int) -> Schema | None:
         return None  # a directory has no ids; Confluent-framed input needs a registry server
+
+
+@cache
+def own_schema(name: str) -> Schema:
+    """bridge's own record `name` (its envelope, its dead letter), single-object framed: every
+    reader knows it, whatever registry it has."""
+    return SchemaDirectory().schema(name)
 
 
 def open_registry(url: str | None, schemas: str | None = None) -> Registry:

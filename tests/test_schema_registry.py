@@ -25,8 +25,9 @@ import pytest
 from confluent_kafka.schema_registry import Schema as RegistrySchema
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from bridge import Bridge, JobContext, codec, schema_registry
+from bridge import Bridge, JobContext, Permanent, codec, schema_registry
 from bridge.cli import main
+from bridge.dlq import Selection
 from bridge.envelope import Envelope
 from bridge.errors import ConfigError, RegistryUnavailable, SchemaError, UnknownSchema
 from bridge.registry import ENVELOPE, SchemaDirectory
@@ -561,6 +562,46 @@ def test_a_registry_that_does_not_answer_is_unavailable_after_the_request_timeou
     with pytest.raises(RegistryUnavailable, match="did not answer"):
         registry.by_id(holding_registry.held)
     assert not holding_registry.answered.is_set()
+
+
+def test_a_replay_by_a_tool_given_a_registry_url_goes_back_as_its_workers_read_it(
+    registry_url: str, brokers: dict[str, str], versions: Callable[..., Path], job_type: str, queue: str
+) -> None:
+    # Given a job dead-lettered by workers that use a schema directory (their letters and
+    # envelopes single-object framed), When a tool given a registry URL replays it, Then the
+    # job goes back framed as those workers read it, and runs. (It went back with the
+    # registry's id: the workers dead-lettered it as `unknown_schema`, raw bytes that no
+    # replay takes.)
+    folder = versions(N)
+    workers = Bridge(broker=brokers["rabbitmq"], registry=str(folder))
+    tool = Bridge(broker=brokers["rabbitmq"], registry=registry_url, schemas=str(folder))
+    runs: list[int] = []
+
+    @workers.job(job_type, queue=queue)
+    async def handle(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(payload["n"])
+        if len(runs) == 1:
+            raise Permanent("not yet")
+
+    async def fail_once() -> None:
+        async with workers:
+            await workers.apply_topology([queue])
+            await workers.enqueue_async(job_type, {"n": 1}, queue=queue)
+            await workers.consume(burst=True)
+
+    async def replay() -> int:
+        async with tool:
+            return len((await tool.dead_letters(queue).replay(Selection())).replayed)
+
+    async def consume() -> None:
+        async with workers:
+            await workers.consume(burst=True)
+
+    run(fail_once())
+    assert run(replay()) == 1
+    run(consume())
+    assert runs == [1, 1]
+    assert dead_letters(workers, queue) == []
 
 
 def test_recursive_schemas_are_refused_at_registration_and_at_start(

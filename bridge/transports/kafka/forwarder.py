@@ -6,15 +6,13 @@ import asyncio
 import time
 import uuid
 from collections.abc import Collection
-from functools import cache
 from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from bridge import codec
-from bridge.codec import Schema
 from bridge.envelope import UNROUTABLE, DeadLetter, cut_raw, now_ms
-from bridge.registry import DEAD_LETTER, SchemaDirectory
+from bridge.registry import DEAD_LETTER, own_schema
 from bridge.transports.base import dlq_name
 from bridge.transports.kafka.commit import Committer
 from bridge.transports.kafka.common import (
@@ -215,10 +213,5 @@ class DelayForwarder:
             UNROUTABLE, f"a delay-tier record bridge cannot route: {why}{cut}", topic, now_ms(),
             partition=partition, offset=offset, consumer_group=self.group, raw=raw,
         )  # fmt: skip
-        return (dlq_name(topic), codec.encode(_dead_letter_schema(), letter.to_avro()), record.key(), None, 0)
-
-
-@cache
-def _dead_letter_schema() -> Schema:
-    """bridge's own `bridge.DeadLetter`, single-object framed: every reader knows it."""
-    return SchemaDirectory().schema(DEAD_LETTER)
+        body = codec.encode(own_schema(DEAD_LETTER), letter.to_avro())
+        return (dlq_name(topic), body, record.key(), None, 0)
