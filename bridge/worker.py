@@ -220,7 +220,11 @@ class Worker:
 
     async def _outcome(self, delivery: Delivery) -> Sequence[Outgoing] | None:
         try:
-            record = await self._decode(delivery.body, self._envelope, self.settings.queue_bytes)
+            if (unknown := self._unfetched(delivery.body, self.settings.queue_bytes)) is not None:
+                await self._fetch(unknown)
+            _, record = codec.decode(
+                delivery.body, self._registry, self._envelope, max_bytes=self.settings.queue_bytes
+            )
             envelope = Envelope.from_avro(record)
         except UnknownSchema as exc:  # nothing of it is decoded: it names no schema known here
             return [self._dead(delivery, "unknown_schema", str(exc), raw=delivery.body)]
@@ -248,7 +252,11 @@ class Worker:
             return [self._dead(delivery, "unknown_type", detail, envelope=envelope)]
         spec, schema = job
         try:
-            payload = await self._decode(envelope.payload, schema, self.settings.max_message_bytes)
+            if (unknown := self._unfetched(envelope.payload, self.settings.max_message_bytes)) is not None:
+                await self._fetch(unknown)
+            _, payload = codec.decode(
+                envelope.payload, self._registry, schema, max_bytes=self.settings.max_message_bytes
+            )
         except SchemaMismatch as exc:
             detail = f"payload of a {envelope.type} envelope: {exc}"
             return [self._dead(delivery, "schema_mismatch", detail, envelope=envelope)]
@@ -285,14 +293,15 @@ class Worker:
             return await self._run_once(spec, payload, envelope, delivery)
         return await self._run(spec, payload, envelope, delivery)
 
-    async def _decode(self, data: bytes, reader: Schema, max_bytes: int) -> Any:
-        """`codec.decode`'s datum, once the registry has been asked off the event loop for a
-        schema id it is not known to have answered for: one slow to answer held up every job,
-        and the worker's stop with them, and one down slept the loop between its tries."""
+    def _unfetched(self, data: bytes, max_bytes: int) -> int | None:
+        """The schema id `data` names, when the registry must be asked for it before decoding:
+        `_fetch` asks off the event loop. (Asked on it, a registry slow to answer held up every
+        job, and the worker's stop with them; one down slept the loop between its tries.)
+        Not a coroutine, called twice a job: each frame more per job costs the no-op rate."""
         schema_id = codec.frame_id(data)
-        if schema_id is not None and len(data) <= max_bytes and not self._registry.cached(schema_id):
-            await self._fetch(schema_id)
-        return codec.decode(data, self._registry, reader, max_bytes=max_bytes)[1]
+        if schema_id is None or len(data) > max_bytes or self._registry.cached(schema_id):
+            return None
+        return schema_id
 
     async def _fetch(self, schema_id: int) -> None:
         """Have the registry answer for `schema_id` (one request for the jobs that wait for it);
