@@ -1659,9 +1659,13 @@ def test_records_of_a_careful_start_pass_its_gate_in_the_order_they_were_started
         def start(offset: int) -> None:
             inflight.start(Delivery(b"", "q", None, 0, offset, handle=transport._offsets.started(tp, offset)))
 
+        def waiting() -> int:  # records waiting at the gate: for it to learn, or for its lock
+            return len(gate.ready._waiters) + len(gate.lock._waiters or ())
+
         start(10)
         start(11)
-        await asyncio.sleep(0.01)  # both wait at the gate
+        while waiting() < 2:  # (each loop pass takes them a step further)
+            await asyncio.sleep(0)
         start(12)
         gate.learn(10, RUNNING)  # what the read of the committed offset ends with
         transport._offsets.found(tp, 10)
