@@ -19,7 +19,7 @@ from bridge import codec
 from bridge.config import LARGEST_LETTER_BYTES
 from bridge.envelope import MAX_INT, DeadLetter
 from bridge.errors import BridgeError, ConfigError, DecodeError, UnknownSchema
-from bridge.names import is_dead_letters, name_problem
+from bridge.names import is_dead_letters, job_queue_of, name_problem
 from bridge.registry import DEAD_LETTER, ENVELOPE, own_schema
 from bridge.transports.base import Outgoing, dlq_name
 
@@ -76,7 +76,7 @@ class DeadLetters:
         if is_dead_letters(queue):
             raise ConfigError(
                 f"{queue} is a dead-letter queue: the dlq commands take the job queue's name: "
-                f"{queue.removesuffix('.done').removesuffix('.dlq')}"
+                f"{job_queue_of(queue)}"
             )
         if problem := name_problem(queue):
             raise ConfigError(problem)

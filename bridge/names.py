@@ -13,6 +13,11 @@ def is_dead_letters(name: str) -> bool:
     return name.endswith((".dlq", ".dlq.done"))
 
 
+def job_queue_of(name: str) -> str:
+    """The job queue whose dead-letter queue (or `.done` topic) `name` is."""
+    return name.removesuffix(".done").removesuffix(".dlq")
+
+
 QUEUE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 LONGEST_NAME = 249 - len(".dlq.done")  # Kafka takes topic names of up to 249 characters
 
@@ -29,6 +34,6 @@ def name_problem(name: str, what: str = "queue") -> str | None:
     if name.startswith(("__", "amq.")):
         return f"{what} {name!r}: names starting with __ are Kafka's own, with amq. RabbitMQ's"
     if what == "queue" and is_dead_letters(name):
-        job_queue = name.removesuffix(".done").removesuffix(".dlq")
+        job_queue = job_queue_of(name)
         return f"queue {name!r} is {job_queue!r}'s dead-letter queue: no job goes there (see `bridge dlq`)"
     return None
