@@ -18,16 +18,16 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from bridge.app import Bridge
 from bridge.compatibility import LEVELS
-from bridge.dlq import Selection, describe
+from bridge.dlq import ReplayReport, Selection, describe
 from bridge.envelope import REASONS, iso_ms, now_ms
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import BridgeError, ConfigError, RegistryUnavailable, TransportError
 from bridge.idempotency import DONE, ENQUEUED, ENQUEUING, RUNNING, default_url
 from bridge.idempotency import sqlite as sqlite_store
 from bridge.keys import DEFAULT_LIMIT, Entry, Keys, check_job_type
@@ -360,21 +360,28 @@ def _consume(args: argparse.Namespace) -> int:
 
 async def _run_until_signalled(app: Bridge, queues: list[str], *, burst: bool) -> None:
     stop = asyncio.Event()
-    _on_signals(stop.set)
+    _on_signals(
+        stop.set,
+        stopping="stopping: no new jobs; waiting for in-flight ones (signal again to exit now)",
+        exiting="second signal: exiting now; unfinished jobs will be delivered again",
+    )
     stats = await _closing(app, app.consume(queues, burst=burst, stop=stop))
     print(f"bridge consume: {stats.summary()}", flush=True)
 
 
-def _on_signals(first: Callable[[], None]) -> None:
-    """First SIGTERM or SIGINT: stop gracefully. Second: exit at once (jobs are redelivered)."""
+def _on_signals(
+    first: Callable[[], None], *, stopping: str, exiting: str, tell: Callable[[str], None] = log.info
+) -> None:
+    """First SIGTERM or SIGINT: `first()`, to stop gracefully, telling `stopping`. Second: log
+    `exiting` and exit at once."""
     loop = asyncio.get_running_loop()
 
     def handle(signum: int) -> None:
         if getattr(handle, "seen", False):
-            log.warning("second signal: exiting now; unfinished jobs will be delivered again")
+            log.warning(exiting)
             os._exit(128 + signum)
         handle.seen = True  # type: ignore[attr-defined]
-        log.info("stopping: no new jobs; waiting for in-flight ones (signal again to exit now)")
+        tell(stopping)
         first()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -423,22 +430,31 @@ def _dlq_show(args: argparse.Namespace) -> int:
 def _dlq_replay(args: argparse.Namespace) -> int:
     app = _app(args)
     letters = app.dead_letters(args.queue)
-    work = letters.replay(
-        _selection(args), dry_run=args.dry_run, rate=args.rate, max_replays=args.max_replays
-    )
-    report = asyncio.run(_closing(app, work))
     verb = "would replay" if args.dry_run else "replayed"
-    for job_id in report.replayed:
-        print(one_line(f"{verb} {job_id}"))
-    for job_id, why in report.refused:
-        print(one_line(f"refused {job_id}: {why}"), file=sys.stderr)
-    for job_id in report.copies:
-        removed = "would remove" if args.dry_run else "removed"
-        print(one_line(f"{removed} a second letter of {job_id}, replayed once"))
-    summary = f"{verb} {len(report.replayed)}, refused {len(report.refused)}"
-    if report.copies:
-        summary += f", {len(report.copies)} copies of replayed letters removed"
-    print(summary, file=sys.stderr)
+    removed = "would remove" if args.dry_run else "removed"
+
+    def told(what: str, job_id: str, why: str) -> None:  # (each as it happens: see _stoppable)
+        if what == "refused":
+            print(one_line(f"refused {job_id}: {why}"), file=sys.stderr)
+        elif what == "replayed":
+            print(one_line(f"{verb} {job_id}"), flush=True)
+        else:
+            print(one_line(f"{removed} a second letter of {job_id}, replayed once"), flush=True)
+
+    report = ReplayReport(told=told)
+    stop = asyncio.Event()
+    work = letters.replay(
+        _selection(args), dry_run=args.dry_run, rate=args.rate, max_replays=args.max_replays,
+        report=report, stop=stop,
+    )  # fmt: skip
+
+    def summary() -> str:
+        said = f"{verb} {len(report.replayed)}, refused {len(report.refused)}"
+        return said + (f", {len(report.copies)} copies of replayed letters removed" if report.copies else "")
+
+    if _stoppable(app, work, stop, summary):
+        return 130
+    print(summary(), file=sys.stderr)
     return 1 if report.refused and not report.replayed else 0
 
 
@@ -449,9 +465,40 @@ def _dlq_purge(args: argparse.Namespace) -> int:
     ):
         return 1
     app = _app(args)
-    purged = asyncio.run(_closing(app, app.dead_letters(args.queue).purge(_selection(args))))
+    purged: list[str] = []
+    stop = asyncio.Event()
+    work = app.dead_letters(args.queue).purge(_selection(args), told=purged.append, stop=stop)
+    if _stoppable(app, work, stop, lambda: f"purged {len(purged)}"):
+        return 130
     print(f"purged {len(purged)} dead letters from {args.queue}.dlq")
     return 0
+
+
+def _stoppable(
+    app: Bridge, work: Coroutine[Any, Any, Any], stop: asyncio.Event, done: Callable[[], str]
+) -> bool:
+    """Run a dlq sweep that Ctrl-C (or SIGTERM) stops after the letter in hand; whether it was.
+
+    Each letter is told as it goes, so a sweep stopped by a signal, or by a broker lost,
+    leaves a true account: what `done()` says, printed with "stopped" before."""
+
+    async def sweep() -> None:
+        _on_signals(stop.set, stopping="stopping after the letter in hand (again to stop at once)",
+                    exiting="second signal: stopped at once", tell=_say)  # fmt: skip
+        await _closing(app, work)
+
+    try:
+        asyncio.run(sweep())
+    except (TransportError, RegistryUnavailable):  # (a ConfigError comes before any letter)
+        _say(f"stopped: {done()} so far")
+        raise
+    if stop.is_set():
+        _say(f"stopped: {done()} before the signal")
+    return stop.is_set()
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _keys(args: argparse.Namespace) -> tuple[Bridge, Keys]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from bridge.envelope import MAX_INT, DeadLetter
 from bridge.errors import BridgeError, ConfigError, DecodeError, UnknownSchema
 from bridge.names import is_dead_letters, job_queue_of, name_problem
 from bridge.registry import DEAD_LETTER, ENVELOPE, own_schema
-from bridge.transports.base import Outgoing, dlq_name
+from bridge.transports.base import Outgoing, SweepStopped, dlq_name
 
 if TYPE_CHECKING:
     from bridge.app import Bridge
@@ -58,6 +59,12 @@ class Selection:
         )
 
 
+# Told of each letter as a replay acts on it: what ("replayed", "refused" or "copy"), its id,
+# and why (for "refused"). A job is told replayed once it is back on its queue, so a replay
+# stopped halfway has told of every job it put back, and of no other.
+Told = Callable[[str, str, str], None]
+
+
 @dataclass
 class ReplayReport:
     """What a replay did, or with `dry_run` would do."""
@@ -67,6 +74,15 @@ class ReplayReport:
     # Letters of a job replayed earlier in the same run, at the same attempt and replay count
     # (a dead letter written twice, its ack lost): removed, not replayed, so the job runs once.
     copies: list[str] = field(default_factory=list)
+    told: Told | None = field(default=None, repr=False, compare=False)
+
+    def add(self, what: str, letter_id: str, why: str = "") -> None:
+        if what == "refused":
+            self.refused.append((letter_id, why))
+        else:
+            (self.replayed if what == "replayed" else self.copies).append(letter_id)
+        if self.told is not None:
+            self.told(what, letter_id, why)
 
 
 class DeadLetters:
@@ -106,8 +122,13 @@ class DeadLetters:
         dry_run: bool = False,
         rate: float | None = None,
         max_replays: int = DEFAULT_MAX_REPLAYS,
+        report: ReplayReport | None = None,
+        stop: asyncio.Event | None = None,
     ) -> ReplayReport:
-        """Put the selected jobs back on their queues (at most `rate` per second)."""
+        """Put the selected jobs back on their queues (at most `rate` per second).
+
+        Fills `report` (a new one if None) as it goes. Once `stop` is set, the job in hand is
+        put back, or not, and no other: a pause for `rate` ends there, and nothing goes back."""
         if rate is not None and not 0 < rate < math.inf:
             raise ConfigError(f"rate must be a number of replays per second above 0, not {rate!r}")
         if type(max_replays) is not int or not 1 <= max_replays <= MAX_INT:  # (not True either)
@@ -115,17 +136,21 @@ class DeadLetters:
             raise ConfigError(
                 f"max_replays must be a whole number from 1 to {MAX_INT:,}, not {max_replays!r}"
             )
-        report = ReplayReport()
+        report = report if report is not None else ReplayReport()
         replayed: set[tuple[str, int, int]] = set()  # (id, attempt, replays) of each job put back
         put_back: dict[str, int] = {}  # their ids, and the replay count each went back with
+        offered: list[tuple[str, str]] = []  # what the letter last offered becomes once removed
+        stop = stop if stop is not None else asyncio.Event()
 
         async def decide(body: bytes, key: str | bytes | None) -> list[Outgoing] | None:
+            if stop.is_set():
+                raise SweepStopped
             item = self.read(body)
             if item not in selection:
                 return None
             envelope = item.letter.envelope
             if envelope is not None and (item.id, envelope.attempt, envelope.replays) in replayed:
-                report.copies.append(item.id)
+                offered[:] = [("copy", item.id)]
                 return []
             if envelope is not None and envelope.replays >= put_back.get(item.id, MAX_INT + 1):
                 # A job put back by this run that failed again meanwhile: its new letter is left
@@ -134,35 +159,56 @@ class DeadLetters:
                 return None
             refusal = _refusal(item, max_replays) or await self._no_queue(item)
             if refusal:
-                report.refused.append((item.id, refusal))
+                report.add("refused", item.id, refusal)
                 return None
             assert envelope is not None  # (`_refusal` refused it otherwise)
-            report.replayed.append(item.id)
+            if rate and not dry_run:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1 / rate)
+                    raise SweepStopped
+            offered[:] = [("replayed", item.id)]
             replayed.add((item.id, envelope.attempt, envelope.replays))
             put_back[item.id] = envelope.replays + 1
-            if rate and not dry_run:
-                await asyncio.sleep(1 / rate)
             return [self._replayed(item, key, body)]
 
+        def removed() -> None:
+            report.add(*offered.pop())
+
         if dry_run:
-            for body in await (await self.app.transport()).browse(self.name):
-                await decide(body, None)
+            with suppress(SweepStopped):
+                for body in await (await self.app.transport()).browse(self.name):
+                    if await decide(body, None) is not None:
+                        removed()
         else:
-            await (await self.app.transport()).sweep(self.name, decide)
+            await (await self.app.transport()).sweep(self.name, decide, removed)
         return report
 
-    async def purge(self, selection: Selection) -> list[str]:
-        """Remove the selected letters for good; return their ids."""
+    async def purge(
+        self,
+        selection: Selection,
+        told: Callable[[str], None] | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> list[str]:
+        """Remove the selected letters for good, telling `told` of each once it is gone, and
+        none after `stop` is set; return their ids."""
         purged: list[str] = []
+        offered: list[str] = []
 
         async def decide(body: bytes, key: str | bytes | None) -> list[Outgoing] | None:
+            if stop is not None and stop.is_set():
+                raise SweepStopped
             item = self.read(body)
             if item not in selection:
                 return None
-            purged.append(item.id)
+            offered[:] = [item.id]
             return []
 
-        await (await self.app.transport()).sweep(self.name, decide)
+        def removed() -> None:
+            purged.append(offered.pop())
+            if told is not None:
+                told(purged[-1])
+
+        await (await self.app.transport()).sweep(self.name, decide, removed)
         return purged
 
     def read(self, body: bytes) -> Letter:

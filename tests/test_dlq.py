@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -412,6 +413,91 @@ def test_dlq_json_names_floats_that_are_no_number_so_any_json_parser_reads_it(
     assert entry["id"] == job_id and entry["job"]["payload"] == {"x": "NaN", "y": "-Infinity"}
     shown = bridge_cli("dlq", "show", queue, job_id, **env)
     assert strict(shown.stdout)["job"]["payload"] == {"x": "NaN", "y": "-Infinity"}
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq", "kafka"], indirect=True)
+def test_a_replay_stopped_by_ctrl_c_tells_of_every_job_it_put_back_and_of_no_other(
+    make_app: Callable[..., Bridge], queue: str, broker: str
+) -> None:
+    # Given 12 dead letters, When `bridge dlq replay --rate 5` gets SIGINT once it has told of
+    # two replays, Then it stops after the job in hand (exit 130) and says how many it put back;
+    # the jobs it named, and only those, are back on their queue, and the other letters are
+    # still dead letters. (It told nothing until the sweep ended: Ctrl-C hid what it had done.)
+    app = make_app()
+    failing = True
+    ran: list[str] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def handle(payload: dict[str, Any], ctx: JobContext) -> None:
+        if failing:
+            raise Permanent("not yet")
+        ran.append(ctx.job_id)
+
+    async def dead_letters() -> list[str]:
+        async with app:
+            await app.apply_topology()
+            ids = [await app.enqueue_async("test.Echo", {"n": n}) for n in range(12)]
+            await app.consume(burst=True)
+            return ids
+
+    ids = run(dead_letters())
+    env = {"BRIDGE_BROKER": broker, "BRIDGE_REGISTRY": str(SCHEMAS), "BRIDGE_PREFIX": app.settings.prefix,
+           "BRIDGE_DELAY_TIERS": "1s"}  # fmt: skip
+    replay = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "dlq", "replay", queue, "--all", "--rate", "5"],
+        cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert replay.stdout is not None
+    told = [replay.stdout.readline(), replay.stdout.readline()]
+    replay.send_signal(signal.SIGINT)
+    out, err = replay.communicate(timeout=60)
+    told += out.splitlines()
+    assert replay.returncode == 130, err
+    put_back = [line.removeprefix("replayed ").strip() for line in told]
+    assert 2 <= len(put_back) < 12 and set(put_back) <= set(ids), told
+    assert f"stopped: replayed {len(put_back)}, refused 0 before the signal" in err, err
+
+    failing = False
+    run(scenario_consume(app))
+    assert sorted(ran) == sorted(put_back)
+
+    async def still_dead() -> list[str]:
+        async with app:
+            return [item.id for item in await app.dead_letters(queue).find()]
+
+    assert sorted(run(still_dead())) == sorted(set(ids) - set(put_back))
+
+
+def test_a_purge_stopped_halfway_removes_no_letter_after_the_stop(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given 5 dead letters, When a purge's stop is set as the second letter is told gone,
+    # Then it removes those two and no other, and the other three are still there to list.
+    app = make_app()
+
+    @app.job("test.Echo", queue=queue)
+    async def refuse(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise Permanent("no")
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            ids = [await app.enqueue_async("test.Echo", {"n": n}) for n in range(5)]
+            await app.consume(burst=True)
+            stop = asyncio.Event()
+            told: list[str] = []
+
+            def gone(letter_id: str) -> None:
+                told.append(letter_id)
+                if len(told) == 2:
+                    stop.set()
+
+            purged = await app.dead_letters(queue).purge(Selection(), told=gone, stop=stop)
+            assert purged == told and len(purged) == 2
+            left = [item.id for item in await app.dead_letters(queue).find()]
+            assert sorted(left + purged) == sorted(ids)
+
+    run(scenario(), timeout=120)
 
 
 @pytest.mark.parametrize("rate", [0, -1, float("nan"), float("inf")])

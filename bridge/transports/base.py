@@ -55,6 +55,14 @@ Process = Callable[[Delivery], Awaitable[None]]
 Decide = Callable[[bytes, str | bytes | None], Awaitable[Sequence["Outgoing"] | None]]
 
 
+def unheard() -> None:
+    """A sweep's `removed` when nobody asks."""
+
+
+class SweepStopped(Exception):
+    """Raised by a sweep's `decide` to end the sweep there, leaving that message and the rest."""
+
+
 class BurstWait:
     """Says why a burst run whose queues are drained goes on: delayed jobs in the tiers, which
     every queue under the prefix shares (a job delayed by hours elsewhere holds it for hours).
@@ -143,12 +151,16 @@ class Transport(Protocol):
     async def browse(self, queue: str) -> list[bytes]:
         """The bodies waiting in `queue`, oldest first, left where they are (for the DLQ tools)."""
 
-    async def sweep(self, queue: str, decide: Decide) -> int:
+    async def sweep(self, queue: str, decide: Decide, removed: Callable[[], None] = unheard) -> int:
         """Offer each message of `queue` once to `decide`; return how many it removed.
 
         `decide` returns None to leave a message, or the messages to publish (confirmed)
         before it is removed; an empty list removes it. On Kafka a removed record stays in the
         log but is marked done, so no later sweep or browse sees it again.
+
+        One message at a time: `removed` is called once the message last offered is removed,
+        its publishes confirmed, before the next is offered. (So a tool stopped halfway knows
+        what it did.) `decide` may raise SweepStopped to end the sweep early.
         """
 
 

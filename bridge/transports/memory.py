@@ -22,7 +22,16 @@ from dataclasses import replace
 from bridge.envelope import now_ms
 from bridge.names import is_dead_letters
 from bridge.policy import tier_for
-from bridge.transports.base import Decide, Delivery, InFlight, Outgoing, Process, dlq_name
+from bridge.transports.base import (
+    Decide,
+    Delivery,
+    InFlight,
+    Outgoing,
+    Process,
+    SweepStopped,
+    dlq_name,
+    unheard,
+)
 
 
 class MemoryTransport:
@@ -171,17 +180,21 @@ class MemoryTransport:
     async def browse(self, queue: str) -> list[bytes]:
         return self.messages(queue)
 
-    async def sweep(self, queue: str, decide: Decide) -> int:
+    async def sweep(self, queue: str, decide: Decide, removed: Callable[[], None] = unheard) -> int:
         with self._lock:
             pending = list(self._queues.get(queue, ()))
-        removed = 0
+        count = 0
         for message in pending:
-            publish = await decide(message.body, message.key)
+            try:
+                publish = await decide(message.body, message.key)
+            except SweepStopped:
+                break
             if publish is None:
                 continue
             for outgoing in publish:
                 await self.publish(outgoing)
             with self._lock:
                 self._queues[queue].remove(message)
-            removed += 1
-        return removed
+            count += 1
+            removed()
+        return count

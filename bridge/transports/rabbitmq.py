@@ -56,9 +56,11 @@ from bridge.transports.base import (
     InFlight,
     Outgoing,
     Process,
+    SweepStopped,
     dlq_name,
     tier_names,
     tier_queue,
+    unheard,
 )
 
 log = logging.getLogger("bridge.rabbitmq")
@@ -797,7 +799,7 @@ class RabbitTransport:
         await self.sweep(queue, keep)
         return bodies
 
-    async def sweep(self, queue: str, decide: Decide) -> int:
+    async def sweep(self, queue: str, decide: Decide, removed: Callable[[], None] = unheard) -> int:
         assert self._connection is not None, "sweep() before connect()"
         # Messages are taken unacked, and those kept are put back at the end, so each one is
         # offered exactly once per sweep. (Taken until none is left: a quorum queue's count in
@@ -806,12 +808,16 @@ class RabbitTransport:
         # that a replay's publish waited out took the letter's channel with it, so the letter
         # went back to its queue, its replay published, to be replayed again.
         connection = await self._open_connection("dlq")
-        removed, kept = 0, None
+        count, kept = 0, None
         try:
             channel = await connection.channel()
             declared = await self._existing_queue(channel, queue)
             while (message := await _taken(declared, queue)) is not None:
-                publish = await decide(message.body, None)
+                try:
+                    publish = await decide(message.body, None)
+                except SweepStopped:
+                    kept = message  # (put back below, with those kept before it)
+                    break
                 if publish is None:
                     kept = message
                     continue
@@ -822,7 +828,8 @@ class RabbitTransport:
                     " the letter stays there, and a replay would publish it again"
                 ):
                     await message.ack()
-                removed += 1
+                count += 1
+                removed()
             if kept is not None:
                 # Put back by this channel before it closes, so that the queue has them back
                 # before the next sweep's first get. Left to the channel's close, a quorum queue
@@ -833,7 +840,7 @@ class RabbitTransport:
         finally:
             with _ignored():
                 await connection.close()
-        return removed
+        return count
 
     # -- topology --------------------------------------------------------------------------
 

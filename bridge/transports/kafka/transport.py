@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Collection, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -43,9 +43,11 @@ from bridge.transports.base import (
     InFlight,
     Outgoing,
     Process,
+    SweepStopped,
     dlq_name,
     tier_names,
     tier_queue,
+    unheard,
 )
 from bridge.transports.kafka.commit import COMMIT_INTERVAL_S, Committer
 from bridge.transports.kafka.common import (
@@ -815,7 +817,7 @@ class KafkaTransport:
         records = await asyncio.to_thread(self._read_topic, queue)
         return [body or b"" for name, _, body in records if name not in done]
 
-    async def sweep(self, queue: str, decide: Decide) -> int:
+    async def sweep(self, queue: str, decide: Decide, removed: Callable[[], None] = unheard) -> int:
         await self._require_topics([queue, done_topic(queue)])
         producer = new_producer(self._common, {"transactional.id": f"{self.settings.prefix}.sweep.{queue}"})
         with mapped(f"could not start a transaction on {queue}"):
@@ -823,11 +825,14 @@ class KafkaTransport:
             # done marks are read, so two runs can never both act on the same record.
             await asyncio.to_thread(producer.init_transactions, METADATA_TIMEOUT_S * 6)
         done = await asyncio.to_thread(self._done_keys, done_topic(queue))
-        removed = 0
+        count = 0
         for name, key, body in await asyncio.to_thread(self._read_topic, queue):
             if name in done:
                 continue
-            publish = await decide(body or b"", key)
+            try:
+                publish = await decide(body or b"", key)
+            except SweepStopped:
+                break
             if publish is None:
                 continue
             await self._require_topics([m.queue for m in publish])
@@ -837,8 +842,9 @@ class KafkaTransport:
                     producer.produce(message.queue, message.body, record_key(message.key))
                 producer.produce(done_topic(queue), b"", name)
                 await asyncio.to_thread(producer.commit_transaction, METADATA_TIMEOUT_S * 6)
-            removed += 1
-        return removed
+            count += 1
+            removed()
+        return count
 
     def _done_keys(self, topic: str) -> set[str]:
         """The marks of a `.done` topic: each key whose last record is a mark, not a tombstone."""
