@@ -1,7 +1,7 @@
 """Dead-letter queues: list, show, replay and purge, the same on every broker.
 
-A letter is known by its job id, or, for bytes that never decoded, by `raw-` and a hash of
-them. Replay puts the job back on its queue with its attempts reset, its delay and expiry
+A letter is known by its job id, or, for bytes that never decoded here, by `raw-` and a hash
+of them. Replay puts the job back on its queue with its attempts reset, its delay and expiry
 cleared and its replay count raised; a job replayed `max_replays` times is refused, so a
 poison job cannot cycle between queue and dead-letter queue for ever.
 """
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from bridge import codec
 from bridge.config import LARGEST_LETTER_BYTES
-from bridge.envelope import MAX_INT, DeadLetter
-from bridge.errors import BridgeError, ConfigError, DecodeError, UnknownSchema
+from bridge.envelope import MAX_INT, DeadLetter, Envelope
+from bridge.errors import BridgeError, ConfigError, DecodeError, RegistryUnavailable, UnknownSchema
 from bridge.names import is_dead_letters, job_queue_of, name_problem
 from bridge.registry import DEAD_LETTER, ENVELOPE, own_schema
 from bridge.transports.base import Outgoing, SweepStopped, dlq_name
@@ -99,6 +99,7 @@ class DeadLetters:
         self.app = app
         self.queue = queue
         self.name = dlq_name(queue)
+        self._registry_down = False  # (see `_job_in`)
 
     async def find(self, selection: Selection = Selection(), limit: int | None = None) -> list[Letter]:
         """The letters matching `selection`, oldest first, at most `limit`."""
@@ -213,7 +214,8 @@ class DeadLetters:
 
     def read(self, body: bytes) -> Letter:
         """A letter from its bytes; bytes that are not a dead letter are shown as undecodable,
-        and a letter in a schema unknown here (a registry's id, say) as `unreadable`.
+        and a letter in a schema unknown here (a registry's id, say) as `unreadable`. A letter
+        of bytes its worker could not read holds their job too when this process reads it.
 
         Any size a worker may write is read: workers with a larger `max_message_bytes` than
         this process's write larger letters, which a purge of `undecodable` must not select."""
@@ -226,9 +228,28 @@ class DeadLetters:
             letter = DeadLetter(UNREADABLE, detail, self.name, 0, raw=body)
         except DecodeError as exc:
             letter = DeadLetter("undecodable", f"not a {DEAD_LETTER}: {exc}", self.name, 0, raw=body)
+        else:
+            if letter.envelope is None and letter.raw is not None:
+                letter = replace(letter, envelope=self._job_in(letter.raw))
         if letter.envelope is not None:
             return Letter(letter.envelope.id, letter)
         return Letter(f"raw-{hashlib.sha256(letter.raw or body).hexdigest()[:16]}", letter)
+
+    def _job_in(self, raw: bytes) -> Envelope | None:
+        """The job in bytes its worker could not read, if this process reads them: one framed
+        with a registry's id, say, by another service, and read here with that registry. (It
+        can then be replayed; else nothing but a script of one's own would ever get it back.)"""
+        if self._registry_down:
+            return None
+        try:
+            schema = self.app.registry.schema(ENVELOPE)
+            _, record = codec.decode(raw, self.app.registry, schema, max_bytes=LARGEST_LETTER_BYTES)
+        except DecodeError:
+            return None
+        except RegistryUnavailable:  # (not asked again for each letter: each would wait as long)
+            self._registry_down = True
+            return None
+        return Envelope.from_avro(record)
 
     async def _no_queue(self, item: Letter) -> str | None:
         """Why the job cannot go back to its queue, if it cannot: the queue its envelope names
@@ -264,7 +285,10 @@ def _refusal(item: Letter, max_replays: int) -> str | None:
     if item.letter.reason == UNREADABLE:
         return "its schema is unknown here; replay it with the registry its workers use (--registry)"
     if envelope is None:
-        return "its bytes never decoded as a job; fix the producer, then purge it"
+        return (
+            "its bytes never decoded as a job here: replay it with a --registry that reads them,"
+            " or fix the producer, then purge it"
+        )
     if envelope.replays >= max_replays:
         limit = f"the limit is {max_replays}"
         return f"already replayed {envelope.replays} times ({limit}); purge it or fix the handler"

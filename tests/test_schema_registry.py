@@ -27,7 +27,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from bridge import Bridge, JobContext, Permanent, codec, schema_registry
 from bridge.cli import main
-from bridge.dlq import Selection
+from bridge.dlq import ReplayReport, Selection
 from bridge.envelope import Envelope
 from bridge.errors import ConfigError, RegistryUnavailable, SchemaError, UnknownSchema
 from bridge.registry import ENVELOPE, SchemaDirectory
@@ -602,6 +602,49 @@ def test_a_replay_by_a_tool_given_a_registry_url_goes_back_as_its_workers_read_i
     run(consume())
     assert runs == [1, 1]
     assert dead_letters(workers, queue) == []
+
+
+def test_a_job_its_workers_could_not_read_is_replayed_by_a_tool_given_the_registry(
+    registry_url: str, brokers: dict[str, str], versions: Callable[..., Path], job_type: str, queue: str
+) -> None:
+    # Given a job framed with a registry's id by another service, dead-lettered as
+    # `unknown_schema` raw bytes by workers that use a schema directory,
+    # When a tool with the directory replays, Then it refuses: it cannot read the job either;
+    # When a tool given the registry lists and replays it, Then it names the job and puts it
+    # back, and workers given the registry run it. (Raw bytes were never replayed: the job was
+    # lost to bridge, whoever could read it.)
+    folder = versions(N)
+    producer = Bridge(broker=brokers["rabbitmq"], registry=registry_url, schemas=str(folder))
+    blind = Bridge(broker=brokers["rabbitmq"], registry=str(folder))
+    seeing = Bridge(broker=brokers["rabbitmq"], registry=registry_url, schemas=str(folder))
+    runs: list[int] = []
+    for workers in (blind, seeing):
+        workers.job(job_type, queue=queue)(lambda payload, ctx: runs.append(payload["n"]))
+
+    async def unread() -> str:
+        async with producer, blind:
+            await blind.apply_topology([queue])
+            job_id = await producer.enqueue_async(job_type, {"n": 7}, queue=queue)
+            await blind.consume(burst=True)
+            return job_id
+
+    async def replay(tool: Bridge) -> tuple[list[tuple[str, str]], ReplayReport]:
+        async with tool:
+            listed = [(item.id, item.letter.reason) for item in await tool.dead_letters(queue).find()]
+            return listed, await tool.dead_letters(queue).replay(Selection())
+
+    async def consume() -> None:
+        async with seeing:
+            await seeing.consume(burst=True)
+
+    job_id = run(unread())
+    [(raw_id, reason)], refused = run(replay(blind))
+    assert raw_id.startswith("raw-") and reason == "unknown_schema" and runs == []
+    assert refused.replayed == [] and "never decoded" in refused.refused[0][1]
+    assert run(replay(seeing)) == ([(job_id, "unknown_schema")], ReplayReport(replayed=[job_id]))
+    run(consume())
+    assert runs == [7]
+    assert dead_letters(seeing, queue) == []
 
 
 def test_recursive_schemas_are_refused_at_registration_and_at_start(
