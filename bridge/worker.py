@@ -449,7 +449,15 @@ class Worker:
         self, spec: JobSpec, envelope: Envelope, exc: BaseException, delivery: Delivery, lease: Lease | None
     ) -> Sequence[Outgoing]:
         """A retry or a dead letter; nothing once the job's inbox committed, which marked its key
-        done: a retry would be dropped as a duplicate, and so would a replay of its letter."""
+        done: a retry would be dropped as a duplicate, and so would a replay of its letter.
+
+        A job whose inbox the store failed (`Lease.unavailable`) waits for it in a delay tier,
+        spending no attempt: a store outage is no more its failure there than at its claim."""
+        if lease is not None and exc is lease.unavailable:
+            log.error(
+                "%s waits in a delay tier: the store failed its ctx.transaction(): %s", _job(envelope), exc
+            )
+            return [self._later(envelope, delivery, self._outage.wait_s)]
         if lease is None or not lease.completed:
             return [self._failed(spec, envelope, exc, delivery)]
         log.error(

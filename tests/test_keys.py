@@ -36,6 +36,7 @@ from bridge.keys import Entry, Keys
 from bridge.policy import fixed
 from bridge.transports import Outgoing
 from bridge.worker import Stats
+from tests.brokerio import dead_letters
 from tests.conftest import SCHEMAS, publish_envelope, run
 from tests.processes import assert_one_line_error
 from tests.processes import bridge as bridge_command
@@ -738,6 +739,54 @@ def test_keyed_jobs_wait_in_place_while_their_store_does_not_answer(
     rounds = [r.getMessage() for r in caplog.records if "keyed jobs wait" in r.getMessage()]
     assert rounds[0].endswith("try again in 0.5 s") and 2 <= len(rounds) <= 3, rounds
     assert sum("answers again" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+@pytest.mark.parametrize("store", ["postgres", "redis"])
+def test_a_job_whose_store_fails_its_inbox_waits_for_the_store_and_spends_no_attempt(
+    make_app: Callable[..., Bridge],
+    brokers: dict[str, str],
+    queue: str,
+    store: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a keyed job allowed one attempt, whose store goes away for 3 s just before its
+    # handler opens ctx.transaction() (a PostgreSQL pool that waits 1 s for a connection),
+    # When consumed, Then the job waits in a delay tier, at attempt 1 still, and its transaction
+    # commits once the store is back; nothing is dead-lettered. (The store's error was taken
+    # for the job's failure: its one attempt spent, a 3 s outage dead-lettered it.)
+    monkeypatch.setattr("bridge.idempotency.postgres.CONNECT_TIMEOUT_S", 1.0)
+    attempts: list[int] = []
+    committed: list[int] = []
+
+    async def scenario() -> Stats:
+        async with FlakyProxy(brokers[store]) as proxy:
+            app = make_app(idempotency=proxy.url, delay_tiers=(1.0, 5.0))
+
+            @app.job("test.Echo", queue=queue, max_attempts=1)
+            async def write(payload: dict[str, Any], ctx: JobContext) -> None:
+                attempts.append(ctx.attempt)
+                if len(attempts) == 1:
+                    proxy.cut(3.0)
+                async with ctx.transaction() as db:
+                    if store == "postgres":
+                        await db.execute("SELECT 1")
+                    else:
+                        db.call("PING")
+                committed.append(ctx.attempt)
+
+            async with app:
+                await app.apply_topology()
+                await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key=f"{queue}-1")
+                return await app.consume(burst=True)
+
+    with caplog.at_level(logging.ERROR, logger="bridge.worker"):
+        stats = run(scenario(), timeout=90)
+    assert attempts == [1, 1] and committed == [1]
+    assert dead_letters(make_app(), queue) == []
+    assert stats.delayed == 1 and stats.processed == 2  # (the job, and its return from the tier)
+    assert "the store failed its ctx.transaction()" in caplog.text
 
 
 def test_keyed_jobs_that_waited_too_long_for_their_store_go_through_the_delay_tiers(

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.errors import Permanent, StoreError
+from bridge.errors import LeaseLost, Permanent, StoreError
 from bridge.idempotency import Store
 from bridge.idempotency.outage import Outage
 
@@ -36,6 +36,9 @@ class Lease:
     # Its handler's thread runs on after its task was cancelled: the key is finished when the
     # thread ends (Worker._in_thread), and renewed until then.
     outlived: bool = field(default=False)
+    # The store's own error that ended the inbox transaction (it could not open, complete or
+    # commit): an outage, not the job's failure. The job waits for the store, as a claim does.
+    unavailable: StoreError | None = field(default=None)
 
     async def renew(self) -> None:
         """Push the lease's end `lease_s` further out; a lost claim is logged."""
@@ -59,12 +62,19 @@ class Lease:
         if self.inbox_open:  # (waiting for the connection it holds would wait for good)
             raise Permanent("ctx.transaction() inside ctx.transaction(): the first one is still open")
         self.inbox_open = True
+        handler_raised = False
         try:
             async with self.store.transaction(self.key, self.token, self.job_id, self.window_s) as handle:
-                yield handle
+                try:
+                    yield handle
+                except BaseException:
+                    handler_raised = True
+                    raise
                 self.ending = True  # the key completes, and the transaction commits, next
-        except BaseException:
+        except BaseException as exc:
             self.ending = False  # nothing completed: a claim still held is renewed as before
+            if isinstance(exc, StoreError) and not isinstance(exc, LeaseLost) and not handler_raised:
+                self.unavailable = exc
             raise
         finally:
             self.inbox_open = False
