@@ -22,7 +22,7 @@ from bridge import codec
 from bridge.config import MAX_CONCURRENCY, Settings
 from bridge.dlq import DeadLetters
 from bridge.envelope import LONGEST_S, MAX_INT, Envelope, now_ms, uuid7
-from bridge.errors import ConfigError, JobTooLarge, StoreError, utf8
+from bridge.errors import ConfigError, JobTooLarge, PublishUnconfirmed, StoreError, utf8
 from bridge.idempotency import DEFAULT_LEASE_S, DEFAULT_WINDOW_S, Store, default_url, enqueue_key, open_store
 from bridge.idempotency.sql import SqlStore
 from bridge.jobs import Handler, JobSpec
@@ -208,19 +208,16 @@ class Bridge:
             if earlier.confirmed:
                 return earlier.job_id
             await asyncio.sleep(PUBLISH_POLL_S)
-        try:
-            await transport.publish(outgoing)
-        except BaseException:
-            with suppress(StoreError):  # (it would hide why; the hold then ends by itself)
-                await store.forget(key, envelope.id)  # not published: the next enqueue must publish
-            raise
-        # Published: the confirmation goes on if this caller gives up now (a timeout around the
-        # enqueue), else the next enqueue of the key would publish again once the hold ended.
+        # The publish, and the key's record of how it ended, go on if this caller gives up (a
+        # timeout around the enqueue, a request cancelled): given up while the publish was out,
+        # the hold was removed, and the next enqueue of the key published the job again.
         window_s = spec.idempotency_ttl_s if spec else DEFAULT_WINDOW_S
-        confirming = asyncio.ensure_future(_confirm(store, key, envelope.id, window_s))
-        self._confirming.add(confirming)
-        confirming.add_done_callback(self._confirming.discard)
-        await asyncio.shield(confirming)
+        publishing = asyncio.ensure_future(
+            _publish_recorded(transport, store, key, outgoing, envelope.id, window_s)
+        )
+        self._confirming.add(publishing)
+        publishing.add_done_callback(self._confirming.discard)
+        await asyncio.shield(publishing)
         return envelope.id
 
     def enqueue(self, type: str, payload: Mapping[str, Any], **options: Any) -> str:
@@ -467,6 +464,23 @@ def _moment(
     if not -LONGEST_S <= (moment - now) / 1000 <= LONGEST_S:  # (as for after=: the envelope holds it)
         raise ConfigError(f"{at_name}= must be within 100 years of now, not {at.isoformat()}")
     return moment
+
+
+async def _publish_recorded(
+    transport: Transport, store: Store, key: str, outgoing: Outgoing, job_id: str, window_s: float
+) -> None:
+    """Publish the job enqueued under `key` with dedupe, and record that it was, or that it
+    was not (the next enqueue of the key must publish). One the broker may still take (not
+    confirmed in time) keeps its hold, which ends by itself after PUBLISH_HOLD_S."""
+    try:
+        await transport.publish(outgoing)
+    except PublishUnconfirmed:
+        raise
+    except BaseException:
+        with suppress(StoreError):  # (it would hide why; the hold then ends by itself)
+            await store.forget(key, job_id)
+        raise
+    await _confirm(store, key, job_id, window_s)
 
 
 async def _confirm(store: Store, key: str, job_id: str, window_s: float) -> None:

@@ -116,6 +116,11 @@ class PublishError(TransportError):
     """A publish that the broker did not acknowledge."""
 
 
+class PublishUnconfirmed(PublishError):
+    """A publish whose outcome is not known: the broker did not confirm it in time, or the
+    client closed first. The broker may still take it."""
+
+
 class PublishRefused(PublishError):
     """A publish the broker refused (RabbitMQ's nack): a queue at its length limit, or without
     a quorum. It may be taken later, once the queue drains or regains its quorum."""

@@ -27,7 +27,7 @@ import bridge.app
 from bridge import Bridge, JobContext, Permanent, testing
 from bridge.cli import _configure_logging
 from bridge.dlq import Selection
-from bridge.errors import ConfigError, PublishError, StoreError
+from bridge.errors import ConfigError, PublishError, PublishUnconfirmed, StoreError
 from bridge.idempotency import Claimed, Store, enqueue_key, open_store, run_key
 from bridge.idempotency.lease import Lease
 from bridge.idempotency.memory import MemoryStore
@@ -560,6 +560,58 @@ def test_a_dedupe_enqueue_given_up_after_its_publish_still_records_it(
             release.set()
             await app.enqueue_async("test.Echo", {"n": 2}, idempotency_key="k", dedupe=True, queue="q")
             assert len(testing.memory_transport(app).messages("q")) == 1
+
+    run(scenario(), timeout=20)
+
+
+@pytest.mark.parametrize("outcome", ["caller cancelled", "unconfirmed"])
+def test_a_dedupe_enqueue_whose_publish_may_have_landed_keeps_its_key_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str
+) -> None:
+    # Given an enqueue with dedupe whose job the broker has, When its caller gives up before
+    # the broker confirmed it, or the broker does not confirm it in time (it may still take
+    # it), Then the next enqueue of the key publishes nothing: it returns the first job's id
+    # once that publish is confirmed, or waits while the first one's hold lasts. (The hold was
+    # removed, and the next enqueue published the job a second time, and returned its id.)
+    app = sqlite_app(tmp_path)
+
+    async def scenario() -> None:
+        async with app:
+            transport = await app.transport()
+            publish, published, release = transport.publish, asyncio.Event(), asyncio.Event()
+
+            async def slow_confirm(message: Outgoing) -> None:
+                await publish(message)  # (the broker has it)
+                published.set()
+                if outcome == "unconfirmed":
+                    raise PublishUnconfirmed("not confirmed in time: it may still be published")
+                await release.wait()
+
+            monkeypatch.setattr(transport, "publish", slow_confirm)
+
+            async def enqueue() -> str:
+                return await app.enqueue_async(
+                    "test.Echo", {"n": 1}, idempotency_key="k", dedupe=True, queue="q"
+                )
+
+            first = asyncio.create_task(enqueue())
+            await asyncio.wait_for(published.wait(), 10)
+            monkeypatch.setattr(transport, "publish", publish)
+            if outcome == "caller cancelled":
+                first.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await first
+                release.set()
+                [job] = testing.waiting(app, "q")
+                assert await enqueue() == job.id
+            else:
+                with pytest.raises(PublishUnconfirmed):
+                    await first
+                second = asyncio.create_task(enqueue())
+                await asyncio.sleep(0.3)  # (what the second does while the first's hold lasts)
+                assert not second.done()
+                second.cancel()
+            assert len(testing.waiting(app, "q")) == 1
 
     run(scenario(), timeout=20)
 

@@ -44,7 +44,7 @@ from aio_pika.abc import (
 from aiormq.abc import DeliveredMessage
 
 from bridge.config import MAX_PREFETCH, Settings
-from bridge.errors import PublishError, PublishRefused, TransportError, safe_url
+from bridge.errors import PublishError, PublishRefused, PublishUnconfirmed, TransportError, safe_url
 from bridge.logs import REPEAT_WINDOW_S, Repeats
 from bridge.names import is_dead_letters
 from bridge.policy import tier_for
@@ -308,12 +308,12 @@ class RabbitTransport:
                 raise  # another wait inside it timed out, and says which
             last = f" (last: {failed[-1]})" if failed else ""
             if self._closing:
-                raise PublishError(
+                raise PublishUnconfirmed(
                     f"the RabbitMQ transport closed before RabbitMQ confirmed the publish to"
                     f" {message.queue}{last}: it may still be published",
                     retriable=False,
                 ) from (failed[-1] if failed else exc)
-            raise PublishError(
+            raise PublishUnconfirmed(
                 f"RabbitMQ did not confirm the publish to {message.queue} within {PUBLISH_TIMEOUT_S:g} s"
                 f"{last}: is it reachable, and not blocking publishers (a memory or disk alarm)? It"
                 " may still be published once RabbitMQ takes it"

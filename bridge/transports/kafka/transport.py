@@ -32,7 +32,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not in its 
 
 from bridge.config import Settings
 from bridge.envelope import iso_ms
-from bridge.errors import ConfigError, PublishError, TransportError
+from bridge.errors import ConfigError, PublishError, PublishUnconfirmed, TransportError
 from bridge.names import is_dead_letters
 from bridge.policy import tier_for
 from bridge.transports.base import (
@@ -1075,15 +1075,16 @@ def _resolve(future: asyncio.Future[None], err: KafkaError | None, topic: str) -
     if err is None:
         future.set_result(None)
         return
-    detail = err.str()
+    detail, error = err.str(), PublishError
     if err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):  # (by `close`)
-        detail = f"the client closed first; it may still be published ({detail})"
+        detail, error = f"the client closed first; it may still be published ({detail})", PublishUnconfirmed
     elif err.code() == KafkaError._MSG_TIMED_OUT:  # (librdkafka's own code for it)
         detail = (
             f"not taken within {PUBLISH_TIMEOUT_S:g} s: is Kafka reachable, and has the topic a "
             f"leader? It may still be published ({detail})"
         )
-    future.set_exception(PublishError(f"Kafka did not acknowledge a publish to {topic}: {detail}"))
+        error = PublishUnconfirmed
+    future.set_exception(error(f"Kafka did not acknowledge a publish to {topic}: {detail}"))
 
 
 def _unresolved(servers: str) -> str | None:
