@@ -191,11 +191,39 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
         # an outage without end: keyed jobs waited for good)
         (
             {"BRIDGE_IDEMPOTENCY": "redis://cache:6379/0?socket_timeout=0"},
-            ["its socket_timeout must be seconds above 0, not 0.0"],
+            ["its socket_timeout must be a number of seconds above 0, not 0.0"],
         ),
         (
             {"BRIDGE_IDEMPOTENCY": "postgresql://db/bridge?connect_timeout=0"},
-            ["its connect_timeout must be seconds above 0, not '0'"],
+            ["its connect_timeout must be a number of seconds above 0, not '0'"],
+        ),
+        # (libpq and redis-py find these only as they connect, or at each command: every claim
+        # failed, keyed jobs waited as in an outage without end, or went round the tiers with
+        # a traceback each time; redis-py took /abc for database 0)
+        (
+            {"BRIDGE_IDEMPOTENCY": "postgresql://db/bridge?connect_timeout=1e9999"},
+            ["its connect_timeout must be a number of seconds above 0, not '1e9999'"],
+        ),
+        (
+            {"BRIDGE_IDEMPOTENCY": "postgresql://db:abc/bridge"},
+            ["'postgresql://db:abc/bridge': its port must be"],
+        ),
+        (
+            {"BRIDGE_IDEMPOTENCY": "postgresql://db:99999/bridge"},
+            ["its port must be a number from 1 to 65535"],
+        ),
+        (
+            {"BRIDGE_IDEMPOTENCY": "postgresql://db/bridge?sslmode=always"},
+            ["its sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full, not"],
+        ),
+        (
+            {"BRIDGE_IDEMPOTENCY": "postgresql://db/bridge?target_session_attrs=rw"},
+            ["its target_session_attrs must be one of any, read-write"],
+        ),
+        ({"BRIDGE_IDEMPOTENCY": "redis://cache:6379/abc"}, ["its path must be a database number"]),
+        (
+            {"BRIDGE_IDEMPOTENCY": "redis://cache:6379/0?bogus=1"},
+            ["an option redis-py does not take", "'bogus'"],
         ),
         # (the default store in a folder that is a file: found at the first keyed job, which
         # waited for good)

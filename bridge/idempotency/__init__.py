@@ -19,13 +19,15 @@ contract (tests/test_idempotency.py runs it on each).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import re
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from bridge.errors import ConfigError, safe_url
 
@@ -239,10 +241,14 @@ def _unparsable(scheme: str, url: str) -> str | None:
     timeouts: dict[str, Any] = {}
     try:
         if scheme in ("redis", "rediss"):
-            from redis.connection import parse_url
+            from redis.asyncio import ConnectionPool
 
             ports = [str(urlsplit(url).port)]  # (redis-py takes port 0 for none: 6379)
-            options = parse_url(url)  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
+            if not re.fullmatch(r"/?\d*", unquote(urlsplit(url).path)):  # (redis-py took /abc for 0)
+                return "its path must be a database number (redis://host:6379/0), or none"
+            pool = ConnectionPool.from_url(url)
+            pool.make_connection()  # type: ignore[no-untyped-call]  # (no I/O; TypeError: an option it lacks)
+            options = pool.connection_kwargs
             timeouts = {name: options[name] for name in REDIS_TIMEOUTS if name in options}
         elif scheme in ("postgresql", "postgres"):
             from psycopg.conninfo import conninfo_to_dict
@@ -251,23 +257,35 @@ def _unparsable(scheme: str, url: str) -> str | None:
             ports = str(options.get("port", "")).split(",")  # (one per host)
             if "connect_timeout" in options:
                 timeouts["connect_timeout"] = options["connect_timeout"]
+            for name, allowed in LIBPQ_CHOICES.items():  # (libpq checks them only as it connects)
+                if name in options and options[name] not in allowed:
+                    return f"its {name} must be one of {', '.join(allowed)}, not {options[name]!r}"
     except ImportError:  # (found only at the first keyed job, it sent each round the tiers for good)
         return _needs("redis", "redis") if scheme.startswith("redis") else _needs("psycopg", "postgres")
     except Exception as exc:  # ValueError from redis or urlsplit, ProgrammingError from psycopg
-        return str(exc)
-    if "0" in ports:
+        return str(exc) if not isinstance(exc, TypeError) else f"an option redis-py does not take ({exc})"
+    if any(port and not (port.isdigit() and 1 <= int(port) <= 65535) for port in ports):
+        # (libpq checks a port only as it connects: every claim failed, as in an outage)
         return "its port must be a number from 1 to 65535"
     for name, value in timeouts.items():
         # (0 or less: libpq waited for a connection without end, and redis-py's every read
         # timed out at once, an outage that never ended: keyed jobs waited for good)
-        if value is not None and not _above_zero(value):
-            return f"its {name} must be seconds above 0, not {value!r}"
+        if value is not None and not _seconds(value):
+            return f"its {name} must be a number of seconds above 0, not {value!r}"
     return None
 
 
-def _above_zero(value: Any) -> bool:
+# Options libpq takes only from a list, and checks only as it connects (libpq 17's).
+LIBPQ_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
+}
+
+
+def _seconds(value: Any) -> bool:
+    """Whether `value` is a finite number above 0 (psycopg refused 1e9999 as it connected)."""
     try:
-        return float(value) > 0
+        return 0 < float(value) < math.inf
     except (TypeError, ValueError):
         return False
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from bridge.errors import LeaseLost, StoreError, safe_url
 from bridge.idempotency import DONE, RUNNING, SETTLED, Busy, Claim, Claimed, Done, Enqueued, Record, new_token
@@ -146,8 +146,8 @@ class RedisStore:
             memory = await self._redis.info("memory")
         except ResponseError as exc:  # INFO not allowed here (some hosted Redis): no warning
             log.info("idempotency store %s: could not read its eviction policy: %s", safe_url(self.url), exc)
-        except (RedisError, OSError):  # no answer: the pipeline after it says so; look again next time
-            return
+        except Exception:  # no answer (or no connection made): the pipeline after it says so as a
+            return  # StoreError; look again next time
         else:
             policy, limit = memory.get("maxmemory_policy"), int(memory.get("maxmemory", 0))
             if limit and policy not in (None, "noeviction"):  # (a server like Redis may not say)
