@@ -558,6 +558,41 @@ def test_delay_longer_than_the_largest_tier_hops(make_app: Callable[..., Bridge]
     assert app.stats.delayed >= 2, app.stats
 
 
+def test_kafka_jobs_waiting_in_a_tier_the_settings_no_longer_name_still_run(
+    brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a job delayed 6 s by an app whose tiers are 1 s and 5 s (it waits in the 5 s one),
+    # When workers whose tiers are 1 s and 2 s consume in burst mode, Then they forward it
+    # from the 5 s tier when it is due and run it, and say that the tier is not in their
+    # settings. (They read only their own tiers: the job waited in the 5 s tier until its
+    # retention deleted it, and the burst run ended at once.)
+    prefix = names.prefix()
+
+    def app(tiers: str) -> Bridge:
+        return Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers=tiers,
+                      partitions=1, group=f"g-{uuid.uuid4().hex[:12]}")  # fmt: skip
+
+    before, after = app("1s,5s"), app("1s,2s")
+    runs: list[float] = []
+
+    @after.job("test.Echo", queue=queue)
+    async def timed(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(time.time() - ctx.created_at_ms / 1000)
+
+    async def enqueue() -> None:
+        async with before:
+            await before.apply_topology([queue])
+            await before.enqueue_async("test.Echo", {"n": 1}, queue=queue, delay=6)
+
+    run(enqueue())
+    with caplog.at_level(logging.WARNING, logger="bridge.kafka"):
+        run(enqueue_and_drain(after), timeout=90)
+    [waited] = runs
+    assert 6.0 - 0.01 <= waited <= 8.0, waited
+    said = [r.getMessage() for r in caplog.records if f"{prefix}.delay.5s" in r.getMessage()]
+    assert len(said) == 1 and "not in delay_tiers" in said[0], said
+
+
 def test_expired_job_is_dead_lettered_not_run(make_app: Callable[..., Bridge], queue: str) -> None:
     # Given a job delayed 2 s with a 1 s time to live, Then it is dead-lettered `expired`, never run.
     app = make_app()

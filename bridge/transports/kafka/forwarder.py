@@ -44,6 +44,7 @@ class DelayForwarder:
         self.transport = transport
         self.group = group
         self.delay_ms = {topic: round(tier_s * 1000) for tier_s, topic in transport._tiers.items()}
+        self.delay_ms |= {topic: round(tier_s * 1000) for topic, tier_s in transport._retired_tiers.items()}
         self.consumer: Consumer | None = None
         self.waiting: dict[tuple[str, int], int] = {}  # paused partition -> when its head is due
         # A partition's head stamped in the future: its offset, and when this forwarder first saw it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 import time
@@ -34,7 +35,7 @@ from bridge.config import Settings
 from bridge.envelope import iso_ms
 from bridge.errors import ConfigError, PublishError, PublishUnconfirmed, TransportError
 from bridge.names import is_dead_letters
-from bridge.policy import tier_for
+from bridge.policy import parse_duration, tier_for, tier_name
 from bridge.transports.base import (
     PUBLISH_TIMEOUT_S,
     BurstWait,
@@ -127,6 +128,9 @@ class KafkaTransport:
         self._backlog: deque[Message] = deque()  # fetched while every slot was busy
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
         self._tier_names = tier_names(settings.prefix)
+        # Tier topics of the prefix that `delay_tiers` does not name (an earlier setting's, or a
+        # producer's with other tiers), each with its wait: their jobs are forwarded too.
+        self._retired_tiers: dict[str, float] = {}
         self._forwarder: DelayForwarder | None = None
         self._burst_wait = BurstWait(settings.prefix)  # (says what a burst run waits for)
         self._forwarding: asyncio.Task[None] | None = None  # the forwarder's run, this round
@@ -346,6 +350,7 @@ class KafkaTransport:
             await self._require_topics_soon([*queues, *self._tiers.values()])
             await self._warn_if_too_small([*queues, *self._tiers.values()])
             await require_internal_topics(self._common, self._topics)
+            self._retired_tiers = self._tiers_not_named(self._topics)
             restarting = False  # a round ended in a failed transaction: consume was up and running
             while True:
                 try:
@@ -719,6 +724,24 @@ class KafkaTransport:
         if assignment:
             (consumer.pause if pause else consumer.resume)(assignment)
         return pause
+
+    def _tiers_not_named(self, topics: Collection[str]) -> dict[str, float]:
+        """The tier topics among `topics` that `delay_tiers` does not name, each with its wait,
+        said once each. Left unread, the jobs waiting there (put there before the tiers were
+        changed, or by a producer with other tiers) were never run, and went at retention."""
+        named = set(self._tiers.values())
+        pattern = re.compile(rf"{re.escape(self.settings.prefix)}\.delay\.(\d+(?:ms|s|m|h|d))")
+        found = {
+            t: parse_duration(m[1]) for t in sorted(topics) if (m := pattern.fullmatch(t)) and t not in named
+        }
+        for topic in found.keys() - self._retired_tiers.keys():
+            tiers = ", ".join(tier_name(tier_s) for tier_s in self._tiers)
+            log.warning(
+                "delay tier topic %s is not in delay_tiers (%s): the jobs waiting there are forwarded"
+                " when due all the same; delete the topic once it is empty, if no producer uses it",
+                topic, tiers,
+            )  # fmt: skip
+        return found
 
     async def _drained(self, consumer: Consumer, queues: Sequence[str]) -> bool:
         """Whether the group has read every partition of `queues` to its end.
