@@ -61,8 +61,9 @@ def utf8(text: str) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    """`exc` as `Type: message`, for dead letters' details."""
-    return f"{type(exc).__name__}: {message_of(exc)}"
+    """`exc` as `Type: message` (or `Type`, with no message), for dead letters' details."""
+    message = message_of(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 class BridgeError(Exception):
@@ -147,9 +148,14 @@ class DevError(BridgeError):
 
 
 class Retry(Exception):
-    """Raised by a handler to ask for another attempt after `delay_s` seconds."""
+    """Raised by a handler to ask for another attempt after `delay_s` seconds (None: the job
+    type's backoff). `Retry("rate limited")` is a reason, as in Dramatiq: with the delay first,
+    it was compared as one, and the job was dead-lettered."""
 
-    def __init__(self, delay_s: float | timedelta | None = None, reason: str = "") -> None:
+    def __init__(self, delay_s: float | timedelta | str | None = None, reason: str = "") -> None:
+        if isinstance(delay_s, str):
+            reason = reason or delay_s
+            delay_s = None
         if isinstance(delay_s, timedelta):  # (as enqueue's `delay=` takes; compared, it failed the job)
             delay_s = delay_s.total_seconds()
         super().__init__(reason or f"retry requested (delay_s={delay_s})")
@@ -157,8 +163,9 @@ class Retry(Exception):
 
 
 class Permanent(Exception):
-    """Raised by a handler when retrying cannot help; the job is dead-lettered at once."""
+    """Raised by a handler when retrying cannot help; the job is dead-lettered at once.
+    (`raise Permanent`, with no reason, too: it raised TypeError, which was retried.)"""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str = "") -> None:
         super().__init__(reason)
         self.reason = reason

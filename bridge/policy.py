@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tenacity import RetryCallState, wait_exponential_jitter, wait_fixed
+from tenacity import RetryCallState, wait_exponential, wait_fixed, wait_random
 from tenacity.wait import wait_base
 
 from bridge.envelope import LONGEST_S, MAX_INT
@@ -25,7 +25,9 @@ from bridge.errors import ConfigError, Permanent, Retry, describe
 Backoff = wait_base | Callable[[int], float]  # a tenacity wait, or attempt -> seconds
 
 DEFAULT_MAX_ATTEMPTS = 5
-DEFAULT_BACKOFF = wait_exponential_jitter(multiplier=2, max=600, exp_base=2, jitter=2)
+# (The jitter after the cap: tenacity's wait_exponential_jitter adds it before, so from the 10th
+# attempt on every retry waited exactly 600 s, in lockstep.)
+DEFAULT_BACKOFF = wait_exponential(multiplier=2, max=600, exp_base=2) + wait_random(0, 2)
 MAX_ERRORS_KEPT = 10
 DEFAULT_TIERS_S = (1, 5, 30, 120, 600, 3600, 21600)
 # The largest attempt a backoff is asked about. An envelope may say any attempt up to 2**31 - 1,

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bridge.worker")
 TRACEBACK_CHARS = 2000
+TRACEBACK_PART_CHARS = 400  # a frame, or an exception's line with its message
 DETAIL_CHARS = 2000  # of a dead letter's detail
 TEST_CLOCK_STEP_S = 0.01  # how often a wait looks at an app clock that is not the real one
 SCHEMA_FETCH_S = 30.0  # a job waits this long for the registry to answer for a new schema id
@@ -428,6 +429,10 @@ class Worker:
             else:
                 await self._in_thread(spec, payload, ctx, lease)
         except Exception as exc:
+            if _cancelled_here():  # the worker stops, and the handler made its cancellation
+                # into another error (a wrapper's, a cleanup's): cut off, it runs again, at the
+                # same attempt. (Taken for its failure, it spent an attempt, or dead-lettered it.)
+                raise asyncio.CancelledError from exc
             return self._outcome_of_failure(spec, envelope, exc, delivery, lease)
         except asyncio.CancelledError as exc:
             if _cancelled_here():  # the worker stops
@@ -568,7 +573,13 @@ class Worker:
 
 
 def _job_error(attempt: int, exc: BaseException, now: int) -> JobError:
-    trace = utf8("".join(traceback.format_exception(exc, limit=-8))[-TRACEBACK_CHARS:])
+    # Each part cut to TRACEBACK_PART_CHARS: a message of 2,000 characters (an HTTP error's
+    # body, an SQL statement) filled the whole traceback, and pushed out every frame.
+    parts = traceback.TracebackException.from_exception(exc, limit=-8).format()
+    whole = "".join(
+        part if len(part) <= TRACEBACK_PART_CHARS else f"{part[:TRACEBACK_PART_CHARS]}...\n" for part in parts
+    )
+    trace = utf8(whole[-TRACEBACK_CHARS:])
     return JobError(attempt, now, type(exc).__qualname__, message_of(exc)[:TRACEBACK_CHARS], trace)
 
 

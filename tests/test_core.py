@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, KafkaError, Producer
 
 from bridge.config import Settings
 from bridge.envelope import uuid7
-from bridge.errors import ConfigError, PublishError, Retry, safe_url
+from bridge.errors import ConfigError, Permanent, PublishError, Retry, safe_url
 from bridge.logs import MAX_KINDS, OneLine, Repeats
 from bridge.policy import (
     DEFAULT_BACKOFF,
@@ -35,7 +35,7 @@ from bridge.transports.kafka.common import client_text
 from bridge.transports.kafka.returns import Gate
 from bridge.transports.kafka.transport import _resolve
 from bridge.transports.offsets import OffsetTracker
-from bridge.worker import Stats
+from bridge.worker import Stats, _job_error
 from tests.brokerio import free_port_pair
 from tests.conftest import run
 
@@ -342,6 +342,48 @@ def test_a_backoff_is_asked_about_an_attempt_no_larger_than_it_can_cost() -> Non
     assert asked == [MAX_BACKOFF_ATTEMPT]
     delay_ms = decide(RetryPolicy(backoff=DEFAULT_BACKOFF), RuntimeError("x"), 2**31 - 2, 2**31 - 1, 0)
     assert isinstance(delay_ms, RetryAt) and 600_000 <= delay_ms.run_at <= 602_000
+
+
+def test_the_default_backoff_keeps_its_jitter_past_its_cap() -> None:
+    # Given a job that keeps failing, its retries past the 10-minute cap still wait from 600 to
+    # 602 s, each its own. (tenacity's wait_exponential_jitter adds the jitter before the cap:
+    # from the 10th attempt on every retry waited exactly 600 s, in lockstep.)
+    policy = RetryPolicy(max_attempts=100, backoff=DEFAULT_BACKOFF)
+    waits = [decide(policy, RuntimeError("x"), 20, None, 0) for _ in range(50)]
+    assert all(isinstance(wait, RetryAt) and 600_000 <= wait.run_at <= 602_000 for wait in waits)
+    assert len(set(waits)) > 1, waits
+    first = decide(policy, RuntimeError("x"), 1, None, 0)
+    assert isinstance(first, RetryAt) and 2_000 <= first.run_at <= 4_000
+
+
+def test_a_bare_permanent_gives_up_and_a_retry_given_a_reason_takes_the_backoff() -> None:
+    # `raise Permanent` (no reason) raised TypeError, which was retried; `Retry("rate limited")`
+    # took the reason for the delay, and dead-lettered the job as its policy failing.
+    policy = RetryPolicy(backoff=fixed(7))
+    assert decide(policy, Permanent(), 1, None, 0) == GiveUp("permanent", "Permanent")
+    retry = Retry("rate limited")
+    assert retry.delay_s is None and str(retry) == "rate limited"
+    assert decide(policy, retry, 1, None, 0) == RetryAt(7000)
+    assert Retry(3, "slow down").delay_s == 3 and Retry(timedelta(seconds=2)).delay_s == 2.0
+
+
+def test_a_long_exception_message_leaves_the_frames_in_the_stored_traceback() -> None:
+    # Given an exception whose message is 2,500 characters (an HTTP error's body), raised
+    # three calls deep, Then its stored traceback still names each frame, within 2,000
+    # characters, and the message is kept apart. (The message filled the traceback: no frame.)
+    def charge() -> None:
+        raise RuntimeError("upstream said: " + "x" * 2500)
+
+    def through() -> None:
+        charge()
+
+    try:
+        through()
+    except RuntimeError as exc:
+        error = _job_error(1, exc, 0)
+    assert error.traceback is not None and len(error.traceback) <= 2000
+    assert "in through" in error.traceback and "in charge" in error.traceback
+    assert error.message.startswith("upstream said: xxx") and len(error.message) == 2000
 
 
 def test_a_tenacity_wait_that_looks_at_the_exception_chooses_the_delay() -> None:

@@ -593,6 +593,42 @@ def test_kafka_jobs_waiting_in_a_tier_the_settings_no_longer_name_still_run(
     assert len(said) == 1 and "not in delay_tiers" in said[0], said
 
 
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_a_job_whose_handler_turns_the_stop_into_another_error_runs_again_at_its_attempt(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given a job allowed one attempt, whose handler turns its cancellation into another error
+    # (a wrapper's, a cleanup that fails), When its worker stops past a 0.2 s grace period while
+    # it runs, Then the job is delivered again and runs at attempt 1, and nothing is
+    # dead-lettered. (The error was taken for its failure: with one attempt, a routine stop
+    # dead-lettered it `exhausted`.)
+    app = make_app(grace_s=0.2)
+    stop = asyncio.Event()
+    attempts: list[int] = []
+
+    @app.job("test.Echo", queue=queue, max_attempts=1)
+    async def wrapping(payload: dict[str, Any], ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        if len(attempts) > 1:
+            return
+        stop.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError as exc:
+            raise RuntimeError("the charge was interrupted") from exc
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            await app.enqueue_async("test.Echo", {"n": 1})
+            await app.consume(stop=stop)
+            await app.consume(burst=True)
+
+    run(scenario(), timeout=60)
+    assert attempts == [1, 1]
+    assert dead_letters(app, queue) == []
+
+
 def test_expired_job_is_dead_lettered_not_run(make_app: Callable[..., Bridge], queue: str) -> None:
     # Given a job delayed 2 s with a 1 s time to live, Then it is dead-lettered `expired`, never run.
     app = make_app()
