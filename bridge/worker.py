@@ -52,7 +52,7 @@ from bridge.idempotency.outage import Outage
 from bridge.jobs import JobContext, JobSpec
 from bridge.policy import Decision, GiveUp, decide, keep_recent, tier_for
 from bridge.registry import DEAD_LETTER, ENVELOPE
-from bridge.transports.base import Delivery, Outgoing, Transport, dlq_name
+from bridge.transports.base import Delivery, Outgoing, Transport, cancelled_here, dlq_name
 
 if TYPE_CHECKING:
     from bridge.app import Bridge
@@ -374,7 +374,7 @@ class Worker:
         try:
             outcome = await self._run(spec, payload, envelope, delivery, lease)
         except asyncio.CancelledError:
-            if _cancelled_here() and not lease.outlived:  # cut off by a stop: it runs again
+            if cancelled_here() and not lease.outlived:  # cut off by a stop: it runs again
                 self._finish_later(lease, False)  # (held, its copy waited for the lease's end)
             raise
         finally:
@@ -383,7 +383,7 @@ class Worker:
         try:
             await lease.finish(succeeded=not outcome)
         except asyncio.CancelledError:
-            if _cancelled_here():  # the grace period ended while the key was being recorded
+            if cancelled_here():  # the grace period ended while the key was being recorded
                 # (Cut off, a success whose key the store did not take yet, waiting out an
                 # outage, ran again once the claim lapsed. The first try may have landed.)
                 self._finish_later(lease, not outcome, again=True)
@@ -429,13 +429,13 @@ class Worker:
             else:
                 await self._in_thread(spec, payload, ctx, lease)
         except Exception as exc:
-            if _cancelled_here():  # the worker stops, and the handler made its cancellation
+            if cancelled_here():  # the worker stops, and the handler made its cancellation
                 # into another error (a wrapper's, a cleanup's): cut off, it runs again, at the
                 # same attempt. (Taken for its failure, it spent an attempt, or dead-lettered it.)
                 raise asyncio.CancelledError from exc
             return self._outcome_of_failure(spec, envelope, exc, delivery, lease)
         except asyncio.CancelledError as exc:
-            if _cancelled_here():  # the worker stops
+            if cancelled_here():  # the worker stops
                 raise
             # The handler's own: it awaited something that another task cancelled (or, in a
             # thread, a cancelled concurrent future). A failure like any other, to retry.
@@ -485,10 +485,10 @@ class Worker:
         try:
             result = await asyncio.wrap_future(running)
         except asyncio.CancelledError:
-            if lease is None and _cancelled_here() and running.running():
+            if lease is None and cancelled_here() and running.running():
                 self._unkeyed_outliving.add(running)  # (the process cannot exit before it ends: said at stop)
                 running.add_done_callback(self._unkeyed_outliving.discard)
-            if lease is not None and _cancelled_here() and not running.cancelled():
+            if lease is not None and cancelled_here() and not running.cancelled():
                 lease.outlived = True
                 self._outliving.add(running)
                 loop = asyncio.get_running_loop()
@@ -592,13 +592,6 @@ def _in_a_thread(func: Callable[[Any, JobContext], Any], payload: Any, ctx: JobC
         return func(payload, ctx)
     except (StopIteration, GeneratorExit) as exc:
         raise RuntimeError(f"the handler raised {type(exc).__name__}: {exc}") from exc
-
-
-def _cancelled_here() -> bool:
-    """Whether the running task was asked to stop (`task.cancel()`), rather than a
-    CancelledError having come out of what it awaited."""
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0
 
 
 def _key(envelope: Envelope, delivery: Delivery) -> str | bytes | None:

@@ -270,6 +270,76 @@ def test_an_enqueue_while_rabbitmq_is_unreachable_waits_for_it(
     assert [envelope["id"] for envelope in found] == ids
 
 
+def test_an_enqueue_out_when_the_network_stalls_waits_for_rabbitmq_and_goes_through(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given an app connected to RabbitMQ through a proxy, with 1 s heartbeats,
+    # When the network stalls (nothing passes, nothing closes) with an enqueue out, until the
+    # client finds the connection stuck and closes it (about 6 s), and then heals,
+    # Then the enqueue goes through once RabbitMQ is reachable again. (aiormq cancels what waits
+    # on a connection it finds stuck: the enqueue raised CancelledError, which no one had asked
+    # for; a worker's retry went unpublished, its delivery unacknowledged for 30 minutes.)
+    async def scenario() -> tuple[str, list[dict[str, Any]]]:
+        async with FlakyProxy(brokers["rabbitmq"]) as proxy:
+            app = own_app(proxy.url + "?heartbeat=1")
+            async with app:
+                await topology_made_elsewhere(app, [queue])
+                await app.enqueue_async("test.Echo", {"n": 0}, queue=queue)
+                connection = (await app.transport())._connection  # type: ignore[attr-defined]
+                proxy.stall()
+                enqueue = asyncio.create_task(app.enqueue_async("test.Echo", {"n": 1}, queue=queue))
+                while connection.connected.is_set():  # (until the client finds it stuck)
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)
+                assert not enqueue.done(), f"the enqueue ended while RabbitMQ was unreachable: {enqueue}"
+                proxy.heal()
+                job_id = await enqueue
+            return job_id, await asyncio.to_thread(envelopes_in, app, queue)
+
+    job_id, found = run(scenario(), timeout=60)
+    assert job_id in [envelope["id"] for envelope in found]
+
+
+def test_a_stop_while_the_network_stalls_ends_within_its_grace_period_and_raises_nothing(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a worker consuming through a proxy, with 1 s heartbeats, one job running,
+    # When the network stalls (nothing passes, nothing closes) and the worker is stopped with a
+    # 0.5 s grace period, Then consume returns, raising nothing, before the client finds the
+    # connection stuck (about 6 s). (The stop waited for the consumer's cancel to be answered
+    # until then, starting prefetched jobs meanwhile, and then raised CancelledError.)
+    stop, running = asyncio.Event(), asyncio.Event()
+
+    async def scenario() -> tuple[float, bool]:
+        async with FlakyProxy(brokers["rabbitmq"]) as proxy:
+            app = Bridge(broker=proxy.url + "?heartbeat=1", registry=str(SCHEMAS), prefix=names.prefix(),
+                         delay_tiers="1s", grace_s=0.5)  # fmt: skip
+
+            @app.job("test.Echo", queue=queue)
+            async def slow(payload: dict[str, Any], ctx: JobContext) -> None:
+                running.set()
+                await asyncio.sleep(30)
+
+            async with app:
+                await topology_made_elsewhere(app, [queue])
+                consuming = asyncio.create_task(app.consume(concurrency=1, stop=stop))
+                for n in range(3):  # (once it consumes: the first one it is given by its consumer)
+                    await app.enqueue_async("test.Echo", {"n": n}, queue=queue)
+                await asyncio.wait_for(running.wait(), 30)
+                proxy.stall()
+                began = time.monotonic()
+                stop.set()
+                await consuming
+                took = time.monotonic() - began
+                connection = (await app.transport())._connection  # type: ignore[attr-defined]
+                still_up = connection.connected.is_set()  # (not yet found stuck)
+                proxy.heal()
+            return took, still_up
+
+    took, still_up = run(scenario(), timeout=60)
+    assert took < 5 and still_up, took
+
+
 def test_closing_an_app_lets_its_enqueues_be_confirmed_and_ends_one_waiting_for_rabbitmq_saying_so(
     brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -361,6 +431,35 @@ def test_a_consumer_whose_queue_is_deleted_stops_with_an_error(brokers: dict[str
 
     with pytest.raises(TransportError, match=f"ended the consumer of {queue}; was it deleted"):
         run(scenario())
+
+
+def test_a_consumer_whose_queue_is_deleted_while_rabbitmq_is_unreachable_stops_with_an_error(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a consumer (through a proxy) that has run a job,
+    # When the proxy cuts it off, its queue is deleted, and the proxy heals,
+    # Then consume raises one clear error naming the queue once the connection is back. (The
+    # robust channel declared the queue again at every reconnect, which failed for good: the
+    # worker consumed none of its queues, saying nothing but aio-pika's tries, every 30 s.)
+    run(publish(brokers["rabbitmq"], queue, 1))
+
+    async def scenario() -> None:
+        async with FlakyProxy(brokers["rabbitmq"]) as proxy:
+            app = Bridge(broker=proxy.url, registry=str(SCHEMAS))
+            ran = signalling(app, queue)
+            async with app:
+                consuming = asyncio.create_task(app.consume())
+                await asyncio.wait_for(ran.wait(), 30)
+                connection = (await app.transport())._connection  # type: ignore[attr-defined]
+                proxy.cut(None)
+                while connection.connected.is_set():  # (until the client sees the loss)
+                    await asyncio.sleep(0.01)
+                await delete_rabbitmq_queue(brokers["rabbitmq"], queue)
+                proxy.heal()
+                await asyncio.wait_for(consuming, 30)
+
+    with pytest.raises(TransportError, match=f"ended the consumer of {queue}; was it deleted"):
+        run(scenario(), timeout=60)
 
 
 def test_a_returned_publish_fails_itself_not_another_in_flight(brokers: dict[str, str], queue: str) -> None:

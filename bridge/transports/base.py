@@ -55,6 +55,14 @@ Process = Callable[[Delivery], Awaitable[None]]
 Decide = Callable[[bytes, str | bytes | None], Awaitable[Sequence["Outgoing"] | None]]
 
 
+def cancelled_here() -> bool:
+    """Whether the running task was asked to stop (`task.cancel()`), rather than a
+    CancelledError having come out of what it awaited (aiormq cancels the calls waiting on a
+    connection it finds stuck, for one)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 def unheard() -> None:
     """A sweep's `removed` when nobody asks."""
 

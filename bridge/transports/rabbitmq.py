@@ -57,6 +57,7 @@ from bridge.transports.base import (
     Outgoing,
     Process,
     SweepStopped,
+    cancelled_here,
     dlq_name,
     tier_names,
     tier_queue,
@@ -328,8 +329,9 @@ class RabbitTransport:
         channel = self._channel  # (the one to wait on, even if close() lets go of it meanwhile)
         assert channel is not None, "publish() before connect()"
         while True:
-            await channel.ready()
             try:
+                with _not_cancelled_by_aiormq(f"publish to {message.queue} not confirmed"):
+                    await channel.ready()
                 await self._publish(message)
                 return
             except PublishError as exc:
@@ -339,6 +341,10 @@ class RabbitTransport:
             await asyncio.sleep(RECONNECT_POLL_S)  # (the channel may not know yet that it is lost)
 
     async def _publish(self, message: Outgoing) -> None:
+        with _not_cancelled_by_aiormq(f"publish to {message.queue} not confirmed"):
+            await self._publish_confirmed(message)
+
+    async def _publish_confirmed(self, message: Outgoing) -> None:
         assert self._channel is not None, "publish() before connect()"
         if self._max_message_size is not None and len(message.body) > self._max_message_size:
             raise self._too_large(message, self._max_message_size)
@@ -514,8 +520,9 @@ class RabbitTransport:
                     await incoming.channel.basic_nack(incoming.delivery_tag, requeue=True)
             raise
         try:
-            await incoming.channel.basic_ack(incoming.delivery_tag)
-        except GONE as exc:
+            with _not_cancelled_by_aiormq("ack not sent"):
+                await incoming.channel.basic_ack(incoming.delivery_tag)
+        except (*GONE, PublishError) as exc:
             # The channel it came on is gone: the broker delivers it again (at least once).
             log.warning("ack lost for a delivery from %s (%r); it will be redelivered", delivery.queue, exc)
 
@@ -636,24 +643,33 @@ class RabbitTransport:
             underlay.on_consumer_cancel_callbacks.add(on_cancel)
             consumers.clear()
             for name in queues:
-                consume_ok = await underlay.basic_consume(name, on_message_from(name))
+                try:
+                    consume_ok = await underlay.basic_consume(name, on_message_from(name))
+                except aiormq.exceptions.ChannelNotFoundEntity:  # deleted, maybe while the
+                    cancelled.append(name)  # connection was down: stop, and say so (after a
+                    stop.set()  # reconnect the worker went on, consuming nothing, for good)
+                    return
                 consumers.append((name, underlay, consume_ok.consumer_tag))
 
         async def unsubscribe() -> None:
             channel.reopen_callbacks.discard(subscribe)
             # On the channel they were made on: the robust channel's own would first wait for a
-            # lost connection to come back.
-            for _, underlay, tag in consumers:
-                with _ignored():
-                    if tag is not None:
-                        await underlay.basic_cancel(tag)
+            # lost connection to come back. Within CHANNEL_CLOSE_TIMEOUT_S in all: on a network
+            # that stalled, a stop waited for the client to find the connection stuck (a
+            # minute and more), starting prefetched jobs meanwhile, past its grace period.
+            with _ignored():
+                async with asyncio.timeout(CHANNEL_CLOSE_TIMEOUT_S):
+                    for _, underlay, tag in consumers:
+                        with _ignored():
+                            if tag is not None:
+                                await underlay.basic_cancel(tag)
             consumers.clear()
 
         try:
             # The delay tiers too, as on Kafka: a job that needs a missing one would stop the
             # worker later, mid-run, and a burst consume could not count what waits in it.
             for name in [*queues, *self._tiers.values()]:
-                await self._existing_queue(channel, name)
+                await self._require_existing(channel, name)
             while not stop.is_set():
                 await self._take_returns(channel, queues, start, stop)
                 if stop.is_set():
@@ -680,7 +696,8 @@ class RabbitTransport:
             if late:
                 log.warning("%d jobs did not finish within %ss; they will run again", late, grace_s)
             with _ignored():
-                await channel.close()
+                async with asyncio.timeout(CHANNEL_CLOSE_TIMEOUT_S):
+                    await channel.close()
 
     async def _take_returns(
         self,
@@ -733,7 +750,9 @@ class RabbitTransport:
                 raise TransportError(
                     f"a RabbitMQ queue is gone ({exc}): run `bridge topology apply`", retriable=False
                 ) from exc
-            except GONE as exc:
+            except (*GONE, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and cancelled_here():
+                    raise  # (else aiormq's, as it closed a connection it found stuck)
                 log.debug("RabbitMQ channel not back yet: %r", exc)
                 with suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), RECONNECT_INTERVAL_S)
@@ -742,6 +761,14 @@ class RabbitTransport:
     async def _existing_queue(self, channel: AbstractChannel, name: str) -> AbstractQueue:
         with _mapped(f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False):
             return await channel.declare_queue(name, passive=True)
+
+    async def _require_existing(self, channel: AbstractChannel, name: str) -> None:
+        """TransportError unless queue `name` exists. Asked on the aiormq channel: a robust
+        channel keeps what was declared on it, and declares it again at every reconnect, so a
+        queue deleted while the connection was down failed every reconnect, for good, and
+        the worker consumed none of its queues, saying nothing but aio-pika's retries."""
+        with _mapped(f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False):
+            await (await channel.get_underlay_channel()).queue_declare(name, passive=True)
 
     async def _wait(
         self,
@@ -1075,7 +1102,28 @@ def _lost(what: str) -> Iterator[None]:
 
 
 @contextmanager
-def _ignored() -> Iterator[None]:
-    """For best-effort cleanup on a channel that may already be gone."""
-    with suppress(TimeoutError, aiormq.exceptions.AMQPError, OSError, RuntimeError):
+def _not_cancelled_by_aiormq(what: str) -> Iterator[None]:
+    """A CancelledError that no one asked this task for as a retriable PublishError saying
+    `what`: aiormq cancels the calls that wait on a connection it finds stuck (no heartbeat for
+    three intervals; a network that drops packets). Taken for a stop, a worker's retry went
+    unpublished, its delivery unacknowledged on a channel that lived on, for 30 minutes; an
+    enqueue raised CancelledError instead of waiting for the connection to come back."""
+    try:
         yield
+    except asyncio.CancelledError as exc:
+        if cancelled_here():
+            raise
+        raise PublishError(f"{what}: the connection to RabbitMQ was found stuck, and closed") from exc
+
+
+@contextmanager
+def _ignored() -> Iterator[None]:
+    """For best-effort cleanup on a channel that may already be gone (and a call that aiormq
+    cancelled as it closed a connection it found stuck: not a cancellation of this task)."""
+    try:
+        yield
+    except (TimeoutError, aiormq.exceptions.AMQPError, OSError, RuntimeError):
+        pass
+    except asyncio.CancelledError:
+        if cancelled_here():
+            raise
