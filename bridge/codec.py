@@ -598,6 +598,8 @@ def inline_named_types(schema: Any, defined: dict[str, Any]) -> dict[str, Any]:
             seen.add(full)
             out["name"], namespace = full, full.rpartition(".")[0] or None
             out.pop("namespace", None)
+            if namespace is None:  # the null namespace, said so: an undotted name alone would be
+                out["namespace"] = ""  # read in the enclosing one (Java's fingerprint differed)
         if "fields" in node:
             out["fields"] = [{**f, "type": walk(f["type"], namespace)} for f in node["fields"]]
         for key in ("items", "values"):

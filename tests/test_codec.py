@@ -92,6 +92,26 @@ def test_fingerprints_match_the_avro_specification() -> None:
     assert ENVELOPE_SCHEMA.canonical == fastavro_form
 
 
+def test_a_nested_record_in_the_null_namespace_has_javas_fingerprint(tmp_path: Path) -> None:
+    # Given a record in namespace rv holding a record declared `"namespace": ""`, which holds
+    # one with no namespace (so in the null one too), Then its fingerprint is the one Java's
+    # SchemaNormalization and Node's avsc give (helper-76 computed it with both). (bridge read
+    # the two nested names in namespace rv: a job that Java or Node wrote with such a payload
+    # was dead-lettered `unknown_schema`.)
+    deeper = {"type": "record", "name": "Deeper", "fields": [{"name": "z", "type": "int"}]}
+    plain = {"type": "record", "name": "Plain", "namespace": "", "fields": [{"name": "q", "type": deeper}]}
+    edge = {"type": "record", "name": "Edge2", "namespace": "rv", "fields": [
+        {"name": "p", "type": plain},
+        {"name": "f", "type": {"type": "fixed", "name": "Hash", "namespace": "other", "size": 4}},
+        {"name": "h", "type": {"type": "fixed", "name": "other.Hash2", "size": 2}},
+        {"name": "g", "type": ["null", "other.Hash", "other.Hash2"], "default": None},
+    ]}  # fmt: skip
+    (tmp_path / "rv.Edge2.avsc").write_text(json.dumps(edge))
+    schema = SchemaDirectory(tmp_path).schema("rv.Edge2")
+    assert schema.fingerprint == 0xFA07193EE3D81179
+    assert '"name":"Plain"' in schema.canonical and '"name":"Deeper"' in schema.canonical
+
+
 def _fastavro_canonical(path: Path) -> str:
     from fastavro.schema import load_schema, to_parsing_canonical_form
 
