@@ -811,6 +811,51 @@ def test_a_producer_that_may_not_bind_a_queue_still_enqueues_to_it_and_is_told_o
     assert len(told) == 1 and f"`bridge topology apply --queues {queue}` binds it" in told[0]
 
 
+def test_a_producer_that_may_not_configure_enqueues_and_a_look_leaves_no_exchange_behind(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a queue `topology apply` made, and a RabbitMQ user that may write and read but not
+    # configure, When that user enqueues a job, Then it is in the queue. (Connecting declared
+    # the jobs exchange, which needs configure permission: the user could not enqueue at all,
+    # told that RabbitMQ could not be reached.) And When a dlq list runs under a prefix whose
+    # exchange does not exist, Then it leaves none behind (a mistyped prefix made one).
+    url = brokers["rabbitmq"]
+    app = own_app(url)
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    producer = Bridge(
+        broker=url.replace("guest:guest@", f"{user}:{user}@"), registry=str(SCHEMAS),
+        prefix=app.settings.prefix, delay_tiers="1s",
+    )  # fmt: skip
+    looker = Bridge(broker=url, registry=str(SCHEMAS), prefix=names.prefix())
+
+    async def enqueue() -> str:
+        async with app:
+            await app.apply_topology([queue])
+        async with producer:
+            return await producer.enqueue_async("test.Echo", {"n": 1}, queue=queue)
+
+    async def look() -> bool:
+        async with looker:
+            assert await looker.dead_letters(queue).find() == []
+        async with await aio_pika.connect(url) as connection:
+            try:
+                await (await connection.channel()).declare_exchange(
+                    f"{looker.settings.prefix}.jobs", passive=True
+                )
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                return False
+            return True
+
+    rabbitmqctl("add_user", user, user)
+    try:
+        rabbitmqctl("set_permissions", "-p", "/", user, "^$", ".*", ".*")
+        job_id = run(enqueue())
+    finally:
+        rabbitmqctl("delete_user", user)
+    assert [envelope["id"] for envelope in envelopes_in(app, queue)] == [job_id]
+    assert run(look()) is False
+
+
 def failing_app(url: str, queue: str) -> Bridge:
     """An app whose test.Echo jobs on `queue` fail on their one attempt: each is dead-lettered."""
     app = Bridge(broker=url, registry=str(SCHEMAS))

@@ -189,7 +189,10 @@ class RabbitTransport:
         self._lookup = asyncio.Lock()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
-        self._exchange: AbstractExchange | None = None
+        # The jobs exchange was not there at connect: declared before the first publish. (Not
+        # at connect: a look with a mistyped prefix left an exchange behind, and a producer whose
+        # user may not configure could not connect at all.)
+        self._exchange_missing = False
         # Every publish gets its own message id: aiormq matches a returned (unroutable) publish
         # to its confirmation by message id, so a shared one would fail the wrong publish and
         # confirm the returned one. The id names the publish; the job id is in the envelope.
@@ -209,8 +212,41 @@ class RabbitTransport:
         ):
             self._connection = await self._open_connection("publish")
             self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-            self._exchange = await self._declare_exchange(self._channel)
+            self._exchange_missing = not await self._exchange_exists()
         self._closing = False
+
+    async def _exchange_exists(self) -> bool:
+        """Whether the jobs exchange exists: a passive declaration, which needs no permission,
+        on a channel of its own (RabbitMQ closes the channel that asked for one that does not)."""
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        try:
+            underlay = await channel.get_underlay_channel()
+            await underlay.exchange_declare(self.exchange_name, passive=True)
+            return True
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            with _ignored():
+                await channel.close()
+
+    async def _declare_exchange_once(self) -> None:
+        """Declare the jobs exchange if it was missing at connect (under `_lookup`)."""
+        if not self._exchange_missing:
+            return
+        assert self._connection is not None
+        try:
+            async with self._connection.channel() as channel:
+                await self._declare_exchange(channel)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise PublishError(
+                f"RabbitMQ has no exchange {self.exchange_name}, and refused this user its declaration:"
+                f" run `bridge topology apply` as a user that may configure it ({exc})",
+                retriable=False,
+            ) from exc
+        except GONE as exc:
+            raise TransportError(f"RabbitMQ did not declare exchange {self.exchange_name} ({exc!r})") from exc
+        self._exchange_missing = False
 
     async def _open_connection(self, role: str) -> AbstractRobustConnection:
         """A connection, or a TransportError that says what RabbitMQ refused, if it answered.
@@ -269,7 +305,7 @@ class RabbitTransport:
             await self._connection.close()
             # aio-pika runs close callbacks in tasks of their own: let them finish on this loop.
             await asyncio.sleep(0.01)
-        self._connection = self._channel = self._exchange = None
+        self._connection = self._channel = None
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -464,6 +500,7 @@ class RabbitTransport:
             exists = not await self._absent([name])
             async with self._lookup:  # one bind per queue, however many publishes wait on it
                 if exists and name not in self._bound:
+                    await self._declare_exchange_once()
                     exists = bool(self._tier_names.fullmatch(name)) or await self._bind(name)
                     if exists:
                         self._bound.add(name)
@@ -891,6 +928,7 @@ class RabbitTransport:
         if not dry_run:
             with _mapped("could not apply the RabbitMQ topology", retriable=False):
                 await self._declare(names, existing)
+            self._exchange_missing = False
             self._existing.update(names)
             self._bound.update(names)
         return plan
