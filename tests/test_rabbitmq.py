@@ -767,6 +767,13 @@ def test_a_dry_run_replay_binds_nothing_and_the_replay_binds_the_queue_it_puts_a
     assert replayed["id"] == job_id
 
 
+def as_user(user: str, app: Bridge) -> Bridge:
+    """An app under `app`'s prefix and tiers that connects as RabbitMQ user `user` (whose
+    password is its name)."""
+    url = app.settings.require_broker().replace("guest:guest@", f"{user}:{user}@")
+    return Bridge(broker=url, registry=str(SCHEMAS), prefix=app.settings.prefix, delay_tiers="1s")
+
+
 def test_a_producer_that_may_not_bind_a_queue_still_enqueues_to_it_and_is_told_once(
     brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -778,10 +785,7 @@ def test_a_producer_that_may_not_bind_a_queue_still_enqueues_to_it_and_is_told_o
     url = brokers["rabbitmq"]
     app = own_app(url)
     user = f"u-{uuid.uuid4().hex[:8]}"
-    producer = Bridge(
-        broker=url.replace("guest:guest@", f"{user}:{user}@"), registry=str(SCHEMAS),
-        prefix=app.settings.prefix, delay_tiers="1s",
-    )  # fmt: skip
+    producer = as_user(user, app)
 
     async def enqueue() -> list[str]:
         async with app:
@@ -822,10 +826,7 @@ def test_a_producer_that_may_not_configure_enqueues_and_a_look_leaves_no_exchang
     url = brokers["rabbitmq"]
     app = own_app(url)
     user = f"u-{uuid.uuid4().hex[:8]}"
-    producer = Bridge(
-        broker=url.replace("guest:guest@", f"{user}:{user}@"), registry=str(SCHEMAS),
-        prefix=app.settings.prefix, delay_tiers="1s",
-    )  # fmt: skip
+    producer = as_user(user, app)
     looker = Bridge(broker=url, registry=str(SCHEMAS), prefix=names.prefix())
 
     async def enqueue() -> str:
