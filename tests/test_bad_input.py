@@ -358,6 +358,8 @@ def test_bad_bytes_inside_an_envelope_are_dead_lettered_with_a_reason_a_person_c
     }
     job = app.build_envelope("test.Echo", {"n": 1}, queue="q")
     far = replace(app.build_envelope("test.Echo", {"n": 2}, queue="q"), run_at=now_ms() * 1000)
+    # (and one in seconds, as Go's time.Unix() gives: in 1970, it ran at once)
+    soon = replace(app.build_envelope("test.Echo", {"n": 4}, queue="q"), run_at=now_ms() // 1000 + 3600)
 
     async def scenario() -> None:
         async with app:
@@ -365,13 +367,14 @@ def test_bad_bytes_inside_an_envelope_are_dead_lettered_with_a_reason_a_person_c
             for payload in payloads.values():
                 await publish_envelope(app, "q", replace(job, payload=payload))
             await publish_envelope(app, "q", far)
+            await publish_envelope(app, "q", soon)
             await app.enqueue_async("test.Echo", {"n": 3}, queue="q")
             await app.consume(burst=True)
 
     run(scenario())
     assert ran == [3]
     letters = bridge_testing.dead_letters(app, "q")
-    assert [letter.reason for letter in letters] == ["undecodable"] * 4
+    assert [letter.reason for letter in letters] == ["undecodable"] * 5
     prefix = "payload: body does not decode as test.Echo: "
     assert [letter.detail for letter in letters[:3]] == [
         prefix + "it ends early (cut short, or a length or count in it is wrong)",
@@ -380,3 +383,5 @@ def test_bad_bytes_inside_an_envelope_are_dead_lettered_with_a_reason_a_person_c
     ]
     assert letters[3].envelope is not None and letters[3].envelope.id == far.id
     assert "is more than 100 years ahead: an envelope's times are epoch milliseconds" in letters[3].detail
+    assert letters[4].envelope is not None and letters[4].envelope.id == soon.id
+    assert "is 1970-01-" in letters[4].detail and "(was it written in seconds? 20" in letters[4].detail
