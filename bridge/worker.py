@@ -46,7 +46,7 @@ from bridge.errors import (
     message_of,
     utf8,
 )
-from bridge.idempotency import Busy, Claim, Done, Store, run_key
+from bridge.idempotency import Busy, Claim, Done, Store, new_token, run_key
 from bridge.idempotency.lease import Lease
 from bridge.idempotency.outage import Outage
 from bridge.jobs import JobContext, JobSpec
@@ -357,11 +357,14 @@ class Worker:
         assert envelope.idempotency_key is not None
         key = run_key(envelope.type, envelope.idempotency_key)
         lease_s = spec.idempotency_lease_s
+        # One token for every try: a claim that landed though its answer was lost is then this
+        # job's on the next try, not another holder's to wait a whole lease for.
+        token = new_token()
         try:
-            claim = await self._claim(key, envelope.id, lease_s)
+            claim = await self._claim(key, envelope.id, lease_s, token)
         except StoreError as exc:  # wait for the store here, beside the worker's other keyed jobs
             try:
-                claim = await self._outage.retry(exc, lambda: self._claim(key, envelope.id, lease_s))
+                claim = await self._outage.retry(exc, lambda: self._claim(key, envelope.id, lease_s, token))
             except StoreError as last:  # it waited GIVE_UP_S: the delay tiers take it from here
                 log.error("%s waits in a delay tier: its key could not be claimed: %s", _job(envelope), last)
                 return [self._later(envelope, delivery, self._outage.wait_s)]
@@ -397,9 +400,9 @@ class Worker:
             raise
         return outcome
 
-    async def _claim(self, key: str, job_id: str, lease_s: float) -> Claim:
+    async def _claim(self, key: str, job_id: str, lease_s: float, token: str) -> Claim:
         """Claim `key`, opening the app's store at the first keyed job."""
-        return await (self._store or await self._open_store()).claim(key, job_id, lease_s)
+        return await (self._store or await self._open_store()).claim(key, job_id, lease_s, token)
 
     async def _open_store(self) -> Store:
         self._store = await self.app.idempotency_store(concurrency=self.settings.concurrency)

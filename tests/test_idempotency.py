@@ -34,6 +34,7 @@ from bridge.idempotency import (
     Enqueued,
     Record,
     Store,
+    new_token,
     open_store,
     postgres,
     sql,
@@ -107,6 +108,24 @@ def test_a_claimed_key_is_busy_for_others_until_released(store_url: str) -> None
         assert isinstance(busy, Busy) and 25 < busy.wait_s <= 30
         await store.release(key, first.token)
         claimed(await store.claim(key, "job-2", 30))
+
+    with_store(store_url, scenario)
+
+
+def test_a_claim_tried_again_with_its_token_takes_the_key_it_already_holds(store_url: str) -> None:
+    # Given a key claimed by job 1 with token T (a claim that landed, its answer lost),
+    # When job 1 claims it again with T, Then it is taken, and its lease renewed; with another
+    # token, or none, it is busy; once done, the same token finds it done. (A new token per try
+    # found the job's own lost claim held by another, and the job waited out a whole lease.)
+    async def scenario(store: Store) -> None:
+        key, token = new_key(), new_token()
+        assert claimed(await store.claim(key, "job-1", 0.5, token)).token == token
+        assert claimed(await store.claim(key, "job-1", 30, token)).token == token
+        await asyncio.sleep(0.7)  # (past the first lease: the second one holds)
+        assert isinstance(await store.claim(key, "job-2", 30, new_token()), Busy)
+        assert isinstance(await store.claim(key, "job-2", 30), Busy)
+        assert await store.complete(key, token, "job-1", 30)
+        assert await store.claim(key, "job-1", 30, token) == Done("job-1")
 
     with_store(store_url, scenario)
 

@@ -841,6 +841,42 @@ def test_a_job_whose_store_fails_its_inbox_waits_for_the_store_and_spends_no_att
     assert "the store failed its ctx.transaction()" in caplog.text
 
 
+def test_a_keyed_job_whose_claim_landed_but_whose_answer_was_lost_runs_on_the_next_try(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a keyed job (a 30 s lease) whose first claim lands in the store but whose answer is
+    # lost (a timeout), When consumed, Then the claim's next try takes the key the first one
+    # holds, and the job runs at once, through no delay tier. (Each try had a new token: the
+    # job found its own lost claim held by another, and went round the tiers for 30 s.)
+    app = sqlite_app(tmp_path, delay_tiers="1s")
+    ran: list[str] = []
+
+    @app.job("test.Echo", queue="q", idempotency_lease_s=30)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(ctx.job_id)
+
+    async def scenario() -> Stats:
+        async with app:
+            store = await app.idempotency_store()
+            claim, lost = store.claim, []
+
+            async def answer_lost_once(*args: Any) -> Any:
+                answer = await claim(*args)
+                if not lost:
+                    lost.append(answer)
+                    raise StoreError("timeout reading the answer")
+                return answer
+
+            monkeypatch.setattr(store, "claim", answer_lost_once)
+            job_id = await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="k", queue="q")
+            stats = await app.consume(["q"], burst=True)
+            assert ran == [job_id] and len(lost) == 1
+            return stats
+
+    stats = run(scenario(), timeout=20)
+    assert stats.delayed == 0 and stats.processed == 1
+
+
 def test_keyed_jobs_that_waited_too_long_for_their_store_go_through_the_delay_tiers(
     make_app: Callable[..., Bridge],
     brokers: dict[str, str],

@@ -90,8 +90,10 @@ class Store(Protocol):
 
     url: str
 
-    async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
-        """Take `key` for `job_id` for `lease_s` seconds, unless it is done or held."""
+    async def claim(self, key: str, job_id: str, lease_s: float, token: str | None = None) -> Claim:
+        """Take `key` for `job_id` for `lease_s` seconds, unless it is done or held: held by
+        `token` (a claim of the same job whose answer was lost) counts as taken, renewed.
+        Without a token, a new one."""
         ...
 
     async def extend(self, key: str, token: str, lease_s: float) -> bool:

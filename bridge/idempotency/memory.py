@@ -26,10 +26,10 @@ class MemoryStore:
         entry = self._keys.get(key)
         return entry if entry is not None and entry[3] > time.time() else None
 
-    async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
+    async def claim(self, key: str, job_id: str, lease_s: float, token: str | None = None) -> Claim:
         entry = self._live(key)
-        if entry is None:
-            token = new_token()
+        if entry is None or (token is not None and self._held(key, token)):
+            token = token or new_token()
             self._keys[key] = ("running", job_id, token, time.time() + lease_s, None)
             return Claimed(token)
         state, holder, _, until, _ = entry

@@ -123,9 +123,9 @@ class PostgresStore(SqlStore):
             else:
                 self._pool = self._new_pool(size)
 
-    async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
+    async def claim(self, key: str, job_id: str, lease_s: float, token: str | None = None) -> Claim:
         await self._open()  # (the first claim's lease needs the server's clock read)
-        return await super().claim(key, job_id, lease_s)
+        return await super().claim(key, job_id, lease_s, token)
 
     async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
         await self._open()  # (as for a claim)

@@ -47,7 +47,9 @@ return 1
 # long: a duplicate of a job that is done hears so in the claim's own round trip.
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return {held, redis.call('PTTL', KEYS[1])}
 """
 # Delete the key if its state (its value up to the first |) is one of ARGV.
 _DROP = """
@@ -178,8 +180,8 @@ class RedisStore:
     def _error(self, exc: Exception) -> StoreError:
         return StoreError(f"idempotency store {safe_url(self.url)}: {exc}")
 
-    async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
-        token = new_token()
+    async def claim(self, key: str, job_id: str, lease_s: float, token: str | None = None) -> Claim:
+        token = token or new_token()
         args = (f"running|{token}", _ms(lease_s))
         try:
             reply = await self._call(lambda pipe: pipe.evalsha(_CLAIM_SHA1, 1, key, *args))

@@ -38,7 +38,8 @@ CLAIM = """
 INSERT INTO bridge_idempotency (name, state, job_id, token, expires_at) VALUES (?, 'running', ?, ?, ?)
 ON CONFLICT (name) DO UPDATE SET state = 'running', job_id = excluded.job_id, token = excluded.token,
     expires_at = excluded.expires_at, done_at = NULL
-WHERE bridge_idempotency.expires_at <= ?"""
+WHERE bridge_idempotency.expires_at <= ?
+    OR (bridge_idempotency.token = excluded.token AND bridge_idempotency.state = 'running')"""
 LOOK = "SELECT state, job_id, expires_at FROM bridge_idempotency WHERE name = ?"
 EXTEND = """
 UPDATE bridge_idempotency SET expires_at = ?
@@ -137,8 +138,8 @@ class SqlStore:
         The PostgreSQL store, shared by many hosts, keeps the server's instead."""
         return now_ms()
 
-    async def claim(self, key: str, job_id: str, lease_s: float) -> Claim:
-        token, now = new_token(), self._now_ms()
+    async def claim(self, key: str, job_id: str, lease_s: float, token: str | None = None) -> Claim:
+        token, now = token or new_token(), self._now_ms()
         try:
             rows = await self._query(
                 self.claim_sql, (key, _id(job_id), token, now + int(lease_s * 1000), now)
