@@ -858,7 +858,7 @@ def test_a_keyed_job_whose_claim_landed_but_whose_answer_was_lost_runs_on_the_ne
     async def scenario() -> Stats:
         async with app:
             store = await app.idempotency_store()
-            claim, lost = store.claim, []
+            claim, lost = store.claim, list[Any]()
 
             async def answer_lost_once(*args: Any) -> Any:
                 answer = await claim(*args)
