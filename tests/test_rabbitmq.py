@@ -1362,10 +1362,7 @@ def test_a_worker_whose_user_may_not_publish_to_a_delay_tier_stops_saying_so_and
     app = own_app(url)
     user = f"u-{uuid.uuid4().hex[:8]}"
     tiers = re.escape(f"{app.settings.prefix}.delay.")
-    app_as_user = Bridge(
-        broker=url.replace("guest:guest@", f"{user}:{user}@"), registry=str(SCHEMAS),
-        prefix=app.settings.prefix, delay_tiers="1s",
-    )  # fmt: skip
+    app_as_user = as_user(user, app)
     failing_first(app_as_user, queue, lambda: ValueError("again, later"))
 
     async def enqueue() -> str:

@@ -366,8 +366,12 @@ class RabbitTransport:
         assert channel is not None, "publish() before connect()"
         while True:
             try:
-                with _not_cancelled_by_aiormq(f"publish to {message.queue} not confirmed"):
+                try:
                     await channel.ready()
+                except asyncio.CancelledError as exc:
+                    if cancelled_here():
+                        raise
+                    raise _found_stuck(f"publish to {message.queue} not confirmed") from exc
                 await self._publish(message)
                 return
             except PublishError as exc:
@@ -377,8 +381,12 @@ class RabbitTransport:
             await asyncio.sleep(RECONNECT_POLL_S)  # (the channel may not know yet that it is lost)
 
     async def _publish(self, message: Outgoing) -> None:
-        with _not_cancelled_by_aiormq(f"publish to {message.queue} not confirmed"):
+        try:
             await self._publish_confirmed(message)
+        except asyncio.CancelledError as exc:
+            if cancelled_here():
+                raise
+            raise _found_stuck(f"publish to {message.queue} not confirmed") from exc
 
     async def _publish_confirmed(self, message: Outgoing) -> None:
         assert self._channel is not None, "publish() before connect()"
@@ -557,9 +565,10 @@ class RabbitTransport:
                     await incoming.channel.basic_nack(incoming.delivery_tag, requeue=True)
             raise
         try:
-            with _not_cancelled_by_aiormq("ack not sent"):
-                await incoming.channel.basic_ack(incoming.delivery_tag)
-        except (*GONE, PublishError) as exc:
+            await incoming.channel.basic_ack(incoming.delivery_tag)
+        except (*GONE, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and cancelled_here():
+                raise  # (else aiormq's: see `_found_stuck`)
             # The channel it came on is gone: the broker delivers it again (at least once).
             log.warning("ack lost for a delivery from %s (%r); it will be redelivered", delivery.queue, exc)
 
@@ -1139,19 +1148,14 @@ def _lost(what: str) -> Iterator[None]:
         raise TransportError(f"{what} ({exc!r})") from exc
 
 
-@contextmanager
-def _not_cancelled_by_aiormq(what: str) -> Iterator[None]:
-    """A CancelledError that no one asked this task for as a retriable PublishError saying
-    `what`: aiormq cancels the calls that wait on a connection it finds stuck (no heartbeat for
-    three intervals; a network that drops packets). Taken for a stop, a worker's retry went
+def _found_stuck(what: str) -> PublishError:
+    """What a CancelledError that no one asked this task for is: aiormq cancels the calls that
+    wait on a connection it finds stuck (no heartbeat for three intervals; a network that drops
+    packets). A retriable PublishError saying `what`. (Taken for a stop, a worker's retry went
     unpublished, its delivery unacknowledged on a channel that lived on, for 30 minutes; an
-    enqueue raised CancelledError instead of waiting for the connection to come back."""
-    try:
-        yield
-    except asyncio.CancelledError as exc:
-        if cancelled_here():
-            raise
-        raise PublishError(f"{what}: the connection to RabbitMQ was found stuck, and closed") from exc
+    enqueue raised CancelledError instead of waiting for the connection to come back.) Caught
+    in place, not by a context manager: the ack and publish of every job go through here."""
+    return PublishError(f"{what}: the connection to RabbitMQ was found stuck, and closed")
 
 
 @contextmanager
