@@ -300,6 +300,18 @@ def test_an_enqueue_out_when_the_network_stalls_waits_for_rabbitmq_and_goes_thro
     assert job_id in [envelope["id"] for envelope in found]
 
 
+async def until_consumed(url: str, queue: str) -> None:
+    """Return once `queue` has a consumer (within 10 s)."""
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel()
+        for _ in range(200):
+            declared = await channel.declare_queue(queue, passive=True)
+            if declared.declaration_result.consumer_count:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{queue} has no consumer after 10 s")
+
+
 def test_a_stop_while_the_network_stalls_ends_within_its_grace_period_and_raises_nothing(
     brokers: dict[str, str], queue: str
 ) -> None:
@@ -323,7 +335,8 @@ def test_a_stop_while_the_network_stalls_ends_within_its_grace_period_and_raises
             async with app:
                 await topology_made_elsewhere(app, [queue])
                 consuming = asyncio.create_task(app.consume(concurrency=1, stop=stop))
-                for n in range(3):  # (once it consumes: the first one it is given by its consumer)
+                await until_consumed(brokers["rabbitmq"], queue)  # (its jobs come by its consumer)
+                for n in range(3):
                     await app.enqueue_async("test.Echo", {"n": n}, queue=queue)
                 await asyncio.wait_for(running.wait(), 30)
                 proxy.stall()

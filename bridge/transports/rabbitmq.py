@@ -784,14 +784,16 @@ class RabbitTransport:
         call: Callable[[aiormq.abc.AbstractChannel], Coroutine[Any, Any, T]],
     ) -> T | None:
         """`call` on the robust `channel`'s current aiormq channel, tried again while its
-        connection is down (aio-pika restores both); None on `stop`."""
+        connection is down (aio-pika restores both); None on `stop`, which cuts `call` short
+        too (on a network that stalled, a stop during a subscribe waited for the client to find
+        the connection stuck)."""
         while not stop.is_set():
             try:
                 # (A robust channel waits here while its connection is down: for good, but for `stop`.)
                 underlay = await _unless(stop, channel.get_underlay_channel())
                 if underlay is None:
                     return None
-                return await call(underlay)
+                return await _unless(stop, call(underlay))
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 raise TransportError(
                     f"a RabbitMQ queue is gone ({exc}): run `bridge topology apply`", retriable=False
