@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from bridge.app import Bridge
-from bridge.errors import BridgeError, Permanent, Retry
+from bridge.errors import BridgeError, Permanent, Retry, TimeLimitExceeded
 from bridge.jobs import JobContext
 
-__all__ = ["Bridge", "BridgeError", "JobContext", "Permanent", "Retry"]
+__all__ = ["Bridge", "BridgeError", "JobContext", "Permanent", "Retry", "TimeLimitExceeded"]
 __version__ = "0.1.0"

@@ -102,6 +102,7 @@ class Bridge:
         give_up_on: type[BaseException] | tuple[type[BaseException], ...] = (),
         idempotency_ttl_s: float | timedelta = DEFAULT_WINDOW_S,
         idempotency_lease_s: float | timedelta = DEFAULT_LEASE_S,
+        timeout_s: float | timedelta | None = None,
     ) -> Callable[[H], H]:
         """Register the decorated `(payload, ctx)` function, sync or async, as `type`'s handler.
 
@@ -113,6 +114,12 @@ class Bridge:
         Jobs enqueued with an idempotency key succeed once per key within `idempotency_ttl_s`
         (from the success); a worker holds a key for `idempotency_lease_s`, renewed while the
         handler runs, so a key held by a worker that died frees itself after that long.
+
+        A run that takes longer than `timeout_s` is stopped, and fails with TimeLimitExceeded:
+        an `async def` handler is cancelled; a plain one gets the exception raised in its thread,
+        which Python can do only between bytecodes (a thread in a long C call, `time.sleep` or a
+        blocking read, takes it once the call returns; its job's slot and key stay held until
+        then). None, the default: no limit.
         """
 
         for name, text in (("type", type), ("queue", queue)):
@@ -127,6 +134,7 @@ class Bridge:
             self.jobs[type] = JobSpec(
                 type, queue or DEFAULT_QUEUE, func, is_async, policy,
                 _seconds(idempotency_ttl_s), _seconds(idempotency_lease_s),
+                None if timeout_s is None else _seconds(timeout_s),
             )  # fmt: skip
             return func
 

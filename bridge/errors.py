@@ -14,6 +14,7 @@
     ├── StoreError           the idempotency store could not be reached or refused
     │   └── LeaseLost        a job's claim on its idempotency key ended before it completed
     ├── KeyInFlight          an idempotency key to forget is held by a job or a publish under way
+    ├── TimeLimitExceeded    a handler ran past its job type's `timeout_s` (a failure, retried)
     └── DevError             `bridge dev` could not provision or start a local broker
 
 Handlers steer retries with `Retry` and `Permanent`, which are not errors of bridge itself.
@@ -141,6 +142,11 @@ class LeaseLost(StoreError):
 
 class KeyInFlight(BridgeError):
     """An idempotency key to forget is held by a job or a publish under way (`bridge keys forget`)."""
+
+
+class TimeLimitExceeded(BridgeError):
+    """A handler ran past its job type's `timeout_s` and was stopped: a failure like any other,
+    retried (one of `retry_on` by default) and dead-lettered after the last attempt."""
 
 
 class DevError(BridgeError):

@@ -124,6 +124,7 @@ class JobSpec:
     policy: RetryPolicy
     idempotency_ttl_s: float = DEFAULT_WINDOW_S  # how long a key stays done after its job succeeded
     idempotency_lease_s: float = DEFAULT_LEASE_S  # a claim's lease, renewed while the handler runs
+    timeout_s: float | None = None  # how long a run may take before it is stopped; None: no limit
 
     def problems(self) -> list[str]:
         """Every way this job's settings cannot work, for reporting at start."""
@@ -132,8 +133,12 @@ class JobSpec:
             problems.append(f"{self.type}: the handler must be a function, not {self.func!r}")
         elif (takes := _parameters(self.func)) is not None:
             problems.append(f"{self.type}: the handler must take (payload, ctx), not {takes}")
-        for name, seconds in (("idempotency_ttl_s", self.idempotency_ttl_s),
-                              ("idempotency_lease_s", self.idempotency_lease_s)):  # fmt: skip
+        durations: list[tuple[str, float | None]] = [
+            ("idempotency_ttl_s", self.idempotency_ttl_s), ("idempotency_lease_s", self.idempotency_lease_s),
+        ]  # fmt: skip
+        if self.timeout_s is not None:
+            durations.append(("timeout_s", self.timeout_s))
+        for name, seconds in durations:
             if isinstance(seconds, bool) or not isinstance(seconds, int | float):
                 problems.append(f"{self.type}: {name} must be a number of seconds, not {seconds!r}")
             elif not 0.001 <= seconds <= LONGEST_S:  # (NaN too; the SQL stores count whole ms)

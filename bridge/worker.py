@@ -52,6 +52,7 @@ from bridge.idempotency.outage import Outage
 from bridge.jobs import JobContext, JobSpec
 from bridge.policy import Decision, GiveUp, decide, keep_recent, tier_for
 from bridge.registry import DEAD_LETTER, ENVELOPE
+from bridge.time_limits import Interruptible, TimeUp, past, within
 from bridge.transports.base import Delivery, Outgoing, Transport, cancelled_here, dlq_name
 
 if TYPE_CHECKING:
@@ -435,7 +436,8 @@ class Worker:
         ctx = JobContext(envelope, lease.transaction if lease else None)
         try:
             if spec.is_async:
-                await spec.func(payload, ctx)
+                running = spec.func(payload, ctx)
+                await (running if spec.timeout_s is None else within(spec.timeout_s, running))
             else:
                 await self._in_thread(spec, payload, ctx, lease)
         except Exception as exc:
@@ -491,9 +493,17 @@ class Worker:
         the job delivered again meanwhile finds the key busy, then done. (The claim lapsed
         instead, and the copy ran a second time beside the first.)
         """
-        running = self._threads.submit(_in_a_thread, spec.func, payload, ctx)
+        clock = timer = None
+        if (limit_s := spec.timeout_s) is not None:  # (counted from here: a wait for a thread too)
+            clock = Interruptible()
+            timer = asyncio.get_running_loop().call_later(limit_s, clock.interrupt)
+        running = self._threads.submit(_in_a_thread, spec.func, payload, ctx, clock)
         try:
             result = await asyncio.wrap_future(running)
+        except TimeUp:
+            if not clock or not clock.returned:
+                raise past(limit_s or 0) from None
+            result = clock.returned[0]  # (the handler had returned: its limit came too late)
         except asyncio.CancelledError:
             if lease is None and cancelled_here() and running.running():
                 self._unkeyed_outliving.add(running)  # (the process cannot exit before it ends: said at stop)
@@ -504,6 +514,9 @@ class Worker:
                 loop = asyncio.get_running_loop()
                 running.add_done_callback(lambda _: self._thread_ended(loop, lease, running))
             raise
+        finally:
+            if timer is not None and running.done():  # (left on when a stop cut this task off:
+                timer.cancel()  # a handler that runs on keeps its limit)
         if inspect.isawaitable(result):  # an async handler bridge took for a plain one
             if inspect.iscoroutine(result):
                 result.close()
@@ -593,11 +606,27 @@ def _job_error(attempt: int, exc: BaseException, now: int) -> JobError:
     return JobError(attempt, now, type(exc).__qualname__, message_of(exc)[:TRACEBACK_CHARS], trace)
 
 
-def _in_a_thread(func: Callable[[Any, JobContext], Any], payload: Any, ctx: JobContext) -> Any:
-    """`func(payload, ctx)`, with a StopIteration or GeneratorExit it lets out (`next()` on an
-    empty iterator, say) as a RuntimeError: an asyncio future refuses to hold the one, so the
-    await never returned and the job was never settled, and the other ended the awaiting task.
-    (In an `async def` handler, Python makes the same change to a StopIteration.)"""
+def _in_a_thread(
+    func: Callable[[Any, JobContext], Any], payload: Any, ctx: JobContext, clock: Interruptible | None
+) -> Any:
+    """`func(payload, ctx)`, interruptible by `clock` if it has one, with a StopIteration or
+    GeneratorExit it lets out (`next()` on an empty iterator, say) as a RuntimeError: an asyncio
+    future refuses to hold the one, so the await never returned and the job was never settled,
+    and the other ended the awaiting task. (In an `async def` handler, Python makes the same
+    change to a StopIteration.)"""
+    if clock is None:
+        return _calling(func, payload, ctx)
+    clock.enter()
+    try:
+        # (A call of a built-in, the first place after the return that takes an exception from
+        # another thread: one that comes after it is known to have come too late.)
+        clock.returned.append(_calling(func, payload, ctx))
+        return clock.returned[0]
+    finally:
+        clock.leave()
+
+
+def _calling(func: Callable[[Any, JobContext], Any], payload: Any, ctx: JobContext) -> Any:
     try:
         return func(payload, ctx)
     except (StopIteration, GeneratorExit) as exc:

@@ -24,6 +24,7 @@ from bridge.envelope import JobError
 from bridge.errors import ConfigError
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
+from bridge.time_limits import Interruptible, TimeUp
 from bridge.transports import Delivery, Outgoing
 from bridge.transports.base import tier_queue
 from bridge.worker import Stats, Worker
@@ -629,6 +630,105 @@ def test_a_job_whose_handler_turns_the_stop_into_another_error_runs_again_at_its
     assert dead_letters(app, queue) == []
 
 
+def test_a_job_past_its_time_limit_is_stopped_retried_and_dead_lettered_and_a_quick_one_runs(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given a job type with timeout_s=0.3 and two attempts, whose handler waits 30 s for job 1
+    # and returns at once for job 2,
+    # When both run, Then job 1 is stopped at its limit on each attempt (it never gets past its
+    # wait) and dead-lettered `exhausted`, with two TimeLimitExceeded errors naming the limit,
+    # all within seconds; job 2 succeeds.
+    app = make_app()
+    started: list[int] = []
+    finished: list[int] = []
+
+    @app.job("test.Echo", queue=queue, max_attempts=2, backoff=fixed(0.5), timeout_s=0.3)
+    async def slow(payload: dict[str, Any], ctx: JobContext) -> None:
+        started.append(payload["n"])
+        if payload["n"] == 1:
+            await asyncio.sleep(30)
+        finished.append(payload["n"])
+
+    began = time.monotonic()
+    slow_id, _ = run(enqueue_and_drain(app, {"payload": {"n": 1}}, {"payload": {"n": 2}}), timeout=60)
+    assert time.monotonic() - began < 25
+    assert sorted(started) == [1, 1, 2] and finished == [2]
+    [letter] = dead_letters(app, queue)
+    assert letter.reason == "exhausted" and letter.envelope is not None and letter.envelope.id == slow_id
+    assert [(e.type, e.message) for e in letter.envelope.errors] == [
+        ("TimeLimitExceeded", "the handler ran past its time limit, timeout_s=0.3, and was stopped")
+    ] * 2
+
+
+@pytest.mark.parametrize("broker", ["memory"], indirect=True)
+@pytest.mark.parametrize("how", ["python", "c call", "wrapped"])
+def test_a_handler_past_its_time_limit_is_stopped_wherever_it_is(
+    make_app: Callable[..., Bridge], queue: str, how: str
+) -> None:
+    # Given a job type with timeout_s=0.3 and one attempt, whose handler runs on past that:
+    # - python: a plain handler in a loop of Python code;
+    # - c call: a plain handler in a 1 s `time.sleep`, which cannot be interrupted;
+    # - wrapped: an async handler that turns its cancellation into another error;
+    # When the job runs, Then the handler stops at its limit, or (c call) as soon as its call
+    # returns, never reaching its end, and the job fails with TimeLimitExceeded (chained to the
+    # handler's own error when it made one).
+    app = make_app()
+    reached: list[str] = []
+
+    def in_python(payload: dict[str, Any], ctx: JobContext) -> None:
+        reached.append("start")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            sum(range(100))
+        reached.append("end")
+
+    def in_c(payload: dict[str, Any], ctx: JobContext) -> None:
+        reached.append("start")
+        time.sleep(1.0)
+        reached.append("after the call")
+        time.sleep(0.5)
+        reached.append("end")
+
+    async def wrapped(payload: dict[str, Any], ctx: JobContext) -> None:
+        reached.append("start")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError as exc:
+            raise RuntimeError("interrupted") from exc
+        reached.append("end")
+
+    handlers = {"python": in_python, "c call": in_c, "wrapped": wrapped}
+    app.job("test.Echo", queue=queue, max_attempts=1, timeout_s=0.3)(handlers[how])
+
+    async def scenario() -> float:
+        async with app:
+            await app.apply_topology()
+            await app.enqueue_async("test.Echo", {"n": 1})
+            began = time.monotonic()
+            await app.consume(burst=True)
+            return time.monotonic() - began
+
+    took = run(scenario(), timeout=60)
+    [letter] = dead_letters(app, queue)
+    assert letter.envelope is not None
+    assert [e.type for e in letter.envelope.errors] == ["TimeLimitExceeded"]
+    if how == "c call":
+        assert reached == ["start"] and 0.9 < took < 5
+    else:
+        assert reached == ["start"] and took < 5
+    if how == "wrapped":
+        assert "RuntimeError: interrupted" in (letter.envelope.errors[0].traceback or "")
+
+
+def test_a_plain_handler_whose_time_ran_out_before_it_had_a_thread_does_not_start() -> None:
+    # Given a plain handler's run interrupted at its limit before its thread took it up,
+    # When the thread takes it up, Then the handler does not start: TimeUp is raised at once.
+    clock = Interruptible()
+    clock.interrupt()
+    with pytest.raises(TimeUp):
+        clock.enter()
+
+
 def test_expired_job_is_dead_lettered_not_run(make_app: Callable[..., Bridge], queue: str) -> None:
     # Given a job delayed 2 s with a 1 s time to live, Then it is dead-lettered `expired`, never run.
     app = make_app()
@@ -853,7 +953,10 @@ def test_bad_retry_settings_are_reported_together_at_start(queue: str) -> None:
 
     app = Bridge(broker="memory://", registry=str(SCHEMAS))
 
-    @app.job("test.Echo", queue=queue, max_attempts=0, idempotency_lease_s=0, idempotency_ttl_s=float("inf"))
+    @app.job(
+        "test.Echo", queue=queue, max_attempts=0, idempotency_lease_s=0, idempotency_ttl_s=float("inf"),
+        timeout_s=-1,
+    )  # fmt: skip
     async def echo(payload: dict[str, Any], ctx: JobContext) -> None: ...
 
     bad: dict[str, Any] = {"max_attempts": 2**31, "backoff": "soon", "retry_on": (ValueError, "KeyError")}
@@ -867,6 +970,7 @@ def test_bad_retry_settings_are_reported_together_at_start(queue: str) -> None:
     assert "test.Echo: max_attempts must be a whole number from 1 to 2,147,483,647, not 0" in message
     assert "test.Echo: idempotency_lease_s must be from 1 ms to 100 years, not 0" in message
     assert "test.Echo: idempotency_ttl_s must be from 1 ms to 100 years, not inf" in message
+    assert "test.Echo: timeout_s must be from 1 ms to 100 years, not -1" in message
     assert "test.Numbers: backoff must be a tenacity wait" in message
     assert "test.Numbers: retry_on must be a tuple of exception classes" in message
     # (an attempt past an Avro int: its retry's envelope was written, then read as undecodable)
@@ -886,9 +990,12 @@ def test_settings_of_the_wrong_kind_are_reported_at_start_too(queue: str) -> Non
     from tests.conftest import SCHEMAS
 
     app = Bridge(broker="memory://", registry=str(SCHEMAS))
-    app.job("test.Echo", queue=queue, max_attempts=float("nan"), idempotency_ttl_s="1h")(5)  # type: ignore[arg-type, type-var]
+    app.job("test.Echo", queue=queue, max_attempts=float("nan"), idempotency_ttl_s="1h", timeout_s="5")(5)  # type: ignore[arg-type, type-var]
 
-    @app.job("test.Numbers", queue=queue, max_attempts=None, idempotency_lease_s=timedelta(minutes=2))  # type: ignore[arg-type]
+    @app.job(
+        "test.Numbers", queue=queue, max_attempts=None, idempotency_lease_s=timedelta(minutes=2),  # type: ignore[arg-type]
+        timeout_s=timedelta(seconds=90),
+    )  # fmt: skip
     async def numbers(payload: dict[str, Any], ctx: JobContext) -> None: ...
 
     with pytest.raises(ConfigError) as caught:
@@ -898,7 +1005,9 @@ def test_settings_of_the_wrong_kind_are_reported_at_start_too(queue: str) -> Non
     assert "test.Echo: the handler must be a function, not 5" in message
     assert "test.Echo: idempotency_ttl_s must be a number of seconds, not '1h'" in message
     assert "test.Numbers: max_attempts must be a whole number from 1 to 2,147,483,647, not None" in message
+    assert "test.Echo: timeout_s must be a number of seconds, not '5'" in message
     assert "idempotency_lease_s" not in message and app.jobs["test.Numbers"].idempotency_lease_s == 120
+    assert "test.Numbers: timeout_s" not in message and app.jobs["test.Numbers"].timeout_s == 90
     with pytest.raises(ConfigError, match=r"app.job\(queue=...\) must be a name, not 7"):
         app.job("test.Unhandled", queue=7)  # type: ignore[arg-type]
 
