@@ -950,6 +950,54 @@ def test_a_tier_record_stamped_in_the_future_waits_one_tier_not_until_then(
     first_of_tier_records_runs_soon(brokers["kafka"], queue, "1s", written_s_ago=[-3600])
 
 
+def test_a_retry_held_behind_a_slow_job_runs_on_time_though_later_retries_went_into_its_tier_first(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given tiers of 1 s and 3 s (one partition each), a job on queue A that runs 3.2 s and one
+    # beside it that fails at once (retry due 3 s later: its hop waits for the slow job, the
+    # record before it), and a job on queue B that fails 2.5 s in (its hop goes into the 3 s
+    # tier at once),
+    # When the slow job ends and A's hop goes out, Then A's retry starts within 1 s of its due
+    # time. (Stamped as it settled, its hop went into the tier behind B's, stamped later, and
+    # waited for it: 2.5 s late.)
+    app = Bridge(
+        broker=brokers["kafka"], registry=str(SCHEMAS), prefix=names.prefix(), delay_tiers="1s,3s",
+        partitions=1, group=f"g-{uuid.uuid4().hex[:12]}", concurrency=4,
+    )  # fmt: skip
+    other = f"{queue}-b"
+    failed: dict[int, float] = {}
+    again: dict[int, float] = {}
+    slow_started = asyncio.Event()
+
+    @app.job("test.Echo", queue=queue, backoff=fixed(3))
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        n = payload["n"]
+        if n == 1:
+            slow_started.set()
+            await asyncio.sleep(3.2)
+        elif ctx.attempt == 1:
+            failed[n] = time.time()
+            raise ConnectionError("once")
+        else:
+            again[n] = time.time()
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue, other])
+            await app.enqueue_async("test.Echo", {"n": 1})
+            await app.enqueue_async("test.Echo", {"n": 2})
+            consuming = asyncio.create_task(app.consume([queue, other], burst=True))
+            await asyncio.wait_for(slow_started.wait(), 30)
+            await asyncio.sleep(2.5)
+            await app.enqueue_async("test.Echo", {"n": 3}, queue=other)
+            await asyncio.wait_for(consuming, 60)
+
+    run(scenario(), timeout=90)
+    assert set(again) == {2, 3}
+    late = {n: again[n] - (failed[n] + 3) for n in again}
+    assert late[2] < 1.0, late
+
+
 def first_of_tier_records_runs_soon(kafka: str, queue: str, tier: str, written_s_ago: list[float]) -> None:
     """Write a job for `queue` to delay tier `tier` per entry of `written_s_ago` (its record's
     timestamp), in one partition, then consume: the first must run within 20 s."""

@@ -27,6 +27,9 @@ from bridge.transports.kafka.returns import HANDED_OVER
 from bridge.transports.offsets import TopicPartition as TP
 
 COMMIT_INTERVAL_S = 0.05
+# A record held longer than this behind an unsettled one of its partition is routed again as
+# it goes out (`Committer.retier`); a shorter hold keeps its tier and its stamp.
+HELD_SLACK_MS = 250
 # A process killed mid-transaction blocks read_committed consumers of the topics it wrote to
 # until the coordinator aborts it: after this, not the default 60 s. Transactions here last
 # milliseconds. (A transaction with offsets of a deleted topic fails after it too.)
@@ -72,10 +75,12 @@ class Committer:
         transactional_id: str,
         owns: Callable[[TP], bool],
         note: str = "",
+        retier: Callable[[Record, int], Record] | None = None,
     ) -> None:
         self.consumer = consumer
         self.owns = owns
         self.note = note
+        self.retier = retier  # a held record and the time it goes out: the record to send
         self.producer = new_producer(
             common,
             {
@@ -216,7 +221,11 @@ class Committer:
         finish; the two would wait on each other for good.
         """
         metadata = self.consumer.consumer_group_metadata()
-        running = _in_own_thread(lambda: self._transact(*_flatten(batch), metadata))
+        records, offsets, notes = _flatten(batch)
+        if self.retier is not None and records:
+            now = time.time_ns() // 1_000_000
+            records = [self.retier(r, now) if now - r[4] > HELD_SLACK_MS else r for r in records]
+        running = _in_own_thread(lambda: self._transact(records, offsets, notes, metadata))
         self._out = (batch, running)
         return running
 

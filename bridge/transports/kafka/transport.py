@@ -334,6 +334,25 @@ class KafkaTransport:
             return  # revoked meanwhile: its next owner runs it again
         self._committer.add(tp, delivery.offset, outgoing, committable)
 
+    def _retier(self, record: Record, now: int) -> Record:
+        """A delay hop held behind an unsettled record of its partition (a slow job), routed
+        again for the wait it has left as it goes out, and stamped then.
+
+        Kept in its tier with the stamp of its settle, it went into its tier partition behind
+        hops stamped later, and waited for them: up to a tier past its time.
+        """
+        topic, value, key, headers, stamp = record
+        tier_s = next((s for s, name in self._tiers.items() if name == topic), None)
+        if tier_s is None or stamp == 0:  # not a hop into a tier
+            return record
+        left_s = tier_s - (now - stamp) / 1000
+        fitting = tier_for(left_s, tuple(self._tiers))
+        if fitting is not None:
+            return self._tiers[fitting], value, key, headers, 0
+        queue = next(value for name, value in headers or () if name == QUEUE_HEADER)
+        assert isinstance(queue, bytes)
+        return queue.decode(), value, key, None, 0  # less than a tier left: the worker waits it out
+
     # -- consuming -------------------------------------------------------------------------
 
     async def consume(
@@ -405,8 +424,9 @@ class KafkaTransport:
         self._consumer = consumer
         transactional_id = f"{self.settings.group}.{uuid.uuid4().hex}"
         self._committer = committer = Committer(
-            self._common, consumer, transactional_id, self._offsets.assigned, note=RUNNING
-        )
+            self._common, consumer, transactional_id, self._offsets.assigned, note=RUNNING,
+            retier=self._retier,
+        )  # fmt: skip
         self._process, self._careful, self._alone = process, concurrency, asyncio.Lock()
         self._gates.clear()
         self._leaving = False
