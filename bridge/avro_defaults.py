@@ -116,6 +116,27 @@ def _plain(names: Names, node: Any, kind: str, default: Any, namespace: str | No
     raise _NotAValue
 
 
+def writer_defaults(definition: dict[str, Any]) -> dict[str, Any]:
+    """The record's own fields whose defaults a writer must be given as values, not as the
+    schema's JSON holds them (bytes and fixed from a string of code points, a double from
+    "NaN", maps and records holding those): a payload that left one out was refused, its
+    default taken for a value of the wrong type. Underlying types only: what a payload holds."""
+    names = Names()
+    names.learn(definition, None)
+    namespace = full_name(definition["name"], definition.get("namespace")).rpartition(".")[0] or None
+    given: dict[str, Any] = {}
+    for f in definition["fields"]:
+        if "default" not in f:
+            continue
+        try:
+            value = value_of(names, f["type"], f["default"], namespace, logical=False)
+        except _NotAValue:
+            continue  # (a default no check refused: fastavro's as it is)
+        if type(value) is not type(f["default"]) or value != f["default"]:
+            given[f["name"]] = value
+    return given
+
+
 def _brief(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -32,7 +32,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.read import LOGICAL_READERS
 from fastavro.validation import ValidationError, validate
 
-from bridge.avro_defaults import fill_defaults, reader_with_defaults
+from bridge.avro_defaults import fill_defaults, reader_with_defaults, writer_defaults
 from bridge.avro_reader import Read, compile_reader
 from bridge.avro_writer import Write, compile_writer
 from bridge.compatibility import (
@@ -134,6 +134,7 @@ class Schema:
     logical_types: bool = True  # whether reading makes datetimes, Decimals, ... (not for bridge's own)
     readback: _Readback | None = None  # where a value that validates may not read back
     annotated: str = ""  # the canonical form with logical types kept: what the bytes mean
+    defaults: dict[str, Any] = field(default_factory=dict)  # `writer_defaults`: for fields left out
 
     @classmethod
     def from_definition(
@@ -161,7 +162,7 @@ class Schema:
         readback = _Readback(definition, parsed) if not compiled or '"float"' in canonical else None
         return cls(
             name, definition, parsed, canonical, fingerprint, check, schema_id, header, field_names, read,
-            write, logical_types, readback, annotated_form(definition),
+            write, logical_types, readback, annotated_form(definition), writer_defaults(definition),
         )  # fmt: skip
 
 
@@ -193,6 +194,8 @@ def encode(schema: Schema, datum: Any) -> bytes:
 
 def encode_validated(schema: Schema, datum: Any) -> bytes:
     """Validate `datum` against `schema`, naming the offending field, then encode it."""
+    if schema.defaults and isinstance(datum, dict) and (left_out := schema.defaults.keys() - datum.keys()):
+        datum = {**datum, **{name: schema.defaults[name] for name in left_out}}
     problems = validation_problems(schema, datum)
     if problems:
         raise SchemaError(f"payload does not match {schema.name}: " + "; ".join(problems))
@@ -243,7 +246,7 @@ def validation_problems(schema: Schema, datum: Any) -> list[str]:
     try:
         validate(datum, schema.parsed, raise_errors=True)
     except ValidationError as exc:
-        return problems + [_describe(error) for error in exc.errors]
+        return problems + [_describe(error, schema.name, datum) for error in exc.errors]
     except (ValueError, TypeError, OverflowError) as exc:  # a logical type's conversion refused a value
         readback = schema.readback.problems(schema.name, datum, valid=False) if schema.readback else []
         return problems + (readback or [f"{schema.name}: {exc}"])
@@ -350,10 +353,20 @@ def _round_trip(parsed: Any, datum: Any) -> None:
     _read_with_fastavro(stream.getvalue(), 0, parsed, None)
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any, record: str, datum: Any) -> str:
     if error.datum is None and error.field:
-        return f"{error.field}: missing (expected {_type_name(error.schema)})"
+        given = _given(datum, record, error.field)  # (a null given is no missing field)
+        return f"{error.field}: {'null' if given else 'missing'} (expected {_type_name(error.schema)})"
     return f"{error.field}: expected {_type_name(error.schema)}, got {error.datum!r}"
+
+
+def _given(datum: Any, record: str, path: str) -> bool:
+    """Whether the field at `path` (fastavro's: `record`'s full name, then field names) is in
+    `datum`, as a value or a null; False when it is left out, or the path is no such one."""
+    *parents, last = path.removeprefix(f"{record}.").split(".")
+    for name in parents:
+        datum = datum.get(name) if isinstance(datum, dict) else None
+    return isinstance(datum, dict) and last in datum
 
 
 def _type_name(schema: Any) -> str:

@@ -491,6 +491,9 @@ def test_validation_names_the_offending_field() -> None:
         codec.encode_validated(schema, {"n": 1, "bogus": 2})
     with pytest.raises(SchemaError, match=r"test\.Echo\.n: missing"):
         codec.encode_validated(schema, {})
+    # (A null given is no missing field: it was called missing, though the payload named it.)
+    with pytest.raises(SchemaError, match=r"test\.Echo\.n: null \(expected int\)"):
+        codec.encode_validated(schema, {"n": None})
 
 
 LOGICAL = Schema.from_definition({
@@ -614,6 +617,30 @@ def test_a_field_added_with_a_default_reaches_handlers_as_a_value_of_its_type(
     # the default over as the schema's JSON holds it: bytes as a str, a timestamp as an int.
     _, read = codec.decode(*older_order_read_with(tmp_path, kind, default))
     assert read == {"n": 1, "added": value} and type(read["added"]) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("kind", "default", "value"),
+    [
+        *[case for case in ADDED_DEFAULTS if case[0] != {"type": "string", "logicalType": "uuid"}],
+        ({"type": "map", "values": "bytes"}, {"k": "v"}, {"k": b"v"}),
+        ("double", "NaN", float("nan")),
+    ],
+)
+def test_a_payload_that_leaves_out_a_field_with_a_default_is_written_with_it(
+    tmp_path: Path, kind: Any, default: Any, value: Any
+) -> None:
+    # Given a field with a default, When a payload leaves it out (Avro: it takes its default),
+    # Then the payload is written with the default, read back as `value`. (A default of bytes,
+    # a fixed, a decimal, a map of bytes or "NaN" was taken as the schema's JSON holds it, and
+    # the payload refused: "expected bytes, got ''", naming a field the producer never gave.)
+    write_order(tmp_path, kind, default)
+    schema = SchemaDirectory(tmp_path).schema("x.Order")
+    _, read = codec.decode(codec.encode_validated(schema, {"n": 1}), _Both(schema))
+    if value != value:  # (NaN)
+        assert isinstance(read["added"], float) and read["added"] != read["added"]
+    else:
+        assert read == {"n": 1, "added": value} and type(read["added"]) is type(value)
 
 
 def test_a_float_default_of_nan_reaches_handlers_as_a_float(tmp_path: Path) -> None:
