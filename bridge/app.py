@@ -297,8 +297,9 @@ class Bridge:
         return await (await self.transport()).apply_topology(names, dry_run=dry_run)
 
     def _job_queues(self, queues: Sequence[str]) -> list[str]:
-        """`queues`, unless one is named as a delay tier is (bridge's own, never a job queue),
-        or is no name for a job queue."""
+        """`queues`, each once (a name given twice failed Kafka's subscribe with a traceback),
+        unless one is named as a delay tier is (bridge's own, never a job queue), or is no name
+        for a job queue."""
         tiers = [name for name in queues if tier_names(self.settings.prefix).fullmatch(name)]
         if tiers:
             raise ConfigError(
@@ -308,7 +309,7 @@ class Bridge:
         problems = [problem for name in queues if (problem := name_problem(name))]
         if problems:
             raise ConfigError("; ".join(problems))
-        return list(queues)
+        return list(dict.fromkeys(queues))
 
     def dead_letters(self, queue: str) -> DeadLetters:
         """The dead-letter queue of `queue`: list, show, replay and purge its letters."""

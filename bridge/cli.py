@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -140,8 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--idempotency-key", help="jobs sharing it have their effect once")
     enqueue.add_argument(
         "--dedupe", action="store_true",
-        help="publish nothing if --idempotency-key was enqueued within its window (the job type's, "
-        "with --app; else 24 h); print that job's id",
+        help="publish nothing if --idempotency-key was enqueued with --dedupe within its window (the "
+        "job type's, with --app; else 24 h); print that job's id",
     )  # fmt: skip
     when = enqueue.add_mutually_exclusive_group()
     when.add_argument("--delay", type=_duration, help="run no sooner than this from now: 90s, 5m, 2h, 3d")
@@ -416,7 +416,11 @@ def _dlq_list(args: argparse.Namespace) -> int:
         line = f"{item.id}  {when}  {item.letter.reason:15} {kind}  {item.letter.detail[:100]}"
         print(one_line(line))
     if not args.json:
-        print(f"{len(letters)} dead letters in {args.queue}.dlq", file=sys.stderr)
+        chosen = _selection(args)
+        narrowed = chosen.ids or chosen.type or chosen.reason or chosen.since_ms is not None
+        what = "dead letters selected" if narrowed else "dead letters"  # (not the queue's size)
+        more = " (--limit: there may be more)" if len(letters) == args.limit else ""
+        print(f"{len(letters)} {what} in {args.queue}.dlq{more}", file=sys.stderr)
     return 0
 
 
@@ -455,7 +459,10 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     if _stoppable(app, work, stop, summary):
         return 130
     print(summary(), file=sys.stderr)
-    return 1 if report.refused and not report.replayed else 0
+    found = [*report.replayed, *(letter_id for letter_id, _ in report.refused), *report.copies]
+    if _not_found(args, found) or (report.refused and not report.replayed):
+        return 1
+    return 0
 
 
 def _dlq_purge(args: argparse.Namespace) -> int:
@@ -471,7 +478,16 @@ def _dlq_purge(args: argparse.Namespace) -> int:
     if _stoppable(app, work, stop, lambda: f"purged {len(purged)}"):
         return 130
     print(f"purged {len(purged)} dead letters from {args.queue}.dlq")
-    return 0
+    return 1 if _not_found(args, purged) else 0
+
+
+def _not_found(args: argparse.Namespace, found: Collection[str]) -> bool:
+    """Say which of the letters `--id` named were not found (a typo, or gone already): whether
+    none of them was. (A replay or purge of nothing exited 0, a success to a script.)"""
+    missing = [letter_id for letter_id in args.ids or () if letter_id not in set(found)]
+    if missing:
+        _say(f"no dead letter {', '.join(missing)} in {args.queue}.dlq (as selected)")
+    return bool(args.ids) and len(missing) == len(set(args.ids))
 
 
 def _stoppable(
@@ -487,10 +503,12 @@ def _stoppable(
                     exiting="second signal: stopped at once", tell=_say)  # fmt: skip
         await _closing(app, work)
 
+    told = done()
     try:
         asyncio.run(sweep())
     except (TransportError, RegistryUnavailable):  # (a ConfigError comes before any letter)
-        _say(f"stopped: {done()} so far")
+        if done() != told:  # (else it stopped before any letter: a missing queue, say)
+            _say(f"stopped: {done()} so far")
         raise
     if stop.is_set():
         _say(f"stopped: {done()} before the signal")

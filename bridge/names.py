@@ -31,6 +31,8 @@ def name_problem(name: str, what: str = "queue") -> str | None:
         return f"{what} {name!r}: use letters, digits, '.', '_' and '-' (as Kafka's topic names do)"
     if len(name) > LONGEST_NAME:
         return f"{what} {name[:20]}...: at most {LONGEST_NAME} characters, not {len(name)} (Kafka's limit)"
+    if name in (".", ".."):  # (Kafka's rule; `bridge topology apply` planned them, Kafka refused)
+        return f"{what} {name!r}: Kafka takes no topic named . or ..: use letters or digits too"
     if name.startswith(("__", "amq.")):
         return f"{what} {name!r}: names starting with __ are Kafka's own, with amq. RabbitMQ's"
     if what == "queue" and is_dead_letters(name):

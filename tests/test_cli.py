@@ -76,6 +76,10 @@ def test_enqueue_mistakes_get_one_line(args: list[str], fragments: list[str]) ->
         (["enqueue", "--queue", "bad name!"], "queue 'bad name!': use letters, digits, '.', '_' and '-'"),
         (["enqueue", "--queue", "q" * 241], "at most 240 characters, not 241"),
         (["enqueue", "--queue", "__consumer_offsets"], "names starting with __ are Kafka's own"),
+        (
+            ["topology", "apply", "--queues", "..", "--dry-run"],
+            "queue '..': Kafka takes no topic named . or ..",
+        ),
         (["topology", "apply", "--queues", "billing,bad name!"], "queue 'bad name!': use letters"),
         (
             ["consume", "--app", "consumers.billing:app", "--queues", "amq.orders", "--burst"],
@@ -479,13 +483,16 @@ def test_topology_apply_and_enqueue_on_a_real_broker(
 ) -> None:
     # Given a fresh queue, When the plan is printed, applied twice and a job enqueued,
     # Then the dry run creates nothing, the second apply finds everything, and a UUIDv7 comes back.
+    # (The queue named twice is planned once: Kafka refused to subscribe to it twice.)
     env = {
         "BRIDGE_BROKER": brokers[broker_name], "BRIDGE_REGISTRY": str(SCHEMAS),
         "BRIDGE_PREFIX": f"p{queue[2:10]}", "BRIDGE_DELAY_TIERS": "1s,1m",
     }  # fmt: skip
-    plan = bridge("topology", "apply", "--queues", queue, "--dry-run", **env)
+    plan = bridge("topology", "apply", "--queues", f"{queue},{queue}", "--dry-run", **env)
     assert plan.returncode == 0, plan.stderr
     assert "exists" not in plan.stdout and queue in plan.stdout and f"p{queue[2:10]}.delay.1m" in plan.stdout
+    lines = plan.stdout.splitlines()
+    assert len(lines) == len(set(lines)), plan.stdout
     refused = bridge("enqueue", "test.Echo", '{"n": 1}', "--queue", queue, **env)
     assert_one_line_error(refused, "topology apply")
 

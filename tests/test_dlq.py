@@ -25,6 +25,7 @@ from bridge.registry import DEAD_LETTER
 from bridge.transports import Outgoing, dlq_name
 from tests import names
 from tests.conftest import REPO, SCHEMAS, publish_envelope, run
+from tests.processes import assert_one_line_error
 
 
 @pytest.fixture
@@ -359,6 +360,18 @@ def test_dlq_commands(make_app: Callable[..., Bridge], queue: str, broker: str) 
     )
     shown = bridge_cli("dlq", "show", queue, job_id, **env)
     assert json.loads(shown.stdout)["job"]["payload"] == {"n": 42, "text": "", "sleep_ms": 0}
+    # (The count says what it counts: it read as the queue's size after a filter or a limit.)
+    assert bridge_cli("dlq", "list", queue, **env).stderr.strip() == f"1 dead letters in {queue}.dlq"
+    chosen = bridge_cli("dlq", "list", queue, "--type", "test.Echo", "--limit", "1", **env).stderr.strip()
+    assert chosen == f"1 dead letters selected in {queue}.dlq (--limit: there may be more)"
+    # (An id that matches nothing is named, and fails: a replay or purge of nothing exited 0.)
+    for command in (["replay"], ["purge", "--yes"]):
+        missed = bridge_cli("dlq", command[0], queue, "--id", "no-such-id", *command[1:], **env)
+        assert missed.returncode == 1 and f"no dead letter no-such-id in {queue}.dlq" in missed.stderr
+    # (A queue without dead letters: one line, not a "stopped" for a sweep that never began.)
+    assert_one_line_error(
+        bridge_cli("dlq", "purge", f"{queue}-none", "--all", "--yes", **env), "does not exist"
+    )
 
     refused = bridge_cli("dlq", "purge", queue, "--all", **env)
     assert refused.returncode == 1 and "add --yes" in refused.stderr
