@@ -126,15 +126,29 @@ def writer_defaults(definition: dict[str, Any]) -> dict[str, Any]:
     namespace = full_name(definition["name"], definition.get("namespace")).rpartition(".")[0] or None
     given: dict[str, Any] = {}
     for f in definition["fields"]:
-        if "default" not in f:
-            continue
-        try:
-            value = value_of(names, f["type"], f["default"], namespace, logical=False)
-        except _NotAValue:
-            continue  # (a default no check refused: fastavro's as it is)
-        if type(value) is not type(f["default"]) or value != f["default"]:
+        value = _default_of(names, f, namespace, logical=False)
+        if value is not _NO_VALUE and _differs(value, f["default"]):
             given[f["name"]] = value
     return given
+
+
+_NO_VALUE = object()
+
+
+def _default_of(names: Names, f: dict[str, Any], namespace: str | None, *, logical: bool) -> Any:
+    """Field `f`'s default as a value (`value_of`); _NO_VALUE if it has none, or one that no
+    check refused (a producer's registered version's: left to fastavro as it is)."""
+    if "default" not in f:
+        return _NO_VALUE
+    try:
+        return value_of(names, f["type"], f["default"], namespace, logical=logical)
+    except _NotAValue:
+        return _NO_VALUE
+
+
+def _differs(value: Any, default: Any) -> bool:
+    """Whether `value` is not the default as the schema's JSON holds it (bytes for a str, ...)."""
+    return type(value) is not type(default) or value != default
 
 
 def _brief(value: Any) -> str:
@@ -181,14 +195,10 @@ def reader_with_defaults(definition: dict[str, Any], *, logical: bool) -> Any | 
             out["fields"] = fields = []
             for f in node["fields"]:
                 fields.append({**f, "type": walk(f["type"], namespace)})
-                if "default" not in f:
+                if (value := _default_of(names, f, namespace, logical=logical)) is _NO_VALUE:
                     continue
-                try:
-                    value = value_of(names, f["type"], f["default"], namespace, logical=logical)
-                except _NotAValue:
-                    continue  # (a default no check refused: fastavro's as it is)
                 marker = _Default(value)
-                if type(value) is not type(f["default"]) or value != f["default"] or not marker.shared:
+                if _differs(value, f["default"]) or not marker.shared:
                     fields[-1]["default"], marked = marker, True
         for key in ("items", "values"):
             if key in node:
