@@ -173,6 +173,13 @@ class Bridge:
             raise ConfigError("dedupe=True needs an idempotency_key")
         _check_options(queue, key, idempotency_key, headers, max_attempts)
         now = self.clock()
+        run_at = _moment(delay, at, now, "delay", "at")
+        ends_at = _moment(ttl, expires_at, now, "ttl", "expires_at")
+        if run_at is not None and ends_at is not None and ends_at <= run_at:  # (it could never run)
+            raise ConfigError(
+                f"the job would expire ({'ttl' if ttl is not None else 'expires_at'}=) no later than it "
+                f"may start ({'delay' if delay is not None else 'at'}=): expire it after that"
+            )
         envelope = self.build_envelope(
             type,
             payload,
@@ -181,8 +188,8 @@ class Bridge:
             idempotency_key=idempotency_key,
             headers=headers,
             max_attempts=max_attempts,
-            run_at=_moment(delay, at, now, "delay", "at"),
-            expires_at=_moment(ttl, expires_at, now, "ttl", "expires_at"),
+            run_at=run_at,
+            expires_at=ends_at,
             created_at=now,
         )
         if problem := name_problem(envelope.queue):  # (on Kafka a `.dlq.done` one hid a letter)

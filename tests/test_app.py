@@ -62,6 +62,8 @@ class NoOffset(tzinfo):
         ({"headers": {"tenant": None}}, "headers['tenant']= must be a string (UTF-8 text), not None"),
         ({"max_attempts": 0}, "max_attempts= must be a whole number from 1 to 2,147,483,647, not 0"),
         ({"max_attempts": 2**40}, "max_attempts= must be a whole number from 1 to 2,147,483,647"),
+        # (certain to be dead-lettered `expired` without a run)
+        ({"delay": 7200, "ttl": 3600}, "the job would expire (ttl=) no later than it may start (delay=)"),
     ],
 )
 def test_an_enqueue_argument_no_envelope_can_carry_is_named(options: dict[str, Any], says: str) -> None:

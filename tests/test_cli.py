@@ -54,6 +54,10 @@ def closed_port() -> int:
             ["delay= must be seconds up to 100 years, not 8.64e+18"],
         ),
         (["billing.ChargeCard", CHARGE, "--ttl", "9999999999999d"], ["ttl= must be seconds up to 100 years"]),
+        (
+            ["billing.ChargeCard", CHARGE, "--delay", "2h", "--ttl", "1h"],
+            ["would expire (ttl=) no later than"],
+        ),
     ],
 )
 def test_enqueue_mistakes_get_one_line(args: list[str], fragments: list[str]) -> None:
