@@ -950,6 +950,85 @@ def test_a_tier_record_stamped_in_the_future_waits_one_tier_not_until_then(
     first_of_tier_records_runs_soon(brokers["kafka"], queue, "1s", written_s_ago=[-3600])
 
 
+def test_a_partition_runs_so_far_past_a_slow_job_and_no_further_until_it_ends(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a limit of 50 records handed out past a partition's first unsettled one, and on one
+    # partition a job that runs until told to end, then 1,000 quick jobs,
+    # When they run, Then while the first one runs, its partition stops short of the 1,000
+    # (what was fetched before the pause aside); once it ends, the rest run, each once. (Every
+    # one ran meanwhile, held in memory uncommitted with what it published: after a 10-minute
+    # job, millions.)
+    monkeypatch.setattr(kafka_transport, "RUN_AHEAD_MAX", 50)
+    app = Bridge(
+        broker=brokers["kafka"], registry=str(SCHEMAS), prefix=names.prefix(), delay_tiers="1s",
+        partitions=1, group=f"g-{uuid.uuid4().hex[:12]}", concurrency=8,
+    )  # fmt: skip
+    runs: Counter[int] = Counter()
+    release = asyncio.Event()
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs[payload["n"]] += 1
+        if payload["n"] == 0:
+            await release.wait()
+
+    async def scenario() -> int:
+        async with app:
+            await app.apply_topology()
+            for start in range(0, 1001, 250):
+                await asyncio.gather(*(
+                    app.enqueue_async("test.Echo", {"n": n}) for n in range(start, min(start + 250, 1001))
+                ))  # fmt: skip
+            consuming = asyncio.create_task(app.consume(burst=True))
+            while len(runs) < 50:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(2)  # (time to run on, were it not held back)
+            meanwhile = len(runs)
+            release.set()
+            await asyncio.wait_for(consuming, 60)
+            return meanwhile
+
+    meanwhile = run(scenario(), timeout=120)
+    assert meanwhile < 200, meanwhile  # (1,001 without the limit)
+    assert set(runs) == set(range(1001)) and set(runs.values()) == {1}
+
+
+def test_a_tier_a_producer_makes_while_a_consumer_runs_is_forwarded_without_a_restart(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a consumer with the delay tier 1s at work, When a producer with tiers 1s and 3s
+    # applies its topology (making the 3s tier topic) and enqueues a job 4 s ahead, which waits
+    # in that tier, Then the consumer runs the job within seconds of its time. (Its forwarder
+    # read only the tier topics there were at its start: the job waited for the next restart,
+    # or went at the topic's retention.)
+    monkeypatch.setattr(kafka_transport, "TOPIC_LOOK_S", 0.5)
+    prefix, group = names.prefix(), f"g-{uuid.uuid4().hex[:12]}"
+    settings: dict[str, Any] = {"broker": brokers["kafka"], "registry": str(SCHEMAS), "prefix": prefix}
+    worker = Bridge(**settings, delay_tiers="1s", group=group, partitions=1)
+    producer = Bridge(**settings, delay_tiers="1s,3s", partitions=1)
+    ran = signalling(worker, queue)
+
+    async def scenario() -> float:
+        async with worker, producer:
+            await worker.apply_topology()
+            stop = asyncio.Event()
+            consuming = asyncio.create_task(worker.consume(stop=stop))
+            try:
+                await asyncio.sleep(3)  # (at work: its forwarder subscribed)
+                await producer.apply_topology([queue])
+                await producer.enqueue_async("test.Echo", {"n": 1}, queue=queue, delay=4)
+                due = time.monotonic() + 4
+                await asyncio.wait_for(ran.wait(), 30)
+                return time.monotonic() - due
+            finally:
+                stop.set()
+                await consuming
+
+    late_s = run(scenario(), timeout=90)
+    assert late_s < 8, late_s
+
+
 def test_a_retry_held_behind_a_slow_job_runs_on_time_though_later_retries_went_into_its_tier_first(
     brokers: dict[str, str], queue: str
 ) -> None:

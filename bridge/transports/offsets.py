@@ -105,6 +105,11 @@ class OffsetTracker:
         """Whether `tp` is still assigned in `assignment`."""
         return self._partitions.get(tp) is assignment
 
+    def ahead(self, tp: TopicPartition) -> int:
+        """How many records of `tp` were handed out from its first unsettled one on."""
+        partition = self._partitions.get(tp)
+        return len(partition.order) if partition is not None else 0
+
     def in_flight(self) -> int:
         """How many handed-out records are not settled yet."""
         return sum(p.unsettled for p in self._partitions.values())

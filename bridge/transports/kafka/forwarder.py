@@ -51,6 +51,7 @@ class DelayForwarder:
         self.ahead: dict[tuple[str, int], tuple[int, int]] = {}
         self.forwarding = False
         self.committer: Committer | None = None
+        self.subscribed: list[str] = []  # the tier topics its consumer is subscribed to
 
     async def run(self, stop: asyncio.Event) -> None:
         # Small fetches (records are looked at one partition head at a time anyway), and short
@@ -62,9 +63,11 @@ class DelayForwarder:
         self.committer = Committer(self.transport._common, consumer, transactional_id, lambda _: True)
         try:  # (whatever it raises ends the consumer's round: KafkaTransport._failure)
             await self.committer.start()
-            consumer.subscribe(list(self.delay_ms), on_revoke=self._on_lost, on_lost=self._on_lost)
             idle_s = 0.001
             while not stop.is_set() and self.committer.failure is None:
+                if self.subscribed != list(self.delay_ms):  # (at first, and once `add_tiers` adds one)
+                    self.subscribed = list(self.delay_ms)
+                    consumer.subscribe(self.subscribed, on_revoke=self._on_lost, on_lost=self._on_lost)
                 self._resume_due(consumer)
                 records = consumer.consume(FETCH_BATCH, 0)
                 due = self._take_due(consumer, records)
@@ -78,6 +81,11 @@ class DelayForwarder:
         finally:
             self.committer.retired = True
             await asyncio.to_thread(consumer.close)
+
+    def add_tiers(self, tiers: dict[str, float]) -> None:
+        """Forward from the tier topics `tiers` (topic -> seconds) too: made after this started
+        (by a producer with other tiers, say), they were not read until the next restart."""
+        self.delay_ms |= {topic: round(tier_s * 1000) for topic, tier_s in tiers.items()}
 
     async def drained(self) -> bool:
         """Whether every tier is empty: nothing waiting, nothing being forwarded, nothing unread."""

@@ -78,6 +78,12 @@ from bridge.transports.offsets import OffsetTracker
 from bridge.transports.offsets import TopicPartition as TP
 
 PAUSE_AFTER_S = 1.0
+# How many records of a partition may be handed out from its first one not settled yet (a slow
+# job's) before the partition is paused, until half as many are left. Unbounded, the records
+# after a 10-minute job all ran meanwhile, held in memory with what they publish (GBs at tens
+# of thousands of jobs a second), all ran again if its worker died, and the transaction past
+# them overflowed librdkafka's queue of 100,000 records, which ended the round.
+RUN_AHEAD_MAX = 20_000
 DRAIN_CHECK_S = 0.25
 TOPIC_LOOK_S = 5.0  # while idle, how often to look whether the consumed topics still exist
 NEW_TOPIC_GRACE_S = 2.0  # at consume start, how long a topic may be missing before bridge refuses
@@ -126,6 +132,7 @@ class KafkaTransport:
         self._consuming = False  # a consume() is running
         self._offsets = OffsetTracker()
         self._backlog: deque[Message] = deque()  # fetched while every slot was busy
+        self._ahead: set[TP] = set()  # partitions paused RUN_AHEAD_MAX records past a slow job
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
         self._tier_names = tier_names(settings.prefix)
         # Tier topics of the prefix that `delay_tiers` does not name (an earlier setting's, or a
@@ -333,6 +340,10 @@ class KafkaTransport:
         if committable is None and not self._offsets.owns(tp, delivery.handle):
             return  # revoked meanwhile: its next owner runs it again
         self._committer.add(tp, delivery.offset, outgoing, committable)
+        if committable is not None and tp in self._ahead and self._offsets.ahead(tp) <= RUN_AHEAD_MAX // 2:
+            self._ahead.discard(tp)
+            assert self._consumer is not None
+            self._consumer.resume([TopicPartition(*tp)])
 
     def _retier(self, record: Record, now: int) -> Record:
         """A delay hop held behind an unsettled record of its partition (a slow job), routed
@@ -429,6 +440,7 @@ class KafkaTransport:
         )  # fmt: skip
         self._process, self._careful, self._alone = process, concurrency, asyncio.Lock()
         self._gates.clear()
+        self._ahead.clear()
         self._leaving = False
         try:
             await committer.start()
@@ -591,7 +603,8 @@ class KafkaTransport:
             idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
 
     async def _require_still_there(self, queues: Sequence[str]) -> None:
-        """Raise TransportError if a topic being consumed was deleted (a fresh metadata look).
+        """Raise TransportError if a topic being consumed was deleted (a fresh metadata look);
+        have the forwarder read the tier topics of the prefix made since (`_tiers_not_named`).
 
         Nothing else would tell: librdkafka only notes that the topic has no partitions any more,
         and a consumer with nothing to commit sits there for good. A broker that does not answer
@@ -602,6 +615,10 @@ class KafkaTransport:
         except TransportError as exc:
             log.debug("could not look whether %s still exist: %s", ",".join(queues), exc)
             return
+        if (found := self._tiers_not_named(self._topics)).keys() - self._retired_tiers.keys():
+            self._retired_tiers |= found
+            if self._forwarder is not None:  # a tier made since it started: forward from it too
+                self._forwarder.add_tiers(found)
         gone = [queue for queue in queues if queue not in self._topics]
         if gone:
             raise TransportError(
@@ -628,6 +645,10 @@ class KafkaTransport:
             return  # its partition was revoked since it was fetched: the next owner runs it
         delivery = Delivery(record.value() or b"", topic, record.key(), partition, offset, handle=assignment)
         inflight.start(delivery)
+        if len(assignment.order) > RUN_AHEAD_MAX and (topic, partition) not in self._ahead:
+            self._ahead.add((topic, partition))  # (`settle` resumes it)
+            assert self._consumer is not None
+            self._consumer.pause([TopicPartition(topic, partition)])
 
     def _run(self, delivery: Delivery) -> Awaitable[None]:
         """Process `delivery`, through its partition's gate while that is closed (returns.py).
@@ -740,7 +761,7 @@ class KafkaTransport:
         return False
 
     def _pause(self, consumer: Consumer, pause: bool) -> bool:
-        assignment = consumer.assignment()
+        assignment = [tp for tp in consumer.assignment() if (tp.topic, tp.partition) not in self._ahead]
         if assignment:
             (consumer.pause if pause else consumer.resume)(assignment)
         return pause
@@ -837,8 +858,9 @@ class KafkaTransport:
 
     def _drop(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Forget partitions revoked or lost: what they hold runs again at their next owner."""
-        resume_leaving(consumer, partitions)  # (paused while every slot was busy)
+        resume_leaving(consumer, partitions)  # (paused while every slot was busy, or far ahead)
         gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._ahead -= gone
         for tp in gone:  # another member may own them already: commit nothing more
             self._offsets.revoke(tp)
             self._gates.pop(tp, None)
