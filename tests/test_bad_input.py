@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import struct
 import subprocess
+import time
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aio_pika
+import pamqp.decode
+import pamqp.encode
 import pytest
 from confluent_kafka import Producer
 
@@ -22,8 +27,10 @@ from bridge.envelope import now_ms
 from bridge.errors import JobTooLarge
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
+from bridge.transports import amqp_frames
 from bridge.transports.base import dlq_name
 from bridge.worker import Stats
+from tests import names
 from tests.brokerio import dead_letters, rabbitmq_api, read_records, topics_made_elsewhere
 from tests.conftest import SCHEMAS, failing_first, own_app, publish_envelope, run
 from tests.processes import consumer, finish, ledger_counts, publish
@@ -385,3 +392,70 @@ def test_bad_bytes_inside_an_envelope_are_dead_lettered_with_a_reason_a_person_c
     assert "is more than 100 years ahead: an envelope's times are epoch milliseconds" in letters[3].detail
     assert letters[4].envelope is not None and letters[4].envelope.id == soon.id
     assert "is 1970-01-" in letters[4].detail and "(was it written in seconds? 20" in letters[4].detail
+
+
+# AMQP properties another producer may write that pamqp could not read: what goes in a frame,
+# written raw through pamqp's encoder, in place of a value it would encode.
+UNREADABLE_PROPERTIES: dict[str, tuple[dict[str, Any], str, bytes]] = {
+    # (a time in microseconds: pamqp reads it as milliseconds, in the year 55,000 or so)
+    "a timestamp in microseconds": (
+        {"timestamp": datetime.now(UTC)}, "timestamp", struct.pack(">Q", time.time_ns() // 1000),
+    ),
+    "a content type that is not UTF-8": ({"content_type": "x"}, "shortstr", b"\x02\xff\xfe"),
+    "a header named in bytes that are not UTF-8": (
+        {"headers": {"x": "y"}}, "table", b"\x00\x00\x00\x08\x01\xffS\x00\x00\x00\x01y",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("written", list(UNREADABLE_PROPERTIES))
+def test_a_job_whose_amqp_properties_pamqp_cannot_read_runs_and_so_does_the_next(
+    brokers: dict[str, str], queue: str, written: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job published by another producer with `written` among its AMQP properties, then
+    # a second job, When a burst consume runs, Then each runs once, and nothing is dead-lettered.
+    # (aiormq's reader closed the connection at each delivery of the first: RabbitMQ delivered
+    # it again on the next, for good; neither ran, and the burst never ended.)
+    app = Bridge(broker=brokers["rabbitmq"], registry=str(SCHEMAS), prefix=names.prefix(), delay_tiers="1s")
+    runs: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(payload["n"])
+
+    properties, kind, raw = UNREADABLE_PROPERTIES[written]
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology()
+            bodies = [
+                codec.encode(
+                    app.registry.schema(ENVELOPE),
+                    app.build_envelope("test.Echo", {"n": n}, queue=queue).to_avro(),
+                )
+                for n in (1, 2)
+            ]
+            async with await aio_pika.connect(brokers["rabbitmq"]) as connection:
+                channel = await connection.channel()
+                [sentinel] = properties.values()
+                encode = pamqp.encode.METHODS[kind]
+                with monkeypatch.context() as writing:  # (the other producer's encoder, for that value)
+                    writing.setitem(pamqp.encode.METHODS, kind, lambda v: raw if v == sentinel else encode(v))
+                    await channel.default_exchange.publish(aio_pika.Message(bodies[0], **properties), queue)
+                await channel.default_exchange.publish(aio_pika.Message(bodies[1]), queue)
+            stats = await asyncio.wait_for(app.consume(burst=True), 30)
+            assert stats.dead_lettered == 0, stats.summary()
+
+    run(scenario(), timeout=60)
+    assert sorted(runs) == [1, 2]
+
+
+def test_amqp_properties_cut_short_still_fail_to_parse() -> None:
+    # Given pamqp reading leniently (as bridge's RabbitMQ transport has it), When a timestamp or
+    # a header table is cut short, Then it still fails: only values another producer wrote in
+    # full, but past what pamqp reads, are taken.
+    amqp_frames.install()
+    for kind, cut in (("timestamp", b"\x00\x01"), ("table", b"\x00\x00\x00\x09\x01k")):
+        with pytest.raises(ValueError):
+            pamqp.decode.by_type(cut, kind)
+    assert pamqp.decode.by_type(struct.pack(">Q", time.time_ns() // 1000), "timestamp") == (8, None)

@@ -48,6 +48,7 @@ from bridge.errors import PublishError, PublishRefused, PublishUnconfirmed, Tran
 from bridge.logs import REPEAT_WINDOW_S, Repeats
 from bridge.names import is_dead_letters
 from bridge.policy import tier_for
+from bridge.transports import amqp_frames
 from bridge.transports.base import (
     PUBLISH_TIMEOUT_S,
     BurstWait,
@@ -179,6 +180,7 @@ class RabbitTransport:
     name = "rabbitmq"
 
     def __init__(self, url: str, settings: Settings) -> None:
+        amqp_frames.install()  # (a property another producer wrote could block a queue for good)
         self.url = url
         self.settings = settings
         self.exchange_name = f"{settings.prefix}.jobs"
