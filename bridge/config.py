@@ -9,7 +9,7 @@ import difflib
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -100,12 +100,16 @@ class Settings:
                     converted[name] = _convert(name, value)
                 except ValueError as exc:
                     problems.append(str(exc))
-        problems += cls(**converted)._problems()
+        unread = {name for name in values if name in _FIELDS and name not in converted}
+        problems += cls(**converted)._problems(unread)
         if problems:
             raise ConfigError("; ".join(problems))
         return cls(**converted)
 
-    def _problems(self) -> list[str]:
+    def _problems(self, unread: Collection[str] = ()) -> list[str]:
+        """Every problem of these settings, but those that compare with one of `unread` (its
+        default stood in: a prefetch of 4 was said to be below a concurrency of 16 that nobody
+        asked for, beside the real problem, a concurrency of `abc`)."""
         problems = []
         if self.broker is not None and (problem := _broker_problem(self.broker)):
             problems.append(
@@ -122,7 +126,7 @@ class Settings:
                 f"max_message_bytes must be at most {MAX_MESSAGE_BYTES:,}: Kafka takes no record over "
                 "1,000,000,000 bytes, and a dead letter adds 512 KiB to a job"
             )
-        if self.prefetch is not None and self.prefetch < self.concurrency:
+        if self.prefetch is not None and self.prefetch < self.concurrency and "concurrency" not in unread:
             problems.append(
                 f"prefetch ({self.prefetch}) must be at least concurrency ({self.concurrency}):"
                 " RabbitMQ would never hand this process enough jobs to fill its slots"

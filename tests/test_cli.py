@@ -260,6 +260,16 @@ def test_bad_settings_are_reported_at_once(env: dict[str, str], fragments: list[
     assert_one_line_error(done, *fragments)
 
 
+def test_a_setting_that_cannot_be_read_is_not_compared_as_its_default() -> None:
+    # Given a concurrency that is no number and a prefetch of 4, Then the one line names the
+    # concurrency, and says nothing of the prefetch: it was said to be below a concurrency of
+    # 16, the default, which nobody asked for.
+    env = {"BRIDGE_CONCURRENCY": "abc", "BRIDGE_PREFETCH": "4"}
+    done = bridge("enqueue", "billing.ChargeCard", CHARGE, "--registry", "schemas", **env)
+    assert_one_line_error(done, "concurrency must be a whole number, got 'abc'")
+    assert "prefetch" not in done.stderr
+
+
 @pytest.mark.parametrize(
     ("url", "client"), [("redis://127.0.0.1/0", "redis"), ("postgresql://db/b", "psycopg")]
 )
