@@ -484,7 +484,8 @@ def _dlq_purge(args: argparse.Namespace) -> int:
 def _not_found(args: argparse.Namespace, found: Collection[str]) -> bool:
     """Say which of the letters `--id` named were not found (a typo, or gone already): whether
     none of them was. (A replay or purge of nothing exited 0, a success to a script.)"""
-    missing = [letter_id for letter_id in args.ids or () if letter_id not in set(found)]
+    seen = set(found)
+    missing = [letter_id for letter_id in args.ids or () if letter_id not in seen]
     if missing:
         _say(f"no dead letter {', '.join(missing)} in {args.queue}.dlq (as selected)")
     return bool(args.ids) and len(missing) == len(set(args.ids))
