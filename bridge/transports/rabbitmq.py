@@ -368,13 +368,7 @@ class RabbitTransport:
         assert channel is not None, "publish() before connect()"
         while True:
             try:
-                try:
-                    await channel.ready()
-                except asyncio.CancelledError as exc:
-                    if cancelled_here():
-                        raise
-                    raise _found_stuck(f"publish to {message.queue} not confirmed") from exc
-                await self._publish(message)
+                await self._publish(message, once=channel)
                 return
             except PublishError as exc:
                 if not exc.retriable or isinstance(exc, PublishRefused):
@@ -382,8 +376,11 @@ class RabbitTransport:
                 failed.append(exc)
             await asyncio.sleep(RECONNECT_POLL_S)  # (the channel may not know yet that it is lost)
 
-    async def _publish(self, message: Outgoing) -> None:
+    async def _publish(self, message: Outgoing, once: AbstractRobustChannel | None = None) -> None:
+        """Publish `message` (once `once` is ready, if given), confirmed."""
         try:
+            if once is not None:
+                await once.ready()
             await self._publish_confirmed(message)
         except asyncio.CancelledError as exc:
             if cancelled_here():
