@@ -192,9 +192,8 @@ def kafka_behind_proxy(root: Path) -> Iterator[ThreadedProxy]:
 
 
 # Loopback is the host's, and `make test` runs two sessions at once: one test at a time changes
-# its qdisc. While one does, every loopback packet passes through that qdisc (lo has none of its
-# own), a timing test's of the other session too: a packet still queued when it goes is lost,
-# and its sender's retransmission comes 200 ms or more later.
+# its qdiscs. While one does, every loopback packet passes through its filter, a timing test's
+# of the other session too.
 QDISC_LOCK = Path(tempfile.gettempdir()) / "bridge-tests-lo-qdisc.lock"
 _qdisc_held = False
 
@@ -219,37 +218,40 @@ def silenced(port: int, server_port: int) -> Iterator[None]:
     until the block ends: a network gone silent, as both ends' kernels see it. A proxy cannot
     do that: its kernel acknowledges what the server sends, keepalive probes included.
 
-    Needs root and tc (iproute2). This kernel has no netem and no drop action, so the packets go
-    to a class whose queue holds none. Loopback's other traffic passes as before. Loopback is
-    the host's: the caller holds `loopback_qdisc()`, and a qdisc that a killed run left behind
-    goes first.
+    Needs root and iproute2. The packets are dropped as they arrive, once their sender's kernel
+    has sent them, as a network would lose them: loopback's ingress redirects them to a device
+    that is down (this kernel has no netem and no drop action). Dropped as they left, the
+    sender's kernel saw each keepalive probe fail to go out, took that for congestion of its
+    own, and never counted a probe unanswered: the session of a silent client was never ended.
+    Loopback's other traffic passes as before. Loopback is the host's: the caller holds
+    `loopback_qdisc()`, and what a killed run left behind goes first.
     """
     assert _qdisc_held, "silenced() needs loopback_qdisc() held, taken before the test's event loop runs"
-    if os.geteuid() != 0 or not shutil.which("tc"):  # (a teammate's machine; CI runs as root)
-        reason = "silencing a connection needs root and tc (iproute2)"
+    if os.geteuid() != 0 or not (shutil.which("tc") and shutil.which("ip")):  # (CI runs as root)
+        reason = "silencing a connection needs root and iproute2 (tc, ip)"
         if in_ci():
             pytest.fail(reason)
         pytest.skip(reason)
-    lo = ["dev", "lo"]
+    lo, nowhere = ["dev", "lo"], "bridge-silent"
+    undo = [["tc", "qdisc", "del", *lo, "ingress"], ["ip", "link", "del", nowhere]]
     commands = [
-        # (unclassified: straight through; a direct queue of HTB's default length, lo's 1,000
-        # packets, could drop some of the other session's in a burst)
-        ["tc", "qdisc", "add", *lo, "root", "handle", "1:", "htb", "direct_qlen", "100000"],
-        ["tc", "class", "add", *lo, "parent", "1:", "classid", "1:2", "htb", "rate", "8bit"],
-        ["tc", "qdisc", "add", *lo, "parent", "1:2", "handle", "20:", "pfifo", "limit", "0"],
+        ["ip", "link", "add", nowhere, "type", "ifb"],  # (left down: what goes there is dropped)
+        ["tc", "qdisc", "add", *lo, "handle", "ffff:", "ingress"],
         *(
-            ["tc", "filter", "add", *lo, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+            ["tc", "filter", "add", *lo, "parent", "ffff:", "protocol", "ip", "prio", "1", "u32",
              "match", "ip", "sport", str(source), "0xffff", "match", "ip", "dport", str(to), "0xffff",
-             "flowid", "1:2"]
+             "action", "mirred", "egress", "redirect", "dev", nowhere]
             for source, to in ((port, server_port), (server_port, port))
         ),
     ]  # fmt: skip
     try:
-        subprocess.run(["tc", "qdisc", "del", *lo, "root"], capture_output=True, check=False)
+        for command in undo:
+            subprocess.run(command, capture_output=True, check=False)
         for command in commands:
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode:
                 raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
         yield
     finally:
-        subprocess.run(["tc", "qdisc", "del", *lo, "root"], capture_output=True, check=False)
+        for command in undo:
+            subprocess.run(command, capture_output=True, check=False)
