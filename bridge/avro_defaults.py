@@ -120,16 +120,30 @@ def writer_defaults(definition: dict[str, Any]) -> dict[str, Any]:
     """The record's own fields whose defaults a writer must be given as values, not as the
     schema's JSON holds them (bytes and fixed from a string of code points, a double from
     "NaN", maps and records holding those): a payload that left one out was refused, its
-    default taken for a value of the wrong type. Underlying types only: what a payload holds."""
+    default taken for a value of the wrong type. Underlying types only: what a payload holds.
+    And those with a logical type, so that validation sees them: a sentinel such a default may
+    be (a uuid of "") was written, and the consumer could not read the job."""
     names = Names()
     names.learn(definition, None)
     namespace = full_name(definition["name"], definition.get("namespace")).rpartition(".")[0] or None
     given: dict[str, Any] = {}
     for f in definition["fields"]:
         value = _default_of(names, f, namespace, logical=False)
-        if value is not _NO_VALUE and _differs(value, f["default"]):
+        if value is _NO_VALUE:
+            continue
+        if _differs(value, f["default"]) or _logical(names, f["type"], namespace):
             given[f["name"]] = value
     return given
+
+
+def _logical(names: Names, node: Any, namespace: str | None) -> bool:
+    """Whether `node`, or a branch of it if a union, has a logical type."""
+    if isinstance(node, dict) and "logicalType" in node:
+        return True
+    node, namespace = names.resolve(unwrap(node), namespace)
+    if isinstance(node, list):
+        return any(_logical(names, branch, namespace) for branch in node)
+    return isinstance(node, dict) and "logicalType" in node
 
 
 _NO_VALUE = object()

@@ -21,7 +21,7 @@ import json
 import math
 import struct
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -194,10 +194,14 @@ def encode(schema: Schema, datum: Any) -> bytes:
 
 def encode_validated(schema: Schema, datum: Any) -> bytes:
     """Validate `datum` against `schema`, naming the offending field, then encode it."""
+    left_out: Collection[str] = ()
     if schema.defaults and isinstance(datum, dict) and (left_out := schema.defaults.keys() - datum.keys()):
         datum = {**datum, **{name: schema.defaults[name] for name in left_out}}
     problems = validation_problems(schema, datum)
     if problems:
+        for name in left_out:  # (a default that would not read back: a uuid of "")
+            at, said = f"{schema.name}.{name}: ", f"{schema.name}.{name} (left out: its default): "
+            problems = [said + p[len(at) :] if p.startswith(at) else p for p in problems]
         raise SchemaError(f"payload does not match {schema.name}: " + "; ".join(problems))
     try:
         return encode(schema, datum)

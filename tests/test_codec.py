@@ -594,6 +594,7 @@ def test_a_schema_directory_refuses_a_default_its_field_cannot_hold(
         SchemaDirectory(tmp_path)
 
 
+UUID_TYPE = {"type": "string", "logicalType": "uuid"}
 # A field's type, its default, and the value a job written without the field reads it as.
 ADDED_DEFAULTS: list[tuple[Any, Any, Any]] = [
     ("bytes", "\u00ff\u0000", b"\xff\x00"), ("double", 1, 1.0), ("float", 0.1, 0.10000000149011612),
@@ -625,6 +626,7 @@ def test_a_field_added_with_a_default_reaches_handlers_as_a_value_of_its_type(
         *[case for case in ADDED_DEFAULTS if case[0] != {"type": "string", "logicalType": "uuid"}],
         ({"type": "map", "values": "bytes"}, {"k": "v"}, {"k": b"v"}),
         ("double", "NaN", float("nan")),
+        ({"type": "string", "logicalType": "uuid"}, str(uuid.UUID(int=7)), uuid.UUID(int=7)),
     ],
 )
 def test_a_payload_that_leaves_out_a_field_with_a_default_is_written_with_it(
@@ -641,6 +643,20 @@ def test_a_payload_that_leaves_out_a_field_with_a_default_is_written_with_it(
         assert isinstance(read["added"], float) and read["added"] != read["added"]
     else:
         assert read == {"n": 1, "added": value} and type(read["added"]) is type(value)
+
+
+@pytest.mark.parametrize("kind", [UUID_TYPE, ["null", UUID_TYPE]])
+def test_a_payload_that_leaves_out_a_field_whose_default_would_not_read_back_is_refused(
+    tmp_path: Path, kind: Any
+) -> None:
+    # Given a uuid field whose default is "" (a sentinel Java's Avro loads), When a payload
+    # leaves it out, Then the enqueue is refused, naming the field: it was written, and the
+    # worker could not read the job ("badly formed hexadecimal UUID string").
+    write_order(tmp_path, kind, "")
+    schema = SchemaDirectory(tmp_path).schema("x.Order")
+    message = "x.Order.added (left out: its default): '' is not a uuid"
+    with pytest.raises(SchemaError, match=re.escape(message)):
+        codec.encode_validated(schema, {"n": 1})
 
 
 def test_a_float_default_of_nan_reaches_handlers_as_a_float(tmp_path: Path) -> None:
