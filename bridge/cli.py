@@ -543,6 +543,11 @@ def _keys(args: argparse.Namespace) -> tuple[Bridge, Keys]:
 
         if problem := postgres.unused(url):
             raise ConfigError(f"{problem}. Give the workers' database, --idempotency postgresql://...")
+    if url.startswith("redis"):
+        from bridge.idempotency import redis  # (redis-py: only for its URLs)
+
+        if problem := redis.unused(url):
+            raise ConfigError(f"{problem}. Give the workers' database, --idempotency redis://host:port/db")
     app.configure(idempotency=url)
     return app, app.idempotency_keys(args.type)
 

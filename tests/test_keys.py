@@ -22,6 +22,7 @@ from unittest.mock import AsyncMock
 
 import psycopg
 import pytest
+import redis.asyncio as aioredis
 
 import bridge.app
 from bridge import Bridge, JobContext, Permanent, testing
@@ -1395,3 +1396,30 @@ def test_a_completion_that_landed_but_whose_answer_was_lost_raises_no_false_alar
     assert stats.processed == 1
     assert "the idempotency store answers again" in caplog.text  # (it was tried again)
     assert "another worker may have run it" not in caplog.text
+
+
+def test_bridge_keys_refuses_a_redis_database_no_worker_has_used(brokers: dict[str, str]) -> None:
+    # Given a Redis database no store has used (a wrong db number), When `bridge keys list` is
+    # pointed at it, Then it says so in one line; once a worker's store has used it, the keys
+    # are listed. (It answered "no record" for every key, as if the keys were free.)
+    url = brokers["redis"].rpartition("/")[0] + "/15"  # (a database no other test uses)
+
+    async def flush() -> None:
+        client = aioredis.Redis.from_url(url)
+        await client.flushdb()
+        await client.aclose()
+
+    async def used() -> None:
+        store = open_store(url)
+        assert isinstance(await store.claim(run_key("test.Echo", "k"), "job-1", 60), Claimed)
+        await store.close()
+
+    run(flush())
+    try:
+        refused = bridge_command("keys", "list", "test.Echo", BRIDGE_IDEMPOTENCY=url)
+        assert_one_line_error(refused, "/15 holds no key of bridge's: no worker has used this database")
+        run(used())
+        listed = bridge_command("keys", "list", "test.Echo", BRIDGE_IDEMPOTENCY=url)
+        assert listed.stdout.startswith("k  run      running: a worker holds it"), listed  # (by its token)
+    finally:
+        run(flush())

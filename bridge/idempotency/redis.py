@@ -66,6 +66,10 @@ _SCRIPTS = (_SWAP, _CLAIM, _DROP)
 _SWAP_SHA1, _CLAIM_SHA1, _DROP_SHA1 = (hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS)
 
 
+# Set (for good) by a store's first commands: `bridge keys` looks for it, to tell a database no
+# worker has used (a wrong db number) from one whose keys all ended.
+MARKER = "bridge:idempotency"
+MARKER_VALUE = "this database holds bridge's idempotency keys"
 MAX_CONNECTIONS = 64
 CONNECTION_WAIT_S = 10.0
 CALL_TIMEOUT_S = 15.0
@@ -104,7 +108,7 @@ class RedisStore:
         self._redis = aioredis.Redis(connection_pool=self._pool)
         self._commands = TickBatch(self._pipeline, asyncio.Lock())
         self._given_up = GivenUp(self)
-        self._eviction_checked = False
+        self._eviction_checked = self._marked = False
 
     async def _call(self, command: Callable[[Pipeline], object]) -> Any:
         """Have `command` add one command to the next pipeline; return its reply.
@@ -126,6 +130,10 @@ class RedisStore:
         """
         if not self._eviction_checked:
             await self._warn_if_evicting()
+        if not self._marked:
+            with self._mapped():
+                await self._redis.set(MARKER, MARKER_VALUE)
+            self._marked = True
         replies = await self._send(commands)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
@@ -297,6 +305,27 @@ class RedisStore:
         await self._given_up.wait()
         await self._redis.aclose()
         await self._pool.disconnect()  # a pool given to Redis() is not closed with it
+
+
+def unused(url: str) -> str | None:
+    """Why the Redis database at `url` holds no worker's keys (`bridge keys`): no store has used
+    it (a wrong db number, say), where it would answer "no record" for every key. A database
+    that cannot be read is the store's to report, in its own words."""
+
+    async def look() -> int:
+        client = aioredis.Redis.from_url(
+            url, socket_timeout=CALL_TIMEOUT_S, socket_connect_timeout=CALL_TIMEOUT_S
+        )
+        try:
+            return int(await client.exists(MARKER))
+        finally:
+            await client.aclose()
+
+    try:
+        marked = asyncio.run(look())
+    except Exception:  # (redis-py's errors, OSError, ...: the store's first call says why)
+        return None
+    return None if marked else f"{safe_url(url)} holds no key of bridge's: no worker has used this database"
 
 
 def _record(value: bytes | str | None, ttl_ms: int) -> Record | None:
