@@ -1218,6 +1218,39 @@ def sqlite_app(tmp_path: Path, **settings: Any) -> Bridge:
     )
 
 
+def test_a_dedupe_enqueue_inside_a_sqlite_inbox_that_rolls_back_still_counts(tmp_path: Path) -> None:
+    # Given a keyed handler whose SQLite inbox block enqueues a follow-up with dedupe, then
+    # another while the block is still publishing it (a task of its own), and then fails the
+    # first time, When it runs and is retried, Then each follow-up is published once: the broker
+    # took them, whatever became of the block. (Their keys were recorded in the block's
+    # transaction and rolled back with it, so the retry's enqueues published them again.)
+    app = sqlite_app(tmp_path)
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue="q", max_attempts=2, backoff=fixed(0))
+    async def step(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+        if payload["n"] != 1:
+            return
+        async with ctx.transaction():
+            await app.enqueue_async("test.Echo", {"n": 2}, idempotency_key="next", dedupe=True)
+            also = asyncio.ensure_future(
+                app.enqueue_async("test.Echo", {"n": 3}, idempotency_key="also", dedupe=True)
+            )
+            if ctx.attempt == 1:
+                await asyncio.sleep(0)  # (its hold taken, its publish out)
+                raise RuntimeError("after the enqueues")
+            await also
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="first")
+            return await app.consume(["q"], burst=True)
+
+    stats = run(scenario(), timeout=20)
+    assert sorted(ran) == [1, 1, 2, 3] and stats.duplicates == 0, (ran, stats)
+
+
 def test_tasks_a_sqlite_inbox_starts_join_its_transaction(tmp_path: Path) -> None:
     # Given a keyed job whose SQLite inbox block enqueues two follow-ups with dedupe through
     # asyncio.gather (tasks of their own), and another keyed job, When they are consumed, Then

@@ -181,9 +181,8 @@ class SqlStore:
                 raise LeaseLost(f"the claim on {key!r} ended before the job completed; rolled back")
 
     async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
-        now = self._now_ms()
         try:
-            if await self._query(REMEMBER, (key, _id(job_id), now + int(hold_s * 1000), now)):
+            if await self._query(*self._remembering(key, job_id, hold_s)):
                 return None
         except asyncio.CancelledError:  # (its batch may be out: see GivenUp)
             self._given_up.forget(key, job_id)
@@ -195,7 +194,16 @@ class SqlStore:
         return Enqueued(str(earlier), state == "enqueued")
 
     async def confirm(self, key: str, job_id: str, window_s: float) -> bool:
-        return bool(await self._query(CONFIRM, (self._now_ms() + int(window_s * 1000), key, _id(job_id))))
+        return bool(await self._query(*self._confirming(key, job_id, window_s)))
+
+    def _remembering(self, key: str, job_id: str, hold_s: float) -> tuple[str, Sequence[Any]]:
+        """The statement of `remember`: hold `key` for `job_id`'s publish, unless it counts."""
+        now = self._now_ms()
+        return REMEMBER, (key, _id(job_id), now + int(hold_s * 1000), now)
+
+    def _confirming(self, key: str, job_id: str, window_s: float) -> tuple[str, Sequence[Any]]:
+        """The statement of `confirm`: `job_id`'s hold of `key` counts for the window."""
+        return CONFIRM, (self._now_ms() + int(window_s * 1000), key, _id(job_id))
 
     async def forget(self, key: str, job_id: str) -> None:
         await self._query(FORGET, (key, _id(job_id)))

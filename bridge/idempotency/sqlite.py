@@ -80,11 +80,17 @@ class SqliteStore(SqlStore):
         self._lock = asyncio.Lock()  # the connection: a group commit's, or an inbox transaction's
         self._statements = TickBatch(self._commit, self._lock, send_now=self._commit_now)
         self._inbox: object | None = None  # the open inbox transaction's mark (_INBOX)
-        self._inbox_holds: set[str] = set()  # the jobs whose dedupe holds it took
+        # The jobs whose dedupe holds it took: their key, hold, and window once confirmed
+        self._inbox_holds: dict[str, tuple[str, float, float | None]] = {}
         self._given_up = GivenUp(self)
 
+    def _in_inbox(self) -> bool:
+        """Whether the caller is inside the open inbox transaction: its handler, or a task it
+        started there."""
+        return self._inbox is not None and _INBOX.get() is self._inbox
+
     async def _query(self, sql: str, params: Sequence[Any]) -> Rows:
-        if self._inbox is not None and _INBOX.get() is self._inbox:
+        if self._in_inbox():
             # The handler itself, inside its inbox (an enqueue with dedupe, say), or a task it
             # started there: its statement joins that transaction. (It waited for the
             # connection the handler held, for good; a task it started, until then did too.)
@@ -97,17 +103,17 @@ class SqliteStore(SqlStore):
         # worker's commits, while `bridge keys list` reads the table (a second or so for a few
         # million keys). A read of its own takes no lock in WAL mode. The event loop waits for
         # it meanwhile: for an operator's command, not for a worker's jobs.
-        if self._inbox is not None and _INBOX.get() is self._inbox:  # (a handler's, in its inbox)
+        if self._in_inbox():  # (a handler's, in its inbox)
             return self._run(sql, params)
         async with self._lock:
             return self._run(sql, params)
 
     async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
         earlier = await super().remember(key, job_id, hold_s)
-        if self._inbox is None or _INBOX.get() is not self._inbox:
+        if not self._in_inbox():
             return earlier
         if earlier is None:
-            self._inbox_holds.add(job_id)
+            self._inbox_holds[job_id] = (key, hold_s, None)
         elif earlier.job_id and not earlier.confirmed and earlier.job_id not in self._inbox_holds:
             # An enqueue with dedupe inside a ctx.transaction(), of a key another enqueue is
             # publishing right now: that one's confirmation waits for this transaction's write
@@ -118,6 +124,40 @@ class SqliteStore(SqlStore):
                 "record it while this ctx.transaction() is open: try again after the block"
             )
         return earlier
+
+    async def confirm(self, key: str, job_id: str, window_s: float) -> bool:
+        confirmed = await super().confirm(key, job_id, window_s)
+        if confirmed and self._in_inbox() and job_id in self._inbox_holds:
+            self._inbox_holds[job_id] = (key, self._inbox_holds[job_id][1], window_s)
+        return confirmed
+
+    async def forget(self, key: str, job_id: str) -> None:
+        await super().forget(key, job_id)
+        if self._in_inbox():
+            self._inbox_holds.pop(job_id, None)
+
+    async def _hold_again(self) -> None:
+        """Record again the dedupe enqueues of an inbox block that just rolled back: the broker
+        took their publishes (or may yet), whatever became of the block, and without their keys
+        the job's retry would publish them again. Before any other statement of this process:
+        a publish still out confirms its hold once the block is over."""
+        statements = [
+            statement
+            for job_id, (key, hold_s, window_s) in self._inbox_holds.items()
+            for statement in (
+                self._remembering(key, job_id, hold_s),
+                *([self._confirming(key, job_id, window_s)] if window_s is not None else []),
+            )
+        ]
+        self._inbox_holds = {}
+        if not statements:
+            return
+        try:
+            await self._write_lock()
+            self._in_transaction(statements)
+        except StoreError as exc:  # (the block's own error goes on; the retry may publish again)
+            log.warning("ctx.transaction() rolled back, and the keys of its enqueues with dedupe could "
+                        "not be recorded again: an enqueue of one may publish it again: %s", exc)  # fmt: skip
 
     async def _commit(self, statements: list[tuple[str, Sequence[Any]]]) -> list[Rows | StoreError]:
         await self._write_lock()
@@ -190,7 +230,7 @@ class SqliteStore(SqlStore):
         async with self._lock:
             await self._write_lock()
             self._inbox = object()
-            self._inbox_holds = set()
+            self._inbox_holds = {}
             _INBOX.set(self._inbox)
             try:
                 yield self._db, query
@@ -198,6 +238,7 @@ class SqliteStore(SqlStore):
                 self._inbox = None
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
+                    await self._hold_again()
                 else:  # (ROLLBACK's own error would hide this one)
                     _warn_ended()
                 raise
@@ -210,6 +251,7 @@ class SqliteStore(SqlStore):
             except BaseException:  # the connection must not stay in the transaction, holding the lock
                 if self._db.in_transaction:  # (SQLite may have rolled back already)
                     self._db.execute("ROLLBACK")
+                await self._hold_again()
                 raise
 
     async def close(self) -> None:
