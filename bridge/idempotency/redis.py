@@ -147,7 +147,7 @@ class RedisStore:
     async def _warn_if_evicting(self) -> None:
         """Say so, once, when this Redis may evict keys (as Sidekiq and BullMQ do).
 
-        Every key bridge writes expires, so a `volatile-*` policy takes them first: a done key
+        Every key of a job bridge writes expires, so a `volatile-*` policy takes them first: a done key
         evicted lets a duplicate run again, and a lease evicted lets a second worker run the
         job beside the first. With `noeviction`, a full Redis refuses writes instead, and
         keyed jobs wait for it as for an outage.
