@@ -14,7 +14,8 @@ LOWEST_TESTS := tests/test_codec.py tests/test_contract.py tests/test_kafka.py t
 	tests/test_keys.py::test_keyed_jobs_wait_in_place_while_their_store_does_not_answer \
 	tests/test_keys.py::test_keyed_jobs_that_waited_too_long_for_their_store_go_through_the_delay_tiers
 
-.PHONY: demo test lint pytest pytest-lowest pytest-lowest-beside pytest-rabbitmq4 pytest-side-by-side bench brokers down clean
+.PHONY: demo test lint pytest pytest-lowest pytest-rabbitmq4 pytest-main-kafka pytest-main-rest \
+	pytest-lowest-rabbitmq4 pytest-lowest-rest pytest-side-by-side bench brokers down clean
 
 $(STAMP): pyproject.toml
 	# (a venv without pip is one whose creation was cut short: made again)
@@ -56,29 +57,47 @@ pytest-rabbitmq4: $(STAMP)
 	$(BIN)/python -m tests.rabbitmq4 pytest -p no:cacheprovider tests \
 		-k "rabbitmq and not test_dev and not test_keys_process"
 
-# The lowest versions' tests as `make test` runs them, beside the main stage: on RabbitMQ 4, since
-# some RabbitMQ tests change the whole node (a disk alarm, consumer_timeout) and would reach the
-# main stage's tests on the dev RabbitMQ, and on the dev Kafka under a prefix of their own (their
-# delay tiers and forwarder group apart from the main stage's).
-pytest-lowest-beside: $(LOWEST_STAMP)
-	BRIDGE_LOWEST_BOUNDS=1 BRIDGE_PREFIX=lowest $(LOWEST)/bin/python -m tests.rabbitmq4 pytest \
-		-p no:cacheprovider $(LOWEST_TESTS)
+# The main stage as `make test` runs it, in two sessions at once: the Kafka tests (`-k kafka`)
+# under a prefix of their own (their delay tiers and forwarder group apart from the other
+# session's), and the rest, every test that uses RabbitMQ among them: some change the whole node
+# (a disk alarm, consumer_timeout) and must not reach another session's tests.
+pytest-main-kafka: $(STAMP)
+	BRIDGE_PREFIX=kafkas $(BIN)/pytest -p no:cacheprovider -k kafka
 
-# The main stage, and beside it the RabbitMQ 4 stage and then the lowest versions' stage: those
-# have a RabbitMQ of their own and their tests mostly wait, as the main ones do (the two cores are
-# idle three quarters of the time), so all three take about the main stage's time. Their output
-# is kept in a file and shown after. (Every session starts the dev services that are down; `bridge
-# dev up` starts each under a lock. Each deletes at its end the test queues and topics it made,
-# and those of sessions ended, never a running one's: tests/names.py.)
-BESIDE_LOG := $(VENV)/pytest-beside.log
+pytest-main-rest: $(STAMP)
+	$(BIN)/pytest -k "not kafka"
+
+# The lowest versions' tests as `make test` runs them, in two sessions: those that use RabbitMQ
+# (the registry's too, some of which do without saying so in their names) on RabbitMQ 4, after the
+# RabbitMQ 4 stage there, for the same reason; the others on the dev Kafka. Each under a prefix of
+# its own.
+LOWEST_RABBITMQ := rabbitmq or test_schema_registry
+pytest-lowest-rabbitmq4: $(LOWEST_STAMP)
+	BRIDGE_LOWEST_BOUNDS=1 BRIDGE_PREFIX=lowestr $(LOWEST)/bin/python -m tests.rabbitmq4 pytest \
+		-p no:cacheprovider $(LOWEST_TESTS) -k "$(LOWEST_RABBITMQ)"
+
+pytest-lowest-rest: $(LOWEST_STAMP)
+	BRIDGE_LOWEST_BOUNDS=1 BRIDGE_PREFIX=lowest $(LOWEST)/bin/pytest -p no:cacheprovider \
+		$(LOWEST_TESTS) -k "not ($(LOWEST_RABBITMQ))"
+
+# Four sessions at once, on two cores: the two halves of the main stage, the RabbitMQ 4 stage and
+# then the lowest versions' RabbitMQ tests, and the lowest versions' other tests. Their tests
+# mostly wait. The three beside the main stage's rest keep their output in files, shown after.
+# (Every session starts the dev services that are down; `bridge dev up` starts each under a lock.
+# Each deletes at its end the test queues and topics it made, and those of sessions ended, never
+# a running one's: tests/names.py.)
+LANES := $(VENV)/pytest-lanes
 pytest-side-by-side: $(STAMP) $(LOWEST_STAMP)
+	mkdir -p $(LANES)
 	{ $(MAKE) --no-print-directory pytest-rabbitmq4; first=$$?; \
-	  $(MAKE) --no-print-directory pytest-lowest-beside; second=$$?; test $$first = 0 && test $$second = 0; } \
-		> $(BESIDE_LOG) 2>&1 & \
-	$(BIN)/pytest; main=$$?; wait $$!; beside=$$?; \
-	echo "--- make pytest-rabbitmq4 pytest-lowest-beside (run beside the main stage):"; \
-	cat $(BESIDE_LOG); \
-	test $$main = 0 && test $$beside = 0
+	  $(MAKE) --no-print-directory pytest-lowest-rabbitmq4; second=$$?; test $$first = 0 && test $$second = 0; } \
+		> $(LANES)/rabbitmq4.log 2>&1 & rabbitmq4=$$!; \
+	$(MAKE) --no-print-directory pytest-lowest-rest > $(LANES)/lowest.log 2>&1 & lowest=$$!; \
+	$(MAKE) --no-print-directory pytest-main-kafka > $(LANES)/kafka.log 2>&1 & kafka=$$!; \
+	$(MAKE) --no-print-directory pytest-main-rest; rest=$$?; \
+	wait $$kafka; kafka=$$?; wait $$lowest; lowest=$$?; wait $$rabbitmq4; rabbitmq4=$$?; \
+	for lane in kafka rabbitmq4 lowest; do echo "--- $$lane (run beside):"; cat $(LANES)/$$lane.log; done; \
+	test $$rest = 0 && test $$kafka = 0 && test $$lowest = 0 && test $$rabbitmq4 = 0
 
 test: lint pytest-side-by-side
 
