@@ -191,7 +191,7 @@ def kafka_behind_proxy(root: Path) -> Iterator[ThreadedProxy]:
             yield proxy
 
 
-# Loopback is the host's, and `make test` runs two sessions at once: one test at a time changes
+# Loopback is the host's, and `make test` runs four sessions at once: one test at a time changes
 # its qdiscs. While one does, every loopback packet passes through its filter, a timing test's
 # of the other session too.
 QDISC_LOCK = Path(tempfile.gettempdir()) / "bridge-tests-lo-qdisc.lock"

@@ -177,7 +177,7 @@ def test_two_rabbitmq_ups_at_once_start_the_node_once(
 ) -> None:
     # Given RabbitMQ down, and a node that takes a while to start (the steps that install,
     # configure and start it stand in for Debian's, which the shared node must not go through),
-    # When two `up` runs begin at once (as `make test`'s two test sessions may),
+    # When two `up` runs begin at once (as `make test`'s test sessions may),
     # Then one starts the node, and the other waits for it and finds it up.
     monkeypatch.setenv("BRIDGE_DATA", str(tmp_path))  # (where the lock is)
     answers = threading.Event()
@@ -446,7 +446,7 @@ def test_two_apt_installs_at_once_take_turns(monkeypatch: pytest.MonkeyPatch, tm
     # Given package lists too old to install from until `apt-get update` has run, and apt-get
     # failing at once on the lists' lock while another apt-get holds it (what `update` does; a
     # stand-in for apt-get, which the machine's packages must not go through),
-    # When two `up`s install at once (`make test`'s two sessions on a fresh machine),
+    # When two `up`s install at once (`make test`'s sessions on a fresh machine),
     # Then both install. (The second's update failed beside the first's, and so did its retry.)
     monkeypatch.setattr(_proc, "APT_LOCK", tmp_path / "apt.lock")
     guard, running, updated = threading.Lock(), [0], threading.Event()
@@ -578,7 +578,7 @@ def test_two_postgres_ups_at_once_start_the_server_once(
 ) -> None:
     # Given PostgreSQL down, and a second `up` that begins while the first starts the server
     # and, if it may, looks at the port once the server answers but before the first has made
-    # the bridge login (the two test sessions of `make test` on a fresh machine),
+    # the bridge login (the test sessions of `make test` on a fresh machine),
     # When both run, Then the server starts once and both find the bridge login working. (The
     # second took the first's server for a stranger's: "port ... is in use by another
     # PostgreSQL server, where the bridge login fails".)

@@ -69,7 +69,7 @@ def find_program(name: str) -> str | None:
 def apt_install(packages: Sequence[str], log: Log) -> None:
     """Install Debian packages as root, refreshing the package lists only when needed.
 
-    One of bridge's at a time (`make test`'s two sessions may install at once): apt-get can
+    One of bridge's at a time (`make test`'s sessions may install at once): apt-get can
     wait for dpkg's lock, but `apt-get update` fails at once on the lists' lock another holds.
     """
     # Waiting on dpkg's lock (instead of failing) lets this run beside another program's apt-get.

@@ -148,7 +148,7 @@ def up(log: Log = print) -> ServiceStatus:
         # Ours answers the protocol as soon as it listens, even while it recovers.
         raise _port_taken(pg_port, "another program (not a PostgreSQL server)")
     started = time.monotonic()
-    # One `up` at a time, from the install on (`make test` runs two test sessions, each starting
+    # One `up` at a time, from the install on (`make test` runs four test sessions, each starting
     # what is down): the package's programs are there before its postinst has made the postgres
     # user and Debian's cluster, and another `up`'s server answers before its login exists, and
     # would pass for a stranger's. So the port is looked at again only under the lock.

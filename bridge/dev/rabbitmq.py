@@ -76,7 +76,7 @@ def up(log: Log = print) -> ServiceStatus:
     amqp_port = port()
     if _speaks_amqp(amqp_port) and not _outdated(amqp_port):
         return _status(amqp_port, True, "already up")
-    # One `up` at a time (`make test` runs two test sessions, each starting what is down): the
+    # One `up` at a time (`make test` runs four test sessions, each starting what is down): the
     # second finds the node the first started.
     with file_lock(data_root() / "dev" / "rabbitmq.lock", timeout_s=900, log=log):
         if _speaks_amqp(amqp_port) and not _outdated(amqp_port):
