@@ -7,7 +7,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
 from typing import Any
 
@@ -224,6 +224,33 @@ def resume_leaving(consumer: Consumer, partitions: list[TopicPartition]) -> None
     never be fetched, and nothing here would know to resume it."""
     with suppress(KafkaException):  # (gone from the assignment already: nothing to resume)
         consumer.resume(partitions)
+
+
+Rebalance = Callable[[Consumer, list[TopicPartition]], None]
+
+
+class RoundEnded(TransportError):
+    """A consumer's round ended for a reason other than a failed transaction. (Retriable, as
+    TransportError is by default: the next round joins the group again.)"""
+
+
+def guarded(callback: Rebalance, fail: Callable[[BaseException], None]) -> Rebalance:
+    """`callback`, safe to hand librdkafka as a rebalance callback.
+
+    One that raised left the partitions it was handling half done, and confluent-kafka (on
+    Python 3.11) lost its error: the call that ran the callback raised a SystemError instead,
+    "exception <class 'str'> is not a BaseException subclass". Here the error is logged with its
+    traceback and ends the round (`fail`); the next round starts from the committed offsets.
+    """
+
+    def call(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        try:
+            callback(consumer, partitions)
+        except Exception as exc:
+            log.exception("a Kafka rebalance callback failed")
+            fail(RoundEnded(f"a Kafka rebalance callback failed ({exc!r})"))
+
+    return call
 
 
 def coordinates(record: Message) -> tuple[str, int, int]:

@@ -21,6 +21,7 @@ from bridge.transports.kafka.common import (
     QUEUE_HEADER,
     Record,
     coordinates,
+    guarded,
     log,
     read_to_end,
     resume_leaving,
@@ -60,14 +61,17 @@ class DelayForwarder:
         consumer = self.transport.group_consumer(self.group, **settings)
         self.consumer = consumer
         transactional_id = f"{self.group}.{uuid.uuid4().hex}"
-        self.committer = Committer(self.transport._common, consumer, transactional_id, lambda _: True)
+        self.committer = committer = Committer(
+            self.transport._common, consumer, transactional_id, lambda _: True
+        )
         try:  # (whatever it raises ends the consumer's round: KafkaTransport._failure)
-            await self.committer.start()
+            await committer.start()
             idle_s = 0.001
-            while not stop.is_set() and self.committer.failure is None:
+            while not stop.is_set() and committer.failure is None:
                 if self.subscribed != list(self.delay_ms):  # (at first, and once `add_tiers` adds one)
                     self.subscribed = list(self.delay_ms)
-                    consumer.subscribe(self.subscribed, on_revoke=self._on_lost, on_lost=self._on_lost)
+                    on_lost = guarded(self._on_lost, committer.fail)
+                    consumer.subscribe(self.subscribed, on_revoke=on_lost, on_lost=on_lost)
                 self._resume_due(consumer)
                 records = consumer.consume(FETCH_BATCH, 0)
                 due = self._take_due(consumer, records)
@@ -79,7 +83,7 @@ class DelayForwarder:
                 await asyncio.sleep(min(idle_s, self._until_next_due_s()))
                 idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
         finally:
-            self.committer.retired = True
+            committer.retired = True
             await asyncio.to_thread(consumer.close)
 
     def add_tiers(self, tiers: dict[str, float]) -> None:
