@@ -6,6 +6,7 @@ Frozen and validated at start, with every problem reported at once.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import tomllib
@@ -19,6 +20,8 @@ from bridge.errors import ConfigError, safe_url
 from bridge.idempotency import check_url, default_url
 from bridge.names import name_problem
 from bridge.policy import DEFAULT_TIERS_S, parse_duration, tier_name
+
+log = logging.getLogger("bridge.config")
 
 BROKER_SCHEMES = ("kafka", "kafka+ssl", "amqp", "amqps", "memory")
 # A wait shorter than every delay tier is spent in the worker, which holds the job's slot and
@@ -87,6 +90,7 @@ class Settings:
         for f in fields(cls):
             if f"BRIDGE_{f.name.upper()}" in environ:
                 values[f.name] = environ[f"BRIDGE_{f.name.upper()}"]
+        _warn_of_near_misses(environ)
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls._validated(values)
 
@@ -295,6 +299,29 @@ def _convert(name: str, value: Any) -> Any:
     except (TypeError, ValueError, OverflowError):
         what = {_whole: "a whole number", _finite: "a finite number"}.get(kind, "text")
         raise ValueError(f"{name} must be {what}, got {value!r}") from None
+
+
+def _warn_of_near_misses(environ: Mapping[str, str]) -> None:
+    """Say once of each BRIDGE_* variable that is no setting's but looks like one's: a typo
+    (BRIDGE_CONCURENCY) left the default in place without a word. A warning, not an error:
+    another program's variable may share the prefix. (BRIDGE_DEV_* are `bridge dev`'s.)"""
+    for variable in environ:
+        name = variable.removeprefix("BRIDGE_").lower()
+        if (
+            not variable.startswith("BRIDGE_")
+            or name in _FIELDS
+            or name.startswith("dev_")
+            or variable in _warned
+        ):
+            continue
+        if close := difflib.get_close_matches(name, _FIELDS, n=1):
+            _warned.add(variable)
+            log.warning(
+                "%s is not a setting, and is ignored: did you mean BRIDGE_%s?", variable, close[0].upper()
+            )
+
+
+_warned: set[str] = set()  # the variables warned of (settings are loaded again by each app)
 
 
 def _unknown(name: str) -> str:

@@ -504,3 +504,22 @@ def test_librdkafkas_lines_while_kafka_is_unreachable_are_logged_once_per_window
     held = [int(match[1]) for line in refused[1:] if (match := re.search(r"\(and (\d+) like it since", line))]
     assert len(held) == len(refused) - 1 and "like it since" not in refused[0], refused
     assert sum(held) > len(refused), refused
+
+
+def test_a_mistyped_settings_variable_is_warned_of_once_with_the_one_it_may_mean(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A typo left the default in place without a word. Another program's BRIDGE_* variable,
+    # and bridge dev's own, are left alone.
+    environ = {
+        "BRIDGE_CONCURENCY": "32", "BRIDGE_MAX_MESSAGE_SIZE": "9", "BRIDGE_DEV_REGISTRY_PORT": "1",
+        "BRIDGE_DATA": "/tmp", "BRIDGE_LOWEST_BOUNDS": "1", "CONCURENCY": "2", "BRIDGE_GROUP": "g",
+    }  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="bridge.config"):
+        for _ in range(2):
+            settings = Settings.load(environ=environ, toml_path=tmp_path / "none.toml")
+    assert settings.concurrency == Settings().concurrency and settings.group == "g"
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        "BRIDGE_CONCURENCY is not a setting, and is ignored: did you mean BRIDGE_CONCURRENCY?",
+        "BRIDGE_MAX_MESSAGE_SIZE is not a setting, and is ignored: did you mean BRIDGE_MAX_MESSAGE_BYTES?",
+    ]
