@@ -97,8 +97,9 @@ class Committer:
         self.committable: dict[TP, int] = {}
         self.notes: dict[TP, str] = {}  # the next commit's note, where it is not `note`
         self.failure: BaseException | None = None
-        # Set when its round has ended. A call stuck then may return much later (at the next
-        # Kafka restart): what it says then is logged at DEBUG, as it concerns a round long gone.
+        # Set as its round ends, before its consumer closes. A call stuck then may return much
+        # later (at the next Kafka restart): what it says is logged at DEBUG, as it concerns a
+        # round long gone.
         self.retired = False
         self._lock = threading.Lock()  # one transaction at a time: the loop's or a rebalance's
         self._due: float | None = None  # when the librdkafka call running now should return by
@@ -133,8 +134,9 @@ class Committer:
 
     def fail(self, failure: BaseException) -> None:
         """End the consumer's round with `failure` (retriable: a new round consumes again from
-        the committed offsets), unless it ends already."""
-        if self.failure is None:
+        the committed offsets), unless it ends already: failed, or retired (a rebalance
+        callback failing at every close would have a burst run start round after round)."""
+        if self.failure is None and not self.retired:
             self.failure = failure
 
     def forget(self, tp: TP) -> None:

@@ -479,9 +479,8 @@ class KafkaTransport:
             await committing
             # What finished in the grace period; partitions with nothing left are handed over.
             await committer.commit(leaving=self._handed_over())
-            self._leaving = True
+            self._leaving = committer.retired = True
             await asyncio.to_thread(consumer.close)
-            committer.retired = True
             failure = self._failure()
             self._consumer = self._committer = None
         if failure is not None:
@@ -859,7 +858,7 @@ class KafkaTransport:
         round's end: this member could not commit the lost partitions' records any more.
         """
         self._drop(consumer, partitions)
-        if partitions and self._committer is not None and not self._leaving:
+        if partitions and self._committer is not None:  # (in close(), it is retired: no failure)
             self._committer.fail(
                 RoundEnded("the Kafka consumer's group session ended, and its partitions with it")
             )
