@@ -707,7 +707,12 @@ def _schemas_compatibility(args: argparse.Namespace) -> int:
     _, registry = _http_registry(args, local=False)
     if args.level:
         registry.set_compatibility(args.subject, args.level)
-    print(f"{args.subject} {registry.compatibility(args.subject)}")
+    if (own := registry.own_compatibility(args.subject)) is not None:
+        print(f"{args.subject} {own}")
+        return 0
+    # (A mistyped subject was shown the registry's level as if it were its own.)
+    unknown = "" if registry.registered(args.subject) else f"; no schema is registered as {args.subject}"
+    print(f"{args.subject} {registry.default_compatibility()} (the registry's default{unknown})")
     return 0
 
 

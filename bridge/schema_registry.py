@@ -190,10 +190,25 @@ class HttpRegistry:
 
     def compatibility(self, name: str) -> str:
         """The subject's compatibility level, or the registry's global one."""
+        return self.own_compatibility(name) or self.default_compatibility()
+
+    def own_compatibility(self, name: str) -> str | None:
+        """The subject's own compatibility level; None if it has none (the registry's applies)."""
         try:
             return str(self._call(self._client.get_compatibility, name))
         except _Rejected:
-            return str(self._call(self._client.get_compatibility))
+            return None
+
+    def default_compatibility(self) -> str:
+        """The registry's global compatibility level."""
+        return str(self._call(self._client.get_compatibility))
+
+    def registered(self, name: str) -> bool:
+        """Whether a schema is registered under subject `name`."""
+        try:
+            return bool(self._call(self._client.get_versions, name))
+        except _Rejected:
+            return False
 
     def set_compatibility(self, name: str, level: str) -> None:
         """Set the subject's compatibility level (see bridge.compatibility.LEVELS)."""

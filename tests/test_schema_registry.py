@@ -232,6 +232,22 @@ def test_check_follows_the_subjects_own_compatibility_level(
     assert code == 1 and "FORWARD" in out and "sku" in out
 
 
+def test_compatibility_says_when_a_subject_has_no_level_of_its_own(
+    capsys: pytest.CaptureFixture[str], registry_url: str, client: SchemaRegistryClient, job_type: str
+) -> None:
+    # Given a subject without a level of its own, Then `schemas compatibility` shows the
+    # registry's, saying so, and says when nothing is registered under the name (a typo, say).
+    # It showed the registry's level as the subject's own. (Apicurio answers for a registered
+    # subject with the registry's level, as its own; Confluent's registry says it has none.)
+    default = client.get_compatibility()
+    asked = ["schemas", "compatibility", job_type]
+    code, out, _ = bridge_cli(capsys, *asked, "--registry", registry_url)
+    assert code == 0
+    assert out == f"{job_type} {default} (the registry's default; no schema is registered as {job_type})\n"
+    set_full = bridge_cli(capsys, *asked, "full", "--registry", registry_url)
+    assert set_full == (0, f"{job_type} FULL\n", "")
+
+
 def test_list_shows_subjects_and_which_types_have_handlers(
     capsys: pytest.CaptureFixture[str], registry_url: str, versions: Callable[..., Path], job_type: str
 ) -> None:
