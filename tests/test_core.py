@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer
 
+from bridge import config
 from bridge.config import Settings
 from bridge.envelope import uuid7
 from bridge.errors import ConfigError, Permanent, PublishError, Retry, safe_url
@@ -507,7 +508,7 @@ def test_librdkafkas_lines_while_kafka_is_unreachable_are_logged_once_per_window
 
 
 def test_a_mistyped_settings_variable_is_warned_of_once_with_the_one_it_may_mean(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A typo left the default in place without a word. Another program's BRIDGE_* variable,
     # and bridge dev's own, are left alone.
@@ -515,6 +516,7 @@ def test_a_mistyped_settings_variable_is_warned_of_once_with_the_one_it_may_mean
         "BRIDGE_CONCURENCY": "32", "BRIDGE_MAX_MESSAGE_SIZE": "9", "BRIDGE_DEV_REGISTRY_PORT": "1",
         "BRIDGE_DATA": "/tmp", "BRIDGE_LOWEST_BOUNDS": "1", "CONCURENCY": "2", "BRIDGE_GROUP": "g",
     }  # fmt: skip
+    monkeypatch.setattr(config, "_warned", set())  # (none warned of yet in this process)
     with caplog.at_level(logging.WARNING, logger="bridge.config"):
         for _ in range(2):
             settings = Settings.load(environ=environ, toml_path=tmp_path / "none.toml")

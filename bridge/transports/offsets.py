@@ -44,6 +44,11 @@ class OffsetTracker:
         if partition is not None:
             partition.ended = True
 
+    def clear(self) -> None:
+        """Forget every partition."""
+        for tp in list(self._partitions):
+            self.revoke(tp)
+
     def started(self, tp: TopicPartition, offset: int) -> Assignment | None:
         """Record that `offset` was handed out; return the assignment to settle it with.
 

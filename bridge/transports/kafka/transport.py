@@ -443,6 +443,7 @@ class KafkaTransport:
         self._process, self._careful, self._alone = process, concurrency, asyncio.Lock()
         self._gates.clear()
         self._ahead.clear()
+        self._offsets.clear()  # (a rebalance callback that failed may have left partitions)
         self._leaving = False
         try:
             await committer.start()
@@ -478,7 +479,11 @@ class KafkaTransport:
             # (what it raised is in `_failure`)
             await committing
             # What finished in the grace period; partitions with nothing left are handed over.
-            await committer.commit(leaving=self._handed_over())
+            # Tried twice: a transaction aborted for a passing reason is not tried again by
+            # close(), whose revoke commits nothing.
+            for _ in range(2):
+                if await committer.commit(leaving=self._handed_over()) or committer.failure is not None:
+                    break
             self._leaving = committer.retired = True
             await asyncio.to_thread(consumer.close)
             failure = self._failure()
@@ -586,6 +591,8 @@ class KafkaTransport:
             records = [backlog.popleft() for _ in range(min(room, len(backlog)))]
             if len(records) < room:
                 records += consumer.consume(min(room - len(records), FETCH_BATCH), 0)
+                if self._failure() is not None:
+                    break  # (a rebalance callback in it failed: what it fetched runs next round)
             for record in records:
                 self._start(record, inflight)
             if records:
@@ -828,14 +835,16 @@ class KafkaTransport:
             opening.add_done_callback(self._opening.discard)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if self._committer is not None and not self._leaving:
-            # What is settled so far, before the partitions move; those with nothing in flight
-            # are handed over (their next owner need not start carefully). Not in close(): the
-            # round's last commit, just before it, handed over what it could, and the member
-            # may have left its group by then, with no group metadata left to commit with
-            # ("Consumer group metadata not available", 1 close in 9 under load).
-            self._committer.commit_now(leaving=self._handed_over(partitions))
-        self._drop(consumer, partitions)
+        try:
+            if self._committer is not None and not self._leaving:
+                # What is settled so far, before the partitions move; those with nothing in
+                # flight are handed over (their next owner need not start carefully). Not in
+                # close(): the round's last commit, just before it, handed over what it could,
+                # and the member may have left its group by then, with no group metadata left
+                # to commit with ("Consumer group metadata not available", 1 close in 9 under load).
+                self._committer.commit_now(leaving=self._handed_over(partitions))
+        finally:
+            self._drop(consumer, partitions)  # (whatever happens: they are not ours any more)
 
     def _handed_over(self, partitions: list[TopicPartition] | None = None) -> dict[TP, int]:
         """Those of `partitions` (default: all assigned) that can be handed over cleanly, and
