@@ -159,6 +159,58 @@ def test_a_rebalance_callback_that_raises_is_logged_and_ends_the_round(
     )
 
 
+def test_a_revoke_that_fails_as_a_member_joins_leaves_nothing_behind_for_the_next_round(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a consumer at work on 300 jobs of 10 ms (held after 30 runs until then), whose
+    # commit in the revoke raises when a second member of its group joins (its round ends, and
+    # a new one joins again),
+    # When both have run every job,
+    # Then a third member of the group finds nothing left to run. (The failed revoke left its
+    # partitions in the first member's tracker, and its next round's end committed positions
+    # for partitions the second owned, or waited for their jobs for good.)
+    monkeypatch.setattr(kafka_transport, "RESTART_AFTER_S", 0.2)
+    commit_now = Committer.commit_now
+    raised: list[int] = []
+    revoked = asyncio.Event()
+
+    def failing_once(committer: Committer, leaving: Any = None) -> None:
+        if not raised:
+            raised.append(1)
+            revoked.set()  # (the callback runs on the event loop's thread)
+            raise RuntimeError("a bug in bridge")
+        commit_now(committer, leaving)
+
+    monkeypatch.setattr(Committer, "commit_now", failing_once)
+    ids = run(publish(brokers["kafka"], queue, 300, sleep_ms=10))
+    group = f"g-{uuid.uuid4().hex[:12]}"
+    runs: Counter[str] = Counter()
+
+    def member(name: str) -> Bridge:
+        app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=group, concurrency=2)
+
+        @app.job("test.Echo", queue=queue)
+        async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+            if name == "first" and len(runs) >= 30:
+                await revoked.wait()  # (or it could run every job before the second joins)
+            await asyncio.sleep(payload["sleep_ms"] / 1000)
+            runs[ctx.job_id] += 1
+
+        return app
+
+    async def scenario() -> None:
+        first, second = member("first"), member("second")
+        async with first, second:
+            await second_joins_once(first, second, lambda: len(runs) >= 30)
+        ran = sum(runs.values())
+        async with member("third") as third:
+            await third.consume(burst=True)
+        assert sum(runs.values()) == ran
+
+    run(scenario(), timeout=120)
+    assert raised == [1] and set(ids) == set(runs)
+
+
 def test_a_job_waiting_for_its_run_at_when_its_partition_moves_runs_once(
     brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
