@@ -26,6 +26,7 @@ from bridge.registry import ENVELOPE
 from bridge.transports import Outgoing, dlq_name
 from bridge.transports.base import Delivery, InFlight
 from bridge.transports.kafka import commit as kafka_commit
+from bridge.transports.kafka import common as kafka_common
 from bridge.transports.kafka import forwarder as kafka_forwarder
 from bridge.transports.kafka import transport as kafka_transport
 from bridge.transports.kafka.commit import Committer
@@ -63,6 +64,27 @@ async def second_joins_once(first: Bridge, second: Bridge, ready: Callable[[], b
         await asyncio.sleep(0.05)
     await second.consume(burst=True)
     await running
+
+
+def burst_of_five(kafka: str, queue: str, timeout: float = 60) -> tuple[list[str], Counter[str], set[int]]:
+    """A burst consume, by an app of a group of its own, of 5 jobs published to `queue`: their
+    ids, the runs of each, and the threads they ran on (the event loop's)."""
+    ids = run(publish(kafka, queue, 5))
+    app = Bridge(broker=kafka, registry=str(SCHEMAS), group=f"g-{uuid.uuid4().hex[:12]}")
+    runs: Counter[str] = Counter()
+    threads: set[int] = set()
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        threads.add(threading.get_ident())
+        runs[ctx.job_id] += 1
+
+    async def scenario() -> None:
+        async with app:
+            await app.consume(burst=True)
+
+    run(scenario(), timeout)
+    return ids, runs, threads
 
 
 def test_a_member_joining_mid_run_shares_the_partitions(brokers: dict[str, str], queue: str) -> None:
@@ -131,20 +153,8 @@ def test_a_rebalance_callback_that_raises_is_logged_and_ends_the_round(
         callback(transport, consumer, partitions)
 
     monkeypatch.setattr(kafka_transport.KafkaTransport, where, failing_once)
-    ids = run(publish(brokers["kafka"], queue, 5))
-    app = Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), group=f"g-{uuid.uuid4().hex[:12]}")
-    runs: Counter[str] = Counter()
-
-    @app.job("test.Echo", queue=queue)
-    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-        runs[ctx.job_id] += 1
-
-    async def scenario() -> None:
-        async with app:
-            await app.consume(burst=True)
-
     with caplog.at_level(logging.ERROR, logger="bridge.kafka"):
-        run(scenario(), timeout=90)
+        ids, runs, _ = burst_of_five(brokers["kafka"], queue, timeout=90)
     assert runs == Counter(ids) and raised == [3]
     said = [r for r in caplog.records if r.getMessage() == "a Kafka rebalance callback failed"]
     assert len(said) == 1 and said[0].exc_text and "RuntimeError: a bug in bridge" in said[0].exc_text
@@ -209,6 +219,66 @@ def test_a_revoke_that_fails_as_a_member_joins_leaves_nothing_behind_for_the_nex
 
     run(scenario(), timeout=120)
     assert raised == [1] and set(ids) == set(runs)
+
+
+def test_a_round_gives_up_its_partitions_on_the_event_loops_thread_not_inside_close(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a burst consume of 5 jobs,
+    # When it ends,
+    # Then its partitions were revoked by a rebalance callback on the event loop's thread, as
+    # they were assigned. (Revoked inside consumer.close(), the callbacks ran in close()'s
+    # thread, and once in CI close() then waited for good in librdkafka's unassign: librdkafka
+    # issue 4884.)
+    threads: dict[str, set[int]] = {"_on_assign": set(), "_on_revoke": set()}
+    revoked: list[int] = []
+    for name in ("_on_assign", "_on_revoke"):
+        callback = getattr(kafka_transport.KafkaTransport, name)
+
+        def noting(transport: Any, consumer: Consumer, partitions: list[TopicPartition], *,
+                   name: str = name, callback: Any = callback) -> None:  # fmt: skip
+            threads[name].add(threading.get_ident())
+            if name == "_on_revoke":
+                revoked.append(len(partitions))
+            callback(transport, consumer, partitions)
+
+        monkeypatch.setattr(kafka_transport.KafkaTransport, name, noting)
+    ids, runs, loop = burst_of_five(brokers["kafka"], queue)
+    assert runs == Counter(ids) and revoked == [3]
+    assert threads["_on_assign"] == threads["_on_revoke"] == loop
+
+
+def test_a_consumer_whose_close_never_returns_is_left_behind_with_an_error_line(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a burst consume of 5 jobs whose Kafka consumers' close() never returns (as it did
+    # once in CI, in librdkafka),
+    # When every job has run,
+    # Then consume ends once close() has had its time, saying so for each consumer: the main
+    # one's and the delay forwarder's. (It waited for close() for good: bridge consume never
+    # exited, and a test run waited until CI's limit.)
+    monkeypatch.setattr(kafka_common, "CLOSE_S", 0.5)
+    released = threading.Event()
+
+    class NeverCloses(Consumer):
+        def close(self) -> None:
+            released.wait()
+            super().close()
+
+    monkeypatch.setattr(kafka_transport, "Consumer", NeverCloses)
+    # (On code that waits for close(), the test's event loop would wait for its thread at exit.)
+    safety = threading.Timer(60, released.set)
+    safety.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="bridge.kafka"):
+            ids, runs, _ = burst_of_five(brokers["kafka"], queue, timeout=30)
+    finally:
+        released.set()
+        safety.cancel()
+    assert runs == Counter(ids)
+    said = [r.getMessage() for r in caplog.records if "did not close" in r.getMessage()]
+    left = "a Kafka consumer did not close within 0.5 s (a librdkafka hang); bridge goes on without it"
+    assert said == [left, left]  # the main consumer's and the delay forwarder's
 
 
 def test_a_job_waiting_for_its_run_at_when_its_partition_moves_runs_once(

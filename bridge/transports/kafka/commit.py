@@ -17,6 +17,7 @@ from bridge.errors import TransportError
 from bridge.transports.kafka.common import (
     METADATA_TIMEOUT_S,
     Record,
+    in_own_thread,
     kafka_error,
     log,
     mapped,
@@ -227,7 +228,9 @@ class Committer:
         if self.retier is not None and records:
             now = time.time_ns() // 1_000_000
             records = [self.retier(r, now) if now - r[4] > HELD_SLACK_MS else r for r in records]
-        running = _in_own_thread(lambda: self._transact(records, offsets, notes, metadata))
+        running = in_own_thread(
+            lambda: self._transact(records, offsets, notes, metadata), "bridge-kafka-transaction"
+        )
         self._out = (batch, running)
         return running
 
@@ -273,7 +276,9 @@ class Committer:
         if self.failure is not None:
             return False
         metadata = self.consumer.consumer_group_metadata()
-        running = _in_own_thread(lambda: self._transact(records, offsets, notes or {}, metadata))
+        running = in_own_thread(
+            lambda: self._transact(records, offsets, notes or {}, metadata), "bridge-kafka-transaction"
+        )
         return await self._returned(running) and running.result()
 
     def _call(self, call: Callable[..., T], *args: Any, timeout: float) -> T:
@@ -399,23 +404,3 @@ def _flatten(batch: Batch) -> tuple[list[Record], dict[TP, int], dict[TP, str]]:
     records = [record for _, _, entries in batch.values() for _, held in entries for record in held]
     offsets = {tp: committable for tp, (committable, _, _) in batch.items()}
     return records, offsets, {tp: note for tp, (_, note, _) in batch.items()}
-
-
-def _in_own_thread(call: Callable[[], T]) -> concurrent.futures.Future[T]:
-    """Run `call` in a daemon thread of its own. A call that never returns (WEDGED_PAST_TIMEOUT_S)
-    then holds no worker of a shared pool, and the process can still exit.
-
-    The future is marked running first, as an executor does: a caller that gave up waiting
-    cancels its end of it, which then leaves this one alone, and a call that returns late
-    is dropped. (Setting the result of a cancelled future raised in the thread.)"""
-    result: concurrent.futures.Future[T] = concurrent.futures.Future()
-    result.set_running_or_notify_cancel()
-
-    def run() -> None:
-        try:
-            result.set_result(call())
-        except BaseException as exc:  # the caller's to see
-            result.set_exception(exc)
-
-    threading.Thread(target=run, name="bridge-kafka-transaction", daemon=True).start()
-    return result

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -34,6 +36,10 @@ METADATA_TIMEOUT_S = 5.0
 # there is nothing to wait for (librdkafka's default, 500 ms, is paid at every end).
 READER_FETCH_WAIT_MS = 10
 SERVED_POLL_S = 0.05  # between looks at whether new topics are served yet
+# How long a group member may take to give up its partitions, then to close (`leave_group`);
+# each takes milliseconds when all is well.
+LEAVE_S = 10.0
+CLOSE_S = 30.0
 # Errors of a partition whose log its leader has not created yet: wait and look again.
 NOT_SERVED_YET = {
     KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.LEADER_NOT_AVAILABLE,
@@ -44,6 +50,7 @@ Headers = list[tuple[str, str | bytes | None]]
 # topic, value, key, headers, timestamp (epoch ms; 0 lets the producer stamp it)
 Record = tuple[str, bytes | None, str | bytes | None, Headers | None, int]
 MAX_KEY_BYTES = 4096  # a longer record key is written as its digest (`record_key`)
+T = TypeVar("T")
 
 
 def new_producer(common: dict[str, Any], settings: dict[str, Any]) -> Producer:
@@ -251,6 +258,54 @@ def guarded(callback: Rebalance, fail: Callable[[BaseException], None]) -> Rebal
             fail(RoundEnded(f"a Kafka rebalance callback failed ({exc!r})"))
 
     return call
+
+
+async def leave_group(consumer: Consumer) -> None:
+    """Have `consumer` leave its group, and close it, without waiting for good.
+
+    Its partitions are revoked first, here on the event loop's thread: unsubscribe, then poll
+    until none is assigned (what is fetched meanwhile is dropped: its next owner reads it from
+    the committed offset). A close() that met a rebalance itself ran the callbacks in its own
+    thread, and once in CI waited for good in librdkafka's unassign after them (librdkafka
+    issue 4884, open; unsubscribing first is the workaround given in librdkafka issue 4527).
+    close() then runs in a thread of its own for at most CLOSE_S: one that does not return is
+    left behind with an error line, and cannot hold the process at its exit.
+    """
+    with suppress(KafkaException, RuntimeError):  # (not subscribed, or the client failed: close)
+        consumer.unsubscribe()
+        deadline = time.monotonic() + LEAVE_S
+        while consumer.assignment() and time.monotonic() < deadline:
+            consumer.consume(FETCH_BATCH, 0)  # (serves the revoke)
+            await asyncio.sleep(IDLE_SLEEP_MAX_S)
+    closing = asyncio.wrap_future(in_own_thread(consumer.close, "bridge-kafka-close"))
+    if not (await asyncio.wait([closing], timeout=CLOSE_S))[0]:
+        closing.cancel()  # (only this end of it)
+        log.error(
+            "a Kafka consumer did not close within %g s (a librdkafka hang); bridge goes on without it",
+            CLOSE_S,
+        )
+        return
+    closing.result()
+
+
+def in_own_thread(call: Callable[[], T], name: str) -> concurrent.futures.Future[T]:
+    """Run `call` in a daemon thread of its own. A call that never returns (WEDGED_PAST_TIMEOUT_S,
+    `leave_group`) then holds no worker of a shared pool, and the process can still exit.
+
+    The future is marked running first, as an executor does: a caller that gave up waiting
+    cancels its end of it, which then leaves this one alone, and a call that returns late
+    is dropped. (Setting the result of a cancelled future raised in the thread.)"""
+    result: concurrent.futures.Future[T] = concurrent.futures.Future()
+    result.set_running_or_notify_cancel()
+
+    def run() -> None:
+        try:
+            result.set_result(call())
+        except BaseException as exc:  # the caller's to see
+            result.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return result
 
 
 def coordinates(record: Message) -> tuple[str, int, int]:

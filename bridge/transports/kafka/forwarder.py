@@ -22,6 +22,7 @@ from bridge.transports.kafka.common import (
     Record,
     coordinates,
     guarded,
+    leave_group,
     log,
     read_to_end,
     resume_leaving,
@@ -84,7 +85,7 @@ class DelayForwarder:
                 idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
         finally:
             committer.retired = True
-            await asyncio.to_thread(consumer.close)
+            await leave_group(consumer)
 
     def add_tiers(self, tiers: dict[str, float]) -> None:
         """Forward from the tier topics `tiers` (topic -> seconds) too: made after this started

@@ -64,6 +64,7 @@ from bridge.transports.kafka.common import (
     coordinates,
     guarded,
     kafka_error,
+    leave_group,
     log,
     mapped,
     new_producer,
@@ -147,7 +148,7 @@ class KafkaTransport:
         self._gates: dict[TP, Gate] = {}  # partitions assigned whose records wait to be marked
         self._opening: set[asyncio.Task[None]] = set()  # each reading where an assignment was left
         self._alone: asyncio.Lock | None = None  # held by the record of a careful start running
-        self._leaving = False  # consumer.close() has begun, in a thread of its own
+        self._leaving = False  # the round's consumer is leaving its group (`leave_group`)
         self._careful = 0  # how many records run alone after an owner stopped holding some
         self._process: Process | None = None
 
@@ -449,7 +450,7 @@ class KafkaTransport:
             await committer.start()
         except TransportError as exc:
             self._consumer = self._committer = None
-            await asyncio.to_thread(consumer.close)  # (not subscribed yet: it never joined the group)
+            await leave_group(consumer)  # (not subscribed yet: it never joined the group)
             raise _NotStarted(str(exc), retriable=exc.retriable) from exc
         ending = asyncio.Event()  # set when `stop` is, or when this round ends
         following = asyncio.create_task(_follow(stop, ending))
@@ -479,12 +480,13 @@ class KafkaTransport:
             # (what it raised is in `_failure`)
             await committing
             # What finished in the grace period; partitions with nothing left are handed over.
-            # Tried twice: close()'s revoke may not be able to commit (see `_on_revoke`).
+            # Tried twice: the revoke as it leaves its group may not be able to commit (see
+            # `_on_revoke`).
             for _ in range(2):
                 if await committer.commit(leaving=self._handed_over()) or committer.failure is not None:
                     break
             self._leaving = committer.retired = True
-            await asyncio.to_thread(consumer.close)
+            await leave_group(consumer)
             failure = self._failure()
             self._consumer = self._committer = None
         if failure is not None:
@@ -814,15 +816,15 @@ class KafkaTransport:
             self._burst_wait.delayed(f"delayed jobs (the next due at {iso_ms(due_ms, timespec='seconds')})")
         return False
 
-    # Rebalance callbacks run inside consumer.consume(), on the event loop's thread, and inside
-    # consumer.close(), on a thread of its own. (Each is `guarded`: one that raises there
-    # breaks the client.)
+    # Rebalance callbacks run inside consumer.consume(), on the event loop's thread: also as
+    # the round's consumer leaves its group (`leave_group`). (Each is `guarded`: one that
+    # raises there breaks the client.)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self._leaving:
-            # A rebalance that close() meets may still assign partitions (those of a member
-            # that left just before): close() revokes them before it returns, and nothing of
-            # theirs runs here. (There is no event loop in this thread to open them with.)
+            # A rebalance that leaving meets may still assign partitions (those of a member
+            # that left just before): they are revoked before it ends, and nothing of theirs
+            # runs here.
             return
         for tp in partitions:
             self._offsets.assign((tp.topic, tp.partition))
@@ -840,11 +842,9 @@ class KafkaTransport:
                 # flight are handed over (their next owner need not start carefully).
                 self._committer.commit_now(leaving=self._handed_over(partitions))
         except RuntimeError:
-            # In close() the member may have left its group already, with no group metadata
-            # to commit with ("Consumer group metadata not available", 1 close in 9 under
-            # load): the round's last commit, just before close(), handed over what it could.
-            # (Not committing in close() at all was tried; in 1 CI run of 5 librdkafka's close
-            # then hung in the unassign after this callback, as in librdkafka issue 4884.)
+            # As it leaves, the member may have left its group already, with no group metadata
+            # to commit with ("Consumer group metadata not available", seen in close(), 1 in 9
+            # under load): the round's last commit, just before, handed over what it could.
             if not self._leaving:
                 raise
         finally:
@@ -871,7 +871,7 @@ class KafkaTransport:
         round's end: this member could not commit the lost partitions' records any more.
         """
         self._drop(consumer, partitions)
-        if partitions and self._committer is not None:  # (in close(), it is retired: no failure)
+        if partitions and self._committer is not None:  # (as it leaves, it is retired: no failure)
             self._committer.fail(
                 RoundEnded("the Kafka consumer's group session ended, and its partitions with it")
             )
