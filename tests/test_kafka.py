@@ -1205,6 +1205,52 @@ def test_a_tier_a_producer_makes_while_a_consumer_runs_is_forwarded_without_a_re
     assert late_s < 8, late_s
 
 
+def test_a_tier_a_producer_makes_while_a_consumer_is_busy_is_forwarded_without_waiting_for_it(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a consumer with the delay tier 1s, busy all along (600 jobs of 50 ms, one at a time),
+    # When a producer with tiers 1s and 3s makes the 3s tier topic and enqueues a job 4 s ahead
+    # to a queue of its own, which waits in that tier,
+    # Then the consumer's forwarder moves the job to its queue within seconds of its time, while
+    # still busy. (A consumer looked for new tier topics only at a moment it had nothing to
+    # fetch: the job waited for the backlog's end.)
+    monkeypatch.setattr(kafka_transport, "TOPIC_LOOK_S", 0.5)
+    prefix, group, later = names.prefix(), f"g-{uuid.uuid4().hex[:12]}", names.queue()
+    settings: dict[str, Any] = {"broker": brokers["kafka"], "registry": str(SCHEMAS), "prefix": prefix}
+    worker = Bridge(**settings, delay_tiers="1s", group=group, partitions=1, concurrency=1)
+    producer = Bridge(**settings, delay_tiers="1s,3s", partitions=1)
+    ran = 0
+
+    @worker.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        nonlocal ran
+        await asyncio.sleep(payload["sleep_ms"] / 1000)
+        ran += 1
+
+    async def scenario() -> tuple[float, int]:
+        await publish(brokers["kafka"], queue, 600, sleep_ms=50, partitions=1)
+        async with worker, producer:
+            await worker.apply_topology()
+            stop = asyncio.Event()
+            consuming = asyncio.create_task(worker.consume(stop=stop))
+            try:
+                while not ran:  # (at work)
+                    await asyncio.sleep(0.1)
+                await producer.apply_topology([later])
+                await producer.enqueue_async("test.Echo", {"n": 1}, queue=later, delay=4)
+                due = time.monotonic() + 4
+                while not await asyncio.to_thread(read_records, brokers["kafka"].partition("://")[2], later):
+                    assert time.monotonic() < due + 20, "the delayed job never reached its queue"
+                    await asyncio.sleep(0.5)
+                return time.monotonic() - due, ran
+            finally:
+                stop.set()
+                await consuming
+
+    late_s, ran_by_then = run(scenario(), timeout=120)
+    assert late_s < 8 and ran_by_then < 600, (late_s, ran_by_then)
+
+
 def test_a_retry_held_behind_a_slow_job_runs_on_time_though_later_retries_went_into_its_tier_first(
     brokers: dict[str, str], queue: str
 ) -> None:

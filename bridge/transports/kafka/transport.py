@@ -88,7 +88,7 @@ PAUSE_AFTER_S = 1.0
 # them overflowed librdkafka's queue of 100,000 records, which ended the round.
 RUN_AHEAD_MAX = 20_000
 DRAIN_CHECK_S = 0.25
-TOPIC_LOOK_S = 5.0  # while idle, how often to look whether the consumed topics still exist
+TOPIC_LOOK_S = 5.0  # how often to look whether the consumed topics still exist, and for new tiers
 NEW_TOPIC_GRACE_S = 2.0  # at consume start, how long a topic may be missing before bridge refuses
 # After a failed transaction, before a new round consumes again from the committed offsets.
 RESTART_AFTER_S = 5.0
@@ -578,6 +578,9 @@ class KafkaTransport:
         idle_s = 0.001
         # A failed transaction stops fetching at once: what runs after it could never commit.
         while not stop.is_set() and self._failure() is None:
+            if time.monotonic() >= next_look:  # (busy or idle: a busy one never looked)
+                await self._require_still_there(queues)
+                next_look = time.monotonic() + TOPIC_LOOK_S
             room = concurrency - len(inflight)
             if room <= 0:
                 if await inflight.wait_for_room(PAUSE_AFTER_S):
@@ -608,9 +611,6 @@ class KafkaTransport:
                 if await self._drained(consumer, queues):
                     return
                 next_check = time.monotonic() + DRAIN_CHECK_S  # each check reads every partition
-            if time.monotonic() >= next_look:
-                await self._require_still_there(queues)
-                next_look = time.monotonic() + TOPIC_LOOK_S
             await asyncio.sleep(idle_s)
             idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
 
