@@ -264,26 +264,27 @@ async def leave_group(consumer: Consumer) -> None:
     """Have `consumer` leave its group, and close it, without waiting for good.
 
     Its partitions are revoked first, here on the event loop's thread: unsubscribe, then poll
-    until none is assigned (what is fetched meanwhile is dropped: its next owner reads it from
-    the committed offset). A close() that met a rebalance itself ran the callbacks in its own
-    thread, and once in CI waited for good in librdkafka's unassign after them (librdkafka
-    issue 4884, open; unsubscribing first is the workaround given in librdkafka issue 4527).
-    close() then runs in a thread of its own for at most CLOSE_S: one that does not return is
-    left behind with an error line, and cannot hold the process at its exit.
+    until nothing is assigned, twice in a row (a rebalance already on its way is served here
+    too; what is fetched meanwhile is dropped: its next owner reads it from the committed
+    offset). A close() that met a rebalance itself ran the callbacks in its own thread, and
+    once in CI waited for good in librdkafka's unassign after them (librdkafka issue 4884,
+    open; unsubscribing first is the workaround given in librdkafka issue 4527). close() then
+    runs in a thread of its own for at most CLOSE_S: one that does not return is left behind
+    with an error line, and cannot hold the process at its exit.
     """
-    with suppress(KafkaException, RuntimeError):  # (not subscribed, or the client failed: close)
+    try:
         consumer.unsubscribe()
-        deadline = time.monotonic() + LEAVE_S
-        while consumer.assignment() and time.monotonic() < deadline:
-            consumer.consume(FETCH_BATCH, 0)  # (serves the revoke)
+        deadline, quiet = time.monotonic() + LEAVE_S, 0
+        while quiet < 2 and time.monotonic() < deadline:
+            consumer.consume(FETCH_BATCH, 0)  # (serves the rebalance callbacks)
+            quiet = 0 if consumer.assignment() else quiet + 1
             await asyncio.sleep(IDLE_SLEEP_MAX_S)
+    except (KafkaException, RuntimeError) as exc:  # (the client failed: close() is all there is)
+        log.debug("a Kafka consumer could not leave its group before closing: %r", exc)
     closing = asyncio.wrap_future(in_own_thread(consumer.close, "bridge-kafka-close"))
     if not (await asyncio.wait([closing], timeout=CLOSE_S))[0]:
         closing.cancel()  # (only this end of it)
-        log.error(
-            "a Kafka consumer did not close within %g s (a librdkafka hang); bridge goes on without it",
-            CLOSE_S,
-        )
+        log.error("a Kafka consumer did not close within %g s; bridge goes on without it", CLOSE_S)
         return
     closing.result()
 

@@ -84,8 +84,12 @@ class DelayForwarder:
                 await asyncio.sleep(min(idle_s, self._until_next_due_s()))
                 idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
         finally:
-            committer.retired = True
-            await leave_group(consumer)
+            committer.retired = True  # (its consumer leaves its group at the round's end: `leave`)
+
+    async def leave(self) -> None:
+        """Have the consumer of `run`, once it has ended, leave its group and close."""
+        if self.consumer is not None:
+            await leave_group(self.consumer)
 
     def add_tiers(self, tiers: dict[str, float]) -> None:
         """Forward from the tier topics `tiers` (topic -> seconds) too: made after this started

@@ -476,17 +476,17 @@ class KafkaTransport:
                 opening.cancel()
             if not (await asyncio.wait([forwarding], timeout=FORWARDER_END_S))[0]:
                 forwarding.cancel()
-                await asyncio.wait([forwarding])  # (its consumer closes)
+                await asyncio.wait([forwarding])
             # (what it raised is in `_failure`)
             await committing
             # What finished in the grace period; partitions with nothing left are handed over.
-            # Tried twice: the revoke as it leaves its group may not be able to commit (see
-            # `_on_revoke`).
+            # Tried twice: the revoke as it leaves its group commits nothing (see `_on_revoke`).
             for _ in range(2):
                 if await committer.commit(leaving=self._handed_over()) or committer.failure is not None:
                     break
             self._leaving = committer.retired = True
-            await leave_group(consumer)
+            # The forwarder's consumer too, here: its task may have been cancelled above.
+            await asyncio.gather(leave_group(consumer), self._forwarder.leave())
             failure = self._failure()
             self._consumer = self._committer = None
         if failure is not None:
@@ -837,16 +837,13 @@ class KafkaTransport:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         try:
-            if self._committer is not None:
+            if self._committer is not None and not self._leaving:
                 # What is settled so far, before the partitions move; those with nothing in
-                # flight are handed over (their next owner need not start carefully).
+                # flight are handed over (their next owner need not start carefully). As the
+                # round's consumer leaves, its last commit, just before, handed over what it
+                # could: nothing has run since. (There, the member may have left its group
+                # already, and the commit raised "Consumer group metadata not available".)
                 self._committer.commit_now(leaving=self._handed_over(partitions))
-        except RuntimeError:
-            # As it leaves, the member may have left its group already, with no group metadata
-            # to commit with ("Consumer group metadata not available", seen in close(), 1 in 9
-            # under load): the round's last commit, just before, handed over what it could.
-            if not self._leaving:
-                raise
         finally:
             self._drop(consumer, partitions)  # (whatever happens: they are not ours any more)
 
