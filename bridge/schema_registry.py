@@ -40,6 +40,13 @@ MAX_REFUSED = 10_000
 REQUEST_TIMEOUT_S = 10.0  # for each HTTP request (the client tries a request up to 4 times)
 
 
+def _subject(name: str) -> str:
+    """`name`, refused if blank: the client reads and sets the registry's global level for it."""
+    if not name.strip():
+        raise ConfigError(f"give a job type as the subject, e.g. billing.ChargeCard, not {name!r}")
+    return name
+
+
 class _Rejected(ConfigError):
     """The registry answered with a 4xx: no such subject, version or id, or an incompatible schema.
     (A ConfigError where no caller expects it: one line with the registry's answer.)"""
@@ -195,7 +202,7 @@ class HttpRegistry:
     def own_compatibility(self, name: str) -> str | None:
         """The subject's own compatibility level; None if it has none (the registry's applies)."""
         try:
-            return str(self._call(self._client.get_compatibility, name))
+            return str(self._call(self._client.get_compatibility, _subject(name)))
         except _Rejected:
             return None
 
@@ -206,13 +213,13 @@ class HttpRegistry:
     def registered(self, name: str) -> bool:
         """Whether a schema is registered under subject `name`."""
         try:
-            return bool(self._call(self._client.get_versions, name))
+            return bool(self._call(self._client.get_versions, _subject(name)))
         except _Rejected:
             return False
 
     def set_compatibility(self, name: str, level: str) -> None:
         """Set the subject's compatibility level (see bridge.compatibility.LEVELS)."""
-        self._call(self._client.set_compatibility, name, level)
+        self._call(self._client.set_compatibility, _subject(name), level)
 
     def subjects(self) -> list[Subject]:
         """Every subject of the registry with its versions and latest id."""

@@ -248,6 +248,38 @@ def test_compatibility_says_when_a_subject_has_no_level_of_its_own(
     assert set_full == (0, f"{job_type} FULL\n", "")
 
 
+@pytest.mark.parametrize("subject", ["", " "])
+@pytest.mark.parametrize("level", [[], ["none"]])
+def test_compatibility_of_a_blank_subject_is_refused_before_asking_the_registry(
+    capsys: pytest.CaptureFixture[str], subject: str, level: list[str]
+) -> None:
+    # Given a blank subject, Then `schemas compatibility` says to give a job type, and asks the
+    # registry nothing. (confluent-kafka's client takes a blank subject for none: it showed the
+    # registry's global level as the subject's, and a level given was set for the whole
+    # registry, through PUT /config.)
+    asked: list[str] = []
+
+    class Recording(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(f"GET {self.path}")
+            answer(self, 200, json.dumps({"compatibilityLevel": "BACKWARD"}).encode())
+
+        def do_PUT(self) -> None:
+            asked.append(f"PUT {self.path}")
+            answer(self, 200, json.dumps({"compatibility": "NONE"}).encode())
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recording) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        code, out, err = bridge_cli(capsys, "schemas", "compatibility", subject, *level, "--registry", url)
+        server.shutdown()
+    assert (code, out, asked) == (1, "", [])
+    assert err == f"bridge: give a job type as the subject, e.g. billing.ChargeCard, not {subject!r}\n"
+
+
 def test_list_shows_subjects_and_which_types_have_handlers(
     capsys: pytest.CaptureFixture[str], registry_url: str, versions: Callable[..., Path], job_type: str
 ) -> None:
