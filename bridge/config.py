@@ -168,6 +168,10 @@ class Settings:
             problems.append("prefix and group must not be empty")
         elif problem := name_problem(self.prefix, "prefix"):
             problems.append(problem)
+        if not all(" " <= c <= "~" for c in self.group):
+            # (librdkafka refuses the group's metadata in every transaction: "Input buffer group
+            # id is not safe", and consume tried again every 5 s for good; the same on both brokers)
+            problems.append(f"group {self.group!r} must be printable ASCII: letters, digits, punctuation")
         return problems
 
     @property

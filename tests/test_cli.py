@@ -239,6 +239,15 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
             {"BRIDGE_DATA": "/dev/null"},
             ["/dev/null is not a directory", "the default store: set BRIDGE_DATA"],
         ),
+        # (a folder nothing can be made in: found at the first keyed job, which waited for good)
+        (
+            {"BRIDGE_IDEMPOTENCY": "sqlite:///proc/sys/bridge/keys.db"},
+            ["'sqlite:///proc/sys/bridge/keys.db': /proc/sys cannot be written to"],
+        ),
+        # (Kafka: librdkafka refused the group in every transaction, and consume tried again
+        # every 5 s for good)
+        ({"BRIDGE_GROUP": "büro"}, ["group 'büro' must be printable ASCII"]),
+        ({"BRIDGE_GROUP": "a\tb"}, ["group 'a\\tb' must be printable ASCII"]),
         # (RabbitMQ: a traceback from pamqp; Kafka: topics it then refused to make)
         ({"BRIDGE_PREFIX": "my jobs"}, ["prefix 'my jobs': use letters, digits, '.', '_' and '-'"]),
         # (RabbitMQ refused the tier's TTL with a traceback, Kafka its retention)

@@ -17,6 +17,7 @@ runs on meanwhile, not in SQLite's busy handler, which would stop it.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -304,11 +305,18 @@ def path_problem(path: Path) -> str | None:
                 header = file.read(len(SQLITE_HEADER))
             if header and header != SQLITE_HEADER[: len(header)]:
                 return f"{path} is not a SQLite database"
-            return None
-        folder = next(parent for parent in path.parents if parent.exists())
+            if not os.access(path, os.R_OK | os.W_OK):
+                return f"{path} cannot be written to"
+            folder = path.parent  # (where its -wal and -shm files go)
+        else:
+            folder = next(parent for parent in path.parents if parent.exists())
     except OSError as exc:
         return f"{path}: {exc.strerror or exc}"
-    return None if folder.is_dir() else f"{folder} is not a directory"
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    # (Nothing is written here: `bridge enqueue` checks its settings too. A folder nothing
+    # could be made in kept a worker's keyed jobs waiting for the store for good.)
+    return None if os.access(folder, os.W_OK | os.X_OK) else f"{folder} cannot be written to"
 
 
 def unused(path: Path) -> str | None:
