@@ -757,7 +757,7 @@ def _http_registry(args: argparse.Namespace, *, local: bool) -> tuple[Bridge, Ht
 
 def _app(args: argparse.Namespace, **settings: Any) -> Bridge:
     """The app named by --app (or an empty one), configured from the common flags."""
-    app = load_app(args.app) if getattr(args, "app", None) else Bridge()
+    app = load_app(args.app) if getattr(args, "app", None) is not None else Bridge()
     app.configure(
         broker=args.broker,
         registry=args.registry,
@@ -775,6 +775,8 @@ def load_app(spec: str) -> Bridge:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"--app {spec!r}: write MODULE:ATTR, e.g. consumers.billing:app")
+    if module_name.startswith("."):  # (importlib's TypeError, "the 'package' argument is required")
+        raise ConfigError(f"--app {spec!r}: give the module's full name, not a relative one")
     with contextlib.suppress(FileNotFoundError):  # (a deleted directory: the app may be installed)
         sys.path.insert(0, os.getcwd())
     try:

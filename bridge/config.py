@@ -224,6 +224,10 @@ def _registry_problem(url: str) -> str | None:
 
 
 def _address_problem(url: str) -> str | None:
+    rest = url.partition("://")[2]
+    authority = min((at for at in map(rest.find, "/?#") if at >= 0), default=len(rest))
+    if "@" in rest[authority:]:  # (a user or password cut short: its port was blamed)
+        return "its user or password holds / ? or # (percent-encoded, they go through)"
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # (an unclosed [ of an IPv6 address)
@@ -343,7 +347,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path} is a directory, not a settings file")
         if not path.exists():
             raise ConfigError(f"{path} links to {path.readlink()}, which does not exist")
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        # (-sig: a byte-order mark, as some Windows editors write, was "Invalid statement")
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         # (TOML's "Invalid value" is most often text without its quotes)
         quote = (

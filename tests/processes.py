@@ -33,6 +33,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: st
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("bridge: ") and "Traceback" not in done.stderr
+    assert not lines[0].endswith("\\n"), lines[0]  # (a message's own newline, escaped into the line)
     for fragment in fragments:
         assert fragment in lines[0]
 

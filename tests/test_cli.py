@@ -163,7 +163,12 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
         # (aio-pika retried a URL without a host for good, saying nothing; Kafka waited 5 s, then
         # called a malformed URL a broker that is down; a port out of range raised ValueError)
         ({"BRIDGE_BROKER": "amqp://"}, ["broker 'amqp://': it names no host", "amqp://user:pass@host"]),
-        ({"BRIDGE_BROKER": "amqp://guest:pa/ss@rabbit/"}, ["'amqp://guest:***@rabbit/': its port must be"]),
+        # (a password cut short at its / was taken for a port that is no number)
+        (
+            {"BRIDGE_BROKER": "amqp://guest:pa/ss@rabbit/"},
+            ["its user or password holds / ? or # (percent-encoded", "(with / ? # @ in the password"],
+        ),
+        ({"BRIDGE_BROKER": "amqp://gu#est:guest@rabbit/"}, ["its user or password holds / ? or #"]),
         ({"BRIDGE_BROKER": "amqp://rabbit:70000/"}, ["its port must be a number from 1 to 65535"]),
         ({"BRIDGE_BROKER": "kafka://a:9092,:9"}, ["broker 'kafka://a:9092,:9': it names no host"]),
         (
@@ -191,6 +196,7 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
         ),
         # (redis-py took port 0 for 6379; PostgreSQL's port 0 waited for good, as a store outage)
         ({"BRIDGE_IDEMPOTENCY": "redis://cache:0/0"}, ["'redis://cache:0/0': its port must be"]),
+        ({"BRIDGE_IDEMPOTENCY": "redis://cache:abc/0"}, ["'redis://cache:abc/0': its port must be"]),
         (
             {"BRIDGE_IDEMPOTENCY": "postgresql://db:5432,db2:0/b"},
             ["'postgresql://db:5432,db2:0/b': its port"],
@@ -371,6 +377,21 @@ def test_a_bridge_toml_of_the_wrong_shape_is_named(tmp_path: Path, toml: bytes, 
     assert message in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "url", ["redis://cache/0", "redis://cache:6380/1", "postgresql://db/bridge", "sqlite:///tmp/keys.db"]
+)
+def test_good_store_urls_pass_the_settings_check(url: str) -> None:
+    # (A Redis URL without a port, which redis-py takes for 6379, was refused: "its port must be
+    # a number from 1 to 65535".)
+    assert Settings.load(environ={"BRIDGE_IDEMPOTENCY": url}).idempotency == url
+
+
+def test_a_bridge_toml_that_starts_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    # (As some Windows editors save UTF-8. It was refused: "Invalid statement (at line 1, column 1)".)
+    (tmp_path / "bridge.toml").write_bytes(b'\xef\xbb\xbf[bridge]\ngroup = "billing"\n')
+    assert Settings.load(environ={}, toml_path=tmp_path / "bridge.toml").group == "billing"
+
+
 @pytest.mark.parametrize("shape", ["a directory", "a link to nothing"])
 def test_a_bridge_toml_that_is_no_file_is_named(tmp_path: Path, shape: str) -> None:
     # Given a bridge.toml that is a directory, or a link whose file is gone, When the settings
@@ -472,6 +493,9 @@ def test_options_before_the_command_count_as_after_it(args: list[str]) -> None:
 
 def test_bad_app_and_missing_broker() -> None:
     assert_one_line_error(bridge("consume", "--app", "nowhere"), "write MODULE:ATTR")
+    # (An empty one was taken for none: "bridge:  registers no handlers")
+    assert_one_line_error(bridge("consume", "--app", ""), "--app '': write MODULE:ATTR")
+    assert_one_line_error(bridge("consume", "--app", "..jobs:app"), "give the module's full name")
     assert_one_line_error(bridge("consume", "--app", "no.such.module:app"), "cannot import no.such.module")
     assert_one_line_error(bridge("consume", "--app", "consumers.billing:log"), "is not a bridge.Bridge")
     assert_one_line_error(bridge("consume", "--app", "consumers.billing:ap"), "consumers.billing has no 'ap'")

@@ -245,7 +245,11 @@ def _unparsable(scheme: str, url: str) -> str | None:
         if scheme in ("redis", "rediss"):
             from redis.asyncio import ConnectionPool
 
-            ports = [str(urlsplit(url).port)]  # (redis-py takes port 0 for none: 6379)
+            try:
+                port = urlsplit(url).port
+            except ValueError:  # (no number, or out of range)
+                return "its port must be a number from 1 to 65535"
+            ports = [] if port is None else [str(port)]  # (redis-py takes port 0 for none: 6379)
             if not re.fullmatch(r"/?\d*", unquote(urlsplit(url).path)):  # (redis-py took /abc for 0)
                 return "its path must be a database number (redis://host:6379/0), or none"
             pool = ConnectionPool.from_url(url)
@@ -265,7 +269,12 @@ def _unparsable(scheme: str, url: str) -> str | None:
     except ImportError:  # (found only at the first keyed job, it sent each round the tiers for good)
         return _needs("redis", "redis") if scheme.startswith("redis") else _needs("psycopg", "postgres")
     except Exception as exc:  # ValueError from redis or urlsplit, ProgrammingError from psycopg
-        return str(exc) if not isinstance(exc, TypeError) else f"an option redis-py does not take ({exc})"
+        # (libpq's messages end in a newline)
+        return (
+            str(exc).strip()
+            if not isinstance(exc, TypeError)
+            else f"an option redis-py does not take ({exc})"
+        )
     if any(port and not (port.isdigit() and 1 <= int(port) <= 65535) for port in ports):
         # (libpq checks a port only as it connects: every claim failed, as in an outage)
         return "its port must be a number from 1 to 65535"
