@@ -129,6 +129,9 @@ def _read_definitions(directory: Path) -> dict[str, Any]:
     definitions: dict[str, Any] = {}
     problems = []
     for file in sorted(directory.rglob("*.avsc")):
+        if file.is_symlink() and not file.exists():  # (a copy of a folder of relative links)
+            problems.append(f"{file}: links to {file.readlink()}, which does not exist")
+            continue
         try:
             definition = json.loads(file.read_text())
         except (OSError, ValueError, RecursionError) as exc:

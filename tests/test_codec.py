@@ -550,6 +550,13 @@ def test_schema_directory_checks_file_names(tmp_path: Path) -> None:
     (tmp_path / "wrong.avsc").write_text("[" * 10_000 + "]" * 10_000)
     with pytest.raises(SchemaError, match=r"wrong\.avsc: not JSON \(nested too deeply\)"):
         SchemaDirectory(tmp_path)
+    # (A link to nothing, as a copy of a folder of relative links makes, was "not JSON ([Errno 2]".)
+    (tmp_path / "wrong.avsc").unlink()
+    (tmp_path / "x.A.avsc").symlink_to("../elsewhere/x.A.avsc")
+    with pytest.raises(
+        SchemaError, match=r"x\.A\.avsc: links to \.\./elsewhere/x\.A\.avsc, which does not exist$"
+    ):
+        SchemaDirectory(tmp_path)
 
 
 SUB = {"type": "record", "name": "Sub", "fields": [{"name": "q", "type": "int"}]}
