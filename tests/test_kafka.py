@@ -24,7 +24,7 @@ from bridge.errors import ConfigError, PublishError, TransportError
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.transports import Outgoing, dlq_name
-from bridge.transports.base import Delivery, InFlight
+from bridge.transports.base import Delivery, InFlight, tier_queue
 from bridge.transports.kafka import commit as kafka_commit
 from bridge.transports.kafka import common as kafka_common
 from bridge.transports.kafka import forwarder as kafka_forwarder
@@ -499,6 +499,25 @@ def test_waiting_for_topics_that_never_come_ends_with_an_error_naming_them(
     common = {"bootstrap.servers": brokers["kafka"].partition("://")[2]}
     with pytest.raises(TransportError, match=f"Kafka has not started serving {queue} 0s after"):
         wait_until_served(common, [queue], timeout_s=0.3)
+
+
+def test_a_consume_of_topics_that_do_not_exist_names_each_of_them(brokers: dict[str, str]) -> None:
+    # Given two queues whose topics were never made, under a prefix whose tiers were not either,
+    # When a consume starts, Then it refuses in one error naming every missing topic.
+    app = own_app(brokers["kafka"])
+    first, second = names.queue(), names.queue()
+    signalling(app, first)
+
+    async def scenario() -> None:
+        async with app:
+            await app.consume([first, second], burst=True)
+
+    tier = tier_queue(app.settings.prefix, 1.0)
+    with pytest.raises(TransportError) as raised:
+        run(scenario())
+    assert str(raised.value) == (
+        f"Kafka topics {first}, {second}, {tier} do not exist: run `bridge topology apply`"
+    )
 
 
 def test_a_single_broker_that_cannot_make_kafkas_internal_topics_stops_consume_saying_which_settings(

@@ -257,7 +257,9 @@ class KafkaTransport:
         missing = await self.absent(topics)
         if missing:
             raise TransportError(
-                f"Kafka topic {', '.join(missing)} does not exist: run `bridge topology apply`",
+                f"Kafka topic {missing[0]} does not exist: run `bridge topology apply`"
+                if len(missing) == 1
+                else f"Kafka topics {', '.join(missing)} do not exist: run `bridge topology apply`",
                 retriable=False,
             )
 
