@@ -46,7 +46,7 @@ from bridge.errors import (
     message_of,
     utf8,
 )
-from bridge.idempotency import Busy, Claim, Done, Store, new_token, run_key
+from bridge.idempotency import Busy, Claim, Done, Store, new_token, refuses_for_good, run_key
 from bridge.idempotency.lease import Lease
 from bridge.idempotency.outage import Outage
 from bridge.jobs import JobContext, JobSpec
@@ -113,7 +113,7 @@ class Worker:
         self._unkeyed_outliving: set[Future[None]] = set()
         self._fetching: dict[int, asyncio.Future[Exception | None]] = {}  # schema ids asked for now
         self._stop = asyncio.Event()  # `run`'s: set when a delivery cannot ever be settled
-        self._failure: TransportError | None = None  # ... and why
+        self._failure: TransportError | ConfigError | None = None  # ... and why
         self.stats = Stats()
 
     async def run(self, queues: Sequence[str], stop: asyncio.Event, *, burst: bool) -> None:
@@ -121,6 +121,7 @@ class Worker:
         log.info("consuming %s on %s", ",".join(queues), self.transport.name)
         self._stop = stop
         renewing = asyncio.create_task(self._renew_leases())
+        checking = asyncio.create_task(self._check_store())
         try:
             await self.transport.consume(
                 queues, self.process, concurrency=self.settings.concurrency, stop=stop,
@@ -129,6 +130,7 @@ class Worker:
         finally:
             await self._wait_for_outliving()
             renewing.cancel()
+            checking.cancel()
             self._threads.shutdown(wait=False, cancel_futures=True)
             if outliving := sum(not running.done() for running in list(self._unkeyed_outliving)):
                 log.warning(
@@ -139,6 +141,22 @@ class Worker:
                 )
         if self._failure is not None:
             raise self._failure
+
+    async def _check_store(self) -> None:
+        """Stop at once if the PostgreSQL or Redis store named refuses this worker (a wrong
+        password, user or database): its keyed jobs would wait for it for good, as in an
+        outage. Looked at beside the start, which a store that is away does not hold up."""
+        url = self.settings.idempotency
+        if url is None or not url.startswith(("postgres", "redis")):
+            return
+        try:
+            await (self._store or await self._open_store()).inspect(run_key("bridge", "start"))
+        except StoreError as exc:
+            if not refuses_for_good(exc):
+                return  # (away: keyed jobs wait for it, and say so)
+            if self._failure is None:  # (raised once consume has stopped)
+                self._failure = ConfigError(f"{exc}: check the user, password and database in its URL")
+            self._stop.set()
 
     async def _wait_for_outliving(self) -> None:
         """Wait for keyed handlers' threads that outlived the grace period, renewing their

@@ -386,6 +386,31 @@ def test_good_store_urls_pass_the_settings_check(url: str) -> None:
     assert Settings.load(environ={"BRIDGE_IDEMPOTENCY": url}).idempotency == url
 
 
+@pytest.mark.parametrize("store", ["postgres", "redis"])
+def test_a_worker_whose_store_refuses_its_url_stops_with_one_line(
+    brokers: dict[str, str], store: str
+) -> None:
+    # Given a PostgreSQL store URL with a wrong password, or a Redis one with a database that
+    # does not exist, When `bridge consume` starts, Then it stops at once with one line saying
+    # so. (Taken for a store that is away, the keyed jobs would wait for it for good.)
+    url = brokers[store]
+    url = (
+        url.replace("bridge:bridge@", "bridge:wrong@")
+        if store == "postgres"
+        else url.rsplit("/", 1)[0] + "/99"
+    )
+    done = bridge("consume", "--app", "consumers.billing:app", "--broker", "memory://", "--idempotency", url)
+    says = (
+        'password authentication failed for user "bridge"'
+        if store == "postgres"
+        else "DB index is out of range"
+    )
+    said = done.stderr.strip().splitlines()[-1]  # (after the daemon's log lines)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert said.startswith("bridge: idempotency store ") and says in said
+    assert said.endswith(": check the user, password and database in its URL")
+
+
 def test_a_bridge_toml_that_starts_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     # (As some Windows editors save UTF-8. It was refused: "Invalid statement (at line 1, column 1)".)
     (tmp_path / "bridge.toml").write_bytes(b'\xef\xbb\xbf[bridge]\ngroup = "billing"\n')

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from bridge.errors import ConfigError, safe_url
+from bridge.errors import ConfigError, StoreError, safe_url
 
 DEFAULT_WINDOW_S = 24 * 3600.0
 DEFAULT_LEASE_S = 60.0
@@ -150,6 +150,20 @@ class Store(Protocol):
     async def close(self) -> None:
         """Release connections."""
         ...
+
+
+# What PostgreSQL and Redis answer to a client whose URL they refuse (a wrong password, user or
+# database): no wait cures it. (Matched in their messages: libpq has no SQLSTATE for a refused
+# connection. A server starting up, or one with every connection taken, is not among them.)
+REFUSALS = (
+    "password authentication failed", "no pg_hba.conf entry", "does not exist", "permission denied",
+    "WRONGPASS", "NOAUTH", "invalid password", "invalid username-password", "DB index is out of range",
+)  # fmt: skip
+
+
+def refuses_for_good(error: StoreError) -> bool:
+    """Whether `error` is the store refusing this client's settings, not a store away."""
+    return any(refusal in str(error) for refusal in REFUSALS)
 
 
 def new_token() -> str:
