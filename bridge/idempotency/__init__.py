@@ -259,12 +259,13 @@ def _unparsable(scheme: str, url: str) -> str | None:
         if scheme in ("redis", "rediss"):
             from redis.asyncio import ConnectionPool
 
+            parts = urlsplit(url)
             try:
-                port = urlsplit(url).port
+                port = parts.port
             except ValueError:  # (no number, or out of range)
                 return "its port must be a number from 1 to 65535"
             ports = [] if port is None else [str(port)]  # (redis-py takes port 0 for none: 6379)
-            if not re.fullmatch(r"/?\d*", unquote(urlsplit(url).path)):  # (redis-py took /abc for 0)
+            if not re.fullmatch(r"/?\d*", unquote(parts.path)):  # (redis-py took /abc for 0)
                 return "its path must be a database number (redis://host:6379/0), or none"
             pool = ConnectionPool.from_url(url)
             pool.make_connection()  # type: ignore[no-untyped-call]  # (no I/O; TypeError: an option it lacks)
