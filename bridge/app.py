@@ -310,8 +310,8 @@ class Bridge:
         tiers = [name for name in queues if tier_names(self.settings.prefix).fullmatch(name)]
         if tiers:
             raise ConfigError(
-                f"queue {', '.join(tiers)} is named as a delay tier is (<prefix>.delay.<time>):"
-                " give it another name"
+                f"queue {', '.join(tiers)} is named as a delay tier is (<prefix>.delay.<time>, or"
+                " <prefix>.delay itself): give it another name"
             )
         problems = [problem for name in queues if (problem := name_problem(name))]
         if problems:

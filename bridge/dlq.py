@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge import codec
 from bridge.config import LARGEST_LETTER_BYTES
-from bridge.envelope import MAX_INT, DeadLetter, Envelope
+from bridge.envelope import MAX_INT, UNROUTABLE, DeadLetter, Envelope
 from bridge.errors import BridgeError, ConfigError, DecodeError, RegistryUnavailable, UnknownSchema
 from bridge.names import is_dead_letters, job_queue_of, name_problem
 from bridge.registry import DEAD_LETTER, ENVELOPE, own_schema
@@ -215,7 +215,9 @@ class DeadLetters:
     def read(self, body: bytes) -> Letter:
         """A letter from its bytes; bytes that are not a dead letter are shown as undecodable,
         and a letter in a schema unknown here (a registry's id, say) as `unreadable`. A letter
-        of bytes its worker could not read holds their job too when this process reads it.
+        of bytes its worker could not read holds their job too when this process reads it. A job
+        as it is, not in a letter, is `unroutable`: on RabbitMQ, `<prefix>.delay.dlq` keeps so the
+        delayed jobs whose queue was gone when they were due.
 
         Any size a worker may write is read: workers with a larger `max_message_bytes` than
         this process's write larger letters, which a purge of `undecodable` must not select."""
@@ -227,7 +229,11 @@ class DeadLetters:
             detail = f"written in a schema unknown here ({exc}): read it with the workers' --registry"
             letter = DeadLetter(UNREADABLE, detail, self.name, 0, raw=body)
         except DecodeError as exc:
-            letter = DeadLetter("undecodable", f"not a {DEAD_LETTER}: {exc}", self.name, 0, raw=body)
+            if (job := self._job_in(body)) is not None:
+                detail = f"a job, not a dead letter: no queue {job.queue!r} took it when it was due"
+                letter = DeadLetter(UNROUTABLE, detail, self.name, job.run_at or job.created_at, envelope=job)
+            else:
+                letter = DeadLetter("undecodable", f"not a {DEAD_LETTER}: {exc}", self.name, 0, raw=body)
         else:
             if letter.envelope is None and letter.raw is not None:
                 letter = replace(letter, envelope=self._job_in(letter.raw))

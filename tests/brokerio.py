@@ -32,7 +32,9 @@ from bridge import Bridge, codec, testing
 from bridge.envelope import DeadLetter
 from bridge.registry import DEAD_LETTER, ENVELOPE
 from bridge.transports import dlq_name
+from bridge.transports.base import tier_queue
 from bridge.transports.kafka.common import wait_until_served
+from bridge.transports.rabbitmq import wait_queue
 from tests.names import ended_sessions, left_behind
 
 
@@ -44,6 +46,13 @@ def read_queue(app: Bridge, queue: str) -> list[bytes]:
     if url.startswith("kafka"):
         return _read_topic(url.partition("://")[2], queue)
     return asyncio.run(_drain_rabbit_queue(url, queue))
+
+
+def tier_held_in(app: Bridge, tier_s: float) -> str:
+    """Where the jobs of `app`'s delay tier of `tier_s` seconds wait: its topic on Kafka, its
+    `.wait` queue on RabbitMQ (the tier's name is its exchange's there)."""
+    tier = tier_queue(app.settings.prefix, tier_s)
+    return tier if app.settings.require_broker().startswith("kafka") else wait_queue(tier)
 
 
 def envelopes_in(app: Bridge, queue: str) -> list[dict[str, Any]]:

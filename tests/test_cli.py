@@ -20,7 +20,7 @@ from bridge.config import Settings
 from bridge.errors import ConfigError
 from bridge.idempotency import default_url
 from bridge.idempotency import sql as idempotency_sql
-from tests.brokerio import read_queue
+from tests.brokerio import read_queue, tier_held_in
 from tests.conftest import REPO, SCHEMAS
 from tests.processes import assert_one_line_error, bridge
 
@@ -585,7 +585,7 @@ def test_topology_apply_and_enqueue_on_a_real_broker(
     delayed = bridge("enqueue", "test.Echo", '{"n": 2}', "--queue", queue, "--delay", "90s", **env)
     assert delayed.returncode == 0, delayed.stderr
     app = Bridge(broker=env["BRIDGE_BROKER"], registry=str(SCHEMAS), prefix=env["BRIDGE_PREFIX"])
-    [body] = read_queue(app, f"{env['BRIDGE_PREFIX']}.delay.1m")
+    [body] = read_queue(app, tier_held_in(app, 60))
     envelope = codec.decode(body, app.registry)[1]
     assert envelope["id"] == delayed.stdout.strip() and envelope["run_at"] - envelope["created_at"] == 90_000
 

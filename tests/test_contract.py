@@ -14,10 +14,10 @@ from bridge import Bridge, JobContext, codec
 from bridge.errors import PublishError, TransportError
 from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name
-from bridge.transports.base import Outgoing, tier_queue
+from bridge.transports.base import Outgoing
 from bridge.transports.kafka import commit as kafka_commit
 from tests import names
-from tests.brokerio import dead_letters, delete_queue
+from tests.brokerio import dead_letters, delete_queue, tier_held_in
 from tests.conftest import run
 
 
@@ -268,7 +268,7 @@ def test_a_consume_whose_delay_tier_is_missing_stops_at_once_naming_it(
             return await app.enqueue_async("test.Echo", {"n": 1})
 
     job_id = run(setup())
-    tier = tier_queue(app.settings.prefix, 5.0)
+    tier = tier_held_in(app, 5.0)
     delete_queue(app, tier)
     with pytest.raises(
         TransportError, match=f"{re.escape(tier)} does not exist: run `bridge topology apply`"

@@ -246,6 +246,31 @@ def test_a_letter_in_a_schema_unknown_here_is_unreadable_not_undecodable() -> No
     run(scenario())
 
 
+def test_a_job_as_it_is_in_a_dead_letter_queue_is_listed_unroutable_and_replays() -> None:
+    # Given a job put in a dead-letter queue as it is, not in a letter (as RabbitMQ keeps a
+    # delayed job whose queue was gone in `<prefix>.delay.dlq`), When letters are listed and
+    # replayed, Then it is `unroutable`, named by its job id and due time, with a detail naming
+    # its queue, And the replay puts it on that queue. (It was `undecodable`: only a purge took it.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+
+    async def scenario() -> None:
+        async with app:
+            envelope = replace(app.build_envelope("test.Echo", {"n": 1}, queue="billing"), run_at=1_000)
+            await publish_envelope(app, "bridge.delay.dlq", envelope)
+            dlq = app.dead_letters("bridge.delay")
+            [item] = await dlq.find(Selection(reason="unroutable"))
+            assert (item.id, item.letter.at) == (envelope.id, 1_000)
+            assert (
+                item.letter.detail == "a job, not a dead letter: no queue 'billing' took it when it was due"
+            )
+            report = await dlq.replay(Selection())
+            assert report.replayed == [envelope.id] and await dlq.find() == []
+            [body] = testing.memory_transport(app).messages("billing")
+            assert codec.decode(body, app.registry)[1]["id"] == envelope.id
+
+    run(scenario())
+
+
 def test_a_letter_larger_than_this_process_writes_is_read_not_undecodable() -> None:
     # Given workers with max_message_bytes of 8 MiB whose job of 2 MiB was dead-lettered, and a
     # `bridge dlq` with the default (1 MiB), When it lists, purges `undecodable` and replays,

@@ -22,10 +22,11 @@ import aio_pika
 import aiormq
 import pytest
 
-from bridge import Bridge, JobContext, Permanent, Retry
-from bridge.dlq import Selection
+from bridge import Bridge, JobContext, Permanent, Retry, codec
+from bridge.dlq import Letter, Selection
 from bridge.errors import PublishError, TransportError
 from bridge.policy import fixed
+from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name, rabbitmq
 from bridge.transports.base import tier_queue
 from bridge.transports.rabbitmq import QUORUM
@@ -43,6 +44,7 @@ from tests.brokerio import (
     rabbitmq_max_message_size,
     rabbitmq_settings,
     rabbitmqctl,
+    tier_held_in,
 )
 from tests.conftest import SCHEMAS, failing_first, own_app, publish_envelope, run, signalling
 from tests.processes import (
@@ -1094,6 +1096,127 @@ async def ready(url: str, queue: str) -> int:
         return declared.declaration_result.message_count or 0
 
 
+def test_delayed_jobs_whose_queue_is_gone_become_letters_and_hold_back_no_other_queue(
+    brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given 40 jobs in a delay tier for a queue that was deleted (more than the 32 RabbitMQ's
+    # dead-letter worker holds for a tier at once), put there as another producer would,
+    # When a job for another queue is delayed behind them,
+    # Then it runs within 5 s of its time, And the 40 are letters of `<prefix>.delay`, reason
+    # unroutable, which the next consume's start warns of, And once their queue is made again,
+    # a replay puts each back there once. (They stayed in the tier, at-least-once, and with 32
+    # held nothing else left it: the other queue's job waited minutes, for good in the runs here.)
+    url = brokers["rabbitmq"]
+    app = own_app(url)
+    gone = names.queue()
+    ran = signalling(app, queue)
+    ids: list[str] = []
+
+    async def scenario() -> float:
+        async with app:
+            await app.apply_topology([queue, gone])
+            await delete_rabbitmq_queue(url, gone)
+            async with await aio_pika.connect(url) as connection:
+                channel = await connection.channel()
+                tier = await channel.get_exchange(tier_queue(app.settings.prefix, 1.0))
+                for i in range(40):
+                    envelope = app.build_envelope("test.Echo", {"n": i}, queue=gone)
+                    ids.append(envelope.id)
+                    body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
+                    await tier.publish(aio_pika.Message(body, delivery_mode=2), routing_key=gone)
+            due = time.monotonic() + 1.0
+            await app.enqueue_async("test.Echo", {"n": 1}, queue=queue, delay=1)
+            stop = asyncio.Event()
+            consuming = asyncio.create_task(app.consume([queue], stop=stop))
+            try:
+                await asyncio.wait_for(ran.wait(), 6)
+                return time.monotonic() - due
+            finally:
+                stop.set()
+                await consuming
+
+    async def letters_of_delay() -> list[Letter]:
+        async with app:
+            await app.consume([queue], burst=True)
+            # (Those RabbitMQ sent there just before the other job may still be on their way.)
+            while len(found := await app.dead_letters(f"{app.settings.prefix}.delay").find()) < len(ids):
+                await asyncio.sleep(0.05)
+            return found
+
+    assert run(scenario()) < 5
+    letters = run(letters_of_delay())
+    assert sorted(letter.id for letter in letters) == sorted(ids)
+    assert {letter.letter.reason for letter in letters} == {"unroutable"}
+    assert f"no queue {gone!r} took it" in letters[0].letter.detail
+    kept = re.compile(
+        rf"\d+ delayed jobs wait in {re.escape(app.settings.prefix)}\.delay\.dlq: their queue was gone"
+    )
+    assert [r for r in caplog.records if kept.match(r.getMessage())], caplog.text
+
+    async def replay() -> None:
+        async with app:
+            await app.apply_topology([queue, gone])
+            await app.dead_letters(f"{app.settings.prefix}.delay").replay(Selection())
+
+    run(replay())
+    assert sorted(envelope["id"] for envelope in envelopes_in(app, gone)) == sorted(ids)
+
+
+def test_topology_apply_unbinds_an_older_bridges_tier_queue_whose_jobs_still_arrive(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a topology as bridge made it before `.wait` queues (a tier's queue by the tier's
+    # name, dead-lettering straight to the jobs exchange, and no due exchange), and a job
+    # delayed into it then,
+    # When the topology is applied and a second job is delayed,
+    # Then the plan says the older queue was unbound, it is bound to no exchange but the
+    # default, And both jobs run.
+    url = brokers["rabbitmq"]
+    app = own_app(url)
+    prefix = app.settings.prefix
+    tier = tier_queue(prefix, 1.0)
+    ran: list[str] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(ctx.job_id)
+
+    async def older_topology() -> None:
+        async with await aio_pika.connect(url) as connection:
+            channel = await connection.channel()
+            direct, fanout = aio_pika.ExchangeType.DIRECT, aio_pika.ExchangeType.FANOUT
+            jobs = await channel.declare_exchange(f"{prefix}.jobs", direct, durable=True)
+            await (await channel.declare_queue(queue, durable=True, arguments=QUORUM)).bind(jobs, queue)
+            exchange = await channel.declare_exchange(tier, fanout, durable=True)
+            arguments = {
+                **QUORUM, "x-message-ttl": 1000, "x-dead-letter-exchange": f"{prefix}.jobs",
+                "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish",
+            }  # fmt: skip
+            await (await channel.declare_queue(tier, durable=True, arguments=arguments)).bind(exchange)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        await older_topology()
+        async with app:
+            first = await app.enqueue_async("test.Echo", {"n": 1}, delay=1)
+            plan = await app.apply_topology()
+            second = await app.enqueue_async("test.Echo", {"n": 2}, delay=1)
+            stop = asyncio.Event()
+            consuming = asyncio.create_task(app.consume(stop=stop))
+            try:
+                while len(ran) < 2:
+                    await asyncio.sleep(0.05)
+            finally:
+                stop.set()
+                await consuming
+            return plan, [first, second]
+
+    plan, ids = run(scenario(), timeout=30)
+    assert sorted(ran) == sorted(ids)
+    assert any(line.startswith(f"rabbitmq: queue {tier} (an older bridge's tier) unbound") for line in plan)
+    bindings = rabbitmq_api(f"queues/%2F/{tier}/bindings")
+    assert [binding["source"] for binding in bindings] == [""]  # (the default exchange's, by its name)
+
+
 def test_a_delay_tier_deleted_during_a_burst_consume_stops_it_with_an_error_naming_it(
     brokers: dict[str, str], queue: str
 ) -> None:
@@ -1105,7 +1228,7 @@ def test_a_delay_tier_deleted_during_a_burst_consume_stops_it_with_an_error_nami
     # consume never returned.)
     url = brokers["rabbitmq"]
     app = own_app(url)
-    tier = tier_queue(app.settings.prefix, 1.0)
+    tier = tier_held_in(app, 1.0)
     ran: list[str] = []
 
     @app.job("test.Echo", queue=queue)

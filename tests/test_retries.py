@@ -443,7 +443,9 @@ def test_a_queue_named_under_the_delay_prefix_but_no_tiers_is_a_queue_like_any(
     assert attempts == [1, 2]
 
 
-@pytest.mark.parametrize("queues", [["{tier}"], ["ok", "{prefix}.delay.5m.dlq"]])
+@pytest.mark.parametrize(
+    "queues", [["{tier}"], ["ok", "{prefix}.delay.5m.dlq"], ["{tier}.wait"], ["{prefix}.delay"]]
+)
 @pytest.mark.parametrize("step", ["apply_topology", "consume"])
 def test_a_queue_named_as_a_delay_tier_is_refused_at_start(queues: list[str], step: str) -> None:
     # Given queues one of which is named as a delay tier is (one of these settings or not),

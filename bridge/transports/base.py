@@ -104,10 +104,12 @@ def tier_queue(prefix: str, tier_s: float) -> str:
 
 
 def tier_names(prefix: str) -> re.Pattern[str]:
-    """What a delay tier's queue or topic, or a tier's dead-letter topic, is called under
-    `prefix`, whatever tiers the settings make: one an earlier setting made is a tier all the
-    same. (`<prefix>.delay.reports` is not one: a job queue may be called so.)"""
-    return re.compile(rf"{re.escape(prefix)}\.delay\.\d+(ms|s|m|h|d)(\.dlq(\.done)?)?")
+    """What a delay tier's queue or topic, a tier's dead-letter topic or, on RabbitMQ, a tier's
+    queue (`.wait`) is called under `prefix`, whatever tiers the settings make: one an earlier
+    setting made is a tier all the same. `<prefix>.delay` is bridge's too: on RabbitMQ its
+    `.dlq` keeps the delayed jobs whose queue was gone when they were due. (`<prefix>.delay.reports`
+    is not one: a job queue may be called so.)"""
+    return re.compile(rf"{re.escape(prefix)}\.delay(\.\d+(ms|s|m|h|d)(\.dlq(\.done)?|\.wait)?)?")
 
 
 class Transport(Protocol):

@@ -1,7 +1,13 @@
 """RabbitMQ through aio-pika; the only module that imports it.
 
 Topology: a durable direct exchange `<prefix>.jobs`; each queue is a quorum queue bound to it
-by its own name, and so is its dead-letter queue `<queue>.dlq`.
+by its own name, and so is its dead-letter queue `<queue>.dlq`. A delay tier is a fanout
+exchange `<prefix>.delay.<tier>` and its quorum queue `<prefix>.delay.<tier>.wait`, whose
+messages expire after the tier's time into the direct exchange `<prefix>.delay.due`, where each
+job queue is bound by its name too. What no queue takes there (its queue was deleted) goes to
+that exchange's alternate exchange and queue, `<prefix>.delay.dlq`, for the `dlq` commands
+(`bridge dlq list <prefix>.delay`). Without it, at-least-once dead-lettering kept such a job in
+its tier, and 32 of them stopped everything else in the tier, for every queue.
 
 Publishing: one channel with publisher confirms; every publish is mandatory, so a message that
 no queue takes comes back and raises instead of being confirmed into the void. Many publishes
@@ -47,7 +53,7 @@ from aiormq.abc import DeliveredMessage
 from bridge.config import MAX_PREFETCH, Settings
 from bridge.errors import PublishError, PublishRefused, PublishUnconfirmed, TransportError, safe_url
 from bridge.logs import REPEAT_WINDOW_S, Repeats
-from bridge.names import is_dead_letters
+from bridge.names import is_dead_letters, job_queue_of
 from bridge.policy import tier_for
 from bridge.transports import amqp_frames
 from bridge.transports.base import (
@@ -186,7 +192,10 @@ class RabbitTransport:
         self.settings = settings
         self.exchange_name = f"{settings.prefix}.jobs"
         self._tiers = {tier_s: tier_queue(settings.prefix, tier_s) for tier_s in settings.delay_tiers}
+        self._waits = [wait_queue(tier) for tier in self._tiers.values()]  # (the tiers' queues)
         self._tier_names = tier_names(settings.prefix)
+        self._due = f"{settings.prefix}.delay.due"
+        self._unrouted = dlq_name(f"{settings.prefix}.delay")
         self._existing: set[str] = set()  # queues seen to exist (a look binds nothing)
         self._bound: set[str] = set()  # queues bound by this process, or tried: ready to publish to
         self._lookup = asyncio.Lock()
@@ -522,27 +531,31 @@ class RabbitTransport:
             )
 
     async def _bind(self, name: str) -> bool:
-        """Bind existing queue `name` to the jobs exchange by its name (the binding, if there
-        already, stays as it is); False if RabbitMQ says there is no such queue after all (one
-        deleted since it was seen).
+        """Bind existing queue `name` to the jobs exchange by its name, and a job queue to the
+        due exchange too (a binding there already stays as it is); False if RabbitMQ says there
+        is no such queue after all (one deleted since it was seen).
 
         A user that may not bind (it needs read permission on the exchange and write on the
-        queue) is warned once, and goes on as before. With the exchange gone, the publish that
-        follows says so.
+        queue) is warned once, and goes on as before. With the jobs exchange gone, the publish
+        that follows says so; with the due exchange missing (a topology an older bridge made),
+        the tiers send their jobs to the jobs exchange.
         """
         assert self._connection is not None
+        exchanges = [self.exchange_name] if is_dead_letters(name) else [self.exchange_name, self._due]
         try:
             channel = await self._connection.channel()
             try:
                 underlay = await channel.get_underlay_channel()
-                await underlay.queue_bind(name, self.exchange_name, routing_key=name)
+                for exchange in exchanges:
+                    await underlay.queue_bind(name, exchange, routing_key=name)
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 return " no queue " not in str(exc)  # (else "no exchange")
             except aiormq.exceptions.ChannelAccessRefused as exc:
                 log.warning(
                     "could not bind queue %s to %s (%s): if it is not bound there by its name, jobs"
-                    " sent to it go nowhere; `bridge topology apply --queues %s` binds it",
-                    name, self.exchange_name, exc, name,
+                    " sent to it go nowhere (delayed ones to %s); `bridge topology apply --queues %s`"
+                    " binds it",
+                    name, " and ".join(exchanges), exc, self._unrouted, name,
                 )  # fmt: skip
             finally:
                 with _ignored():
@@ -718,8 +731,14 @@ class RabbitTransport:
         try:
             # The delay tiers too, as on Kafka: a job that needs a missing one would stop the
             # worker later, mid-run, and a burst consume could not count what waits in it.
-            for name in [*queues, *self._tiers.values()]:
+            for name in [*queues, *self._waits]:
                 await self._require_existing(channel, name)
+            if kept := await self._count(self._unrouted):
+                log.warning(
+                    "%d delayed jobs wait in %s: their queue was gone when they were due; `bridge dlq"
+                    " list %s` lists them, and a replay puts them back once their queue is made again",
+                    kept, self._unrouted, job_queue_of(self._unrouted),
+                )  # fmt: skip
             while not stop.is_set():
                 await self._take_returns(channel, queues, start, stop)
                 if stop.is_set():
@@ -836,7 +855,7 @@ class RabbitTransport:
         if not burst:
             await _either(stop.wait(), came_back.wait())
             return
-        waiting = [*queues, *self._tiers.values()]  # delayed and retried jobs count too
+        waiting = [*queues, *self._waits]  # delayed and retried jobs count too
         quiet = 0
         said = BurstWait(self.settings.prefix)
         while not stop.is_set() and not came_back.is_set():
@@ -935,14 +954,30 @@ class RabbitTransport:
             plan.append(f"rabbitmq: queue {name} exists, kept as it is, bound by {name!r}")
             if await self._drops_returns(name):
                 plan.append(_default_limit(name))
+        state = "exists" if await self._queue_exists(self._unrouted) else "create"
+        plan += [
+            f"rabbitmq: exchange {self._due} (direct, durable), where each job queue is bound by its"
+            " name too: delay tiers send their jobs there when due, and what no queue takes goes on"
+            f" to {self._unrouted}",
+            f"rabbitmq: quorum queue {self._unrouted} {state}, for delayed jobs whose queue was gone"
+            f" when they were due (`bridge dlq list {self.settings.prefix}.delay`)",
+        ]  # fmt: skip
+        older: list[str] = []  # tiers' queues of an older bridge, which send their jobs to the jobs exchange
         for tier_s, tier in self._tiers.items():
-            state = "exists" if await self._queue_exists(tier) else "create"
+            state = "exists" if await self._queue_exists(wait_queue(tier)) else "create"
             plan.append(
-                f"rabbitmq: delay tier {tier} {state} (fanout exchange, quorum queue, ttl {tier_s:g} s)"
+                f"rabbitmq: delay tier {tier} {state} (fanout exchange, quorum queue {wait_queue(tier)},"
+                f" ttl {tier_s:g} s)"
             )
+            if await self._queue_exists(tier):
+                older.append(tier)
+                plan.append(
+                    f"rabbitmq: queue {tier} (an older bridge's tier) unbound from its exchange: the"
+                    " jobs in it still go back to their queues when due; delete it once it is empty"
+                )
         if not dry_run:
             with _mapped("could not apply the RabbitMQ topology", retriable=False):
-                await self._declare(names, existing)
+                await self._declare(names, existing, older)
             self._exchange_missing = False
             self._existing.update(names)
             self._bound.update(names)
@@ -970,6 +1005,23 @@ class RabbitTransport:
             return False
         refused = aiormq.exceptions.ChannelPreconditionFailed
         return await self._declares(name, refused, durable=True, arguments=QUORUM)
+
+    async def _count(self, name: str) -> int:
+        """How many messages are ready in queue `name`, as far as a look tells: 0 if there is no
+        such queue, or no answer. On a channel of its own (a look at a missing queue closes its
+        channel)."""
+        assert self._connection is not None
+        try:
+            channel = await self._connection.channel()
+            try:
+                underlay = await channel.get_underlay_channel()
+                return (await underlay.queue_declare(name, passive=True)).message_count or 0
+            finally:
+                with _ignored():
+                    await channel.close()
+        except GONE as exc:  # (a missing queue's 404 too)
+            log.debug("no count of queue %s: %r", name, exc)
+            return 0
 
     async def _declares(
         self, name: str, refused: type[Exception] | tuple[type[Exception], ...], **how: Any
@@ -1000,8 +1052,9 @@ class RabbitTransport:
         major = str(version or "").partition(".")[0]
         return int(major) if major.isdigit() else 0
 
-    async def _declare(self, names: Sequence[str], existing: Collection[str]) -> None:
-        """Declare the exchange, the tiers and the queues in `names`, each bound by its name.
+    async def _declare(self, names: Sequence[str], existing: Collection[str], older: Collection[str]) -> None:
+        """Declare the exchanges, the tiers and the queues in `names`, each bound by its name (a
+        job queue to the due exchange too), and unbind the `older` tiers' queues.
 
         A job or dead-letter queue that exists is bound as it is, whatever its type and
         arguments: bridge needs nothing of it but the binding, and one made by another service
@@ -1010,29 +1063,53 @@ class RabbitTransport:
         assert self._connection is not None
         async with self._connection.channel() as channel:
             exchange = await self._declare_exchange(channel)
+            due = await self._declare_due(channel)
             for name in names:
                 if name in existing:
                     queue = await channel.declare_queue(name, passive=True)
                 else:
                     queue = await channel.declare_queue(name, durable=True, arguments=UNLIMITED)
                 await queue.bind(exchange, routing_key=name)
+                if not is_dead_letters(name):
+                    await queue.bind(due, routing_key=name)
             for tier_s, tier in self._tiers.items():
                 await self._declare_tier(channel, tier, tier_s)
+            for tier in older:  # (after its successor is bound: no delay finds the tier unbound)
+                underlay = await channel.get_underlay_channel()
+                await underlay.queue_unbind(tier, tier, routing_key=tier)
+
+    async def _declare_due(self, channel: AbstractChannel) -> AbstractExchange:
+        """The exchange expired delayed jobs go to, and its alternate exchange and queue."""
+        unrouted = await channel.declare_exchange(self._unrouted, aio_pika.ExchangeType.FANOUT, durable=True)
+        queue = await channel.declare_queue(self._unrouted, durable=True, arguments=UNLIMITED)
+        await queue.bind(unrouted)
+        arguments: dict[str, Any] = {"alternate-exchange": self._unrouted}
+        return await channel.declare_exchange(
+            self._due, aio_pika.ExchangeType.DIRECT, durable=True, arguments=arguments
+        )
 
     async def _declare_tier(self, channel: AbstractChannel, tier: str, tier_s: float) -> None:
         # Every message of a tier has the same TTL, so messages expire head-first, in order; an
-        # expired one is dead-lettered to the jobs exchange under the routing key it was
+        # expired one is dead-lettered to the due exchange under the routing key it was
         # published with: the queue it is for. At-least-once dead-lettering needs reject-publish.
+        # What no queue takes there goes to its alternate exchange: at-least-once, a message
+        # RabbitMQ could not route stayed in the tier, retried now and then, and with 32 of
+        # them held (its dead-letter worker's prefetch), nothing else left the tier.
         exchange = await channel.declare_exchange(tier, aio_pika.ExchangeType.FANOUT, durable=True)
         arguments: dict[str, Any] = {
             **QUORUM,
             "x-message-ttl": round(tier_s * 1000),
-            "x-dead-letter-exchange": self.exchange_name,
+            "x-dead-letter-exchange": self._due,
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
         }
-        queue = await channel.declare_queue(tier, durable=True, arguments=arguments)
+        queue = await channel.declare_queue(wait_queue(tier), durable=True, arguments=arguments)
         await queue.bind(exchange)
+
+
+def wait_queue(tier: str) -> str:
+    """The quorum queue in which the jobs of delay tier `tier` (its exchange's name) wait."""
+    return f"{tier}.wait"
 
 
 def _default_limit(name: str) -> str:
