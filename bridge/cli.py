@@ -329,6 +329,10 @@ def _positive(text: str) -> int:
 # -- commands --------------------------------------------------------------------------------
 
 
+# What `memory://` is on the command line: a broker in one process, which no other reaches.
+IN_PROCESS = "memory:// keeps jobs in one process, no other (give a kafka:// or amqp:// --broker)"
+
+
 def _enqueue(args: argparse.Namespace) -> int:
     if args.dedupe and args.idempotency_key is None:
         raise ConfigError("--dedupe needs --idempotency-key")
@@ -344,6 +348,8 @@ def _enqueue(args: argparse.Namespace) -> int:
     }  # fmt: skip
     job_id = asyncio.run(_closing(app, app.enqueue_async(args.type, payload, **options)))
     print(job_id)
+    if app.settings.require_broker().startswith("memory://"):  # (a check of the job, nothing more)
+        print(f"bridge: this job is gone with this process: {IN_PROCESS}", file=sys.stderr)
     return 0
 
 
@@ -354,6 +360,8 @@ def _consume(args: argparse.Namespace) -> int:
     queues = args.queues or app.queues()
     if not queues:
         raise ConfigError(f"{args.app} registers no handlers: decorate functions with @app.job(...)")
+    if app.settings.require_broker().startswith("memory://"):
+        log.warning("this worker runs only the jobs its own app enqueues: %s", IN_PROCESS)
     asyncio.run(_run_until_signalled(app, queues, burst=args.burst))
     return 0
 
