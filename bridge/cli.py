@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from datetime import datetime
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from bridge.app import Bridge
 from bridge.compatibility import LEVELS
 from bridge.dlq import ReplayReport, Selection, describe
-from bridge.envelope import REASONS, iso_ms, now_ms
+from bridge.envelope import LONGEST_S, REASONS, iso_ms, now_ms
 from bridge.errors import BridgeError, ConfigError, RegistryUnavailable, TransportError
 from bridge.idempotency import DONE, ENQUEUED, ENQUEUING, RUNNING, default_url
 from bridge.idempotency import sqlite as sqlite_store
@@ -336,6 +337,7 @@ IN_PROCESS = "memory:// keeps jobs in one process, no other (give a kafka:// or 
 def _enqueue(args: argparse.Namespace) -> int:
     if args.dedupe and args.idempotency_key is None:
         raise ConfigError("--dedupe needs --idempotency-key")
+    _check_times(args)
     app = _app(args)
     try:
         payload = json.loads(args.payload)
@@ -351,6 +353,22 @@ def _enqueue(args: argparse.Namespace) -> int:
     if app.settings.require_broker().startswith("memory://"):  # (a check of the job, nothing more)
         print(f"bridge: this job is gone with this process: {IN_PROCESS}", file=sys.stderr)
     return 0
+
+
+def _check_times(args: argparse.Namespace) -> None:
+    """Refuse what the API would refuse of --delay, --at and --ttl, naming the options (it
+    names its keywords: `delay=`, `ttl=`)."""
+    starts_s = args.delay
+    if args.at is not None:
+        starts_s = args.at.timestamp() - time.time()
+        if abs(starts_s) > LONGEST_S:
+            raise ConfigError("--at: within 100 years of now")
+    for option, seconds in (("--delay", args.delay), ("--ttl", args.ttl)):
+        if seconds is not None and seconds > LONGEST_S:
+            raise ConfigError(f"{option}: at most 100 years (36500d)")
+    if args.ttl is not None and starts_s is not None and args.ttl <= starts_s:
+        start = "--delay" if args.at is None else "--at"
+        raise ConfigError(f"--ttl ends the job before {start} lets it start: give a longer --ttl")
 
 
 def _consume(args: argparse.Namespace) -> int:
