@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -41,6 +42,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("bridge.cli")
 
 
+# A run of text without a space this long, in an error line, is what someone gave (a type, key or
+# id of thousands of characters, say): shown cut, so that the line still shows what to fix.
+_LONG_RUN = re.compile(r"\S{201,}")
+
+
+def _shortened(line: str) -> str:
+    """`line` with each run of over 200 characters without a space cut to its first 100."""
+    return _LONG_RUN.sub(lambda run: f"{run.group()[:100]}... ({len(run.group()):,} characters)", line)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `bridge` console script."""
     args, unknown = _parser().parse_known_args(argv)
@@ -51,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = args.run(args)
         sys.stdout.flush()  # (here, so a reader gone is a BrokenPipeError below)
     except BridgeError as exc:  # (one line whatever it quotes: a job id from another producer, say)
-        print(one_line(f"bridge: {exc}"), file=sys.stderr)
+        print(_shortened(one_line(f"bridge: {exc}")), file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130

@@ -549,6 +549,15 @@ def test_memory_on_the_command_line_says_that_no_other_process_reaches_it() -> N
     ), said
 
 
+def test_a_value_of_thousands_of_characters_is_cut_in_the_error_line() -> None:
+    # Given a job type of 5,000 characters, When it is enqueued, Then the one error line shows
+    # its start and its length, not all of it. (Each of the two places it was named was echoed
+    # whole: a line of 10,000 characters.)
+    done = bridge("enqueue", "k" * 5000, "{}", "--registry", "schemas", "--broker", "memory://")
+    assert_one_line_error(done, "unknown job type 'kkkk", "... (5,003 characters)")
+    assert len(done.stderr) < 500, len(done.stderr)
+
+
 def test_bad_app_and_missing_broker() -> None:
     assert_one_line_error(bridge("consume", "--app", "nowhere"), "write MODULE:ATTR")
     # (An empty one was taken for none: "bridge:  registers no handlers")
