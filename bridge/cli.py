@@ -389,8 +389,6 @@ def _consume(args: argparse.Namespace) -> int:
     queues = args.queues or app.queues()
     if not queues:
         raise ConfigError(f"{args.app} registers no handlers: decorate functions with @app.job(...)")
-    if app.settings.require_broker().startswith("memory://"):
-        log.warning("this worker runs only the jobs its own app enqueues: %s", IN_PROCESS)
     asyncio.run(_run_until_signalled(app, queues, burst=args.burst))
     return 0
 
