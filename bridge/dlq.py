@@ -3,7 +3,9 @@
 A letter is known by its job id, or, for bytes that never decoded here, by `raw-` and a hash
 of them. Replay puts the job back on its queue with its attempts reset, its delay and expiry
 cleared and its replay count raised; a job replayed `max_replays` times is refused, so a
-poison job cannot cycle between queue and dead-letter queue for ever.
+poison job cannot cycle between queue and dead-letter queue for ever. A job found as it is, not
+in a letter (on RabbitMQ, a delayed job whose queue was gone when it was due), goes back as it
+was, only its replay count raised.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Letter:
 
     id: str
     letter: DeadLetter
+    as_it_is: bool = False  # a job put in the queue as it is, not in a letter (see `read`)
 
 
 @dataclass(frozen=True)
@@ -230,16 +233,24 @@ class DeadLetters:
             letter = DeadLetter(UNREADABLE, detail, self.name, 0, raw=body)
         except DecodeError as exc:
             if (job := self._job_in(body)) is not None:
-                detail = f"a job, not a dead letter: no queue {job.queue!r} took it when it was due"
-                letter = DeadLetter(UNROUTABLE, detail, self.name, job.run_at or job.created_at, envelope=job)
-            else:
-                letter = DeadLetter("undecodable", f"not a {DEAD_LETTER}: {exc}", self.name, 0, raw=body)
+                return Letter(job.id, self._as_it_is(job), as_it_is=True)
+            letter = DeadLetter("undecodable", f"not a {DEAD_LETTER}: {exc}", self.name, 0, raw=body)
         else:
             if letter.envelope is None and letter.raw is not None:
                 letter = replace(letter, envelope=self._job_in(letter.raw))
         if letter.envelope is not None:
             return Letter(letter.envelope.id, letter)
         return Letter(f"raw-{hashlib.sha256(letter.raw or body).hexdigest()[:16]}", letter)
+
+    def _as_it_is(self, job: Envelope) -> DeadLetter:
+        """The letter of a job found as it is: on RabbitMQ, `<prefix>.delay.dlq` keeps so the
+        delayed jobs no queue took when they were due; in any other queue, another producer
+        put it there."""
+        if self.name == dlq_name(f"{self.app.settings.prefix}.delay"):
+            detail = f"a delayed job that no queue {job.queue!r} took when it was due"
+        else:
+            detail = f"a job for queue {job.queue!r}, put here as it is, not in a dead letter"
+        return DeadLetter(UNROUTABLE, detail, self.name, job.run_at or job.created_at, envelope=job)
 
     def _job_in(self, raw: bytes) -> Envelope | None:
         """The job in bytes its worker could not read, if this process reads them: one framed
@@ -279,7 +290,10 @@ class DeadLetters:
         raw bytes that no replay takes.)"""
         envelope = item.letter.envelope
         assert envelope is not None
-        fresh = replace(envelope, attempt=1, run_at=None, expires_at=None, replays=envelope.replays + 1)
+        if item.as_it_is:  # (never failed here: it goes back as it was, due when it was, counted)
+            fresh = replace(envelope, replays=envelope.replays + 1)
+        else:
+            fresh = replace(envelope, attempt=1, run_at=None, expires_at=None, replays=envelope.replays + 1)
         single = letter.startswith(codec.SINGLE_OBJECT_MAGIC)
         schema = own_schema(ENVELOPE) if single else self.app.registry.schema(ENVELOPE)
         body = codec.encode(schema, fresh.to_avro())

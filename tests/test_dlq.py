@@ -246,27 +246,39 @@ def test_a_letter_in_a_schema_unknown_here_is_unreadable_not_undecodable() -> No
     run(scenario())
 
 
-def test_a_job_as_it_is_in_a_dead_letter_queue_is_listed_unroutable_and_replays() -> None:
-    # Given a job put in a dead-letter queue as it is, not in a letter (as RabbitMQ keeps a
-    # delayed job whose queue was gone in `<prefix>.delay.dlq`), When letters are listed and
-    # replayed, Then it is `unroutable`, named by its job id and due time, with a detail naming
-    # its queue, And the replay puts it on that queue. (It was `undecodable`: only a purge took it.)
+@pytest.mark.parametrize("kept_in", ["delay", "billing"])
+def test_a_job_as_it_is_in_a_dead_letter_queue_is_listed_unroutable_and_goes_back_as_it_was(
+    kept_in: str,
+) -> None:
+    # Given a job on its third attempt, due at a time, put in a dead-letter queue as it is, not
+    # in a letter: as RabbitMQ keeps a delayed job whose queue was gone in `<prefix>.delay.dlq`,
+    # or by another producer in a queue's own, When letters are listed and replayed,
+    # Then it is `unroutable`, named by its job id and due time, with a detail naming its queue,
+    # And the replay puts it on that queue as it was: its attempt, due time and expiry kept, its
+    # replay count raised. (It was `undecodable`: only a purge took it.)
     app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    source = f"{app.settings.prefix}.delay" if kept_in == "delay" else "billing"
+    job = app.build_envelope("test.Echo", {"n": 1}, queue="billing")
+    job = replace(job, attempt=3, run_at=job.created_at + 60_000, expires_at=job.created_at + 120_000)
 
     async def scenario() -> None:
         async with app:
-            envelope = replace(app.build_envelope("test.Echo", {"n": 1}, queue="billing"), run_at=1_000)
-            await publish_envelope(app, "bridge.delay.dlq", envelope)
-            dlq = app.dead_letters("bridge.delay")
+            await publish_envelope(app, dlq_name(source), job)
+            dlq = app.dead_letters(source)
             [item] = await dlq.find(Selection(reason="unroutable"))
-            assert (item.id, item.letter.at) == (envelope.id, 1_000)
-            assert (
-                item.letter.detail == "a job, not a dead letter: no queue 'billing' took it when it was due"
+            assert (item.id, item.letter.at) == (job.id, job.run_at)
+            assert item.letter.detail == (
+                "a delayed job that no queue 'billing' took when it was due"
+                if kept_in == "delay"
+                else "a job for queue 'billing', put here as it is, not in a dead letter"
             )
             report = await dlq.replay(Selection())
-            assert report.replayed == [envelope.id] and await dlq.find() == []
+            assert report.replayed == [job.id] and await dlq.find() == []
             [body] = testing.memory_transport(app).messages("billing")
-            assert codec.decode(body, app.registry)[1]["id"] == envelope.id
+            back = codec.decode(body, app.registry)[1]
+            assert (back["id"], back["attempt"], back["run_at"], back["expires_at"], back["replays"]) == (
+                job.id, 3, job.run_at, job.expires_at, 1
+            )  # fmt: skip
 
     run(scenario())
 

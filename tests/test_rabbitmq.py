@@ -828,8 +828,8 @@ def test_a_producer_that_may_not_bind_a_queue_still_enqueues_to_it_and_is_told_o
     # Given a queue `topology apply` made, and a RabbitMQ user that may publish but not read
     # (binding a queue needs read permission on the exchange),
     # When that user enqueues two jobs to the queue, one delayed through a tier and one not,
-    # Then both are in the queue, and the log says once that the queue could not be bound and
-    # what binds it.
+    # Then both are in the queue, and the log says once for each exchange (the jobs and the due
+    # one) that the queue could not be bound there, and what binds it.
     url = brokers["rabbitmq"]
     app = own_app(url)
     user = f"u-{uuid.uuid4().hex[:8]}"
@@ -860,7 +860,12 @@ def test_a_producer_that_may_not_bind_a_queue_still_enqueues_to_it_and_is_told_o
     wait_until(arrived, 10, f"both jobs in {queue}")
     assert sorted(found) == sorted(ids)
     told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("could not bind")]
-    assert len(told) == 1 and f"`bridge topology apply --queues {queue}` binds it" in told[0]
+    prefix = app.settings.prefix  # (told once for each exchange: the jobs one, and the due one)
+    assert [line.split(" (")[0] for line in told] == [
+        f"could not bind queue {queue} to {prefix}.jobs",
+        f"could not bind queue {queue} to {prefix}.delay.due",
+    ]
+    assert all(f"`bridge topology apply --queues {queue}` binds it" in line for line in told)
 
 
 def test_a_producer_that_may_not_configure_enqueues_and_a_look_leaves_no_exchange_behind(
@@ -1147,7 +1152,7 @@ def test_delayed_jobs_whose_queue_is_gone_become_letters_and_hold_back_no_other_
     letters = run(letters_of_delay())
     assert sorted(letter.id for letter in letters) == sorted(ids)
     assert {letter.letter.reason for letter in letters} == {"unroutable"}
-    assert f"no queue {gone!r} took it" in letters[0].letter.detail
+    assert letters[0].letter.detail == f"a delayed job that no queue {gone!r} took when it was due"
     kept = re.compile(
         rf"\d+ delayed jobs wait in {re.escape(app.settings.prefix)}\.delay\.dlq: their queue was gone"
     )
@@ -1160,6 +1165,96 @@ def test_delayed_jobs_whose_queue_is_gone_become_letters_and_hold_back_no_other_
 
     run(replay())
     assert sorted(envelope["id"] for envelope in envelopes_in(app, gone)) == sorted(ids)
+
+
+async def older_topology(url: str, prefix: str, queue: str, *, tier: bool = True) -> None:
+    """The topology bridge made before `.wait` queues: the jobs exchange, `queue` bound to it,
+    and (with `tier`) the 1 s tier's queue by the tier's name, dead-lettering to the jobs
+    exchange; no due exchange. (Without `tier`: a queue another service made and bound.)"""
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel()
+        direct, fanout = aio_pika.ExchangeType.DIRECT, aio_pika.ExchangeType.FANOUT
+        jobs = await channel.declare_exchange(f"{prefix}.jobs", direct, durable=True)
+        await (await channel.declare_queue(queue, durable=True, arguments=QUORUM)).bind(jobs, queue)
+        if tier:
+            name = tier_queue(prefix, 1.0)
+            exchange = await channel.declare_exchange(name, fanout, durable=True)
+            arguments = {
+                **QUORUM, "x-message-ttl": 1000, "x-dead-letter-exchange": f"{prefix}.jobs",
+                "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish",
+            }  # fmt: skip
+            await (await channel.declare_queue(name, durable=True, arguments=arguments)).bind(exchange)
+
+
+def taken_within(app: Bridge, queue: str, count: int, within_s: float) -> list[dict[str, Any]]:
+    """The job envelopes taken off `queue` until `count` have come (fail after `within_s`)."""
+    taken: list[dict[str, Any]] = []
+    deadline = time.monotonic() + within_s
+    while len(taken) < count:
+        assert time.monotonic() < deadline, f"{len(taken)} of {count} jobs in {queue} after {within_s} s"
+        taken += envelopes_in(app, queue)
+    return taken
+
+
+def test_a_queue_no_topology_apply_named_is_bound_for_delays_by_a_producer_once_the_topology_is_new(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an older bridge's topology, and a producer that enqueued a delayed job to its queue
+    # then (finding no due exchange), When another app applies the topology for another queue
+    # only, and the producer delays a second job to the first queue,
+    # Then both reach their queue, and none goes to the delayed jobs' dead-letter queue. (The
+    # producer took its queue for bound after its first try, and the second job went to
+    # `<prefix>.delay.dlq`.)
+    monkeypatch.setattr(rabbitmq, "DUE_LOOK_S", 0.0)  # (30 s: not to look at each publish)
+    url = brokers["rabbitmq"]
+    producer = own_app(url)
+    prefix = producer.settings.prefix
+    other = Bridge(broker=url, registry=str(SCHEMAS), prefix=prefix, delay_tiers="1s")
+
+    async def scenario() -> list[str]:
+        await older_topology(url, prefix, queue)
+        async with producer:
+            ids = [await producer.enqueue_async("test.Echo", {"n": 1}, queue=queue, delay=1)]
+            async with other:
+                await other.apply_topology([names.queue()])
+            ids.append(await producer.enqueue_async("test.Echo", {"n": 2}, queue=queue, delay=1))
+        return ids
+
+    ids = run(scenario())
+    assert sorted(envelope["id"] for envelope in taken_within(producer, queue, len(ids), 10)) == sorted(ids)
+
+
+def test_a_queue_no_topology_apply_named_is_bound_for_delays_by_its_worker(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a queue another service made and bound to the jobs exchange only, and a topology
+    # applied for another queue, When a bridge worker consumes it, and another producer puts a
+    # job for it in a delay tier, Then the worker runs the job. (Nothing bound the queue to
+    # the due exchange: the job went to `<prefix>.delay.dlq`.)
+    url = brokers["rabbitmq"]
+    app = own_app(url)
+    ran = signalling(app, queue)
+
+    async def scenario() -> None:
+        await older_topology(url, app.settings.prefix, queue, tier=False)
+        async with app:
+            await app.apply_topology([names.queue()])
+            stop = asyncio.Event()
+            consuming = asyncio.create_task(app.consume([queue], stop=stop))
+            try:
+                await until_consumed(url, queue)
+                async with await aio_pika.connect(url) as connection:
+                    channel = await connection.channel()
+                    tier = await channel.get_exchange(tier_queue(app.settings.prefix, 1.0))
+                    envelope = app.build_envelope("test.Echo", {"n": 1}, queue=queue)
+                    body = codec.encode(app.registry.schema(ENVELOPE), envelope.to_avro())
+                    await tier.publish(aio_pika.Message(body, delivery_mode=2), routing_key=queue)
+                await asyncio.wait_for(ran.wait(), 10)
+            finally:
+                stop.set()
+                await consuming
+
+    run(scenario())
 
 
 def test_topology_apply_unbinds_an_older_bridges_tier_queue_whose_jobs_still_arrive(
@@ -1181,21 +1276,8 @@ def test_topology_apply_unbinds_an_older_bridges_tier_queue_whose_jobs_still_arr
     async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
         ran.append(ctx.job_id)
 
-    async def older_topology() -> None:
-        async with await aio_pika.connect(url) as connection:
-            channel = await connection.channel()
-            direct, fanout = aio_pika.ExchangeType.DIRECT, aio_pika.ExchangeType.FANOUT
-            jobs = await channel.declare_exchange(f"{prefix}.jobs", direct, durable=True)
-            await (await channel.declare_queue(queue, durable=True, arguments=QUORUM)).bind(jobs, queue)
-            exchange = await channel.declare_exchange(tier, fanout, durable=True)
-            arguments = {
-                **QUORUM, "x-message-ttl": 1000, "x-dead-letter-exchange": f"{prefix}.jobs",
-                "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish",
-            }  # fmt: skip
-            await (await channel.declare_queue(tier, durable=True, arguments=arguments)).bind(exchange)
-
     async def scenario() -> tuple[list[str], list[str]]:
-        await older_topology()
+        await older_topology(url, prefix, queue)
         async with app:
             first = await app.enqueue_async("test.Echo", {"n": 1}, delay=1)
             plan = await app.apply_topology()

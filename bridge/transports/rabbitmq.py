@@ -146,6 +146,9 @@ NO_QUEUE = (
 GONE = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 DEFAULT_LIMIT_FROM = 4  # RabbitMQ's major version that brought the default limit
 CONNECT_TIMEOUT_S = 10.0
+# How long a publisher that found no due exchange (a topology an older bridge made) waits before
+# it tries again to bind a queue there (see `_bind_by_name`).
+DUE_LOOK_S = 30.0
 # How long close() waits for RabbitMQ to close the publish channel. In a memory or disk alarm
 # nothing more is sent on a connection that published (aiormq waits for the unblock), and
 # closing the connection closes the channel anyway.
@@ -198,6 +201,9 @@ class RabbitTransport:
         self._unrouted = dlq_name(f"{settings.prefix}.delay")
         self._existing: set[str] = set()  # queues seen to exist (a look binds nothing)
         self._bound: set[str] = set()  # queues bound by this process, or tried: ready to publish to
+        self._jobs_bound: set[str] = set()  # bound to the jobs exchange, maybe not to the due one
+        self._due_look_at = 0.0  # (monotonic) when to try again a bind to a due exchange not there
+        self._refused: set[tuple[str, str]] = set()  # (queue, exchange) binds refused, told once
         self._lookup = asyncio.Lock()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
@@ -329,8 +335,8 @@ class RabbitTransport:
         A worker settling a delivery publishes through `_publish_patiently`, without the bound:
         it waits for the broker, holding the delivery's slot meanwhile.
         """
-        # A job put straight in a tier, delayed, would come back under the tier's name and be
-        # dropped there (see `missing`); not delayed, no queue is bound by that name.
+        # A job put straight in a tier, delayed, would come back under the tier's name, which no
+        # queue is bound by (see `missing`); not delayed, no queue is bound by that name either.
         if self._tier_names.fullmatch(message.queue):
             raise PublishError(
                 f"RabbitMQ queue {message.queue} is a delay tier, not a queue: enqueue the job to its"
@@ -401,8 +407,9 @@ class RabbitTransport:
         assert self._channel is not None, "publish() before connect()"
         if self._max_message_size is not None and len(message.body) > self._max_message_size:
             raise self._too_large(message, self._max_message_size)
-        # The queue must exist now, and be bound: a tier routes anything, and a job would be
-        # dropped when its time comes. (One look and one bind per queue; see `_require_queue`.)
+        # The queue must exist now, and be bound: a tier takes any job, which would go to the
+        # delayed jobs' dead-letter queue when its time comes. (One look and one bind per queue;
+        # see `_require_queue`.)
         await self._require_queue(message.queue)
         exchange = self.exchange_name
         tier_s = tier_for(message.delay_s, tuple(self._tiers)) if message.delay_s else None
@@ -487,8 +494,8 @@ class RabbitTransport:
         and delay tiers' names (those of tiers other settings made too). A look: it binds nothing.
 
         A job from another producer may name any queue as its own, where its retries and
-        delays go. One sent to a tier comes back from it to the jobs exchange under the tier's
-        name, which no queue is bound by: RabbitMQ would drop it there.
+        delays go. One sent to a tier comes back from it under the tier's name, which no queue
+        is bound by: it would end in the delayed jobs' dead-letter queue.
         """
         absent = await self._absent(queues)
         return [n for n in queues if n in absent or is_dead_letters(n) or self._tier_names.fullmatch(n)]
@@ -502,26 +509,17 @@ class RabbitTransport:
         return [name for name in queues if name not in self._existing]
 
     async def _require_queue(self, name: str) -> None:
-        """Raise PublishError unless queue `name` exists; on the first publish to it, bind it.
-
-        It is bound to the jobs exchange by its name, as `bridge topology apply` binds it (and
-        as Celery declares a queue before it first sends to it). Made by another service, it may
-        have no such binding; a job sent to it through the exchange would come back unroutable,
-        or stay in its delay tier until something bound the queue (at-least-once dead-lettering
-        keeps what it cannot route). A delay tier is never bound so: what it sends back under
-        its own name would come back to it, round and round.
-        """
-        if name in self._bound:
+        """Raise PublishError unless queue `name` exists; on the first publish to it, bind it
+        (see `_bind_by_name`)."""
+        if name in self._bound or (name in self._jobs_bound and time.monotonic() < self._due_look_at):
             return
         try:
             exists = not await self._absent([name])
             async with self._lookup:  # one bind per queue, however many publishes wait on it
                 if exists and name not in self._bound:
                     await self._declare_exchange_once()
-                    exists = bool(self._tier_names.fullmatch(name)) or await self._bind(name)
-                    if exists:
-                        self._bound.add(name)
-                    else:
+                    exists = await self._bind_by_name(name)
+                    if not exists:
                         self._existing.discard(name)
         except TransportError as exc:  # (no answer: what a publish raises, retriable as it is)
             raise PublishError(str(exc), retriable=exc.retriable) from exc
@@ -530,39 +528,76 @@ class RabbitTransport:
                 f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False
             )
 
-    async def _bind(self, name: str) -> bool:
-        """Bind existing queue `name` to the jobs exchange by its name, and a job queue to the
-        due exchange too (a binding there already stays as it is); False if RabbitMQ says there
-        is no such queue after all (one deleted since it was seen).
+    async def _bind_by_name(self, name: str) -> bool:
+        """Bind existing queue `name` by its name to the jobs exchange and, a job queue, to the
+        due exchange, as `bridge topology apply` binds it (and as Celery declares a queue before
+        it first sends to it); False if RabbitMQ says there is no such queue after all (one
+        deleted since it was seen).
+
+        Made by another service, a queue may have no such bindings: a job sent to it through the
+        jobs exchange would come back unroutable, and one through a tier would go to the delayed
+        jobs' dead-letter queue when due. With the due exchange missing (a topology an older
+        bridge made, whose tiers send their jobs to the jobs exchange), that binding is tried
+        again DUE_LOOK_S on: once `bridge topology apply` makes it, no queue it did not name
+        must stay unbound. A delay tier is never bound so: what it sends back under its own
+        name would come back to it, round and round.
+        """
+        if self._tier_names.fullmatch(name):
+            self._bound.add(name)
+            return True
+        if name not in self._jobs_bound:
+            missing = await self._bind(name, self.exchange_name)
+            if missing == "queue":
+                return False
+            if missing is None:  # (with the jobs exchange gone, the publish that follows says so)
+                self._jobs_bound.add(name)
+        if is_dead_letters(name):  # (no delayed job goes to one)
+            if name in self._jobs_bound:
+                self._bound.add(name)
+            return True
+        if time.monotonic() < self._due_look_at:
+            return True
+        missing = await self._bind(name, self._due)
+        if missing == "queue":
+            self._jobs_bound.discard(name)
+            return False
+        if missing == "exchange":
+            self._due_look_at = time.monotonic() + DUE_LOOK_S
+        elif name in self._jobs_bound:
+            self._bound.add(name)
+        return True
+
+    async def _bind(self, name: str, exchange: str) -> str | None:
+        """Bind existing queue `name` to `exchange` by its name (a binding there already stays
+        as it is); what RabbitMQ says is missing, "queue" or "exchange", if it says so.
 
         A user that may not bind (it needs read permission on the exchange and write on the
-        queue) is warned once, and goes on as before. With the jobs exchange gone, the publish
-        that follows says so; with the due exchange missing (a topology an older bridge made),
-        the tiers send their jobs to the jobs exchange.
+        queue) is warned once, and goes on as before.
         """
         assert self._connection is not None
-        exchanges = [self.exchange_name] if is_dead_letters(name) else [self.exchange_name, self._due]
         try:
             channel = await self._connection.channel()
             try:
                 underlay = await channel.get_underlay_channel()
-                for exchange in exchanges:
-                    await underlay.queue_bind(name, exchange, routing_key=name)
+                await underlay.queue_bind(name, exchange, routing_key=name)
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                return " no queue " not in str(exc)  # (else "no exchange")
+                return "queue" if " no queue " in str(exc) else "exchange"
             except aiormq.exceptions.ChannelAccessRefused as exc:
+                if (name, exchange) in self._refused:
+                    return None
+                self._refused.add((name, exchange))
+                gone = "go nowhere" if exchange == self.exchange_name else f"go to {self._unrouted} when due"
                 log.warning(
                     "could not bind queue %s to %s (%s): if it is not bound there by its name, jobs"
-                    " sent to it go nowhere (delayed ones to %s); `bridge topology apply --queues %s`"
-                    " binds it",
-                    name, " and ".join(exchanges), exc, self._unrouted, name,
+                    " sent to it %s; `bridge topology apply --queues %s` binds it",
+                    name, exchange, exc, gone, name,
                 )  # fmt: skip
             finally:
                 with _ignored():
                     await channel.close()
         except GONE as exc:
             raise TransportError(f"RabbitMQ did not bind queue {name} ({exc!r})") from exc
-        return True
+        return None
 
     async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
         incoming: DeliveredMessage = delivery.handle
@@ -733,6 +768,11 @@ class RabbitTransport:
             # worker later, mid-run, and a burst consume could not count what waits in it.
             for name in [*queues, *self._waits]:
                 await self._require_existing(channel, name)
+            for name in queues:  # (so that delayed jobs for them, from any producer, come back)
+                try:
+                    await self._bind(name, self._due)  # (a due exchange missing: an older topology's)
+                except TransportError as exc:  # (a publish binds it too; another producer's does not)
+                    log.warning("%s: delayed jobs for it may go to %s until it is", exc, self._unrouted)
             if kept := await self._count(self._unrouted):
                 log.warning(
                     "%d delayed jobs wait in %s: their queue was gone when they were due; `bridge dlq"
@@ -980,6 +1020,7 @@ class RabbitTransport:
                 await self._declare(names, existing, older)
             self._exchange_missing = False
             self._existing.update(names)
+            self._jobs_bound.update(names)
             self._bound.update(names)
         return plan
 
@@ -1079,9 +1120,13 @@ class RabbitTransport:
                 await underlay.queue_unbind(tier, tier, routing_key=tier)
 
     async def _declare_due(self, channel: AbstractChannel) -> AbstractExchange:
-        """The exchange expired delayed jobs go to, and its alternate exchange and queue."""
+        """The exchange expired delayed jobs go to, and its alternate exchange and queue (kept as
+        it is if it exists, as a dead-letter queue is)."""
         unrouted = await channel.declare_exchange(self._unrouted, aio_pika.ExchangeType.FANOUT, durable=True)
-        queue = await channel.declare_queue(self._unrouted, durable=True, arguments=UNLIMITED)
+        if await self._queue_exists(self._unrouted):
+            queue = await channel.declare_queue(self._unrouted, passive=True)
+        else:
+            queue = await channel.declare_queue(self._unrouted, durable=True, arguments=UNLIMITED)
         await queue.bind(unrouted)
         arguments: dict[str, Any] = {"alternate-exchange": self._unrouted}
         return await channel.declare_exchange(
