@@ -1270,6 +1270,39 @@ def test_a_tier_a_producer_makes_while_a_consumer_is_busy_is_forwarded_without_w
     assert late_s < 8 and ran_by_then < 600, (late_s, ran_by_then)
 
 
+def test_a_look_for_deleted_topics_that_takes_long_holds_back_no_job(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a consumer whose look at Kafka's topics (every TOPIC_LOOK_S, busy or idle) does not
+    # answer until a job has run, When 3 jobs are consumed in burst mode, Then they run, and the
+    # consume ends. (The look was awaited in the fetch loop: nothing was fetched while Kafka
+    # took its time to answer, up to 5 s at each look; here, never.)
+    monkeypatch.setattr(kafka_transport, "TOPIC_LOOK_S", 0.0)
+    looked = kafka_transport.KafkaTransport._require_still_there
+    ran: list[asyncio.Event] = []
+
+    async def slow_look(self: kafka_transport.KafkaTransport, queues: Any) -> None:
+        await ran[0].wait()
+        await looked(self, queues)
+
+    monkeypatch.setattr(kafka_transport.KafkaTransport, "_require_still_there", slow_look)
+    app = own_app(brokers["kafka"])
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran[0].set()
+
+    async def scenario() -> Stats:
+        ran.append(asyncio.Event())
+        await publish(brokers["kafka"], queue, 3, partitions=1)
+        async with app:
+            await app.apply_topology()
+            return await app.consume(burst=True)
+
+    stats = run(scenario(), timeout=30)
+    assert stats.processed == 3
+
+
 def test_a_retry_held_behind_a_slow_job_runs_on_time_though_later_retries_went_into_its_tier_first(
     brokers: dict[str, str], queue: str
 ) -> None:

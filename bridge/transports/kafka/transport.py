@@ -576,45 +576,57 @@ class KafkaTransport:
         backlog.clear()
         next_check = 0.0
         next_look = time.monotonic() + TOPIC_LOOK_S
+        # The look runs beside the fetching, busy or idle (a busy consumer never looked): awaited
+        # here, a slow metadata answer (up to METADATA_TIMEOUT_S) held back every fetch as long.
+        look: asyncio.Task[None] | None = None
         paused = False
         idle_s = 0.001
-        # A failed transaction stops fetching at once: what runs after it could never commit.
-        while not stop.is_set() and self._failure() is None:
-            if time.monotonic() >= next_look:  # (busy or idle: a busy one never looked)
-                await self._require_still_there(queues)
-                next_look = time.monotonic() + TOPIC_LOOK_S
-            room = concurrency - len(inflight)
-            if room <= 0:
-                if await inflight.wait_for_room(PAUSE_AFTER_S):
+        try:
+            # A failed transaction stops fetching at once: what runs after it could never commit.
+            while not stop.is_set() and self._failure() is None:
+                if look is not None and look.done():
+                    looked, look = look, None
+                    looked.result()  # (a consumed topic deleted: TransportError)
+                    next_look = time.monotonic() + TOPIC_LOOK_S
+                if look is None and time.monotonic() >= next_look:
+                    look = asyncio.create_task(self._require_still_there(queues))
+                room = concurrency - len(inflight)
+                if room <= 0:
+                    if await inflight.wait_for_room(PAUSE_AFTER_S):
+                        continue
+                    # Every slot has been busy for a while: stop fetching but keep polling, so the
+                    # group does not evict this consumer for exceeding max.poll.interval.ms.
+                    paused = paused or self._pause(consumer, True)
+                    backlog.extend(consumer.consume(1, 0))
                     continue
-                # Every slot has been busy for a while: stop fetching but keep polling, so the
-                # group does not evict this consumer for exceeding max.poll.interval.ms.
-                paused = paused or self._pause(consumer, True)
-                backlog.extend(consumer.consume(1, 0))
-                continue
-            if paused:
-                paused = self._pause(consumer, False)
-            records = [backlog.popleft() for _ in range(min(room, len(backlog)))]
-            if len(records) < room:
-                records += consumer.consume(min(room - len(records), FETCH_BATCH), 0)
-                if self._failure() is not None:
-                    break  # (a rebalance callback in it failed: what it fetched runs next round)
-            for record in records:
-                self._start(record, inflight)
-            if records:
-                idle_s = 0.001
-                # Let the workers run what was just started. Handlers that do not suspend
-                # have all finished when this returns, so fetching goes on without waiting;
-                # if one did, the rest of the batch starts side by side.
-                await asyncio.sleep(0)
-                inflight.spread()
-                continue
-            if burst and not inflight and time.monotonic() >= next_check:
-                if await self._drained(consumer, queues):
-                    return
-                next_check = time.monotonic() + DRAIN_CHECK_S  # each check reads every partition
-            await asyncio.sleep(idle_s)
-            idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
+                if paused:
+                    paused = self._pause(consumer, False)
+                records = [backlog.popleft() for _ in range(min(room, len(backlog)))]
+                if len(records) < room:
+                    records += consumer.consume(min(room - len(records), FETCH_BATCH), 0)
+                    if self._failure() is not None:
+                        break  # (a rebalance callback in it failed: what it fetched runs next round)
+                for record in records:
+                    self._start(record, inflight)
+                if records:
+                    idle_s = 0.001
+                    # Let the workers run what was just started. Handlers that do not suspend
+                    # have all finished when this returns, so fetching goes on without waiting;
+                    # if one did, the rest of the batch starts side by side.
+                    await asyncio.sleep(0)
+                    inflight.spread()
+                    continue
+                if burst and not inflight and time.monotonic() >= next_check:
+                    if await self._drained(consumer, queues):
+                        return
+                    next_check = time.monotonic() + DRAIN_CHECK_S  # each check reads every partition
+                await asyncio.sleep(idle_s)
+                idle_s = min(idle_s * 2, IDLE_SLEEP_MAX_S)
+        finally:
+            if look is not None and not look.done():
+                look.cancel()  # (not awaited: a cancel of this task must not be taken for its)
+            elif look is not None and not look.cancelled():
+                look.exception()  # (retrieved: what it found is moot once fetching ended)
 
     async def _require_still_there(self, queues: Sequence[str]) -> None:
         """Raise TransportError if a topic being consumed was deleted (a fresh metadata look);
