@@ -42,13 +42,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("bridge.cli")
 
 
-# A run of text without a space this long, in an error line, is what someone gave (a type, key or
-# id of thousands of characters, say): shown cut, so that the line still shows what to fix.
-_LONG_RUN = re.compile(r"\S{201,}")
+# A run of text without a space longer than any name either broker takes (255 bytes), in an
+# error line, is what someone gave (a type, key or id of thousands of characters, say): shown
+# cut, so that the line still shows what to fix.
+_LONG_RUN = re.compile(r"\S{301,}")
 
 
 def _shortened(line: str) -> str:
-    """`line` with each run of over 200 characters without a space cut to its first 100."""
+    """`line` with each run of over 300 characters without a space cut to its first 100."""
     return _LONG_RUN.sub(lambda run: f"{run.group()[:100]}... ({len(run.group()):,} characters)", line)
 
 
@@ -95,7 +96,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with usage mistakes reported in one line rather than a usage screen."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: {_shortened(message)} (see `{self.prog} --help`)\n")
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None

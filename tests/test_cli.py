@@ -544,6 +544,9 @@ def test_a_value_of_thousands_of_characters_is_cut_in_the_error_line() -> None:
     done = bridge("enqueue", "k" * 5000, "{}", "--registry", "schemas", "--broker", "memory://")
     assert_one_line_error(done, "unknown job type 'kkkk", "... (5,003 characters)")
     assert len(done.stderr) < 500, len(done.stderr)
+    # (And in argparse's own lines: a time of 3,000 characters.)
+    done = bridge("enqueue", "test.Echo", "{}", "--at", "9" * 3000, "--broker", "memory://")
+    assert done.returncode == 2 and "... (3,003 characters)" in done.stderr and len(done.stderr) < 500
 
 
 def test_bad_app_and_missing_broker() -> None:
