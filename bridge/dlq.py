@@ -3,9 +3,9 @@
 A letter is known by its job id, or, for bytes that never decoded here, by `raw-` and a hash
 of them. Replay puts the job back on its queue with its attempts reset, its delay and expiry
 cleared and its replay count raised; a job replayed `max_replays` times is refused, so a
-poison job cannot cycle between queue and dead-letter queue for ever. A job found as it is, not
-in a letter (on RabbitMQ, a delayed job whose queue was gone when it was due), goes back as it
-was, only its replay count raised.
+poison job cannot cycle between queue and dead-letter queue for ever. A delayed job that RabbitMQ
+kept as it is, not in a letter, when its queue was gone (`<prefix>.delay.dlq`) goes back as it
+was, its expiry dropped if passed and its replay count raised.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge import codec
 from bridge.config import LARGEST_LETTER_BYTES
-from bridge.envelope import MAX_INT, UNROUTABLE, DeadLetter, Envelope
+from bridge.envelope import MAX_INT, UNROUTABLE, DeadLetter, Envelope, now_ms
 from bridge.errors import BridgeError, ConfigError, DecodeError, RegistryUnavailable, UnknownSchema
 from bridge.names import is_dead_letters, job_queue_of, name_problem
 from bridge.registry import DEAD_LETTER, ENVELOPE, own_schema
@@ -40,7 +40,7 @@ class Letter:
 
     id: str
     letter: DeadLetter
-    as_it_is: bool = False  # a job put in the queue as it is, not in a letter (see `read`)
+    as_it_is: bool = False  # a delayed job kept as it is, not in a letter, when due (see `read`)
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,7 @@ class DeadLetters:
             letter = DeadLetter(UNREADABLE, detail, self.name, 0, raw=body)
         except DecodeError as exc:
             if (job := self._job_in(body)) is not None:
-                return Letter(job.id, self._as_it_is(job), as_it_is=True)
+                return self._as_it_is(job)
             letter = DeadLetter("undecodable", f"not a {DEAD_LETTER}: {exc}", self.name, 0, raw=body)
         else:
             if letter.envelope is None and letter.raw is not None:
@@ -242,15 +242,17 @@ class DeadLetters:
             return Letter(letter.envelope.id, letter)
         return Letter(f"raw-{hashlib.sha256(letter.raw or body).hexdigest()[:16]}", letter)
 
-    def _as_it_is(self, job: Envelope) -> DeadLetter:
-        """The letter of a job found as it is: on RabbitMQ, `<prefix>.delay.dlq` keeps so the
-        delayed jobs no queue took when they were due; in any other queue, another producer
-        put it there."""
-        if self.name == dlq_name(f"{self.app.settings.prefix}.delay"):
+    def _as_it_is(self, job: Envelope) -> Letter:
+        """The letter of a job found as it is, not in a letter: on RabbitMQ, `<prefix>.delay.dlq`
+        keeps so the delayed jobs no queue took when they were due, which a replay puts back as
+        they were (see `_replayed`); in any other queue, another producer put it there."""
+        delayed = self.name == dlq_name(f"{self.app.settings.prefix}.delay")
+        if delayed:
             detail = f"a delayed job that no queue {job.queue!r} took when it was due"
         else:
             detail = f"a job for queue {job.queue!r}, put here as it is, not in a dead letter"
-        return DeadLetter(UNROUTABLE, detail, self.name, job.run_at or job.created_at, envelope=job)
+        letter = DeadLetter(UNROUTABLE, detail, self.name, job.run_at or job.created_at, envelope=job)
+        return Letter(job.id, letter, as_it_is=delayed)
 
     def _job_in(self, raw: bytes) -> Envelope | None:
         """The job in bytes its worker could not read, if this process reads them: one framed
@@ -290,8 +292,9 @@ class DeadLetters:
         raw bytes that no replay takes.)"""
         envelope = item.letter.envelope
         assert envelope is not None
-        if item.as_it_is:  # (never failed here: it goes back as it was, due when it was, counted)
-            fresh = replace(envelope, replays=envelope.replays + 1)
+        if item.as_it_is:  # (it never ran: it goes back as it was, due when it was, counted)
+            expires_at = envelope.expires_at if (envelope.expires_at or 0) > now_ms() else None
+            fresh = replace(envelope, expires_at=expires_at, replays=envelope.replays + 1)
         else:
             fresh = replace(envelope, attempt=1, run_at=None, expires_at=None, replays=envelope.replays + 1)
         single = letter.startswith(codec.SINGLE_OBJECT_MAGIC)

@@ -247,15 +247,14 @@ def test_a_letter_in_a_schema_unknown_here_is_unreadable_not_undecodable() -> No
 
 
 @pytest.mark.parametrize("kept_in", ["delay", "billing"])
-def test_a_job_as_it_is_in_a_dead_letter_queue_is_listed_unroutable_and_goes_back_as_it_was(
-    kept_in: str,
-) -> None:
+def test_a_job_as_it_is_in_a_dead_letter_queue_is_listed_unroutable_and_replayed(kept_in: str) -> None:
     # Given a job on its third attempt, due at a time, put in a dead-letter queue as it is, not
     # in a letter: as RabbitMQ keeps a delayed job whose queue was gone in `<prefix>.delay.dlq`,
     # or by another producer in a queue's own, When letters are listed and replayed,
     # Then it is `unroutable`, named by its job id and due time, with a detail naming its queue,
-    # And the replay puts it on that queue as it was: its attempt, due time and expiry kept, its
-    # replay count raised. (It was `undecodable`: only a purge took it.)
+    # And the replay puts it on that queue: from `<prefix>.delay.dlq` as it was (it never ran:
+    # its attempt, due time and expiry kept), from another as any replay does (attempt 1, no
+    # delay or expiry); its replay count raised. (It was `undecodable`: only a purge took it.)
     app = Bridge(broker="memory://", registry=str(SCHEMAS))
     source = f"{app.settings.prefix}.delay" if kept_in == "delay" else "billing"
     job = app.build_envelope("test.Echo", {"n": 1}, queue="billing")
@@ -276,9 +275,29 @@ def test_a_job_as_it_is_in_a_dead_letter_queue_is_listed_unroutable_and_goes_bac
             assert report.replayed == [job.id] and await dlq.find() == []
             [body] = testing.memory_transport(app).messages("billing")
             back = codec.decode(body, app.registry)[1]
+            kept = (3, job.run_at, job.expires_at) if kept_in == "delay" else (1, None, None)
             assert (back["id"], back["attempt"], back["run_at"], back["expires_at"], back["replays"]) == (
-                job.id, 3, job.run_at, job.expires_at, 1
+                job.id, *kept, 1
             )  # fmt: skip
+
+    run(scenario())
+
+
+def test_a_delayed_job_kept_past_its_expiry_is_replayed_without_it() -> None:
+    # Given a delayed job kept in `<prefix>.delay.dlq` whose expiry has passed since,
+    # When it is replayed, Then it goes back without an expiry (as any replay), its attempt
+    # kept. (Kept, its worker dead-lettered it at once as `expired`: a second replay to run it.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    job = app.build_envelope("test.Echo", {"n": 1}, queue="billing")
+    job = replace(job, attempt=2, run_at=job.created_at - 2_000, expires_at=job.created_at - 1_000)
+
+    async def scenario() -> None:
+        async with app:
+            await publish_envelope(app, dlq_name(f"{app.settings.prefix}.delay"), job)
+            await app.dead_letters(f"{app.settings.prefix}.delay").replay(Selection())
+            [body] = testing.memory_transport(app).messages("billing")
+            back = codec.decode(body, app.registry)[1]
+            assert (back["attempt"], back["run_at"], back["expires_at"]) == (2, job.run_at, None)
 
     run(scenario())
 

@@ -147,7 +147,7 @@ GONE = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 DEFAULT_LIMIT_FROM = 4  # RabbitMQ's major version that brought the default limit
 CONNECT_TIMEOUT_S = 10.0
 # How long a publisher that found no due exchange (a topology an older bridge made) waits before
-# it tries again to bind a queue there (see `_bind_by_name`).
+# it tries again to bind a queue there, unless it publishes a delayed job (see `_bind_by_name`).
 DUE_LOOK_S = 30.0
 # How long close() waits for RabbitMQ to close the publish channel. In a memory or disk alarm
 # nothing more is sent on a connection that published (aiormq waits for the unblock), and
@@ -410,9 +410,9 @@ class RabbitTransport:
         # The queue must exist now, and be bound: a tier takes any job, which would go to the
         # delayed jobs' dead-letter queue when its time comes. (One look and one bind per queue;
         # see `_require_queue`.)
-        await self._require_queue(message.queue)
-        exchange = self.exchange_name
         tier_s = tier_for(message.delay_s, tuple(self._tiers)) if message.delay_s else None
+        await self._require_queue(message.queue, delayed=tier_s is not None)
+        exchange = self.exchange_name
         if tier_s is not None:  # shorter than every tier: straight to the queue (see `tier_for`)
             exchange = self._tiers[tier_s]
         try:
@@ -508,17 +508,18 @@ class RabbitTransport:
                     self._existing.add(name)
         return [name for name in queues if name not in self._existing]
 
-    async def _require_queue(self, name: str) -> None:
+    async def _require_queue(self, name: str, *, delayed: bool = False) -> None:
         """Raise PublishError unless queue `name` exists; on the first publish to it, bind it
-        (see `_bind_by_name`)."""
-        if name in self._bound or (name in self._jobs_bound and time.monotonic() < self._due_look_at):
+        (see `_bind_by_name`), and on a `delayed` one through a tier, to the due exchange."""
+        waits = not delayed and time.monotonic() < self._due_look_at  # (see `_bind_by_name`)
+        if name in self._bound or (name in self._jobs_bound and waits):
             return
         try:
             exists = not await self._absent([name])
             async with self._lookup:  # one bind per queue, however many publishes wait on it
                 if exists and name not in self._bound:
                     await self._declare_exchange_once()
-                    exists = await self._bind_by_name(name)
+                    exists = await self._bind_by_name(name, delayed=delayed)
                     if not exists:
                         self._existing.discard(name)
         except TransportError as exc:  # (no answer: what a publish raises, retriable as it is)
@@ -528,7 +529,7 @@ class RabbitTransport:
                 f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False
             )
 
-    async def _bind_by_name(self, name: str) -> bool:
+    async def _bind_by_name(self, name: str, *, delayed: bool = False) -> bool:
         """Bind existing queue `name` by its name to the jobs exchange and, a job queue, to the
         due exchange, as `bridge topology apply` binds it (and as Celery declares a queue before
         it first sends to it); False if RabbitMQ says there is no such queue after all (one
@@ -538,9 +539,10 @@ class RabbitTransport:
         jobs exchange would come back unroutable, and one through a tier would go to the delayed
         jobs' dead-letter queue when due. With the due exchange missing (a topology an older
         bridge made, whose tiers send their jobs to the jobs exchange), that binding is tried
-        again DUE_LOOK_S on: once `bridge topology apply` makes it, no queue it did not name
-        must stay unbound. A delay tier is never bound so: what it sends back under its own
-        name would come back to it, round and round.
+        again at each `delayed` publish, and DUE_LOOK_S on for others: once `bridge topology
+        apply` makes it, no queue it did not name must stay unbound, and the first job delayed
+        after it would go to the delayed jobs' dead-letter queue. A delay tier is never bound
+        so: what it sends back under its own name would come back to it, round and round.
         """
         if self._tier_names.fullmatch(name):
             self._bound.add(name)
@@ -555,7 +557,7 @@ class RabbitTransport:
             if name in self._jobs_bound:
                 self._bound.add(name)
             return True
-        if time.monotonic() < self._due_look_at:
+        if not delayed and time.monotonic() < self._due_look_at:
             return True
         missing = await self._bind(name, self._due)
         if missing == "queue":
