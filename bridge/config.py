@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from bridge.errors import ConfigError, safe_url
 from bridge.idempotency import check_url, default_url
@@ -205,9 +205,26 @@ def _broker_problem(url: str) -> str | None:
     if scheme.startswith("kafka"):
         if "@" in rest:
             return "a Kafka URL takes no user or password"
+        if any(mark in rest.rstrip("/") for mark in "/?#"):  # (librdkafka read the host and port alone)
+            return "a Kafka URL takes host:port[,host:port] and nothing more (no path or ?options)"
         servers = rest.rstrip("/").split(",")
         return next(filter(None, (_address_problem(f"//{server}") for server in servers)), None)
-    return _address_problem(url)
+    return _address_problem(url) or _amqp_options_problem(url)
+
+
+def _amqp_options_problem(url: str) -> str | None:
+    """What is wrong with the numbers in an AMQP URL's options: aiormq reads one that is no
+    whole number as 0, and a heartbeat of 0 turns heartbeats off (a dead connection is then
+    found by TCP alone, minutes on)."""
+    options = dict(parse_qsl(urlsplit(url).query))
+    for name, most in (("heartbeat", 65534), ("timeout", None)):
+        value = options.get(name)
+        if value is not None and not (
+            value.isascii() and value.isdigit() and (most is None or int(value) <= most)
+        ):
+            upto = f" from 0 to {most}" if most is not None else ""
+            return f"its {name}= must be a whole number of seconds{upto}, not {value!r}"
+    return None
 
 
 def _registry_problem(url: str) -> str | None:

@@ -183,6 +183,16 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
             {"BRIDGE_BROKER": "kafka://u:pw@kafka:9092"},
             ["'kafka://u:***@kafka:9092': a Kafka URL takes no user"],
         ),
+        # (librdkafka read the host and port alone; aiormq read a heartbeat that is no whole
+        # number as 0, which turned heartbeats off)
+        (
+            {"BRIDGE_BROKER": "kafka://kafka:9092/jobs?acks=1"},
+            ["takes host:port[,host:port] and nothing more"],
+        ),
+        (
+            {"BRIDGE_BROKER": "amqp://rabbit/?heartbeat=abc"},
+            ["its heartbeat= must be a whole number of seconds from 0 to 65534, not 'abc'"],
+        ),
         # (NaN meant a grace without end; Kafka refused the size with a traceback)
         ({"BRIDGE_GRACE_S": "nan"}, ["grace_s must be a finite number, got 'nan'"]),
         ({"BRIDGE_MAX_MESSAGE_BYTES": "2000000000"}, ["max_message_bytes must be at most 999,475,712"]),
