@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
+import socket
+import ssl
+import subprocess
 import threading
 import time
 import uuid
@@ -47,6 +51,8 @@ from tests.brokerio import (
 from tests.conftest import SCHEMAS, failing_first, own_app, run, signalling
 from tests.processes import (
     assert_dead_lettered_for_coming_back,
+    assert_one_line_error,
+    bridge,
     consumer,
     finish,
     ledger_counts,
@@ -1268,6 +1274,46 @@ def test_a_tier_a_producer_makes_while_a_consumer_is_busy_is_forwarded_without_w
 
     late_s, ran_by_then = run(scenario(), timeout=120)
     assert late_s < 8 and ran_by_then < 600, (late_s, ran_by_then)
+
+
+def test_a_kafka_ssl_url_to_a_plaintext_listener_says_to_use_kafka(brokers: dict[str, str]) -> None:
+    # Given the local Kafka's plaintext listener, When a job is enqueued to it as kafka+ssl://,
+    # Then one line says that it does not speak TLS, and what to use. (It said only "cannot
+    # reach Kafka ...; is it running?", as for a broker that is down.)
+    servers = brokers["kafka"].partition("://")[2]
+    done = bridge(
+        "enqueue", "test.Echo", '{"n": 1}', "--queue", "q", "--registry", str(SCHEMAS),
+        "--broker", f"kafka+ssl://{servers}",
+    )  # fmt: skip
+    assert_one_line_error(done, f"{servers} does not speak TLS: use kafka:// for it")
+
+
+def test_a_kafka_url_to_a_tls_listener_says_to_use_kafka_ssl(tmp_path: Path) -> None:
+    # Given a listener that speaks TLS (a self-signed certificate), When bridge looks at why a
+    # kafka:// URL to it could not be used, Then it says to use kafka+ssl://. (librdkafka calls
+    # it a "Broker transport failure", as it does a broker that is down.)
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            with contextlib.suppress(OSError):  # (the listener closed: the test ended without a look)
+                connection, _ = listener.accept()
+                with context.wrap_socket(connection, server_side=True):
+                    pass
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        said = kafka_transport._tls_mismatch(f"127.0.0.1:{port}", tls=False)
+        server.join(10)
+    assert said == f"127.0.0.1:{port} speaks TLS: use kafka+ssl:// for it"
 
 
 def test_a_look_for_deleted_topics_that_takes_long_holds_back_no_job(

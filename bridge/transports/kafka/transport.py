@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -209,8 +210,11 @@ class KafkaTransport:
                 metadata = await asyncio.to_thread(self._producer.list_topics, timeout=METADATA_TIMEOUT_S)
         except TransportError as exc:
             # (librdkafka says "Broker transport failure" whatever it was: say a name that does not resolve)
-            if unresolved := await asyncio.to_thread(_unresolved, self._common["bootstrap.servers"]):
+            servers, tls = self._common["bootstrap.servers"], "security.protocol" in self._common
+            if unresolved := await asyncio.to_thread(_unresolved, servers):
                 raise TransportError(f"{exc} ({unresolved})", retriable=exc.retriable) from exc
+            if mismatch := await asyncio.to_thread(_tls_mismatch, servers, tls):
+                raise TransportError(f"{exc} ({mismatch})", retriable=False) from exc
             raise
         return set(metadata.topics)
 
@@ -1176,6 +1180,43 @@ def _resolve(future: asyncio.Future[None], err: KafkaError | None, topic: str) -
         )
         error = PublishUnconfirmed
     future.set_exception(error(f"Kafka did not acknowledge a publish to {topic}: {detail}"))
+
+
+TLS_LOOK_S = 2.0  # how long the look at whether a broker speaks TLS waits for it
+# How a listener that is no TLS one answers a TLS handshake: Kafka reads the ClientHello as the
+# size of a request far over its limit, and closes the connection.
+NOT_TLS = ("WRONG_VERSION_NUMBER", "wrong version number", "UNEXPECTED_EOF", "EOF occurred", "record layer")
+
+
+def _tls_mismatch(servers: str, tls: bool) -> str | None:
+    """Why a broker that answers is not understood, if the first of `servers` that answers
+    speaks TLS where the URL says plaintext (`tls` False), or the other way: librdkafka calls
+    either a "Broker transport failure", as it does a broker that is down. A handshake refused
+    for another reason (a client certificate it wants, say) says nothing either way."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # (only: does it speak TLS?)
+    for server in servers.split(","):
+        host, _, port = server.rpartition(":")
+        try:
+            raw = socket.create_connection((host.strip("[]"), int(port)), timeout=TLS_LOOK_S)
+        except (OSError, ValueError):
+            continue  # (nothing answers there: the error says so as it is)
+        with raw:
+            try:
+                with context.wrap_socket(raw, server_hostname=host.strip("[]")):
+                    speaks = True
+            except (ssl.SSLError, ConnectionError) as exc:
+                if not isinstance(exc, ConnectionError) and not any(sign in str(exc) for sign in NOT_TLS):
+                    return None
+                speaks = False
+            except OSError:  # (a timeout: a broker that holds the connection says nothing)
+                return None
+        if speaks and not tls:
+            return f"{server} speaks TLS: use kafka+ssl:// for it"
+        if tls and not speaks:
+            return f"{server} does not speak TLS: use kafka:// for it"
+        return None
+    return None
 
 
 def _unresolved(servers: str) -> str | None:
