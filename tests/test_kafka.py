@@ -1278,14 +1278,14 @@ def test_a_tier_a_producer_makes_while_a_consumer_is_busy_is_forwarded_without_w
 
 def test_a_kafka_ssl_url_to_a_plaintext_listener_says_to_use_kafka(brokers: dict[str, str]) -> None:
     # Given the local Kafka's plaintext listener, When a job is enqueued to it as kafka+ssl://,
-    # Then one line says that it does not speak TLS, and what to use. (It said only "cannot
+    # Then one line says that it answers, but not in TLS, and what to use. (It said only "cannot
     # reach Kafka ...; is it running?", as for a broker that is down.)
     servers = brokers["kafka"].partition("://")[2]
     done = bridge(
         "enqueue", "test.Echo", '{"n": 1}', "--queue", "q", "--registry", str(SCHEMAS),
         "--broker", f"kafka+ssl://{servers}",
     )  # fmt: skip
-    assert_one_line_error(done, f"{servers} does not speak TLS: use kafka:// for it")
+    assert_one_line_error(done, f"{servers} answers, but not in TLS: for a plaintext listener, use kafka://")
 
 
 def test_a_kafka_url_to_a_tls_listener_says_to_use_kafka_ssl(tmp_path: Path) -> None:

@@ -214,7 +214,7 @@ class KafkaTransport:
             if unresolved := await asyncio.to_thread(_unresolved, servers):
                 raise TransportError(f"{exc} ({unresolved})", retriable=exc.retriable) from exc
             if mismatch := await asyncio.to_thread(_tls_mismatch, servers, tls):
-                raise TransportError(f"{exc} ({mismatch})", retriable=False) from exc
+                raise TransportError(f"{exc} ({mismatch})", retriable=exc.retriable) from exc
             raise
         return set(metadata.topics)
 
@@ -1213,8 +1213,8 @@ def _tls_mismatch(servers: str, tls: bool) -> str | None:
                 return None
         if speaks and not tls:
             return f"{server} speaks TLS: use kafka+ssl:// for it"
-        if tls and not speaks:
-            return f"{server} does not speak TLS: use kafka:// for it"
+        if tls and not speaks:  # (or something between resets connections: said so, not judged)
+            return f"{server} answers, but not in TLS: for a plaintext listener, use kafka://"
         return None
     return None
 
