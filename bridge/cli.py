@@ -342,10 +342,6 @@ def _positive(text: str) -> int:
 # -- commands --------------------------------------------------------------------------------
 
 
-# What `memory://` is on the command line: a broker in one process, which no other reaches.
-IN_PROCESS = "memory:// keeps jobs in one process, no other (give a kafka:// or amqp:// --broker)"
-
-
 def _enqueue(args: argparse.Namespace) -> int:
     if args.dedupe and args.idempotency_key is None:
         raise ConfigError("--dedupe needs --idempotency-key")
@@ -363,7 +359,11 @@ def _enqueue(args: argparse.Namespace) -> int:
     job_id = asyncio.run(_closing(app, app.enqueue_async(args.type, payload, **options)))
     print(job_id)
     if app.settings.require_broker().startswith("memory://"):  # (a check of the job, nothing more)
-        print(f"bridge: this job is gone with this process: {IN_PROCESS}", file=sys.stderr)
+        print(
+            "bridge: this job is gone with this process: memory:// keeps jobs in one process, no other"
+            " (give a kafka:// or amqp:// --broker)",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -32,8 +32,8 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
@@ -233,20 +233,28 @@ class RabbitTransport:
             self._exchange_missing = not await self._exchange_exists()
         self._closing = False
 
-    async def _exchange_exists(self) -> bool:
-        """Whether the jobs exchange exists: a passive declaration, which needs no permission,
-        on a channel of its own (RabbitMQ closes the channel that asked for one that does not)."""
+    @asynccontextmanager
+    async def _own_channel(self) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+        """An aiormq channel of its own on the publish connection, closed after: RabbitMQ closes
+        the channel of a call it refuses (a passive declaration of what does not exist, a bind
+        it does not allow), and that must not be the publish channel."""
         assert self._connection is not None
         channel = await self._connection.channel()
         try:
-            underlay = await channel.get_underlay_channel()
-            await underlay.exchange_declare(self.exchange_name, passive=True)
-            return True
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return False
+            yield await channel.get_underlay_channel()
         finally:
             with _ignored():
                 await channel.close()
+
+    async def _exchange_exists(self) -> bool:
+        """Whether the jobs exchange exists: a passive declaration, which needs no permission,
+        on a channel of its own (RabbitMQ closes the channel that asked for one that does not)."""
+        async with self._own_channel() as channel:
+            try:
+                await channel.exchange_declare(self.exchange_name, passive=True)
+                return True
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
 
     async def _declare_exchange_once(self) -> None:
         """Declare the jobs exchange if it was missing at connect (under `_lookup`)."""
@@ -576,17 +584,13 @@ class RabbitTransport:
         A user that may not bind (it needs read permission on the exchange and write on the
         queue) is warned once, and goes on as before.
         """
-        assert self._connection is not None
         try:
-            channel = await self._connection.channel()
-            try:
-                underlay = await channel.get_underlay_channel()
-                await underlay.queue_bind(name, exchange, routing_key=name)
-            except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                return "queue" if " no queue " in str(exc) else "exchange"
-            except aiormq.exceptions.ChannelAccessRefused as exc:
-                if (name, exchange) in self._refused:
-                    return None
+            async with self._own_channel() as channel:
+                await channel.queue_bind(name, exchange, routing_key=name)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            return "queue" if " no queue " in str(exc) else "exchange"
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            if (name, exchange) not in self._refused:
                 self._refused.add((name, exchange))
                 gone = "go nowhere" if exchange == self.exchange_name else f"go to {self._unrouted} when due"
                 log.warning(
@@ -594,9 +598,6 @@ class RabbitTransport:
                     " sent to it %s; `bridge topology apply --queues %s` binds it",
                     name, exchange, exc, gone, name,
                 )  # fmt: skip
-            finally:
-                with _ignored():
-                    await channel.close()
         except GONE as exc:
             raise TransportError(f"RabbitMQ did not bind queue {name} ({exc!r})") from exc
         return None
@@ -996,7 +997,9 @@ class RabbitTransport:
             plan.append(f"rabbitmq: queue {name} exists, kept as it is, bound by {name!r}")
             if await self._drops_returns(name):
                 plan.append(_default_limit(name))
-        state = "exists" if await self._queue_exists(self._unrouted) else "create"
+        if await self._queue_exists(self._unrouted):
+            existing.append(self._unrouted)
+        state = "exists" if self._unrouted in existing else "create"
         plan += [
             f"rabbitmq: exchange {self._due} (direct, durable), where each job queue is bound by its"
             " name too: delay tiers send their jobs there when due, and what no queue takes goes on"
@@ -1053,15 +1056,9 @@ class RabbitTransport:
         """How many messages are ready in queue `name`, as far as a look tells: 0 if there is no
         such queue, or no answer. On a channel of its own (a look at a missing queue closes its
         channel)."""
-        assert self._connection is not None
         try:
-            channel = await self._connection.channel()
-            try:
-                underlay = await channel.get_underlay_channel()
-                return (await underlay.queue_declare(name, passive=True)).message_count or 0
-            finally:
-                with _ignored():
-                    await channel.close()
+            async with self._own_channel() as channel:
+                return (await channel.queue_declare(name, passive=True)).message_count or 0
         except GONE as exc:  # (a missing queue's 404 too)
             log.debug("no count of queue %s: %r", name, exc)
             return 0
@@ -1074,17 +1071,13 @@ class RabbitTransport:
         On a channel of its own: a refused declaration closes its channel. No answer (the
         connection lost) is a TransportError that may be retried.
         """
-        assert self._connection is not None
         try:
-            channel = await self._connection.channel()
-            try:
-                await channel.declare_queue(name, **how)
-                return True
-            except refused:
-                return False
-            finally:
-                with _ignored():
-                    await channel.close()
+            async with self._own_channel() as channel:
+                try:
+                    await channel.queue_declare(name, **how)
+                    return True
+                except refused:
+                    return False
         except GONE as exc:
             raise TransportError(f"RabbitMQ did not say whether queue {name} exists ({exc!r})") from exc
 
@@ -1106,7 +1099,7 @@ class RabbitTransport:
         assert self._connection is not None
         async with self._connection.channel() as channel:
             exchange = await self._declare_exchange(channel)
-            due = await self._declare_due(channel)
+            due = await self._declare_due(channel, existing)
             for name in names:
                 if name in existing:
                     queue = await channel.declare_queue(name, passive=True)
@@ -1121,11 +1114,11 @@ class RabbitTransport:
                 underlay = await channel.get_underlay_channel()
                 await underlay.queue_unbind(tier, tier, routing_key=tier)
 
-    async def _declare_due(self, channel: AbstractChannel) -> AbstractExchange:
+    async def _declare_due(self, channel: AbstractChannel, existing: Collection[str]) -> AbstractExchange:
         """The exchange expired delayed jobs go to, and its alternate exchange and queue (kept as
-        it is if it exists, as a dead-letter queue is)."""
+        it is if it is in `existing`, as a dead-letter queue is)."""
         unrouted = await channel.declare_exchange(self._unrouted, aio_pika.ExchangeType.FANOUT, durable=True)
-        if await self._queue_exists(self._unrouted):
+        if self._unrouted in existing:
             queue = await channel.declare_queue(self._unrouted, passive=True)
         else:
             queue = await channel.declare_queue(self._unrouted, durable=True, arguments=UNLIMITED)
