@@ -113,16 +113,26 @@ def open_registry(url: str | None, schemas: str | None = None) -> Registry:
         return HttpRegistry(url, _directory(schemas, "schemas") if schemas else SchemaDirectory(None))
     if not url and not schemas:
         return SchemaDirectory(None)
+    # (a directory registry is the app's own schemas: a second folder would be ignored)
+    if url and schemas and _folder(url, "registry").resolve() != _folder(schemas, "schemas").resolve():
+        raise ConfigError(
+            f"registry {url} is a directory, so it holds the job types, and schemas {schemas} would be"
+            " ignored: give the one directory, or a registry URL (http://...) for --schemas"
+        )
     return _directory(url or schemas, "registry" if url else "schemas")
 
 
 def _directory(value: str | None, setting: str) -> SchemaDirectory:
+    return SchemaDirectory(_folder(value, setting))
+
+
+def _folder(value: str | None, setting: str) -> Path:
     path = Path(str(value).removeprefix("file://"))
     if not path.is_dir():
         raise ConfigError(
             f"{setting} {value}: not a directory of .avsc files (set --{setting} or BRIDGE_{setting.upper()})"
         )
-    return SchemaDirectory(path)
+    return path
 
 
 def _read_definitions(directory: Path) -> dict[str, Any]:

@@ -279,6 +279,13 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
             {"BRIDGE_DELAY_TIERS": "1s,1000000000000d"},
             ["delay_tiers must be at most 365d, not 1000000000000d"],
         ),
+        # (ignored: with a directory registry, job types came from it alone, so a mistyped or
+        # another folder of the app's schemas went unnoticed)
+        ({"BRIDGE_SCHEMAS": "/nonexistent"}, ["schemas /nonexistent: not a directory of .avsc files"]),
+        (
+            {"BRIDGE_SCHEMAS": str(REPO / "tests")},
+            ["registry schemas is a directory", "would be ignored: give the one directory"],
+        ),
         (
             {"BRIDGE_IDEMPOTENCY": "postgresql://bridge:secret@db/bridge?timeout=5"},
             [
@@ -291,6 +298,16 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
 def test_bad_settings_are_reported_at_once(env: dict[str, str], fragments: list[str]) -> None:
     done = bridge("enqueue", "billing.ChargeCard", CHARGE, "--registry", "schemas", **env)
     assert_one_line_error(done, *fragments)
+
+
+def test_a_directory_registry_and_the_same_folder_as_the_apps_schemas_are_one_setting() -> None:
+    # Given the registry as a relative folder and the app's schemas as that folder's full path,
+    # Then that is no conflict: the enqueue goes through.
+    done = bridge(
+        "enqueue", "billing.ChargeCard", CHARGE, "--registry", "schemas", "--broker", "memory://",
+        BRIDGE_SCHEMAS=str(REPO / "schemas"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_setting_that_cannot_be_read_is_not_compared_as_its_default() -> None:
