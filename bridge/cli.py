@@ -178,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     topology_commands = topology.add_subparsers(required=True, metavar="ACTION")
     apply = topology_commands.add_parser("apply", parents=[common], help="create queues idempotently")
     apply.add_argument("--app", help="MODULE:ATTR of a Bridge whose queues to create")
-    apply.add_argument("--queues", type=_names, help="comma-separated queues")
+    apply.add_argument("--queues", type=_names, help="comma-separated queues (default: the app's)")
     apply.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     apply.set_defaults(run=_topology_apply)
 
