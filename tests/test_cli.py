@@ -62,6 +62,10 @@ def closed_port() -> int:
             ["billing.ChargeCard", CHARGE, "--delay", "2h", "--ttl", "1h"],
             ["--ttl ends the job before --delay lets it start: give a longer --ttl"],
         ),
+        (  # (both are 1,000 ms in the envelope: the API refused it, naming `ttl=`)
+            ["billing.ChargeCard", CHARGE, "--delay", "1.0005", "--ttl", "1.0009"],
+            ["--ttl ends the job before --delay lets it start: give a longer --ttl"],
+        ),
         (
             ["billing.ChargeCard", CHARGE, "--at", "2126-01-01T00:00:00Z", "--ttl", "1d"],
             ["--ttl ends the job before --at lets it start: give a longer --ttl"],
