@@ -40,7 +40,7 @@ from bridge.idempotency import (
     sql,
 )
 from bridge.idempotency import redis as redis_store
-from bridge.idempotency.sql import SqlStore
+from bridge.idempotency.sql import BlockEnded, SqlStore
 from tests.apps.effects import write_effect
 from tests.conftest import run
 from tests.effects import effects, new_table
@@ -617,31 +617,41 @@ def test_a_postgres_store_s_connects_wait_as_long_as_the_url_s_connect_timeout_s
     run(main(), timeout=30)
 
 
+@pytest.mark.parametrize("found", ["in the block", "at commit"])
 def test_a_postgres_inbox_block_s_own_database_error_comes_out_as_it_was_raised(
-    brokers: dict[str, str],
+    brokers: dict[str, str], found: str
 ) -> None:
-    # Given a claimed key, When the handler's write in its inbox transaction violates a unique
-    # constraint, Then the handler (and its job type's give_up_on) sees psycopg's UniqueViolation
-    # and the transaction is rolled back. (It came out as a StoreError, an outage of the store,
-    # so no `except UniqueViolation` or give_up_on matched, and the job retried to exhaustion.)
+    # Given a claimed key, When the handler's write in its inbox transaction breaks a constraint,
+    # checked as it runs (a unique key) or at COMMIT (a deferred foreign key), Then the handler
+    # (and its job type's give_up_on) sees psycopg's own error, the transaction is rolled back,
+    # and the key is still held. (Each came out as a StoreError, an outage of the store: at
+    # first no `except UniqueViolation` or give_up_on matched, and the job retried to
+    # exhaustion; at commit, the job waited in a delay tier at the same attempt, for good.)
     url = brokers["postgres"]
-    table = f"t_{uuid.uuid4().hex[:12]}"
+    parent, child = (f"t_{uuid.uuid4().hex[:12]}" for _ in range(2))
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
-        conn.execute(f"INSERT INTO {table} VALUES (1)")
+        conn.execute(f"CREATE TABLE {parent} (id int PRIMARY KEY)")
+        conn.execute(f"INSERT INTO {parent} VALUES (1)")
+        conn.execute(f"CREATE TABLE {child} (id int REFERENCES {parent} DEFERRABLE INITIALLY DEFERRED)")
+    error = psycopg.errors.UniqueViolation if found == "in the block" else psycopg.errors.ForeignKeyViolation
 
     async def scenario(store: Store) -> None:
         key = new_key()
         token = claimed(await store.claim(key, "job-1", 30)).token
-        with pytest.raises(psycopg.errors.UniqueViolation):
+        with pytest.raises(error):
             async with store.transaction(key, token, "job-1", 30) as db:
-                await db.execute(f"INSERT INTO {table} VALUES (2)")
-                await db.execute(f"INSERT INTO {table} VALUES (1)")
+                await db.execute(f"INSERT INTO {parent} VALUES (2)")
+                await db.execute(f"INSERT INTO {parent if found == 'in the block' else child} VALUES (1)")
+                await db.execute(f"INSERT INTO {child} VALUES (3)")
         assert isinstance(await store.claim(key, "job-2", 30), Busy)  # still held, not done
 
-    with_store(url, scenario)
-    with psycopg.connect(url) as conn:
-        assert conn.execute(f"SELECT id FROM {table}").fetchall() == [(1,)]
+    try:
+        with_store(url, scenario)
+        with psycopg.connect(url) as conn:
+            assert conn.execute(f"SELECT id FROM {parent}").fetchall() == [(1,)]
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE {child}, {parent}")
 
 
 def test_sqlite_claims_made_during_an_inbox_transaction_go_out_once_it_commits(tmp_path: Path) -> None:
@@ -827,25 +837,31 @@ def test_the_inbox_of_a_lost_lease_writes_nothing(store_url: str) -> None:
     assert effects(store_url, table) == {}
 
 
-def test_an_sqlite_inbox_whose_handler_commits_itself_raises_lease_lost_and_warns(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("lease", ["held", "lost"])
+def test_an_sqlite_inbox_whose_handler_commits_itself_leaves_its_key_not_done(
+    tmp_path: Path, lease: str
 ) -> None:
-    # Given a SQLite key whose 0.3 s lease ended and that another job claimed,
-    # When the first holder's inbox block calls db.commit() itself (a sqlite3 habit),
-    # Then the transaction raises LeaseLost, and a warning says the writes were committed apart
-    # from the key. (sqlite3's "cannot rollback - no transaction is active" hid the LeaseLost.)
+    # Given a SQLite key, held, or whose 0.3 s lease ended and that another job claimed,
+    # When the holder's inbox block calls db.commit() itself (a sqlite3 habit),
+    # Then the transaction raises BlockEnded (Permanent: the job is dead-lettered, not retried
+    # with its writes done), and the key is not marked done by it. (The key completed outside
+    # the transaction, with a warning; after a rollback of its own, without the writes.
+    # sqlite3's "cannot rollback - no transaction is active" once hid this error.)
     url = f"sqlite:///{tmp_path / 'keys.db'}"
 
     async def scenario(store: Store) -> None:
-        key, token = await lost_to_another(store)
-        with pytest.raises(LeaseLost):
+        if lease == "held":
+            key = new_key()
+            token = claimed(await store.claim(key, "job-1", 30)).token
+        else:
+            key, token = await lost_to_another(store)
+        with pytest.raises(BlockEnded, match="the block ended the transaction itself"):
             async with store.transaction(key, token, "job-1", 30) as db:
                 db.execute("CREATE TABLE charges (n INTEGER)")
                 db.commit()
+        assert isinstance(await store.claim(key, "job-3", 30), Busy)
 
-    with caplog.at_level(logging.WARNING, "bridge"):
-        with_store(url, scenario)
-    assert "the handler ended the transaction itself (commit() or rollback())" in caplog.text
+    with_store(url, scenario)
 
 
 def test_two_workers_claiming_the_same_keys_in_one_go_from_opposite_ends_each_win_once(

@@ -1288,6 +1288,102 @@ def test_tasks_a_sqlite_inbox_starts_join_its_transaction(tmp_path: Path) -> Non
     assert sorted(ran) == [1, 2, 3, 9] and stats.processed == 4
 
 
+@pytest.mark.parametrize(
+    ("store", "broken"),
+    [
+        ("sqlite", "rollback"),  # (SQLite's own rollback after an error the block caught, too)
+        ("postgres", "caught"),
+        ("postgres", "rollback"),
+        ("redis", "second"),
+        ("redis", "first"),
+    ],
+)
+def test_an_inbox_block_that_breaks_its_transaction_is_not_acknowledged_as_done(
+    tmp_path: Path, brokers: dict[str, str], store: str, broken: str
+) -> None:
+    # Given a keyed handler (3 attempts) whose inbox block writes an effect and then, raising
+    # nothing, breaks its transaction: it rolls back itself; on PostgreSQL it catches its own
+    # statement's error (which aborts the transaction); on Redis its second (or first) command
+    # fails (WRONGTYPE),
+    # When it runs, Then the key is not done and the job is dead-lettered, naming the mistake:
+    # at once, but for a first Redis command that failed (nothing applied: a failure like any
+    # other, retried); the effect is there no more than once, only where Redis applied it.
+    # (The key was done without the rolled-back writes: acknowledged without its effect. The
+    # aborted PostgreSQL transaction, and the failing Redis script, counted as outages of the
+    # store: the job went round the delay tiers without end, Redis applying the effect each time.)
+    url = {"sqlite": f"sqlite:///{tmp_path / 'keys.db'}", "postgres": brokers["postgres"]}.get(
+        store, brokers["redis"]
+    )
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), idempotency=url, delay_tiers="100ms")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    if store == "postgres":
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE {name} (n int PRIMARY KEY)")
+            conn.execute(f"INSERT INTO {name} VALUES (0)")
+    runs: list[int] = []
+
+    @app.job("test.Echo", queue="q", max_attempts=3, backoff=fixed(0))
+    async def write(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(ctx.attempt)
+        async with ctx.transaction() as db:
+            if store == "sqlite":
+                db.execute(f"CREATE TABLE IF NOT EXISTS {name} (n INTEGER)")
+                db.execute(f"INSERT INTO {name} VALUES (1)")
+                db.rollback()
+            elif store == "postgres":
+                await db.execute(f"INSERT INTO {name} VALUES (1)")
+                if broken == "rollback":
+                    await db.execute("ROLLBACK")
+                else:
+                    with contextlib.suppress(psycopg.errors.UniqueViolation):
+                        await db.execute(f"INSERT INTO {name} VALUES (0)")
+            else:
+                if broken == "second":
+                    db.call("RPUSH", name, "1")
+                db.call("RPUSH", f"{name}-string", "1")
+
+    async def scenario() -> tuple[Stats, list[str], Any]:
+        if store == "redis":
+            client = aioredis.Redis.from_url(url)
+            await client.set(f"{name}-string", "not a list", ex=60)
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key=name)
+            stats = await app.consume(["q"], burst=True)
+            [letter] = await app.dead_letters("q").find()
+            shown = await app.idempotency_keys("test.Echo").show(name)
+        effect: Any = None
+        if store == "redis":
+            effect = await client.lrange(name, 0, -1)
+            await client.delete(name, f"{name}-string")
+            await client.aclose()
+        return stats, [letter.letter.detail, *(entry.describe() for entry in shown)], effect
+
+    stats, [detail, *keys], effect = run(scenario(), timeout=30)
+    retried = store == "redis" and broken == "first"
+    assert runs == ([1, 2, 3] if retried else [1]) and stats.dead_lettered == 1 and stats.delayed == 0
+    assert keys == []  # (not done: released as a failed job's is)
+    expected = {
+        "sqlite": "ctx.transaction(): the block ended the transaction itself",
+        "postgres": "ctx.transaction(): the block ended the transaction itself"
+        if broken == "rollback"
+        else "ctx.transaction(): a statement in the block failed and the block went on",
+        "redis": "ctx.transaction(): db.call #2 (RPUSH) failed: WRONGTYPE"
+        if broken == "second"
+        else "ctx.transaction(): db.call #1 (RPUSH) failed: WRONGTYPE",
+    }[store]
+    assert expected in detail, detail
+    if store == "sqlite":
+        with contextlib.closing(sqlite3.connect(tmp_path / "keys.db")) as db:
+            tables = db.execute("SELECT count(*) FROM sqlite_master WHERE name = ?", (name,)).fetchone()
+            assert tables == (0,)
+    elif store == "postgres":
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert conn.execute(f"SELECT n FROM {name}").fetchall() == [(0,)]
+            conn.execute(f"DROP TABLE {name}")
+    else:
+        assert effect == ([b"1"] if broken == "second" else [])
+
+
 @pytest.mark.parametrize("store", ["sqlite", "memory"])
 def test_a_misused_transaction_is_dead_lettered_at_once_rather_than_waiting_for_good(
     tmp_path: Path, store: str

@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from bridge.errors import StoreError, safe_url
@@ -31,6 +32,7 @@ from bridge.idempotency import SETTLED, Claim, Enqueued, Record
 from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.given_up import GivenUp
 from bridge.idempotency.sql import (
+    ENDED,
     KEY_AT,
     PG_RECORDS,
     PG_RECORDS_OF_STATE,
@@ -245,7 +247,7 @@ class PostgresStore(SqlStore):
                     # The BEGIN, then from the block's end, or bridge's first statement after it,
                     # to the commit or rollback (a silent network held the job, and a connection,
                     # for hours). The handler's own statements take what they take.
-                    with _answered_within(conn) as ending:
+                    with _answered_within(conn) as ending, _refused_at_commit(conn):
                         async with conn.transaction():
                             ending.cancel()
                             if ending.passed:  # (BEGIN's answer came in the pass that shut its socket)
@@ -266,6 +268,12 @@ class PostgresStore(SqlStore):
             # What the handler's block raised, as it raised it: its own UniqueViolation, say,
             # which its `except` or the job's give_up_on name, not a StoreError (an outage).
             raise raised.error from raised.error.__cause__
+
+    def _unfit(self, handle: Any) -> str | None:
+        status = handle.info.transaction_status
+        if status == TransactionStatus.INERROR:
+            return ABORTED
+        return ENDED if status == TransactionStatus.IDLE else None  # (UNKNOWN: lost, an outage)
 
     async def close(self) -> None:
         await self._stop_background()
@@ -456,6 +464,30 @@ def _dialect(sql: str) -> str:
 
 async def _rows(cursor: psycopg.AsyncCursor[tuple[Any, ...]]) -> Rows:
     return await cursor.fetchall() if cursor.description else [()] * max(cursor.rowcount, 0)
+
+
+ABORTED = (
+    "a statement in the block failed and the block went on, so PostgreSQL aborted the"
+    " transaction: none of its writes commit. Catch such errors inside a savepoint (`async with"
+    " db.transaction():` in the block), or let them out of it"
+)
+# SQLSTATE classes of a server that could not finish the work, not of the work itself:
+# connection, insufficient resources, operator intervention, system and internal errors.
+OUTAGE_CLASSES = ("08", "53", "57", "58", "XX")
+
+
+@contextmanager
+def _refused_at_commit(conn: psycopg.AsyncConnection[Any]) -> Iterator[None]:
+    """What the server refused of the block's own work at COMMIT, as it refused it: a deferred
+    constraint, say, which the block's `except` or its job type's `give_up_on` may name. (As a
+    StoreError it was an outage of the store: the job waited in a delay tier, spending no
+    attempt, for good.) A connection or a server that failed is the store's."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        if conn.broken or (exc.sqlstate or "08")[:2] in OUTAGE_CLASSES:
+            raise
+        raise _Raised(exc) from exc
 
 
 class _Raised(Exception):

@@ -23,21 +23,24 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, ResponseError
 
-from bridge.errors import LeaseLost, StoreError, safe_url
+from bridge.errors import LeaseLost, Permanent, StoreError, safe_url
 from bridge.idempotency import DONE, RUNNING, SETTLED, Busy, Claim, Claimed, Done, Enqueued, Record, new_token
 from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.given_up import GivenUp
 
 # If the key holds ARGV[1] (or, with ARGV[4] '1', is absent), run the commands packed in
 # ARGV[5..] (each as a count, then its words), then set the key to ARGV[2] for ARGV[3] ms (or
-# delete it when ARGV[2] is empty).
+# delete it when ARGV[2] is empty). A command that fails stops it there, and it returns that
+# command's number and error: the ones before it stay applied (Redis does not roll back).
 _SWAP = """
 local held = redis.call('GET', KEYS[1])
 if held ~= ARGV[1] and not (held == false and ARGV[4] == '1') then return 0 end
-local i = 5
+local i, number = 5, 0
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + n))
+  number = number + 1
+  local reply = redis.pcall(unpack(ARGV, i + 1, i + n))
+  if type(reply) == 'table' and reply.err then return {number, reply.err} end
   i = i + n + 1
 end
 if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
@@ -91,6 +94,24 @@ class Commands:
 
     def call(self, *command: str | bytes | int | float) -> None:
         self.words += [len(command), *command]
+
+    def name(self, number: int) -> str:
+        """The name of the `number`th command recorded (from 1)."""
+        at = 0
+        for _ in range(number - 1):
+            at += int(self.words[at]) + 1
+        word = self.words[at + 1]
+        return word.decode(errors="replace") if isinstance(word, bytes) else str(word)
+
+
+class CommandFailed(Exception):
+    """The first command an inbox recorded failed, so none was applied: a failure of the job,
+    retried as any other."""
+
+
+# Errors of a Redis that cannot take writes now, not of the command: an outage of the store,
+# which the job waits out at the same attempt, when nothing was applied yet.
+UNAVAILABLE = ("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS", "MISCONF")
 
 
 class RedisStore:
@@ -240,11 +261,25 @@ class RedisStore:
     ) -> AsyncIterator[Commands]:
         commands = Commands()
         yield commands
-        done = _done(job_id)
-        if not await self._swap_if(
-            key, f"running|{token}", done, _ms(window_s), commands.words, or_absent=True
-        ):
+        args = [f"running|{token}", _done(job_id), _ms(window_s), "1", *commands.words]
+        reply = await self._call(lambda pipe: pipe.evalsha(_SWAP_SHA1, 1, key, *args))
+        if not reply:
             raise LeaseLost(f"the claim on {key!r} ended before the job completed; nothing was applied")
+        if reply != 1:  # [number, error] of the command that failed
+            self._failed(commands, int(reply[0]), _text(reply[1]))
+
+    def _failed(self, commands: Commands, number: int, error: str) -> None:
+        """Raise what the `number`th of the inbox's `commands` failing with `error` means."""
+        failed = f"ctx.transaction(): db.call #{number} ({commands.name(number)}) failed: {error}"
+        if number > 1:  # (Retried, or even waiting for the store, the job applied them again each time.)
+            raise Permanent(
+                f"{failed}. The {number - 1} before it stay applied (Redis does not roll back a"
+                " script), and the key is not done: the job is not retried, since a run again"
+                " would apply them again, and so would a replay"
+            )
+        if error.startswith(UNAVAILABLE):
+            raise self._error(ResponseError(error))
+        raise CommandFailed(f"{failed}; none was applied, and the key is not done")
 
     async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
         try:

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Any
 
-from bridge.errors import LeaseLost, StoreError
+from bridge.errors import LeaseLost, Permanent, StoreError
 from bridge.idempotency import SETTLED, Busy, Claim, Claimed, Done, Enqueued, Record, new_token
 from bridge.idempotency.given_up import GivenUp
 
@@ -129,6 +129,11 @@ class SqlStore:
         """A transaction: the database's own handle, and `_query` inside that transaction."""
         raise NotImplementedError
 
+    def _unfit(self, handle: Any) -> str | None:
+        """Why the transaction of `handle`, at the end of an inbox block that raised nothing,
+        cannot commit with the key, if it cannot: the block ended it, or broke it."""
+        raise NotImplementedError
+
     async def make_room(self, transactions: int) -> None:
         """Room for `transactions` inbox transactions at once, from now on (a store with a pool
         of connections grows it)."""
@@ -177,6 +182,10 @@ class SqlStore:
     async def transaction(self, key: str, token: str, job_id: str, window_s: float) -> AsyncIterator[Any]:
         async with self._begin() as (handle, query):
             yield handle
+            # (Completed outside the transaction, the key was done without the block's writes:
+            # a job acknowledged without its effect, when they were rolled back.)
+            if (unfit := self._unfit(handle)) is not None:
+                raise BlockEnded(f"ctx.transaction(): {unfit}, and the key is not done")
             if not await _complete(query, _completion(key, token, job_id, window_s, self._now_ms())):
                 raise LeaseLost(f"the claim on {key!r} ended before the job completed; rolled back")
 
@@ -254,6 +263,21 @@ class SqlStore:
             self._purging.cancel()
             with suppress(asyncio.CancelledError):
                 await self._purging
+
+
+class BlockEnded(Permanent):
+    """An inbox block that ended or broke its transaction, and raised nothing: a mistake of
+    the handler's, which each retry would repeat (or, its writes committed, repeat them)."""
+
+
+# Why `_unfit`: the block committed or rolled back itself (SQLite also rolls back by itself
+# after some errors, which the block may have caught).
+ENDED = (
+    "the block ended the transaction itself (a commit or rollback of its own, or the database's"
+    " rollback after an error the block caught), so its writes could not commit with the job's"
+    " key: if they committed, a replay repeats them. Leave the commit to bridge, and let errors"
+    " out of the block"
+)
 
 
 async def _complete(query: Query, params: tuple[Any, ...]) -> bool:

@@ -30,7 +30,7 @@ from bridge.errors import StoreError
 from bridge.idempotency import Enqueued
 from bridge.idempotency.batch import TickBatch
 from bridge.idempotency.given_up import GivenUp
-from bridge.idempotency.sql import CLAIM, LOOK, SCHEMA, Query, Rows, SqlStore, log, now_ms
+from bridge.idempotency.sql import CLAIM, ENDED, LOOK, SCHEMA, BlockEnded, Query, Rows, SqlStore, log, now_ms
 
 BUSY_TIMEOUT_S = 10.0
 SQLITE_HEADER = b"SQLite format 3\x00"  # how every SQLite database file begins
@@ -235,18 +235,15 @@ class SqliteStore(SqlStore):
             _INBOX.set(self._inbox)
             try:
                 yield self._db, query
-            except BaseException:
+            except BaseException as exc:
                 self._inbox = None
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                     await self._hold_again()
-                else:  # (ROLLBACK's own error would hide this one)
+                elif not isinstance(exc, BlockEnded):  # (ROLLBACK's own error would hide this one)
                     _warn_ended()
                 raise
             self._inbox = None
-            if not self._db.in_transaction:
-                _warn_ended()
-                return
             try:  # (a cursor the handler left unread makes COMMIT fail: nothing of it commits)
                 self._run("COMMIT", ())
             except BaseException:  # the connection must not stay in the transaction, holding the lock
@@ -254,6 +251,9 @@ class SqliteStore(SqlStore):
                     self._db.execute("ROLLBACK")
                 await self._hold_again()
                 raise
+
+    def _unfit(self, handle: Any) -> str | None:
+        return None if self._db.in_transaction else ENDED
 
     async def close(self) -> None:
         await self._stop_background()
