@@ -386,7 +386,9 @@ class Bridge:
         if self.settings.require_broker().startswith("memory://"):
             with self._connecting:  # one shared in-memory broker per app, whatever the loop
                 tiers = self.settings.delay_tiers
-                self._memory = self._memory or MemoryTransport(lambda: self.clock(), tiers)
+                self._memory = self._memory or MemoryTransport(
+                    lambda: self.clock(), tiers, self.settings.prefix
+                )
             return self._memory
         return open_transport(self.settings)
 

@@ -167,7 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     consume.add_argument("--queues", type=_names, help="comma-separated queues (default: the app's)")
     consume.add_argument("--concurrency", type=_positive, help="jobs running at once (default 16)")
     consume.add_argument(
-        "--prefetch", type=_positive, help="RabbitMQ deliveries held at once (default twice --concurrency)"
+        "--prefetch",
+        type=_positive,
+        help="RabbitMQ deliveries held at once, per queue (default twice --concurrency)",
     )
     consume.add_argument("--group", help="Kafka consumer group (BRIDGE_GROUP, default bridge)")
     consume.add_argument("--grace", type=float, help="seconds in-flight jobs get on SIGTERM (default 30)")

@@ -57,7 +57,7 @@ class Settings:
     prefix: str = "bridge"
     group: str = "bridge"  # Kafka consumer group; the consuming service's name on RabbitMQ
     concurrency: int = 16
-    prefetch: int | None = None  # RabbitMQ deliveries held at once; None: twice concurrency
+    prefetch: int | None = None  # RabbitMQ deliveries held at once, per queue; None: twice concurrency
     # A job that came back to its queue this many times without an outcome (its worker was
     # killed, ran out of memory or lost its connection) is dead-lettered as `delivery_limit` the
     # next time it arrives, instead of running again. RabbitMQ counts the returns; on Kafka,

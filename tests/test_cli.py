@@ -304,6 +304,15 @@ def test_bad_settings_are_reported_at_once(env: dict[str, str], fragments: list[
     assert_one_line_error(done, *fragments)
 
 
+def test_an_enqueue_to_a_delay_tier_is_refused_on_memory_as_on_the_brokers() -> None:
+    # (memory:// took it and printed a job id, where Kafka and RabbitMQ refuse it)
+    args = ["billing.ChargeCard", CHARGE, "--queue", "bridge.delay.5s", "--registry", "schemas"]
+    done = bridge("enqueue", *args, "--broker", "memory://")
+    assert_one_line_error(
+        done, "queue bridge.delay.5s is a delay tier, not a queue: enqueue the job to its own"
+    )
+
+
 def test_a_directory_registry_and_the_same_folder_as_the_apps_schemas_are_one_setting() -> None:
     # Given the registry as a relative folder and the app's schemas as that folder's full path,
     # Then that is no conflict: the enqueue goes through.

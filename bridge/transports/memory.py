@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 
 from bridge.envelope import now_ms
+from bridge.errors import PublishError
 from bridge.names import is_dead_letters
 from bridge.policy import tier_for
 from bridge.transports.base import (
@@ -30,6 +31,7 @@ from bridge.transports.base import (
     Process,
     SweepStopped,
     dlq_name,
+    tier_names,
     unheard,
 )
 
@@ -39,9 +41,12 @@ class MemoryTransport:
 
     name = "memory"
 
-    def __init__(self, clock: Callable[[], int] = now_ms, tiers: tuple[float, ...] = ()) -> None:
+    def __init__(
+        self, clock: Callable[[], int] = now_ms, tiers: tuple[float, ...] = (), prefix: str = "bridge"
+    ) -> None:
         self.clock = clock
         self._tiers = tiers  # seconds; none: a delay is held as given
+        self._tier_names = tier_names(prefix)
         self._delayed: list[tuple[int, int, Outgoing]] = []  # (due ms, sequence, message)
         self._sequence = itertools.count()
         self._queues: dict[str, deque[Outgoing]] = {}
@@ -73,6 +78,11 @@ class MemoryTransport:
         return [name for name in queues if is_dead_letters(name)]
 
     async def publish(self, message: Outgoing) -> None:
+        if self._tier_names.fullmatch(message.queue):  # (as the brokers' transports refuse it)
+            raise PublishError(
+                f"queue {message.queue} is a delay tier, not a queue: enqueue the job to its own queue",
+                retriable=False,
+            )
         with self._lock:
             wait_s = message.delay_s
             if wait_s and self._tiers:  # (held as it is if shorter than every tier, by the clock)
