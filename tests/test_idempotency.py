@@ -855,7 +855,7 @@ def test_an_sqlite_inbox_whose_handler_commits_itself_leaves_its_key_not_done(
             token = claimed(await store.claim(key, "job-1", 30)).token
         else:
             key, token = await lost_to_another(store)
-        with pytest.raises(BlockEnded, match="the block ended the transaction itself"):
+        with pytest.raises(BlockEnded, match="left the key not done: the block ended the transaction itself"):
             async with store.transaction(key, token, "job-1", 30) as db:
                 db.execute("CREATE TABLE charges (n INTEGER)")
                 db.commit()

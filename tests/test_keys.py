@@ -1291,11 +1291,13 @@ def test_tasks_a_sqlite_inbox_starts_join_its_transaction(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("store", "broken"),
     [
-        ("sqlite", "rollback"),  # (SQLite's own rollback after an error the block caught, too)
+        ("sqlite", "rollback"),
+        ("sqlite", "caught"),  # (SQLite's own rollback, of `INSERT OR ROLLBACK`)
         ("postgres", "caught"),
         ("postgres", "rollback"),
         ("redis", "second"),
         ("redis", "first"),
+        ("redis", "busygroup"),  # (no outage of Redis, though it begins as BUSY does)
     ],
 )
 def test_an_inbox_block_that_breaks_its_transaction_is_not_acknowledged_as_done(
@@ -1327,9 +1329,13 @@ def test_an_inbox_block_that_breaks_its_transaction_is_not_acknowledged_as_done(
         runs.append(ctx.attempt)
         async with ctx.transaction() as db:
             if store == "sqlite":
-                db.execute(f"CREATE TABLE IF NOT EXISTS {name} (n INTEGER)")
+                db.execute(f"CREATE TABLE IF NOT EXISTS {name} (n INTEGER PRIMARY KEY)")
                 db.execute(f"INSERT INTO {name} VALUES (1)")
-                db.rollback()
+                if broken == "rollback":
+                    db.rollback()
+                else:
+                    with contextlib.suppress(sqlite3.IntegrityError):
+                        db.execute(f"INSERT OR ROLLBACK INTO {name} VALUES (1)")
             elif store == "postgres":
                 await db.execute(f"INSERT INTO {name} VALUES (1)")
                 if broken == "rollback":
@@ -1337,6 +1343,8 @@ def test_an_inbox_block_that_breaks_its_transaction_is_not_acknowledged_as_done(
                 else:
                     with contextlib.suppress(psycopg.errors.UniqueViolation):
                         await db.execute(f"INSERT INTO {name} VALUES (0)")
+            elif broken == "busygroup":
+                db.call("XGROUP", "CREATE", f"{name}-stream", "workers", "$", "MKSTREAM")
             else:
                 if broken == "second":
                     db.call("RPUSH", name, "1")
@@ -1346,6 +1354,8 @@ def test_an_inbox_block_that_breaks_its_transaction_is_not_acknowledged_as_done(
         if store == "redis":
             client = aioredis.Redis.from_url(url)
             await client.set(f"{name}-string", "not a list", ex=60)
+            await client.xgroup_create(f"{name}-stream", "workers", "$", mkstream=True)
+            await client.expire(f"{name}-stream", 60)
         async with app:
             await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key=name)
             stats = await app.consume(["q"], burst=True)
@@ -1354,22 +1364,24 @@ def test_an_inbox_block_that_breaks_its_transaction_is_not_acknowledged_as_done(
         effect: Any = None
         if store == "redis":
             effect = await client.lrange(name, 0, -1)
-            await client.delete(name, f"{name}-string")
+            await client.delete(name, f"{name}-string", f"{name}-stream")
             await client.aclose()
         return stats, [letter.letter.detail, *(entry.describe() for entry in shown)], effect
 
     stats, [detail, *keys], effect = run(scenario(), timeout=30)
-    retried = store == "redis" and broken == "first"
+    retried = store == "redis" and broken in ("first", "busygroup")
     assert runs == ([1, 2, 3] if retried else [1]) and stats.dead_lettered == 1 and stats.delayed == 0
     assert keys == []  # (not done: released as a failed job's is)
     expected = {
-        "sqlite": "ctx.transaction(): the block ended the transaction itself",
-        "postgres": "ctx.transaction(): the block ended the transaction itself"
+        "sqlite": "ctx.transaction() left the key not done: the block ended the transaction itself",
+        "postgres": "ctx.transaction() left the key not done: the block ended the transaction itself"
         if broken == "rollback"
-        else "ctx.transaction(): a statement in the block failed and the block went on",
-        "redis": "ctx.transaction(): db.call #2 (RPUSH) failed: WRONGTYPE"
-        if broken == "second"
-        else "ctx.transaction(): db.call #1 (RPUSH) failed: WRONGTYPE",
+        else "ctx.transaction() left the key not done: a statement in the block failed and the block went on",
+        "redis": {
+            "second": "ctx.transaction(): db.call #2 (RPUSH) failed: WRONGTYPE",
+            "first": "ctx.transaction(): db.call #1 (RPUSH) failed: WRONGTYPE",
+            "busygroup": "ctx.transaction(): db.call #1 (XGROUP) failed: BUSYGROUP",
+        }.get(broken, ""),
     }[store]
     assert expected in detail, detail
     if store == "sqlite":
@@ -1382,6 +1394,33 @@ def test_an_inbox_block_that_breaks_its_transaction_is_not_acknowledged_as_done(
             conn.execute(f"DROP TABLE {name}")
     else:
         assert effect == ([b"1"] if broken == "second" else [])
+
+
+def test_a_dedupe_enqueue_inside_a_sqlite_inbox_that_rolled_back_itself_still_counts(tmp_path: Path) -> None:
+    # Given a keyed handler whose SQLite inbox block enqueues a follow-up with dedupe, then
+    # rolls back itself (the job is dead-lettered for it), When the follow-up is enqueued again
+    # with dedupe, Then nothing is published: the first one's id comes back. (The rollback took
+    # its key, and it was recorded again only when the block raised.)
+    app = sqlite_app(tmp_path)
+    follow_ups: list[str] = []
+
+    @app.job("test.Echo", queue="q", max_attempts=2, backoff=fixed(0))
+    async def step(payload: dict[str, Any], ctx: JobContext) -> None:
+        if payload["n"] == 1:
+            async with ctx.transaction() as db:
+                follow_ups.append(
+                    await app.enqueue_async("test.Echo", {"n": 2}, idempotency_key="next", dedupe=True)
+                )
+                db.rollback()
+
+    async def scenario() -> tuple[Stats, str]:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="first")
+            stats = await app.consume(["q"], burst=True)
+            return stats, await app.enqueue_async("test.Echo", {"n": 2}, idempotency_key="next", dedupe=True)
+
+    stats, again = run(scenario(), timeout=20)
+    assert stats.dead_lettered == 1 and stats.processed == 2 and again == follow_ups[0]
 
 
 @pytest.mark.parametrize("store", ["sqlite", "memory"])

@@ -270,6 +270,8 @@ class PostgresStore(SqlStore):
             raise raised.error from raised.error.__cause__
 
     def _unfit(self, handle: Any) -> str | None:
+        if handle.closed and not handle.broken:
+            return "the block closed its connection (`db.close()`), and the transaction with it"
         status = handle.info.transaction_status
         if status == TransactionStatus.INERROR:
             return ABORTED
@@ -471,9 +473,10 @@ ABORTED = (
     " transaction: none of its writes commit. Catch such errors inside a savepoint (`async with"
     " db.transaction():` in the block), or let them out of it"
 )
-# SQLSTATE classes of a server that could not finish the work, not of the work itself:
-# connection, insufficient resources, operator intervention, system and internal errors.
-OUTAGE_CLASSES = ("08", "53", "57", "58", "XX")
+# SQLSTATEs of a server that could not finish the work, not of the work itself: connection,
+# insufficient resources, a shutdown or restart (57P; not 57014, a `statement_timeout` of the
+# work's own), system and internal errors.
+OUTAGE_STATES = ("08", "53", "57P", "58", "XX")
 
 
 @contextmanager
@@ -485,7 +488,13 @@ def _refused_at_commit(conn: psycopg.AsyncConnection[Any]) -> Iterator[None]:
     try:
         yield
     except psycopg.Error as exc:
-        if conn.broken or (exc.sqlstate or "08")[:2] in OUTAGE_CLASSES:
+        # (A cancellation met at COMMIT stays one: psycopg 3.2 may raise the server's answer
+        # to the COMMIT instead, with the CancelledError as its context.)
+        if conn.broken or isinstance(exc.__context__, asyncio.CancelledError):
+            raise
+        if exc.sqlstate is None and isinstance(exc, psycopg.OperationalError):
+            raise  # (the connection, as the client saw it)
+        if exc.sqlstate is not None and exc.sqlstate.startswith(OUTAGE_STATES):
             raise
         raise _Raised(exc) from exc
 

@@ -93,6 +93,8 @@ class Commands:
         self.words: list[str | bytes | int | float] = []
 
     def call(self, *command: str | bytes | int | float) -> None:
+        if not command:
+            raise TypeError('db.call() needs a command: db.call("RPUSH", "charges", "42")')
         self.words += [len(command), *command]
 
     def name(self, number: int) -> str:
@@ -109,9 +111,10 @@ class CommandFailed(Exception):
     retried as any other."""
 
 
-# Errors of a Redis that cannot take writes now, not of the command: an outage of the store,
-# which the job waits out at the same attempt, when nothing was applied yet.
-UNAVAILABLE = ("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS", "MISCONF")
+# Errors of a Redis that cannot take writes now, not of the command (their first word): an
+# outage of the store, which the job waits out at the same attempt. Redis answers so only
+# before a script's first write, so nothing was applied. (BUSYGROUP, say, is the command's.)
+UNAVAILABLE = ("OOM", "READONLY", "MASTERDOWN", "NOREPLICAS", "MISCONF")
 
 
 class RedisStore:
@@ -237,11 +240,10 @@ class RedisStore:
         expected: str,
         new: str,
         px: int,
-        words: Sequence[Any] = (),
         *,
         or_absent: bool = False,
     ) -> bool:
-        args = [expected, new, px, "1" if or_absent else "0", *words]
+        args: list[str | int] = [expected, new, px, "1" if or_absent else "0"]  # (no commands: 0 or 1 back)
         return bool(await self._call(lambda pipe: pipe.evalsha(_SWAP_SHA1, 1, key, *args)))
 
     async def extend(self, key: str, token: str, lease_s: float) -> bool:
@@ -266,19 +268,19 @@ class RedisStore:
         if not reply:
             raise LeaseLost(f"the claim on {key!r} ended before the job completed; nothing was applied")
         if reply != 1:  # [number, error] of the command that failed
-            self._failed(commands, int(reply[0]), _text(reply[1]))
+            self._failed(commands, int(reply[0]), _text(reply[1], errors="replace"))
 
     def _failed(self, commands: Commands, number: int, error: str) -> None:
         """Raise what the `number`th of the inbox's `commands` failing with `error` means."""
         failed = f"ctx.transaction(): db.call #{number} ({commands.name(number)}) failed: {error}"
+        if error.split(" ", 1)[0] in UNAVAILABLE:
+            raise self._error(ResponseError(error))
         if number > 1:  # (Retried, or even waiting for the store, the job applied them again each time.)
             raise Permanent(
                 f"{failed}. The {number - 1} before it stay applied (Redis does not roll back a"
                 " script), and the key is not done: the job is not retried, since a run again"
                 " would apply them again, and so would a replay"
             )
-        if error.startswith(UNAVAILABLE):
-            raise self._error(ResponseError(error))
         raise CommandFailed(f"{failed}; none was applied, and the key is not done")
 
     async def remember(self, key: str, job_id: str, hold_s: float) -> Enqueued | None:
@@ -380,8 +382,8 @@ def _done(job_id: str) -> str:
     return f"done|{job_id}|{time.time_ns() // 1_000_000}"
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _text(value: bytes | str, errors: str = "strict") -> str:
+    return value.decode(errors=errors) if isinstance(value, bytes) else value
 
 
 def _ms(seconds: float) -> int:

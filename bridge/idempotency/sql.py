@@ -185,7 +185,7 @@ class SqlStore:
             # (Completed outside the transaction, the key was done without the block's writes:
             # a job acknowledged without its effect, when they were rolled back.)
             if (unfit := self._unfit(handle)) is not None:
-                raise BlockEnded(f"ctx.transaction(): {unfit}, and the key is not done")
+                raise BlockEnded(f"ctx.transaction() left the key not done: {unfit}")
             if not await _complete(query, _completion(key, token, job_id, window_s, self._now_ms())):
                 raise LeaseLost(f"the claim on {key!r} ended before the job completed; rolled back")
 
@@ -270,13 +270,14 @@ class BlockEnded(Permanent):
     the handler's, which each retry would repeat (or, its writes committed, repeat them)."""
 
 
-# Why `_unfit`: the block committed or rolled back itself (SQLite also rolls back by itself
-# after some errors, which the block may have caught).
+# Why `_unfit`: the block committed or rolled back itself (SQLite also commits by itself in
+# `executescript()` and at the end of `with db:`, and rolls back by itself after some errors,
+# which the block may have caught).
 ENDED = (
-    "the block ended the transaction itself (a commit or rollback of its own, or the database's"
-    " rollback after an error the block caught), so its writes could not commit with the job's"
-    " key: if they committed, a replay repeats them. Leave the commit to bridge, and let errors"
-    " out of the block"
+    "the block ended the transaction itself (a commit or rollback of its own, `with db:` or"
+    " `executescript()` on SQLite, or the database's rollback after an error the block caught),"
+    " so its writes could not commit with the job's key: if they committed, a replay repeats"
+    " them. Leave the commit to bridge, and let errors out of the block"
 )
 
 

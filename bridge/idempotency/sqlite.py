@@ -239,9 +239,11 @@ class SqliteStore(SqlStore):
                 self._inbox = None
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                    await self._hold_again()
                 elif not isinstance(exc, BlockEnded):  # (ROLLBACK's own error would hide this one)
                     _warn_ended()
+                # (also when the block ended the transaction: a rollback of its own took them,
+                # and after a commit of its own, recording them again changes nothing)
+                await self._hold_again()
                 raise
             self._inbox = None
             try:  # (a cursor the handler left unread makes COMMIT fail: nothing of it commits)
