@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -196,14 +197,43 @@ class Worker:
                     job, key = lease.job_id, lease.key
                     log.error("could not renew job %s's claim on %r", job, key, exc_info=outcome)
 
+    def _count(self, outcome: str) -> None:
+        """Count an outcome in `stats`, and in the tally of the run that decided it."""
+        setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+        tally = _TALLY.get()
+        if tally is not None:
+            tally[outcome] = tally.get(outcome, 0) + 1
+
+    def _let_go(self, delivery: Delivery, publish: Sequence[Outgoing], tally: dict[str, int]) -> None:
+        """A delivery the broker took back while its job ran (RabbitMQ closed its channel: a
+        consumer_timeout, a lost connection) comes again, and that run decides its outcome.
+        This run's is dropped, and uncounted: a retry or dead letter published too would be a
+        second one, and each would go on alone (two retry chains, two letters for one job)."""
+        for outcome, times in tally.items():
+            setattr(self.stats, outcome, getattr(self.stats, outcome) - times)
+        if publish:
+            log.warning(
+                "a delivery from %s went back to the broker while its job ran: this run's outcome"
+                " (%s) is left to its next run",
+                delivery.queue, ", ".join(f"a publish to {m.queue}" for m in publish),
+            )  # fmt: skip
+
     async def process(self, delivery: Delivery) -> None:
         """Run one delivery to its outcome and settle it; never raises. One that the broker took
         back while it waited (for a slot, or for its run_at) is left as it is: it comes again."""
         try:
             self.stats.first_s = self.stats.first_s or time.monotonic()
             try:
-                publish = await self._outcome(delivery) if self.transport.held(delivery) else None
+                tally: dict[str, int] = {}
+                counting = _TALLY.set(tally)
+                try:
+                    publish = await self._outcome(delivery) if self.transport.held(delivery) else None
+                finally:
+                    _TALLY.reset(counting)
                 if publish is None:
+                    return
+                if not self.transport.held(delivery):  # (see `_let_go`)
+                    self._let_go(delivery, publish, tally)
                     return
             except asyncio.CancelledError:
                 raise
@@ -311,7 +341,7 @@ class Worker:
                     )
                     return [self._dead(delivery, "undecodable", detail, envelope=envelope)]
                 if tier_for(early_s, self.settings.delay_tiers) is not None:  # back to a tier
-                    self.stats.delayed += 1
+                    self._count("delayed")
                     return [Outgoing(envelope.queue, delivery.body, _key(envelope, delivery), early_s)]
                 await self._until(envelope.run_at)  # less than any tier early: more precise here
                 if not self.transport.held(delivery):
@@ -389,7 +419,7 @@ class Worker:
                 return [self._later(envelope, delivery, self._outage.wait_s)]
         if isinstance(claim, Done):
             log.info("%s is a duplicate: its key was done by job %s", _job(envelope), claim.job_id)
-            self.stats.duplicates += 1
+            self._count("duplicates")
             return ()
         if isinstance(claim, Busy):
             return [self._later(envelope, delivery, claim.wait_s)]
@@ -434,13 +464,13 @@ class Worker:
 
     def _again(self, delivery: Delivery) -> Outgoing:
         """The delivery's bytes as they are, back through the shortest tier."""
-        self.stats.delayed += 1
+        self._count("delayed")
         return Outgoing(delivery.queue, delivery.body, delivery.key, self.settings.delay_tiers[0])
 
     def _later(self, envelope: Envelope, delivery: Delivery, wait_s: float) -> Outgoing:
         """The job again, through a delay tier: at least the shortest one, so never a busy loop,
         and not before its own time (a job that waits for the registry may be early)."""
-        self.stats.delayed += 1
+        self._count("delayed")
         now = self.app.clock()
         early_s = (envelope.run_at - now) / 1000 if envelope.run_at is not None else 0.0
         delay_s = max(wait_s, early_s, self.settings.delay_tiers[0])
@@ -583,7 +613,7 @@ class Worker:
             "job %s (%s on %s) failed attempt %d, retrying at %s: %r",
             envelope.id, envelope.type, envelope.queue, envelope.attempt, iso_ms(decision.run_at), exc,
         )  # fmt: skip
-        self.stats.retried += 1
+        self._count("retried")
         delay_s = (decision.run_at - now) / 1000
         return Outgoing(retry.queue, body, _key(retry, delivery), delay_s if delay_s > 0 else None)
 
@@ -603,7 +633,7 @@ class Worker:
             detail = detail[: DETAIL_CHARS - 1] + "…"
         job = f"job {envelope.id} ({envelope.type})" if envelope else "a message"
         log.warning("dead-lettering %s from %s: %s: %s", job, delivery.queue, reason, detail)
-        self.stats.dead_lettered += 1
+        self._count("dead_lettered")
         letter = DeadLetter(
             reason=reason, detail=detail, queue=delivery.queue, at=self.app.clock(),
             partition=delivery.partition, offset=delivery.offset,
@@ -664,6 +694,10 @@ def _returned(delivery: Delivery) -> str:
         "lost its connection to the broker or could not publish its outcome; dead-lettered so "
         "that it stops doing that again"
     )
+
+
+# The outcomes counted by the run of one delivery (`Worker.process`), as they are decided.
+_TALLY: ContextVar[dict[str, int] | None] = ContextVar("bridge_outcomes_of_a_run", default=None)
 
 
 def _job(envelope: Envelope) -> str:

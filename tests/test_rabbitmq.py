@@ -1414,6 +1414,44 @@ def test_a_delivery_held_past_rabbitmqs_consumer_timeout_runs_again_and_the_log_
     assert "Raise consumer_timeout in rabbitmq.conf" in line, line
 
 
+@pytest.mark.parametrize("outcome", ["dead letter", "retry"])
+def test_a_job_whose_delivery_went_back_while_it_ran_leaves_its_outcome_to_the_next_run(
+    brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture, outcome: str
+) -> None:
+    # Given RabbitMQ's consumer_timeout at 2 s and a job (2 attempts) whose first run fails
+    # only after RabbitMQ closed the channel under it (so its delivery went back),
+    # When it is consumed, Then that run publishes nothing: the delivery's next run decides,
+    # and the job ends in one dead letter, after one run (Permanent) or after its second
+    # attempt (a retry). (The first run's dead letter or retry went out too: two letters for
+    # one job, or two retry chains, each running every later attempt.)
+    app = own_app(brokers["rabbitmq"])
+    runs: list[int] = []
+
+    def closed() -> bool:  # (the transport logs it as the channel closes)
+        return any("consumer_timeout" in record.getMessage() for record in caplog.records)
+
+    @app.job("test.Echo", queue=queue, max_attempts=2, backoff=fixed(0))
+    async def fail(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(ctx.attempt)
+        if len(runs) == 1:
+            while not closed():
+                await asyncio.sleep(0.05)
+        raise Permanent("no") if outcome == "dead letter" else RuntimeError("no")
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.apply_topology()
+            await app.enqueue_async("test.Echo", {"n": 1})
+            return await app.consume(burst=True)
+
+    timeout = rabbitmq_settings(consumer_timeout=2000, channel_tick_interval=200)
+    with timeout, caplog.at_level(logging.WARNING, logger="bridge"):
+        stats = run(scenario(), timeout=60)
+    assert runs == ([1, 1] if outcome == "dead letter" else [1, 1, 2]), runs
+    assert len(dead_letters(app, queue)) == 1 and stats.dead_lettered == 1
+    assert "went back to the broker while its job ran" in caplog.text
+
+
 def test_an_enqueue_that_rabbitmq_blocks_fails_in_bounded_time_and_the_next_goes_through(
     brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

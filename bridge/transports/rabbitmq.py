@@ -607,7 +607,14 @@ class RabbitTransport:
         assert incoming.delivery_tag is not None  # (None only on returned messages)
         try:
             for message in publish:
-                await self._publish_patiently(message)  # confirmed before the original is acked
+                # (confirmed before the original is acked; not once its channel closed, as a
+                # publish that waits for a lost connection may see: see Worker._let_go)
+                if not await self._publish_patiently(message, lambda: self.held(delivery)):
+                    log.warning(
+                        "a delivery from %s went back to RabbitMQ while its outcome waited to be"
+                        " published: its next run decides it", delivery.queue,
+                    )  # fmt: skip
+                    return
         except TransportError as exc:
             if exc.retriable:  # (else the worker stops, and its channel closes)
                 # Left unacknowledged on a channel that lives on, it would hold a prefetch
@@ -623,19 +630,21 @@ class RabbitTransport:
             # The channel it came on is gone: the broker delivers it again (at least once).
             log.warning("ack lost for a delivery from %s (%r); it will be redelivered", delivery.queue, exc)
 
-    async def _publish_patiently(self, message: Outgoing) -> None:
+    async def _publish_patiently(self, message: Outgoing, held: Callable[[], bool]) -> bool:
         """Publish, trying again for up to SETTLE_PATIENCE_S after the first failure that may
         pass (see SETTLE_PATIENCE_S): a publish that waited out an alarm, or a lost connection,
-        did not fail.
+        did not fail. Whether it went out: not once the delivery it settles is no longer `held`.
 
         Still refused then, it raises a PublishRefused that is not retriable: the consumer
         stops, and the delivery comes back once the queue takes publishes again.
         """
         wait_s, deadline = 0.1, None
         while True:
+            if not held():
+                return False
             try:
                 await self._publish(message)
-                return
+                return True
             except TransportError as exc:
                 if not exc.retriable:
                     raise

@@ -57,8 +57,16 @@ class DelayForwarder:
 
     async def run(self, stop: asyncio.Event) -> None:
         # Small fetches (records are looked at one partition head at a time anyway), and short
-        # fetch waits, so a partition resumed when its head is due is read at once.
-        settings = {"queued.max.messages.kbytes": 1024, "fetch.wait.max.ms": 50}
+        # fetch waits, so a partition resumed when its head is due is read at once. Its
+        # subscription's metadata is looked at every 2 s, not 5 minutes: a tier topic another
+        # producer just made, to which it subscribes once the transport's look found it, may
+        # still be unknown to its first metadata answer ("Subscribed topic not available",
+        # seen once in CI), and until the next look its jobs waited in that tier.
+        settings = {
+            "queued.max.messages.kbytes": 1024,
+            "fetch.wait.max.ms": 50,
+            "topic.metadata.refresh.interval.ms": 2000,
+        }
         consumer = self.transport.group_consumer(self.group, **settings)
         self.consumer = consumer
         transactional_id = f"{self.group}.{uuid.uuid4().hex}"
