@@ -16,7 +16,6 @@ import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
-from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +105,8 @@ class Worker:
         self._store: Store | None = None  # the app's idempotency store, once a job needs it
         self._outage = Outage()  # keyed jobs wait here while the store does not answer
         self._leases: set[Lease] = set()  # idempotency keys held by running handlers
+        # The outcomes counted by each delivery's run while it runs (by id(delivery)): see `_let_go`
+        self._tallies: dict[int, dict[str, int]] = {}
         # Handler threads that outlived their task, and their keys' completions (`_in_thread`)
         self._outliving: set[Future[None]] = set()
         self._finishing: set[asyncio.Task[None]] = set()
@@ -197,12 +198,11 @@ class Worker:
                     job, key = lease.job_id, lease.key
                     log.error("could not renew job %s's claim on %r", job, key, exc_info=outcome)
 
-    def _count(self, outcome: str) -> None:
-        """Count an outcome in `stats`, and in the tally of the run that decided it."""
+    def _count(self, outcome: str, delivery: Delivery) -> None:
+        """Count an outcome in `stats`, and in the tally of the delivery's run (see `_let_go`)."""
         setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
-        tally = _TALLY.get()
-        if tally is not None:
-            tally[outcome] = tally.get(outcome, 0) + 1
+        tally = self._tallies.setdefault(id(delivery), {})
+        tally[outcome] = tally.get(outcome, 0) + 1
 
     def _let_go(self, delivery: Delivery, publish: Sequence[Outgoing], tally: dict[str, int]) -> None:
         """A delivery the broker took back while its job ran (RabbitMQ closed its channel: a
@@ -224,16 +224,11 @@ class Worker:
         try:
             self.stats.first_s = self.stats.first_s or time.monotonic()
             try:
-                tally: dict[str, int] = {}
-                counting = _TALLY.set(tally)
-                try:
-                    publish = await self._outcome(delivery) if self.transport.held(delivery) else None
-                finally:
-                    _TALLY.reset(counting)
+                publish = await self._outcome(delivery) if self.transport.held(delivery) else None
                 if publish is None:
                     return
                 if not self.transport.held(delivery):  # (see `_let_go`)
-                    self._let_go(delivery, publish, tally)
+                    self._let_go(delivery, publish, self._tallies.get(id(delivery), {}))
                     return
             except asyncio.CancelledError:
                 raise
@@ -252,6 +247,8 @@ class Worker:
                 self._stop_for(delivery, exc)
             else:  # the broker went away: the delivery stays unsettled and comes back
                 log.exception("could not settle a delivery from %s", delivery.queue)
+        finally:
+            self._tallies.pop(id(delivery), None)
 
     def _stop_for(self, delivery: Delivery, exc: TransportError) -> None:
         """Stop consuming, leaving `delivery` unsettled: it runs again once the cause is fixed.
@@ -341,7 +338,7 @@ class Worker:
                     )
                     return [self._dead(delivery, "undecodable", detail, envelope=envelope)]
                 if tier_for(early_s, self.settings.delay_tiers) is not None:  # back to a tier
-                    self._count("delayed")
+                    self._count("delayed", delivery)
                     return [Outgoing(envelope.queue, delivery.body, _key(envelope, delivery), early_s)]
                 await self._until(envelope.run_at)  # less than any tier early: more precise here
                 if not self.transport.held(delivery):
@@ -419,7 +416,7 @@ class Worker:
                 return [self._later(envelope, delivery, self._outage.wait_s)]
         if isinstance(claim, Done):
             log.info("%s is a duplicate: its key was done by job %s", _job(envelope), claim.job_id)
-            self._count("duplicates")
+            self._count("duplicates", delivery)
             return ()
         if isinstance(claim, Busy):
             return [self._later(envelope, delivery, claim.wait_s)]
@@ -464,13 +461,13 @@ class Worker:
 
     def _again(self, delivery: Delivery) -> Outgoing:
         """The delivery's bytes as they are, back through the shortest tier."""
-        self._count("delayed")
+        self._count("delayed", delivery)
         return Outgoing(delivery.queue, delivery.body, delivery.key, self.settings.delay_tiers[0])
 
     def _later(self, envelope: Envelope, delivery: Delivery, wait_s: float) -> Outgoing:
         """The job again, through a delay tier: at least the shortest one, so never a busy loop,
         and not before its own time (a job that waits for the registry may be early)."""
-        self._count("delayed")
+        self._count("delayed", delivery)
         now = self.app.clock()
         early_s = (envelope.run_at - now) / 1000 if envelope.run_at is not None else 0.0
         delay_s = max(wait_s, early_s, self.settings.delay_tiers[0])
@@ -613,7 +610,7 @@ class Worker:
             "job %s (%s on %s) failed attempt %d, retrying at %s: %r",
             envelope.id, envelope.type, envelope.queue, envelope.attempt, iso_ms(decision.run_at), exc,
         )  # fmt: skip
-        self._count("retried")
+        self._count("retried", delivery)
         delay_s = (decision.run_at - now) / 1000
         return Outgoing(retry.queue, body, _key(retry, delivery), delay_s if delay_s > 0 else None)
 
@@ -633,7 +630,7 @@ class Worker:
             detail = detail[: DETAIL_CHARS - 1] + "…"
         job = f"job {envelope.id} ({envelope.type})" if envelope else "a message"
         log.warning("dead-lettering %s from %s: %s: %s", job, delivery.queue, reason, detail)
-        self._count("dead_lettered")
+        self._count("dead_lettered", delivery)
         letter = DeadLetter(
             reason=reason, detail=detail, queue=delivery.queue, at=self.app.clock(),
             partition=delivery.partition, offset=delivery.offset,
@@ -694,10 +691,6 @@ def _returned(delivery: Delivery) -> str:
         "lost its connection to the broker or could not publish its outcome; dead-lettered so "
         "that it stops doing that again"
     )
-
-
-# The outcomes counted by the run of one delivery (`Worker.process`), as they are decided.
-_TALLY: ContextVar[dict[str, int] | None] = ContextVar("bridge_outcomes_of_a_run", default=None)
 
 
 def _job(envelope: Envelope) -> str:
