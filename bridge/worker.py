@@ -316,13 +316,15 @@ class Worker:
             return [self._later(envelope, delivery, 0.0)]
         if envelope.expires_at is not None or envelope.run_at is not None:  # most jobs have neither
             now = self.app.clock()
-            if envelope.run_at is not None and now >= 10**12 and 10**9 <= envelope.run_at < 10**11:
-                # 1970-01-12 to 1973-03-03 in ms; in seconds, 2001 to 5138. (It ran at once.)
-                detail = (
-                    f"its run_at, {envelope.run_at}, is {iso_ms(envelope.run_at)}: an envelope's times"
-                    f" are epoch milliseconds (was it written in seconds? {iso_ms(envelope.run_at * 1000)})"
-                )
-                return [self._dead(delivery, "undecodable", detail, envelope=envelope)]
+            for field, at in (("run_at", envelope.run_at), ("expires_at", envelope.expires_at)):
+                if at is not None and now >= 10**12 and 10**9 <= at < 10**11:
+                    # 1970-01-12 to 1973-03-03 in ms; in seconds, 2001 to 5138. (A run_at ran at
+                    # once; an expires_at dead-lettered the job as `expired`, in 1970.)
+                    detail = (
+                        f"its {field}, {at}, is {iso_ms(at)}: an envelope's times are epoch"
+                        f" milliseconds (was it written in seconds? {iso_ms(at * 1000)})"
+                    )
+                    return [self._dead(delivery, "undecodable", detail, envelope=envelope)]
             starts = max(now, envelope.run_at or now)  # (the soonest it may start)
             if envelope.expires_at is not None and envelope.expires_at <= starts:
                 # (A retry too, as Celery's `expires` and Dramatiq's `max_age` do: a job not

@@ -343,8 +343,9 @@ def test_a_payload_larger_than_the_default_cap_runs_when_max_message_bytes_allow
 
 def test_bad_bytes_inside_an_envelope_are_dead_lettered_with_a_reason_a_person_can_read() -> None:
     # Given envelopes from another producer whose payload is cut short, holds a string that is
-    # not UTF-8 or an int beyond 32 bits (which a Java reader refuses), and one whose run_at
-    # was written in microseconds (year 58,000), then a good job,
+    # not UTF-8 or an int beyond 32 bits (which a Java reader refuses), one whose run_at was
+    # written in microseconds (year 58,000), and ones whose run_at or expires_at was written in
+    # seconds, then a good job,
     # When the worker consumes them (decoding is the same on every broker: memory://),
     # Then each is dead-lettered as undecodable with a reason in words, and the good job runs.
     # (The details were Python reprs such as IndexError('index out of range'); the int was
@@ -367,6 +368,8 @@ def test_bad_bytes_inside_an_envelope_are_dead_lettered_with_a_reason_a_person_c
     far = replace(app.build_envelope("test.Echo", {"n": 2}, queue="q"), run_at=now_ms() * 1000)
     # (and one in seconds, as Go's time.Unix() gives: in 1970, it ran at once)
     soon = replace(app.build_envelope("test.Echo", {"n": 4}, queue="q"), run_at=now_ms() // 1000 + 3600)
+    # (and an expiry in seconds: in 1970, it was dead-lettered as `expired`, a job that could run)
+    ends = replace(app.build_envelope("test.Echo", {"n": 5}, queue="q"), expires_at=now_ms() // 1000 + 3600)
 
     async def scenario() -> None:
         async with app:
@@ -375,13 +378,14 @@ def test_bad_bytes_inside_an_envelope_are_dead_lettered_with_a_reason_a_person_c
                 await publish_envelope(app, "q", replace(job, payload=payload))
             await publish_envelope(app, "q", far)
             await publish_envelope(app, "q", soon)
+            await publish_envelope(app, "q", ends)
             await app.enqueue_async("test.Echo", {"n": 3}, queue="q")
             await app.consume(burst=True)
 
     run(scenario())
     assert ran == [3]
     letters = bridge_testing.dead_letters(app, "q")
-    assert [letter.reason for letter in letters] == ["undecodable"] * 5
+    assert [letter.reason for letter in letters] == ["undecodable"] * 6
     prefix = "payload: body does not decode as test.Echo: "
     assert [letter.detail for letter in letters[:3]] == [
         prefix + "it ends early (cut short, or a length or count in it is wrong)",
@@ -392,6 +396,8 @@ def test_bad_bytes_inside_an_envelope_are_dead_lettered_with_a_reason_a_person_c
     assert "is more than 100 years ahead: an envelope's times are epoch milliseconds" in letters[3].detail
     assert letters[4].envelope is not None and letters[4].envelope.id == soon.id
     assert "is 1970-01-" in letters[4].detail and "(was it written in seconds? 20" in letters[4].detail
+    assert letters[5].envelope is not None and letters[5].envelope.id == ends.id
+    assert letters[5].detail.startswith(f"its expires_at, {ends.expires_at}, is 1970-01-"), letters[5].detail
 
 
 # AMQP properties another producer may write that pamqp could not read: what goes in a frame,
