@@ -234,17 +234,17 @@ class RedisStore:
             return Done(rest.rpartition("|")[0])
         return Busy(max(0.0, ttl_ms / 1000))
 
-    async def _swap_if(
-        self,
-        key: str,
-        expected: str,
-        new: str,
-        px: int,
-        *,
-        or_absent: bool = False,
-    ) -> bool:
-        args: list[str | int] = [expected, new, px, "1" if or_absent else "0"]  # (no commands: 0 or 1 back)
-        return bool(await self._call(lambda pipe: pipe.evalsha(_SWAP_SHA1, 1, key, *args)))
+    async def _swap(
+        self, key: str, expected: str, new: str, px: int, words: Sequence[Any] = (), *, or_absent: bool
+    ) -> Any:
+        """_SWAP's reply: 1 if it swapped, 0 if `key` did not hold `expected`, or else the number
+        and error of the first of the commands in `words` that failed."""
+        args = [expected, new, px, "1" if or_absent else "0", *words]
+        return await self._call(lambda pipe: pipe.evalsha(_SWAP_SHA1, 1, key, *args))
+
+    async def _swap_if(self, key: str, expected: str, new: str, px: int, *, or_absent: bool = False) -> bool:
+        """Whether `key` held `expected` (or, `or_absent`, nothing) and now holds `new`."""
+        return bool(await self._swap(key, expected, new, px, or_absent=or_absent))
 
     async def extend(self, key: str, token: str, lease_s: float) -> bool:
         return await self._swap_if(key, f"running|{token}", f"running|{token}", _ms(lease_s))
@@ -263,8 +263,9 @@ class RedisStore:
     ) -> AsyncIterator[Commands]:
         commands = Commands()
         yield commands
-        args = [f"running|{token}", _done(job_id), _ms(window_s), "1", *commands.words]
-        reply = await self._call(lambda pipe: pipe.evalsha(_SWAP_SHA1, 1, key, *args))
+        reply = await self._swap(
+            key, f"running|{token}", _done(job_id), _ms(window_s), commands.words, or_absent=True
+        )
         if not reply:
             raise LeaseLost(f"the claim on {key!r} ended before the job completed; nothing was applied")
         if reply != 1:  # [number, error] of the command that failed

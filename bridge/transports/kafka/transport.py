@@ -1196,14 +1196,14 @@ def _tls_mismatch(servers: str, tls: bool) -> str | None:
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # (only: does it speak TLS?)
     for server in servers.split(","):
-        host, _, port = server.rpartition(":")
+        host, port = _host_port(server)
         try:
-            raw = socket.create_connection((host.strip("[]"), int(port)), timeout=TLS_LOOK_S)
+            raw = socket.create_connection((host, int(port)), timeout=TLS_LOOK_S)
         except (OSError, ValueError):
             continue  # (nothing answers there: the error says so as it is)
         with raw:
             try:
-                with context.wrap_socket(raw, server_hostname=host.strip("[]")):
+                with context.wrap_socket(raw, server_hostname=host):
                     speaks = True
             except (ssl.SSLError, ConnectionError) as exc:
                 if not isinstance(exc, ConnectionError) and not any(sign in str(exc) for sign in NOT_TLS):
@@ -1223,10 +1223,16 @@ def _unresolved(servers: str) -> str | None:
     """Why none of `servers` (host:port,...) can be reached by name, if none resolves."""
     reasons = []
     for server in servers.split(","):
-        host, _, port = server.rpartition(":")
+        host, port = _host_port(server)
         try:
-            socket.getaddrinfo(host.strip("[]"), port or None)
+            socket.getaddrinfo(host, port or None)
             return None
         except (OSError, UnicodeError) as exc:
             reasons.append(f"{host} does not resolve: {getattr(exc, 'strerror', None) or exc}")
     return "; ".join(reasons) or None
+
+
+def _host_port(server: str) -> tuple[str, str]:
+    """`host:port` (an IPv6 host in brackets) as its host, without the brackets, and port."""
+    host, _, port = server.rpartition(":")
+    return host.strip("[]"), port
