@@ -458,11 +458,16 @@ def test_a_consumer_whose_queue_is_deleted_as_it_subscribes_stops_with_an_error(
     # Then consume raises one clear error naming the queue. (It missed the cancel, not knowing
     # the consumer's tag yet, and waited for good: once in three CI runs, run beside others.)
     basic_consume = aiormq.Channel.basic_consume
+    deletes: list[asyncio.Task[None]] = []
 
     async def deleted_at_once(channel: aiormq.Channel, name: str, *args: Any, **kwargs: Any) -> Any:
         consume_ok = await basic_consume(channel, name, *args, **kwargs)
         if name == queue:
-            await delete_rabbitmq_queue(brokers["rabbitmq"], queue)
+            # (Shielded: the broker's cancel stops the consumer, which cuts its subscribe short,
+            # and with it this deletion's own connection midway: its close then hung at the
+            # loop's end, once in CI.)
+            deletes.append(asyncio.ensure_future(delete_rabbitmq_queue(brokers["rabbitmq"], queue)))
+            await asyncio.shield(deletes[-1])
             # (aiormq drops the tag, then calls the cancel callbacks, in one step of its reader)
             while consume_ok.consumer_tag in channel.consumers:
                 await asyncio.sleep(0.01)
@@ -473,9 +478,12 @@ def test_a_consumer_whose_queue_is_deleted_as_it_subscribes_stops_with_an_error(
     signalling(app, queue)
 
     async def scenario() -> None:
-        async with app:
-            await app.apply_topology([queue])
-            await asyncio.wait_for(app.consume(), 30)
+        try:
+            async with app:
+                await app.apply_topology([queue])
+                await asyncio.wait_for(app.consume(), 30)
+        finally:
+            await asyncio.gather(*deletes)
 
     with pytest.raises(TransportError, match=f"ended the consumer of {queue}; was it deleted"):
         run(scenario())
