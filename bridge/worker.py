@@ -72,7 +72,7 @@ class Stats:
 
     processed: int = 0
     retried: int = 0
-    delayed: int = 0  # arrived early, or found its key held, and went back to a delay tier
+    delayed: int = 0  # arrived early, or found its key held, and went back (to a delay tier)
     dead_lettered: int = 0
     duplicates: int = 0  # acknowledged without running: their idempotency key was done
     first_s: float = 0.0  # time.monotonic() of the first delivery
@@ -342,7 +342,13 @@ class Worker:
                 if tier_for(early_s, self.settings.delay_tiers) is not None:  # back to a tier
                     self._count("delayed", delivery)
                     return [Outgoing(envelope.queue, delivery.body, _key(envelope, delivery), early_s)]
-                await self._until(envelope.run_at)  # less than any tier early: more precise here
+                # Less than any tier early: more precise here. At a stop it has not started, and
+                # goes back to its queue as it came (a wait of up to a minute ran on into the
+                # grace period and started there, or was cut off and counted as a return; left
+                # unsettled, every later job of its Kafka partition would run again).
+                if not await self._until(envelope.run_at):
+                    self._count("delayed", delivery)
+                    return [Outgoing(envelope.queue, delivery.body, _key(envelope, delivery))]
                 if not self.transport.held(delivery):
                     return None
         if envelope.idempotency_key is not None:
@@ -392,11 +398,17 @@ class Worker:
         with suppress(RuntimeError):  # the event loop closed meanwhile: nobody waits
             answered.get_loop().call_soon_threadsafe(_settle, answered, failure)
 
-    async def _until(self, run_at: int) -> None:
-        """Wait until `run_at` by the app's clock: in one sleep on the real clock, in steps on a
-        test's, which may move faster than time (a sleep of the time left ignored it)."""
+    async def _until(self, run_at: int) -> bool:
+        """Wait until `run_at` by the app's clock, or until the worker stops (then False): in one
+        wait on the real clock, in steps on a test's, which may move faster than time (a wait
+        of the time left ignored it)."""
         while (early_s := (run_at - self.app.clock()) / 1000) > 0:
-            await asyncio.sleep(early_s if self.app.clock is now_ms else min(early_s, TEST_CLOCK_STEP_S))
+            if self._stop.is_set():
+                return False
+            with suppress(TimeoutError):
+                step_s = early_s if self.app.clock is now_ms else min(early_s, TEST_CLOCK_STEP_S)
+                await asyncio.wait_for(self._stop.wait(), step_s)
+        return not self._stop.is_set()
 
     async def _run_once(
         self, spec: JobSpec, payload: Any, envelope: Envelope, delivery: Delivery

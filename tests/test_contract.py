@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +72,48 @@ def test_sync_handler_runs_off_the_event_loop(make_app: Callable[..., Bridge], q
     run(consume(app))
     assert len(job_ids) == len(set(job_ids)) == 3
     assert len(threads) == 3 and all(name.startswith("bridge-job") for name in threads)
+
+
+def test_a_job_waiting_for_its_run_at_at_a_stop_goes_back_unstarted_and_runs_once_later(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given job 1 due 12 s ahead, sooner than the shortest tier (30 s), so that the worker it
+    # is delivered to waits for its run_at, and job 2 behind it with the same key (on Kafka,
+    # in the same partition), When job 2 has run and consume stops with 60 s of grace, Then
+    # the stop ends at once and job 1 has not started, And a second consume runs job 1 once,
+    # at its time, and job 2 not again. (Job 1 ran in the grace period, at its time; left
+    # unsettled instead, it would have held back job 2's Kafka commit, and job 2 run again.)
+    app = make_app(prefix=names.prefix(), delay_tiers="30s", grace_s=60)
+    runs: list[tuple[int, float]] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append((payload["n"], time.time()))
+
+    async def scenario() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        async with app:
+            await app.apply_topology([queue])
+            due = time.time() + 12
+            await app.enqueue_async("test.Echo", {"n": 1}, queue=queue, key="k", delay=12.0)
+            await app.enqueue_async("test.Echo", {"n": 2}, queue=queue, key="k")
+            stop = asyncio.Event()
+            consuming = asyncio.create_task(app.consume([queue], stop=stop))
+            while not runs:
+                assert time.time() < due - 2, "job 2 did not run well before job 1's time"
+                await asyncio.sleep(0.05)
+            stopping = loop.time()
+            stop.set()
+            await consuming
+            stopped_in_s = loop.time() - stopping
+            assert [n for n, _ in runs] == [2]
+            await app.consume([queue], burst=True)
+            return due, stopped_in_s
+
+    due, stopped_in_s = run(scenario(), timeout=60)
+    assert stopped_in_s < 5.0
+    assert [n for n, _ in runs] == [2, 1]
+    assert runs[1][1] >= due - 0.1  # (the enqueue stamped its run_at after `due` was taken)
 
 
 def test_concurrency_bound_holds(make_app: Callable[..., Bridge], queue: str) -> None:

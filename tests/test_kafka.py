@@ -301,9 +301,9 @@ def test_a_job_waiting_for_its_run_at_when_its_partition_moves_runs_once(
     waiting: list[int] = []
     until = Worker._until
 
-    async def recording(worker: Worker, run_at: int) -> None:
+    async def recording(worker: Worker, run_at: int) -> bool:
         waiting.append(run_at)
-        await until(worker, run_at)
+        return await until(worker, run_at)
 
     monkeypatch.setattr(Worker, "_until", recording)
 
