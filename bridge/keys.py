@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from bridge.envelope import iso_ms
 from bridge.errors import ConfigError, KeyInFlight
 from bridge.idempotency import (
+    DIGEST,
     DONE,
     ENQUEUED,
     ENQUEUING,
@@ -76,7 +77,13 @@ class Keys:
         self.job_type = job_type
 
     def _names(self, key: str) -> dict[str, str]:
-        return {"run": run_key(self.job_type, key), "enqueue": enqueue_key(self.job_type, key)}
+        """The store's names of `key`'s records. A key written as a digest names the records of
+        the key it was listed for (a long one, or one with a NUL), as `find` lists them."""
+        stored = DIGEST.fullmatch(key) is not None
+        return {
+            "run": run_key(self.job_type, key, stored=stored),
+            "enqueue": enqueue_key(self.job_type, key, stored=stored),
+        }
 
     async def find(self, state: str | None = None, limit: int = DEFAULT_LIMIT) -> list[Entry]:
         """The records of this job type's keys that count now, of `state` if given: the first

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -651,7 +652,9 @@ def test_keys_and_job_ids_of_any_length_or_content_run_once_in_every_store(
     # another language might send it) whose job id has one (PostgreSQL text holds no NUL),
     # When consumed with keys in each store, Then each runs once and the second of each is a
     # duplicate: none waits for its store as if it were down, or goes round the delay tiers.
-    # (And an enqueue with dedupe=True of the first two keys publishes once.)
+    # (And an enqueue with dedupe=True of the first two keys publishes once.) A key written as
+    # the first one's digest, as `bridge keys list` shows it, is a key of its own, And `bridge
+    # keys show` of that digest shows the first key's records.
     app = Bridge(broker=brokers["rabbitmq"], registry=str(SCHEMAS), idempotency=store_url)
     runs: Counter[str | None] = Counter()
 
@@ -660,11 +663,12 @@ def test_keys_and_job_ids_of_any_length_or_content_run_once_in_every_store(
         runs[ctx.idempotency_key] += 1
 
     long_key, nul_key, nul_id_key = os.urandom(6000).hex(), f"a\x00{queue}", f"id-{queue}"
+    digest = f"sha256:{hashlib.sha256(long_key.encode()).hexdigest()}"
 
     async def enqueue() -> None:
         async with app:
             await app.apply_topology()
-            for key in (long_key, nul_key):
+            for key in (long_key, nul_key, digest):
                 ids = [await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key=key, dedupe=True)
                        for _ in range(2)]  # fmt: skip
                 assert ids[0] == ids[1]
@@ -674,10 +678,17 @@ def test_keys_and_job_ids_of_any_length_or_content_run_once_in_every_store(
                 envelope.id = f"job\x00{envelope.id}"
                 await publish_envelope(app, queue, envelope)
 
+    async def shown(key: str) -> list[Entry]:
+        async with app:
+            return await app.idempotency_keys("test.Echo").show(key)
+
     run(enqueue())
     stats = consume(app)
-    assert runs == {long_key: 1, nul_key: 1, nul_id_key: 1}
-    assert (stats.duplicates, stats.delayed, stats.dead_lettered) == (3, 0, 0)
+    assert runs == {long_key: 1, nul_key: 1, digest: 1, nul_id_key: 1}
+    assert (stats.duplicates, stats.delayed, stats.dead_lettered) == (4, 0, 0)
+    long_job_ids = {entry.kind: entry.record.job_id for entry in run(shown(long_key))}
+    assert {entry.kind: entry.record.job_id for entry in run(shown(digest))} == long_job_ids
+    assert len(long_job_ids) == 2  # (its run and its enqueue)
 
 
 def test_a_store_holds_a_key_as_it_is_unless_it_is_long_or_has_a_nul() -> None:
@@ -689,6 +700,11 @@ def test_a_store_holds_a_key_as_it_is_unless_it_is_long_or_has_a_nul() -> None:
     names = [run_key("test.Echo", key) for key in odd]
     assert len(set(names)) == len(odd) and all(len(name) < 100 for name in names)
     assert enqueue_key("test.Echo", odd[0]) != names[0]
+    # A key written as a digest is hashed too (it would share a long key's record), unless it is
+    # said to be one the store holds as it is; a mere look-alike is stored as it is.
+    digest = names[0].removeprefix("run:test.Echo:")
+    assert run_key("test.Echo", digest) not in names and run_key("test.Echo", digest, stored=True) == names[0]
+    assert run_key("test.Echo", "sha256:beef") == "run:test.Echo:sha256:beef"
 
 
 def test_a_dedupe_enqueue_of_a_job_type_with_an_impossible_window_says_what_to_fix(tmp_path: Path) -> None:

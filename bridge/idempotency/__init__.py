@@ -34,6 +34,7 @@ from bridge.errors import ConfigError, StoreError, safe_url
 DEFAULT_WINDOW_S = 24 * 3600.0
 DEFAULT_LEASE_S = 60.0
 MAX_KEY_CHARS = 200  # longer idempotency keys are stored by their digest (`_storable`)
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # how the store holds such a key, and `bridge keys` lists it
 SCHEMES = ("sqlite", "postgresql", "postgres", "redis", "rediss", "memory")
 
 
@@ -171,14 +172,15 @@ def new_token() -> str:
     return os.urandom(12).hex()
 
 
-def run_key(job_type: str, key: str) -> str:
-    """The store key of an idempotency key at run time: keys are per job type."""
-    return f"run:{job_type}:{_storable(key)}"
+def run_key(job_type: str, key: str, *, stored: bool = False) -> str:
+    """The store key of an idempotency key at run time: keys are per job type. With `stored`,
+    `key` is as the store holds it already (a digest that `bridge keys list` showed)."""
+    return f"run:{job_type}:{key if stored else _storable(key)}"
 
 
-def enqueue_key(job_type: str, key: str) -> str:
+def enqueue_key(job_type: str, key: str, *, stored: bool = False) -> str:
     """The store key that dedupes enqueues of `key` (kept apart from the run-time key)."""
-    return f"enqueue:{job_type}:{_storable(key)}"
+    return f"enqueue:{job_type}:{key if stored else _storable(key)}"
 
 
 def _storable(key: str) -> str:
@@ -187,8 +189,14 @@ def _storable(key: str) -> str:
     An idempotency key is any string, and may come from a producer in another language. A
     PostgreSQL index entry holds about 2,700 bytes and its text no NUL at all: a key it refused
     would fail every claim, and its job would wait for the store as if the store were down.
+    A key that looks like such a digest is hashed too: as it is, it would share the record of
+    the long key it is the digest of, and one of their jobs would be skipped as the other's copy.
     """
-    if len(key) <= MAX_KEY_CHARS and "\x00" not in key:
+    if (
+        len(key) <= MAX_KEY_CHARS
+        and "\x00" not in key
+        and not (key.startswith("sha256:") and DIGEST.fullmatch(key))
+    ):
         return key
     return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
