@@ -237,7 +237,9 @@ class Worker:
                 # hold back a Kafka partition's commits), but goes round the shortest tier again.
                 log.exception("no outcome for a delivery from %s; it waits and comes back", delivery.queue)
                 publish = [self._again(delivery)]
-            await self.transport.settle(delivery, publish)
+            if not await self.transport.settle(delivery, publish):  # (it said why)
+                self._let_go(delivery, (), self._tallies.get(id(delivery), {}))
+                return
             self.stats.processed += 1
             self.stats.last_s = time.monotonic()
         except asyncio.CancelledError:

@@ -27,6 +27,7 @@ from bridge.registry import ENVELOPE
 from bridge.time_limits import Interruptible, TimeUp
 from bridge.transports import Delivery, Outgoing
 from bridge.transports.base import tier_queue
+from bridge.transports.memory import MemoryTransport
 from bridge.worker import Stats, Worker
 from tests import names
 from tests.brokerio import dead_letters
@@ -404,6 +405,30 @@ def test_a_delivery_bridge_fails_on_comes_back_rather_than_stall(
     assert ran == [1] and failed
     assert app.stats is not None and app.stats.delayed == 1
     assert dead_letters(app, queue) == []
+
+
+def test_an_outcome_whose_delivery_went_back_before_its_settle_counts_nowhere(
+    queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job that fails, and a settle that finds its delivery taken back by the broker
+    # (injected on memory: it publishes nothing, and says so, as RabbitMQ's does when the
+    # channel closed while the retry waited for a lost connection), When consumed, Then the
+    # run's retry is not counted, nor is the delivery: the run that decides it counts it.
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    settle = MemoryTransport.settle
+
+    async def taken_back(self: MemoryTransport, delivery: Delivery, publish: Any = ()) -> bool:
+        await settle(self, delivery, ())  # (gone from the queue: else the burst never ends)
+        return False
+
+    monkeypatch.setattr(MemoryTransport, "settle", taken_back)
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise RuntimeError("fails")
+
+    run(enqueue_and_drain(app, {"payload": {"n": 1}}))
+    assert app.stats is not None and (app.stats.processed, app.stats.retried) == (0, 0)
 
 
 def test_retry_with_chosen_delay(make_app: Callable[..., Bridge], queue: str) -> None:

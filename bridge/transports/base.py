@@ -126,8 +126,9 @@ class Transport(Protocol):
     async def publish(self, message: Outgoing) -> None:
         """Publish and return once the broker acknowledged it (raises PublishError)."""
 
-    async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
-        """Publish `publish`, then mark `delivery` done so it is never delivered again."""
+    async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> bool:
+        """Publish `publish`, then mark `delivery` done so it is never delivered again. False if
+        the broker took `delivery` back first (see `held`): its next run decides its outcome."""
 
     def held(self, delivery: Delivery) -> bool:
         """Whether this consumer still holds `delivery`: False once the broker has taken it back

@@ -96,13 +96,14 @@ class MemoryTransport:
         for loop, event in wakeups:
             loop.call_soon_threadsafe(event.set)
 
-    async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
+    async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> bool:
         for message in publish:
             await self.publish(message)
         with self._lock:
             held = self._unsettled.pop(id(delivery), None)
             if held is not None:
                 held.pop(id(delivery), None)
+        return True
 
     async def consume(
         self,

@@ -602,7 +602,7 @@ class RabbitTransport:
             raise TransportError(f"RabbitMQ did not bind queue {name} ({exc!r})") from exc
         return None
 
-    async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
+    async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> bool:
         incoming: DeliveredMessage = delivery.handle
         assert incoming.delivery_tag is not None  # (None only on returned messages)
         try:
@@ -614,7 +614,7 @@ class RabbitTransport:
                         "a delivery from %s went back to RabbitMQ while its outcome waited to be"
                         " published: its next run decides it", delivery.queue,
                     )  # fmt: skip
-                    return
+                    return False
         except TransportError as exc:
             if exc.retriable:  # (else the worker stops, and its channel closes)
                 # Left unacknowledged on a channel that lives on, it would hold a prefetch
@@ -629,6 +629,7 @@ class RabbitTransport:
                 raise  # (else aiormq's: see `_found_stuck`)
             # The channel it came on is gone: the broker delivers it again (at least once).
             log.warning("ack lost for a delivery from %s (%r); it will be redelivered", delivery.queue, exc)
+        return True
 
     async def _publish_patiently(self, message: Outgoing, held: Callable[[], bool]) -> bool:
         """Publish, trying again for up to SETTLE_PATIENCE_S after the first failure that may

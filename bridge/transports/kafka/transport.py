@@ -324,7 +324,7 @@ class KafkaTransport:
                 await asyncio.sleep(0.005)
         await delivered
 
-    async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> None:
+    async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> bool:
         """Hand the outcome to the committer: it becomes durable with the offset past it.
 
         What a record publishes waits until every record before it in its partition is settled
@@ -347,12 +347,13 @@ class KafkaTransport:
             outgoing.append((topic, message.body, message.key, headers, now))
         committable = self._offsets.done(tp, delivery.offset, delivery.handle)
         if committable is None and not self._offsets.owns(tp, delivery.handle):
-            return  # revoked meanwhile: its next owner runs it again
+            return False  # revoked meanwhile: its next owner runs it again
         self._committer.add(tp, delivery.offset, outgoing, committable)
         if committable is not None and tp in self._ahead and self._offsets.ahead(tp) <= RUN_AHEAD_MAX // 2:
             self._ahead.discard(tp)
             assert self._consumer is not None
             self._consumer.resume([TopicPartition(*tp)])
+        return True
 
     def _retier(self, record: Record, now: int) -> Record:
         """A delay hop held behind an unsettled record of its partition (a slow job), routed
