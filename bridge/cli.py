@@ -247,7 +247,7 @@ def _dlq_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
                             ("purge", _dlq_purge, "remove dead letters for good")):  # fmt: skip
         parser = action(name, run, text)
         which = parser.add_mutually_exclusive_group(required=True)
-        which.add_argument("--id", nargs="+", dest="ids", help="these letters")
+        which.add_argument("--id", nargs="+", action="extend", dest="ids", help="these letters")
         which.add_argument("--all", action="store_true", help="every letter matching the filters")
         filters(parser)
     replay = actions.choices["replay"]

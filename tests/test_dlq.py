@@ -443,6 +443,9 @@ def test_dlq_commands(make_app: Callable[..., Bridge], queue: str, broker: str) 
         bridge_cli("dlq", "replay", queue, "--all", "--dry-run", **env).stdout.strip()
         == f"would replay {job_id}"
     )
+    # (Each --id counts: a second one replaced the first, and a purge of two purged one.)
+    both = bridge_cli("dlq", "replay", queue, "--dry-run", "--id", job_id, "--id", "no-such-id", **env)
+    assert both.stdout.strip() == f"would replay {job_id}" and "no-such-id" in both.stderr
     assert bridge_cli("dlq", "replay", queue, "--id", job_id, **env).stdout.strip() == f"replayed {job_id}"
     again = bridge_cli("dlq", "replay", queue, "--all", **env)
     assert again.returncode == 0 and again.stdout.strip() == "", again.stderr
