@@ -58,8 +58,9 @@ from typing import IO, Any
 
 from bench.common import JOB_TYPE, SCHEMAS, Clock, timeout_for
 from bridge import Bridge, BridgeError, JobContext, dev
+from bridge.names import tier_queue
 from bridge.policy import DEFAULT_TIERS_S, fixed
-from bridge.transports.base import dlq_name, tier_queue
+from bridge.transports.base import dlq_name
 
 BROKERS = ("rabbitmq", "kafka")
 TIERS = "1s,5s,30s,2m,10m,1h,6h"

@@ -16,8 +16,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from bench.common import SCHEMAS, BenchError, Clock, Timing, timed_windows, timeout_for, warm_up_queue
 from bridge import Bridge
 from bridge.config import MAX_PREFETCH
+from bridge.names import tier_queue
 from bridge.policy import DEFAULT_TIERS_S
-from bridge.transports.base import dlq_name, tier_queue
+from bridge.transports.base import dlq_name
 from bridge.transports.rabbitmq import PREFETCH_PER_SLOT
 
 

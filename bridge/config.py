@@ -12,13 +12,14 @@ import os
 import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from bridge.errors import ConfigError, safe_url
 from bridge.idempotency import check_url, default_url
-from bridge.names import name_problem
+from bridge.names import LONGEST_NAME, name_problem, tier_queue
 from bridge.policy import DEFAULT_TIERS_S, parse_duration, tier_name
 
 log = logging.getLogger("bridge.config")
@@ -168,6 +169,17 @@ class Settings:
             problems.append("prefix and group must not be empty")
         elif problem := name_problem(self.prefix, "prefix"):
             problems.append(problem)
+        elif (
+            len(longest := max(map(partial(tier_queue, self.prefix), self.delay_tiers), key=len))
+            > LONGEST_NAME
+        ):
+            # (Kafka refused the tier's `.dlq.done` topic; RabbitMQ a 250ms tier's `.wait` queue)
+            problems.append(
+                f"prefix {self.prefix[:20]}... is {len(self.prefix)} characters: with its delay tiers, "
+                f"names such as {longest[-40:]}.dlq.done would be longer than a Kafka topic's "
+                f"{LONGEST_NAME + len('.dlq.done')}; give it at most "
+                f"{LONGEST_NAME - len(longest) + len(self.prefix)}"
+            )
         if not all(" " <= c <= "~" for c in self.group):
             # (librdkafka refuses the group's metadata in every transaction: "Input buffer group
             # id is not safe", and consume tried again every 5 s for good; the same on both brokers)
@@ -215,8 +227,12 @@ def _broker_problem(url: str) -> str | None:
 def _amqp_options_problem(url: str) -> str | None:
     """What is wrong with the numbers in an AMQP URL's options: aiormq reads one that is no
     whole number as 0, and a heartbeat of 0 turns heartbeats off (a dead connection is then
-    found by TCP alone, minutes on)."""
-    options = dict(parse_qsl(urlsplit(url).query))
+    found by TCP alone, minutes on). An option given twice: aiormq reads the first."""
+    pairs = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+    names = [name for name, _ in pairs]
+    if twice := next((name for name in names if names.count(name) > 1), None):
+        return f"its {twice}= is given more than once: give it once"
+    options = dict(pairs)
     for name, most in (("heartbeat", 65534), ("timeout", None)):
         value = options.get(name)
         if value is not None and not (

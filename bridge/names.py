@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from bridge.policy import tier_name
+
 
 def is_dead_letters(name: str) -> bool:
     """Whether `name` is a dead-letter queue's (or on Kafka its `.done` topic's): no job goes there.
@@ -16,6 +18,11 @@ def is_dead_letters(name: str) -> bool:
 def job_queue_of(name: str) -> str:
     """The job queue whose dead-letter queue (or `.done` topic) `name` is."""
     return name.removesuffix(".done").removesuffix(".dlq")
+
+
+def tier_queue(prefix: str, tier_s: float) -> str:
+    """The queue or topic of a delay tier: `<prefix>.delay.<tier>`, e.g. bridge.delay.30s."""
+    return f"{prefix}.delay.{tier_name(tier_s)}"
 
 
 QUEUE_NAME = re.compile(r"[A-Za-z0-9._-]+")

@@ -30,9 +30,9 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, Resourc
 
 from bridge import Bridge, codec, testing
 from bridge.envelope import DeadLetter
+from bridge.names import tier_queue
 from bridge.registry import DEAD_LETTER, ENVELOPE
 from bridge.transports import dlq_name
-from bridge.transports.base import tier_queue
 from bridge.transports.kafka.common import wait_until_served
 from bridge.transports.rabbitmq import wait_queue
 from tests.names import ended_sessions, left_behind

@@ -197,6 +197,9 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
             {"BRIDGE_BROKER": "amqp://rabbit/?heartbeat=abc"},
             ["its heartbeat= must be a whole number of seconds from 0 to 65534, not 'abc'"],
         ),
+        # (bridge checked the last of two, aiormq read the first: heartbeats off; and a blank one)
+        ({"BRIDGE_BROKER": "amqp://rabbit/?heartbeat=abc&heartbeat=30"}, ["its heartbeat= is given more"]),
+        ({"BRIDGE_BROKER": "amqp://rabbit/?heartbeat="}, ["its heartbeat= must be a whole number"]),
         # (NaN meant a grace without end; Kafka refused the size with a traceback)
         ({"BRIDGE_GRACE_S": "nan"}, ["grace_s must be a finite number, got 'nan'"]),
         ({"BRIDGE_MAX_MESSAGE_BYTES": "2000000000"}, ["max_message_bytes must be at most 999,475,712"]),
@@ -278,6 +281,12 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
         ({"BRIDGE_GROUP": "a\tb"}, ["group 'a\\tb' must be printable ASCII"]),
         # (RabbitMQ: a traceback from pamqp; Kafka: topics it then refused to make)
         ({"BRIDGE_PREFIX": "my jobs"}, ["prefix 'my jobs': use letters, digits, '.', '_' and '-'"]),
+        # (a prefix of 231 to 240 was taken: Kafka refused its tiers' `.dlq.done` topics)
+        (
+            {"BRIDGE_PREFIX": "p" * 231},
+            ["is 231 characters", "longer than a Kafka topic's 249; give it at most 230"],
+        ),
+        ({"BRIDGE_PREFIX": "p" * 229, "BRIDGE_DELAY_TIERS": "250ms,1s"}, ["give it at most 228"]),
         # (RabbitMQ refused the tier's TTL with a traceback, Kafka its retention)
         (
             {"BRIDGE_DELAY_TIERS": "1s,1000000000000d"},
@@ -302,6 +311,27 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
 def test_bad_settings_are_reported_at_once(env: dict[str, str], fragments: list[str]) -> None:
     done = bridge("enqueue", "billing.ChargeCard", CHARGE, "--registry", "schemas", **env)
     assert_one_line_error(done, *fragments)
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        # (aio-pika tried again every second for good, saying nothing: aiormq reads it first)
+        ("cadata=zzz", "its cadata= is no base64 (of DER certificates): Incorrect padding"),
+        # (both said that RabbitMQ could not be reached)
+        ("cafile=/nonexistent", "its cafile= cannot be used: [Errno 2] No such file"),
+        ("cafile=/etc/hostname", "its cafile= cannot be used: [X509: NO_CERTIFICATE_OR_CRL_FOUND]"),
+        # (ignored without its certificate)
+        ("keyfile=/etc/hostname", "its keyfile= goes with a certfile="),
+    ],
+)
+def test_tls_files_an_amqps_url_names_that_cannot_be_used_are_named(options: str, fragment: str) -> None:
+    done = bridge(
+        "enqueue", "billing.ChargeCard", CHARGE, "--registry", "schemas",
+        "--broker", f"amqps://127.0.0.1:1/?{options}",
+    )  # fmt: skip
+    assert_one_line_error(done, f"RabbitMQ at amqps://127.0.0.1:1/?{options}: {fragment}")
+    assert "cannot reach" not in done.stderr
 
 
 def test_an_enqueue_to_a_delay_tier_is_refused_on_memory_as_on_the_brokers() -> None:

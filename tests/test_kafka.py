@@ -25,10 +25,11 @@ from bridge import Bridge, JobContext, Permanent, Retry, codec
 from bridge.config import Settings
 from bridge.dlq import Selection
 from bridge.errors import ConfigError, PublishError, TransportError
+from bridge.names import tier_queue
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.transports import Outgoing, dlq_name
-from bridge.transports.base import Delivery, InFlight, tier_queue
+from bridge.transports.base import Delivery, InFlight
 from bridge.transports.kafka import commit as kafka_commit
 from bridge.transports.kafka import common as kafka_common
 from bridge.transports.kafka import forwarder as kafka_forwarder

@@ -25,10 +25,10 @@ import pytest
 from bridge import Bridge, JobContext, Permanent, Retry, codec
 from bridge.dlq import Letter, Selection
 from bridge.errors import PublishError, TransportError
+from bridge.names import tier_queue
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.transports import dlq_name, rabbitmq
-from bridge.transports.base import tier_queue
 from bridge.transports.rabbitmq import QUORUM
 from bridge.worker import Stats
 from tests import names

@@ -22,11 +22,11 @@ import pytest
 from bridge import Bridge, JobContext, Permanent, Retry, codec, testing
 from bridge.envelope import JobError
 from bridge.errors import ConfigError
+from bridge.names import tier_queue
 from bridge.policy import fixed
 from bridge.registry import ENVELOPE
 from bridge.time_limits import Interruptible, TimeUp
 from bridge.transports import Delivery, Outgoing
-from bridge.transports.base import tier_queue
 from bridge.transports.memory import MemoryTransport
 from bridge.worker import Stats, Worker
 from tests import names

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bridge.logs import REPEAT_WINDOW_S
-from bridge.policy import tier_name
 
 # How long `Transport.publish` (an enqueue, a dead-letter replay) waits for the broker to take a
 # message before it fails: Kafka's `message.timeout.ms`, RabbitMQ's wait for its confirm.
@@ -96,11 +95,6 @@ class BurstWait:
 def dlq_name(queue: str) -> str:
     """The dead-letter queue or topic of `queue`."""
     return f"{queue}.dlq"
-
-
-def tier_queue(prefix: str, tier_s: float) -> str:
-    """The queue or topic of a delay tier: `<prefix>.delay.<tier>`, e.g. bridge.delay.30s."""
-    return f"{prefix}.delay.{tier_name(tier_s)}"
 
 
 def tier_names(prefix: str) -> re.Pattern[str]:

@@ -25,11 +25,13 @@ it; deliveries of the dead channel are redelivered by the broker.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import logging
 import os
 import re
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator, Sequence
@@ -53,7 +55,7 @@ from aiormq.abc import DeliveredMessage
 from bridge.config import MAX_PREFETCH, Settings
 from bridge.errors import PublishError, PublishRefused, PublishUnconfirmed, TransportError, safe_url
 from bridge.logs import REPEAT_WINDOW_S, Repeats
-from bridge.names import is_dead_letters, job_queue_of
+from bridge.names import is_dead_letters, job_queue_of, tier_queue
 from bridge.policy import tier_for
 from bridge.transports import amqp_frames
 from bridge.transports.base import (
@@ -68,7 +70,6 @@ from bridge.transports.base import (
     cancelled_here,
     dlq_name,
     tier_names,
-    tier_queue,
     unheard,
 )
 
@@ -282,6 +283,8 @@ class RabbitTransport:
         URL names its connections itself (`?name=`, which aiormq reads).
         """
         url, parts = self.url, urlsplit(self.url)
+        if parts.scheme == "amqps" and (problem := await asyncio.to_thread(_tls_problem, parts.query)):
+            raise TransportError(f"RabbitMQ at {safe_url(self.url)}: {problem}", retriable=False)
         if "name" not in dict(parse_qsl(parts.query)):
             name = urlencode({"name": f"bridge {role} {socket.gethostname()}:{os.getpid()}"}, quote_via=quote)
             url = urlunsplit(parts._replace(query=f"{parts.query}&{name}".lstrip("&")))
@@ -1245,6 +1248,34 @@ def _explain_close(queues: Sequence[str], exc: BaseException | None) -> None:
         "for jobs that run for minutes, set prefetch to the concurrency",
         ", ".join(queues), timed_out.group(1),
     )  # fmt: skip
+
+
+def _tls_problem(query: str) -> str | None:
+    """What is wrong with the TLS files an amqps URL names, tried as aiormq uses them: a failure
+    under aio-pika's connect was a broker that could not be reached, and a cadata= that is no
+    base64 was retried for good, silently (aiormq reads it before connecting)."""
+    options = dict(parse_qsl(query))
+    try:
+        cadata = base64.b64decode(options["cadata"]) if options.get("cadata") else None
+    except ValueError as exc:  # (binascii.Error)
+        return f"its cadata= is no base64 (of DER certificates): {exc}"
+    context = ssl.create_default_context()
+    loads: list[tuple[str, Callable[[], None]]] = [
+        ("cafile", lambda: context.load_verify_locations(cafile=options["cafile"])),
+        ("capath", lambda: context.load_verify_locations(capath=options["capath"])),
+        ("cadata", lambda: context.load_verify_locations(cadata=cadata)),
+        ("certfile", lambda: context.load_cert_chain(options["certfile"], options.get("keyfile") or None)),
+    ]
+    for name, load in loads:
+        if options.get(name):
+            try:
+                load()
+            except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
+                also = " and keyfile=" if name == "certfile" and options.get("keyfile") else ""
+                return f"its {name}={also} cannot be used: {exc}"
+    if options.get("keyfile") and not options.get("certfile"):
+        return "its keyfile= goes with a certfile= (the client certificate)"
+    return None
 
 
 def _delivery(message: DeliveredMessage, queue: str) -> Delivery:

@@ -35,7 +35,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not in its 
 from bridge.config import Settings
 from bridge.envelope import iso_ms
 from bridge.errors import ConfigError, PublishError, PublishUnconfirmed, TransportError
-from bridge.names import is_dead_letters
+from bridge.names import is_dead_letters, tier_queue
 from bridge.policy import parse_duration, tier_for, tier_name
 from bridge.transports.base import (
     PUBLISH_TIMEOUT_S,
@@ -48,7 +48,6 @@ from bridge.transports.base import (
     SweepStopped,
     dlq_name,
     tier_names,
-    tier_queue,
     unheard,
 )
 from bridge.transports.kafka.commit import COMMIT_INTERVAL_S, Committer
