@@ -175,10 +175,14 @@ class Bridge:
         now = self.clock()
         run_at = _moment(delay, at, now, "delay", "at")
         ends_at = _moment(ttl, expires_at, now, "ttl", "expires_at")
-        if run_at is not None and ends_at is not None and ends_at <= run_at:  # (it could never run)
+        if ends_at is not None and ends_at <= max(now, run_at or now):  # (it could never run)
+            expiry = "ttl" if ttl is not None else "expires_at"
+            if run_at is None or run_at <= now:  # (it was dead-lettered `expired`, unrun)
+                later = "a ttl above 0" if ttl is not None else "an expires_at after now"
+                raise ConfigError(f"the job would expire ({expiry}=) before it could start: give {later}")
             raise ConfigError(
-                f"the job would expire ({'ttl' if ttl is not None else 'expires_at'}=) no later than it "
-                f"may start ({'delay' if delay is not None else 'at'}=): expire it after that"
+                f"the job would expire ({expiry}=) no later than it may start "
+                f"({'delay' if delay is not None else 'at'}=): expire it after that"
             )
         envelope = self.build_envelope(
             type,

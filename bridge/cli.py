@@ -380,6 +380,8 @@ def _check_times(args: argparse.Namespace) -> None:
     for option, seconds in (("--delay", args.delay), ("--ttl", args.ttl)):
         if seconds is not None and seconds > LONGEST_S:
             raise ConfigError(f"{option}: at most 100 years (36500d)")
+    if args.ttl is not None and int(args.ttl * 1000) <= 0:  # (its job was dead-lettered, unrun)
+        raise ConfigError("--ttl must be above 0: a job not started within it is dead-lettered, unrun")
     # (in whole ms, as the envelope holds them: `--delay 1.0005 --ttl 1.0009` are both 1 s)
     if args.ttl is not None and starts_s is not None and int(args.ttl * 1000) <= int(starts_s * 1000):
         start = "--delay" if args.at is None else "--at"

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from datetime import date, datetime, tzinfo
+from datetime import UTC, date, datetime, tzinfo
 from typing import Any
 
 import pytest
@@ -64,6 +64,12 @@ class NoOffset(tzinfo):
         ({"max_attempts": 2**40}, "max_attempts= must be a whole number from 1 to 2,147,483,647"),
         # (certain to be dead-lettered `expired` without a run)
         ({"delay": 7200, "ttl": 3600}, "the job would expire (ttl=) no later than it may start (delay=)"),
+        ({"ttl": 0}, "the job would expire (ttl=) before it could start: give a ttl above 0"),
+        ({"delay": -60, "ttl": -5}, "the job would expire (ttl=) before it could start: give a ttl above 0"),
+        (
+            {"expires_at": datetime(2020, 1, 1, tzinfo=UTC)},
+            "the job would expire (expires_at=) before it could start: give an expires_at after now",
+        ),
     ],
 )
 def test_an_enqueue_argument_no_envelope_can_carry_is_named(options: dict[str, Any], says: str) -> None:

@@ -62,6 +62,10 @@ def closed_port() -> int:
             ["billing.ChargeCard", CHARGE, "--delay", "2h", "--ttl", "1h"],
             ["--ttl ends the job before --delay lets it start: give a longer --ttl"],
         ),
+        (  # (a job dead-lettered `expired`, unrun)
+            ["billing.ChargeCard", CHARGE, "--ttl", "0"],
+            ["--ttl must be above 0: a job not started within it is dead-lettered, unrun"],
+        ),
         (  # (both are 1,000 ms in the envelope: the API refused it, naming `ttl=`)
             ["billing.ChargeCard", CHARGE, "--delay", "1.0005", "--ttl", "1.0009"],
             ["--ttl ends the job before --delay lets it start: give a longer --ttl"],
