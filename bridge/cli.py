@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import difflib
+import errno
 import importlib
 import json
 import logging
@@ -61,16 +62,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     _configure_logging(args.log_level, daemon=args.run is _consume)
     try:
         code = args.run(args)
-        sys.stdout.flush()  # (here, so a reader gone is a BrokenPipeError below)
+        if sys.stdout is not None:  # (None: started with it closed, `>&-`)
+            sys.stdout.flush()  # (here, so a reader gone is a BrokenPipeError below)
     except BridgeError as exc:  # (one line whatever it quotes: a job id from another producer, say)
         print(_shortened(one_line(f"bridge: {exc}")), file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130
     except BrokenPipeError:  # (`bridge dlq list | head`: the reader went away; so do we, quietly)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (for the flush at exit)
+        _stdout_gone()
+        code = 1
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            raise
+        _stdout_gone()
+        print(one_line(f"bridge: could not write its output ({exc})"), file=sys.stderr)
         code = 1
     sys.exit(code)
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null, so that the flush at exit does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _configure_logging(level: str | None, *, daemon: bool) -> None:
@@ -341,6 +354,16 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _each_name_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose names are all different (json takes the last of a repeated one)."""
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        names = [name for name, _ in pairs]
+        twice = next(name for name in names if names.count(name) > 1)
+        raise ConfigError(f"payload gives {twice!r} more than once: give each field once")
+    return found
+
+
 # -- commands --------------------------------------------------------------------------------
 
 
@@ -350,7 +373,7 @@ def _enqueue(args: argparse.Namespace) -> int:
     _check_times(args)
     app = _app(args)
     try:
-        payload = json.loads(args.payload)
+        payload = json.loads(args.payload, object_pairs_hook=_each_name_once)
     except (ValueError, RecursionError) as exc:
         why = "nested too deeply" if isinstance(exc, RecursionError) else exc
         raise ConfigError(f"payload is not valid JSON ({why}); quote it, e.g. '{{\"id\": 1}}'") from None
@@ -359,7 +382,11 @@ def _enqueue(args: argparse.Namespace) -> int:
         "delay": args.delay, "at": args.at, "ttl": args.ttl, "dedupe": args.dedupe,
     }  # fmt: skip
     job_id = asyncio.run(_closing(app, app.enqueue_async(args.type, payload, **options)))
-    print(job_id)
+    try:
+        print(job_id, flush=True)
+    except OSError as exc:  # (a reader gone, a full disk: the job is out, and a script that
+        _stdout_gone()  # enqueued again on a failure would enqueue it twice)
+        print(f"bridge: job {job_id} is enqueued; its id could not be written ({exc})", file=sys.stderr)
     if app.settings.require_broker().startswith("memory://"):  # (a check of the job, nothing more)
         print(
             "bridge: this job is gone with this process: memory:// keeps jobs in one process, no other"

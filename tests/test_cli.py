@@ -49,6 +49,11 @@ def closed_port() -> int:
             ["billing.ChargeCard.invoice_id: expected string, got 5"],
         ),
         (["billing.ChargeCard", "[1]"], ["expected an object"]),
+        # (json took the last of the two)
+        (
+            ["billing.ChargeCard", '{"invoice_id": "a", "invoice_id": "b", "amount_cents": 1}'],
+            ["payload gives 'invoice_id' more than once: give each field once"],
+        ),
         (
             ["billing.ChargeCard", CHARGE, "--delay", "99999999999999d"],
             ["--delay: at most 100 years (36500d)"],
@@ -336,6 +341,20 @@ def test_tls_files_an_amqps_url_names_that_cannot_be_used_are_named(options: str
     )  # fmt: skip
     assert_one_line_error(done, f"RabbitMQ at amqps://127.0.0.1:1/?{options}: {fragment}")
     assert "cannot reach" not in done.stderr
+
+
+def test_an_enqueue_whose_id_cannot_be_written_says_the_job_is_out_and_exits_0() -> None:
+    # Given stdout on a full disk, When a job is enqueued, Then the job id is on stderr, saying
+    # the job is out, and the exit is 0: a traceback and 1 made a script enqueue it again.
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "bridge", "enqueue", "billing.ChargeCard", CHARGE, "--registry", "schemas",
+             "--broker", "memory://"],
+            cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^bridge: job \S+ is enqueued; its id could not be written \(\[Errno 28\]", done.stderr)
+    assert "Traceback" not in done.stderr
 
 
 def test_an_enqueue_to_a_delay_tier_is_refused_on_memory_as_on_the_brokers() -> None:
