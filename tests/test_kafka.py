@@ -1645,6 +1645,33 @@ def test_a_record_too_large_for_its_topic_stops_consuming_with_what_to_run(
         run(scenario(), timeout=60)
 
 
+def test_a_write_kafka_refuses_whatever_the_try_stops_consuming_naming_it(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a dead-letter topic made compacted by another tool (Kafka refuses a record without
+    # a key there, INVALID_RECORD), When a job without a key is dead-lettered, Then `bridge
+    # consume` stops at once, naming the error. (librdkafka has such a transaction aborted,
+    # which read as one a try gets past: it was tried every 50 ms for good, at INFO, holding
+    # back every commit. A missing right, TOPIC_AUTHORIZATION_FAILED, went the same way.)
+    app = own_app(brokers["kafka"])
+    failing_first(app, queue, lambda: Permanent("it cannot work"))
+
+    async def scenario() -> None:
+        async with app:
+            compacted, bootstrap = dlq_name(queue), brokers["kafka"].partition("://")[2]
+            await asyncio.to_thread(
+                topics_made_elsewhere, bootstrap, [compacted], config={"cleanup.policy": "compact"}
+            )
+            await app.apply_topology([queue])
+            await app.enqueue_async("test.Echo", {"n": 1}, queue=queue)
+            await app.consume([queue], burst=True)
+
+    with pytest.raises(
+        TransportError, match=r"refuses a write of this transaction whatever the try \(INVALID_RECORD"
+    ):
+        run(scenario(), timeout=60)
+
+
 async def _made_elsewhere(app: Bridge) -> list[str]:
     """Make every topic that `topology apply` would make for `app`, as another tool would."""
     plan = await app.apply_topology(dry_run=True)

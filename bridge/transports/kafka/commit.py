@@ -16,6 +16,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from bridge.errors import TransportError
 from bridge.transports.kafka.common import (
     METADATA_TIMEOUT_S,
+    REFUSED_FOR_GOOD,
     Record,
     in_own_thread,
     kafka_error,
@@ -364,6 +365,16 @@ class Committer:
             self.failure = TransportError(
                 f"a topic refused a record as too large ({error.str()}); `bridge topology apply`"
                 " raises the topics' max.message.bytes to what bridge writes",
+                retriable=False,
+            )
+            return False
+        if isinstance(error, KafkaError) and error.code() in REFUSED_FOR_GOOD:
+            # librdkafka has the transaction aborted, which reads as an error a try gets past:
+            # it was tried again every 50 ms for good, at INFO, holding back every commit.
+            self._say(logging.ERROR, "Kafka transaction failed: %s", error.str())
+            self.failure = TransportError(
+                f"Kafka refuses a write of this transaction whatever the try ({error.name()}: "
+                f"{error.str()}); its records run again once that is fixed",
                 retriable=False,
             )
             return False

@@ -328,6 +328,19 @@ def mapped(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: {detail}", retriable=retriable) from exc
 
 
+# A missing right: no try gets past it (a consumer stops, naming it).
+AUTHORIZATION_FAILED = {
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+}  # fmt: skip
+# ... nor past a record a topic's settings refuse: one without a key on a compacted topic
+# (INVALID_RECORD), one a policy or the topic's timestamp settings refuse, too many at once.
+REFUSED_FOR_GOOD = AUTHORIZATION_FAILED | {
+    KafkaError.INVALID_RECORD, KafkaError.POLICY_VIOLATION, KafkaError.INVALID_TIMESTAMP,
+    KafkaError.RECORD_LIST_TOO_LARGE,
+}  # fmt: skip
+
+
 def kafka_error(exc: KafkaException) -> KafkaError | None:
     """The KafkaError that librdkafka raised `exc` with, if it gave one."""
     error = exc.args[0] if exc.args else None

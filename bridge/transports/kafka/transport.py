@@ -52,6 +52,7 @@ from bridge.transports.base import (
 )
 from bridge.transports.kafka.commit import COMMIT_INTERVAL_S, Committer
 from bridge.transports.kafka.common import (
+    AUTHORIZATION_FAILED,
     FETCH_BATCH,
     IDLE_SLEEP_MAX_S,
     METADATA_TIMEOUT_S,
@@ -1143,15 +1144,9 @@ def _unsettled(tp: TP, offset: int, why: TransportError | None) -> TransportErro
     )
 
 
-_FOR_GOOD = {
-    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
-    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
-}  # fmt: skip
-
-
 def _for_good(failure: KafkaException) -> bool:
     error = kafka_error(failure)
-    return error is not None and error.code() in _FOR_GOOD
+    return error is not None and error.code() in AUTHORIZATION_FAILED
 
 
 async def _follow(stop: asyncio.Event, ending: asyncio.Event) -> None:
