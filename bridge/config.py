@@ -285,6 +285,8 @@ def _tiers(value: Any) -> tuple[float, ...]:
     # share a queue, and one under 1 ms would be named 0ms.
     if any(abs(tier * 1000 - round(tier * 1000)) > 1e-6 for tier in tiers):
         raise ValueError("delay_tiers must be whole milliseconds, e.g. 1s,5s,30s,2m,10m,1h,6h or 250ms")
+    # (as read, `700ms` was 0.7000000000000001 s: a delay of 0.7 s did not fit it)
+    tiers = tuple(round(tier * 1000) / 1000 for tier in tiers)
     if tiers[-1] > LONGEST_TIER_S:  # (RabbitMQ takes a queue TTL of some 6 years at most)
         raise ValueError(
             f"delay_tiers must be at most 365d, not {tier_name(tiers[-1])}: a longer wait goes round "

@@ -29,6 +29,7 @@ from bridge.policy import (
     RetryPolicy,
     decide,
     fixed,
+    tier_for,
     tier_name,
 )
 from bridge.transports.base import Delivery, InFlight
@@ -325,6 +326,13 @@ def test_a_tier_of_whole_milliseconds_is_named_by_them() -> None:
     # (int() cut 4.007 s to 4006 ms: tiers of 4006 and 4007 ms shared one topic and queue.)
     names = [tier_name(s) for s in (4.006, 4.007, 0.25, 90, 7200)]
     assert names == ["4006ms", "4007ms", "250ms", "90s", "2h"]
+
+
+def test_a_delay_of_exactly_a_tier_of_milliseconds_fits_it() -> None:
+    # (`700ms` read as 0.7000000000000001 s: a delay of 0.7 s went one tier lower, or waited in
+    # the worker, as one shorter than the tier)
+    tiers = Settings.load({"delay_tiers": "700ms,1.1s,4007ms"}, environ={}).delay_tiers
+    assert [tier_for(s, tiers) for s in (0.7, 1.1, 4.007)] == [0.7, 1.1, 4.007]
 
 
 def test_a_backoff_is_asked_about_an_attempt_no_larger_than_it_can_cost() -> None:
