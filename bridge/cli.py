@@ -623,6 +623,7 @@ def _keys(args: argparse.Namespace) -> tuple[Bridge, Keys]:
 def _keys_show(args: argparse.Namespace) -> int:
     app, keys = _keys(args)
     entries = asyncio.run(_closing(app, keys.show(args.key)))
+    _check_known(app, args.type, found=bool(entries))
     if args.json:
         _print_json(entries)
         return 0
@@ -637,6 +638,7 @@ def _keys_show(args: argparse.Namespace) -> int:
 def _keys_list(args: argparse.Namespace) -> int:
     app, keys = _keys(args)
     entries = asyncio.run(_closing(app, keys.find(args.state, args.limit)))
+    _check_known(app, args.type, found=bool(entries))
     if args.json:
         _print_json(entries)
         return 0
@@ -645,6 +647,21 @@ def _keys_list(args: argparse.Namespace) -> int:
     more = " (--limit: there may be more)" if len(entries) == args.limit else ""
     print(f"{_records(len(entries))} of {args.type}{more}", file=sys.stderr)
     return 0
+
+
+def _check_known(app: Bridge, job_type: str, *, found: bool) -> None:
+    """Refuse a job type that the store has nothing of and that neither the app nor the
+    registry's schemas know: mistyped, it was "no record ...: its next job runs", untrue."""
+    if found:
+        return
+    try:
+        known = {*app.jobs, *app.registry.job_types()}
+    except BridgeError:  # (nothing to compare with)
+        return
+    if known and job_type not in known:
+        close = difflib.get_close_matches(job_type, sorted(known), n=1)
+        hint = f"did you mean {close[0]}?" if close else f"it knows {', '.join(sorted(known))}"
+        raise ConfigError(f"no job type {job_type} in the app or the registry, and no key of it: {hint}")
 
 
 def _records(count: int) -> str:
@@ -666,6 +683,7 @@ def _keys_forget(args: argparse.Namespace) -> int:
         return _keys_forget_all(args)
     app, keys = _keys(args)
     forgotten = asyncio.run(_closing(app, keys.forget(args.key, force=args.force)))
+    _check_known(app, args.type, found=bool(forgotten))
     if not forgotten:
         print(one_line(f"no record of idempotency key {args.key!r} of {args.type}: nothing to forget"))
     for entry in forgotten:
@@ -682,6 +700,7 @@ def _keys_forget_all(args: argparse.Namespace) -> int:
     ):
         return 1
     forgotten, left, changed = asyncio.run(_closing(app, keys.forget_all(args.state, force=args.force)))
+    _check_known(app, args.type, found=bool(forgotten or left or changed))
     for entry in forgotten:
         print(one_line(f"forgot {entry.key}  {entry.kind:8} {entry.describe()}"))
     summary = f"forgot {_records(len(forgotten))} of {args.type}"

@@ -298,6 +298,14 @@ def test_bridge_keys_forget_lets_a_key_s_job_run_again(
     assert enqueue_record["kind"] == "enqueue" and enqueue_record["job_id"] == first
     listed = bridge_command("keys", "list", "test.Echo", "--state", "done", **store)
     assert listed.stdout == f"k  {run_line}\n" and listed.stderr == "1 idempotency record of test.Echo\n"
+    # (A mistyped type that the registry does not know, and the store has nothing of, is named:
+    # "no record of idempotency key 'k' ...: its next job runs" was untrue.)
+    for command in (["show", "test.echo", "k"], ["list", "test.echo"], ["forget", "test.echo", "k"]):
+        mistyped = bridge_command("keys", *command, "--registry", str(SCHEMAS), **store)
+        assert_one_line_error(mistyped, "no job type test.echo in the app or the registry, and no key of it: "
+                              "did you mean test.Echo?")  # fmt: skip
+    known = bridge_command("keys", "show", "test.Echo", "k", "--registry", str(SCHEMAS), **store)
+    assert known.stdout.splitlines() == [run_line, enqueue_line], known.stderr
     enqueue_all(app, [(1, "k")])  # (a copy, without dedupe)
     assert consume(app).duplicates == 1
 
