@@ -469,8 +469,20 @@ def _selection(args: argparse.Namespace) -> Selection:
                      since_ms=getattr(args, "since", None))  # fmt: skip
 
 
-def _dlq_list(args: argparse.Namespace) -> int:
+def _dlq_app(args: argparse.Namespace) -> Bridge:
+    """The app of the flags, on a broker whose dead letters outlive a process."""
     app = _app(args)
+    app.dead_letters(args.queue)  # (a queue that is no job queue's, named first)
+    if app.settings.require_broker().startswith("memory://"):  # (it found none, and exited 0)
+        raise ConfigError(
+            "memory:// keeps dead letters in one process, not the workers': give their broker, "
+            "--broker kafka://... or amqp://... (or BRIDGE_BROKER)"
+        )
+    return app
+
+
+def _dlq_list(args: argparse.Namespace) -> int:
+    app = _dlq_app(args)
     letters = asyncio.run(_closing(app, app.dead_letters(args.queue).find(_selection(args), args.limit)))
     for item in letters:
         if args.json:
@@ -493,14 +505,14 @@ def _dlq_list(args: argparse.Namespace) -> int:
 
 
 def _dlq_show(args: argparse.Namespace) -> int:
-    app = _app(args)
+    app = _dlq_app(args)
     item = asyncio.run(_closing(app, app.dead_letters(args.queue).show(args.id)))
     print(_json(describe(app, item), indent=2))
     return 0
 
 
 def _dlq_replay(args: argparse.Namespace) -> int:
-    app = _app(args)
+    app = _dlq_app(args)
     letters = app.dead_letters(args.queue)
     verb = "would replay" if args.dry_run else "replayed"
     removed = "would remove" if args.dry_run else "removed"
@@ -539,7 +551,7 @@ def _dlq_purge(args: argparse.Namespace) -> int:
         "purge removes dead letters for good: add --yes to confirm",
     ):
         return 1
-    app = _app(args)
+    app = _dlq_app(args)
     purged: list[str] = []
     stop = asyncio.Event()
     work = app.dead_letters(args.queue).purge(_selection(args), told=purged.append, stop=stop)
