@@ -143,7 +143,9 @@ def parse_duration(text: str | float) -> float:
         return float(text)
     match = _DURATION.match(text) if isinstance(text, str) else None
     if not match:
-        raise ConfigError(f"duration {text!r}: write a number with s, m, h or d, e.g. 90s, 5m, 2h, 3d")
+        raise ConfigError(
+            f"duration {text!r}: write seconds, or a number with ms, s, m, h or d, e.g. 90s, 5m, 2h, 3d"
+        )
     return float(match.group(1)) * _UNIT_S[match.group(2)]
 
 

@@ -462,7 +462,7 @@ def test_a_malformed_registry_url_is_reported_before_any_request(url: str, probl
         (b'[bridge]\nprefix = ["a", "b"]\n', "prefix must be text, got ['a', 'b']"),
         # (passed, then OverflowError naming the tier's Kafka topic)
         (b"[bridge]\ndelay_tiers = [1, inf]\n", "delay_tiers must be durations above zero"),
-        (b"[bridge]\ndelay_tiers = [true, 5]\n", "duration True: write a number with s, m, h or d"),  # (1 s)
+        (b"[bridge]\ndelay_tiers = [true, 5]\n", "duration True: write seconds, or a number"),  # (1 s)
         (b"[bridge]\nconcurrency = 1e300\n", "concurrency must be at most 65,535"),
         # (it said "unknown setting 'concurency'", naming neither the file nor the setting meant)
         (
