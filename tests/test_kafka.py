@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import signal
 import socket
 import ssl
@@ -1152,6 +1153,55 @@ def test_a_tier_record_stamped_in_the_future_waits_one_tier_not_until_then(
     first_of_tier_records_runs_soon(brokers["kafka"], queue, "1s", written_s_ago=[-3600])
 
 
+def test_a_burst_run_ends_when_a_tier_the_settings_no_longer_name_is_deleted_as_it_runs(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a 5s tier topic left by an app with other tiers, and a burst run of an app whose
+    # tiers are 1s and 2s (it forwards from the 5s tier too), When the 5s topic is deleted
+    # once a job delayed 1 s has run, while another delayed 8 s waits (the README says to
+    # delete such a tier once it is empty), Then the run ends once that one has run too. (The
+    # forwarder kept reading the deleted topic, never read to its end: the run waited for good.)
+    prefix = names.prefix()
+
+    def app(tiers: str) -> Bridge:
+        return Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers=tiers,
+                      partitions=1, group=f"g-{uuid.uuid4().hex[:12]}")  # fmt: skip
+
+    before, after = app("1s,5s"), app("1s,2s")
+    ran: list[int] = []
+    first = asyncio.Event()
+
+    @after.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+        first.set()
+
+    async def scenario() -> None:
+        async with before:
+            await before.apply_topology([queue])
+        async with after:
+            await after.apply_topology([queue])
+            for n, delay_s in ((1, 1), (2, 8)):
+                await after.enqueue_async("test.Echo", {"n": n}, queue=queue, delay=delay_s)
+            consuming = asyncio.create_task(after.consume(burst=True))
+            await asyncio.wait_for(first.wait(), 30)
+            await asyncio.to_thread(delete_queue, after, f"{prefix}.delay.5s")
+            await asyncio.wait_for(consuming, 30)
+
+    run(scenario(), timeout=90)
+    assert ran == [1, 2]
+
+
+def test_a_long_tier_record_stamped_far_in_the_future_is_forwarded_at_once(
+    brokers: dict[str, str], queue: str
+) -> None:
+    # Given a 2m tier record stamped an hour ahead, When consumed, Then it runs within seconds:
+    # its job's run_at is what the worker goes by. (It waited a tier from when its forwarder
+    # first saw it, and each new owner of the partition began that wait again: a 6h tier whose
+    # partitions moved every few hours held it, and every record behind it, for good.)
+    first_of_tier_records_runs_soon(brokers["kafka"], queue, "2m", written_s_ago=[-3600])
+
+
 def test_a_partition_runs_so_far_past_a_slow_job_and_no_further_until_it_ends(
     brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1502,23 +1552,49 @@ def test_an_enqueue_to_a_delay_tier_is_refused_saying_so(brokers: dict[str, str]
     )
 
 
-def test_a_tier_without_its_dead_letter_topic_logs_and_skips_a_foreign_record(
-    brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture
+def test_a_foreign_record_in_a_tier_without_its_dead_letter_topic_stops_consuming_and_is_kept(
+    brokers: dict[str, str], queue: str
 ) -> None:
     # Given topics made before tiers had dead-letter topics (the queue, its DLQ and the tier
-    # only) and a foreign tier record with no bridge-queue header, then a job delayed by
-    # bridge, When consumed, Then the job runs and the record is skipped with an error that
-    # says what to run: nothing is written to a topic that does not exist.
-    prefix = names.prefix()
+    # only), a foreign tier record with no bridge-queue header, then a job delayed by bridge,
+    # When consumed, Then consume stops, naming the record and what to run, And once `bridge
+    # topology apply` has made the tier's dead-letter topic, the next consume dead-letters the
+    # record there and runs the job. (The record was skipped with an error line, and the
+    # offset past it committed: lost.)
+    prefix, bootstrap = names.prefix(), brokers["kafka"].partition("://")[2]
     tier = f"{prefix}.delay.1s"
-    topics_made_elsewhere(brokers["kafka"].partition("://")[2], [queue, dlq_name(queue), tier], partitions=3)
-    with caplog.at_level(logging.ERROR, logger="bridge.kafka"):
-        _, ran = _foreign_tier_records_then_a_delayed_job(
-            brokers, queue, prefix, [(b"no header", [])], topology=False
-        )
+    topics_made_elsewhere(bootstrap, [queue, dlq_name(queue), tier], partitions=3)
+    app = Bridge(
+        broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers="1s", group=f"g-{prefix}"
+    )
+    ran: list[int] = []
+
+    @app.job("test.Echo", queue=queue)
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        ran.append(payload["n"])
+
+    async def scenario() -> str:
+        async with app:
+            foreign = Producer({"bootstrap.servers": bootstrap})
+            foreign.produce(tier, b"no header")
+            assert foreign.flush(10) == 0
+            await app.enqueue_async("test.Echo", {"n": 1}, queue=queue, delay=1)
+            with pytest.raises(TransportError) as stopped:
+                await app.consume(burst=True)
+            assert ran == []
+            await app.apply_topology([queue])
+            await app.consume(burst=True)
+            return str(stopped.value)
+
+    stopped = run(scenario(), timeout=90)
+    assert re.search(
+        rf"record 0 of {re.escape(tier)} partition \d goes nowhere: it has no bridge-queue header, and "
+        rf"there is no {re.escape(tier)}\.dlq to dead-letter it to: run `bridge topology apply`",
+        stopped,
+    ), stopped
     assert ran == [1]
-    [skipped] = [r.getMessage() for r in caplog.records if "skipped record" in r.getMessage()]
-    assert "no bridge-queue header" in skipped and "run `bridge topology apply`" in skipped
+    [letter] = dead_letters(app, tier)
+    assert letter.reason == "unroutable" and letter.raw == b"no header"
 
 
 def _foreign_tier_records_then_a_delayed_job(

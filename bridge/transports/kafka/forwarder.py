@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from bridge import codec
 from bridge.envelope import UNROUTABLE, DeadLetter, cut_raw, now_ms
+from bridge.errors import TransportError
 from bridge.registry import DEAD_LETTER, own_schema
 from bridge.transports.base import dlq_name
 from bridge.transports.kafka.commit import Committer
@@ -33,6 +33,11 @@ if TYPE_CHECKING:
     from bridge.transports.kafka.transport import KafkaTransport
 
 
+# How far in the future a tier record's stamp may be and still count (a clock a little ahead
+# makes its wait that much longer); one further ahead is forwarded at once.
+FAR_AHEAD_MS = 60_000
+
+
 class DelayForwarder:
     """Moves records from the delay tiers to their queues once they are due.
 
@@ -49,8 +54,6 @@ class DelayForwarder:
         self.delay_ms |= {topic: round(tier_s * 1000) for topic, tier_s in transport._retired_tiers.items()}
         self.consumer: Consumer | None = None
         self.waiting: dict[tuple[str, int], int] = {}  # paused partition -> when its head is due
-        # A partition's head stamped in the future: its offset, and when this forwarder first saw it
-        self.ahead: dict[tuple[str, int], tuple[int, int]] = {}
         self.forwarding = False
         self.committer: Committer | None = None
         self.subscribed: list[str] = []  # the tier topics its consumer is subscribed to
@@ -104,6 +107,13 @@ class DelayForwarder:
         (by a producer with other tiers, say), they were not read until the next restart."""
         self.delay_ms |= {topic: round(tier_s * 1000) for topic, tier_s in tiers.items()}
 
+    def drop_tiers(self, topics: list[str]) -> None:
+        """Forward from the tier topics `topics` no more: they were deleted."""
+        for topic in topics:
+            self.delay_ms.pop(topic, None)
+        for tp in [tp for tp in self.waiting if tp[0] in topics]:
+            del self.waiting[tp]
+
     async def drained(self) -> bool:
         """Whether every tier is empty: nothing waiting, nothing being forwarded, nothing unread."""
         if self.consumer is None or self.waiting or self.forwarding:
@@ -120,8 +130,12 @@ class DelayForwarder:
             topic, partition, offset = coordinates(record)
             if (topic, partition) in self.waiting:
                 continue  # its partition was rewound to an earlier head; it comes again later
-            ready_at = self._written_at(topic, partition, offset, record.timestamp()[1], now)
-            ready_at += self.delay_ms[topic]
+            stamp = record.timestamp()[1]
+            # One stamped far in the future (a clock far ahead, a stamp in µs) goes now: waiting
+            # for it would hold back every record behind it, and the worker sends a job early
+            # for its run_at back to a tier. (Counted from when a forwarder first saw it, its
+            # wait began again at each new owner of the partition, for good if it moved often.)
+            ready_at = now if stamp - now > FAR_AHEAD_MS else stamp + self.delay_ms[topic]
             if ready_at > now:
                 consumer.pause([TopicPartition(topic, partition)])
                 consumer.seek(TopicPartition(topic, partition, offset))
@@ -129,18 +143,6 @@ class DelayForwarder:
                 continue
             due.append(record)
         return due
-
-    def _written_at(self, topic: str, partition: int, offset: int, stamp: int, now: int) -> int:
-        """When a record was written, as far as its timestamp can be trusted: one stamped in
-        the future (another host's clock runs ahead, or another producer's stamp) counts from
-        when this forwarder first saw it, so it waits one tier, not until then with every
-        record behind it."""
-        if stamp <= now:
-            return stamp
-        first = self.ahead.get((topic, partition))
-        if first is None or first[0] != offset:
-            first = self.ahead[(topic, partition)] = (offset, now)
-        return first[1]
 
     def _resume_due(self, consumer: Consumer) -> None:
         now = time.time_ns() // 1_000_000
@@ -196,11 +198,11 @@ class DelayForwarder:
                 batch.append((queue, record.value(), record.key(), None, 0))
             if unroutable:  # (only then: each look for a missing topic is a metadata request)
                 tiers = {coordinates(record)[0] for record, _ in unroutable}
-                no_dlq = await self.transport.absent([dlq_name(tier) for tier in tiers])
-                for record, why in unroutable:
-                    letter = self._dead_letter(record, why, no_dlq)
-                    if letter is not None:
-                        batch.append(letter)
+                if no_dlq := await self.transport.absent([dlq_name(tier) for tier in tiers]):
+                    record, why = next((r, w) for r, w in unroutable if dlq_name(coordinates(r)[0]) in no_dlq)
+                    self.committer.fail(self._nowhere(record, why))
+                    return  # (nothing of the batch forwarded, nor committed: it comes again)
+                batch += [self._dead_letter(record, why) for record, why in unroutable]
             if not await self.committer.transact(batch, offsets):
                 for (topic, partition), offset in first.items():  # aborted: forward them again
                     consumer.seek(TopicPartition(topic, partition, offset))
@@ -214,23 +216,24 @@ class DelayForwarder:
         # Every forwarded batch is committed before the next fetch: only waiting heads to drop.
         for tp in partitions:
             self.waiting.pop((tp.topic, tp.partition), None)
-            self.ahead.pop((tp.topic, tp.partition), None)
         resume_leaving(consumer, partitions)
 
-    def _dead_letter(self, record: Message, why: str, no_dlq: Collection[str]) -> Record | None:
-        """The dead letter of a tier record no queue owns, for its tier's `.dlq` (bad input).
-
-        Written with the forwarded records and the offsets, in one transaction. A tier without
-        its `.dlq` topic (a topology older than them) gets an error logged instead, and the
-        record stays in the tier topic until retention.
-        """
+    @staticmethod
+    def _nowhere(record: Message, why: str) -> TransportError:
+        """What stops a forwarder that found a record no queue owns in a tier without its `.dlq`
+        (a topology older than them, or a tier the settings no longer name). Skipped, the
+        record was committed past, and lost: its offset stays uncommitted, and nothing is."""
         topic, partition, offset = coordinates(record)
-        if dlq_name(topic) in no_dlq:
-            log.error(
-                "delay forwarder: skipped record %s of %s partition %s: %s (and there is no %s: "
-                "run `bridge topology apply`)", offset, topic, partition, why, dlq_name(topic),
-            )  # fmt: skip
-            return None
+        return TransportError(
+            f"delay forwarder: record {offset} of {topic} partition {partition} goes nowhere: {why}, "
+            f"and there is no {dlq_name(topic)} to dead-letter it to: run `bridge topology apply`",
+            retriable=False,
+        )
+
+    def _dead_letter(self, record: Message, why: str) -> Record:
+        """The dead letter of a tier record no queue owns, for its tier's `.dlq` (bad input),
+        written with the forwarded records and the offsets, in one transaction."""
+        topic, partition, offset = coordinates(record)
         log.warning(
             "delay forwarder: dead-lettering record %s of %s partition %s: %s", offset, topic, partition, why
         )

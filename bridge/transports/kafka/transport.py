@@ -650,7 +650,15 @@ class KafkaTransport:
             self._retired_tiers |= found
             if self._forwarder is not None:  # a tier made since it started: forward from it too
                 self._forwarder.add_tiers(found)
-        gone = [queue for queue in queues if queue not in self._topics]
+        if emptied := [t for t in self._retired_tiers if t not in self._topics]:
+            # Deleted once empty, as the README says: still read, it was never read to its end,
+            # and a burst run waited for it for good.
+            log.info("delay tier topic %s is gone: no longer forwarded from", ", ".join(emptied))
+            for topic in emptied:
+                del self._retired_tiers[topic]
+            if self._forwarder is not None:
+                self._forwarder.drop_tiers(emptied)
+        gone = [topic for topic in [*queues, *self._tiers.values()] if topic not in self._topics]
         if gone:
             raise TransportError(
                 f"Kafka topic {', '.join(gone)} was deleted while bridge consume read it; "
@@ -801,11 +809,7 @@ class KafkaTransport:
         """The tier topics among `topics` that `delay_tiers` does not name, each with its wait,
         said once each. Left unread, the jobs waiting there (put there before the tiers were
         changed, or by a producer with other tiers) were never run, and went at retention."""
-        named = set(self._tiers.values())
-        pattern = re.compile(rf"{re.escape(self.settings.prefix)}\.delay\.(\d+(?:ms|s|m|h|d))")
-        found = {
-            t: parse_duration(m[1]) for t in sorted(topics) if (m := pattern.fullmatch(t)) and t not in named
-        }
+        found = self._unnamed_tiers(topics)
         for topic in found.keys() - self._retired_tiers.keys():
             tiers = ", ".join(tier_name(tier_s) for tier_s in self._tiers)
             log.warning(
@@ -814,6 +818,14 @@ class KafkaTransport:
                 topic, tiers,
             )  # fmt: skip
         return found
+
+    def _unnamed_tiers(self, topics: Collection[str]) -> dict[str, float]:
+        """The tier topics among `topics` that `delay_tiers` does not name, each with its wait."""
+        named = set(self._tiers.values())
+        pattern = re.compile(rf"{re.escape(self.settings.prefix)}\.delay\.(\d+(?:ms|s|m|h|d))")
+        return {
+            t: parse_duration(m[1]) for t in sorted(topics) if (m := pattern.fullmatch(t)) and t not in named
+        }
 
     async def _drained(self, consumer: Consumer, queues: Sequence[str]) -> bool:
         """Whether the group has read every partition of `queues` to its end.
@@ -984,8 +996,10 @@ class KafkaTransport:
     async def apply_topology(self, queues: Sequence[str], *, dry_run: bool = False) -> list[str]:
         existing = await self._topic_names()
         wanted = [name for q in queues for name in (q, dlq_name(q), done_topic(dlq_name(q)))]
-        # A tier's own dead-letter topics take the records in it that name no queue (forwarder.py).
-        tiers = [name for t in self._tiers.values() for name in (t, dlq_name(t), done_topic(dlq_name(t)))]
+        # A tier's own dead-letter topics take the records in it that name no queue (forwarder.py);
+        # a tier the settings no longer name is forwarded from too, so it gets them as well.
+        tier_topics = [*self._tiers.values(), *self._unnamed_tiers(existing)]
+        tiers = [name for t in tier_topics for name in (t, dlq_name(t), done_topic(dlq_name(t)))]
         wanted += [name for name in tiers if name not in wanted]
         new = [t for t in wanted if t not in existing]
         small = await self._too_small([t for t in wanted if t in existing])
