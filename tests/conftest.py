@@ -176,6 +176,12 @@ def own_app(broker: str) -> Bridge:
     return Bridge(broker=broker, registry=str(SCHEMAS), **settings)
 
 
+def tiered_app(broker: str, prefix: str, tiers: str) -> Bridge:
+    """An app on `broker` with `prefix` and `tiers`, topics of one partition, a group of its own."""
+    return Bridge(broker=broker, registry=str(SCHEMAS), prefix=prefix, delay_tiers=tiers, partitions=1,
+                  group=f"g-{uuid.uuid4().hex[:12]}")  # fmt: skip
+
+
 def failing_first(app: Bridge, queue: str, error: Callable[[], Exception], **options: Any) -> list[int]:
     """A test.Echo handler on `queue` that raises `error()` for job 1; the jobs it ran, in order."""
     ran: list[int] = []

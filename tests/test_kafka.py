@@ -50,7 +50,7 @@ from tests.brokerio import (
     topic_config,
     topics_made_elsewhere,
 )
-from tests.conftest import SCHEMAS, failing_first, own_app, run, signalling
+from tests.conftest import SCHEMAS, failing_first, own_app, run, signalling, tiered_app
 from tests.processes import (
     assert_dead_lettered_for_coming_back,
     assert_one_line_error,
@@ -1162,12 +1162,10 @@ def test_a_burst_run_ends_when_a_tier_the_settings_no_longer_name_is_deleted_as_
     # delete such a tier once it is empty), Then the run ends once that one has run too. (The
     # forwarder kept reading the deleted topic, never read to its end: the run waited for good.)
     prefix = names.prefix()
-
-    def app(tiers: str) -> Bridge:
-        return Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers=tiers,
-                      partitions=1, group=f"g-{uuid.uuid4().hex[:12]}")  # fmt: skip
-
-    before, after = app("1s,5s"), app("1s,2s")
+    before, after = (
+        tiered_app(brokers["kafka"], prefix, "1s,5s"),
+        tiered_app(brokers["kafka"], prefix, "1s,2s"),
+    )
     ran: list[int] = []
     first = asyncio.Event()
 
@@ -1564,20 +1562,11 @@ def test_a_foreign_record_in_a_tier_without_its_dead_letter_topic_stops_consumin
     prefix, bootstrap = names.prefix(), brokers["kafka"].partition("://")[2]
     tier = f"{prefix}.delay.1s"
     topics_made_elsewhere(bootstrap, [queue, dlq_name(queue), tier], partitions=3)
-    app = Bridge(
-        broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers="1s", group=f"g-{prefix}"
-    )
-    ran: list[int] = []
-
-    @app.job("test.Echo", queue=queue)
-    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-        ran.append(payload["n"])
+    app, ran = _one_tier_app(brokers, queue, prefix)
 
     async def scenario() -> str:
         async with app:
-            foreign = Producer({"bootstrap.servers": bootstrap})
-            foreign.produce(tier, b"no header")
-            assert foreign.flush(10) == 0
+            _put_in_tier(bootstrap, tier, [(b"no header", [])])
             await app.enqueue_async("test.Echo", {"n": 1}, queue=queue, delay=1)
             with pytest.raises(TransportError) as stopped:
                 await app.consume(burst=True)
@@ -1609,6 +1598,23 @@ def _foreign_tier_records_then_a_delayed_job(
     """Put `records` (value, headers) in the 1s tier of `prefix` with a plain producer (of
     `producer`'s settings), enqueue a job delayed by 1 s, and consume to the end: the app, and
     the jobs that ran."""
+    app, ran = _one_tier_app(brokers, queue, prefix)
+
+    async def scenario() -> None:
+        async with app:
+            if topology:
+                await app.apply_topology([queue])
+            _put_in_tier(brokers["kafka"].partition("://")[2], f"{prefix}.delay.1s", records, producer)
+            await app.enqueue_async("test.Echo", {"n": 1}, queue=queue, delay=1)
+            await app.consume(burst=True)
+
+    run(scenario(), timeout=60)
+    return app, ran
+
+
+def _one_tier_app(brokers: dict[str, str], queue: str, prefix: str) -> tuple[Bridge, list[int]]:
+    """An app of `prefix` with a 1s tier, and the list its test.Echo handler on `queue` adds
+    each job's n to."""
     app = Bridge(
         broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers="1s", group=f"g-{prefix}"
     )
@@ -1618,21 +1624,17 @@ def _foreign_tier_records_then_a_delayed_job(
     async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
         ran.append(payload["n"])
 
-    async def scenario() -> None:
-        async with app:
-            if topology:
-                await app.apply_topology([queue])
-            foreign = Producer(
-                {"bootstrap.servers": brokers["kafka"].partition("://")[2], **(producer or {})}
-            )
-            for value, headers in records:
-                foreign.produce(f"{prefix}.delay.1s", value, headers=headers)
-            assert foreign.flush(10) == 0
-            await app.enqueue_async("test.Echo", {"n": 1}, queue=queue, delay=1)
-            await app.consume(burst=True)
-
-    run(scenario(), timeout=60)
     return app, ran
+
+
+def _put_in_tier(
+    bootstrap: str, tier: str, records: list[tuple[bytes, Headers]], producer: dict[str, Any] | None = None
+) -> None:
+    """Write `records` (value, headers) to `tier` as another producer (of `producer`'s settings)."""
+    foreign = Producer({"bootstrap.servers": bootstrap, **(producer or {})})
+    for value, headers in records:
+        foreign.produce(tier, value, headers=headers)
+    assert foreign.flush(10) == 0
 
 
 def test_topology_apply_raises_the_record_size_of_topics_made_elsewhere(

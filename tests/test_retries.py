@@ -32,7 +32,7 @@ from bridge.transports.memory import MemoryTransport
 from bridge.worker import Stats, Worker
 from tests import names
 from tests.brokerio import dead_letters, delete_queue
-from tests.conftest import SCHEMAS, own_app, publish_envelope, run, signalling
+from tests.conftest import SCHEMAS, own_app, publish_envelope, run, signalling, tiered_app
 
 TIERS = "1s,2s"
 
@@ -598,12 +598,10 @@ def test_kafka_jobs_waiting_in_a_tier_the_settings_no_longer_name_still_run(
     # 5 s tier's dead-letter topics, gone here (an older bridge made none), where a record in
     # it that names no queue goes.
     prefix = names.prefix()
-
-    def app(tiers: str) -> Bridge:
-        return Bridge(broker=brokers["kafka"], registry=str(SCHEMAS), prefix=prefix, delay_tiers=tiers,
-                      partitions=1, group=f"g-{uuid.uuid4().hex[:12]}")  # fmt: skip
-
-    before, after = app("1s,5s"), app("1s,2s")
+    before, after = (
+        tiered_app(brokers["kafka"], prefix, "1s,5s"),
+        tiered_app(brokers["kafka"], prefix, "1s,2s"),
+    )
     runs: list[float] = []
 
     @after.job("test.Echo", queue=queue)
