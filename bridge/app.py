@@ -178,7 +178,7 @@ class Bridge:
         if ends_at is not None and ends_at <= max(now, run_at or now):  # (it could never run)
             expiry = "ttl" if ttl is not None else "expires_at"
             if run_at is None or run_at <= now:  # (it was dead-lettered `expired`, unrun)
-                later = "a ttl above 0" if ttl is not None else "an expires_at after now"
+                later = "a ttl of 1 ms or more" if ttl is not None else "an expires_at after now"
                 raise ConfigError(f"the job would expire ({expiry}=) before it could start: give {later}")
             raise ConfigError(
                 f"the job would expire ({expiry}=) no later than it may start "

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import dataclasses
 import difflib
-import errno
 import importlib
 import json
 import logging
@@ -62,8 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     _configure_logging(args.log_level, daemon=args.run is _consume)
     try:
         code = args.run(args)
-        if sys.stdout is not None:  # (None: started with it closed, `>&-`)
-            sys.stdout.flush()  # (here, so a reader gone is a BrokenPipeError below)
+        code = _flushed(code)  # (here, so a reader gone is a BrokenPipeError below)
     except BridgeError as exc:  # (one line whatever it quotes: a job id from another producer, say)
         print(_shortened(one_line(f"bridge: {exc}")), file=sys.stderr)
         code = 1
@@ -72,13 +70,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BrokenPipeError:  # (`bridge dlq list | head`: the reader went away; so do we, quietly)
         _stdout_gone()
         code = 1
+    sys.exit(code)
+
+
+def _flushed(code: int) -> int:
+    """`code`, once what the command wrote is out; 1 if it could not be written (a full disk)."""
+    if sys.stdout is None:  # (started with it closed, `>&-`)
+        return code
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
-            raise
         _stdout_gone()
         print(one_line(f"bridge: could not write its output ({exc})"), file=sys.stderr)
-        code = 1
-    sys.exit(code)
+        return 1
+    return code
 
 
 def _stdout_gone() -> None:
@@ -408,7 +415,7 @@ def _check_times(args: argparse.Namespace) -> None:
         if seconds is not None and seconds > LONGEST_S:
             raise ConfigError(f"{option}: at most 100 years (36500d)")
     if args.ttl is not None and int(args.ttl * 1000) <= 0:  # (its job was dead-lettered, unrun)
-        raise ConfigError("--ttl must be above 0: a job not started within it is dead-lettered, unrun")
+        raise ConfigError("--ttl must be 1 ms or more: a job not started within it is dead-lettered, unrun")
     # (in whole ms, as the envelope holds them: `--delay 1.0005 --ttl 1.0009` are both 1 s)
     if args.ttl is not None and starts_s is not None and int(args.ttl * 1000) <= int(starts_s * 1000):
         start = "--delay" if args.at is None else "--at"
@@ -629,13 +636,17 @@ def _keys(args: argparse.Namespace) -> tuple[Bridge, Keys]:
         if problem := redis.unused(url):
             raise ConfigError(f"{problem}. Give the workers' database, --idempotency redis://host:port/db")
     app.configure(idempotency=url)
-    return app, app.idempotency_keys(args.type)
+    keys = app.idempotency_keys(args.type)
+    # A mistyped type said "no record ...: its next job runs", untrue of the type meant. (One the
+    # store holds keys of is taken as it is: another service's, whose schema is not here.)
+    if (unknown := _unknown_type(app, args.type)) and not asyncio.run(_closing(app, keys.find(limit=1))):
+        raise ConfigError(unknown)
+    return app, keys
 
 
 def _keys_show(args: argparse.Namespace) -> int:
     app, keys = _keys(args)
     entries = asyncio.run(_closing(app, keys.show(args.key)))
-    _check_known(app, args.type, found=bool(entries))
     if args.json:
         _print_json(entries)
         return 0
@@ -650,7 +661,6 @@ def _keys_show(args: argparse.Namespace) -> int:
 def _keys_list(args: argparse.Namespace) -> int:
     app, keys = _keys(args)
     entries = asyncio.run(_closing(app, keys.find(args.state, args.limit)))
-    _check_known(app, args.type, found=bool(entries))
     if args.json:
         _print_json(entries)
         return 0
@@ -661,19 +671,18 @@ def _keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_known(app: Bridge, job_type: str, *, found: bool) -> None:
-    """Refuse a job type that the store has nothing of and that neither the app nor the
-    registry's schemas know: mistyped, it was "no record ...: its next job runs", untrue."""
-    if found:
-        return
+def _unknown_type(app: Bridge, job_type: str) -> str | None:
+    """What to say of a job type that neither the app nor the registry's schemas know (None
+    when they know it, or know none: nothing to compare with)."""
     try:
         known = {*app.jobs, *app.registry.job_types()}
-    except BridgeError:  # (nothing to compare with)
-        return
-    if known and job_type not in known:
-        close = difflib.get_close_matches(job_type, sorted(known), n=1)
-        hint = f"did you mean {close[0]}?" if close else f"it knows {', '.join(sorted(known))}"
-        raise ConfigError(f"no job type {job_type} in the app or the registry, and no key of it: {hint}")
+    except BridgeError:
+        return None
+    if not known or job_type in known:
+        return None
+    close = difflib.get_close_matches(job_type, sorted(known), n=1)
+    hint = f"did you mean {close[0]}?" if close else f"it knows {', '.join(sorted(known))}"
+    return f"no job type {job_type} in the app or the registry, and no key of it in the store: {hint}"
 
 
 def _records(count: int) -> str:
@@ -695,7 +704,6 @@ def _keys_forget(args: argparse.Namespace) -> int:
         return _keys_forget_all(args)
     app, keys = _keys(args)
     forgotten = asyncio.run(_closing(app, keys.forget(args.key, force=args.force)))
-    _check_known(app, args.type, found=bool(forgotten))
     if not forgotten:
         print(one_line(f"no record of idempotency key {args.key!r} of {args.type}: nothing to forget"))
     for entry in forgotten:
@@ -712,7 +720,6 @@ def _keys_forget_all(args: argparse.Namespace) -> int:
     ):
         return 1
     forgotten, left, changed = asyncio.run(_closing(app, keys.forget_all(args.state, force=args.force)))
-    _check_known(app, args.type, found=bool(forgotten or left or changed))
     for entry in forgotten:
         print(one_line(f"forgot {entry.key}  {entry.kind:8} {entry.describe()}"))
     summary = f"forgot {_records(len(forgotten))} of {args.type}"

@@ -227,12 +227,11 @@ def _broker_problem(url: str) -> str | None:
 def _amqp_options_problem(url: str) -> str | None:
     """What is wrong with the numbers in an AMQP URL's options: aiormq reads one that is no
     whole number as 0, and a heartbeat of 0 turns heartbeats off (a dead connection is then
-    found by TCP alone, minutes on). An option given twice: aiormq reads the first."""
+    found by TCP alone, minutes on). An option given twice, differently: aiormq reads the first."""
     pairs = parse_qsl(urlsplit(url).query, keep_blank_values=True)
-    names = [name for name, _ in pairs]
-    if twice := next((name for name in names if names.count(name) > 1), None):
-        return f"its {twice}= is given more than once: give it once"
     options = dict(pairs)
+    if twice := next((name for name, value in pairs if options[name] != value), None):
+        return f"its {twice}= is given twice, differently: give it once"
     for name, most in (("heartbeat", 65534), ("timeout", None)):
         value = options.get(name)
         if value is not None and not (

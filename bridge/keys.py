@@ -76,14 +76,23 @@ class Keys:
         self.app = app
         self.job_type = job_type
 
-    def _names(self, key: str) -> dict[str, str]:
-        """The store's names of `key`'s records. A key written as a digest names the records of
-        the key it was listed for (a long one, or one with a NUL), as `find` lists them."""
-        stored = DIGEST.fullmatch(key) is not None
+    def _names(self, key: str, *, stored: bool = False) -> dict[str, str]:
+        """The store's names of `key`'s records (with `stored`, of `key` as the store holds it)."""
         return {
             "run": run_key(self.job_type, key, stored=stored),
             "enqueue": enqueue_key(self.job_type, key, stored=stored),
         }
+
+    async def _held(self, store: Store, key: str) -> list[tuple[str, Entry]]:
+        """`key`'s records that count now, each with its name in the store. A key written as a
+        digest has two sets: its own, and those of the key that `find` lists as that digest (a
+        long one, or one with a NUL)."""
+        held = []
+        for stored in (False, True) if DIGEST.fullmatch(key) else (False,):
+            for kind, name in self._names(key, stored=stored).items():
+                if (record := await store.inspect(name)) is not None:
+                    held.append((name, Entry(key, kind, record)))
+        return held
 
     async def find(self, state: str | None = None, limit: int = DEFAULT_LIMIT) -> list[Entry]:
         """The records of this job type's keys that count now, of `state` if given: the first
@@ -100,31 +109,22 @@ class Keys:
 
     async def show(self, key: str) -> list[Entry]:
         """`key`'s records that count now; none if no job or enqueue used it within its window."""
-        store = await self.app.idempotency_store()
-        entries = []
-        for kind, name in self._names(key).items():
-            record = await store.inspect(name)
-            if record is not None:
-                entries.append(Entry(key, kind, record))
-        return entries
+        return [entry for _, entry in await self._held(await self.app.idempotency_store(), key)]
 
     async def forget(self, key: str, *, force: bool = False) -> list[Entry]:
         """Delete `key`'s records, so that its next job runs and its next enqueue publishes;
         the records deleted. Raises KeyInFlight, deleting nothing, when a job or a publish of
         it is under way, unless `force`."""
         store = await self.app.idempotency_store()
-        entries = await self.show(key)
-        busy = [entry for entry in entries if entry.record.state in IN_FLIGHT]
+        held = await self._held(store, key)
+        busy = [entry for _, entry in held if entry.record.state in IN_FLIGHT]
         if busy and not force:
             raise KeyInFlight(
                 f"idempotency key {key!r} of {self.job_type}: {busy[0].describe()}. Forgetting it "
                 "now would let another job with it run beside that one: wait for it to end, or "
                 "force it (--force)"
             )
-        names = self._names(key)
-        return [
-            entry for entry in entries if await store.drop(names[entry.kind], STATES if force else SETTLED)
-        ]
+        return [entry for name, entry in held if await store.drop(name, STATES if force else SETTLED)]
 
     async def forget_all(
         self, state: str | None = None, *, force: bool = False

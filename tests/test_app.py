@@ -64,8 +64,9 @@ class NoOffset(tzinfo):
         ({"max_attempts": 2**40}, "max_attempts= must be a whole number from 1 to 2,147,483,647"),
         # (certain to be dead-lettered `expired` without a run)
         ({"delay": 7200, "ttl": 3600}, "the job would expire (ttl=) no later than it may start (delay=)"),
-        ({"ttl": 0}, "the job would expire (ttl=) before it could start: give a ttl above 0"),
-        ({"delay": -60, "ttl": -5}, "the job would expire (ttl=) before it could start: give a ttl above 0"),
+        ({"ttl": 0}, "the job would expire (ttl=) before it could start: give a ttl of 1 ms or more"),
+        ({"delay": -60, "ttl": -5}, "the job would expire (ttl=) before it could start: give a ttl of 1 ms"),
+        ({"ttl": 0.0004}, "the job would expire (ttl=) before it could start: give a ttl of 1 ms or more"),
         (
             {"expires_at": datetime(2020, 1, 1, tzinfo=UTC)},
             "the job would expire (expires_at=) before it could start: give an expires_at after now",

@@ -69,7 +69,7 @@ def closed_port() -> int:
         ),
         (  # (a job dead-lettered `expired`, unrun)
             ["billing.ChargeCard", CHARGE, "--ttl", "0"],
-            ["--ttl must be above 0: a job not started within it is dead-lettered, unrun"],
+            ["--ttl must be 1 ms or more: a job not started within it is dead-lettered, unrun"],
         ),
         (  # (both are 1,000 ms in the envelope: the API refused it, naming `ttl=`)
             ["billing.ChargeCard", CHARGE, "--delay", "1.0005", "--ttl", "1.0009"],
@@ -209,7 +209,7 @@ def test_a_rabbitmq_that_refuses_the_url_says_what_it_refused(
             ["its heartbeat= must be a whole number of seconds from 0 to 65534, not 'abc'"],
         ),
         # (bridge checked the last of two, aiormq read the first: heartbeats off; and a blank one)
-        ({"BRIDGE_BROKER": "amqp://rabbit/?heartbeat=abc&heartbeat=30"}, ["its heartbeat= is given more"]),
+        ({"BRIDGE_BROKER": "amqp://rabbit/?heartbeat=abc&heartbeat=30"}, ["its heartbeat= is given twice"]),
         ({"BRIDGE_BROKER": "amqp://rabbit/?heartbeat="}, ["its heartbeat= must be a whole number"]),
         # (NaN meant a grace without end; Kafka refused the size with a traceback)
         ({"BRIDGE_GRACE_S": "nan"}, ["grace_s must be a finite number, got 'nan'"]),
@@ -331,12 +331,18 @@ def test_bad_settings_are_reported_at_once(env: dict[str, str], fragments: list[
         ("cadata=zzz", "its cadata= is no base64 (of DER certificates): Incorrect padding"),
         # (both said that RabbitMQ could not be reached)
         ("cafile=/nonexistent", "its cafile= cannot be used: [Errno 2] No such file"),
-        ("cafile=/etc/hostname", "its cafile= cannot be used: [X509: NO_CERTIFICATE_OR_CRL_FOUND]"),
+        ("cafile={junk}", "its cafile= cannot be used: [X509: NO_CERTIFICATE_OR_CRL_FOUND]"),
+        ("certfile={junk}&keyfile=", "its certfile= and keyfile= cannot be used:"),
         # (ignored without its certificate)
-        ("keyfile=/etc/hostname", "its keyfile= goes with a certfile="),
+        ("keyfile={junk}", "its keyfile= goes with a certfile="),
     ],
 )
-def test_tls_files_an_amqps_url_names_that_cannot_be_used_are_named(options: str, fragment: str) -> None:
+def test_tls_files_an_amqps_url_names_that_cannot_be_used_are_named(
+    options: str, fragment: str, tmp_path: Path
+) -> None:
+    junk = tmp_path / "not-a-certificate.pem"
+    junk.write_text("not a certificate\n")
+    options = options.format(junk=junk)
     done = bridge(
         "enqueue", "billing.ChargeCard", CHARGE, "--registry", "schemas",
         "--broker", f"amqps://127.0.0.1:1/?{options}",

@@ -74,6 +74,7 @@ def test_sync_handler_runs_off_the_event_loop(make_app: Callable[..., Bridge], q
     assert len(threads) == 3 and all(name.startswith("bridge-job") for name in threads)
 
 
+@pytest.mark.parametrize("broker", ["kafka", "rabbitmq"], indirect=True)  # (memory holds such a job itself)
 def test_a_job_waiting_for_its_run_at_at_a_stop_goes_back_unstarted_and_runs_once_later(
     make_app: Callable[..., Bridge], queue: str
 ) -> None:

@@ -1190,16 +1190,6 @@ def test_a_burst_run_ends_when_a_tier_the_settings_no_longer_name_is_deleted_as_
     assert ran == [1, 2]
 
 
-def test_a_long_tier_record_stamped_far_in_the_future_is_forwarded_at_once(
-    brokers: dict[str, str], queue: str
-) -> None:
-    # Given a 2m tier record stamped an hour ahead, When consumed, Then it runs within seconds:
-    # its job's run_at is what the worker goes by. (It waited a tier from when its forwarder
-    # first saw it, and each new owner of the partition began that wait again: a 6h tier whose
-    # partitions moved every few hours held it, and every record behind it, for good.)
-    first_of_tier_records_runs_soon(brokers["kafka"], queue, "2m", written_s_ago=[-3600])
-
-
 def test_a_partition_runs_so_far_past_a_slow_job_and_no_further_until_it_ends(
     brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

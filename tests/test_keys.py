@@ -39,7 +39,7 @@ from bridge.policy import fixed
 from bridge.transports import Outgoing
 from bridge.worker import Stats
 from tests.brokerio import dead_letters
-from tests.conftest import SCHEMAS, publish_envelope, run
+from tests.conftest import REPO, SCHEMAS, publish_envelope, run
 from tests.processes import assert_one_line_error
 from tests.processes import bridge as bridge_command
 from tests.proxy import FlakyProxy
@@ -302,10 +302,16 @@ def test_bridge_keys_forget_lets_a_key_s_job_run_again(
     # "no record of idempotency key 'k' ...: its next job runs" was untrue.)
     for command in (["show", "test.echo", "k"], ["list", "test.echo"], ["forget", "test.echo", "k"]):
         mistyped = bridge_command("keys", *command, "--registry", str(SCHEMAS), **store)
-        assert_one_line_error(mistyped, "no job type test.echo in the app or the registry, and no key of it: "
-                              "did you mean test.Echo?")  # fmt: skip
+        assert_one_line_error(mistyped, "no job type test.echo in the app or the registry, and no key of it "
+                              "in the store: did you mean test.Echo?")  # fmt: skip
     known = bridge_command("keys", "show", "test.Echo", "k", "--registry", str(SCHEMAS), **store)
     assert known.stdout.splitlines() == [run_line, enqueue_line], known.stderr
+    # (A type whose schema this registry lacks, another service's say, is taken as it is when
+    # the store holds keys of it, whether or not of the key or state asked for.)
+    elsewhere = ["--registry", str(REPO / "schemas")]
+    for command in (["show", "test.Echo", "other"], ["list", "test.Echo", "--state", "running"]):
+        taken = bridge_command("keys", *command, *elsewhere, **store)
+        assert taken.returncode == 0, taken.stderr
     enqueue_all(app, [(1, "k")])  # (a copy, without dedupe)
     assert consume(app).duplicates == 1
 
@@ -662,7 +668,7 @@ def test_keys_and_job_ids_of_any_length_or_content_run_once_in_every_store(
     # duplicate: none waits for its store as if it were down, or goes round the delay tiers.
     # (And an enqueue with dedupe=True of the first two keys publishes once.) A key written as
     # the first one's digest, as `bridge keys list` shows it, is a key of its own, And `bridge
-    # keys show` of that digest shows the first key's records.
+    # keys show` of that digest shows its own records and the first key's.
     app = Bridge(broker=brokers["rabbitmq"], registry=str(SCHEMAS), idempotency=store_url)
     runs: Counter[str | None] = Counter()
 
@@ -694,9 +700,9 @@ def test_keys_and_job_ids_of_any_length_or_content_run_once_in_every_store(
     stats = consume(app)
     assert runs == {long_key: 1, nul_key: 1, digest: 1, nul_id_key: 1}
     assert (stats.duplicates, stats.delayed, stats.dead_lettered) == (4, 0, 0)
-    long_job_ids = {entry.kind: entry.record.job_id for entry in run(shown(long_key))}
-    assert {entry.kind: entry.record.job_id for entry in run(shown(digest))} == long_job_ids
-    assert len(long_job_ids) == 2  # (its run and its enqueue)
+    of_long = {(entry.kind, entry.record.job_id) for entry in run(shown(long_key))}
+    of_digest = {(entry.kind, entry.record.job_id) for entry in run(shown(digest))}
+    assert len(of_long) == 2 and len(of_digest) == 4 and of_long < of_digest  # (its own, and the long key's)
 
 
 def test_a_store_holds_a_key_as_it_is_unless_it_is_long_or_has_a_nul() -> None:

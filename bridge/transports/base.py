@@ -122,7 +122,8 @@ class Transport(Protocol):
 
     async def settle(self, delivery: Delivery, publish: Sequence[Outgoing] = ()) -> bool:
         """Publish `publish`, then mark `delivery` done so it is never delivered again. False if
-        the broker took `delivery` back first (see `held`): its next run decides its outcome."""
+        the broker took `delivery` back first (see `held`), and it comes again: publishing
+        nothing, unless it went back after the publish (RabbitMQ: the ack was lost)."""
 
     def held(self, delivery: Delivery) -> bool:
         """Whether this consumer still holds `delivery`: False once the broker has taken it back

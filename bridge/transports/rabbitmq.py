@@ -632,6 +632,7 @@ class RabbitTransport:
                 raise  # (else aiormq's: see `_found_stuck`)
             # The channel it came on is gone: the broker delivers it again (at least once).
             log.warning("ack lost for a delivery from %s (%r); it will be redelivered", delivery.queue, exc)
+            return False  # (not settled: its next run counts it)
         return True
 
     async def _publish_patiently(self, message: Outgoing, held: Callable[[], bool]) -> bool:
@@ -1254,7 +1255,7 @@ def _tls_problem(query: str) -> str | None:
     """What is wrong with the TLS files an amqps URL names, tried as aiormq uses them: a failure
     under aio-pika's connect was a broker that could not be reached, and a cadata= that is no
     base64 was retried for good, silently (aiormq reads it before connecting)."""
-    options = dict(parse_qsl(query))
+    options = dict(parse_qsl(query, keep_blank_values=True))  # (an empty one is "" to aiormq too)
     try:
         cadata = base64.b64decode(options["cadata"]) if options.get("cadata") else None
     except ValueError as exc:  # (binascii.Error)
@@ -1264,14 +1265,14 @@ def _tls_problem(query: str) -> str | None:
         ("cafile", lambda: context.load_verify_locations(cafile=options["cafile"])),
         ("capath", lambda: context.load_verify_locations(capath=options["capath"])),
         ("cadata", lambda: context.load_verify_locations(cadata=cadata)),
-        ("certfile", lambda: context.load_cert_chain(options["certfile"], options.get("keyfile") or None)),
+        ("certfile", lambda: context.load_cert_chain(options["certfile"], options.get("keyfile"))),
     ]
     for name, load in loads:
-        if options.get(name):
+        if options.get(name):  # (aiormq loads each only when it is not empty)
             try:
                 load()
             except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
-                also = " and keyfile=" if name == "certfile" and options.get("keyfile") else ""
+                also = " and keyfile=" if name == "certfile" and "keyfile" in options else ""
                 return f"its {name}={also} cannot be used: {exc}"
     if options.get("keyfile") and not options.get("certfile"):
         return "its keyfile= goes with a certfile= (the client certificate)"

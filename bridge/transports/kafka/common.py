@@ -334,11 +334,10 @@ AUTHORIZATION_FAILED = {
     KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
 }  # fmt: skip
 # ... nor past a record a topic's settings refuse: one without a key on a compacted topic
-# (INVALID_RECORD), one a policy or the topic's timestamp settings refuse, too many at once.
-REFUSED_FOR_GOOD = AUTHORIZATION_FAILED | {
-    KafkaError.INVALID_RECORD, KafkaError.POLICY_VIOLATION, KafkaError.INVALID_TIMESTAMP,
-    KafkaError.RECORD_LIST_TOO_LARGE,
-}  # fmt: skip
+# (INVALID_RECORD), or a batch larger than it takes. (Not INVALID_TIMESTAMP: a broker whose
+# clock is off refuses stamps it would take once its clock is right, and a new round stamps
+# what it holds back again.)
+REFUSED_FOR_GOOD = AUTHORIZATION_FAILED | {KafkaError.INVALID_RECORD, KafkaError.RECORD_LIST_TOO_LARGE}
 
 
 def kafka_error(exc: KafkaException) -> KafkaError | None:

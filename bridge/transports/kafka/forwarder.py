@@ -33,11 +33,6 @@ if TYPE_CHECKING:
     from bridge.transports.kafka.transport import KafkaTransport
 
 
-# How far in the future a tier record's stamp may be and still count (a clock a little ahead
-# makes its wait that much longer); one further ahead is forwarded at once.
-FAR_AHEAD_MS = 60_000
-
-
 class DelayForwarder:
     """Moves records from the delay tiers to their queues once they are due.
 
@@ -54,6 +49,8 @@ class DelayForwarder:
         self.delay_ms |= {topic: round(tier_s * 1000) for topic, tier_s in transport._retired_tiers.items()}
         self.consumer: Consumer | None = None
         self.waiting: dict[tuple[str, int], int] = {}  # paused partition -> when its head is due
+        # A partition's head stamped in the future: its offset, and when this forwarder first saw it
+        self.ahead: dict[tuple[str, int], tuple[int, int]] = {}
         self.forwarding = False
         self.committer: Committer | None = None
         self.subscribed: list[str] = []  # the tier topics its consumer is subscribed to
@@ -113,6 +110,7 @@ class DelayForwarder:
             self.delay_ms.pop(topic, None)
         for tp in [tp for tp in self.waiting if tp[0] in topics]:
             del self.waiting[tp]
+            self.ahead.pop(tp, None)
 
     async def drained(self) -> bool:
         """Whether every tier is empty: nothing waiting, nothing being forwarded, nothing unread."""
@@ -130,12 +128,10 @@ class DelayForwarder:
             topic, partition, offset = coordinates(record)
             if (topic, partition) in self.waiting:
                 continue  # its partition was rewound to an earlier head; it comes again later
-            stamp = record.timestamp()[1]
-            # One stamped far in the future (a clock far ahead, a stamp in µs) goes now: waiting
-            # for it would hold back every record behind it, and the worker sends a job early
-            # for its run_at back to a tier. (Counted from when a forwarder first saw it, its
-            # wait began again at each new owner of the partition, for good if it moved often.)
-            ready_at = now if stamp - now > FAR_AHEAD_MS else stamp + self.delay_ms[topic]
+            if topic not in self.delay_ms:
+                continue  # fetched before its tier topic was found deleted (`drop_tiers`)
+            ready_at = self._written_at(topic, partition, offset, record.timestamp()[1], now)
+            ready_at += self.delay_ms[topic]
             if ready_at > now:
                 consumer.pause([TopicPartition(topic, partition)])
                 consumer.seek(TopicPartition(topic, partition, offset))
@@ -143,6 +139,18 @@ class DelayForwarder:
                 continue
             due.append(record)
         return due
+
+    def _written_at(self, topic: str, partition: int, offset: int, stamp: int, now: int) -> int:
+        """When a record was written, as far as its timestamp can be trusted: one stamped in
+        the future (another host's clock runs ahead, or another producer's stamp) counts from
+        when this forwarder first saw it, so it waits one tier, not until then with every
+        record behind it."""
+        if stamp <= now:
+            return stamp
+        first = self.ahead.get((topic, partition))
+        if first is None or first[0] != offset:
+            first = self.ahead[(topic, partition)] = (offset, now)
+        return first[1]
 
     def _resume_due(self, consumer: Consumer) -> None:
         now = time.time_ns() // 1_000_000
@@ -216,6 +224,7 @@ class DelayForwarder:
         # Every forwarded batch is committed before the next fetch: only waiting heads to drop.
         for tp in partitions:
             self.waiting.pop((tp.topic, tp.partition), None)
+            self.ahead.pop((tp.topic, tp.partition), None)
         resume_leaving(consumer, partitions)
 
     @staticmethod
