@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import difflib
+import errno
 import importlib
 import json
 import logging
@@ -61,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     _configure_logging(args.log_level, daemon=args.run is _consume)
     try:
         code = args.run(args)
-        code = _flushed(code)  # (here, so a reader gone is a BrokenPipeError below)
+        if sys.stdout is not None:  # (None: started with it closed, `>&-`)
+            sys.stdout.flush()  # (here, so a reader gone is a BrokenPipeError below)
     except BridgeError as exc:  # (one line whatever it quotes: a job id from another producer, say)
         print(_shortened(one_line(f"bridge: {exc}")), file=sys.stderr)
         code = 1
@@ -70,22 +72,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BrokenPipeError:  # (`bridge dlq list | head`: the reader went away; so do we, quietly)
         _stdout_gone()
         code = 1
-    sys.exit(code)
-
-
-def _flushed(code: int) -> int:
-    """`code`, once what the command wrote is out; 1 if it could not be written (a full disk)."""
-    if sys.stdout is None:  # (started with it closed, `>&-`)
-        return code
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
+    except OSError as exc:  # (stdout on a full disk, most likely, or a file a command writes)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            raise
         _stdout_gone()
-        print(one_line(f"bridge: could not write its output ({exc})"), file=sys.stderr)
-        return 1
-    return code
+        print(one_line(f"bridge: a write failed ({exc})"), file=sys.stderr)
+        code = 1
+    sys.exit(code)
 
 
 def _stdout_gone() -> None:

@@ -333,6 +333,8 @@ def test_bad_settings_are_reported_at_once(env: dict[str, str], fragments: list[
         ("cafile=/nonexistent", "its cafile= cannot be used: [Errno 2] No such file"),
         ("cafile={junk}", "its cafile= cannot be used: [X509: NO_CERTIFICATE_OR_CRL_FOUND]"),
         ("certfile={junk}&keyfile=", "its certfile= and keyfile= cannot be used:"),
+        # (an empty one beside another is a path to aiormq: "cannot reach", as it failed)
+        ("cafile=&capath={folder}", "its cafile= capath= cannot be used: [Errno 2] No such file"),
         # (ignored without its certificate)
         ("keyfile={junk}", "its keyfile= goes with a certfile="),
     ],
@@ -342,7 +344,7 @@ def test_tls_files_an_amqps_url_names_that_cannot_be_used_are_named(
 ) -> None:
     junk = tmp_path / "not-a-certificate.pem"
     junk.write_text("not a certificate\n")
-    options = options.format(junk=junk)
+    options = options.format(junk=junk, folder=tmp_path)
     done = bridge(
         "enqueue", "billing.ChargeCard", CHARGE, "--registry", "schemas",
         "--broker", f"amqps://127.0.0.1:1/?{options}",
@@ -363,6 +365,16 @@ def test_an_enqueue_whose_id_cannot_be_written_says_the_job_is_out_and_exits_0()
     assert done.returncode == 0, done.stderr
     assert re.search(r"^bridge: job \S+ is enqueued; its id could not be written \(\[Errno 28\]", done.stderr)
     assert "Traceback" not in done.stderr
+
+
+def test_a_command_whose_output_cannot_be_written_says_so_in_one_line() -> None:
+    # (PYTHONUNBUFFERED, common in containers, makes each print the write that fails)
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "bridge", "dev", "status"], cwd=REPO, stdout=full, stderr=subprocess.PIPE,
+            text=True, timeout=60, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    assert_one_line_error(done, "bridge: a write failed ([Errno 28] No space left on device)")
 
 
 def test_an_enqueue_to_a_delay_tier_is_refused_on_memory_as_on_the_brokers() -> None:

@@ -1260,20 +1260,19 @@ def _tls_problem(query: str) -> str | None:
         cadata = base64.b64decode(options["cadata"]) if options.get("cadata") else None
     except ValueError as exc:  # (binascii.Error)
         return f"its cadata= is no base64 (of DER certificates): {exc}"
-    context = ssl.create_default_context()
-    loads: list[tuple[str, Callable[[], None]]] = [
-        ("cafile", lambda: context.load_verify_locations(cafile=options["cafile"])),
-        ("capath", lambda: context.load_verify_locations(capath=options["capath"])),
-        ("cadata", lambda: context.load_verify_locations(cadata=cadata)),
-        ("certfile", lambda: context.load_cert_chain(options["certfile"], options.get("keyfile"))),
-    ]
-    for name, load in loads:
-        if options.get(name):  # (aiormq loads each only when it is not empty)
-            try:
-                load()
-            except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
-                also = " and keyfile=" if name == "certfile" and "keyfile" in options else ""
-                return f"its {name}={also} cannot be used: {exc}"
+    try:  # (the three at once, as aiormq does: an empty one beside another is a path too)
+        context = ssl.create_default_context(
+            cafile=options.get("cafile"), capath=options.get("capath"), cadata=cadata
+        )
+    except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
+        given = " ".join(f"{name}=" for name in ("cafile", "capath", "cadata") if name in options)
+        return f"its {given} cannot be used: {exc}"
+    if options.get("certfile"):  # (the key as given: an empty keyfile= is a path to aiormq)
+        try:
+            context.load_cert_chain(options["certfile"], options.get("keyfile"))
+        except (OSError, ValueError) as exc:
+            also = " and keyfile=" if "keyfile" in options else ""
+            return f"its certfile={also} cannot be used: {exc}"
     if options.get("keyfile") and not options.get("certfile"):
         return "its keyfile= goes with a certfile= (the client certificate)"
     return None
