@@ -1344,6 +1344,35 @@ def test_a_delay_tier_deleted_during_a_burst_consume_stops_it_with_an_error_nami
     assert len(ran) == 1 and app.stats is not None and app.stats.processed == 1
 
 
+def test_a_consume_whose_delay_path_was_deleted_says_so_at_start(
+    brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a topology whose due exchange and `<prefix>.delay.dlq` queue were deleted by hand
+    # (the tiers' `.wait` queues are there: no older topology), When a worker consumes, Then it
+    # warns at start, naming both and what to run. (Nothing was said: RabbitMQ kept each due
+    # job in its tier, and with 32 kept, every delayed job behind them waited, for every queue.)
+    url = brokers["rabbitmq"]
+    app = own_app(url)
+    signalling(app, queue)
+    prefix = app.settings.prefix
+
+    async def scenario() -> None:
+        async with app:
+            await app.apply_topology([queue])
+            await delete_exchange(url, f"{prefix}.delay.due")
+            await delete_rabbitmq_queue(url, f"{prefix}.delay.dlq")
+            await app.consume([queue], burst=True)
+
+    with caplog.at_level(logging.WARNING, logger="bridge.rabbitmq"):
+        run(scenario(), timeout=30)
+    said = [r.getMessage() for r in caplog.records if "RabbitMQ has no" in r.getMessage()]
+    assert said == [
+        f"RabbitMQ has no exchange {prefix}.delay.due nor queue {prefix}.delay.dlq: delayed jobs and"
+        " retries that come due wait in their tier, and hold back the tier's other jobs, until"
+        " `bridge topology apply` makes it again"
+    ]
+
+
 async def delete_exchange(url: str, name: str) -> None:
     """Delete exchange `name` behind the app's back."""
     async with await aio_pika.connect(url) as connection:

@@ -785,11 +785,13 @@ class RabbitTransport:
             # worker later, mid-run, and a burst consume could not count what waits in it.
             for name in [*queues, *self._waits]:
                 await self._require_existing(channel, name)
+            due_missing = False
             for name in queues:  # (so that delayed jobs for them, from any producer, come back)
                 try:
-                    await self._bind(name, self._due)  # (a due exchange missing: an older topology's)
+                    due_missing |= await self._bind(name, self._due) == "exchange"
                 except TransportError as exc:  # (a publish binds it too; another producer's does not)
                     log.warning("%s: delayed jobs for it may go to %s until it is", exc, self._unrouted)
+            await self._warn_of_a_broken_delay_path(due_missing)
             if kept := await self._count(self._unrouted):
                 log.warning(
                     "%d delayed jobs wait in %s: their queue was gone when they were due; `bridge dlq"
@@ -889,6 +891,26 @@ class RabbitTransport:
     async def _existing_queue(self, channel: AbstractChannel, name: str) -> AbstractQueue:
         with _mapped(f"RabbitMQ queue {name} does not exist: run `bridge topology apply`", retriable=False):
             return await channel.declare_queue(name, passive=True)
+
+    async def _warn_of_a_broken_delay_path(self, due_missing: bool) -> None:
+        """Warn when what the tiers hand due jobs to is gone: the due exchange, or the queue of
+        jobs whose own queue is gone. (Deleted: the tiers' `.wait` queues exist, so this is no
+        older topology.) RabbitMQ then keeps each due job in its tier and tries it again, and
+        with 32 kept, every job behind them in the tier waits too, for every queue, silently."""
+        missing = [f"exchange {self._due}"] if due_missing else []
+        try:
+            async with self._own_channel() as channel:
+                await channel.queue_declare(self._unrouted, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            missing.append(f"queue {self._unrouted}")
+        except GONE:  # (no answer: no evidence either way)
+            pass
+        if missing:
+            log.warning(
+                "RabbitMQ has no %s: delayed jobs and retries that come due wait in their tier, and"
+                " hold back the tier's other jobs, until `bridge topology apply` makes it again",
+                " nor ".join(missing),
+            )
 
     async def _require_existing(self, channel: AbstractChannel, name: str) -> None:
         """TransportError unless queue `name` exists. Asked on the aiormq channel: a robust
