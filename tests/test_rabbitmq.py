@@ -1831,16 +1831,19 @@ def test_topology_apply_names_the_queues_rabbitmq_4_drops_from_and_the_policy_th
     # Given a job queue and dead-letter queue made as quorum queues without a delivery limit (by
     # an older bridge, or another service), on RabbitMQ 4 (whose default limit then applies),
     # When `topology apply` runs, Then its plan names both, with the policy that lifts the limit;
-    # and with that policy set, a dead letter listed 25 times stays.
+    # and with that policy set, a dead letter listed 25 times stays. The same for the queue of
+    # delayed jobs whose queue was gone, `<prefix>.delay.dlq`, made by hand. (It was not named.)
     url = brokers["rabbitmq"]
     if int(rabbitmq_api("overview")["rabbitmq_version"].partition(".")[0]) < 4:
         pytest.skip("RabbitMQ 3 has no default delivery limit (`make pytest-rabbitmq4` runs this)")
     app = failing_app(url, queue)
+    app.configure(prefix=names.prefix())
+    unrouted = f"{app.settings.prefix}.delay.dlq"
 
     async def scenario() -> tuple[list[str], list[int]]:
         async with app:
             async with await aio_pika.connect(url) as connection:
-                for name in (queue, dlq_name(queue)):
+                for name in (queue, dlq_name(queue), unrouted):
                     await (await connection.channel()).declare_queue(name, durable=True, arguments=QUORUM)
             plan = await app.apply_topology()
             [hint] = [line for line in plan if f"set_policy {dlq_name(queue)}-keep" in line]
@@ -1853,7 +1856,7 @@ def test_topology_apply_names_the_queues_rabbitmq_4_drops_from_and_the_policy_th
                 rabbitmqctl("clear_policy", f"{dlq_name(queue)}-keep")
 
     plan, listed = run(scenario())
-    for name in (queue, dlq_name(queue)):
+    for name in (queue, dlq_name(queue), unrouted):
         assert (
             f"rabbitmq: queue {name} was made without a delivery limit, so RabbitMQ 4 drops a message"
             " that comes back to it unsettled a 21st time (each `bridge dlq list` of a dead-letter queue"

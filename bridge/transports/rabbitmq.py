@@ -1043,6 +1043,8 @@ class RabbitTransport:
             f"rabbitmq: quorum queue {self._unrouted} {state}, for delayed jobs whose queue was gone"
             f" when they were due (`bridge dlq list {self.settings.prefix}.delay`)",
         ]  # fmt: skip
+        if state == "exists" and await self._drops_returns(self._unrouted):  # (made by hand, say)
+            plan.append(_default_limit(self._unrouted))
         older: list[str] = []  # tiers' queues of an older bridge, which send their jobs to the jobs exchange
         for tier_s, tier in self._tiers.items():
             state = "exists" if await self._queue_exists(wait_queue(tier)) else "create"
