@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from bridge.app import Bridge
 from bridge.compatibility import LEVELS
-from bridge.dlq import ReplayReport, Selection, describe
+from bridge.dlq import DeadLetters, ReplayReport, Selection, describe
 from bridge.envelope import LONGEST_S, REASONS, iso_ms, now_ms
 from bridge.errors import BridgeError, ConfigError, RegistryUnavailable, TransportError
 from bridge.idempotency import DONE, ENQUEUED, ENQUEUING, RUNNING, default_url
@@ -469,21 +469,22 @@ def _selection(args: argparse.Namespace) -> Selection:
                      since_ms=getattr(args, "since", None))  # fmt: skip
 
 
-def _dlq_app(args: argparse.Namespace) -> Bridge:
-    """The app of the flags, on a broker whose dead letters outlive a process."""
+def _dlq_app(args: argparse.Namespace) -> tuple[Bridge, DeadLetters]:
+    """The app of the flags, on a broker whose dead letters outlive a process, and the dead
+    letters of the queue named."""
     app = _app(args)
-    app.dead_letters(args.queue)  # (a queue that is no job queue's, named first)
+    letters = app.dead_letters(args.queue)  # (a queue that is no job queue's, named first)
     if app.settings.require_broker().startswith("memory://"):  # (it found none, and exited 0)
         raise ConfigError(
             "memory:// keeps dead letters in one process, not the workers': give their broker, "
             "--broker kafka://... or amqp://... (or BRIDGE_BROKER)"
         )
-    return app
+    return app, letters
 
 
 def _dlq_list(args: argparse.Namespace) -> int:
-    app = _dlq_app(args)
-    letters = asyncio.run(_closing(app, app.dead_letters(args.queue).find(_selection(args), args.limit)))
+    app, dead = _dlq_app(args)
+    letters = asyncio.run(_closing(app, dead.find(_selection(args), args.limit)))
     for item in letters:
         if args.json:
             print(_json(describe(app, item)))
@@ -505,15 +506,14 @@ def _dlq_list(args: argparse.Namespace) -> int:
 
 
 def _dlq_show(args: argparse.Namespace) -> int:
-    app = _dlq_app(args)
-    item = asyncio.run(_closing(app, app.dead_letters(args.queue).show(args.id)))
+    app, letters = _dlq_app(args)
+    item = asyncio.run(_closing(app, letters.show(args.id)))
     print(_json(describe(app, item), indent=2))
     return 0
 
 
 def _dlq_replay(args: argparse.Namespace) -> int:
-    app = _dlq_app(args)
-    letters = app.dead_letters(args.queue)
+    app, letters = _dlq_app(args)
     verb = "would replay" if args.dry_run else "replayed"
     removed = "would remove" if args.dry_run else "removed"
 
@@ -551,10 +551,10 @@ def _dlq_purge(args: argparse.Namespace) -> int:
         "purge removes dead letters for good: add --yes to confirm",
     ):
         return 1
-    app = _dlq_app(args)
+    app, letters = _dlq_app(args)
     purged: list[str] = []
     stop = asyncio.Event()
-    work = app.dead_letters(args.queue).purge(_selection(args), told=purged.append, stop=stop)
+    work = letters.purge(_selection(args), told=purged.append, stop=stop)
     if _stoppable(app, work, stop, lambda: f"purged {len(purged)}"):
         return 130
     print(f"purged {len(purged)} dead letters from {args.queue}.dlq")

@@ -182,6 +182,13 @@ def tiered_app(broker: str, prefix: str, tiers: str) -> Bridge:
                   group=f"g-{uuid.uuid4().hex[:12]}")  # fmt: skip
 
 
+def tiers_changed(broker: str) -> tuple[str, Bridge, Bridge]:
+    """A prefix of its own, an app there with tiers of 1s and 5s, and one with 1s and 2s: the
+    second's settings no longer name the first's 5s tier."""
+    prefix = names.prefix()
+    return prefix, tiered_app(broker, prefix, "1s,5s"), tiered_app(broker, prefix, "1s,2s")
+
+
 def failing_first(app: Bridge, queue: str, error: Callable[[], Exception], **options: Any) -> list[int]:
     """A test.Echo handler on `queue` that raises `error()` for job 1; the jobs it ran, in order."""
     ran: list[int] = []

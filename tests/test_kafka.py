@@ -50,7 +50,7 @@ from tests.brokerio import (
     topic_config,
     topics_made_elsewhere,
 )
-from tests.conftest import SCHEMAS, failing_first, own_app, run, signalling, tiered_app
+from tests.conftest import SCHEMAS, failing_first, own_app, run, signalling, tiers_changed
 from tests.processes import (
     assert_dead_lettered_for_coming_back,
     assert_one_line_error,
@@ -1161,11 +1161,7 @@ def test_a_burst_run_ends_when_a_tier_the_settings_no_longer_name_is_deleted_as_
     # once a job delayed 1 s has run, while another delayed 8 s waits (the README says to
     # delete such a tier once it is empty), Then the run ends once that one has run too. (The
     # forwarder kept reading the deleted topic, never read to its end: the run waited for good.)
-    prefix = names.prefix()
-    before, after = (
-        tiered_app(brokers["kafka"], prefix, "1s,5s"),
-        tiered_app(brokers["kafka"], prefix, "1s,2s"),
-    )
+    prefix, before, after = tiers_changed(brokers["kafka"])
     ran: list[int] = []
     first = asyncio.Event()
 

@@ -32,7 +32,7 @@ from bridge.transports.memory import MemoryTransport
 from bridge.worker import Stats, Worker
 from tests import names
 from tests.brokerio import dead_letters, delete_queue
-from tests.conftest import SCHEMAS, own_app, publish_envelope, run, signalling, tiered_app
+from tests.conftest import SCHEMAS, own_app, publish_envelope, run, signalling, tiers_changed
 
 TIERS = "1s,2s"
 
@@ -597,11 +597,7 @@ def test_kafka_jobs_waiting_in_a_tier_the_settings_no_longer_name_still_run(
     # retention deleted it, and the burst run ended at once.) Their `topology apply` makes the
     # 5 s tier's dead-letter topics, gone here (an older bridge made none), where a record in
     # it that names no queue goes.
-    prefix = names.prefix()
-    before, after = (
-        tiered_app(brokers["kafka"], prefix, "1s,5s"),
-        tiered_app(brokers["kafka"], prefix, "1s,2s"),
-    )
+    prefix, before, after = tiers_changed(brokers["kafka"])
     runs: list[float] = []
 
     @after.job("test.Echo", queue=queue)
