@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import threading
 import time
+import types
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -716,43 +717,42 @@ def test_a_topic_deleted_under_the_consumer_stops_it_with_an_error_naming_the_to
     run(scenario(), timeout=2 * wedged_s + 60)
 
 
-def test_a_delayed_job_whose_queue_was_deleted_stops_the_forwarder_with_an_error_naming_it(
-    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch
+def test_a_delayed_job_whose_queue_was_deleted_as_it_waited_is_dead_lettered_in_its_tier(
+    brokers: dict[str, str], queue: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given a job delayed by 1 s for a queue this consumer does not read, whose topic is
     # deleted while the job waits in its tier (the consumer still believes the topic exists),
-    # When the delay forwarder moves it, Then consume stops with an error naming the topic,
-    # And the job is still in its tier: the forward was not committed.
-    # (The forwarder's transaction was tried three times, 10 s each, and the error named no
-    # topic.) A prefix of its own: the record left in the tier must not reach other tests.
+    # and a job delayed for the consumer's own queue,
+    # When consumed to the end, Then the forward fails, the forwarder looks again at where the
+    # job goes, and dead-letters it `unroutable` in its tier, naming the queue; the other job
+    # runs, and consume ends normally. (It stopped `bridge consume`, saying to make the queue
+    # again, where a forward 5 s later dead-lettered the job: one deleted queue stopped every
+    # delayed job of the prefix until a restart.)
     # No look at the topics while idle: it would refresh the consumer's list, and the forwarder
-    # would then send the job to the tier's dead letters instead (as after a restart).
+    # would dead-letter the job without the failed forward this test is about.
     monkeypatch.setattr(kafka_transport, "TOPIC_LOOK_S", 3600.0)
     monkeypatch.setattr(kafka_commit, "TRANSACTION_TIMEOUT_S", 2.0)  # (when the forward fails)
+    caplog.set_level(logging.WARNING, logger="bridge.kafka")
     prefix, elsewhere = names.prefix(), names.queue()
-    app = Bridge(
-        broker=brokers["kafka"], registry=str(SCHEMAS), group=f"g-{uuid.uuid4().hex[:12]}", prefix=prefix
-    )
-
-    @app.job("test.Echo", queue=queue)
-    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
-        pass
+    app, ran = _one_tier_app(brokers, queue, prefix)
 
     async def scenario() -> str:
         async with app:
             await app.apply_topology([queue, elsewhere])
             job_id = await app.enqueue_async("test.Echo", {"n": 0}, queue=elsewhere, delay=1)
-            consuming = asyncio.create_task(app.consume([queue]))
+            await app.enqueue_async("test.Echo", {"n": 1}, queue=queue, delay=1)
+            consuming = asyncio.create_task(app.consume([queue], burst=True))
             await asyncio.to_thread(delete_queue, app, elsewhere)
-            with pytest.raises(
-                TransportError, match=f"Kafka topic {elsewhere} was deleted; `bridge topology"
-            ):
-                await asyncio.wait_for(consuming, 40)
+            await asyncio.wait_for(consuming, 60)
             return job_id
 
     job_id = run(scenario(), timeout=90)
-    [(_, body)] = read_partitions(brokers["kafka"].partition("://")[2], f"{prefix}.delay.1s")
-    assert codec.decode(body, app.registry, app.registry.schema(ENVELOPE))[1]["id"] == job_id
+    assert ran == [1]
+    [letter] = dead_letters(app, f"{prefix}.delay.1s")
+    assert letter.reason == "unroutable" and f"names {elsewhere!r}, which is no queue" in letter.detail
+    assert letter.raw is not None
+    assert codec.decode(letter.raw, app.registry, app.registry.schema(ENVELOPE))[1]["id"] == job_id
+    assert any(f"topic {elsewhere} it wrote to is gone" in r.getMessage() for r in caplog.records)
 
 
 def test_a_partition_with_an_open_transaction_is_not_read_to_its_end(
@@ -1013,6 +1013,45 @@ def test_a_failed_transaction_is_tried_again_only_by_a_producer_that_could_abort
 
 
 TIMED_OUT = KafkaException(KafkaError(KafkaError._TIMED_OUT, "a stand-in", retriable=True))
+
+
+def test_transactions_aborted_for_long_are_a_warning_with_how_long_and_how_many_tries(
+    brokers: dict[str, str], queue: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a committer whose transactions are aborted, each tried again (its clock set by the
+    # test), When they fail for 30 s, Then that is a WARNING with how long and how many tries,
+    # at most every 30 s, each other try an INFO line; once one commits, the count starts again.
+    # (A broker refusing every try's records, its clock an hour off, held back every commit of
+    # the process, and only INFO lines said so.)
+    clock = [0.0]
+    fake_time = types.SimpleNamespace(monotonic=lambda: clock[0], time_ns=time.time_ns)
+    monkeypatch.setattr(kafka_commit, "time", fake_time)
+    committer, consumer = a_committer(brokers["kafka"])
+    said: list[tuple[int, str]] = []
+    topics_made_elsewhere(brokers["kafka"].partition("://")[2], [queue])  # (for the one that commits)
+
+    def aborted_at(t: float) -> None:
+        clock[0] = t
+        committer.producer.begin_transaction()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="bridge.kafka"):
+            assert committer._failed(TIMED_OUT, set()) is False
+        said.extend((r.levelno, r.getMessage()) for r in caplog.records if "aborted" in r.getMessage())
+
+    try:
+        run(committer.start(), timeout=60)
+        for t in (0, 29, 30, 40, 60):
+            aborted_at(t)
+        clock[0] = 61
+        assert run(committer.transact([(queue, b"x", None, None, 0)], {}), timeout=60)
+        aborted_at(100)
+    finally:
+        consumer.close()
+    assert committer.failure is None
+    info, warning = logging.INFO, logging.WARNING
+    assert [level for level, _ in said] == [info, info, warning, info, warning, info]
+    assert "aborted for 30 s (3 tries, nothing committed; the last: a stand-in)" in said[2][1]
+    assert "aborted for 60 s (5 tries" in said[4][1]
 
 
 def test_a_failed_transaction_that_could_not_be_aborted_still_names_a_topic_it_wrote_to_that_is_gone(

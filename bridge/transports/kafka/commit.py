@@ -7,7 +7,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import suppress
 from typing import Any, TypeVar
 
@@ -49,6 +49,10 @@ START_TIMEOUT_S = METADATA_TIMEOUT_S * 6  # init_transactions', which may wait f
 # a limit on the whole transaction, 80 s, held consumers up to 100 s after Kafka was back.)
 WEDGED_PAST_TIMEOUT_S = METADATA_TIMEOUT_S
 WEDGE_LOOK_S = 0.5  # how often a wait for a transaction looks whether it wedged
+# Transactions aborted and tried again for this long without one committing are a WARNING, at
+# most this often (each try is an INFO line): a broker refusing every try's records (its clock
+# an hour off theirs, INVALID_TIMESTAMP) held back every commit of the process, said only at INFO.
+STILL_ABORTED_WARN_S = 30.0
 T = TypeVar("T")
 
 
@@ -64,8 +68,8 @@ class Committer:
     offset of the group goes through here: a plain commit of a higher offset could otherwise be
     overwritten by a lower one from a transaction. A transaction refused because the group is
     rebalancing is aborted and tried again; any other failure stops the consumer, as does one
-    that failed because a topic in it was deleted, and one whose call never returns
-    (WEDGED_PAST_TIMEOUT_S).
+    that failed because a topic in it was deleted (but see `destinations_may_go`), and one
+    whose call never returns (WEDGED_PAST_TIMEOUT_S).
     Each offset is committed with a note, its metadata: `note`, unless `mark` or
     `commit(leaving=...)` gave another (see returns.py).
     """
@@ -78,11 +82,17 @@ class Committer:
         owns: Callable[[TP], bool],
         note: str = "",
         retier: Callable[[Record, int], Record] | None = None,
+        destinations_may_go: bool = False,
     ) -> None:
         self.consumer = consumer
         self.owns = owns
         self.note = note
         self.retier = retier  # a held record and the time it goes out: the record to send
+        # Whether a topic it only publishes to may be deleted as a transaction goes out: for a
+        # caller that then looks again at where its records go (the delay forwarder, whose
+        # queues are anyone's), not a stop. It finds those topics in `gone_destinations`.
+        self.destinations_may_go = destinations_may_go
+        self.gone_destinations: list[str] = []
         self.producer = new_producer(
             common,
             {
@@ -116,6 +126,9 @@ class Committer:
         # its batch is not put back, even if they are assigned here again by then (their new
         # assignment runs those records again, from the committed offset).
         self._forgotten: set[TP] = set()
+        self._aborted_since: float | None = None  # the first of the tries aborted since one committed
+        self._aborted_tries = 0
+        self._warned_at = 0.0
 
     async def start(self) -> None:
         # (A cluster that cannot make __transaction_state at all is named at start: internal.py.)
@@ -326,9 +339,10 @@ class Committer:
                     self.producer.send_offsets_to_transaction, positions, metadata, timeout=CALL_TIMEOUT_S
                 )
                 self._call(self.producer.commit_transaction, timeout=CALL_TIMEOUT_S)
+                self._aborted_since, self._aborted_tries = None, 0
                 return True
             except KafkaException as exc:
-                return self._failed(exc, {record[0] for record in records} | {t for t, _ in offsets})
+                return self._failed(exc, {record[0] for record in records}, {t for t, _ in offsets})
             except Exception as exc:  # BufferError: more records than librdkafka queues (100,000)
                 # Raised on, it ended the commit loop and came back from every later commit,
                 # while the consumer ran on, committing nothing.
@@ -340,14 +354,21 @@ class Committer:
                 self.failure = exc
                 return False
 
-    def _failed(self, exc: KafkaException, topics: set[str]) -> bool:
+    def _failed(self, exc: KafkaException, written: set[str], committed: Collection[str] = ()) -> bool:
+        """Abort the transaction that failed with `exc`, having written to the topics `written`
+        and committed offsets of `committed`, and say why; False (it did not commit)."""
         error = kafka_error(exc)
         not_aborted: KafkaException | None = None
         try:
             self._call(self.producer.abort_transaction, timeout=METADATA_TIMEOUT_S)
         except KafkaException as abort_failed:
             not_aborted = abort_failed  # (said below, unless a cause that says more is found)
-        gone = self._gone(topics)
+        gone = self._gone(written | set(committed))
+        if gone and self.destinations_may_go and not_aborted is None and not set(gone) & set(committed):
+            self._say(logging.WARNING, "Kafka transaction failed: topic %s it wrote to is gone (%s); "
+                      "where its records go is looked at again", ", ".join(gone), exc)  # fmt: skip
+            self.gone_destinations = gone
+            return False
         if gone:
             # A topic it commits offsets for or publishes to was deleted: the transaction can
             # never commit, and trying again would hold back every other topic's commits too.
@@ -391,11 +412,30 @@ class Committer:
             and not error.fatal()
             and (error.txn_requires_abort() or error.retriable())
         ):
-            self._say(logging.INFO, "Kafka transaction aborted (%s); it is tried again", error.str())
+            self._aborted(error)
             return False
         self._say(logging.ERROR, "Kafka transaction failed (%s); stopping so its records run again", exc)
         self.failure = exc
         return False
+
+    def _aborted(self, error: KafkaError) -> None:
+        """Say that a transaction was aborted with `error` and is tried again: at INFO, or at
+        WARNING once tries have failed for STILL_ABORTED_WARN_S, and that often after."""
+        now = time.monotonic()
+        self._aborted_tries += 1
+        if self._aborted_since is None:
+            self._aborted_since = now
+        failing_s = now - self._aborted_since
+        if failing_s < STILL_ABORTED_WARN_S or now - self._warned_at < STILL_ABORTED_WARN_S:
+            self._say(logging.INFO, "Kafka transaction aborted (%s); it is tried again", error.str())
+            return
+        self._warned_at = now
+        self._say(
+            logging.WARNING,
+            "Kafka transactions have been aborted for %.0f s (%d tries, nothing committed; the last: %s); "
+            "they are tried again",
+            failing_s, self._aborted_tries, error.str(),
+        )  # fmt: skip
 
     def _say(self, level: int, message: str, *args: object) -> None:
         log.log(logging.DEBUG if self.retired else level, message, *args)

@@ -71,7 +71,7 @@ class DelayForwarder:
         self.consumer = consumer
         transactional_id = f"{self.group}.{uuid.uuid4().hex}"
         self.committer = committer = Committer(
-            self.transport._common, consumer, transactional_id, lambda _: True
+            self.transport._common, consumer, transactional_id, lambda _: True, destinations_may_go=True
         )
         try:  # (whatever it raises ends the consumer's round: KafkaTransport._failure)
             await committer.start()
@@ -212,6 +212,10 @@ class DelayForwarder:
                     return  # (nothing of the batch forwarded, nor committed: it comes again)
                 batch += [self._dead_letter(record, why) for record, why in unroutable]
             if not await self.committer.transact(batch, offsets):
+                # A queue deleted since the transport last looked (a look every 5 s): the next
+                # try looks afresh, and dead-letters its records as those of any other non-queue.
+                self.transport.forget_topics(self.committer.gone_destinations)
+                self.committer.gone_destinations = []
                 for (topic, partition), offset in first.items():  # aborted: forward them again
                     consumer.seek(TopicPartition(topic, partition, offset))
                     # (now, not when a later record of the batch, which paused it, is due)

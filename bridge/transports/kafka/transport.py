@@ -257,6 +257,10 @@ class KafkaTransport:
             absent = [t for t in absent if t not in self._topics]
         return absent
 
+    def forget_topics(self, topics: Collection[str]) -> None:
+        """Take `topics`, found deleted, out of those known to exist: the next look asks Kafka."""
+        self._topics = self._topics - set(topics)
+
     async def _require_topics(self, topics: Sequence[str]) -> None:
         missing = await self.absent(topics)
         if missing:
