@@ -24,7 +24,7 @@ from bridge.envelope import MAX_INT, UNROUTABLE, DeadLetter, Envelope, now_ms
 from bridge.errors import BridgeError, ConfigError, DecodeError, RegistryUnavailable, UnknownSchema
 from bridge.names import is_dead_letters, job_queue_of, name_problem
 from bridge.registry import DEAD_LETTER, ENVELOPE, own_schema
-from bridge.transports.base import Outgoing, SweepStopped, dlq_name
+from bridge.transports.base import Outgoing, SweepStopped, dlq_name, tier_names
 
 if TYPE_CHECKING:
     from bridge.app import Bridge
@@ -40,7 +40,7 @@ class Letter:
 
     id: str
     letter: DeadLetter
-    as_it_is: bool = False  # a delayed job kept as it is, not in a letter, when due (see `read`)
+    as_it_is: bool = False  # a delayed job that no queue took when due, put back as it was (`read`)
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,7 @@ class DeadLetters:
         self.queue = queue
         self.name = dlq_name(queue)
         self._registry_down = False  # (see `_job_in`)
+        self._in_a_tier = bool(tier_names(app.settings.prefix).fullmatch(queue))  # (Kafka's `<tier>.dlq`)
 
     async def find(self, selection: Selection = Selection(), limit: int | None = None) -> list[Letter]:
         """The letters matching `selection`, oldest first, at most `limit`."""
@@ -239,7 +240,10 @@ class DeadLetters:
             if letter.envelope is None and letter.raw is not None:
                 letter = replace(letter, envelope=self._job_in(letter.raw))
         if letter.envelope is not None:
-            return Letter(letter.envelope.id, letter)
+            # On Kafka a delay tier's `.dlq` holds the delayed jobs no queue took when due
+            # (`unroutable`), as RabbitMQ's `<prefix>.delay.dlq` keeps them as they are.
+            delayed = letter.reason == UNROUTABLE and self._in_a_tier
+            return Letter(letter.envelope.id, letter, as_it_is=delayed)
         return Letter(f"raw-{hashlib.sha256(letter.raw or body).hexdigest()[:16]}", letter)
 
     def _as_it_is(self, job: Envelope) -> Letter:
@@ -296,7 +300,10 @@ class DeadLetters:
             expires_at = envelope.expires_at if (envelope.expires_at or 0) > now_ms() else None
             fresh = replace(envelope, expires_at=expires_at, replays=envelope.replays + 1)
         else:
-            fresh = replace(envelope, attempt=1, run_at=None, expires_at=None, replays=envelope.replays + 1)
+            # A `run_at` still ahead is kept: a job dead-lettered before it was due (of a type
+            # no worker knew then, say) ran at once when replayed, days early.
+            run_at = envelope.run_at if (envelope.run_at or 0) > now_ms() else None
+            fresh = replace(envelope, attempt=1, run_at=run_at, expires_at=None, replays=envelope.replays + 1)
         single = letter.startswith(codec.SINGLE_OBJECT_MAGIC)
         schema = own_schema(ENVELOPE) if single else self.app.registry.schema(ENVELOPE)
         body = codec.encode(schema, fresh.to_avro())
@@ -314,6 +321,8 @@ def _refusal(item: Letter, max_replays: int) -> str | None:
         )
     # (A delayed job kept as it is never failed, so no limit holds it back. Its count is still
     # raised: a replay run tells the jobs it put back, and any that return, by their counts.)
+    if envelope.replays >= MAX_INT:  # (one more is more than an Avro int: no reader would read it)
+        return f"already replayed {envelope.replays:,} times, as many as a job can count; purge it"
     if envelope.replays >= max_replays and not item.as_it_is:
         limit = f"the limit is {max_replays}"
         return f"already replayed {envelope.replays} times ({limit}); purge it or fix the handler"

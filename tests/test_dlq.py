@@ -19,7 +19,7 @@ import pytest
 
 from bridge import Bridge, JobContext, Permanent, codec, testing
 from bridge.dlq import Selection
-from bridge.envelope import DeadLetter, now_ms
+from bridge.envelope import MAX_INT, DeadLetter, now_ms
 from bridge.errors import BridgeError, ConfigError
 from bridge.registry import DEAD_LETTER
 from bridge.transports import Outgoing, dlq_name
@@ -254,7 +254,8 @@ def test_a_job_as_it_is_in_a_dead_letter_queue_is_listed_unroutable_and_replayed
     # Then it is `unroutable`, named by its job id and due time, with a detail naming its queue,
     # And the replay puts it on that queue: from `<prefix>.delay.dlq` as it was (it never ran:
     # its attempt, due time and expiry kept), from another as any replay does (attempt 1, no
-    # delay or expiry, its replay count raised). (It was `undecodable`: only a purge took it.)
+    # expiry, its due time kept as it is still ahead, its replay count raised). (It was
+    # `undecodable`: only a purge took it.)
     # A job from `<prefix>.delay.dlq` never failed: `max_replays` holds it back no more (one
     # replayed that many times before was refused with "fix the handler").
     app = Bridge(broker="memory://", registry=str(SCHEMAS))
@@ -282,7 +283,7 @@ def test_a_job_as_it_is_in_a_dead_letter_queue_is_listed_unroutable_and_replayed
             assert report.replayed == [job.id] and await dlq.find() == []
             [body] = testing.memory_transport(app).messages("billing")
             back = codec.decode(body, app.registry)[1]
-            kept = (3, job.run_at, job.expires_at) if kept_in == "delay" else (1, None, None)
+            kept = (3, job.run_at, job.expires_at) if kept_in == "delay" else (1, job.run_at, None)
             assert (back["id"], back["attempt"], back["run_at"], back["expires_at"], back["replays"]) == (
                 job.id, *kept, 3
             )  # fmt: skip
@@ -305,6 +306,47 @@ def test_a_delayed_job_kept_past_its_expiry_is_replayed_without_it() -> None:
             [body] = testing.memory_transport(app).messages("billing")
             back = codec.decode(body, app.registry)[1]
             assert (back["attempt"], back["run_at"], back["expires_at"]) == (2, job.run_at, None)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["due-ahead", "due-past"])
+def test_a_replayed_job_keeps_a_due_time_still_ahead(ahead: bool) -> None:
+    # Given a job due in 7 days, dead-lettered before it was due (no worker knew its type then),
+    # or one whose due time has passed, When replayed, Then the first goes back due when it was,
+    # and the second due now. (Each went back with no due time: the first ran at once, 7 days early.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    job = app.build_envelope("test.Echo", {"n": 1}, queue="billing")
+    job = replace(job, run_at=now_ms() + (7 * 86_400_000 if ahead else -1_000))
+    letter = DeadLetter("unknown_type", "no handler", "billing", now_ms(), envelope=job)
+
+    async def scenario() -> None:
+        async with app:
+            body = codec.encode(app.registry.schema(DEAD_LETTER), letter.to_avro())
+            await (await app.transport()).publish(Outgoing(dlq_name("billing"), body, None))
+            assert (await app.dead_letters("billing").replay(Selection())).replayed == [job.id]
+            [body] = testing.memory_transport(app).messages("billing")
+            assert codec.decode(body, app.registry)[1]["run_at"] == (job.run_at if ahead else None)
+
+    run(scenario())
+
+
+def test_a_delayed_job_replayed_as_many_times_as_a_job_counts_is_refused() -> None:
+    # Given a delayed job kept as it is, replayed 2**31 - 1 times (no `max_replays` holds such a
+    # job back), When replayed, Then it is refused, saying so. (It went back with 2**31
+    # replays, which no reader decodes: beyond an Avro int.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    job = replace(app.build_envelope("test.Echo", {"n": 1}, queue="billing"), replays=MAX_INT)
+    delayed = f"{app.settings.prefix}.delay"
+
+    async def scenario() -> None:
+        async with app:
+            await publish_envelope(app, dlq_name(delayed), job)
+            report = await app.dead_letters(delayed).replay(Selection())
+            assert report.refused == [
+                (job.id, f"already replayed {MAX_INT:,} times, as many as a job can count; purge it")
+            ]
+            assert testing.memory_transport(app).messages("billing") == []
 
     run(scenario())
 

@@ -17,6 +17,7 @@ import types
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from bridge import Bridge, JobContext, Permanent, Retry, codec
 from bridge.config import Settings
 from bridge.dlq import Selection
+from bridge.envelope import now_ms
 from bridge.errors import ConfigError, PublishError, TransportError
 from bridge.names import tier_queue
 from bridge.policy import fixed
@@ -37,7 +39,7 @@ from bridge.transports.kafka import common as kafka_common
 from bridge.transports.kafka import forwarder as kafka_forwarder
 from bridge.transports.kafka import transport as kafka_transport
 from bridge.transports.kafka.commit import Committer
-from bridge.transports.kafka.common import Headers, mapped, read_to_end, wait_until_served
+from bridge.transports.kafka.common import QUEUE_HEADER, Headers, mapped, read_to_end, wait_until_served
 from bridge.transports.kafka.returns import RUNNING, Gate
 from bridge.worker import Stats, Worker
 from tests import names
@@ -47,6 +49,7 @@ from tests.brokerio import (
     delete_queue,
     java_partition,
     read_partitions,
+    read_queue,
     read_records,
     topic_config,
     topics_made_elsewhere,
@@ -739,12 +742,20 @@ def test_a_delayed_job_whose_queue_was_deleted_as_it_waited_is_dead_lettered_in_
     async def scenario() -> str:
         async with app:
             await app.apply_topology([queue, elsewhere])
-            job_id = await app.enqueue_async("test.Echo", {"n": 0}, queue=elsewhere, delay=1)
+            # (A retry on its third attempt, replayed twice before, as bridge writes one to its tier)
+            job = app.build_envelope("test.Echo", {"n": 0}, queue=elsewhere)
+            job = replace(job, attempt=3, replays=2, run_at=now_ms() + 1000)
+            body = codec.encode(app.registry.schema(ENVELOPE), job.to_avro())
+            _put_in_tier(
+                brokers["kafka"].partition("://")[2],
+                f"{prefix}.delay.1s",
+                [(body, [(QUEUE_HEADER, elsewhere)])],
+            )
             await app.enqueue_async("test.Echo", {"n": 1}, queue=queue, delay=1)
             consuming = asyncio.create_task(app.consume([queue], burst=True))
             await asyncio.to_thread(delete_queue, app, elsewhere)
             await asyncio.wait_for(consuming, 60)
-            return job_id
+            return job.id
 
     job_id = run(scenario(), timeout=90)
     assert ran == [1]
@@ -753,6 +764,19 @@ def test_a_delayed_job_whose_queue_was_deleted_as_it_waited_is_dead_lettered_in_
     assert letter.raw is not None
     assert codec.decode(letter.raw, app.registry, app.registry.schema(ENVELOPE))[1]["id"] == job_id
     assert any(f"topic {elsewhere} it wrote to is gone" in r.getMessage() for r in caplog.records)
+
+    # And once the queue is made again, a replay puts the job back as it was: it never ran, so
+    # no `max_replays` holds it back, and its attempt is kept (as RabbitMQ's delay.dlq's are).
+    async def replay() -> list[str]:
+        async with app:
+            await app.apply_topology([queue, elsewhere])
+            report = await app.dead_letters(f"{prefix}.delay.1s").replay(Selection(), max_replays=2)
+            return report.replayed
+
+    assert run(replay(), timeout=60) == [job_id]
+    [back] = read_queue(app, elsewhere)
+    put_back = codec.decode(back, app.registry, app.registry.schema(ENVELOPE))[1]
+    assert (put_back["attempt"], put_back["replays"]) == (3, 3)
 
 
 def test_a_partition_with_an_open_transaction_is_not_read_to_its_end(

@@ -364,10 +364,20 @@ class Committer:
         except KafkaException as abort_failed:
             not_aborted = abort_failed  # (said below, unless a cause that says more is found)
         gone = self._gone(written | set(committed))
-        if gone and self.destinations_may_go and not_aborted is None and not set(gone) & set(committed):
-            self._say(logging.WARNING, "Kafka transaction failed: topic %s it wrote to is gone (%s); "
-                      "where its records go is looked at again", ", ".join(gone), exc)  # fmt: skip
+        if gone and self.destinations_may_go and not set(gone) & set(committed):
             self.gone_destinations = gone
+            if not_aborted is None:
+                self._say(logging.WARNING, "Kafka transaction failed: topic %s it wrote to is gone (%s); "
+                          "where its records go is looked at again", ", ".join(gone), exc)  # fmt: skip
+                return False
+            # (Seen on Kafka 4.2 in one try of four: the abort fenced, the producer done for.)
+            self._say(logging.ERROR, "Kafka transaction failed: topic %s it wrote to is gone (%s), and "
+                      "could not be aborted (%s)", ", ".join(gone), exc, not_aborted)  # fmt: skip
+            self.failure = TransportError(
+                f"Kafka topic {', '.join(gone)} it wrote to is gone, and its transaction could not be"
+                f" aborted ({not_aborted}); a new round looks again where its records go",
+                retriable=True,
+            )
             return False
         if gone:
             # A topic it commits offsets for or publishes to was deleted: the transaction can
