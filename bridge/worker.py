@@ -177,7 +177,7 @@ class Worker:
                 len(self._finishing),
             )
         while self._outliving or self._finishing:
-            await asyncio.wait([*map(asyncio.wrap_future, self._outliving), *self._finishing])
+            await asyncio.wait([*map(_wrapped, self._outliving), *self._finishing])
 
     async def _renew_leases(self) -> None:
         """Renew the keys held by running handlers, a few times per lease.
@@ -245,6 +245,7 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            self._let_go(delivery, (), self._tallies.get(id(delivery), {}))  # (unsettled: it runs again)
             if isinstance(exc, TransportError) and not exc.retriable:  # e.g. its dead-letter queue is gone
                 self._stop_for(delivery, exc)
             else:  # the broker went away: the delivery stays unsettled and comes back
@@ -501,6 +502,8 @@ class Worker:
                 await (running if spec.timeout_s is None else within(spec.timeout_s, running))
             else:
                 await self._in_thread(spec, payload, ctx, lease)
+        except _Raised as carried:  # (a BaseException from a thread: decided as in `async def`)
+            return self._outcome_of_failure(spec, envelope, carried.raised, delivery, lease)
         except Exception as exc:
             if cancelled_here():  # the worker stops, and the handler made its cancellation
                 # into another error (a wrapper's, a cleanup's): cut off, it runs again, at the
@@ -569,6 +572,13 @@ class Worker:
             if lease is None and cancelled_here() and running.running():
                 self._unkeyed_outliving.add(running)  # (the process cannot exit before it ends: said at stop)
                 running.add_done_callback(self._unkeyed_outliving.discard)
+                if timer is not None and clock is not None:  # (nothing waits on the loop for it:
+                    # the loop's timer ended with the loop, and the handler, past its limit, ran on)
+                    timer.cancel()
+                    left_s = max(0.0, timer.when() - asyncio.get_running_loop().time())
+                    limit = threading.Timer(left_s, clock.interrupt)
+                    limit.daemon = True
+                    limit.start()
             if lease is not None and cancelled_here() and not running.cancelled():
                 lease.outlived = True
                 self._outliving.add(running)
@@ -670,11 +680,11 @@ def _job_error(attempt: int, exc: BaseException, now: int) -> JobError:
 def _in_a_thread(
     func: Callable[[Any, JobContext], Any], payload: Any, ctx: JobContext, clock: Interruptible | None
 ) -> Any:
-    """`func(payload, ctx)`, interruptible by `clock` if it has one, with a StopIteration or
-    GeneratorExit it lets out (`next()` on an empty iterator, say) as a RuntimeError: an asyncio
-    future refuses to hold the one, so the await never returned and the job was never settled,
-    and the other ended the awaiting task. (In an `async def` handler, Python makes the same
-    change to a StopIteration.)"""
+    """`func(payload, ctx)`, interruptible by `clock` if it has one, with a StopIteration it
+    lets out (`next()` on an empty iterator, say) as a RuntimeError, as Python makes one out of
+    an `async def` handler, and a GeneratorExit or KeyboardInterrupt carried in `_Raised`: an
+    asyncio future refuses to hold a StopIteration, so the await never returned and the job was
+    never settled; a GeneratorExit ended the awaiting task, and a KeyboardInterrupt the worker."""
     if clock is None:
         return _calling(func, payload, ctx)
     clock.enter()
@@ -687,11 +697,31 @@ def _in_a_thread(
         clock.leave()
 
 
+class _Raised(Exception):
+    """A GeneratorExit or KeyboardInterrupt that a plain handler let out of its thread, carried
+    to the worker in this (see `_in_a_thread`): the job's failure, as in an `async def` handler.
+    (Only the handler raises a KeyboardInterrupt in a worker's thread: no signal reaches it.)"""
+
+    def __init__(self, raised: BaseException) -> None:
+        super().__init__(raised)
+        self.raised = raised
+
+
 def _calling(func: Callable[[Any, JobContext], Any], payload: Any, ctx: JobContext) -> Any:
     try:
         return func(payload, ctx)
-    except (StopIteration, GeneratorExit) as exc:
+    except StopIteration as exc:  # (as Python makes one out of a coroutine)
         raise RuntimeError(f"the handler raised {type(exc).__name__}: {exc}") from exc
+    except (GeneratorExit, KeyboardInterrupt) as exc:
+        raise _Raised(exc) from None
+
+
+def _wrapped(running: Future[None]) -> asyncio.Future[None]:
+    """An asyncio future of a thread's `running`, whose outcome is its thread's business (see
+    `_thread_ended`): a failure it ends with is not also "Future exception was never retrieved"."""
+    wrapped = asyncio.wrap_future(running)
+    wrapped.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return wrapped
 
 
 def _key(envelope: Envelope, delivery: Delivery) -> str | bytes | None:

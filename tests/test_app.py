@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import signal
@@ -19,9 +20,9 @@ import pytest
 import bridge.app
 import bridge.transports
 from bridge import Bridge, JobContext, testing
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, PublishError
 from bridge.transports import Delivery, Transport
-from bridge.worker import Worker
+from bridge.worker import Stats, Worker
 from tests.brokerio import dead_letters
 from tests.conftest import SCHEMAS, run
 
@@ -328,6 +329,15 @@ async def _applied(app: Bridge, queue: str) -> None:
         await app.apply_topology([queue])
 
 
+async def _one_job_until(app: Bridge, stop: asyncio.Event, loops: list[asyncio.AbstractEventLoop]) -> None:
+    """Enqueue a job to `app`'s queue q and consume it until `stop`, the loop in `loops` (for
+    a plain handler to set `stop` with)."""
+    loops.append(asyncio.get_running_loop())
+    async with app:
+        await app.enqueue_async("test.Echo", {"n": 1})
+        await app.consume(["q"], stop=stop)
+
+
 def test_a_stop_says_when_plain_handlers_run_on_past_the_grace_period(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -345,21 +355,105 @@ def test_a_stop_says_when_plain_handlers_run_on_past_the_grace_period(
         release.wait(30)
         ended.set()
 
-    async def scenario() -> None:
-        loops.append(asyncio.get_running_loop())
-        async with app:
-            await app.enqueue_async("test.Echo", {"n": 1})
-            await app.consume(["q"], stop=stop)
-
     try:
         with caplog.at_level(logging.WARNING, logger="bridge.worker"):
-            run(scenario(), timeout=10)
+            run(_one_job_until(app, stop, loops), timeout=10)
         assert not ended.is_set()
         assert "1 handlers run on in threads past the grace period" in caplog.text
         assert "the process exits when they end" in caplog.text
     finally:
         release.set()
     assert ended.wait(5)
+
+
+def test_a_run_whose_settle_failed_is_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a job that fails and is retried, whose first settle fails (the broker went away),
+    # When its consumer stops then, Then that run's retry is not counted: its delivery was
+    # left unsettled, to run again. (It was counted, and counted again when the job ran again.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    stop, tried = asyncio.Event(), asyncio.Event()
+
+    @app.job("test.Echo", queue="q", max_attempts=3)
+    async def failing(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise ConnectionError("down")
+
+    async def scenario() -> Stats:
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1})
+            transport = testing.memory_transport(app)
+
+            async def broker_away(delivery: Delivery, publish: Any = ()) -> bool:
+                tried.set()
+                stop.set()
+                raise PublishError("the broker went away", retriable=True)
+
+            monkeypatch.setattr(transport, "settle", broker_away)
+            return await app.consume(["q"], stop=stop)
+
+    stats = run(scenario(), timeout=10)
+    assert tried.is_set()
+    assert (stats.retried, stats.processed, stats.dead_lettered) == (0, 0, 0)
+
+
+def test_a_plain_handler_cut_off_by_a_stop_keeps_its_time_limit_after_the_loop_closes() -> None:
+    # Given a plain (def) handler without a key, with a 1 s time limit, that would run 20 s,
+    # and a 0.1 s grace period, When its consumer stops as it runs and the event loop closes,
+    # Then the handler is still interrupted at its limit. (The limit was a timer of the loop:
+    # once the loop closed it never fired, and the process waited for the handler to end.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), grace_s=0.1)
+    stop, ended = asyncio.Event(), threading.Event()
+    loops: list[asyncio.AbstractEventLoop] = []
+    ended_by: list[str] = []
+
+    @app.job("test.Echo", queue="q", timeout_s=1)
+    def slow(payload: dict[str, Any], ctx: JobContext) -> None:
+        loops[0].call_soon_threadsafe(stop.set)  # (the consumer stops as it runs)
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                time.sleep(0.01)  # (an interruption lands between two sleeps)
+            ended_by.append("its end")
+        except BaseException as exc:
+            ended_by.append(type(exc).__name__)
+            raise
+        finally:
+            ended.set()
+
+    started = time.monotonic()
+    run(_one_job_until(app, stop, loops), timeout=10)
+    assert ended.wait(10) and ended_by == ["TimeUp"]
+    assert time.monotonic() - started < 5
+
+
+def test_a_keyed_plain_handler_that_fails_after_the_grace_period_logs_no_stray_future_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a keyed plain (def) handler that runs past a 0.1 s grace period, then raises,
+    # When its consumer stops as it runs, Then the stop waits for it and releases its key, and
+    # asyncio logs nothing. (The stop's wait wrapped the thread's future and never read its
+    # failure: "Future exception was never retrieved", with a traceback, at ERROR.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), grace_s=0.1, idempotency="memory://")
+    stop = asyncio.Event()
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    @app.job("test.Echo", queue="q", max_attempts=1)
+    def slow(payload: dict[str, Any], ctx: JobContext) -> None:
+        loops[0].call_soon_threadsafe(stop.set)
+        time.sleep(0.5)  # (its work, past the grace period)
+        raise ValueError("failed late")
+
+    async def scenario() -> list[str]:
+        loops.append(asyncio.get_running_loop())
+        async with app:
+            await app.enqueue_async("test.Echo", {"n": 1}, idempotency_key="k-1")
+            await app.consume(["q"], stop=stop)
+            return [entry.kind for entry in await app.idempotency_keys("test.Echo").show("k-1")]
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        kinds = run(scenario(), timeout=10)
+        gc.collect()
+    assert "run" not in kinds  # (released: a later copy of the job runs)
+    assert "never retrieved" not in caplog.text
 
 
 def test_a_plain_handler_cut_off_while_running_and_since_ended_is_not_reported_at_stop(

@@ -267,11 +267,15 @@ def test_a_handler_raising_what_is_no_exception_dead_letters_its_job_and_the_oth
 def test_a_handler_letting_out_stop_iteration_or_generator_exit_fails_its_job_and_the_others_run(
     make_app: Callable[..., Bridge], queue: str, how: str
 ) -> None:
-    # Given a handler whose `next()` finds nothing for one job (StopIteration) and that raises
-    # GeneratorExit for another, and one worker slot, When three jobs run once each, Then those
-    # two fail (dead-lettered, naming what was raised) and the third runs. (From a plain `def`
-    # handler, StopIteration never reached the worker, as an asyncio future cannot hold it: the
-    # job was never settled and the burst run never ended; GeneratorExit ended the task.)
+    # Given a handler whose `next()` finds nothing for one job (StopIteration), that raises
+    # GeneratorExit for another, and, when plain, KeyboardInterrupt for a third, one worker
+    # slot and 3 attempts, When the jobs run, Then StopIteration is a RuntimeError, retried
+    # (as Python makes it in a coroutine), and the BaseExceptions fail their jobs at once, as
+    # permanent, whether the handler is `async def` or plain; the other job runs.
+    # (From a plain handler, StopIteration never reached the worker, as an asyncio future
+    # cannot hold it: the job was never settled and the burst run never ended; GeneratorExit
+    # ended the task, then was retried as a RuntimeError, where an `async def` handler's was
+    # permanent; KeyboardInterrupt, which no signal raises in a worker's thread, ended the worker.)
     app = make_app(concurrency=1)
     runs: list[int] = []
 
@@ -281,16 +285,21 @@ def test_a_handler_letting_out_stop_iteration_or_generator_exit_fails_its_job_an
             next(n for n in range(3) if n > 5)
         if payload["n"] == 2:
             raise GeneratorExit("closed")
+        if payload["n"] == 4:
+            raise KeyboardInterrupt("the handler's own")
 
     async def in_loop(payload: dict[str, Any], ctx: JobContext) -> None:
         stop(payload, ctx)
 
-    app.job("test.Echo", queue=queue, max_attempts=1)(in_loop if how == "async" else stop)
-    run(enqueue_and_drain(app, *({"payload": {"n": n}} for n in (1, 2, 3))), timeout=30)
-    assert sorted(runs) == [1, 2, 3]
-    details = sorted(letter.detail for letter in dead_letters(app, queue))
-    assert len(details) == 2
-    assert "GeneratorExit" in details[0] and "StopIteration" in details[1], details
+    app.job("test.Echo", queue=queue, max_attempts=3, backoff=fixed(0))(in_loop if how == "async" else stop)
+    jobs = (1, 2, 3) if how == "async" else (1, 2, 3, 4)  # (in the loop's thread, it is a Ctrl-C's)
+    run(enqueue_and_drain(app, *({"payload": {"n": n}} for n in jobs)), timeout=30)
+    assert sorted(runs) == sorted([1, 1, *jobs])
+    letters = sorted((letter.reason, letter.detail) for letter in dead_letters(app, queue))
+    assert [reason for reason, _ in letters] == ["exhausted", "permanent"] + ["permanent"] * (how == "thread")
+    assert "StopIteration" in letters[0][1] and "GeneratorExit: closed" in letters[1][1], letters
+    if how == "thread":
+        assert "KeyboardInterrupt: the handler's own" in letters[2][1]
 
 
 def test_a_handler_cannot_change_its_jobs_headers_or_errors(queue: str) -> None:
