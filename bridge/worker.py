@@ -53,7 +53,14 @@ from bridge.jobs import JobContext, JobSpec
 from bridge.policy import Decision, GiveUp, decide, keep_recent, tier_for
 from bridge.registry import DEAD_LETTER, ENVELOPE
 from bridge.time_limits import Interruptible, TimeUp, past, within
-from bridge.transports.base import Delivery, Outgoing, Transport, cancelled_here, dlq_name
+from bridge.transports.base import (
+    Delivery,
+    Outgoing,
+    Transport,
+    cancelled_here,
+    dlq_name,
+    take_back_stray_cancels,
+)
 
 if TYPE_CHECKING:
     from bridge.app import Bridge
@@ -496,12 +503,21 @@ class Worker:
         self, spec: JobSpec, payload: Any, envelope: Envelope, delivery: Delivery, lease: Lease | None = None
     ) -> Sequence[Outgoing]:
         ctx = JobContext(envelope, lease.transaction if lease else None)
+        task = asyncio.current_task()
+        asked = task.cancelling() if task else 0
         try:
-            if spec.is_async:
-                running = spec.func(payload, ctx)
-                await (running if spec.timeout_s is None else within(spec.timeout_s, running))
-            else:
-                await self._in_thread(spec, payload, ctx, lease)
+            try:
+                if spec.is_async:
+                    running = spec.func(payload, ctx)
+                    await (running if spec.timeout_s is None else within(spec.timeout_s, running))
+                else:
+                    await self._in_thread(spec, payload, ctx, lease)
+            except asyncio.CancelledError:
+                raise  # (a stop's, or the handler's own: told apart below)
+            except BaseException:
+                _take_back_stray_cancels(task, asked, envelope)
+                raise
+            _take_back_stray_cancels(task, asked, envelope)
         except _Raised as carried:  # (a BaseException from a thread: decided as in `async def`)
             return self._outcome_of_failure(spec, envelope, carried.raised, delivery, lease)
         except Exception as exc:
@@ -714,6 +730,16 @@ def _calling(func: Callable[[Any, JobContext], Any], payload: Any, ctx: JobConte
         raise RuntimeError(f"the handler raised {type(exc).__name__}: {exc}") from exc
     except (GeneratorExit, KeyboardInterrupt) as exc:
         raise _Raised(exc) from None
+
+
+def _take_back_stray_cancels(task: asyncio.Task[Any] | None, before: int, envelope: Envelope) -> None:
+    """Withdraw the cancel requests that a handler, which then ended without a CancelledError,
+    left on its task (see `take_back_stray_cancels`), saying so."""
+    if take_back_stray_cancels(task, before):
+        log.warning(
+            "%s left its task cancelled, as a timeout helper that does not uncancel it does "
+            "(async-timeout on Python 3.11): taken back", _job(envelope),
+        )  # fmt: skip
 
 
 def _wrapped(running: Future[None]) -> asyncio.Future[None]:

@@ -302,6 +302,43 @@ def test_a_handler_letting_out_stop_iteration_or_generator_exit_fails_its_job_an
         assert "KeyboardInterrupt: the handler's own" in letters[2][1]
 
 
+@pytest.mark.parametrize("then", ["raises", "returns"])
+def test_a_handler_that_leaves_its_task_cancelled_fails_or_succeeds_and_the_others_run(
+    make_app: Callable[..., Bridge], queue: str, then: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a handler that, for one job, cancels its own task and turns the CancelledError into
+    # a TimeoutError without `uncancel()` (as async-timeout does on Python 3.11), then lets it
+    # out or returns, and one worker slot, When three jobs run once each, Then that job fails
+    # (or succeeds), saying its task was left cancelled, and the other two run. (The request
+    # read as a stop: the job was neither failed nor settled, its worker task ended, and with no
+    # slot left the burst run never ended.)
+    app = make_app(concurrency=1)
+    runs: list[int] = []
+
+    @app.job("test.Echo", queue=queue, max_attempts=1)
+    async def leaky(payload: dict[str, Any], ctx: JobContext) -> None:
+        runs.append(payload["n"])
+        if payload["n"] == 1:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()  # (the helper's timer)
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if then == "raises":
+                    raise TimeoutError("the helper's timeout") from None
+
+    with caplog.at_level(logging.WARNING, logger="bridge.worker"):
+        run(enqueue_and_drain(app, *({"payload": {"n": n}} for n in (1, 2, 3))), timeout=60)
+    assert sorted(runs) == [1, 2, 3]
+    letters = [
+        (letter.reason, "TimeoutError: the helper's timeout" in letter.detail)
+        for letter in dead_letters(app, queue)
+    ]
+    assert letters == ([("exhausted", True)] if then == "raises" else [])
+    assert "left its task cancelled" in caplog.text
+
+
 def test_a_handler_cannot_change_its_jobs_headers_or_errors(queue: str) -> None:
     # Given a handler that tries to write into its context's headers and errors, then fails,
     # When its job runs with max_attempts=2, Then the writes to errors raise, the headers it

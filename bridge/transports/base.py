@@ -12,6 +12,7 @@ import asyncio
 import logging
 import re
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from contextlib import suppress
@@ -60,6 +61,25 @@ def cancelled_here() -> bool:
     connection it finds stuck, for one)."""
     task = asyncio.current_task()
     return task is None or task.cancelling() > 0
+
+
+# The tasks that `InFlight.finish` cut off: the only ones bridge cancels while a handler runs.
+_CUT_OFF: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+
+def take_back_stray_cancels(task: asyncio.Task[Any] | None, before: int) -> int:
+    """Withdraw the cancel requests made of `task` since it had `before` of them, unless a stop
+    cut it off; for a handler that ended without a CancelledError. They are its own, left by a
+    timeout helper that cancels its task and turns the CancelledError into a TimeoutError
+    without `uncancel()` (async-timeout on Python 3.11). Left, they read as a stop: the job was
+    neither failed nor settled, and its worker task ended, until none was left. How many were
+    withdrawn."""
+    if task is None or task in _CUT_OFF:
+        return 0
+    stray = task.cancelling() - before
+    for _ in range(stray):
+        task.uncancel()
+    return max(stray, 0)
 
 
 def unheard() -> None:
@@ -318,6 +338,7 @@ class InFlight:
         late = self._count
         tasks = [*self._workers, *self._callers]
         for task in tasks:
+            _CUT_OFF.add(task)
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
