@@ -379,6 +379,36 @@ def test_a_letter_larger_than_this_process_writes_is_read_not_undecodable() -> N
 
 
 @pytest.mark.parametrize("broker", ["rabbitmq", "kafka"], indirect=True)
+def test_a_letter_larger_than_this_process_writes_is_replayed_and_runs(
+    make_app: Callable[..., Bridge], queue: str
+) -> None:
+    # Given workers with max_message_bytes of 8 MiB whose job of 2 MiB was dead-lettered, and a
+    # tool with the default (1 MiB), When the tool replays it, Then the job goes back and runs.
+    # (On Kafka the tool's producer refused a record over its own limit: the replay ended with
+    # an error at that letter, every time.)
+    workers, tool = make_app(max_message_bytes=8 * 1024 * 1024, partitions=1), make_app()
+    failing, ran = [True], []
+
+    @workers.job("test.Echo", queue=queue)
+    async def large(payload: dict[str, Any], ctx: JobContext) -> None:
+        if failing:
+            raise Permanent("not yet")
+        ran.append(len(payload["text"]))
+
+    async def scenario() -> None:
+        async with workers, tool:
+            await workers.apply_topology()
+            job_id = await workers.enqueue_async("test.Echo", {"n": 1, "text": "x" * (2 * 1024 * 1024)})
+            await workers.consume(burst=True)
+            assert (await tool.dead_letters(queue).replay(Selection())).replayed == [job_id]
+            failing.clear()
+            await workers.consume(burst=True)
+
+    run(scenario(), timeout=120)
+    assert ran == [2 * 1024 * 1024]
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq", "kafka"], indirect=True)
 def test_a_letter_whose_queue_is_no_queue_is_refused_and_the_others_replayed(
     make_app: Callable[..., Bridge], queue: str
 ) -> None:

@@ -32,7 +32,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not in its 
     ResourceType,
 )
 
-from bridge.config import Settings
+from bridge.config import LARGEST_LETTER_BYTES, Settings
 from bridge.envelope import iso_ms
 from bridge.errors import ConfigError, PublishError, PublishUnconfirmed, TransportError
 from bridge.names import is_dead_letters, tier_queue
@@ -936,7 +936,15 @@ class KafkaTransport:
 
     async def sweep(self, queue: str, decide: Decide, removed: Callable[[], None] = unheard) -> int:
         await self._require_topics([queue, done_topic(queue)])
-        producer = new_producer(self._common, {"transactional.id": f"{self.settings.prefix}.sweep.{queue}"})
+        # Any record a worker wrote goes back, whatever this process's own max_message_bytes:
+        # a larger one was refused here, and ended every replay at that letter.
+        producer = new_producer(
+            self._common,
+            {
+                "transactional.id": f"{self.settings.prefix}.sweep.{queue}",
+                "message.max.bytes": LARGEST_LETTER_BYTES,
+            },
+        )
         with mapped(f"could not start a transaction on {queue}"):
             # Fences any other sweep of this queue (its open transaction is aborted) before the
             # done marks are read, so two runs can never both act on the same record.
