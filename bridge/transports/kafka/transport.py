@@ -931,8 +931,7 @@ class KafkaTransport:
     async def browse(self, queue: str) -> list[bytes]:
         await self._require_topics([queue, done_topic(queue)])
         done = await asyncio.to_thread(self._done_keys, done_topic(queue))
-        records = await asyncio.to_thread(self._read_topic, queue)
-        return [body or b"" for name, _, body in records if name not in done]
+        return [body or b"" for _, _, body in await asyncio.to_thread(self._read_topic, queue, done)]
 
     async def sweep(self, queue: str, decide: Decide, removed: Callable[[], None] = unheard) -> int:
         await self._require_topics([queue, done_topic(queue)])
@@ -951,9 +950,7 @@ class KafkaTransport:
             await asyncio.to_thread(producer.init_transactions, METADATA_TIMEOUT_S * 6)
         done = await asyncio.to_thread(self._done_keys, done_topic(queue))
         count = 0
-        for name, key, body in await asyncio.to_thread(self._read_topic, queue):
-            if name in done:
-                continue
+        for name, key, body in await asyncio.to_thread(self._read_topic, queue, done):
             try:
                 publish = await decide(body or b"", key)
             except SweepStopped:
@@ -988,9 +985,13 @@ class KafkaTransport:
         if self._producer.flush(METADATA_TIMEOUT_S * 6):
             raise TransportError(f"Kafka did not take the clearing of {', '.join(topics)}")
 
-    def _read_topic(self, topic: str) -> list[tuple[str, bytes | None, bytes | None]]:
-        """Every committed record of `topic` as (its name, key, value). A record is named by
-        `partition:offset`, or in a `.done` topic by its key (the record it marks)."""
+    def _read_topic(
+        self, topic: str, done: Collection[str] = ()
+    ) -> list[tuple[str, bytes | None, bytes | None]]:
+        """Every committed record of `topic` as (its name, key, value), but those named in
+        `done`: a record is named by `partition:offset`, or in a `.done` topic by its key (the
+        record it marks). (A dead-letter topic keeps every letter for good: those replayed or
+        purged are not held in memory, which every `bridge dlq` command filled with them.)"""
         assert self._producer is not None
         metadata = self._producer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
         start = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.topics[topic].partitions]
@@ -1000,7 +1001,8 @@ class KafkaTransport:
             key = record.key()
             marked = key if topic.endswith(".done") else None
             name = marked.decode() if isinstance(marked, bytes) else marked or f"{partition}:{offset}"
-            records.append((name, key, record.value()))
+            if name not in done:
+                records.append((name, key, record.value()))
         return records
 
     # -- topology --------------------------------------------------------------------------
