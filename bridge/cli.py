@@ -438,15 +438,19 @@ async def _run_until_signalled(app: Bridge, queues: list[str], *, burst: bool) -
 
 
 def _on_signals(
-    first: Callable[[], None], *, stopping: str, exiting: str, tell: Callable[[str], None] = log.info
+    first: Callable[[], None],
+    *,
+    stopping: str,
+    exiting: str | Callable[[], str],
+    tell: Callable[[str], None] = log.info,
 ) -> None:
     """First SIGTERM or SIGINT: `first()`, to stop gracefully, telling `stopping`. Second: log
-    `exiting` and exit at once."""
+    `exiting` (or what it returns then) and exit at once."""
     loop = asyncio.get_running_loop()
 
     def handle(signum: int) -> None:
         if getattr(handle, "seen", False):
-            log.warning(exiting)
+            log.warning(exiting if isinstance(exiting, str) else exiting())
             os._exit(128 + signum)
         handle.seen = True  # type: ignore[attr-defined]
         tell(stopping)
@@ -580,8 +584,14 @@ def _stoppable(
     leaves a true account: what `done()` says, printed with "stopped" before."""
 
     async def sweep() -> None:
+        # (On RabbitMQ a letter whose job went back, but whose ack had not, stays: the next run
+        # puts its job back again. Kafka aborts the transaction of both.)
+        def exiting() -> str:
+            return (f"second signal: stopped at once, after {done()}; a letter in hand whose job "
+                    "was put back may be replayed again by the next run")  # fmt: skip
+
         _on_signals(stop.set, stopping="stopping after the letter in hand (again to stop at once)",
-                    exiting="second signal: stopped at once", tell=_say)  # fmt: skip
+                    exiting=exiting, tell=_say)  # fmt: skip
         await _closing(app, work)
 
     told = done()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import pty
 import re
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -841,3 +844,30 @@ def test_ctrl_d_at_a_confirmation_is_a_no(command: list[str], tmp_path: Path) ->
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 1, seen
     assert b"Traceback" not in seen, seen
+
+
+def test_a_second_signal_says_what_was_done_by_then(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a command stopping on its first signal, whose exit line says what it has done so far,
+    # When a second signal comes after more was done, Then the line says what was done by then,
+    # and the process exits at once with 128 + the signal. (A dlq replay said only "stopped at
+    # once", its last letter's fate untold.)
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    done = ["replayed 0"]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        cli._on_signals(stop.set, stopping="stopping", exiting=lambda: f"exiting after {done[0]}")
+        signal.raise_signal(signal.SIGINT)
+        await stop.wait()
+        done[0] = "replayed 2"
+        signal.raise_signal(signal.SIGINT)
+        while not exits:
+            await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.WARNING, logger="bridge"):
+        asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert exits == [128 + signal.SIGINT]
+    assert "exiting after replayed 2" in caplog.text
