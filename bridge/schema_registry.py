@@ -38,6 +38,10 @@ from bridge.registry import DEAD_LETTER, ENVELOPE, SchemaDirectory, full_name_of
 NOT_FOUND_RETRY_S = 30.0  # an id the registry did not know is asked again after this long
 MAX_REFUSED = 10_000
 REQUEST_TIMEOUT_S = 10.0  # for each HTTP request (the client tries a request up to 4 times)
+# 4xx answers that say the registry is busy, not that it refuses: a request timeout, a rate
+# limit. Read as refusals, a 429 dead-lettered good jobs as `unknown_schema` for 30 s.
+BUSY = {408, 425, 429}
+SAID_CHARS = 300  # of a registry's error message, in bridge's own
 
 
 def _subject(name: str) -> str:
@@ -81,11 +85,14 @@ class HttpRegistry:
     # -- Registry ------------------------------------------------------------------------
 
     def schema(self, name: str) -> Schema:
-        """This app's version of `name`; bridge's own records are registered on first use."""
+        """This app's version of `name`; bridge's own records are registered on first use,
+        unless the registry has them (a worker needs no right to write there: it was refused
+        with read-only credentials, or by a registry in read-only mode)."""
         if name not in self._schemas:
             self._known.add(name)
             if name.startswith("bridge."):
-                self._schemas[name] = self._register(self.local.schema(name))
+                found = self._with_id(self.local.schema(name))
+                self._schemas[name] = found if found.schema_id is not None else self._register(found)
             elif name in self.local.job_types():
                 self._schemas[name] = self._with_id(self.local.schema(name))
             else:
@@ -271,7 +278,7 @@ class HttpRegistry:
             raise UnknownSchema(f"schema id {schema_id} is a {kind} schema, not an Avro one")
         try:
             definition = json.loads(fetched.schema_str)
-        except (ValueError, RecursionError) as exc:
+        except (ValueError, RecursionError, TypeError) as exc:  # (TypeError: no schema in the answer)
             why = "nested too deeply" if isinstance(exc, RecursionError) else exc
             raise UnknownSchema(f"schema id {schema_id} is not JSON, so no Avro schema: {why}") from None
         name = full_name_of(definition)
@@ -333,11 +340,17 @@ class HttpRegistry:
                     f"registry {self.shown_url} refused the request ({exc.http_status_code} "
                     f"{exc.error_message}): check the user and password in its URL"
                 ) from None
-            if 400 <= exc.http_status_code < 500:
-                raise _Rejected(exc.error_message) from None
-            raise RegistryUnavailable(f"schema registry at {self.shown_url}: {exc.error_message}") from None
+            said = _cut(exc.error_message)  # (a proxy's error page can be megabytes, logged per job)
+            if 400 <= exc.http_status_code < 500 and exc.http_status_code not in BUSY:
+                raise _Rejected(said) from None
+            raise RegistryUnavailable(f"schema registry at {self.shown_url}: {said}") from None
         except Exception as exc:  # httpx's connection and timeout errors
             raise RegistryUnavailable(f"schema registry at {self.shown_url} did not answer: {exc}") from None
+
+
+def _cut(text: Any) -> str:
+    text = str(text)
+    return text if len(text) <= SAID_CHARS else f"{text[:SAID_CHARS]}... ({len(text):,} characters)"
 
 
 def _client(url: str) -> Any:

@@ -30,7 +30,7 @@ from bridge.cli import main
 from bridge.dlq import ReplayReport, Selection
 from bridge.envelope import Envelope
 from bridge.errors import ConfigError, RegistryUnavailable, SchemaError, UnknownSchema
-from bridge.registry import ENVELOPE, SchemaDirectory
+from bridge.registry import DEAD_LETTER, ENVELOPE, SchemaDirectory
 from bridge.schema_registry import HttpRegistry
 from bridge.transports import Outgoing
 from bridge.worker import Stats
@@ -504,8 +504,8 @@ class HoldingRegistry(http.server.ThreadingHTTPServer):
 
     HOLD_S = 30.0
 
-    def __init__(self, target: str, held: int) -> None:
-        super().__init__(("127.0.0.1", 0), _Forward)
+    def __init__(self, target: str, held: int, handler: type[_Forward] | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), handler or _Forward)
         parts = urlsplit(target)
         self.target, self.held = f"{parts.scheme}://{parts.netloc}", held
         self.asked, self.release, self.answered = threading.Event(), threading.Event(), threading.Event()
@@ -744,3 +744,88 @@ def test_a_registered_schema_nested_too_deeply_to_parse_is_an_unknown_schema() -
     registry = HttpRegistry("http://127.0.0.1:1", SchemaDirectory(SCHEMAS), client=Client())
     with pytest.raises(UnknownSchema, match="schema id 10 is not JSON, so no Avro schema: nested too deeply"):
         codec.decode(b"\x00" + (10).to_bytes(4, "big") + b"\x02", registry)
+
+
+@pytest.mark.parametrize("status", [429, 408])
+def test_a_registry_too_busy_to_answer_is_unavailable_not_a_refusal(
+    status: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a registry that answers every request with a rate limit (429) or a request timeout
+    # (408), with a 50,000-character page, When a schema id is asked for, Then the registry is
+    # unavailable, in a message cut short, and nothing is remembered as refused: a job naming
+    # that id waits for the registry and runs. (A 429 read as "the registry has none": every
+    # job naming that id for 30 s was dead-lettered `unknown_schema`, each logging the page.)
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            answer(self, status, json.dumps({"error_code": status, "message": "slow down " * 5000}).encode())
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class NoWaits:  # (the client's own retries of a 429 would wait seconds)
+        def __init__(self, url: str) -> None:
+            self.opened = SchemaRegistryClient({"url": url, "max.retries": 0})
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.opened, name)
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        registry = HttpRegistry(url, SchemaDirectory(SCHEMAS), client=NoWaits(url))
+        with pytest.raises(RegistryUnavailable) as raised:
+            registry.by_id(7)
+        server.shutdown()
+    assert "slow down" in str(raised.value) and len(str(raised.value)) < 500
+    assert not registry.cached(7)
+
+
+def test_a_registry_answer_without_a_schema_is_an_unknown_schema() -> None:
+    # Given a registry whose answer for schema id 10 holds no schema text (a stand-in client),
+    # When a message framed with that id is decoded, Then it raises UnknownSchema, which
+    # dead-letters its job. (json.loads(None) raised a TypeError: a traceback in the CLI, and
+    # in the worker the path of a bug of its own, the job sent round the shortest tier.)
+    class Client:
+        def get_schema(self, schema_id: int) -> SimpleNamespace:
+            return SimpleNamespace(schema_str=None, references=[], schema_type="AVRO")
+
+        def __exit__(self, *exc: object) -> None: ...
+
+    registry = HttpRegistry("http://127.0.0.1:1", SchemaDirectory(SCHEMAS), client=Client())
+    with pytest.raises(UnknownSchema, match="schema id 10 is not JSON, so no Avro schema"):
+        codec.decode(b"\x00" + (10).to_bytes(4, "big") + b"\x02", registry)
+
+
+class _ReadOnly(_Forward):
+    """Forwards reads and lookups; refuses a registration as read-only credentials would."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if urlsplit(self.path).path.endswith("/versions"):
+            self.server.asked.set()
+            answer(
+                self,
+                403,
+                json.dumps({"error_code": 40301, "message": "User cannot access the resource."}).encode(),
+            )
+        else:
+            self._forward(body)
+
+
+def test_a_worker_needs_no_right_to_write_to_a_registry_that_has_bridges_records(
+    registry_url: str, client: SchemaRegistryClient
+) -> None:
+    # Given a registry holding bridge's own records, behind credentials that may read and look
+    # up but not register, When a worker's registry asks for the envelope's and the dead
+    # letter's schemas, Then it gets their ids, and never asks to register. (Each was registered
+    # on first use: a worker with read-only credentials stopped at start, told to check them.)
+    local = SchemaDirectory()
+    for name in (ENVELOPE, DEAD_LETTER):
+        client.register_schema(name, RegistrySchema(json.dumps(local.schema(name).definition), "AVRO"))
+    proxy = HoldingRegistry(registry_url, held=0, handler=_ReadOnly)
+    try:
+        registry = HttpRegistry(proxy.url + urlsplit(registry_url).path, SchemaDirectory())
+        ids = [registry.schema(name).schema_id for name in (ENVELOPE, DEAD_LETTER)]
+    finally:
+        proxy.close()
+    assert None not in ids and not proxy.asked.is_set()
