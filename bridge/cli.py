@@ -540,7 +540,14 @@ def _dlq_replay(args: argparse.Namespace) -> int:
         said = f"{verb} {len(report.replayed)}, refused {len(report.refused)}"
         return said + (f", {len(report.copies)} copies of replayed letters removed" if report.copies else "")
 
-    if _stoppable(app, work, stop, summary):
+    # (On RabbitMQ a letter whose job went back, but whose ack had not, stays: the next run
+    # puts its job back again. Kafka aborts the transaction of both.)
+    in_hand = (
+        ""
+        if args.dry_run or app.settings.require_broker().startswith("kafka")
+        else ("; the letter in hand, if its job was put back, may be replayed again by the next run")
+    )
+    if _stoppable(app, work, stop, summary, in_hand):
         return 130
     print(summary(), file=sys.stderr)
     found = [*report.replayed, *(letter_id for letter_id, _ in report.refused), *report.copies]
@@ -576,19 +583,21 @@ def _not_found(args: argparse.Namespace, found: Collection[str]) -> bool:
 
 
 def _stoppable(
-    app: Bridge, work: Coroutine[Any, Any, Any], stop: asyncio.Event, done: Callable[[], str]
+    app: Bridge,
+    work: Coroutine[Any, Any, Any],
+    stop: asyncio.Event,
+    done: Callable[[], str],
+    in_hand: str = "",
 ) -> bool:
     """Run a dlq sweep that Ctrl-C (or SIGTERM) stops after the letter in hand; whether it was.
 
     Each letter is told as it goes, so a sweep stopped by a signal, or by a broker lost,
-    leaves a true account: what `done()` says, printed with "stopped" before."""
+    leaves a true account: what `done()` says, printed with "stopped" before. A second signal
+    exits at once, saying `done()` and `in_hand`."""
 
     async def sweep() -> None:
-        # (On RabbitMQ a letter whose job went back, but whose ack had not, stays: the next run
-        # puts its job back again. Kafka aborts the transaction of both.)
         def exiting() -> str:
-            return (f"second signal: stopped at once, after {done()}; a letter in hand whose job "
-                    "was put back may be replayed again by the next run")  # fmt: skip
+            return f"second signal: stopped at once, after {done()}{in_hand}"
 
         _on_signals(stop.set, stopping="stopping after the letter in hand (again to stop at once)",
                     exiting=exiting, tell=_say)  # fmt: skip

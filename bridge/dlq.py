@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge import codec
 from bridge.config import LARGEST_LETTER_BYTES
-from bridge.envelope import MAX_INT, UNROUTABLE, DeadLetter, Envelope, now_ms
+from bridge.envelope import LONGEST_S, MAX_INT, UNROUTABLE, DeadLetter, Envelope, now_ms
 from bridge.errors import BridgeError, ConfigError, DecodeError, RegistryUnavailable, UnknownSchema
 from bridge.names import is_dead_letters, job_queue_of, name_problem
 from bridge.registry import DEAD_LETTER, ENVELOPE, own_schema
@@ -302,7 +302,10 @@ class DeadLetters:
         else:
             # A `run_at` still ahead is kept: a job dead-lettered before it was due (of a type
             # no worker knew then, say) ran at once when replayed, days early.
-            run_at = envelope.run_at if (envelope.run_at or 0) > now_ms() else None
+            # (Not one past any delay bridge takes, a time in µs from another producer, say:
+            # its every replay was dead-lettered again, a replay spent each time.)
+            ahead_ms = (envelope.run_at or 0) - now_ms()
+            run_at = envelope.run_at if 0 < ahead_ms <= LONGEST_S * 1000 else None
             fresh = replace(envelope, attempt=1, run_at=run_at, expires_at=None, replays=envelope.replays + 1)
         single = letter.startswith(codec.SINGLE_OBJECT_MAGIC)
         schema = own_schema(ENVELOPE) if single else self.app.registry.schema(ENVELOPE)

@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from bridge.errors import TimeLimitExceeded
+from bridge.transports.base import cut_off
 
 
 class TimeUp(BaseException):
@@ -35,6 +36,13 @@ async def within(limit_s: float, running: Coroutine[Any, Any, Any]) -> None:
             await running
     except Exception as exc:  # (a stop's cancellation is no Exception: it goes on as it came)
         if timer.expired():
+            raise past(limit_s) from exc
+        raise
+    except asyncio.CancelledError as exc:
+        # The limit's, let through because the handler left a cancel request of its own on
+        # the task (see `take_back_stray_cancels`, which the worker then withdraws); a stop's
+        # goes on as it came.
+        if timer.expired() and not cut_off(asyncio.current_task()):
             raise past(limit_s) from exc
         raise
 

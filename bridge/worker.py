@@ -58,6 +58,7 @@ from bridge.transports.base import (
     Outgoing,
     Transport,
     cancelled_here,
+    cut_off,
     dlq_name,
     take_back_stray_cancels,
 )
@@ -515,9 +516,9 @@ class Worker:
             except asyncio.CancelledError:
                 raise  # (a stop's, or the handler's own: told apart below)
             except BaseException:
-                _take_back_stray_cancels(task, asked, envelope)
+                await _take_back_stray_cancels(task, asked, envelope)
                 raise
-            _take_back_stray_cancels(task, asked, envelope)
+            await _take_back_stray_cancels(task, asked, envelope)
         except _Raised as carried:  # (a BaseException from a thread: decided as in `async def`)
             return self._outcome_of_failure(spec, envelope, carried.raised, delivery, lease)
         except Exception as exc:
@@ -588,8 +589,9 @@ class Worker:
             if lease is None and cancelled_here() and running.running():
                 self._unkeyed_outliving.add(running)  # (the process cannot exit before it ends: said at stop)
                 running.add_done_callback(self._unkeyed_outliving.discard)
-                if timer is not None and clock is not None:  # (nothing waits on the loop for it:
-                    # the loop's timer ended with the loop, and the handler, past its limit, ran on)
+                if timer is not None and clock is not None and not clock.interrupted:  # (nothing
+                    # waits on the loop for it: the loop's timer ended with the loop, and the
+                    # handler, past its limit, ran on; once interrupted, it is not again)
                     timer.cancel()
                     left_s = max(0.0, timer.when() - asyncio.get_running_loop().time())
                     limit = threading.Timer(left_s, clock.interrupt)
@@ -732,14 +734,22 @@ def _calling(func: Callable[[Any, JobContext], Any], payload: Any, ctx: JobConte
         raise _Raised(exc) from None
 
 
-def _take_back_stray_cancels(task: asyncio.Task[Any] | None, before: int, envelope: Envelope) -> None:
+async def _take_back_stray_cancels(task: asyncio.Task[Any] | None, before: int, envelope: Envelope) -> None:
     """Withdraw the cancel requests that a handler, which then ended without a CancelledError,
-    left on its task (see `take_back_stray_cancels`), saying so."""
-    if take_back_stray_cancels(task, before):
-        log.warning(
-            "%s left its task cancelled, as a timeout helper that does not uncancel it does "
-            "(async-timeout on Python 3.11): taken back", _job(envelope),
-        )  # fmt: skip
+    left on its task (see `take_back_stray_cancels`), saying so. One not delivered yet (made
+    in the handler's last step) is taken here: it would land at the worker's next await."""
+    if not take_back_stray_cancels(task, before):
+        return
+    log.warning(
+        "%s left its task cancelled, as a timeout helper that does not uncancel it does "
+        "(async-timeout before 4.0.3, on Python 3.11): taken back", _job(envelope),
+    )  # fmt: skip
+    if getattr(task, "_must_cancel", False):
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            if cut_off(task):  # (a stop came meanwhile)
+                raise
 
 
 def _wrapped(running: Future[None]) -> asyncio.Future[None]:

@@ -425,6 +425,38 @@ def test_a_plain_handler_cut_off_by_a_stop_keeps_its_time_limit_after_the_loop_c
     assert time.monotonic() - started < 5
 
 
+def test_a_plain_handler_cut_off_in_the_cleanup_after_its_limit_is_not_interrupted_again() -> None:
+    # Given a plain (def) handler past its 0.5 s limit, which takes the interruption and cleans
+    # up for 1 s, When its consumer stops during that cleanup (0.1 s of grace), Then the cleanup
+    # runs to its end. (The stop's timer, which keeps a cut-off handler's limit once the loop has
+    # closed, interrupted the cleanup too: its limit had passed.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS), grace_s=0.1)
+    stop, ended = asyncio.Event(), threading.Event()
+    loops: list[asyncio.AbstractEventLoop] = []
+    said: list[str] = []
+
+    @app.job("test.Echo", queue="q", timeout_s=0.5)
+    def slow(payload: dict[str, Any], ctx: JobContext) -> None:
+        try:
+            while True:
+                time.sleep(0.01)
+        except BaseException:
+            loops[0].call_soon_threadsafe(stop.set)  # (the consumer stops during the cleanup)
+            try:
+                deadline = time.monotonic() + 1
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)
+                said.append("cleanup done")
+            except BaseException as exc:
+                said.append(f"cleanup cut by {type(exc).__name__}")
+            finally:
+                ended.set()
+            raise
+
+    run(_one_job_until(app, stop, loops), timeout=10)
+    assert ended.wait(10) and said == ["cleanup done"]
+
+
 def test_a_keyed_plain_handler_that_fails_after_the_grace_period_logs_no_stray_future_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

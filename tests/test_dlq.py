@@ -310,14 +310,17 @@ def test_a_delayed_job_kept_past_its_expiry_is_replayed_without_it() -> None:
     run(scenario())
 
 
-@pytest.mark.parametrize("ahead", [True, False], ids=["due-ahead", "due-past"])
-def test_a_replayed_job_keeps_a_due_time_still_ahead(ahead: bool) -> None:
+@pytest.mark.parametrize("due", ["ahead", "past", "in-µs"])
+def test_a_replayed_job_keeps_a_due_time_still_ahead(due: str) -> None:
     # Given a job due in 7 days, dead-lettered before it was due (no worker knew its type then),
-    # or one whose due time has passed, When replayed, Then the first goes back due when it was,
-    # and the second due now. (Each went back with no due time: the first ran at once, 7 days early.)
+    # one whose due time has passed, and one whose due time another producer wrote in µs, When
+    # replayed, Then the first goes back due when it was, and the others due now. (Each went
+    # back with no due time: the first ran at once, 7 days early.)
     app = Bridge(broker="memory://", registry=str(SCHEMAS))
+    ahead = due == "ahead"
     job = app.build_envelope("test.Echo", {"n": 1}, queue="billing")
-    job = replace(job, run_at=now_ms() + (7 * 86_400_000 if ahead else -1_000))
+    run_at = {"ahead": now_ms() + 7 * 86_400_000, "past": now_ms() - 1_000, "in-µs": now_ms() * 1000}[due]
+    job = replace(job, run_at=run_at)
     letter = DeadLetter("unknown_type", "no handler", "billing", now_ms(), envelope=job)
 
     async def scenario() -> None:

@@ -302,40 +302,45 @@ def test_a_handler_letting_out_stop_iteration_or_generator_exit_fails_its_job_an
         assert "KeyboardInterrupt: the handler's own" in letters[2][1]
 
 
-@pytest.mark.parametrize("then", ["raises", "returns"])
+@pytest.mark.parametrize("then", ["raises", "returns", "returns-at-once", "runs-past-its-limit"])
 def test_a_handler_that_leaves_its_task_cancelled_fails_or_succeeds_and_the_others_run(
     make_app: Callable[..., Bridge], queue: str, then: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given a handler that, for one job, cancels its own task and turns the CancelledError into
-    # a TimeoutError without `uncancel()` (as async-timeout does on Python 3.11), then lets it
-    # out or returns, and one worker slot, When three jobs run once each, Then that job fails
-    # (or succeeds), saying its task was left cancelled, and the other two run. (The request
-    # read as a stop: the job was neither failed nor settled, its worker task ended, and with no
-    # slot left the burst run never ended.)
+    # a TimeoutError without `uncancel()` (as async-timeout before 4.0.3 did on Python 3.11),
+    # then lets it out, or returns; or that cancels its task and returns at once (the request
+    # not delivered yet); or that takes the CancelledError in stride and runs past its 0.5 s
+    # limit; and one worker slot, When three jobs run once each, Then that job fails (or
+    # succeeds, or fails with TimeLimitExceeded), saying its task was left cancelled, and the
+    # other two run. (The request read as a stop: the job was neither failed nor settled, its
+    # worker task ended, and with no slot left the burst run never ended.)
     app = make_app(concurrency=1)
     runs: list[int] = []
 
-    @app.job("test.Echo", queue=queue, max_attempts=1)
+    @app.job("test.Echo", queue=queue, max_attempts=1, timeout_s=0.5)
     async def leaky(payload: dict[str, Any], ctx: JobContext) -> None:
         runs.append(payload["n"])
-        if payload["n"] == 1:
-            task = asyncio.current_task()
-            assert task is not None
-            task.cancel()  # (the helper's timer)
-            try:
-                await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                if then == "raises":
-                    raise TimeoutError("the helper's timeout") from None
+        if payload["n"] != 1:
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # (the helper's timer)
+        if then == "returns-at-once":
+            return
+        try:
+            await asyncio.sleep(0.1)
+        except asyncio.CancelledError:
+            if then == "raises":
+                raise TimeoutError("the helper's timeout") from None
+        if then == "runs-past-its-limit":
+            await asyncio.sleep(10)
 
     with caplog.at_level(logging.WARNING, logger="bridge.worker"):
         run(enqueue_and_drain(app, *({"payload": {"n": n}} for n in (1, 2, 3))), timeout=60)
     assert sorted(runs) == [1, 2, 3]
-    letters = [
-        (letter.reason, "TimeoutError: the helper's timeout" in letter.detail)
-        for letter in dead_letters(app, queue)
-    ]
-    assert letters == ([("exhausted", True)] if then == "raises" else [])
+    letters = [(letter.reason, letter.detail.partition(":")[0]) for letter in dead_letters(app, queue)]
+    failed = {"raises": "TimeoutError", "runs-past-its-limit": "TimeLimitExceeded"}
+    assert letters == ([("exhausted", failed[then])] if then in failed else [])
     assert "left its task cancelled" in caplog.text
 
 
@@ -617,7 +622,11 @@ def test_a_burst_run_with_nothing_delayed_says_nothing_of_the_tiers(
 
 def test_delay_longer_than_the_largest_tier_hops(make_app: Callable[..., Bridge], queue: str) -> None:
     # Given tiers of 1 s and 2 s, When a job is delayed 7 s, Then it hops through the tiers
-    # and runs after 7 s, not before, and within 1 s after.
+    # and runs after 7 s, not before, and before one more hop of the largest tier could have
+    # ended. (Idle, it runs a few ms after 7 s: the last hop brings it back less than a tier
+    # early, and the worker waits out the rest. How late it can be is the time its three hops
+    # through the forwarder took beyond the second they leave: with four test sessions on two
+    # cores, 1.15 s once in CI, and a bound of 1 s after failed. That is a speed, for bench/.)
     app = make_app()
     runs: list[tuple[float, float]] = []  # when it started, and when it was enqueued
 
@@ -627,7 +636,7 @@ def test_delay_longer_than_the_largest_tier_hops(make_app: Callable[..., Bridge]
 
     run(enqueue_and_drain(app, {"payload": {"n": 1}, "delay": timedelta(seconds=7)}))
     [(start, enqueued)] = runs
-    assert 7.0 - 0.01 <= start - enqueued <= 8.0 + 0.05
+    assert 7.0 - 0.01 <= start - enqueued < 9.0
     # Sent back to a tier each time it arrived early, not held in the worker's memory.
     assert app.stats is not None
     assert app.stats.delayed >= 2, app.stats

@@ -128,6 +128,7 @@ class Committer:
         self._forgotten: set[TP] = set()
         self._aborted_since: float | None = None  # the first of the tries aborted since one committed
         self._aborted_tries = 0
+        self._aborted_last = 0.0
         self._warned_at = 0.0
 
     async def start(self) -> None:
@@ -432,9 +433,10 @@ class Committer:
         """Say that a transaction was aborted with `error` and is tried again: at INFO, or at
         WARNING once tries have failed for STILL_ABORTED_WARN_S, and that often after."""
         now = time.monotonic()
+        if self._aborted_since is None or now - self._aborted_last > STILL_ABORTED_WARN_S:
+            self._aborted_since, self._aborted_tries = now, 0  # (a try long after the last: anew)
         self._aborted_tries += 1
-        if self._aborted_since is None:
-            self._aborted_since = now
+        self._aborted_last = now
         failing_s = now - self._aborted_since
         if failing_s < STILL_ABORTED_WARN_S or now - self._warned_at < STILL_ABORTED_WARN_S:
             self._say(logging.INFO, "Kafka transaction aborted (%s); it is tried again", error.str())
