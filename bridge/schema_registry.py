@@ -17,6 +17,7 @@ appears on the wire.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import weakref
 from collections.abc import Iterable
@@ -42,6 +43,9 @@ REQUEST_TIMEOUT_S = 10.0  # for each HTTP request (the client tries a request up
 # limit. Read as refusals, a 429 dead-lettered good jobs as `unknown_schema` for 30 s.
 BUSY = {408, 425, 429}
 SAID_CHARS = 300  # of a registry's error message, in bridge's own
+
+
+log = logging.getLogger("bridge.registry")
 
 
 def _subject(name: str) -> str:
@@ -148,12 +152,15 @@ class HttpRegistry:
         that cannot read the registry's latest version of its type.
         """
         self.schema(ENVELOPE)
-        self._versions(ENVELOPE)  # other producers' copies of it too
         self.schema(DEAD_LETTER)
         problems = []
+        try:
+            self._versions(ENVELOPE, skip_unreadable=True)  # other producers' copies of it too
+        except UnknownSchema as exc:
+            problems.append(f"{ENVELOPE}: {exc}")
         for name in types:
             try:
-                versions = self._versions(name)
+                versions = self._versions(name, skip_unreadable=True)
             except _Rejected:
                 problems.append(
                     f"{name} is not registered at {self.shown_url} (run `bridge schemas register`)"
@@ -239,13 +246,23 @@ class HttpRegistry:
 
     # -- HTTP ----------------------------------------------------------------------------
 
-    def _versions(self, name: str) -> list[Schema]:
-        """Every registered version of `name`, oldest first; their ids are learnt on the way."""
+    def _versions(self, name: str, *, skip_unreadable: bool = False) -> list[Schema]:
+        """Every registered version of `name`, oldest first; their ids are learnt on the way.
+
+        With `skip_unreadable`, an older version this app cannot read (one with schema
+        references, say) is left out, with a warning: its jobs are dead-lettered
+        `unknown_schema` as they come, and it no longer stops every worker from starting."""
         self._known.add(name)
         schemas = []
-        for version in self._call(self._client.get_versions, name):
+        versions = self._call(self._client.get_versions, name)
+        for n, version in enumerate(versions, start=1):
             registered = self._call(self._client.get_version, name, version)
-            schemas.append(self._fetch(registered.schema_id))
+            try:
+                schemas.append(self._fetch(registered.schema_id))
+            except UnknownSchema as exc:
+                if not skip_unreadable or n == len(versions):
+                    raise
+                log.warning("%s: version %s is left out, as this app cannot read it: %s", name, version, exc)
         return schemas
 
     def _latest(self, name: str) -> Schema:

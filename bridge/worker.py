@@ -261,6 +261,16 @@ class Worker:
         finally:
             self._tallies.pop(id(delivery), None)
 
+    def _refused_by_registry(self, exc: ConfigError) -> None:
+        """Stop, the delivery left unsettled (it runs again once that is fixed): the registry
+        refuses this worker's credentials (they expired, say), or its URL is not a registry's
+        API. Every job would meet it: each was logged as a bug of bridge's, with a traceback,
+        and sent round the shortest tier, again and again."""
+        if self._failure is None:
+            log.error("stopping: %s", exc)
+            self._failure = exc
+        self._stop.set()
+
     def _stop_for(self, delivery: Delivery, exc: TransportError) -> None:
         """Stop consuming, leaving `delivery` unsettled: it runs again once the cause is fixed.
 
@@ -293,6 +303,9 @@ class Worker:
         except RegistryUnavailable as exc:
             log.error("a message from %s waits: %s", delivery.queue, exc)
             return [self._again(delivery)]
+        except ConfigError as exc:  # the registry refuses this worker's credentials, or is no registry
+            self._refused_by_registry(exc)
+            return None
         if delivery.returns >= self.settings.delivery_limit:  # a job that stops its worker
             return [self._dead(delivery, DELIVERY_LIMIT, _returned(delivery), envelope=envelope)]
         if envelope.queue != delivery.queue and await self.transport.missing([envelope.queue]):
@@ -325,6 +338,9 @@ class Worker:
         except RegistryUnavailable as exc:
             log.error("job %s (%s) waits: %s", envelope.id, envelope.type, exc)
             return [self._later(envelope, delivery, 0.0)]
+        except ConfigError as exc:
+            self._refused_by_registry(exc)
+            return None
         if envelope.expires_at is not None or envelope.run_at is not None:  # most jobs have neither
             now = self.app.clock()
             for field, at in (("run_at", envelope.run_at), ("expires_at", envelope.expires_at)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -829,3 +830,92 @@ def test_a_worker_needs_no_right_to_write_to_a_registry_that_has_bridges_records
     finally:
         proxy.close()
     assert None not in ids and not proxy.asked.is_set()
+
+
+@pytest.mark.parametrize("unreadable", ["older", "latest"])
+def test_a_version_the_app_cannot_read_stops_the_start_only_when_it_is_the_latest(
+    unreadable: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a registry (a stand-in client) holding two versions of a handled type, one of them
+    # with schema references, which bridge does not read, When a worker starts, Then an older
+    # such version is left out with a warning, and the latest stops the start, naming it.
+    # (An older one stopped every worker from starting, though only the latest is checked.)
+    local = SchemaDirectory(SCHEMAS)
+    ids = {ENVELOPE: 1, DEAD_LETTER: 2}
+    echo = {3: local.schema("test.Echo").definition, 4: local.schema("test.Echo").definition}
+    referring = 3 if unreadable == "older" else 4
+
+    class Client:
+        def lookup_schema(self, subject: str, schema: Any) -> SimpleNamespace:
+            return SimpleNamespace(schema_id=ids.get(subject, 4))
+
+        def get_versions(self, subject: str) -> list[int]:
+            return [1, 2] if subject == "test.Echo" else [1]
+
+        def get_version(self, subject: str, version: int) -> SimpleNamespace:
+            return SimpleNamespace(schema_id=2 + version if subject == "test.Echo" else ids[subject])
+
+        def get_schema(self, schema_id: int) -> SimpleNamespace:
+            own = {1: local.schema(ENVELOPE).definition, 2: local.schema(DEAD_LETTER).definition}
+            refs = [SimpleNamespace(name="x.Y", subject="x.Y", version=1)] if schema_id == referring else []
+            text = json.dumps({**own, **echo}[schema_id])
+            return SimpleNamespace(schema_str=text, references=refs, schema_type="AVRO")
+
+        def __exit__(self, *exc: object) -> None: ...
+
+    registry = HttpRegistry("http://127.0.0.1:1", local, client=Client())
+    with caplog.at_level(logging.WARNING, logger="bridge.registry"):
+        if unreadable == "older":
+            registry.prepare(["test.Echo"])
+            assert "test.Echo: version 1 is left out" in caplog.text and "references" in caplog.text
+        else:
+            with pytest.raises(ConfigError, match=r"test\.Echo: schema id 4 uses schema references"):
+                registry.prepare(["test.Echo"])
+
+
+def test_a_registry_that_refuses_the_credentials_as_the_worker_runs_stops_it_in_one_line() -> None:
+    # Given a worker whose registry (a stand-in client) answered at start, then refuses its
+    # credentials (401: they expired, say), When a job framed with a schema id it has not
+    # learnt comes, Then consume stops with the registry's refusal, what to check, and the job
+    # is left to run again. (It was logged as a bug of bridge's, with a traceback, and sent round
+    # the shortest tier, for good: each job, each lap.)
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    local = SchemaDirectory(SCHEMAS)
+    ids = {ENVELOPE: 1, DEAD_LETTER: 2, "test.Echo": 3}
+    by_id = {number: local.schema(name).definition for name, number in ids.items()}
+
+    class Client:
+        def lookup_schema(self, subject: str, schema: Any) -> SimpleNamespace:
+            return SimpleNamespace(schema_id=ids[subject])
+
+        def get_versions(self, subject: str) -> list[int]:
+            return [1]
+
+        def get_version(self, subject: str, version: int) -> SimpleNamespace:
+            return SimpleNamespace(schema_id=ids[subject])
+
+        def get_schema(self, schema_id: int) -> SimpleNamespace:
+            if schema_id not in by_id:
+                raise SchemaRegistryError(401, 40101, "Unauthorized")
+            return SimpleNamespace(schema_str=json.dumps(by_id[schema_id]), references=[], schema_type="AVRO")
+
+        def __exit__(self, *exc: object) -> None: ...
+
+    app = Bridge(broker="memory://", registry="http://127.0.0.1:1", schemas=str(SCHEMAS))
+    app._registry = HttpRegistry("http://127.0.0.1:1", local, client=Client())
+
+    @app.job("test.Echo", queue="q")
+    async def echo(payload: dict[str, Any], ctx: JobContext) -> None:
+        pass
+
+    async def scenario() -> None:
+        async with app:
+            unlearnt = b"\x00" + (9).to_bytes(4, "big") + b"\x02"
+            await (await app.transport()).publish(Outgoing("q", unlearnt, None))
+            with pytest.raises(
+                ConfigError, match="refused the request \\(401 Unauthorized\\): check the user"
+            ):
+                await app.consume(["q"], burst=True)
+
+    run(scenario(), timeout=20)
