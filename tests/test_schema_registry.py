@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import itertools
 import json
 import logging
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -919,3 +921,42 @@ def test_a_registry_that_refuses_the_credentials_as_the_worker_runs_stops_it_in_
                 await app.consume(["q"], burst=True)
 
     run(scenario(), timeout=20)
+
+
+def test_an_enqueue_asks_the_registry_off_the_event_loop() -> None:
+    # Given a registry (a stand-in client) that takes 1 s to answer each lookup, When a job of a
+    # type not enqueued before is enqueued, Then the caller's event loop runs on meanwhile, and a
+    # second enqueue of the type asks nothing. (Asked on the loop, a registry slow to answer held
+    # up every task of the caller, a worker's handlers too, up to 41 s when it did not answer.)
+    local = SchemaDirectory(SCHEMAS)
+    ids = {ENVELOPE: 1, DEAD_LETTER: 2, "test.Echo": 3}
+    looked_up: list[str] = []
+
+    class Client:
+        def lookup_schema(self, subject: str, schema: Any) -> SimpleNamespace:
+            looked_up.append(subject)
+            time.sleep(1)
+            return SimpleNamespace(schema_id=ids[subject])
+
+        def __exit__(self, *exc: object) -> None: ...
+
+    app = Bridge(broker="memory://", registry="http://127.0.0.1:1", schemas=str(SCHEMAS))
+    app._registry = HttpRegistry("http://127.0.0.1:1", local, client=Client())
+    ticks: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> None:
+        async with app:
+            ticking = asyncio.create_task(tick())
+            for n in (1, 2):
+                await app.enqueue_async("test.Echo", {"n": n}, queue="q")
+            ticking.cancel()
+
+    run(scenario(), timeout=30)
+    assert sorted(looked_up) == [ENVELOPE, "test.Echo"]
+    assert len(ticks) >= 20, ticks  # (2 s of lookups, a tick each 50 ms)
+    assert max(b - a for a, b in itertools.pairwise(ticks)) < 0.5
