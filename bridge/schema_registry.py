@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.codec import Schema
-from bridge.compatibility import level_problems, read_problems
+from bridge.compatibility import LEVELS, level_problems, read_problems
 from bridge.errors import (
     ConfigError,
     RegistryUnavailable,
@@ -199,7 +199,9 @@ class HttpRegistry:
         except _Rejected:
             return level, []  # a new subject: anything goes
         mine = self.local.schema(name)
-        problems = level_problems(level, mine.definition, older)
+        # (A level bridge does not know, another registry's, say, is the registry's alone to
+        # judge: it was a ValueError's traceback.)
+        problems = level_problems(level, mine.definition, older) if level.upper() in LEVELS else []
         # The registry has the last word; it may apply rules this module does not know.
         if (
             not problems

@@ -960,3 +960,37 @@ def test_an_enqueue_asks_the_registry_off_the_event_loop() -> None:
     assert sorted(looked_up) == [ENVELOPE, "test.Echo"]
     assert len(ticks) >= 20, ticks  # (2 s of lookups, a tick each 50 ms)
     assert max(b - a for a, b in itertools.pairwise(ticks)) < 0.5
+
+
+@pytest.mark.parametrize("registry_says", [True, False], ids=["compatible", "incompatible"])
+def test_check_under_a_level_bridge_does_not_know_is_the_registrys_to_judge(registry_says: bool) -> None:
+    # Given a subject whose compatibility level bridge does not know (another registry's own),
+    # When its schema is checked, Then the registry's answer decides, named with the level.
+    # (bridge's own reading of the level raised a ValueError: a 17-line traceback.)
+    local = SchemaDirectory(SCHEMAS)
+
+    class Client:
+        def get_compatibility(self, subject: str | None = None) -> str:
+            return "SIDEWAYS"
+
+        def get_versions(self, subject: str) -> list[int]:
+            return [1]
+
+        def get_version(self, subject: str, version: int) -> SimpleNamespace:
+            return SimpleNamespace(schema_id=3)
+
+        def get_schema(self, schema_id: int) -> SimpleNamespace:
+            text = json.dumps(local.schema("test.Echo").definition)
+            return SimpleNamespace(schema_str=text, references=[], schema_type="AVRO")
+
+        def test_compatibility(self, subject: str, schema: Any) -> bool:
+            return registry_says
+
+        def __exit__(self, *exc: object) -> None: ...
+
+    registry = HttpRegistry("http://127.0.0.1:1", local, client=Client())
+    level, problems = registry.check("test.Echo")
+    assert level == "SIDEWAYS"
+    assert problems == (
+        [] if registry_says else ["the registry at http://127.0.0.1:1 reports it incompatible (SIDEWAYS)"]
+    )
