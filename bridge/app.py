@@ -65,7 +65,6 @@ class Bridge:
         self._stores: dict[asyncio.AbstractEventLoop, Store] = {}
         self._memory_store: Store | None = None
         self._confirming: set[asyncio.Future[None]] = set()  # dedupe publishes being recorded
-        self._written: set[str] = set()  # job types whose schemas enqueue_async has in hand
         self._warned_closed_loops = False
         self.stats: Stats | None = None  # of the running or the last consume()
 
@@ -84,7 +83,6 @@ class Bridge:
             raise ConfigError("configure() must come before the first enqueue or consume")
         self._overrides.update({k: v for k, v in overrides.items() if v is not None})
         self._settings = self._registry = None
-        self._written.clear()
 
     @property
     def registry(self) -> Registry:
@@ -174,11 +172,11 @@ class Bridge:
         if dedupe and idempotency_key is None:
             raise ConfigError("dedupe=True needs an idempotency_key")
         _check_options(queue, key, idempotency_key, headers, max_attempts)
-        if type not in self._written:
-            # A registry's answers, asked once per type, off the event loop: asked on it, a
-            # registry slow to answer held up every task of the caller's loop, up to 41 s.
+        if not self.registry.ready_to_write(type):
+            # A registry's answers, asked off the event loop: asked on it, a registry slow to
+            # answer held up every task of the caller's loop, up to 41 s. (Only then: a thread
+            # hop for schemas in hand let concurrent enqueues publish in any order.)
             await asyncio.to_thread(self._schemas_for, type)
-            self._written.add(type)
         now = self.clock()
         run_at = _moment(delay, at, now, "delay", "at")
         ends_at = _moment(ttl, expires_at, now, "ttl", "expires_at")
@@ -425,7 +423,6 @@ class Bridge:
         if self._registry is not None:
             self._registry.close()
             self._registry = None  # opened again if used again
-            self._written.clear()
         transport = self._transports.pop(asyncio.get_running_loop(), None)
         if transport is not None:
             await transport.close()

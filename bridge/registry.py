@@ -40,6 +40,10 @@ class Registry(SchemaLookup, Protocol):
         """Whether `by_id(schema_id)` answers without asking a server (so without waiting)."""
         ...
 
+    def ready_to_write(self, name: str) -> bool:
+        """Whether `writer(name)` and the envelope's `schema` answer without asking a server."""
+        ...
+
     def prepare(self, types: Iterable[str]) -> None:
         """Check, before consuming, that the handlers' types can be read; ConfigError if not."""
         ...
@@ -88,6 +92,9 @@ class SchemaDirectory:
         return self._by_fingerprint.get(fingerprint)
 
     def cached(self, schema_id: int) -> bool:
+        return True
+
+    def ready_to_write(self, name: str) -> bool:
         return True
 
     def by_id(self, schema_id: int) -> Schema | None:

@@ -123,6 +123,10 @@ class HttpRegistry:
     def cached(self, schema_id: int) -> bool:
         return schema_id in self._by_id or self._still_refused(schema_id) is not None
 
+    def ready_to_write(self, name: str) -> bool:
+        known = self._schemas.get(name)
+        return known is not None and known.schema_id is not None and ENVELOPE in self._schemas
+
     def by_id(self, schema_id: int) -> Schema | None:
         """The schema registered as `schema_id`, when it is one of a known record."""
         refused = self._still_refused(schema_id)

@@ -19,7 +19,8 @@ import pytest
 
 import bridge.app
 import bridge.transports
-from bridge import Bridge, JobContext, testing
+from bridge import Bridge, JobContext, codec, testing
+from bridge.app import DEFAULT_QUEUE
 from bridge.errors import ConfigError, PublishError
 from bridge.transports import Delivery, Transport
 from bridge.worker import Stats, Worker
@@ -523,3 +524,20 @@ def test_a_plain_handler_cut_off_while_running_and_since_ended_is_not_reported_a
         run(scenario(), timeout=20)
     assert runs == [1, 1]  # (the job ran again, as its redelivery would)
     assert "run on in threads" not in caplog.text
+
+
+def test_enqueues_gathered_on_a_new_app_are_published_in_the_order_they_were_called() -> None:
+    # Given a new app whose schemas are in a directory, When 50 enqueues of one type are gathered,
+    # Then its queue holds them in the order they were called. (Each first enqueue of a type asked
+    # for its schemas in a thread, and they came back in any order: a slow job meant to head its
+    # partition landed anywhere in it.)
+    app = Bridge(broker="memory://", registry=str(SCHEMAS))
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        async with app:
+            ids = await asyncio.gather(*(app.enqueue_async("test.Echo", {"n": n}) for n in range(50)))
+            queued = testing.memory_transport(app).messages(DEFAULT_QUEUE)
+            return list(ids), [codec.decode(body, app.registry)[1]["id"] for body in queued]
+
+    ids, queued = run(scenario())
+    assert queued == ids
