@@ -60,6 +60,14 @@ class _Rejected(ConfigError):
     (A ConfigError where no caller expects it: one line with the registry's answer.)"""
 
 
+class _Forbidden(ConfigError):
+    """The registry refused the request (401, 403): the credentials, or their rights."""
+
+    def __init__(self, message: str, status: int, said: str) -> None:
+        super().__init__(message)
+        self.status, self.said = status, said
+
+
 @dataclass(frozen=True)
 class Subject:
     """One subject as `bridge schemas list` shows it."""
@@ -294,6 +302,16 @@ class HttpRegistry:
             raise UnknownSchema(
                 f"unknown schema id {schema_id}: the registry at {self.shown_url} has none"
             ) from None
+        except _Forbidden as exc:
+            if exc.status != 403 or not self._by_id:
+                raise
+            # This worker read its own ids at start: a 403 now is a right to this id's subject
+            # it lacks (as Confluent's RBAC grants ids), not its credentials. Stopping for it
+            # stopped every consume, at each start, the message never dead-lettered.
+            raise UnknownSchema(
+                f"schema id {schema_id}: the registry at {self.shown_url} refuses this worker to read it "
+                f"(403 {exc.said})"
+            ) from None
         if fetched.references:
             raise UnknownSchema(f"schema id {schema_id} uses schema references, which bridge does not read")
         kind = fetched.schema_type or "AVRO"  # (the registry leaves it out for Avro)
@@ -358,12 +376,14 @@ class HttpRegistry:
                     f"registry {self.shown_url} is not a schema registry's API: it answered 404 without"
                     " a registry error code (for Apicurio, the URL ends in /apis/ccompat/v7)"
                 ) from None
-            if exc.http_status_code in (401, 403):  # (every command that asked was a traceback)
-                raise ConfigError(
-                    f"registry {self.shown_url} refused the request ({exc.http_status_code} "
-                    f"{exc.error_message}): check the user and password in its URL"
-                ) from None
             said = _cut(exc.error_message)  # (a proxy's error page can be megabytes, logged per job)
+            if exc.http_status_code in (401, 403):  # (every command that asked was a traceback)
+                status = exc.http_status_code
+                raise _Forbidden(
+                    f"registry {self.shown_url} refused the request ({status} {said}): check the user "
+                    "and password in its URL",
+                    status, said,
+                ) from None  # fmt: skip
             if 400 <= exc.http_status_code < 500 and exc.http_status_code not in BUSY:
                 raise _Rejected(said) from None
             raise RegistryUnavailable(f"schema registry at {self.shown_url}: {said}") from None

@@ -129,6 +129,7 @@ class Committer:
         self._aborted_since: float | None = None  # the first of the tries aborted since one committed
         self._aborted_tries = 0
         self._aborted_last = 0.0
+        self._try_started: float | None = None  # when the transaction being tried began
         self._warned_at = 0.0
 
     async def start(self) -> None:
@@ -328,6 +329,7 @@ class Committer:
     ) -> bool:
         """Publish and commit in one transaction (blocking); touches only the producer."""
         with self._lock:
+            self._try_started = time.monotonic()
             try:
                 self.producer.begin_transaction()
                 for topic, value, key, headers, timestamp in records:
@@ -340,7 +342,7 @@ class Committer:
                     self.producer.send_offsets_to_transaction, positions, metadata, timeout=CALL_TIMEOUT_S
                 )
                 self._call(self.producer.commit_transaction, timeout=CALL_TIMEOUT_S)
-                self._aborted_since, self._aborted_tries = None, 0
+                self._aborted_since, self._aborted_tries, self._try_started = None, 0, None
                 return True
             except KafkaException as exc:
                 return self._failed(exc, {record[0] for record in records}, {t for t, _ in offsets})
@@ -433,8 +435,10 @@ class Committer:
         """Say that a transaction was aborted with `error` and is tried again: at INFO, or at
         WARNING once tries have failed for STILL_ABORTED_WARN_S, and that often after."""
         now = time.monotonic()
-        if self._aborted_since is None or now - self._aborted_last > STILL_ABORTED_WARN_S:
-            self._aborted_since, self._aborted_tries = now, 0  # (a try long after the last: anew)
+        # (From the try's start: a try may itself take 30 s and more, its calls timing out.)
+        started, self._try_started = self._try_started or now, None
+        if self._aborted_since is None or started - self._aborted_last > STILL_ABORTED_WARN_S:
+            self._aborted_since, self._aborted_tries = started, 0  # (a try long after the last: anew)
         self._aborted_tries += 1
         self._aborted_last = now
         failing_s = now - self._aborted_since
