@@ -542,11 +542,9 @@ def _dlq_replay(args: argparse.Namespace) -> int:
 
     # (On RabbitMQ a letter whose job went back, but whose ack had not, stays: the next run
     # puts its job back again. Kafka aborts the transaction of both.)
-    in_hand = (
-        ""
-        if args.dry_run or app.settings.require_broker().startswith("kafka")
-        else ("; the letter in hand, if its job was put back, may be replayed again by the next run")
-    )
+    in_hand = "; the letter in hand, if its job was put back, may be replayed again by the next run"
+    if args.dry_run or app.settings.require_broker().startswith("kafka"):
+        in_hand = ""
     if _stoppable(app, work, stop, summary, in_hand):
         return 130
     print(summary(), file=sys.stderr)

@@ -322,10 +322,10 @@ def _refusal(item: Letter, max_replays: int) -> str | None:
             "its bytes never decoded as a job here: replay it with a --registry that reads them,"
             " or fix the producer, then purge it"
         )
-    # (A delayed job kept as it is never failed, so no limit holds it back. Its count is still
-    # raised: a replay run tells the jobs it put back, and any that return, by their counts.)
     if envelope.replays >= MAX_INT:  # (one more is more than an Avro int: no reader would read it)
         return f"already replayed {envelope.replays:,} times, as many as a job can count; purge it"
+    # (A delayed job kept as it is never failed, so no limit holds it back. Its count is still
+    # raised: a replay run tells the jobs it put back, and any that return, by their counts.)
     if envelope.replays >= max_replays and not item.as_it_is:
         limit = f"the limit is {max_replays}"
         return f"already replayed {envelope.replays} times ({limit}); purge it or fix the handler"

@@ -40,7 +40,7 @@ async def within(limit_s: float, running: Coroutine[Any, Any, Any]) -> None:
         raise
     except asyncio.CancelledError as exc:
         # The limit's, let through because the handler left a cancel request of its own on
-        # the task (see `take_back_stray_cancels`, which the worker then withdraws); a stop's
+        # the task (see the worker's `_take_back_stray_cancels`, which then withdraws it); a stop's
         # goes on as it came.
         if timer.expired() and not cut_off(asyncio.current_task()):
             raise past(limit_s) from exc

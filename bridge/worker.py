@@ -60,7 +60,6 @@ from bridge.transports.base import (
     cancelled_here,
     cut_off,
     dlq_name,
-    take_back_stray_cancels,
 )
 
 if TYPE_CHECKING:
@@ -751,11 +750,17 @@ def _calling(func: Callable[[Any, JobContext], Any], payload: Any, ctx: JobConte
 
 
 async def _take_back_stray_cancels(task: asyncio.Task[Any] | None, before: int, envelope: Envelope) -> None:
-    """Withdraw the cancel requests that a handler, which then ended without a CancelledError,
-    left on its task (see `take_back_stray_cancels`), saying so. One not delivered yet (made
-    in the handler's last step) is taken here: it would land at the worker's next await."""
-    if not take_back_stray_cancels(task, before):
+    """Withdraw the cancel requests made of `task` since it had `before` of them, unless a stop
+    cut it off, saying so; for a handler that ended without a CancelledError. They are its
+    own, left by a timeout helper that cancels its task and turns the CancelledError into a
+    TimeoutError without `uncancel()` (async-timeout before 4.0.3, on Python 3.11). Left, they
+    read as a stop: the job was neither failed nor settled, and its worker task ended, until
+    none was left. One not delivered yet (made in the handler's last step) is taken here: it
+    would land at the worker's next await."""
+    if task is None or cut_off(task) or (stray := task.cancelling() - before) <= 0:
         return
+    for _ in range(stray):
+        task.uncancel()
     log.warning(
         "%s left its task cancelled, as a timeout helper that does not uncancel it does "
         "(async-timeout before 4.0.3, on Python 3.11): taken back", _job(envelope),

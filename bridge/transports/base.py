@@ -68,25 +68,10 @@ _CUT_OFF: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
 
 def cut_off(task: asyncio.Task[Any] | None) -> bool:
-    """Whether a stop cut `task` off (`InFlight.finish`)."""
+    """Whether a stop cut `task` off (`InFlight.finish`). (Only `InFlight.finish` cuts off a
+    handler's task in a consume: `asyncio.run`'s cancel of every task left at its end, after a
+    consume not awaited, does not count.)"""
     return task is None or task in _CUT_OFF
-
-
-def take_back_stray_cancels(task: asyncio.Task[Any] | None, before: int) -> int:
-    """Withdraw the cancel requests made of `task` since it had `before` of them, unless a stop
-    cut it off; for a handler that ended without a CancelledError. They are its own, left by a
-    timeout helper that cancels its task and turns the CancelledError into a TimeoutError
-    without `uncancel()` (async-timeout before 4.0.3, on Python 3.11). Left, they read as a
-    stop: the job was neither failed nor settled, and its worker task ended, until none was
-    left. (Only `InFlight.finish` cuts off a handler's task in a consume: `asyncio.run`'s
-    cancel of every task left at its end, after a consume not awaited, counts as the handler's
-    own.) How many were withdrawn."""
-    if task is None or cut_off(task):
-        return 0
-    stray = task.cancelling() - before
-    for _ in range(stray):
-        task.uncancel()
-    return max(stray, 0)
 
 
 def unheard() -> None:
